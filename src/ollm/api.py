@@ -1,0 +1,262 @@
+"""Public API: ``LLM``, ``SamplingParams``, ``GenerationResult``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ollm.config import EngineConfig
+from ollm.engine.generate import Generator
+from ollm.engine.sampling import SamplingParams
+from ollm.errors import BudgetError
+from ollm.sizes import format_size
+from ollm.telemetry.metrics import GenerationMetrics
+from ollm.telemetry.stats import IOStats
+
+log = logging.getLogger(__name__)
+Prompt = str | Sequence[int]
+# Special tokens that end a turn in common chat formats; stop on them when the vocabulary has them.
+_END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+
+__all__ = ["LLM", "SamplingParams", "GenerationResult"]
+
+
+@dataclass
+class GenerationResult:
+    """One sequence's output with the request's metrics."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    metrics: GenerationMetrics
+
+
+class LLM:
+    """A model ready to generate under memory budgets.
+
+    >>> llm = LLM()                          # default model (Gemma 3 270M), CPU or first GPU
+    >>> llm = LLM("./Llama-3.2-3B", device="cuda:0", gpu_memory="4GiB")
+    """
+
+    def __init__(self, model: str | Path | None = None, **kwargs: object) -> None:
+        self.config = EngineConfig(model=None if model is None else str(model), **kwargs)  # type: ignore[arg-type]
+        from ollm.engine.runner import Runner
+        from ollm.models.registry import build_spec
+        from ollm.weights.convert import resolve_store
+        from ollm.weights.placement import Workload, plan_placement
+        from ollm.weights.prefetch import Prefetcher
+        from ollm.weights.store import LayerStore
+
+        cfg = self.config
+        self.device = cfg.resolve_device()
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+        self.store_path = resolve_store(cfg.model, cfg.cache_dir, dtype, cfg.progress)
+        self.store = LayerStore(self.store_path)
+        self.hf_config = self.store.hf_config()
+        self.spec = build_spec(self.hf_config)
+        self.dtype = self.store.dtype
+        gpu_memory = cfg.gpu_memory
+        if self.device.startswith("cuda") and gpu_memory is None:
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            gpu_memory = int(free * 0.9)
+        self.workload = Workload(cfg.max_batch, cfg.max_context, cfg.max_context)
+        elem = torch.finfo(self.dtype).bits // 8
+        self.plan = plan_placement(
+            self.spec,
+            self.store,
+            self.device,
+            gpu_memory,
+            cfg.cpu_memory,
+            cfg.offload,
+            self.workload,
+            elem,
+        )
+        self.stats = IOStats()
+        self.prefetcher = Prefetcher(self.store, self.plan, self.stats, cfg.verify_checksums)
+        self.runner = Runner(self.spec, self.plan, self.prefetcher, self.dtype)
+        self.tokenizer = self._load_tokenizer()
+        self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids())
+        self._lock = threading.Lock()
+
+    # -- set-up helpers -----------------------------------------------------------------------
+    def _load_tokenizer(self):
+        names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        if not any((self.store_path / n).exists() for n in names):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.store_path))
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.spec.eos_token_ids)
+        gen = self.store_path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= {eos} if isinstance(eos, int) else set(eos or [])
+        tok = self.tokenizer
+        if tok is not None:
+            if tok.eos_token_id is not None:
+                ids.add(int(tok.eos_token_id))
+            vocab = tok.get_vocab()
+            ids |= {vocab[t] for t in _END_OF_TURN if t in vocab}
+        return ids
+
+    def _encode(self, prompt: Prompt, special: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def _check_request(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Refuse a request larger than what the placement plan reserved memory for."""
+        if self.plan.budget is None:
+            return
+        context = max(len(p) for p in prompts) + params.max_new_tokens
+        batch = len(prompts)
+        if context * batch > self.workload.context * self.workload.batch:
+            raise BudgetError(
+                f"request needs KV for {batch} x {context} tokens but this LLM was planned for "
+                f"{self.workload.batch} x {self.workload.context}; create it with max_context={context}"
+                f"{f' and max_batch={batch}' if batch > self.workload.batch else ''}"
+            )
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        _on_text=None,
+        _special: bool = True,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (text or token ids) or a list; returns one result or a list.
+
+        Text gets only the tokenizer's special tokens (e.g. BOS); use ``chat`` for templates.
+        """
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
+        )
+        batch = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        ids = [self._encode(p, _special) for p in batch]
+        self._check_request(ids, params)
+        with self._lock:
+            outs, metrics = self._engine.generate(ids, params, _on_text)
+        results = [
+            GenerationResult(
+                o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", metrics
+            )
+            for o in outs
+        ]
+        return results[0] if single else results
+
+    def chat(
+        self, messages: list[dict[str, str]], params: SamplingParams | None = None
+    ) -> GenerationResult:
+        """Apply the model's chat template to ``messages`` and generate the assistant's reply."""
+        return self.generate(self.render_chat(messages), params, _special=False)  # type: ignore[return-value]
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate() with raw text")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False
+    ) -> TextStream:
+        """Iterate over text pieces as they are generated; ``.result`` holds the final result."""
+        if chat:
+            prompt = self.render_chat(prompt)  # type: ignore[arg-type]
+        return TextStream(self, prompt, params or SamplingParams(), special=not chat)
+
+    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced log-probabilities of ``token_ids[1:]`` given their prefixes (float32)."""
+        with self._lock:
+            return self._engine.score([int(t) for t in token_ids])
+
+    def info(self) -> dict[str, object]:
+        """Architecture, sizes and the placement plan."""
+        s = self.spec
+        return {
+            "store": str(self.store_path),
+            "model_type": s.family,
+            "layers": s.num_layers,
+            "hidden_size": s.hidden_size,
+            "heads / kv heads": f"{s.num_heads} / {s.num_kv_heads}",
+            "vocab": s.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": format_size(self.store.total_nbytes),
+            "plan": dict(self.plan.describe()),
+        }
+
+    def close(self) -> None:
+        """Stop the loader thread and free pinned and device buffers."""
+        self.prefetcher.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class TextStream:
+    """Iterator of generated text pieces; generation runs on a worker thread."""
+
+    def __init__(self, llm: LLM, prompt: Prompt, params: SamplingParams, special: bool) -> None:
+        self.result: GenerationResult | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(llm, prompt, params, special), daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, llm: LLM, prompt: Prompt, params: SamplingParams, special: bool) -> None:
+        def on_text(_: int, piece: str) -> None:
+            if self._cancel.is_set():
+                raise _Cancelled
+            self._queue.put(("text", piece))
+
+        try:
+            res = llm.generate(prompt, params, _on_text=on_text, _special=special)
+            self._queue.put(("done", res))
+        except _Cancelled:
+            self._queue.put(("done", None))
+        except BaseException as exc:
+            self._queue.put(("error", exc))
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                kind, value = self._queue.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    self.result = value
+                    return
+                else:
+                    raise value
+        finally:
+            self._cancel.set()
+            self._thread.join()
+
+
+def with_params(params: SamplingParams | None, **changes: object) -> SamplingParams:
+    """A copy of ``params`` (or the defaults) with fields changed."""
+    return replace(params or SamplingParams(), **changes)

@@ -1,0 +1,69 @@
+"""EngineConfig: every knob of an LLM instance, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ollm.errors import DeviceError, OllmError
+from ollm.sizes import parse_size
+from ollm.weights.placement import OFFLOAD_MODES
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of an ``LLM``; sizes accept strings like ``"6GiB"``."""
+
+    model: str | None = None  # HF dir, .gguf file or layer store; None = default model
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    gpu_memory: int | None = None  # GPU budget in bytes; None = 90% of the card's free memory
+    cpu_memory: int | None = None  # RAM budget for weights kept in RAM; None = no limit
+    offload: str = "auto"  # "auto" (by budgets), "cpu" (pinned RAM) or "disk" (stream from store)
+    dtype: str | None = None  # conversion dtype; None = the source's (float32 for GGUF)
+    max_context: int = 4096  # tokens per sequence the plan reserves KV and activations for
+    max_batch: int = 1  # sequences per request the plan reserves KV for
+    cache_dir: str | None = None  # where converted stores live; None = ~/.cache/ollm
+    verify_checksums: bool = True  # check each store file's CRC32 on its first read
+    progress: bool = True  # progress bar while converting
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "gpu_memory", parse_size(self.gpu_memory))
+        set_(self, "cpu_memory", parse_size(self.cpu_memory))
+        if self.offload not in OFFLOAD_MODES:
+            raise OllmError(
+                f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {self.offload!r}"
+            )
+        if self.dtype is not None:
+            name = str(self.dtype).removeprefix("torch.")
+            if name not in _DTYPES:
+                raise OllmError(f"dtype must be one of {', '.join(_DTYPES)}, not {self.dtype!r}")
+            set_(self, "dtype", name)
+        if self.max_context < 1 or self.max_batch < 1:
+            raise OllmError("max_context and max_batch must be positive")
+        if self.model is not None:
+            set_(self, "model", str(Path(self.model).expanduser()))
+
+    def resolve_device(self) -> str:
+        """The concrete device string; DeviceError when CUDA is asked for but absent."""
+        import torch
+
+        dev = self.device.strip().lower()
+        if dev == "auto":
+            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        if dev == "cpu":
+            return "cpu"
+        if dev.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise DeviceError(
+                    f"device {self.device!r} requested but this machine has no CUDA GPU; use --device cpu"
+                )
+            index = int(dev.split(":", 1)[1]) if ":" in dev else 0
+            if index >= torch.cuda.device_count():
+                raise DeviceError(
+                    f"device {self.device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+                )
+            return f"cuda:{index}"
+        raise DeviceError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")

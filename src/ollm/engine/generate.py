@@ -1,0 +1,158 @@
+"""The generation loop: batch of prompts (left padding, per-sequence positions), prefill, decode,
+stop conditions, streaming text, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ollm.engine.runner import Runner
+from ollm.engine.sampling import Sampler, SamplingParams
+from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
+from ollm.telemetry.metrics import GenerationMetrics
+from ollm.telemetry.stats import IOStats
+
+# (sequence index, new text) -> None; called as text becomes final.
+TextCallback = Callable[[int, str], None]
+
+
+@dataclass
+class SequenceOutput:
+    """One sequence's generated tokens and text."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stopped_by_string: bool = False
+
+
+class Generator:
+    """Runs requests through a Runner; tokenizer is optional (token ids in, token ids out)."""
+
+    def __init__(self, runner: Runner, stats: IOStats, tokenizer=None, eos_ids=()) -> None:
+        self.runner, self.stats, self.tokenizer = runner, stats, tokenizer
+        self.eos_ids = set(eos_ids)
+        self.device = torch.device(runner.plan.device)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_text: TextCallback | None = None,
+    ) -> tuple[list[SequenceOutput], GenerationMetrics]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        b = len(prompts)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        capacity = width + params.max_new_tokens
+        ids = torch.zeros(b, width, dtype=torch.long)
+        keep = torch.ones(b, capacity, dtype=torch.bool)
+        positions = torch.ones(b, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            pad = width - len(p)
+            ids[r, pad:] = torch.tensor(p)
+            keep[r, :pad] = False
+            positions[r, pad:] = torch.arange(len(p))
+        key_keep = None if all(n == width for n in lengths) else keep.to(self.device)
+        next_pos = torch.tensor(lengths, dtype=torch.long)[:, None]
+
+        outs = [SequenceOutput(list(p)) for p in prompts]
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        detoks = matchers = None
+        if self.tokenizer is not None:
+            detoks = [IncrementalDetokenizer(self.tokenizer) for _ in prompts]
+            matchers = [StopMatcher(params.stop) for _ in prompts]
+        sampler = Sampler(params, self.runner.plan.head_device)
+
+        metrics = GenerationMetrics(prompt_tokens=sum(lengths))
+        before = self.stats.snapshot()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        kv = self.runner.new_kv(b, capacity)
+        logits = self.runner.forward(ids, positions, kv, key_keep)
+        tokens = sampler.sample(logits).cpu()
+        t_first = time.perf_counter()
+        metrics.prefill_seconds = metrics.time_to_first_token = t_first - t0
+        step = 0
+        while True:
+            active = self._accept(tokens, outs, stops, params, detoks, matchers, on_text)
+            step += 1
+            if not active:
+                break
+            logits = self.runner.forward(tokens[:, None], next_pos.clone(), kv, key_keep)
+            next_pos += 1
+            tokens = sampler.sample(logits).cpu()
+        t_end = time.perf_counter()
+        metrics.decode_seconds = t_end - t_first
+        self._finish(outs, detoks, matchers, on_text)
+        self.runner.prefetcher.collect_timings()
+        after = self.stats.snapshot()
+        metrics.generated_tokens = sum(len(o.token_ids) for o in outs)
+        metrics.bytes_read_disk = int(after["bytes_disk"] - before["bytes_disk"])
+        metrics.bytes_copied_h2d = int(after["bytes_h2d"] - before["bytes_h2d"])
+        metrics.io_wait_seconds = after["wait_seconds"] - before["wait_seconds"]
+        metrics.read_seconds = after["read_seconds"] - before["read_seconds"]
+        metrics.copy_seconds = after["copy_seconds"] - before["copy_seconds"]
+        if self.device.type == "cuda":
+            metrics.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
+        reasons = {o.finish_reason for o in outs}
+        metrics.finish_reason = reasons.pop() if len(reasons) == 1 else "mixed"
+        return outs, metrics
+
+    def _accept(self, tokens, outs, stops, params, detoks, matchers, on_text) -> bool:
+        """Record one sampled token per sequence; return whether any sequence is still running."""
+        active = False
+        for r, out in enumerate(outs):
+            if out.finish_reason is not None:
+                continue
+            tok = int(tokens[r])
+            if tok in stops:
+                out.finish_reason = "stop"
+                continue
+            out.token_ids.append(tok)
+            if detoks is not None:
+                piece, stopped = matchers[r].feed(detoks[r].push(tok))
+                self._emit(r, out, piece, on_text)
+                if stopped:
+                    out.finish_reason = "stop"
+                    out.stopped_by_string = True
+                    continue
+            if len(out.token_ids) >= params.max_new_tokens:
+                out.finish_reason = "length"
+                continue
+            active = True
+        return active
+
+    def _finish(self, outs, detoks, matchers, on_text) -> None:
+        if detoks is None:
+            return
+        for r, out in enumerate(outs):
+            if out.stopped_by_string:
+                continue
+            piece, stopped = matchers[r].feed(detoks[r].flush())
+            self._emit(r, out, piece + ("" if stopped else matchers[r].flush()), on_text)
+
+    @staticmethod
+    def _emit(r: int, out: SequenceOutput, piece: str, on_text: TextCallback | None) -> None:
+        if piece:
+            out.text += piece
+            if on_text is not None:
+                on_text(r, piece)
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(token[t] | tokens[<t]) for t >= 1 (teacher forcing), float32 [len-1]."""
+        if len(token_ids) < 2:
+            raise ValueError("score needs at least two tokens")
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        pos = torch.arange(len(token_ids))[None]
+        kv = self.runner.new_kv(1, len(token_ids))
+        logits = self.runner.forward(ids, pos, kv, None, all_logits=True)[0, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = ids[0, 1:].to(logp.device)
+        return logp.gather(-1, target[:, None])[:, 0].cpu()

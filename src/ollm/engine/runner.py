@@ -1,0 +1,97 @@
+"""The runner: one forward pass over all layers, weights handed in by the prefetcher.
+
+for each layer i:
+    w = prefetcher.get(i)            # resident, or already arriving in a ring slot
+    h = decoder_block(h, w, kv[i])   # on the layer's execution device
+    prefetcher.release(i)            # its slot may be refilled once this work is done
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ollm.kv.cache import LayerKVCache
+from ollm.layers.attention import AttentionMask
+from ollm.layers.norms import rms_norm
+from ollm.layers.rope import rope_cos_sin
+from ollm.models.decoder import decoder_block
+from ollm.models.spec import ModelSpec
+from ollm.weights.placement import PlacementPlan
+from ollm.weights.prefetch import Prefetcher
+
+
+class Runner:
+    """Runs forward passes of a ModelSpec under a PlacementPlan."""
+
+    def __init__(
+        self, spec: ModelSpec, plan: PlacementPlan, prefetcher: Prefetcher, dtype: torch.dtype
+    ) -> None:
+        self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
+
+    def new_kv(self, batch: int, capacity: int) -> list[LayerKVCache]:
+        """Fresh per-layer KV caches on each layer's execution device."""
+        s = self.spec
+        return [
+            LayerKVCache(batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.exec_device)
+            for p in self.plan.layers
+        ]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: list[LayerKVCache],
+        key_keep: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Logits (float32) for the last position [B, V], or every position [B, T, V].
+
+        ``input_ids``/``positions`` are [B, T]; the new tokens occupy KV slots
+        ``kv[0].length .. + T``; ``key_keep`` [B, >= slots] marks non-padding slots (None: none).
+        """
+        try:
+            return self._forward(input_ids, positions, kv, key_keep, all_logits)
+        except BaseException:
+            self.prefetcher.reset()  # the streamed-layer sequence is out of step; start over
+            raise
+
+    def _forward(self, input_ids, positions, kv, key_keep, all_logits):
+        spec, pf = self.spec, self.prefetcher
+        g = pf.globals
+        embed = g["embed_tokens.weight"]
+        h = F.embedding(input_ids.to(embed.device), embed)
+        if spec.embed_scale is not None:
+            h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
+        b, t = input_ids.shape
+        q_start = kv[0].length
+        kv_len = q_start + t
+        tables: dict[tuple, tuple] = {}
+        masks: dict[tuple, tuple] = {}
+        for i, layer in enumerate(spec.layers):
+            dev = self.plan.layers[i].exec_device
+            if h.device != torch.device(dev):
+                h = h.to(dev, non_blocking=True)
+            key = (layer.rope, dev)
+            if key not in tables:
+                tables[key] = rope_cos_sin(layer.rope, positions.to(dev), self.dtype)
+            mkey = (layer.window, dev)
+            if mkey not in masks:
+                m = AttentionMask(q_start, t, kv_len, key_keep, layer.window)
+                masks[mkey] = (m, None if m.is_plain_causal() else m.dense(torch.device(dev)))
+            cos, sin = tables[key]
+            mask, dense = masks[mkey]
+            w = pf.get(i)
+            h = decoder_block(spec, h, w, kv[i], cos, sin, mask, dense, self.plan.mlp_chunk_tokens)
+            pf.release(i)
+        if not all_logits:
+            h = h[:, -1:]
+        h = h.to(self.plan.head_device)
+        h = rms_norm(h, g["norm.weight"], spec.norm_eps, spec.norm_unit_offset)
+        logits = F.linear(h, g["lm_head.weight"])
+        if spec.final_logit_softcap:
+            cap = spec.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.float()
+        return logits if all_logits else logits[:, -1]

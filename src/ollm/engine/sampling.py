@@ -1,0 +1,126 @@
+"""Token selection: sampling parameters and a sampler over ``[B, V]`` logits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ollm.errors import OllmError
+
+__all__ = ["SamplingParams", "SamplingParamsError", "Sampler"]
+
+
+class SamplingParamsError(OllmError, ValueError):
+    """A sampling parameter is out of range or of the wrong type."""
+
+
+def _as_str_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else tuple(value)
+    for s in items:
+        if not isinstance(s, str) or not s:
+            raise SamplingParamsError(f"stop strings must be non-empty str, got {s!r}")
+    return items
+
+
+def _as_int_tuple(value: int | Iterable[int]) -> tuple[int, ...]:
+    items = (value,) if isinstance(value, int) else tuple(value)
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise SamplingParamsError(f"stop_token_ids must be ints >= 0, got {i!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; validated at construction.
+
+    ``stop`` also accepts a list or a single ``str`` and ``stop_token_ids`` a list or a
+    single ``int``; both are normalized to tuples.
+    """
+
+    max_new_tokens: int = 128
+    """Most tokens to generate (>= 1)."""
+    temperature: float = 1.0
+    """Softmax temperature (>= 0); 0 means greedy argmax."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (>= 0); 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus: keep the smallest set with cumulative probability >= top_p (0 < p <= 1); 1 is off."""
+    seed: int | None = None
+    """Seed of the sampler's generator; None uses torch's global RNG."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the output excludes the stop string."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation (besides EOS)."""
+    ignore_eos: bool = False
+    """Keep generating past the EOS token (until max_new_tokens or a stop)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", _as_str_tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise SamplingParamsError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise SamplingParamsError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingParamsError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise SamplingParamsError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is a deterministic argmax (temperature 0 or top_k 1)."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    """Picks one token per row of ``[B, V]`` logits according to ``SamplingParams``."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.params = params
+        self.device = torch.device(device)
+        self._gen: torch.Generator | None = None
+        if params.seed is not None and not params.greedy:
+            self._gen = torch.Generator(device=self.device)
+            self._gen.manual_seed(params.seed)
+
+    def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float32 logits after temperature, top-k and top-p; removed tokens are ``-inf``."""
+        p = self.params
+        x = logits.float()
+        if p.temperature != 1.0:
+            x = x / p.temperature
+        vocab = x.shape[-1]
+        if 0 < p.top_k < vocab:
+            kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+            remove_sorted = before >= p.top_p
+            remove_sorted[..., 0] = False  # always keep the most likely token
+            remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+            x = x.masked_fill(remove, float("-inf"))
+        return x
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Token ids (``LongTensor [B]``) for logits ``[B, V]`` of any float dtype."""
+        if logits.dim() != 2:
+            raise OllmError(f"Sampler expects logits of shape [B, V], got {tuple(logits.shape)}")
+        if self.params.greedy:
+            return torch.argmax(logits.float(), dim=-1)
+        probs = torch.softmax(self.filtered_logits(logits), dim=-1)
+        gen = self._gen
+        if gen is not None and probs.device != gen.device:
+            out = torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1)
+            return out.to(logits.device)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

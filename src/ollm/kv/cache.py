@@ -1,0 +1,58 @@
+"""Per-layer KV cache: one object per layer, passed explicitly to attention.
+
+Protocol: ``append(k, v) -> (keys, values)`` (everything cached so far), ``length``, ``trim(n)``,
+``nbytes``. Storage is preallocated for the whole request (prompt + max new tokens), per KV head
+(grouped-query heads are never repeated), so decoding allocates nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKVCache:
+    """Contiguous KV storage [B, kv_heads, capacity, head_dim] on one device."""
+
+    def __init__(
+        self,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values [B, kv_heads, T, D]; return views over all cached slots."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def trim(self, length: int) -> None:
+        """Forget slots from ``length`` on (e.g. rejected draft tokens)."""
+        self.length = min(self.length, max(0, length))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def kv_cache_bytes(
+    batch: int, num_kv_heads: int, head_dim: int, capacity: int, dtype_bytes: int
+) -> int:
+    """Bytes one LayerKVCache of these dimensions holds."""
+    return 2 * batch * num_kv_heads * capacity * head_dim * dtype_bytes

@@ -1,0 +1,19 @@
+"""RMSNorm in the two conventions found in HF checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+    """RMSNorm computed in float32.
+
+    ``unit_offset=False`` is Llama's ``w * norm(x).to(dtype)``; ``unit_offset=True`` is Gemma's
+    ``(norm(x) * (1 + w)).to(dtype)`` (weights stored centred on zero). The rounding order matches
+    transformers exactly, which matters for bit-identical greedy decoding in half precision.
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + weight.float())).type_as(x)
+    return weight * xf.to(x.dtype)

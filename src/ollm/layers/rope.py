@@ -1,0 +1,68 @@
+"""Rotary position embeddings: inverse frequencies per layer type, cos/sin tables, rotation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ollm.errors import UnsupportedModelError
+
+# Rope types whose frequencies do not depend on the running sequence length.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Inverse frequencies (float32, length head_dim/2) and the cos/sin post-scaling factor."""
+
+    inv_freq: tuple[float, ...]
+    attention_scaling: float = 1.0
+
+    @classmethod
+    def from_hf(cls, config: object, layer_type: str | None = None) -> RopeSpec:
+        """Build from a transformers (v5) config; ``layer_type`` selects per-type parameters (Gemma 3)."""
+        params = getattr(config, "rope_parameters", None) or {}
+        if layer_type is not None and layer_type in params:
+            params = params[layer_type]
+        else:
+            layer_type = None
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
+        )
+        if rope_type == "default":
+            base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+            exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+            inv = 1.0 / (base**exps)
+            return cls(tuple(inv.tolist()), 1.0)
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
+            )
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+        inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+        return cls(tuple(inv.float().tolist()), float(scaling))
+
+
+def rope_cos_sin(
+    spec: RopeSpec, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, T, head_dim] for integer ``positions`` [B, T], computed in float32."""
+    inv = torch.tensor(spec.inv_freq, dtype=torch.float32, device=positions.device)
+    freqs = positions.float()[..., None] * inv  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos() * spec.attention_scaling
+    sin = emb.sin() * spec.attention_scaling
+    return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, heads, T, D] by the half-split convention used by HF checkpoints."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

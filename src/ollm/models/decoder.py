@@ -1,0 +1,105 @@
+"""The decoder block shared by every family, driven by ModelSpec. Weights are passed in per call:
+layers own no parameters, so the runner can stream them from any tier."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ollm.kv.cache import LayerKVCache
+from ollm.layers.attention import AttentionMask, attend
+from ollm.layers.mlp import gated_mlp
+from ollm.layers.norms import rms_norm
+from ollm.layers.rope import apply_rope
+from ollm.models.spec import ModelSpec
+
+Weights = Mapping[str, torch.Tensor]
+
+
+def _norm(spec: ModelSpec, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, w, spec.norm_eps, spec.norm_unit_offset)
+
+
+def self_attention(
+    spec: ModelSpec,
+    x: torch.Tensor,
+    w: Weights,
+    kv: LayerKVCache,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: AttentionMask,
+    dense_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Project, normalise (q/k norm), rotate, append to the cache, attend, project out."""
+    b, t, _ = x.shape
+    q = F.linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+    k = F.linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+    v = F.linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+    q = q.view(b, t, -1, spec.head_dim).transpose(1, 2)
+    k = k.view(b, t, -1, spec.head_dim).transpose(1, 2)
+    v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+    if spec.qk_norm:
+        q = _norm(spec, q, w["self_attn.q_norm.weight"])
+        k = _norm(spec, k, w["self_attn.k_norm.weight"])
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    k_all, v_all = kv.append(k, v)
+    out = attend(q, k_all, v_all, mask, spec.scale, dense_mask)
+    out = out.transpose(1, 2).reshape(b, t, -1)
+    return F.linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+
+def decoder_block(
+    spec: ModelSpec,
+    h: torch.Tensor,
+    w: Weights,
+    kv: LayerKVCache,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: AttentionMask,
+    dense_mask: torch.Tensor | None = None,
+    mlp_chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """One transformer block: pre-norm attention and MLP with residuals (plus Gemma's sandwich norms)."""
+    x = _norm(spec, h, w["input_layernorm.weight"])
+    a = self_attention(spec, x, w, kv, cos, sin, mask, dense_mask)
+    if spec.sandwich_norm:
+        a = _norm(spec, a, w["post_attention_layernorm.weight"])
+        h = h + a
+        x = _norm(spec, h, w["pre_feedforward_layernorm.weight"])
+    else:
+        h = h + a
+        x = _norm(spec, h, w["post_attention_layernorm.weight"])
+    m = gated_mlp(
+        x,
+        w["mlp.gate_proj.weight"],
+        w["mlp.up_proj.weight"],
+        w["mlp.down_proj.weight"],
+        spec.act,
+        mlp_chunk_tokens,
+    )
+    if spec.sandwich_norm:
+        m = _norm(spec, m, w["post_feedforward_layernorm.weight"])
+    return h + m
+
+
+def layer_weight_names(spec: ModelSpec, names: set[str]) -> list[str]:
+    """Check a layer's tensor names (relative to ``model.layers.N.``) hold what the block needs."""
+    need = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
+    if spec.qk_norm:
+        need += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    if spec.sandwich_norm:
+        need += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
+    return [n for n in need if n not in names]

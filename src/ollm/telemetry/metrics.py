@@ -1,0 +1,63 @@
+"""Metrics that travel with every generation result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class GenerationMetrics:
+    """Counts, times and bytes of one generate() call (all sequences of the batch together)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    peak_gpu_memory: int = 0
+    bytes_read_disk: int = 0
+    bytes_copied_h2d: int = 0
+    io_wait_seconds: float = 0.0
+    read_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens generated after the first one, per second of decoding."""
+        steps = max(0, self.generated_tokens - 1)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        d = asdict(self)
+        d["prefill_tokens_per_second"] = self.prefill_tokens_per_second
+        d["decode_tokens_per_second"] = self.decode_tokens_per_second
+        return d
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for a table."""
+        from ollm.sizes import format_size
+
+        return [
+            ("prompt tokens", str(self.prompt_tokens)),
+            ("generated tokens", str(self.generated_tokens)),
+            (
+                "prefill",
+                f"{self.prefill_seconds:.3f} s ({self.prefill_tokens_per_second:.1f} tok/s)",
+            ),
+            ("time to first token", f"{self.time_to_first_token:.3f} s"),
+            ("decode", f"{self.decode_seconds:.3f} s ({self.decode_tokens_per_second:.2f} tok/s)"),
+            ("peak GPU memory", format_size(self.peak_gpu_memory)),
+            ("read from disk", format_size(self.bytes_read_disk)),
+            ("copied host->GPU", format_size(self.bytes_copied_h2d)),
+            ("compute waited on I/O", f"{self.io_wait_seconds:.3f} s"),
+            (
+                "disk read time / copy time",
+                f"{self.read_seconds:.3f} s / {self.copy_seconds:.3f} s",
+            ),
+            ("finish reason", self.finish_reason),
+        ]

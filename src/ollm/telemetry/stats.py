@@ -1,0 +1,37 @@
+"""I/O counters shared by the prefetcher and the runner; plain data, no imports upward."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IOStats:
+    """Bytes moved and seconds spent moving them, accumulated over a request.
+
+    ``wait_seconds`` is time computation waited for weights: host time blocked on the loader, plus
+    (on CUDA) time the compute stream stalled on copy events, measured with CUDA events.
+    """
+
+    bytes_disk: int = 0
+    bytes_h2d: int = 0
+    read_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                setattr(self, key, getattr(self, key) + value)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "bytes_disk": self.bytes_disk,
+                "bytes_h2d": self.bytes_h2d,
+                "read_seconds": self.read_seconds,
+                "copy_seconds": self.copy_seconds,
+                "wait_seconds": self.wait_seconds,
+            }

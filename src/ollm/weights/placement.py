@@ -1,0 +1,205 @@
+"""Placement: from memory budgets, decide where each layer's weights live and where it runs.
+
+Tiers: ``gpu`` (resident in GPU memory), ``cpu`` (resident in RAM, pinned when a GPU streams
+from it), ``disk`` (read from the layer store on every pass). The execution device is a per-layer
+field, so a later cost model can compute RAM-resident layers on the CPU instead of copying them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ollm.errors import BudgetError, OllmError
+from ollm.sizes import format_size
+
+OFFLOAD_MODES = ("auto", "cpu", "disk")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Where one decoder layer's weights live and which device computes it."""
+
+    tier: str
+    exec_device: str
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """The whole model's placement and the GPU/RAM memory it reserves, by purpose."""
+
+    device: str
+    layers: tuple[LayerPlacement, ...]
+    embed_device: str
+    head_device: str
+    ring_slots: int  # device buffers that streamed layers rotate through
+    staging_slots: int  # pinned host buffers for disk reads (GPU device only)
+    layer_bytes: int
+    mlp_chunk_tokens: int
+    budget: int | None
+    reserved: dict[str, int] = field(default_factory=dict)
+
+    def count(self, tier: str) -> int:
+        return sum(1 for p in self.layers if p.tier == tier)
+
+    @property
+    def streamed(self) -> list[int]:
+        """Layers whose weights move to their execution device on every pass, in order."""
+        return [i for i, p in enumerate(self.layers) if _moves(p, self.device)]
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return sum(self.reserved.values())
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(label, value) rows for ``ollm info`` and logs."""
+        rows = [
+            ("device", self.device),
+            ("budget", format_size(self.budget) if self.budget else "unlimited"),
+            (
+                "layers",
+                f"{self.count('gpu')} on GPU, {self.count('cpu')} in RAM, {self.count('disk')} on disk",
+            ),
+            ("layer size", format_size(self.layer_bytes)),
+            ("ring slots / staging", f"{self.ring_slots} / {self.staging_slots}"),
+            ("embeddings / head", f"{self.embed_device} / {self.head_device}"),
+            ("mlp chunk", f"{self.mlp_chunk_tokens} tokens"),
+        ]
+        rows += [(f"reserved: {k}", format_size(v)) for k, v in self.reserved.items()]
+        rows.append(("reserved: total", format_size(self.peak_device_bytes)))
+        return rows
+
+
+def _moves(p: LayerPlacement, device: str) -> bool:
+    if p.exec_device.startswith("cuda"):
+        return p.tier != "gpu"
+    return p.tier == "disk"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The largest request the plan must hold: batch, tokens in the cache, tokens per forward."""
+
+    batch: int = 1
+    context: int = 4096
+    prefill_tokens: int = 4096
+
+
+def activation_bytes(spec, work: Workload, dtype_bytes: int, mlp_chunk: int) -> int:
+    """Peak activation memory of one forward pass of ``prefill_tokens`` tokens (estimate)."""
+    t = work.batch * work.prefill_tokens
+    h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    qd = spec.num_heads * spec.head_dim
+    hidden = t * dtype_bytes * (4 * h + 2 * qd + 2 * kvd)
+    mlp = min(t, mlp_chunk) * spec.intermediate_size * dtype_bytes * 3
+    logits = work.batch * spec.vocab_size * 4 * 3
+    mask = work.batch * work.prefill_tokens * work.context  # bool mask when padding or windows
+    return hidden + mlp + logits + mask + 64 * MIB
+
+
+def plan_placement(
+    spec,
+    store,
+    device: str,
+    gpu_memory: int | None,
+    cpu_memory: int | None,
+    offload: str = "auto",
+    work: Workload | None = None,
+    dtype_bytes: int = 2,
+) -> PlacementPlan:
+    """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
+    if offload not in OFFLOAD_MODES:
+        raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
+    work = work or Workload()
+    n = spec.num_layers
+    layer = store.max_layer_nbytes
+    gfile = store.files["globals.bin"].tensors
+    embed = gfile["embed_tokens.weight"].nbytes
+    head = gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0
+    norm = gfile["norm.weight"].nbytes
+    kv = spec.kv_bytes_per_token(dtype_bytes) * work.batch * work.context
+    t = work.batch * work.prefill_tokens
+    # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
+    mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
+    mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
+    act = activation_bytes(spec, work, dtype_bytes, mlp_chunk)
+    on_gpu = device.startswith("cuda")
+    budget = gpu_memory if on_gpu else cpu_memory
+
+    # Head (and the tied embedding) stays on the execution device; an untied embedding table is
+    # only gathered from, so it stays in RAM on a GPU machine.
+    head_resident = head if head else embed
+    fixed = {"globals": head_resident + norm, "kv cache": kv, "activations": act}
+    if not on_gpu:
+        fixed["globals"] = embed + head + norm
+    fixed_total = sum(fixed.values())
+    slots = 2 if n > 1 else 1
+    minimum = fixed_total + slots * layer
+    if budget is None:
+        n_res = n
+    else:
+        if budget < minimum:
+            what = "gpu_memory" if on_gpu else "cpu_memory"
+            raise BudgetError(
+                f"{what} {format_size(budget)} is too small for this model and request: at least "
+                f"{format_size(minimum)} is needed ({format_size(layer)} per layer x {slots} "
+                f"stream buffers, {format_size(kv)} KV cache, {format_size(act)} activations, "
+                f"{format_size(fixed['globals'])} embeddings/head)"
+            )
+        if budget - fixed_total >= n * layer:
+            n_res = n
+        else:
+            n_res = min(n - 1, (budget - fixed_total - slots * layer) // layer)
+    if offload == "disk":
+        n_res = 0  # every layer read from the layer store on each pass, as upstream oLLM does
+    ring = 0
+    if n_res < n:
+        ring = min(slots, n - n_res)
+        spare = None if budget is None else budget - fixed_total - n_res * layer - ring * layer
+        # A third ring slot lets the copy engine run two layers ahead when it fits.
+        if n - n_res > 2 and (spare is None or spare >= layer):
+            ring += 1
+    exec_dev = device
+    layers: list[LayerPlacement] = []
+    if on_gpu:
+        host_budget = cpu_memory
+        host_used = embed if not head else 0
+        for i in range(n):
+            if i < n_res:
+                layers.append(LayerPlacement("gpu", exec_dev))
+                continue
+            size = store.layer_nbytes(i)
+            fits = host_budget is None or host_used + size <= host_budget
+            if offload == "disk" or (offload == "auto" and not fits):
+                layers.append(LayerPlacement("disk", exec_dev))
+            else:
+                if offload == "cpu" and not fits:
+                    raise BudgetError(
+                        f"offload='cpu' needs {format_size(host_used + size * (n - i))} more of pinned RAM "
+                        f"than cpu_memory {format_size(host_budget or 0)} allows; use offload='auto' or 'disk'"
+                    )
+                layers.append(LayerPlacement("cpu", exec_dev))
+                host_used += size
+    else:
+        layers = [LayerPlacement("cpu" if i < n_res else "disk", exec_dev) for i in range(n)]
+    streamed = [p for p in layers if _moves(p, device)]
+    staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
+    if not streamed:
+        ring = 0
+    reserved = dict(fixed)
+    reserved["resident layers"] = sum(
+        store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
+    )
+    reserved["stream buffers"] = ring * layer
+    return PlacementPlan(
+        device=device,
+        layers=tuple(layers),
+        embed_device=device if (not on_gpu or not head) else "cpu",
+        head_device=device,
+        ring_slots=ring,
+        staging_slots=staging,
+        layer_bytes=layer,
+        mlp_chunk_tokens=mlp_chunk,
+        budget=budget,
+        reserved=reserved,
+    )

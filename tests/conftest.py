@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random-weight models of every family, saved as HF directories."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str):
+    """A small transformers config of ``family`` exercising its special features."""
+    import transformers as tf
+
+    if family == "llama":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return tf.LlamaConfig(**TINY, rope_parameters=rope)
+    if family == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=12)
+    if family == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if family == "qwen3":
+        return tf.Qwen3Config(**{**TINY, "tie_word_embeddings": True}, head_dim=32)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(
+            **{**TINY, "tie_word_embeddings": True, "num_hidden_layers": 6},
+            head_dim=16,
+            sliding_window=10,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention"] * 2
+            + ["full_attention"]
+            + ["sliding_attention"] * 2
+            + ["full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0):
+    """Random-weight HF model of ``family`` saved (safetensors) under ``path``; returns the model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():  # make norm weights non-trivial so their conventions are tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """family -> (HF model, saved directory), built once per test session."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            d = tmp_path_factory.mktemp(f"hf-{family}")
+            cache[family] = (make_hf_model(family, d), d)
+        return cache[family]
+
+    return get

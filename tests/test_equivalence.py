@@ -1,0 +1,43 @@
+"""Our models against transformers on tiny random-weight configs: greedy tokens and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from ollm import LLM, SamplingParams
+
+PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
+NEW = 32
+
+
+def hf_greedy(model, prompt, n=NEW):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("offload", ["auto", "disk"])
+def test_greedy_and_logits_match_transformers(family, offload, hf_models, tmp_path):
+    model, path = hf_models(family)
+    llm = LLM(path, device="cpu", offload=offload, cache_dir=tmp_path, progress=False)
+    try:
+        if offload == "disk":
+            assert all(p.tier == "disk" for p in llm.plan.layers)
+        res = llm.generate(PROMPT, SamplingParams(max_new_tokens=NEW, temperature=0))
+        assert res.token_ids == hf_greedy(model, PROMPT)
+        seq = PROMPT + res.token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([seq])).logits[0, :-1].float(), -1)
+        ref = ref.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+        ours = llm.score(seq)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        if offload == "disk":
+            assert (
+                res.metrics.bytes_read_disk
+                >= llm.store.total_nbytes - llm.store.files["globals.bin"].nbytes
+            )
+    finally:
+        llm.close()
