@@ -64,19 +64,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def convert(
-    src: str | Path,
+    src: str | Path | TensorSource,
     dst: str | Path,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert ``src`` (HF dir or .gguf) into a layer store at ``dst``; returns ``dst``."""
+    """Convert ``src`` (HF dir, .gguf or a TensorSource) into a layer store at ``dst``."""
     from ollm.models.registry import build_spec
 
     dst = Path(dst).expanduser()
     if dst.exists() and not overwrite:
         raise OllmError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
-    source = open_source(src)
+    source = open_source(src) if isinstance(src, (str, Path)) else src
+    src = source.path
     config = source.hf_config()
     spec = build_spec(config)  # fails early, with the supported list, for unknown architectures
     out_dtype = dtype or _source_dtype(source, config)

@@ -1,0 +1,199 @@
+"""Random-weight models with the exact shapes of real architectures, for benchmarks: a
+TensorSource that makes each tensor on demand (on the GPU when present), so ``convert`` writes
+them straight into a layer store without any checkpoint download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ollm.errors import OllmError
+
+# name -> (transformers config class, kwargs): the public configs of these models.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "llama3-1b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+    ),
+    "llama3-8b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=131072,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+    ),
+    "qwen3-8b": (
+        "Qwen3Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+    "gemma3-12b": (
+        "Gemma3TextConfig",
+        dict(
+            vocab_size=262208,
+            hidden_size=3840,
+            intermediate_size=15360,
+            num_hidden_layers=48,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            max_position_embeddings=131072,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+        ),
+    ),
+}
+
+
+def preset_config(name: str, **overrides: object):
+    """The transformers config of a preset (``num_hidden_layers`` etc. may be overridden)."""
+    if name not in PRESETS:
+        raise OllmError(f"unknown synthetic model {name!r}; available: {', '.join(PRESETS)}")
+    import transformers
+
+    cls_name, kwargs = PRESETS[name]
+    return getattr(transformers, cls_name)(**{**kwargs, **overrides, "dtype": "bfloat16"})
+
+
+class SyntheticSource:
+    """Random N(0, 0.02) linear weights and unit-ish norms with HF names, made on demand."""
+
+    model_type: str
+
+    def __init__(self, name: str, seed: int = 0, **overrides: object) -> None:
+        self.config = preset_config(name, **overrides)
+        self.model_type = self.config.model_type
+        self.path = Path(f"synthetic-{name}")
+        self.seed = seed
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        from ollm.models.registry import build_spec
+
+        self.spec = build_spec(self.config)
+
+    def hf_config(self):
+        return self.config
+
+    def save_tokenizer(self, out_dir: str | Path) -> None:
+        return None  # token ids only
+
+    def names(self) -> list[str]:
+        s = self.spec
+        per_layer = [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ]
+        if s.qk_norm:
+            per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        if s.sandwich_norm:
+            per_layer += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not s.tie_word_embeddings:
+            names.append("lm_head.weight")
+        names += [f"model.layers.{i}.{n}" for i in range(s.num_layers) for n in per_layer]
+        return names
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        s = self.spec
+        h, d, i = s.hidden_size, s.head_dim, s.intermediate_size
+        table = {
+            "q_proj": (s.num_heads * d, h),
+            "k_proj": (s.num_kv_heads * d, h),
+            "v_proj": (s.num_kv_heads * d, h),
+            "o_proj": (h, s.num_heads * d),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+            "q_norm": (d,),
+            "k_norm": (d,),
+            "embed_tokens": (s.vocab_size, h),
+            "lm_head": (s.vocab_size, h),
+        }
+        for key, shape in table.items():
+            if f"{key}." in name:
+                return shape
+        return (h,)  # the per-layer and final norms
+
+    def get(self, name: str) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(hash((self.seed, name)) % (2**31))
+        shape = self._shape(name)
+        t = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
+        if len(shape) == 1:
+            t = t * 0.05 + (0.0 if self.spec.norm_unit_offset else 1.0)
+        else:
+            t = t * 0.02
+        return t.to(torch.bfloat16).cpu()
+
+    def close(self) -> None:
+        return None
+
+
+def make_synthetic_store(
+    name: str, dst: str | Path, progress: bool = True, **overrides: object
+) -> Path:
+    """Write a random-weight layer store of preset ``name`` at ``dst`` (bf16); returns ``dst``."""
+    from ollm.weights.convert import convert
+
+    dst = Path(dst)
+    from ollm.weights.store import is_store
+
+    if is_store(dst):
+        return dst
+    return convert(SyntheticSource(name, **overrides), dst, dtype=torch.bfloat16, progress=progress)

@@ -1,0 +1,232 @@
+"""The ``ollm`` command line, run in-process through typer's CliRunner on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_hf_model
+from ollm.cli import app
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _char_tokenizer():
+    """A 256-entry character-level tokenizer (no BOS/EOS) matching conftest's tiny vocab."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    extra = [chr(i) for i in range(0xA1, 0x250) if chr(i).isprintable()]
+    vocab_list = ["<unk>", *chars]
+    vocab_list += extra[: 256 - len(vocab_list)]
+    tok = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(vocab_list)}, merges=[], unk_token="<unk>")
+    )
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tiny llama with a chat-template tokenizer, an unsupported model and a shared cache."""
+    root = tmp_path_factory.mktemp("cli")
+    model = root / "llama"
+    make_hf_model("llama", model)
+    _char_tokenizer().save_pretrained(str(model))
+    gpt2 = root / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(gpt2 / "model.safetensors"))
+    return {"root": root, "model": str(model), "gpt2": str(gpt2), "cache": str(root / "cache")}
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def run_json(env, *args: str) -> dict:
+    res = invoke(
+        "run", *args, "--model", env["model"], "--cache-dir", env["cache"], "--device", "cpu"
+    )
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def assert_one_line_error(res, *fragments: str) -> None:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in res.output
+
+
+def test_run_json(env):
+    out = run_json(env, "hello", "--json", "--temperature", "0", "--max-new-tokens", "5")
+    assert set(out) == {"text", "token_ids", "finish_reason", "metrics"}
+    assert len(out["token_ids"]) == 5
+    assert out["finish_reason"] == "length"
+    m = out["metrics"]
+    for key in ("prompt_tokens", "generated_tokens", "prefill_seconds", "decode_tokens_per_second"):
+        assert key in m
+    assert m["generated_tokens"] == 5
+    again = run_json(env, "hello", "--json", "--temperature", "0", "--max-new-tokens", "5")
+    assert again["token_ids"] == out["token_ids"]
+
+
+def test_run_streams_text_then_table(env):
+    greedy = run_json(env, "hello", "--json", "-t", "0", "-n", "6")
+    res = invoke(
+        "run", "hello", "-m", env["model"], "--cache-dir", env["cache"], "-t", "0", "-n", "6"
+    )
+    assert res.exit_code == 0, res.output
+    text, _, table = res.stdout.partition("\n\n")
+    assert text.rstrip("\n") == greedy["text"]
+    assert "generated tokens" in table and "finish reason" in table
+    assert "length" in table
+
+
+def test_chat_template_and_raw(env):
+    chat = run_json(env, "hi", "--json", "-t", "0", "-n", "3")
+    raw = run_json(env, "hi", "--json", "-t", "0", "-n", "3", "--raw")
+    assert raw["metrics"]["prompt_tokens"] == 2  # "h", "i": no BOS in this tokenizer
+    assert chat["metrics"]["prompt_tokens"] == len("<user>hi\n<assistant>")
+    assert len(chat["token_ids"]) == len(raw["token_ids"]) == 3
+
+
+def test_sampling_flags(env):
+    a = run_json(env, "abc", "--json", "-t", "1.0", "--seed", "7", "--top-k", "20", "-n", "8")
+    b = run_json(env, "abc", "--json", "-t", "1.0", "--seed", "7", "--top-k", "20", "-n", "8")
+    assert a["token_ids"] == b["token_ids"]
+    greedy = run_json(env, "abc", "--json", "-t", "0", "-n", "8")
+    text = greedy["text"]
+    cut = next(i for i in range(1, len(text)) if text[i] not in text[:i])
+    stopped = run_json(
+        env, "abc", "--json", "-t", "0", "-n", "8", "--stop", text[cut], "--stop", "@@"
+    )
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == text[:cut]
+
+
+def test_prompt_file(env, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("hello", encoding="utf-8")
+    from_file = run_json(env, "--prompt-file", str(f), "--json", "-t", "0", "-n", "4")
+    from_arg = run_json(env, "hello", "--json", "-t", "0", "-n", "4")
+    assert from_file["token_ids"] == from_arg["token_ids"]
+
+
+def test_convert(env):
+    dst = env["root"] / "store"
+    res = invoke("convert", env["model"], str(dst), "--dtype", "bfloat16")
+    assert res.exit_code == 0, res.output
+    assert str(dst) in res.stdout and "KiB" in res.stdout
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    again = invoke("convert", env["model"], str(dst))
+    assert_one_line_error(again, "already exists")
+    over = invoke("convert", env["model"], str(dst), "--overwrite")
+    assert over.exit_code == 0, over.output
+    assert json.loads((dst / "manifest.json").read_text())["dtype"] == "float32"
+    # a store runs directly, without another conversion
+    out = run_json(env, "hi", "--json", "-t", "0", "-n", "2", "--raw")
+    direct = invoke("run", "hi", "--json", "-t", "0", "-n", "2", "--raw", "-m", str(dst))
+    assert direct.exit_code == 0, direct.output
+    assert json.loads(direct.stdout)["token_ids"] == out["token_ids"]
+
+
+def test_info(env):
+    res = invoke("info", env["model"], "--cache-dir", env["cache"], "--json", "--offload", "disk")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["model_type"] == "llama" and data["layers"] == 4
+    assert data["plan"]["device"] == "cpu"
+    assert data["plan"]["layers"] == "0 on GPU, 0 in RAM, 4 on disk"
+    table = invoke("info", env["model"], "--cache-dir", env["cache"], "--max-context", "128")
+    assert table.exit_code == 0, table.output
+    assert "llama" in table.stdout and "plan: layers" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing model",
+        "malformed size",
+        "cuda absent",
+        "unsupported type",
+        "no prompt",
+        "two prompts",
+        "missing prompt file",
+        "bad sampling",
+        "bad offload",
+        "bad dtype",
+        "info missing model",
+    ],
+)
+def test_errors_are_one_line(env, case, tmp_path):
+    m, c = env["model"], env["cache"]
+    args, fragments = {
+        "missing model": (["run", "hi", "-m", str(tmp_path / "nope")], ["not found"]),
+        "malformed size": (["run", "hi", "-m", m, "--gpu-memory", "8XB"], ["8XB"]),
+        "cuda absent": (["run", "hi", "-m", m, "--device", "cuda:0"], ["cuda:0"]),
+        "unsupported type": (
+            ["run", "hi", "-m", env["gpt2"], "--cache-dir", c],
+            ["gpt2", "llama", "qwen3"],
+        ),
+        "no prompt": (["run", "-m", m], ["prompt"]),
+        "two prompts": (["run", "hi", "-f", str(tmp_path / "p.txt"), "-m", m], ["not both"]),
+        "missing prompt file": (["run", "-f", str(tmp_path / "p.txt"), "-m", m], ["p.txt"]),
+        "bad sampling": (["run", "hi", "-m", m, "--cache-dir", c, "--top-p", "0"], ["top_p"]),
+        "bad offload": (["run", "hi", "-m", m, "--offload", "gpu"], ["offload"]),
+        "bad dtype": (["convert", m, str(tmp_path / "s"), "--dtype", "int8"], ["dtype"]),
+        "info missing model": (["info", str(tmp_path / "nope")], ["not found"]),
+    }[case]
+    if case == "cuda absent" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert_one_line_error(invoke(*args), *fragments)
+
+
+def test_keyboard_interrupt(env, monkeypatch):
+    import ollm.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ollm.cli, "_build_llm", interrupted)
+    res = invoke("run", "hi", "-m", env["model"])
+    assert res.exit_code == 130
+    assert res.stderr.strip() == "interrupted"
+
+
+def test_console_script_and_light_import():
+    script = Path(sys.executable).with_name("ollm")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert "run" in res.stdout and "convert" in res.stdout and "info" in res.stdout
+    code = "import sys, ollm.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
