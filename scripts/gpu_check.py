@@ -125,16 +125,24 @@ def equivalence(tmp: Path) -> list[dict]:
     return rows
 
 
-def bench_case(
-    store: Path, offload: str, budget: str, prompt_len: int, new: int, cold: bool
-) -> dict:
+CASES = {  # name -> (offload, cpu_memory, cold page cache)
+    "cpu": ("cpu", None, False),  # non-resident layers in pinned RAM
+    "disk": ("auto", "1MiB", False),  # same GPU-resident layers, the rest read from the store
+    "disk-cold": ("auto", "1MiB", True),
+    "all-disk": ("disk", None, False),  # every layer from the store on each pass (upstream oLLM)
+}
+
+
+def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -> dict:
     from ollm import LLM, SamplingParams
 
+    offload, cpu_memory, cold = CASES[case]
     llm = LLM(
         store,
         device="cuda:0",
         gpu_memory=budget,
         offload=offload,
+        cpu_memory=cpu_memory,
         verify_checksums=False,
         max_context=prompt_len + new + 8,
         progress=False,
@@ -143,12 +151,8 @@ def bench_case(
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.spec.vocab_size, (prompt_len,), generator=g).tolist()
     llm.generate(prompt[:64], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
-    cb = None
     if cold:
         drop_file_cache(files)
-
-        def cb(_r, _piece):  # never called: no tokenizer; cold decode drops caches per step below
-            pass
 
     params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
     if cold:
@@ -165,7 +169,7 @@ def bench_case(
     m = res.metrics
     streamed = sum(llm.store.layer_nbytes(i) for i in llm.plan.streamed)
     out = {
-        "offload": offload + (" (cold)" if cold else ""),
+        "case": case,
         "budget": budget,
         "resident": llm.plan.count("gpu"),
         "streamed": len(llm.plan.streamed),
@@ -177,6 +181,8 @@ def bench_case(
         "decode_s_per_tok": 1 / m.decode_tokens_per_second if m.decode_tokens_per_second else None,
         "peak_gpu_GiB": m.peak_gpu_memory / GiB,
         "io_wait_s": m.io_wait_seconds,
+        "prefill_io_s": m.prefill_io_seconds,
+        "prefill_io_wait_s": m.prefill_io_wait_seconds,
         "copy_s": m.copy_seconds,
         "read_s": m.read_seconds,
         "bytes_disk_GB": m.bytes_read_disk / 1e9,
@@ -184,7 +190,6 @@ def bench_case(
         "reserved_plan_GiB": llm.plan.peak_device_bytes / GiB,
     }
     llm.close()
-    del cb
     torch.cuda.empty_cache()
     return out
 
@@ -197,7 +202,7 @@ def main() -> int:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--prompt", type=int, default=8192)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--cases", default="cpu,disk,disk-cold")
+    ap.add_argument("--cases", default="cpu,disk,disk-cold,all-disk")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -226,12 +231,12 @@ def main() -> int:
         )
         report["bench"] = []
         for case in args.cases.split(","):
-            offload, cold = case.split("-")[0], case.endswith("cold")
-            new = args.new if not cold else max(4, args.new // 8)
-            r = bench_case(store, offload, "8GiB", args.prompt, new, cold)
+            cold = case.endswith("cold")
+            new = args.new if case == "cpu" else max(4, args.new // (8 if cold else 4))
+            r = bench_case(store, case, "8GiB", args.prompt, new)
             bw = (
                 report["h2d_pinned_GBps"]
-                if offload == "cpu"
+                if case == "cpu"
                 else min(
                     report["h2d_pinned_GBps"],
                     report["disk_cold_GBps" if cold else "disk_warm_GBps"],
@@ -249,9 +254,9 @@ def main() -> int:
         )
     for r in report.get("bench", []):
         print(
-            f"bench {r['offload']:12s} prefill {r['prefill_s']:.2f}s decode {r['decode_tok_s']:.2f} tok/s "
+            f"bench {r['case']:10s} prefill {r['prefill_s']:.2f}s decode {r['decode_tok_s']:.2f} tok/s "
             f"({r['decode_s_per_tok'] or 0:.3f} s/tok, floor {r['floor_s_per_tok']:.3f}) peak {r['peak_gpu_GiB']:.2f} GiB "
-            f"wait {r['io_wait_s']:.2f}s copy {r['copy_s']:.2f}s read {r['read_s']:.2f}s res/stream {r['resident']}/{r['streamed']}"
+            f"prefill io/wait {r['prefill_io_s']:.2f}/{r['prefill_io_wait_s']:.2f}s wait {r['io_wait_s']:.2f}s copy {r['copy_s']:.2f}s read {r['read_s']:.2f}s res/stream {r['resident']}/{r['streamed']}"
         )
     ok = all(r["match"] for r in report.get("equivalence", []))
     return 0 if ok else 1

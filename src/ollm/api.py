@@ -125,7 +125,8 @@ class LLM:
         if context * batch > self.workload.context * self.workload.batch:
             raise BudgetError(
                 f"request needs KV for {batch} x {context} tokens but this LLM was planned for "
-                f"{self.workload.batch} x {self.workload.context}; create it with max_context={context}"
+                f"{self.workload.batch} x {self.workload.context}; create it with max_context={context} "
+                f"(--max-context {context})"
                 f"{f' and max_batch={batch}' if batch > self.workload.batch else ''}"
             )
 

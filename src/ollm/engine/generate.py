@@ -79,6 +79,13 @@ class Generator:
         tokens = sampler.sample(logits).cpu()
         t_first = time.perf_counter()
         metrics.prefill_seconds = metrics.time_to_first_token = t_first - t0
+        self.runner.prefetcher.collect_timings()
+        mid = self.stats.snapshot()
+        metrics.prefill_io_wait_seconds = mid["wait_seconds"] - before["wait_seconds"]
+        metrics.prefill_io_seconds = (mid["read_seconds"] - before["read_seconds"]) + (
+            mid["copy_seconds"] - before["copy_seconds"]
+        )
+        t_first = time.perf_counter()
         step = 0
         while True:
             active = self._accept(tokens, outs, stops, params, detoks, matchers, on_text)

@@ -20,6 +20,8 @@ class GenerationMetrics:
     io_wait_seconds: float = 0.0
     read_seconds: float = 0.0
     copy_seconds: float = 0.0
+    prefill_io_wait_seconds: float = 0.0  # of io_wait_seconds, the part spent in prefill
+    prefill_io_seconds: float = 0.0  # disk read + host->GPU copy time during prefill
     finish_reason: str = ""
 
     @property

@@ -143,10 +143,17 @@ class GGUFSource:
         return self._config
 
     def save_tokenizer(self, out_dir: str | Path) -> None:
-        """Write the tokenizer transformers builds from the GGUF metadata to ``out_dir``."""
-        from transformers import AutoTokenizer
+        """Write the tokenizer to ``out_dir``: our SentencePiece-BPE rebuild for "llama"-model
+        vocabularies (transformers' GGUF rebuild loses the merges), transformers' otherwise."""
+        model = self._reader.fields.get("tokenizer.ggml.model")
+        if model is not None and model.contents() == "llama":
+            from ollm.weights.gguf_tokenizer import build_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            tok = build_tokenizer(self._reader.fields, self.arch)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         tok.save_pretrained(str(out_dir))
 
     def names(self) -> list[str]:

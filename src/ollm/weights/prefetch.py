@@ -79,10 +79,13 @@ class Prefetcher:
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cond = threading.Condition()
-        self._ready: dict[int, torch.cuda.Event | None] = {}
+        self._ready: dict[int, torch.cuda.Event] = {}  # seq -> copy-done event
+        self._read_done: set[int] = set()  # seqs whose disk read has landed
         self._error: BaseException | None = None
         self._consumed = 0  # next sequence number get() will hand out
         self._released = 0  # sequence numbers whose slot the compute side has given back
+        self._issued = 0  # next sequence number to copy host->GPU
+        self._staging_issued = 0  # disk ordinals whose copy out of staging has been issued
         self._stop = False
         self._thread: threading.Thread | None = None
         if self.streamed:
@@ -133,26 +136,54 @@ class Prefetcher:
                 else emb.to(self.plan.head_device)
             )
 
-    # -- loader thread ----------------------------------------------------------------------------
+    # -- disk reader thread ---------------------------------------------------------------------
     def _start(self) -> None:
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="ollm-prefetch", daemon=True)
-        self._thread.start()
+        m = len(self.streamed)
+        self._is_disk = [self.plan.layers[i].tier == "disk" for i in self.streamed]
+        self._disk_before = [sum(self._is_disk[:j]) for j in range(m)]
+        self._disk_per_pass = sum(self._is_disk)
+        self._thread = None
+        if self._disk_per_pass:
+            self._thread = threading.Thread(target=self._read_loop, name="ollm-read", daemon=True)
+            self._thread.start()
 
-    def _run(self) -> None:
+    def _disk_ordinal(self, n: int) -> int:
+        m = len(self.streamed)
+        return (n // m) * self._disk_per_pass + self._disk_before[n % m]
+
+    def _read_loop(self) -> None:
+        """Read disk-tier layers, in stream order, into staging (GPU) or ring slots (CPU)."""
         n = self._consumed
+        m = len(self.streamed)
         try:
             while True:
+                if not self._is_disk[n % m]:
+                    n += 1
+                    continue
+                layer = self.streamed[n % m]
                 with self._cond:
-                    while not self._stop and n - self._released >= len(self._slots):
-                        self._cond.wait()
+                    if self.cuda:
+                        q = self._disk_ordinal(n)
+                        k = q % len(self._staging)
+                        # staging k is free once the copy out of it for ordinal q - K was issued
+                        while not self._stop and self._staging_issued <= q - len(self._staging):
+                            self._cond.wait()
+                    else:
+                        while not self._stop and n - self._released >= len(self._slots):
+                            self._cond.wait()
                     if self._stop:
                         return
-                layer = self.streamed[n % len(self.streamed)]
-                slot = n % len(self._slots)
-                event = self._load(n, layer, slot)
+                    done = self._staging_done[k] if self.cuda else None
+                if done is not None:
+                    done.synchronize()
+                dest = self._staging[k] if self.cuda else self._slots[n % len(self._slots)]
+                f = layer_file(layer)
+                t0 = time.perf_counter()
+                nbytes = self.store.read_into(f, dest, self.verify)
+                self.stats.add(bytes_disk=nbytes, read_seconds=time.perf_counter() - t0)
                 with self._cond:
-                    self._ready[n] = event
+                    self._read_done.add(n)
                     self._cond.notify_all()
                 n += 1
         except BaseException as exc:  # surfaced to the caller by get()
@@ -160,23 +191,29 @@ class Prefetcher:
                 self._error = exc
                 self._cond.notify_all()
 
-    def _load(self, n: int, layer: int, slot: int) -> torch.cuda.Event | None:
-        f = layer_file(layer)
-        nbytes = self.store.files[f].nbytes
-        tier = self.plan.layers[layer].tier
-        if not self.cuda:
-            t0 = time.perf_counter()
-            self.store.read_into(f, self._slots[slot], self.verify)
-            self.stats.add(bytes_disk=nbytes, read_seconds=time.perf_counter() - t0)
-            return None
-        if tier == "disk":
-            k = n % len(self._staging)
-            done = self._staging_done[k]
-            if done is not None:
-                done.synchronize()  # the previous copy out of this staging buffer has finished
-            t0 = time.perf_counter()
-            self.store.read_into(f, self._staging[k], self.verify)
-            self.stats.add(bytes_disk=nbytes, read_seconds=time.perf_counter() - t0)
+    def _wait_read(self, n: int) -> None:
+        t0 = time.perf_counter()
+        with self._cond:
+            while n not in self._read_done and self._error is None:
+                if self._thread is None or not self._thread.is_alive():
+                    raise WeightReadError("weight reader thread stopped unexpectedly")
+                self._cond.wait(timeout=1.0)
+            if n not in self._read_done:
+                err = self._error
+                raise err if isinstance(err, Exception) else WeightReadError(str(err))
+            self._read_done.discard(n)
+        self.stats.add(wait_seconds=time.perf_counter() - t0)
+
+    # -- host->GPU copies, issued from the compute thread (no thread hand-off per layer) ----------
+    def _issue(self, n: int) -> None:
+        m = len(self.streamed)
+        layer = self.streamed[n % m]
+        slot = n % len(self._slots)
+        nbytes = self.store.layer_nbytes(layer)
+        disk = self._is_disk[n % m]
+        if disk:
+            self._wait_read(n)
+            k = self._disk_ordinal(n) % len(self._staging)
             src = self._staging[k]
         else:
             src = self._host[layer]
@@ -186,11 +223,27 @@ class Prefetcher:
             start.record(self._copy_stream)
             self._slots[slot][:nbytes].copy_(src[:nbytes], non_blocking=True)
             end.record(self._copy_stream)
-        if tier == "disk":
-            self._staging_done[n % len(self._staging)] = end
         self._copy_events.append((start, end))
+        self._ready[n] = end
         self.stats.add(bytes_h2d=nbytes)
-        return end
+        if disk:
+            with self._cond:
+                self._staging_done[k] = end
+                self._staging_issued += 1
+                self._cond.notify_all()
+        self._issued = n + 1
+
+    def _pump(self, until: int) -> None:
+        """Issue copies while ring slots are free: always up to ``until``, beyond it only for
+        sources already in RAM (so the compute thread never blocks on a read it does not need)."""
+        m = len(self.streamed)
+        while self._issued - self._released < len(self._slots):
+            n = self._issued
+            if n > until and self._is_disk[n % m]:
+                with self._cond:
+                    if n not in self._read_done:
+                        return
+            self._issue(n)
 
     # -- compute side -------------------------------------------------------------------------------
     def get(self, i: int) -> dict[str, torch.Tensor]:
@@ -201,21 +254,11 @@ class Prefetcher:
         expected = self.streamed[n % len(self.streamed)]
         if expected != i:
             raise RuntimeError(f"prefetcher out of order: asked for layer {i}, next is {expected}")
-        t0 = time.perf_counter()
-        with self._cond:
-            while n not in self._ready and self._error is None:
-                if self._thread is None or not self._thread.is_alive():
-                    raise WeightReadError("weight loader thread stopped unexpectedly")
-                self._cond.wait(timeout=1.0)
-            if n not in self._ready:
-                err = self._error
-                raise err if isinstance(err, Exception) else WeightReadError(str(err))
-            event = self._ready.pop(n)
-        waited = time.perf_counter() - t0
-        self.stats.add(wait_seconds=waited)
         self._consumed = n + 1
         slot = n % len(self._slots)
-        if event is not None:
+        if self.cuda:
+            self._pump(n)
+            event = self._ready.pop(n)
             stream = torch.cuda.current_stream(self.device)
             before, after = (
                 torch.cuda.Event(enable_timing=True),
@@ -225,6 +268,8 @@ class Prefetcher:
             stream.wait_event(event)
             after.record(stream)
             self._stall_events.append((before, after))
+        else:
+            self._wait_read(n)
         return self.store.views(layer_file(i), self._slots[slot])
 
     def release(self, i: int) -> None:
@@ -237,6 +282,8 @@ class Prefetcher:
         with self._cond:
             self._released += 1
             self._cond.notify_all()
+        if self.cuda:
+            self._pump(self._consumed - 1)
 
     def collect_timings(self) -> None:
         """Fold CUDA event timings (copy time, compute stalls) into the stats; synchronizes."""
@@ -261,10 +308,13 @@ class Prefetcher:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._ready.clear()
+        self._read_done.clear()
         self._copy_events.clear()
         self._stall_events.clear()
         self._error = None
-        self._consumed = self._released = 0
+        self._consumed = self._released = self._issued = self._staging_issued = 0
+        if self.cuda:
+            self._staging_done = [None] * len(self._staging)
         if self.streamed:
             self._start()
 
