@@ -8,11 +8,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "GenerationResult", "Inference", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "GenerationResult",
+    "Inference",
+    "TextStreamer",
+    "file_get_contents",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from ollm.api import LLM, GenerationResult
-    from ollm.compat import Inference
+    from ollm.compat import Inference, TextStreamer, file_get_contents
     from ollm.engine.sampling import SamplingParams
 
 _LAZY = {
@@ -20,6 +28,8 @@ _LAZY = {
     "GenerationResult": "ollm.api",
     "SamplingParams": "ollm.engine.sampling",
     "Inference": "ollm.compat",
+    "TextStreamer": "ollm.compat",
+    "file_get_contents": "ollm.compat",
 }
 
 

@@ -137,6 +137,7 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         _on_text=None,
+        _on_token=None,
         _special: bool = True,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (text or token ids) or a list; returns one result or a list.
@@ -151,7 +152,7 @@ class LLM:
         ids = [self._encode(p, _special) for p in batch]
         self._check_request(ids, params)
         with self._lock:
-            outs, metrics = self._engine.generate(ids, params, _on_text)
+            outs, metrics = self._engine.generate(ids, params, _on_text, _on_token)
         results = [
             GenerationResult(
                 o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", metrics

@@ -43,6 +43,7 @@ class Generator:
         prompts: list[list[int]],
         params: SamplingParams,
         on_text: TextCallback | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> tuple[list[SequenceOutput], GenerationMetrics]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -88,7 +89,7 @@ class Generator:
         t_first = time.perf_counter()
         step = 0
         while True:
-            active = self._accept(tokens, outs, stops, params, detoks, matchers, on_text)
+            active = self._accept(tokens, outs, stops, params, detoks, matchers, on_text, on_token)
             step += 1
             if not active:
                 break
@@ -112,7 +113,7 @@ class Generator:
         metrics.finish_reason = reasons.pop() if len(reasons) == 1 else "mixed"
         return outs, metrics
 
-    def _accept(self, tokens, outs, stops, params, detoks, matchers, on_text) -> bool:
+    def _accept(self, tokens, outs, stops, params, detoks, matchers, on_text, on_token) -> bool:
         """Record one sampled token per sequence; return whether any sequence is still running."""
         active = False
         for r, out in enumerate(outs):
@@ -123,6 +124,8 @@ class Generator:
                 out.finish_reason = "stop"
                 continue
             out.token_ids.append(tok)
+            if on_token is not None:
+                on_token(r, tok)
             if detoks is not None:
                 piece, stopped = matchers[r].feed(detoks[r].push(tok))
                 self._emit(r, out, piece, on_text)

@@ -215,8 +215,10 @@ def resolve_store(
         raise ModelNotFoundError(f"model path not found: {src}")
     if is_store(src):
         return src
-    st = src.stat()
-    key = f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+    # Key on every file's size and mtime, so a weight rewritten in place is noticed.
+    files = [src] if src.is_file() else sorted(f for f in src.iterdir() if f.is_file())
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    key = f"{src.resolve()}|{stamp}|{dtype}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     stem = src.name.removesuffix(".gguf")
     store = Path(cache_dir or default_cache_dir()) / "stores" / f"{stem}-{digest}"

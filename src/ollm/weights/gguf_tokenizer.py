@@ -71,7 +71,11 @@ def build_tokenizer(fields: Any, arch: str):
         ]
     )
     tok.add_tokens(
-        [AddedToken(t, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == USER_DEFINED]
+        [
+            AddedToken(t, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == USER_DEFINED
+        ]
     )
 
     def special(key: str) -> str | None:

@@ -18,10 +18,23 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class LayerPlacement:
-    """Where one decoder layer's weights live and which device computes it."""
+    """Where one decoder layer's weights live and which device computes it.
+
+    ``decode_device`` (hybrid decode) overrides ``exec_device`` for forwards of few tokens: a layer
+    whose weights sit in RAM is then computed by the CPU instead of being copied to the GPU.
+    """
 
     tier: str
     exec_device: str
+    decode_device: str | None = None
+
+    def device_for(self, phase: str) -> str:
+        return self.decode_device if phase == "decode" and self.decode_device else self.exec_device
+
+    @property
+    def kv_device(self) -> str:
+        """The KV cache lives where decode computes the layer."""
+        return self.decode_device or self.exec_device
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,28 @@ class PlacementPlan:
     mlp_chunk_tokens: int
     budget: int | None
     reserved: dict[str, int] = field(default_factory=dict)
+    cpu_max_tokens: int = 0  # forwards of at most this many tokens use decode devices
+    predicted: dict[str, float] = field(default_factory=dict)  # cost-model figures, if measured
+
+    def phase(self, tokens: int) -> str:
+        """'decode' (hybrid devices) for small forwards, else 'prefill' (everything on the GPU)."""
+        return "decode" if tokens <= self.cpu_max_tokens else "prefill"
+
+    def streamed_for(self, phase: str) -> list[int]:
+        """Layers whose weights are copied to the GPU on every pass in ``phase``."""
+        return [
+            i
+            for i, p in enumerate(self.layers)
+            if _moves(LayerPlacement(p.tier, p.device_for(phase)), self.device)
+        ]
+
+    @property
+    def cpu_layers(self) -> list[int]:
+        return [
+            i
+            for i, p in enumerate(self.layers)
+            if p.decode_device == "cpu" and self.device != "cpu"
+        ]
 
     def count(self, tier: str) -> int:
         return sum(1 for p in self.layers if p.tier == tier)
@@ -65,6 +100,16 @@ class PlacementPlan:
             ("embeddings / head", f"{self.embed_device} / {self.head_device}"),
             ("mlp chunk", f"{self.mlp_chunk_tokens} tokens"),
         ]
+        if self.cpu_layers:
+            rows.append(
+                (
+                    "hybrid decode",
+                    f"{len(self.cpu_layers)} RAM layers computed by the CPU "
+                    f"(forwards of <= {self.cpu_max_tokens} tokens): {self.cpu_layers}",
+                )
+            )
+        for key, value in self.predicted.items():
+            rows.append((f"predicted: {key}", f"{value:.2f}"))
         rows += [(f"reserved: {k}", format_size(v)) for k, v in self.reserved.items()]
         rows.append(("reserved: total", format_size(self.peak_device_bytes)))
         return rows
@@ -106,6 +151,9 @@ def plan_placement(
     offload: str = "auto",
     work: Workload | None = None,
     dtype_bytes: int = 2,
+    rates=None,
+    hybrid: str = "auto",
+    cpu_layers: int | None = None,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
     if offload not in OFFLOAD_MODES:
@@ -163,7 +211,7 @@ def plan_placement(
     layers: list[LayerPlacement] = []
     if on_gpu:
         host_budget = cpu_memory
-        host_used = embed if not head else 0
+        host_used = embed if head else 0  # an untied embedding table stays in RAM
         for i in range(n):
             if i < n_res:
                 layers.append(LayerPlacement("gpu", exec_dev))
@@ -186,6 +234,11 @@ def plan_placement(
     staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
     if not streamed:
         ring = 0
+    cpu_max_tokens, predicted = 0, {}
+    if on_gpu and rates is not None:
+        layers, cpu_max_tokens, predicted = _hybrid(
+            spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers
+        )
     reserved = dict(fixed)
     reserved["resident layers"] = sum(
         store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
@@ -202,4 +255,51 @@ def plan_placement(
         mlp_chunk_tokens=mlp_chunk,
         budget=budget,
         reserved=reserved,
+        cpu_max_tokens=cpu_max_tokens,
+        predicted=predicted,
     )
+
+
+def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced):
+    """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``)."""
+    from dataclasses import replace
+
+    from ollm.weights.costmodel import choose_cpu_layers, interleave, predict_step
+
+    params = spec.layer_param_count()
+    cands = [i for i, p in enumerate(layers) if p.tier == "cpu"]
+    n_stream = sum(1 for p in layers if p.tier != "gpu")
+    stream_only = predict_step(
+        rates, n_res, n_stream, 0, layer_bytes, params, head_bytes, work.batch
+    )
+    predicted = {"stream-only tok/s": stream_only.tokens_per_second}
+    if hybrid == "off" or not cands:
+        return layers, 0, predicted
+    if forced is not None:
+        k = min(forced, len(cands))
+        pred = predict_step(
+            rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch
+        )
+    else:
+        k, pred = choose_cpu_layers(
+            rates, n_res, len(cands), layer_bytes, params, head_bytes, work.batch
+        )
+        k = min(k, len(cands))
+        if n_stream > len(cands):  # disk layers also stream; re-predict with them
+            pred = predict_step(
+                rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch
+            )
+    if k == 0:
+        return layers, 0, predicted
+    chosen = interleave(cands, k)
+    layers = [replace(p, decode_device="cpu") if i in chosen else p for i, p in enumerate(layers)]
+    # Largest forward the CPU still computes faster than the copy engine streams the layer.
+    switch = int(rates.cpu_flops * layer_bytes / (rates.pcie * 2 * params))
+    predicted.update(
+        {
+            "hybrid tok/s": pred.tokens_per_second,
+            "hybrid copy s": pred.copy_s,
+            "hybrid cpu s": pred.cpu_s,
+        }
+    )
+    return layers, max(1, switch), predicted

@@ -1,0 +1,211 @@
+"""A cost model measured on this machine: how fast weights move (PCIe, disk) and how fast each
+processor consumes them, alone and while the other path runs. It predicts a decode step's time for
+a placement and chooses which RAM-resident layers the CPU computes so both paths finish together.
+
+Rates are measured once per machine (a few seconds) and cached as JSON in the cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+LAYER_OVERHEAD_S = 150e-6  # per-layer launch / Python cost on the critical path (measured order)
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """Bytes/s and FLOP/s of this machine's paths; ``*_shared`` while the other path is busy."""
+
+    pcie: float  # pinned host->GPU copy, alone
+    pcie_shared: float  # pinned host->GPU copy while the CPU computes
+    cpu_mem: float  # weight bytes/s a CPU GEMV consumes (best thread count), alone
+    cpu_mem_shared: float  # the same while host->GPU copies run
+    cpu_threads: int  # thread count that gave cpu_mem
+    cpu_flops: float  # CPU matmul rate (when many tokens make it compute-bound)
+    gpu_mem: float  # GPU weight-read rate of a GEMV from device memory
+    gpu_flops: float  # GPU matmul rate
+
+    def cpu_layer_s(self, nbytes: int, params: int, tokens: int, shared: bool) -> float:
+        mem = self.cpu_mem_shared if shared else self.cpu_mem
+        return max(nbytes / mem, 2 * params * tokens / self.cpu_flops)
+
+    def gpu_layer_s(self, nbytes: int, params: int, tokens: int) -> float:
+        return max(nbytes / self.gpu_mem, 2 * params * tokens / self.gpu_flops) + LAYER_OVERHEAD_S
+
+    def copy_s(self, nbytes: int, shared: bool) -> float:
+        return nbytes / (self.pcie_shared if shared else self.pcie)
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """Predicted decode step: the critical path and each path's busy time (seconds)."""
+
+    seconds: float
+    copy_s: float
+    cpu_s: float
+    gpu_s: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds if self.seconds > 0 else 0.0
+
+
+def predict_step(
+    rates: MachineRates,
+    resident: int,
+    streamed: int,
+    cpu: int,
+    layer_bytes: int,
+    layer_params: int,
+    head_bytes: int,
+    tokens: int = 1,
+) -> StepPrediction:
+    """One forward of ``tokens`` tokens: the copy engine streams ``streamed`` layers while the
+    compute chain runs resident and streamed layers on the GPU and ``cpu`` layers on the CPU.
+    With streamed and CPU layers interleaved, step = max(copies, compute chain)."""
+    shared = cpu > 0 and streamed > 0
+    copy = streamed * rates.copy_s(layer_bytes, shared)
+    cpu_s = cpu * (rates.cpu_layer_s(layer_bytes, layer_params, tokens, shared) + LAYER_OVERHEAD_S)
+    gpu_layer = rates.gpu_layer_s(layer_bytes, layer_params, tokens)
+    head = head_bytes / rates.gpu_mem
+    chain = cpu_s + (resident + streamed) * gpu_layer + head
+    seconds = max(copy, chain)  # the copy engine runs beside the compute chain
+    return StepPrediction(seconds, copy, cpu_s, (resident + streamed) * gpu_layer + head)
+
+
+def choose_cpu_layers(
+    rates: MachineRates,
+    resident: int,
+    candidates: int,
+    layer_bytes: int,
+    layer_params: int,
+    head_bytes: int,
+    tokens: int = 1,
+) -> tuple[int, StepPrediction]:
+    """How many of ``candidates`` RAM-resident layers the CPU should compute (the rest stream)."""
+    best = None
+    for k in range(candidates + 1):
+        p = predict_step(
+            rates, resident, candidates - k, k, layer_bytes, layer_params, head_bytes, tokens
+        )
+        if best is None or p.seconds < best[1].seconds - 1e-9:
+            best = (k, p)
+    assert best is not None
+    return best
+
+
+def interleave(indices: list[int], k: int) -> set[int]:
+    """Pick ``k`` of ``indices`` spread evenly, so each CPU layer sits between streamed ones and
+    the copy engine loads the next streamed layer while the CPU computes."""
+    n = len(indices)
+    if k <= 0:
+        return set()
+    if k >= n:
+        return set(indices)
+    return {indices[int((j + 0.5) * n / k)] for j in range(k)}
+
+
+# -- measurement ----------------------------------------------------------------------------------
+def _time(fn, reps: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def measure_rates(
+    device: str, dtype: torch.dtype = torch.bfloat16, seconds: float = 0.3
+) -> MachineRates:
+    """Measure PCIe, CPU GEMV (per thread count, alone and shared) and GPU rates (~3-5 s)."""
+    dev = torch.device(device)
+    h, inter = 4096, 14336  # one MLP matrix of an 8B model: large enough to leave the caches
+    w_cpu = torch.randn(inter, h, dtype=torch.float32).to(dtype)
+    x_cpu = torch.randn(1, h, dtype=dtype)
+    nbytes = w_cpu.numel() * w_cpu.element_size()
+    host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(host, device=dev)
+    copy_stream = torch.cuda.Stream(dev)
+
+    def copy_once() -> None:
+        with torch.cuda.stream(copy_stream):
+            dst.copy_(host, non_blocking=True)
+        copy_stream.synchronize()
+
+    pcie = host.numel() / _time(copy_once, 8)
+    threads0 = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    best = (0.0, threads0)
+    for n in sorted({max(1, cores // 2), max(1, cores - 2), max(1, cores - 1), cores}):
+        torch.set_num_threads(n)
+        rate = nbytes / _time(lambda: torch.nn.functional.linear(x_cpu, w_cpu), 6)
+        if rate > best[0]:
+            best = (rate, n)
+    cpu_mem, threads = best
+    torch.set_num_threads(threads)
+    stop = threading.Event()
+    copied = [0, 0.0]
+
+    def copier() -> None:
+        t = time.perf_counter()
+        while not stop.is_set():
+            copy_once()
+            copied[0] += host.numel()
+        copied[1] = time.perf_counter() - t
+
+    th = threading.Thread(target=copier, daemon=True)
+    th.start()
+    cpu_shared = nbytes / _time(lambda: torch.nn.functional.linear(x_cpu, w_cpu), 12)
+    stop.set()
+    th.join()
+    pcie_shared = copied[0] / copied[1] if copied[1] else pcie
+    a = torch.randn(256, h, dtype=dtype)
+    cpu_flops = 2 * 256 * h * inter / _time(lambda: torch.nn.functional.linear(a, w_cpu), 3)
+    w_gpu = w_cpu.to(dev)
+    x_gpu = x_cpu.to(dev)
+
+    def gemv() -> None:
+        torch.nn.functional.linear(x_gpu, w_gpu)
+        torch.cuda.synchronize(dev)
+
+    gpu_mem = nbytes / _time(gemv, 20)
+    a_gpu = torch.randn(4096, h, dtype=dtype, device=dev)
+
+    def mm() -> None:
+        torch.nn.functional.linear(a_gpu, w_gpu)
+        torch.cuda.synchronize(dev)
+
+    gpu_flops = 2 * 4096 * h * inter / _time(mm, 5)
+    torch.set_num_threads(threads0)
+    return MachineRates(
+        pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops
+    )
+
+
+def cached_rates(device: str, cache_dir: Path, dtype: torch.dtype = torch.bfloat16) -> MachineRates:
+    """Rates for this machine from the cache, measured now if missing."""
+    name = torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
+    key = f"{platform.node()}-{os.cpu_count()}-{name}-{str(dtype).removeprefix('torch.')}"
+    path = Path(cache_dir) / "machine" / f"{key}.json"
+    if path.is_file():
+        try:
+            return MachineRates(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            log.warning("ignoring unreadable machine rates cache %s", path)
+    rates = measure_rates(device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(rates), indent=1))
+    os.replace(tmp, path)
+    log.info("measured machine rates: %s", rates)
+    return rates
