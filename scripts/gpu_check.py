@@ -79,7 +79,7 @@ def equivalence(tmp: Path) -> list[dict]:
     from ollm.weights.placement import plan_placement
 
     rows = []
-    prompt = [5, 17, 99, 3, 42, 7, 250, 11]
+    prompt = [5, 17, 99, 3, 42, 7, 250, 11] * 24  # 192 tokens: prefill on the GPU, decode hybrid
     for fam in FAMILIES:
         model = make_hf_model(fam, tmp / f"hf-{fam}").cuda()
         ref = model.generate(
@@ -89,7 +89,7 @@ def equivalence(tmp: Path) -> list[dict]:
             eos_token_id=None,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
-        for offload in ("cpu", "disk"):
+        for offload in ("cpu", "disk", "hybrid"):
             probe = LLM(tmp / f"hf-{fam}", device="cpu", cache_dir=tmp / "c", progress=False)
             plan = plan_placement(
                 probe.spec, probe.store, "cuda:0", None, None, "auto", probe.workload, 4
@@ -101,21 +101,29 @@ def equivalence(tmp: Path) -> list[dict]:
                 if k not in ("resident layers", "stream buffers")
             )
             budget = fixed + int(3.5 * plan.layer_bytes)  # one resident layer, the rest streamed
+            hybrid = offload == "hybrid"
             llm = LLM(
                 tmp / f"hf-{fam}",
                 device="cuda:0",
                 gpu_memory=budget,
-                offload=offload,
+                offload="cpu" if hybrid else offload,
+                hybrid="auto" if hybrid else "off",
+                cpu_layers=2 if hybrid else None,
                 cache_dir=tmp / "c",
                 progress=False,
             )
+            if hybrid:
+                assert len(llm.plan.cpu_layers) == 2, llm.plan.describe()
             res = llm.generate(prompt, SamplingParams(max_new_tokens=32, temperature=0))
             rows.append(
                 {
                     "family": fam,
                     "offload": offload,
                     "match": res.token_ids == ref,
-                    "streamed_layers": len(llm.plan.streamed),
+                    "streamed_layers": len(llm.plan.streamed_for("decode")),
+                    "cpu_layers": len(llm.plan.cpu_layers),
+                    "cpu_path_s": res.metrics.cpu_path_seconds,
+                    "cpu_max_tokens": llm.plan.cpu_max_tokens,
                     "layers": llm.spec.num_layers,
                     "bytes_h2d": res.metrics.bytes_copied_h2d,
                 }
@@ -125,32 +133,35 @@ def equivalence(tmp: Path) -> list[dict]:
     return rows
 
 
-CASES = {  # name -> (offload, cpu_memory, cold page cache)
-    "cpu": ("cpu", None, False),  # non-resident layers in pinned RAM
-    "disk": ("auto", "1MiB", False),  # same GPU-resident layers, the rest read from the store
-    "disk-cold": ("auto", "1MiB", True),
-    "all-disk": ("disk", None, False),  # every layer from the store on each pass (upstream oLLM)
+CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
+    "cpu": ("cpu", None, False, "off"),  # non-resident layers in pinned RAM, all streamed
+    "hybrid": ("cpu", None, False, "auto"),  # the same, the CPU computes some RAM layers in decode
+    "disk": ("auto", "1MiB", False, "off"),  # same GPU-resident layers, the rest from the store
+    "disk-cold": ("auto", "1MiB", True, "off"),
+    "all-disk": ("disk", None, False, "off"),  # every layer from the store each pass (oLLM)
 }
 
 
 def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -> dict:
     from ollm import LLM, SamplingParams
 
-    offload, cpu_memory, cold = CASES[case]
+    offload, cpu_memory, cold, hybrid = CASES[case]
     llm = LLM(
         store,
         device="cuda:0",
         gpu_memory=budget,
         offload=offload,
         cpu_memory=cpu_memory,
+        hybrid=hybrid,
         verify_checksums=False,
         max_context=prompt_len + new + 8,
         progress=False,
     )
-    files = [store / f"layers/layer_{i:04d}.bin" for i in llm.plan.streamed]
+    files = [store / f"layers/layer_{i:04d}.bin" for i in llm.plan.streamed_for("decode")]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.spec.vocab_size, (prompt_len,), generator=g).tolist()
-    llm.generate(prompt[:64], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    # Warm-up at full length, so kernel selection for the long prefill is not timed.
+    llm.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     if cold:
         drop_file_cache(files)
 
@@ -167,12 +178,16 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
         runner.forward = forward
     res = llm.generate(prompt, params)
     m = res.metrics
-    streamed = sum(llm.store.layer_nbytes(i) for i in llm.plan.streamed)
+    streamed = sum(llm.store.layer_nbytes(i) for i in llm.plan.streamed_for("decode"))
     out = {
         "case": case,
+        "cpu_layers": len(llm.plan.cpu_layers),
+        "predicted": dict(llm.plan.predicted),
+        "rates": None if llm.rates is None else llm.rates.__dict__,
+        "cpu_path_s": m.cpu_path_seconds,
         "budget": budget,
         "resident": llm.plan.count("gpu"),
-        "streamed": len(llm.plan.streamed),
+        "streamed": len(llm.plan.streamed_for("decode")),
         "streamed_GB_per_pass": streamed / 1e9,
         "prompt": prompt_len,
         "new": new,
@@ -202,7 +217,7 @@ def main() -> int:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--prompt", type=int, default=8192)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--cases", default="cpu,disk,disk-cold,all-disk")
+    ap.add_argument("--cases", default="cpu,hybrid,disk,disk-cold,all-disk")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -232,11 +247,11 @@ def main() -> int:
         report["bench"] = []
         for case in args.cases.split(","):
             cold = case.endswith("cold")
-            new = args.new if case == "cpu" else max(4, args.new // (8 if cold else 4))
+            new = args.new if case in ("cpu", "hybrid") else max(4, args.new // (8 if cold else 4))
             r = bench_case(store, case, "8GiB", args.prompt, new)
             bw = (
                 report["h2d_pinned_GBps"]
-                if case == "cpu"
+                if case in ("cpu", "hybrid")
                 else min(
                     report["h2d_pinned_GBps"],
                     report["disk_cold_GBps" if cold else "disk_warm_GBps"],
@@ -250,12 +265,13 @@ def main() -> int:
     print("\n== summary ==")
     for r in report.get("equivalence", []):
         print(
-            f"equiv {r['family']:12s} {r['offload']:5s} match={r['match']} streamed={r['streamed_layers']}/{r['layers']}"
+            f"equiv {r['family']:12s} {r['offload']:6s} match={r['match']} streamed={r['streamed_layers']}/{r['layers']} cpu={r['cpu_layers']}"
         )
     for r in report.get("bench", []):
         print(
             f"bench {r['case']:10s} prefill {r['prefill_s']:.2f}s decode {r['decode_tok_s']:.2f} tok/s "
             f"({r['decode_s_per_tok'] or 0:.3f} s/tok, floor {r['floor_s_per_tok']:.3f}) peak {r['peak_gpu_GiB']:.2f} GiB "
+            f"cpu layers {r['cpu_layers']} (cpu path {r['cpu_path_s']:.2f}s, predicted {r['predicted'].get('hybrid tok/s', r['predicted'].get('stream-only tok/s', 0)):.2f} tok/s) "
             f"prefill io/wait {r['prefill_io_s']:.2f}/{r['prefill_io_wait_s']:.2f}s wait {r['io_wait_s']:.2f}s copy {r['copy_s']:.2f}s read {r['read_s']:.2f}s res/stream {r['resident']}/{r['streamed']}"
         )
     ok = all(r["match"] for r in report.get("equivalence", []))

@@ -69,16 +69,21 @@ class LLM:
             gpu_memory = int(free * 0.9)
         self.workload = Workload(cfg.max_batch, cfg.max_context, cfg.max_context)
         elem = torch.finfo(self.dtype).bits // 8
-        self.plan = plan_placement(
-            self.spec,
-            self.store,
-            self.device,
-            gpu_memory,
-            cfg.cpu_memory,
-            cfg.offload,
-            self.workload,
-            elem,
-        )
+        args = (self.spec, self.store, self.device, gpu_memory, cfg.cpu_memory, cfg.offload)
+        self.plan = plan_placement(*args, self.workload, elem)
+        self.rates = None
+        if self.plan.device != "cpu" and cfg.hybrid != "off" and self.plan.count("cpu"):
+            # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
+            from ollm.weights.convert import default_cache_dir
+            from ollm.weights.costmodel import cached_rates
+
+            cache = Path(cfg.cache_dir or default_cache_dir())
+            self.rates = cached_rates(self.device, cache, self.dtype)
+            self.plan = plan_placement(
+                *args, self.workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers
+            )
+            if self.plan.cpu_layers:
+                torch.set_num_threads(self.rates.cpu_threads)
         self.stats = IOStats()
         self.prefetcher = Prefetcher(self.store, self.plan, self.stats, cfg.verify_checksums)
         self.runner = Runner(self.spec, self.plan, self.prefetcher, self.dtype)

@@ -26,6 +26,10 @@ class EngineConfig:
     max_batch: int = 1  # sequences per request the plan reserves KV for
     cache_dir: str | None = None  # where converted stores live; None = ~/.cache/ollm
     verify_checksums: bool = True  # check each store file's CRC32 on its first read
+    hybrid: str = (
+        "auto"  # "auto": a measured cost model picks RAM layers the CPU computes in decode; "off"
+    )
+    cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
 
     def __post_init__(self) -> None:
@@ -41,6 +45,10 @@ class EngineConfig:
             if name not in _DTYPES:
                 raise OllmError(f"dtype must be one of {', '.join(_DTYPES)}, not {self.dtype!r}")
             set_(self, "dtype", name)
+        if self.hybrid not in ("auto", "off"):
+            raise OllmError(f"hybrid must be 'auto' or 'off', not {self.hybrid!r}")
+        if self.cpu_layers is not None and self.cpu_layers < 0:
+            raise OllmError("cpu_layers must be >= 0")
         if self.max_context < 1 or self.max_batch < 1:
             raise OllmError("max_context and max_batch must be positive")
         if self.model is not None:

@@ -107,6 +107,7 @@ class Generator:
         metrics.io_wait_seconds = after["wait_seconds"] - before["wait_seconds"]
         metrics.read_seconds = after["read_seconds"] - before["read_seconds"]
         metrics.copy_seconds = after["copy_seconds"] - before["copy_seconds"]
+        metrics.cpu_path_seconds = after["cpu_seconds"] - before["cpu_seconds"]
         if self.device.type == "cuda":
             metrics.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
         reasons = {o.finish_reason for o in outs}

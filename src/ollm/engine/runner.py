@@ -8,6 +8,8 @@ for each layer i:
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,7 @@ class Runner:
         """Fresh per-layer KV caches on each layer's execution device."""
         s = self.spec
         return [
-            LayerKVCache(batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.exec_device)
+            LayerKVCache(batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device)
             for p in self.plan.layers
         ]
 
@@ -65,14 +67,18 @@ class Runner:
         if spec.embed_scale is not None:
             h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
         b, t = input_ids.shape
+        phase = self.plan.phase(b * t) if self.plan.cpu_layers else "prefill"
+        pf.set_phase(phase)
+        hybrid_cpu = phase == "decode" and bool(self.plan.cpu_layers)
+        cpu_time = 0.0
         q_start = kv[0].length
         kv_len = q_start + t
         tables: dict[tuple, tuple] = {}
         masks: dict[tuple, tuple] = {}
         for i, layer in enumerate(spec.layers):
-            dev = self.plan.layers[i].exec_device
+            dev = self.plan.layers[i].device_for(phase)
             if h.device != torch.device(dev):
-                h = h.to(dev, non_blocking=True)
+                h = h.to(dev, non_blocking=dev != "cpu")
             key = (layer.rope, dev)
             if key not in tables:
                 tables[key] = rope_cos_sin(layer.rope, positions.to(dev), self.dtype)
@@ -83,8 +89,13 @@ class Runner:
             cos, sin = tables[key]
             mask, dense = masks[mkey]
             w = pf.get(i)
+            t0 = time.perf_counter() if hybrid_cpu and dev == "cpu" else None
             h = decoder_block(spec, h, w, kv[i], cos, sin, mask, dense, self.plan.mlp_chunk_tokens)
+            if t0 is not None:
+                cpu_time += time.perf_counter() - t0
             pf.release(i)
+        if cpu_time:
+            pf.stats.add(cpu_seconds=cpu_time)
         if not all_logits:
             h = h[:, -1:]
         h = h.to(self.plan.head_device)

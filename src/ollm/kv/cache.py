@@ -31,12 +31,17 @@ class LayerKVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values [B, kv_heads, T, D]; return views over all cached slots."""
         t = k.shape[2]
-        end = self.length + t
+        start, end = self.length, self.length + t
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
         self.length = end
+        if k.device != self.k.device:
+            # Computed elsewhere (a hybrid layer's prefill on the GPU): attend where it runs.
+            if start == 0:
+                return k, v
+            return self.k[:, :, :end].to(k.device), self.v[:, :, :end].to(k.device)
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def trim(self, length: int) -> None:

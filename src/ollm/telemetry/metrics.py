@@ -22,6 +22,7 @@ class GenerationMetrics:
     copy_seconds: float = 0.0
     prefill_io_wait_seconds: float = 0.0  # of io_wait_seconds, the part spent in prefill
     prefill_io_seconds: float = 0.0  # disk read + host->GPU copy time during prefill
+    cpu_path_seconds: float = 0.0  # hybrid decode: time the CPU computed RAM-resident layers
     finish_reason: str = ""
 
     @property
@@ -61,5 +62,6 @@ class GenerationMetrics:
                 "disk read time / copy time",
                 f"{self.read_seconds:.3f} s / {self.copy_seconds:.3f} s",
             ),
+            ("CPU path (hybrid decode)", f"{self.cpu_path_seconds:.3f} s"),
             ("finish reason", self.finish_reason),
         ]

@@ -19,6 +19,7 @@ class IOStats:
     read_seconds: float = 0.0
     copy_seconds: float = 0.0
     wait_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # time the CPU path computed layers (hybrid decode)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:
@@ -34,4 +35,5 @@ class IOStats:
                 "read_seconds": self.read_seconds,
                 "copy_seconds": self.copy_seconds,
                 "wait_seconds": self.wait_seconds,
+                "cpu_seconds": self.cpu_seconds,
             }

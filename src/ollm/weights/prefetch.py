@@ -59,7 +59,10 @@ class Prefetcher:
         self.store, self.plan, self.stats, self.verify = store, plan, stats, verify
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
-        self.streamed = plan.streamed
+        self.phase = "prefill"
+        self.streamed = plan.streamed_for(self.phase)
+        self._streamed_set = set(self.streamed)
+        self._host_views: dict[int, dict[str, torch.Tensor]] = {}  # hybrid decode on the CPU
         self._pinned: list[torch.Tensor] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         self._host: dict[
@@ -103,12 +106,14 @@ class Prefetcher:
         staging = None
         for i, p in enumerate(self.plan.layers):
             f = layer_file(i)
-            if i in self.streamed and p.tier != "cpu":
+            if i in self._streamed_set and p.tier != "cpu":
                 continue
-            if i in self.streamed:  # cpu tier streamed to the GPU: keep a pinned RAM copy
+            if i in self._streamed_set:  # cpu tier streamed to the GPU: keep a pinned RAM copy
                 buf = self._pin(self.store.files[f].nbytes)
                 self.stats.add(bytes_disk=self.store.read_into(f, buf, self.verify))
                 self._host[i] = buf
+                if p.decode_device == "cpu":
+                    self._host_views[i] = self.store.views(f, buf)
                 continue
             if p.exec_device == "cpu":
                 buf = torch.empty(self.store.files[f].nbytes, dtype=torch.uint8)
@@ -250,6 +255,8 @@ class Prefetcher:
         """Layer i's tensors on its execution device, ready for the current stream to use."""
         if i in self._resident:
             return self._resident[i]
+        if i not in self._streamed_set:
+            return self._host_views[i]  # computed where it sits (hybrid decode)
         n = self._consumed
         expected = self.streamed[n % len(self.streamed)]
         if expected != i:
@@ -274,7 +281,7 @@ class Prefetcher:
 
     def release(self, i: int) -> None:
         """The current stream is done with layer i's buffer once the work queued so far finishes."""
-        if i in self._resident:
+        if i in self._resident or i not in self._streamed_set:
             return
         slot = (self._consumed - 1) % len(self._slots)
         if self.cuda:
@@ -301,6 +308,17 @@ class Prefetcher:
             copy_seconds=sum(s.elapsed_time(e) for s, e in done) / 1e3,
             wait_seconds=sum(b.elapsed_time(a) for b, a in stalls) / 1e3,
         )
+
+    def set_phase(self, phase: str) -> None:
+        """Switch the streamed-layer schedule (prefill streams every non-resident layer; hybrid
+        decode only those the GPU computes); in-flight loads of the old schedule are dropped."""
+        if phase == self.phase:
+            return
+        self.collect_timings()  # keep the old schedule's event timings
+        self.phase = phase
+        self.streamed = self.plan.streamed_for(phase)
+        self._streamed_set = set(self.streamed)
+        self.reset()
 
     def reset(self) -> None:
         """Drop in-flight loads (after an interrupted pass) and restart from layer order's start."""

@@ -1,0 +1,113 @@
+"""Hybrid decode: the cost model's choices with synthetic rates, and the plans it produces."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_hf_model
+from ollm.weights.costmodel import MachineRates, choose_cpu_layers, interleave, predict_step
+from ollm.weights.placement import Workload, plan_placement
+
+GB = 1e9
+LAYER = 436_000_000  # one Llama-3.1-8B layer in bf16
+PARAMS = LAYER // 2
+HEAD = 1_050_000_000
+
+
+def rates(
+    cpu: float = 72 * GB, pcie: float = 55 * GB, cpu_flops: float = 2e12, scale: float = 1.0
+) -> MachineRates:
+    return MachineRates(
+        pcie=pcie * scale,
+        pcie_shared=pcie * scale,
+        cpu_mem=cpu * scale,
+        cpu_mem_shared=cpu * scale,
+        cpu_threads=16,
+        cpu_flops=cpu_flops * scale,
+        gpu_mem=3000 * GB * scale,
+        gpu_flops=700e12 * scale,
+    )
+
+
+def test_both_paths_finish_together():
+    k, pred = choose_cpu_layers(rates(), 10, 22, LAYER, PARAMS, HEAD)
+    # balance: k / cpu = (22 - k) / pcie  ->  k = 22 * 72 / 127 = 12.5
+    assert k in (12, 13)
+    assert pred.copy_s == pytest.approx((22 - k) * LAYER / (55 * GB))
+    stream_only = predict_step(rates(), 10, 22, 0, LAYER, PARAMS, HEAD)
+    assert pred.seconds < 0.6 * stream_only.seconds
+    assert stream_only.seconds == pytest.approx(22 * LAYER / (55 * GB))
+
+
+def test_slow_cpu_gets_no_layers_fast_cpu_gets_all():
+    assert choose_cpu_layers(rates(cpu=1 * GB), 10, 22, LAYER, PARAMS, HEAD)[0] == 0
+    assert (
+        choose_cpu_layers(rates(cpu=5000 * GB, cpu_flops=1e15), 10, 22, LAYER, PARAMS, HEAD)[0]
+        == 22
+    )
+
+
+def test_cpu_share_shrinks_with_batch():
+    shares = [
+        choose_cpu_layers(rates(), 10, 22, LAYER, PARAMS, HEAD, tokens=b)[0]
+        for b in (1, 8, 32, 128)
+    ]
+    assert shares == sorted(shares, reverse=True)
+    assert shares[0] > shares[-1]
+
+
+def test_predict_step_is_max_of_paths():
+    p = predict_step(rates(), 0, 4, 4, LAYER, PARAMS, 0)
+    assert p.seconds == pytest.approx(max(p.copy_s, p.cpu_s + p.gpu_s))
+
+
+def test_interleave_spreads_choices():
+    idx = list(range(10, 32))
+    chosen = sorted(interleave(idx, 11))
+    assert len(chosen) == 11 and set(chosen) <= set(idx)
+    assert all(b - a >= 2 for a, b in zip(chosen, chosen[1:], strict=False))
+    assert interleave(idx, 0) == set() and interleave(idx, 99) == set(idx)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from ollm.weights.convert import convert
+    from ollm.weights.store import LayerStore
+
+    d = tmp_path_factory.mktemp("hyb")
+    make_hf_model("llama", d / "hf")
+    s = LayerStore(convert(d / "hf", d / "store", progress=False))
+    from ollm.models.registry import build_spec
+
+    return build_spec(s.hf_config()), s
+
+
+def _plan(store, **kw):
+    spec, s = store
+    work = Workload(1, 64, 64)
+    fixed = plan_placement(spec, s, "cuda:0", None, None, "cpu", work, 4)
+    base = sum(
+        v for k, v in fixed.reserved.items() if k not in ("resident layers", "stream buffers")
+    )
+    budget = base + int(3.5 * s.max_layer_nbytes)  # 1 resident layer, 3 in pinned RAM
+    return plan_placement(spec, s, "cuda:0", budget, None, "cpu", work, 4, **kw)
+
+
+def test_hybrid_plan_devices_and_schedules(store):
+    # Rates scaled down so the tiny layers' bytes, not launch overheads, decide (as for 8B ones).
+    plan = _plan(store, rates=rates(scale=1e-5), cpu_layers=None)
+    assert plan.cpu_layers, plan.describe()
+    for i in plan.cpu_layers:
+        p = plan.layers[i]
+        assert p.tier == "cpu" and p.device_for("decode") == "cpu" and p.kv_device == "cpu"
+        assert p.device_for("prefill") == "cuda:0"
+        assert i in plan.streamed_for("prefill") and i not in plan.streamed_for("decode")
+    assert plan.phase(1) == "decode" and plan.phase(10**6) == "prefill"
+    assert plan.predicted["hybrid tok/s"] > plan.predicted["stream-only tok/s"]
+    assert any("hybrid decode" in label for label, _ in plan.describe())
+
+
+def test_hybrid_off_and_forced(store):
+    assert _plan(store, rates=rates(scale=1e-5), hybrid="off").cpu_layers == []
+    assert len(_plan(store, rates=rates(cpu=1 * GB), cpu_layers=2).cpu_layers) == 2
+    assert _plan(store, rates=rates(cpu=1 * GB, scale=1e-5)).cpu_layers == []
