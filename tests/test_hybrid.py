@@ -111,3 +111,18 @@ def test_hybrid_off_and_forced(store):
     assert _plan(store, rates=rates(scale=1e-5), hybrid="off").cpu_layers == []
     assert len(_plan(store, rates=rates(cpu=1 * GB), cpu_layers=2).cpu_layers) == 2
     assert _plan(store, rates=rates(cpu=1 * GB, scale=1e-5)).cpu_layers == []
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_grouped_attention_matches_sdpa(t):
+    import torch
+    import torch.nn.functional as F
+
+    from ollm.layers.attention import grouped_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, t, 16)
+    k, v = torch.randn(2, 2, 100, 16), torch.randn(2, 2, 100, 16)
+    mask = torch.rand(2, 1, t, 100) > 0.3
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(q, k, v, 0.25, mask), ref)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import platform
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,23 +149,23 @@ def measure_rates(
         torch.nn.functional.linear(x_cpu, w_cpu)
 
     def shared_rates() -> tuple[float, float]:
-        """CPU GEMV and PCIe rates while both run (they share the host's memory bandwidth)."""
-        stop = threading.Event()
-        copied = [0, 0.0]
-
-        def copier() -> None:
-            t = time.perf_counter()
-            while not stop.is_set():
-                copy_once()
-                copied[0] += host.numel()
-            copied[1] = time.perf_counter() - t
-
-        th = threading.Thread(target=copier, daemon=True)
-        th.start()
-        cpu = nbytes / _time(gemv, 10)
-        stop.set()
-        th.join()
-        return cpu, (copied[0] / copied[1] if copied[1] else pcie)
+        """CPU GEMV and PCIe rates while both run (they share the host's memory bandwidth):
+        a queue of async copies on the copy stream, GEMVs on this thread until it drains."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        n_copies = max(4, int(pcie * 0.15 / host.numel()))  # ~150 ms of copies
+        with torch.cuda.stream(copy_stream):
+            start.record(copy_stream)
+            for _ in range(n_copies):
+                dst.copy_(host, non_blocking=True)
+            end.record(copy_stream)
+        t, reps = time.perf_counter(), 0
+        while not end.query():
+            gemv()
+            reps += 1
+        cpu_t = time.perf_counter() - t
+        end.synchronize()
+        copy_t = start.elapsed_time(end) / 1e3
+        return reps * nbytes / cpu_t if reps else 0.0, n_copies * host.numel() / copy_t
 
     # Threads: the count that moves the most bytes through both paths together, since more CPU
     # threads can slow the copy engine's reads of host memory.
