@@ -126,3 +126,14 @@ def test_grouped_attention_matches_sdpa(t):
     mask = torch.rand(2, 1, t, 100) > 0.3
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(grouped_attention(q, k, v, 0.25, mask), ref)
+
+
+def test_layer_workload_runs_a_real_decoder_layer(store):
+    import torch
+
+    from ollm.weights.costmodel import _layer_workload
+
+    spec, s = store
+    step, nbytes = _layer_workload(spec, 32, torch.float32)
+    step()
+    assert nbytes == spec.layer_param_count() * 4

@@ -78,7 +78,9 @@ class LLM:
             from ollm.weights.costmodel import cached_rates
 
             cache = Path(cfg.cache_dir or default_cache_dir())
-            self.rates = cached_rates(self.device, cache, self.dtype)
+            self.rates = cached_rates(
+                self.device, cache, self.dtype, self.spec, self.workload.context
+            )
             self.plan = plan_placement(
                 *args, self.workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers
             )

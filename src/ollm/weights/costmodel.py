@@ -123,15 +123,64 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def _layer_workload(spec, context: int, dtype: torch.dtype):
+    """One decoder layer of ``spec`` with random weights and a KV cache of ``context`` tokens on
+    the CPU; returns (run one decode step, weight bytes)."""
+    from ollm.kv.cache import LayerKVCache
+    from ollm.layers.attention import AttentionMask
+    from ollm.layers.rope import rope_cos_sin
+    from ollm.models.decoder import decoder_block
+
+    h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    qd, kvd = spec.num_heads * d, spec.num_kv_heads * d
+    shapes = {
+        "self_attn.q_proj.weight": (qd, h),
+        "self_attn.k_proj.weight": (kvd, h),
+        "self_attn.v_proj.weight": (kvd, h),
+        "self_attn.o_proj.weight": (h, qd),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.down_proj.weight": (h, i),
+    }
+    w = {n: torch.empty(shape, dtype=dtype).normal_(0, 0.02) for n, shape in shapes.items()}
+    for n, dim in [
+        ("input_layernorm.weight", h),
+        ("post_attention_layernorm.weight", h),
+        ("pre_feedforward_layernorm.weight", h),
+        ("post_feedforward_layernorm.weight", h),
+        ("self_attn.q_norm.weight", d),
+        ("self_attn.k_norm.weight", d),
+    ]:
+        w[n] = torch.ones(dim, dtype=dtype)
+    kv = LayerKVCache(1, spec.num_kv_heads, d, context + 1, dtype, "cpu")
+    kv.k.normal_()
+    kv.v.normal_()
+    x = torch.randn(1, 1, h, dtype=dtype)
+    cos, sin = rope_cos_sin(spec.layers[-1].rope, torch.tensor([[context]]), dtype)
+    mask = AttentionMask(context, 1, context + 1)
+
+    def step() -> None:
+        kv.length = context
+        decoder_block(spec, x, w, kv, cos, sin, mask)
+
+    return step, sum(t.numel() * t.element_size() for n, t in w.items() if n in shapes)
+
+
 def measure_rates(
-    device: str, dtype: torch.dtype = torch.bfloat16, seconds: float = 0.3
+    device: str, dtype: torch.dtype = torch.bfloat16, spec=None, context: int = 4096
 ) -> MachineRates:
-    """Measure PCIe, CPU GEMV (per thread count, alone and shared) and GPU rates (~3-5 s)."""
+    """Measure PCIe, the CPU's decode rate (per thread count, alone and beside copies) and GPU
+    rates (~5 s). With ``spec``, the CPU rate is that of a real decoder layer of the model at
+    ``context`` tokens (GEMVs, attention, norms), which is what hybrid decode runs."""
     dev = torch.device(device)
     h, inter = 4096, 14336  # one MLP matrix of an 8B model: large enough to leave the caches
     w_cpu = torch.randn(inter, h, dtype=torch.float32).to(dtype)
     x_cpu = torch.randn(1, h, dtype=dtype)
-    nbytes = w_cpu.numel() * w_cpu.element_size()
+    if spec is not None:
+        layer_step, layer_bytes = _layer_workload(spec, context, dtype)
+    else:
+        layer_step, layer_bytes = None, w_cpu.numel() * w_cpu.element_size()
+    nbytes = layer_bytes
     host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(host, device=dev)
     copy_stream = torch.cuda.Stream(dev)
@@ -146,7 +195,10 @@ def measure_rates(
     cores = os.cpu_count() or 1
 
     def gemv() -> None:
-        torch.nn.functional.linear(x_cpu, w_cpu)
+        if layer_step is not None:
+            layer_step()
+        else:
+            torch.nn.functional.linear(x_cpu, w_cpu)
 
     def shared_rates() -> tuple[float, float]:
         """CPU GEMV and PCIe rates while both run (they share the host's memory bandwidth):
@@ -201,17 +253,28 @@ def measure_rates(
     )
 
 
-def cached_rates(device: str, cache_dir: Path, dtype: torch.dtype = torch.bfloat16) -> MachineRates:
-    """Rates for this machine from the cache, measured now if missing."""
+def cached_rates(
+    device: str,
+    cache_dir: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    spec=None,
+    context: int = 4096,
+) -> MachineRates:
+    """Rates for this machine (and model shape, when ``spec`` is given) from the cache, measured
+    now if missing."""
     name = torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
     key = f"{platform.node()}-{os.cpu_count()}-{name}-{str(dtype).removeprefix('torch.')}"
+    if spec is not None:
+        bucket = 1 << max(0, context - 1).bit_length()  # contexts within 2x share a measurement
+        key += f"-{spec.hidden_size}x{spec.intermediate_size}x{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}-{bucket}"
+        context = bucket
     path = Path(cache_dir) / "machine" / f"{key}.json"
     if path.is_file():
         try:
             return MachineRates(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError):
             log.warning("ignoring unreadable machine rates cache %s", path)
-    rates = measure_rates(device, dtype)
+    rates = measure_rates(device, dtype, spec, context)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(asdict(rates), indent=1))
