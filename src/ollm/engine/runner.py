@@ -30,6 +30,7 @@ class Runner:
         self, spec: ModelSpec, plan: PlacementPlan, prefetcher: Prefetcher, dtype: torch.dtype
     ) -> None:
         self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
+        self.timeline = None  # set to an ollm.telemetry.timeline.Timeline to record compute spans
 
     def new_kv(self, batch: int, capacity: int) -> list[LayerKVCache]:
         """Fresh per-layer KV caches on each layer's execution device."""
@@ -89,10 +90,22 @@ class Runner:
             cos, sin = tables[key]
             mask, dense = masks[mkey]
             w = pf.get(i)
-            t0 = time.perf_counter() if hybrid_cpu and dev == "cpu" else None
+            on_cpu = dev == "cpu"
+            t0 = time.perf_counter() if (hybrid_cpu and on_cpu) or self.timeline else None
+            ev = None
+            if self.timeline is not None and not on_cpu:
+                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev[0].record()
             h = decoder_block(spec, h, w, kv[i], cos, sin, mask, dense, self.plan.mlp_chunk_tokens)
-            if t0 is not None:
-                cpu_time += time.perf_counter() - t0
+            if ev is not None:
+                ev[1].record()
+                self.timeline.cuda("compute", i, *ev)
+            elif t0 is not None:
+                t1 = time.perf_counter()
+                if hybrid_cpu and on_cpu:
+                    cpu_time += t1 - t0
+                if self.timeline is not None:
+                    self.timeline.host("cpu" if self.plan.device != "cpu" else "compute", i, t0, t1)
             pf.release(i)
         if cpu_time:
             pf.stats.add(cpu_seconds=cpu_time)

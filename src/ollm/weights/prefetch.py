@@ -57,6 +57,7 @@ class Prefetcher:
         self, store: LayerStore, plan: PlacementPlan, stats: IOStats, verify: bool = True
     ) -> None:
         self.store, self.plan, self.stats, self.verify = store, plan, stats, verify
+        self.timeline = None  # an ollm.telemetry.timeline.Timeline records spans when set
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.phase = "prefill"
@@ -186,7 +187,10 @@ class Prefetcher:
                 f = layer_file(layer)
                 t0 = time.perf_counter()
                 nbytes = self.store.read_into(f, dest, self.verify)
-                self.stats.add(bytes_disk=nbytes, read_seconds=time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                self.stats.add(bytes_disk=nbytes, read_seconds=t1 - t0)
+                if self.timeline is not None:
+                    self.timeline.host("read", layer, t0, t1)
                 with self._cond:
                     self._read_done.add(n)
                     self._cond.notify_all()
@@ -229,6 +233,8 @@ class Prefetcher:
             self._slots[slot][:nbytes].copy_(src[:nbytes], non_blocking=True)
             end.record(self._copy_stream)
         self._copy_events.append((start, end))
+        if self.timeline is not None:
+            self.timeline.cuda("copy", layer, start, end)
         self._ready[n] = end
         self.stats.add(bytes_h2d=nbytes)
         if disk:
