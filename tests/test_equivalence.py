@@ -14,7 +14,14 @@ NEW = 32
 
 def hf_greedy(model, prompt, n=NEW):
     ids = torch.tensor([prompt])
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),  # else HF treats token 0 (pad id) as padding
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -39,5 +46,27 @@ def test_greedy_and_logits_match_transformers(family, offload, hf_models, tmp_pa
                 res.metrics.bytes_read_disk
                 >= llm.store.total_nbytes - llm.store.files["globals.bin"].nbytes
             )
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_chunked_prefill_matches_transformers(family, hf_models, tmp_path):
+    """A prompt much longer than the prefill chunk (and than Gemma's sliding window): layers
+    stream once per prompt, chunk c attends to the KV of chunks <= c."""
+    model, path = hf_models(family)
+    prompt = [(7 * i + 3) % 256 for i in range(300)]
+    llm = LLM(
+        path, device="cpu", offload="disk", prefill_chunk=64, cache_dir=tmp_path, progress=False
+    )
+    try:
+        assert llm.plan.prefill_chunk_tokens == 64
+        res = llm.generate(prompt, SamplingParams(max_new_tokens=8, temperature=0))
+        assert res.token_ids == hf_greedy(model, prompt, 8)
+        seq = prompt + res.token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([seq])).logits[0, :-1].float(), -1)
+        ref = ref.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+        torch.testing.assert_close(llm.score(seq), ref, atol=1e-4, rtol=1e-4)
     finally:
         llm.close()

@@ -70,7 +70,8 @@ class LLM:
         self.workload = Workload(cfg.max_batch, cfg.max_context, cfg.max_context)
         elem = torch.finfo(self.dtype).bits // 8
         args = (self.spec, self.store, self.device, gpu_memory, cfg.cpu_memory, cfg.offload)
-        self.plan = plan_placement(*args, self.workload, elem)
+        chunk = {"chunk_tokens": cfg.prefill_chunk}
+        self.plan = plan_placement(*args, self.workload, elem, **chunk)
         self.rates = None
         if self.plan.device != "cpu" and cfg.hybrid != "off" and self.plan.count("cpu"):
             # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
@@ -82,7 +83,7 @@ class LLM:
                 self.device, cache, self.dtype, self.spec, self.workload.context
             )
             self.plan = plan_placement(
-                *args, self.workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers
+                *args, self.workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers, **chunk
             )
             if self.plan.cpu_layers:
                 torch.set_num_threads(self.rates.cpu_threads)

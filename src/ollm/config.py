@@ -29,6 +29,7 @@ class EngineConfig:
     hybrid: str = (
         "auto"  # "auto": a measured cost model picks RAM layers the CPU computes in decode; "off"
     )
+    prefill_chunk: int | None = None  # rows per prefill chunk; None = sized from the budget
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
 
@@ -47,6 +48,8 @@ class EngineConfig:
             set_(self, "dtype", name)
         if self.hybrid not in ("auto", "off"):
             raise OllmError(f"hybrid must be 'auto' or 'off', not {self.hybrid!r}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise OllmError("prefill_chunk must be >= 1")
         if self.cpu_layers is not None and self.cpu_layers < 0:
             raise OllmError("cpu_layers must be >= 0")
         if self.max_context < 1 or self.max_batch < 1:

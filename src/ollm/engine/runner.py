@@ -86,7 +86,8 @@ class Runner:
             mkey = (layer.window, dev)
             if mkey not in masks:
                 m = AttentionMask(q_start, t, kv_len, key_keep, layer.window)
-                masks[mkey] = (m, None if m.is_plain_causal() else m.dense(torch.device(dev)))
+                small = not m.is_plain_causal() and t * kv_len <= 1 << 22
+                masks[mkey] = (m, m.dense(torch.device(dev)) if small else None)
             cos, sin = tables[key]
             mask, dense = masks[mkey]
             w = pf.get(i)
@@ -96,7 +97,13 @@ class Runner:
             if self.timeline is not None and not on_cpu:
                 ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 ev[0].record()
-            h = decoder_block(spec, h, w, kv[i], cos, sin, mask, dense, self.plan.mlp_chunk_tokens)
+            chunk = self.plan.prefill_chunk_tokens
+            if not chunk or t <= chunk:
+                h = decoder_block(
+                    spec, h, w, kv[i], cos, sin, mask, dense, self.plan.mlp_chunk_tokens
+                )
+            else:
+                h = self._chunked_block(i, h, w, kv[i], cos, sin, mask, chunk)
             if ev is not None:
                 ev[1].record()
                 self.timeline.cuda("compute", i, *ev)
@@ -109,6 +116,32 @@ class Runner:
             pf.release(i)
         if cpu_time:
             pf.stats.add(cpu_seconds=cpu_time)
+        return self._head(h, all_logits)
+
+    def _chunked_block(self, i, h, w, kv, cos, sin, mask, chunk):
+        """One layer over the prompt in row chunks: weights arrive once for the whole prompt, the
+        activations of one chunk at a time exist, and chunk c attends to the KV of chunks <= c."""
+        t = h.shape[1]
+        for c0 in range(0, t, chunk):
+            c1 = min(t, c0 + chunk)
+            m = AttentionMask(
+                mask.q_start + c0, c1 - c0, mask.q_start + c1, mask.key_keep, mask.window
+            )
+            h[:, c0:c1] = decoder_block(
+                self.spec,
+                h[:, c0:c1],
+                w,
+                kv,
+                cos[:, c0:c1],
+                sin[:, c0:c1],
+                m,
+                None,
+                self.plan.mlp_chunk_tokens,
+            )
+        return h
+
+    def _head(self, h, all_logits):
+        spec, g = self.spec, self.prefetcher.globals
         if not all_logits:
             h = h[:, -1:]
         h = h.to(self.plan.head_device)

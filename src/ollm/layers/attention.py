@@ -54,6 +54,13 @@ def attend(
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with GQA; q [B, H, T, D], k/v [B, KVH, S, D] -> [B, H, T, D]."""
     gqa = q.shape[1] != k.shape[1]
+    lo = mask.q_start - mask.window + 1 if mask.window is not None else 0
+    if lo > 0 and mask.key_keep is None:
+        # Keys before the first query's window are masked for every query: drop them, so the
+        # work and any mask are [q_len, q_len + window], not [q_len, kv_len].
+        k, v = k[:, :, lo:], v[:, :, lo:]
+        mask = AttentionMask(mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window)
+        dense_mask = None
     if q.device.type == "cpu" and mask.q_len <= 8 and mask.kv_len >= 64:
         # Decode on the CPU: PyTorch's CPU SDPA is ~10x slower than two grouped matmuls here.
         if dense_mask is None and not (mask.is_plain_causal() and mask.q_len == 1):
@@ -65,6 +72,12 @@ def attend(
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa
             )
+        # A prefill chunk after earlier ones: causal aligned to the bottom-right corner, which
+        # the fused kernels take without building the [q_len, kv_len] mask.
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(mask.q_len, mask.kv_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
     if dense_mask is None:
         dense_mask = mask.dense(q.device)
     return F.scaled_dot_product_attention(

@@ -52,6 +52,7 @@ class PlacementPlan:
     budget: int | None
     reserved: dict[str, int] = field(default_factory=dict)
     cpu_max_tokens: int = 0  # forwards of at most this many tokens use decode devices
+    prefill_chunk_tokens: int = 0  # rows per prefill chunk (0 = whole prompt at once)
     predicted: dict[str, float] = field(default_factory=dict)  # cost-model figures, if measured
 
     def phase(self, tokens: int) -> str:
@@ -99,6 +100,7 @@ class PlacementPlan:
             ("ring slots / staging", f"{self.ring_slots} / {self.staging_slots}"),
             ("embeddings / head", f"{self.embed_device} / {self.head_device}"),
             ("mlp chunk", f"{self.mlp_chunk_tokens} tokens"),
+            ("prefill chunk", f"{self.prefill_chunk_tokens or 'whole prompt'} tokens"),
         ]
         if self.cpu_layers:
             rows.append(
@@ -130,16 +132,33 @@ class Workload:
     prefill_tokens: int = 4096
 
 
-def activation_bytes(spec, work: Workload, dtype_bytes: int, mlp_chunk: int) -> int:
-    """Peak activation memory of one forward pass of ``prefill_tokens`` tokens (estimate)."""
-    t = work.batch * work.prefill_tokens
+def activation_bytes(spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int) -> int:
+    """Peak activation memory of a forward of ``prefill_tokens`` tokens in row chunks of
+    ``chunk`` (estimate): the residual stream of the whole prompt plus one chunk's temporaries."""
+    b = work.batch
     h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
     qd = spec.num_heads * spec.head_dim
-    hidden = t * dtype_bytes * (4 * h + 2 * qd + 2 * kvd)
-    mlp = min(t, mlp_chunk) * spec.intermediate_size * dtype_bytes * 3
-    logits = work.batch * spec.vocab_size * 4 * 3
-    mask = work.batch * work.prefill_tokens * work.context  # bool mask when padding or windows
-    return hidden + mlp + logits + mask + 64 * MIB
+    stream = b * work.prefill_tokens * h * dtype_bytes
+    rows = b * min(chunk, work.prefill_tokens)
+    temps = rows * dtype_bytes * (3 * h + 2 * qd + 2 * kvd)
+    mlp = min(rows, mlp_chunk) * spec.intermediate_size * dtype_bytes * 3
+    logits = b * spec.vocab_size * 4 * 3
+    window = max((layer.window or 0) for layer in spec.layers)
+    mask = b * min(chunk, work.prefill_tokens) * (min(chunk, work.prefill_tokens) + window)
+    return stream + temps + mlp + logits + mask + 64 * MIB
+
+
+def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) -> int:
+    """Rows per prefill chunk: the whole prompt when its temporaries take at most 1/8 of the
+    budget, else the largest power of two that does (at least 256)."""
+    h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    qd = spec.num_heads * spec.head_dim
+    per_row = work.batch * dtype_bytes * (3 * h + 2 * qd + 2 * kvd)
+    share = (budget or 1 << 40) // 8
+    if per_row * work.prefill_tokens <= share:
+        return 0
+    rows = max(256, share // per_row)
+    return 1 << (rows.bit_length() - 1)
 
 
 def plan_placement(
@@ -154,6 +173,7 @@ def plan_placement(
     rates=None,
     hybrid: str = "auto",
     cpu_layers: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
     if offload not in OFFLOAD_MODES:
@@ -170,7 +190,10 @@ def plan_placement(
     # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
     mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
     mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
-    act = activation_bytes(spec, work, dtype_bytes, mlp_chunk)
+    chunk = chunk_tokens or prefill_chunk(
+        spec, work, dtype_bytes, gpu_memory if device.startswith("cuda") else cpu_memory
+    )
+    act = activation_bytes(spec, work, dtype_bytes, mlp_chunk, chunk or work.prefill_tokens)
     on_gpu = device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
 
@@ -257,6 +280,7 @@ def plan_placement(
         reserved=reserved,
         cpu_max_tokens=cpu_max_tokens,
         predicted=predicted,
+        prefill_chunk_tokens=chunk,
     )
 
 
