@@ -73,6 +73,10 @@ def probe_disk(files: list[Path], cold: bool) -> float:
     return total / (time.perf_counter() - t)
 
 
+def plan_layers(plan) -> int:
+    return len(plan.layers)
+
+
 def equivalence(tmp: Path) -> list[dict]:
     from conftest import FAMILIES, make_hf_model
     from ollm import LLM, SamplingParams
@@ -89,7 +93,7 @@ def equivalence(tmp: Path) -> list[dict]:
             eos_token_id=None,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
-        for offload in ("cpu", "disk", "hybrid"):
+        for offload in ("cpu", "disk", "hybrid", "kv-ram"):
             probe = LLM(tmp / f"hf-{fam}", device="cpu", cache_dir=tmp / "c", progress=False)
             plan = plan_placement(
                 probe.spec, probe.store, "cuda:0", None, None, "auto", probe.workload, 4
@@ -101,12 +105,17 @@ def equivalence(tmp: Path) -> list[dict]:
                 if k not in ("resident layers", "stream buffers")
             )
             budget = fixed + int(3.5 * plan.layer_bytes)  # one resident layer, the rest streamed
+            if offload == "kv-ram":  # KV of all but one layer in pinned RAM (+ a prefill scratch)
+                kv_layer = plan.reserved["kv cache"] // plan_layers(plan)
+                budget = (
+                    fixed - plan.reserved["kv cache"] + 2 * kv_layer + int(2.5 * plan.layer_bytes)
+                )
             hybrid = offload == "hybrid"
             llm = LLM(
                 tmp / f"hf-{fam}",
                 device="cuda:0",
                 gpu_memory=budget,
-                offload="cpu" if hybrid else offload,
+                offload="cpu" if offload in ("hybrid", "kv-ram") else offload,
                 hybrid="auto" if hybrid else "off",
                 cpu_layers=2 if hybrid else None,
                 cache_dir=tmp / "c",
@@ -124,6 +133,7 @@ def equivalence(tmp: Path) -> list[dict]:
                     "cpu_layers": len(llm.plan.cpu_layers),
                     "cpu_path_s": res.metrics.cpu_path_seconds,
                     "cpu_max_tokens": llm.plan.cpu_max_tokens,
+                    "kv_ram_layers": sum(p.kv_tier == "cpu" for p in llm.plan.layers),
                     "layers": llm.spec.num_layers,
                     "bytes_h2d": res.metrics.bytes_copied_h2d,
                 }
@@ -160,8 +170,8 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
     files = [store / f"layers/layer_{i:04d}.bin" for i in llm.plan.streamed_for("decode")]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.spec.vocab_size, (prompt_len,), generator=g).tolist()
-    # Warm-up at full length, so kernel selection for the long prefill is not timed.
-    llm.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    # Warm-up at full length (up to 8k), so kernel selection for the long prefill is not timed.
+    llm.generate(prompt[:8192], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     if cold:
         drop_file_cache(files)
 
@@ -195,6 +205,9 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
         "decode_tok_s": m.decode_tokens_per_second,
         "decode_s_per_tok": 1 / m.decode_tokens_per_second if m.decode_tokens_per_second else None,
         "peak_gpu_GiB": m.peak_gpu_memory / GiB,
+        "kv_ram_layers": sum(p.kv_tier == "cpu" for p in llm.plan.layers),
+        "prefill_chunk": llm.plan.prefill_chunk_tokens,
+        "rss_GiB": __import__("psutil").Process().memory_info().rss / GiB,
         "io_wait_s": m.io_wait_seconds,
         "prefill_io_s": m.prefill_io_seconds,
         "prefill_io_wait_s": m.prefill_io_wait_seconds,
@@ -265,7 +278,7 @@ def main() -> int:
     print("\n== summary ==")
     for r in report.get("equivalence", []):
         print(
-            f"equiv {r['family']:12s} {r['offload']:6s} match={r['match']} streamed={r['streamed_layers']}/{r['layers']} cpu={r['cpu_layers']}"
+            f"equiv {r['family']:12s} {r['offload']:6s} match={r['match']} streamed={r['streamed_layers']}/{r['layers']} cpu={r['cpu_layers']} kv_ram={r['kv_ram_layers']}"
         )
     for r in report.get("bench", []):
         print(

@@ -345,3 +345,25 @@ def test_metrics(llms, hf_models, tmp_path):
         assert m.bytes_read_disk > 0
         assert 5 * layers <= m.bytes_read_disk <= 6 * layers + 3 * disk.store.max_layer_nbytes
         assert m.read_seconds > 0
+
+
+def test_offloaded_kv_cache_decode_matches_device_cache():
+    """OffloadedKVCache's CPU decode path gives the same attention as the plain cache."""
+    from ollm.kv.cache import LayerKVCache
+    from ollm.kv.offload import KVScratch, OffloadedKVCache
+    from ollm.layers.attention import AttentionMask
+
+    torch.manual_seed(0)
+    scratch = KVScratch(1, 2, 16, 40, torch.float32, "cpu")
+    off = OffloadedKVCache(1, 2, 16, 40, torch.float32, scratch)
+    ref = LayerKVCache(1, 2, 16, 40, torch.float32, "cpu")
+    for step, t in enumerate([5, 1, 1, 3]):
+        q, k, v = torch.randn(1, 8, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+        mask = AttentionMask(ref.length, t, ref.length + t)
+        a = off.attend(q, k, v, mask, 0.25, None)
+        b = ref.attend(q, k, v, mask, 0.25, None)
+        torch.testing.assert_close(a, b, msg=f"step {step}")
+    assert off.length == ref.length == 10
+    off.trim(7)
+    assert off.length == 7
+    off.close()

@@ -31,9 +31,12 @@ def plan(model, device=GPU, gpu=None, cpu=None, offload="auto", work=WORK):
 
 
 def minimum(model, device=GPU) -> int:
-    """The smallest budget the planner accepts: fixed reservations plus two stream buffers."""
+    """The smallest budget the planner accepts: fixed reservations plus two stream buffers; on a
+    GPU the KV of every layer may go to pinned RAM but one layer's (the prefill scratch)."""
     p = plan(model, device)  # no budget: everything resident
-    fixed = sum(v for k, v in p.reserved.items() if k in ("globals", "kv cache", "activations"))
+    fixed = sum(v for k, v in p.reserved.items() if k in ("globals", "activations"))
+    kv = p.reserved["kv cache"]
+    fixed += kv // len(p.layers) if device == GPU else kv
     return fixed + 2 * p.layer_bytes
 
 
@@ -204,3 +207,17 @@ def test_parse_size_malformed(value):
         parse_size(value)
     assert isinstance(exc.value, ValueError)
     assert repr(value) in str(exc.value)
+
+
+def test_kv_goes_to_pinned_ram_when_it_cannot_fit(model):
+    spec, store = model
+    p = plan(model, GPU)
+    kv = p.reserved["kv cache"]
+    kv_layer = kv // spec.num_layers
+    full = minimum(model, GPU) - kv_layer + kv  # minimum with every layer's KV on the GPU
+    roomy = plan(model, GPU, gpu=full)
+    assert all(lp.kv_tier == "device" for lp in roomy.layers)
+    tight = plan(model, GPU, gpu=full - 2 * kv_layer)
+    off = [i for i, lp in enumerate(tight.layers) if lp.kv_tier == "cpu"]
+    assert off and off == list(range(spec.num_layers - len(off), spec.num_layers))
+    assert tight.peak_device_bytes <= full - 2 * kv_layer

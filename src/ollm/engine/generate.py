@@ -76,26 +76,32 @@ class Generator:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         kv = self.runner.new_kv(b, capacity)
-        logits = self.runner.forward(ids, positions, kv, key_keep)
-        tokens = sampler.sample(logits).cpu()
-        t_first = time.perf_counter()
-        metrics.prefill_seconds = metrics.time_to_first_token = t_first - t0
-        self.runner.prefetcher.collect_timings()
-        mid = self.stats.snapshot()
-        metrics.prefill_io_wait_seconds = mid["wait_seconds"] - before["wait_seconds"]
-        metrics.prefill_io_seconds = (mid["read_seconds"] - before["read_seconds"]) + (
-            mid["copy_seconds"] - before["copy_seconds"]
-        )
-        t_first = time.perf_counter()
-        step = 0
-        while True:
-            active = self._accept(tokens, outs, stops, params, detoks, matchers, on_text, on_token)
-            step += 1
-            if not active:
-                break
-            logits = self.runner.forward(tokens[:, None], next_pos.clone(), kv, key_keep)
-            next_pos += 1
+        try:
+            logits = self.runner.forward(ids, positions, kv, key_keep)
             tokens = sampler.sample(logits).cpu()
+            t_first = time.perf_counter()
+            metrics.prefill_seconds = metrics.time_to_first_token = t_first - t0
+            self.runner.prefetcher.collect_timings()
+            mid = self.stats.snapshot()
+            metrics.prefill_io_wait_seconds = mid["wait_seconds"] - before["wait_seconds"]
+            metrics.prefill_io_seconds = (mid["read_seconds"] - before["read_seconds"]) + (
+                mid["copy_seconds"] - before["copy_seconds"]
+            )
+            t_first = time.perf_counter()
+            step = 0
+            while True:
+                active = self._accept(
+                    tokens, outs, stops, params, detoks, matchers, on_text, on_token
+                )
+                step += 1
+                if not active:
+                    break
+                logits = self.runner.forward(tokens[:, None], next_pos.clone(), kv, key_keep)
+                next_pos += 1
+                tokens = sampler.sample(logits).cpu()
+        finally:
+            for cache in kv:
+                cache.close()
         t_end = time.perf_counter()
         metrics.decode_seconds = t_end - t_first
         self._finish(outs, detoks, matchers, on_text)
@@ -163,7 +169,11 @@ class Generator:
         ids = torch.tensor([token_ids], dtype=torch.long)
         pos = torch.arange(len(token_ids))[None]
         kv = self.runner.new_kv(1, len(token_ids))
-        logits = self.runner.forward(ids, pos, kv, None, all_logits=True)[0, :-1]
+        try:
+            logits = self.runner.forward(ids, pos, kv, None, all_logits=True)[0, :-1]
+        finally:
+            for cache in kv:
+                cache.close()
         logp = torch.log_softmax(logits.float(), dim=-1)
         target = ids[0, 1:].to(logp.device)
         return logp.gather(-1, target[:, None])[:, 0].cpu()

@@ -32,13 +32,32 @@ class Runner:
         self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
         self.timeline = None  # set to an ollm.telemetry.timeline.Timeline to record compute spans
 
-    def new_kv(self, batch: int, capacity: int) -> list[LayerKVCache]:
-        """Fresh per-layer KV caches on each layer's execution device."""
+    def new_kv(self, batch: int, capacity: int) -> list:
+        """Fresh per-layer KV caches: on each layer's KV device, or in pinned RAM for layers the
+        plan offloads (sharing one GPU scratch buffer for prefill)."""
         s = self.spec
-        return [
-            LayerKVCache(batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device)
-            for p in self.plan.layers
-        ]
+        scratch = None
+        caches: list = []
+        for p in self.plan.layers:
+            if p.kv_tier == "cpu":
+                from ollm.kv.offload import KVScratch, OffloadedKVCache
+
+                if scratch is None:
+                    scratch = KVScratch(
+                        batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.exec_device
+                    )
+                caches.append(
+                    OffloadedKVCache(
+                        batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, scratch
+                    )
+                )
+            else:
+                caches.append(
+                    LayerKVCache(
+                        batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device
+                    )
+                )
+        return caches
 
     @torch.inference_mode()
     def forward(

@@ -44,6 +44,20 @@ class LayerKVCache:
             return self.k[:, :, :end].to(k.device), self.v[:, :, :end].to(k.device)
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def attend(self, q, k, v, mask, scale, dense_mask):
+        """Append this step's keys/values, then attend ``q`` over everything cached."""
+        from ollm.layers.attention import attend
+
+        k_all, v_all = self.append(k, v)
+        return attend(q, k_all, v_all, mask, scale, dense_mask)
+
+    def flush(self) -> bool:
+        """Nothing is buffered elsewhere (see OffloadedKVCache)."""
+        return False
+
+    def close(self) -> None:
+        """Device memory is freed with the tensors."""
+
     def trim(self, length: int) -> None:
         """Forget slots from ``length`` on (e.g. rejected draft tokens)."""
         self.length = min(self.length, max(0, length))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ollm.kv.cache import LayerKVCache
-from ollm.layers.attention import AttentionMask, attend
+from ollm.layers.attention import AttentionMask
 from ollm.layers.mlp import gated_mlp
 from ollm.layers.norms import rms_norm
 from ollm.layers.rope import apply_rope
@@ -45,8 +45,7 @@ def self_attention(
         k = _norm(spec, k, w["self_attn.k_norm.weight"])
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    k_all, v_all = kv.append(k, v)
-    out = attend(q, k_all, v_all, mask, spec.scale, dense_mask)
+    out = kv.attend(q, k, v, mask, spec.scale, dense_mask)
     out = out.transpose(1, 2).reshape(b, t, -1)
     return F.linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
 

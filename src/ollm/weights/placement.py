@@ -27,6 +27,7 @@ class LayerPlacement:
     tier: str
     exec_device: str
     decode_device: str | None = None
+    kv_tier: str = "device"  # "device": KV on kv_device; "cpu": pinned RAM (OffloadedKVCache)
 
     def device_for(self, phase: str) -> str:
         return self.decode_device if phase == "decode" and self.decode_device else self.exec_device
@@ -100,6 +101,7 @@ class PlacementPlan:
             ("ring slots / staging", f"{self.ring_slots} / {self.staging_slots}"),
             ("embeddings / head", f"{self.embed_device} / {self.head_device}"),
             ("mlp chunk", f"{self.mlp_chunk_tokens} tokens"),
+            ("KV in pinned RAM", f"{sum(p.kv_tier == 'cpu' for p in self.layers)} layers"),
             ("prefill chunk", f"{self.prefill_chunk_tokens or 'whole prompt'} tokens"),
         ]
         if self.cpu_layers:
@@ -203,8 +205,16 @@ def plan_placement(
     fixed = {"globals": head_resident + norm, "kv cache": kv, "activations": act}
     if not on_gpu:
         fixed["globals"] = embed + head + norm
-    fixed_total = sum(fixed.values())
     slots = 2 if n > 1 else 1
+    kv_off = 0
+    if on_gpu and budget is not None:
+        # KV that cannot sit beside the minimum weights goes to pinned RAM, layer by layer; one
+        # layer's prompt KV stays as a prefill scratch buffer on the GPU.
+        kv_layer = kv // n
+        while kv_off < n and sum(fixed.values()) + slots * layer > budget:
+            kv_off += 1
+            fixed["kv cache"] = kv_layer * (n - kv_off) + kv_layer
+    fixed_total = sum(fixed.values())
     minimum = fixed_total + slots * layer
     if budget is None:
         n_res = n
@@ -257,6 +267,12 @@ def plan_placement(
     staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
     if not streamed:
         ring = 0
+    if kv_off:
+        from dataclasses import replace as _replace
+
+        layers = [
+            _replace(p, kv_tier="cpu") if i >= n - kv_off else p for i, p in enumerate(layers)
+        ]
     cpu_max_tokens, predicted = 0, {}
     if on_gpu and rates is not None:
         layers, cpu_max_tokens, predicted = _hybrid(
