@@ -70,3 +70,26 @@ def test_chunked_prefill_matches_transformers(family, hf_models, tmp_path):
         torch.testing.assert_close(llm.score(seq), ref, atol=1e-4, rtol=1e-4)
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_kv_in_pinned_ram_matches_transformers(family, hf_models, tmp_path):
+    """Layers whose KV the plan sends to RAM (OffloadedKVCache; the planner does so on a GPU
+    under a tight budget): forced here on the CPU device, with chunked prefill through the
+    shared scratch and decode attending where the KV lives."""
+    from dataclasses import replace
+
+    model, path = hf_models(family)
+    prompt = [(7 * i + 3) % 256 for i in range(150)]
+    llm = LLM(path, device="cpu", prefill_chunk=64, cache_dir=tmp_path, progress=False)
+    try:
+        n = len(llm.plan.layers)
+        layers = tuple(
+            replace(p, kv_tier="cpu") if i >= 1 else p for i, p in enumerate(llm.plan.layers)
+        )
+        llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
+        assert sum(p.kv_tier == "cpu" for p in llm.plan.layers) == n - 1
+        res = llm.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0))
+        assert res.token_ids == hf_greedy(model, prompt, 12)
+    finally:
+        llm.close()

@@ -347,23 +347,28 @@ def test_metrics(llms, hf_models, tmp_path):
         assert m.read_seconds > 0
 
 
-def test_offloaded_kv_cache_decode_matches_device_cache():
-    """OffloadedKVCache's CPU decode path gives the same attention as the plain cache."""
+def test_offloaded_kv_cache_matches_device_cache():
+    """Three layers' OffloadedKVCaches sharing one scratch (prefill chunks through the scratch,
+    decode where the KV lives) attend exactly like plain caches."""
     from ollm.kv.cache import LayerKVCache
     from ollm.kv.offload import KVScratch, OffloadedKVCache
     from ollm.layers.attention import AttentionMask
 
     torch.manual_seed(0)
-    scratch = KVScratch(1, 2, 16, 40, torch.float32, "cpu")
-    off = OffloadedKVCache(1, 2, 16, 40, torch.float32, scratch)
-    ref = LayerKVCache(1, 2, 16, 40, torch.float32, "cpu")
-    for step, t in enumerate([5, 1, 1, 3]):
-        q, k, v = torch.randn(1, 8, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
-        mask = AttentionMask(ref.length, t, ref.length + t)
-        a = off.attend(q, k, v, mask, 0.25, None)
-        b = ref.attend(q, k, v, mask, 0.25, None)
-        torch.testing.assert_close(a, b, msg=f"step {step}")
-    assert off.length == ref.length == 10
-    off.trim(7)
-    assert off.length == 7
-    off.close()
+    scratch = KVScratch(2, 2, 16, 60, torch.float32, "cpu")
+    off = [
+        OffloadedKVCache(2, 2, 16, 60, torch.float32, scratch, decode_tokens=2) for _ in range(3)
+    ]
+    ref = [LayerKVCache(2, 2, 16, 60, torch.float32, "cpu") for _ in range(3)]
+    for step, t in enumerate([20, 7, 1, 1, 5, 1]):  # prefill chunks, decode, a later chunk
+        for layer in range(3):
+            q, k, v = torch.randn(2, 8, t, 16), torch.randn(2, 2, t, 16), torch.randn(2, 2, t, 16)
+            start = ref[layer].length
+            mask = AttentionMask(start, t, start + t)
+            a = off[layer].attend(q, k, v, mask, 0.25, None)
+            b = ref[layer].attend(q, k, v, mask, 0.25, None)
+            torch.testing.assert_close(a, b, msg=f"step {step} layer {layer}")
+    for o, r in zip(off, ref, strict=True):
+        o.flush()
+        torch.testing.assert_close(o.k[:, :, : r.length], r.k[:, :, : r.length])
+        o.close()

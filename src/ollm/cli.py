@@ -1,4 +1,4 @@
-"""Command line: ``ollm run``, ``ollm convert`` and ``ollm info``.
+"""Command line: ``ollm run``, ``ollm convert``, ``ollm info`` and ``ollm bench``.
 
 Importing this module stays light (typer, rich and ``ollm.errors`` only): torch, transformers
 and the engine load inside the command functions. Generated text and tables go to stdout;
@@ -360,6 +360,90 @@ def info(
         for label, value in dict(plan).items():  # type: ignore[call-overload]
             table.add_row(f"plan: {label}", str(value))
         _stdout().print(table)
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="HF directory, .gguf file or layer store (default: Gemma 3 270M)."
+        ),
+    ] = None,
+    synthetic: Annotated[
+        str | None,
+        typer.Option(
+            "--synthetic",
+            help="Random weights with a real architecture's shapes: llama3-1b, llama3-8b, "
+            "qwen3-8b or gemma3-12b (cached under the cache dir).",
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
+    offload: OffloadOpt = None,
+    hybrid: Annotated[
+        str | None,
+        typer.Option("--hybrid", help="auto: the CPU may compute RAM layers in decode; off."),
+    ] = None,
+    context: Annotated[
+        str,
+        typer.Option(
+            "--context", help="Prompt lengths, comma-separated; k = 1024 (8k,32k; 1.5k = 1536)."
+        ),
+    ] = "8k",
+    new_tokens: Annotated[
+        int, typer.Option("--new-tokens", "-n", help="Tokens to generate per case.")
+    ] = 64,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Draw a per-layer timeline of reads, copies and compute (PNG; one per context, "
+            "suffixed -8k etc. when several). Needs matplotlib.",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the JSON report to FILE.")
+    ] = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Time prefill and decode per context next to this machine's floors (bandwidth measured now)."""
+    with _errors():
+        if model is not None and synthetic is not None:
+            raise CliError("give either --model or --synthetic, not both")
+        from ollm.bench.run import parse_contexts, run_bench
+
+        contexts = parse_contexts(context)
+        options = dict(
+            device=device,
+            gpu_memory=gpu_memory,
+            cpu_memory=cpu_memory,
+            offload=offload,
+            hybrid=hybrid,
+            cache_dir=cache_dir,
+        )
+        report = run_bench(
+            model=model,
+            synthetic=synthetic,
+            contexts=contexts,
+            new_tokens=new_tokens,
+            llm_kwargs={k: v for k, v in options.items() if v is not None},
+            plot=plot,
+            progress=_progress(),
+        )
+        text = json.dumps(report, ensure_ascii=False)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text + "\n")
+        if json_out:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            return
+        from ollm.bench.report import render
+
+        render(report, _stdout())
 
 
 def main() -> None:

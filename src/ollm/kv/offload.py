@@ -31,9 +31,9 @@ class KVScratch:
         if self.owner is not cache or self.valid < start:
             if self.owner is not None and self.owner is not cache:
                 self.owner.flush()
-            if start:
-                self.k[:, :, :start].copy_(cache.k[:, :, :start], non_blocking=True)
-                self.v[:, :, :start].copy_(cache.v[:, :, :start], non_blocking=True)
+            if start:  # strided slices: blocking copies (non_blocking is unsafe for them)
+                self.k[:, :, :start].copy_(cache.k[:, :, :start])
+                self.v[:, :, :start].copy_(cache.v[:, :, :start])
             self.owner, self.valid = cache, start
             cache.dirty_from = start
 
@@ -74,12 +74,13 @@ class OffloadedKVCache:
         start, end = self.length, self.length + t
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
-        if q.device.type == "cpu" or t <= self.decode_tokens:
-            if self.flush() and torch.cuda.is_available():
-                torch.cuda.current_stream(self.scratch.k.device).synchronize()  # copies landed
+        if t <= self.decode_tokens:
+            self.flush()
             self.k[:, :, start:end] = k.to("cpu")
             self.v[:, :, start:end] = v.to("cpu")
-            self.length = end
+            self.length = self.dirty_from = end  # RAM is ahead of the scratch now
+            if self.scratch.owner is self:
+                self.scratch.valid = min(self.scratch.valid, start)
             dense = None if dense_mask is None else dense_mask.to("cpu")
             out = attend(q.to("cpu"), self.k[:, :, :end], self.v[:, :, :end], mask, scale, dense)
             return out.to(q.device)
@@ -91,13 +92,14 @@ class OffloadedKVCache:
         return attend(q, s.k[:, :, :end], s.v[:, :, :end], mask, scale, dense_mask)
 
     def flush(self) -> bool:
-        """Queue the copy of slots written in the scratch since the last flush out to RAM (on
-        the compute stream, so the scratch's next user writes after it); True if any."""
+        """Copy the slots written in the scratch since the last flush out to RAM; True if any.
+        Blocking: the slices are strided ([B, heads] outer), and an asynchronous copy into a
+        strided host tensor would be finished by the CPU before the device has written it."""
         s = self.scratch
         if s.owner is self and self.dirty_from < self.length:
             a, b = self.dirty_from, self.length
-            self.k[:, :, a:b].copy_(s.k[:, :, a:b], non_blocking=True)
-            self.v[:, :, a:b].copy_(s.v[:, :, a:b], non_blocking=True)
+            self.k[:, :, a:b].copy_(s.k[:, :, a:b])
+            self.v[:, :, a:b].copy_(s.v[:, :, a:b])
             self.dirty_from = b
             return True
         return False

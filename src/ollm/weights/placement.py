@@ -147,7 +147,10 @@ def activation_bytes(spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chu
     logits = b * spec.vocab_size * 4 * 3
     window = max((layer.window or 0) for layer in spec.layers)
     mask = b * min(chunk, work.prefill_tokens) * (min(chunk, work.prefill_tokens) + window)
-    return stream + temps + mlp + logits + mask + 64 * MIB
+    # Chunks after the first attend with a bottom-right causal mask, whose fused kernel takes no
+    # grouped KV heads: PyTorch repeats K and V to every query head for the whole context.
+    repeat = 2 * b * work.context * qd * dtype_bytes if chunk < work.prefill_tokens else 0
+    return stream + temps + mlp + logits + mask + repeat + 64 * MIB
 
 
 def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) -> int:

@@ -1,0 +1,185 @@
+"""Benchmark models: cached random-weight layer stores of real architectures (``--synthetic``) and
+the same shapes as an HF checkpoint for the peers (transformers, upstream oLLM, AirLLM)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ollm.errors import OllmError
+
+__all__ = ["synthetic_store", "synthetic_nbytes", "write_hf_checkpoint", "write_tokenizer"]
+
+# HF causal-LM class of each preset family (config.json "architectures", read by the peers).
+_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def synthetic_nbytes(name: str, **overrides: object) -> int:
+    """Bytes of bf16 weights of preset ``name`` (every layer, embeddings and untied head)."""
+    from ollm.models.registry import build_spec
+    from ollm.weights.synthetic import preset_config
+
+    spec = build_spec(preset_config(name, **overrides))
+    tables = 1 if spec.tie_word_embeddings else 2
+    params = (
+        spec.layer_param_count() * spec.num_layers + tables * spec.vocab_size * spec.hidden_size
+    )
+    return 2 * params
+
+
+def _check_space(where: Path, need: int, what: str) -> None:
+    from ollm.sizes import format_size
+
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OllmError(
+            f"not enough free disk space in {where} for {what}: about {format_size(need)} is "
+            f"needed, {format_size(free)} is free"
+        )
+
+
+def synthetic_store(
+    name: str, cache_dir: str | Path | None = None, progress: bool = True, **overrides: object
+) -> Path:
+    """The layer store of synthetic preset ``name`` under ``<cache>/synthetic/<name>``, written
+    now (with a progress bar) when missing, after checking the disk has room for it."""
+    from ollm.weights.convert import default_cache_dir
+    from ollm.weights.store import is_store
+    from ollm.weights.synthetic import PRESETS, make_synthetic_store
+
+    if name not in PRESETS:
+        raise OllmError(f"unknown synthetic model {name!r}; available: {', '.join(PRESETS)}")
+    dst = Path(cache_dir or default_cache_dir()) / "synthetic" / name
+    if is_store(dst):
+        return dst
+    _check_space(dst.parent, int(synthetic_nbytes(name, **overrides) * 1.02) + (64 << 20), name)
+    return make_synthetic_store(name, dst, progress=progress, **overrides)
+
+
+def write_tokenizer(path: str | Path, vocab_size: int = 256) -> None:
+    """A small word-level tokenizer (``tokenizer.json`` + config) loadable by any transformers
+    version: the peers need one to load a model, while benchmarks feed random token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = Path(path)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = specials + [f"w{i}" for i in range(max(0, min(vocab_size, 256) - len(specials)))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "model_max_length": 1 << 20,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    special = {k: v for k, v in config.items() if k.endswith("_token")}
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+
+
+def _legacy_config_keys(cfg: dict) -> dict:
+    """Keys older transformers (4.x, used by upstream oLLM) read instead of ``rope_parameters``."""
+    extra: dict[str, object] = {"torch_dtype": "bfloat16"}
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp:  # Gemma 3: one table per layer type
+        full, local = rp["full_attention"], rp.get("sliding_attention", {})
+        extra["rope_theta"] = full.get("rope_theta")
+        extra["rope_local_base_freq"] = local.get("rope_theta")
+        if full.get("rope_type", "default") != "default":
+            extra["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    elif rp:
+        extra["rope_theta"] = rp.get("rope_theta")
+        if rp.get("rope_type", "default") != "default":
+            extra["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return {k: v for k, v in extra.items() if k not in cfg}
+
+
+def _modules(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Tensor names grouped by module in checkpoint order: embeddings, each layer, norm, head."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        if n.startswith("model.layers."):
+            key = ".".join(n.split(".")[:3]) + "."
+        else:
+            key = n.rsplit(".", 1)[0] + "."
+        groups.setdefault(key, []).append(n)
+
+    def order(key: str) -> tuple[int, int]:
+        if key.startswith("model.embed_tokens"):
+            return (0, 0)
+        if key.startswith("model.layers."):
+            return (1, int(key.split(".")[2]))
+        return (2, 0 if key.startswith("model.norm") else 1)
+
+    return sorted(groups.items(), key=lambda kv: order(kv[0]))
+
+
+def write_hf_checkpoint(
+    preset: str,
+    path: str | Path,
+    seed: int = 0,
+    progress: bool = False,
+    **overrides: object,
+) -> Path:
+    """Write random bf16 weights with the shapes of synthetic preset ``preset`` as an HF
+    checkpoint at ``path``: ``config.json`` (with ``architectures`` and legacy rope keys for
+    transformers 4.x), a small tokenizer, and one safetensors shard per module (embeddings, each
+    decoder layer, final norm, head) named ``model-0000k-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``; one module per shard lets AirLLM link its per-layer split
+    to the shards instead of copying them. Config fields may be overridden (tiny test models).
+    Written into ``<path>.tmp`` and renamed, so an interrupted write leaves no checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    from ollm.weights.synthetic import SyntheticSource
+
+    path = Path(path)
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    src = SyntheticSource(preset, seed=seed, **overrides)
+    _check_space(path.parent, int(synthetic_nbytes(preset, **overrides) * 1.01), str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        cfg = src.hf_config()
+        cfg.architectures = [_ARCHS.get(cfg.model_type, "LlamaForCausalLM")]
+        cfg.save_pretrained(str(tmp))
+        raw = json.loads((tmp / "config.json").read_text())
+        raw.update(_legacy_config_keys(raw))
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        write_tokenizer(tmp)
+        modules = _modules(src.names())
+        weight_map: dict[str, str] = {}
+        total = 0
+        items = modules
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(modules, desc=f"writing {preset} checkpoint", unit="shard")
+        for k, (_, names) in enumerate(items, start=1):
+            fname = f"model-{k:05d}-of-{len(modules):05d}.safetensors"
+            tensors = {n: src.get(n).contiguous() for n in names}
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        src.close()
+    return path
