@@ -432,6 +432,7 @@ def bench(
             llm_kwargs={k: v for k, v in options.items() if v is not None},
             plot=plot,
             progress=_progress(),
+            on_case=_bench_progress,
         )
         text = json.dumps(report, ensure_ascii=False)
         if output is not None:
@@ -441,9 +442,25 @@ def bench(
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
             return
+        from rich.console import Console
+
         from ollm.bench.report import render
 
-        render(report, _stdout())
+        width = None if sys.stdout.isatty() else 140  # pipes and logs: do not wrap at 80
+        render(report, Console(file=sys.stdout, highlight=False, width=width))
+
+
+def _bench_progress(case: dict[str, Any]) -> None:
+    """One line per finished case on stderr, so a long benchmark shows where it is."""
+    if case.get("status") == "ok":
+        line = (
+            f"bench {case['label']}: prefill {case['prefill_s']:.2f} s, "
+            f"decode {case['decode_tok_s']:.2f} tok/s"
+        )
+    else:
+        line = f"bench {case['label']}: error: {case.get('error')}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def main() -> None:

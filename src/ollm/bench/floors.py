@@ -13,6 +13,8 @@ engine overlaps them):
 * ``memory_s``: weights read once per step from the memory of the device computing them
   (device-memory copy traffic rate on a GPU, RAM on the CPU).
 * ``cpu_path_s`` (hybrid decode only): the layers the CPU computes, read at the RAM rate.
+* ``kv_s`` (KV cache in pinned RAM only): in decode, the CPU reads those layers' KV at the RAM
+  rate; in prefill, the prompt's KV of those layers crosses PCIe (at the pinned rate) to RAM.
 
 Decode floors are per token (one step at the full context); prefill floors are for the prompt.
 """
@@ -67,6 +69,12 @@ def _attention_flops(spec, queries: int, context: int, causal: bool) -> float:
     return flops
 
 
+def _kv_bytes(spec, store, layers: list[int], tokens: int) -> int:
+    """KV bytes of ``tokens`` positions in ``layers`` (clipped to each layer's window)."""
+    per_token = 2 * spec.num_kv_heads * spec.head_dim * store.dtype.itemsize
+    return sum(per_token * min(tokens, spec.layers[i].window or tokens) for i in layers)
+
+
 def _head_bytes(store) -> int:
     g = store.files["globals.bin"].tensors
     return (g["lm_head.weight"] if "lm_head.weight" in g else g["embed_tokens.weight"]).nbytes
@@ -102,6 +110,8 @@ def compute_floors(
     head_params = spec.vocab_size * spec.hidden_size
     head_bytes = _head_bytes(store)
     cpu_layers = list(plan.cpu_layers)
+    kv_ram = [i for i, p in enumerate(plan.layers) if getattr(p, "kv_tier", "device") == "cpu"]
+    h2d = _rate(probes, "h2d_pinned_GBps")
 
     def compute(tokens: int, context: int, causal: bool) -> float | None:
         if not flops_rate:
@@ -119,13 +129,15 @@ def compute_floors(
     streamed_prefill = plan.streamed_for("prefill")
     streamed_decode = plan.streamed_for("decode")
     context = prompt_tokens  # the decode floor is per token at the prompt's depth
-    prefill = _phase(
-        {
-            "io_s": _io_seconds(plan, store, streamed_prefill, probes, cold=False),
-            "compute_s": compute(prompt_tokens, prompt_tokens, causal=True),
-            "memory_s": memory([]),
-        }
-    )
+    prefill_terms = {
+        "io_s": _io_seconds(plan, store, streamed_prefill, probes, cold=False),
+        "compute_s": compute(prompt_tokens, prompt_tokens, causal=True),
+        "memory_s": memory([]),
+    }
+    if kv_ram:
+        kv = _kv_bytes(spec, store, kv_ram, prompt_tokens)
+        prefill_terms["kv_s"] = kv / h2d if h2d else None
+    prefill = _phase(prefill_terms)
     prefill["io_cold_s"] = _io_seconds(plan, store, streamed_prefill, probes, cold=True)
     decode_terms = {
         "io_s": _io_seconds(plan, store, streamed_decode, probes, cold=False),
@@ -135,11 +147,15 @@ def compute_floors(
     if cpu_layers:
         cpu_bytes = sum(store.layer_nbytes(i) for i in cpu_layers)
         decode_terms["cpu_path_s"] = cpu_bytes / ram_rate if ram_rate else None
+    if kv_ram:
+        kv = _kv_bytes(spec, store, kv_ram, context + 1)
+        decode_terms["kv_s"] = kv / ram_rate if ram_rate else None
     decode = _phase(decode_terms)
     decode["io_cold_s"] = _io_seconds(plan, store, streamed_decode, probes, cold=True)
     return {
         "prefill": prefill,
         "decode": decode,
+        "kv_ram_layers": len(kv_ram),
         "streamed_layers_prefill": len(streamed_prefill),
         "streamed_layers_decode": len(streamed_decode),
         "streamed_bytes_prefill": sum(store.layer_nbytes(i) for i in streamed_prefill),

@@ -54,16 +54,28 @@ class Rss:
             return {}
 
 
-def _versions() -> dict[str, str]:
+def _versions(peer: str) -> dict[str, str]:
     from importlib import metadata
 
+    names = ["torch", "transformers", "accelerate", "huggingface_hub"]
+    names += {"ollm-upstream": ["ollm"], "airllm": ["airllm"]}.get(peer, [])
     out = {}
-    for name in ("torch", "transformers", "accelerate", "ollm", "airllm", "huggingface_hub"):
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                total += os.stat(p).st_blocks * 512
+    return total
 
 
 def load_accelerate(args: argparse.Namespace, disk: bool):
@@ -124,12 +136,12 @@ def load_airllm(args: argparse.Namespace, max_len: int):
     return model, {"prefetching": getattr(model, "prefetching", None)}
 
 
-def run_context(model, args, ctx: int, info: dict, rss: Rss) -> None:
+def run_context(model, args, ctx: int, info: dict, rss: Rss, deadline: float) -> None:
+    """Generate on a random prompt of ``ctx`` tokens, stopping at ``deadline`` (epoch s)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
-    deadline = args.deadline
     stamps: list[float] = []
 
     class Stamps(BaseStreamer):
@@ -149,7 +161,8 @@ def run_context(model, args, ctx: int, info: dict, rss: Rss) -> None:
 
     class Deadline(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            stop = time.time() > deadline
+            now = time.time()  # at least 2 decode steps within this context's share
+            stop = (now > deadline and len(stamps) >= 3) or now > args.deadline
             return torch.full(
                 (input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device
             )
@@ -197,6 +210,7 @@ def run_context(model, args, ctx: int, info: dict, rss: Rss) -> None:
     }
     for k in io1:
         case[f"{k}_delta"] = io1[k] - io0.get(k, 0)
+    case["scratch_bytes"] = _du(args.workdir)  # offload folder, KV files
     emit(event="case", **case)
 
 
@@ -243,19 +257,21 @@ def main() -> int:
             load_s=time.perf_counter() - t,
             load_peak_gpu_bytes=load_peak,
             info=public,
-            versions=_versions(),
+            versions=_versions(args.peer),
         )
     except Exception as exc:  # report why the peer cannot run, then stop
         emit(event="error", stage=stage, message=f"{type(exc).__name__}: {exc}".strip())
         traceback.print_exc()
         return 1
     failed = 0
-    for ctx in contexts:
-        if time.time() > args.deadline:
+    for k, ctx in enumerate(contexts):
+        now = time.time()
+        if now > args.deadline:
             emit(event="error", stage=f"context {ctx}", message="time limit reached before start")
             continue
+        share = now + (args.deadline - now) / (len(contexts) - k)  # each context its share
         try:
-            run_context(model, args, ctx, info, rss)
+            run_context(model, args, ctx, info, rss, share)
         except Exception as exc:
             failed += 1
             emit(event="error", stage=f"context {ctx}", message=f"{type(exc).__name__}: {exc}")

@@ -55,6 +55,10 @@ def case_rows(case: dict[str, object]) -> list[tuple[str, str]]:
     layers = f"{plan.get('gpu_layers')} GPU / {plan.get('ram_layers')} RAM / {plan.get('disk_layers')} disk"  # type: ignore[union-attr]
     if plan.get("cpu_layers"):  # type: ignore[union-attr]
         layers += f" ({plan['cpu_layers']} CPU-computed)"  # type: ignore[index]
+    if plan.get("kv_ram_layers"):  # type: ignore[union-attr]
+        layers += f"; KV of {plan['kv_ram_layers']} in RAM"  # type: ignore[index]
+    if plan.get("prefill_chunk_tokens"):  # type: ignore[union-attr]
+        layers += f"; prefill chunks of {plan['prefill_chunk_tokens']}"  # type: ignore[index]
     g = case.get
     steps = g("decode_step_median_s")
     return [

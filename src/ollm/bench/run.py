@@ -208,6 +208,8 @@ def _plan_summary(llm) -> dict[str, object]:
         "disk_layers": plan.count("disk"),
         "cpu_layers": len(plan.cpu_layers),
         "streamed_decode": len(plan.streamed_for("decode")),
+        "kv_ram_layers": sum(getattr(p, "kv_tier", "device") == "cpu" for p in plan.layers),
+        "prefill_chunk_tokens": getattr(plan, "prefill_chunk_tokens", 0),
         "reserved_bytes": plan.peak_device_bytes,
     }
 
