@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import conftest
 from conftest import make_hf_model
 from ollm import Inference
-from ollm.compat import TextStreamer, _cpu_budget, file_get_contents
+from ollm.compat import DiskCache, TextStreamer, _cpu_budget, file_get_contents
 from ollm.engine.sampling import SamplingParams
 from ollm.errors import DeviceError, ModelNotFoundError
 from ollm.weights.placement import plan_placement
@@ -56,14 +55,13 @@ class Recorder(TextStreamer):
         super().end()
 
 
-def test_readme_flow(o, caplog):
+def test_readme_flow(o, tmp_path):
     assert o.device == torch.device("cpu")
     assert o.llm.plan.count("disk") == LAYERS  # upstream streams every layer by default
     o.offload_layers_to_cpu(layers_num=2)
     assert o.llm.plan.count("cpu") == 2 and o.llm.plan.count("disk") == LAYERS - 2
-    with caplog.at_level(logging.WARNING, logger="ollm.compat"):
-        past_key_values = o.DiskCache(cache_dir="./kv_cache/")
-    assert past_key_values is None and "not implemented" in caplog.text
+    past_key_values = o.DiskCache(cache_dir=tmp_path / "kv_cache")
+    assert isinstance(past_key_values, DiskCache)
     streamer = Recorder(o.tokenizer, skip_prompt=True, skip_special_tokens=False)
     messages = [
         {"role": "system", "content": "You are helpful AI assistant"},
@@ -76,6 +74,7 @@ def test_readme_flow(o, caplog):
         input_ids=input_ids, past_key_values=past_key_values, max_new_tokens=7, streamer=streamer
     ).cpu()
     t = input_ids.shape[-1]
+    assert (tmp_path / "kv_cache").is_dir() and not list((tmp_path / "kv_cache").iterdir())
     assert outputs.shape == (1, t + 7) and outputs.dtype == torch.long
     assert torch.equal(outputs[0, :t], input_ids[0])
     new = outputs[0][t:].tolist()

@@ -70,7 +70,7 @@ class LLM:
         self.workload = Workload(cfg.max_batch, cfg.max_context, cfg.max_context)
         elem = torch.finfo(self.dtype).bits // 8
         args = (self.spec, self.store, self.device, gpu_memory, cfg.cpu_memory, cfg.offload)
-        chunk = {"chunk_tokens": cfg.prefill_chunk}
+        chunk = {"chunk_tokens": cfg.prefill_chunk, "kv_cache": cfg.kv_cache}
         self.plan = plan_placement(*args, self.workload, elem, **chunk)
         self.rates = None
         if self.plan.device != "cpu" and cfg.hybrid != "off" and self.plan.count("cpu"):
@@ -91,7 +91,10 @@ class LLM:
         self.prefetcher = Prefetcher(self.store, self.plan, self.stats, cfg.verify_checksums)
         self.runner = Runner(self.spec, self.plan, self.prefetcher, self.dtype)
         self.tokenizer = self._load_tokenizer()
-        self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids())
+        from ollm.weights.convert import default_cache_dir as _cache_root
+
+        kv_root = cfg.kv_dir or str(Path(cfg.cache_dir or _cache_root()) / "kv")
+        self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids(), kv_root)
         self._lock = threading.Lock()
 
     # -- set-up helpers -----------------------------------------------------------------------
@@ -147,6 +150,7 @@ class LLM:
         _on_text=None,
         _on_token=None,
         _special: bool = True,
+        _kv_dir: str | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (text or token ids) or a list; returns one result or a list.
 
@@ -160,7 +164,7 @@ class LLM:
         ids = [self._encode(p, _special) for p in batch]
         self._check_request(ids, params)
         with self._lock:
-            outs, metrics = self._engine.generate(ids, params, _on_text, _on_token)
+            outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)
         results = [
             GenerationResult(
                 o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", metrics

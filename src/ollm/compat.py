@@ -1,7 +1,7 @@
 """The upstream oLLM API (``Inference``, ``file_get_contents``, ``TextStreamer``) over ``LLM``.
 
 Models load only from ``models_dir/model_id`` (HF directory or .gguf); ollm never downloads.
-``DiskCache`` is not implemented yet (returns None); ``model.generate`` feeds the streamer token by
+``DiskCache(dir)`` keeps a call's KV on disk; ``model.generate`` feeds the streamer token by
 token and leaves stop tokens out; ``apply_chat_template`` returns ids by default (as before
 transformers 5) so upstream's README works unchanged."""
 
@@ -50,7 +50,7 @@ class CompatModel:
 
         Shorter outputs are right-padded with the pad (else EOS, else 0) id; a stop token ends a
         sequence without being included. ``attention_mask`` zeros (left padding) are dropped from
-        the prompts. ``past_key_values`` must be None (``DiskCache`` returns None for now).
+        the prompts. ``past_key_values``: None, or ``Inference.DiskCache(dir)`` to keep the KV on disk.
         """
         llm = self._owner.llm
         if input_ids is not None and not torch.is_tensor(input_ids) and "input_ids" in input_ids:
@@ -58,7 +58,10 @@ class CompatModel:
             input_ids = input_ids["input_ids"]
         if input_ids is None:
             raise OllmError("generate() needs input_ids (a LongTensor [batch, tokens])")
-        if past_key_values is not None:
+        kv_dir = None
+        if isinstance(past_key_values, DiskCache):
+            kv_dir = str(past_key_values.cache_dir)
+        elif past_key_values is not None:
             log.warning("past_key_values is ignored: ollm keeps its own KV cache")
         ids = torch.as_tensor(input_ids).long()
         host = ids[None].cpu() if ids.dim() == 1 else ids.cpu()
@@ -75,7 +78,7 @@ class CompatModel:
                 def on_token(_r: int, tok: int) -> None:
                     streamer.put(torch.tensor([tok]))
 
-        results = llm.generate(rows, params, _on_token=on_token)
+        results = llm.generate(rows, params, _on_token=on_token, _kv_dir=kv_dir)
         width, pad = max(len(r.token_ids) for r in results), self._pad_id(llm)
         new = [r.token_ids + [pad] * (width - len(r.token_ids)) for r in results]
         out = torch.tensor(new, dtype=torch.long).view(len(new), width)
@@ -158,11 +161,18 @@ class Inference:
         if plan.count("cpu") != min(layers_num, llm.spec.num_layers - plan.count("gpu")):
             log.warning("layers_num=%d gave: %s", layers_num, dict(plan.describe())["layers"])
 
-    def DiskCache(self, cache_dir: str | Path = "./kv_cache/") -> None:
-        """Not implemented yet: logs a warning and returns None, so ``past_key_values=None``
-        and the KV cache stays in memory (a disk KV tier is planned)."""
-        log.warning("the disk KV tier is not implemented yet: the KV cache stays in memory")
-        return None
+    def DiskCache(self, cache_dir: str | Path = "./kv_cache/") -> DiskCache:
+        """A disk KV cache in ``cache_dir``: pass it as ``past_key_values`` to
+        ``model.generate`` and every layer's KV of that call lives in preallocated files of a
+        per-run subdirectory (removed when the call ends)."""
+        return DiskCache(Path(cache_dir))
+
+
+class DiskCache:
+    """Marks a generate call to keep its KV on disk (ollm's disk tier) under ``cache_dir``."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
 
 
 def _cpu_budget(llm: LLM, layers_num: int) -> int | None:

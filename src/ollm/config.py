@@ -29,6 +29,10 @@ class EngineConfig:
     hybrid: str = (
         "auto"  # "auto": a measured cost model picks RAM layers the CPU computes in decode; "off"
     )
+    kv_cache: str = "auto"  # "auto": KV on the GPU, then pinned RAM; "disk": offloaded KV on disk
+    kv_dir: str | None = (
+        None  # where the disk tier writes (per-run subdirectory); None = cache_dir/kv
+    )
     prefill_chunk: int | None = None  # rows per prefill chunk; None = sized from the budget
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
@@ -48,6 +52,8 @@ class EngineConfig:
             set_(self, "dtype", name)
         if self.hybrid not in ("auto", "off"):
             raise OllmError(f"hybrid must be 'auto' or 'off', not {self.hybrid!r}")
+        if self.kv_cache not in ("auto", "disk"):
+            raise OllmError(f"kv_cache must be 'auto' or 'disk', not {self.kv_cache!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise OllmError("prefill_chunk must be >= 1")
         if self.cpu_layers is not None and self.cpu_layers < 0:

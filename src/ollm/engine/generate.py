@@ -33,8 +33,11 @@ class SequenceOutput:
 class Generator:
     """Runs requests through a Runner; tokenizer is optional (token ids in, token ids out)."""
 
-    def __init__(self, runner: Runner, stats: IOStats, tokenizer=None, eos_ids=()) -> None:
+    def __init__(
+        self, runner: Runner, stats: IOStats, tokenizer=None, eos_ids=(), kv_dir: str | None = None
+    ) -> None:
         self.runner, self.stats, self.tokenizer = runner, stats, tokenizer
+        self.kv_dir = kv_dir
         self.eos_ids = set(eos_ids)
         self.device = torch.device(runner.plan.device)
 
@@ -44,7 +47,9 @@ class Generator:
         params: SamplingParams,
         on_text: TextCallback | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        kv_dir: str | None = None,
     ) -> tuple[list[SequenceOutput], GenerationMetrics]:
+        """Run a batch; ``kv_dir`` puts every layer's KV on disk there for this request."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         b = len(prompts)
@@ -75,8 +80,10 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        kv = self.runner.new_kv(b, capacity)
+        kv: list = []
+        disk = None
         try:
+            kv, disk = self._new_kv(b, capacity, kv_dir)
             logits = self.runner.forward(ids, positions, kv, key_keep)
             tokens = sampler.sample(logits).cpu()
             t_first = time.perf_counter()
@@ -100,8 +107,7 @@ class Generator:
                 next_pos += 1
                 tokens = sampler.sample(logits).cpu()
         finally:
-            for cache in kv:
-                cache.close()
+            self._release(kv, disk)
         t_end = time.perf_counter()
         metrics.decode_seconds = t_end - t_first
         self._finish(outs, detoks, matchers, on_text)
@@ -119,6 +125,31 @@ class Generator:
         reasons = {o.finish_reason for o in outs}
         metrics.finish_reason = reasons.pop() if len(reasons) == 1 else "mixed"
         return outs, metrics
+
+    def _new_kv(self, batch: int, capacity: int, kv_dir: str | None):
+        """KV caches for a request, with a run directory (checked for space) if any is on disk."""
+        disk = None
+        if kv_dir is not None or any(p.kv_tier == "disk" for p in self.runner.plan.layers):
+            from ollm.kv.disk import KVDirectory
+
+            disk = KVDirectory(kv_dir or self.kv_dir or ".")
+        try:
+            if disk is not None:
+                disk.check(
+                    self.runner.disk_kv_bytes(batch, capacity, all_layers=kv_dir is not None)
+                )
+            return self.runner.new_kv(batch, capacity, disk, all_disk=kv_dir is not None), disk
+        except BaseException:
+            if disk is not None:
+                disk.close()
+            raise
+
+    @staticmethod
+    def _release(kv: list, disk) -> None:
+        for cache in kv:
+            cache.close()
+        if disk is not None:
+            disk.close()
 
     def _accept(self, tokens, outs, stops, params, detoks, matchers, on_text, on_token) -> bool:
         """Record one sampled token per sequence; return whether any sequence is still running."""
@@ -168,12 +199,11 @@ class Generator:
             raise ValueError("score needs at least two tokens")
         ids = torch.tensor([token_ids], dtype=torch.long)
         pos = torch.arange(len(token_ids))[None]
-        kv = self.runner.new_kv(1, len(token_ids))
+        kv, disk = self._new_kv(1, len(token_ids), None)
         try:
             logits = self.runner.forward(ids, pos, kv, None, all_logits=True)[0, :-1]
         finally:
-            for cache in kv:
-                cache.close()
+            self._release(kv, disk)
         logp = torch.log_softmax(logits.float(), dim=-1)
         target = ids[0, 1:].to(logp.device)
         return logp.gather(-1, target[:, None])[:, 0].cpu()

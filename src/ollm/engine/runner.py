@@ -32,31 +32,57 @@ class Runner:
         self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
         self.timeline = None  # set to an ollm.telemetry.timeline.Timeline to record compute spans
 
-    def new_kv(self, batch: int, capacity: int) -> list:
-        """Fresh per-layer KV caches: on each layer's KV device, or in pinned RAM for layers the
-        plan offloads (sharing one GPU scratch buffer for prefill)."""
+    def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
+        """Bytes of KV the disk tier needs for a request (checked against free space first)."""
+        s = self.spec
+        per_layer = (
+            2 * batch * s.num_kv_heads * s.head_dim * capacity * (torch.finfo(self.dtype).bits // 8)
+        )
+        n = (
+            len(self.plan.layers)
+            if all_layers
+            else sum(p.kv_tier == "disk" for p in self.plan.layers)
+        )
+        return n * per_layer
+
+    def new_kv(self, batch: int, capacity: int, disk=None, all_disk: bool = False) -> list:
+        """Fresh per-layer KV caches: on each layer's KV device, in pinned RAM, or in files of
+        the ``disk`` KVDirectory for layers the plan offloads (sharing one prefill scratch)."""
         s = self.spec
         scratch = None
         caches: list = []
-        for p in self.plan.layers:
-            if p.kv_tier == "cpu":
-                from ollm.kv.offload import KVScratch, OffloadedKVCache
+        try:
+            for p in self.plan.layers:
+                tier = "disk" if all_disk else p.kv_tier
+                if tier in ("cpu", "disk"):
+                    from ollm.kv.offload import KVScratch, OffloadedKVCache
 
-                if scratch is None:
-                    scratch = KVScratch(
-                        batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.exec_device
+                    if scratch is None:
+                        scratch = KVScratch(
+                            batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.exec_device
+                        )
+                    store = disk.storage if tier == "disk" else None
+                    caches.append(
+                        OffloadedKVCache(
+                            batch,
+                            s.num_kv_heads,
+                            s.head_dim,
+                            capacity,
+                            self.dtype,
+                            scratch,
+                            storage=store,
+                        )
                     )
-                caches.append(
-                    OffloadedKVCache(
-                        batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, scratch
+                else:
+                    caches.append(
+                        LayerKVCache(
+                            batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device
+                        )
                     )
-                )
-            else:
-                caches.append(
-                    LayerKVCache(
-                        batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device
-                    )
-                )
+        except BaseException:
+            for cache in caches:
+                cache.close()
+            raise
         return caches
 
     @torch.inference_mode()

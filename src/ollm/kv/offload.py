@@ -40,7 +40,7 @@ class KVScratch:
 
 class OffloadedKVCache:
     """LayerKVCache protocol (``attend``, ``length``, ``trim``, ``nbytes``, ``flush``) with storage
-    [B, kv_heads, capacity, head_dim] in pinned RAM."""
+    [B, kv_heads, capacity, head_dim] in pinned RAM, or in a file (the disk tier)."""
 
     def __init__(
         self,
@@ -51,10 +51,13 @@ class OffloadedKVCache:
         dtype: torch.dtype,
         scratch: KVScratch,
         decode_tokens: int = 8,
+        storage=None,
     ) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
         n = batch * kv_heads * capacity * head_dim * torch.finfo(dtype).bits // 8
-        self._kbuf, self._vbuf = pinned_empty(n), pinned_empty(n)
+        # ``storage(nbytes) -> uint8 tensor`` places the cache (default: pinned RAM; the disk
+        # tier passes file-backed buffers).
+        self._kbuf, self._vbuf = (storage or pinned_empty)(n), (storage or pinned_empty)(n)
         self.k = self._kbuf.view(dtype).view(shape)
         self.v = self._vbuf.view(dtype).view(shape)
         self.capacity, self.length = capacity, 0

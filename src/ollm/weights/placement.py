@@ -27,7 +27,7 @@ class LayerPlacement:
     tier: str
     exec_device: str
     decode_device: str | None = None
-    kv_tier: str = "device"  # "device": KV on kv_device; "cpu": pinned RAM (OffloadedKVCache)
+    kv_tier: str = "device"  # "device": on kv_device; "cpu": pinned RAM; "disk": KV files
 
     def device_for(self, phase: str) -> str:
         return self.decode_device if phase == "decode" and self.decode_device else self.exec_device
@@ -101,7 +101,11 @@ class PlacementPlan:
             ("ring slots / staging", f"{self.ring_slots} / {self.staging_slots}"),
             ("embeddings / head", f"{self.embed_device} / {self.head_device}"),
             ("mlp chunk", f"{self.mlp_chunk_tokens} tokens"),
-            ("KV in pinned RAM", f"{sum(p.kv_tier == 'cpu' for p in self.layers)} layers"),
+            (
+                "KV in pinned RAM / on disk",
+                f"{sum(p.kv_tier == 'cpu' for p in self.layers)} / "
+                f"{sum(p.kv_tier == 'disk' for p in self.layers)} layers",
+            ),
             ("prefill chunk", f"{self.prefill_chunk_tokens or 'whole prompt'} tokens"),
         ]
         if self.cpu_layers:
@@ -179,6 +183,7 @@ def plan_placement(
     hybrid: str = "auto",
     cpu_layers: int | None = None,
     chunk_tokens: int | None = None,
+    kv_cache: str = "auto",
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
     if offload not in OFFLOAD_MODES:
@@ -270,12 +275,13 @@ def plan_placement(
     staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
     if not streamed:
         ring = 0
+    if kv_cache == "disk" and not on_gpu:
+        kv_off = n  # on a CPU machine "disk" means: no KV in RAM at all
     if kv_off:
         from dataclasses import replace as _replace
 
-        layers = [
-            _replace(p, kv_tier="cpu") if i >= n - kv_off else p for i, p in enumerate(layers)
-        ]
+        tier = "disk" if kv_cache == "disk" else "cpu"
+        layers = [_replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
     cpu_max_tokens, predicted = 0, {}
     if on_gpu and rates is not None:
         layers, cpu_max_tokens, predicted = _hybrid(
