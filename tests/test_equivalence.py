@@ -50,7 +50,7 @@ def test_greedy_and_logits_match_transformers(family, offload, hf_models, tmp_pa
         llm.close()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma3_text"])
 def test_chunked_prefill_matches_transformers(family, hf_models, tmp_path):
     """A prompt much longer than the prefill chunk (and than Gemma's sliding window): layers
     stream once per prompt, chunk c attends to the KV of chunks <= c."""
@@ -91,5 +91,37 @@ def test_kv_in_pinned_ram_matches_transformers(family, hf_models, tmp_path):
         assert sum(p.kv_tier == "cpu" for p in llm.plan.layers) == n - 1
         res = llm.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0))
         assert res.token_ids == hf_greedy(model, prompt, 12)
+    finally:
+        llm.close()
+
+
+def test_sliding_window_kv_is_bounded(hf_models, tmp_path):
+    """Gemma 3's sliding layers keep window + one chunk of KV, not the whole context, and the
+    output still matches transformers."""
+    from ollm.kv.cache import SlidingKVCache
+
+    model, path = hf_models("gemma3_text")
+    prompt = [(5 * i + 1) % 256 for i in range(400)]
+    llm = LLM(path, device="cpu", prefill_chunk=32, cache_dir=tmp_path, progress=False)
+    try:
+        caches = llm.runner.new_kv(1, len(prompt) + 12)
+        sliding = [c for c in caches if isinstance(c, SlidingKVCache)]
+        assert len(sliding) == 4 and all(c.capacity < 100 for c in sliding)
+        res = llm.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0))
+        assert res.token_ids == hf_greedy(model, prompt, 12)
+    finally:
+        llm.close()
+
+
+def test_sliding_kv_with_padded_batch(hf_models, tmp_path):
+    """Left padding + chunked prefill + bounded sliding caches: each sequence as if alone."""
+    _, path = hf_models("gemma3_text")
+    prompts = [[(3 * i + 2) % 256 for i in range(n)] for n in (200, 90, 150)]
+    llm = LLM(path, device="cpu", prefill_chunk=32, max_batch=3, cache_dir=tmp_path, progress=False)
+    try:
+        params = SamplingParams(max_new_tokens=8, temperature=0)
+        batch = llm.generate(prompts, params)
+        for p, r in zip(prompts, batch, strict=True):
+            assert r.token_ids == llm.generate(p, params).token_ids
     finally:
         llm.close()

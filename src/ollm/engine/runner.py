@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ollm.kv.cache import LayerKVCache
+from ollm.kv.cache import LayerKVCache, SlidingKVCache, window_capacity
 from ollm.layers.attention import AttentionMask
 from ollm.layers.norms import rms_norm
 from ollm.layers.rope import rope_cos_sin
@@ -51,8 +51,9 @@ class Runner:
         s = self.spec
         scratch = None
         caches: list = []
+        spec_layers = s.layers
         try:
-            for p in self.plan.layers:
+            for i, p in enumerate(self.plan.layers):
                 tier = "disk" if all_disk else p.kv_tier
                 if tier in ("cpu", "disk"):
                     from ollm.kv.offload import KVScratch, OffloadedKVCache
@@ -74,11 +75,26 @@ class Runner:
                         )
                     )
                 else:
-                    caches.append(
-                        LayerKVCache(
-                            batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device
+                    window = spec_layers[i].window
+                    bound = window_capacity(window, self.plan.prefill_chunk_tokens or capacity)
+                    if window and bound < capacity:
+                        caches.append(
+                            SlidingKVCache(
+                                batch,
+                                s.num_kv_heads,
+                                s.head_dim,
+                                bound,
+                                self.dtype,
+                                p.kv_device,
+                                window,
+                            )
                         )
-                    )
+                    else:
+                        caches.append(
+                            LayerKVCache(
+                                batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device
+                            )
+                        )
         except BaseException:
             for cache in caches:
                 cache.close()

@@ -70,8 +70,70 @@ class LayerKVCache:
         return self.length
 
 
+def window_capacity(window: int | None, max_forward: int) -> int:
+    """Slots a sliding-window layer's cache needs: the window, one forward, and as much slack
+    again as the window so old slots are dropped once per window, not every step."""
+    return 2 * window + max_forward if window else 0
+
+
 def kv_cache_bytes(
     batch: int, num_kv_heads: int, head_dim: int, capacity: int, dtype_bytes: int
 ) -> int:
     """Bytes one LayerKVCache of these dimensions holds."""
     return 2 * batch * num_kv_heads * capacity * head_dim * dtype_bytes
+
+
+class SlidingKVCache(LayerKVCache):
+    """KV of a sliding-window layer: keeps only the slots future queries can still see.
+
+    ``length`` stays the logical token count (slot positions are shared with the other layers);
+    storage holds slots [offset, length), at most ``window - 1`` old ones plus the current forward,
+    so memory is bounded by window + chunk instead of the context.
+    """
+
+    def __init__(self, batch, num_kv_heads, head_dim, capacity, dtype, device, window: int) -> None:
+        super().__init__(batch, num_kv_heads, head_dim, capacity, dtype, device)
+        self.window = window
+        self.offset = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        stored = self.length - self.offset
+        if stored + t > self.capacity:
+            keep_from = max(self.offset, self.length - (self.window - 1))
+            drop = keep_from - self.offset
+            kept = stored - drop
+            if kept + t > self.capacity:
+                raise RuntimeError(
+                    f"sliding KV cache too small: {kept} + {t} slots > capacity {self.capacity}"
+                )
+            if kept:
+                self.k[:, :, :kept] = self.k[:, :, drop:stored].clone()
+                self.v[:, :, :kept] = self.v[:, :, drop:stored].clone()
+            self.offset, stored = keep_from, kept
+        end = stored + t
+        self.k[:, :, stored:end] = k
+        self.v[:, :, stored:end] = v
+        self.length += t
+        if k.device != self.k.device:
+            return self.k[:, :, :end].to(k.device), self.v[:, :, :end].to(k.device)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def attend(self, q, k, v, mask, scale, dense_mask):
+        from ollm.layers.attention import AttentionMask, attend
+
+        k_all, v_all = self.append(k, v)
+        if self.offset:
+            keep = None if mask.key_keep is None else mask.key_keep[:, self.offset :]
+            mask = AttentionMask(
+                mask.q_start - self.offset, mask.q_len, mask.kv_len - self.offset, keep, mask.window
+            )
+            dense_mask = None
+        return attend(q, k_all, v_all, mask, scale, dense_mask)
+
+    def trim(self, length: int) -> None:
+        if length < self.offset:
+            raise RuntimeError(
+                f"cannot trim a sliding KV cache below its first kept slot {self.offset}"
+            )
+        self.length = min(self.length, length)

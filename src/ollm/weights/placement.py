@@ -204,6 +204,15 @@ def plan_placement(
         spec, work, dtype_bytes, gpu_memory if device.startswith("cuda") else cpu_memory
     )
     act = activation_bytes(spec, work, dtype_bytes, mlp_chunk, chunk or work.prefill_tokens)
+    # Sliding-window layers keep only window + one forward of KV (see kv.cache.SlidingKVCache).
+    from ollm.kv.cache import window_capacity
+
+    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    forward = chunk or work.context
+    kv = sum(
+        per_token * min(work.context, window_capacity(layer.window, forward) or work.context)
+        for layer in spec.layers
+    )
     on_gpu = device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
 
