@@ -39,7 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from ollm.bench.peers import LLAMA_CPP, add_ratios, parse_events, print_table, summarize_ollm  # noqa: E402
-from ollm.bench.run import parse_contexts  # noqa: E402
+from ollm.bench.run import disk_bytes, parse_contexts  # noqa: E402
+from ollm.errors import OllmError  # noqa: E402
 from ollm.sizes import parse_size  # noqa: E402
 
 WORKER = ROOT / "src" / "ollm" / "bench" / "peer_worker.py"
@@ -165,6 +166,8 @@ def run_peer(peer: str, args: argparse.Namespace, hf_dir: Path, info: dict, limi
     cmd += ["--gpu-memory", str(parse_size(args.gpu_memory)), "--vocab", str(info["vocab"])]
     cmd += ["--device", args.device, "--workdir", str(work), "--deadline", str(deadline)]
     log = Path(args.out or args.workdir) / f"peer-{peer}.log"
+    split = hf_dir / "splitted_model"  # AirLLM's per-layer split (links to the shards)
+    split_existed = split.exists()
     t = time.perf_counter()
     killed = False
     with open(log, "w") as f:
@@ -180,7 +183,8 @@ def run_peer(peer: str, args: argparse.Namespace, hf_dir: Path, info: dict, limi
     res.update(wall_s=round(time.perf_counter() - t, 1), exit_code=p.returncode, log=str(log))
     res.update(parse_events(log.read_text(errors="replace"), args.contexts, killed))
     shutil.rmtree(work, ignore_errors=True)  # offload folders, KV files
-    shutil.rmtree(hf_dir / "splitted_model", ignore_errors=True)  # AirLLM's per-layer links
+    if not split_existed:
+        shutil.rmtree(split, ignore_errors=True)
     return res
 
 
@@ -248,9 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         from ollm.bench.models import write_hf_checkpoint
 
         t = time.perf_counter()
-        write_hf_checkpoint(args.synthetic, hf_dir)
+        try:
+            write_hf_checkpoint(args.synthetic, hf_dir)
+        except (OllmError, OSError) as exc:
+            why = f"writing the HF checkpoint failed: {' '.join(str(exc).split())}"
+            checks.update({p: ("cannot run", why) for p in runnable})
+            runnable = []
         workload["hf_checkpoint_s"] = round(time.perf_counter() - t, 1)
         print(f"HF checkpoint {hf_dir} ({workload['hf_checkpoint_s']} s)", flush=True)
+    if runnable:
+        workload["hf_checkpoint_bytes"] = disk_bytes(hf_dir)
     for p in wanted:
         status, reason = checks[p]
         if p == "llama.cpp" or status != "would run":

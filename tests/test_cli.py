@@ -230,3 +230,22 @@ def test_console_script_and_light_import():
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_run_with_kv_on_disk(env, tmp_path):
+    mem = run_json(env, "hello there", "--json", "-t", "0", "-n", "6")
+    disk = run_json(
+        env,
+        "hello there",
+        "--json",
+        "-t",
+        "0",
+        "-n",
+        "6",
+        "--kv-cache",
+        "disk",
+        "--kv-dir",
+        str(tmp_path),
+    )
+    assert disk["token_ids"] == mem["token_ids"]
+    assert list(tmp_path.iterdir()) == []  # the run's KV directory is gone

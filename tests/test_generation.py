@@ -372,3 +372,26 @@ def test_offloaded_kv_cache_matches_device_cache():
         o.flush()
         torch.testing.assert_close(o.k[:, :, : r.length], r.k[:, :, : r.length])
         o.close()
+
+
+def test_plan_grows_for_a_longer_request_and_says_what_fits(hf_models, tmp_path):
+    from ollm.errors import BudgetError
+
+    _, path = hf_models("llama")
+    llm = LLM(
+        path, device="cpu", max_context=16, cpu_memory="200MiB", cache_dir=tmp_path, progress=False
+    )
+    try:
+        res = llm.generate(list(range(1, 40)), SamplingParams(max_new_tokens=4, temperature=0))
+        assert len(res.token_ids) == 4 and llm.workload.context >= 43
+    finally:
+        llm.close()
+    with pytest.raises(BudgetError, match="fits at most"):
+        LLM(
+            path,
+            device="cpu",
+            max_context=10**6,
+            cpu_memory="120MiB",
+            cache_dir=tmp_path,
+            progress=False,
+        )

@@ -48,11 +48,9 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **kwargs: object) -> None:
         self.config = EngineConfig(model=None if model is None else str(model), **kwargs)  # type: ignore[arg-type]
-        from ollm.engine.runner import Runner
         from ollm.models.registry import build_spec
         from ollm.weights.convert import resolve_store
-        from ollm.weights.placement import Workload, plan_placement
-        from ollm.weights.prefetch import Prefetcher
+        from ollm.weights.placement import Workload
         from ollm.weights.store import LayerStore
 
         cfg = self.config
@@ -63,33 +61,12 @@ class LLM:
         self.hf_config = self.store.hf_config()
         self.spec = build_spec(self.hf_config)
         self.dtype = self.store.dtype
-        gpu_memory = cfg.gpu_memory
-        if self.device.startswith("cuda") and gpu_memory is None:
+        self._gpu_memory = cfg.gpu_memory
+        if self.device.startswith("cuda") and self._gpu_memory is None:
             free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-            gpu_memory = int(free * 0.9)
-        self.workload = Workload(cfg.max_batch, cfg.max_context, cfg.max_context)
-        elem = torch.finfo(self.dtype).bits // 8
-        args = (self.spec, self.store, self.device, gpu_memory, cfg.cpu_memory, cfg.offload)
-        chunk = {"chunk_tokens": cfg.prefill_chunk, "kv_cache": cfg.kv_cache}
-        self.plan = plan_placement(*args, self.workload, elem, **chunk)
-        self.rates = None
-        if self.plan.device != "cpu" and cfg.hybrid != "off" and self.plan.count("cpu"):
-            # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
-            from ollm.weights.convert import default_cache_dir
-            from ollm.weights.costmodel import cached_rates
-
-            cache = Path(cfg.cache_dir or default_cache_dir())
-            self.rates = cached_rates(
-                self.device, cache, self.dtype, self.spec, self.workload.context
-            )
-            self.plan = plan_placement(
-                *args, self.workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers, **chunk
-            )
-            if self.plan.cpu_layers:
-                torch.set_num_threads(self.rates.cpu_threads)
+            self._gpu_memory = int(free * 0.9)
         self.stats = IOStats()
-        self.prefetcher = Prefetcher(self.store, self.plan, self.stats, cfg.verify_checksums)
-        self.runner = Runner(self.spec, self.plan, self.prefetcher, self.dtype)
+        self._setup(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
         from ollm.weights.convert import default_cache_dir as _cache_root
 
@@ -98,6 +75,58 @@ class LLM:
         self._lock = threading.Lock()
 
     # -- set-up helpers -----------------------------------------------------------------------
+    def _setup(self, workload) -> None:
+        """Plan placement for ``workload`` and load the resident weights accordingly."""
+        from ollm.engine.runner import Runner
+        from ollm.weights.placement import Workload, plan_placement
+        from ollm.weights.prefetch import Prefetcher
+
+        cfg = self.config
+        self.workload = workload
+        elem = torch.finfo(self.dtype).bits // 8
+        args = (self.spec, self.store, self.device, self._gpu_memory, cfg.cpu_memory, cfg.offload)
+        chunk = {"chunk_tokens": cfg.prefill_chunk, "kv_cache": cfg.kv_cache}
+        try:
+            self.plan = plan_placement(*args, workload, elem, **chunk)
+        except BudgetError as exc:
+            fit = _largest_context(
+                lambda c: plan_placement(*args, Workload(workload.batch, c, c), elem, **chunk),
+                workload.context,
+            )
+            if not fit:
+                raise
+            raise BudgetError(
+                f"{exc}; this budget fits at most {fit} tokens of context "
+                f"(max_context={fit}, --max-context {fit})"
+            ) from None
+        self.rates = None
+        if self.plan.device != "cpu" and cfg.hybrid != "off" and self.plan.count("cpu"):
+            # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
+            from ollm.weights.convert import default_cache_dir
+            from ollm.weights.costmodel import cached_rates
+
+            cache = Path(cfg.cache_dir or default_cache_dir())
+            self.rates = cached_rates(self.device, cache, self.dtype, self.spec, workload.context)
+            self.plan = plan_placement(
+                *args, workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers, **chunk
+            )
+            if self.plan.cpu_layers:
+                torch.set_num_threads(self.rates.cpu_threads)
+        self.prefetcher = Prefetcher(self.store, self.plan, self.stats, cfg.verify_checksums)
+        self.runner = Runner(self.spec, self.plan, self.prefetcher, self.dtype)
+        if hasattr(self, "_engine"):
+            self._engine.runner = self.runner
+
+    def ensure_context(self, tokens: int, batch: int = 1) -> None:
+        """Re-plan (reloading resident weights) if a request needs more KV than planned for."""
+        from ollm.weights.placement import Workload
+
+        w = self.workload
+        if tokens <= w.context and batch <= w.batch:
+            return
+        self.prefetcher.close()
+        self._setup(Workload(max(batch, w.batch), max(tokens, w.context), max(tokens, w.context)))
+
     def _load_tokenizer(self):
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         if not any((self.store_path / n).exists() for n in names):
@@ -128,18 +157,20 @@ class LLM:
         return [int(t) for t in prompt]
 
     def _check_request(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        """Refuse a request larger than what the placement plan reserved memory for."""
-        if self.plan.budget is None:
-            return
+        """Grow the plan when a request needs more KV or activations than it reserved."""
         context = max(len(p) for p in prompts) + params.max_new_tokens
         batch = len(prompts)
-        if context * batch > self.workload.context * self.workload.batch:
-            raise BudgetError(
-                f"request needs KV for {batch} x {context} tokens but this LLM was planned for "
-                f"{self.workload.batch} x {self.workload.context}; create it with max_context={context} "
-                f"(--max-context {context})"
-                f"{f' and max_batch={batch}' if batch > self.workload.batch else ''}"
-            )
+        w = self.workload
+        if context > w.context or batch > w.batch:
+            if self.plan.budget is not None:
+                log.info(
+                    "re-planning for %d x %d tokens (was %d x %d)",
+                    batch,
+                    context,
+                    w.batch,
+                    w.context,
+                )
+            self.ensure_context(context, batch)
 
     # -- generation ---------------------------------------------------------------------------
     def generate(
@@ -223,6 +254,19 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _largest_context(try_plan, upper: int) -> int:
+    """Largest context in [1, upper) for which ``try_plan(context)`` succeeds (0 if none)."""
+    lo, hi = 0, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            try_plan(mid)
+            lo = mid
+        except BudgetError:
+            hi = mid
+    return lo
 
 
 class _Cancelled(Exception):

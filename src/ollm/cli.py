@@ -156,6 +156,18 @@ CacheDirOpt = Annotated[
     typer.Option("--cache-dir", help="Where converted layer stores live (default ~/.cache/ollm)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+KvCacheOpt = Annotated[
+    str | None,
+    typer.Option("--kv-cache", help="auto (GPU, then pinned RAM) or disk (offloaded KV on disk)."),
+]
+KvDirOpt = Annotated[
+    str | None,
+    typer.Option("--kv-dir", help="Directory for the disk KV tier (default: <cache-dir>/kv)."),
+]
+HybridOpt = Annotated[
+    str | None,
+    typer.Option("--hybrid", help="auto: the CPU may compute RAM layers in decode; off."),
+]
 
 
 @app.callback()
@@ -222,6 +234,9 @@ def run(
     ] = False,
     json_out: JsonOpt = False,
     max_context: MaxContextOpt = None,
+    kv_cache: KvCacheOpt = None,
+    kv_dir: KvDirOpt = None,
+    hybrid: HybridOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
@@ -243,6 +258,9 @@ def run(
             offload=offload,
             dtype=dtype,
             max_context=max_context,
+            kv_cache=kv_cache,
+            kv_dir=kv_dir,
+            hybrid=hybrid,
             cache_dir=cache_dir,
         )
         with llm:
@@ -334,6 +352,8 @@ def info(
     cpu_memory: CpuMemoryOpt = None,
     offload: OffloadOpt = None,
     max_context: MaxContextOpt = None,
+    kv_cache: KvCacheOpt = None,
+    hybrid: HybridOpt = None,
     json_out: JsonOpt = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
@@ -346,6 +366,8 @@ def info(
             cpu_memory=cpu_memory,
             offload=offload,
             max_context=max_context,
+            kv_cache=kv_cache,
+            hybrid=hybrid,
             cache_dir=cache_dir,
         )
         with llm:
@@ -382,10 +404,7 @@ def bench(
     gpu_memory: GpuMemoryOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     offload: OffloadOpt = None,
-    hybrid: Annotated[
-        str | None,
-        typer.Option("--hybrid", help="auto: the CPU may compute RAM layers in decode; off."),
-    ] = None,
+    hybrid: HybridOpt = None,
     context: Annotated[
         str,
         typer.Option(

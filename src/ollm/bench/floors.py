@@ -13,8 +13,9 @@ engine overlaps them):
 * ``memory_s``: weights read once per step from the memory of the device computing them
   (device-memory copy traffic rate on a GPU, RAM on the CPU).
 * ``cpu_path_s`` (hybrid decode only): the layers the CPU computes, read at the RAM rate.
-* ``kv_s`` (KV cache in pinned RAM only): in decode, the CPU reads those layers' KV at the RAM
-  rate; in prefill, the prompt's KV of those layers crosses PCIe (at the pinned rate) to RAM.
+* ``kv_s`` (KV cache off the device only): in decode, the KV of layers whose cache sits in
+  pinned RAM is read at the RAM rate, on disk at the disk rate; in prefill, the prompt's KV of
+  those layers moves there (PCIe at the pinned rate for RAM; the disk rate for disk).
 
 Decode floors are per token (one step at the full context); prefill floors are for the prompt.
 """
@@ -31,7 +32,9 @@ def _rate(probes: dict[str, object], key: str) -> float | None:
     return float(v) * 1e9 if v else None  # type: ignore[arg-type]
 
 
-def layer_link_rate(tier: str, on_gpu: bool, probes: dict[str, object], cold: bool = False):
+def layer_link_rate(
+    tier: str, on_gpu: bool, probes: dict[str, object], cold: bool = False
+) -> float | None:
     """Bytes/s at which a streamed layer of ``tier`` reaches its execution device (None: unknown)."""
     disk = _rate(probes, "disk_cold_GBps" if cold else "disk_warm_GBps")
     if not on_gpu:
@@ -111,7 +114,18 @@ def compute_floors(
     head_bytes = _head_bytes(store)
     cpu_layers = list(plan.cpu_layers)
     kv_ram = [i for i, p in enumerate(plan.layers) if getattr(p, "kv_tier", "device") == "cpu"]
+    kv_disk = [i for i, p in enumerate(plan.layers) if getattr(p, "kv_tier", "device") == "disk"]
     h2d = _rate(probes, "h2d_pinned_GBps")
+    disk = _rate(probes, "disk_warm_GBps")
+
+    def kv_seconds(tokens: int, ram: float | None) -> float | None:
+        """Moving ``tokens`` positions of off-device KV: RAM layers at ``ram``, disk at disk."""
+        parts = [(kv_ram, ram), (kv_disk, disk)]
+        if any(layers and not rate for layers, rate in parts):
+            return None
+        return sum(
+            _kv_bytes(spec, store, layers, tokens) / rate for layers, rate in parts if layers
+        )
 
     def compute(tokens: int, context: int, causal: bool) -> float | None:
         if not flops_rate:
@@ -134,9 +148,8 @@ def compute_floors(
         "compute_s": compute(prompt_tokens, prompt_tokens, causal=True),
         "memory_s": memory([]),
     }
-    if kv_ram:
-        kv = _kv_bytes(spec, store, kv_ram, prompt_tokens)
-        prefill_terms["kv_s"] = kv / h2d if h2d else None
+    if kv_ram or kv_disk:
+        prefill_terms["kv_s"] = kv_seconds(prompt_tokens, h2d)
     prefill = _phase(prefill_terms)
     prefill["io_cold_s"] = _io_seconds(plan, store, streamed_prefill, probes, cold=True)
     decode_terms = {
@@ -147,15 +160,15 @@ def compute_floors(
     if cpu_layers:
         cpu_bytes = sum(store.layer_nbytes(i) for i in cpu_layers)
         decode_terms["cpu_path_s"] = cpu_bytes / ram_rate if ram_rate else None
-    if kv_ram:
-        kv = _kv_bytes(spec, store, kv_ram, context + 1)
-        decode_terms["kv_s"] = kv / ram_rate if ram_rate else None
+    if kv_ram or kv_disk:
+        decode_terms["kv_s"] = kv_seconds(context + 1, ram_rate)
     decode = _phase(decode_terms)
     decode["io_cold_s"] = _io_seconds(plan, store, streamed_decode, probes, cold=True)
     return {
         "prefill": prefill,
         "decode": decode,
         "kv_ram_layers": len(kv_ram),
+        "kv_disk_layers": len(kv_disk),
         "streamed_layers_prefill": len(streamed_prefill),
         "streamed_layers_decode": len(streamed_decode),
         "streamed_bytes_prefill": sum(store.layer_nbytes(i) for i in streamed_prefill),

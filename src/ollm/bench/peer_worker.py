@@ -78,7 +78,7 @@ def _du(path: str) -> int:
     return total
 
 
-def load_accelerate(args: argparse.Namespace, disk: bool):
+def load_accelerate(args: argparse.Namespace, disk: bool) -> tuple[object, dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +102,7 @@ def load_accelerate(args: argparse.Namespace, disk: bool):
     }
 
 
-def load_ollm_upstream(args: argparse.Namespace):
+def load_ollm_upstream(args: argparse.Namespace) -> tuple[object, dict]:
     import json as _json
 
     with open(os.path.join(args.model, "config.json")) as f:
@@ -129,7 +129,7 @@ def load_ollm_upstream(args: argparse.Namespace):
     return o.model, info
 
 
-def load_airllm(args: argparse.Namespace, max_len: int):
+def load_airllm(args: argparse.Namespace, max_len: int) -> tuple[object, dict]:
     from airllm import AutoModel
 
     model = AutoModel.from_pretrained(args.model, device=args.device, max_seq_len=max_len)

@@ -7,6 +7,7 @@ import copy
 import json
 import statistics
 import sys
+from typing import TextIO
 
 from ollm.bench.run import context_label
 from ollm.sizes import format_size
@@ -149,7 +150,7 @@ def _size(v: int | None) -> str:
     return format_size(v) if v else "-"
 
 
-def print_table(result: dict, file=None) -> None:
+def print_table(result: dict, file: TextIO | None = None) -> None:
     """ollm's cases, each peer's cases (or why it did not run) and the llama.cpp quote."""
     from rich.console import Console
     from rich.table import Table
@@ -175,7 +176,10 @@ def print_table(result: dict, file=None) -> None:
             _size(c.get("ram_peak_bytes")),
             (c.get("error") or "")[:160],
         )
+    quote = result.get("llama.cpp") or LLAMA_CPP
     for p in result["peers"]:
+        if p.get("status") == quote["status"]:
+            continue  # the quoted rows below stand for it
         for k, c in enumerate(p.get("cases") or [{}]):
             t.add_row(
                 p["peer"] if k == 0 else "",
@@ -190,7 +194,6 @@ def print_table(result: dict, file=None) -> None:
                 _size(c.get("ram_peak_bytes")),
                 (p.get("reason", "") if k == 0 else "")[:200],
             )
-    quote = result.get("llama.cpp") or LLAMA_CPP
     for row in quote["rows"]:
         step = 1 / row["decode_tok_s"] if row["decode_tok_s"] else None
         t.add_row(

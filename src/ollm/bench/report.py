@@ -57,6 +57,8 @@ def case_rows(case: dict[str, object]) -> list[tuple[str, str]]:
         layers += f" ({plan['cpu_layers']} CPU-computed)"  # type: ignore[index]
     if plan.get("kv_ram_layers"):  # type: ignore[union-attr]
         layers += f"; KV of {plan['kv_ram_layers']} in RAM"  # type: ignore[index]
+    if plan.get("kv_disk_layers"):  # type: ignore[union-attr]
+        layers += f"; KV of {plan['kv_disk_layers']} on disk"  # type: ignore[index]
     if plan.get("prefill_chunk_tokens"):  # type: ignore[union-attr]
         layers += f"; prefill chunks of {plan['prefill_chunk_tokens']}"  # type: ignore[index]
     g = case.get

@@ -1,10 +1,11 @@
 """``ollm bench``: timed generation cases next to the floors of this machine.
 
 One case = one ``LLM`` planned for ``context + new_tokens`` tokens, a warm-up generate at the full
-prompt length with 2 new tokens (so kernel selection and first-read checksums are not timed), then
+prompt length with 2 new tokens (so kernel selection and first reads are not timed), then
 the timed generate of ``new_tokens`` greedy tokens (EOS ignored) on a random prompt. A case that
-fails with an ``OllmError`` (a budget too small for the context, say) or a CUDA out-of-memory
-error is reported with its message instead of ending the run.
+fails with an ``OllmError`` (a budget too small for the context, say), a CUDA out-of-memory
+error or any other exception (logged with its traceback) is reported with its message instead of
+ending the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +188,9 @@ def run_case(
     except torch.cuda.OutOfMemoryError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
         case.update(status="error", error=f"CUDA out of memory: {first}")
+    except Exception as exc:  # a bug: keep the other cases, show the traceback on stderr
+        log.exception("bench case %s failed", case["label"])
+        case.update(status="error", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
     finally:
         if llm is not None:
             llm.close()
@@ -209,6 +214,7 @@ def _plan_summary(llm) -> dict[str, object]:
         "cpu_layers": len(plan.cpu_layers),
         "streamed_decode": len(plan.streamed_for("decode")),
         "kv_ram_layers": sum(getattr(p, "kv_tier", "device") == "cpu" for p in plan.layers),
+        "kv_disk_layers": sum(getattr(p, "kv_tier", "device") == "disk" for p in plan.layers),
         "prefill_chunk_tokens": getattr(plan, "prefill_chunk_tokens", 0),
         "reserved_bytes": plan.peak_device_bytes,
     }
@@ -252,7 +258,7 @@ def run_bench(
     llm_kwargs: dict[str, Any] | None = None,
     plot: str | Path | None = None,
     progress: bool = False,
-    on_case=None,
+    on_case: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:
     """Probe the machine, then run one case per context; returns the whole report as a dict."""
     import platform
