@@ -132,3 +132,19 @@ def test_per_request_disk_cache_equals_memory(hf_models, tmp_path):
     assert disk.token_ids == mem.token_ids
     torch.testing.assert_close(torch.tensor(disk.token_ids), torch.tensor(mem.token_ids))
     llm.close()
+
+
+def test_pinned_kv_larger_than_ram_is_refused_before_prefill(hf_models, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import psutil
+
+    _, path = hf_models("llama")
+    llm = LLM(path, device="cpu", cache_dir=tmp_path, progress=False)
+    layers = tuple(replace(p, kv_tier="cpu") for p in llm.plan.layers)
+    llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
+    fake = psutil.virtual_memory()._replace(available=10_000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    with pytest.raises(OllmError, match="pinned RAM for its KV cache"):
+        llm.generate(PROMPT, SamplingParams(max_new_tokens=3, temperature=0))
+    llm.close()

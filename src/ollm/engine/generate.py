@@ -128,6 +128,21 @@ class Generator:
 
     def _new_kv(self, batch: int, capacity: int, kv_dir: str | None):
         """KV caches for a request, with a run directory (checked for space) if any is on disk."""
+        if kv_dir is None:
+            need = self.runner.ram_kv_bytes(batch, capacity)
+            if need:
+                import psutil
+
+                from ollm.errors import OllmError
+                from ollm.sizes import format_size
+
+                avail = psutil.virtual_memory().available
+                if need > 0.9 * avail:
+                    raise OllmError(
+                        f"this request needs {format_size(need)} of pinned RAM for its KV cache but "
+                        f"{format_size(avail)} is available; use kv_cache='disk' (--kv-cache disk), "
+                        "a shorter context or a smaller batch"
+                    )
         disk = None
         if kv_dir is not None or any(p.kv_tier == "disk" for p in self.runner.plan.layers):
             from ollm.kv.disk import KVDirectory

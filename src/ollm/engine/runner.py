@@ -34,16 +34,19 @@ class Runner:
 
     def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
+        tiers = [p.kv_tier for p in self.plan.layers]
+        n = len(tiers) if all_layers else tiers.count("disk")
+        return n * self._kv_layer_bytes(batch, capacity)
+
+    def ram_kv_bytes(self, batch: int, capacity: int) -> int:
+        """Bytes of pinned RAM the offloaded (kv_tier "cpu") layers need for a request."""
+        n = sum(p.kv_tier == "cpu" for p in self.plan.layers)
+        return n * self._kv_layer_bytes(batch, capacity)
+
+    def _kv_layer_bytes(self, batch: int, capacity: int) -> int:
         s = self.spec
-        per_layer = (
-            2 * batch * s.num_kv_heads * s.head_dim * capacity * (torch.finfo(self.dtype).bits // 8)
-        )
-        n = (
-            len(self.plan.layers)
-            if all_layers
-            else sum(p.kv_tier == "disk" for p in self.plan.layers)
-        )
-        return n * per_layer
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * batch * s.num_kv_heads * s.head_dim * capacity * elem
 
     def new_kv(self, batch: int, capacity: int, disk=None, all_disk: bool = False) -> list:
         """Fresh per-layer KV caches: on each layer's KV device, in pinned RAM, or in files of
