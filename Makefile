@@ -21,7 +21,7 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.stamp-demo
-	$(VENV)/bin/ollm run "$(PROMPT)" --max-new-tokens 48 --raw
+	$(VENV)/bin/ollm run "$(PROMPT)" --max-new-tokens 48 --raw --temperature 0.8 --top-p 0.95 --seed 0
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests scripts

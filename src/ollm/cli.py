@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,6 +184,8 @@ def _root(
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    # transformers' own deprecation chatter is not the user's business unless asked for.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
 
 
 class _StderrHandler(logging.Handler):
