@@ -18,20 +18,11 @@ from pathlib import Path
 import torch
 
 from ollm.errors import OllmError
+from ollm.procs import pid_alive
 from ollm.sizes import format_size
 
 PREFIX = "ollm-kv-"
 _counter = itertools.count()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class KVDirectory:
@@ -59,7 +50,7 @@ class KVDirectory:
         removed = []
         for d in root.glob(f"{PREFIX}*"):
             pid = d.name[len(PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
         return removed

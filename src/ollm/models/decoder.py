@@ -84,8 +84,9 @@ def decoder_block(
     return h + m
 
 
-def layer_weight_names(spec: ModelSpec, names: set[str]) -> list[str]:
-    """Check a layer's tensor names (relative to ``model.layers.N.``) hold what the block needs."""
+def required_layer_tensors(spec: ModelSpec) -> list[str]:
+    """Tensor names (relative to ``model.layers.N.``) the block needs for this spec; biases are
+    optional and found by name."""
     need = [
         "input_layernorm.weight",
         "post_attention_layernorm.weight",
@@ -101,4 +102,9 @@ def layer_weight_names(spec: ModelSpec, names: set[str]) -> list[str]:
         need += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     if spec.sandwich_norm:
         need += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
-    return [n for n in need if n not in names]
+    return need
+
+
+def layer_weight_names(spec: ModelSpec, names: set[str]) -> list[str]:
+    """The required tensors missing from ``names`` (a layer's relative tensor names)."""
+    return [n for n in required_layer_tensors(spec) if n not in names]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ollm.errors import CorruptStoreError, ModelNotFoundError, OllmError
+from ollm.procs import pid_alive
 from ollm.sizes import format_size
 from ollm.weights.sources import TensorSource, classify_name, open_source
 from ollm.weights.store import (
@@ -48,19 +49,9 @@ def _source_dtype(source: TensorSource, config: object) -> torch.dtype:
 def _clean_stale_temps(parent: Path, name: str) -> None:
     for tmp in parent.glob(f".{name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        alive = pid.isdigit() and _pid_alive(int(pid))
+        alive = pid.isdigit() and pid_alive(int(pid))
         if not alive:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def convert(

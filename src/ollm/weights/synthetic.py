@@ -129,21 +129,9 @@ class SyntheticSource:
 
     def names(self) -> list[str]:
         s = self.spec
-        per_layer = [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ]
-        if s.qk_norm:
-            per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-        if s.sandwich_norm:
-            per_layer += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
+        from ollm.models.decoder import required_layer_tensors
+
+        per_layer = required_layer_tensors(s)
         names = ["model.embed_tokens.weight", "model.norm.weight"]
         if not s.tie_word_embeddings:
             names.append("lm_head.weight")
