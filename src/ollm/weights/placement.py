@@ -106,7 +106,12 @@ class PlacementPlan:
                 f"{sum(p.kv_tier == 'cpu' for p in self.layers)} / "
                 f"{sum(p.kv_tier == 'disk' for p in self.layers)} layers",
             ),
-            ("prefill chunk", f"{self.prefill_chunk_tokens or 'whole prompt'} tokens"),
+            (
+                "prefill chunk",
+                f"{self.prefill_chunk_tokens} tokens"
+                if self.prefill_chunk_tokens
+                else "whole prompt",
+            ),
         ]
         if self.cpu_layers:
             rows.append(
