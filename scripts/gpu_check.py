@@ -22,55 +22,12 @@ from pathlib import Path
 
 import torch
 
+from ollm.bench.probes import drop_file_cache, probe_disk, probe_h2d, probe_matmul
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 GiB = 1 << 30
-
-
-def probe_h2d(pinned: bool, nbytes: int = 1 * GiB) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(3):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return 3 * nbytes / (time.perf_counter() - t)
-
-
-def probe_matmul(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * n**3 / (time.perf_counter() - t)
-
-
-def drop_file_cache(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def probe_disk(files: list[Path], cold: bool) -> float:
-    from ollm.weights.store import LayerStore
-
-    if cold:
-        drop_file_cache(files)
-    store = LayerStore(files[0].parent.parent)
-    buf = torch.empty(store.max_layer_nbytes, dtype=torch.uint8)
-    t, total = time.perf_counter(), 0
-    for i in range(min(8, store.num_layers)):
-        total += store.read_into(f"layers/layer_{i:04d}.bin", buf, verify=False)
-    return total / (time.perf_counter() - t)
+CUDA = torch.device("cuda")
 
 
 def plan_layers(plan) -> int:
@@ -235,9 +192,9 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    report["h2d_pinned_GBps"] = probe_h2d(True) / 1e9
-    report["h2d_pageable_GBps"] = probe_h2d(False) / 1e9
-    report["matmul_bf16_TFLOPs"] = probe_matmul() / 1e12
+    report["h2d_pinned_GBps"] = probe_h2d(CUDA, pinned=True) / 1e9
+    report["h2d_pageable_GBps"] = probe_h2d(CUDA, pinned=False) / 1e9
+    report["matmul_bf16_TFLOPs"] = probe_matmul(CUDA, torch.bfloat16) / 1e12
     print(json.dumps(report, indent=1), flush=True)
     if not args.skip_equiv:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -250,9 +207,8 @@ def main() -> int:
         t = time.perf_counter()
         store = make_synthetic_store("llama3-8b", work / "llama3-8b", progress=False)
         report["store_build_s"] = time.perf_counter() - t
-        files = sorted((store / "layers").glob("*.bin"))
-        report["disk_cold_GBps"] = probe_disk(files, cold=True) / 1e9
-        report["disk_warm_GBps"] = probe_disk(files, cold=False) / 1e9
+        report["disk_cold_GBps"] = (probe_disk(store, cold=True) or 0.0) / 1e9
+        report["disk_warm_GBps"] = (probe_disk(store, cold=False) or 0.0) / 1e9
         print(
             {k: report[k] for k in ("store_build_s", "disk_cold_GBps", "disk_warm_GBps")},
             flush=True,

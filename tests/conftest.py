@@ -84,6 +84,27 @@ def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0):
     return model
 
 
+def char_tokenizer(chat_template: str | None = None):
+    """A 256-entry character-level tokenizer (no BOS/EOS) matching the tiny configs' vocab."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    extra = [chr(i) for i in range(0xA1, 0x250) if chr(i).isprintable()]
+    vocab_list = ["<unk>", *chars]
+    vocab_list += extra[: 256 - len(vocab_list)]
+    tok = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(vocab_list)}, merges=[], unk_token="<unk>")
+    )
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """family -> (HF model, saved directory), built once per test session."""

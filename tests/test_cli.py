@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_hf_model
+from conftest import char_tokenizer, make_hf_model
 from ollm.cli import app
 
 CHAT_TEMPLATE = (
@@ -22,23 +22,8 @@ CHAT_TEMPLATE = (
 
 
 def _char_tokenizer():
-    """A 256-entry character-level tokenizer (no BOS/EOS) matching conftest's tiny vocab."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    extra = [chr(i) for i in range(0xA1, 0x250) if chr(i).isprintable()]
-    vocab_list = ["<unk>", *chars]
-    vocab_list += extra[: 256 - len(vocab_list)]
-    tok = Tokenizer(
-        models.BPE(vocab={c: i for i, c in enumerate(vocab_list)}, merges=[], unk_token="<unk>")
-    )
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """The tests' character-level tokenizer with a simple chat template."""
+    return char_tokenizer(CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from conftest import char_tokenizer
 from ollm import LLM, SamplingParams
 from ollm.errors import CorruptStoreError, WeightReadError
 from ollm.weights.store import layer_file
@@ -183,31 +184,13 @@ def test_mixed_finish_reasons_in_batch(llms):
 # -- text streaming ------------------------------------------------------------------------------
 
 
-def _char_tokenizer():
-    """A 256-entry character-level tokenizer (no BOS/EOS), as in test_cli.py."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    extra = [chr(i) for i in range(0xA1, 0x250) if chr(i).isprintable()]
-    vocab_list = ["<unk>", *chars]
-    vocab_list += extra[: 256 - len(vocab_list)]
-    tok = Tokenizer(
-        models.BPE(vocab={c: i for i, c in enumerate(vocab_list)}, merges=[], unk_token="<unk>")
-    )
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False
-    )
-
-
 @pytest.fixture(scope="module")
 def text_llm(hf_models, tmp_path_factory):
     _, path = hf_models("llama")
     root = tmp_path_factory.mktemp("text")
     model_dir = root / "llama-tok"
     shutil.copytree(path, model_dir)
-    _char_tokenizer().save_pretrained(str(model_dir))
+    char_tokenizer().save_pretrained(str(model_dir))
     llm = LLM(model_dir, device="cpu", cache_dir=root / "cache", progress=False)
     yield llm
     llm.close()

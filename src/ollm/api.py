@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -313,8 +313,3 @@ class TextStream:
         finally:
             self._cancel.set()
             self._thread.join()
-
-
-def with_params(params: SamplingParams | None, **changes: object) -> SamplingParams:
-    """A copy of ``params`` (or the defaults) with fields changed."""
-    return replace(params or SamplingParams(), **changes)

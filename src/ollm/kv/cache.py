@@ -76,13 +76,6 @@ def window_capacity(window: int | None, max_forward: int) -> int:
     return 2 * window + max_forward if window else 0
 
 
-def kv_cache_bytes(
-    batch: int, num_kv_heads: int, head_dim: int, capacity: int, dtype_bytes: int
-) -> int:
-    """Bytes one LayerKVCache of these dimensions holds."""
-    return 2 * batch * num_kv_heads * capacity * head_dim * dtype_bytes
-
-
 class SlidingKVCache(LayerKVCache):
     """KV of a sliding-window layer: keeps only the slots future queries can still see.
 

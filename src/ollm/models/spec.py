@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ollm.layers.rope import RopeSpec
 
@@ -38,7 +37,6 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
     eos_token_ids: tuple[int, ...] = ()
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -57,7 +55,3 @@ class ModelSpec:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV cache bytes per token over all layers (keys and values, per KV head, never repeated)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
-
-# HF model_type -> function(config) -> ModelSpec. Filled by the family modules in ollm.models.
-SpecBuilder = Callable[[object], ModelSpec]

@@ -69,6 +69,11 @@ class PlacementPlan:
         ]
 
     @property
+    def streamed(self) -> list[int]:
+        """Layers whose weights move to their execution device on every prefill pass, in order."""
+        return self.streamed_for("prefill")
+
+    @property
     def cpu_layers(self) -> list[int]:
         return [
             i
@@ -78,11 +83,6 @@ class PlacementPlan:
 
     def count(self, tier: str) -> int:
         return sum(1 for p in self.layers if p.tier == tier)
-
-    @property
-    def streamed(self) -> list[int]:
-        """Layers whose weights move to their execution device on every pass, in order."""
-        return [i for i, p in enumerate(self.layers) if _moves(p, self.device)]
 
     @property
     def peak_device_bytes(self) -> int:

@@ -64,6 +64,7 @@ class Prefetcher:
         self.streamed = plan.streamed_for(self.phase)
         self._streamed_set = set(self.streamed)
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}  # hybrid decode on the CPU
+        self._slot_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, layer)
         self._pinned: list[torch.Tensor] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         self._host: dict[
@@ -283,7 +284,10 @@ class Prefetcher:
             self._stall_events.append((before, after))
         else:
             self._wait_read(n)
-        return self.store.views(layer_file(i), self._slots[slot])
+        views = self._slot_views.get((slot, i))
+        if views is None:  # the ring's buffers never move: build each slot's views once
+            views = self._slot_views[(slot, i)] = self.store.views(layer_file(i), self._slots[slot])
+        return views
 
     def release(self, i: int) -> None:
         """The current stream is done with layer i's buffer once the work queued so far finishes."""
@@ -302,16 +306,11 @@ class Prefetcher:
         """Fold CUDA event timings (copy time, compute stalls) into the stats; synchronizes."""
         if not self.cuda:
             return
-        torch.cuda.synchronize(self.device)
-        with self._cond:
-            copies, self._copy_events = self._copy_events, []
+        torch.cuda.synchronize(self.device)  # copies are issued by this thread: all are done
+        copies, self._copy_events = self._copy_events, []
         stalls, self._stall_events = self._stall_events, []
-        pending = [c for c in copies if not c[1].query()]
-        done = [c for c in copies if c[1].query()]
-        with self._cond:
-            self._copy_events = pending + self._copy_events
         self.stats.add(
-            copy_seconds=sum(s.elapsed_time(e) for s, e in done) / 1e3,
+            copy_seconds=sum(s.elapsed_time(e) for s, e in copies) / 1e3,
             wait_seconds=sum(b.elapsed_time(a) for b, a in stalls) / 1e3,
         )
 
@@ -360,4 +359,5 @@ class Prefetcher:
         self._host.clear()
         self._resident.clear()
         self._slots.clear()
+        self._slot_views.clear()
         self.store.close()

@@ -156,9 +156,6 @@ class LayerStore:
     def total_nbytes(self) -> int:
         return sum(f.nbytes for f in self.files.values())
 
-    def tensor_nbytes(self, file: str, name: str) -> int:
-        return self.files[file].tensors[name].nbytes
-
     # -- reads ------------------------------------------------------------------------------
     def read_into(self, file: str, buf: torch.Tensor, verify: bool = True) -> int:
         """Read a whole store file into the CPU uint8 tensor ``buf`` (pinned or not).
