@@ -100,6 +100,52 @@ def equivalence(tmp: Path) -> list[dict]:
     return rows
 
 
+def attention_check() -> dict:
+    """Chunked-prefill attention on CUDA (bf16, Llama-3.1-8B heads): the flash + log-sum-exp merge
+    against a float32 reference, and its time next to the bottom-right-causal kernel it replaced
+    (memory-efficient, K/V repeated per head) for a 16k chunk after 48k earlier tokens."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from ollm.layers.attention import AttentionMask, chunk_attention
+
+    out: dict = {}
+    torch.manual_seed(0)
+    for t, s in ((64, 200), (1000, 3000)):
+        q = torch.randn(1, 32, t, 128, device=CUDA, dtype=torch.bfloat16)
+        k = torch.randn(1, 8, s, 128, device=CUDA, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, s, 128, device=CUDA, dtype=torch.bfloat16)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(),
+            k.float().repeat_interleave(4, 1),
+            v.float().repeat_interleave(4, 1),
+            attn_mask=AttentionMask(s - t, t, s).dense(CUDA),
+            scale=128**-0.5,
+        )
+        err = (chunk_attention(q, k, v, 128**-0.5).float() - ref).abs().max().item()
+        out[f"max_err_{t}x{s}"] = err
+    t, s = 16384, 65536
+    q = torch.randn(1, 32, t, 128, device=CUDA, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, s, 128, device=CUDA, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, s, 128, device=CUDA, dtype=torch.bfloat16)
+
+    def old():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(t, s), scale=128**-0.5, enable_gqa=True
+        )
+
+    for name, fn in (("old_s", old), ("flash_merge_s", lambda: chunk_attention(q, k, v, 0.088))):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / 3
+    flops = 4 * 32 * 128 * t * (s - t / 2)
+    out["flash_merge_TFLOPs"] = flops / out["flash_merge_s"] / 1e12
+    return out
+
+
 CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
     "cpu": ("cpu", None, False, "off"),  # non-resident layers in pinned RAM, all streamed
     "hybrid": ("cpu", None, False, "auto"),  # the same, the CPU computes some RAM layers in decode
@@ -143,6 +189,14 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
             return orig(*a, **k)
 
         runner.forward = forward
+    if os.environ.get("OLLM_PROFILE"):  # where the prefill's time goes, op by op
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompt, SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
+        ka = prof.key_averages()
+        print(ka.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     res = llm.generate(prompt, params)
     m = res.metrics
     streamed = sum(llm.store.layer_nbytes(i) for i in llm.plan.streamed_for("decode"))
@@ -197,6 +251,8 @@ def main() -> int:
     report["matmul_bf16_TFLOPs"] = probe_matmul(CUDA, torch.bfloat16) / 1e12
     print(json.dumps(report, indent=1), flush=True)
     if not args.skip_equiv:
+        report["attention"] = attention_check()
+        print(report["attention"], flush=True)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             report["equivalence"] = equivalence(Path(tmp))
         for r in report["equivalence"]:
@@ -243,7 +299,9 @@ def main() -> int:
             f"cpu layers {r['cpu_layers']} (cpu path {r['cpu_path_s']:.2f}s, predicted {r['predicted'].get('hybrid tok/s', r['predicted'].get('stream-only tok/s', 0)):.2f} tok/s) "
             f"prefill io/wait {r['prefill_io_s']:.2f}/{r['prefill_io_wait_s']:.2f}s wait {r['io_wait_s']:.2f}s copy {r['copy_s']:.2f}s read {r['read_s']:.2f}s res/stream {r['resident']}/{r['streamed']}"
         )
+    print("attention", report.get("attention"))
     ok = all(r["match"] for r in report.get("equivalence", []))
+    ok = ok and all(v < 2e-2 for k, v in report.get("attention", {}).items() if "err" in k)
     return 0 if ok else 1
 
 

@@ -9,6 +9,7 @@ for each layer i:
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,8 @@ class Runner:
         scratch = None
         caches: list = []
         spec_layers = s.layers
+        # Pinned RAM for offloaded layers is page-locked by a background thread, in layer order.
+        pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if not all_disk else None
         try:
             for i, p in enumerate(self.plan.layers):
                 tier = "disk" if all_disk else p.kv_tier
@@ -75,6 +78,7 @@ class Runner:
                             self.dtype,
                             scratch,
                             storage=store,
+                            allocator=pin_pool if tier == "cpu" else None,
                         )
                     )
                 else:
@@ -102,6 +106,9 @@ class Runner:
             for cache in caches:
                 cache.close()
             raise
+        finally:
+            if pin_pool is not None:
+                pin_pool.shutdown(wait=False)  # queued allocations still run
         return caches
 
     @torch.inference_mode()

@@ -8,6 +8,8 @@ the attention output cross PCIe (a few KB), instead of the whole cache every ste
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
+
 import torch
 
 from ollm.layers.attention import AttentionMask, attend
@@ -31,9 +33,9 @@ class KVScratch:
         if self.owner is not cache or self.valid < start:
             if self.owner is not None and self.owner is not cache:
                 self.owner.flush()
-            if start:  # strided slices: blocking copies (non_blocking is unsafe for them)
-                self.k[:, :, :start].copy_(cache.k[:, :, :start])
-                self.v[:, :, :start].copy_(cache.v[:, :, :start])
+            if start:
+                copy_slots(self.k, cache.k, 0, start)
+                copy_slots(self.v, cache.v, 0, start)
             self.owner, self.valid = cache, start
             cache.dirty_from = start
 
@@ -52,17 +54,46 @@ class OffloadedKVCache:
         scratch: KVScratch,
         decode_tokens: int = 8,
         storage=None,
+        allocator: Executor | None = None,
     ) -> None:
-        shape = (batch, kv_heads, capacity, head_dim)
+        self._shape = (batch, kv_heads, capacity, head_dim)
+        self._dtype = dtype
         n = batch * kv_heads * capacity * head_dim * torch.finfo(dtype).bits // 8
         # ``storage(nbytes) -> uint8 tensor`` places the cache (default: pinned RAM; the disk
-        # tier passes file-backed buffers).
-        self._kbuf, self._vbuf = (storage or pinned_empty)(n), (storage or pinned_empty)(n)
-        self.k = self._kbuf.view(dtype).view(shape)
-        self.v = self._vbuf.view(dtype).view(shape)
+        # tier passes file-backed buffers). Page-locking hundreds of MB takes ~60 ms, so with an
+        # ``allocator`` (a one-thread executor) it happens in the background, in layer order,
+        # while earlier layers compute; the first use waits for it.
+        make = storage or pinned_empty
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: Future | None = None
+        if allocator is not None:
+            self._pending = allocator.submit(lambda: (make(n), make(n)))
+        else:
+            self._bufs = (make(n), make(n))
         self.capacity, self.length = capacity, 0
         self.scratch, self.decode_tokens = scratch, decode_tokens
         self.dirty_from = 0
+        self._copied: torch.cuda.Event | None = None  # D2H copies the CPU must wait for
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._bufs is None:
+            assert self._pending is not None
+            self._bufs, self._pending = self._pending.result(), None
+        return self._bufs
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._buffers()[0].view(self._dtype).view(self._shape)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._buffers()[1].view(self._dtype).view(self._shape)
+
+    def _sync(self) -> None:
+        """Wait for copies into RAM before the CPU reads or writes the cache."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
 
     def attend(
         self,
@@ -79,6 +110,7 @@ class OffloadedKVCache:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
         if t <= self.decode_tokens:
             self.flush()
+            self._sync()
             self.k[:, :, start:end] = k.to("cpu")
             self.v[:, :, start:end] = v.to("cpu")
             self.length = self.dirty_from = end  # RAM is ahead of the scratch now
@@ -96,14 +128,17 @@ class OffloadedKVCache:
 
     def flush(self) -> bool:
         """Copy the slots written in the scratch since the last flush out to RAM; True if any.
-        Blocking: the slices are strided ([B, heads] outer), and an asynchronous copy into a
-        strided host tensor would be finished by the CPU before the device has written it."""
+        Asynchronous on the current stream (later kernels that overwrite the scratch queue
+        behind it); the CPU waits for it (``_sync``) before it touches the cache."""
         s = self.scratch
         if s.owner is self and self.dirty_from < self.length:
             a, b = self.dirty_from, self.length
-            self.k[:, :, a:b].copy_(s.k[:, :, a:b])
-            self.v[:, :, a:b].copy_(s.v[:, :, a:b])
+            copy_slots(self.k, s.k, a, b)
+            copy_slots(self.v, s.v, a, b)
             self.dirty_from = b
+            if s.k.device.type == "cuda":
+                self._copied = torch.cuda.Event()
+                self._copied.record()
             return True
         return False
 
@@ -115,13 +150,35 @@ class OffloadedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        b, h, c, d = self._shape
+        return 2 * b * h * c * d * torch.finfo(self._dtype).bits // 8
 
     def __len__(self) -> int:
         return self.length
 
     def close(self) -> None:
+        if self._pending is not None:
+            try:
+                self._buffers()
+            except Exception:  # the allocation failed: nothing to release
+                return
+        if self._bufs is None:
+            return
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # no copy may still target the pinned pages
-        unpin(self._kbuf)
-        unpin(self._vbuf)
+        for buf in self._bufs:
+            unpin(buf)
+        self._bufs = None
+
+
+def copy_slots(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> None:
+    """dst[:, :, a:b] = src[:, :, a:b] for [B, heads, slots, D] caches on two devices, as one
+    copy per (sequence, head): each is contiguous on both sides, so it is a direct DMA between
+    device memory and pinned RAM (asynchronous). One strided copy would instead be staged by
+    PyTorch through a pageable host buffer, at a few GB/s and blocking the CPU."""
+    if dst.device == src.device:
+        dst[:, :, a:b].copy_(src[:, :, a:b])
+        return
+    for i in range(dst.shape[0]):
+        for h in range(dst.shape[1]):
+            dst[i, h, a:b].copy_(src[i, h, a:b], non_blocking=True)

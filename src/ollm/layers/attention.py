@@ -72,8 +72,10 @@ def attend(
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa
             )
+        if mask.kv_len - mask.q_len == mask.q_start and _flash_ok(q):
+            return chunk_attention(q, k, v, scale)
         # A prefill chunk after earlier ones: causal aligned to the bottom-right corner, which
-        # the fused kernels take without building the [q_len, kv_len] mask.
+        # the memory-efficient kernel takes without building the [q_len, kv_len] mask.
         from torch.nn.attention.bias import causal_lower_right
 
         bias = causal_lower_right(mask.q_len, mask.kv_len)
@@ -106,3 +108,40 @@ def grouped_attention(
         )
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+def _flash_ok(q: torch.Tensor) -> bool:
+    """Whether the flash kernels (with their log-sum-exp output) take these queries."""
+    d = q.shape[-1]
+    if q.device.type == "cuda":
+        return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+    return q.device.type == "cpu"
+
+
+def _flash_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention (GQA native: K/V are never repeated) returning (out, logsumexp [B, H, T])."""
+    if q.device.type == "cuda":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+        return res[0], res[1][..., : q.shape[2]]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, scale=scale
+    )
+
+
+def chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention for a prefill chunk that follows earlier ones: q holds the last T of the
+    S keys. Two flash calls, the earlier keys without a mask and the chunk's own keys with a
+    square causal mask, merged by their log-sum-exps (the online-softmax merge), so neither the
+    [T, S] scores nor per-head copies of K/V are ever built."""
+    t, s = q.shape[2], k.shape[2]
+    o_old, lse_old = _flash_with_lse(q, k[:, :, : s - t], v[:, :, : s - t], False, scale)
+    o_new, lse_new = _flash_with_lse(q, k[:, :, s - t :], v[:, :, s - t :], True, scale)
+    # softmax over both key sets = w * o_old + (1 - w) * o_new, w = sigmoid(lse_old - lse_new)
+    w = torch.sigmoid(lse_old - lse_new).unsqueeze(-1).to(o_new.dtype)
+    return torch.lerp(o_new, o_old, w)
