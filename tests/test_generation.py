@@ -330,18 +330,27 @@ def test_metrics(llms, hf_models, tmp_path):
         assert m.read_seconds > 0
 
 
-def test_offloaded_kv_cache_matches_device_cache():
+@pytest.mark.parametrize("background", [False, True])
+def test_offloaded_kv_cache_matches_device_cache(background):
     """Three layers' OffloadedKVCaches sharing one scratch (prefill chunks through the scratch,
-    decode where the KV lives) attend exactly like plain caches."""
+    decode where the KV lives) attend exactly like plain caches; with ``background`` their
+    buffers are allocated by another thread, as the runner does for pinned RAM."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ollm.kv.cache import LayerKVCache
     from ollm.kv.offload import KVScratch, OffloadedKVCache
     from ollm.layers.attention import AttentionMask
 
     torch.manual_seed(0)
     scratch = KVScratch(2, 2, 16, 60, torch.float32, "cpu")
+    pool = ThreadPoolExecutor(1) if background else None
     off = [
-        OffloadedKVCache(2, 2, 16, 60, torch.float32, scratch, decode_tokens=2) for _ in range(3)
+        OffloadedKVCache(2, 2, 16, 60, torch.float32, scratch, decode_tokens=2, allocator=pool)
+        for _ in range(3)
     ]
+    if pool is not None:
+        pool.shutdown(wait=False)
+    assert off[0].nbytes == 2 * 2 * 2 * 60 * 16 * 4
     ref = [LayerKVCache(2, 2, 16, 60, torch.float32, "cpu") for _ in range(3)]
     for step, t in enumerate([20, 7, 1, 1, 5, 1]):  # prefill chunks, decode, a later chunk
         for layer in range(3):

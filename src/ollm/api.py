@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -62,6 +63,8 @@ class LLM:
         self.spec = build_spec(self.hf_config)
         self.dtype = self.store.dtype
         self._gpu_memory = cfg.gpu_memory
+        if self.device.startswith("cuda"):
+            _expandable_segments()
         if self.device.startswith("cuda") and self._gpu_memory is None:
             free, _ = torch.cuda.mem_get_info(torch.device(self.device))
             self._gpu_memory = int(free * 0.9)
@@ -313,3 +316,19 @@ class TextStream:
         finally:
             self._cancel.set()
             self._thread.join()
+
+
+def _expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments in place instead of caching fixed blocks: the
+    prefill's buffers change size from layer to layer and chunk to chunk, and with fixed blocks
+    the reserved memory (what a GPU budget must hold) rose 1 GiB above the allocated peak at 32k.
+    A setting the user made in PYTORCH_CUDA_ALLOC_CONF wins."""
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        setter = torch.cuda.memory._set_allocator_settings
+    try:
+        setter("expandable_segments:True")
+    except RuntimeError as exc:  # a platform without it keeps the default allocator
+        log.debug("expandable segments unavailable: %s", exc)

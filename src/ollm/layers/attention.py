@@ -144,4 +144,4 @@ def chunk_attention(
     o_new, lse_new = _flash_with_lse(q, k[:, :, s - t :], v[:, :, s - t :], True, scale)
     # softmax over both key sets = w * o_old + (1 - w) * o_new, w = sigmoid(lse_old - lse_new)
     w = torch.sigmoid(lse_old - lse_new).unsqueeze(-1).to(o_new.dtype)
-    return torch.lerp(o_new, o_old, w)
+    return o_new.lerp_(o_old, w)
