@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import make_hf_model
 from ollm.weights.costmodel import MachineRates, choose_cpu_layers, interleave, predict_step
@@ -100,6 +101,7 @@ def test_hybrid_plan_devices_and_schedules(store):
     for i in plan.cpu_layers:
         p = plan.layers[i]
         assert p.tier == "cpu" and p.device_for("decode") == "cpu" and p.kv_device == "cpu"
+        assert p.kv_tier == "cpu"  # pinned RAM, written through the GPU scratch in prefill
         assert p.device_for("prefill") == "cuda:0"
         assert i in plan.streamed_for("prefill") and i not in plan.streamed_for("decode")
     assert plan.phase(1) == "decode" and plan.phase(10**6) == "prefill"
@@ -137,3 +139,24 @@ def test_layer_workload_runs_a_real_decoder_layer(store):
     step, nbytes = _layer_workload(spec, 32, torch.float32)
     step()
     assert nbytes == spec.layer_param_count() * 4
+
+
+def test_offloaded_kv_attends_on_the_cpu_for_a_cpu_computed_layer():
+    """A hybrid layer's KV cache (scratch on the GPU) gets queries on the CPU in decode, also for
+    forwards longer than ``decode_tokens``: it must attend in RAM without touching the scratch
+    (a "meta" scratch stands in for the GPU one and would fail if used)."""
+    from ollm.kv.cache import LayerKVCache
+    from ollm.kv.offload import KVScratch, OffloadedKVCache
+    from ollm.layers.attention import AttentionMask
+
+    torch.manual_seed(0)
+    scratch = KVScratch(1, 2, 16, 64, torch.float32, "meta")
+    off = OffloadedKVCache(1, 2, 16, 64, torch.float32, scratch, decode_tokens=2)
+    ref = LayerKVCache(1, 2, 16, 64, torch.float32, "cpu")
+    for t in (20, 1, 9):
+        q, k, v = torch.randn(1, 8, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+        mask = AttentionMask(ref.length, t, ref.length + t)
+        torch.testing.assert_close(
+            off.attend(q, k, v, mask, 0.25, None), ref.attend(q, k, v, mask, 0.25, None)
+        )
+    assert scratch.owner is None

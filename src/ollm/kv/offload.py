@@ -108,7 +108,8 @@ class OffloadedKVCache:
         start, end = self.length, self.length + t
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
-        if t <= self.decode_tokens:
+        if t <= self.decode_tokens or q.device != self.scratch.k.device:
+            # Decode (or a layer the CPU computes, as in hybrid decode): attend where the KV is.
             self.flush()
             self._sync()
             self.k[:, :, start:end] = k.to("cpu")

@@ -355,7 +355,15 @@ def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, f
     if k == 0:
         return layers, 0, predicted
     chosen = interleave(cands, k)
-    layers = [replace(p, decode_device="cpu") if i in chosen else p for i, p in enumerate(layers)]
+    # The KV of a CPU-decoded layer lives in pinned RAM as an OffloadedKVCache: prefill (on the
+    # GPU) writes it through the shared scratch with asynchronous per-head copies, decode attends
+    # on the CPU where it sits. A layer whose KV the planner already sent to disk keeps that tier.
+    layers = [
+        replace(p, decode_device="cpu", kv_tier="cpu" if p.kv_tier == "device" else p.kv_tier)
+        if i in chosen
+        else p
+        for i, p in enumerate(layers)
+    ]
     # Largest forward the CPU still computes faster than the copy engine streams the layer.
     switch = int(rates.cpu_flops * layer_bytes / (rates.pcie * 2 * params))
     predicted.update(
