@@ -160,3 +160,33 @@ def test_offloaded_kv_attends_on_the_cpu_for_a_cpu_computed_layer():
             off.attend(q, k, v, mask, 0.25, None), ref.attend(q, k, v, mask, 0.25, None)
         )
     assert scratch.owner is None
+
+
+@pytest.mark.parametrize("measured, demoted", [(40.0, True), (95.0, False)])
+def test_hybrid_that_measures_slower_than_streaming_is_dropped(tmp_path, measured, demoted):
+    """A hybrid plan (faked here on the CPU device: the review only reads the plan) whose decode
+    measures below 90% of streaming's predicted 100 tok/s is re-planned without CPU layers."""
+    from dataclasses import replace
+
+    from ollm import LLM, SamplingParams
+    from ollm.telemetry.metrics import GenerationMetrics
+
+    make_hf_model("llama", tmp_path / "hf")
+    llm = LLM(tmp_path / "hf", device="cpu", cache_dir=tmp_path / "c", progress=False)
+    real = llm.plan
+    layers = tuple(replace(p, decode_device="cpu") for p in real.layers)
+    fake = replace(real, device="cuda:0", layers=layers, predicted={"stream-only tok/s": 100.0})
+    llm.plan = fake
+    assert llm.plan.cpu_layers
+    too_short = GenerationMetrics(generated_tokens=4, decode_seconds=3 / measured)
+    llm._review_hybrid(too_short, 1)
+    assert llm.plan.cpu_layers  # 3 steps say nothing yet
+    llm._review_hybrid(GenerationMetrics(generated_tokens=21, decode_seconds=20 / measured), 1)
+    assert getattr(llm, "_hybrid_demoted", False) == demoted
+    assert (llm.plan is fake) != demoted
+    if not demoted:
+        llm.plan = real  # the fake plan cannot run here
+    assert not llm.plan.cpu_layers and llm.plan.device == "cpu"
+    out = llm.generate([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0))
+    assert len(out.token_ids) == 4
+    llm.close()

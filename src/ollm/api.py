@@ -103,7 +103,8 @@ class LLM:
                 f"(max_context={fit}, --max-context {fit})"
             ) from None
         self.rates = None
-        if self.plan.device != "cpu" and cfg.hybrid != "off" and self.plan.count("cpu"):
+        hybrid = "off" if getattr(self, "_hybrid_demoted", False) else cfg.hybrid
+        if self.plan.device != "cpu" and hybrid != "off" and self.plan.count("cpu"):
             # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
             from ollm.weights.convert import default_cache_dir
             from ollm.weights.costmodel import cached_rates
@@ -111,7 +112,7 @@ class LLM:
             cache = Path(cfg.cache_dir or default_cache_dir())
             self.rates = cached_rates(self.device, cache, self.dtype, self.spec, workload.context)
             self.plan = plan_placement(
-                *args, workload, elem, self.rates, cfg.hybrid, cfg.cpu_layers, **chunk
+                *args, workload, elem, self.rates, hybrid, cfg.cpu_layers, **chunk
             )
             if self.plan.cpu_layers:
                 torch.set_num_threads(self.rates.cpu_threads)
@@ -199,6 +200,7 @@ class LLM:
         self._check_request(ids, params)
         with self._lock:
             outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)
+            self._review_hybrid(metrics, len(ids))
         results = [
             GenerationResult(
                 o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", metrics
@@ -206,6 +208,27 @@ class LLM:
             for o in outs
         ]
         return results[0] if single else results
+
+    def _review_hybrid(self, metrics: GenerationMetrics, batch: int) -> None:
+        """Hybrid decode is chosen on a prediction; keep it only while measurement agrees. When a
+        request of at least 8 decode steps runs below 90% of the rate predicted for streaming
+        alone (a simple, well-predicted path), later requests stream every RAM layer instead
+        (one re-plan). A forced ``cpu_layers`` is left alone."""
+        if not self.plan.cpu_layers or self.config.cpu_layers is not None or batch != 1:
+            return
+        stream = float(self.plan.predicted.get("stream-only tok/s", 0.0))
+        measured = metrics.decode_tokens_per_second
+        if metrics.generated_tokens - 1 < 8 or not stream or measured >= 0.9 * stream:
+            return
+        log.warning(
+            "hybrid decode measured %.2f tok/s, below the %.2f tok/s predicted for streaming "
+            "alone: later requests stream every RAM layer (hybrid='off' skips this trial)",
+            measured,
+            stream,
+        )
+        self._hybrid_demoted = True
+        self.prefetcher.close()
+        self._setup(self.workload)
 
     def chat(
         self, messages: list[dict[str, str]], params: SamplingParams | None = None
