@@ -37,6 +37,11 @@ def plan_layers(plan) -> int:
     return len(plan.layers)
 
 
+def kv_tiers(plan) -> dict[str, int]:
+    tiers = [p.kv_tier for p in plan.layers]
+    return {"kv_ram_layers": tiers.count("cpu"), "kv_disk_layers": tiers.count("disk")}
+
+
 def equivalence(tmp: Path) -> list[dict]:
     from conftest import FAMILIES, make_hf_model
     from ollm import LLM, SamplingParams
@@ -93,8 +98,7 @@ def equivalence(tmp: Path) -> list[dict]:
                     "cpu_layers": len(llm.plan.cpu_layers),
                     "cpu_path_s": res.metrics.cpu_path_seconds,
                     "cpu_max_tokens": llm.plan.cpu_max_tokens,
-                    "kv_ram_layers": sum(p.kv_tier == "cpu" for p in llm.plan.layers),
-                    "kv_disk_layers": sum(p.kv_tier == "disk" for p in llm.plan.layers),
+                    **kv_tiers(llm.plan),
                     "layers": llm.spec.num_layers,
                     "bytes_h2d": res.metrics.bytes_copied_h2d,
                 }
@@ -113,6 +117,7 @@ def attention_check() -> dict:
     from ollm.layers.attention import AttentionMask, chunk_attention
 
     out: dict = {}
+    scale = 128**-0.5
     torch.manual_seed(0)
     for t, s in ((64, 200), (1000, 3000)):
         q = torch.randn(1, 32, t, 128, device=CUDA, dtype=torch.bfloat16)
@@ -123,9 +128,9 @@ def attention_check() -> dict:
             k.float().repeat_interleave(4, 1),
             v.float().repeat_interleave(4, 1),
             attn_mask=AttentionMask(s - t, t, s).dense(CUDA),
-            scale=128**-0.5,
+            scale=scale,
         )
-        err = (chunk_attention(q, k, v, 128**-0.5).float() - ref).abs().max().item()
+        err = (chunk_attention(q, k, v, scale).float() - ref).abs().max().item()
         out[f"max_err_{t}x{s}"] = err
     t, s = 16384, 65536
     q = torch.randn(1, 32, t, 128, device=CUDA, dtype=torch.bfloat16)
@@ -134,10 +139,10 @@ def attention_check() -> dict:
 
     def old():
         return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_lower_right(t, s), scale=128**-0.5, enable_gqa=True
+            q, k, v, attn_mask=causal_lower_right(t, s), scale=scale, enable_gqa=True
         )
 
-    for name, fn in (("old_s", old), ("flash_merge_s", lambda: chunk_attention(q, k, v, 0.088))):
+    for name, fn in (("old_s", old), ("flash_merge_s", lambda: chunk_attention(q, k, v, scale))):
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -159,6 +164,7 @@ CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
     "kv-disk": ("cpu", None, False, "off"),  # as "cpu", with the KV cache in files (disk tier)
 }
 KV_CACHE = {"kv-disk": "disk"}  # case -> kv_cache setting (default "auto")
+RAM_CASES = ("cpu", "hybrid", "kv-disk")  # weights stream from pinned RAM
 
 
 def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -> dict:
@@ -224,8 +230,7 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
         "decode_tok_s": m.decode_tokens_per_second,
         "decode_s_per_tok": 1 / m.decode_tokens_per_second if m.decode_tokens_per_second else None,
         "peak_gpu_GiB": m.peak_gpu_memory / GiB,
-        "kv_ram_layers": sum(p.kv_tier == "cpu" for p in llm.plan.layers),
-        "kv_disk_layers": sum(p.kv_tier == "disk" for p in llm.plan.layers),
+        **kv_tiers(llm.plan),
         "prefill_chunk": llm.plan.prefill_chunk_tokens,
         "rss_GiB": __import__("psutil").Process().memory_info().rss / GiB,
         "io_wait_s": m.io_wait_seconds,
@@ -281,15 +286,11 @@ def main() -> int:
         report["bench"] = []
         for case in args.cases.split(","):
             cold = case.endswith("cold")
-            new = (
-                args.new
-                if case in ("cpu", "hybrid", "kv-disk")
-                else max(4, args.new // (8 if cold else 4))
-            )
+            new = args.new if case in RAM_CASES else max(4, args.new // (8 if cold else 4))
             r = bench_case(store, case, "8GiB", args.prompt, new)
             bw = (
                 report["h2d_pinned_GBps"]
-                if case in ("cpu", "hybrid", "kv-disk")
+                if case in RAM_CASES
                 else min(
                     report["h2d_pinned_GBps"],
                     report["disk_cold_GBps" if cold else "disk_warm_GBps"],

@@ -182,7 +182,7 @@ def test_hybrid_that_measures_slower_than_streaming_is_dropped(tmp_path, measure
     llm._review_hybrid(too_short, 1)
     assert llm.plan.cpu_layers  # 3 steps say nothing yet
     llm._review_hybrid(GenerationMetrics(generated_tokens=21, decode_seconds=20 / measured), 1)
-    assert getattr(llm, "_hybrid_demoted", False) == demoted
+    assert llm._hybrid_demoted == demoted
     assert (llm.plan is fake) != demoted
     if not demoted:
         llm.plan = real  # the fake plan cannot run here

@@ -69,6 +69,7 @@ class LLM:
             free, _ = torch.cuda.mem_get_info(torch.device(self.device))
             self._gpu_memory = int(free * 0.9)
         self.stats = IOStats()
+        self._hybrid_demoted = False  # set when hybrid decode measured slower than streaming
         self._setup(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
         from ollm.weights.convert import default_cache_dir as _cache_root
@@ -103,7 +104,7 @@ class LLM:
                 f"(max_context={fit}, --max-context {fit})"
             ) from None
         self.rates = None
-        hybrid = "off" if getattr(self, "_hybrid_demoted", False) else cfg.hybrid
+        hybrid = "off" if self._hybrid_demoted else cfg.hybrid
         if self.plan.device != "cpu" and hybrid != "off" and self.plan.count("cpu"):
             # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
             from ollm.weights.convert import default_cache_dir
@@ -128,8 +129,12 @@ class LLM:
         w = self.workload
         if tokens <= w.context and batch <= w.batch:
             return
+        self._replan(Workload(max(batch, w.batch), max(tokens, w.context), max(tokens, w.context)))
+
+    def _replan(self, workload) -> None:
+        """Release the current placement's buffers, then plan and load for ``workload``."""
         self.prefetcher.close()
-        self._setup(Workload(max(batch, w.batch), max(tokens, w.context), max(tokens, w.context)))
+        self._setup(workload)
 
     def _load_tokenizer(self):
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -227,8 +232,7 @@ class LLM:
             stream,
         )
         self._hybrid_demoted = True
-        self.prefetcher.close()
-        self._setup(self.workload)
+        self._replan(self.workload)
 
     def chat(
         self, messages: list[dict[str, str]], params: SamplingParams | None = None

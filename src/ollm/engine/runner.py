@@ -57,7 +57,8 @@ class Runner:
         caches: list = []
         spec_layers = s.layers
         # Pinned RAM for offloaded layers is page-locked by a background thread, in layer order.
-        pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if not all_disk else None
+        pinned = not all_disk and any(p.kv_tier == "cpu" for p in self.plan.layers)
+        pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if pinned else None
         try:
             for i, p in enumerate(self.plan.layers):
                 tier = "disk" if all_disk else p.kv_tier

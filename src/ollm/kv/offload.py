@@ -64,30 +64,39 @@ class OffloadedKVCache:
         # ``allocator`` (a one-thread executor) it happens in the background, in layer order,
         # while earlier layers compute; the first use waits for it.
         make = storage or pinned_empty
-        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # raw bytes (to unpin)
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # typed [B, H, S, D] views
         self._pending: Future | None = None
         if allocator is not None:
             self._pending = allocator.submit(lambda: (make(n), make(n)))
         else:
-            self._bufs = (make(n), make(n))
+            self._adopt((make(n), make(n)))
         self.capacity, self.length = capacity, 0
         self.scratch, self.decode_tokens = scratch, decode_tokens
         self.dirty_from = 0
         self._copied: torch.cuda.Event | None = None  # D2H copies the CPU must wait for
 
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._bufs is None:
+    def _adopt(self, bufs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._bufs = bufs
+        self._kv = (
+            bufs[0].view(self._dtype).view(self._shape),
+            bufs[1].view(self._dtype).view(self._shape),
+        )
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kv is None:  # first use: wait for the background allocation
             assert self._pending is not None
-            self._bufs, self._pending = self._pending.result(), None
-        return self._bufs
+            pending, self._pending = self._pending, None
+            self._adopt(pending.result())
+        return self._kv  # type: ignore[return-value]
 
     @property
     def k(self) -> torch.Tensor:
-        return self._buffers()[0].view(self._dtype).view(self._shape)
+        return self._views()[0]
 
     @property
     def v(self) -> torch.Tensor:
-        return self._buffers()[1].view(self._dtype).view(self._shape)
+        return self._views()[1]
 
     def _sync(self) -> None:
         """Wait for copies into RAM before the CPU reads or writes the cache."""
@@ -160,7 +169,7 @@ class OffloadedKVCache:
     def close(self) -> None:
         if self._pending is not None:
             try:
-                self._buffers()
+                self._views()
             except Exception:  # the allocation failed: nothing to release
                 return
         if self._bufs is None:
@@ -169,7 +178,7 @@ class OffloadedKVCache:
             torch.cuda.synchronize()  # no copy may still target the pinned pages
         for buf in self._bufs:
             unpin(buf)
-        self._bufs = None
+        self._bufs = self._kv = None
 
 
 def copy_slots(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> None:
