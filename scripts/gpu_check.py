@@ -10,7 +10,8 @@
    its physical floor (streamed bytes / measured bandwidth). Cases (``--cases``): cpu, hybrid,
    disk, disk-cold, all-disk, kv-disk (KV in files under $OLLM_KV_DIR or the temp dir).
    ``--prompt 100000`` etc. for long context; ``OLLM_PROFILE=1`` prints profiler tables of the
-   measured request's prefill.
+   measured request's prefill (``=decode``: also a Chrome trace with 3 decode steps);
+   ``OLLM_TIMELINE=1`` saves its per-layer spans (JSON and a plot).
 """
 
 from __future__ import annotations
@@ -167,6 +168,18 @@ KV_CACHE = {"kv-disk": "disk"}  # case -> kv_cache setting (default "auto")
 RAM_CASES = ("cpu", "hybrid", "kv-disk")  # weights stream from pinned RAM
 
 
+def save_timeline(timeline, out: Path, name: str) -> None:
+    """Spans as JSON (for offline analysis of the decode steps) and a plot of the first steps."""
+    from dataclasses import asdict
+
+    from ollm.bench.plot import plot_timeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    spans = timeline.spans()
+    (out / f"timeline-{name}.json").write_text(json.dumps([asdict(s) for s in spans]))
+    plot_timeline(spans, out / f"timeline-{name}.png", steps=3, title=name)
+
+
 def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -> dict:
     from ollm import LLM, SamplingParams
 
@@ -203,15 +216,31 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
             return orig(*a, **k)
 
         runner.forward = forward
-    if os.environ.get("OLLM_PROFILE"):  # where the prefill's time goes, op by op
+    if os.environ.get("OLLM_PROFILE"):  # where the prefill's (or decode's) time goes, op by op
         from torch.profiler import ProfilerActivity, profile
 
+        steps = 4 if os.environ["OLLM_PROFILE"] == "decode" else 1
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            llm.generate(prompt, SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
+            llm.generate(
+                prompt, SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
+            )
+        if steps > 1:  # a Chrome trace of the prefill and 3 decode steps, for offline reading
+            out = Path(os.environ.get("OUT", "."))
+            out.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(out / f"trace-{case}-{prompt_len}.json"))
         ka = prof.key_averages()
         print(ka.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    timeline = None
+    if os.environ.get("OLLM_TIMELINE"):  # per-layer copy/compute/CPU spans of the measured request
+        from ollm.telemetry.timeline import Timeline
+
+        timeline = Timeline(llm.device)
+        llm.runner.timeline = llm.prefetcher.timeline = timeline
     res = llm.generate(prompt, params)
+    if timeline is not None:
+        llm.runner.timeline = llm.prefetcher.timeline = None
+        save_timeline(timeline, Path(os.environ.get("OUT", ".")), f"{case}-{prompt_len}")
     m = res.metrics
     streamed = sum(llm.store.layer_nbytes(i) for i in llm.plan.streamed_for("decode"))
     out = {
