@@ -153,6 +153,48 @@ def attention_check() -> dict:
         out[name] = (time.perf_counter() - t0) / 3
     flops = 4 * 32 * 128 * t * (s - t / 2)
     out["flash_merge_TFLOPs"] = flops / out["flash_merge_s"] / 1e12
+    out.update(decode_attention_check(scale))
+    return out
+
+
+def decode_attention_check(scale: float) -> dict:
+    """``attend`` (flash) against SDPA's default choice (cuDNN on Hopper) for decode, where the
+    key length is new at every step, and for a whole-prompt causal prefill: error against a float
+    reference, and seconds per call."""
+    from ollm.layers.attention import AttentionMask, attend
+
+    out: dict = {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for name, t, s in (("decode", 1, 8192), ("prefill", 8192, 8192)):
+        q = torch.randn(1, 32, 1 if t == 1 else s + 16, 128, device=CUDA, dtype=torch.bfloat16)
+        k = torch.randn(1, 8, s + 16, 128, device=CUDA, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, s + 16, 128, device=CUDA, dtype=torch.bfloat16)
+        causal = t > 1
+        m = AttentionMask(s - t, t, s)
+        ref = sdpa(
+            q[:, :, :512].float(),
+            k[:, :, :s].float().repeat_interleave(4, 1),
+            v[:, :, :s].float().repeat_interleave(4, 1),
+            attn_mask=None if not causal else m.dense(CUDA)[..., :512, :],
+            scale=scale,
+        )
+        got = attend(q[:, :, :t], k[:, :, :s], v[:, :, :s], m, scale)[:, :, :512]
+        out[f"{name}_max_err"] = (got.float() - ref).abs().max().item()
+        for kind in ("flash", "sdpa_default"):
+            times = []
+            for step in range(8):  # a new key length per call, as in decode
+                n = s + step * (1 if t == 1 else 2)
+                q_ = q if t == 1 else q[:, :, :n]
+                kk, vv = k[:, :, :n], v[:, :, :n]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if kind == "flash":
+                    attend(q_, kk, vv, AttentionMask(n - q_.shape[2], q_.shape[2], n), scale)
+                else:
+                    sdpa(q_, kk, vv, is_causal=causal, scale=scale, enable_gqa=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[f"{name}_{kind}_s"] = sum(times[1:]) / len(times[1:])
     return out
 
 

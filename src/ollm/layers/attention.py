@@ -69,6 +69,10 @@ def attend(
     if mask.is_plain_causal():
         if mask.q_len == 1 or mask.q_start == 0 and mask.q_len == mask.kv_len:
             causal = mask.q_len > 1
+            if q.device.type == "cuda" and _flash_ok(q):
+                # Flash directly: SDPA's default on Hopper is cuDNN, which builds an execution
+                # plan for every new key length (~50 ms on the host), i.e. once per decode step.
+                return _flash_with_lse(q, k, v, causal, scale)[0]
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa
             )
