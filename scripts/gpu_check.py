@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,7 +41,11 @@ def plan_layers(plan) -> int:
 
 def kv_tiers(plan) -> dict[str, int]:
     tiers = [p.kv_tier for p in plan.layers]
-    return {"kv_ram_layers": tiers.count("cpu"), "kv_disk_layers": tiers.count("disk")}
+    return {
+        "kv_ram_layers": tiers.count("cpu"),
+        "kv_disk_layers": tiers.count("disk"),
+        "kv_fetch_layers": sum(p.kv_fetch for p in plan.layers),
+    }
 
 
 def equivalence(tmp: Path) -> list[dict]:
@@ -59,7 +64,7 @@ def equivalence(tmp: Path) -> list[dict]:
             eos_token_id=None,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
-        for offload in ("cpu", "disk", "hybrid", "kv-ram"):
+        for offload in ("cpu", "disk", "hybrid", "kv-ram", "kv-fetch"):
             probe = LLM(tmp / f"hf-{fam}", device="cpu", cache_dir=tmp / "c", progress=False)
             plan = plan_placement(
                 probe.spec, probe.store, "cuda:0", None, None, "auto", probe.workload, 4
@@ -71,7 +76,7 @@ def equivalence(tmp: Path) -> list[dict]:
                 if k not in ("resident layers", "stream buffers")
             )
             budget = fixed + int(3.5 * plan.layer_bytes)  # one resident layer, the rest streamed
-            if offload == "kv-ram":  # KV of all but one layer in pinned RAM (+ a prefill scratch)
+            if offload in ("kv-ram", "kv-fetch"):  # KV of all but one layer in pinned RAM
                 kv_layer = plan.reserved["kv cache"] // plan_layers(plan)
                 budget = (
                     fixed - plan.reserved["kv cache"] + 2 * kv_layer + int(2.5 * plan.layer_bytes)
@@ -81,7 +86,7 @@ def equivalence(tmp: Path) -> list[dict]:
                 tmp / f"hf-{fam}",
                 device="cuda:0",
                 gpu_memory=budget,
-                offload="cpu" if offload in ("hybrid", "kv-ram") else offload,
+                offload="cpu" if offload in ("hybrid", "kv-ram", "kv-fetch") else offload,
                 hybrid="auto" if hybrid else "off",
                 cpu_layers=2 if hybrid else None,
                 cache_dir=tmp / "c",
@@ -89,6 +94,12 @@ def equivalence(tmp: Path) -> list[dict]:
             )
             if hybrid:
                 assert len(llm.plan.cpu_layers) == 2, llm.plan.describe()
+            if offload == "kv-fetch":  # every other RAM-KV layer attends on the GPU in decode
+                layers = tuple(
+                    replace(p, kv_fetch=p.kv_tier == "cpu" and i % 2 == 0)
+                    for i, p in enumerate(llm.plan.layers)
+                )
+                llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
             res = llm.generate(prompt, SamplingParams(max_new_tokens=32, temperature=0))
             rows.append(
                 {
@@ -205,9 +216,10 @@ CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
     "disk-cold": ("auto", "1MiB", True, "off"),
     "all-disk": ("disk", None, False, "off"),  # every layer from the store each pass (oLLM)
     "kv-disk": ("cpu", None, False, "off"),  # as "cpu", with the KV cache in files (disk tier)
+    "kv-cpu": ("cpu", None, False, "off"),  # as "cpu", all RAM KV attended on the CPU (no fetch)
 }
 KV_CACHE = {"kv-disk": "disk"}  # case -> kv_cache setting (default "auto")
-RAM_CASES = ("cpu", "hybrid", "kv-disk")  # weights stream from pinned RAM
+RAM_CASES = ("cpu", "hybrid", "kv-disk", "kv-cpu")  # weights stream from pinned RAM
 
 
 def save_timeline(timeline, out: Path, name: str) -> None:
@@ -239,6 +251,9 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
         max_context=prompt_len + new + 8,
         progress=False,
     )
+    if case == "kv-cpu":  # the same placement, without fetching any KV to the GPU in decode
+        layers = tuple(replace(p, kv_fetch=False) for p in llm.plan.layers)
+        llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
     files = [store / f"layers/layer_{i:04d}.bin" for i in llm.plan.streamed_for("decode")]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.spec.vocab_size, (prompt_len,), generator=g).tolist()
@@ -382,6 +397,7 @@ def main() -> int:
             f"bench {r['case']:10s} prefill {r['prefill_s']:.2f}s decode {r['decode_tok_s']:.2f} tok/s "
             f"({r['decode_s_per_tok'] or 0:.3f} s/tok, floor {r['floor_s_per_tok']:.3f}) peak {r['peak_gpu_GiB']:.2f} GiB "
             f"cpu layers {r['cpu_layers']} (cpu path {r['cpu_path_s']:.2f}s, predicted {r['predicted'].get('hybrid tok/s', r['predicted'].get('stream-only tok/s', 0)):.2f} tok/s) "
+            f"kv ram/fetch/disk {r['kv_ram_layers']}/{r['kv_fetch_layers']}/{r['kv_disk_layers']} "
             f"prefill io/wait {r['prefill_io_s']:.2f}/{r['prefill_io_wait_s']:.2f}s wait {r['io_wait_s']:.2f}s copy {r['copy_s']:.2f}s read {r['read_s']:.2f}s res/stream {r['resident']}/{r['streamed']}"
         )
     print("attention", report.get("attention"))

@@ -190,3 +190,49 @@ def test_hybrid_that_measures_slower_than_streaming_is_dropped(tmp_path, measure
     out = llm.generate([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0))
     assert len(out.token_ids) == 4
     llm.close()
+
+
+def _kv_plan(store, context: int, **kw):
+    """A long context whose KV cannot all sit on the GPU: weights streamed, KV partly in RAM."""
+    spec, s = store
+    work = Workload(1, context, context)
+    fixed = plan_placement(spec, s, "cuda:0", None, None, "cpu", work, 4, chunk_tokens=256)
+    kv = fixed.reserved["kv cache"]
+    others = sum(
+        v
+        for k, v in fixed.reserved.items()
+        if k not in ("resident layers", "stream buffers", "kv cache")
+    )
+    budget = others + kv * 3 // 4 + 3 * s.max_layer_nbytes  # 3/4 of the KV fits, 2-3 slots
+    return plan_placement(
+        spec, s, "cuda:0", budget, None, "cpu", work, 4, chunk_tokens=256, hybrid="off", **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "cpu_gb, pcie_gb, fetch",
+    [(0.1, 55.0, "most"), (1000.0, 55.0, "none"), (1.0, 55.0, "some")],
+)
+def test_kv_fetch_split_follows_the_rates(store, cpu_gb, pcie_gb, fetch):
+    """Which RAM-KV layers decode fetches to the GPU: nearly all when the CPU is slow, none
+    when it is fast (and then no fetch buffers are reserved), a share when both are close.
+    (``cpu`` is a whole layer's weight bytes/s at the context; its KV is ~50x the tiny layer's
+    weights here, so 1 GB/s of weights is ~50 GB/s of KV reads.)"""
+    r = rates(cpu=cpu_gb * GB, pcie=pcie_gb * GB, scale=1e-5)
+    plan = _kv_plan(store, 20000, rates=r)
+    ram = [i for i, p in enumerate(plan.layers) if p.kv_tier == "cpu"]
+    fetched = [i for i, p in enumerate(plan.layers) if p.kv_fetch]
+    assert ram and set(fetched) <= set(ram)
+    without = _kv_plan(store, 20000)  # no cost model: no fetching, no buffers
+    assert not any(p.kv_fetch for p in without.layers)
+    if fetch == "none":
+        assert not fetched and plan.reserved == without.reserved
+        return
+    assert plan.reserved["kv cache"] <= without.reserved["kv cache"]  # same GPU memory...
+    assert len(ram) >= sum(p.kv_tier == "cpu" for p in without.layers)  # ...more KV in RAM
+    assert "decode s (KV split)" in plan.predicted
+    if fetch == "most":
+        assert len(fetched) >= len(ram) - 1
+    else:
+        assert 0 < len(fetched) < len(ram)
+    assert any("KV fetched" in label for label, _ in plan.describe())

@@ -148,3 +148,69 @@ def test_pinned_kv_larger_than_ram_is_refused_before_prefill(hf_models, tmp_path
     with pytest.raises(OllmError, match="pinned RAM for its KV cache"):
         llm.generate(PROMPT, SamplingParams(max_new_tokens=3, temperature=0))
     llm.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fetched_kv_decode_matches_transformers(family, hf_models, tmp_path):
+    """KV of some layers in (pinned) RAM attended on the CPU, of others fetched back to the
+    compute device each decode step (``kv_fetch``), with the prompt in small prefill chunks:
+    greedy tokens equal transformers', RAM stays the complete cache, and a forward that did not
+    announce the step (no ``start_step``) still fetches correctly."""
+    from dataclasses import replace
+
+    from ollm.kv.offload import KVFetcher, OffloadedKVCache
+
+    model, path = hf_models(family)
+    llm = LLM(path, device="cpu", prefill_chunk=32, cache_dir=tmp_path, progress=False)
+    n = len(llm.plan.layers)
+    layers = tuple(
+        replace(p, kv_tier="cpu", kv_fetch=i % 2 == 1) if i > 0 else p
+        for i, p in enumerate(llm.plan.layers)
+    )
+    llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
+    kv = llm.runner.new_kv(1, len(PROMPT) + 12)
+    fetched = [c for c in kv if isinstance(c, OffloadedKVCache) and c.fetcher is not None]
+    assert len(fetched) == n // 2 and isinstance(fetched[0].fetcher, KVFetcher)
+    for c in kv:
+        c.close()
+    assert all(c.fetcher is None for c in fetched)
+
+    calls = []
+    orig = KVFetcher.take
+
+    def take(self, cache):
+        calls.append(id(cache) in self._pending)
+        return orig(self, cache)
+
+    KVFetcher.take = take
+    try:
+        res = llm.generate(PROMPT, SamplingParams(max_new_tokens=12, temperature=0))
+    finally:
+        KVFetcher.take = orig
+    assert res.token_ids == hf_greedy(model, PROMPT, 12)
+    assert len(calls) == 11 * (n // 2) and all(calls)  # every decode step, issued ahead
+    llm.close()
+
+
+def test_fetcher_without_start_step_and_ram_stays_complete():
+    from ollm.kv.cache import LayerKVCache
+    from ollm.kv.offload import KVFetcher, KVScratch, OffloadedKVCache
+    from ollm.layers.attention import AttentionMask
+
+    torch.manual_seed(0)
+    scratch = KVScratch(1, 2, 16, 64, torch.float32, "cpu")
+    offs = [OffloadedKVCache(1, 2, 16, 64, torch.float32, scratch, 2) for _ in range(3)]
+    fetcher = KVFetcher(offs)
+    refs = [LayerKVCache(1, 2, 16, 64, torch.float32, "cpu") for _ in range(3)]
+    for step, t in enumerate((20, 1, 1, 2, 1)):
+        if step == 2:
+            fetcher.start_step()  # steps 1, 3, 4 are not announced: copies are made on demand
+        for off, ref in zip(offs, refs, strict=True):
+            q, k, v = torch.randn(1, 8, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+            mask = AttentionMask(ref.length, t, ref.length + t)
+            got = off.attend(q, k, v, mask, 0.25, None)
+            torch.testing.assert_close(got, ref.attend(q, k, v, mask, 0.25, None))
+    for off, ref in zip(offs, refs, strict=True):
+        off.flush()
+        torch.testing.assert_close(off.k[:, :, : ref.length], ref.k[:, :, : ref.length])
+        torch.testing.assert_close(off.v[:, :, : ref.length], ref.v[:, :, : ref.length])

@@ -105,8 +105,10 @@ class LLM:
             ) from None
         self.rates = None
         hybrid = "off" if self._hybrid_demoted else cfg.hybrid
-        if self.plan.device != "cpu" and hybrid != "off" and self.plan.count("cpu"):
-            # Layers sit in RAM: measure (once per machine) whether the CPU should compute some.
+        kv_in_ram = any(p.kv_tier == "cpu" for p in self.plan.layers)
+        if self.plan.device != "cpu" and (hybrid != "off" and self.plan.count("cpu") or kv_in_ram):
+            # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
+            # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
             from ollm.weights.convert import default_cache_dir
             from ollm.weights.costmodel import cached_rates
 

@@ -110,6 +110,11 @@ class Runner:
         finally:
             if pin_pool is not None:
                 pin_pool.shutdown(wait=False)  # queued allocations still run
+        fetched = [c for c, p in zip(caches, self.plan.layers, strict=True) if p.kv_fetch]
+        if fetched and not all_disk:
+            from ollm.kv.offload import KVFetcher
+
+            KVFetcher(fetched)  # decode attends these layers on the GPU over prefetched copies
         return caches
 
     @torch.inference_mode()
@@ -140,6 +145,9 @@ class Runner:
         if spec.embed_scale is not None:
             h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
         b, t = input_ids.shape
+        fetcher = next((c.fetcher for c in kv if getattr(c, "fetcher", None) is not None), None)
+        if fetcher is not None and t <= fetcher.decode_tokens:
+            fetcher.start_step()  # copies of fetched KV start now, beside the weight copies
         phase = self.plan.phase(b * t) if self.plan.cpu_layers else "prefill"
         pf.set_phase(phase)
         hybrid_cpu = phase == "decode" and bool(self.plan.cpu_layers)

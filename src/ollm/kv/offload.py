@@ -3,7 +3,10 @@
 Prefill attends on the GPU: a layer's keys/values for the whole prompt go to a scratch buffer
 shared by all offloaded layers (one layer's KV at a time), and are copied out to RAM when the
 layer is done. Decode attends on the CPU, where the cache lives: only the new token's q/k/v and
-the attention output cross PCIe (a few KB), instead of the whole cache every step.
+the attention output cross PCIe (a few KB), instead of the whole cache every step. For the
+layers the plan marks ``kv_fetch``, a ``KVFetcher`` instead copies the cache back to the GPU
+ahead of use (two buffers, on its own stream, beside the weight copies), so that the copy engine
+and the CPU share the KV reads and finish together.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class OffloadedKVCache:
         self.scratch, self.decode_tokens = scratch, decode_tokens
         self.dirty_from = 0
         self._copied: torch.cuda.Event | None = None  # D2H copies the CPU must wait for
+        self._written: torch.cuda.Event | None = None  # the last D2H write (a fetch waits on it)
+        self.fetcher: KVFetcher | None = None  # set for layers whose decode attends on the GPU
 
     def _adopt(self, bufs: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._bufs = bufs
@@ -117,6 +122,8 @@ class OffloadedKVCache:
         start, end = self.length, self.length + t
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        if self.fetcher is not None and t <= self.decode_tokens and q.device == self.fetcher.device:
+            return self._attend_fetched(q, k, v, mask, scale, dense_mask, start, end)
         if t <= self.decode_tokens or q.device != self.scratch.k.device:
             # Decode (or a layer the CPU computes, as in hybrid decode): attend where the KV is.
             self.flush()
@@ -136,6 +143,25 @@ class OffloadedKVCache:
         s.valid = self.length = end
         return attend(q, s.k[:, :, :end], s.v[:, :, :end], mask, scale, dense_mask)
 
+    def _attend_fetched(self, q, k, v, mask, scale, dense_mask, start, end):
+        """Decode on the GPU over the copy the fetcher brought in; the new slots are written
+        to that copy and, asynchronously, to RAM (which stays the complete cache)."""
+        self.flush()
+        kb, vb, slot = self.fetcher.take(self)
+        kb[:, :, start:end] = k
+        vb[:, :, start:end] = v
+        copy_slots(self.k, kb, start, end)
+        copy_slots(self.v, vb, start, end)
+        if kb.device.type == "cuda":
+            self._written = self._copied = torch.cuda.Event()
+            self._written.record()
+        self.length = self.dirty_from = end
+        if self.scratch.owner is self:
+            self.scratch.valid = min(self.scratch.valid, start)
+        out = attend(q, kb[:, :, :end], vb[:, :, :end], mask, scale, dense_mask)
+        self.fetcher.release(slot)
+        return out
+
     def flush(self) -> bool:
         """Copy the slots written in the scratch since the last flush out to RAM; True if any.
         Asynchronous on the current stream (later kernels that overwrite the scratch queue
@@ -147,7 +173,7 @@ class OffloadedKVCache:
             copy_slots(self.v, s.v, a, b)
             self.dirty_from = b
             if s.k.device.type == "cuda":
-                self._copied = torch.cuda.Event()
+                self._written = self._copied = torch.cuda.Event()
                 self._copied.record()
             return True
         return False
@@ -172,6 +198,7 @@ class OffloadedKVCache:
                 self._views()
             except Exception:  # the allocation failed: nothing to release
                 return
+        self.fetcher = None
         if self._bufs is None:
             return
         if torch.cuda.is_available():
@@ -192,3 +219,102 @@ def copy_slots(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> None:
     for i in range(dst.shape[0]):
         for h in range(dst.shape[1]):
             dst[i, h, a:b].copy_(src[i, h, a:b], non_blocking=True)
+
+
+class KVFetcher:
+    """Copies the pinned-RAM KV of the ``caches`` (in layer order) back to the GPU for decode,
+    ahead of use: at the start of a decode step the first ``buffers`` layers' caches are issued,
+    and each layer that finishes attending frees its buffer for the next one. Copies run on
+    their own stream, after the previous user of the buffer and the cache's last write to RAM;
+    the compute stream waits only on the copy it needs. On the CPU device (tests) the same
+    bookkeeping runs with plain copies."""
+
+    def __init__(self, caches: list[OffloadedKVCache], buffers: int = 2) -> None:
+        self.caches = caches
+        first = caches[0]
+        device = self.device = self._device = first.scratch.k.device
+        self.decode_tokens = first.decode_tokens
+        self._bufs = [
+            (
+                torch.empty(first._shape, dtype=first._dtype, device=device),
+                torch.empty(first._shape, dtype=first._dtype, device=device),
+            )
+            for _ in range(buffers)
+        ]
+        self._cuda = device.type == "cuda"
+        self._free: list[torch.cuda.Event | None] = [None] * buffers
+        self._stream = torch.cuda.Stream(device) if self._cuda else None
+        # id(cache) -> (buffer, copy-done event, slots copied)
+        self._pending: dict[int, tuple[int, torch.cuda.Event | None, int]] = {}
+        self._next = 0  # index into caches of the next copy to issue in this step
+        self._slot = 0  # buffer the next copy goes to (round robin)
+        for c in caches:
+            c.fetcher = self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(2 * k.numel() * k.element_size() for k, _ in self._bufs)
+
+    def start_step(self) -> None:
+        """A decode step begins: issue the copies of the first caches (one per buffer)."""
+        self._pending.clear()
+        self._next = 0
+        for c in self.caches:  # the prefill scratch's last owner writes its KV to RAM first
+            c.flush()
+        for _ in self._bufs:
+            self._issue_next()
+
+    def _issue_next(self) -> None:
+        if self._next < len(self.caches):
+            self._issue(self.caches[self._next])
+            self._next += 1
+
+    def _issue(self, cache: OffloadedKVCache) -> None:
+        slot = self._slot
+        self._slot = (slot + 1) % len(self._bufs)
+        kb, vb = self._bufs[slot]
+        n = cache.length
+        if not self._cuda:
+            kb[:, :, :n].copy_(cache.k[:, :, :n])
+            vb[:, :, :n].copy_(cache.v[:, :, :n])
+            self._pending[id(cache)] = (slot, None, n)
+            return
+        with torch.cuda.stream(self._stream):
+            for ev in (self._free[slot], cache._written):
+                if ev is not None:
+                    self._stream.wait_event(ev)
+            if n:
+                copy_slots(kb, cache.k, 0, n)
+                copy_slots(vb, cache.v, 0, n)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        self._pending[id(cache)] = (slot, done, n)
+
+    def take(self, cache: OffloadedKVCache) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``cache``'s buffer (slots [0, length) valid once the current stream reaches here)."""
+        entry = self._pending.pop(id(cache), None)
+        if entry is None or entry[2] != cache.length:
+            # Not issued ahead (or stale): stop issuing ahead in this step (a buffer may be
+            # promised to another cache) and copy this one now.
+            self._pending.clear()
+            self._next = len(self.caches)
+            self._issue(cache)
+            entry = self._pending.pop(id(cache))
+        slot, done, _ = entry
+        if done is not None:
+            torch.cuda.current_stream(self._device).wait_event(done)
+        return self._bufs[slot][0], self._bufs[slot][1], slot
+
+    def release(self, slot: int) -> None:
+        """The current stream's work queued so far is the buffer's last use; issue the next."""
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self._device))
+            self._free[slot] = ev
+        self._issue_next()
+
+    def close(self) -> None:
+        self._bufs.clear()
+        self._pending.clear()
+        for c in self.caches:
+            c.fetcher = None

@@ -28,6 +28,7 @@ class LayerPlacement:
     exec_device: str
     decode_device: str | None = None
     kv_tier: str = "device"  # "device": on kv_device; "cpu": pinned RAM; "disk": KV files
+    kv_fetch: bool = False  # pinned-RAM KV copied back to the GPU (prefetched) for decode
 
     def device_for(self, phase: str) -> str:
         return self.decode_device if phase == "decode" and self.decode_device else self.exec_device
@@ -113,6 +114,9 @@ class PlacementPlan:
                 else "whole prompt",
             ),
         ]
+        fetched = [i for i, p in enumerate(self.layers) if p.kv_fetch]
+        if fetched:
+            rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
         if self.cpu_layers:
             rows.append(
                 (
@@ -189,6 +193,7 @@ def plan_placement(
     cpu_layers: int | None = None,
     chunk_tokens: int | None = None,
     kv_cache: str = "auto",
+    kv_fetch_buffers: int = 2,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
     if offload not in OFFLOAD_MODES:
@@ -233,9 +238,17 @@ def plan_placement(
         # KV that cannot sit beside the minimum weights goes to pinned RAM, layer by layer; one
         # layer's prompt KV stays as a prefill scratch buffer on the GPU.
         kv_layer = kv // n
+        # With the cost model, decode may copy some offloaded layers' KV back to the GPU: that
+        # takes ``kv_fetch_buffers`` more layer-sized buffers (re-planned without them if unused).
+        extra = kv_fetch_buffers if rates is not None else 0
         while kv_off < n and sum(fixed.values()) + slots * layer > budget:
             kv_off += 1
-            fixed["kv cache"] = kv_layer * (n - kv_off) + kv_layer
+            fixed["kv cache"] = kv_layer * (n - kv_off) + kv_layer * (1 + extra)
+        if extra and sum(fixed.values()) + slots * layer > budget:  # no room for them
+            return plan_placement(
+                spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
+                rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
+            )  # fmt: skip
     fixed_total = sum(fixed.values())
     minimum = fixed_total + slots * layer
     if budget is None:
@@ -301,6 +314,14 @@ def plan_placement(
         layers, cpu_max_tokens, predicted = _hybrid(
             spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers
         )
+    if on_gpu and rates is not None and kv_off and kv_fetch_buffers:
+        layers, fetched, step = _kv_fetch(spec, store, layers, rates, work, dtype_bytes, predicted)
+        if not fetched:  # nothing worth fetching: plan again without the fetch buffers
+            return plan_placement(
+                spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
+                rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
+            )  # fmt: skip
+        predicted["decode s (KV split)"] = step
     reserved = dict(fixed)
     reserved["resident layers"] = sum(
         store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
@@ -321,6 +342,45 @@ def plan_placement(
         predicted=predicted,
         prefill_chunk_tokens=chunk,
     )
+
+
+def _kv_fetch(spec, store, layers, rates, work, dtype_bytes, predicted):
+    """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
+    attend on the CPU where the KV sits), so that the copy engine and the CPU finish together:
+    a fetched layer adds its KV to the bytes crossing PCIe, a CPU one reads it from RAM."""
+    from dataclasses import replace
+
+    from ollm.weights.costmodel import LAYER_OVERHEAD_S, interleave
+
+    cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
+    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    kv_layer = per_token * work.context
+    streamed = sum(
+        store.layer_nbytes(i)
+        for i, p in enumerate(layers)
+        if p.tier != "gpu" and p.decode_device != "cpu"
+    )
+    shared = rates.pcie_shared
+    copy_w = streamed / shared
+    cpu_w = predicted.get("hybrid cpu s", 0.0)
+    # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache of
+    # the context's power-of-two bucket (see costmodel.cached_rates): the bytes it really moves
+    # per second include that KV.
+    bucket = 1 << max(0, work.context - 1).bit_length()
+    lb = store.max_layer_nbytes
+    cpu_rate = rates.cpu_mem_shared * (lb + per_token // work.batch * bucket) / lb
+    per_kv_cpu = kv_layer / cpu_rate + LAYER_OVERHEAD_S
+    gpu_chain = len(layers) * LAYER_OVERHEAD_S
+
+    def step(x: int) -> float:
+        return max(
+            copy_w + x * kv_layer / shared, cpu_w + (len(cands) - x) * per_kv_cpu + gpu_chain
+        )
+
+    x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 9), k))
+    chosen = interleave(cands, x)
+    layers = [replace(p, kv_fetch=True) if i in chosen else p for i, p in enumerate(layers)]
+    return layers, len(chosen), step(x)
 
 
 def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced):
