@@ -236,3 +236,16 @@ def test_kv_fetch_split_follows_the_rates(store, cpu_gb, pcie_gb, fetch):
     else:
         assert 0 < len(fetched) < len(ram)
     assert any("KV fetched" in label for label, _ in plan.describe())
+
+
+def test_kv_fetch_uses_the_measured_cpu_attention_rate(store):
+    """With the CPU's attention rate measured, a slower CPU attention sends more KV layers to
+    the GPU (never fewer)."""
+    from dataclasses import replace
+
+    counts = []
+    for attn in (1e12, 50e3, 10e3, 1e3):  # KV bytes/s (rates are scaled down 1e5 here)
+        r = replace(rates(scale=1e-5), cpu_attn=attn)
+        plan = _kv_plan(store, 20000, rates=r)
+        counts.append(sum(p.kv_fetch for p in plan.layers))
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] > 0, counts

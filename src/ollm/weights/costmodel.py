@@ -19,6 +19,11 @@ import torch
 
 log = logging.getLogger(__name__)
 LAYER_OVERHEAD_S = 150e-6  # per-layer launch / Python cost on the critical path (measured order)
+# A decode layer on the GPU as the timeline shows it (launch-bound at batch 1: 0.8-1.2 ms on the
+# H200 host, 2026-11-27), and the hand-over of a layer's query to the CPU and back.
+GPU_DECODE_LAYER_S = 1.0e-3
+CPU_HANDOFF_S = 0.3e-3
+RATES_VERSION = 2  # bump when MachineRates gains a measurement (cached files are re-measured)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class MachineRates:
     cpu_flops: float  # CPU matmul rate (when many tokens make it compute-bound)
     gpu_mem: float  # GPU weight-read rate of a GEMV from device memory
     gpu_flops: float  # GPU matmul rate
+    cpu_attn: float = 0.0  # KV bytes/s of one decode query's attention on the CPU (0: unknown)
 
     def cpu_layer_s(self, nbytes: int, params: int, tokens: int, shared: bool) -> float:
         mem = self.cpu_mem_shared if shared else self.cpu_mem
@@ -247,10 +253,30 @@ def measure_rates(
         torch.cuda.synchronize(dev)
 
     gpu_flops = 2 * 4096 * h * inter / _time(mm, 5)
+    cpu_attn = 0.0
+    if spec is not None:
+        torch.set_num_threads(threads)
+        attn_step, kv_bytes = _attention_workload(spec, context, dtype)
+        cpu_attn = kv_bytes / _time(attn_step, 4)
     torch.set_num_threads(threads0)
     return MachineRates(
-        pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops
+        pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops, cpu_attn
     )
+
+
+def _attention_workload(spec, context: int, dtype: torch.dtype):
+    """One decode query's attention over ``context`` tokens of KV in RAM, as decode runs it on
+    the CPU for a pinned-RAM KV layer; returns (run it, KV bytes read)."""
+    from ollm.layers.attention import AttentionMask, attend
+
+    kv = torch.empty(2, 1, spec.num_kv_heads, context, spec.head_dim, dtype=dtype).normal_()
+    q = torch.randn(1, spec.num_heads, 1, spec.head_dim, dtype=dtype)
+    mask = AttentionMask(context - 1, 1, context)
+
+    def step() -> None:
+        attend(q, kv[0], kv[1], mask, spec.head_dim**-0.5)
+
+    return step, kv.numel() * kv.element_size()
 
 
 def cached_rates(
@@ -263,7 +289,7 @@ def cached_rates(
     """Rates for this machine (and model shape, when ``spec`` is given) from the cache, measured
     now if missing."""
     name = torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
-    key = f"{platform.node()}-{os.cpu_count()}-{name}-{str(dtype).removeprefix('torch.')}"
+    key = f"v{RATES_VERSION}-{platform.node()}-{os.cpu_count()}-{name}-{str(dtype).removeprefix('torch.')}"
     if spec is not None:
         bucket = 1 << max(0, context - 1).bit_length()  # contexts within 2x share a measurement
         key += f"-{spec.hidden_size}x{spec.intermediate_size}x{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}-{bucket}"

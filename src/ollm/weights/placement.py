@@ -350,7 +350,7 @@ def _kv_fetch(spec, store, layers, rates, work, dtype_bytes, predicted):
     a fetched layer adds its KV to the bytes crossing PCIe, a CPU one reads it from RAM."""
     from dataclasses import replace
 
-    from ollm.weights.costmodel import LAYER_OVERHEAD_S, interleave
+    from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave
 
     cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
     per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
@@ -363,14 +363,18 @@ def _kv_fetch(spec, store, layers, rates, work, dtype_bytes, predicted):
     shared = rates.pcie_shared
     copy_w = streamed / shared
     cpu_w = predicted.get("hybrid cpu s", 0.0)
-    # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache of
-    # the context's power-of-two bucket (see costmodel.cached_rates): the bytes it really moves
-    # per second include that KV.
-    bucket = 1 << max(0, work.context - 1).bit_length()
-    lb = store.max_layer_nbytes
-    cpu_rate = rates.cpu_mem_shared * (lb + per_token // work.batch * bucket) / lb
-    per_kv_cpu = kv_layer / cpu_rate + LAYER_OVERHEAD_S
-    gpu_chain = len(layers) * LAYER_OVERHEAD_S
+    if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
+        cpu_rate = rates.cpu_attn * rates.cpu_mem_shared / rates.cpu_mem
+    else:
+        # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
+        # of the context's power-of-two bucket (costmodel.cached_rates): the bytes it really
+        # moves per second include that KV.
+        bucket = 1 << max(0, work.context - 1).bit_length()
+        lb = store.max_layer_nbytes
+        cpu_rate = rates.cpu_mem_shared * (lb + per_token // work.batch * bucket) / lb
+    # A CPU-attended layer stops the GPU chain: query to the CPU, attention, output back.
+    per_kv_cpu = kv_layer / cpu_rate + CPU_HANDOFF_S
+    gpu_chain = len(layers) * GPU_DECODE_LAYER_S
 
     def step(x: int) -> float:
         return max(
