@@ -110,11 +110,18 @@ class Runner:
         finally:
             if pin_pool is not None:
                 pin_pool.shutdown(wait=False)  # queued allocations still run
-        fetched = [c for c, p in zip(caches, self.plan.layers, strict=True) if p.kv_fetch]
-        if fetched and not all_disk:
+        idx = [i for i, p in enumerate(self.plan.layers) if p.kv_fetch]
+        self.prefetcher.on_issue = None
+        if idx and not all_disk:
             from ollm.kv.offload import KVFetcher
 
-            KVFetcher(fetched)  # decode attends these layers on the GPU over prefetched copies
+            # Decode attends these layers on the GPU over copies of their KV queued right behind
+            # their weights (the copy engine serves both in the order the layers need them).
+            fetcher = KVFetcher([caches[i] for i in idx])
+            streamed = set(self.plan.streamed_for("decode"))
+            if self.prefetcher.cuda and streamed.issuperset(idx):
+                fetcher.attach(idx, self.prefetcher.copy_stream)
+                self.prefetcher.on_issue = fetcher.issue_layer
         return caches
 
     @torch.inference_mode()
@@ -146,8 +153,11 @@ class Runner:
             h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
         b, t = input_ids.shape
         fetcher = next((c.fetcher for c in kv if getattr(c, "fetcher", None) is not None), None)
-        if fetcher is not None and t <= fetcher.decode_tokens:
-            fetcher.start_step()  # copies of fetched KV start now, beside the weight copies
+        if fetcher is not None:
+            if t <= fetcher.decode_tokens:
+                fetcher.start_step()  # a decode step: fetch the KV of the layers that use it
+            else:
+                fetcher.active = False
         phase = self.plan.phase(b * t) if self.plan.cpu_layers else "prefill"
         pf.set_phase(phase)
         hybrid_cpu = phase == "decode" and bool(self.plan.cpu_layers)

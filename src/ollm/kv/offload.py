@@ -247,6 +247,8 @@ class KVFetcher:
         # id(cache) -> (buffer, copy-done event, slots copied)
         self._pending: dict[int, tuple[int, torch.cuda.Event | None, int]] = {}
         self._next = 0  # index into caches of the next copy to issue in this step
+        self._by_layer: dict[int, OffloadedKVCache] = {}  # set by attach()
+        self.active = False  # in decode: copies follow the weights (cleared by larger forwards)
         self._slot = 0  # buffer the next copy goes to (round robin)
         for c in caches:
             c.fetcher = self
@@ -255,12 +257,29 @@ class KVFetcher:
     def nbytes(self) -> int:
         return sum(2 * k.numel() * k.element_size() for k, _ in self._bufs)
 
+    def attach(self, layers: list[int], stream) -> None:
+        """Issue each cache's copy when the weight prefetcher issues its layer's weights, on the
+        same ``stream``: the copy engine then serves KV and weights in the order layers need
+        them (see ``Prefetcher.on_issue``); ``layers`` are the caches' layer indices."""
+        self._by_layer = dict(zip(layers, self.caches, strict=True))
+        self._stream = stream
+
+    def issue_layer(self, layer: int) -> None:
+        """Called by the prefetcher, inside its copy stream, after layer ``layer``'s weights."""
+        cache = self._by_layer.get(layer)
+        if cache is not None and self._bufs and self.active:
+            self._issue(cache)
+
     def start_step(self) -> None:
-        """A decode step begins: issue the copies of the first caches (one per buffer)."""
+        """A decode step begins: the prefill scratch's last owner writes its KV to RAM, then
+        (unless copies follow the weight prefetcher) the first caches' copies are issued."""
+        for c in self.caches:
+            c.flush()
+        self.active = True
+        if self._by_layer:
+            return
         self._pending.clear()
         self._next = 0
-        for c in self.caches:  # the prefill scratch's last owner writes its KV to RAM first
-            c.flush()
         for _ in self._bufs:
             self._issue_next()
 
@@ -314,6 +333,7 @@ class KVFetcher:
         self._issue_next()
 
     def close(self) -> None:
+        self._by_layer = {}
         self._bufs.clear()
         self._pending.clear()
         for c in self.caches:

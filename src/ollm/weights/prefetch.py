@@ -58,6 +58,9 @@ class Prefetcher:
     ) -> None:
         self.store, self.plan, self.stats, self.verify = store, plan, stats, verify
         self.timeline = None  # an ollm.telemetry.timeline.Timeline records spans when set
+        # Called with a layer index inside the copy stream right after that layer's weight copy
+        # is issued (the KV fetcher queues the layer's KV behind it).
+        self.on_issue = None
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.phase = "prefill"
@@ -95,6 +98,11 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         if self.streamed:
             self._start()
+
+    @property
+    def copy_stream(self):
+        """The CUDA stream that carries host->GPU weight copies (None off CUDA)."""
+        return self._copy_stream if self.cuda else None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _pin(self, nbytes: int) -> torch.Tensor:
@@ -233,6 +241,8 @@ class Prefetcher:
             start.record(self._copy_stream)
             self._slots[slot][:nbytes].copy_(src[:nbytes], non_blocking=True)
             end.record(self._copy_stream)
+            if self.on_issue is not None:
+                self.on_issue(layer)
         self._copy_events.append((start, end))
         if self.timeline is not None:
             self.timeline.cuda("copy", layer, start, end)
