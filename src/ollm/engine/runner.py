@@ -117,7 +117,7 @@ class Runner:
 
             # Decode attends these layers on the GPU over copies of their KV queued right behind
             # their weights (the copy engine serves both in the order the layers need them).
-            fetcher = KVFetcher([caches[i] for i in idx])
+            fetcher = KVFetcher([caches[i] for i in idx], stats=self.prefetcher.stats)
             streamed = set(self.plan.streamed_for("decode"))
             if self.prefetcher.cuda and streamed.issuperset(idx):
                 fetcher.attach(idx, self.prefetcher.copy_stream)

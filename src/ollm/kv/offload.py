@@ -229,8 +229,9 @@ class KVFetcher:
     the compute stream waits only on the copy it needs. On the CPU device (tests) the same
     bookkeeping runs with plain copies."""
 
-    def __init__(self, caches: list[OffloadedKVCache], buffers: int = 2) -> None:
+    def __init__(self, caches: list[OffloadedKVCache], buffers: int = 2, stats=None) -> None:
         self.caches = caches
+        self._stats = stats  # an IOStats: fetched bytes count as host->GPU bytes
         first = caches[0]
         device = self.device = self._device = first.scratch.k.device
         self.decode_tokens = first.decode_tokens
@@ -305,6 +306,8 @@ class KVFetcher:
             if n:
                 copy_slots(kb, cache.k, 0, n)
                 copy_slots(vb, cache.v, 0, n)
+                if self._stats is not None:
+                    self._stats.add(bytes_h2d=2 * kb[:, :, :n].numel() * kb.element_size())
             done = torch.cuda.Event()
             done.record(self._stream)
         self._pending[id(cache)] = (slot, done, n)
