@@ -48,6 +48,12 @@ def kv_tiers(plan) -> dict[str, int]:
     }
 
 
+def set_kv_fetch(llm, fetch) -> None:
+    """Re-mark which layers' pinned-RAM KV decode fetches to the GPU: ``fetch(i, placement)``."""
+    layers = tuple(replace(p, kv_fetch=fetch(i, p)) for i, p in enumerate(llm.plan.layers))
+    llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
+
+
 def equivalence(tmp: Path) -> list[dict]:
     from conftest import FAMILIES, make_hf_model
     from ollm import LLM, SamplingParams
@@ -95,11 +101,7 @@ def equivalence(tmp: Path) -> list[dict]:
             if hybrid:
                 assert len(llm.plan.cpu_layers) == 2, llm.plan.describe()
             if offload == "kv-fetch":  # every other RAM-KV layer attends on the GPU in decode
-                layers = tuple(
-                    replace(p, kv_fetch=p.kv_tier == "cpu" and i % 2 == 0)
-                    for i, p in enumerate(llm.plan.layers)
-                )
-                llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
+                set_kv_fetch(llm, lambda i, p: p.kv_tier == "cpu" and i % 2 == 0)
             res = llm.generate(prompt, SamplingParams(max_new_tokens=32, temperature=0))
             rows.append(
                 {
@@ -234,7 +236,9 @@ def save_timeline(timeline, out: Path, name: str) -> None:
     plot_timeline(spans, out / f"timeline-{name}.png", steps=3, title=name)
 
 
-def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -> dict:
+def bench_case(
+    store: Path, case: str, budget: str, prompt_len: int, new: int, out_dir: Path
+) -> dict:
     from ollm import LLM, SamplingParams
 
     offload, cpu_memory, cold, hybrid = CASES[case]
@@ -252,8 +256,7 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
         progress=False,
     )
     if case == "kv-cpu":  # the same placement, without fetching any KV to the GPU in decode
-        layers = tuple(replace(p, kv_fetch=False) for p in llm.plan.layers)
-        llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
+        set_kv_fetch(llm, lambda i, p: False)
     files = [store / f"layers/layer_{i:04d}.bin" for i in llm.plan.streamed_for("decode")]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.spec.vocab_size, (prompt_len,), generator=g).tolist()
@@ -282,9 +285,8 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
                 prompt, SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
             )
         if steps > 1:  # a Chrome trace of the prefill and 3 decode steps, for offline reading
-            out = Path(os.environ.get("OUT", "."))
-            out.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(out / f"trace-{case}-{prompt_len}.json"))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(out_dir / f"trace-{case}-{prompt_len}.json"))
         ka = prof.key_averages()
         print(ka.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
@@ -297,7 +299,7 @@ def bench_case(store: Path, case: str, budget: str, prompt_len: int, new: int) -
     res = llm.generate(prompt, params)
     if timeline is not None:
         llm.runner.timeline = llm.prefetcher.timeline = None
-        save_timeline(timeline, Path(os.environ.get("OUT", ".")), f"{case}-{prompt_len}")
+        save_timeline(timeline, out_dir, f"{case}-{prompt_len}")
     m = res.metrics
     streamed = sum(llm.store.layer_nbytes(i) for i in llm.plan.streamed_for("decode"))
     out = {
@@ -373,7 +375,7 @@ def main() -> int:
         for case in args.cases.split(","):
             cold = case.endswith("cold")
             new = args.new if case in RAM_CASES else max(4, args.new // (8 if cold else 4))
-            r = bench_case(store, case, "8GiB", args.prompt, new)
+            r = bench_case(store, case, "8GiB", args.prompt, new, Path(args.out))
             bw = (
                 report["h2d_pinned_GBps"]
                 if case in RAM_CASES

@@ -32,6 +32,7 @@ class Runner:
     ) -> None:
         self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
         self.timeline = None  # set to an ollm.telemetry.timeline.Timeline to record compute spans
+        self._fetch_at: int | None = None  # a layer whose KV cache carries the KVFetcher
 
     def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
@@ -112,7 +113,8 @@ class Runner:
                 pin_pool.shutdown(wait=False)  # queued allocations still run
         idx = [i for i, p in enumerate(self.plan.layers) if p.kv_fetch]
         self.prefetcher.on_issue = None
-        if idx and not all_disk:
+        self._fetch_at = idx[0] if idx and not all_disk else None
+        if self._fetch_at is not None:
             from ollm.kv.offload import KVFetcher
 
             # Decode attends these layers on the GPU over copies of their KV queued right behind
@@ -152,7 +154,7 @@ class Runner:
         if spec.embed_scale is not None:
             h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
         b, t = input_ids.shape
-        fetcher = next((c.fetcher for c in kv if getattr(c, "fetcher", None) is not None), None)
+        fetcher = None if self._fetch_at is None else getattr(kv[self._fetch_at], "fetcher", None)
         if fetcher is not None:
             if t <= fetcher.decode_tokens:
                 fetcher.start_step()  # a decode step: fetch the KV of the layers that use it

@@ -12,6 +12,7 @@ and the CPU share the KV reads and finish together.
 from __future__ import annotations
 
 from concurrent.futures import Executor, Future
+from contextlib import nullcontext
 
 import torch
 
@@ -213,6 +214,8 @@ def copy_slots(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> None:
     copy per (sequence, head): each is contiguous on both sides, so it is a direct DMA between
     device memory and pinned RAM (asynchronous). One strided copy would instead be staged by
     PyTorch through a pageable host buffer, at a few GB/s and blocking the CPU."""
+    if b <= a:
+        return
     if dst.device == src.device:
         dst[:, :, a:b].copy_(src[:, :, a:b])
         return
@@ -233,7 +236,7 @@ class KVFetcher:
         self.caches = caches
         self._stats = stats  # an IOStats: fetched bytes count as host->GPU bytes
         first = caches[0]
-        device = self.device = self._device = first.scratch.k.device
+        device = self.device = first.scratch.k.device
         self.decode_tokens = first.decode_tokens
         self._bufs = [
             (
@@ -253,10 +256,6 @@ class KVFetcher:
         self._slot = 0  # buffer the next copy goes to (round robin)
         for c in caches:
             c.fetcher = self
-
-    @property
-    def nbytes(self) -> int:
-        return sum(2 * k.numel() * k.element_size() for k, _ in self._bufs)
 
     def attach(self, layers: list[int], stream) -> None:
         """Issue each cache's copy when the weight prefetcher issues its layer's weights, on the
@@ -294,22 +293,18 @@ class KVFetcher:
         self._slot = (slot + 1) % len(self._bufs)
         kb, vb = self._bufs[slot]
         n = cache.length
-        if not self._cuda:
-            kb[:, :, :n].copy_(cache.k[:, :, :n])
-            vb[:, :, :n].copy_(cache.v[:, :, :n])
-            self._pending[id(cache)] = (slot, None, n)
-            return
-        with torch.cuda.stream(self._stream):
+        done = None
+        with torch.cuda.stream(self._stream) if self._cuda else nullcontext():
             for ev in (self._free[slot], cache._written):
                 if ev is not None:
                     self._stream.wait_event(ev)
-            if n:
-                copy_slots(kb, cache.k, 0, n)
-                copy_slots(vb, cache.v, 0, n)
+            copy_slots(kb, cache.k, 0, n)
+            copy_slots(vb, cache.v, 0, n)
+            if self._cuda:
                 if self._stats is not None:
                     self._stats.add(bytes_h2d=2 * kb[:, :, :n].numel() * kb.element_size())
-            done = torch.cuda.Event()
-            done.record(self._stream)
+                done = torch.cuda.Event()
+                done.record(self._stream)
         self._pending[id(cache)] = (slot, done, n)
 
     def take(self, cache: OffloadedKVCache) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -324,20 +319,13 @@ class KVFetcher:
             entry = self._pending.pop(id(cache))
         slot, done, _ = entry
         if done is not None:
-            torch.cuda.current_stream(self._device).wait_event(done)
+            torch.cuda.current_stream(self.device).wait_event(done)
         return self._bufs[slot][0], self._bufs[slot][1], slot
 
     def release(self, slot: int) -> None:
         """The current stream's work queued so far is the buffer's last use; issue the next."""
         if self._cuda:
             ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self._device))
+            ev.record(torch.cuda.current_stream(self.device))
             self._free[slot] = ev
         self._issue_next()
-
-    def close(self) -> None:
-        self._by_layer = {}
-        self._bufs.clear()
-        self._pending.clear()
-        for c in self.caches:
-            c.fetcher = None

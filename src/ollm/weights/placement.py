@@ -226,6 +226,12 @@ def plan_placement(
     on_gpu = device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
 
+    def without_fetch() -> PlacementPlan:  # the same plan without KV fetch buffers
+        return plan_placement(
+            spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
+            rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
+        )  # fmt: skip
+
     # Head (and the tied embedding) stays on the execution device; an untied embedding table is
     # only gathered from, so it stays in RAM on a GPU machine.
     head_resident = head if head else embed
@@ -245,10 +251,7 @@ def plan_placement(
             kv_off += 1
             fixed["kv cache"] = kv_layer * (n - kv_off) + kv_layer * (1 + extra)
         if extra and sum(fixed.values()) + slots * layer > budget:  # no room for them
-            return plan_placement(
-                spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
-                rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
-            )  # fmt: skip
+            return without_fetch()
     fixed_total = sum(fixed.values())
     minimum = fixed_total + slots * layer
     if budget is None:
@@ -315,12 +318,9 @@ def plan_placement(
             spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers
         )
     if on_gpu and rates is not None and kv_off and kv_fetch_buffers:
-        layers, fetched, step = _kv_fetch(spec, store, layers, rates, work, dtype_bytes, predicted)
+        layers, fetched, step = _kv_fetch(store, layers, rates, work, per_token, predicted)
         if not fetched:  # nothing worth fetching: plan again without the fetch buffers
-            return plan_placement(
-                spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
-                rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
-            )  # fmt: skip
+            return without_fetch()
         predicted["decode s (KV split)"] = step
     reserved = dict(fixed)
     reserved["resident layers"] = sum(
@@ -344,16 +344,16 @@ def plan_placement(
     )
 
 
-def _kv_fetch(spec, store, layers, rates, work, dtype_bytes, predicted):
+def _kv_fetch(store, layers, rates, work, per_token, predicted):
     """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
     attend on the CPU where the KV sits), so that the copy engine and the CPU finish together:
-    a fetched layer adds its KV to the bytes crossing PCIe, a CPU one reads it from RAM."""
+    a fetched layer adds its KV to the bytes crossing PCIe, a CPU one reads it from RAM.
+    ``per_token``: KV bytes per token position of one layer for the whole batch."""
     from dataclasses import replace
 
     from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave
 
     cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
-    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
     kv_layer = per_token * work.context
     streamed = sum(
         store.layer_nbytes(i)
