@@ -8,7 +8,8 @@
 3. Benchmark: random weights with Llama-3.1-8B shapes (bf16), 8 GiB budget, 8k prompt: weights
    in pinned RAM, streamed from disk with a warm page cache, and with a cold one; each next to
    its physical floor (streamed bytes / measured bandwidth). Cases (``--cases``): cpu, hybrid,
-   disk, disk-cold, all-disk, kv-disk (KV in files under $OLLM_KV_DIR or the temp dir).
+   disk, disk-cold, all-disk, kv-disk (KV in files under $OLLM_KV_DIR or the temp dir), kv-cpu
+   (no KV fetched to the GPU), kv-nosplit (no KV blocks of an offloaded layer on the GPU).
    ``--prompt 100000`` etc. for long context; ``OLLM_PROFILE=1`` prints profiler tables of the
    measured request's prefill (``=decode``: also a Chrome trace with 3 decode steps);
    ``OLLM_TIMELINE=1`` saves its per-layer spans (JSON and a plot).
@@ -45,6 +46,8 @@ def kv_tiers(plan) -> dict[str, int]:
         "kv_ram_layers": tiers.count("cpu"),
         "kv_disk_layers": tiers.count("disk"),
         "kv_fetch_layers": sum(p.kv_fetch for p in plan.layers),
+        "kv_split_layers": sum(p.kv_device_tokens > 0 for p in plan.layers),
+        "kv_device_slots_of_split": sum(p.kv_device_tokens for p in plan.layers),
     }
 
 
@@ -70,7 +73,7 @@ def equivalence(tmp: Path) -> list[dict]:
             eos_token_id=None,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
-        for offload in ("cpu", "disk", "hybrid", "kv-ram", "kv-fetch"):
+        for offload in ("cpu", "disk", "hybrid", "kv-ram", "kv-fetch", "kv-split"):
             probe = LLM(tmp / f"hf-{fam}", device="cpu", cache_dir=tmp / "c", progress=False)
             plan = plan_placement(
                 probe.spec, probe.store, "cuda:0", None, None, "auto", probe.workload, 4
@@ -82,7 +85,8 @@ def equivalence(tmp: Path) -> list[dict]:
                 if k not in ("resident layers", "stream buffers")
             )
             budget = fixed + int(3.5 * plan.layer_bytes)  # one resident layer, the rest streamed
-            if offload in ("kv-ram", "kv-fetch"):  # KV of all but one layer in pinned RAM
+            kv_modes = ("kv-ram", "kv-fetch", "kv-split")
+            if offload in kv_modes:  # KV of all but one layer in pinned RAM
                 kv_layer = plan.reserved["kv cache"] // plan_layers(plan)
                 budget = (
                     fixed - plan.reserved["kv cache"] + 2 * kv_layer + int(2.5 * plan.layer_bytes)
@@ -92,7 +96,7 @@ def equivalence(tmp: Path) -> list[dict]:
                 tmp / f"hf-{fam}",
                 device="cuda:0",
                 gpu_memory=budget,
-                offload="cpu" if offload in ("hybrid", "kv-ram", "kv-fetch") else offload,
+                offload="cpu" if offload in ("hybrid", *kv_modes) else offload,
                 hybrid="auto" if hybrid else "off",
                 cpu_layers=2 if hybrid else None,
                 cache_dir=tmp / "c",
@@ -100,8 +104,14 @@ def equivalence(tmp: Path) -> list[dict]:
             )
             if hybrid:
                 assert len(llm.plan.cpu_layers) == 2, llm.plan.describe()
-            if offload == "kv-fetch":  # every other RAM-KV layer attends on the GPU in decode
+            if offload in ("kv-fetch", "kv-split"):  # every other RAM-KV layer: GPU decode
                 set_kv_fetch(llm, lambda i, p: p.kv_tier == "cpu" and i % 2 == 0)
+            if offload == "kv-split":  # and the first 64 slots of each RAM-KV layer on the GPU
+                layers = tuple(
+                    replace(p, kv_device_tokens=64) if p.kv_tier == "cpu" else p
+                    for p in llm.plan.layers
+                )
+                llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
             res = llm.generate(prompt, SamplingParams(max_new_tokens=32, temperature=0))
             rows.append(
                 {
@@ -219,9 +229,10 @@ CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
     "all-disk": ("disk", None, False, "off"),  # every layer from the store each pass (oLLM)
     "kv-disk": ("cpu", None, False, "off"),  # as "cpu", with the KV cache in files (disk tier)
     "kv-cpu": ("cpu", None, False, "off"),  # as "cpu", all RAM KV attended on the CPU (no fetch)
+    "kv-nosplit": ("cpu", None, False, "off"),  # as "cpu", no KV blocks of an offloaded layer
 }
 KV_CACHE = {"kv-disk": "disk"}  # case -> kv_cache setting (default "auto")
-RAM_CASES = ("cpu", "hybrid", "kv-disk", "kv-cpu")  # weights stream from pinned RAM
+RAM_CASES = ("cpu", "hybrid", "kv-disk", "kv-cpu", "kv-nosplit")  # weights stream from pinned RAM
 
 
 def save_timeline(timeline, out: Path, name: str) -> None:
@@ -257,6 +268,9 @@ def bench_case(
     )
     if case == "kv-cpu":  # the same placement, without fetching any KV to the GPU in decode
         set_kv_fetch(llm, lambda i, p: False)
+    if case == "kv-nosplit":  # the same placement, the boundary layer's KV all in RAM
+        layers = tuple(replace(p, kv_device_tokens=0) for p in llm.plan.layers)
+        llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
     files = [store / f"layers/layer_{i:04d}.bin" for i in llm.plan.streamed_for("decode")]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.spec.vocab_size, (prompt_len,), generator=g).tolist()

@@ -69,12 +69,15 @@ def tiny_config(family: str):
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
-def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0):
-    """Random-weight HF model of ``family`` saved (safetensors) under ``path``; returns the model."""
+def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0, **overrides):
+    """Random-weight HF model of ``family`` saved (safetensors) under ``path``; returns the model.
+    ``overrides`` set config fields (e.g. ``max_position_embeddings``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = tiny_config(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     with torch.no_grad():  # make norm weights non-trivial so their conventions are tested
         for name, p in model.named_parameters():

@@ -66,3 +66,52 @@ def test_streaming_text_equals_generated_text(gemma):
     params = SamplingParams(max_new_tokens=16, temperature=0)
     pieces = list(gemma.stream(PROMPT, params))
     assert "".join(pieces) == gemma.generate(PROMPT, params).text
+
+
+def test_few_thousand_real_tokens_with_kv_forced_to_disk(gemma, reference, tmp_path):
+    """~2500 tokens of real text (Python's own documentation), prefill chunks of 256 rows, KV
+    blocks of 64 slots and a RAM budget that holds the KV of some layers only, the rest on disk:
+    the logits of the last prompt position and the greedy continuation equal transformers'."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = gemma.tokenizer(text[:20000])["input_ids"][:2500]
+    new = 8
+    common = dict(
+        device="cpu",
+        kv_cache="disk",
+        kv_dir=tmp_path / "kv",
+        prefill_chunk=256,
+        kv_block_tokens=64,
+        max_context=len(ids) + new,
+        cache_dir=gemma.config.cache_dir,
+        progress=False,
+    )
+    with LLM(**common) as probe:  # no budget: every layer's KV on disk
+        r, n = probe.plan.reserved, len(probe.plan.layers)
+        kv_layer = r["kv cache"] // n
+        minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
+    with LLM(cpu_memory=minimum + 4 * kv_layer, **common) as llm:
+        tiers = [p.kv_tier for p in llm.plan.layers]
+        assert "device" in tiers and "disk" in tiers, llm.plan.describe()
+        ours = llm.generate(ids, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
+        with torch.no_grad():
+            out = reference.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+        assert ours.token_ids == out.sequences[0, len(ids) :].tolist()
+        engine = llm._engine
+        kv, disk = engine._new_kv(1, len(ids), None)
+        try:
+            last = llm.runner.forward(torch.tensor([ids]), torch.arange(len(ids))[None], kv)
+        finally:
+            engine._release(kv, disk)
+        torch.testing.assert_close(last[0], out.logits[0][0].float(), atol=2e-3, rtol=1e-3)
+    assert not list((tmp_path / "kv").glob("ollm-kv-*"))

@@ -89,7 +89,11 @@ class LLM:
         self.workload = workload
         elem = torch.finfo(self.dtype).bits // 8
         args = (self.spec, self.store, self.device, self._gpu_memory, cfg.cpu_memory, cfg.offload)
-        chunk = {"chunk_tokens": cfg.prefill_chunk, "kv_cache": cfg.kv_cache}
+        chunk = {
+            "chunk_tokens": cfg.prefill_chunk,
+            "kv_cache": cfg.kv_cache,
+            "kv_block_tokens": cfg.kv_block_tokens,
+        }
         try:
             self.plan = plan_placement(*args, workload, elem, **chunk)
         except BudgetError as exc:

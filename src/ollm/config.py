@@ -34,6 +34,7 @@ class EngineConfig:
         None  # where the disk tier writes (per-run subdirectory); None = cache_dir/kv
     )
     prefill_chunk: int | None = None  # rows per prefill chunk; None = sized from the budget
+    kv_block_tokens: int = 256  # KV block size (token slots): the unit KV is split between tiers in
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
 
@@ -56,6 +57,8 @@ class EngineConfig:
             raise OllmError(f"kv_cache must be 'auto' or 'disk', not {self.kv_cache!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise OllmError("prefill_chunk must be >= 1")
+        if self.kv_block_tokens < 1:
+            raise OllmError("kv_block_tokens must be >= 1")
         if self.cpu_layers is not None and self.cpu_layers < 0:
             raise OllmError("cpu_layers must be >= 0")
         if self.max_context < 1 or self.max_batch < 1:

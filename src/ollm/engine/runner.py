@@ -36,14 +36,21 @@ class Runner:
 
     def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
-        tiers = [p.kv_tier for p in self.plan.layers]
-        n = len(tiers) if all_layers else tiers.count("disk")
-        return n * self._kv_layer_bytes(batch, capacity)
+        if all_layers:
+            return len(self.plan.layers) * self._kv_layer_bytes(batch, capacity)
+        return self._offloaded_kv_bytes("disk", batch, capacity)
 
     def ram_kv_bytes(self, batch: int, capacity: int) -> int:
         """Bytes of pinned RAM the offloaded (kv_tier "cpu") layers need for a request."""
-        n = sum(p.kv_tier == "cpu" for p in self.plan.layers)
-        return n * self._kv_layer_bytes(batch, capacity)
+        return self._offloaded_kv_bytes("cpu", batch, capacity)
+
+    def _offloaded_kv_bytes(self, tier: str, batch: int, capacity: int) -> int:
+        # An offloaded layer's first ``kv_device_tokens`` slots stay on the device.
+        return sum(
+            self._kv_layer_bytes(batch, max(0, capacity - p.kv_device_tokens))
+            for p in self.plan.layers
+            if p.kv_tier == tier
+        )
 
     def _kv_layer_bytes(self, batch: int, capacity: int) -> int:
         s = self.spec
@@ -81,6 +88,7 @@ class Runner:
                             scratch,
                             storage=store,
                             allocator=pin_pool if tier == "cpu" else None,
+                            device_tokens=0 if all_disk else p.kv_device_tokens,
                         )
                     )
                 else:

@@ -7,6 +7,12 @@ the attention output cross PCIe (a few KB), instead of the whole cache every ste
 layers the plan marks ``kv_fetch``, a ``KVFetcher`` instead copies the cache back to the GPU
 ahead of use (two buffers, on its own stream, beside the weight copies), so that the copy engine
 and the CPU share the KV reads and finish together.
+
+The cache is split between tiers in fixed-size blocks of token slots: the first
+``device_tokens`` slots (whole blocks, as many as the budget has room for after the layers that
+keep all their KV on the device) stay on the compute device, the rest live in RAM or on disk.
+The blocks of one tier are adjacent, so attention over a tier is one kernel call; decode attends
+each tier where it sits and merges the parts by their log-sum-exps (``attend_parts``).
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from contextlib import nullcontext
 
 import torch
 
-from ollm.layers.attention import AttentionMask, attend
+from ollm.layers.attention import AttentionMask, attend, attend_parts
 from ollm.weights.prefetch import pinned_empty, unpin
+
+
+def _no_storage(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 class KVScratch:
@@ -37,16 +47,16 @@ class KVScratch:
         if self.owner is not cache or self.valid < start:
             if self.owner is not None and self.owner is not cache:
                 self.owner.flush()
-            if start:
-                copy_slots(self.k, cache.k, 0, start)
-                copy_slots(self.v, cache.v, 0, start)
+            cache.read_into(self.k, self.v, 0, start)
             self.owner, self.valid = cache, start
             cache.dirty_from = start
 
 
 class OffloadedKVCache:
     """LayerKVCache protocol (``attend``, ``length``, ``trim``, ``nbytes``, ``flush``) with storage
-    [B, kv_heads, capacity, head_dim] in pinned RAM, or in a file (the disk tier)."""
+    [B, kv_heads, capacity, head_dim] in pinned RAM, or in a file (the disk tier); slots
+    [0, device_tokens) instead sit on the scratch's device (``dk``/``dv``), and ``k``/``v`` hold
+    slots [device_tokens, capacity) (host slot ``s`` is cache slot ``device_tokens + s``)."""
 
     def __init__(
         self,
@@ -59,15 +69,21 @@ class OffloadedKVCache:
         decode_tokens: int = 8,
         storage=None,
         allocator: Executor | None = None,
+        device_tokens: int = 0,
     ) -> None:
-        self._shape = (batch, kv_heads, capacity, head_dim)
+        self._shape = (batch, kv_heads, capacity, head_dim)  # logical (fetch buffers hold it)
         self._dtype = dtype
-        n = batch * kv_heads * capacity * head_dim * torch.finfo(dtype).bits // 8
+        g = self.device_tokens = max(0, min(device_tokens, capacity))
+        self._host_shape = (batch, kv_heads, capacity - g, head_dim)
+        n = batch * kv_heads * (capacity - g) * head_dim * torch.finfo(dtype).bits // 8
+        dev_shape = (batch, kv_heads, g, head_dim)
+        self.dk = torch.empty(dev_shape, dtype=dtype, device=scratch.k.device) if g else None
+        self.dv = torch.empty(dev_shape, dtype=dtype, device=scratch.k.device) if g else None
         # ``storage(nbytes) -> uint8 tensor`` places the cache (default: pinned RAM; the disk
         # tier passes file-backed buffers). Page-locking hundreds of MB takes ~60 ms, so with an
         # ``allocator`` (a one-thread executor) it happens in the background, in layer order,
         # while earlier layers compute; the first use waits for it.
-        make = storage or pinned_empty
+        make = (storage or pinned_empty) if n else _no_storage  # n == 0: all on the device
         self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # raw bytes (to unpin)
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # typed [B, H, S, D] views
         self._pending: Future | None = None
@@ -85,8 +101,8 @@ class OffloadedKVCache:
     def _adopt(self, bufs: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._bufs = bufs
         self._kv = (
-            bufs[0].view(self._dtype).view(self._shape),
-            bufs[1].view(self._dtype).view(self._shape),
+            bufs[0].view(self._dtype).view(self._host_shape),
+            bufs[1].view(self._dtype).view(self._host_shape),
         )
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,14 +145,9 @@ class OffloadedKVCache:
             # Decode (or a layer the CPU computes, as in hybrid decode): attend where the KV is.
             self.flush()
             self._sync()
-            self.k[:, :, start:end] = k.to("cpu")
-            self.v[:, :, start:end] = v.to("cpu")
-            self.length = self.dirty_from = end  # RAM is ahead of the scratch now
-            if self.scratch.owner is self:
-                self.scratch.valid = min(self.scratch.valid, start)
-            dense = None if dense_mask is None else dense_mask.to("cpu")
-            out = attend(q.to("cpu"), self.k[:, :, :end], self.v[:, :, :end], mask, scale, dense)
-            return out.to(q.device)
+            self._store(k, v, start, end, self.k, self.v)
+            self._advance(start, end)  # RAM is ahead of the scratch now
+            return self._attend_tiers(q, mask, scale, dense_mask, self.k, self.v, end)
         s = self.scratch
         s.claim(self, start)
         s.k[:, :, start:end] = k
@@ -149,29 +160,77 @@ class OffloadedKVCache:
         to that copy and, asynchronously, to RAM (which stays the complete cache)."""
         self.flush()
         kb, vb, slot = self.fetcher.take(self)
-        kb[:, :, start:end] = k
-        vb[:, :, start:end] = v
-        copy_slots(self.k, kb, start, end)
-        copy_slots(self.v, vb, start, end)
+        g = self.device_tokens
+        self._store(k, v, start, end, kb, vb)
+        a, b = max(start, g) - g, end - g
+        copy_slots(self.k, kb, a, b)
+        copy_slots(self.v, vb, a, b)
         if kb.device.type == "cuda":
             self._written = self._copied = torch.cuda.Event()
             self._written.record()
-        self.length = self.dirty_from = end
-        if self.scratch.owner is self:
-            self.scratch.valid = min(self.scratch.valid, start)
-        out = attend(q, kb[:, :, :end], vb[:, :, :end], mask, scale, dense_mask)
+        self._advance(start, end)
+        out = self._attend_tiers(q, mask, scale, dense_mask, kb, vb, end)
         self.fetcher.release(slot)
         return out
 
+    def _store(self, k, v, start: int, end: int, host_k, host_v) -> None:
+        """Write slots [start, end): device blocks to ``dk``/``dv``, the rest to ``host_k``/
+        ``host_v`` (RAM, or the fetcher's copy of it) at host-relative positions."""
+        g = self.device_tokens
+        if start < g:
+            m = min(end, g)
+            self.dk[:, :, start:m] = k[:, :, : m - start]
+            self.dv[:, :, start:m] = v[:, :, : m - start]
+        if end > g:
+            a = max(start, g)
+            host_k[:, :, a - g : end - g] = k[:, :, a - start :].to(host_k.device)
+            host_v[:, :, a - g : end - g] = v[:, :, a - start :].to(host_v.device)
+
+    def _advance(self, start: int, end: int) -> None:
+        self.length = self.dirty_from = end
+        if self.scratch.owner is self:
+            self.scratch.valid = min(self.scratch.valid, start)
+
+    def _attend_tiers(self, q, mask, scale, dense_mask, host_k, host_v, end):
+        """Attention over slots [0, end): the device blocks where they sit, the host part where
+        ``host_k``/``host_v`` sit (RAM: on the CPU; a fetched copy: on the GPU)."""
+        g = self.device_tokens
+        parts = []
+        if g:
+            m = min(end, g)
+            parts.append((self.dk[:, :, :m], self.dv[:, :, :m]))
+        if end > g:
+            parts.append((host_k[:, :, : end - g], host_v[:, :, : end - g]))
+        return attend_parts(q, parts, mask, scale, dense_mask)
+
+    def read_into(self, dst_k, dst_v, a: int, b: int) -> None:
+        """dst[:, :, a:b] = cache slots [a, b) for full-capacity ``dst`` (the prefill scratch)."""
+        g = self.device_tokens
+        if a < min(b, g):
+            dst_k[:, :, a : min(b, g)].copy_(self.dk[:, :, a : min(b, g)])
+            dst_v[:, :, a : min(b, g)].copy_(self.dv[:, :, a : min(b, g)])
+        if b > max(a, g):
+            copy_slots(dst_k[:, :, g:], self.k, max(a, g) - g, b - g)
+            copy_slots(dst_v[:, :, g:], self.v, max(a, g) - g, b - g)
+
+    def write_from(self, src_k, src_v, a: int, b: int) -> None:
+        """Cache slots [a, b) = src[:, :, a:b] for full-capacity ``src`` (the prefill scratch)."""
+        g = self.device_tokens
+        if a < min(b, g):
+            self.dk[:, :, a : min(b, g)].copy_(src_k[:, :, a : min(b, g)])
+            self.dv[:, :, a : min(b, g)].copy_(src_v[:, :, a : min(b, g)])
+        if b > max(a, g):
+            copy_slots(self.k, src_k[:, :, g:], max(a, g) - g, b - g)
+            copy_slots(self.v, src_v[:, :, g:], max(a, g) - g, b - g)
+
     def flush(self) -> bool:
-        """Copy the slots written in the scratch since the last flush out to RAM; True if any.
-        Asynchronous on the current stream (later kernels that overwrite the scratch queue
-        behind it); the CPU waits for it (``_sync``) before it touches the cache."""
+        """Copy the slots written in the scratch since the last flush out to their tiers; True
+        if any. Asynchronous on the current stream (later kernels that overwrite the scratch
+        queue behind it); the CPU waits for it (``_sync``) before it touches the cache."""
         s = self.scratch
         if s.owner is self and self.dirty_from < self.length:
             a, b = self.dirty_from, self.length
-            copy_slots(self.k, s.k, a, b)
-            copy_slots(self.v, s.v, a, b)
+            self.write_from(s.k, s.v, a, b)
             self.dirty_from = b
             if s.k.device.type == "cuda":
                 self._written = self._copied = torch.cuda.Event()
@@ -293,22 +352,24 @@ class KVFetcher:
         self._slot = (slot + 1) % len(self._bufs)
         kb, vb = self._bufs[slot]
         n = cache.length
+        nh = max(0, n - cache.device_tokens)  # device blocks are attended where they sit
         done = None
         with torch.cuda.stream(self._stream) if self._cuda else nullcontext():
             for ev in (self._free[slot], cache._written):
                 if ev is not None:
                     self._stream.wait_event(ev)
-            copy_slots(kb, cache.k, 0, n)
-            copy_slots(vb, cache.v, 0, n)
+            copy_slots(kb, cache.k, 0, nh)
+            copy_slots(vb, cache.v, 0, nh)
             if self._cuda:
                 if self._stats is not None:
-                    self._stats.add(bytes_h2d=2 * kb[:, :, :n].numel() * kb.element_size())
+                    self._stats.add(bytes_h2d=2 * kb[:, :, :nh].numel() * kb.element_size())
                 done = torch.cuda.Event()
                 done.record(self._stream)
         self._pending[id(cache)] = (slot, done, n)
 
     def take(self, cache: OffloadedKVCache) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``cache``'s buffer (slots [0, length) valid once the current stream reaches here)."""
+        """``cache``'s buffer (its host slots up to ``length`` valid once the current stream
+        reaches here)."""
         entry = self._pending.pop(id(cache), None)
         if entry is None or entry[2] != cache.length:
             # Not issued ahead (or stale): stop issuing ahead in this step (a buffer may be

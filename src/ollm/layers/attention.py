@@ -149,3 +149,52 @@ def chunk_attention(
     # softmax over both key sets = w * o_old + (1 - w) * o_new, w = sigmoid(lse_old - lse_new)
     w = torch.sigmoid(lse_old - lse_new).unsqueeze(-1).to(o_new.dtype)
     return o_new.lerp_(o_old, w)
+
+
+def attend_parts(
+    q: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: AttentionMask,
+    scale: float,
+    dense_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``attend`` over keys/values stored as consecutive parts (slots in order), each possibly on
+    another device (a KV cache split between tiers). One query per sequence with a plain causal
+    mask sees every key: each part is attended where it sits (only q and the outputs move) and
+    the parts are merged by their log-sum-exps. Other masks gather the parts on q's device."""
+    if len(parts) == 1 or not (mask.q_len == 1 and mask.is_plain_causal()):
+        dev = parts[0][0].device if len(parts) == 1 else q.device
+        k = torch.cat([k.to(dev) for k, _ in parts], 2) if len(parts) > 1 else parts[0][0]
+        v = torch.cat([v.to(dev) for _, v in parts], 2) if len(parts) > 1 else parts[0][1]
+        dense = None if dense_mask is None else dense_mask.to(dev)
+        return attend(q.to(dev), k, v, mask, scale, dense).to(q.device)
+    out, lse = None, None
+    for k, v in parts:
+        o, s = _attend_lse(q.to(k.device), k, v, scale)
+        o, s = o.to(q.device), s.to(q.device)
+        if out is None:
+            out, lse = o, s
+            continue
+        # softmax over both key sets = w * out + (1 - w) * o, w = sigmoid(lse - s)
+        w = torch.sigmoid(lse - s).unsqueeze(-1).to(o.dtype)
+        out = o.lerp_(out, w)
+        lse = torch.logaddexp(lse, s)
+    return out
+
+
+def _attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention of q [B, H, T, D] over k/v [B, KVH, S, D] with its log-sum-exp."""
+    if q.device.type == "cuda" and _flash_ok(q):
+        return _flash_with_lse(q, k, v, False, scale)
+    b, h, t, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh * t, d)  # query heads of a KV head folded (grouped_attention)
+    if q.device.type == "cpu":
+        o, lse = _flash_with_lse(qg, k, v, False, scale)
+    else:  # a GPU dtype the flash kernel does not take (float32): plain math in float32
+        s = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(s, -1)
+        o = torch.matmul(torch.softmax(s, -1), v.float()).to(q.dtype)
+    return o.reshape(b, h, t, d), lse.reshape(b, h, t)

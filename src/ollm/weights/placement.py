@@ -29,6 +29,7 @@ class LayerPlacement:
     decode_device: str | None = None
     kv_tier: str = "device"  # "device": on kv_device; "cpu": pinned RAM; "disk": KV files
     kv_fetch: bool = False  # pinned-RAM KV copied back to the GPU (prefetched) for decode
+    kv_device_tokens: int = 0  # offloaded KV: its first slots (whole blocks) stay on the device
 
     def device_for(self, phase: str) -> str:
         return self.decode_device if phase == "decode" and self.decode_device else self.exec_device
@@ -56,6 +57,7 @@ class PlacementPlan:
     cpu_max_tokens: int = 0  # forwards of at most this many tokens use decode devices
     prefill_chunk_tokens: int = 0  # rows per prefill chunk (0 = whole prompt at once)
     predicted: dict[str, float] = field(default_factory=dict)  # cost-model figures, if measured
+    kv_block_tokens: int = 256  # token slots per KV block, the unit KV is split between tiers in
 
     def phase(self, tokens: int) -> str:
         """'decode' (hybrid devices) for small forwards, else 'prefill' (everything on the GPU)."""
@@ -114,6 +116,15 @@ class PlacementPlan:
                 else "whole prompt",
             ),
         ]
+        split = [(i, p.kv_device_tokens) for i, p in enumerate(self.layers) if p.kv_device_tokens]
+        for i, slots in split:
+            rows.append(
+                (
+                    f"KV of layer {i} split",
+                    f"first {slots} slots ({slots // self.kv_block_tokens} blocks of "
+                    f"{self.kv_block_tokens}) on {self.device}, the rest offloaded",
+                )
+            )
         fetched = [i for i, p in enumerate(self.layers) if p.kv_fetch]
         if fetched:
             rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
@@ -194,6 +205,7 @@ def plan_placement(
     chunk_tokens: int | None = None,
     kv_cache: str = "auto",
     kv_fetch_buffers: int = 2,
+    kv_block_tokens: int = 256,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
     if offload not in OFFLOAD_MODES:
@@ -230,6 +242,7 @@ def plan_placement(
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
             rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
+            kv_block_tokens=kv_block_tokens,
         )  # fmt: skip
 
     # Head (and the tied embedding) stays on the execution device; an untied embedding table is
@@ -240,9 +253,9 @@ def plan_placement(
         fixed["globals"] = embed + head + norm
     slots = 2 if n > 1 else 1
     kv_off = 0
-    if on_gpu and budget is not None:
-        # KV that cannot sit beside the minimum weights goes to pinned RAM, layer by layer; one
-        # layer's prompt KV stays as a prefill scratch buffer on the GPU.
+    if budget is not None and (on_gpu or kv_cache == "disk"):
+        # KV that cannot sit beside the minimum weights goes to pinned RAM (or disk), layer by
+        # layer; one layer's prompt KV stays as a prefill scratch buffer on the device.
         kv_layer = kv // n
         # With the cost model, decode may copy some offloaded layers' KV back to the GPU: that
         # takes ``kv_fetch_buffers`` more layer-sized buffers (re-planned without them if unused).
@@ -305,13 +318,25 @@ def plan_placement(
     staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
     if not streamed:
         ring = 0
-    if kv_cache == "disk" and not on_gpu:
-        kv_off = n  # on a CPU machine "disk" means: no KV in RAM at all
+    if kv_cache == "disk" and not on_gpu and budget is None:
+        kv_off = n  # on a CPU machine without a budget "disk" means: no KV in RAM at all
     if kv_off:
         from dataclasses import replace as _replace
 
         tier = "disk" if kv_cache == "disk" else "cpu"
         layers = [_replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
+        if budget is not None and not spec.layers[n - kv_off].window:
+            # The budget left over holds the first blocks of the first offloaded layer's KV.
+            resident = sum(
+                store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
+            )
+            spare = budget - sum(fixed.values()) - resident - ring * layer
+            block = per_token * kv_block_tokens
+            keep = min(max(0, spare) // block, (work.context - 1) // kv_block_tokens)
+            if keep:
+                b = n - kv_off
+                layers[b] = _replace(layers[b], kv_device_tokens=keep * kv_block_tokens)
+                fixed["kv cache"] += keep * block
     cpu_max_tokens, predicted = 0, {}
     if on_gpu and rates is not None:
         layers, cpu_max_tokens, predicted = _hybrid(
@@ -341,6 +366,7 @@ def plan_placement(
         cpu_max_tokens=cpu_max_tokens,
         predicted=predicted,
         prefill_chunk_tokens=chunk,
+        kv_block_tokens=kv_block_tokens,
     )
 
 
