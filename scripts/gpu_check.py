@@ -9,7 +9,7 @@
    in pinned RAM, streamed from disk with a warm page cache, and with a cold one; each next to
    its physical floor (streamed bytes / measured bandwidth). Cases (``--cases``): cpu, hybrid,
    disk, disk-cold, all-disk, kv-disk (KV in files under $OLLM_KV_DIR or the temp dir), kv-cpu
-   (no KV fetched to the GPU), kv-nosplit (no KV blocks of an offloaded layer on the GPU).
+   (no KV fetched to the GPU), kv-fetch-all (all RAM KV fetched), kv-nosplit (no KV blocks of an offloaded layer on the GPU).
    ``--prompt 100000`` etc. for long context; ``OLLM_PROFILE=1`` prints profiler tables of the
    measured request's prefill (``=decode``: also a Chrome trace with 3 decode steps);
    ``OLLM_TIMELINE=1`` saves its per-layer spans (JSON and a plot).
@@ -230,9 +230,17 @@ CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
     "kv-disk": ("cpu", None, False, "off"),  # as "cpu", with the KV cache in files (disk tier)
     "kv-cpu": ("cpu", None, False, "off"),  # as "cpu", all RAM KV attended on the CPU (no fetch)
     "kv-nosplit": ("cpu", None, False, "off"),  # as "cpu", no KV blocks of an offloaded layer
+    "kv-fetch-all": ("cpu", None, False, "off"),  # as "cpu", every RAM KV layer fetched
 }
 KV_CACHE = {"kv-disk": "disk"}  # case -> kv_cache setting (default "auto")
-RAM_CASES = ("cpu", "hybrid", "kv-disk", "kv-cpu", "kv-nosplit")  # weights stream from pinned RAM
+RAM_CASES = (
+    "cpu",
+    "hybrid",
+    "kv-disk",
+    "kv-cpu",
+    "kv-nosplit",
+    "kv-fetch-all",
+)  # weights stream from pinned RAM
 
 
 def save_timeline(timeline, out: Path, name: str) -> None:
@@ -268,6 +276,8 @@ def bench_case(
     )
     if case == "kv-cpu":  # the same placement, without fetching any KV to the GPU in decode
         set_kv_fetch(llm, lambda i, p: False)
+    if case == "kv-fetch-all":
+        set_kv_fetch(llm, lambda i, p: p.kv_tier == "cpu" and p.decode_device != "cpu")
     if case == "kv-nosplit":  # the same placement, the boundary layer's KV all in RAM
         layers = tuple(replace(p, kv_device_tokens=0) for p in llm.plan.layers)
         llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)

@@ -253,12 +253,13 @@ class OffloadedKVCache:
         return self.length
 
     def close(self) -> None:
+        self.fetcher = None
+        self.dk = self.dv = None  # the device blocks go with the request
         if self._pending is not None:
             try:
                 self._views()
             except Exception:  # the allocation failed: nothing to release
                 return
-        self.fetcher = None
         if self._bufs is None:
             return
         if torch.cuda.is_available():

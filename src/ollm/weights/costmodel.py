@@ -109,6 +109,47 @@ def choose_cpu_layers(
     return best
 
 
+def pipeline_step(
+    chain_s: list[float],
+    copy_s: list[float],
+    slots: int,
+    fetch_s: list[float] | None = None,
+    buffers: int = 2,
+) -> float:
+    """Seconds per decode step of the streaming pipeline, simulated layer by layer.
+
+    ``chain_s[i]``: layer i's time on the compute chain (GPU kernels, or a CPU attention that
+    stops it); ``copy_s[i]``: its weight copy (0 = resident); ``fetch_s[i]``: the copy of its KV
+    queued right behind the weights (0 = none). The copy engine runs the copies in layer order;
+    a layer's weights wait for its ring slot (freed when the streamed layer ``slots`` earlier is
+    done), its KV for a fetch buffer (freed by the fetched layer ``buffers`` earlier); a layer
+    computes once its copies are done and the previous layer is. With a ring of 2-3 slots the
+    copy engine is at most 1-2 layers ahead, so a long CPU stall is covered only by the next
+    layers' copies: step = max(copies, chain) holds only when the stalls are short."""
+    n = len(chain_s)
+    fetch_s = fetch_s or [0.0] * n
+    engine = prev = 0.0
+    weights_done: list[float] = []  # compute finish of streamed layers, in stream order
+    kv_done: list[float] = []  # compute finish of fetched layers, in order
+    ends = []
+    for _ in range(3):  # the middle step is in steady state (the next one's copies overlap it)
+        for i in range(n):
+            ready = 0.0
+            if copy_s[i]:
+                start = max(engine, weights_done[-slots] if len(weights_done) >= slots else 0.0)
+                engine = ready = start + copy_s[i]
+            if fetch_s[i]:
+                start = max(engine, kv_done[-buffers] if len(kv_done) >= buffers else 0.0)
+                engine = ready = start + fetch_s[i]
+            prev = max(prev, ready) + chain_s[i]
+            if copy_s[i]:
+                weights_done.append(prev)
+            if fetch_s[i]:
+                kv_done.append(prev)
+        ends.append(prev)
+    return ends[2] - ends[1]
+
+
 def interleave(indices: list[int], k: int) -> set[int]:
     """Pick ``k`` of ``indices`` spread evenly, so each CPU layer sits between streamed ones and
     the copy engine loads the next streamed layer while the CPU computes."""

@@ -343,7 +343,7 @@ def plan_placement(
             spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers
         )
     if on_gpu and rates is not None and kv_off and kv_fetch_buffers:
-        layers, fetched, step = _kv_fetch(store, layers, rates, work, per_token, predicted)
+        layers, fetched, step = _kv_fetch(store, layers, rates, work, per_token, predicted, ring)
         if not fetched:  # nothing worth fetching: plan again without the fetch buffers
             return without_fetch()
         predicted["decode s (KV split)"] = step
@@ -370,25 +370,19 @@ def plan_placement(
     )
 
 
-def _kv_fetch(store, layers, rates, work, per_token, predicted):
+def _kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
-    attend on the CPU where the KV sits), so that the copy engine and the CPU finish together:
-    a fetched layer adds its KV to the bytes crossing PCIe, a CPU one reads it from RAM.
-    ``per_token``: KV bytes per token position of one layer for the whole batch."""
+    attend on the CPU where the KV sits): a fetched layer adds its KV to the copy engine's queue
+    (right behind its weights), a CPU one stops the compute chain while the CPU reads it. The
+    count and positions (spread by ``interleave``) minimise the step simulated layer by layer
+    with the ring's depth (``costmodel.pipeline_step``): a CPU stall is covered only by the copies
+    of the next layer or two. ``per_token``: KV bytes per token position of one layer."""
     from dataclasses import replace
 
-    from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave
+    from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
 
     cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
-    kv_layer = per_token * work.context
-    streamed = sum(
-        store.layer_nbytes(i)
-        for i, p in enumerate(layers)
-        if p.tier != "gpu" and p.decode_device != "cpu"
-    )
     shared = rates.pcie_shared
-    copy_w = streamed / shared
-    cpu_w = predicted.get("hybrid cpu s", 0.0)
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
         cpu_rate = rates.cpu_attn * rates.cpu_mem_shared / rates.cpu_mem
     else:
@@ -398,16 +392,29 @@ def _kv_fetch(store, layers, rates, work, per_token, predicted):
         bucket = 1 << max(0, work.context - 1).bit_length()
         lb = store.max_layer_nbytes
         cpu_rate = rates.cpu_mem_shared * (lb + per_token // work.batch * bucket) / lb
-    # A CPU-attended layer stops the GPU chain: query to the CPU, attention, output back.
-    per_kv_cpu = kv_layer / cpu_rate + CPU_HANDOFF_S
-    gpu_chain = len(layers) * GPU_DECODE_LAYER_S
+    n_cpu = sum(p.decode_device == "cpu" for p in layers)
+    cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
+    copy, chain, host_kv = [], [], []
+    for i, p in enumerate(layers):
+        on_cpu = p.decode_device == "cpu"
+        copy.append(0.0 if p.tier == "gpu" or on_cpu else store.layer_nbytes(i) / shared)
+        host_kv.append(
+            0 if p.kv_tier == "device" else per_token * (work.context - p.kv_device_tokens)
+        )
+        # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
+        cpu_kv = host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0
+        chain.append((cpu_layer if on_cpu else GPU_DECODE_LAYER_S) + cpu_kv)
 
     def step(x: int) -> float:
-        return max(
-            copy_w + x * kv_layer / shared, cpu_w + (len(cands) - x) * per_kv_cpu + gpu_chain
-        )
+        chosen = interleave(cands, x)
+        fetch = [host_kv[i] / shared if i in chosen else 0.0 for i in range(len(layers))]
+        ch = [
+            c - (host_kv[i] / cpu_rate + CPU_HANDOFF_S) if i in chosen else c
+            for i, c in enumerate(chain)
+        ]
+        return pipeline_step(ch, copy, max(1, ring), fetch)
 
-    x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 9), k))
+    x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 6), k))
     chosen = interleave(cands, x)
     layers = [replace(p, kv_fetch=True) if i in chosen else p for i, p in enumerate(layers)]
     return layers, len(chosen), step(x)
