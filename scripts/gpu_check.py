@@ -231,6 +231,7 @@ CASES = {  # name -> (offload, cpu_memory, cold page cache, hybrid)
     "kv-cpu": ("cpu", None, False, "off"),  # as "cpu", all RAM KV attended on the CPU (no fetch)
     "kv-nosplit": ("cpu", None, False, "off"),  # as "cpu", no KV blocks of an offloaded layer
     "kv-fetch-all": ("cpu", None, False, "off"),  # as "cpu", every RAM KV layer fetched
+    "kv-fetch-n": ("cpu", None, False, "off"),  # as "cpu", $OLLM_FETCH_N layers fetched (spread)
 }
 KV_CACHE = {"kv-disk": "disk"}  # case -> kv_cache setting (default "auto")
 RAM_CASES = (
@@ -278,6 +279,12 @@ def bench_case(
         set_kv_fetch(llm, lambda i, p: False)
     if case == "kv-fetch-all":
         set_kv_fetch(llm, lambda i, p: p.kv_tier == "cpu" and p.decode_device != "cpu")
+    if case == "kv-fetch-n":
+        from ollm.weights.costmodel import interleave
+
+        ram = [i for i, p in enumerate(llm.plan.layers) if p.kv_tier == "cpu"]
+        chosen = interleave(ram, int(os.environ.get("OLLM_FETCH_N", "8")))
+        set_kv_fetch(llm, lambda i, p: i in chosen)
     if case == "kv-nosplit":  # the same placement, the boundary layer's KV all in RAM
         layers = tuple(replace(p, kv_device_tokens=0) for p in llm.plan.layers)
         llm.plan = llm.runner.plan = replace(llm.plan, layers=layers)
