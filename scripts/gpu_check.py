@@ -241,6 +241,7 @@ RAM_CASES = (
     "kv-cpu",
     "kv-nosplit",
     "kv-fetch-all",
+    "kv-fetch-n",
 )  # weights stream from pinned RAM
 
 
