@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model
+from ollm import LLM, SamplingParams
 from ollm.weights.costmodel import MachineRates, choose_cpu_layers, interleave, predict_step
 from ollm.weights.placement import Workload, plan_placement
 
@@ -285,3 +286,71 @@ def test_alternating_fetch_beats_none_and_all():
 
     best = min(range(n + 1), key=step)
     assert 10 <= best <= 19 and step(best) < 0.9 * min(step(0), step(n))
+
+
+def _on_device(plan, device: str):
+    """The same plan with the accelerator named ``device`` (CPU layers stay on "cpu")."""
+    from dataclasses import replace
+
+    def swap(d):
+        return device if d == plan.device else d
+
+    layers = tuple(
+        replace(p, exec_device=swap(p.exec_device), decode_device=p.decode_device)
+        for p in plan.layers
+    )
+    return replace(
+        plan,
+        device=device,
+        layers=layers,
+        embed_device=swap(plan.embed_device),
+        head_device=swap(plan.head_device),
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_hybrid_split_on_a_stand_in_accelerator_matches(family, hf_models, tmp_path):
+    """The CPU/GPU split run on a CPU-only machine: the plan the cost model makes for a GPU
+    (some RAM layers computed by the CPU in decode, the others streamed through ring slots, the
+    CPU layers' KV in RAM written through the prefill scratch) executed with the accelerator
+    played by the CPU under another device name ("cpu:1"). Every device crossing, both phases'
+    streamed-layer schedules and the RAM KV of the CPU layers run; the greedy tokens equal those
+    of the same plan without CPU layers (the all-"GPU" path) and transformers'."""
+    from ollm.engine.runner import Runner
+    from ollm.weights.prefetch import Prefetcher
+    from ollm.weights.store import LayerStore
+    from test_equivalence import hf_greedy
+
+    model, path = hf_models(family)
+    llm = LLM(path, device="cpu", cache_dir=tmp_path, progress=False)
+    spec, store = llm.spec, llm.store
+    work = Workload(1, 256, 256)
+    fixed = plan_placement(spec, store, "cuda:0", None, None, "cpu", work, 4, chunk_tokens=32)
+    base = sum(
+        v for k, v in fixed.reserved.items() if k not in ("resident layers", "stream buffers")
+    )
+    budget = base + int(3.5 * store.max_layer_nbytes)  # 1 resident layer, the rest in RAM
+    kw = dict(rates=rates(scale=1e-5), chunk_tokens=32)
+    split = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, cpu_layers=2, **kw)
+    plain = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, hybrid="off", **kw)
+    assert len(split.cpu_layers) == 2 and not plain.cpu_layers and split.count("gpu") >= 1
+    prompt = [(7 * i + 3) % 256 for i in range(100)]
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    tokens, cpu_seconds, copied = [], [], []
+    for plan in (split, plain):
+        fake = _on_device(plan, "cpu:1")
+        assert fake.cpu_layers == plan.cpu_layers
+        prefetcher = Prefetcher(LayerStore(llm.store_path), fake, llm.stats)
+        llm.prefetcher.close()
+        llm.plan, llm.prefetcher = fake, prefetcher
+        llm.runner = llm._engine.runner = Runner(spec, fake, prefetcher, llm.dtype)
+        res = llm.generate(prompt, params)
+        tokens.append(res.token_ids)
+        cpu_seconds.append(res.metrics.cpu_path_seconds)
+        copied.append(res.metrics.bytes_copied_h2d)
+    llm.close()
+    assert tokens[0] == tokens[1] == hf_greedy(model, prompt, 10)
+    assert cpu_seconds[0] > 0 and cpu_seconds[1] == 0  # the CPU path ran only in the split
+    # Prefill streams the same layers; each decode step streams 2 fewer in the split.
+    layer = store.max_layer_nbytes
+    assert copied[1] - copied[0] == pytest.approx(9 * 2 * layer, rel=0.05)

@@ -144,7 +144,9 @@ class PlacementPlan:
 
 
 def _moves(p: LayerPlacement, device: str) -> bool:
-    if p.exec_device.startswith("cuda"):
+    """Whether the layer's weights are copied to its execution device on every pass: on an
+    accelerator unless resident there; on the host CPU only when they come from disk."""
+    if p.exec_device != "cpu":
         return p.tier != "gpu"
     return p.tier == "disk"
 

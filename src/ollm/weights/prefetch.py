@@ -125,7 +125,7 @@ class Prefetcher:
                 if p.decode_device == "cpu":
                     self._host_views[i] = self.store.views(f, buf)
                 continue
-            if p.exec_device == "cpu":
+            if p.exec_device == "cpu" or not self.cuda:
                 buf = torch.empty(self.store.files[f].nbytes, dtype=torch.uint8)
                 self.stats.add(bytes_disk=self.store.read_into(f, buf, self.verify))
             else:
@@ -292,8 +292,12 @@ class Prefetcher:
             stream.wait_event(event)
             after.record(stream)
             self._stall_events.append((before, after))
-        else:
+        elif self._is_disk[n % len(self.streamed)]:
             self._wait_read(n)
+        else:  # a RAM layer on a device without a copy engine: the copy is this thread's work
+            nbytes = self.store.layer_nbytes(i)
+            self._slots[slot][:nbytes].copy_(self._host[i][:nbytes])
+            self.stats.add(bytes_h2d=nbytes)
         views = self._slot_views.get((slot, i))
         if views is None:  # the ring's buffers never move: build each slot's views once
             views = self._slot_views[(slot, i)] = self.store.views(layer_file(i), self._slots[slot])
