@@ -342,7 +342,7 @@ def plan_placement(
     cpu_max_tokens, predicted = 0, {}
     if on_gpu and rates is not None:
         layers, cpu_max_tokens, predicted = _hybrid(
-            spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers
+            spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers, ring
         )
     if on_gpu and rates is not None and kv_off and kv_fetch_buffers:
         layers, fetched, step = _kv_fetch(store, layers, rates, work, per_token, predicted, ring)
@@ -422,11 +422,20 @@ def _kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     return layers, len(chosen), step(x)
 
 
-def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced):
-    """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``)."""
+def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced, ring):
+    """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``):
+    the count (spread by ``interleave``) whose decode step, simulated layer by layer with the
+    ring's depth (``costmodel.pipeline_step``), is shortest."""
     from dataclasses import replace
 
-    from ollm.weights.costmodel import choose_cpu_layers, interleave, predict_step
+    from ollm.weights.costmodel import (
+        CPU_HANDOFF_S,
+        GPU_DECODE_LAYER_S,
+        LAYER_OVERHEAD_S,
+        interleave,
+        pipeline_step,
+        predict_step,
+    )
 
     params = spec.layer_param_count()
     cands = [i for i, p in enumerate(layers) if p.tier == "cpu"]
@@ -437,22 +446,26 @@ def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, f
     predicted = {"stream-only tok/s": stream_only.tokens_per_second}
     if hybrid == "off" or not cands:
         return layers, 0, predicted
+    gpu_layer = max(GPU_DECODE_LAYER_S, rates.gpu_layer_s(layer_bytes, params, work.batch))
+    cpu_layer = rates.cpu_layer_s(layer_bytes, params, work.batch, True)
+    cpu_layer += LAYER_OVERHEAD_S + CPU_HANDOFF_S
+
+    def simulate(k: int) -> float:
+        chosen = interleave(cands, k)
+        chain = [cpu_layer if i in chosen else gpu_layer for i in range(len(layers))]
+        copy = [
+            0.0 if i in chosen or p.tier == "gpu" else rates.copy_s(layer_bytes, k > 0)
+            for i, p in enumerate(layers)
+        ]
+        return pipeline_step(chain, copy, max(1, ring)) + head_bytes / rates.gpu_mem
+
     if forced is not None:
         k = min(forced, len(cands))
-        pred = predict_step(
-            rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch
-        )
     else:
-        k, pred = choose_cpu_layers(
-            rates, n_res, len(cands), layer_bytes, params, head_bytes, work.batch
-        )
-        k = min(k, len(cands))
-        if n_stream > len(cands):  # disk layers also stream; re-predict with them
-            pred = predict_step(
-                rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch
-            )
+        k = min(range(len(cands) + 1), key=lambda x: (round(simulate(x), 6), x))
     if k == 0:
         return layers, 0, predicted
+    pred = predict_step(rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch)
     chosen = interleave(cands, k)
     # The KV of a CPU-decoded layer lives in pinned RAM as an OffloadedKVCache: prefill (on the
     # GPU) writes it through the shared scratch with asynchronous per-head copies, decode attends
@@ -467,7 +480,7 @@ def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, f
     switch = int(rates.cpu_flops * layer_bytes / (rates.pcie * 2 * params))
     predicted.update(
         {
-            "hybrid tok/s": pred.tokens_per_second,
+            "hybrid tok/s": 1.0 / simulate(k),
             "hybrid copy s": pred.copy_s,
             "hybrid cpu s": pred.cpu_s,
         }
