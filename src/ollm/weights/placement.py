@@ -384,16 +384,18 @@ def _kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
 
     cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
-    shared = rates.pcie_shared
+    shared = min(rates.pcie_shared, rates.pcie)  # a shared rate above the rate alone is noise
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
-        cpu_rate = rates.cpu_attn * rates.cpu_mem_shared / rates.cpu_mem
+        cpu_rate = rates.cpu_attn * min(1.0, rates.cpu_mem_shared / rates.cpu_mem)
     else:
         # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
         # of the context's power-of-two bucket (costmodel.cached_rates): the bytes it really
         # moves per second include that KV.
         bucket = 1 << max(0, work.context - 1).bit_length()
         lb = store.max_layer_nbytes
-        cpu_rate = rates.cpu_mem_shared * (lb + per_token // work.batch * bucket) / lb
+        cpu_rate = (
+            min(rates.cpu_mem_shared, rates.cpu_mem) * (lb + per_token // work.batch * bucket) / lb
+        )
     n_cpu = sum(p.decode_device == "cpu" for p in layers)
     cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
     copy, chain, host_kv = [], [], []
