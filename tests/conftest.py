@@ -120,3 +120,16 @@ def hf_models(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """(ModelSpec, LayerStore) of the tiny random Llama, converted once per test session."""
+    from ollm.models.registry import build_spec
+    from ollm.weights.convert import convert
+    from ollm.weights.store import LayerStore
+
+    d = tmp_path_factory.mktemp("tiny-store")
+    make_hf_model("llama", d / "hf")
+    s = LayerStore(convert(d / "hf", d / "store", progress=False))
+    return build_spec(s.hf_config()), s

@@ -71,19 +71,6 @@ def test_interleave_spreads_choices():
     assert interleave(idx, 0) == set() and interleave(idx, 99) == set(idx)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from ollm.weights.convert import convert
-    from ollm.weights.store import LayerStore
-
-    d = tmp_path_factory.mktemp("hyb")
-    make_hf_model("llama", d / "hf")
-    s = LayerStore(convert(d / "hf", d / "store", progress=False))
-    from ollm.models.registry import build_spec
-
-    return build_spec(s.hf_config()), s
-
-
 def _plan(store, **kw):
     spec, s = store
     work = Workload(1, 64, 64)

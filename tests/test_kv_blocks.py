@@ -61,22 +61,10 @@ def test_split_cache_matches_a_device_cache(device_tokens, tier, fetch, tmp_path
         off.close()
 
 
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    from ollm.models.registry import build_spec
-    from ollm.weights.convert import convert
-    from ollm.weights.store import LayerStore
-
-    d = tmp_path_factory.mktemp("blocks")
-    make_hf_model("llama", d / "hf")
-    s = LayerStore(convert(d / "hf", d / "store", progress=False))
-    return build_spec(s.hf_config()), s
-
-
-def _plan(tiny_store, budget_share: float, block: int, context: int = 20000):
+def _plan(store, budget_share: float, block: int, context: int = 20000):
     from ollm.weights.placement import Workload, plan_placement
 
-    spec, s = tiny_store
+    spec, s = store
     work = Workload(1, context, context)
     kw = dict(chunk_tokens=256, hybrid="off", kv_block_tokens=block)
     fixed = plan_placement(spec, s, "cuda:0", None, None, "cpu", work, 4, **kw)
@@ -91,10 +79,10 @@ def _plan(tiny_store, budget_share: float, block: int, context: int = 20000):
 
 
 @pytest.mark.parametrize("share", [0.45, 0.6, 0.8])
-def test_planner_splits_the_boundary_layer_in_whole_blocks(tiny_store, share):
-    spec, _ = tiny_store
+def test_planner_splits_the_boundary_layer_in_whole_blocks(store, share):
+    spec, _ = store
     per_token = 2 * spec.num_kv_heads * spec.head_dim * 4
-    plan, budget = _plan(tiny_store, share, 64)
+    plan, budget = _plan(store, share, 64)
     split = [(i, p) for i, p in enumerate(plan.layers) if p.kv_device_tokens]
     offloaded = [i for i, p in enumerate(plan.layers) if p.kv_tier != "device"]
     assert offloaded and len(split) == 1
@@ -103,8 +91,8 @@ def test_planner_splits_the_boundary_layer_in_whole_blocks(tiny_store, share):
     assert p.kv_device_tokens % 64 == 0 and 0 < p.kv_device_tokens < 20000
     assert plan.peak_device_bytes <= budget < plan.peak_device_bytes + 64 * per_token
     assert any(f"KV of layer {i} split" in label for label, _ in plan.describe())
-    fine, _ = _plan(tiny_store, share, 16)
-    coarse, _ = _plan(tiny_store, share, 1024)
+    fine, _ = _plan(store, share, 16)
+    coarse, _ = _plan(store, share, 1024)
     slots = [sum(p.kv_device_tokens for p in pl.layers) for pl in (fine, plan, coarse)]
     assert slots == sorted(slots, reverse=True) and all(x % 16 == 0 for x in slots)
 
