@@ -133,3 +133,18 @@ def store(tmp_path_factory):
     make_hf_model("llama", d / "hf")
     s = LayerStore(convert(d / "hf", d / "store", progress=False))
     return build_spec(s.hf_config()), s
+
+
+def disk_kv_budget(model=None, extra_kv_layers: float = 1.0, **llm_kwargs) -> int:
+    """A ``cpu_memory`` for ``LLM(model, kv_cache="disk", **llm_kwargs)`` on the CPU that holds
+    the weights' minimum, the prefill scratch and ``extra_kv_layers`` layers' worth of KV: the
+    rest of the KV must go to disk (planned first without a budget, where all of it does)."""
+    from ollm import LLM
+
+    args = () if model is None else (model,)
+    with LLM(*args, device="cpu", kv_cache="disk", **llm_kwargs) as probe:
+        assert all(p.kv_tier == "disk" for p in probe.plan.layers)
+        r = probe.plan.reserved
+        kv_layer = r["kv cache"] // len(probe.plan.layers)
+        minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
+    return minimum + int(extra_kv_layers * kv_layer)

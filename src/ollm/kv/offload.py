@@ -47,7 +47,7 @@ class KVScratch:
         if self.owner is not cache or self.valid < start:
             if self.owner is not None and self.owner is not cache:
                 self.owner.flush()
-            cache.read_into(self.k, self.v, 0, start)
+            cache.copy_tiers(self.k, self.v, 0, start, into_cache=False)
             self.owner, self.valid = cache, start
             cache.dirty_from = start
 
@@ -203,25 +203,17 @@ class OffloadedKVCache:
             parts.append((host_k[:, :, : end - g], host_v[:, :, : end - g]))
         return attend_parts(q, parts, mask, scale, dense_mask)
 
-    def read_into(self, dst_k, dst_v, a: int, b: int) -> None:
-        """dst[:, :, a:b] = cache slots [a, b) for full-capacity ``dst`` (the prefill scratch)."""
+    def copy_tiers(self, full_k, full_v, a: int, b: int, into_cache: bool) -> None:
+        """Slots [a, b) between full-capacity buffers (the prefill scratch) and the cache's tiers:
+        into the tiers (``into_cache``) or out of them. Empty ranges are skipped by copy_slots."""
         g = self.device_tokens
-        if a < min(b, g):
-            dst_k[:, :, a : min(b, g)].copy_(self.dk[:, :, a : min(b, g)])
-            dst_v[:, :, a : min(b, g)].copy_(self.dv[:, :, a : min(b, g)])
-        if b > max(a, g):
-            copy_slots(dst_k[:, :, g:], self.k, max(a, g) - g, b - g)
-            copy_slots(dst_v[:, :, g:], self.v, max(a, g) - g, b - g)
-
-    def write_from(self, src_k, src_v, a: int, b: int) -> None:
-        """Cache slots [a, b) = src[:, :, a:b] for full-capacity ``src`` (the prefill scratch)."""
-        g = self.device_tokens
-        if a < min(b, g):
-            self.dk[:, :, a : min(b, g)].copy_(src_k[:, :, a : min(b, g)])
-            self.dv[:, :, a : min(b, g)].copy_(src_v[:, :, a : min(b, g)])
-        if b > max(a, g):
-            copy_slots(self.k, src_k[:, :, g:], max(a, g) - g, b - g)
-            copy_slots(self.v, src_v[:, :, g:], max(a, g) - g, b - g)
+        for full, dev, host in ((full_k, self.dk, self.k), (full_v, self.dv, self.v)):
+            spans = ((full, dev, a, min(b, g)), (full[:, :, g:], host, max(a, g) - g, b - g))
+            for outer, tier, lo, hi in spans:
+                if into_cache:
+                    copy_slots(tier, outer, lo, hi)
+                else:
+                    copy_slots(outer, tier, lo, hi)
 
     def flush(self) -> bool:
         """Copy the slots written in the scratch since the last flush out to their tiers; True
@@ -230,7 +222,7 @@ class OffloadedKVCache:
         s = self.scratch
         if s.owner is self and self.dirty_from < self.length:
             a, b = self.dirty_from, self.length
-            self.write_from(s.k, s.v, a, b)
+            self.copy_tiers(s.k, s.v, a, b, into_cache=True)
             self.dirty_from = b
             if s.k.device.type == "cuda":
                 self._written = self._copied = torch.cuda.Event()

@@ -162,12 +162,13 @@ def attend_parts(
     another device (a KV cache split between tiers). One query per sequence with a plain causal
     mask sees every key: each part is attended where it sits (only q and the outputs move) and
     the parts are merged by their log-sum-exps. Other masks gather the parts on q's device."""
-    if len(parts) == 1 or not (mask.q_len == 1 and mask.is_plain_causal()):
-        dev = parts[0][0].device if len(parts) == 1 else q.device
-        k = torch.cat([k.to(dev) for k, _ in parts], 2) if len(parts) > 1 else parts[0][0]
-        v = torch.cat([v.to(dev) for _, v in parts], 2) if len(parts) > 1 else parts[0][1]
-        dense = None if dense_mask is None else dense_mask.to(dev)
-        return attend(q.to(dev), k, v, mask, scale, dense).to(q.device)
+    if len(parts) > 1 and not (mask.q_len == 1 and mask.is_plain_causal()):
+        k = torch.cat([k.to(q.device) for k, _ in parts], 2)
+        parts = [(k, torch.cat([v.to(q.device) for _, v in parts], 2))]
+    if len(parts) == 1:
+        k, v = parts[0]
+        dense = None if dense_mask is None else dense_mask.to(k.device)
+        return attend(q.to(k.device), k, v, mask, scale, dense).to(q.device)
     out, lse = None, None
     for k, v in parts:
         o, s = _attend_lse(q.to(k.device), k, v, scale)

@@ -40,17 +40,27 @@ class MachineRates:
     gpu_flops: float  # GPU matmul rate
     cpu_attn: float = 0.0  # KV bytes/s of one decode query's attention on the CPU (0: unknown)
 
+    # Sharing the memory bus cannot speed either path up: a measured shared rate above the rate
+    # alone is noise (seen: CPU 33 vs 26 GB/s on one host, whose decode ran at 27).
+    @property
+    def cpu_mem_busy(self) -> float:
+        """CPU weight rate while host->GPU copies run."""
+        return min(self.cpu_mem_shared, self.cpu_mem)
+
+    @property
+    def pcie_busy(self) -> float:
+        """Host->GPU copy rate while the CPU computes."""
+        return min(self.pcie_shared, self.pcie)
+
     def cpu_layer_s(self, nbytes: int, params: int, tokens: int, shared: bool) -> float:
-        # Sharing the memory bus with DMA cannot speed the CPU up: a measured shared rate above
-        # the rate alone is noise (seen: 33 vs 26 GB/s on one host, whose decode ran at 27).
-        mem = min(self.cpu_mem_shared, self.cpu_mem) if shared else self.cpu_mem
+        mem = self.cpu_mem_busy if shared else self.cpu_mem
         return max(nbytes / mem, 2 * params * tokens / self.cpu_flops)
 
     def gpu_layer_s(self, nbytes: int, params: int, tokens: int) -> float:
         return max(nbytes / self.gpu_mem, 2 * params * tokens / self.gpu_flops) + LAYER_OVERHEAD_S
 
     def copy_s(self, nbytes: int, shared: bool) -> float:
-        return nbytes / (min(self.pcie_shared, self.pcie) if shared else self.pcie)
+        return nbytes / (self.pcie_busy if shared else self.pcie)
 
 
 @dataclass(frozen=True)

@@ -384,39 +384,34 @@ def _kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
 
     cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
-    shared = min(rates.pcie_shared, rates.pcie)  # a shared rate above the rate alone is noise
+    shared = rates.pcie_busy
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
-        cpu_rate = rates.cpu_attn * min(1.0, rates.cpu_mem_shared / rates.cpu_mem)
+        cpu_rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem
     else:
         # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
         # of the context's power-of-two bucket (costmodel.cached_rates): the bytes it really
         # moves per second include that KV.
         bucket = 1 << max(0, work.context - 1).bit_length()
         lb = store.max_layer_nbytes
-        cpu_rate = (
-            min(rates.cpu_mem_shared, rates.cpu_mem) * (lb + per_token // work.batch * bucket) / lb
-        )
+        cpu_rate = rates.cpu_mem_busy * (lb + per_token // work.batch * bucket) / lb
     n_cpu = sum(p.decode_device == "cpu" for p in layers)
     cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
-    copy, chain, host_kv = [], [], []
+    copy, base, cpu_kv, host_kv = [], [], [], []
     for i, p in enumerate(layers):
         on_cpu = p.decode_device == "cpu"
         copy.append(0.0 if p.tier == "gpu" or on_cpu else store.layer_nbytes(i) / shared)
+        base.append(cpu_layer if on_cpu else GPU_DECODE_LAYER_S)
         host_kv.append(
             0 if p.kv_tier == "device" else per_token * (work.context - p.kv_device_tokens)
         )
         # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
-        cpu_kv = host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0
-        chain.append((cpu_layer if on_cpu else GPU_DECODE_LAYER_S) + cpu_kv)
+        cpu_kv.append(host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
 
     def step(x: int) -> float:
         chosen = interleave(cands, x)
+        chain = [base[i] + (0.0 if i in chosen else cpu_kv[i]) for i in range(len(layers))]
         fetch = [host_kv[i] / shared if i in chosen else 0.0 for i in range(len(layers))]
-        ch = [
-            c - (host_kv[i] / cpu_rate + CPU_HANDOFF_S) if i in chosen else c
-            for i, c in enumerate(chain)
-        ]
-        return pipeline_step(ch, copy, max(1, ring), fetch)
+        return pipeline_step(chain, copy, max(1, ring), fetch)
 
     x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 6), k))
     chosen = interleave(cands, x)
