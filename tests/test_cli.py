@@ -190,12 +190,12 @@ def test_errors_are_one_line(env, case, tmp_path):
 
 
 def test_keyboard_interrupt(env, monkeypatch):
-    import ollm.cli
+    import ollm.cli.common
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ollm.cli, "_build_llm", interrupted)
+    monkeypatch.setattr(ollm.cli.common, "build_llm", interrupted)
     res = invoke("run", "hi", "-m", env["model"])
     assert res.exit_code == 130
     assert res.stderr.strip() == "interrupted"

@@ -1,0 +1,100 @@
+"""``ollm convert`` and ``ollm info``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from ollm.cli import common
+from ollm.cli.common import (
+    CacheDirOpt,
+    CpuMemoryOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GpuMemoryOpt,
+    HybridOpt,
+    JsonOpt,
+    KvCacheOpt,
+    MaxContextOpt,
+    OffloadOpt,
+    app,
+)
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="HF model directory or .gguf file.")],
+    dst: Annotated[
+        str, typer.Argument(metavar="DST", help="Directory of the layer store to create.")
+    ],
+    dtype: DtypeOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace DST if it exists.")
+    ] = False,
+) -> None:
+    """Convert a model into a layer store (one file per decoder layer)."""
+    with common.cli_errors():
+        torch_dtype = None
+        if dtype is not None:
+            from ollm.config import EngineConfig
+
+            name = EngineConfig(dtype=dtype).dtype  # validates, one-line error otherwise
+            import torch
+
+            torch_dtype = getattr(torch, str(name))
+        from ollm.sizes import format_size
+        from ollm.weights.convert import convert as convert_model
+
+        path = convert_model(src, dst, torch_dtype, overwrite, progress=common.show_progress())
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        common.stdout_console().print(f"{path} ({format_size(size)})")
+
+
+@app.command()
+def info(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL",
+            help="HF directory, .gguf file or layer store (default: Gemma 3 270M).",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
+    offload: OffloadOpt = None,
+    max_context: MaxContextOpt = None,
+    kv_cache: KvCacheOpt = None,
+    hybrid: HybridOpt = None,
+    json_out: JsonOpt = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Show the model's architecture, sizes and placement plan under the given budgets."""
+    with common.cli_errors():
+        llm = common.build_llm(
+            model,
+            device=device,
+            gpu_memory=gpu_memory,
+            cpu_memory=cpu_memory,
+            offload=offload,
+            max_context=max_context,
+            kv_cache=kv_cache,
+            hybrid=hybrid,
+            cache_dir=cache_dir,
+        )
+        with llm:
+            data = llm.info()
+        if json_out:
+            sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            return
+        plan = data.pop("plan", {})
+        table = common.table([(k, str(v)) for k, v in data.items()], title="model")
+        table.add_section()
+        for label, value in dict(plan).items():  # type: ignore[call-overload]
+            table.add_row(f"plan: {label}", str(value))
+        common.stdout_console().print(table)
