@@ -367,6 +367,26 @@ def bench_case(
     return out
 
 
+def run_check(name: str, out: Path, quick: bool) -> dict:
+    """Run ``scripts/gpu/<name>.py``'s ``run(out, quick=...)``; a failure is reported, not raised,
+    so one broken check does not hide the others."""
+    import importlib.util
+    import inspect
+    import traceback
+
+    path = Path(__file__).parent / "gpu" / f"{name}.py"
+    try:
+        spec = importlib.util.spec_from_file_location(f"gpu_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        kwargs = {"quick": quick} if "quick" in inspect.signature(mod.run).parameters else {}
+        result = mod.run(out, **kwargs)
+    except Exception:  # noqa: BLE001 - reported in the JSON and the exit code
+        result = {"ok": False, "error": traceback.format_exc()}
+    print(f"== {name} ==", json.dumps(result, indent=1, default=str), flush=True)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -376,6 +396,12 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=8192)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--cases", default="cpu,hybrid,disk,disk-cold,all-disk")
+    ap.add_argument(
+        "--checks",
+        default="runtime,budget",
+        help="modules of scripts/gpu/ to run (each has run(out) -> dict); empty for none",
+    )
+    ap.add_argument("--quick", action="store_true", help="smaller matrices in the --checks")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -391,6 +417,8 @@ def main() -> int:
             report["equivalence"] = equivalence(Path(tmp))
         for r in report["equivalence"]:
             print(r, flush=True)
+    for name in filter(None, args.checks.split(",")):
+        report[name] = run_check(name, Path(args.out), args.quick)
     if not args.skip_bench:
         from ollm.weights.synthetic import make_synthetic_store
 
@@ -436,6 +464,7 @@ def main() -> int:
         )
     print("attention", report.get("attention"))
     ok = all(r["match"] for r in report.get("equivalence", []))
+    ok = ok and all(report[n].get("ok", True) for n in filter(None, args.checks.split(",")))
     ok = ok and all(v < 2e-2 for k, v in report.get("attention", {}).items() if "err" in k)
     return 0 if ok else 1
 
