@@ -1,0 +1,471 @@
+"""Paged KV bookkeeping without tensors: block pools per tier, block tables per sequence.
+
+A tier (``"gpu"``, ``"cpu"``, ``"disk"``, any name) holds a fixed number of blocks of
+``block_tokens`` KV slots each. A sequence's `BlockTable` lists the blocks that hold its
+positions ``[i * block_tokens, (i + 1) * block_tokens)`` and its own length. One manager serves one
+*KV group*: all layers whose tables have the same shape (all full-attention layers, or all
+sliding-window layers of one window); a block id indexes the same slot in each layer's pool.
+
+Nothing here moves bytes. Operations that need data moved (a copy-on-write of a shared last
+block, a swap between tiers) return `BlockMove` lists which the tensor side (`kv/paged.py`)
+executes, in order, before the next forward.
+
+Prefix sharing: a full block is keyed by ``blake2b(previous key, its token ids)``, so a key names
+the whole prefix up to the block's end; the KV of a block is a function of that prefix only, which
+is what makes reusing it exact. Unreferenced keyed blocks stay cached and are evicted LRU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class OutOfBlocks(RuntimeError):
+    """No free (or evictable) block is left in the tiers asked for."""
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One physical block: its tier and index in that tier's pool."""
+
+    tier: str
+    block: int
+
+
+@dataclass(frozen=True)
+class BlockMove:
+    """Copy the whole block ``src_tier[src_block]`` into ``dst_tier[dst_block]`` (every layer)."""
+
+    src_tier: str
+    src_block: int
+    dst_tier: str
+    dst_block: int
+
+
+def chain_keys(tokens: Sequence[int], block_tokens: int, keys: Sequence[bytes] = ()) -> list[bytes]:
+    """Prefix keys of every full block of ``tokens``; ``keys`` (already known ones) are reused."""
+    out = list(keys[: len(tokens) // block_tokens])
+    for j in range(len(out), len(tokens) // block_tokens):
+        h = hashlib.blake2b(out[-1] if out else b"", digest_size=16)
+        h.update(array("q", tokens[j * block_tokens : (j + 1) * block_tokens]).tobytes())
+        out.append(h.digest())
+    return out
+
+
+class BlockPool:
+    """Blocks of one tier: free list, reference counts, prefix keys and an LRU of cached blocks.
+
+    A block is *used* while referenced, *cached* when unreferenced but keyed (reusable by a later
+    prefix hit, evicted oldest first when a fresh block is needed) and *free* otherwise.
+    """
+
+    def __init__(self, tier: str, num_blocks: int) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.tier = tier
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, bytes] = {}
+        self._by_key: dict[bytes, int] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take: free ones plus evictable cached ones."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_used(self) -> int:
+        """Referenced blocks."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Unreferenced blocks kept for prefix hits."""
+        return len(self._lru)
+
+    def ref(self, block: int) -> int:
+        """Reference count of ``block``."""
+        return self._refs[block]
+
+    def key(self, block: int) -> bytes | None:
+        """The prefix key of ``block``, if registered."""
+        return self._key_of.get(block)
+
+    def allocate(self) -> int:
+        """A block with one reference: a free one, else the least recently used cached one."""
+        if self._free:
+            block = self._free.popleft()
+        elif self._lru:
+            block, _ = self._lru.popitem(last=False)
+            self.unregister(block)
+        else:
+            raise OutOfBlocks(f"tier {self.tier!r}: all {self.num_blocks} blocks in use")
+        self._refs[block] = 1
+        return block
+
+    def incref(self, block: int) -> None:
+        """Add a reference (a fork, or a prefix hit that revives a cached block)."""
+        if self._refs[block] == 0:
+            self._lru.pop(block)  # only cached blocks are unreferenced and reachable
+        self._refs[block] += 1
+
+    def decref(self, block: int) -> None:
+        """Drop a reference; at zero the block becomes cached (keyed) or free."""
+        if self._refs[block] <= 0:
+            raise RuntimeError(f"tier {self.tier!r}: block {block} freed twice")
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._key_of:
+                self._lru[block] = None
+            else:
+                self._free.append(block)
+
+    def lookup(self, key: bytes) -> int | None:
+        """The block holding prefix ``key``, if any (references unchanged)."""
+        return self._by_key.get(key)
+
+    def register(self, block: int, key: bytes) -> bool:
+        """Key a full, referenced block; False when another block already holds ``key``."""
+        old = self._key_of.get(block)
+        if old is not None:
+            if old != key:
+                raise RuntimeError(f"block {block} already keyed with another prefix")
+            return True
+        if key in self._by_key:
+            return False
+        self._key_of[block] = key
+        self._by_key[key] = block
+        return True
+
+    def unregister(self, block: int) -> bytes | None:
+        """Forget ``block``'s key (its content is about to change or move); return the key."""
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._by_key[key]
+        if block in self._lru:  # unreferenced and no longer keyed: plain free
+            del self._lru[block]
+            self._free.append(block)
+        return key
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks in one KV group and its length.
+
+    ``blocks[i]`` holds positions ``[i * block_tokens, (i + 1) * block_tokens)``; ``None`` marks a
+    block a sliding window released (always a leading run of ``dropped`` entries). There are
+    always ``ceil(length / block_tokens)`` entries.
+    """
+
+    block_tokens: int
+    blocks: list[BlockRef | None] = field(default_factory=list)
+    length: int = 0
+    dropped: int = 0
+    num_keyed: int = 0  # leading full blocks already registered (or adopted) under their key
+
+    @property
+    def start_token(self) -> int:
+        """First position whose KV is still held (0 without a window)."""
+        return self.dropped * self.block_tokens
+
+    def slot(self, pos: int) -> tuple[BlockRef, int]:
+        """The block and offset that hold position ``pos``."""
+        ref = self.blocks[pos // self.block_tokens]
+        if ref is None or not 0 <= pos < self.length:
+            raise IndexError(
+                f"position {pos} is not held (start {self.start_token}, length {self.length})"
+            )
+        return ref, pos % self.block_tokens
+
+    def snapshot(self) -> tuple[BlockRef | None, ...]:
+        """An immutable copy of the block list for a step plan."""
+        return tuple(self.blocks)
+
+
+class BlockManager:
+    """Allocation, trim, fork, free, swap and prefix sharing for the tables of one KV group.
+
+    ``alloc_tiers`` (fastest first) serve running sequences; ``swap_tier`` receives the blocks of
+    preempted ones. ``window`` (tokens, HF ``sliding_window`` semantics: a query at position p
+    sees keys ``> p - window``) makes appends release blocks that no later query can see.
+    """
+
+    def __init__(
+        self,
+        block_tokens: int,
+        pools: Mapping[str, int],
+        alloc_tiers: Sequence[str] | None = None,
+        swap_tier: str | None = None,
+        window: int | None = None,
+    ) -> None:
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.block_tokens = block_tokens
+        self.pools = {tier: BlockPool(tier, n) for tier, n in pools.items()}
+        self.alloc_tiers = tuple(alloc_tiers) if alloc_tiers is not None else tuple(pools)
+        self.swap_tier = swap_tier
+        for tier in (*self.alloc_tiers, *([swap_tier] if swap_tier else [])):
+            if tier not in self.pools:
+                raise ValueError(f"tier {tier!r} has no pool (pools: {list(self.pools)})")
+        if swap_tier in self.alloc_tiers:
+            raise ValueError(f"swap tier {swap_tier!r} is also an allocation tier")
+        self.window = window
+        self.prefix_hits = 0
+        self.prefix_saved_tokens = 0
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    def num_free(self, tiers: Sequence[str] | None = None) -> int:
+        """Allocatable blocks in ``tiers`` (default: the allocation tiers)."""
+        return sum(self.pools[t].num_free for t in (tiers or self.alloc_tiers))
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(used, free) blocks per tier; cached prefix blocks count as free."""
+        return {t: (p.num_used, p.num_free) for t, p in self.pools.items()}
+
+    def max_live_blocks(self, num_tokens: int, max_query: int) -> int:
+        """Most blocks a sequence of ``num_tokens`` holds at once when steps carry at most
+        ``max_query`` tokens (a window keeps ``window - 1`` earlier keys plus the step)."""
+        full = -(-num_tokens // self.block_tokens)
+        if self.window is None:
+            return full
+        return min(full, -(-(self.window - 1 + max_query) // self.block_tokens) + 1)
+
+    def capacity_blocks(self) -> int:
+        """Blocks of all allocation tiers."""
+        return sum(self.pools[t].num_blocks for t in self.alloc_tiers)
+
+    # -- tables -----------------------------------------------------------------------------
+
+    def new_table(self) -> BlockTable:
+        """An empty table."""
+        return BlockTable(self.block_tokens)
+
+    def _first_needed(self, length: int) -> int:
+        """Index of the first block a query at position ``length`` can see."""
+        if self.window is None:
+            return 0
+        return max(0, length - self.window + 1) // self.block_tokens
+
+    def _allocate(self) -> BlockRef:
+        for tier in self.alloc_tiers:
+            pool = self.pools[tier]
+            if pool.num_free:
+                return BlockRef(tier, pool.allocate())
+        raise OutOfBlocks(f"no free KV block in tiers {list(self.alloc_tiers)}")
+
+    def _last_needs_copy(self, table: BlockTable) -> bool:
+        """The partially filled last block is shared, so the next write must copy it."""
+        if table.length % self.block_tokens == 0:
+            return False
+        ref = table.blocks[-1]
+        assert ref is not None  # a window never releases the block being written
+        return self.pools[ref.tier].ref(ref.block) > 1
+
+    def blocks_needed(self, table: BlockTable, n: int) -> int:
+        """Net fresh blocks `append(table, n)` takes (new blocks + a copy - window releases)."""
+        new = -(-(table.length + n) // self.block_tokens) - len(table.blocks)
+        released = 0
+        for ref in table.blocks[table.dropped : self._first_needed(table.length)]:
+            assert ref is not None
+            pool = self.pools[ref.tier]
+            released += ref.tier in self.alloc_tiers and pool.ref(ref.block) == 1
+        return new + self._last_needs_copy(table) - released
+
+    def can_append(self, table: BlockTable, n: int) -> bool:
+        """Whether `append(table, n)` would succeed."""
+        return self.blocks_needed(table, n) <= self.num_free()
+
+    def append(self, table: BlockTable, n: int) -> list[BlockMove]:
+        """Make room for ``n`` more tokens; return the copies to run before writing.
+
+        All or nothing: raises `OutOfBlocks` with the table unchanged.
+        """
+        if n < 0:
+            raise ValueError(f"cannot append {n} tokens")
+        if not self.can_append(table, n):
+            raise OutOfBlocks(
+                f"appending {n} tokens needs {self.blocks_needed(table, n)} blocks, "
+                f"{self.num_free()} free in {list(self.alloc_tiers)}"
+            )
+        self._release_window(table)
+        moves: list[BlockMove] = []
+        if n and table.length % self.block_tokens:
+            moves += self._make_last_writable(table)
+        for _ in range(-(-(table.length + n) // self.block_tokens) - len(table.blocks)):
+            table.blocks.append(self._allocate())
+        table.length += n
+        return moves
+
+    def _release_window(self, table: BlockTable) -> None:
+        first = self._first_needed(table.length)
+        for i in range(table.dropped, first):
+            ref = table.blocks[i]
+            assert ref is not None
+            self.pools[ref.tier].decref(ref.block)
+            table.blocks[i] = None
+        table.dropped = max(table.dropped, first)
+
+    def _make_last_writable(self, table: BlockTable) -> list[BlockMove]:
+        ref = table.blocks[-1]
+        assert ref is not None
+        pool = self.pools[ref.tier]
+        if pool.ref(ref.block) == 1:
+            # Only we hold it: write in place, but its content no longer matches its key.
+            pool.unregister(ref.block)
+            return []
+        copy = self._allocate()
+        pool.decref(ref.block)
+        table.blocks[-1] = copy
+        return [BlockMove(ref.tier, ref.block, copy.tier, copy.block)]
+
+    def trim(self, table: BlockTable, n: int) -> None:
+        """Roll back the last ``n`` tokens, releasing blocks past the new end (O(blocks))."""
+        if not 0 <= n <= table.length:
+            raise ValueError(f"cannot trim {n} of {table.length} tokens")
+        new_len = table.length - n
+        if self._first_needed(new_len) < table.dropped:
+            raise ValueError(
+                f"trim to {new_len} needs KV the window already released (held from "
+                f"{table.start_token}); trim at most the tokens of the last append"
+            )
+        keep = -(-new_len // self.block_tokens)
+        for ref in reversed(table.blocks[keep:]):
+            assert ref is not None
+            self.pools[ref.tier].decref(ref.block)
+        del table.blocks[keep:]
+        table.length = new_len
+        table.num_keyed = min(table.num_keyed, new_len // self.block_tokens)
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A second table sharing every block (copy-on-write of the last one at the next
+        append of either)."""
+        for ref in table.blocks:
+            if ref is not None:
+                self.pools[ref.tier].incref(ref.block)
+        return BlockTable(
+            self.block_tokens, list(table.blocks), table.length, table.dropped, table.num_keyed
+        )
+
+    def free(self, table: BlockTable) -> None:
+        """Release every block; the tail first, so cached prefix blocks are evicted tail first."""
+        for ref in reversed(table.blocks):
+            if ref is not None:
+                self.pools[ref.tier].decref(ref.block)
+        table.blocks.clear()
+        table.length = table.dropped = table.num_keyed = 0
+
+    # -- swapping ---------------------------------------------------------------------------
+
+    def _movable(self, table: BlockTable, into: Sequence[str]) -> list[int]:
+        """Indices of exclusively owned blocks outside ``into`` (shared ones stay: moving them
+        would free nothing and break the other holders)."""
+        return [
+            i
+            for i, ref in enumerate(table.blocks)
+            if ref is not None and ref.tier not in into and self.pools[ref.tier].ref(ref.block) == 1
+        ]
+
+    def swap_out_blocks(self, table: BlockTable) -> int:
+        """Blocks `swap_out` would move."""
+        return len(self._movable(table, [self.swap_tier] if self.swap_tier else []))
+
+    def swap_in_blocks(self, table: BlockTable) -> int:
+        """Blocks `swap_in` would move."""
+        return len(self._movable(table, self.alloc_tiers))
+
+    def swap_out(self, table: BlockTable) -> list[BlockMove]:
+        """Move the table's own blocks to the swap tier (a preempted sequence)."""
+        if self.swap_tier is None:
+            raise OutOfBlocks("this KV group has no swap tier")
+        return self._move(table, [self.swap_tier])
+
+    def swap_in(self, table: BlockTable) -> list[BlockMove]:
+        """Move the table's blocks back to the allocation tiers."""
+        return self._move(table, self.alloc_tiers)
+
+    def _move(self, table: BlockTable, into: Sequence[str]) -> list[BlockMove]:
+        idx = self._movable(table, into)
+        if len(idx) > self.num_free(into):
+            raise OutOfBlocks(f"moving {len(idx)} blocks, {self.num_free(into)} free in {into}")
+        moves = []
+        for i in idx:
+            src = table.blocks[i]
+            assert src is not None
+            dst = next(t for t in into if self.pools[t].num_free)
+            dst_ref = BlockRef(dst, self.pools[dst].allocate())
+            key = self.pools[src.tier].key(src.block)
+            # The key follows the content unless the destination already caches that prefix.
+            if key is not None and self.pools[dst].lookup(key) is None:
+                self.pools[src.tier].unregister(src.block)
+                self.pools[dst].register(dst_ref.block, key)
+            self.pools[src.tier].decref(src.block)
+            table.blocks[i] = dst_ref
+            moves.append(BlockMove(src.tier, src.block, dst, dst_ref.block))
+        return moves
+
+    # -- prefix sharing ---------------------------------------------------------------------
+
+    def _lookup(self, key: bytes) -> BlockRef | None:
+        for tier in self.alloc_tiers:
+            block = self.pools[tier].lookup(key)
+            if block is not None:
+                return BlockRef(tier, block)
+        return None
+
+    def can_adopt(self, keys: Sequence[bytes], n: int) -> bool:
+        """Whether the first ``n`` blocks of a prompt with ``keys`` can be taken from the cache
+        (with a window, only the blocks a query at position ``n * block_tokens`` can see)."""
+        first = self._first_needed(n * self.block_tokens) if n else 0
+        return n <= len(keys) and all(self._lookup(k) is not None for k in keys[first:n])
+
+    def match_prefix(self, keys: Sequence[bytes], max_blocks: int) -> int:
+        """The largest ``n <= max_blocks`` with `can_adopt(keys, n)`."""
+        limit = min(max_blocks, len(keys))
+        hit = [self._lookup(k) is not None for k in keys[:limit]]
+        run = 0  # cached blocks ending at index n - 1
+        runs = []
+        for h in hit:
+            run = run + 1 if h else 0
+            runs.append(run)
+        for n in range(limit, 0, -1):
+            if n - self._first_needed(n * self.block_tokens) <= runs[n - 1]:
+                return n
+        return 0
+
+    def adopt_prefix(self, table: BlockTable, keys: Sequence[bytes], n: int) -> None:
+        """Fill an empty table with ``n`` cached blocks (references taken)."""
+        if table.blocks or table.length:
+            raise ValueError("a prefix is adopted into an empty table only")
+        if not self.can_adopt(keys, n):
+            raise ValueError(f"the first {n} blocks are not all cached")
+        first = self._first_needed(n * self.block_tokens) if n else 0
+        for j in range(n):
+            ref = self._lookup(keys[j]) if j >= first else None
+            if ref is not None:
+                self.pools[ref.tier].incref(ref.block)
+            table.blocks.append(ref)
+        table.length = n * self.block_tokens
+        table.dropped = first
+        table.num_keyed = n
+        if n:
+            self.prefix_hits += 1
+            self.prefix_saved_tokens += n * self.block_tokens
+
+    def register(self, table: BlockTable, keys: Sequence[bytes]) -> None:
+        """Key the table's full blocks whose KV is final (``keys``: the sequence's confirmed
+        tokens' chain keys), so later prompts with the same prefix can share them."""
+        upto = min(len(keys), table.length // self.block_tokens)
+        for j in range(table.num_keyed, upto):
+            ref = table.blocks[j]
+            if ref is not None:
+                self.pools[ref.tier].register(ref.block, keys[j])
+        table.num_keyed = max(table.num_keyed, upto)

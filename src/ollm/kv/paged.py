@@ -1,0 +1,132 @@
+"""Paged KV tensors: per-tier block pools that `kv/blocks.py` tables index into.
+
+Each tier holds one tensor ``[num_layers, 2 (K, V), num_blocks, kv_heads, block_tokens,
+head_dim]``; ``k(tier, layer)`` is the per-layer pool ``[num_blocks, kv_heads, block_tokens,
+head_dim]``. A block id therefore names the same slot in every layer, so one `BlockMove` copies a
+block of every layer at once. A ``"disk"`` tier (any tier given a file path) is a memory-mapped
+file (``torch.from_file``), so the OS pages it in and out.
+
+This is the minimal real tensor side for the engine v2 runner: ``write`` stores one sequence's new
+K/V through its table, ``gather`` returns its K/V contiguous for attention, ``copy_blocks`` runs the
+copy-on-write and swap moves the manager returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from ollm.kv.blocks import BlockMove, BlockTable
+
+
+class PagedKVStore:
+    """K/V block pools of ``num_layers`` layers in several tiers (devices or files)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: Mapping[str, int],
+        kv_heads: int,
+        block_tokens: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        devices: Mapping[str, torch.device | str],
+        files: Mapping[str, Path] | None = None,
+    ) -> None:
+        """``devices[tier]`` places a tier's pool; ``files[tier]`` backs it by a file instead
+        (created or grown to size; it lives on the CPU)."""
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.block_tokens = block_tokens
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.pools: dict[str, torch.Tensor] = {}
+        files = files or {}
+        for tier, n in num_blocks.items():
+            shape = (num_layers, 2, n, kv_heads, block_tokens, head_dim)
+            if tier in files:
+                self.pools[tier] = _file_tensor(Path(files[tier]), shape, dtype)
+            else:
+                self.pools[tier] = torch.zeros(shape, dtype=dtype, device=devices[tier])
+
+    def k(self, tier: str, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s key pool in ``tier``: [num_blocks, kv_heads, block_tokens, head_dim]."""
+        return self.pools[tier][layer, 0]
+
+    def v(self, tier: str, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s value pool in ``tier``."""
+        return self.pools[tier][layer, 1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tier's pool."""
+        return sum(p.numel() * p.element_size() for p in self.pools.values())
+
+    def _spans(self, table: BlockTable, start: int, end: int) -> Iterable[tuple[int, int, int]]:
+        """(block index, first offset, last offset + 1) of the blocks covering [start, end)."""
+        b = self.block_tokens
+        for i in range(start // b, -(-end // b)):
+            yield i, max(start - i * b, 0), min(end - i * b, b)
+
+    def write(
+        self, layer: int, table: BlockTable, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store one sequence's K/V ``[kv_heads, n, head_dim]`` at positions ``[start, start+n)``
+        (space already appended to ``table``)."""
+        end = start + k.shape[1]
+        if start < table.start_token or end > table.length:
+            raise IndexError(
+                f"write [{start}, {end}) outside held [{table.start_token}, {table.length})"
+            )
+        for i, lo, hi in self._spans(table, start, end):
+            ref = table.blocks[i]
+            assert ref is not None
+            src = slice(i * self.block_tokens + lo - start, i * self.block_tokens + hi - start)
+            pool = self.pools[ref.tier][layer]
+            pool[0, ref.block, :, lo:hi] = k[:, src]
+            pool[1, ref.block, :, lo:hi] = v[:, src]
+
+    def gather(
+        self, layer: int, table: BlockTable, upto: int | None = None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of positions ``[table.start_token, upto)`` as contiguous ``[kv_heads, n,
+        head_dim]`` tensors on ``device`` (default: the first block's tier device)."""
+        upto = table.length if upto is None else upto
+        start = table.start_token
+        if not start <= upto <= table.length:
+            raise IndexError(f"gather up to {upto} outside held [{start}, {table.length}]")
+        parts_k, parts_v = [], []
+        for i, lo, hi in self._spans(table, start, upto):
+            ref = table.blocks[i]
+            assert ref is not None
+            pool = self.pools[ref.tier][layer]
+            parts_k.append(pool[0, ref.block, :, lo:hi])
+            parts_v.append(pool[1, ref.block, :, lo:hi])
+        if device is None:
+            device = parts_k[0].device if parts_k else next(iter(self.pools.values())).device
+        if not parts_k:
+            empty = torch.empty(self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=device)
+            return empty, empty.clone()
+        k = torch.cat([p.to(device) for p in parts_k], dim=1)
+        v = torch.cat([p.to(device) for p in parts_v], dim=1)
+        return k, v
+
+    def copy_blocks(self, moves: Iterable[BlockMove]) -> None:
+        """Run the manager's moves in order (a later move may read what an earlier wrote)."""
+        for m in moves:
+            src = self.pools[m.src_tier][:, :, m.src_block]
+            self.pools[m.dst_tier][:, :, m.dst_block].copy_(src, non_blocking=False)
+
+
+def _file_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over a memory-mapped file of exactly the pool's size."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        if f.tell() < nbytes:
+            f.truncate(nbytes)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
