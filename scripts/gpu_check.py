@@ -99,6 +99,7 @@ def equivalence(tmp: Path) -> list[dict]:
                 offload="cpu" if offload in ("hybrid", *kv_modes) else offload,
                 hybrid="auto" if hybrid else "off",
                 cpu_layers=2 if hybrid else None,
+                dtype="float32",  # exact against the float32 reference (the GPU default is bf16)
                 cache_dir=tmp / "c",
                 progress=False,
             )

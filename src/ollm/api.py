@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ollm.config import EngineConfig
+from ollm.config import EngineConfig, choose_dtype, source_dtype_name
 from ollm.engine.generate import Generator
 from ollm.engine.sampling import SamplingParams
-from ollm.errors import BudgetError
+from ollm.errors import BudgetError, ContextLengthError, RequestError
 from ollm.sizes import format_size
 from ollm.telemetry.metrics import GenerationMetrics
 from ollm.telemetry.stats import IOStats
@@ -56,7 +56,8 @@ class LLM:
 
         cfg = self.config
         self.device = cfg.resolve_device()
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+        self._dtype_reason = "the store's"  # unless a conversion chooses one
+        dtype = self._conversion_dtype()
         self.store_path = resolve_store(cfg.model, cfg.cache_dir, dtype, cfg.progress)
         self.store = LayerStore(self.store_path)
         self.hf_config = self.store.hf_config()
@@ -70,23 +71,34 @@ class LLM:
             self._gpu_memory = int(free * 0.9)
         self.stats = IOStats()
         self._hybrid_demoted = False  # set when hybrid decode measured slower than streaming
-        self._setup(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
+        # One request at a time: a request's check (which may re-plan, replacing the prefetcher
+        # and runner) and its run must not interleave with another thread's. Re-entrant because
+        # a locked request calls the public ensure_context.
+        self._lock = threading.RLock()
+        self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
         from ollm.weights.convert import default_cache_dir as _cache_root
 
         kv_root = cfg.kv_dir or str(Path(cfg.cache_dir or _cache_root()) / "kv")
         self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids(), kv_root)
-        self._lock = threading.Lock()
 
     # -- set-up helpers -----------------------------------------------------------------------
-    def _setup(self, workload) -> None:
-        """Plan placement for ``workload`` and load the resident weights accordingly."""
-        from ollm.engine.runner import Runner
+    def _conversion_dtype(self) -> torch.dtype | None:
+        """The dtype to convert to (None: the source's, or a layer store used as it is); records
+        why in ``_dtype_reason`` for ``info()``."""
+        name = source_dtype_name(self.config.model)
+        if name is None:
+            return None
+        bf16_ok = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        chosen, self._dtype_reason = choose_dtype(self.config.dtype, name, self.device, bf16_ok)
+        # The source's own dtype is passed as None: the store cache key stays what it was.
+        return None if chosen == name and self.config.dtype is None else getattr(torch, chosen)
+
+    def _plan(self, workload):
+        """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
         from ollm.weights.placement import Workload, plan_placement
-        from ollm.weights.prefetch import Prefetcher
 
         cfg = self.config
-        self.workload = workload
         elem = torch.finfo(self.dtype).bits // 8
         args = (self.spec, self.store, self.device, self._gpu_memory, cfg.cpu_memory, cfg.offload)
         chunk = {
@@ -95,7 +107,7 @@ class LLM:
             "kv_block_tokens": cfg.kv_block_tokens,
         }
         try:
-            self.plan = plan_placement(*args, workload, elem, **chunk)
+            plan = plan_placement(*args, workload, elem, **chunk)
         except BudgetError as exc:
             fit = _largest_context(
                 lambda c: plan_placement(*args, Workload(workload.batch, c, c), elem, **chunk),
@@ -107,24 +119,32 @@ class LLM:
                 f"{exc}; this budget fits at most {fit} tokens of context "
                 f"(max_context={fit}, --max-context {fit})"
             ) from None
-        self.rates = None
+        rates = None
         hybrid = "off" if self._hybrid_demoted else cfg.hybrid
-        kv_in_ram = any(p.kv_tier == "cpu" for p in self.plan.layers)
-        if self.plan.device != "cpu" and (hybrid != "off" and self.plan.count("cpu") or kv_in_ram):
+        kv_in_ram = any(p.kv_tier == "cpu" for p in plan.layers)
+        if plan.device != "cpu" and (hybrid != "off" and plan.count("cpu") or kv_in_ram):
             # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
             # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
             from ollm.weights.convert import default_cache_dir
             from ollm.weights.costmodel import cached_rates
 
             cache = Path(cfg.cache_dir or default_cache_dir())
-            self.rates = cached_rates(self.device, cache, self.dtype, self.spec, workload.context)
-            self.plan = plan_placement(
-                *args, workload, elem, self.rates, hybrid, cfg.cpu_layers, **chunk
-            )
-            if self.plan.cpu_layers:
-                torch.set_num_threads(self.rates.cpu_threads)
-        self.prefetcher = Prefetcher(self.store, self.plan, self.stats, cfg.verify_checksums)
-        self.runner = Runner(self.spec, self.plan, self.prefetcher, self.dtype)
+            rates = cached_rates(self.device, cache, self.dtype, self.spec, workload.context)
+            plan = plan_placement(*args, workload, elem, rates, hybrid, cfg.cpu_layers, **chunk)
+        return plan, rates
+
+    def _load(self, workload, planned=None) -> None:
+        """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
+        it the current placement; the attributes change only once loading succeeded."""
+        from ollm.engine.runner import Runner
+        from ollm.weights.prefetch import Prefetcher
+
+        plan, rates = planned or self._plan(workload)
+        prefetcher = Prefetcher(self.store, plan, self.stats, self.config.verify_checksums)
+        self.workload, self.plan, self.rates, self.prefetcher = workload, plan, rates, prefetcher
+        if plan.cpu_layers and rates is not None:
+            torch.set_num_threads(rates.cpu_threads)
+        self.runner = Runner(self.spec, plan, prefetcher, self.dtype)
         if hasattr(self, "_engine"):
             self._engine.runner = self.runner
 
@@ -132,15 +152,26 @@ class LLM:
         """Re-plan (reloading resident weights) if a request needs more KV than planned for."""
         from ollm.weights.placement import Workload
 
-        w = self.workload
-        if tokens <= w.context and batch <= w.batch:
-            return
-        self._replan(Workload(max(batch, w.batch), max(tokens, w.context), max(tokens, w.context)))
+        with self._lock:
+            w = self.workload
+            if tokens <= w.context and batch <= w.batch:
+                return
+            context = max(tokens, w.context)
+            self._replan(Workload(max(batch, w.batch), context, context))
 
     def _replan(self, workload) -> None:
-        """Release the current placement's buffers, then plan and load for ``workload``."""
+        """Switch to a placement for ``workload``. Planning comes first and changes nothing (a
+        BudgetError leaves the current placement in use). The old buffers are released before
+        the new ones load, since both may not fit the GPU budget; if loading fails, the old
+        plan is loaded again and the error re-raised."""
+        planned = self._plan(workload)
+        old = self.workload, (self.plan, self.rates)
         self.prefetcher.close()
-        self._setup(workload)
+        try:
+            self._load(workload, planned)
+        except BaseException:
+            self._load(*old)
+            raise
 
     def _load_tokenizer(self):
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -167,14 +198,32 @@ class LLM:
     def _encode(self, prompt: Prompt, special: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+                raise RequestError("this model has no tokenizer: pass token ids instead of text")
             return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
         return [int(t) for t in prompt]
 
-    def _check_request(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        """Grow the plan when a request needs more KV or activations than it reserved."""
-        context = max(len(p) for p in prompts) + params.max_new_tokens
-        batch = len(prompts)
+    def _check_request(self, prompts: list[list[int]], new_tokens: int) -> None:
+        """Validate a request and grow the plan when it needs more KV or activations than
+        reserved (for the real length, even beyond the model's trained context). Call with
+        the lock held: a re-plan replaces the prefetcher a running request uses."""
+        if not prompts:
+            raise RequestError("a request needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise RequestError(
+                "every prompt needs at least one token: the prompt is empty "
+                "(and the tokenizer adds no BOS token)"
+            )
+        longest = max(len(p) for p in prompts)
+        trained = getattr(self.hf_config, "max_position_embeddings", None)
+        if trained and longest > trained:
+            msg = (
+                f"the prompt has {longest} tokens, more than the model's "
+                f"max_position_embeddings ({trained}); output quality past it is not assured"
+            )
+            if self.config.strict_context:
+                raise ContextLengthError(msg + " (strict_context=True)")
+            log.warning("%s", msg)
+        context, batch = longest + new_tokens, len(prompts)
         w = self.workload
         if context > w.context or batch > w.batch:
             if self.plan.budget is not None:
@@ -207,9 +256,11 @@ class LLM:
             isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
         )
         batch = [prompts] if single else list(prompts)  # type: ignore[list-item]
-        ids = [self._encode(p, _special) for p in batch]
-        self._check_request(ids, params)
+        # Encode, check (maybe re-plan) and run as one: a fast tokenizer shared between threads
+        # can fail with "Already borrowed", and a re-plan replaces what a running request uses.
         with self._lock:
+            ids = [self._encode(p, _special) for p in batch]
+            self._check_request(ids, params.max_new_tokens)
             outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)
             self._review_hybrid(metrics, len(ids))
         results = [
@@ -263,8 +314,12 @@ class LLM:
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Teacher-forced log-probabilities of ``token_ids[1:]`` given their prefixes (float32)."""
+        ids = [int(t) for t in token_ids]
+        if len(ids) < 2:
+            raise RequestError("score needs at least two tokens")
         with self._lock:
-            return self._engine.score([int(t) for t in token_ids])
+            self._check_request([ids], 0)  # plans for the text's length like any request
+            return self._engine.score(ids)
 
     def info(self) -> dict[str, object]:
         """Architecture, sizes and the placement plan."""
@@ -276,14 +331,15 @@ class LLM:
             "hidden_size": s.hidden_size,
             "heads / kv heads": f"{s.num_heads} / {s.num_kv_heads}",
             "vocab": s.vocab_size,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": f"{str(self.dtype).removeprefix('torch.')} ({self._dtype_reason})",
             "weights": format_size(self.store.total_nbytes),
             "plan": dict(self.plan.describe()),
         }
 
     def close(self) -> None:
-        """Stop the loader thread and free pinned and device buffers."""
-        self.prefetcher.close()
+        """Stop the loader thread and free pinned and device buffers (after a running request)."""
+        with self._lock:
+            self.prefetcher.close()
 
     def __enter__(self) -> LLM:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ class EngineConfig:
     gpu_memory: int | None = None  # GPU budget in bytes; None = 90% of the card's free memory
     cpu_memory: int | None = None  # RAM budget for weights kept in RAM; None = no limit
     offload: str = "auto"  # "auto" (by budgets), "cpu" (pinned RAM) or "disk" (stream from store)
-    dtype: str | None = None  # conversion dtype; None = the source's (float32 for GGUF)
+    dtype: str | None = None  # conversion dtype; None = the source's, float32 -> half on a GPU
     max_context: int = 4096  # tokens per sequence the plan reserves KV and activations for
     max_batch: int = 1  # sequences per request the plan reserves KV for
     cache_dir: str | None = None  # where converted stores live; None = ~/.cache/ollm
@@ -37,6 +38,7 @@ class EngineConfig:
     kv_block_tokens: int = 256  # KV block size (token slots): the unit KV is split between tiers in
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
+    strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -87,3 +89,34 @@ class EngineConfig:
                 )
             return f"cuda:{index}"
         raise DeviceError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def choose_dtype(requested: str | None, source: str, device: str, bf16_ok: bool) -> tuple[str, str]:
+    """(dtype name, why) a model converts to: the requested one; else on an accelerator a
+    float32 source (GGUF dequantized, or an HF float32 checkpoint) halves to bfloat16, or
+    float16 where bf16 is unsupported, since float32 doubles every streamed byte; else the
+    source's. ``device`` is a resolved device string such as ``"cuda:0"``."""
+    if requested is not None:
+        return requested, "requested"
+    kind = device.split(":", 1)[0]
+    if kind != "cpu" and source == "float32":
+        half = "bfloat16" if bf16_ok else "float16"
+        return half, f"default for {kind}; source float32"
+    return source, "source's"
+
+
+def source_dtype_name(model: str | None) -> str | None:
+    """The dtype a conversion of ``model`` keeps by default ("float32" for GGUF and the default
+    model, the config's for an HF directory); None for a layer store, which is used as it is."""
+    if model is None or model.lower().endswith(".gguf"):
+        return "float32"
+    from ollm.weights.store import is_store
+
+    path = Path(model)
+    if is_store(path):
+        return None
+    cfg = path / "config.json"
+    data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    name = str(data.get("dtype") or data.get("torch_dtype") or "").removeprefix("torch.")
+    # convert.py reads half types from the config and treats anything else as float32.
+    return name if name in ("bfloat16", "float16") else "float32"

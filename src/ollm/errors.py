@@ -33,3 +33,11 @@ class SizeParseError(OllmError, ValueError):
 
 class WeightReadError(OllmError):
     """Reading a layer's weights failed (I/O error, short read, checksum mismatch)."""
+
+
+class RequestError(OllmError, ValueError):
+    """A request cannot run as given (an empty prompt, too few tokens to score, ...)."""
+
+
+class ContextLengthError(RequestError):
+    """A prompt is longer than the model's ``max_position_embeddings`` (with ``strict_context``)."""

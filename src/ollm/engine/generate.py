@@ -12,10 +12,13 @@ import torch
 from ollm.engine.runner import Runner
 from ollm.engine.sampling import Sampler, SamplingParams
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
+from ollm.errors import RequestError
 from ollm.telemetry.metrics import GenerationMetrics
 from ollm.telemetry.stats import IOStats
 
 # (sequence index, new text) -> None; called as text becomes final.
+# score() makes float32 logits of at most this many bytes at once (a few positions' worth).
+SCORE_LOGITS_BYTES = 16 << 20
 TextCallback = Callable[[int, str], None]
 
 
@@ -51,7 +54,7 @@ class Generator:
     ) -> tuple[list[SequenceOutput], GenerationMetrics]:
         """Run a batch; ``kv_dir`` puts every layer's KV on disk there for this request."""
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise RequestError("every prompt needs at least one token (the prompt is empty)")
         b = len(prompts)
         lengths = [len(p) for p in prompts]
         width = max(lengths)
@@ -89,11 +92,9 @@ class Generator:
             t_first = time.perf_counter()
             metrics.prefill_seconds = metrics.time_to_first_token = t_first - t0
             self.runner.prefetcher.collect_timings()
-            mid = self.stats.snapshot()
-            metrics.prefill_io_wait_seconds = mid["wait_seconds"] - before["wait_seconds"]
-            metrics.prefill_io_seconds = (mid["read_seconds"] - before["read_seconds"]) + (
-                mid["copy_seconds"] - before["copy_seconds"]
-            )
+            mid = _delta(self.stats.snapshot(), before)
+            metrics.prefill_io_wait_seconds = mid["host_wait_seconds"] + mid["gpu_stall_seconds"]
+            metrics.prefill_io_seconds = mid["read_seconds"] + mid["copy_seconds"]
             t_first = time.perf_counter()
             step = 0
             while True:
@@ -106,20 +107,15 @@ class Generator:
                 logits = self.runner.forward(tokens[:, None], next_pos.clone(), kv, key_keep)
                 next_pos += 1
                 tokens = sampler.sample(logits).cpu()
+            # The decode clock stops here: tear-down (unpinning KV, deleting the disk KV
+            # directory) is not decoding and would understate tok/s.
+            metrics.decode_seconds = time.perf_counter() - t_first
         finally:
             self._release(kv, disk)
-        t_end = time.perf_counter()
-        metrics.decode_seconds = t_end - t_first
         self._finish(outs, detoks, matchers, on_text)
         self.runner.prefetcher.collect_timings()
-        after = self.stats.snapshot()
         metrics.generated_tokens = sum(len(o.token_ids) for o in outs)
-        metrics.bytes_read_disk = int(after["bytes_disk"] - before["bytes_disk"])
-        metrics.bytes_copied_h2d = int(after["bytes_h2d"] - before["bytes_h2d"])
-        metrics.io_wait_seconds = after["wait_seconds"] - before["wait_seconds"]
-        metrics.read_seconds = after["read_seconds"] - before["read_seconds"]
-        metrics.copy_seconds = after["copy_seconds"] - before["copy_seconds"]
-        metrics.cpu_path_seconds = after["cpu_seconds"] - before["cpu_seconds"]
+        _fill_io(metrics, _delta(self.stats.snapshot(), before))
         if self.device.type == "cuda":
             metrics.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
         reasons = {o.finish_reason for o in outs}
@@ -211,14 +207,45 @@ class Generator:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """log p(token[t] | tokens[<t]) for t >= 1 (teacher forcing), float32 [len-1]."""
         if len(token_ids) < 2:
-            raise ValueError("score needs at least two tokens")
+            raise RequestError("score needs at least two tokens")
         ids = torch.tensor([token_ids], dtype=torch.long)
         pos = torch.arange(len(token_ids))[None]
+        targets = ids[0, 1:]
         kv, disk = self._new_kv(1, len(token_ids), None)
         try:
-            logits = self.runner.forward(ids, pos, kv, None, all_logits=True)[0, :-1]
+            return self.runner.forward(
+                ids, pos, kv, None, head=lambda h: self._score_head(h, targets)
+            )
         finally:
             self._release(kv, disk)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        target = ids[0, 1:].to(logp.device)
-        return logp.gather(-1, target[:, None])[:, 0].cpu()
+
+    def _score_head(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Log-probs of ``targets`` from the final hidden states ``h`` [1, T, H], a few positions
+        at a time: a [T, vocab] float32 tensor would be GiBs for a long text and a big vocab."""
+        rows = max(1, SCORE_LOGITS_BYTES // (4 * self.runner.spec.vocab_size))
+        out = []
+        n = len(targets)  # the last position predicts past the text: not needed
+        for c0 in range(0, n, rows):
+            c1 = min(n, c0 + rows)
+            logits = self.runner.logits(h[:, c0:c1])[0]  # float32 [rows, V]
+            tgt = targets[c0:c1, None].to(logits.device)
+            # log_softmax gathered at the target, without a second [rows, V] tensor.
+            logp = logits.gather(-1, tgt)[:, 0] - torch.logsumexp(logits, dim=-1)
+            out.append(logp.cpu())
+        return torch.cat(out)
+
+
+def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Counter increments since ``before`` (IOStats snapshots)."""
+    return {k: now[k] - before[k] for k in now}
+
+
+def _fill_io(metrics: GenerationMetrics, d: dict[str, float]) -> None:
+    """Copy a request's I/O counter increments into its metrics."""
+    metrics.bytes_read_disk = int(d["bytes_disk"])
+    metrics.bytes_copied_h2d = int(d["bytes_h2d"])
+    metrics.io_wait_host_seconds = d["host_wait_seconds"]
+    metrics.io_stall_gpu_seconds = d["gpu_stall_seconds"]
+    metrics.read_seconds = d["read_seconds"]
+    metrics.copy_seconds = d["copy_seconds"]
+    metrics.cpu_path_seconds = d["cpu_seconds"]

@@ -9,6 +9,7 @@ for each layer i:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -142,19 +143,21 @@ class Runner:
         kv: list[LayerKVCache],
         key_keep: torch.Tensor | None = None,
         all_logits: bool = False,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Logits (float32) for the last position [B, V], or every position [B, T, V].
+        """Logits (float32) for the last position [B, V], or every position [B, T, V]; with
+        ``head``, what ``head`` returns for the final hidden states [B, T, H] (see ``logits``).
 
         ``input_ids``/``positions`` are [B, T]; the new tokens occupy KV slots
         ``kv[0].length .. + T``; ``key_keep`` [B, >= slots] marks non-padding slots (None: none).
         """
         try:
-            return self._forward(input_ids, positions, kv, key_keep, all_logits)
+            return self._forward(input_ids, positions, kv, key_keep, all_logits, head)
         except BaseException:
             self.prefetcher.reset()  # the streamed-layer sequence is out of step; start over
             raise
 
-    def _forward(self, input_ids, positions, kv, key_keep, all_logits):
+    def _forward(self, input_ids, positions, kv, key_keep, all_logits, head=None):
         spec, pf = self.spec, self.prefetcher
         g = pf.globals
         embed = g["embed_tokens.weight"]
@@ -216,7 +219,7 @@ class Runner:
             pf.release(i)
         if cpu_time:
             pf.stats.add(cpu_seconds=cpu_time)
-        return self._head(h, all_logits)
+        return self._head(h, all_logits) if head is None else head(h)
 
     def _chunked_block(self, i, h, w, kv, cos, sin, mask, chunk):
         """One layer over the prompt in row chunks: weights arrive once for the whole prompt, the
@@ -241,14 +244,16 @@ class Runner:
         return h
 
     def _head(self, h, all_logits):
+        logits = self.logits(h if all_logits else h[:, -1:])
+        return logits if all_logits else logits[:, -1]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [B, T, V] of final hidden states ``h`` [B, T, H] (norm, head, softcap)."""
         spec, g = self.spec, self.prefetcher.globals
-        if not all_logits:
-            h = h[:, -1:]
         h = h.to(self.plan.head_device)
         h = rms_norm(h, g["norm.weight"], spec.norm_eps, spec.norm_unit_offset)
         logits = F.linear(h, g["lm_head.weight"])
         if spec.final_logit_softcap:
             cap = spec.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
-        logits = logits.float()
-        return logits if all_logits else logits[:, -1]
+        return logits.float()

@@ -383,7 +383,8 @@ class BlockManager:
         return len(self._movable(table, self.alloc_tiers))
 
     def swap_out(self, table: BlockTable) -> list[BlockMove]:
-        """Move the table's own blocks to the swap tier (a preempted sequence)."""
+        """Move the table's own blocks to the swap tier (a preempted sequence); only allocation
+        tiers hold keyed blocks, so prefix hits look there alone."""
         if self.swap_tier is None:
             raise OutOfBlocks("this KV group has no swap tier")
         return self._move(table, [self.swap_tier])
@@ -402,14 +403,12 @@ class BlockManager:
             assert src is not None
             dst = next(t for t in into if self.pools[t].num_free)
             dst_ref = BlockRef(dst, self.pools[dst].allocate())
-            key = self.pools[src.tier].key(src.block)
-            # The key follows the content unless the destination already caches that prefix.
-            if key is not None and self.pools[dst].lookup(key) is None:
-                self.pools[src.tier].unregister(src.block)
-                self.pools[dst].register(dst_ref.block, key)
+            # A keyed source keeps its key: unreferenced, it stays cached for prefix hits.
             self.pools[src.tier].decref(src.block)
             table.blocks[i] = dst_ref
             moves.append(BlockMove(src.tier, src.block, dst, dst_ref.block))
+        if idx and into == self.alloc_tiers:
+            table.num_keyed = 0  # the copies are unkeyed: let `register` key them again
         return moves
 
     # -- prefix sharing ---------------------------------------------------------------------
@@ -440,6 +439,12 @@ class BlockManager:
             if n - self._first_needed(n * self.block_tokens) <= runs[n - 1]:
                 return n
         return 0
+
+    def revived_blocks(self, keys: Sequence[bytes], n: int) -> int:
+        """Cached, unreferenced blocks `adopt_prefix(keys, n)` would take out of the free count."""
+        first = self._first_needed(n * self.block_tokens) if n else 0
+        refs = [self._lookup(k) for k in keys[first:n]]
+        return sum(1 for r in refs if r is not None and self.pools[r.tier].ref(r.block) == 0)
 
     def adopt_prefix(self, table: BlockTable, keys: Sequence[bytes], n: int) -> None:
         """Fill an empty table with ``n`` cached blocks (references taken)."""

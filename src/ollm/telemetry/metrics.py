@@ -17,13 +17,19 @@ class GenerationMetrics:
     peak_gpu_memory: int = 0
     bytes_read_disk: int = 0
     bytes_copied_h2d: int = 0
-    io_wait_seconds: float = 0.0
+    io_wait_host_seconds: float = 0.0  # the compute thread blocked on the disk reader
+    io_stall_gpu_seconds: float = 0.0  # the compute stream stalled on weight copies (CUDA)
     read_seconds: float = 0.0
     copy_seconds: float = 0.0
-    prefill_io_wait_seconds: float = 0.0  # of io_wait_seconds, the part spent in prefill
+    prefill_io_wait_seconds: float = 0.0  # of io_wait_seconds (host + GPU), the prefill's part
     prefill_io_seconds: float = 0.0  # disk read + host->GPU copy time during prefill
     cpu_path_seconds: float = 0.0  # hybrid decode: time the CPU computed RAM-resident layers
     finish_reason: str = ""
+
+    @property
+    def io_wait_seconds(self) -> float:
+        """Time computation waited for weights: the sum of host waits and GPU-stream stalls."""
+        return self.io_wait_host_seconds + self.io_stall_gpu_seconds
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -37,6 +43,7 @@ class GenerationMetrics:
 
     def to_dict(self) -> dict[str, float | int | str]:
         d = asdict(self)
+        d["io_wait_seconds"] = self.io_wait_seconds
         d["prefill_tokens_per_second"] = self.prefill_tokens_per_second
         d["decode_tokens_per_second"] = self.decode_tokens_per_second
         return d
@@ -57,7 +64,10 @@ class GenerationMetrics:
             ("peak GPU memory", format_size(self.peak_gpu_memory)),
             ("read from disk", format_size(self.bytes_read_disk)),
             ("copied host->GPU", format_size(self.bytes_copied_h2d)),
-            ("compute waited on I/O", f"{self.io_wait_seconds:.3f} s"),
+            (
+                "waited on I/O: host / GPU stream",
+                f"{self.io_wait_host_seconds:.3f} s / {self.io_stall_gpu_seconds:.3f} s",
+            ),
             (
                 "disk read time / copy time",
                 f"{self.read_seconds:.3f} s / {self.copy_seconds:.3f} s",

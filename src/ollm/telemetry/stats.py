@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 class IOStats:
     """Bytes moved and seconds spent moving them, accumulated over a request.
 
-    ``wait_seconds`` is time computation waited for weights: host time blocked on the loader, plus
-    (on CUDA) time the compute stream stalled on copy events, measured with CUDA events.
+    Two different waits for weights are kept apart: ``host_wait_seconds`` is time the compute
+    thread blocked on the disk reader; ``gpu_stall_seconds`` (CUDA only) is time the compute
+    stream stalled on copy events, measured with CUDA events (the host did not block then).
     """
 
     bytes_disk: int = 0
     bytes_h2d: int = 0
     read_seconds: float = 0.0
     copy_seconds: float = 0.0
-    wait_seconds: float = 0.0
+    host_wait_seconds: float = 0.0
+    gpu_stall_seconds: float = 0.0
     cpu_seconds: float = 0.0  # time the CPU path computed layers (hybrid decode)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -34,6 +36,7 @@ class IOStats:
                 "bytes_h2d": self.bytes_h2d,
                 "read_seconds": self.read_seconds,
                 "copy_seconds": self.copy_seconds,
-                "wait_seconds": self.wait_seconds,
+                "host_wait_seconds": self.host_wait_seconds,
+                "gpu_stall_seconds": self.gpu_stall_seconds,
                 "cpu_seconds": self.cpu_seconds,
             }

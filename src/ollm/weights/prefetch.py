@@ -220,7 +220,7 @@ class Prefetcher:
                 err = self._error
                 raise err if isinstance(err, Exception) else WeightReadError(str(err))
             self._read_done.discard(n)
-        self.stats.add(wait_seconds=time.perf_counter() - t0)
+        self.stats.add(host_wait_seconds=time.perf_counter() - t0)
 
     # -- host->GPU copies, issued from the compute thread (no thread hand-off per layer) ----------
     def _issue(self, n: int) -> None:
@@ -325,7 +325,7 @@ class Prefetcher:
         stalls, self._stall_events = self._stall_events, []
         self.stats.add(
             copy_seconds=sum(s.elapsed_time(e) for s, e in copies) / 1e3,
-            wait_seconds=sum(b.elapsed_time(a) for b, a in stalls) / 1e3,
+            gpu_stall_seconds=sum(b.elapsed_time(a) for b, a in stalls) / 1e3,
         )
 
     def set_phase(self, phase: str) -> None:

@@ -1,0 +1,458 @@
+"""Continuous-batching scheduler of engine v2: plain data in, plain data out, no tensors.
+
+Every step ``schedule()`` returns a `StepPlan`: for each chosen sequence the query tokens of this
+step (a prefill chunk, the one token to decode, or that token plus k draft tokens), their
+positions, its block tables (one per KV group) and whether logits are needed, plus the block
+moves (copy-on-write, swaps) to run before the forward. ``update(outputs)`` takes the tokens
+accepted per sequence (sampled, or verified drafts plus one), trims rejected drafts' KV, finishes
+sequences (EOS, length) and frees their blocks.
+
+Policy (as in nano-vllm / vLLM v1, token-centric): sequences that are decoding go first (one
+token, or a few with drafts, each), then running prefills continue chunk by chunk, then waiting
+requests are admitted, all within ``max_step_tokens``; each pass in priority order (lower value
+first, then arrival). A sequence short of KV blocks preempts the worst running sequence below it
+(swap to the swap tier, or drop and recompute, as ``preemption`` decides); one with nothing below
+it preempts itself. A prompt whose leading full blocks are cached (same chained keys) adopts them
+and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+from ollm.errors import RequestError
+from ollm.kv.blocks import BlockManager, BlockMove, BlockRef, BlockTable, chain_keys
+
+PreemptMode = Literal["swap", "recompute"]
+
+
+class KVCapacityError(RequestError):
+    """A request needs more KV than the allocation tiers hold, even alone."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request: token ids in, at most ``max_new_tokens`` out."""
+
+    id: str
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    priority: int = 0  # lower runs first
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class PreemptionInfo:
+    """What a preemption policy weighs: recompute ``num_tokens`` or move ``num_blocks``."""
+
+    seq_id: str
+    num_tokens: int  # tokens whose KV would be recomputed
+    num_blocks: int  # blocks a swap would move out (and later back in), over all KV groups
+
+
+def prefer_swap(info: PreemptionInfo) -> PreemptMode:
+    """Default policy: keep computed KV (swap) whenever the swap tier has room."""
+    return "swap"
+
+
+def by_cost(block_bytes: int, link_bytes_per_s: float, recompute_tokens_per_s: float):
+    """A policy that swaps when moving the blocks out and back is faster than recomputing."""
+
+    def policy(info: PreemptionInfo) -> PreemptMode:
+        swap_s = 2 * info.num_blocks * block_bytes / link_bytes_per_s
+        return "swap" if swap_s < info.num_tokens / recompute_tokens_per_s else "recompute"
+
+    return policy
+
+
+class SeqStatus(Enum):
+    """Lifecycle of a sequence."""
+
+    WAITING = "waiting"  # no KV (new, or preempted by recompute)
+    RUNNING = "running"
+    SWAPPED = "swapped"  # preempted, its KV in the swap tier
+    FINISHED = "finished"
+
+
+@dataclass
+class SeqState:
+    """Scheduler-side state of one request (plain data)."""
+
+    request: Request
+    arrival: int
+    tables: dict[str, BlockTable]
+    tokens: list[int] = field(default_factory=list)  # prompt + accepted output tokens
+    num_computed: int = 0  # leading tokens whose KV is in the tables
+    status: SeqStatus = SeqStatus.WAITING
+    keys: list[bytes] = field(default_factory=list)  # chained prefix keys of full blocks
+    num_preemptions: int = 0
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Priority order: lower first."""
+        return (self.request.priority, self.arrival)
+
+    @property
+    def num_output(self) -> int:
+        """Tokens generated so far."""
+        return len(self.tokens) - len(self.request.prompt)
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's share of a step."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]  # query tokens: uncomputed tokens, then ``num_draft`` drafts
+    start: int  # position of token_ids[0]; the KV after the step covers [0, start + len)
+    num_draft: int
+    block_tables: Mapping[str, tuple[BlockRef | None, ...]]  # per KV group, after this step
+    needs_logits: bool  # the step reaches the end of the known tokens
+
+    @property
+    def positions(self) -> range:
+        """Positions of the query tokens."""
+        return range(self.start, self.start + len(self.token_ids))
+
+    @property
+    def num_logits(self) -> int:
+        """Logits wanted: of the last ``num_draft + 1`` query tokens when ``needs_logits``."""
+        return self.num_draft + 1 if self.needs_logits else 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the runner computes in one weight pass."""
+
+    seqs: tuple[SeqStep, ...]
+    moves: Mapping[str, tuple[BlockMove, ...]]  # per KV group; run in order before the forward
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        """Query tokens of the whole step."""
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class SeqUpdate:
+    """What a step produced for one sequence."""
+
+    seq_id: str
+    new_tokens: tuple[int, ...]
+    finish_reason: str | None = None  # "stop" (EOS), "length"
+
+
+class Scheduler:
+    """Continuous batching over one `BlockManager` per KV group (e.g. ``{"full": ...,
+    "sliding": ...}``); all groups use the same ``block_tokens``."""
+
+    def __init__(
+        self,
+        kv: Mapping[str, BlockManager],
+        max_step_tokens: int,
+        max_running: int = 256,
+        preemption: Callable[[PreemptionInfo], PreemptMode] = prefer_swap,
+        prefix_caching: bool = True,
+    ) -> None:
+        if not kv:
+            raise ValueError("at least one KV group is needed")
+        sizes = {m.block_tokens for m in kv.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"KV groups disagree on block_tokens: {sorted(sizes)}")
+        if max_step_tokens < 1 or max_running < 1:
+            raise ValueError("max_step_tokens and max_running must be >= 1")
+        self.kv = dict(kv)
+        self.block_tokens = sizes.pop()
+        self.max_step_tokens = max_step_tokens
+        self.max_running = max_running
+        self.preemption = preemption
+        self.prefix_caching = prefix_caching
+        self.seqs: dict[str, SeqState] = {}
+        self._arrivals = 0
+        self._inflight: StepPlan | None = None
+        self.prefix_hits = 0
+        self.prefix_saved_tokens = 0
+        self.num_preemptions = 0
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def max_request_tokens(self) -> int | None:
+        """The most prompt + output tokens one request may have (it must fit alone); None when
+        every KV group is a sliding window that fits."""
+        limits = [
+            m.capacity_blocks() * self.block_tokens
+            for m in self.kv.values()
+            if m.max_live_blocks(1 << 62, self.max_step_tokens) > m.capacity_blocks()
+        ]
+        return min(limits, default=None)
+
+    def add(self, request: Request) -> None:
+        """Queue a request; raises `KVCapacityError` if it could never fit."""
+        if not request.prompt:
+            raise RequestError(f"request {request.id!r}: empty prompt")
+        if request.max_new_tokens < 1:
+            raise RequestError(f"request {request.id!r}: max_new_tokens must be >= 1")
+        if request.id in self.seqs:
+            raise RequestError(f"request id {request.id!r} is already queued")
+        total = len(request.prompt) + request.max_new_tokens
+        for name, m in self.kv.items():
+            if m.max_live_blocks(total, self.max_step_tokens) > m.capacity_blocks():
+                raise KVCapacityError(
+                    f"request {request.id!r} needs KV for {total} tokens (prompt "
+                    f"{len(request.prompt)} + max_new_tokens {request.max_new_tokens}); KV group "
+                    f"{name!r} holds at most {self.max_request_tokens()} tokens"
+                )
+        tables = {g: m.new_table() for g, m in self.kv.items()}
+        self.seqs[request.id] = SeqState(request, self._arrivals, tables, list(request.prompt))
+        self._arrivals += 1
+
+    def cancel(self, seq_id: str) -> bool:
+        """Drop a request and free its blocks; False if it is unknown or already finished."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return False
+        self._release(seq)
+        return True
+
+    def has_work(self) -> bool:
+        """Whether any request is unfinished."""
+        return bool(self.seqs)
+
+    def _release(self, seq: SeqState) -> None:
+        for g, m in self.kv.items():
+            m.free(seq.tables[g])
+        seq.status = SeqStatus.FINISHED
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def schedule(self, drafts: Mapping[str, Seq[int]] | None = None) -> StepPlan:
+        """Choose this step's sequences and tokens; ``drafts`` proposes tokens per decoding
+        sequence (truncated to the budget and to the request's remaining length)."""
+        if self._inflight is not None:
+            raise RuntimeError("schedule() called twice without update()")
+        step = _StepBuilder(self, drafts or {})
+        running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
+        # Decodes first (a token or a few each), then prefill chunks, each in priority order.
+        for seq in sorted(running, key=lambda s: (self._pending(s) > 1, s.order)):
+            if seq.status is SeqStatus.RUNNING and step.budget:
+                step.run(seq)
+        waiting = [s for s in self.seqs.values() if s.status in _QUEUED]
+        for seq in sorted(waiting, key=lambda s: s.order):
+            if not step.budget or not step.admit(seq):
+                break  # strict priority: later requests do not overtake a blocked one
+        self._inflight = step.plan()
+        return self._inflight
+
+    @staticmethod
+    def _pending(seq: SeqState) -> int:
+        return len(seq.tokens) - seq.num_computed
+
+    def _running_count(self) -> int:
+        return sum(s.status is SeqStatus.RUNNING for s in self.seqs.values())
+
+    # -- results ----------------------------------------------------------------------------
+
+    def update(self, outputs: Mapping[str, Seq[int]]) -> list[SeqUpdate]:
+        """Apply a step's accepted tokens (for each sequence with ``needs_logits``: the accepted
+        drafts followed by one sampled token)."""
+        plan, self._inflight = self._inflight, None
+        if plan is None:
+            raise RuntimeError("update() without a scheduled step")
+        updates = []
+        for st in plan.seqs:
+            seq = self.seqs.get(st.seq_id)
+            if seq is None:  # cancelled while the step ran
+                continue
+            if not st.needs_logits:
+                seq.num_computed = st.start + len(st.token_ids)
+                self._register(seq)
+                continue
+            if st.seq_id not in outputs:
+                raise KeyError(f"no output for sequence {st.seq_id!r}, which needed logits")
+            update = self._accept(seq, st, list(outputs[st.seq_id]))
+            updates.append(update)
+            if update.finish_reason is not None:
+                del self.seqs[seq.request.id]
+                self._release(seq)
+        return updates
+
+    def _accept(self, seq: SeqState, st: SeqStep, accepted: list[int]) -> SeqUpdate:
+        drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
+        if (
+            not 1 <= len(accepted) <= st.num_draft + 1
+            or accepted[:-1] != drafts[: len(accepted) - 1]
+        ):
+            raise ValueError(
+                f"sequence {st.seq_id!r}: outputs {accepted} are not accepted drafts of "
+                f"{drafts} plus one token"
+            )
+        rejected = st.num_draft - (len(accepted) - 1)
+        for g, m in self.kv.items():
+            m.trim(seq.tables[g], rejected)
+        seq.num_computed = st.start + len(st.token_ids) - rejected
+        req, new, reason = seq.request, [], None
+        for tok in accepted:
+            new.append(tok)
+            if tok in req.eos_token_ids:
+                reason = "stop"
+            elif seq.num_output + len(new) >= req.max_new_tokens:
+                reason = "length"
+            if reason:
+                break
+        seq.tokens += new
+        self._register(seq)
+        return SeqUpdate(req.id, tuple(new), reason)
+
+    def _register(self, seq: SeqState) -> None:
+        if self.prefix_caching:
+            seq.keys = chain_keys(seq.tokens[: seq.num_computed], self.block_tokens, seq.keys)
+            for g, m in self.kv.items():
+                m.register(seq.tables[g], seq.keys)
+
+    def usage(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """(used, free) blocks per tier, per KV group."""
+        return {g: m.usage() for g, m in self.kv.items()}
+
+
+_QUEUED = (SeqStatus.WAITING, SeqStatus.SWAPPED)
+
+
+class _StepBuilder:
+    """One ``schedule()`` call: budget, chosen sequences, moves and preemptions."""
+
+    def __init__(self, sched: Scheduler, drafts: Mapping[str, Seq[int]]) -> None:
+        self.s = sched
+        self.drafts = drafts
+        self.budget = sched.max_step_tokens
+        self.chosen: dict[str, tuple[SeqState, int, int]] = {}  # id -> (seq, start, n_draft)
+        self.moves: dict[str, list[BlockMove]] = {g: [] for g in sched.kv}
+        self.preempted: list[str] = []
+
+    def _query(self, seq: SeqState) -> tuple[int, list[int]]:
+        """Uncomputed tokens this step takes, and the drafts that follow them."""
+        pending = len(seq.tokens) - seq.num_computed
+        n = min(pending, self.budget)
+        if n < pending:
+            return n, []
+        # Drafts past the request's length would be generated and thrown away.
+        room = seq.request.max_new_tokens - seq.num_output - 1
+        return n, list(self.drafts.get(seq.request.id, ()))[: max(0, min(room, self.budget - n))]
+
+    def _fits(self, seq: SeqState, need: Callable[[str, BlockManager], int]) -> bool:
+        return all(need(g, m) <= m.num_free() for g, m in self.s.kv.items())
+
+    def run(self, seq: SeqState) -> None:
+        """Schedule a running sequence, preempting worse ones (or itself) for blocks."""
+        n, d = self._query(seq)
+        while not self._fits(seq, lambda g, m: m.blocks_needed(seq.tables[g], n + len(d))):
+            if not self._preempt_below(seq):
+                self._preempt(seq)
+                return
+        self._take(seq, n, d)
+
+    def admit(self, seq: SeqState) -> bool:
+        """Start (or resume) a queued sequence if blocks and the batch size allow."""
+        swapped = seq.status is SeqStatus.SWAPPED
+        while True:  # a preemption changes what is cached and free: look again each time
+            hit = 0 if swapped else self._prefix_hit(seq)
+            if not swapped:
+                seq.num_computed = hit * self.s.block_tokens
+            n, d = self._query(seq)
+            q = n + len(d)
+
+            def need(g: str, m: BlockManager, hit: int = hit, q: int = q) -> int:
+                t = seq.tables[g]
+                if swapped:
+                    return m.swap_in_blocks(t) + m.blocks_needed(t, q)
+                return m.revived_blocks(seq.keys, hit) + -(-q // self.s.block_tokens)
+
+            if self._fits(seq, need) and self.s._running_count() < self.s.max_running:
+                break
+            if not self._preempt_below(seq):
+                if not swapped:
+                    seq.num_computed = 0
+                return False
+        for g, m in self.s.kv.items():
+            if swapped:
+                self.moves[g] += m.swap_in(seq.tables[g])
+            elif hit:
+                m.adopt_prefix(seq.tables[g], seq.keys, hit)
+        if hit:
+            self.s.prefix_hits += 1
+            self.s.prefix_saved_tokens += hit * self.s.block_tokens
+        seq.status = SeqStatus.RUNNING
+        self._take(seq, n, d)
+        return True
+
+    def _prefix_hit(self, seq: SeqState) -> int:
+        """Leading blocks every KV group can take from the cache (at least one token is left
+        to compute, so the step yields logits)."""
+        if not self.s.prefix_caching:
+            return 0
+        b = self.s.block_tokens
+        seq.keys = chain_keys(seq.tokens, b, seq.keys)
+        n = min(m.match_prefix(seq.keys, (len(seq.tokens) - 1) // b) for m in self.s.kv.values())
+        while n and not all(m.can_adopt(seq.keys, n) for m in self.s.kv.values()):
+            n -= 1
+        return n
+
+    def _take(self, seq: SeqState, n: int, drafts: list[int]) -> None:
+        for g, m in self.s.kv.items():
+            self.moves[g] += m.append(seq.tables[g], n + len(drafts))
+        self.chosen[seq.request.id] = (seq, seq.num_computed, len(drafts))
+        self.budget -= n + len(drafts)
+
+    def _preempt_below(self, seq: SeqState) -> bool:
+        """Preempt the worst running sequence ordered after ``seq``; False if there is none."""
+        worse = [
+            s for s in self.s.seqs.values() if s.status is SeqStatus.RUNNING and s.order > seq.order
+        ]
+        if not worse:
+            return False
+        self._preempt(max(worse, key=lambda s: s.order))
+        return True
+
+    def _preempt(self, victim: SeqState) -> None:
+        vid = victim.request.id
+        if vid in self.chosen:  # undo its share of this step
+            _, start, _ = self.chosen.pop(vid)
+            q = victim.tables[next(iter(self.s.kv))].length - start
+            for g, m in self.s.kv.items():
+                m.trim(victim.tables[g], q)
+            self.budget += q
+        blocks = sum(m.swap_out_blocks(victim.tables[g]) for g, m in self.s.kv.items())
+        can_swap = all(
+            m.swap_tier is not None
+            and m.swap_out_blocks(victim.tables[g]) <= m.num_free([m.swap_tier])
+            for g, m in self.s.kv.items()
+        )
+        info = PreemptionInfo(vid, victim.num_computed, blocks)
+        if can_swap and self.s.preemption(info) == "swap":
+            for g, m in self.s.kv.items():
+                self.moves[g] += m.swap_out(victim.tables[g])
+            victim.status = SeqStatus.SWAPPED
+        else:
+            for g, m in self.s.kv.items():
+                m.free(victim.tables[g])
+            victim.num_computed = 0
+            victim.status = SeqStatus.WAITING
+        victim.num_preemptions += 1
+        self.s.num_preemptions += 1
+        self.preempted.append(vid)
+
+    def plan(self) -> StepPlan:
+        steps = []
+        for seq, start, n_draft in self.chosen.values():
+            end = seq.tables[next(iter(self.s.kv))].length
+            known = end - n_draft
+            toks = seq.tokens[start:known] + list(self.drafts.get(seq.request.id, ())[:n_draft])
+            tables = {g: seq.tables[g].snapshot() for g in self.s.kv}
+            needs = known == len(seq.tokens)
+            steps.append(SeqStep(seq.request.id, tuple(toks), start, n_draft, tables, needs))
+        moves = {g: tuple(v) for g, v in self.moves.items()}
+        return StepPlan(tuple(steps), moves, tuple(self.preempted))
