@@ -54,9 +54,14 @@ def run_json(env, *args: str) -> dict:
     return json.loads(res.stdout)
 
 
+def stderr_lines(text: str) -> list[str]:
+    """Non-empty stderr lines other than the ``ollm: ...`` progress lines of long waits."""
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("ollm: ")]
+
+
 def assert_one_line_error(res, *fragments: str) -> None:
     assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = stderr_lines(res.stderr)
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: "), lines
     for f in fragments:
@@ -78,9 +83,9 @@ def test_run_json(env):
 
 
 def test_run_streams_text_then_table(env):
-    greedy = run_json(env, "hello", "--json", "-t", "0", "-n", "6")
+    greedy = run_json(env, "hello", "--json", "--temp", "0", "-n", "6")
     res = invoke(
-        "run", "hello", "-m", env["model"], "--cache-dir", env["cache"], "-t", "0", "-n", "6"
+        "run", "hello", "-m", env["model"], "--cache-dir", env["cache"], "--temp", "0", "-n", "6"
     )
     assert res.exit_code == 0, res.output
     text, _, table = res.stdout.partition("\n\n")
@@ -90,22 +95,22 @@ def test_run_streams_text_then_table(env):
 
 
 def test_chat_template_and_raw(env):
-    chat = run_json(env, "hi", "--json", "-t", "0", "-n", "3")
-    raw = run_json(env, "hi", "--json", "-t", "0", "-n", "3", "--raw")
+    chat = run_json(env, "hi", "--json", "--temp", "0", "-n", "3")
+    raw = run_json(env, "hi", "--json", "--temp", "0", "-n", "3", "--raw")
     assert raw["metrics"]["prompt_tokens"] == 2  # "h", "i": no BOS in this tokenizer
     assert chat["metrics"]["prompt_tokens"] == len("<user>hi\n<assistant>")
     assert len(chat["token_ids"]) == len(raw["token_ids"]) == 3
 
 
 def test_sampling_flags(env):
-    a = run_json(env, "abc", "--json", "-t", "1.0", "--seed", "7", "--top-k", "20", "-n", "8")
-    b = run_json(env, "abc", "--json", "-t", "1.0", "--seed", "7", "--top-k", "20", "-n", "8")
+    a = run_json(env, "abc", "--json", "--temp", "1.0", "--seed", "7", "--top-k", "20", "-n", "8")
+    b = run_json(env, "abc", "--json", "--temp", "1.0", "--seed", "7", "--top-k", "20", "-n", "8")
     assert a["token_ids"] == b["token_ids"]
-    greedy = run_json(env, "abc", "--json", "-t", "0", "-n", "8")
+    greedy = run_json(env, "abc", "--json", "--temp", "0", "-n", "8")
     text = greedy["text"]
     cut = next(i for i in range(1, len(text)) if text[i] not in text[:i])
     stopped = run_json(
-        env, "abc", "--json", "-t", "0", "-n", "8", "--stop", text[cut], "--stop", "@@"
+        env, "abc", "--json", "--temp", "0", "-n", "8", "--stop", text[cut], "--stop", "@@"
     )
     assert stopped["finish_reason"] == "stop"
     assert stopped["text"] == text[:cut]
@@ -114,8 +119,8 @@ def test_sampling_flags(env):
 def test_prompt_file(env, tmp_path):
     f = tmp_path / "prompt.txt"
     f.write_text("hello", encoding="utf-8")
-    from_file = run_json(env, "--prompt-file", str(f), "--json", "-t", "0", "-n", "4")
-    from_arg = run_json(env, "hello", "--json", "-t", "0", "-n", "4")
+    from_file = run_json(env, "--prompt-file", str(f), "--json", "--temp", "0", "-n", "4")
+    from_arg = run_json(env, "hello", "--json", "--temp", "0", "-n", "4")
     assert from_file["token_ids"] == from_arg["token_ids"]
 
 
@@ -132,8 +137,8 @@ def test_convert(env):
     assert over.exit_code == 0, over.output
     assert json.loads((dst / "manifest.json").read_text())["dtype"] == "float32"
     # a store runs directly, without another conversion
-    out = run_json(env, "hi", "--json", "-t", "0", "-n", "2", "--raw")
-    direct = invoke("run", "hi", "--json", "-t", "0", "-n", "2", "--raw", "-m", str(dst))
+    out = run_json(env, "hi", "--json", "--temp", "0", "-n", "2", "--raw")
+    direct = invoke("run", "hi", "--json", "--temp", "0", "-n", "2", "--raw", "-m", str(dst))
     assert direct.exit_code == 0, direct.output
     assert json.loads(direct.stdout)["token_ids"] == out["token_ids"]
 
@@ -218,12 +223,12 @@ def test_console_script_and_light_import():
 
 
 def test_run_with_kv_on_disk(env, tmp_path):
-    mem = run_json(env, "hello there", "--json", "-t", "0", "-n", "6")
+    mem = run_json(env, "hello there", "--json", "--temp", "0", "-n", "6")
     disk = run_json(
         env,
         "hello there",
         "--json",
-        "-t",
+        "--temp",
         "0",
         "-n",
         "6",

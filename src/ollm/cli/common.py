@@ -8,9 +8,10 @@ logging, progress bars and errors go to stderr. Errors ollm raises on purpose pr
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ollm.cli.helpfmt import OllmGroup
+from ollm.cli.status import configure_logging
 from ollm.errors import OllmError
 
 if TYPE_CHECKING:
@@ -28,19 +31,43 @@ if TYPE_CHECKING:
 
 
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 app = typer.Typer(
     name="ollm",
+    cls=OllmGroup,
     help="Large-context LLM inference on memory-constrained machines.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
 class CliError(OllmError):
     """A bad combination of command-line arguments."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so the same clean-up runs (the stream's
+    worker is cancelled, the per-run KV directory removed) before exit code 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    # signal.signal works only in the main thread; elsewhere (an embedding app) leave it be.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -64,11 +91,14 @@ def fail(message: str, code: int) -> typer.Exit:
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn ollm's deliberate errors and Ctrl-C into one stderr line and an exit code."""
+    """Turn ollm's deliberate errors, Ctrl-C and SIGTERM into one stderr line and an exit code."""
     try:
-        yield
+        with _sigterm_as_interrupt():
+            yield
     except OllmError as exc:
         raise fail(f"error: {one_line(str(exc))}", EXIT_ERROR) from None
+    except Terminated:
+        raise fail("terminated", EXIT_TERMINATED) from None
     except KeyboardInterrupt:
         raise fail("interrupted", EXIT_INTERRUPTED) from None
 
@@ -85,10 +115,68 @@ def engine_kwargs(**options: Any) -> dict[str, Any]:
     return kwargs
 
 
-def build_llm(model: str | None, **options: Any) -> LLM:
+def physical_cores() -> int:
+    """Physical CPU cores this process may use (hyper-threads share a core's FPUs, so more
+    threads than cores rarely speed up matmuls); falls back to the logical count."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    phys = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    phys = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((phys, value.strip()))
+    except OSError:
+        pass
+    return max(1, min(len(cores) or usable, usable))
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op thread count for CPU compute (None: leave torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _check_gpu_budget(options: dict[str, Any]) -> None:
+    """A GPU budget without a GPU to spend it on is a mistake, not something to ignore."""
+    if options.get("gpu_memory") is None:
+        return
+    from ollm.sizes import parse_size
+
+    parse_size(options["gpu_memory"])  # a malformed size is the first thing to say
+    device = str(options.get("device") or "auto")
+    if device == "cpu":
+        raise CliError("--gpu-memory has no effect with --device cpu; drop one of them")
+    import torch
+
+    if device == "auto" and not torch.cuda.is_available():
+        raise CliError("--gpu-memory needs a CUDA GPU and this machine has none; drop the flag")
+
+
+def build_llm(model: str | None, threads: int | None = None, **options: Any) -> LLM:
+    """An ``LLM`` for the given options (None = the default), saying what it does meanwhile."""
+    from ollm.cli.status import is_terminal, waiting
+
+    _check_gpu_budget(options)
+    set_threads(threads)
     from ollm.api import LLM
 
-    return LLM(model, **engine_kwargs(**options))
+    kwargs = engine_kwargs(**options)
+    kwargs["progress"] = kwargs["progress"] and not is_terminal()  # the spinner shows progress
+    name = "the default model" if model is None else Path(model).name
+    with waiting(f"loading {name} (convert if needed, plan, calibrate)"):
+        return LLM(model, **kwargs)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -154,6 +242,25 @@ CacheDirOpt = Annotated[
     str | None,
     typer.Option("--cache-dir", help="Where converted layer stores live (default ~/.cache/ollm)."),
 ]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        "-t",
+        help="CPU threads for compute; the default is this machine's physical cores.",
+    ),
+]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")
+]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 = greedy.")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens; 0 = off.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1.0 = off.")]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Sampler seed (default: random).", show_default=False)
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 KvCacheOpt = Annotated[
     str | None,
@@ -169,28 +276,33 @@ HybridOpt = Annotated[
 ]
 
 
-@app.callback()
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            sys.stdout.write(f"ollm {version('ollm')}\n")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            sys.stdout.write("ollm (not installed)\n")
+        raise typer.Exit(0)
+
+
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")
+        bool,
+        typer.Option("--verbose", "-v", help="Show progress lines on stderr on a terminal too."),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Large-context LLM inference on memory-constrained machines."""
-    logger = logging.getLogger("ollm")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    # transformers' own deprecation chatter is not the user's business unless asked for.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at emit time (so test runners can capture it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:
-            self.handleError(record)
+    configure_logging(verbose)
+    if ctx.invoked_subcommand is None:  # plain `ollm`: the help, as a successful answer
+        sys.stdout.write(ctx.get_help() + "\n")
+        raise typer.Exit(0)

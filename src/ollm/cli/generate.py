@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
@@ -22,12 +23,18 @@ from ollm.cli.common import (
     KvCacheOpt,
     KvDirOpt,
     MaxContextOpt,
+    MaxNewTokensOpt,
     OffloadOpt,
+    SeedOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
     app,
 )
 
 if TYPE_CHECKING:
-    from ollm.api import LLM
+    from ollm.api import LLM, GenerationResult, TextStream
     from ollm.engine.sampling import SamplingParams
 
 
@@ -51,18 +58,16 @@ def run(
     cpu_memory: CpuMemoryOpt = None,
     offload: OffloadOpt = None,
     dtype: DtypeOpt = None,
-    max_new_tokens: Annotated[
-        int | None, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", "-t", help="0 = greedy.")
-    ] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="0 = off.")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="1.0 = off.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampler seed.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 1.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
     stop: Annotated[
         list[str] | None,
-        typer.Option("--stop", help="Stop when this string appears (repeatable)."),
+        typer.Option(
+            "--stop", help="Stop when this string appears (repeatable).", show_default=False
+        ),
     ] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Do not apply the model's chat template.")
@@ -72,6 +77,7 @@ def run(
     kv_cache: KvCacheOpt = None,
     kv_dir: KvDirOpt = None,
     hybrid: HybridOpt = None,
+    threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
@@ -87,6 +93,7 @@ def run(
         )
         llm = common.build_llm(
             model,
+            threads=threads,
             device=device,
             gpu_memory=gpu_memory,
             cpu_memory=cpu_memory,
@@ -111,21 +118,7 @@ def _generate(llm: LLM, prompt: str, params: SamplingParams, *, raw: bool, json_
     else:
         stream = llm.stream(prompt, params)
     out = sys.stdout
-    last = "\n"
-    try:
-        for piece in stream:
-            if not json_out and piece:
-                out.write(piece)
-                out.flush()
-                last = piece
-    except KeyboardInterrupt:
-        if not json_out and not last.endswith("\n"):
-            out.write("\n")
-            out.flush()
-        raise
-    result = stream.result
-    if result is None:  # cancelled before finishing
-        raise KeyboardInterrupt
+    result = stream_reply(stream, None if json_out else out)
     if json_out:
         payload = {
             "text": result.text,
@@ -136,8 +129,42 @@ def _generate(llm: LLM, prompt: str, params: SamplingParams, *, raw: bool, json_
         out.write(json.dumps(payload, ensure_ascii=False) + "\n")
         out.flush()
         return
-    if not last.endswith("\n"):
-        out.write("\n")
     out.write("\n")
     out.flush()
-    common.stdout_console().print(common.table(result.metrics.rows(), title="metrics"))
+    rows = metric_rows(result.metrics.rows(), llm.device)
+    common.stdout_console().print(common.table(rows, title="metrics"))
+
+
+def stream_reply(stream: TextStream, out: TextIO | None) -> GenerationResult:
+    """Write ``stream``'s pieces to ``out`` (None: only collect), ending on a new line; the
+    wait for the first piece (the prefill) is announced. Ctrl-C / SIGTERM cancel the stream."""
+    from ollm.cli.status import waiting
+
+    last = "\n"
+    pieces = iter(stream)
+    try:
+        with waiting("reading the prompt"):
+            first = next(pieces, None)
+        for piece in itertools.chain([] if first is None else [first], pieces):
+            if out is not None and piece:
+                out.write(piece)
+                out.flush()
+                last = piece
+    finally:
+        if out is not None and not last.endswith("\n"):  # also when interrupted mid-line
+            out.write("\n")
+            out.flush()
+    if stream.result is None:  # cancelled before finishing
+        raise KeyboardInterrupt
+    return stream.result
+
+
+# Rows about the GPU say nothing on a CPU-only run (always 0 B there).
+_GPU_ONLY_ROWS = ("peak GPU memory", "copied host->GPU")
+
+
+def metric_rows(rows: list[tuple[str, str]], device: str) -> list[tuple[str, str]]:
+    """The metrics table's rows for a run on ``device``: a CPU run shows only CPU rows."""
+    if device.startswith("cuda"):
+        return rows
+    return [(label, value) for label, value in rows if label not in _GPU_ONLY_ROWS]

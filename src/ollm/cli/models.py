@@ -20,6 +20,7 @@ from ollm.cli.common import (
     KvCacheOpt,
     MaxContextOpt,
     OffloadOpt,
+    ThreadsOpt,
     app,
 )
 
@@ -70,6 +71,7 @@ def info(
     max_context: MaxContextOpt = None,
     kv_cache: KvCacheOpt = None,
     hybrid: HybridOpt = None,
+    threads: ThreadsOpt = common.physical_cores(),
     json_out: JsonOpt = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
@@ -77,6 +79,7 @@ def info(
     with common.cli_errors():
         llm = common.build_llm(
             model,
+            threads=threads,
             device=device,
             gpu_memory=gpu_memory,
             cpu_memory=cpu_memory,
@@ -88,6 +91,9 @@ def info(
         )
         with llm:
             data = llm.info()
+        import torch
+
+        data["threads"] = torch.get_num_threads()  # what compute on the CPU will use
         if json_out:
             sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
             sys.stdout.flush()
