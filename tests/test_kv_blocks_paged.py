@@ -79,7 +79,9 @@ class PagedMachine(RuleBasedStateMachine):
         keys = chain_keys(prompt, B)
         n = self.mgr.match_prefix(keys, (len(prompt) - 1) // B)
         table = self.mgr.new_table()
+        free, revived = self.mgr.num_free(), self.mgr.revived_blocks(keys, n)
         self.mgr.adopt_prefix(table, keys, n)
+        assert self.mgr.num_free() == free - revived
         seq = _Seq(table, list(prompt))
         if not self.mgr.can_append(table, len(prompt) - n * B):
             self.mgr.free(table)
