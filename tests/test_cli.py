@@ -239,3 +239,110 @@ def test_run_with_kv_on_disk(env, tmp_path):
     )
     assert disk["token_ids"] == mem["token_ids"]
     assert list(tmp_path.iterdir()) == []  # the run's KV directory is gone
+
+
+def test_help_habits():
+    from ollm.engine.sampling import SamplingParams
+
+    for args in (["run", "--help"], ["run", "-h"], ["chat", "-h"], ["info", "-h"], ["--help"]):
+        res = invoke(*args)
+        assert res.exit_code == 0, res.output
+        for tag in ("<str>", "<bool>", "<int>", "<float>", "<path>"):
+            assert tag not in res.stdout, (args, tag)
+    wide = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "240"})
+    text = " ".join(wide.stdout.split())
+    defaults = SamplingParams()
+    assert f"[default: {defaults.max_new_tokens}]" in text
+    assert f"Sampling temperature; 0 = greedy. [default: {defaults.temperature}]" in text
+    assert "--temperature,--temp" in text and "--threads -t" in text
+    bare = invoke()
+    assert bare.exit_code == 0 and "Usage" in bare.stdout and "chat" in bare.stdout
+    from importlib.metadata import version
+
+    assert invoke("--version").stdout.strip() == f"ollm {version('ollm')}"
+
+
+def test_threads_default_and_flag(env):
+    from ollm.cli.common import physical_cores
+
+    base = ["info", env["model"], "--cache-dir", env["cache"], "--json", "--device", "cpu"]
+    before = torch.get_num_threads()
+    try:
+        res = invoke(*base, "-t", "1")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["threads"] == 1
+        res = invoke(*base)
+        assert json.loads(res.stdout)["threads"] == physical_cores()
+    finally:
+        torch.set_num_threads(before)
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_gpu_budget_needs_a_gpu(env):
+    res = invoke("run", "hi", "-m", env["model"], "--device", "cpu", "--gpu-memory", "4GiB")
+    assert_one_line_error(res, "--gpu-memory", "--device cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    res = invoke("run", "hi", "-m", env["model"], "--gpu-memory", "4GiB")
+    assert_one_line_error(res, "--gpu-memory", "CUDA")
+
+
+def test_cpu_metrics_show_cpu_rows_only(env):
+    res = invoke("run", "hi", "-m", env["model"], "--cache-dir", env["cache"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    table = res.stdout.rpartition("\n\n")[2]
+    assert "decode" in table and "read from disk" in table
+    assert "peak GPU memory" not in table and "copied host->GPU" not in table
+
+
+def test_slow_waits_log_lines_quick_ones_stay_silent(capsys):
+    import logging
+    import time
+
+    from ollm.cli.status import configure_logging, waiting
+
+    configure_logging(verbose=False)  # stderr is not a terminal under pytest: INFO lines shown
+    log = logging.getLogger("ollm.test")
+    with waiting("quick step", delay=5.0):
+        log.info("detail of a quick step")
+    assert capsys.readouterr().err == ""
+    with waiting("slow step", delay=0.05):
+        log.info("detail held until the wait proves long")
+        time.sleep(0.3)
+        log.info("detail after")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:3] == [
+        "ollm: slow step ...",
+        "ollm: detail held until the wait proves long",
+        "ollm: detail after",
+    ]
+    assert lines[3].startswith("ollm: slow step: done in ") and len(lines) == 4
+
+
+def test_sigterm_cleans_up_and_exits_143(env, tmp_path):
+    """SIGTERM in the middle of decoding: the per-run KV directory is removed, one line, 143."""
+    import signal
+
+    kv = tmp_path / "kv"
+    kv.mkdir()
+    script = Path(sys.executable).with_name("ollm")
+    args = [str(script), "run", "hello", "-m", env["model"], "--cache-dir", env["cache"]]
+    args += ["--device", "cpu", "--raw", "-n", "20000", "--kv-cache", "disk", "--kv-dir", str(kv)]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        first = proc.stdout.read(1)  # decoding has started (text streams)
+        assert first, proc.stderr.read().decode()
+        assert any(kv.iterdir())  # the run's KV directory exists while it decodes
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err.decode()
+    assert stderr_lines(err.decode()) == ["terminated"]
+    assert list(kv.iterdir()) == []
