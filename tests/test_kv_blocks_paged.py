@@ -9,6 +9,7 @@ freeing everything every pool is empty again. K/V at position p is a function of
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 
@@ -24,6 +25,7 @@ from ollm.kv.paged import PagedKVStore
 B, LAYERS, HEADS, DIM = 4, 2, 2, 3
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def kv_of(prefix: tuple[int, ...], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V of the last token of ``prefix`` in ``layer``: a deterministic function of the prefix."""
     rng = random.Random(hash((prefix, layer)))
@@ -49,21 +51,14 @@ class PagedMachine(RuleBasedStateMachine):
     """Random operations on one KV group against the reference."""
 
     window: int | None = None
+    pools = {"gpu": 9, "cpu": 10}
+    alloc, swap_tier = ("gpu",), "cpu"
 
     def __init__(self) -> None:
         super().__init__()
-        self.mgr = BlockManager(
-            B, {"gpu": 9, "cpu": 10}, alloc_tiers=("gpu",), swap_tier="cpu", window=self.window
-        )
-        self.store = PagedKVStore(
-            LAYERS,
-            {"gpu": 9, "cpu": 10},
-            HEADS,
-            B,
-            DIM,
-            torch.float32,
-            {"gpu": "cpu", "cpu": "cpu"},
-        )
+        self.mgr = BlockManager(B, self.pools, self.alloc, self.swap_tier, self.window)
+        devices = dict.fromkeys(self.pools, "cpu")
+        self.store = PagedKVStore(LAYERS, self.pools, HEADS, B, DIM, torch.float32, devices)
         self.live: list[_Seq] = []
 
     seqs = Bundle("seqs")
@@ -141,7 +136,7 @@ class PagedMachine(RuleBasedStateMachine):
             if self.mgr.swap_in_blocks(seq.table) <= self.mgr.num_free():
                 self.store.copy_blocks(self.mgr.swap_in(seq.table))
                 seq.swapped = False
-        elif self.mgr.swap_out_blocks(seq.table) <= self.mgr.num_free(["cpu"]):
+        elif self.mgr.swap_out_blocks(seq.table) <= self.mgr.num_free([self.swap_tier]):
             self.store.copy_blocks(self.mgr.swap_out(seq.table))
             seq.swapped = True
 
@@ -181,13 +176,22 @@ class WindowedMachine(PagedMachine):
     window = 6
 
 
+class TieredMachine(PagedMachine):
+    """Tables spanning two allocation tiers (device first, then RAM), swapped to a third."""
+
+    pools = {"gpu": 3, "cpu": 6, "disk": 10}
+    alloc, swap_tier = ("gpu", "cpu"), "disk"
+
+
 _settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=40, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestPaged = PagedMachine.TestCase
 TestPaged.settings = _settings
 TestPagedWindowed = WindowedMachine.TestCase
 TestPagedWindowed.settings = _settings
+TestPagedTiered = TieredMachine.TestCase
+TestPagedTiered.settings = _settings
 
 
 # -- targeted cases -------------------------------------------------------------------------

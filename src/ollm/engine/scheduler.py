@@ -43,6 +43,7 @@ class Request:
     max_new_tokens: int
     priority: int = 0  # lower runs first
     eos_token_ids: frozenset[int] = frozenset()
+    sampling: object = None  # sampling parameters, passed through to the runner untouched
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class SeqStep:
     num_draft: int
     block_tables: Mapping[str, tuple[BlockRef | None, ...]]  # per KV group, after this step
     needs_logits: bool  # the step reaches the end of the known tokens
+    sampling: object = None  # the request's sampling parameters
 
     @property
     def positions(self) -> range:
@@ -453,6 +455,7 @@ class _StepBuilder:
             toks = seq.tokens[start:known] + list(self.drafts.get(seq.request.id, ())[:n_draft])
             tables = {g: seq.tables[g].snapshot() for g in self.s.kv}
             needs = known == len(seq.tokens)
-            steps.append(SeqStep(seq.request.id, tuple(toks), start, n_draft, tables, needs))
+            req = seq.request
+            steps.append(SeqStep(req.id, tuple(toks), start, n_draft, tables, needs, req.sampling))
         moves = {g: tuple(v) for g, v in self.moves.items()}
         return StepPlan(tuple(steps), moves, tuple(self.preempted))
