@@ -177,6 +177,9 @@ def test_decode_clock_excludes_teardown_and_waits_are_split(model, tmp_path, mon
     d = m.to_dict()
     assert {"io_wait_host_seconds", "io_stall_gpu_seconds", "io_wait_seconds"} <= set(d)
     assert d["io_wait_seconds"] == m.io_wait_seconds
+    rows = dict(m.rows())
+    assert rows["GPU stalled on weight copies"] == "0.000 s"
+    assert rows["compute waited on disk reads"] == f"{m.io_wait_host_seconds:.3f} s"
 
 
 # -- 5. empty prompt: a one-line error ---------------------------------------------------------

@@ -160,7 +160,7 @@ def stream_reply(stream: TextStream, out: TextIO | None) -> GenerationResult:
 
 
 # Rows about the GPU say nothing on a CPU-only run (always 0 B there).
-_GPU_ONLY_ROWS = ("peak GPU memory", "copied host->GPU")
+_GPU_ONLY_ROWS = ("peak GPU memory", "copied host->GPU", "GPU stalled on weight copies")
 
 
 def metric_rows(rows: list[tuple[str, str]], device: str) -> list[tuple[str, str]]:

@@ -64,10 +64,8 @@ class GenerationMetrics:
             ("peak GPU memory", format_size(self.peak_gpu_memory)),
             ("read from disk", format_size(self.bytes_read_disk)),
             ("copied host->GPU", format_size(self.bytes_copied_h2d)),
-            (
-                "waited on I/O: host / GPU stream",
-                f"{self.io_wait_host_seconds:.3f} s / {self.io_stall_gpu_seconds:.3f} s",
-            ),
+            ("compute waited on disk reads", f"{self.io_wait_host_seconds:.3f} s"),
+            ("GPU stalled on weight copies", f"{self.io_stall_gpu_seconds:.3f} s"),
             (
                 "disk read time / copy time",
                 f"{self.read_seconds:.3f} s / {self.copy_seconds:.3f} s",
