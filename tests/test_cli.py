@@ -176,7 +176,7 @@ def test_errors_are_one_line(env, case, tmp_path):
     args, fragments = {
         "missing model": (["run", "hi", "-m", str(tmp_path / "nope")], ["not found"]),
         "malformed size": (["run", "hi", "-m", m, "--gpu-memory", "8XB"], ["8XB"]),
-        "cuda absent": (["run", "hi", "-m", m, "--device", "cuda:0"], ["cuda:0"]),
+        "cuda absent": (["run", "hi", "-m", m, "--device", "cuda:0"], ["cuda:0", "--device cpu"]),
         "unsupported type": (
             ["run", "hi", "-m", env["gpt2"], "--cache-dir", c],
             ["gpt2", "llama", "qwen3"],

@@ -146,9 +146,34 @@ def test_cuda_absent(models):
     with pytest.raises(DeviceError) as err:
         o.ini_model(models_dir=models.dir)
     assert "cuda:0" in str(err.value) and "\n" not in str(err.value)
+    assert 'device="cpu"' in str(err.value) and "--device" not in str(err.value)  # Python words
 
 
 def test_file_get_contents(tmp_path):
     f = tmp_path / "prompt.txt"
     f.write_text("héllo\nworld", encoding="utf-8")
     assert file_get_contents(f) == file_get_contents(str(f)) == "héllo\nworld"
+
+
+def test_logging_prints_timing_lines(o, capsys):
+    o.model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+    err = capsys.readouterr().err.splitlines()
+    (line,) = [ln for ln in err if ln.startswith("ollm stats: ")]
+    assert "prompt tokens: 3" in line and "generated tokens: 3" in line and "decode" in line
+    assert "GPU" not in line.partition("waited")[0]  # a CPU run: no GPU memory or copy rows
+    o.logging = False
+    try:
+        o.model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+        assert "ollm stats" not in capsys.readouterr().err
+    finally:
+        o.logging = True
+
+
+def test_offload_message_says_why(o, capsys):
+    o.offload_layers_to_cpu(layers_num=LAYERS - 1)  # + 2 stream buffers > keeping all of them
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"ollm: offload_layers_to_cpu({LAYERS - 1}): ")
+    assert "stay in RAM" in line and "layers_num=" not in line
+    assert o.llm.plan.count("cpu") == LAYERS
+    o.offload_layers_to_cpu(layers_num=2)
+    assert capsys.readouterr().err == ""

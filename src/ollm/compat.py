@@ -8,6 +8,7 @@ transformers 5) so upstream's README works unchanged."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers import TextStreamer
 from ollm.api import LLM
 from ollm.engine.sampling import SamplingParams
 from ollm.errors import ModelNotFoundError, OllmError
+from ollm.telemetry.metrics import GenerationMetrics
 
 log = logging.getLogger(__name__)
 __all__ = ["Inference", "CompatModel", "TextStreamer", "file_get_contents"]
@@ -87,8 +89,8 @@ class CompatModel:
                 for step in range(width):
                     streamer.put(out[:, step])
             streamer.end()
-        if self._owner.logging:  # upstream prints timings; here the ollm.compat logger gets them
-            log.info("; ".join(f"{k}: {v}" for k, v in results[0].metrics.rows()))
+        if self._owner.logging:  # upstream prints timings after each call; so do we, on stderr
+            _print_stats(results[0].metrics, llm.device)
         return torch.cat([host, out], dim=1).to(ids.device)
 
     @staticmethod
@@ -158,8 +160,25 @@ class Inference:
         gpu = {"gpu_memory": llm.plan.budget} if llm.device.startswith("cuda") else {}
         self._build(offload="auto", cpu_memory=budget, **gpu)  # the GPU budget _cpu_budget used
         plan = self.llm.plan
-        if plan.count("cpu") != min(layers_num, llm.spec.num_layers - plan.count("gpu")):
-            log.warning("layers_num=%d gave: %s", layers_num, dict(plan.describe())["layers"])
+        kept, wanted = plan.count("cpu"), min(layers_num, llm.spec.num_layers - plan.count("gpu"))
+        if kept != wanted:
+            where = dict(plan.describe())["layers"]
+            if kept > wanted and not llm.device.startswith("cuda"):
+                why = (
+                    "streaming the others from disk would need two layer buffers in RAM, "
+                    "as much as keeping them, so they stay in RAM"
+                )
+            else:
+                why = "that is what the memory budgets allow"
+            self._say(f"offload_layers_to_cpu({layers_num}): {where} ({why})")
+
+    def _say(self, message: str) -> None:
+        """A line for the user: on stderr with ``logging=True`` (as upstream prints), else INFO."""
+        if self.logging:
+            sys.stderr.write(f"ollm: {message}\n")
+            sys.stderr.flush()
+        else:
+            log.info("%s", message)
 
     def DiskCache(self, cache_dir: str | Path = "./kv_cache/") -> DiskCache:
         """A disk KV cache in ``cache_dir``: pass it as ``past_key_values`` to
@@ -173,6 +192,19 @@ class DiskCache:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
+
+
+# Rows about the GPU say nothing on a CPU run (always 0 B there).
+_GPU_ONLY_ROWS = ("peak GPU memory", "copied host->GPU")
+
+
+def _print_stats(metrics: GenerationMetrics, device: str) -> None:
+    """Upstream's ``logging=True`` prints timings after each generate call; one line here."""
+    rows = metrics.rows()
+    if not device.startswith("cuda"):
+        rows = [(k, v) for k, v in rows if k not in _GPU_ONLY_ROWS]
+    sys.stderr.write("ollm stats: " + "; ".join(f"{k}: {v}" for k, v in rows) + "\n")
+    sys.stderr.flush()
 
 
 def _cpu_budget(llm: LLM, layers_num: int) -> int | None:

@@ -148,27 +148,35 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _check_gpu_budget(options: dict[str, Any]) -> None:
-    """A GPU budget without a GPU to spend it on is a mistake, not something to ignore."""
-    if options.get("gpu_memory") is None:
-        return
-    from ollm.sizes import parse_size
+def _check_device(options: dict[str, Any]) -> None:
+    """Device mistakes in the CLI's own words (flags, not Python keyword arguments): a CUDA
+    device or a GPU budget on a machine without a GPU, a GPU budget with ``--device cpu``."""
+    device = str(options.get("device") or "auto").strip().lower()
+    budget = options.get("gpu_memory")
+    if budget is not None:
+        from ollm.sizes import parse_size
 
-    parse_size(options["gpu_memory"])  # a malformed size is the first thing to say
-    device = str(options.get("device") or "auto")
-    if device == "cpu":
-        raise CliError("--gpu-memory has no effect with --device cpu; drop one of them")
+        parse_size(budget)  # a malformed size is the first thing to say
+        if device == "cpu":
+            raise CliError("--gpu-memory has no effect with --device cpu; drop one of them")
+    if device == "cpu" or (budget is None and not device.startswith("cuda")):
+        return
     import torch
 
-    if device == "auto" and not torch.cuda.is_available():
-        raise CliError("--gpu-memory needs a CUDA GPU and this machine has none; drop the flag")
+    if torch.cuda.is_available():
+        return
+    if device.startswith("cuda"):
+        raise CliError(
+            f"device {device!r} requested but this machine has no CUDA GPU; use --device cpu"
+        )
+    raise CliError("--gpu-memory needs a CUDA GPU and this machine has none; drop the flag")
 
 
 def build_llm(model: str | None, threads: int | None = None, **options: Any) -> LLM:
     """An ``LLM`` for the given options (None = the default), saying what it does meanwhile."""
     from ollm.cli.status import is_terminal, waiting
 
-    _check_gpu_budget(options)
+    _check_device(options)
     set_threads(threads)
     from ollm.api import LLM
 
