@@ -91,6 +91,10 @@ def info(
         )
         with llm:
             data = llm.info()
+        from ollm.sizes import format_size
+        from ollm.weights.cache import disk_usage
+
+        data["disk (store)"] = format_size(disk_usage(llm.store_path))
         import torch
 
         data["threads"] = torch.get_num_threads()  # what compute on the CPU will use

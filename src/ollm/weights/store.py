@@ -132,6 +132,7 @@ class LayerStore:
                     else f"truncated or wrong size ({size} of {entry.nbytes} bytes)"
                 )
                 raise CorruptStoreError(f"layer store {self.path} is corrupt: {name} is {what}")
+        self._in_use = _hold_shared(manifest)
         self._verified: set[str] = set()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -236,6 +237,25 @@ class LayerStore:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        if self._in_use is not None:
+            self._in_use.close()  # drops the shared lock
+            self._in_use = None
+
+
+def _hold_shared(path: Path):
+    """``path`` opened with a shared ``flock`` held until it is closed (or the process ends): the
+    mark of a store in use that ``ollm cache rm`` checks. None where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    f = open(path, "rb")
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # being removed right now, or a filesystem without flock: read on
+        f.close()
+        return None
+    return f
 
 
 def is_store(path: str | Path) -> bool:

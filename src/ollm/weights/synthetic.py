@@ -4,6 +4,7 @@ them straight into a layer store without any checkpoint download."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -138,7 +139,8 @@ class SyntheticSource:
         names += [f"model.layers.{i}.{n}" for i in range(s.num_layers) for n in per_layer]
         return names
 
-    def _shape(self, name: str) -> tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (HF layout)."""
         s = self.spec
         h, d, i = s.hidden_size, s.head_dim, s.intermediate_size
         table = {
@@ -160,8 +162,10 @@ class SyntheticSource:
         return (h,)  # the per-layer and final norms
 
     def get(self, name: str) -> torch.Tensor:
-        g = torch.Generator(self.device).manual_seed(hash((self.seed, name)) % (2**31))
-        shape = self._shape(name)
+        # crc32, not hash(): str hashes are salted per process, and the same preset must give
+        # byte-identical weights in every process (benchmarks compare stores across runs).
+        g = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
+        shape = self.shape(name)
         t = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
         if len(shape) == 1:
             t = t * 0.05 + (0.0 if self.spec.norm_unit_offset else 1.0)
