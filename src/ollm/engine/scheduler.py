@@ -410,14 +410,29 @@ class _StepBuilder:
         self.budget -= n + len(drafts)
 
     def _preempt_below(self, seq: SeqState) -> bool:
-        """Preempt the worst running sequence ordered after ``seq``; False if there is none."""
+        """Preempt the worst sequence ordered after ``seq`` that holds allocation-tier blocks: a
+        running one, or a swapped one whose shared blocks stayed behind when it was swapped
+        (several swapped sequences can pin such a block). False if there is none."""
         worse = [
-            s for s in self.s.seqs.values() if s.status is SeqStatus.RUNNING and s.order > seq.order
+            s
+            for s in self.s.seqs.values()
+            if s.order > seq.order
+            and (
+                s.status is SeqStatus.RUNNING
+                or (s.status is SeqStatus.SWAPPED and self._holds_alloc_blocks(s))
+            )
         ]
         if not worse:
             return False
         self._preempt(max(worse, key=lambda s: s.order))
         return True
+
+    def _holds_alloc_blocks(self, seq: SeqState) -> bool:
+        return any(
+            ref is not None and ref.tier in m.alloc_tiers
+            for g, m in self.s.kv.items()
+            for ref in seq.tables[g].blocks
+        )
 
     def _preempt(self, victim: SeqState) -> None:
         vid = victim.request.id
@@ -434,7 +449,13 @@ class _StepBuilder:
             for g, m in self.s.kv.items()
         )
         info = PreemptionInfo(vid, victim.num_computed, blocks)
-        if can_swap and self.s.preemption(info) == "swap":
+        # A swapped victim already chose to keep its KV: move the rest out if that frees a block;
+        # if its blocks are all shared, only dropping it (recompute) can release them.
+        if victim.status is SeqStatus.SWAPPED:
+            swap = can_swap and blocks > 0
+        else:
+            swap = can_swap and self.s.preemption(info) == "swap"
+        if swap:
             for g, m in self.s.kv.items():
                 self.moves[g] += m.swap_out(victim.tables[g])
             victim.status = SeqStatus.SWAPPED
