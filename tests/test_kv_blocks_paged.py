@@ -292,3 +292,21 @@ def test_file_backed_tier_round_trips(tmp_path):
     torch.testing.assert_close(got_k, k)
     torch.testing.assert_close(got_v, v)
     assert (tmp_path / "kv.bin").stat().st_size == store.pools["disk"].numel() * 4
+
+
+def test_gather_a_prefix_across_tiers_onto_one_device():
+    mgr = BlockManager(B, {"gpu": 1, "cpu": 3}, alloc_tiers=("gpu", "cpu"))
+    store = PagedKVStore(
+        2, {"gpu": 1, "cpu": 3}, HEADS, B, DIM, torch.float32, {"gpu": "cpu", "cpu": "cpu"}
+    )
+    t = mgr.new_table()
+    mgr.append(t, 10)
+    assert [r.tier for r in t.blocks] == ["gpu", "cpu", "cpu"]  # device first, then RAM
+    k, v = torch.randn(HEADS, 10, DIM), torch.randn(HEADS, 10, DIM)
+    store.write(1, t, 0, k[:, :3], v[:, :3])
+    store.write(1, t, 3, k[:, 3:], v[:, 3:])  # a write that straddles blocks and tiers
+    got_k, got_v = store.gather(1, t, upto=7, device="cpu")
+    torch.testing.assert_close(got_k, k[:, :7])
+    torch.testing.assert_close(got_v, v[:, :7])
+    with pytest.raises(IndexError):
+        store.write(1, t, 8, k[:, :3], v[:, :3])  # past the appended length

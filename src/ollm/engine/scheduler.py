@@ -373,9 +373,10 @@ class _StepBuilder:
                     return m.swap_in_blocks(t) + m.blocks_needed(t, q)
                 return m.revived_blocks(seq.keys, hit) + -(-q // self.s.block_tokens)
 
-            if self._fits(seq, need) and self.s._running_count() < self.s.max_running:
+            fits = self._fits(seq, need)
+            if fits and self.s._running_count() < self.s.max_running:
                 break
-            if not self._preempt_below(seq):
+            if not self._preempt_below(seq, running_only=fits):  # fits: short of batch room only
                 if not swapped:
                     seq.num_computed = 0
                 return False
@@ -409,7 +410,7 @@ class _StepBuilder:
         self.chosen[seq.request.id] = (seq, seq.num_computed, len(drafts))
         self.budget -= n + len(drafts)
 
-    def _preempt_below(self, seq: SeqState) -> bool:
+    def _preempt_below(self, seq: SeqState, running_only: bool = False) -> bool:
         """Preempt the worst sequence ordered after ``seq`` that holds allocation-tier blocks: a
         running one, or a swapped one whose shared blocks stayed behind when it was swapped
         (several swapped sequences can pin such a block). False if there is none."""
@@ -419,7 +420,11 @@ class _StepBuilder:
             if s.order > seq.order
             and (
                 s.status is SeqStatus.RUNNING
-                or (s.status is SeqStatus.SWAPPED and self._holds_alloc_blocks(s))
+                or (
+                    not running_only
+                    and s.status is SeqStatus.SWAPPED
+                    and self._holds_alloc_blocks(s)
+                )
             )
         ]
         if not worse:
