@@ -311,3 +311,31 @@ def test_swapped_sequences_sharing_blocks_do_not_block_a_better_one():
     for r in (a, b, top):
         assert outs[r.id] == reference(r.prompt, r.max_new_tokens, frozenset()), r.id
     assert_no_leaks(sched)
+
+
+def test_an_aborted_step_is_recomputed_without_leaks():
+    rng = random.Random(5)
+    reqs = [
+        Request(f"x{i}", tuple(rng.randrange(VOCAB) for _ in range(6 + 5 * i)), 6) for i in range(3)
+    ]
+    sched = make_scheduler(gpu=12, budget=8)
+    for r in reqs:
+        sched.add(r)
+    runner, outs = FakeRunner(sched), defaultdict(list)
+    step = 0
+    while sched.has_work():
+        plan = sched.schedule()
+        if step in (2, 5):  # the runner "fails" halfway: only some moves and writes happened
+            runner.forward(StepPlan(plan.seqs[:1], plan.moves, plan.preempted))
+            assert set(sched.abort_step()) >= {s.seq_id for s in plan.seqs}
+        else:
+            greedy = runner.forward(plan)
+            for u in sched.update(
+                {s.seq_id: greedy[s.seq_id] for s in plan.seqs if s.needs_logits}
+            ):
+                outs[u.seq_id] += u.new_tokens
+        step += 1
+        assert step < 500
+    for r in reqs:
+        assert outs[r.id] == reference(r.prompt, r.max_new_tokens, frozenset()), r.id
+    assert_no_leaks(sched)

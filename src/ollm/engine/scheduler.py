@@ -24,26 +24,28 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+from ollm.engine.stepplan import Request, SeqStep, SeqUpdate, StepPlan
 from ollm.errors import RequestError
-from ollm.kv.blocks import BlockManager, BlockMove, BlockRef, BlockTable, chain_keys
+from ollm.kv.blocks import BlockManager, BlockMove, BlockTable, chain_keys
+
+__all__ = [
+    "KVCapacityError",
+    "PreemptionInfo",
+    "Request",
+    "Scheduler",
+    "SeqStatus",
+    "SeqStep",
+    "SeqUpdate",
+    "StepPlan",
+    "by_cost",
+    "prefer_swap",
+]
 
 PreemptMode = Literal["swap", "recompute"]
 
 
 class KVCapacityError(RequestError):
     """A request needs more KV than the allocation tiers hold, even alone."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation request: token ids in, at most ``max_new_tokens`` out."""
-
-    id: str
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    priority: int = 0  # lower runs first
-    eos_token_ids: frozenset[int] = frozenset()
-    sampling: object = None  # sampling parameters, passed through to the runner untouched
 
 
 @dataclass(frozen=True)
@@ -101,52 +103,6 @@ class SeqState:
     def num_output(self) -> int:
         """Tokens generated so far."""
         return len(self.tokens) - len(self.request.prompt)
-
-
-@dataclass(frozen=True)
-class SeqStep:
-    """One sequence's share of a step."""
-
-    seq_id: str
-    token_ids: tuple[int, ...]  # query tokens: uncomputed tokens, then ``num_draft`` drafts
-    start: int  # position of token_ids[0]; the KV after the step covers [0, start + len)
-    num_draft: int
-    block_tables: Mapping[str, tuple[BlockRef | None, ...]]  # per KV group, after this step
-    needs_logits: bool  # the step reaches the end of the known tokens
-    sampling: object = None  # the request's sampling parameters
-
-    @property
-    def positions(self) -> range:
-        """Positions of the query tokens."""
-        return range(self.start, self.start + len(self.token_ids))
-
-    @property
-    def num_logits(self) -> int:
-        """Logits wanted: of the last ``num_draft + 1`` query tokens when ``needs_logits``."""
-        return self.num_draft + 1 if self.needs_logits else 0
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What the runner computes in one weight pass."""
-
-    seqs: tuple[SeqStep, ...]
-    moves: Mapping[str, tuple[BlockMove, ...]]  # per KV group; run in order before the forward
-    preempted: tuple[str, ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        """Query tokens of the whole step."""
-        return sum(len(s.token_ids) for s in self.seqs)
-
-
-@dataclass(frozen=True)
-class SeqUpdate:
-    """What a step produced for one sequence."""
-
-    seq_id: str
-    new_tokens: tuple[int, ...]
-    finish_reason: str | None = None  # "stop" (EOS), "length"
 
 
 class Scheduler:
@@ -282,6 +238,23 @@ class Scheduler:
                 del self.seqs[seq.request.id]
                 self._release(seq)
         return updates
+
+    def abort_step(self) -> list[str]:
+        """Abandon the step in flight (the runner failed): every sequence it touched drops its
+        KV and waits to be recomputed, since its moves and writes may have half run. Cached
+        prefix blocks stay valid (no step writes into a keyed block), so recomputing is mostly
+        prefix hits. Returns the ids sent back."""
+        plan, self._inflight = self._inflight, None
+        if plan is None:
+            return []
+        touched = [s.seq_id for s in plan.seqs] + list(plan.preempted)
+        for sid in dict.fromkeys(touched):
+            seq = self.seqs.get(sid)
+            if seq is not None:
+                for g, m in self.kv.items():
+                    m.free(seq.tables[g])
+                seq.num_computed, seq.status = 0, SeqStatus.WAITING
+        return list(dict.fromkeys(touched))
 
     def _accept(self, seq: SeqState, st: SeqStep, accepted: list[int]) -> SeqUpdate:
         drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
@@ -474,6 +447,7 @@ class _StepBuilder:
         self.preempted.append(vid)
 
     def plan(self) -> StepPlan:
+        """The step as plain data (block tables as they stand after every preemption)."""
         steps = []
         for seq, start, n_draft in self.chosen.values():
             end = seq.tables[next(iter(self.s.kv))].length
