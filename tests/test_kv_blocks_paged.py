@@ -310,3 +310,24 @@ def test_gather_a_prefix_across_tiers_onto_one_device():
     torch.testing.assert_close(got_v, v[:, :7])
     with pytest.raises(IndexError):
         store.write(1, t, 8, k[:, :3], v[:, :3])  # past the appended length
+
+
+def test_batched_block_copies_equal_one_by_one():
+    rng = random.Random(7)
+    tiers = {"gpu": 6, "cpu": 6}
+    a = PagedKVStore(1, tiers, 1, 2, 2, torch.float32, {"gpu": "cpu", "cpu": "cpu"})
+    for pool in a.pools.values():
+        pool.copy_(torch.randn(pool.shape))
+    b = PagedKVStore(1, tiers, 1, 2, 2, torch.float32, {"gpu": "cpu", "cpu": "cpu"})
+    for t in tiers:
+        b.pools[t].copy_(a.pools[t])
+    moves = [
+        BlockMove(rng.choice("gc") == "g" and "gpu" or "cpu", rng.randrange(6),
+                  rng.choice(["gpu", "cpu"]), rng.randrange(6))
+        for _ in range(200)
+    ]  # fmt: skip
+    a.copy_blocks(moves)
+    for m in moves:  # the reference: strictly one after another
+        b.pools[m.dst_tier][:, :, m.dst_block] = b.pools[m.src_tier][:, :, m.src_block].clone()
+    for t in tiers:
+        torch.testing.assert_close(a.pools[t], b.pools[t], rtol=0, atol=0)

@@ -115,10 +115,38 @@ class PagedKVStore:
         return k, v
 
     def copy_blocks(self, moves: Iterable[BlockMove]) -> None:
-        """Run the manager's moves in order (a later move may read what an earlier wrote)."""
+        """Run the manager's moves as if one by one, in order (a later move may read what an
+        earlier one wrote), batching consecutive independent moves between the same two tiers
+        into one indexed copy."""
+        batch: list[BlockMove] = []
         for m in moves:
-            src = self.pools[m.src_tier][:, :, m.src_block]
-            self.pools[m.dst_tier][:, :, m.dst_block].copy_(src, non_blocking=False)
+            if batch and not _joins(batch, m):
+                self._copy(batch)
+                batch = []
+            batch.append(m)
+        if batch:
+            self._copy(batch)
+
+    def _copy(self, batch: list[BlockMove]) -> None:
+        src_pool = self.pools[batch[0].src_tier]
+        dst_pool = self.pools[batch[0].dst_tier]
+        src = torch.tensor([m.src_block for m in batch], device=src_pool.device)
+        dst = torch.tensor([m.dst_block for m in batch], device=dst_pool.device)
+        dst_pool.index_copy_(2, dst, src_pool.index_select(2, src).to(dst_pool.device))
+
+
+def _joins(batch: list[BlockMove], m: BlockMove) -> bool:
+    """Whether ``m`` can run in one indexed copy with ``batch``: same tiers, and no block of
+    ``m`` written by the batch or written by ``m`` and used by the batch (order-free)."""
+    first = batch[0]
+    if (m.src_tier, m.dst_tier) != (first.src_tier, first.dst_tier):
+        return False
+    srcs = {b.src_block for b in batch}
+    dsts = {b.dst_block for b in batch}
+    same_tier = m.src_tier == m.dst_tier
+    if m.dst_block in dsts or (same_tier and (m.dst_block in srcs or m.src_block in dsts)):
+        return False
+    return True
 
 
 def _file_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
