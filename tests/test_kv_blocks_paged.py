@@ -53,11 +53,12 @@ class PagedMachine(RuleBasedStateMachine):
     window: int | None = None
     pools = {"gpu": 9, "cpu": 10}
     alloc, swap_tier = ("gpu",), "cpu"
+    devices: dict[str, str] = {}
 
     def __init__(self) -> None:
         super().__init__()
         self.mgr = BlockManager(B, self.pools, self.alloc, self.swap_tier, self.window)
-        devices = dict.fromkeys(self.pools, "cpu")
+        devices = {t: self.devices.get(t, "cpu") for t in self.pools}
         self.store = PagedKVStore(LAYERS, self.pools, HEADS, B, DIM, torch.float32, devices)
         self.live: list[_Seq] = []
 
@@ -146,7 +147,7 @@ class PagedMachine(RuleBasedStateMachine):
             t = seq.table
             assert t.length == len(seq.tokens)
             for layer in range(LAYERS):
-                k, v = self.store.gather(layer, t)
+                k, v = self.store.gather(layer, t, device="cpu")
                 rk, rv = ref_kv(seq.tokens, layer, t.start_token, t.length)
                 torch.testing.assert_close(k, rk, rtol=0, atol=0)
                 torch.testing.assert_close(v, rv, rtol=0, atol=0)
@@ -192,6 +193,18 @@ TestPagedWindowed = WindowedMachine.TestCase
 TestPagedWindowed.settings = _settings
 TestPagedTiered = TieredMachine.TestCase
 TestPagedTiered.settings = _settings
+
+
+class CudaMachine(TieredMachine):
+    """The device tier really on the GPU: cross-device writes, gathers, swaps."""
+
+    devices = {"gpu": "cuda"}
+
+
+TestPagedCuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(
+    CudaMachine.TestCase
+)
+TestPagedCuda.settings = _settings
 
 
 # -- targeted cases -------------------------------------------------------------------------
