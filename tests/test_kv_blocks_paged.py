@@ -273,6 +273,11 @@ def test_window_releases_blocks_and_refuses_deep_trim():
     assert t.length == 40 and mgr.usage()["gpu"][0] <= 3
     assert t.start_token <= 40 - 5 + 1 - 1
     mgr.trim(t, 1)
+    ref, off = t.slot(38)
+    assert (ref, off) == (t.blocks[9], 2)
+    for pos in (-1, 39, t.start_token - 1):  # outside, past the end, released by the window
+        with pytest.raises(IndexError):
+            t.slot(pos)
     with pytest.raises(ValueError, match="window"):
         mgr.trim(t, 8)
 

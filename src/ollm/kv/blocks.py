@@ -176,8 +176,8 @@ class BlockTable:
 
     def slot(self, pos: int) -> tuple[BlockRef, int]:
         """The block and offset that hold position ``pos``."""
-        ref = self.blocks[pos // self.block_tokens]
-        if ref is None or not 0 <= pos < self.length:
+        ref = self.blocks[pos // self.block_tokens] if 0 <= pos < self.length else None
+        if ref is None:
             raise IndexError(
                 f"position {pos} is not held (start {self.start_token}, length {self.length})"
             )
