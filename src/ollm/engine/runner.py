@@ -199,7 +199,7 @@ class Runner:
             ev = None
             if self.timeline is not None and not on_cpu:
                 ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                ev[0].record()
+                ev[0].record(torch.cuda.current_stream(dev))
             chunk = self.plan.prefill_chunk_tokens
             if not chunk or t <= chunk:
                 h = decoder_block(
@@ -208,7 +208,7 @@ class Runner:
             else:
                 h = self._chunked_block(i, h, w, kv[i], cos, sin, mask, chunk)
             if ev is not None:
-                ev[1].record()
+                ev[1].record(torch.cuda.current_stream(dev))
                 self.timeline.cuda("compute", i, *ev)
             elif t0 is not None:
                 t1 = time.perf_counter()

@@ -17,13 +17,15 @@ each tier where it sits and merges the parts by their log-sum-exps (``attend_par
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Executor, Future
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
 from ollm.layers.attention import AttentionMask, attend, attend_parts
-from ollm.weights.prefetch import pinned_empty, unpin
+from ollm.weights.pinned import pinned_empty, unpin
 
 
 def _no_storage(nbytes: int) -> torch.Tensor:
@@ -83,7 +85,8 @@ class OffloadedKVCache:
         # tier passes file-backed buffers). Page-locking hundreds of MB takes ~60 ms, so with an
         # ``allocator`` (a one-thread executor) it happens in the background, in layer order,
         # while earlier layers compute; the first use waits for it.
-        make = (storage or pinned_empty) if n else _no_storage  # n == 0: all on the device
+        pin = partial(pinned_empty, device=scratch.k.device)  # registered from its context
+        make = (storage or pin) if n else _no_storage  # n == 0: all on the device
         self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # raw bytes (to unpin)
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # typed [B, H, S, D] views
         self._pending: Future | None = None
@@ -167,7 +170,7 @@ class OffloadedKVCache:
         copy_slots(self.v, vb, a, b)
         if kb.device.type == "cuda":
             self._written = self._copied = torch.cuda.Event()
-            self._written.record()
+            self._written.record(torch.cuda.current_stream(kb.device))
         self._advance(start, end)
         out = self._attend_tiers(q, mask, scale, dense_mask, kb, vb, end)
         self.fetcher.release(slot)
@@ -226,7 +229,7 @@ class OffloadedKVCache:
             self.dirty_from = b
             if s.k.device.type == "cuda":
                 self._written = self._copied = torch.cuda.Event()
-                self._copied.record()
+                self._copied.record(torch.cuda.current_stream(s.k.device))
             return True
         return False
 
@@ -254,8 +257,9 @@ class OffloadedKVCache:
                 return
         if self._bufs is None:
             return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # no copy may still target the pinned pages
+        device = self.scratch.k.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # no copy may still target the pinned pages
         for buf in self._bufs:
             unpin(buf)
         self._bufs = self._kv = None
@@ -280,9 +284,15 @@ class KVFetcher:
     """Copies the pinned-RAM KV of the ``caches`` (in layer order) back to the GPU for decode,
     ahead of use: at the start of a decode step the first ``buffers`` layers' caches are issued,
     and each layer that finishes attending frees its buffer for the next one. Copies run on
-    their own stream, after the previous user of the buffer and the cache's last write to RAM;
-    the compute stream waits only on the copy it needs. On the CPU device (tests) the same
-    bookkeeping runs with plain copies."""
+    their own stream, after the cache's last write to RAM and after the buffer's last reader
+    has attended over it; the compute stream waits only on the copy it needs. On the CPU device
+    (tests) the same bookkeeping runs with plain copies.
+
+    A copy may be asked for before the buffer's last reader has even run: with copies following
+    the weights (``attach``) and a ring of three slots, the third consecutive fetched layer is
+    issued while the first (same buffer of two) has not attended yet. A stream cannot wait on an
+    event recorded later, so such a copy is deferred and issued when that reader releases the
+    buffer, behind its release event."""
 
     def __init__(self, caches: list[OffloadedKVCache], buffers: int = 2, stats=None) -> None:
         self.caches = caches
@@ -298,10 +308,14 @@ class KVFetcher:
             for _ in range(buffers)
         ]
         self._cuda = device.type == "cuda"
-        self._free: list[torch.cuda.Event | None] = [None] * buffers
+        self._free: list[torch.cuda.Event | None] = [None] * buffers  # last reader's release
         self._stream = torch.cuda.Stream(device) if self._cuda else None
-        # id(cache) -> (buffer, copy-done event, slots copied)
+        # id(cache) -> (buffer, copy-done event, slots copied), for copies already issued
         self._pending: dict[int, tuple[int, torch.cuda.Event | None, int]] = {}
+        # per buffer: the cache whose copy it holds until that cache releases it (None: free),
+        # and the caches whose copies wait for that release, in order
+        self._reader: list[OffloadedKVCache | None] = [None] * buffers
+        self._deferred: list[deque[OffloadedKVCache]] = [deque() for _ in range(buffers)]
         self._next = 0  # index into caches of the next copy to issue in this step
         self._by_layer: dict[int, OffloadedKVCache] = {}  # set by attach()
         self.active = False  # in decode: copies follow the weights (cleared by larger forwards)
@@ -330,10 +344,18 @@ class KVFetcher:
         self.active = True
         if self._by_layer:
             return
-        self._pending.clear()
+        self._forget()
         self._next = 0
         for _ in self._bufs:
             self._issue_next()
+
+    def _forget(self) -> None:
+        """Drop the copies issued or deferred and not taken: nobody will read them (a new copy
+        into their buffer is ordered after them on the same stream)."""
+        self._pending.clear()
+        self._reader = [None] * len(self._bufs)
+        for q in self._deferred:
+            q.clear()
 
     def _issue_next(self) -> None:
         if self._next < len(self.caches):
@@ -341,8 +363,37 @@ class KVFetcher:
             self._next += 1
 
     def _issue(self, cache: OffloadedKVCache) -> None:
+        """Copy ``cache`` into a free buffer, else queue it behind the next buffer's reader."""
+        self._drop(cache)
+        slot = self._free_slot()
+        if slot is not None:
+            self._copy(cache, slot)
+            return
         slot = self._slot
         self._slot = (slot + 1) % len(self._bufs)
+        self._deferred[slot].append(cache)  # its reader has not attended yet: wait for release
+
+    def _free_slot(self) -> int | None:
+        return next(
+            (s for s, r in enumerate(self._reader) if r is None and not self._deferred[s]), None
+        )
+
+    def _drop(self, cache: OffloadedKVCache) -> None:
+        """Forget ``cache``'s copy issued or deferred and not taken (a newer one replaces it)."""
+        for q in self._deferred:
+            if cache in q:
+                q.remove(cache)
+        entry = self._pending.pop(id(cache), None)
+        if entry is not None and self._reader[entry[0]] is cache:
+            self._vacate(entry[0])
+
+    def _vacate(self, slot: int) -> None:
+        """Nobody will read ``slot``'s copy any more: the next copy deferred behind it goes."""
+        self._reader[slot] = None
+        if self._deferred[slot]:
+            self._copy(self._deferred[slot].popleft(), slot)
+
+    def _copy(self, cache: OffloadedKVCache, slot: int) -> None:
         kb, vb = self._bufs[slot]
         n = cache.length
         nh = max(0, n - cache.device_tokens)  # device blocks are attended where they sit
@@ -358,6 +409,7 @@ class KVFetcher:
                     self._stats.add(bytes_h2d=2 * kb[:, :, :nh].numel() * kb.element_size())
                 done = torch.cuda.Event()
                 done.record(self._stream)
+        self._reader[slot] = cache
         self._pending[id(cache)] = (slot, done, n)
 
     def take(self, cache: OffloadedKVCache) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -365,21 +417,46 @@ class KVFetcher:
         reaches here)."""
         entry = self._pending.pop(id(cache), None)
         if entry is None or entry[2] != cache.length:
-            # Not issued ahead (or stale): stop issuing ahead in this step (a buffer may be
-            # promised to another cache) and copy this one now.
-            self._pending.clear()
-            self._next = len(self.caches)
-            self._issue(cache)
+            self._copy_now(cache, None if entry is None else entry[0])
             entry = self._pending.pop(id(cache))
         slot, done, _ = entry
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
         return self._bufs[slot][0], self._bufs[slot][1], slot
 
+    def _copy_now(self, cache: OffloadedKVCache, stale: int | None) -> None:
+        """Copy ``cache`` for use now (not issued ahead, stale, or still deferred): following the
+        weights, into its own buffer if stale, else a free one, else the buffer of the copy
+        needed last, leaving the other copies issued ahead alone (the first decode step's
+        layers were issued while inactive; dropping the others' copies would make every later
+        take miss too). Copies issued by ``start_step`` instead are dropped (a buffer may be
+        promised to another cache) and issuing ahead stops for this step."""
+        if not self._by_layer:
+            self._forget()
+            self._next = len(self.caches)
+            self._issue(cache)
+            return
+        if stale is None:
+            self._drop(cache)
+            stale = self._free_slot()
+        self._copy(cache, self._evict() if stale is None else stale)
+
+    def _evict(self) -> int:
+        """Every buffer holds a copy issued ahead: take the buffer of the one issued last (needed
+        furthest ahead); that cache is copied again, first, when the buffer is next released."""
+        rank = {key: i for i, key in enumerate(self._pending)}  # dicts keep the issue order
+        slot = max(range(len(self._bufs)), key=lambda s: rank.get(id(self._reader[s]), -1))
+        victim = self._reader[slot]
+        if self._pending.pop(id(victim), None) is not None:  # else left by a broken pass
+            self._deferred[slot].appendleft(victim)
+        return slot
+
     def release(self, slot: int) -> None:
-        """The current stream's work queued so far is the buffer's last use; issue the next."""
+        """The current stream's work queued so far is the buffer's last use: record that, issue
+        the copy deferred behind it, then the next cache's."""
         if self._cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
             self._free[slot] = ev
+        self._vacate(slot)
         self._issue_next()

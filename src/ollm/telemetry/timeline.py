@@ -36,7 +36,7 @@ class Timeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._anchor = torch.cuda.Event(enable_timing=True)
-            self._anchor.record()
+            self._anchor.record(torch.cuda.current_stream(self.device))
             self.t0 = time.perf_counter()
 
     def host(self, kind: str, layer: int, t_start: float, t_end: float) -> None:

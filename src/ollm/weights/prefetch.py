@@ -8,6 +8,11 @@ host->GPU copy on its own CUDA stream after the slot's previous user has finishe
 recorded by the compute stream). The compute stream waits on the copy's event, never the host.
 On the CPU device the same thread reads disk layers into reused RAM buffers. Nothing is allocated
 or freed per layer. A loader error is re-raised in the caller by ``get``.
+
+Lifetime: the reader thread holds only its ``_ReadPass`` (one per schedule; ``reset`` stops the
+old reader, waiting for its read in progress, before a new one may touch the buffers), never the
+Prefetcher, so a Prefetcher dropped without ``close`` is collected; a finalizer then stops the
+reader and unpins the page-locked buffers, as ``close`` and a failed constructor do.
 """
 
 from __future__ import annotations
@@ -15,39 +20,157 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 import torch
 
 from ollm.errors import WeightReadError
 from ollm.telemetry.stats import IOStats
+from ollm.weights.pinned import pinned_empty, unpin
 from ollm.weights.placement import PlacementPlan
 from ollm.weights.store import GLOBALS, LayerStore, layer_file
 
+__all__ = ["Prefetcher", "pinned_empty", "unpin"]
+
 log = logging.getLogger(__name__)
 
-
-def pinned_empty(nbytes: int) -> torch.Tensor:
-    """A page-locked uint8 host buffer of exactly ``nbytes`` (cudaHostRegister: no power-of-two
-    rounding as with the caching host allocator); plain memory when no GPU is present."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if not torch.cuda.is_available() or nbytes == 0:
-        return buf
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
-    if int(err) != 0:
-        log.warning(
-            "cudaHostRegister failed (%s); falling back to the caching pinned allocator", err
-        )
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    _REGISTERED[buf.data_ptr()] = buf
-    return buf
+# A stopped reader finishes the read in progress before it exits; shutdown waits for it without
+# a limit (a second reader would fill the same buffers) and logs a warning every this many s.
+READER_JOIN_WARN_S = 30.0
 
 
-_REGISTERED: dict[int, torch.Tensor] = {}
+class _ReadPass:
+    """One generation of the disk reader and the state it shares with the compute thread (under
+    ``cond``). Holds no reference to the Prefetcher, so the thread never keeps one alive."""
+
+    def __init__(self, pf: Prefetcher, staging: list[torch.Tensor], slots: list[torch.Tensor]):
+        self.store, self.verify, self.stats = pf.store, pf.verify, pf.stats
+        self.cuda, self.timeline = pf.cuda, pf.timeline
+        self.streamed = list(pf.streamed)
+        self.is_disk = [pf.plan.layers[i].tier == "disk" for i in self.streamed]
+        self._disk_before = [sum(self.is_disk[:j]) for j in range(len(self.streamed))]
+        self._disk_per_pass = sum(self.is_disk)
+        self.staging, self.slots = staging, slots
+        self.cond = threading.Condition()
+        self.stop = False
+        self.read_done: set[int] = set()  # sequence numbers whose disk read has landed
+        self.error: BaseException | None = None
+        self.released = 0  # sequence numbers whose slot the compute side has given back
+        self.staging_issued = 0  # disk ordinals whose copy out of staging has been issued
+        self.staging_done: list[torch.cuda.Event | None] = [None] * len(staging)
+        self.thread: threading.Thread | None = None
+        if self._disk_per_pass:
+            self.thread = threading.Thread(target=self._read_loop, name="ollm-read", daemon=True)
+            self.thread.start()
+
+    def ordinal(self, n: int) -> int:
+        """Disk ordinal of stream sequence number ``n`` (which staging buffer it uses)."""
+        m = len(self.streamed)
+        return (n // m) * self._disk_per_pass + self._disk_before[n % m]
+
+    def _wait_free(self, n: int) -> int | None:
+        """Under ``cond``: wait until ``n``'s destination is free; its staging index (GPU), or
+        None once stopped."""
+        k = 0
+        if self.cuda:
+            q = self.ordinal(n)
+            k = q % len(self.staging)
+            # staging k is free once the copy out of it for ordinal q - K was issued
+            while not self.stop and self.staging_issued <= q - len(self.staging):
+                self.cond.wait()
+        else:
+            while not self.stop and n - self.released >= len(self.slots):
+                self.cond.wait()
+        return None if self.stop else k
+
+    def _read_loop(self) -> None:
+        """Read disk-tier layers, in stream order, into staging (GPU) or ring slots (CPU)."""
+        n, m = 0, len(self.streamed)
+        try:
+            while True:
+                if not self.is_disk[n % m]:
+                    n += 1
+                    continue
+                layer = self.streamed[n % m]
+                with self.cond:
+                    k = self._wait_free(n)
+                    if k is None:
+                        return
+                    done = self.staging_done[k] if self.cuda else None
+                if done is not None:
+                    done.synchronize()
+                dest = self.staging[k] if self.cuda else self.slots[n % len(self.slots)]
+                t0 = time.perf_counter()
+                nbytes = self.store.read_into(layer_file(layer), dest, self.verify)
+                t1 = time.perf_counter()
+                self.stats.add(bytes_disk=nbytes, read_seconds=t1 - t0)
+                if self.timeline is not None:
+                    self.timeline.host("read", layer, t0, t1)
+                with self.cond:
+                    if self.stop:  # a stopped pass publishes nothing
+                        return
+                    self.read_done.add(n)
+                    self.cond.notify_all()
+                n += 1
+        except BaseException as exc:  # surfaced to the caller by get()
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+
+    def wait_read(self, n: int) -> None:
+        """Block until sequence number ``n``'s disk read has landed; re-raise a reader error."""
+        t0 = time.perf_counter()
+        with self.cond:
+            while n not in self.read_done and self.error is None:
+                if self.thread is None or not self.thread.is_alive():
+                    raise WeightReadError("weight reader thread stopped unexpectedly")
+                self.cond.wait(timeout=1.0)
+            if n not in self.read_done:
+                err = self.error
+                raise err if isinstance(err, Exception) else WeightReadError(str(err))
+            self.read_done.discard(n)
+        self.stats.add(host_wait_seconds=time.perf_counter() - t0)
+
+    def shutdown(self) -> None:
+        """Stop the reader and wait until it has exited: it finishes at most the read in
+        progress, and no later reader may start while it could still write a buffer."""
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        t = self.thread
+        if t is None or t is threading.current_thread():  # finalized from the reader itself
+            return
+        waited = 0.0
+        while True:
+            t.join(READER_JOIN_WARN_S)
+            if not t.is_alive():
+                return
+            waited += READER_JOIN_WARN_S
+            log.warning("the weight reader is still in a read after %.0f s; waiting", waited)
 
 
-def unpin(buf: torch.Tensor) -> None:
-    if _REGISTERED.pop(buf.data_ptr(), None) is not None:
-        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+class _Owned:
+    """What a Prefetcher gives back on ``close``, on a failed constructor, or (dropped unclosed)
+    from its finalizer: the reader thread and the page-locked buffers. Holds no reference to the
+    Prefetcher (a finalizer's callback must not)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reader: _ReadPass | None = None
+        self.pinned: list[torch.Tensor] = []
+
+    def stop_reader(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.shutdown()
+
+    def release(self) -> None:
+        self.stop_reader()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy may still read the pages
+        for buf in self.pinned:
+            unpin(buf)
+        self.pinned.clear()
 
 
 class Prefetcher:
@@ -57,7 +180,7 @@ class Prefetcher:
         self, store: LayerStore, plan: PlacementPlan, stats: IOStats, verify: bool = True
     ) -> None:
         self.store, self.plan, self.stats, self.verify = store, plan, stats, verify
-        self.timeline = None  # an ollm.telemetry.timeline.Timeline records spans when set
+        self._timeline = None  # an ollm.telemetry.timeline.Timeline records spans when set
         # Called with a layer index inside the copy stream right after that layer's weight copy
         # is issued (the KV fetcher queues the layer's KV behind it).
         self.on_issue = None
@@ -68,34 +191,35 @@ class Prefetcher:
         self._streamed_set = set(self.streamed)
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}  # hybrid decode on the CPU
         self._slot_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, layer)
-        self._pinned: list[torch.Tensor] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        self._host: dict[
-            int, torch.Tensor
-        ] = {}  # pinned RAM copies of cpu-tier layers (GPU device)
+        # pinned RAM copies of cpu-tier layers (GPU device)
+        self._host: dict[int, torch.Tensor] = {}
+        self._own = _Owned(self.device)
+        self._pinned = self._own.pinned
+        self._finalizer = weakref.finalize(self, self._own.release)
+        self._finalizer.atexit = False  # at exit the daemon reader and the pages just go
+        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._ready: dict[int, torch.cuda.Event] = {}  # seq -> copy-done event
+        self._consumed = 0  # next sequence number get() will hand out
+        self._issued = 0  # next sequence number to copy host->GPU
+        try:
+            self._allocate()
+        except BaseException:
+            self._finalizer()  # give back what was pinned so far now, not at collection
+            raise
+
+    def _allocate(self) -> None:
         self._load_resident()
-        lb = plan.layer_bytes
+        lb = self.plan.layer_bytes
         ring_dev = self.device if self.cuda else torch.device("cpu")
         self._slots = [
-            torch.empty(lb, dtype=torch.uint8, device=ring_dev) for _ in range(plan.ring_slots)
+            torch.empty(lb, dtype=torch.uint8, device=ring_dev) for _ in range(self.plan.ring_slots)
         ]
-        self._staging = [self._pin(lb) for _ in range(plan.staging_slots)]
+        self._staging = [self._pin(lb) for _ in range(self.plan.staging_slots)]
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._slot_free = [torch.cuda.Event() for _ in self._slots]
-            self._staging_done: list[torch.cuda.Event | None] = [None] * len(self._staging)
-        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._cond = threading.Condition()
-        self._ready: dict[int, torch.cuda.Event] = {}  # seq -> copy-done event
-        self._read_done: set[int] = set()  # seqs whose disk read has landed
-        self._error: BaseException | None = None
-        self._consumed = 0  # next sequence number get() will hand out
-        self._released = 0  # sequence numbers whose slot the compute side has given back
-        self._issued = 0  # next sequence number to copy host->GPU
-        self._staging_issued = 0  # disk ordinals whose copy out of staging has been issued
-        self._stop = False
-        self._thread: threading.Thread | None = None
         if self.streamed:
             self._start()
 
@@ -104,11 +228,23 @@ class Prefetcher:
         """The CUDA stream that carries host->GPU weight copies (None off CUDA)."""
         return self._copy_stream if self.cuda else None
 
+    @property
+    def timeline(self):
+        """An ollm.telemetry.timeline.Timeline recording reads and copies, or None."""
+        return self._timeline
+
+    @timeline.setter
+    def timeline(self, timeline) -> None:
+        self._timeline = timeline
+        if self._own.reader is not None:
+            self._own.reader.timeline = timeline
+
     # -- set-up ---------------------------------------------------------------------------------
     def _pin(self, nbytes: int) -> torch.Tensor:
-        if not self.cuda:
+        # The host CPU computes from RAM directly; any other device is fed by DMA from it.
+        if self.plan.device == "cpu":
             return torch.empty(nbytes, dtype=torch.uint8)
-        buf = pinned_empty(nbytes)
+        buf = pinned_empty(nbytes, self.device)
         self._pinned.append(buf)
         return buf
 
@@ -129,12 +265,15 @@ class Prefetcher:
                 buf = torch.empty(self.store.files[f].nbytes, dtype=torch.uint8)
                 self.stats.add(bytes_disk=self.store.read_into(f, buf, self.verify))
             else:
-                if staging is None:
-                    staging = torch.empty(self.plan.layer_bytes, dtype=torch.uint8, pin_memory=True)
+                if staging is None:  # freed (and unregistered) when this function returns
+                    staging = pinned_empty(self.plan.layer_bytes, self.device)
                 n = self.store.read_into(f, staging, self.verify)
-                buf = staging[:n].to(p.exec_device)
+                buf = staging[:n].to(p.exec_device)  # synchronous: staging is reused next
                 self.stats.add(bytes_disk=n, bytes_h2d=n)
             self._resident[i] = self.store.views(f, buf)
+        self._load_globals()
+
+    def _load_globals(self) -> None:
         g = self.store.files[GLOBALS]
         buf = torch.empty(g.nbytes, dtype=torch.uint8)
         self.stats.add(bytes_disk=self.store.read_into(GLOBALS, buf, self.verify))
@@ -153,85 +292,21 @@ class Prefetcher:
 
     # -- disk reader thread ---------------------------------------------------------------------
     def _start(self) -> None:
-        self._stop = False
-        m = len(self.streamed)
-        self._is_disk = [self.plan.layers[i].tier == "disk" for i in self.streamed]
-        self._disk_before = [sum(self._is_disk[:j]) for j in range(m)]
-        self._disk_per_pass = sum(self._is_disk)
-        self._thread = None
-        if self._disk_per_pass:
-            self._thread = threading.Thread(target=self._read_loop, name="ollm-read", daemon=True)
-            self._thread.start()
-
-    def _disk_ordinal(self, n: int) -> int:
-        m = len(self.streamed)
-        return (n // m) * self._disk_per_pass + self._disk_before[n % m]
-
-    def _read_loop(self) -> None:
-        """Read disk-tier layers, in stream order, into staging (GPU) or ring slots (CPU)."""
-        n = self._consumed
-        m = len(self.streamed)
-        try:
-            while True:
-                if not self._is_disk[n % m]:
-                    n += 1
-                    continue
-                layer = self.streamed[n % m]
-                with self._cond:
-                    if self.cuda:
-                        q = self._disk_ordinal(n)
-                        k = q % len(self._staging)
-                        # staging k is free once the copy out of it for ordinal q - K was issued
-                        while not self._stop and self._staging_issued <= q - len(self._staging):
-                            self._cond.wait()
-                    else:
-                        while not self._stop and n - self._released >= len(self._slots):
-                            self._cond.wait()
-                    if self._stop:
-                        return
-                    done = self._staging_done[k] if self.cuda else None
-                if done is not None:
-                    done.synchronize()
-                dest = self._staging[k] if self.cuda else self._slots[n % len(self._slots)]
-                f = layer_file(layer)
-                t0 = time.perf_counter()
-                nbytes = self.store.read_into(f, dest, self.verify)
-                t1 = time.perf_counter()
-                self.stats.add(bytes_disk=nbytes, read_seconds=t1 - t0)
-                if self.timeline is not None:
-                    self.timeline.host("read", layer, t0, t1)
-                with self._cond:
-                    self._read_done.add(n)
-                    self._cond.notify_all()
-                n += 1
-        except BaseException as exc:  # surfaced to the caller by get()
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
-
-    def _wait_read(self, n: int) -> None:
-        t0 = time.perf_counter()
-        with self._cond:
-            while n not in self._read_done and self._error is None:
-                if self._thread is None or not self._thread.is_alive():
-                    raise WeightReadError("weight reader thread stopped unexpectedly")
-                self._cond.wait(timeout=1.0)
-            if n not in self._read_done:
-                err = self._error
-                raise err if isinstance(err, Exception) else WeightReadError(str(err))
-            self._read_done.discard(n)
-        self.stats.add(host_wait_seconds=time.perf_counter() - t0)
+        """Start a new reader pass from the schedule's first layer; the old one must be gone."""
+        assert self._own.reader is None, "a reader pass is still running"
+        self._own.reader = _ReadPass(self, self._staging, self._slots)
 
     # -- host->GPU copies, issued from the compute thread (no thread hand-off per layer) ----------
     def _issue(self, n: int) -> None:
+        rp = self._own.reader
         m = len(self.streamed)
         layer = self.streamed[n % m]
         slot = n % len(self._slots)
         nbytes = self.store.layer_nbytes(layer)
-        disk = self._is_disk[n % m]
+        disk = rp.is_disk[n % m]
         if disk:
-            self._wait_read(n)
-            k = self._disk_ordinal(n) % len(self._staging)
+            rp.wait_read(n)
+            k = rp.ordinal(n) % len(self._staging)
             src = self._staging[k]
         else:
             src = self._host[layer]
@@ -244,26 +319,27 @@ class Prefetcher:
             if self.on_issue is not None:
                 self.on_issue(layer)
         self._copy_events.append((start, end))
-        if self.timeline is not None:
-            self.timeline.cuda("copy", layer, start, end)
+        if self._timeline is not None:
+            self._timeline.cuda("copy", layer, start, end)
         self._ready[n] = end
         self.stats.add(bytes_h2d=nbytes)
         if disk:
-            with self._cond:
-                self._staging_done[k] = end
-                self._staging_issued += 1
-                self._cond.notify_all()
+            with rp.cond:
+                rp.staging_done[k] = end
+                rp.staging_issued += 1
+                rp.cond.notify_all()
         self._issued = n + 1
 
     def _pump(self, until: int) -> None:
         """Issue copies while ring slots are free: always up to ``until``, beyond it only for
         sources already in RAM (so the compute thread never blocks on a read it does not need)."""
+        rp = self._own.reader
         m = len(self.streamed)
-        while self._issued - self._released < len(self._slots):
+        while self._issued - rp.released < len(self._slots):
             n = self._issued
-            if n > until and self._is_disk[n % m]:
-                with self._cond:
-                    if n not in self._read_done:
+            if n > until and rp.is_disk[n % m]:
+                with rp.cond:
+                    if n not in rp.read_done:
                         return
             self._issue(n)
 
@@ -280,6 +356,7 @@ class Prefetcher:
             raise RuntimeError(f"prefetcher out of order: asked for layer {i}, next is {expected}")
         self._consumed = n + 1
         slot = n % len(self._slots)
+        rp = self._own.reader
         if self.cuda:
             self._pump(n)
             event = self._ready.pop(n)
@@ -292,8 +369,8 @@ class Prefetcher:
             stream.wait_event(event)
             after.record(stream)
             self._stall_events.append((before, after))
-        elif self._is_disk[n % len(self.streamed)]:
-            self._wait_read(n)
+        elif rp.is_disk[n % len(self.streamed)]:
+            rp.wait_read(n)
         else:  # a RAM layer on a device without a copy engine: the copy is this thread's work
             nbytes = self.store.layer_nbytes(i)
             self._slots[slot][:nbytes].copy_(self._host[i][:nbytes])
@@ -310,9 +387,10 @@ class Prefetcher:
         slot = (self._consumed - 1) % len(self._slots)
         if self.cuda:
             self._slot_free[slot].record(torch.cuda.current_stream(self.device))
-        with self._cond:
-            self._released += 1
-            self._cond.notify_all()
+        rp = self._own.reader
+        with rp.cond:
+            rp.released += 1
+            rp.cond.notify_all()
         if self.cuda:
             self._pump(self._consumed - 1)
 
@@ -340,36 +418,21 @@ class Prefetcher:
         self.reset()
 
     def reset(self) -> None:
-        """Drop in-flight loads (after an interrupted pass) and restart from layer order's start."""
-        self._shutdown_thread()
+        """Drop in-flight loads (after an interrupted pass) and restart from layer order's start.
+        The old reader has exited before the new one starts (both would fill the same buffers)."""
+        self._own.stop_reader()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._ready.clear()
-        self._read_done.clear()
         self._copy_events.clear()
         self._stall_events.clear()
-        self._error = None
-        self._consumed = self._released = self._issued = self._staging_issued = 0
-        if self.cuda:
-            self._staging_done = [None] * len(self._staging)
+        self._consumed = self._issued = 0
         if self.streamed:
             self._start()
 
-    def _shutdown_thread(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
     def close(self) -> None:
-        self._shutdown_thread()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        for buf in self._pinned:
-            unpin(buf)
-        self._pinned.clear()
+        """Stop the reader, unpin the page-locked buffers and drop the device buffers."""
+        self._finalizer()
         self._host.clear()
         self._resident.clear()
         self._slots.clear()
