@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
@@ -351,3 +351,25 @@ def test_batched_block_copies_equal_one_by_one():
             b.pools[m.dst_tier][:, :, m.dst_block] = b.pools[m.src_tier][:, :, m.src_block].clone()
         for t in tiers:
             torch.testing.assert_close(a.pools[t], b.pools[t], rtol=0, atol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cached=st.lists(st.booleans(), min_size=1, max_size=12),
+    window=st.one_of(st.none(), st.integers(1, 14)),
+    limit=st.integers(0, 12),
+)
+def test_match_prefix_is_the_longest_adoptable_prefix(cached, window, limit):
+    """``match_prefix`` (one pass over run lengths) equals the brute-force largest ``n`` with
+    ``can_adopt``, for any pattern of cached and evicted blocks."""
+    mgr = BlockManager(B, {"gpu": 16}, window=window)
+    tokens = list(range(len(cached) * B))
+    keys = chain_keys(tokens, B)
+    for j, c in enumerate(cached):
+        if c:  # a cached block: written once under its key, then left unreferenced
+            t = mgr.new_table()
+            mgr.append(t, B)
+            mgr.pools["gpu"].register(t.blocks[0].block, keys[j])
+            mgr.free(t)
+    brute = max(n for n in range(min(limit, len(keys)) + 1) if mgr.can_adopt(keys, n))
+    assert mgr.match_prefix(keys, limit) == brute
