@@ -163,6 +163,8 @@ def test_info(env):
         "cuda absent",
         "unsupported type",
         "no prompt",
+        "empty prompt",
+        "empty prompt file",
         "two prompts",
         "missing prompt file",
         "bad sampling",
@@ -173,6 +175,8 @@ def test_info(env):
 )
 def test_errors_are_one_line(env, case, tmp_path):
     m, c = env["model"], env["cache"]
+    empty = tmp_path / "e.txt"
+    empty.write_text("", encoding="utf-8")
     args, fragments = {
         "missing model": (["run", "hi", "-m", str(tmp_path / "nope")], ["not found"]),
         "malformed size": (["run", "hi", "-m", m, "--gpu-memory", "8XB"], ["8XB"]),
@@ -182,6 +186,8 @@ def test_errors_are_one_line(env, case, tmp_path):
             ["gpt2", "llama", "qwen3"],
         ),
         "no prompt": (["run", "-m", m], ["prompt"]),
+        "empty prompt": (["run", "", "-m", m], ["prompt is empty", "at least one token"]),
+        "empty prompt file": (["run", "-f", str(empty), "-m", m], ["prompt is empty", "e.txt"]),
         "two prompts": (["run", "hi", "-f", str(tmp_path / "p.txt"), "-m", m], ["not both"]),
         "missing prompt file": (["run", "-f", str(tmp_path / "p.txt"), "-m", m], ["p.txt"]),
         "bad sampling": (["run", "hi", "-m", m, "--cache-dir", c, "--top-p", "0"], ["top_p"]),

@@ -188,6 +188,16 @@ def build_llm(model: str | None, threads: int | None = None, **options: Any) -> 
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt text from the argument, a file or stdin; an empty one is refused here, before
+    the model loads (a BOS-only prompt would otherwise "continue" nothing)."""
+    text = _prompt_text(prompt, prompt_file)
+    if not text:
+        where = "stdin" if str(prompt_file) == "-" else (prompt_file or "the PROMPT argument")
+        raise CliError(f"the prompt is empty ({where}): a request needs at least one token of text")
+    return text
+
+
+def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise CliError("give the prompt either as an argument or with --prompt-file, not both")
     if prompt is None and prompt_file is None:
