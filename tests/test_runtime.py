@@ -332,3 +332,46 @@ def test_reader_outliving_its_join_never_runs_beside_a_new_one(store, monkeypatc
     finally:
         pf.close()
     assert overlaps[0] == 1, "two readers filled buffers at once"
+
+
+# -- device passing -----------------------------------------------------------------------------------
+def test_cuda_calls_name_their_device_or_stream():
+    """``device="cuda:1"``: a bare ``torch.cuda.synchronize()``/``current_stream()`` or
+    ``event.record()`` acts on the current device (cuda:0). The runtime's modules give every
+    such call its device or stream (the two-GPU run is in scripts/gpu/runtime.py)."""
+    import ast
+    import inspect
+
+    from ollm.engine import generate, runner
+    from ollm.kv import offload
+    from ollm.telemetry import timeline
+    from ollm.weights import costmodel
+
+    bare = []
+    for mod in (prefetch, pinned, offload, runner, generate, timeline, costmodel):
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            name = node.func.attr
+            if name in ("synchronize", "current_stream", "record") and not node.args:
+                receiver = ast.unparse(node.func.value)
+                if name != "synchronize" or receiver == "torch.cuda":  # event.synchronize() is fine
+                    bare.append(f"{mod.__name__}:{node.lineno} {ast.unparse(node)}")
+    assert not bare, bare
+
+
+def test_dropped_llm_gives_back_its_prefetcher(hf_models, tmp_path, cudart):
+    """An ``LLM`` never closed, streaming from disk (a live reader thread): once dropped, its
+    Prefetcher is collected, the reader ends and no page stays registered."""
+    from ollm import LLM, SamplingParams
+
+    _, path = hf_models("llama")
+    llm = LLM(path, device="cpu", offload="disk", cache_dir=tmp_path, progress=False)
+    llm.generate([1, 2, 3], SamplingParams(max_new_tokens=2, temperature=0))
+    reader = llm.prefetcher._own.reader.thread
+    ref = weakref.ref(llm.prefetcher)
+    del llm
+    gc.collect()
+    assert ref() is None
+    reader.join(timeout=5)
+    assert not reader.is_alive() and not cudart.live
