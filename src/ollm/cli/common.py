@@ -3,7 +3,8 @@
 Importing this module stays light (typer, rich and ``ollm.errors`` only): torch, transformers
 and the engine load inside the command functions. Generated text and tables go to stdout;
 logging, progress bars and errors go to stderr. Errors ollm raises on purpose print as one
-``error: <message>`` line on stderr and exit with code 2; Ctrl-C exits with code 130.
+``error: <message>`` line on stderr and exit with code 2; Ctrl-C exits with code 130 and
+SIGTERM with 143, after the same clean-up (cancelled stream, per-run KV files removed).
 """
 
 from __future__ import annotations
@@ -72,16 +73,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 # -- shared helpers ---------------------------------------------------------------------------
 def stdout_console() -> Console:
+    """A rich console on stdout for tables (no highlighting, long lines kept whole)."""
     from rich.console import Console
 
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
 def one_line(message: str) -> str:
+    """``message`` with every run of whitespace (new lines too) turned into one space."""
     return " ".join(str(message).split()) or "unknown error"
 
 
 def fail(message: str, code: int) -> typer.Exit:
+    """Write ``message`` to stderr; return the ``typer.Exit(code)`` to raise."""
     # Plain write, not rich: the message must stay one line whatever the terminal width.
     sys.stdout.flush()
     sys.stderr.write(f"{message}\n")
