@@ -145,6 +145,6 @@ def disk_kv_budget(model=None, extra_kv_layers: float = 1.0, **llm_kwargs) -> in
     with LLM(*args, device="cpu", kv_cache="disk", **llm_kwargs) as probe:
         assert all(p.kv_tier == "disk" for p in probe.plan.layers)
         r = probe.plan.reserved
-        kv_layer = r["kv cache"] // len(probe.plan.layers)
+        kv_layer = r["kv cache"]  # every layer's KV on disk: only the scratch (one layer) here
         minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
     return minimum + int(extra_kv_layers * kv_layer)

@@ -30,18 +30,48 @@ class AttentionMask:
 
     def dense(self, device: torch.device) -> torch.Tensor:
         """Boolean mask [B or 1, 1, q_len, kv_len]; True = attend."""
-        q = torch.arange(self.q_start, self.q_start + self.q_len, device=device)[:, None]
-        k = torch.arange(self.kv_len, device=device)[None, :]
+        return self.block(device, 0, self.q_len, 0, self.kv_len)
+
+    def block(self, device: torch.device, r0: int, r1: int, k0: int, k1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the query and key slots [k0, k1) of ``dense``: [B or 1, 1, r, k]."""
+        q = torch.arange(self.q_start + r0, self.q_start + r1, device=device)[:, None]
+        k = torch.arange(k0, k1, device=device)[None, :]
         allowed = k <= q
         if self.window is not None:
             allowed &= k > q - self.window
         mask = allowed[None, None]
         if self.key_keep is not None:
-            mask = mask & self.key_keep.to(device)[:, None, None, : self.kv_len]
+            mask = mask & self.key_keep.to(device)[:, None, None, k0:k1]
             # A padding query would otherwise see no key at all (NaN rows that poison the cache):
             # let it see itself; its output is never used.
             mask = mask | (k == q)[None, None]
         return mask
+
+
+# Live bytes one blocked attention call may hold at a time for its scores (see
+# ``blocked_attention``); the planner reserves ``score_block_bytes`` for it.
+SCORE_BLOCK_BYTES = 64 << 20
+
+
+def attention_path(device_type: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask) -> str:
+    """Which kernel ``attend`` uses (after dropping keys outside the first query's window):
+    "grouped" (CPU decode), "flash" (whole prompt or decode, causal), "chunk" (a later prefill
+    chunk: two flash calls merged), "sdpa" (PyTorch's CPU kernel, which works in blocks with
+    grouped KV heads native) or "blocked" (``blocked_attention``: query rows in blocks whose
+    scores stay under ``SCORE_BLOCK_BYTES``). On CUDA every path is O(rows) in memory: SDPA's
+    fallback there (float32, masks, grouped heads) builds [heads, q, kv] scores, never taken."""
+    cpu = device_type == "cpu"
+    if cpu and mask.q_len <= 8 and mask.kv_len >= 64:
+        return "grouped"
+    flash = cpu or (
+        dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+    )
+    if mask.is_plain_causal() and flash:
+        if mask.q_len == 1 or mask.q_start == 0 and mask.q_len == mask.kv_len:
+            return "flash"
+        if mask.kv_len - mask.q_len == mask.q_start:
+            return "chunk"
+    return "sdpa" if cpu else "blocked"
 
 
 def attend(
@@ -53,7 +83,6 @@ def attend(
     dense_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with GQA; q [B, H, T, D], k/v [B, KVH, S, D] -> [B, H, T, D]."""
-    gqa = q.shape[1] != k.shape[1]
     lo = mask.q_start - mask.window + 1 if mask.window is not None else 0
     if lo > 0 and mask.key_keep is None:
         # Keys before the first query's window are masked for every query: drop them, so the
@@ -61,34 +90,89 @@ def attend(
         k, v = k[:, :, lo:], v[:, :, lo:]
         mask = AttentionMask(mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window)
         dense_mask = None
-    if q.device.type == "cpu" and mask.q_len <= 8 and mask.kv_len >= 64:
+    path = attention_path(q.device.type, q.dtype, q.shape[-1], mask)
+    if path == "grouped":
         # Decode on the CPU: PyTorch's CPU SDPA is ~10x slower than two grouped matmuls here.
         if dense_mask is None and not (mask.is_plain_causal() and mask.q_len == 1):
             dense_mask = mask.dense(q.device)
         return grouped_attention(q, k, v, scale, dense_mask)
-    if mask.is_plain_causal():
-        if mask.q_len == 1 or mask.q_start == 0 and mask.q_len == mask.kv_len:
-            causal = mask.q_len > 1
-            if q.device.type == "cuda" and _flash_ok(q):
-                # Flash directly: SDPA's default on Hopper is cuDNN, which builds an execution
-                # plan for every new key length (~50 ms on the host), i.e. once per decode step.
-                return _flash_with_lse(q, k, v, causal, scale)[0]
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa
-            )
-        if mask.kv_len - mask.q_len == mask.q_start and _flash_ok(q):
-            return chunk_attention(q, k, v, scale)
-        # A prefill chunk after earlier ones: causal aligned to the bottom-right corner, which
-        # the memory-efficient kernel takes without building the [q_len, kv_len] mask.
-        from torch.nn.attention.bias import causal_lower_right
-
-        bias = causal_lower_right(mask.q_len, mask.kv_len)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+    if path == "flash":
+        causal = mask.q_len > 1
+        if q.device.type == "cuda":
+            # Flash directly: SDPA's default on Hopper is cuDNN, which builds an execution
+            # plan for every new key length (~50 ms on the host), i.e. once per decode step.
+            return _flash_with_lse(q, k, v, causal, scale)[0]
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=True
+        )
+    if path == "chunk":
+        return chunk_attention(q, k, v, scale)
+    if path == "blocked":
+        return blocked_attention(q, k, v, mask, scale, dense_mask)
     if dense_mask is None:
         dense_mask = mask.dense(q.device)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=dense_mask, scale=scale, enable_gqa=gqa
+        q, k, v, attn_mask=dense_mask, scale=scale, enable_gqa=True
     )
+
+
+def score_block_bytes(batch: int, heads: int, keys: int, dtype_bytes: int) -> int:
+    """Peak bytes ``blocked_attention`` holds beside its inputs and output for ``keys`` keys:
+    the block's scores (``SCORE_BLOCK_BYTES``, or one query row when a row alone is larger)."""
+    return max(SCORE_BLOCK_BYTES, batch * keys * _row_cell_bytes(heads, dtype_bytes))
+
+
+def _row_cell_bytes(heads: int, dtype_bytes: int) -> int:
+    """Bytes per (query row, key) of a block: float32 scores of every head, their copy in the
+    input dtype (made by the matmul, then for the probabilities), and the boolean mask's few."""
+    return heads * (4 + (dtype_bytes if dtype_bytes < 4 else 0)) + 4
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    scale: float,
+    dense_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention for any mask, dtype and device in blocks of query rows, each over only
+    the keys its rows can see (causal end, window start), with the query heads of a KV head
+    folded into the rows (K/V never repeated). A block's rows are as many as keep its scores
+    under ``SCORE_BLOCK_BYTES``; the softmax runs in float32, in place."""
+    b, h, t, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    cell = b * _row_cell_bytes(h, q.element_size())
+    if mask.key_keep is not None:  # once on the device, not once per block
+        keep = mask.key_keep.to(q.device)
+        mask = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, keep, mask.window)
+    out = torch.empty_like(q)
+    r0 = 0
+    while r0 < t:
+        lo = max(0, mask.q_start + r0 - mask.window + 1) if mask.window is not None else 0
+        seen = mask.q_start + r0 - lo  # keys before this block's first row (causal)
+        # rows r with r * (seen + r) cells under the budget: the block's keys grow with its rows
+        cap = SCORE_BLOCK_BYTES // cell
+        r = max(1, int((-seen + (seen * seen + 4 * cap) ** 0.5) / 2))
+        r1 = min(t, r0 + r)
+        hi = min(mask.kv_len, mask.q_start + r1)
+        if dense_mask is not None:
+            m = dense_mask[..., r0:r1, lo:hi].to(q.device)
+        else:
+            m = mask.block(q.device, r0, r1, lo, hi)
+        qg = q[:, :, r0:r1].reshape(b, kvh, g * (r1 - r0), d)
+        s = torch.matmul(qg, k[:, :, lo:hi].transpose(-1, -2))
+        s = s.float() if s.dtype != torch.float32 else s
+        s5 = s.view(b, kvh, g, r1 - r0, hi - lo)
+        s5.mul_(scale).masked_fill_(~m[:, :, None], float("-inf"))
+        s.sub_(s.amax(-1, keepdim=True)).exp_()
+        s.div_(s.sum(-1, keepdim=True))
+        o = torch.matmul(s.to(v.dtype), v[:, :, lo:hi])
+        out[:, :, r0:r1] = o.view(b, h, r1 - r0, d)
+        del s, s5, m, o, qg  # before the next block's scores, not after them
+        r0 = r1
+    return out
 
 
 def grouped_attention(

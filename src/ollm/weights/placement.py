@@ -11,9 +11,16 @@ from dataclasses import dataclass, field
 
 from ollm.errors import BudgetError, OllmError
 from ollm.sizes import format_size
+from ollm.weights.accounting import (
+    activation_bytes,
+    device_kv_bytes,
+    kv_layer_bytes,
+    kv_scratch_bytes,
+)
 
 OFFLOAD_MODES = ("auto", "cpu", "disk")
 MIB = 1 << 20
+MIN_CHUNK = 256  # fewest rows per prefill chunk the planner chooses
 
 
 @dataclass(frozen=True)
@@ -160,25 +167,6 @@ class Workload:
     prefill_tokens: int = 4096
 
 
-def activation_bytes(spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int) -> int:
-    """Peak activation memory of a forward of ``prefill_tokens`` tokens in row chunks of
-    ``chunk`` (estimate): the residual stream of the whole prompt plus one chunk's temporaries."""
-    b = work.batch
-    h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
-    qd = spec.num_heads * spec.head_dim
-    stream = b * work.prefill_tokens * h * dtype_bytes
-    rows = b * min(chunk, work.prefill_tokens)
-    temps = rows * dtype_bytes * (3 * h + 2 * qd + 2 * kvd)
-    mlp = min(rows, mlp_chunk) * spec.intermediate_size * dtype_bytes * 3
-    logits = b * spec.vocab_size * 4 * 3
-    window = max((layer.window or 0) for layer in spec.layers)
-    mask = b * min(chunk, work.prefill_tokens) * (min(chunk, work.prefill_tokens) + window)
-    # Chunks after the first attend with a bottom-right causal mask, whose fused kernel takes no
-    # grouped KV heads: PyTorch repeats K and V to every query head for the whole context.
-    repeat = 2 * b * work.context * qd * dtype_bytes if chunk < work.prefill_tokens else 0
-    return stream + temps + mlp + logits + mask + repeat + 64 * MIB
-
-
 def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) -> int:
     """Rows per prefill chunk: the whole prompt when its temporaries take at most 1/8 of the
     budget, else the largest power of two that does (at least 256)."""
@@ -188,7 +176,7 @@ def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) ->
     share = (budget or 1 << 40) // 8
     if per_row * work.prefill_tokens <= share:
         return 0
-    rows = max(256, share // per_row)
+    rows = max(MIN_CHUNK, share // per_row)
     return 1 << (rows.bit_length() - 1)
 
 
@@ -219,25 +207,24 @@ def plan_placement(
     embed = gfile["embed_tokens.weight"].nbytes
     head = gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0
     norm = gfile["norm.weight"].nbytes
-    kv = spec.kv_bytes_per_token(dtype_bytes) * work.batch * work.context
     t = work.batch * work.prefill_tokens
     # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
     mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
     mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
-    chunk = chunk_tokens or prefill_chunk(
-        spec, work, dtype_bytes, gpu_memory if device.startswith("cuda") else cpu_memory
-    )
-    act = activation_bytes(spec, work, dtype_bytes, mlp_chunk, chunk or work.prefill_tokens)
-    # Sliding-window layers keep only window + one forward of KV (see kv.cache.SlidingKVCache).
-    from ollm.kv.cache import window_capacity
+    if device.startswith("cuda"):
+        chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
+    else:  # activations share RAM with the weights: chunked even without a budget
+        from ollm.weights.host_memory import cpu_prefill_chunk
 
-    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
-    forward = chunk or work.context
-    kv = sum(
-        per_token * min(work.context, window_capacity(layer.window, forward) or work.context)
-        for layer in spec.layers
-    )
+        chunk = chunk_tokens or cpu_prefill_chunk(
+            spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
+        )
     on_gpu = device.startswith("cuda")
+    act = activation_bytes(spec, work, dtype_bytes, mlp_chunk, chunk or work.prefill_tokens, on_gpu)
+    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    layer_kv = kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context)
+    kv = sum(layer_kv)
+    scratch = kv_scratch_bytes(spec, work, dtype_bytes)
     budget = gpu_memory if on_gpu else cpu_memory
 
     def without_fetch() -> PlacementPlan:  # the same plan without KV fetch buffers
@@ -257,14 +244,14 @@ def plan_placement(
     kv_off = 0
     if budget is not None and (on_gpu or kv_cache == "disk"):
         # KV that cannot sit beside the minimum weights goes to pinned RAM (or disk), layer by
-        # layer; one layer's prompt KV stays as a prefill scratch buffer on the device.
-        kv_layer = kv // n
+        # layer (the last ones first); the prefill scratch holds one layer's KV on the device.
         # With the cost model, decode may copy some offloaded layers' KV back to the GPU: that
-        # takes ``kv_fetch_buffers`` more layer-sized buffers (re-planned without them if unused).
+        # takes ``kv_fetch_buffers`` more buffers (re-planned without them if unused). Scratch
+        # and fetch buffers are allocated at full capacity, even for a sliding-window layer.
         extra = kv_fetch_buffers if rates is not None else 0
         while kv_off < n and sum(fixed.values()) + slots * layer > budget:
             kv_off += 1
-            fixed["kv cache"] = kv_layer * (n - kv_off) + kv_layer * (1 + extra)
+            fixed["kv cache"] = sum(layer_kv[: n - kv_off]) + scratch * (1 + extra)
         if extra and sum(fixed.values()) + slots * layer > budget:  # no room for them
             return without_fetch()
     fixed_total = sum(fixed.values())
@@ -272,12 +259,29 @@ def plan_placement(
     if budget is None:
         n_res = n
     else:
+        if budget < minimum and chunk_tokens is None and (chunk or work.prefill_tokens) > MIN_CHUNK:
+            # The chunk was sized from the budget; smaller chunks need fewer activations, so
+            # try them (halving, down to MIN_CHUNK rows) before refusing: the minimum named is
+            # then the smallest any chunk allows.
+            rows = chunk or work.prefill_tokens
+            while True:
+                rows = max(MIN_CHUNK, rows // 2)
+                try:
+                    return plan_placement(
+                        spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
+                        rates, hybrid, cpu_layers, rows, kv_cache, kv_fetch_buffers,
+                        kv_block_tokens,
+                    )  # fmt: skip
+                except BudgetError:
+                    if rows == MIN_CHUNK:
+                        raise
         if budget < minimum:
             what = "gpu_memory" if on_gpu else "cpu_memory"
             raise BudgetError(
                 f"{what} {format_size(budget)} is too small for this model and request: at least "
                 f"{format_size(minimum)} is needed ({format_size(layer)} per layer x {slots} "
-                f"stream buffers, {format_size(kv)} KV cache, {format_size(act)} activations, "
+                f"stream buffers, {format_size(fixed['kv cache'])} KV cache on the device (of "
+                f"{format_size(kv)}), {format_size(act)} activations, "
                 f"{format_size(fixed['globals'])} embeddings/head)"
             )
         if budget - fixed_total >= n * layer:
@@ -350,6 +354,7 @@ def plan_placement(
             return without_fetch()
         predicted["decode s (KV split)"] = step
     reserved = dict(fixed)
+    reserved["kv cache"] = device_kv_bytes(layers, layer_kv, scratch, kv_fetch_buffers, per_token)
     reserved["resident layers"] = sum(
         store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
     )

@@ -1,0 +1,103 @@
+"""GPU (or RAM) memory accounting for the planner: what a forward's activations, the attention
+kernels, the KV caches, the prefill scratch and the KV fetch buffers really allocate, by purpose.
+Each function mirrors an allocation site named in its docstring; tests/test_budget.py checks them
+against the allocations of the real code, scripts/gpu/budget.py against the CUDA allocator's peak.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ollm.weights.placement import Workload
+
+MIB = 1 << 20
+
+
+def activation_bytes(
+    spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, on_gpu: bool = True
+) -> int:
+    """Peak activation memory of a forward of ``prefill_tokens`` tokens in row chunks of
+    ``chunk``: the sum of ``activation_parts``."""
+    return sum(activation_parts(spec, work, dtype_bytes, mlp_chunk, chunk, on_gpu).values())
+
+
+def activation_parts(
+    spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, on_gpu: bool = True
+) -> dict[str, int]:
+    """Activation memory by purpose: the residual stream and rope tables of the whole prompt,
+    one chunk's temporaries (``chunk_temp_bytes``), the MLP's row chunk, the attention kernel's
+    own scratch (by the path ``layers.attention.attention_path`` takes), masks and logits."""
+    from ollm.layers.attention import score_block_bytes
+
+    b, e, t = work.batch, dtype_bytes, work.prefill_tokens
+    h, d, heads = spec.hidden_size, spec.head_dim, spec.num_heads
+    rows = b * min(chunk, t)
+    window = max((layer.window or 0) for layer in spec.layers)
+    masked = b > 1 or window > 0  # padding (several sequences) or sliding windows
+    ropes = len({layer.rope for layer in spec.layers})
+    flash = e == 2 and d % 8 == 0 and d <= 256
+    if on_gpu and (masked or not flash):
+        # blocked_attention: its score blocks, plus one block's folded queries and output.
+        attn = score_block_bytes(b, heads, work.context, e) + 2 * rows * heads * d * e
+    else:  # flash kernels: their log-sum-exps (chunk_attention: two, merged by a third)
+        attn = rows * (heads * d * e + 12 * heads)
+    keys = work.context if b > 1 else min(work.context, min(chunk, t) + window)
+    # Boolean masks: a few [rows, keys] temporaries; on the GPU the runner builds a dense one
+    # only up to 4M cells, the blocked kernel per block (counted in its cells).
+    cells = rows * keys if masked else 0
+    mask = 5 * (cells if not on_gpu else min(cells, b << 22))
+    return {
+        "residual stream": b * t * h * e,
+        "rope tables": ropes * 2 * b * t * d * e,
+        "chunk temporaries": rows * chunk_temp_bytes(spec, e),
+        "mlp": min(rows, mlp_chunk) * spec.intermediate_size * e * 3,
+        "attention": attn,
+        "masks": mask,
+        "logits": b * spec.vocab_size * 4 * 3,
+        # cuBLAS workspaces and the allocator's rounding (2 MiB pages per segment).
+        "slack": 64 * MIB,
+    }
+
+
+def chunk_temp_bytes(spec, dtype_bytes: int) -> int:
+    """Bytes per prompt row live at once inside one decoder block, besides the MLP's
+    intermediates and attention scratch: the normed input, q/k/v and their rotated copies, the
+    attention output and its transposed copy, the block's sums and the float32 norm temporaries
+    (checked against the allocations of a real block in tests/test_budget.py)."""
+    h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    qd = spec.num_heads * spec.head_dim
+    return dtype_bytes * (3 * h + 3 * qd + 3 * kvd) + 8 * h
+
+
+def kv_layer_bytes(spec, work: Workload, dtype_bytes: int, forward: int) -> list[int]:
+    """Device KV of each layer as the runner allocates it: the whole context, or for a
+    sliding-window layer window + one forward of ``forward`` tokens (``SlidingKVCache``)."""
+    from ollm.kv.cache import window_capacity
+
+    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    return [
+        per_token * min(work.context, window_capacity(layer.window, forward) or work.context)
+        for layer in spec.layers
+    ]
+
+
+def kv_scratch_bytes(spec, work: Workload, dtype_bytes: int) -> int:
+    """The prefill scratch (``KVScratch``) and each KV fetch buffer: K and V of one layer at the
+    request's full capacity, per KV head (never repeated per query head), window or not."""
+    return 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes * work.context
+
+
+def device_kv_bytes(
+    layers, layer_kv: list[int], scratch: int, fetch_buffers: int, per_token: int
+) -> int:
+    """KV bytes a plan's placements allocate on the device: the layers whose KV stays there,
+    the first blocks of split layers, the prefill scratch when any layer's KV is offloaded and
+    the fetch buffers when any is fetched (``Runner.new_kv``)."""
+    total = sum(kv for p, kv in zip(layers, layer_kv, strict=True) if p.kv_tier == "device")
+    total += sum(per_token * p.kv_device_tokens for p in layers if p.kv_tier != "device")
+    if any(p.kv_tier != "device" for p in layers):
+        total += scratch
+    if any(p.kv_fetch for p in layers):
+        total += scratch * fetch_buffers
+    return total
