@@ -7,11 +7,18 @@
    the report given with ``--ollm-json``.
 2. An HF checkpoint of the same shapes (``--synthetic``; random bf16, one shard per module) or
    ``--model HF_DIR``.
-3. Peers, each printed as a ratio to ollm (peer time / ollm time; decode = median step):
-   accelerate-cpu / accelerate-disk (transformers ``device_map="auto"`` + ``max_memory``, CPU
-   offload / disk offload via ``offload_folder``), ollm-upstream (oLLM 1.0.3 from PyPI with
-   transformers 4.57 in its own ``--target`` folder, first on its PYTHONPATH), airllm; llama.cpp is
-   listed with quoted figures (not run). A peer that cannot run is listed with the reason.
+3. Peers, each printed as a ratio to ollm (peer time / ollm time; decode = median step), each
+   with the same warm-up as ollm (one untimed generate at the full prompt length):
+   llama.cpp (``llama-bench`` with partial offload, ``-ngl`` fitted to the same GPU budget, on a
+   random F16 GGUF of the same shapes; run before the HF checkpoint is written, its GGUF deleted
+   after, so the two never share the disk), accelerate-cpu / accelerate-disk (transformers
+   ``device_map="auto"`` + ``max_memory``, CPU offload / disk offload via ``offload_folder``),
+   ollm-upstream (oLLM 1.0.3 from PyPI with transformers 4.57 in its own ``--target`` folder,
+   first on its PYTHONPATH), airllm. A peer that cannot run is listed with the reason. llama.cpp
+   figures measured on another machine are printed below as reference lines, without ratios.
+
+llama.cpp's prebuilt tools (``/work/shared/tools/llamacpp`` on the build host) are copied into the
+git-ignored ``.peers/llamacpp`` (``--llamacpp``) and carried to the device machine.
 
 Peer wheels never become project dependencies: ``scripts/fetch_peer_wheels.sh`` downloads them to
 ``.whl/peers/<peer>/`` and this script installs them with ``pip install --no-index --no-deps
@@ -38,6 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from ollm.bench import llamacpp  # noqa: E402
 from ollm.bench.peers import LLAMA_CPP, add_ratios, parse_events, print_table, summarize_ollm  # noqa: E402
 from ollm.bench.run import disk_bytes, parse_contexts  # noqa: E402
 from ollm.errors import OllmError  # noqa: E402
@@ -45,7 +53,7 @@ from ollm.sizes import parse_size  # noqa: E402
 
 WORKER = ROOT / "src" / "ollm" / "bench" / "peer_worker.py"
 RUN_PEERS = ("accelerate-cpu", "accelerate-disk", "ollm-upstream", "airllm")
-PEERS = (*RUN_PEERS, "llama.cpp")
+PEERS = ("llama.cpp", *RUN_PEERS)
 WHEELS = {"ollm-upstream": "ollm", "airllm": "airllm"}  # peer -> .whl/peers/<dir>
 OLLM_FAMILIES = ("llama", "gemma3_text")
 
@@ -68,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--workdir", default="/tmp/ollm-peers")
     ap.add_argument("--wheels", default=str(ROOT / ".whl" / "peers"))
+    ap.add_argument("--llamacpp", default=str(ROOT / ".peers" / "llamacpp"), help="tools folder")
     ap.add_argument("--out", help="directory for bench.json, peers.json and peer logs")
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--dry-run", action="store_true")
@@ -94,10 +103,10 @@ def model_info(args: argparse.Namespace) -> dict:
 def precheck(peer: str, args: argparse.Namespace, info: dict) -> tuple[str, str]:
     """(status, reason) of a peer before running anything."""
     if peer == "llama.cpp":
-        return (
-            LLAMA_CPP["status"],
-            f"cannot be built on the device machine in time; figures quoted from {LLAMA_CPP['source']}",
-        )
+        why = llamacpp.precheck(Path(args.llamacpp), args.synthetic)
+        if not why and args.device == "cpu":
+            why = "the prebuilt llama-bench is the CUDA build; this run is on the CPU"
+        return ("cannot run", why) if why else ("would run", "")
     reasons = []
     if info.get("error"):
         reasons.append(info["error"])
@@ -188,6 +197,22 @@ def run_peer(peer: str, args: argparse.Namespace, hf_dir: Path, info: dict, limi
     return res
 
 
+# Share of --budget-s by the work a peer does: llama.cpp writes its GGUF and runs llama-bench twice
+# (prefill; decode after an untimed prefill of the same depth), about four Python peers' work.
+SHARE = {"llama.cpp": 4.0}
+
+
+def peer_limit(args: argparse.Namespace, t_start: float, left: list[str]) -> float:
+    """Seconds for the next peer (``left[0]``): ``--time-limit``, or its share of what
+    ``--budget-s`` leaves to the peers not yet run (``left``, the next one first)."""
+    limit = args.time_limit
+    if args.budget_s and left:
+        remaining = args.budget_s - (time.time() - t_start) - 10
+        weights = [SHARE.get(p, 1.0) for p in left]
+        limit = min(limit, remaining * weights[0] / sum(weights))
+    return limit
+
+
 def run_ollm(args: argparse.Namespace, out: Path) -> dict | None:
     if args.ollm_json:
         return json.loads(Path(args.ollm_json).read_text())
@@ -195,7 +220,8 @@ def run_ollm(args: argparse.Namespace, out: Path) -> dict | None:
         return None
     path = out / "bench.json"
     src = ["--synthetic", args.synthetic] if args.synthetic else ["--model", args.model]
-    cmd = [sys.executable, "-m", "ollm.cli", "bench", *src, "--context", args.context]
+    cli = "from ollm.cli import main; main()"
+    cmd = [sys.executable, "-c", cli, "bench", *src, "--context", args.context]
     cmd += ["--new-tokens", str(args.new_tokens), "--output", str(path)]
     cmd += ["--device", args.device] + (
         ["--gpu-memory", args.gpu_memory] if args.device != "cpu" else []
@@ -245,9 +271,26 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     ollm = run_ollm(args, out)
-    hf_dir = Path(args.model) if args.model else Path(args.workdir) / f"hf-{args.synthetic}"
     peers: list[dict] = []
-    runnable = [p for p in wanted if checks[p][0] == "would run"]
+    if "llama.cpp" in wanted and checks["llama.cpp"][0] == "would run":
+        left = [p for p in wanted if checks[p][0] == "would run"]  # llama.cpp first
+        limit = peer_limit(args, t_start, left)
+        print(f"peer llama.cpp: up to {limit:.0f} s", flush=True)
+        peers.append(
+            llamacpp.run_llamacpp(
+                Path(args.llamacpp),
+                args.synthetic,
+                args.contexts,
+                args.new_tokens,
+                parse_size(args.gpu_memory),
+                Path(args.workdir) / "llama.cpp",
+                limit,
+                out / "peer-llama.cpp.log",
+            )
+        )
+        print(f"peer llama.cpp: {peers[-1]['status']} {peers[-1].get('reason', '')}", flush=True)
+    hf_dir = Path(args.model) if args.model else Path(args.workdir) / f"hf-{args.synthetic}"
+    runnable = [p for p in wanted if checks[p][0] == "would run" and p != "llama.cpp"]
     if runnable and args.synthetic:
         from ollm.bench.models import write_hf_checkpoint
 
@@ -264,14 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         workload["hf_checkpoint_bytes"] = disk_bytes(hf_dir)
     for p in wanted:
         status, reason = checks[p]
-        if p == "llama.cpp" or status != "would run":
+        if p == "llama.cpp" and status == "would run":
+            continue  # ran above
+        if status != "would run":
             peers.append({"peer": p, "status": status, "reason": reason, "cases": []})
             continue
-        left = [q for q in runnable if q not in {r["peer"] for r in peers}]
-        limit = args.time_limit
-        if args.budget_s:
-            remaining = args.budget_s - (time.time() - t_start) - 10
-            limit = min(limit, remaining / max(1, len(left)))
+        limit = peer_limit(
+            args, t_start, [q for q in runnable if q not in {r["peer"] for r in peers}]
+        )
         if limit < 30:
             peers.append(
                 {
@@ -285,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peer {p}: up to {limit:.0f} s", flush=True)
         peers.append(run_peer(p, args, hf_dir, info, limit))
         print(f"peer {p}: {peers[-1]['status']} {peers[-1].get('reason', '')}", flush=True)
+    order = {p: k for k, p in enumerate(wanted)}
+    peers.sort(key=lambda r: order[r["peer"]])
     result = {"workload": workload, "ollm": summarize_ollm(ollm), "peers": peers}
-    result["llama.cpp"] = add_ratios(peers, result["ollm"], args.synthetic)
+    add_ratios(peers, result["ollm"])
+    result["reference"] = LLAMA_CPP
     (out / "peers.json").write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result))

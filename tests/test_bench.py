@@ -1,13 +1,11 @@
-"""``ollm bench``: context parsing, floors, error cases, the timeline plot, the peers script's dry
-run and result parsing, the HF checkpoint writer, and a smoke test on the default model."""
+"""``ollm bench``: context parsing, floors (KV fetched in decode; a CPU run never beats its floor),
+error cases, the synthetic model checks, the timeline plot, the HF checkpoint writer, and a smoke
+test on the default model. The peers are in test_bench_peers.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -199,72 +197,6 @@ def test_bench_default_model_smoke(tmp_path_factory):
     assert "decode floor" in buf.getvalue() and "machine" in buf.getvalue()
 
 
-def test_peers_dry_run(tmp_path):
-    from ollm.bench.peers import LLAMA_CPP
-
-    cmd = [sys.executable, str(ROOT / "scripts" / "peers.py"), "--dry-run", "--json"]
-    cmd += ["--synthetic", "llama3-8b", "--context", "8k,32k", "--wheels", str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["workload"]["contexts"] == [8192, 32768]
-    rows = {r["peer"]: r for r in result["peers"]}
-    assert set(rows) == {
-        "accelerate-cpu",
-        "accelerate-disk",
-        "ollm-upstream",
-        "airllm",
-        "llama.cpp",
-    }
-    assert rows["llama.cpp"]["status"] == LLAMA_CPP["status"] == "quoted, not run"
-    for r in rows.values():
-        assert r["status"] in ("would run", "cannot run", "quoted, not run")
-        assert r["status"] == "would run" or r["reason"]
-    assert "wheels" in rows["ollm-upstream"]["reason"]  # the wheel folder given is empty
-    import torch
-
-    if not torch.cuda.is_available():
-        assert all("no CUDA GPU" in rows[p]["reason"] for p in rows if p != "llama.cpp")
-
-
-def test_peer_events_and_ratios():
-    from ollm.bench.peers import add_ratios, parse_events, print_table
-
-    log = "\n".join(
-        [
-            "noise from the peer",
-            '@@ {"event": "loaded", "load_s": 3.0, "info": {}, "versions": {}}',
-            '@@ {"event": "case", "context": 64, "prefill_s": 2.0, "generated_tokens": 4, '
-            '"decode_step_median_s": 0.5, "stopped_at_deadline": false}',
-            '@@ {"event": "start", "context": 128, "t": 10.0}',
-            '@@ {"event": "token", "context": 128, "i": 1, "t": 14.0}',
-            '@@ {"event": "token", "context": 128, "i": 2, "t": 15.0}',
-            '@@ {"event": "token", "context": 128, "i": 3, "t": 17.0}',
-        ]
-    )
-    res = parse_events(log, [64, 128], killed=True)
-    assert res["status"] == "partial" and "time limit" in res["reason"]
-    full, part = res["cases"]
-    assert full["status"] == "ok" and part["status"] == "partial"
-    assert part["prefill_s"] == 4.0 and part["decode_step_median_s"] == 1.5
-    ollm = {
-        "cases": [{"context": 64, "status": "ok", "prefill_s": 1.0, "decode_step_median_s": 0.25}]
-    }
-    peer = {"peer": "x", "status": res["status"], "reason": res["reason"], **res}
-    quote = add_ratios([peer], ollm, "llama3-1b")
-    assert full["prefill_x_ollm"] == 2.0 and full["decode_x_ollm"] == 2.0
-    assert "prefill_x_ollm" not in part  # ollm has no 128 case
-    assert all("prefill_x_ollm" not in r for r in quote["rows"])  # quote is for llama3-8b at 8k
-    failed = parse_events(
-        '@@ {"event": "error", "stage": "load", "message": "boom\\nmore"}', [64], False
-    )
-    assert failed["status"] == "failed" and failed["reason"] == "load: boom more"
-    buf = io.StringIO()
-    print_table({"ollm": ollm, "peers": [peer], "llama.cpp": quote}, file=buf)
-    assert "quoted, not run" in buf.getvalue()
-
-
 def test_write_hf_checkpoint_loads(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -292,3 +224,102 @@ def test_write_hf_checkpoint_loads(tmp_path):
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 5)
     assert AutoTokenizer.from_pretrained(str(path))("w1 w2")["input_ids"] == [5, 6]
+
+
+def _plan(layers, device="cuda:0"):
+    from ollm.weights.placement import PlacementPlan
+
+    return PlacementPlan(
+        device=device,
+        layers=tuple(layers),
+        embed_device="cpu",
+        head_device=device,
+        ring_slots=2,
+        staging_slots=1,
+        layer_bytes=1,
+        mlp_chunk_tokens=64,
+        budget=1 << 30,
+    )
+
+
+def test_floors_count_fetched_kv(tiny):
+    """KV the fetcher copies to the GPU crosses PCIe beside the weights; the rest of the RAM KV
+    is read by the CPU; the slots kept on the device move neither way."""
+    from ollm.models.registry import build_spec
+    from ollm.weights.convert import resolve_store
+    from ollm.weights.placement import LayerPlacement
+    from ollm.weights.store import LayerStore
+
+    store = LayerStore(resolve_store(str(tiny["model"]), tiny["cache"], progress=False))
+    spec = build_spec(store.hf_config())
+    layers = [
+        LayerPlacement("gpu", "cuda:0"),
+        LayerPlacement("cpu", "cuda:0", kv_tier="cpu", kv_fetch=True, kv_device_tokens=16),
+        LayerPlacement("cpu", "cuda:0", kv_tier="cpu", kv_fetch=True),
+        LayerPlacement("cpu", "cuda:0", kv_tier="cpu"),
+    ]
+    f = compute_floors(spec, store, _plan(layers), PROBES, prompt_tokens=63)
+    kv_token = 2 * spec.num_kv_heads * spec.head_dim * 4  # float32 K and V of one layer
+    fetched = kv_token * ((64 - 16) + 64)  # 64 positions at the decode step, 16 on the GPU
+    weights = sum(store.layer_nbytes(i) for i in (1, 2, 3))
+    assert f["kv_fetched_layers"] == 2 and f["kv_fetched_bytes_decode"] == fetched
+    assert f["decode"]["io_s"] == pytest.approx((weights + fetched) / 10e9)
+    assert f["decode"]["kv_s"] == pytest.approx(kv_token * 64 / 20e9)  # layer 3 only
+    assert f["prefill"]["kv_s"] == pytest.approx(kv_token * (47 + 63 + 63) / 10e9)
+    store.close()
+
+
+def test_cpu_measurement_is_not_below_its_floor(tmp_path):
+    """A CPU prefill long enough to be compute-bound, timed next to floors from rates measured
+    on this machine: the measured times are at or above the floors (a floor is a lower bound)."""
+    from ollm.bench.probes import measure_bandwidth
+    from ollm.bench.run import linear_shape
+    from ollm.models.registry import build_spec
+    from ollm.weights.convert import resolve_store
+    from ollm.weights.store import LayerStore
+
+    make_hf_model(
+        "llama", tmp_path / "m", hidden_size=256, intermediate_size=1024, num_hidden_layers=2
+    )
+    cache = str(tmp_path / "cache")
+    store_dir = resolve_store(str(tmp_path / "m"), cache, progress=False)
+    meta = LayerStore(store_dir)
+    spec, dtype = build_spec(meta.hf_config()), meta.dtype
+    meta.close()
+    probes = measure_bandwidth("cpu", store_dir, dtype, linear_shape(spec, 384))
+    case = run_case(
+        {"device": "cpu", "cache_dir": cache}, 384, 4, model=tmp_path / "m", probes=probes
+    )
+    assert case["status"] == "ok", case
+    floors = case["floors"]
+    assert floors["prefill"]["bound"] == "compute"  # the term this test is about
+    assert case["prefill_s"] >= floors["prefill"]["floor_s"]
+    assert case["decode_step_median_s"] >= floors["decode"]["floor_s"]
+    assert case["ratios"]["prefill"] >= 1 and case["ratios"]["decode"] >= 1, case["ratios"]
+    assert case["cpu_matmul_GFLOPs"] >= probes["cpu_matmul_GFLOPs"]  # the best rate is kept
+
+
+def test_synthetic_checks_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import psutil
+
+    from ollm.bench import models
+
+    nbytes = models.synthetic_nbytes("llama3-8b")
+    mem = namedtuple("mem", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(nbytes // 2))
+    monkeypatch.setattr(models, "write_rate", lambda where: (1e6, "cpu"))  # 1 M weights/s
+    with pytest.raises(OllmError) as exc:  # every layer in RAM cannot fit: refused at once
+        models.check_synthetic("llama3-8b", tmp_path, "cpu", "cpu")
+    assert "--offload disk" in str(exc.value) and "\n" not in str(exc.value)
+    warnings = models.check_synthetic("llama3-8b", tmp_path, "cpu", "auto")
+    assert len(warnings) == 2
+    assert "14.96 GiB" in warnings[0] and f"{nbytes / 2 / 1e6 / 60:.0f} min" in warnings[0]
+    assert "larger than the available RAM" in warnings[1]
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 1 << 30))
+    with pytest.raises(OllmError, match="not enough free disk space"):
+        models.check_synthetic("llama3-8b", tmp_path, "cpu", "auto")
+    assert not list(tmp_path.iterdir())  # nothing was written

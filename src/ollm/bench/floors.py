@@ -6,25 +6,40 @@ engine overlaps them):
 * ``io_s``: the bytes that must move, over the measured link: every layer streamed in that phase
   (``plan.streamed_for(phase)``) crosses host->GPU at the pinned rate, a disk-tier layer at
   ``min(h2d, disk)``; on the CPU device a disk-tier layer is read at the disk rate. The warm-disk
-  (page cache) rate is used; ``io_cold_s`` is the same with the cold rate.
+  (page cache) rate is used; ``io_cold_s`` is the same with the cold rate. In decode, the KV the
+  ``KVFetcher`` copies back to the GPU (layers marked ``kv_fetch``: their host part, the context
+  minus ``kv_device_tokens``) crosses the same link, so its bytes are added.
 * ``compute_s``: FLOPs over the measured matmul rate: ``2 * layer_params * layers * tokens``, the
   head for one token per step, and attention (``4 * heads * head_dim * keys`` per query and layer,
   causal in prefill, clipped to the sliding window where a layer has one).
 * ``memory_s``: weights read once per step from the memory of the device computing them
-  (device-memory copy traffic rate on a GPU, RAM on the CPU).
+  (device-memory copy traffic rate on a GPU; on the CPU the faster of the RAM read and copy
+  probes: weights in RAM or the page cache are read at least once per prefill and per step).
 * ``cpu_path_s`` (hybrid decode only): the layers the CPU computes, read at the RAM rate.
-* ``kv_s`` (KV cache off the device only): in decode, the KV of layers whose cache sits in
-  pinned RAM is read at the RAM rate, on disk at the disk rate; in prefill, the prompt's KV of
-  those layers moves there (PCIe at the pinned rate for RAM; the disk rate for disk).
+* ``kv_s`` (KV cache off the device only): in decode, the host part of the KV of layers whose
+  cache sits in pinned RAM and is not fetched is read by the CPU at the RAM rate, on disk at the
+  disk rate; in prefill, the prompt's KV of those layers moves there (PCIe at the pinned rate for
+  RAM; the disk rate for disk).
 
 Decode floors are per token (one step at the full context); prefill floors are for the prompt.
+
+A floor divides by rates measured once, before the cases (the CPU matmul rate also after each
+CPU case; the higher is used). A measurement below its floor (ratio < 1) means a rate was
+measured lower than the case achieved: the machine's load changed between probe and case (other
+processes on shared cores), or the engine's access pattern beat the probe's (several reader
+threads on the page cache). ``NOTE_BELOW_FLOOR`` is the sentence the report prints then.
 """
 
 from __future__ import annotations
 
 from ollm.bench.probes import matmul_flops
 
-__all__ = ["compute_floors", "layer_link_rate"]
+__all__ = ["compute_floors", "layer_link_rate", "NOTE_BELOW_FLOOR"]
+
+NOTE_BELOW_FLOOR = (
+    "below its floor: a rate was measured lower than this case achieved (machine load changed "
+    "between probe and case, or the engine's access pattern beat the probe's)"
+)
 
 
 def _rate(probes: dict[str, object], key: str) -> float | None:
@@ -72,10 +87,17 @@ def _attention_flops(spec, queries: int, context: int, causal: bool) -> float:
     return flops
 
 
-def _kv_bytes(spec, store, layers: list[int], tokens: int) -> int:
-    """KV bytes of ``tokens`` positions in ``layers`` (clipped to each layer's window)."""
+def _kv_bytes(spec, store, layers: list[int], tokens: int, plan=None) -> int:
+    """KV bytes of ``tokens`` positions in ``layers`` (clipped to each layer's window); with
+    ``plan``, only the host part (the first ``kv_device_tokens`` slots stay on the device)."""
     per_token = 2 * spec.num_kv_heads * spec.head_dim * store.dtype.itemsize
-    return sum(per_token * min(tokens, spec.layers[i].window or tokens) for i in layers)
+    total = 0
+    for i in layers:
+        n = min(tokens, spec.layers[i].window or tokens)
+        if plan is not None:
+            n = max(0, n - getattr(plan.layers[i], "kv_device_tokens", 0))
+        total += per_token * n
+    return total
 
 
 def _head_bytes(store) -> int:
@@ -96,6 +118,34 @@ def _phase(terms: dict[str, float | None]) -> dict[str, object]:
     return out
 
 
+def _compute_s(spec, flops_rate, tokens: int, ctx: int, causal: bool, batch: int):
+    """FLOPs of ``tokens`` new tokens per sequence (layers, head for one token, attention)."""
+    if not flops_rate:
+        return None
+    flops = 2 * spec.layer_param_count() * spec.num_layers * tokens * batch
+    flops += 2 * spec.vocab_size * spec.hidden_size * batch
+    flops += batch * _attention_flops(spec, tokens, ctx, causal)
+    return flops / flops_rate
+
+
+def _memory_s(store, num_layers: int, exclude: list[int], mem_rate) -> float | None:
+    """Weights (but ``exclude``) and the head read once from the computing device's memory."""
+    if not mem_rate:
+        return None
+    nbytes = sum(store.layer_nbytes(i) for i in range(num_layers) if i not in exclude)
+    return (nbytes + _head_bytes(store)) / mem_rate
+
+
+def _kv_s(spec, store, parts, tokens: int, plan=None) -> float | None:
+    """Moving ``tokens`` positions of KV of each ``(layers, rate)`` part (host part only with
+    ``plan``); None when a part with layers has no measured rate."""
+    if any(layers and not rate for layers, rate in parts):
+        return None
+    return sum(
+        _kv_bytes(spec, store, layers, tokens, plan) / rate for layers, rate in parts if layers
+    )
+
+
 def compute_floors(
     spec, store, plan, probes: dict[str, object], prompt_tokens: int, batch: int = 1
 ) -> dict[str, object]:
@@ -106,74 +156,64 @@ def compute_floors(
     """
     on_gpu = plan.device.startswith("cuda")
     flops_rate = matmul_flops(probes)
-    mem_rate = _rate(probes, "gpu_mem_GBps" if on_gpu else "ram_GBps")
-    ram_rate = _rate(probes, "ram_GBps")
+    ram_rate = max(_rate(probes, "ram_GBps") or 0, _rate(probes, "ram_read_GBps") or 0) or None
+    mem_rate = _rate(probes, "gpu_mem_GBps") if on_gpu else ram_rate
     n = spec.num_layers
-    layer_params = spec.layer_param_count()
-    head_params = spec.vocab_size * spec.hidden_size
-    head_bytes = _head_bytes(store)
     cpu_layers = list(plan.cpu_layers)
-    kv_ram = [i for i, p in enumerate(plan.layers) if getattr(p, "kv_tier", "device") == "cpu"]
-    kv_disk = [i for i, p in enumerate(plan.layers) if getattr(p, "kv_tier", "device") == "disk"]
+    tiers = [getattr(p, "kv_tier", "device") for p in plan.layers]
+    fetched = [i for i, p in enumerate(plan.layers) if on_gpu and getattr(p, "kv_fetch", False)]
+    kv_ram = [i for i, t in enumerate(tiers) if t == "cpu"]
+    kv_disk = [i for i, t in enumerate(tiers) if t == "disk"]
     h2d = _rate(probes, "h2d_pinned_GBps")
     disk = _rate(probes, "disk_warm_GBps")
-
-    def kv_seconds(tokens: int, ram: float | None) -> float | None:
-        """Moving ``tokens`` positions of off-device KV: RAM layers at ``ram``, disk at disk."""
-        parts = [(kv_ram, ram), (kv_disk, disk)]
-        if any(layers and not rate for layers, rate in parts):
-            return None
-        return sum(
-            _kv_bytes(spec, store, layers, tokens) / rate for layers, rate in parts if layers
-        )
-
-    def compute(tokens: int, context: int, causal: bool) -> float | None:
-        if not flops_rate:
-            return None
-        flops = 2 * layer_params * n * tokens * batch + 2 * head_params * batch
-        flops += batch * _attention_flops(spec, tokens, context, causal)
-        return flops / flops_rate
-
-    def memory(exclude: list[int]) -> float | None:
-        if not mem_rate:
-            return None
-        nbytes = sum(store.layer_nbytes(i) for i in range(n) if i not in exclude)
-        return (nbytes + head_bytes) / mem_rate
-
+    context = prompt_tokens  # the decode floor is per token at the prompt's depth
     streamed_prefill = plan.streamed_for("prefill")
     streamed_decode = plan.streamed_for("decode")
-    context = prompt_tokens  # the decode floor is per token at the prompt's depth
+    fetched_bytes = batch * _kv_bytes(spec, store, fetched, context + 1, plan)
+
     prefill_terms = {
         "io_s": _io_seconds(plan, store, streamed_prefill, probes, cold=False),
-        "compute_s": compute(prompt_tokens, prompt_tokens, causal=True),
-        "memory_s": memory([]),
+        "compute_s": _compute_s(spec, flops_rate, prompt_tokens, prompt_tokens, True, batch),
+        "memory_s": _memory_s(store, n, [], mem_rate),
     }
-    if kv_ram or kv_disk:
-        prefill_terms["kv_s"] = kv_seconds(prompt_tokens, h2d)
+    if kv_ram or kv_disk:  # the prompt's host-part KV: to RAM over PCIe, to disk at its rate
+        parts = [(kv_ram, h2d), (kv_disk, disk)]
+        prefill_terms["kv_s"] = _kv_s(spec, store, parts, context, plan)
     prefill = _phase(prefill_terms)
     prefill["io_cold_s"] = _io_seconds(plan, store, streamed_prefill, probes, cold=True)
+
+    def decode_io(cold: bool) -> float | None:
+        weights = _io_seconds(plan, store, streamed_decode, probes, cold)
+        if weights is None or (fetched_bytes and not h2d):
+            return None
+        return weights + (fetched_bytes / h2d if fetched_bytes else 0.0)  # one copy engine
+
     decode_terms = {
-        "io_s": _io_seconds(plan, store, streamed_decode, probes, cold=False),
-        "compute_s": compute(1, context + 1, causal=False),
-        "memory_s": memory(cpu_layers),
+        "io_s": decode_io(cold=False),
+        "compute_s": _compute_s(spec, flops_rate, 1, context + 1, False, batch),
+        "memory_s": _memory_s(store, n, cpu_layers, mem_rate),
     }
     if cpu_layers:
         cpu_bytes = sum(store.layer_nbytes(i) for i in cpu_layers)
         decode_terms["cpu_path_s"] = cpu_bytes / ram_rate if ram_rate else None
-    if kv_ram or kv_disk:
-        decode_terms["kv_s"] = kv_seconds(context + 1, ram_rate)
+    on_cpu_kv = [i for i in kv_ram if i not in fetched]  # the CPU reads it where it sits
+    if on_cpu_kv or kv_disk:
+        parts = [(on_cpu_kv, ram_rate), (kv_disk, disk)]
+        decode_terms["kv_s"] = _kv_s(spec, store, parts, context + 1, plan)
     decode = _phase(decode_terms)
-    decode["io_cold_s"] = _io_seconds(plan, store, streamed_decode, probes, cold=True)
+    decode["io_cold_s"] = decode_io(cold=True)
     return {
         "prefill": prefill,
         "decode": decode,
         "kv_ram_layers": len(kv_ram),
         "kv_disk_layers": len(kv_disk),
+        "kv_fetched_layers": len(fetched),
+        "kv_fetched_bytes_decode": fetched_bytes,
         "streamed_layers_prefill": len(streamed_prefill),
         "streamed_layers_decode": len(streamed_decode),
         "streamed_bytes_prefill": sum(store.layer_nbytes(i) for i in streamed_prefill),
         "streamed_bytes_decode": sum(store.layer_nbytes(i) for i in streamed_decode),
-        "params": layer_params * n + head_params,
+        "params": spec.layer_param_count() * n + spec.vocab_size * spec.hidden_size,
     }
 
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from ollm.errors import OllmError
 
-__all__ = ["synthetic_store", "synthetic_nbytes", "write_hf_checkpoint", "write_tokenizer"]
+__all__ = [
+    "synthetic_store",
+    "synthetic_nbytes",
+    "check_synthetic",
+    "write_hf_checkpoint",
+    "write_tokenizer",
+]
 
 # HF causal-LM class of each preset family (config.json "architectures", read by the peers).
 _ARCHS = {
@@ -44,11 +50,85 @@ def _check_space(where: Path, need: int, what: str) -> None:
         )
 
 
+def write_rate(where: Path, sample_elems: int = 1 << 22) -> tuple[float, str]:
+    """Weights per second the synthetic writer reaches here, timed now on a sample through the
+    same steps (random normals made where ``SyntheticSource`` makes them, bf16 on the CPU, the
+    store's crc32, a file written and synced in ``where``), and the generating device. Python
+    and the converter's bookkeeping come on top, so a time from it is a lower bound."""
+    import os
+    import tempfile
+    import time
+    import zlib
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(0)
+    where.mkdir(parents=True, exist_ok=True)
+
+    def once() -> None:
+        t = torch.randn(sample_elems, generator=g, device=device).mul_(0.02)
+        data = memoryview(t.to(torch.bfloat16).cpu().view(torch.uint8).numpy())
+        zlib.crc32(data)
+        with tempfile.NamedTemporaryFile(dir=where) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    once()  # first-call setup
+    t = time.perf_counter()
+    once()
+    return sample_elems / max(time.perf_counter() - t, 1e-9), device
+
+
+def check_synthetic(
+    name: str, dst_parent: Path, device: str | None, offload: str | None
+) -> list[str]:
+    """Before writing preset ``name``: one-line ``OllmError`` when it cannot fit the free disk, or
+    the RAM when ``offload="cpu"`` keeps every streamed layer in RAM on the CPU device; warnings
+    (returned and logged) when it is larger than the available RAM or slow to write here."""
+    import logging
+
+    import psutil
+
+    from ollm.sizes import format_size
+
+    nbytes = synthetic_nbytes(name)
+    _check_space(dst_parent, int(nbytes * 1.02) + (64 << 20), f"synthetic {name}")
+    ram = psutil.virtual_memory().available
+    if (device or "cpu") == "cpu" and offload == "cpu" and nbytes > ram:
+        raise OllmError(
+            f"synthetic {name} ({format_size(nbytes)}) does not fit the {format_size(ram)} of "
+            "available RAM with --offload cpu on the CPU; use --offload disk or a smaller preset"
+        )
+    rate, gen_device = write_rate(dst_parent)
+    seconds = nbytes / 2 / rate
+    warnings = []
+    if seconds > 60:
+        warnings.append(
+            f"synthetic {name}: writing {format_size(nbytes)} of random weights takes at least "
+            f"{seconds / 60:.0f} min on this {gen_device.upper()} (once; cached afterwards)"
+        )
+    if nbytes > ram:
+        warnings.append(
+            f"synthetic {name} ({format_size(nbytes)}) is larger than the available RAM "
+            f"({format_size(ram)}): layers that do not fit are read from disk on every pass"
+        )
+    for w in warnings:
+        logging.getLogger(__name__).warning(w)
+    return warnings
+
+
 def synthetic_store(
-    name: str, cache_dir: str | Path | None = None, progress: bool = True, **overrides: object
+    name: str,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    offload: str | None = None,
 ) -> Path:
     """The layer store of synthetic preset ``name`` under ``<cache>/synthetic/<name>``, written
-    now (with a progress bar) when missing, after checking the disk has room for it."""
+    now (with a progress bar) when missing, after ``check_synthetic`` (disk and RAM refusals,
+    size and time warnings) for the ``device`` and ``offload`` the benchmark will use."""
     from ollm.weights.convert import default_cache_dir
     from ollm.weights.store import is_store
     from ollm.weights.synthetic import PRESETS, make_synthetic_store
@@ -58,8 +138,8 @@ def synthetic_store(
     dst = Path(cache_dir or default_cache_dir()) / "synthetic" / name
     if is_store(dst):
         return dst
-    _check_space(dst.parent, int(synthetic_nbytes(name, **overrides) * 1.02) + (64 << 20), name)
-    return make_synthetic_store(name, dst, progress=progress, **overrides)
+    check_synthetic(name, dst.parent, device, offload)
+    return make_synthetic_store(name, dst, progress=progress)
 
 
 def write_tokenizer(path: str | Path, vocab_size: int = 256) -> None:

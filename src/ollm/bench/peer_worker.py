@@ -5,7 +5,8 @@ same name and comes first on this process's path. Run it with ``python -P`` (no 
 on ``sys.path``). Progress goes to stdout as JSON lines prefixed ``@@ `` and flushed at once, so a
 run killed at its time limit still leaves its prefill and decode steps so far:
 
-    {"event": "loaded", ...}  {"event": "token", "context": N, "i": k, "t": seconds since start}
+    {"event": "loaded", ...}  {"event": "warmup", "context": N, "warmup_s": ...}
+    {"event": "token", "context": N, "i": k, "t": seconds since start}
     {"event": "case", ...}    {"event": "error", "stage": ..., "message": ...}
 
 Peers: ``accelerate-cpu`` / ``accelerate-disk`` (transformers ``device_map="auto"`` with
@@ -136,17 +137,57 @@ def load_airllm(args: argparse.Namespace, max_len: int) -> tuple[object, dict]:
     return model, {"prefetching": getattr(model, "prefetching", None)}
 
 
-def run_context(model, args, ctx: int, info: dict, rss: Rss, deadline: float) -> None:
-    """Generate on a random prompt of ``ctx`` tokens, stopping at ``deadline`` (epoch s)."""
+# The same warm-up as ``ollm bench`` (``ollm.bench.run.WARMUP_NEW_TOKENS``; this file imports
+# nothing from ollm): one untimed generate at the full prompt length, so kernel selection, first
+# reads and allocator growth are not timed for any engine.
+WARMUP_NEW_TOKENS = 2
+HARD_DEADLINE = [float("inf")]  # --deadline (epoch s), set in main()
+
+
+def _generate(model, ids, new_tokens: int, info: dict, streamer, stop_at: float) -> None:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens unless ``stop_at`` (epoch s) passes
+    with at least 3 tokens out (2 decode steps) or the worker's hard deadline passes."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
+
+    count = [0]
+
+    class Deadline(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            count[0] += 1
+            now = time.time()
+            stop = (now > stop_at and count[0] >= 3) or now > HARD_DEADLINE[0]
+            return torch.full(
+                (input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device
+            )
+
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([Deadline()]),
+        pad_token_id=0,
+    )
+    if "_cache" in info:
+        kwargs["past_key_values"] = info["_cache"]()
+    with torch.no_grad():
+        model.generate(**kwargs)
+
+
+def run_context(model, args, ctx: int, info: dict, rss: Rss, deadline: float) -> None:
+    """Warm up, then generate on a random prompt of ``ctx`` tokens, stopping at ``deadline``."""
+    import torch
     from transformers.generation.streamers import BaseStreamer
 
     stamps: list[float] = []
 
     class Stamps(BaseStreamer):
-        def __init__(self) -> None:
+        def __init__(self, timed: bool) -> None:
             self.first = True
+            self.timed = timed
 
         def put(self, value) -> None:
             if self.first:  # generate() puts the prompt first
@@ -154,50 +195,39 @@ def run_context(model, args, ctx: int, info: dict, rss: Rss, deadline: float) ->
                 return
             now = time.perf_counter()
             stamps.append(now)
-            emit(event="token", context=ctx, i=len(stamps), t=now - T0)
+            if self.timed:
+                emit(event="token", context=ctx, i=len(stamps), t=now - T0)
 
         def end(self) -> None:
             pass
 
-    class Deadline(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            now = time.time()  # at least 2 decode steps within this context's share
-            stop = (now > deadline and len(stamps) >= 3) or now > args.deadline
-            return torch.full(
-                (input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device
-            )
-
     g = torch.Generator().manual_seed(args.seed)
-    vocab = int(args.vocab)
-    ids = torch.randint(0, vocab, (1, ctx), generator=g)
+    ids = torch.randint(0, int(args.vocab), (1, ctx), generator=g)
     dev = torch.device(args.device)
     ids = ids.to(dev)
     cuda = dev.type == "cuda"
+    t0 = time.perf_counter()
+    _generate(model, ids, WARMUP_NEW_TOKENS, info, Stamps(timed=False), deadline)
+    warm = {"warmup_s": time.perf_counter() - t0}
+    if stamps:  # the cold figures, for a peer whose timed run the time limit cuts short
+        warm["warmup_prefill_s"] = stamps[0] - t0
+    if len(stamps) > 1:
+        warm["warmup_step_s"] = stamps[1] - stamps[0]
+    emit(event="warmup", context=ctx, **warm)
+    stamps.clear()
     if cuda:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     io0 = rss.io()
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        do_sample=False,
-        streamer=Stamps(),
-        stopping_criteria=StoppingCriteriaList([Deadline()]),
-        pad_token_id=0,
-    )
-    if "_cache" in info:
-        kwargs["past_key_values"] = info["_cache"]()
     emit(event="start", context=ctx, t=time.perf_counter() - T0)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        model.generate(**kwargs)
+    _generate(model, ids, args.new_tokens, info, Stamps(timed=True), deadline)
     t_end = time.perf_counter()
     io1 = rss.io()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     case = {
         "context": ctx,
+        **warm,
         "prefill_s": stamps[0] - t0 if stamps else None,
         "generated_tokens": len(stamps),
         "decode_step_median_s": statistics.median(steps) if steps else None,
@@ -232,6 +262,7 @@ def main() -> int:
     ap.add_argument("--ollm-kv", choices=("gpu", "disk"), default="gpu")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
+    HARD_DEADLINE[0] = args.deadline
     os.makedirs(args.workdir, exist_ok=True)
     rss = Rss()
     stage = "import"

@@ -1,9 +1,10 @@
 """Results of peer engines (``scripts/peers.py``): the worker's event log turned into cases,
-ratios to ollm on the same workload, the quoted llama.cpp figures and the printed table."""
+ratios to ollm on the same workload (only for engines run on this machine in the same run), the
+llama.cpp figures quoted from another machine (printed as reference lines, never as ratios) and the
+printed table."""
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import sys
@@ -14,10 +15,10 @@ from ollm.sizes import format_size
 
 __all__ = ["LLAMA_CPP", "parse_events", "summarize_ollm", "add_ratios", "print_table"]
 
-# llama.cpp cannot be built on the device machine within a run; these figures were measured
-# there earlier and are shown as quoted, never as run.
+# llama.cpp measured earlier on another machine: a reference line beside the run, never a ratio
+# (a different host's disk, PCIe and CPU). llama.cpp itself runs as a peer (``bench.llamacpp``).
 LLAMA_CPP: dict = {
-    "status": "quoted, not run",
+    "status": "reference, other machine",
     "source": "llama.cpp commit 0c1e57098 on an H100, F16 GGUF of llama3-8b shapes",
     "applies_to": {"synthetic": "llama3-8b", "context": 8192},
     "rows": [
@@ -56,6 +57,10 @@ def parse_events(text: str, contexts: list[int], killed: bool) -> dict:
         if e["event"] == "loaded":
             out.update(load_s=e["load_s"], info=e.get("info"), versions=e.get("versions"))
             out["load_peak_gpu_bytes"] = e.get("load_peak_gpu_bytes")
+        elif e["event"] == "warmup":
+            out.setdefault("warmup", {})[e["context"]] = {
+                k: v for k, v in e.items() if k not in ("event", "context")
+            }
         elif e["event"] == "error":
             out["errors"].append(f"{e['stage']}: {' '.join(str(e['message']).split())[:300]}")
     for ctx in contexts:
@@ -67,18 +72,21 @@ def parse_events(text: str, contexts: list[int], killed: bool) -> dict:
             continue
         start = [e["t"] for e in events if e["event"] == "start" and e["context"] == ctx]
         toks = [e["t"] for e in events if e["event"] == "token" and e["context"] == ctx]
-        if start:
+        warm = out.get("warmup", {}).get(ctx, {})
+        if start or warm:
             steps = [b - a for a, b in zip(toks, toks[1:], strict=False)]
             out["cases"].append(
                 {
                     "context": ctx,
+                    **warm,
                     "status": "partial",
-                    "prefill_s": toks[0] - start[0] if toks else None,
+                    "prefill_s": toks[0] - start[0] if toks and start else None,
                     "generated_tokens": len(toks),
                     "decode_step_median_s": statistics.median(steps) if steps else None,
                     "decode_steps_s": steps,
                 }
             )
+    out.pop("warmup", None)  # merged into the cases
     n_ok = sum(c["status"] == "ok" for c in out["cases"])
     if "load_s" not in out:
         out["status"] = "timed out while loading" if killed else "failed"
@@ -103,6 +111,7 @@ def summarize_ollm(report: dict | None) -> dict | None:
         "status",
         "error",
         "load_s",
+        "warmup_s",
         "prefill_s",
         "decode_tok_s",
         "decode_step_median_s",
@@ -118,10 +127,9 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def add_ratios(peers: list[dict], ollm: dict | None, synthetic: str | None) -> dict:
+def add_ratios(peers: list[dict], ollm: dict | None) -> None:
     """Set ``prefill_x_ollm`` / ``decode_x_ollm`` (peer time / ollm time, decode by median step)
-    on every peer case with an ollm case of the same context; returns the llama.cpp quote with
-    ratios where the quote's workload matches (llama3-8b shapes at 8k)."""
+    on every peer case with an ollm case of the same context from this run."""
     base = {c["context"]: c for c in (ollm or {}).get("cases", []) if c.get("status") == "ok"}
     for p in peers:
         for c in p.get("cases", []):
@@ -131,15 +139,6 @@ def add_ratios(peers: list[dict], ollm: dict | None, synthetic: str | None) -> d
                 c["decode_x_ollm"] = _div(
                     c.get("decode_step_median_s"), o.get("decode_step_median_s")
                 )
-    quote = copy.deepcopy(LLAMA_CPP)
-    applies = synthetic == quote["applies_to"]["synthetic"] and 8192 in base
-    for row in quote["rows"]:
-        if applies:
-            o = base[8192]
-            step = 1 / row["decode_tok_s"] if row["decode_tok_s"] else None
-            row["prefill_x_ollm"] = _div(row["prefill_s"], o.get("prefill_s"))
-            row["decode_x_ollm"] = _div(step, o.get("decode_step_median_s"))
-    return quote
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -151,49 +150,54 @@ def _size(v: int | None) -> str:
 
 
 def print_table(result: dict, file: TextIO | None = None) -> None:
-    """ollm's cases, each peer's cases (or why it did not run) and the llama.cpp quote."""
+    """ollm's cases, each peer's cases (or why it did not run), then the reference lines."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(
-        title="peers on the same workload (x ollm = peer time / ollm time; decode = median step)",
+        title="peers on the same workload, same machine, same warm-up "
+        "(x ollm = peer time / ollm time; decode = median step)",
         title_justify="left",
     )
-    cols = ["engine", "context", "status", "load s", "prefill s", "x ollm", "s/token", "x ollm"]
-    for col in (*cols, "peak GPU", "peak RAM", "note"):
+    cols = ["engine", "context", "status", "load s", "warm-up s", "prefill s", "x ollm"]
+    for col in (*cols, "s/token", "x ollm", "peak GPU", "peak RAM", "note"):
         t.add_column(col)
     for c in (result.get("ollm") or {}).get("cases", []):
+        ok = c.get("status") == "ok"
         t.add_row(
             "ollm",
             context_label(c["context"]),
             c.get("status", ""),
             _f(c.get("load_s"), ".1f"),
+            _f(c.get("warmup_s"), ".1f"),
             _f(c.get("prefill_s"), ".2f"),
-            "1" if c.get("status") == "ok" else "-",
+            "1" if ok else "-",
             _f(c.get("decode_step_median_s"), ".3f"),
-            "1" if c.get("status") == "ok" else "-",
+            "1" if ok else "-",
             _size(c.get("peak_gpu_bytes")),
             _size(c.get("ram_peak_bytes")),
             (c.get("error") or "")[:160],
         )
-    quote = result.get("llama.cpp") or LLAMA_CPP
     for p in result["peers"]:
-        if p.get("status") == quote["status"]:
-            continue  # the quoted rows below stand for it
         for k, c in enumerate(p.get("cases") or [{}]):
+            note = p.get("reason", "") if k == 0 else ""
+            if c.get("ngl") is not None:
+                note = f"-ngl {c['ngl']}" + (f"; {note}" if note else "")
             t.add_row(
                 p["peer"] if k == 0 else "",
                 context_label(c["context"]) if c else "-",
                 c.get("status", p.get("status", "")),
                 _f(p.get("load_s"), ".1f") if k == 0 else "",
+                _f(c.get("warmup_s"), ".1f"),
                 _f(c.get("prefill_s"), ".2f"),
                 _f(c.get("prefill_x_ollm"), ".1f"),
                 _f(c.get("decode_step_median_s"), ".3f"),
                 _f(c.get("decode_x_ollm"), ".1f"),
                 _size(c.get("peak_gpu_bytes")),
                 _size(c.get("ram_peak_bytes")),
-                (p.get("reason", "") if k == 0 else "")[:200],
+                note[:200],
             )
+    quote = result.get("reference") or LLAMA_CPP
     for row in quote["rows"]:
         step = 1 / row["decode_tok_s"] if row["decode_tok_s"] else None
         t.add_row(
@@ -201,12 +205,13 @@ def print_table(result: dict, file: TextIO | None = None) -> None:
             context_label(row["context"]),
             quote["status"],
             "-",
+            "-",
             _f(row["prefill_s"], ".2f"),
-            _f(row.get("prefill_x_ollm"), ".1f"),
+            "-",  # another machine: no ratio
             _f(step, ".3f"),
-            _f(row.get("decode_x_ollm"), ".1f"),
+            "-",
             "-",
             "-",
             quote["source"],
         )
-    Console(file=file or sys.stdout, width=220, highlight=False).print(t)
+    Console(file=file or sys.stdout, width=230, highlight=False).print(t)

@@ -1,7 +1,9 @@
 """Bandwidth and compute probes reported with every benchmark (the denominators of the floors).
 
 On a CUDA device: pinned and pageable host->GPU copies, a device-memory copy and the matmul rate
-in the model's dtype. On the CPU: a RAM copy and the CPU matmul rate. With a layer store: layer
+in the model's dtype. On the CPU: a RAM copy, a RAM read and the CPU matmul rate (also at the
+model's own projection shape, since a small square matmul under-rates a many-core CPU and a floor
+must use the best rate the machine reaches). With a layer store: layer
 file reads from the page cache (warm) and, where the OS lets a process drop a file's cached pages
 (``posix_fadvise(DONTNEED)``, Linux), from the disk (cold). Every rate is in bytes/s or FLOP/s;
 each probe takes well under a second.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["measure_bandwidth", "drop_file_cache", "can_drop_cache"]
+__all__ = ["measure_bandwidth", "drop_file_cache", "can_drop_cache", "cpu_matmul_rate"]
 
 MiB = 1 << 20
 
@@ -87,10 +89,13 @@ def probe_disk(store_dir: str | Path, cold: bool, max_bytes: int = 1 << 30) -> f
         if not cold:  # make sure the pages are cached
             for f in files:
                 store.read_into(f, buf, verify=False)
-        t, total = time.perf_counter(), 0
-        for f in files:
-            total += store.read_into(f, buf, verify=False)
-        return total / (time.perf_counter() - t)
+        best = 0.0
+        for _ in range(1 if cold else 3):  # warm: the best pass, as a floor divides by it
+            t, total = time.perf_counter(), 0
+            for f in files:
+                total += store.read_into(f, buf, verify=False)
+            best = max(best, total / (time.perf_counter() - t))
+        return best
     finally:
         store.close()
 
@@ -113,6 +118,32 @@ def probe_memory(device: torch.device, nbytes: int = 256 * MiB) -> float:
     return 2 * nbytes / _best(lambda: dst.copy_(src), 3, sync)
 
 
+def probe_ram_read(nbytes: int = 256 * MiB) -> float:
+    """Bytes/s of reading RAM once (a sum over a large buffer): the most a pass over weights
+    held in RAM or in the page cache can reach, so the rate a floor divides by."""
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / _best(lambda: a.sum(), 3)
+
+
+def probe_linear(
+    device: torch.device, dtype: torch.dtype, hidden: int, out: int, tokens: int
+) -> float:
+    """FLOP/s of the model's largest projection (``tokens`` x ``hidden`` times ``hidden`` x
+    ``out``, as ``F.linear`` like the layers): token counts double from 64 until one run takes
+    0.2 s or reaches ``tokens``, and the best rate is kept, so a many-core CPU is measured at a
+    size where it reaches its peak and a slow one is not kept busy for seconds."""
+    w = torch.randn(out, hidden, device=device).to(dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    best, m = 0.0, 64
+    while True:
+        x = torch.randn(min(m, tokens), hidden, device=device).to(dtype)
+        secs = _best(lambda x=x: torch.nn.functional.linear(x, w), 2, sync)
+        best = max(best, 2 * x.shape[0] * hidden * out / secs)
+        if secs >= 0.2 or m >= tokens:
+            return best
+        m *= 2
+
+
 def probe_matmul(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
     """FLOP/s of an n x n x n matmul in ``dtype`` (8192 on a GPU, 1024 on the CPU)."""
     n = n or (8192 if device.type == "cuda" else 1024)
@@ -127,13 +158,16 @@ def measure_bandwidth(
     device: str = "cpu",
     store_dir: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    linear: tuple[int, int, int] | None = None,
 ) -> dict[str, object]:
     """Measure this machine's rates once: a dict of GB/s and TFLOP/s (GFLOP/s on the CPU).
 
     Keys: ``disk_cold_GBps`` / ``disk_warm_GBps`` (with ``store_dir``; cold is None where the page
     cache cannot be dropped), ``h2d_pinned_GBps``, ``h2d_pageable_GBps``, ``gpu_mem_GBps`` and
-    ``matmul_TFLOPs`` on CUDA, ``ram_GBps`` (host copy traffic) always, ``cpu_matmul_GFLOPs`` on
-    the CPU, plus ``device``, ``device_name``, ``dtype`` and ``seconds`` (the probes' own time).
+    ``matmul_TFLOPs`` on CUDA, ``ram_GBps`` (host copy traffic) and ``ram_read_GBps`` always,
+    ``cpu_matmul_GFLOPs`` on the CPU (the best of a square matmul and, with ``linear`` =
+    ``(hidden, out, tokens)``, the model's largest projection: ``probe_linear``), plus
+    ``device``, ``device_name``, ``dtype`` and ``seconds`` (the probes' own time).
     """
     t0 = time.perf_counter()
     dev = torch.device(device)
@@ -145,6 +179,7 @@ def measure_bandwidth(
         if cold is None:
             out["disk_cold_note"] = "this OS cannot drop the page cache (no posix_fadvise)"
     out["ram_GBps"] = probe_memory(torch.device("cpu")) / 1e9
+    out["ram_read_GBps"] = probe_ram_read() / 1e9
     if dev.type == "cuda":
         torch.cuda.init()
         out["device_name"] = torch.cuda.get_device_name(dev)
@@ -158,9 +193,18 @@ def measure_bandwidth(
 
         out["device_name"] = platform.processor() or platform.machine()
         out["cpu_threads"] = torch.get_num_threads()
-        out["cpu_matmul_GFLOPs"] = probe_matmul(dev, dtype) / 1e9
+        out["cpu_matmul_GFLOPs"] = cpu_matmul_rate(dtype, linear) / 1e9
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def cpu_matmul_rate(dtype: torch.dtype, linear: tuple[int, int, int] | None = None) -> float:
+    """The best CPU FLOP/s of a 1024 square matmul and (with ``linear``) the model's shapes."""
+    cpu = torch.device("cpu")
+    rate = probe_matmul(cpu, dtype)
+    if linear is not None:
+        rate = max(rate, probe_linear(cpu, dtype, *linear))
+    return rate
 
 
 def matmul_flops(probes: dict[str, object]) -> float | None:

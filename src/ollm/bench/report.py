@@ -23,6 +23,7 @@ def probe_rows(probes: dict[str, object]) -> list[tuple[str, str]]:
         ("h2d_pageable_GBps", "host->GPU, pageable", ".1f", " GB/s"),
         ("gpu_mem_GBps", "GPU memory (copy traffic)", ".0f", " GB/s"),
         ("ram_GBps", "RAM (copy traffic)", ".1f", " GB/s"),
+        ("ram_read_GBps", "RAM read", ".1f", " GB/s"),
         ("matmul_TFLOPs", f"matmul {probes.get('dtype')}", ".1f", " TFLOP/s"),
         ("cpu_matmul_GFLOPs", f"CPU matmul {probes.get('dtype')}", ".1f", " GFLOP/s"),
     ]
@@ -42,6 +43,10 @@ def _floor(phase: dict | None, unit: str, measured_ratio: object) -> str:
     text = f"{phase['floor_s']:.3f} {unit} ({phase['bound']})"
     if measured_ratio is not None:
         text += f", measured {measured_ratio:.2f}x"
+        if measured_ratio < 1:
+            from ollm.bench.floors import NOTE_BELOW_FLOOR
+
+            text += f" ({NOTE_BELOW_FLOOR})"
     return text
 
 

@@ -1,11 +1,11 @@
 """``ollm bench``: timed generation cases next to the floors of this machine.
 
 One case = one ``LLM`` planned for ``context + new_tokens`` tokens, a warm-up generate at the full
-prompt length with 2 new tokens (so kernel selection and first reads are not timed), then
-the timed generate of ``new_tokens`` greedy tokens (EOS ignored) on a random prompt. A case that
-fails with an ``OllmError`` (a budget too small for the context, say), a CUDA out-of-memory
-error or any other exception (logged with its traceback) is reported with its message instead of
-ending the run.
+prompt length with ``WARMUP_NEW_TOKENS`` new tokens (so kernel selection and first reads are not
+timed; every peer gets the same warm-up), then the timed generate of ``new_tokens`` greedy tokens
+(EOS ignored) on a random prompt. A case that fails with an ``OllmError`` (a budget too small for
+the context, say), a CUDA out-of-memory error or any other exception (logged with its traceback)
+is reported with its message instead of ending the run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from ollm.errors import OllmError
 log = logging.getLogger(__name__)
 
 __all__ = ["parse_contexts", "context_label", "run_case", "run_bench", "resolve_model"]
+
+# Every engine gets this warm-up (peer_worker.py keeps a copy; llama-bench's own is the full prompt
+# and one token): one untimed generate at the full prompt length.
+WARMUP_NEW_TOKENS = 2
 
 _CONTEXT_RE = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)([kK]?)$")
 
@@ -87,14 +91,21 @@ def disk_bytes(path: str | Path) -> int:
 
 
 def resolve_model(
-    model: str | None, synthetic: str | None, cache_dir: str | None, progress: bool
+    model: str | None,
+    synthetic: str | None,
+    cache_dir: str | None,
+    progress: bool,
+    device: str | None = None,
+    offload: str | None = None,
 ) -> tuple[Path, str]:
-    """The layer store to benchmark and a display name: a synthetic preset's cached store, or the
-    store of ``model`` (converted into the cache if needed; None = the default model)."""
+    """The layer store to benchmark and a display name: a synthetic preset's cached store (checked
+    against the disk and RAM before it is written for ``device`` / ``offload``), or the store of
+    ``model`` (converted into the cache if needed; None = the default model)."""
     if synthetic is not None:
         from ollm.bench.models import synthetic_store
 
-        return synthetic_store(synthetic, cache_dir, progress), f"synthetic {synthetic}"
+        store = synthetic_store(synthetic, cache_dir, progress, device, offload)
+        return store, f"synthetic {synthetic}"
     from ollm.weights.convert import resolve_store
 
     store = resolve_store(model, cache_dir, None, progress)
@@ -146,7 +157,10 @@ def run_case(
             g = torch.Generator().manual_seed(seed)
             prompt = torch.randint(0, llm.spec.vocab_size, (context_tokens,), generator=g).tolist()
             t = time.perf_counter()
-            llm.generate(prompt, SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
+            warmup = SamplingParams(
+                max_new_tokens=WARMUP_NEW_TOKENS, temperature=0, ignore_eos=True
+            )
+            llm.generate(prompt, warmup)
             case["warmup_s"] = time.perf_counter() - t
             timeline = None
             if plot is not None:
@@ -170,6 +184,7 @@ def run_case(
         case["ram_peak_bytes"] = rss.peak
         case["disk_bytes"] = disk_bytes(llm.store_path)
         if probes is not None:
+            probes = _reprobe_cpu(probes, llm.spec, context_tokens)
             floors = compute_floors(llm.spec, llm.store, llm.plan, probes, context_tokens)
             case["floors"] = floors
             step = case.get("decode_step_median_s")
@@ -177,6 +192,7 @@ def run_case(
                 "prefill": ratio(m.prefill_seconds, floors["prefill"]["floor_s"]),  # type: ignore[index]
                 "decode": ratio(step, floors["decode"]["floor_s"]),  # type: ignore[arg-type, index]
             }
+            case["cpu_matmul_GFLOPs"] = probes.get("cpu_matmul_GFLOPs")
         if timeline is not None:
             from ollm.bench.plot import plot_timeline
 
@@ -197,6 +213,26 @@ def run_case(
         del llm
         _cleanup_cuda()
     return case
+
+
+def linear_shape(spec, tokens: int) -> tuple[int, int, int]:
+    """(hidden, intermediate, tokens) of the model's largest projection, for ``probe_linear``."""
+    return spec.hidden_size, spec.intermediate_size, tokens
+
+
+def _reprobe_cpu(probes: dict[str, object], spec, tokens: int) -> dict[str, object]:
+    """On a CPU run, the matmul rate measured again right after the case; the higher of the two
+    is kept (a floor divides by the best rate the machine reached: on shared cores the first
+    probe may have met a load the case did not)."""
+    if probes.get("device") != "cpu" or not probes.get("cpu_matmul_GFLOPs"):
+        return probes
+    import torch
+
+    from ollm.bench.probes import cpu_matmul_rate
+
+    dtype = getattr(torch, str(probes.get("dtype", "float32")))
+    again = cpu_matmul_rate(dtype, linear_shape(spec, tokens)) / 1e9
+    return {**probes, "cpu_matmul_GFLOPs": max(float(probes["cpu_matmul_GFLOPs"]), again)}  # type: ignore[arg-type]
 
 
 def _title(case: dict[str, object]) -> str:
@@ -274,7 +310,7 @@ def run_bench(
     llm_kwargs = dict(llm_kwargs or {})
     cfg = EngineConfig(**{k: v for k, v in llm_kwargs.items() if k in _CONFIG_KEYS})
     device = cfg.resolve_device()
-    store, name = resolve_model(model, synthetic, cfg.cache_dir, progress)
+    store, name = resolve_model(model, synthetic, cfg.cache_dir, progress, device, cfg.offload)
     from ollm.weights.store import LayerStore
 
     meta = LayerStore(store)
@@ -287,8 +323,11 @@ def run_bench(
         "weights_bytes": meta.total_nbytes,
         "disk_bytes": disk_bytes(store),
     }
+    from ollm.models.registry import build_spec
+
+    linear = linear_shape(build_spec(meta.hf_config()), max(contexts))
     meta.close()
-    probes = measure_bandwidth(device, store, meta.dtype)
+    probes = measure_bandwidth(device, store, meta.dtype, linear)
     report: dict[str, object] = {
         "model": info,
         "settings": {
