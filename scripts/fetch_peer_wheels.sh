@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download the peers' wheels for the device machine (CPython 3.12, manylinux x86_64) into
-# .whl/peers/<peer>/ (git-ignored; pass `carry: [".whl/peers"]` to the device run). They are
+# .whl/peers/<peer>/ (git-ignored; pass `carry: [".whl/peers", ".peers"]` to the device run, the
+# second for llama.cpp's prebuilt tools, copied below). They are
 # never project dependencies: scripts/peers.py installs them at run time with
 #   pip install --no-index --no-deps --target /tmp/peer-<peer> .whl/peers/<peer>/*.whl
 # Several --platform tags, because pip does not widen manylinux_2_28 to the older
@@ -29,5 +30,18 @@ fetch ollm ollm==1.0.3 transformers==4.57.0 huggingface_hub==0.36.0 tokenizers==
 # AirLLM 4.0 runs on the machine's transformers 5.x; its other requirements (scipy,
 # sentencepiece) are only imported by model families the benchmark does not use.
 fetch airllm airllm==4.0.0
+
+# llama.cpp: the prebuilt llama-bench and GGUF writer are copied, not downloaded (building takes
+# about 95 minutes on 2 cores); scripts/peers.py reads them from .peers/llamacpp (git-ignored,
+# carried to the device machine).
+LLAMACPP_TOOLS=${LLAMACPP_TOOLS:-/work/shared/tools/llamacpp}
+if [ -d "$LLAMACPP_TOOLS" ]; then
+    mkdir -p .peers
+    rm -rf .peers/llamacpp
+    cp -r "$LLAMACPP_TOOLS" .peers/llamacpp
+    chmod -R u+w .peers/llamacpp
+    grep -qx '/.peers/' .git/info/exclude 2>/dev/null || echo '/.peers/' >> .git/info/exclude
+    du -sh .peers/llamacpp
+fi
 
 du -sh "$DEST"/* "$DEST"

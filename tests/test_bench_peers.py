@@ -55,7 +55,8 @@ def test_peer_events_and_ratios():
             '@@ {"event": "warmup", "context": 64, "warmup_s": 2.5}',
             '@@ {"event": "case", "context": 64, "prefill_s": 2.0, "generated_tokens": 4, '
             '"decode_step_median_s": 0.5, "stopped_at_deadline": false, "warmup_s": 2.5}',
-            '@@ {"event": "warmup", "context": 128, "warmup_s": 9.0, "warmup_prefill_s": 5.0}',
+            '@@ {"event": "warmup", "context": 128, "warmup_s": 9.0, "warmup_prefill_s": 5.0, '
+            '"warmup_step_s": 4.0}',
             '@@ {"event": "start", "context": 128, "t": 10.0}',
             '@@ {"event": "token", "context": 128, "i": 1, "t": 14.0}',
             '@@ {"event": "token", "context": 128, "i": 2, "t": 15.0}',
@@ -79,6 +80,9 @@ def test_peer_events_and_ratios():
     only_warm = parse_events(log.split('\n@@ {"event": "start"')[0], [128], killed=True)
     assert only_warm["cases"][0]["warmup_s"] == 9.0
     assert only_warm["cases"][0]["prefill_s"] is None
+    buf = io.StringIO()
+    print_table({"ollm": ollm, "peers": [{"peer": "y", **only_warm}]}, file=buf)
+    assert "cold step in the warm-up 4.00 s" in buf.getvalue()
     failed = parse_events(
         '@@ {"event": "error", "stage": "load", "message": "boom\\nmore"}', [64], False
     )

@@ -316,5 +316,7 @@ def _run_context(binary, env, gguf, preset, ctx, new_tokens, budget, left, log) 
         if r.returncode != 0:
             errors.append(f"{name}: exit {r.returncode}: {' '.join(r.stderr.split())[-300:]}")
     case = case_from_records(records, ctx, new_tokens)
-    case.update(ngl=ngl, peak_gpu_bytes=peak or None, errors=errors)  # peak: whole GPU
+    case.update(ngl=ngl, peak_gpu_bytes=peak or None, errors=errors)
+    # ollm and the Python peers report torch's reserved bytes, which leave out the CUDA context
+    case["peak_gpu_source"] = "nvidia-smi: whole GPU, CUDA context included"
     return case

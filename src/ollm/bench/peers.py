@@ -180,9 +180,12 @@ def print_table(result: dict, file: TextIO | None = None) -> None:
         )
     for p in result["peers"]:
         for k, c in enumerate(p.get("cases") or [{}]):
-            note = p.get("reason", "") if k == 0 else ""
+            notes = [p.get("reason", "")] if k == 0 else []
             if c.get("ngl") is not None:
-                note = f"-ngl {c['ngl']}" + (f"; {note}" if note else "")
+                notes.insert(0, f"-ngl {c['ngl']}; peak GPU by nvidia-smi (CUDA context in)")
+            if c.get("decode_step_median_s") is None and c.get("warmup_step_s"):
+                notes.insert(0, f"cold step in the warm-up {c['warmup_step_s']:.2f} s")
+            note = "; ".join(n for n in notes if n)
             t.add_row(
                 p["peer"] if k == 0 else "",
                 context_label(c["context"]) if c else "-",
