@@ -84,7 +84,7 @@ def cache_rm(
 
         root = _cache_root(cache_dir)
         if all_ == bool(names):
-            raise common.CliError("give store names or --all (not both)")
+            raise common.CliError("name the stores to remove (see ollm cache ls), or pass --all")
         targets = [s.name for s in list_stores(root)] if all_ else list(names or [])
         for name in targets:
             path = remove_store(root, name)

@@ -7,6 +7,8 @@ Gemma RMSNorm weights, stored by llama.cpp as ``w + 1``, get the 1 subtracted ag
 
 from __future__ import annotations
 
+import struct
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from ollm.errors import CorruptStoreError, ModelNotFoundError, UnsupportedModelError
+from ollm.weights.gguf_reader import GGUFMetadata, write_config_gguf
 from ollm.weights.progress import heartbeat
 
 if TYPE_CHECKING:
@@ -93,17 +96,12 @@ class GGUFSource:
         if not self.path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {self.path}")
         self._gguf = _import_gguf()
-        # gguf's reader parses every vocabulary entry in Python (~25 s for Gemma's 262k
-        # tokens on a slow core): show that it is alive.
         self.progress = progress
         try:
-            with heartbeat(f"reading GGUF metadata of {self.path.name}", progress):
-                reader = self._gguf.GGUFReader(str(self.path))
-            size = reader.data.shape[0]
-            for t in reader.tensors:
-                if t.data_offset + t.n_bytes > size:
-                    raise ValueError(f"tensor {t.name} runs past the end of the file")
-        except (ValueError, IndexError, KeyError, OverflowError, TypeError) as exc:
+            # Our reader, not gguf.GGUFReader: same fields and tensor views, but it parses
+            # Gemma's 262k-token vocabulary in 0.3 s instead of 25-40 s.
+            reader = GGUFMetadata(self.path)
+        except (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptStoreError(f"{self.path}: truncated or corrupt GGUF file ({msg})") from exc
         self._reader = reader
@@ -137,9 +135,17 @@ class GGUFSource:
         if self._config is None:
             from transformers import AutoConfig
 
-            # transformers parses the whole file again (as long as the reader above).
-            with heartbeat(f"reading the model config of {self.path.name}", self.progress):
-                config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            # transformers parses the file element by element; a copy of the metadata without
+            # the vocabulary arrays gives it the same config in a fraction of the time.
+            with (
+                heartbeat(f"reading the model config of {self.path.name}", self.progress),
+                tempfile.TemporaryDirectory(prefix="ollm-gguf-config-") as tmp,
+            ):
+                light = Path(tmp) / self.path.name
+                if not write_config_gguf(self._reader, self.arch, light):
+                    light = self.path
+                config = AutoConfig.from_pretrained(str(light.parent), gguf_file=light.name)
+            config._name_or_path = str(self.path.parent)  # not the deleted temp directory
             # transformers does not map qwen3's key_length to head_dim; the tensors need it.
             key_length = self._field(f"{self.arch}.attention.key_length", None)
             heads = config.num_attention_heads
@@ -170,7 +176,7 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` in HF layout, without reading its data."""
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return tuple(reversed(self._tensors[name].shape))
 
     def get(self, name: str) -> torch.Tensor:
         """Dequantize one tensor to float32 in HF layout ([out, in] for linear weights)."""
@@ -179,7 +185,7 @@ class GGUFSource:
         t = self._tensors.get(name)
         if t is None:
             raise KeyError(f"{self.path.name}: no tensor {name!r}")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = tuple(reversed(t.shape))
         try:
             w = self._gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
         except (ValueError, IndexError) as exc:
