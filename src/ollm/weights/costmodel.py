@@ -354,6 +354,9 @@ def cached_rates(
         except (json.JSONDecodeError, TypeError):
             log.warning("ignoring unreadable machine rates cache %s", path)
     rates = measure_rates(device, dtype, spec, context)
+    # Hand the probes' freed device pages back (once): left reserved, they are a hole the
+    # weights loaded next do not fit in, and reserved memory is what a GPU budget must hold.
+    torch.cuda.empty_cache()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(asdict(rates), indent=1))

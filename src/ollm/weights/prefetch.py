@@ -437,4 +437,5 @@ class Prefetcher:
         self._resident.clear()
         self._slots.clear()
         self._slot_views.clear()
+        self.globals = {}  # the head too: a re-plan loads its own before this object goes
         self.store.close()
