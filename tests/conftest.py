@@ -63,10 +63,22 @@ def tiny_config(family: str):
                 "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
             },
         )
+    if family == "qwen3_moe":  # layer 1 dense (mlp_only_layers), the others 8 experts, top-2
+        return tf.Qwen3MoeConfig(
+            **TINY,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        )
+    if family == "mixtral":  # 4 experts, top-2, on every layer
+        return tf.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral"]
 
 
 def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0, **overrides):

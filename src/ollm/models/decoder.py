@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ollm.kv.cache import LayerKVCache
 from ollm.layers.attention import AttentionMask
 from ollm.layers.mlp import gated_mlp
+from ollm.layers.moe import moe_mlp, moe_weight_names
 from ollm.layers.norms import rms_norm
 from ollm.layers.rope import apply_rope
 from ollm.models.spec import ModelSpec
@@ -50,6 +51,21 @@ def self_attention(
     return F.linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
 
 
+def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) -> torch.Tensor:
+    """The dense gated MLP, or the mixture of experts when the layer's weights hold a router
+    (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` leave some layers dense)."""
+    if spec.moe is not None and spec.moe.router_key in w:
+        return moe_mlp(x, w, spec.moe, spec.act, chunk_tokens)
+    return gated_mlp(
+        x,
+        w["mlp.gate_proj.weight"],
+        w["mlp.up_proj.weight"],
+        w["mlp.down_proj.weight"],
+        spec.act,
+        chunk_tokens,
+    )
+
+
 def decoder_block(
     spec: ModelSpec,
     h: torch.Tensor,
@@ -71,22 +87,18 @@ def decoder_block(
     else:
         h = h + a
         x = _norm(spec, h, w["post_attention_layernorm.weight"])
-    m = gated_mlp(
-        x,
-        w["mlp.gate_proj.weight"],
-        w["mlp.up_proj.weight"],
-        w["mlp.down_proj.weight"],
-        spec.act,
-        mlp_chunk_tokens,
-    )
+    m = mlp(spec, x, w, mlp_chunk_tokens)
     if spec.sandwich_norm:
         m = _norm(spec, m, w["post_feedforward_layernorm.weight"])
     return h + m
 
 
-def required_layer_tensors(spec: ModelSpec) -> list[str]:
+def required_layer_tensors(
+    spec: ModelSpec, layer: int | None = None, names: set[str] | None = None
+) -> list[str]:
     """Tensor names (relative to ``model.layers.N.``) the block needs for this spec; biases are
-    optional and found by name."""
+    optional and found by name. ``layer`` picks the dense MLP or the experts (MoE specs; without
+    it, a layer whose ``names`` hold the router is sparse); ``names`` picks the experts' layout."""
     need = [
         "input_layernorm.weight",
         "post_attention_layernorm.weight",
@@ -94,10 +106,17 @@ def required_layer_tensors(spec: ModelSpec) -> list[str]:
         "self_attn.k_proj.weight",
         "self_attn.v_proj.weight",
         "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
     ]
+    moe, names = spec.moe, names or set()
+    sparse = (
+        spec.is_sparse(layer)
+        if layer is not None
+        else (moe is not None and moe.router_key in names)
+    )
+    if sparse and moe is not None:
+        need += moe_weight_names(moe, names)
+    else:
+        need += ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
     if spec.qk_norm:
         need += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     if spec.sandwich_norm:
@@ -105,6 +124,6 @@ def required_layer_tensors(spec: ModelSpec) -> list[str]:
     return need
 
 
-def layer_weight_names(spec: ModelSpec, names: set[str]) -> list[str]:
-    """The required tensors missing from ``names`` (a layer's relative tensor names)."""
-    return [n for n in required_layer_tensors(spec) if n not in names]
+def layer_weight_names(spec: ModelSpec, names: set[str], layer: int | None = None) -> list[str]:
+    """The required tensors missing from ``names`` (layer ``layer``'s relative tensor names)."""
+    return [n for n in required_layer_tensors(spec, layer, names) if n not in names]

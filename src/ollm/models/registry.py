@@ -13,6 +13,8 @@ FAMILIES: dict[str, str] = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "mixtral": "mixtral",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ollm.layers.moe import MoeSpec
 from ollm.layers.rope import RopeSpec
 
 
@@ -22,7 +23,7 @@ class ModelSpec:
     family: str  # HF model_type this spec was built from
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # dense MLP width (Mixtral: one expert's, it has no dense layers)
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -37,6 +38,11 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeSpec | None = None  # mixture-of-experts MLP on ``moe.sparse_layers``; None = dense
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is the mixture of experts."""
+        return self.moe is not None and layer in self.moe.sparse_layers
 
     @property
     def num_layers(self) -> int:
@@ -46,11 +52,18 @@ class ModelSpec:
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
-    def layer_param_count(self) -> int:
-        """Parameters of one decoder layer (weights only; biases and norms are negligible)."""
+    def layer_param_count(self, active: bool = False) -> int:
+        """Parameters of the largest decoder layer (weights only; biases, norms and routers are
+        negligible). MoE: every expert, or with ``active`` the ``top_k`` a token runs (FLOPs)."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        return attn + 3 * h * self.intermediate_size
+        dense = 3 * h * self.intermediate_size
+        if self.moe is None or not self.moe.sparse_layers:
+            return attn + dense
+        experts = self.moe.top_k if active else self.moe.num_experts
+        sparse = experts * self.moe.expert_param_count(h)
+        all_sparse = len(self.moe.sparse_layers) == self.num_layers
+        return attn + (sparse if all_sparse else max(sparse, dense))
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV cache bytes per token over all layers (keys and values, per KV head, never repeated)."""

@@ -188,7 +188,7 @@ def _write_store(source, config, spec, groups, layers, out_dtype, dst, name, pro
             if i is not None:
                 from ollm.models.decoder import layer_weight_names
 
-                missing = layer_weight_names(spec, set(tensors))
+                missing = layer_weight_names(spec, set(tensors), i)
                 if missing:
                     raise CorruptStoreError(f"{src}: layer {i} lacks {', '.join(missing)}")
             fname = GLOBALS if i is None else layer_file(i)

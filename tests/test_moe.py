@@ -1,0 +1,221 @@
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral) against transformers: which layers are
+sparse, routing, the expert MLP in both weight layouts and in row chunks, and whole models with
+layers resident, split between RAM and disk, streamed from disk and (on a GPU) from pinned RAM.
+Greedy tokens and log-probs of the tiny configs are also checked by tests/test_equivalence.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_hf_model, tiny_config
+from ollm import LLM, SamplingParams
+from ollm.layers.moe import moe_mlp, moe_weight_names, route
+from ollm.models.decoder import layer_weight_names
+from ollm.models.registry import build_spec
+
+MOE_FAMILIES = ["qwen3_moe", "mixtral"]
+PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_logprobs(model, seq: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([seq], device=model.device)).logits[0, :-1].float().cpu()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+
+def layer_weights(path: Path, i: int) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s tensors of a saved HF checkpoint, by their names relative to the layer."""
+    prefix = f"model.layers.{i}."
+    tensors = load_file(str(path / "model.safetensors"))
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def check_model(llm: LLM, model, prompt: list[int], new: int = 16) -> None:
+    """Greedy tokens equal transformers'; log-probs of the whole sequence within 1e-4."""
+    res = llm.generate(prompt, SamplingParams(max_new_tokens=new, temperature=0))
+    assert res.token_ids == hf_greedy(model, prompt, new)
+    seq = prompt + res.token_ids
+    torch.testing.assert_close(llm.score(seq).cpu(), hf_logprobs(model, seq), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"decoder_sparse_step": 2, "mlp_only_layers": [3]},
+        {"decoder_sparse_step": 3, "mlp_only_layers": []},
+    ],
+)
+def test_qwen3_moe_sparse_layers_follow_transformers(overrides):
+    """``decoder_sparse_step`` and ``mlp_only_layers`` pick the same dense layers as HF's model,
+    and the converter's check asks for the experts only on the sparse layers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = tiny_config("qwen3_moe")
+    cfg.num_hidden_layers = 6
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg)
+    hf_sparse = {
+        i
+        for i, layer in enumerate(model.model.layers)
+        if isinstance(layer.mlp, Qwen3MoeSparseMoeBlock)
+    }
+    spec = build_spec(cfg)
+    assert spec.moe is not None and set(spec.moe.sparse_layers) == hf_sparse
+    assert 0 < len(hf_sparse) < 6
+    for i in range(6):
+        missing = layer_weight_names(spec, set(), i)
+        assert ("mlp.gate.weight" in missing) == (i in hf_sparse)
+        assert ("mlp.gate_proj.weight" in missing) == (i not in hf_sparse)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_and_experts_match_transformers(family, dtype, tmp_path):
+    """Router weights and indices equal HF's router module; the MoE MLP over 64 rows equals HF's
+    sparse block, whole and in row chunks (the same up to GEMM rounding by row count)."""
+    model = make_hf_model(family, tmp_path, dtype=dtype)
+    spec = build_spec(model.config)
+    w = {k: v.to(dtype) for k, v in layer_weights(tmp_path, 0).items()}
+    block = model.model.layers[0].mlp
+    torch.manual_seed(1)
+    x = torch.randn(1, 64, spec.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        _, ref_w, ref_i = block.gate(x.view(-1, spec.hidden_size))
+        ref = block(x)
+    ours_w, ours_i = route(x.view(-1, spec.hidden_size), w, spec.moe)
+    assert torch.equal(ours_i, ref_i)
+    assert ours_w.dtype == ref_w.dtype and torch.equal(ours_w, ref_w)
+    assert len(set(ours_i.flatten().tolist())) == spec.moe.num_experts  # every expert gets rows
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    whole = moe_mlp(x, w, spec.moe, spec.act)
+    torch.testing.assert_close(whole, ref, **tol)
+    torch.testing.assert_close(moe_mlp(x, w, spec.moe, spec.act, chunk_tokens=10), whole)
+
+
+def test_fused_expert_layout(tmp_path):
+    """transformers v5 modules hold Qwen3-MoE's experts fused (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``down_proj`` [E, H, I]); that layout gives the same output as per-expert names."""
+    model = make_hf_model("qwen3_moe", tmp_path)
+    spec = build_spec(model.config)
+    per_expert = layer_weights(tmp_path, 0)
+    fused = {
+        k.removeprefix("model.layers.0."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("model.layers.0.")
+    }
+    assert (
+        fused["mlp.experts.gate_up_proj"].dim() == 3
+        and "mlp.experts.0.up_proj.weight" in per_expert
+    )
+    assert not layer_weight_names(spec, set(fused), 0)
+    x = torch.randn(2, 9, spec.hidden_size)
+    torch.testing.assert_close(
+        moe_mlp(x, fused, spec.moe, spec.act), moe_mlp(x, per_expert, spec.moe, spec.act)
+    )
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_random_router_uses_several_experts(family, hf_models):
+    """Over a prompt and its greedy continuation, every sparse layer of the tiny model sends
+    tokens to most of its experts (else the equivalence tests would exercise one or two)."""
+    model, _ = hf_models(family)
+    seq = PROMPT + hf_greedy(model, PROMPT, 24)
+    with torch.no_grad():
+        out = model(torch.tensor([seq]), output_router_logits=True)
+    spec = build_spec(model.config)
+    assert len(out.router_logits) == len(spec.moe.sparse_layers)
+    for logits in out.router_logits:
+        used = set(torch.topk(logits, spec.moe.top_k, dim=-1).indices.flatten().tolist())
+        assert len(used) >= max(3, spec.moe.num_experts * 3 // 4), used
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_layers_split_between_ram_and_disk(family, hf_models, tmp_path):
+    """A ``cpu_memory`` budget of three layers: one resident, two ring buffers: the rest are read from disk each
+    pass, whole MoE layers at a time; a 150-token prompt in chunks of 64 rows."""
+    model, path = hf_models(family)
+    kw = dict(device="cpu", prefill_chunk=64, cache_dir=tmp_path, progress=False)
+    with LLM(path, **kw) as probe:
+        r, layer = probe.plan.reserved, probe.plan.layer_bytes
+        budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer
+    with LLM(path, cpu_memory=budget, **kw) as llm:
+        tiers = [p.tier for p in llm.plan.layers]
+        assert "cpu" in tiers and "disk" in tiers, tiers
+        check_model(llm, model, [(7 * i + 3) % 256 for i in range(150)], new=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_gpu_streams_moe_layers_from_ram_and_disk(family, hf_models, tmp_path):
+    """On a GPU under a budget of a few layers, MoE layers stream from pinned RAM
+    (``offload="cpu"``) and from disk, and the output still equals transformers'."""
+    model, path = hf_models(family)
+    model = model.to("cuda")
+    try:
+        kw = dict(device="cuda", dtype="float32", hybrid="off", cache_dir=tmp_path, progress=False)
+        with LLM(path, **kw) as probe:
+            r, layer = probe.plan.reserved, probe.plan.layer_bytes
+            budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer
+        for offload, tier in (("cpu", "cpu"), ("disk", "disk")):
+            with LLM(path, offload=offload, gpu_memory=budget, **kw) as llm:
+                tiers = [p.tier for p in llm.plan.layers]
+                assert tier in tiers and "gpu" not in tiers[-1:], tiers
+                check_model(llm, model, PROMPT)
+    finally:
+        model.to("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_experts_match_transformers(dtype):
+    """gpt-oss's MoE MLP (router with a bias, softmax over the top-k logits, clamped SwiGLU
+    experts with biases, fused [E, H, 2I] weights with gate/up interleaved) equals HF's block.
+    The gpt_oss family itself is not registered yet: its attention sinks are not built."""
+    import transformers as tf
+
+    from ollm.layers.moe import MoeSpec
+
+    torch.manual_seed(0)
+    cfg = tf.GptOssConfig(
+        hidden_size=64, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+    )  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():  # HF initialises the expert biases to zero: make them matter
+        for p in (block.experts.gate_up_proj_bias, block.experts.down_proj_bias):
+            p.normal_(0, 0.5)
+    w = {k.removeprefix("model.layers.0."): v for k, v in model.state_dict().items()}
+    moe = MoeSpec(
+        num_experts=6, top_k=2, intermediate_size=32, sparse_layers=frozenset({0, 1}),
+        routing="topk_softmax", router="router", router_bias=True, expert_kind="gpt_oss",
+    )  # fmt: skip
+    assert set(moe_weight_names(moe, set(w))) <= set(w)
+    x = torch.randn(1, 48, 64, dtype=dtype) * 4  # large enough that the clamp at 7 is reached
+    with torch.no_grad():
+        ref, _ = block(x)
+        _, ref_w, ref_i = block.router(x.view(-1, 64))
+    ours_w, ours_i = route(x.view(-1, 64), w, moe)
+    assert torch.equal(ours_i, ref_i) and torch.equal(ours_w, ref_w)
+    assert len(set(ours_i.flatten().tolist())) == 6
+    tol = {} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(moe_mlp(x, w, moe, "silu"), ref, **tol)
