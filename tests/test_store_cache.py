@@ -218,6 +218,11 @@ def test_cli_cache_ls_and_rm(llama_dir, tmp_path):
     assert out.exit_code == 0, out.output
     rows = json.loads(out.stdout)
     assert [r["name"] for r in rows] == [store.name] and rows[0]["dtype"] == "float32"
+    (c / "gguf").mkdir()
+    (c / "gguf" / "old.gguf").write_bytes(b"x" * 5000)  # a GGUF joined by an older version
+    out = runner.invoke(app, ["cache", "ls", "--cache-dir", str(c)], env={"COLUMNS": "300"})
+    assert out.exit_code == 0 and store.name in out.stdout and "1 store(s)" in out.stdout
+    assert "safe to delete" in out.stdout
     out = runner.invoke(app, ["cache", "rm", "--cache-dir", str(c), "--all"])
     assert out.exit_code == 0, out.output
     assert _stores(c) == []

@@ -67,6 +67,11 @@ def cache_ls(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
             table.add_row(s.name, s.source, s.dtype, format_size(s.nbytes), used, str(s.path))
         total = sum(s.nbytes for s in stores)
         table.caption = f"{len(stores)} store(s), {format_size(total)}"
+        legacy = _cache_root(cache_dir) / "gguf"
+        if legacy.is_dir():  # joined default GGUFs of older versions: stores no longer need them
+            from ollm.weights.cache import disk_usage
+
+            table.caption += f"; {legacy} holds {format_size(disk_usage(legacy))} (safe to delete)"
         common.stdout_console().print(table)
 
 
