@@ -96,8 +96,8 @@ def _weights_nbytes(
 
 
 def _side_nbytes(source: TensorSource, spec) -> int:
-    """Bytes of the config, manifest and tokenizer files: an HF directory's side files are
-    copied as they are; a GGUF's tokenizer is rebuilt (~130 bytes of JSON per vocabulary entry)."""
+    """Bytes of the config and tokenizer files: an HF directory's side files are copied as they
+    are; a GGUF's tokenizer is rebuilt (~130 bytes of JSON per vocabulary entry)."""
     path = Path(source.path)
     if path.is_dir():
         return sum(
