@@ -187,6 +187,11 @@ def test_list_and_remove(llama_dir, tmp_path):
     assert {i.dtype for i in infos} == {"float32", "bfloat16"}
     assert all(i.source == str(llama_dir.resolve()) for i in infos)
     assert infos[1].nbytes >= LayerStore(a).total_nbytes
+    assert not any(i.stale for i in infos)
+    manifest = json.loads((a / MANIFEST).read_text())
+    del manifest["converter"]  # as stores of the first converter were written
+    (a / MANIFEST).write_text(json.dumps(manifest))
+    assert [i.stale for i in cache.list_stores(c)] == [False, True]
     resolve_store(llama_dir, c, progress=False)  # a use refreshes 'last used'
     assert cache.list_stores(c)[0].name == a.name
 

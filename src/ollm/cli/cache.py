@@ -51,6 +51,7 @@ def cache_ls(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
                     "nbytes": s.nbytes,
                     "last_used": s.last_used,
                     "in_use": s.in_use,
+                    "stale": s.stale,
                     "path": str(s.path),
                 }
                 for s in stores
@@ -64,6 +65,7 @@ def cache_ls(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
             table.add_column(col, overflow="fold")
         for s in stores:
             used = _ago(s.last_used) + (" (in use)" if s.in_use else "")
+            used += " (stale: older converter, not reused)" if s.stale else ""
             table.add_row(s.name, s.source, s.dtype, format_size(s.nbytes), used, str(s.path))
         total = sum(s.nbytes for s in stores)
         table.caption = f"{len(stores)} store(s), {format_size(total)}"

@@ -178,6 +178,7 @@ class StoreInfo:
     nbytes: int
     last_used: float
     in_use: bool
+    stale: bool  # written by an older converter: resolve_store never picks it again
 
 
 def disk_usage(path: Path) -> int:
@@ -209,6 +210,7 @@ def list_stores(cache_dir: str | Path) -> list[StoreInfo]:
                 nbytes=disk_usage(p),
                 last_used=p.stat().st_mtime,
                 in_use=store_in_use(p),
+                stale=meta.get("converter", 1) != CONVERTER_VERSION,
             )
         )
     return sorted(out, key=lambda s: -s.last_used)

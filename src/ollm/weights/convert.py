@@ -10,7 +10,9 @@ import math
 import os
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,8 +152,8 @@ def convert(
             format_size(need),
         )
         _check_writable(dst.parent, need + DISK_MARGIN)
-        name = source_name or str(Path(source.path).resolve())
-        _write_store(source, config, spec, groups, layers, out_dtype, dst, name, progress, need)
+        plan = _Plan(config, spec, groups, layers, out_dtype, need)
+        _write_store(source, plan, dst, source_name or str(Path(source.path).resolve()), progress)
     finally:
         source.close()
     return dst
@@ -169,17 +171,30 @@ def _check_writable(parent: Path, need: int) -> None:
         raise OllmError(f"cannot write to {parent}: permission denied")
 
 
-def _write_store(source, config, spec, groups, layers, out_dtype, dst, name, progress, need):
+@dataclass(frozen=True)
+class _Plan:
+    """What a conversion writes: the config, the store files' tensor names, the dtype, the size."""
+
+    config: Any
+    spec: Any
+    groups: dict[int | None, dict[str, str]]
+    layers: list[int]
+    dtype: torch.dtype
+    nbytes: int
+
+
+def _write_store(source: TensorSource, plan: _Plan, dst: Path, name: str, progress: bool) -> None:
     """Write every file into a temp directory beside ``dst``, then rename it into place."""
     src = source.path
+    spec, groups, out_dtype = plan.spec, plan.groups, plan.dtype
     _clean_stale_temps(dst.parent, dst.name)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "layers").mkdir(parents=True)
     files: dict[str, FileEntry] = {}
     try:
-        order = [None, *layers]
-        desc = f"converting {Path(src).name} ({format_size(need)})"
+        order = [None, *plan.layers]
+        desc = f"converting {Path(src).name} ({format_size(plan.nbytes)})"
         for i in progress_iter(order, desc, "layer", progress):
             tensors = {}
             for rel, full in sorted(groups[i].items()):
@@ -196,7 +211,7 @@ def _write_store(source, config, spec, groups, layers, out_dtype, dst, name, pro
             with open(tmp / fname, "wb") as f:
                 f.write(memoryview(buf.numpy()))
             files[fname] = entry
-        config.save_pretrained(str(tmp))
+        plan.config.save_pretrained(str(tmp))
         source.save_tokenizer(tmp)
         manifest = _manifest(spec, out_dtype, name, files)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
