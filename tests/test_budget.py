@@ -15,7 +15,12 @@ from torch.utils._pytree import tree_flatten
 from ollm.errors import BudgetError
 from ollm.kv.cache import LayerKVCache
 from ollm.layers import attention as attn
-from ollm.layers.attention import AttentionMask, attention_path, blocked_attention
+from ollm.layers.attention import (
+    AttentionMask,
+    attend_parts,
+    attention_path,
+    blocked_attention,
+)
 from ollm.layers.rope import rope_cos_sin
 from ollm.models.decoder import decoder_block
 from ollm.models.registry import build_spec
@@ -102,6 +107,31 @@ def test_blocked_attention_exact_and_within_its_block(monkeypatch, dtype):
         assert live.peak - out.nbytes <= bound, (mask, live.peak, bound)
         if mask.q_len > 1:
             assert live.largest < scores / 4, (mask, live.largest, scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_cache_attends_each_part_where_it_sits(dtype):
+    """A KV cache split between tiers (three parts) under padding, window and several-query
+    masks: exact, and no copy of the whole KV is made (the parts used to be gathered)."""
+    torch.manual_seed(1)
+    b, h, kvh, d, s = 2, 8, 2, 32, 300
+    k, v = (torch.randn(b, kvh, s, d, dtype=dtype) for _ in range(2))
+    cuts = [(0, 64), (64, 192), (192, s)]  # the first part is all padding for sequence 0
+    parts = [(k[:, :, a:z].clone(), v[:, :, a:z].clone()) for a, z in cuts]
+    keep = torch.ones(b, s, dtype=torch.bool)
+    keep[0, :80] = False
+    for mask in (
+        AttentionMask(s - 1, 1, s, keep),
+        AttentionMask(s - 4, 4, s),
+        AttentionMask(s - 4, 4, s, keep, window=150),
+        AttentionMask(s - 1, 1, s, None, window=40),
+    ):
+        q = torch.randn(b, h, mask.q_len, d, dtype=dtype)
+        with LiveBytes() as live:
+            out = attend_parts(q, parts, mask, 0.2)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, reference(q, k, v, mask, 0.2), atol=tol, rtol=tol)
+        assert live.largest < k.nbytes, (mask, live.largest)
 
 
 def _spec(window: int | None = None):

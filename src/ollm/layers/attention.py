@@ -140,39 +140,66 @@ def blocked_attention(
     the keys its rows can see (causal end, window start), with the query heads of a KV head
     folded into the rows (K/V never repeated). A block's rows are as many as keep its scores
     under ``SCORE_BLOCK_BYTES``; the softmax runs in float32, in place."""
-    b, h, t, d = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
+    return blocked_attention_lse(q, k, v, mask, scale, dense_mask)[0]
+
+
+def blocked_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    scale: float,
+    dense_mask: torch.Tensor | None = None,
+    key_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blocked_attention`` over keys that are the slots [key_offset, key_offset + S) of the
+    mask's key axis (one part of a cache split between tiers), with the log-sum-exp [B, H, T]
+    (float32) for merging parts. A row that sees no key of this part gets 0 and -inf."""
+    b, h, t, _ = q.shape
+    n = k.shape[2]
     cell = b * _row_cell_bytes(h, q.element_size())
     if mask.key_keep is not None:  # once on the device, not once per block
         keep = mask.key_keep.to(q.device)
         mask = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, keep, mask.window)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)
+    lse = torch.full((b, h, t), float("-inf"), device=q.device)
     r0 = 0
     while r0 < t:
-        lo = max(0, mask.q_start + r0 - mask.window + 1) if mask.window is not None else 0
-        seen = mask.q_start + r0 - lo  # keys before this block's first row (causal)
+        first = mask.q_start + r0  # slot of the block's first query
+        lo = key_offset if mask.window is None else max(key_offset, first - mask.window + 1)
+        seen = max(0, first - lo)  # keys before the first query (causal)
         # rows r with r * (seen + r) cells under the budget: the block's keys grow with its rows
         cap = SCORE_BLOCK_BYTES // cell
         r = max(1, int((-seen + (seen * seen + 4 * cap) ** 0.5) / 2))
         r1 = min(t, r0 + r)
-        hi = min(mask.kv_len, mask.q_start + r1)
-        if dense_mask is not None:
-            m = dense_mask[..., r0:r1, lo:hi].to(q.device)
-        else:
-            m = mask.block(q.device, r0, r1, lo, hi)
-        qg = q[:, :, r0:r1].reshape(b, kvh, g * (r1 - r0), d)
-        s = torch.matmul(qg, k[:, :, lo:hi].transpose(-1, -2))
-        s = s.float() if s.dtype != torch.float32 else s
-        s5 = s.view(b, kvh, g, r1 - r0, hi - lo)
-        s5.mul_(scale).masked_fill_(~m[:, :, None], float("-inf"))
-        s.sub_(s.amax(-1, keepdim=True)).exp_()
-        s.div_(s.sum(-1, keepdim=True))
-        o = torch.matmul(s.to(v.dtype), v[:, :, lo:hi])
-        out[:, :, r0:r1] = o.view(b, h, r1 - r0, d)
-        del s, s5, m, o, qg  # before the next block's scores, not after them
+        hi = min(key_offset + n, mask.kv_len, mask.q_start + r1)
+        if hi > lo:
+            _attend_block(q, k, v, mask, scale, dense_mask, key_offset, (r0, r1, lo, hi), out, lse)
         r0 = r1
-    return out
+    return out, lse
+
+
+def _attend_block(q, k, v, mask, scale, dense_mask, off, span, out, lse) -> None:
+    """Query rows [r0, r1) over key slots [lo, hi) into ``out`` and ``lse`` (see above)."""
+    r0, r1, lo, hi = span
+    b, h, _, d = q.shape
+    kvh = k.shape[1]
+    if dense_mask is not None:
+        m = dense_mask[..., r0:r1, lo:hi].to(q.device)
+    else:
+        m = mask.block(q.device, r0, r1, lo, hi)
+    qg = q[:, :, r0:r1].reshape(b, kvh, h // kvh * (r1 - r0), d)
+    s = torch.matmul(qg, k[:, :, lo - off : hi - off].transpose(-1, -2))
+    s = s.float() if s.dtype != torch.float32 else s
+    s.view(b, kvh, h // kvh, r1 - r0, hi - lo).mul_(scale).masked_fill_(~m[:, :, None], -torch.inf)
+    top = s.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # a row seeing nothing: 0
+    s.sub_(top).exp_()
+    den = s.sum(-1, keepdim=True)
+    s.div_(den.clamp_min(torch.finfo(torch.float32).tiny))  # such a row stays 0, not NaN
+    out[:, :, r0:r1] = torch.matmul(s.to(v.dtype), v[:, :, lo - off : hi - off]).view(
+        b, h, r1 - r0, d
+    )
+    lse[:, :, r0:r1] = (den.log_() + top).view(b, h, r1 - r0)
 
 
 def grouped_attention(
@@ -243,25 +270,32 @@ def attend_parts(
     dense_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``attend`` over keys/values stored as consecutive parts (slots in order), each possibly on
-    another device (a KV cache split between tiers). One query per sequence with a plain causal
-    mask sees every key: each part is attended where it sits (only q and the outputs move) and
-    the parts are merged by their log-sum-exps. Other masks gather the parts on q's device."""
-    if len(parts) > 1 and not (mask.q_len == 1 and mask.is_plain_causal()):
-        k = torch.cat([k.to(q.device) for k, _ in parts], 2)
-        parts = [(k, torch.cat([v.to(q.device) for _, v in parts], 2))]
+    another device (a KV cache split between tiers). Each part is attended where it sits (only
+    q and the outputs move; never a copy of the KV) and the parts are merged by their
+    log-sum-exps: one query per sequence with a plain causal mask sees every key of a part
+    (flash); any other mask or several queries go through ``blocked_attention_lse`` under the
+    part's slice of the mask."""
     if len(parts) == 1:
         k, v = parts[0]
         dense = None if dense_mask is None else dense_mask.to(k.device)
         return attend(q.to(k.device), k, v, mask, scale, dense).to(q.device)
-    out, lse = None, None
+    plain = mask.q_len == 1 and mask.is_plain_causal()
+    out, lse, off = None, None, 0
     for k, v in parts:
-        o, s = _attend_lse(q.to(k.device), k, v, scale)
+        qk = q.to(k.device)
+        if plain:
+            o, s = _attend_lse(qk, k, v, scale)
+        else:
+            dense = None if dense_mask is None else dense_mask.to(k.device)
+            o, s = blocked_attention_lse(qk, k, v, mask, scale, dense, off)
+        off += k.shape[2]
         o, s = o.to(q.device), s.to(q.device)
         if out is None:
             out, lse = o, s
             continue
-        # softmax over both key sets = w * out + (1 - w) * o, w = sigmoid(lse - s)
-        w = torch.sigmoid(lse - s).unsqueeze(-1).to(o.dtype)
+        # softmax over both key sets = w * out + (1 - w) * o, w = sigmoid(lse - s); rows that
+        # saw no key in either part yet (-inf twice) stay 0 whatever w is
+        w = torch.sigmoid(lse - s).nan_to_num_(0.5).unsqueeze(-1).to(o.dtype)
         out = o.lerp_(out, w)
         lse = torch.logaddexp(lse, s)
     return out
