@@ -1,0 +1,367 @@
+"""Continuous batching through the real runner: `Scheduler` steps over paged KV pools.
+
+Each step: ``Scheduler.schedule()`` -> block moves run on the pools -> one forward pass of the
+runner (weights streamed once for every sequence of the step) over the step's query tokens
+packed into one row, each sequence at its own positions and attending over its own blocks
+(`ollm.kv.packed`) -> logits only at the rows that need them -> one `Sampler` per request ->
+``Scheduler.update()``; EOS, stop token ids, stop strings and ``max_new_tokens`` end a request
+and free its blocks. Sequences join and leave at every step; no left padding.
+
+KV lives in one `PagedKVStore` per KV group (all full-attention layers, each sliding window) on
+the plan's KV device, sized from the planner's KV reservation (``max_batch x max_context``
+tokens; windowed groups only what a window keeps live), with an optional RAM swap tier for
+preempted sequences. Plans that put KV in RAM or on disk (``batch_supported`` is False) keep
+the single-request path of ``Generator``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ollm.engine.generate import SequenceOutput
+from ollm.engine.runner import Runner
+from ollm.engine.sampling import Sampler, SamplingParams
+from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
+from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
+from ollm.kv.blocks import BlockManager
+from ollm.kv.packed import PackedStep
+from ollm.kv.paged import PagedKVStore
+from ollm.telemetry.metrics import GenerationMetrics
+
+DEVICE_TIER = "device"  # the allocation tier: the plan's KV device
+SWAP_TIER = "swap"  # RAM that preempted sequences' blocks move to
+
+
+def batch_supported(runner: Runner) -> bool:
+    """Whether the plan keeps every layer's KV on one device the batch engine can page (no
+    RAM/disk KV tiers, no hybrid layers whose KV sits on the CPU)."""
+    layers = runner.plan.layers
+    return all(p.kv_tier == "device" for p in layers) and len({p.kv_device for p in layers}) == 1
+
+
+def kv_groups(runner: Runner) -> list[tuple[str, int]]:
+    """(group, index in the group) per layer: one group of every full-attention layer and one
+    per sliding window, since a block id names the same slot in every layer of a group."""
+    counts: dict[str, int] = {}
+    out = []
+    for layer in runner.spec.layers:
+        g = "full" if layer.window is None else f"window{layer.window}"
+        out.append((g, counts.get(g, 0)))
+        counts[g] = counts.get(g, 0) + 1
+    return out
+
+
+@dataclass
+class EngineMetrics:
+    """Scheduler and pool state of a `BatchEngine` (plain numbers for a server's /metrics)."""
+
+    steps: int
+    running: int
+    waiting: int
+    swapped: int
+    kv_blocks: dict[str, dict[str, tuple[int, int]]]  # group -> tier -> (used, free)
+    prefix_hits: int
+    prefix_saved_tokens: int
+    preemptions: int
+    step_tokens: int  # query tokens of every step so far
+
+
+@dataclass
+class _Live:
+    """Request-side state the scheduler does not keep: sampler, stops, text."""
+
+    index: int
+    out: SequenceOutput
+    sampler: Sampler
+    stops: set[int]
+    max_new_tokens: int
+    detok: IncrementalDetokenizer | None = None
+    matcher: StopMatcher | None = None
+    on_text: Callable[[int, str], None] | None = None
+    on_token: Callable[[int, int], None] | None = None
+
+
+class BatchEngine:
+    """Runs many requests at once through ``runner`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer=None,
+        eos_ids: Sequence[int] = (),
+        *,
+        block_tokens: int = 16,
+        max_batch: int = 1,
+        max_context: int = 4096,
+        max_step_tokens: int | None = None,
+        swap_tokens: int = 0,
+        prefix_caching: bool = True,
+    ) -> None:
+        """Pools hold ``max_batch x max_context`` tokens per full-attention group (what the
+        planner reserves) and ``swap_tokens`` tokens of RAM for preempted sequences; a step
+        carries at most ``max_step_tokens`` query tokens (default ``max_batch x
+        max_context``, the planner's activation rows)."""
+        if not batch_supported(runner):
+            raise ValueError("the batch engine needs every layer's KV on one device")
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
+        spec, plan = runner.spec, runner.plan
+        self.device = torch.device(plan.layers[0].kv_device)
+        self.layer_groups = kv_groups(runner)
+        step_tokens = max_step_tokens or max_batch * max_context
+        windows = {
+            g: layer.window for layer, (g, _) in zip(spec.layers, self.layer_groups, strict=True)
+        }
+        managers: dict[str, BlockManager] = {}
+        self.stores: dict[str, PagedKVStore] = {}
+        for g, window in windows.items():
+            probe = BlockManager(block_tokens, {DEVICE_TIER: 0}, window=window)
+            pools = {DEVICE_TIER: max_batch * probe.max_live_blocks(max_context, step_tokens)}
+            if swap_tokens:
+                pools[SWAP_TIER] = -(-swap_tokens // block_tokens)
+            swap = SWAP_TIER if swap_tokens else None
+            managers[g] = BlockManager(block_tokens, pools, (DEVICE_TIER,), swap, window)
+            self.stores[g] = self._store(g, pools, block_tokens)
+        self.scheduler = Scheduler(managers, step_tokens, prefix_caching=prefix_caching)
+        self.live: dict[str, _Live] = {}
+        self.finished: dict[str, SequenceOutput] = {}
+        self._ids = itertools.count()
+        self.steps = self.step_tokens = self.sampled = 0
+
+    def _store(self, group: str, pools: dict[str, int], block_tokens: int) -> PagedKVStore:
+        """The tensors of one KV group: the device pool, and a RAM swap pool if any."""
+        spec = self.runner.spec
+        n_layers = sum(g == group for g, _ in self.layer_groups)
+        devices = {DEVICE_TIER: self.device, SWAP_TIER: torch.device("cpu")}
+        store = PagedKVStore(
+            n_layers, pools, spec.num_kv_heads, block_tokens, spec.head_dim, self.runner.dtype,
+            devices,
+        )  # fmt: skip
+        if SWAP_TIER in pools and self.device.type == "cuda":
+            # Pinned RAM: swaps copy asynchronously at the link's full rate.
+            store.pools[SWAP_TIER] = store.pools[SWAP_TIER].pin_memory()
+        return store
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+        index: int = 0,
+    ) -> str:
+        """Queue a prompt (token ids); returns its id. ``on_text(index, piece)`` and
+        ``on_token(index, token)`` are called as its output becomes final."""
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        req = Request(
+            rid, tuple(int(t) for t in prompt), params.max_new_tokens, 0, frozenset(stops), params
+        )
+        self.scheduler.add(req)  # validates (empty prompt, capacity) before anything is kept
+        live = _Live(
+            index,
+            SequenceOutput(list(req.prompt)),
+            Sampler(params, self.runner.plan.head_device),
+            stops,
+            params.max_new_tokens,
+            on_text=on_text,
+            on_token=on_token,
+        )
+        if self.tokenizer is not None:
+            live.detok = IncrementalDetokenizer(self.tokenizer)
+            live.matcher = StopMatcher(params.stop)
+        self.live[rid] = live
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request (between steps) and free its KV; False if it is not running."""
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return False
+        self.scheduler.cancel(request_id)
+        live.out.finish_reason = "cancelled"
+        self.finished[request_id] = live.out
+        return True
+
+    def has_work(self) -> bool:
+        """Whether any request is unfinished."""
+        return self.scheduler.has_work()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[str]:
+        """Run one step; returns the ids of the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            self.scheduler.update({})
+            if self.has_work():  # add() admits only requests that fit alone: a scheduler bug
+                raise RuntimeError("the scheduler chose nothing while requests wait")
+            return []
+        try:
+            for g, moves in plan.moves.items():
+                self.stores[g].copy_blocks(moves)
+            logits, rows = self._forward(plan)
+        except BaseException:
+            self.scheduler.abort_step()  # touched sequences recompute; cached prefixes stay
+            raise
+        outputs = {}
+        for sid, j in rows.items():
+            tok = int(self.live[sid].sampler.sample(logits[j : j + 1])[0])
+            outputs[sid] = [tok]
+        done = []
+        for u in self.scheduler.update(outputs):
+            if self._accept(u.seq_id, u.new_tokens, u.finish_reason):
+                done.append(u.seq_id)
+        self.sampled += len(outputs)
+        self.steps += 1
+        self.step_tokens += plan.num_tokens
+        return done
+
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, dict[str, int]]:
+        """Float32 logits [M, V] at the last query row of every sequence that needs one, and
+        each such sequence's row in them."""
+        packed = PackedStep(plan, self.stores, DEVICE_TIER)
+        kv = packed.layer_kv(self.stores, self.layer_groups, DEVICE_TIER)
+        rows: dict[str, int] = {}
+        idx: list[int] = []
+        r = 0
+        for st in plan.seqs:
+            r += len(st.token_ids)
+            if st.needs_logits:  # no drafts here: one logit row, the last query token's
+                rows[st.seq_id] = len(idx)
+                idx.append(r - 1)
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            sel = torch.tensor(idx, dtype=torch.long, device=h.device)
+            return self.runner.logits(h.index_select(1, sel))[0]
+
+        logits = self.runner.forward(packed.input_ids(), packed.positions(), kv, head=head)
+        return logits, rows
+
+    def _accept(self, rid: str, tokens: Sequence[int], reason: str | None) -> bool:
+        """Record a request's new tokens (stops excluded, as the single-request path does);
+        returns whether it finished."""
+        live = self.live[rid]
+        out = live.out
+        for tok in tokens:
+            if tok in live.stops:
+                out.finish_reason = "stop"
+                break
+            out.token_ids.append(tok)
+            if live.on_token is not None:
+                live.on_token(live.index, tok)
+            if live.detok is not None and live.matcher is not None:
+                piece, stopped = live.matcher.feed(live.detok.push(tok))
+                self._emit(live, piece)
+                if stopped:
+                    out.finish_reason, out.stopped_by_string = "stop", True
+                    break
+            if len(out.token_ids) >= live.max_new_tokens:
+                out.finish_reason = "length"
+                break
+        if out.finish_reason is None and reason is not None:
+            out.finish_reason = reason
+        if out.finish_reason is None:
+            return False
+        if rid in self.scheduler.seqs:  # a stop string: the scheduler did not see it
+            self.scheduler.cancel(rid)
+        if live.detok is not None and live.matcher is not None and not out.stopped_by_string:
+            piece, stopped = live.matcher.feed(live.detok.flush())
+            self._emit(live, piece + ("" if stopped else live.matcher.flush()))
+        del self.live[rid]
+        self.finished[rid] = out
+        return True
+
+    @staticmethod
+    def _emit(live: _Live, piece: str) -> None:
+        if piece:
+            live.out.text += piece
+            if live.on_text is not None:
+                live.on_text(live.index, piece)
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.has_work():
+            self.step()
+
+    # -- whole batches ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        on_text: Callable[[int, str], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[SequenceOutput], GenerationMetrics]:
+        """Run ``prompts`` (one params for all, or one each) to completion; outputs in order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        stats = self.runner.prefetcher.stats
+        before = stats.snapshot()
+        t0 = time.perf_counter()
+        ids: list[str] = []
+        first = None
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+                ids.append(self.add(p, sp, None, on_text, on_token, i))
+            sampled = self.sampled
+            while self.has_work():
+                self.step()
+                if first is None and self.sampled > sampled:
+                    first = time.perf_counter()  # the first request's first token
+        except BaseException:
+            for rid in ids:
+                self.cancel(rid)
+            raise
+        t_end = time.perf_counter()
+        outs = [self.finished.pop(rid) for rid in ids]
+        m = GenerationMetrics(prompt_tokens=sum(len(p) for p in prompts))
+        m.generated_tokens = sum(len(o.token_ids) for o in outs)
+        first = t_end if first is None else first
+        m.prefill_seconds = m.time_to_first_token = first - t0
+        m.decode_seconds = t_end - first
+        self.runner.prefetcher.collect_timings()
+        from ollm.engine.generate import _delta, _fill_io
+
+        _fill_io(m, _delta(stats.snapshot(), before))
+        if self.device.type == "cuda":
+            m.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
+        reasons = {o.finish_reason for o in outs}
+        m.finish_reason = str(reasons.pop()) if len(reasons) == 1 else "mixed"
+        return outs, m
+
+    # -- state ------------------------------------------------------------------------------
+
+    def metrics(self) -> EngineMetrics:
+        """Counts of requests by state, blocks used per group and tier, prefix reuse."""
+        states = [s.status for s in self.scheduler.seqs.values()]
+        return EngineMetrics(
+            steps=self.steps,
+            running=states.count(SeqStatus.RUNNING),
+            waiting=states.count(SeqStatus.WAITING),
+            swapped=states.count(SeqStatus.SWAPPED),
+            kv_blocks=self.scheduler.usage(),
+            prefix_hits=self.scheduler.prefix_hits,
+            prefix_saved_tokens=self.scheduler.prefix_saved_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            step_tokens=self.step_tokens,
+        )
+
+    def kv_blocks_used(self) -> int:
+        """Referenced KV blocks over every group and tier (0 once every request has ended)."""
+        return sum(u for g in self.scheduler.usage().values() for u, _ in g.values())
+
+    def close(self) -> None:
+        """Drop every request and the pools."""
+        for rid in list(self.live):
+            self.cancel(rid)
+        self.stores.clear()

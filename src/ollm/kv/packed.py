@@ -1,0 +1,193 @@
+"""KV of one packed step over paged pools: the per-layer objects ``decoder_block`` attends through.
+
+Engine v2 packs every scheduled sequence's query tokens into one row ``[1, N]`` (no padding, each
+sequence at its own positions). `PackedStep` turns a `StepPlan` into, per KV group, the pool slot
+of every row (block id and offset, for one indexed write per layer) and each sequence's held
+block ids (for one indexed gather per layer and sequence). `PackedLayerKV` is the per-layer
+object: ``attend(q, k, v, ...)`` writes the rows' new K/V through the tables, then attends each
+sequence's queries over its own gathered K/V with its own causal (and window) mask.
+
+Cost: attention is a Python loop over the sequences of the step (one gather and one kernel call
+each); the projections and MLP, which dominate, run once for all rows. A varlen/paged kernel
+over the block ids would remove the loop and the gather copy.
+
+The runner may split the rows into consecutive prefill chunks (``Runner._chunked_block``): each
+layer object keeps a row cursor, and a sequence whose rows straddle two chunks attends, in each,
+only over the keys written so far (the later ones are in its causal future anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ollm.kv.paged import PagedKVStore
+
+if TYPE_CHECKING:  # plain data from the engine, read by attribute only (kv sits below engine)
+    from ollm.engine.stepplan import StepPlan
+    from ollm.layers.attention import AttentionMask
+
+
+@dataclass(frozen=True)
+class SeqRows:
+    """One sequence's share of a packed step in one KV group."""
+
+    row0: int  # first row of its query tokens in the packed step
+    n: int  # query rows
+    start: int  # position of its first query token
+    key0: int  # first position whose KV is held (a window may have released earlier blocks)
+    block_ids: torch.Tensor  # ids of the held blocks, from position key0 on (on the pool device)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where each row of the step writes its K/V in one KV group, and each sequence's blocks."""
+
+    row_block: torch.Tensor  # [N] block id per row
+    row_offset: torch.Tensor  # [N] slot offset in that block per row
+    seqs: tuple[SeqRows, ...]
+
+
+class PackedStep:
+    """The tensor-side layout of one `StepPlan` over per-group `PagedKVStore`s (all running
+    sequences' blocks sit in ``tier``, the allocation tier)."""
+
+    def __init__(self, plan: StepPlan, stores: Mapping[str, PagedKVStore], tier: str) -> None:
+        self.plan = plan
+        self.num_rows = plan.num_tokens
+        self.layouts = {g: self._layout(plan, g, store, tier) for g, store in stores.items()}
+
+    @staticmethod
+    def _layout(plan: StepPlan, group: str, store: PagedKVStore, tier: str) -> GroupLayout:
+        bt = store.block_tokens
+        device = store.pools[tier].device
+        row_block: list[int] = []
+        row_offset: list[int] = []
+        seqs = []
+        row = 0
+        for st in plan.seqs:
+            blocks = st.block_tables[group]
+            first = next(i for i, ref in enumerate(blocks) if ref is not None)
+            ids = []
+            for ref in blocks[first:]:
+                if ref is None or ref.tier != tier:
+                    raise RuntimeError(
+                        f"sequence {st.seq_id!r}: a block of KV group {group!r} is not in the "
+                        f"allocation tier {tier!r} ({ref}); swap-ins run before the step"
+                    )
+                ids.append(ref.block)
+            for pos in st.positions:
+                row_block.append(blocks[pos // bt].block)  # type: ignore[union-attr]
+                row_offset.append(pos % bt)
+            block_ids = torch.tensor(ids, dtype=torch.long, device=device)
+            seqs.append(SeqRows(row, len(st.token_ids), st.start, first * bt, block_ids))
+            row += len(st.token_ids)
+        return GroupLayout(
+            torch.tensor(row_block, dtype=torch.long, device=device),
+            torch.tensor(row_offset, dtype=torch.long, device=device),
+            tuple(seqs),
+        )
+
+    def input_ids(self) -> torch.Tensor:
+        """The step's query tokens as one row ``[1, N]``."""
+        ids = [t for st in self.plan.seqs for t in st.token_ids]
+        return torch.tensor([ids], dtype=torch.long)
+
+    def positions(self) -> torch.Tensor:
+        """Each query token's own position ``[1, N]`` (sequences restart at their lengths)."""
+        pos = [p for st in self.plan.seqs for p in st.positions]
+        return torch.tensor([pos], dtype=torch.long)
+
+    def layer_kv(
+        self, stores: Mapping[str, PagedKVStore], layer_groups: Sequence[tuple[str, int]], tier: str
+    ) -> list[PackedLayerKV]:
+        """One `PackedLayerKV` per model layer; ``layer_groups[i]`` = (group, index of layer i
+        in that group's store)."""
+        return [
+            PackedLayerKV(self, stores[g], self.layouts[g], local, tier)
+            for g, local in layer_groups
+        ]
+
+
+class PackedLayerKV:
+    """One layer's KV for one packed step: writes the rows' K/V into the pool, attends each
+    sequence over its own blocks. ``length`` is 0, so the runner's mask starts each call at its
+    first row (``mask.q_start`` = row offset, checked against the cursor)."""
+
+    length = 0
+    fetcher = None
+
+    def __init__(
+        self, step: PackedStep, store: PagedKVStore, layout: GroupLayout, layer: int, tier: str
+    ) -> None:
+        self.step, self.store, self.layout, self.layer = step, store, layout, layer
+        self.pool = store.pools[tier][layer]  # [2, blocks, kv_heads, block_tokens, head_dim]
+        self._cursor = 0
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: AttentionMask,
+        scale: float,
+        dense_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Store rows ``[cursor, cursor + T)``'s K/V ``[1, kv_heads, T, D]`` and return the
+        attention output ``[1, heads, T, D]`` of their queries; ``mask`` only gives the window
+        (each sequence gets its own causal mask) and ``dense_mask`` is ignored."""
+        from ollm.layers.attention import AttentionMask as Mask  # lazily, as kv/cache.py
+        from ollm.layers.attention import attend
+
+        r0 = self._cursor
+        r1 = r0 + q.shape[2]
+        if q.shape[0] != 1 or mask.q_start != r0 or r1 > self.step.num_rows:
+            raise RuntimeError(
+                f"packed KV expects one row of consecutive chunks: rows [{mask.q_start}, "
+                f"+{q.shape[2]}) at cursor {r0} of {self.step.num_rows} (batch {q.shape[0]})"
+            )
+        self._cursor = 0 if r1 == self.step.num_rows else r1
+        lay = self.layout
+        blk, off = lay.row_block[r0:r1], lay.row_offset[r0:r1]
+        # pool[kv, blocks, heads, slots, dim][blk, :, off] is [rows, heads, dim] (advanced
+        # indices separated by a slice come first).
+        self.pool[0][blk, :, off] = k[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
+        self.pool[1][blk, :, off] = v[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
+        out = torch.empty_like(q)
+        for s in lay.seqs:
+            a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
+            if a >= b:
+                continue
+            q_pos = s.start + (a - s.row0)  # position of the first query row here
+            upto = s.start + (b - s.row0)  # keys written so far for this sequence
+            ks, vs = self._gather(s, upto, q.device)
+            m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window)
+            out[:, :, a - r0 : b - r0] = attend(q[:, :, a - r0 : b - r0], ks, vs, m, scale)
+        return out
+
+    def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``."""
+        bt = self.store.block_tokens
+        nb = -(-(upto - s.key0) // bt)
+        ids = s.block_ids[:nb]
+        out = []
+        for kv in (0, 1):
+            x = self.pool[kv].index_select(0, ids)  # [nb, heads, bt, D]
+            x = x.transpose(0, 1).reshape(x.shape[1], nb * bt, x.shape[3])[:, : upto - s.key0]
+            out.append(x.unsqueeze(0).to(device))
+        return tuple(out)
+
+    def flush(self) -> bool:
+        """Nothing is buffered elsewhere."""
+        return False
+
+    def close(self) -> None:
+        """The pools belong to the engine."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this layer's pool."""
+        return self.pool.numel() * self.pool.element_size()

@@ -1,0 +1,157 @@
+"""Continuous batching through the real runner (engine v2, issue 13): every family's requests,
+packed into shared steps over paged KV, give the tokens each gives alone through LLM.generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from ollm import LLM, SamplingParams
+from ollm.engine.batch import BatchEngine, batch_supported
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
+PREFIX = 40  # tokens shared by three prompts
+SHARED = (1, 4, 6)  # prompts that start with the shared prefix
+LATE = 2  # the last prompts arrive after a few steps
+
+
+def make_prompts(n: int = 8, seed: int = 1) -> list[list[int]]:
+    """``n`` prompts of different lengths (3 to 52 tokens of their own); three share a prefix."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 256, (PREFIX,), generator=g).tolist()
+    out = []
+    for i in range(n):
+        tail = torch.randint(0, 256, (3 + 7 * i,), generator=g).tolist()
+        out.append(prefix + tail if i in SHARED else tail)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llms(hf_models, tmp_path_factory):
+    """family -> LLM on the CPU, prefill chunked at 32 rows (so steps of more rows are split)."""
+    cache = tmp_path_factory.mktemp("batch-cache")
+    made: dict[str, LLM] = {}
+
+    def get(family: str) -> LLM:
+        if family not in made:
+            _, path = hf_models(family)
+            made[family] = LLM(
+                path,
+                device="cpu",
+                max_batch=1,
+                max_context=256,
+                prefill_chunk=32,
+                cache_dir=cache,
+                progress=False,
+            )
+        return made[family]
+
+    yield get
+    for llm in made.values():
+        llm.close()
+
+
+def alone(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    """Each prompt's tokens from its own single-request run."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    return [llm.generate(p, sp).token_ids for p, sp in zip(prompts, plist, strict=True)]
+
+
+def engine(llm: LLM, **kw) -> BatchEngine:
+    """A batch engine over ``llm``'s runner with small blocks (so a 40-token prefix fills some)."""
+    args = dict(block_tokens=8, max_batch=8, max_context=256, max_step_tokens=64)
+    return BatchEngine(llm.runner, None, (), **{**args, **kw})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_matches_alone(family, llms):
+    """8 prompts, 3 sharing a 40-token prefix, 2 submitted while the others decode."""
+    llm = llms(family)
+    assert batch_supported(llm.runner)
+    prompts = make_prompts()
+    want = alone(llm, prompts)
+    eng = engine(llm)
+    ids = [eng.add(p, GREEDY) for p in prompts[:-LATE]]
+    for _ in range(3):
+        eng.step()
+    assert eng.metrics().running > 0
+    ids += [eng.add(p, GREEDY) for p in prompts[-LATE:]]
+    eng.run()
+    got = [eng.finished[r].token_ids for r in ids]
+    assert got == want
+    m = eng.metrics()
+    assert m.prefix_hits > 0 and m.prefix_saved_tokens >= 8
+    # Shared prompts prefilled only their tails: fewer query tokens than prompts + outputs.
+    assert m.step_tokens < sum(len(p) for p in prompts) + sum(len(t) for t in want)
+    assert eng.kv_blocks_used() == 0 and m.running == m.waiting == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_preemption_swap_and_recompute(family, llms):
+    """A pool too small for every request at once: sequences are preempted (swapped to RAM, or
+    recomputed when the swap tier is full) and still give their tokens alone."""
+    llm = llms(family)
+    prompts = make_prompts()
+    want = alone(llm, prompts)
+    for swap in (0, 96):
+        eng = engine(llm, max_batch=2, max_context=96, swap_tokens=swap)
+        ids = [eng.add(p, GREEDY) for p in prompts]
+        swapped = 0
+        while eng.has_work():
+            eng.step()
+            swapped = max(swapped, eng.metrics().swapped)
+        assert [eng.finished[r].token_ids for r in ids] == want
+        assert eng.metrics().preemptions > 0
+        assert (swapped > 0) == (swap > 0)
+        assert eng.kv_blocks_used() == 0
+
+
+def test_cancel_frees_blocks(llms):
+    """Cancelled requests (running or waiting) free their blocks; the others are unaffected."""
+    llm = llms("llama")
+    prompts = make_prompts()
+    want = alone(llm, prompts)
+    eng = engine(llm, max_step_tokens=32)
+    ids = [eng.add(p, GREEDY) for p in prompts]
+    for _ in range(4):
+        eng.step()
+    assert eng.kv_blocks_used() > 0
+    gone = {ids[0], ids[7]}  # one decoding, one not yet admitted
+    assert all(eng.cancel(r) for r in gone)
+    assert not eng.cancel(ids[0])
+    eng.run()
+    for r, w in zip(ids, want, strict=True):
+        out = eng.finished[r]
+        if r in gone:
+            assert out.finish_reason == "cancelled"
+        else:
+            assert out.token_ids == w
+    assert eng.kv_blocks_used() == 0
+    # Cancelling everything mid-run also returns every block.
+    eng2 = engine(llm)
+    for p in prompts:
+        eng2.add(p, GREEDY)
+    eng2.step()
+    eng2.close()
+    assert eng2.kv_blocks_used() == 0
+
+
+def test_sampling_per_request(llms):
+    """Different params per request (seeded sampling, lengths, stop ids) match each alone."""
+    llm = llms("qwen3")
+    prompts = make_prompts(4)
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=7),
+        GREEDY,
+        SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_new_tokens=12),
+        SamplingParams(temperature=0, max_new_tokens=6),
+    ]
+    want = alone(llm, prompts, params)
+    # A stop id inside a greedy output ends that request early, as it does alone.
+    params[1] = SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[want[1][3]])
+    want[1] = alone(llm, [prompts[1]], [params[1]])[0]
+    outs, metrics = engine(llm).generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert outs[1].finish_reason == "stop" and len(want[1]) < 10
+    assert metrics.generated_tokens == sum(len(w) for w in want)
