@@ -219,3 +219,58 @@ def test_gpt_oss_experts_match_transformers(dtype):
     assert len(set(ours_i.flatten().tolist())) == 6
     tol = {} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
     torch.testing.assert_close(moe_mlp(x, w, moe, "silu"), ref, **tol)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_padded_batch_matches_transformers(family, tmp_path):
+    """Three left-padded prompts in one batch (padding rows are routed too, and must not touch
+    the real rows): each equals transformers alone. Mixtral with a sliding window of 12."""
+    extra = {"sliding_window": 12} if family == "mixtral" else {}
+    model = make_hf_model(family, tmp_path / "hf", **extra)
+    prompts = [[(3 * i + 2 + n) % 256 for i in range(n)] for n in (40, 17, 29)]
+    kw = dict(device="cpu", max_batch=3, cache_dir=tmp_path / "c", progress=False)
+    with LLM(tmp_path / "hf", **kw) as llm:
+        if extra:
+            assert {layer.window for layer in llm.spec.layers} == {12}
+        batch = llm.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
+        for p, r in zip(prompts, batch, strict=True):
+            assert r.token_ids == hf_greedy(model, p, 10)
+
+
+@pytest.mark.parametrize(
+    ("family", "fields", "total", "active"),
+    [
+        (  # Qwen3-30B-A3B's config.json: 30.5B parameters, 3.3B activated (its model card)
+            "qwen3_moe",
+            dict(
+                vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+            ),
+            30.5e9,
+            3.3e9,
+        ),
+        (  # Mixtral-8x7B's config.json: 46.7B parameters, 12.9B used per token (Mistral's post)
+            "mixtral",
+            dict(
+                vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                num_experts_per_tok=2,
+            ),
+            46.7e9,
+            12.9e9,
+        ),
+    ],
+)  # fmt: skip
+def test_real_configs_parameter_counts(family, fields, total, active):
+    """The spec of a real MoE config counts the published parameters: all experts (what the
+    layer store holds and streams) and the ``top_k`` a token runs (what its FLOPs are)."""
+    import transformers as tf
+
+    cls = {"qwen3_moe": tf.Qwen3MoeConfig, "mixtral": tf.MixtralConfig}[family]
+    spec = build_spec(cls(**fields))
+    embed = 2 * spec.vocab_size * spec.hidden_size  # untied embeddings and head
+    n = spec.num_layers
+    assert spec.moe is not None and len(spec.moe.sparse_layers) == n
+    assert n * spec.layer_param_count() + embed == pytest.approx(total, rel=0.01)
+    assert n * spec.layer_param_count(active=True) + embed == pytest.approx(active, rel=0.02)
