@@ -3,6 +3,8 @@ packed into shared steps over paged KV, give the tokens each gives alone through
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -155,3 +157,33 @@ def test_sampling_per_request(llms):
     assert [o.token_ids for o in outs] == want
     assert outs[1].finish_reason == "stop" and len(want[1]) < 10
     assert metrics.generated_tokens == sum(len(w) for w in want)
+
+
+def test_server_streams(llms):
+    """Requests submitted to a BatchServer at different times stream their tokens (equal to
+    each alone); a cancelled one ends early; an idle server holds no engine (no KV pools)."""
+    from ollm.engine.serving import BatchServer
+
+    llm = llms("mistral")
+    prompts = make_prompts(5)
+    want = alone(llm, prompts)
+    server = BatchServer(lambda: engine(llm, max_step_tokens=32), llm._lock, text=False)
+    try:
+        streams = [server.submit(p, GREEDY) for p in prompts[:3]]
+        first = next(iter(streams[0]))  # the batch is running: submit more while it decodes
+        streams += [server.submit(p, GREEDY) for p in prompts[3:]]
+        doomed = server.submit(prompts[0], SamplingParams(temperature=0, max_new_tokens=200))
+        next(iter(doomed))
+        doomed.cancel()
+        got = [[first, *streams[0]]] + [list(s) for s in streams[1:]]
+        assert got == want
+        assert [s.result.token_ids for s in streams] == want
+        out = doomed.wait(30)
+        assert out.finish_reason == "cancelled" and 1 <= len(out.token_ids) < 200
+        for _ in range(100):
+            if server.idle:
+                break
+            threading.Event().wait(0.05)
+        assert server.idle
+    finally:
+        server.close()

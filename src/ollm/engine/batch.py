@@ -35,6 +35,9 @@ from ollm.telemetry.metrics import GenerationMetrics
 
 DEVICE_TIER = "device"  # the allocation tier: the plan's KV device
 SWAP_TIER = "swap"  # RAM that preempted sequences' blocks move to
+# Tokens per KV block: small enough that prompts share most of a common prefix (reuse is per
+# full block), large enough that a gather stays a few index_select rows per sequence.
+BLOCK_TOKENS = 16
 
 
 def batch_supported(runner: Runner) -> bool:
@@ -95,7 +98,7 @@ class BatchEngine:
         tokenizer=None,
         eos_ids: Sequence[int] = (),
         *,
-        block_tokens: int = 16,
+        block_tokens: int = BLOCK_TOKENS,
         max_batch: int = 1,
         max_context: int = 4096,
         max_step_tokens: int | None = None,
@@ -131,6 +134,23 @@ class BatchEngine:
         self.finished: dict[str, SequenceOutput] = {}
         self._ids = itertools.count()
         self.steps = self.step_tokens = self.sampled = 0
+
+    @classmethod
+    def for_plan(
+        cls, runner: Runner, tokenizer, eos_ids: Sequence[int], batch: int, context: int
+    ) -> BatchEngine:
+        """An engine whose pools match the planner's KV reservation for ``batch x context``:
+        full-attention groups ``batch x context`` tokens; with sliding-window layers a step
+        carries at most one prefill chunk (the planner reserves ``2 window + chunk`` slots per
+        sequence for them, and a paged window group must hold a whole step's tokens at once),
+        else every sequence's whole prompt in one weight pass."""
+        chunk = runner.plan.prefill_chunk_tokens
+        windowed = any(layer.window for layer in runner.spec.layers)
+        step = chunk if windowed and chunk else batch * context
+        return cls(
+            runner, tokenizer, eos_ids, block_tokens=BLOCK_TOKENS, max_batch=batch,
+            max_context=context, max_step_tokens=step,
+        )  # fmt: skip
 
     def _store(self, group: str, pools: dict[str, int], block_tokens: int) -> PagedKVStore:
         """The tensors of one KV group: the device pool, and a RAM swap pool if any."""

@@ -1,0 +1,188 @@
+"""Many concurrent request streams over one `BatchEngine` (what a server sits on).
+
+``BatchServer.submit(prompt_ids, params) -> RequestStream``: a background thread steps the engine
+while any request is unfinished; requests join and leave at every step. A `RequestStream` is an
+iterator of text pieces (token ids when there is no tokenizer) with ``.result`` once finished and
+``cancel()``. Submissions and cancellations are applied between steps. The engine (and its KV
+pools) exists only while there is work: an idle server holds no KV memory, so a single-request
+call on the same model never finds a second KV reservation beside its own.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+
+from ollm.engine.batch import BatchEngine
+from ollm.engine.generate import SequenceOutput
+from ollm.engine.sampling import SamplingParams
+
+_END = object()
+
+
+class RequestStream:
+    """One submitted request: iterate for its output pieces as they become final."""
+
+    def __init__(self, server: BatchServer, prompt: list[int], params: SamplingParams) -> None:
+        self.prompt, self.params = prompt, params
+        self.result: SequenceOutput | None = None
+        self.error: BaseException | None = None
+        self.id: str | None = None  # the engine's request id, once added
+        self._server = server
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+
+    def __iter__(self) -> Iterator[str | int]:
+        """Text pieces (or token ids without a tokenizer) until the request ends; raises the
+        engine's error if a step failed."""
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def wait(self, timeout: float | None = None) -> SequenceOutput | None:
+        """Block until the request ends; its output (None on an error or a timeout)."""
+        self._done.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop generating (applied before the next step); the output so far is kept."""
+        self._server._cancel(self)
+
+    def _finish(self, out: SequenceOutput | None, error: BaseException | None = None) -> None:
+        self.result, self.error = out, error
+        self._queue.put(_END)
+        self._done.set()
+
+
+class BatchServer:
+    """Runs submitted requests through engines made by ``make_engine`` under ``lock`` (held for
+    each step: the owner may re-plan between steps only while the server is idle)."""
+
+    def __init__(
+        self,
+        make_engine: Callable[[], BatchEngine],
+        lock: AbstractContextManager | None = None,
+        text: bool = True,
+    ) -> None:
+        self._make_engine = make_engine
+        self._lock = lock if lock is not None else threading.RLock()
+        self._text = text
+        self._cv = threading.Condition()
+        self._pending: list[RequestStream] = []
+        self._cancels: list[RequestStream] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._engine: BatchEngine | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ollm-batch", daemon=True)
+        self._thread.start()
+
+    @property
+    def idle(self) -> bool:
+        """No request is queued or running (no engine, no KV pools)."""
+        with self._cv:
+            return not self._pending and not self._streams and self._engine is None
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> RequestStream:
+        """Queue a request (token ids); it joins the running batch at the next step."""
+        stream = RequestStream(self, [int(t) for t in prompt], params)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batch server is closed")
+            self._pending.append(stream)
+            self._cv.notify()
+        return stream
+
+    def _cancel(self, stream: RequestStream) -> None:
+        with self._cv:
+            self._cancels.append(stream)
+            self._cv.notify()
+
+    def close(self) -> None:
+        """Cancel every request and stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+    # -- the stepping thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._pending or self._cancels or self._streams):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                pending, self._pending = self._pending, []
+                cancels, self._cancels = self._cancels, []
+            try:
+                with self._lock:
+                    self._apply(pending, cancels)
+                    if self._engine is not None and self._engine.has_work():
+                        for rid in self._engine.step():
+                            self._end(rid)
+                    self._release_if_idle()
+            except BaseException as exc:  # a failed step ends every request with its error
+                self._fail_all(exc)
+        with self._lock:
+            for stream in list(self._streams.values()) + self._pending:
+                stream._finish(None, RuntimeError("the batch server was closed"))
+            self._streams.clear()
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+    def _apply(self, pending: list[RequestStream], cancels: list[RequestStream]) -> None:
+        """Add new requests (making the engine if needed) and cancel others, between steps."""
+        for stream in cancels:
+            if stream.id is not None and self._engine is not None:
+                if self._engine.cancel(stream.id):
+                    self._end(stream.id)
+            elif stream in pending:
+                pending.remove(stream)
+                stream._finish(None)
+        for stream in pending:
+            if self._engine is None:
+                self._engine = self._make_engine()
+            try:
+                stream.id = self._engine.add(
+                    stream.prompt, stream.params, on_text=self._on_text(stream),
+                    on_token=None if self._text else self._on_token(stream),
+                )  # fmt: skip
+            except Exception as exc:  # e.g. a request that can never fit: only it fails
+                stream._finish(None, exc)
+                continue
+            self._streams[stream.id] = stream
+
+    def _on_text(self, stream: RequestStream) -> Callable[[int, str], None]:
+        return lambda _, piece: stream._queue.put(piece)
+
+    def _on_token(self, stream: RequestStream) -> Callable[[int, int], None]:
+        return lambda _, tok: stream._queue.put(tok)
+
+    def _end(self, rid: str) -> None:
+        stream = self._streams.pop(rid)
+        assert self._engine is not None
+        stream._finish(self._engine.finished.pop(rid))
+
+    def _release_if_idle(self) -> None:
+        if self._engine is not None and not self._engine.has_work() and not self._streams:
+            self._engine.close()  # frees the pools: an idle server holds no KV memory
+            self._engine = None
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            for stream in self._streams.values():
+                stream._finish(None, exc)
+            self._streams.clear()
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
