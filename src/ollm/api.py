@@ -321,6 +321,27 @@ class LLM:
             self._check_request([ids], 0)  # plans for the text's length like any request
             return self._engine.score(ids)
 
+    def logprob_chunks(
+        self, token_ids: Sequence[int], rows: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Log-softmax over the vocabulary (float32 [rows, vocab], CPU) at each position of
+        ``token_ids`` but the last (position t predicts token t + 1), a few positions at a time:
+        one forward pass, then the head chunk by chunk, so no [tokens, vocab] tensor exists at
+        once (used by ``ollm.eval`` to compare whole distributions of two settings)."""
+        from ollm.engine.generate import SCORE_LOGITS_BYTES
+
+        ids = [int(t) for t in token_ids]
+        if len(ids) < 2:
+            raise RequestError("logprob_chunks needs at least two tokens")
+        with self._lock:
+            self._check_request([ids], 0)
+            h = self._engine.final_hidden(ids)[:, :-1]
+        step = rows or max(1, SCORE_LOGITS_BYTES // (4 * self.spec.vocab_size))
+        for c0 in range(0, h.shape[1], step):
+            with self._lock:  # the head's weights belong to the current placement
+                logits = self.runner.logits(h[:, c0 : c0 + step])[0]
+            yield torch.log_softmax(logits, dim=-1).cpu()
+
     def info(self) -> dict[str, object]:
         """Architecture, sizes and the placement plan."""
         s = self.spec

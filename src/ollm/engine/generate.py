@@ -219,6 +219,17 @@ class Generator:
         finally:
             self._release(kv, disk)
 
+    def final_hidden(self, token_ids: list[int]) -> torch.Tensor:
+        """Final-layer hidden states [1, T, H] of a teacher-forced pass over ``token_ids`` (on the
+        last layer's device): a caller applies ``runner.logits`` to a few positions at a time."""
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        pos = torch.arange(len(token_ids))[None]
+        kv, disk = self._new_kv(1, len(token_ids), None)
+        try:
+            return self.runner.forward(ids, pos, kv, None, head=lambda h: h)
+        finally:
+            self._release(kv, disk)
+
     def _score_head(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-probs of ``targets`` from the final hidden states ``h`` [1, T, H], a few positions
         at a time: a [T, vocab] float32 tensor would be GiBs for a long text and a big vocab."""
