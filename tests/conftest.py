@@ -75,10 +75,37 @@ def tiny_config(family: str):
         )
     if family == "mixtral":  # 4 experts, top-2, on every layer
         return tf.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
+    if family == "gpt_oss":  # sliding (12) / full layers alternating, YaRN past 64 positions
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+        }
+        return tf.GptOssConfig(
+            **TINY,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=12,
+            rope_parameters=rope,
+        )
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "qwen3_moe",
+    "mixtral",
+    "gpt_oss",
+]
 
 
 def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0, **overrides):
@@ -95,6 +122,8 @@ def make_hf_model(family: str, path, dtype=torch.float32, seed: int = 0, **overr
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif family == "gpt_oss" and "bias" in name:  # HF initialises biases to zero
+                p.normal_(0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

@@ -1,7 +1,8 @@
-"""Mixture-of-experts families (Qwen3-MoE, Mixtral) against transformers: which layers are
-sparse, routing, the expert MLP in both weight layouts and in row chunks, and whole models with
-layers resident, split between RAM and disk, streamed from disk and (on a GPU) from pinned RAM.
-Greedy tokens and log-probs of the tiny configs are also checked by tests/test_equivalence.py."""
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral, gpt-oss) against transformers: which layers
+are sparse, routing, the expert MLP in its weight layouts and in row chunks, attention sinks, and
+whole models with layers resident, split between RAM and disk, streamed from disk and (on a GPU)
+from pinned RAM. Greedy tokens and log-probs of the tiny configs (resident and streamed from
+disk) are also checked by tests/test_equivalence.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from safetensors.torch import load_file
 
 from conftest import make_hf_model, tiny_config
 from ollm import LLM, SamplingParams
-from ollm.layers.moe import moe_mlp, moe_weight_names, route
+from ollm.layers.moe import moe_mlp, route
 from ollm.models.decoder import layer_weight_names
 from ollm.models.registry import build_spec
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
 
 
@@ -92,16 +93,19 @@ def test_qwen3_moe_sparse_layers_follow_transformers(overrides):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_routing_and_experts_match_transformers(family, dtype, tmp_path):
     """Router weights and indices equal HF's router module; the MoE MLP over 64 rows equals HF's
-    sparse block, whole and in row chunks (the same up to GEMM rounding by row count)."""
+    sparse block, whole and in row chunks (the same up to GEMM rounding by row count). Inputs
+    are scaled so that gpt-oss's SwiGLU clamp at 7 is reached."""
     model = make_hf_model(family, tmp_path, dtype=dtype)
     spec = build_spec(model.config)
     w = {k: v.to(dtype) for k, v in layer_weights(tmp_path, 0).items()}
     block = model.model.layers[0].mlp
+    router = block.router if family == "gpt_oss" else block.gate
     torch.manual_seed(1)
-    x = torch.randn(1, 64, spec.hidden_size, dtype=dtype)
+    x = torch.randn(1, 64, spec.hidden_size, dtype=dtype) * (4 if family == "gpt_oss" else 1)
     with torch.no_grad():
-        _, ref_w, ref_i = block.gate(x.view(-1, spec.hidden_size))
+        _, ref_w, ref_i = router(x.view(-1, spec.hidden_size))
         ref = block(x)
+        ref = ref[0] if isinstance(ref, tuple) else ref  # gpt-oss also returns router scores
     ours_w, ours_i = route(x.view(-1, spec.hidden_size), w, spec.moe)
     assert torch.equal(ours_i, ref_i)
     assert ours_w.dtype == ref_w.dtype and torch.equal(ours_w, ref_w)
@@ -109,7 +113,8 @@ def test_routing_and_experts_match_transformers(family, dtype, tmp_path):
     tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     whole = moe_mlp(x, w, spec.moe, spec.act)
     torch.testing.assert_close(whole, ref, **tol)
-    torch.testing.assert_close(moe_mlp(x, w, spec.moe, spec.act, chunk_tokens=10), whole)
+    chunked = moe_mlp(x, w, spec.moe, spec.act, chunk_tokens=10)
+    torch.testing.assert_close(chunked, whole, **(tol or {"atol": 1e-4, "rtol": 1e-4}))
 
 
 def test_fused_expert_layout(tmp_path):
@@ -185,42 +190,6 @@ def test_gpu_streams_moe_layers_from_ram_and_disk(family, hf_models, tmp_path):
         model.to("cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpt_oss_experts_match_transformers(dtype):
-    """gpt-oss's MoE MLP (router with a bias, softmax over the top-k logits, clamped SwiGLU
-    experts with biases, fused [E, H, 2I] weights with gate/up interleaved) equals HF's block.
-    The gpt_oss family itself is not registered yet: its attention sinks are not built."""
-    import transformers as tf
-
-    from ollm.layers.moe import MoeSpec
-
-    torch.manual_seed(0)
-    cfg = tf.GptOssConfig(
-        hidden_size=64, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-    )  # fmt: skip
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    block = model.model.layers[0].mlp
-    with torch.no_grad():  # HF initialises the expert biases to zero: make them matter
-        for p in (block.experts.gate_up_proj_bias, block.experts.down_proj_bias):
-            p.normal_(0, 0.5)
-    w = {k.removeprefix("model.layers.0."): v for k, v in model.state_dict().items()}
-    moe = MoeSpec(
-        num_experts=6, top_k=2, intermediate_size=32, sparse_layers=frozenset({0, 1}),
-        routing="topk_softmax", router="router", router_bias=True, expert_kind="gpt_oss",
-    )  # fmt: skip
-    assert set(moe_weight_names(moe, set(w))) <= set(w)
-    x = torch.randn(1, 48, 64, dtype=dtype) * 4  # large enough that the clamp at 7 is reached
-    with torch.no_grad():
-        ref, _ = block(x)
-        _, ref_w, ref_i = block.router(x.view(-1, 64))
-    ours_w, ours_i = route(x.view(-1, 64), w, moe)
-    assert torch.equal(ours_i, ref_i) and torch.equal(ours_w, ref_w)
-    assert len(set(ours_i.flatten().tolist())) == 6
-    tol = {} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
-    torch.testing.assert_close(moe_mlp(x, w, moe, "silu"), ref, **tol)
-
-
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_padded_batch_matches_transformers(family, tmp_path):
     """Three left-padded prompts in one batch (padding rows are routed too, and must not touch
@@ -274,3 +243,63 @@ def test_real_configs_parameter_counts(family, fields, total, active):
     assert spec.moe is not None and len(spec.moe.sparse_layers) == n
     assert n * spec.layer_param_count() + embed == pytest.approx(total, rel=0.01)
     assert n * spec.layer_param_count(active=True) + embed == pytest.approx(active, rel=0.02)
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "padding", "decode-parts"])
+def test_attention_sinks_match_their_definition(case):
+    """gpt-oss's sinks: softmax over the keys plus one more logit per head whose value is 0
+    (as transformers' eager attention computes it), through ``attend`` with plain causal,
+    sliding-window and padding masks, and ``attend_parts`` merging a cache split in two tiers."""
+    from dataclasses import replace
+
+    from ollm.layers.attention import AttentionMask, attend, attend_parts
+
+    torch.manual_seed(0)
+    b, h, kvh, d, s = 2, 4, 2, 16, 40
+    t = 1 if case == "decode-parts" else 24
+    q = torch.randn(b, h, t, d)
+    k, v = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
+    sinks = torch.randn(h) * 2
+    keep = torch.ones(b, s, dtype=torch.bool)
+    keep[1, :5] = False  # the second sequence left-padded by 5
+    mask = AttentionMask(
+        s - t,
+        t,
+        s,
+        keep if case == "padding" else None,
+        6 if case == "window" else None,
+        sinks,
+    )
+    scale = d**-0.5
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(h // kvh, 1)) * scale
+    scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
+    logits = torch.cat([scores, sinks[None, :, None, None].expand(b, h, t, 1)], -1)
+    probs = torch.softmax(logits, -1)[..., :-1]
+    ref = probs @ v.repeat_interleave(h // kvh, 1)
+    if case == "decode-parts":
+        ours = attend_parts(
+            q, [(k[:, :, :16], v[:, :, :16]), (k[:, :, 16:], v[:, :, 16:])], mask, scale
+        )
+    else:
+        ours = attend(q, k, v, mask, scale)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    plain = attend(q, k, v, replace(mask, sinks=None), scale)
+    assert (plain - ref).abs().max() > 1e-2  # the sinks change the output
+
+
+def test_gpt_oss_rms_norm_rounds_like_transformers():
+    """gpt-oss keeps its norms in float32 and rounds ``w * norm(x)`` once: in bfloat16 our
+    norm equals HF's bit for bit (with weights a bf16 store holds exactly)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    from ollm.layers.norms import rms_norm
+
+    torch.manual_seed(0)
+    ref_norm = GptOssRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ref_norm.weight.copy_((1 + 0.3 * torch.randn(64)).bfloat16().float())
+    x = torch.randn(3, 7, 64).bfloat16()
+    with torch.no_grad():
+        ref = ref_norm(x)
+    ours = rms_norm(x, ref_norm.weight.detach().bfloat16(), 1e-5, False, float_weight=True)
+    assert ours.dtype == ref.dtype == torch.bfloat16 and torch.equal(ours, ref)

@@ -251,7 +251,9 @@ class Runner:
         """Float32 logits [B, T, V] of final hidden states ``h`` [B, T, H] (norm, head, softcap)."""
         spec, g = self.spec, self.prefetcher.globals
         h = h.to(self.plan.head_device)
-        h = rms_norm(h, g["norm.weight"], spec.norm_eps, spec.norm_unit_offset)
+        h = rms_norm(
+            h, g["norm.weight"], spec.norm_eps, spec.norm_unit_offset, spec.norm_float_weight
+        )
         logits = F.linear(h, g["lm_head.weight"])
         if spec.final_logit_softcap:
             cap = spec.final_logit_softcap

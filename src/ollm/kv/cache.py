@@ -119,7 +119,12 @@ class SlidingKVCache(LayerKVCache):
         if self.offset:
             keep = None if mask.key_keep is None else mask.key_keep[:, self.offset :]
             mask = AttentionMask(
-                mask.q_start - self.offset, mask.q_len, mask.kv_len - self.offset, keep, mask.window
+                mask.q_start - self.offset,
+                mask.q_len,
+                mask.kv_len - self.offset,
+                keep,
+                mask.window,
+                mask.sinks,
             )
             dense_mask = None
         return attend(q, k_all, v_all, mask, scale, dense_mask)

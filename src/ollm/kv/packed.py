@@ -19,7 +19,7 @@ only over the keys written so far (the later ones are in its causal future anywa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,12 +43,38 @@ class SeqRows:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences of a step with one query token each, attended in one batched call over
+    their K/V gathered into ``[B, kv_heads, blocks * block_tokens, D]`` (padded to the longest;
+    the padding is masked)."""
+
+    seqs: tuple[SeqRows, ...]
+    rows: torch.Tensor  # [B] their rows in the packed step
+    block_ids: torch.Tensor  # [B * blocks] their held blocks, each padded with its last one
+    num_blocks: int  # blocks per sequence after padding
+    masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, S] True = attend
+
+    def mask(self, window: int | None, block_tokens: int) -> torch.Tensor:
+        """Which gathered keys each query sees: its own, causal, inside ``window``."""
+        if window not in self.masks:
+            dev = self.rows.device
+            j = torch.arange(self.num_blocks * block_tokens, device=dev)[None]
+            pos = torch.tensor([s.start - s.key0 for s in self.seqs], device=dev)[:, None]
+            keep = j <= pos
+            if window is not None:
+                keep &= j > pos - window
+            self.masks[window] = keep[:, None, None]
+        return self.masks[window]
+
+
+@dataclass(frozen=True)
 class GroupLayout:
     """Where each row of the step writes its K/V in one KV group, and each sequence's blocks."""
 
     row_block: torch.Tensor  # [N] block id per row
     row_offset: torch.Tensor  # [N] slot offset in that block per row
     seqs: tuple[SeqRows, ...]
+    decodes: DecodeBatch | None  # two or more one-token sequences, attended together
 
 
 class PackedStep:
@@ -89,6 +115,7 @@ class PackedStep:
             torch.tensor(row_block, dtype=torch.long, device=device),
             torch.tensor(row_offset, dtype=torch.long, device=device),
             tuple(seqs),
+            _decode_batch([s for s in seqs if s.n == 1], bt, device),
         )
 
     def input_ids(self) -> torch.Tensor:
@@ -157,16 +184,44 @@ class PackedLayerKV:
         self.pool[0][blk, :, off] = k[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
         self.pool[1][blk, :, off] = v[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
         out = torch.empty_like(q)
+        batched = lay.decodes is not None and all(r0 <= s.row0 < r1 for s in lay.decodes.seqs)
+        if batched:
+            self._attend_decodes(q, out, r0, mask, scale)
         for s in lay.seqs:
             a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
-            if a >= b:
+            if a >= b or (batched and s.n == 1):
                 continue
             q_pos = s.start + (a - s.row0)  # position of the first query row here
             upto = s.start + (b - s.row0)  # keys written so far for this sequence
             ks, vs = self._gather(s, upto, q.device)
-            m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window)
+            m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks)
             out[:, :, a - r0 : b - r0] = attend(q[:, :, a - r0 : b - r0], ks, vs, m, scale)
         return out
+
+    def _attend_decodes(
+        self, q: torch.Tensor, out: torch.Tensor, r0: int, mask: AttentionMask, scale: float
+    ) -> None:
+        """One attention call for every one-token sequence: their K/V gathered by one indexed
+        read per pool, padded keys masked (same maths as one call each, other kernels)."""
+        from ollm.layers.attention import AttentionMask as Mask
+        from ollm.layers.attention import attend
+
+        d = self.layout.decodes
+        assert d is not None
+        b, bt = len(d.seqs), self.store.block_tokens
+        rows = d.rows.to(q.device) - r0
+        qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)  # [B, heads, 1, D]
+        kv = []
+        for i in (0, 1):
+            x = self.pool[i].index_select(0, d.block_ids)  # [B * blocks, kv_heads, bt, D]
+            x = x.view(b, d.num_blocks, x.shape[1], bt, x.shape[3]).transpose(1, 2)
+            kv.append(x.reshape(b, x.shape[1], d.num_blocks * bt, x.shape[4]).to(q.device))
+        keep = d.mask(mask.window, bt).to(q.device)
+        s = keep.shape[-1]
+        # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
+        m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
+        o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
+        out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1))
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``."""
@@ -191,3 +246,17 @@ class PackedLayerKV:
     def nbytes(self) -> int:
         """Bytes of this layer's pool."""
         return self.pool.numel() * self.pool.element_size()
+
+
+def _decode_batch(seqs: list[SeqRows], block_tokens: int, device) -> DecodeBatch | None:
+    """The batched decode layout of ``seqs`` (None for fewer than two)."""
+    if len(seqs) < 2:
+        return None
+    need = [-(-(s.start + 1 - s.key0) // block_tokens) for s in seqs]
+    nb = max(need)
+    ids = []
+    for s, n in zip(seqs, need, strict=True):
+        own = s.block_ids[:n]
+        ids.append(torch.cat([own, own[-1:].expand(nb - n)]))  # padding: any held block
+    rows = torch.tensor([s.row0 for s in seqs], dtype=torch.long, device=device)
+    return DecodeBatch(tuple(seqs), rows, torch.cat(ids), nb)

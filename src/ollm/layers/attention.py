@@ -14,7 +14,8 @@ class AttentionMask:
 
     Slots are positions in the KV cache (padding included, as in transformers); ``q_start`` is the
     slot of the first query token. ``key_keep`` [B, S] marks real (non-padding) key slots; ``None``
-    means no padding. ``window`` limits keys to ``q - window < k <= q``.
+    means no padding. ``window`` limits keys to ``q - window < k <= q``. ``sinks`` [H] (gpt-oss)
+    are the logits of one more key, outside the cache, that every query sees, with value 0.
     """
 
     q_start: int
@@ -22,6 +23,7 @@ class AttentionMask:
     kv_len: int
     key_keep: torch.Tensor | None = None
     window: int | None = None
+    sinks: torch.Tensor | None = None
 
     def is_plain_causal(self) -> bool:
         """True when the mask is exactly causal (or empty), so SDPA can use its fused kernels."""
@@ -88,8 +90,13 @@ def attend(
         # Keys before the first query's window are masked for every query: drop them, so the
         # work and any mask are [q_len, q_len + window], not [q_len, kv_len].
         k, v = k[:, :, lo:], v[:, :, lo:]
-        mask = AttentionMask(mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window)
+        mask = AttentionMask(
+            mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window, mask.sinks
+        )
         dense_mask = None
+    if mask.sinks is not None:  # the blocked kernel gives the log-sum-exp the sinks need
+        out, lse = blocked_attention_lse(q, k, v, mask, scale, dense_mask)
+        return with_sinks(out, lse, mask.sinks)
     path = attention_path(q.device.type, q.dtype, q.shape[-1], mask)
     if path == "grouped":
         # Decode on the CPU: PyTorch's CPU SDPA is ~10x slower than two grouped matmuls here.
@@ -160,7 +167,7 @@ def blocked_attention_lse(
     cell = b * _row_cell_bytes(h, q.element_size())
     if mask.key_keep is not None:  # once on the device, not once per block
         keep = mask.key_keep.to(q.device)
-        mask = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, keep, mask.window)
+        mask = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, keep, mask.window, mask.sinks)
     out = torch.zeros_like(q)
     lse = torch.full((b, h, t), float("-inf"), device=q.device)
     r0 = 0
@@ -298,7 +305,14 @@ def attend_parts(
         w = torch.sigmoid(lse - s).nan_to_num_(0.5).unsqueeze(-1).to(o.dtype)
         out = o.lerp_(out, w)
         lse = torch.logaddexp(lse, s)
-    return out
+    return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention output [B, H, T, D] with one more key of logit ``sinks`` [H] and value 0 in
+    the softmax: each probability shrinks by Z / (Z + e^sink) = sigmoid(lse - sink)."""
+    keep = torch.sigmoid(lse.float() - sinks.to(lse.device).float()[None, :, None])
+    return out * keep.unsqueeze(-1).to(out.dtype)
 
 
 def _attend_lse(

@@ -4,6 +4,7 @@ layers own no parameters, so the runner can stream them from any tier."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ Weights = Mapping[str, torch.Tensor]
 
 
 def _norm(spec: ModelSpec, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return rms_norm(x, w, spec.norm_eps, spec.norm_unit_offset)
+    return rms_norm(x, w, spec.norm_eps, spec.norm_unit_offset, spec.norm_float_weight)
 
 
 def self_attention(
@@ -46,6 +47,8 @@ def self_attention(
         k = _norm(spec, k, w["self_attn.k_norm.weight"])
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
+    if spec.attn_sinks:
+        mask = replace(mask, sinks=w["self_attn.sinks"])
     out = kv.attend(q, k, v, mask, spec.scale, dense_mask)
     out = out.transpose(1, 2).reshape(b, t, -1)
     return F.linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
@@ -119,6 +122,8 @@ def required_layer_tensors(
         need += ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
     if spec.qk_norm:
         need += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    if spec.attn_sinks:
+        need.append("self_attn.sinks")
     if spec.sandwich_norm:
         need += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
     return need

@@ -32,12 +32,14 @@ class ModelSpec:
     act: str = "silu"  # key of ollm.layers.mlp.ACTIVATIONS
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
     norm_unit_offset: bool = False  # Gemma's (1 + w) RMSNorm
+    norm_float_weight: bool = False  # (w * norm(x)) in float32, then rounded (gpt-oss)
     qk_norm: bool = False  # RMSNorm on each query/key head (Qwen3, Gemma 3)
     sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma 2/3)
     embed_scale: float | None = None  # multiply embeddings (Gemma: sqrt(hidden_size))
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
     eos_token_ids: tuple[int, ...] = ()
+    attn_sinks: bool = False  # a learned logit per head joins every softmax (gpt-oss)
     moe: MoeSpec | None = None  # mixture-of-experts MLP on ``moe.sparse_layers``; None = dense
 
     def is_sparse(self, layer: int) -> bool:
