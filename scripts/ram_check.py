@@ -176,6 +176,8 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         cmd += ["--model", args.model]
     if args.cpu_memory:
         cmd += ["--cpu-memory", args.cpu_memory]
+    if args.prefill_chunk:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -197,6 +199,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=4, help="new tokens per request")
     ap.add_argument("--model", default=None, help="model path (default: the default model)")
     ap.add_argument("--cpu-memory", default=None, help="cpu_memory budget, e.g. 4GiB")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="force rows per chunk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
@@ -206,6 +209,8 @@ def main() -> None:
         opts = {"device": "cpu"}
         if args.cpu_memory:
             opts["cpu_memory"] = args.cpu_memory
+        if args.prefill_chunk:  # rows per chunk; more than the prompt runs it whole
+            opts["prefill_chunk"] = args.prefill_chunk
         print(json.dumps(measure_one(args.one, args.new, args.model, args.seed, opts)))
         return
     if args.tokenizer:
