@@ -187,3 +187,40 @@ def test_server_streams(llms):
         assert server.idle
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_llm_generate_list_uses_batch_engine(family, tmp_path, monkeypatch):
+    """LLM.generate with several text prompts (stop strings, per-prompt params) runs through the
+    batch engine and gives each prompt's single-request text, tokens and finish reason."""
+    from conftest import char_tokenizer, make_hf_model
+    from ollm.engine import batch
+
+    make_hf_model(family, tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    texts = ["The cat sat on", "A long shared beginning of a story: once upon", "xyz"]
+    texts.append(texts[1] + " a time there")
+    with LLM(tmp_path / "m", device="cpu", cache_dir=tmp_path / "c", progress=False) as llm:
+        single = [llm.generate(t, GREEDY) for t in texts]
+        stop = single[0].text[2:4]  # a stop string inside the first output
+        params = [SamplingParams(temperature=0, max_new_tokens=10, stop=[stop]), GREEDY]
+        params += [SamplingParams(temperature=0, max_new_tokens=4), GREEDY]
+        want = [llm.generate(t, p) for t, p in zip(texts, params, strict=True)]
+        made = []
+        run = batch.BatchEngine.generate
+
+        def recorded(self, *a, **k):
+            made.append(self)
+            return run(self, *a, **k)
+
+        monkeypatch.setattr(batch.BatchEngine, "generate", recorded)
+        pieces: dict[int, str] = {}
+        got = llm.generate(
+            texts, params, _on_text=lambda r, s: pieces.__setitem__(r, pieces.get(r, "") + s)
+        )
+    assert len(made) == 1 and made[0].steps > 0  # one engine ran the whole request
+    assert made[0].kv_blocks_used() == 0
+    for g, w in zip(got, want, strict=True):
+        assert (g.text, g.token_ids, g.finish_reason) == (w.text, w.token_ids, w.finish_reason)
+    assert want[0].finish_reason == "stop" and len(want[0].token_ids) < 10
+    assert [pieces.get(i, "") for i in range(4)] == [w.text for w in want]

@@ -240,7 +240,7 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         _on_text=None,
         _on_token=None,
@@ -250,8 +250,12 @@ class LLM:
         """Generate for one prompt (text or token ids) or a list; returns one result or a list.
 
         Text gets only the tokenizer's special tokens (e.g. BOS); use ``chat`` for templates.
+        ``params`` may be a list, one per prompt. Several prompts (or a list of params) run by
+        continuous batching on paged KV when the plan keeps all KV on the device (no padding,
+        each prompt at its own length, shared prefixes computed once), else as a padded batch.
         """
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        plist = None if isinstance(params, SamplingParams) else list(params)
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
         )
@@ -260,14 +264,24 @@ class LLM:
         # can fail with "Already borrowed", and a re-plan replaces what a running request uses.
         with self._lock:
             ids = [self._encode(p, _special) for p in batch]
-            self._check_request(ids, params.max_new_tokens)
-            outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)
-            self._review_hybrid(metrics, len(ids))
+            if plist is not None and len(plist) != len(ids):
+                raise RequestError(f"{len(ids)} prompts but {len(plist)} sampling params")
+            each = plist if plist is not None else [params]
+            self._check_request(ids, max(p.max_new_tokens for p in each))  # type: ignore[union-attr]
+            if len(ids) > 1 or plist is not None:
+                from ollm.engine.batch import generate_many
+
+                w = self.workload  # covers every prompt after the check
+                outs, mets = generate_many(
+                    self._engine, ids, params, w.batch, w.context, _on_text, _on_token, _kv_dir
+                )
+            else:
+                outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)  # type: ignore[arg-type]
+                mets = [metrics]
+            self._review_hybrid(mets[0], len(ids))
         results = [
-            GenerationResult(
-                o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", metrics
-            )
-            for o in outs
+            GenerationResult(o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", m)
+            for o, m in zip(outs, mets, strict=True)
         ]
         return results[0] if single else results
 

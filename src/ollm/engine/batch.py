@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm.engine.generate import SequenceOutput
+from ollm.engine.generate import Generator, SequenceOutput
 from ollm.engine.runner import Runner
 from ollm.engine.sampling import Sampler, SamplingParams
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
+from ollm.errors import RequestError
 from ollm.kv.blocks import BlockManager
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
@@ -324,7 +325,7 @@ class BatchEngine:
         """Run ``prompts`` (one params for all, or one each) to completion; outputs in order."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+            raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         stats = self.runner.prefetcher.stats
         before = stats.snapshot()
         t0 = time.perf_counter()
@@ -385,3 +386,44 @@ class BatchEngine:
         for rid in list(self.live):
             self.cancel(rid)
         self.stores.clear()
+
+
+def generate_many(
+    generator: Generator,
+    prompts: list[list[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    batch: int,
+    context: int,
+    on_text: Callable[[int, str], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    kv_dir: str | None = None,
+) -> tuple[list[SequenceOutput], list[GenerationMetrics]]:
+    """Run a request of several prompts: continuous batching on paged KV when the plan keeps
+    every layer's KV on the device (pools for the planned ``batch x context``), else the
+    padded batch of ``generator`` (one call per distinct params). Metrics per output (shared
+    by the outputs of one run)."""
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+    runner = generator.runner
+    if kv_dir is None and batch_supported(runner):
+        eng = BatchEngine.for_plan(runner, generator.tokenizer, generator.eos_ids, batch, context)
+        try:
+            outs, metrics = eng.generate(prompts, plist, on_text, on_token)
+        finally:
+            eng.close()
+        return outs, [metrics] * len(outs)
+    outs: list[SequenceOutput | None] = [None] * len(prompts)
+    mets: list[GenerationMetrics | None] = [None] * len(prompts)
+    for sp in dict.fromkeys(plist):  # the padded batch takes one params for all its prompts
+        idx = [i for i, p in enumerate(plist) if p == sp]
+
+        def remap(cb, idx=idx):  # the caller's callbacks see indices in the whole request
+            return None if cb is None else (lambda r, x: cb(idx[r], x))
+
+        o, m = generator.generate(
+            [prompts[i] for i in idx], sp, remap(on_text), remap(on_token), kv_dir
+        )
+        for i, out in zip(idx, o, strict=True):
+            outs[i], mets[i] = out, m
+    return outs, mets  # type: ignore[return-value]
