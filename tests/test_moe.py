@@ -303,3 +303,23 @@ def test_gpt_oss_rms_norm_rounds_like_transformers():
         ref = ref_norm(x)
     ours = rms_norm(x, ref_norm.weight.detach().bfloat16(), 1e-5, False, float_weight=True)
     assert ours.dtype == ref.dtype == torch.bfloat16 and torch.equal(ours, ref)
+
+
+def test_converter_checks_each_layer_for_its_own_mlp(tmp_path):
+    """A Qwen3-MoE checkpoint missing one expert's tensor of a sparse layer is refused at
+    conversion, naming it; the dense layer (``mlp_only_layers``) needs no experts, and its
+    store file is smaller than a sparse layer's."""
+    from safetensors.torch import save_file
+
+    from ollm.errors import CorruptStoreError
+    from ollm.weights.convert import convert
+    from ollm.weights.store import LayerStore
+
+    make_hf_model("qwen3_moe", tmp_path / "hf")
+    store = LayerStore(convert(tmp_path / "hf", tmp_path / "store", progress=False))
+    assert store.layer_nbytes(1) < store.layer_nbytes(0)  # layer 1 is dense
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CorruptStoreError, match=r"layer 2 lacks mlp\.experts\.5\.up_proj\.weight"):
+        convert(tmp_path / "hf", tmp_path / "store2", progress=False)
