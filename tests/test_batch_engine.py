@@ -224,3 +224,36 @@ def test_llm_generate_list_uses_batch_engine(family, tmp_path, monkeypatch):
         assert (g.text, g.token_ids, g.finish_reason) == (w.text, w.token_ids, w.finish_reason)
     assert want[0].finish_reason == "stop" and len(want[0].token_ids) < 10
     assert [pieces.get(i, "") for i in range(4)] == [w.text for w in want]
+
+
+def test_llm_submit_streams_text(tmp_path):
+    """LLM.submit from several threads: each stream's text pieces join to its single-request
+    text; a later, longer request re-plans once the server is idle."""
+    from conftest import char_tokenizer, make_hf_model
+
+    make_hf_model("llama", tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    texts = ["Hello there", "Once upon a time", "abc", "The quick brown fox jumps"]
+    kw = dict(device="cpu", max_context=64, cache_dir=tmp_path / "c", progress=False)
+    with LLM(tmp_path / "m", **kw) as llm:
+        want = [llm.generate(t, GREEDY).text for t in texts]
+        streams: list = [None] * len(texts)
+
+        def go(i: int) -> None:
+            streams[i] = llm.submit(texts[i], GREEDY)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert ["".join(s) for s in streams] == want
+        assert [s.wait(30).text for s in streams] == want
+        long = SamplingParams(temperature=0, max_new_tokens=80)  # beyond max_context=64
+        for _ in range(100):  # the server frees its engine once idle
+            if llm._server.idle:
+                break
+            threading.Event().wait(0.05)
+        got = "".join(llm.submit(texts[0], long))
+        assert llm.workload.context >= len(texts[0]) + 80
+        assert got == llm.generate(texts[0], long).text

@@ -75,6 +75,7 @@ class LLM:
         # and runner) and its run must not interleave with another thread's. Re-entrant because
         # a locked request calls the public ensure_context.
         self._lock = threading.RLock()
+        self._server = None  # the BatchServer behind submit(), made by the first call
         self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
         from ollm.weights.convert import default_cache_dir as _cache_root
@@ -371,8 +372,48 @@ class LLM:
             "plan": dict(self.plan.describe()),
         }
 
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None):
+        """Queue one request on a shared continuous batch and return its stream at once: iterate
+        it for text pieces (token ids without a tokenizer), ``wait()`` for the output,
+        ``cancel()`` to stop it. Requests from any thread join the running batch at its next
+        step (``ollm.engine.serving``); a server sits on this. Needs a plan with every layer's
+        KV on the device. The plan grows for a longer request only while no submitted request
+        runs; until then a request longer than the planned context is refused."""
+        from ollm.engine.batch import BatchEngine, batch_supported
+        from ollm.engine.serving import BatchServer
+
+        params = params or SamplingParams()
+        with self._lock:
+            ids = self._encode(prompt)
+            if self._server is None or self._server.idle:
+                self._check_request([ids], params.max_new_tokens)  # no engine: a re-plan is safe
+            elif len(ids) + params.max_new_tokens > self.workload.context:
+                raise RequestError(
+                    f"{len(ids)} prompt + {params.max_new_tokens} new tokens exceed the running "
+                    f"batch's context of {self.workload.context} (max_context)"
+                )
+            if not batch_supported(self.runner):
+                raise RequestError(
+                    "submit() needs every layer's KV on the device; this plan keeps some in RAM "
+                    "or on disk (use generate() or stream(), or a larger gpu_memory)"
+                )
+            if self._server is None:
+
+                def make() -> BatchEngine:  # called by the server under self._lock
+                    w = self.workload
+                    eos = self._eos_ids()
+                    return BatchEngine.for_plan(
+                        self.runner, self.tokenizer, eos, w.batch, w.context
+                    )
+
+                self._server = BatchServer(make, self._lock, text=self.tokenizer is not None)
+            return self._server.submit(ids, params)
+
     def close(self) -> None:
         """Stop the loader thread and free pinned and device buffers (after a running request)."""
+        if self._server is not None:  # before the lock: its thread takes the lock to step
+            self._server.close()
+            self._server = None
         with self._lock:
             self.prefetcher.close()
 
