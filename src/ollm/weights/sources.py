@@ -160,4 +160,6 @@ def open_source(path: str | Path, progress: bool = False) -> TensorSource:
         from ollm.weights.gguf import GGUFSource
 
         return GGUFSource(ggufs[0], progress)
-    return HFDirSource(p)
+    from ollm.weights.mxfp4 import Mxfp4Source, is_mxfp4
+
+    return Mxfp4Source(HFDirSource(p)) if is_mxfp4(p) else HFDirSource(p)

@@ -1,0 +1,118 @@
+"""MXFP4 checkpoints (gpt-oss): expert weights stored as 4-bit floats in blocks of 32 with one
+shared power-of-two scale, dequantized once at conversion, so the layer store holds plain
+bf16 / float32 tensors under transformers' names.
+
+A checkpoint marks them with ``quantization_config.quant_method == "mxfp4"`` and stores, for a
+weight ``W`` of shape [E, cols, rows] (the gpt-oss module layout), ``W_blocks`` [E, rows, G, 16]
+(uint8, two FP4 codes per byte, low nibble first) and ``W_scales`` [E, rows, G] (uint8, the
+exponent + 127), with G * 32 == cols. Value = FP4_VALUES[code] * 2 ** (scale - 127).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# The 16 E2M1 values, indexed by the 4-bit code (sign bit first).
+FP4_VALUES = (
+    0.0,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    6.0,
+    -0.0,
+    -0.5,
+    -1.0,
+    -1.5,
+    -2.0,
+    -3.0,
+    -4.0,
+    -6.0,
+)
+BLOCKS, SCALES = "_blocks", "_scales"
+
+
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """[E, rows, G, 16] codes and [E, rows, G] scales -> [E, G * 32, rows] values in ``dtype``
+    (every value is exact in bf16: a 2-bit mantissa times a power of two). One expert at a time,
+    so the temporaries stay at one expert's size (gpt-oss-120B: 128 experts per tensor)."""
+    if blocks.shape[:-1] != scales.shape or blocks.dim() != 4:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}"
+        )
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    e, rows, groups, width = blocks.shape
+    out = torch.empty(e, groups * width * 2, rows, dtype=dtype, device=blocks.device)
+    for i in range(e):
+        codes = blocks[i].to(torch.uint8)
+        vals = torch.empty(rows, groups, width * 2, dtype=dtype, device=blocks.device)
+        vals[..., 0::2] = lut[(codes & 0x0F).long()]
+        vals[..., 1::2] = lut[(codes >> 4).long()]
+        torch.ldexp(vals, (scales[i].to(torch.int32) - 127)[..., None], out=vals)
+        out[i] = vals.reshape(rows, -1).T
+    return out
+
+
+def is_mxfp4(path: Path) -> bool:
+    """Whether the HF directory ``path`` declares MXFP4 weights in its config.json."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    quant = raw.get("quantization_config") or {}
+    return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
+
+
+class Mxfp4Source:
+    """A TensorSource over another one whose ``W_blocks`` / ``W_scales`` pairs it presents as
+    one dequantized ``W``; the config it gives has no ``quantization_config`` (the store is not
+    quantized)."""
+
+    def __init__(self, inner, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.inner, self.dtype = inner, dtype
+        self.path, self.model_type = inner.path, inner.model_type
+        names = inner.names()
+        have = set(names)
+        self._pairs = {
+            n[: -len(BLOCKS)]: n
+            for n in names
+            if n.endswith(BLOCKS) and n[: -len(BLOCKS)] + SCALES in have
+        }
+        paired = set(self._pairs.values()) | {w + SCALES for w in self._pairs}
+        self._names = [n for n in names if n not in paired] + list(self._pairs)
+        self._config = None
+
+    def hf_config(self) -> object:
+        if self._config is None:
+            self._config = self.inner.hf_config()
+            if hasattr(self._config, "quantization_config"):
+                delattr(self._config, "quantization_config")
+        return self._config
+
+    def save_tokenizer(self, out_dir: str | Path) -> None:
+        self.inner.save_tokenizer(out_dir)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._pairs:
+            return self.inner.shape(name)
+        e, rows, groups, width = self.inner.shape(self._pairs[name])
+        return (e, groups * width * 2, rows)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._pairs:
+            return self.inner.get(name)
+        blocks = self.inner.get(self._pairs[name])
+        return dequantize_mxfp4(blocks, self.inner.get(name + SCALES), self.dtype)
+
+    def close(self) -> None:
+        self.inner.close()
