@@ -122,7 +122,8 @@ def _compute_s(spec, flops_rate, tokens: int, ctx: int, causal: bool, batch: int
     """FLOPs of ``tokens`` new tokens per sequence (layers, head for one token, attention)."""
     if not flops_rate:
         return None
-    flops = 2 * spec.layer_param_count() * spec.num_layers * tokens * batch
+    # A mixture of experts runs top_k experts per token: its FLOPs come from the active weights.
+    flops = 2 * spec.layer_param_count(active=True) * spec.num_layers * tokens * batch
     flops += 2 * spec.vocab_size * spec.hidden_size * batch
     flops += batch * _attention_flops(spec, tokens, ctx, causal)
     return flops / flops_rate
