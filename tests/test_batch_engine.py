@@ -257,3 +257,32 @@ def test_llm_submit_streams_text(tmp_path):
         got = "".join(llm.submit(texts[0], long))
         assert llm.workload.context >= len(texts[0]) + 80
         assert got == llm.generate(texts[0], long).text
+
+
+def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
+    """One-token sequences are attended in batches whose gathered K/V stays under the cap (a
+    single sequence may exceed it): with a small cap, several batches per step, same tokens."""
+    from ollm.kv import packed
+
+    llm = llms("gemma3_text")
+    prompts = make_prompts()
+    want = alone(llm, prompts)
+    cap = 64 * 2 * llm.spec.num_kv_heads * llm.spec.head_dim * 4  # 64 float32 K/V slots
+    cut = packed._decode_batches
+    per_step = []
+
+    def recorded(seqs, store, device):
+        out = cut(seqs, store, device)
+        for d in out:
+            gathered = len(d.seqs) * d.num_blocks * store.block_tokens
+            assert len(d.seqs) == 1 or gathered * 2 * store.kv_heads * store.head_dim * 4 <= cap
+        if len(seqs) > 1:  # every one-token sequence lands in exactly one batch
+            assert sorted(s.row0 for d in out for s in d.seqs) == sorted(s.row0 for s in seqs)
+        per_step.append(len(out))
+        return out
+
+    monkeypatch.setattr(packed, "_decode_batches", recorded)
+    monkeypatch.setattr(packed, "GATHER_BYTES", cap)
+    outs, _ = engine(llm).generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == want
+    assert max(per_step) > 1

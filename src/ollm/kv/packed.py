@@ -42,6 +42,11 @@ class SeqRows:
     block_ids: torch.Tensor  # ids of the held blocks, from position key0 on (on the pool device)
 
 
+# Most bytes of K/V one batched decode call gathers (a copy the planner does not reserve; longer
+# batches are cut into several calls).
+GATHER_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
     """The sequences of a step with one query token each, attended in one batched call over
@@ -74,7 +79,7 @@ class GroupLayout:
     row_block: torch.Tensor  # [N] block id per row
     row_offset: torch.Tensor  # [N] slot offset in that block per row
     seqs: tuple[SeqRows, ...]
-    decodes: DecodeBatch | None  # two or more one-token sequences, attended together
+    decodes: tuple[DecodeBatch, ...]  # one-token sequences (two or more), attended together
 
 
 class PackedStep:
@@ -115,7 +120,7 @@ class PackedStep:
             torch.tensor(row_block, dtype=torch.long, device=device),
             torch.tensor(row_offset, dtype=torch.long, device=device),
             tuple(seqs),
-            _decode_batch([s for s in seqs if s.n == 1], bt, device),
+            _decode_batches([s for s in seqs if s.n == 1], store, device),
         )
 
     def input_ids(self) -> torch.Tensor:
@@ -184,12 +189,14 @@ class PackedLayerKV:
         self.pool[0][blk, :, off] = k[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
         self.pool[1][blk, :, off] = v[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
         out = torch.empty_like(q)
-        batched = lay.decodes is not None and all(r0 <= s.row0 < r1 for s in lay.decodes.seqs)
-        if batched:
-            self._attend_decodes(q, out, r0, mask, scale)
+        done = set()  # first rows of the sequences attended in a batch
+        for d in lay.decodes:
+            if all(r0 <= s.row0 < r1 for s in d.seqs):  # else (split by chunks) one by one
+                self._attend_decodes(d, q, out, r0, mask, scale)
+                done.update(s.row0 for s in d.seqs)
         for s in lay.seqs:
             a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
-            if a >= b or (batched and s.n == 1):
+            if a >= b or s.row0 in done:
                 continue
             q_pos = s.start + (a - s.row0)  # position of the first query row here
             upto = s.start + (b - s.row0)  # keys written so far for this sequence
@@ -199,15 +206,19 @@ class PackedLayerKV:
         return out
 
     def _attend_decodes(
-        self, q: torch.Tensor, out: torch.Tensor, r0: int, mask: AttentionMask, scale: float
+        self,
+        d: DecodeBatch,
+        q: torch.Tensor,
+        out: torch.Tensor,
+        r0: int,
+        mask: AttentionMask,
+        scale: float,
     ) -> None:
-        """One attention call for every one-token sequence: their K/V gathered by one indexed
-        read per pool, padded keys masked (same maths as one call each, other kernels)."""
+        """One attention call for the one-token sequences of ``d``: their K/V gathered by one
+        indexed read per pool, padded keys masked (same maths as one call each, other kernels)."""
         from ollm.layers.attention import AttentionMask as Mask
         from ollm.layers.attention import attend
 
-        d = self.layout.decodes
-        assert d is not None
         b, bt = len(d.seqs), self.store.block_tokens
         rows = d.rows.to(q.device) - r0
         qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)  # [B, heads, 1, D]
@@ -248,15 +259,31 @@ class PackedLayerKV:
         return self.pool.numel() * self.pool.element_size()
 
 
-def _decode_batch(seqs: list[SeqRows], block_tokens: int, device) -> DecodeBatch | None:
-    """The batched decode layout of ``seqs`` (None for fewer than two)."""
+def _decode_batches(
+    seqs: list[SeqRows], store: PagedKVStore, device: torch.device
+) -> tuple[DecodeBatch, ...]:
+    """Batched decode layouts of ``seqs`` (none for fewer than two): sorted by length so that
+    little is padded, cut so that one batch's gathered K/V stays under ``GATHER_BYTES``."""
     if len(seqs) < 2:
-        return None
-    need = [-(-(s.start + 1 - s.key0) // block_tokens) for s in seqs]
-    nb = max(need)
-    ids = []
-    for s, n in zip(seqs, need, strict=True):
-        own = s.block_ids[:n]
-        ids.append(torch.cat([own, own[-1:].expand(nb - n)]))  # padding: any held block
-    rows = torch.tensor([s.row0 for s in seqs], dtype=torch.long, device=device)
-    return DecodeBatch(tuple(seqs), rows, torch.cat(ids), nb)
+        return ()
+    bt = store.block_tokens
+    slot = 2 * store.kv_heads * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
+    need = {id(s): -(-(s.start + 1 - s.key0) // bt) for s in seqs}
+    batches, cur = [], []
+    for s in sorted(seqs, key=lambda s: need[id(s)]):
+        # Sorted: the newcomer is the longest, so it sets the padded length.
+        if cur and (len(cur) + 1) * need[id(s)] * bt * slot > GATHER_BYTES:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    batches.append(cur)
+    out = []
+    for group in batches:
+        nb = max(need[id(s)] for s in group)
+        ids = []
+        for s in group:
+            own = s.block_ids[: need[id(s)]]
+            ids.append(torch.cat([own, own[-1:].expand(nb - need[id(s)])]))  # any held block
+        rows = torch.tensor([s.row0 for s in group], dtype=torch.long, device=device)
+        out.append(DecodeBatch(tuple(group), rows, torch.cat(ids), nb))
+    return tuple(out)
