@@ -286,3 +286,45 @@ def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
     outs, _ = engine(llm).generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == want
     assert max(per_step) > 1
+
+
+def test_failed_step_recomputes(llms, monkeypatch):
+    """A forward that fails mid-run aborts its step (the touched sequences recompute, cached
+    prefix blocks stay valid): running on gives every prompt its tokens alone; a BatchServer
+    ends every stream of a failed step with the error."""
+    from ollm.engine.serving import BatchServer
+
+    llm = llms("qwen2")
+    prompts = make_prompts()
+    want = alone(llm, prompts)
+    eng = engine(llm)
+    ids = [eng.add(p, GREEDY) for p in prompts]
+    forward = llm.runner.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] in (3, 7):
+            raise OSError("weight read failed")
+        return forward(*a, **k)
+
+    monkeypatch.setattr(llm.runner, "forward", flaky)
+    failures = 0
+    while eng.has_work():
+        try:
+            eng.step()
+        except OSError:
+            failures += 1
+    assert failures == 2
+    assert [eng.finished[r].token_ids for r in ids] == want
+    assert eng.kv_blocks_used() == 0
+
+    calls["n"] = 0
+    server = BatchServer(lambda: engine(llm), llm._lock, text=False)
+    try:
+        streams = [server.submit(p, GREEDY) for p in prompts[:3]]
+        for s in streams:
+            with pytest.raises(OSError, match="weight read failed"):
+                s.wait(30)
+    finally:
+        server.close()
