@@ -328,3 +328,23 @@ def test_failed_step_recomputes(llms, monkeypatch):
                 s.wait(30)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_pools_match_kv_reservation(family, hf_models, tmp_path):
+    """The pools LLM.generate makes hold the planned max_batch x max_context tokens: within one
+    block per sequence of the planner's KV reservation."""
+    from ollm.engine.batch import BLOCK_TOKENS, BatchEngine
+
+    _, path = hf_models(family)
+    kw = dict(device="cpu", max_batch=3, max_context=200, cache_dir=tmp_path, progress=False)
+    with LLM(path, **kw) as llm:
+        w = llm.workload
+        eng = BatchEngine.for_plan(llm.runner, None, (), w.batch, w.context)
+        pools = sum(s.nbytes for s in eng.stores.values())
+        s = llm.spec
+        per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * 4  # float32 K and V
+        reserved = llm.plan.reserved["kv cache"]
+        assert reserved == w.batch * w.context * per_token
+        assert reserved <= pools < reserved + w.batch * BLOCK_TOKENS * per_token
+        eng.close()
