@@ -323,3 +323,45 @@ def test_converter_checks_each_layer_for_its_own_mlp(tmp_path):
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CorruptStoreError, match=r"layer 2 lacks mlp\.experts\.5\.up_proj\.weight"):
         convert(tmp_path / "hf", tmp_path / "store2", progress=False)
+
+
+SHAPED = {  # small configs with the width ratios of Mixtral-8x7B, Qwen3-30B-A3B and gpt-oss-20B
+    "mixtral": dict(hidden_size=256, intermediate_size=896, num_local_experts=8),
+    "qwen3_moe": dict(
+        hidden_size=256, intermediate_size=768, moe_intermediate_size=96, num_experts=32,
+        num_experts_per_tok=8, norm_topk_prob=True,
+    ),
+    "gpt_oss": dict(
+        hidden_size=288, intermediate_size=288, num_local_experts=8, num_experts_per_tok=4,
+        head_dim=32, sliding_window=16,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_temporaries_within_the_planned_mlp_reserve(family, dtype, tmp_path):
+    """The planner reserves the dense MLP's intermediates for ``mlp_chunk_tokens`` rows; the
+    MoE runs ``mlp_chunk_tokens // top_k`` rows at a time, and its live temporaries (router,
+    gathered rows, each expert's intermediates, the top-k slots) stay within that reserve."""
+    import transformers as tf
+
+    from ollm.weights.accounting import activation_parts
+    from ollm.weights.placement import Workload
+    from test_budget import LiveBytes
+
+    cls = {"qwen3_moe": tf.Qwen3MoeConfig, "mixtral": tf.MixtralConfig, "gpt_oss": tf.GptOssConfig}
+    cfg = cls[family](
+        **SHAPED[family], num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, initializer_range=0.05,
+    )  # fmt: skip
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(tmp_path)
+    spec = build_spec(cfg)
+    w = layer_weights(tmp_path, 0)
+    rows, mlp_chunk = 512, 128
+    x = torch.randn(1, rows, spec.hidden_size, dtype=dtype)
+    with LiveBytes() as live:
+        out = moe_mlp(x, w, spec.moe, spec.act, mlp_chunk)
+    e = torch.finfo(dtype).bits // 8
+    planned = activation_parts(spec, Workload(1, rows, rows), e, mlp_chunk, rows, True)["mlp"]
+    assert live.peak - out.nbytes <= planned, (live.peak - out.nbytes, planned)
