@@ -200,7 +200,10 @@ class PackedLayerKV:
                 continue
             q_pos = s.start + (a - s.row0)  # position of the first query row here
             upto = s.start + (b - s.row0)  # keys written so far for this sequence
-            ks, vs = self._gather(s, upto, q.device)
+            if s.key0 == s.start and a == s.row0:  # its only keys are these rows: no gather
+                ks, vs = k[:, :, a - r0 : b - r0], v[:, :, a - r0 : b - r0]
+            else:
+                ks, vs = self._gather(s, upto, q.device)
             m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks)
             out[:, :, a - r0 : b - r0] = attend(q[:, :, a - r0 : b - r0], ks, vs, m, scale)
         return out
