@@ -348,3 +348,57 @@ def test_pools_match_kv_reservation(family, hf_models, tmp_path):
         assert reserved == w.batch * w.context * per_token
         assert reserved <= pools < reserved + w.batch * BLOCK_TOKENS * per_token
         eng.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_speculative_drafts_verified(family, llms):
+    """Draft tokens ride in the same pass as each decode (multi-token steps over paged KV);
+    greedy verification keeps exactly each prompt's tokens alone, rejected drafts' KV is
+    trimmed, and good drafts cut the number of steps. A sampled request gets no drafts."""
+    from ollm.engine.drafting import prompt_lookup
+
+    llm = llms(family)
+    prompts = make_prompts(6)
+    params = [GREEDY] * 5 + [SamplingParams(temperature=0.9, seed=3, max_new_tokens=10)]
+    want = alone(llm, prompts, params)
+    by_prompt = {tuple(p): w for p, w in zip(prompts, want, strict=True)}
+
+    def oracle(tokens):  # the true continuation, its second token wrong every other step
+        for p, w in by_prompt.items():
+            if tuple(tokens[: len(p)]) == p and len(tokens) - len(p) <= len(w):
+                done = len(tokens) - len(p)
+                d = list(w[done : done + 3])
+                if done % 2 == 0 and len(d) > 1:
+                    d[1] = (d[1] + 1) % 256
+                return d
+        return []
+
+    eng = engine(llm, drafter=oracle)
+    outs, _ = eng.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    m = eng.metrics()
+    assert 0 < m.accepted_drafts < m.drafted
+    assert eng.kv_blocks_used() == 0
+    # Greedy requests alone, room for every draft: about two tokens per pass instead of one.
+    steps = []
+    for drafter in (None, oracle):
+        e = engine(llm, drafter=drafter, max_step_tokens=256)
+        outs, _ = e.generate(prompts[:5], GREEDY)
+        assert [o.token_ids for o in outs] == want[:5]
+        steps.append(e.metrics().steps)
+    assert steps[1] < 0.7 * steps[0]
+    lookup = engine(llm, drafter=prompt_lookup(ngram=2, k=3))
+    outs, _ = lookup.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert lookup.metrics().drafted > 0
+
+
+def test_prompt_lookup():
+    """The latest earlier occurrence of the longest matching tail n-gram gives the draft."""
+    from ollm.engine.drafting import prompt_lookup
+
+    draft = prompt_lookup(ngram=2, k=3)
+    assert draft([1, 2, 3, 4, 9, 1, 2, 3, 7, 2, 3]) == [7, 2, 3]  # "2 3" last seen before 7
+    assert draft([5, 6, 7, 8, 6]) == [7, 8, 6]  # no "8 6" earlier: falls back to "6"
+    assert draft([1, 2, 3]) == []
+    assert draft([4]) == []

@@ -73,6 +73,8 @@ class EngineMetrics:
     prefix_saved_tokens: int
     preemptions: int
     step_tokens: int  # query tokens of every step so far
+    drafted: int = 0  # draft tokens verified
+    accepted_drafts: int = 0  # of them, accepted
 
 
 @dataclass
@@ -105,14 +107,19 @@ class BatchEngine:
         max_step_tokens: int | None = None,
         swap_tokens: int = 0,
         prefix_caching: bool = True,
+        drafter: Callable[[Sequence[int]], Sequence[int]] | None = None,
     ) -> None:
         """Pools hold ``max_batch x max_context`` tokens per full-attention group (what the
         planner reserves) and ``swap_tokens`` tokens of RAM for preempted sequences; a step
         carries at most ``max_step_tokens`` query tokens (default ``max_batch x
-        max_context``, the planner's activation rows)."""
+        max_context``, the planner's activation rows). ``drafter(tokens) -> draft tokens``
+        proposes continuations of greedy requests, verified in the same pass (speculative
+        decoding: every accepted draft is the token greedy decoding would pick)."""
         if not batch_supported(runner):
             raise ValueError("the batch engine needs every layer's KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
+        self.drafter = drafter
+        self.drafted = self.accepted_drafts = 0
         spec, plan = runner.spec, runner.plan
         self.device = torch.device(plan.layers[0].kv_device)
         self.layer_groups = kv_groups(runner)
@@ -220,7 +227,7 @@ class BatchEngine:
     @torch.inference_mode()
     def step(self) -> list[str]:
         """Run one step; returns the ids of the requests that finished in it."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._drafts())
         if not plan.seqs:
             self.scheduler.update({})
             if self.has_work():  # add() admits only requests that fit alone: a scheduler bug
@@ -234,9 +241,10 @@ class BatchEngine:
             self.scheduler.abort_step()  # touched sequences recompute; cached prefixes stay
             raise
         outputs = {}
-        for sid, j in rows.items():
-            tok = int(self.live[sid].sampler.sample(logits[j : j + 1])[0])
-            outputs[sid] = [tok]
+        for st in plan.seqs:
+            if st.seq_id in rows:
+                j = rows[st.seq_id]
+                outputs[st.seq_id] = self._verify(st, logits[j : j + st.num_logits])
         done = []
         for u in self.scheduler.update(outputs):
             if self._accept(u.seq_id, u.new_tokens, u.finish_reason):
@@ -246,9 +254,35 @@ class BatchEngine:
         self.step_tokens += plan.num_tokens
         return done
 
+    def _drafts(self) -> dict[str, Sequence[int]]:
+        """Draft tokens for each greedy request (the scheduler keeps those of decoding ones)."""
+        if self.drafter is None:
+            return {}
+        out = {}
+        for rid, live in self.live.items():
+            seq = self.scheduler.seqs.get(rid)
+            if seq is not None and live.sampler.params.greedy:
+                out[rid] = self.drafter(seq.tokens)
+        return out
+
+    def _verify(self, st, logits: torch.Tensor) -> list[int]:
+        """Accepted tokens from ``logits`` [1 + drafts, V]: drafts while each equals the token
+        sampled after its prefix, then that one token (drafts only reach greedy requests)."""
+        sampler = self.live[st.seq_id].sampler
+        if not st.num_draft:
+            return [int(sampler.sample(logits)[0])]
+        picks = sampler.sample(logits).tolist()
+        drafts = st.token_ids[len(st.token_ids) - st.num_draft :]
+        n = 0
+        while n < len(drafts) and drafts[n] == picks[n]:
+            n += 1
+        self.drafted += len(drafts)
+        self.accepted_drafts += n
+        return [*drafts[:n], picks[n]]
+
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, dict[str, int]]:
-        """Float32 logits [M, V] at the last query row of every sequence that needs one, and
-        each such sequence's row in them."""
+        """Float32 logits [M, V] at the rows each sequence needs (its last ``num_logits`` query
+        rows), and where each such sequence's rows start in them."""
         packed = PackedStep(plan, self.stores, DEVICE_TIER)
         kv = packed.layer_kv(self.stores, self.layer_groups, DEVICE_TIER)
         rows: dict[str, int] = {}
@@ -256,9 +290,9 @@ class BatchEngine:
         r = 0
         for st in plan.seqs:
             r += len(st.token_ids)
-            if st.needs_logits:  # no drafts here: one logit row, the last query token's
+            if st.needs_logits:  # the last token's row, after each draft's prefix
                 rows[st.seq_id] = len(idx)
-                idx.append(r - 1)
+                idx += range(r - st.num_logits, r)
 
         def head(h: torch.Tensor) -> torch.Tensor:
             sel = torch.tensor(idx, dtype=torch.long, device=h.device)
@@ -375,6 +409,8 @@ class BatchEngine:
             prefix_saved_tokens=self.scheduler.prefix_saved_tokens,
             preemptions=self.scheduler.num_preemptions,
             step_tokens=self.step_tokens,
+            drafted=self.drafted,
+            accepted_drafts=self.accepted_drafts,
         )
 
     def kv_blocks_used(self) -> int:
