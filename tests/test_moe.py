@@ -245,41 +245,45 @@ def test_real_configs_parameter_counts(family, fields, total, active):
     assert n * spec.layer_param_count(active=True) + embed == pytest.approx(active, rel=0.02)
 
 
-@pytest.mark.parametrize("case", ["causal", "window", "padding", "decode-parts"])
+# case -> (query rows, keys, padding, window, cache parts); the kernel attend takes on the CPU.
+SINK_CASES = {
+    "prompt": (40, 40, False, None, 1),  # flash, with its log-sum-exp
+    "chunk": (24, 40, False, None, 1),  # two flash calls merged
+    "decode": (1, 40, False, None, 1),  # flash
+    "decode-grouped": (1, 80, False, None, 1),  # CPU decode kernel: blocked instead
+    "window": (24, 40, False, 6, 1),  # blocked
+    "padding": (24, 40, True, None, 1),  # blocked
+    "decode-parts": (1, 40, False, None, 2),  # a cache split between tiers, merged
+}
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
 def test_attention_sinks_match_their_definition(case):
     """gpt-oss's sinks: softmax over the keys plus one more logit per head whose value is 0
-    (as transformers' eager attention computes it), through ``attend`` with plain causal,
-    sliding-window and padding masks, and ``attend_parts`` merging a cache split in two tiers."""
+    (as transformers' eager attention computes it), on every path ``attend`` takes and through
+    ``attend_parts`` merging a cache split in two tiers."""
     from dataclasses import replace
 
     from ollm.layers.attention import AttentionMask, attend, attend_parts
 
     torch.manual_seed(0)
-    b, h, kvh, d, s = 2, 4, 2, 16, 40
-    t = 1 if case == "decode-parts" else 24
+    t, s, padded, window, parts = SINK_CASES[case]
+    b, h, kvh, d = 2, 4, 2, 16
     q = torch.randn(b, h, t, d)
     k, v = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
     sinks = torch.randn(h) * 2
     keep = torch.ones(b, s, dtype=torch.bool)
     keep[1, :5] = False  # the second sequence left-padded by 5
-    mask = AttentionMask(
-        s - t,
-        t,
-        s,
-        keep if case == "padding" else None,
-        6 if case == "window" else None,
-        sinks,
-    )
+    mask = AttentionMask(s - t, t, s, keep if padded else None, window, sinks)
     scale = d**-0.5
     scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(h // kvh, 1)) * scale
     scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
     logits = torch.cat([scores, sinks[None, :, None, None].expand(b, h, t, 1)], -1)
     probs = torch.softmax(logits, -1)[..., :-1]
     ref = probs @ v.repeat_interleave(h // kvh, 1)
-    if case == "decode-parts":
-        ours = attend_parts(
-            q, [(k[:, :, :16], v[:, :, :16]), (k[:, :, 16:], v[:, :, 16:])], mask, scale
-        )
+    if parts == 2:
+        split = [(k[:, :, :16], v[:, :, :16]), (k[:, :, 16:], v[:, :, 16:])]
+        ours = attend_parts(q, split, mask, scale)
     else:
         ours = attend(q, k, v, mask, scale)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

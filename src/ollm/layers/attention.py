@@ -94,10 +94,15 @@ def attend(
             mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window, mask.sinks
         )
         dense_mask = None
-    if mask.sinks is not None:  # the blocked kernel gives the log-sum-exp the sinks need
-        out, lse = blocked_attention_lse(q, k, v, mask, scale, dense_mask)
-        return with_sinks(out, lse, mask.sinks)
     path = attention_path(q.device.type, q.dtype, q.shape[-1], mask)
+    if mask.sinks is not None:  # sinks need the log-sum-exp: flash kernels give it, or blocked
+        if path == "flash" and _flash_ok(q):
+            out, lse = _flash_with_lse(q, k, v, mask.q_len > 1, scale)
+        elif path == "chunk":
+            out, lse = chunk_attention_lse(q, k, v, scale)
+        else:
+            out, lse = blocked_attention_lse(q, k, v, mask, scale, dense_mask)
+        return with_sinks(out, lse, mask.sinks)
     if path == "grouped":
         # Decode on the CPU: PyTorch's CPU SDPA is ~10x slower than two grouped matmuls here.
         if dense_mask is None and not (mask.is_plain_causal() and mask.q_len == 1):
@@ -261,12 +266,19 @@ def chunk_attention(
     S keys. Two flash calls, the earlier keys without a mask and the chunk's own keys with a
     square causal mask, merged by their log-sum-exps (the online-softmax merge), so neither the
     [T, S] scores nor per-head copies of K/V are ever built."""
+    return chunk_attention_lse(q, k, v, scale)[0]
+
+
+def chunk_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunk_attention`` and the log-sum-exp [B, H, T] over all S keys."""
     t, s = q.shape[2], k.shape[2]
     o_old, lse_old = _flash_with_lse(q, k[:, :, : s - t], v[:, :, : s - t], False, scale)
     o_new, lse_new = _flash_with_lse(q, k[:, :, s - t :], v[:, :, s - t :], True, scale)
     # softmax over both key sets = w * o_old + (1 - w) * o_new, w = sigmoid(lse_old - lse_new)
     w = torch.sigmoid(lse_old - lse_new).unsqueeze(-1).to(o_new.dtype)
-    return o_new.lerp_(o_old, w)
+    return o_new.lerp_(o_old, w), torch.logaddexp(lse_old, lse_new)
 
 
 def attend_parts(
