@@ -11,6 +11,7 @@ import torch
 from conftest import FAMILIES
 from ollm import LLM, SamplingParams
 from ollm.engine.batch import BatchEngine, batch_supported
+from ollm.errors import RequestError
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
 PREFIX = 40  # tokens shared by three prompts
@@ -257,6 +258,14 @@ def test_llm_submit_streams_text(tmp_path):
         got = "".join(llm.submit(texts[0], long))
         assert llm.workload.context >= len(texts[0]) + 80
         assert got == llm.generate(texts[0], long).text
+        # While submitted requests run, nothing re-plans under them (their engine holds the
+        # runner and pools): a request needing more context is refused.
+        server, llm._server = llm._server, type("Busy", (), {"idle": False})()
+        try:
+            with pytest.raises(RequestError, match="submitted requests are running"):
+                llm.generate(texts[0], SamplingParams(max_new_tokens=200))
+        finally:
+            llm._server = server
 
 
 def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):

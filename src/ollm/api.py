@@ -157,6 +157,13 @@ class LLM:
             w = self.workload
             if tokens <= w.context and batch <= w.batch:
                 return
+            if self._server is not None and not self._server.idle:
+                # Its engine runs on the current runner and pools: they must not be replaced.
+                raise RequestError(
+                    f"this request needs {batch} x {tokens} tokens of KV, more than the plan's "
+                    f"{w.batch} x {w.context}, and submitted requests are running; retry when "
+                    "they finish, or plan for it up front (max_context, max_batch)"
+                )
             context = max(tokens, w.context)
             self._replan(Workload(max(batch, w.batch), context, context))
 
