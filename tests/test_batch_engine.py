@@ -179,6 +179,8 @@ def test_server_streams(llms):
         got = [[first, *streams[0]]] + [list(s) for s in streams[1:]]
         assert got == want
         assert [s.result.token_ids for s in streams] == want
+        for s in streams:
+            assert 0 < s.time_to_first_output <= s.finished_at - s.submitted_at
         out = doomed.wait(30)
         assert out.finish_reason == "cancelled" and 1 <= len(out.token_ids) < 200
         for _ in range(100):

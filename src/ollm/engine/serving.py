@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
@@ -30,6 +31,9 @@ class RequestStream:
         self.result: SequenceOutput | None = None
         self.error: BaseException | None = None
         self.id: str | None = None  # the engine's request id, once added
+        self.submitted_at = time.perf_counter()
+        self.first_output_at: float | None = None  # when its first piece became final
+        self.finished_at: float | None = None
         self._server = server
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -56,8 +60,19 @@ class RequestStream:
         """Stop generating (applied before the next step); the output so far is kept."""
         self._server._cancel(self)
 
+    @property
+    def time_to_first_output(self) -> float | None:
+        """Seconds from submission to the first text piece (or token), if any came."""
+        return None if self.first_output_at is None else self.first_output_at - self.submitted_at
+
+    def _put(self, item: str | int) -> None:
+        if self.first_output_at is None:
+            self.first_output_at = time.perf_counter()
+        self._queue.put(item)
+
     def _finish(self, out: SequenceOutput | None, error: BaseException | None = None) -> None:
         self.result, self.error = out, error
+        self.finished_at = time.perf_counter()
         self._queue.put(_END)
         self._done.set()
 
@@ -163,10 +178,10 @@ class BatchServer:
             self._streams[stream.id] = stream
 
     def _on_text(self, stream: RequestStream) -> Callable[[int, str], None]:
-        return lambda _, piece: stream._queue.put(piece)
+        return lambda _, piece: stream._put(piece)
 
     def _on_token(self, stream: RequestStream) -> Callable[[int, int], None]:
-        return lambda _, tok: stream._queue.put(tok)
+        return lambda _, tok: stream._put(tok)
 
     def _end(self, rid: str) -> None:
         stream = self._streams.pop(rid)
