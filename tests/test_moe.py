@@ -369,3 +369,14 @@ def test_moe_temporaries_within_the_planned_mlp_reserve(family, dtype, tmp_path)
     e = torch.finfo(dtype).bits // 8
     planned = activation_parts(spec, Workload(1, rows, rows), e, mlp_chunk, rows, True)["mlp"]
     assert live.peak - out.nbytes <= planned, (live.peak - out.nbytes, planned)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_cost_model_times_a_layer_of_every_moe_family(family):
+    """The cost model times one decoder layer of the spec with weights of its own (hybrid
+    decode's CPU rate): that layer must run for MoE specs too (gpt-oss needs its sinks)."""
+    from ollm.weights.costmodel import _layer_workload
+
+    step, nbytes = _layer_workload(build_spec(tiny_config(family)), 64, torch.float32)
+    step()
+    assert nbytes > 0

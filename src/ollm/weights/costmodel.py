@@ -209,6 +209,7 @@ def _layer_workload(spec, context: int, dtype: torch.dtype):
         ("post_feedforward_layernorm.weight", h),
         ("self_attn.q_norm.weight", d),
         ("self_attn.k_norm.weight", d),
+        ("self_attn.sinks", spec.num_heads),  # gpt-oss; a MoE is timed as its dense equivalent
     ]:
         w[n] = torch.ones(dim, dtype=dtype)
     kv = LayerKVCache(1, spec.num_kv_heads, d, context + 1, dtype, "cpu")
