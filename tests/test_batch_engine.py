@@ -358,6 +358,11 @@ def test_pools_match_kv_reservation(family, hf_models, tmp_path):
         reserved = llm.plan.reserved["kv cache"]
         assert reserved == w.batch * w.context * per_token
         assert reserved <= pools < reserved + w.batch * BLOCK_TOKENS * per_token
+        # Sequences at once: the planned batch, or as many logits rows as activations hold.
+        running = eng.scheduler.max_running
+        logits_row = 4 * s.vocab_size
+        assert running == w.batch or running * logits_row <= llm.plan.reserved["activations"]
+        assert running >= w.batch
         eng.close()
 
 

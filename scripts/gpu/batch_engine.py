@@ -4,7 +4,8 @@
 
 1. Equivalence on CUDA: every family's tiny random model, float32 and bfloat16, 8 prompts (three
    sharing a 40-token prefix, two submitted after three steps) through `BatchEngine`: greedy
-   tokens vs each prompt alone through ``LLM.generate``, and KV blocks back to zero.
+   tokens vs each prompt alone through ``LLM.generate``, and KV blocks back to zero; the same
+   prompts with prompt-lookup drafts (several query rows per sequence and step).
 2. Throughput: Llama-3.2-1B shapes (random bf16 weights) under a GPU budget that streams most
    layers from pinned RAM; 16 prompts of 96-352 tokens, 32 new tokens each: one request at a
    time, the padded batch of ``Generator`` (one weight pass per step for all, left padding), and
@@ -90,6 +91,18 @@ def _compare(tmp: Path, family: str, dtype: str) -> dict:
         prefix_hits=m.prefix_hits, blocks_left=eng.kv_blocks_used(), steps=m.steps,
     )  # fmt: skip
     eng.close()
+    # Speculative steps (n-gram drafts, several query rows per sequence) on the same prompts.
+    from ollm.engine.drafting import prompt_lookup
+
+    spec = BatchEngine(
+        llm.runner, None, (), block_tokens=8, max_batch=8, max_context=256,
+        drafter=prompt_lookup(2, 3),
+    )  # fmt: skip
+    outs, _ = spec.generate(prompts, params)
+    sm = spec.metrics()
+    row["drafts_equal_prompts"] = sum(o.token_ids == a for o, a in zip(outs, alone, strict=True))
+    row["drafted"], row["accepted_drafts"] = sm.drafted, sm.accepted_drafts
+    spec.close()
     llm.close()
     return row
 

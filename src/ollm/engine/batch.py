@@ -105,6 +105,7 @@ class BatchEngine:
         max_batch: int = 1,
         max_context: int = 4096,
         max_step_tokens: int | None = None,
+        max_running: int = 256,
         swap_tokens: int = 0,
         prefix_caching: bool = True,
         drafter: Callable[[Sequence[int]], Sequence[int]] | None = None,
@@ -112,7 +113,8 @@ class BatchEngine:
         """Pools hold ``max_batch x max_context`` tokens per full-attention group (what the
         planner reserves) and ``swap_tokens`` tokens of RAM for preempted sequences; a step
         carries at most ``max_step_tokens`` query tokens (default ``max_batch x
-        max_context``, the planner's activation rows). ``drafter(tokens) -> draft tokens``
+        max_context``, the planner's activation rows) of at most ``max_running`` sequences
+        (each needs a float32 logits row). ``drafter(tokens) -> draft tokens``
         proposes continuations of greedy requests, verified in the same pass (speculative
         decoding: every accepted draft is the token greedy decoding would pick)."""
         if not batch_supported(runner):
@@ -137,7 +139,9 @@ class BatchEngine:
             swap = SWAP_TIER if swap_tokens else None
             managers[g] = BlockManager(block_tokens, pools, (DEVICE_TIER,), swap, window)
             self.stores[g] = self._store(g, pools, block_tokens)
-        self.scheduler = Scheduler(managers, step_tokens, prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(
+            managers, step_tokens, max_running, prefix_caching=prefix_caching
+        )
         self.live: dict[str, _Live] = {}
         self.finished: dict[str, SequenceOutput] = {}
         self._ids = itertools.count()
@@ -151,13 +155,17 @@ class BatchEngine:
         full-attention groups ``batch x context`` tokens; with sliding-window layers a step
         carries at most one prefill chunk (the planner reserves ``2 window + chunk`` slots per
         sequence for them, and a paged window group must hold a whole step's tokens at once),
-        else every sequence's whole prompt in one weight pass."""
-        chunk = runner.plan.prefill_chunk_tokens
+        else every sequence's whole prompt in one weight pass. More than ``batch`` short
+        sequences may run at once while the KV pools hold them, as many as the float32 logits
+        rows the planner's activation reservation holds (free once the last layer ran)."""
+        plan = runner.plan
+        chunk = plan.prefill_chunk_tokens
         windowed = any(layer.window for layer in runner.spec.layers)
         step = chunk if windowed and chunk else batch * context
+        rows = plan.reserved.get("activations", 0) // (4 * runner.spec.vocab_size)
         return cls(
             runner, tokenizer, eos_ids, block_tokens=BLOCK_TOKENS, max_batch=batch,
-            max_context=context, max_step_tokens=step,
+            max_context=context, max_step_tokens=step, max_running=max(batch, min(256, rows)),
         )  # fmt: skip
 
     def _store(self, group: str, pools: dict[str, int], block_tokens: int) -> PagedKVStore:
