@@ -330,6 +330,15 @@ def test_failed_step_recomputes(llms, monkeypatch):
     assert [eng.finished[r].token_ids for r in ids] == want
     assert eng.kv_blocks_used() == 0
 
+    def no_pools():
+        raise MemoryError("no room for the KV pools")
+
+    server = BatchServer(no_pools, llm._lock, text=False)
+    try:  # an engine that cannot be made fails its requests instead of hanging them
+        with pytest.raises(MemoryError):
+            server.submit(prompts[0], GREEDY).wait(30)
+    finally:
+        server.close()
     calls["n"] = 0
     server = BatchServer(lambda: engine(llm), llm._lock, text=False)
     try:

@@ -165,14 +165,14 @@ class BatchServer:
                 pending.remove(stream)
                 stream._finish(None)
         for stream in pending:
-            if self._engine is None:
-                self._engine = self._make_engine()
             try:
+                if self._engine is None:
+                    self._engine = self._make_engine()  # pools: may fail (memory)
                 stream.id = self._engine.add(
                     stream.prompt, stream.params, on_text=self._on_text(stream),
                     on_token=None if self._text else self._on_token(stream),
                 )  # fmt: skip
-            except Exception as exc:  # e.g. a request that can never fit: only it fails
+            except Exception as exc:  # a request that can never fit, or no pools: it fails
                 stream._finish(None, exc)
                 continue
             self._streams[stream.id] = stream
