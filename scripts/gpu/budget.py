@@ -76,9 +76,11 @@ def make_stores(root: Path, layers: int | None) -> dict[str, Path]:
     return out
 
 
-def cells(stores: dict[str, Path], quick: bool) -> list[dict]:
+def cells(
+    stores: dict[str, Path], quick: bool, prompts: tuple[int, ...] | None = None
+) -> list[dict]:
     """The matrix: per dtype and prompt, one budget below the minimum and three from it up."""
-    prompts = (2048,) if quick else (2048, 12000, 32768)
+    prompts = prompts or ((2048,) if quick else (2048, 12000, 32768))
     rows = []
     for dtype, store in stores.items():
         for prompt in prompts:
@@ -151,13 +153,13 @@ def _spawn(cell: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def run(out: Path, quick: bool = False) -> dict:
+def run(out: Path, quick: bool = False, prompts: tuple[int, ...] | None = None) -> dict:
     """Make the stores, run every cell in its own process (a few at a time), check and save."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ollm-budget-"))
     stores = make_stores(work, 4 if quick else None)
-    todo = cells(stores, quick)
+    todo = cells(stores, quick, prompts)
     for c in todo:  # one machine-rates cache per dtype: measured once, never raced
         c["cache"] = str(work / f"cache-{c['dtype']}")
     rows = []
@@ -208,12 +210,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prompts", help="comma-separated prompt lengths (default 2048,12000,32768)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
         return 0
-    report = run(Path(args.out), args.quick)
+    prompts = tuple(int(x) for x in args.prompts.split(",")) if args.prompts else None
+    report = run(Path(args.out), args.quick, prompts)
     print(table(report))
     print(f"all ok: {report['all_ok']} ({report['seconds']} s)")
     return 0 if report["all_ok"] else 1
