@@ -11,7 +11,7 @@ import torch
 from conftest import char_tokenizer, make_hf_model
 from ollm.errors import OllmError
 from ollm.eval import ab, evaluate, parse_options
-from ollm.eval.ab import order, paired_bootstrap
+from ollm.eval.ab import order, paired_bootstrap, t_quantile
 from ollm.eval.passkey import build_prompt
 from ollm.eval.text import stdlib_text
 
@@ -50,6 +50,17 @@ def test_alternating_order_and_paired_bootstrap():
     assert 0 < lo < 1.0 < hi  # a clear shift: the interval excludes 0 and holds the mean
     lo, hi = paired_bootstrap(noisy_a, list(reversed(noisy_a)))
     assert lo < 0 < hi  # same values in another order: no difference
+
+
+def test_small_sample_intervals_keep_their_level():
+    """Student-t quantiles against published values; and with 4 pairs whose differences all
+    share a sign (1 time in 8 for equal settings) the interval still covers 0 at 95%, where a
+    plain percentile bootstrap would not."""
+    for p, df, exact in [(0.975, 4, 2.776), (0.975, 5, 2.5706), (0.995, 7, 3.4995)]:
+        assert t_quantile(p, df) == pytest.approx(exact, rel=2e-3)
+    assert t_quantile(0.975, 2) == pytest.approx(4.303)
+    lo, hi = paired_bootstrap([1.0, 1.0, 1.0, 1.0], [1.3, 1.05, 1.1, 1.02])
+    assert lo < 0 < hi
 
 
 def test_stdlib_text_is_deterministic_prose():
@@ -107,7 +118,7 @@ def test_ab_identical_settings_within_noise_and_disk_slower(tmp_path):
     )  # fmt: skip
     char_tokenizer().save_pretrained(str(d))
     base = f"--device cpu --no-progress --cache-dir {tmp_path / 'c'}"
-    same = ab(str(d), base, base, context=64, runs=4, new_tokens=8, level=0.99)
+    same = ab(str(d), base, base, context=64, runs=6, new_tokens=8, level=0.99)
     for diff in same.differences:
         assert diff.low <= 0 <= diff.high, diff
     report = ab(
