@@ -379,11 +379,27 @@ class LLM:
             "plan": dict(self.plan.describe()),
         }
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None):
+    def encode(self, prompt: Prompt, special: bool = True) -> list[int]:
+        """Token ids of ``prompt`` (text gets the tokenizer's special tokens when ``special``),
+        under the request lock: a fast tokenizer must not encode while another thread uses it."""
+        with self._lock:
+            return self._encode(prompt, special)
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        logprobs: int | None = None,
+        sink: queue.Queue | None = None,
+    ):
         """Queue one request on a shared continuous batch and return its stream at once: iterate
         it for text pieces (token ids without a tokenizer), ``wait()`` for the output,
-        ``cancel()`` to stop it. Requests from any thread join the running batch at its next
-        step (``ollm.engine.serving``); a server sits on this. Needs a plan with every layer's
+        ``cancel()`` to stop it. Lower ``priority`` runs first; ``logprobs`` (top-N) fills the
+        stream's ``.logprobs``; ``sink`` replaces its queue of pieces (`RequestStream`).
+        Requests from any thread join the running batch at its next step
+        (``ollm.engine.serving``); a server sits on this. Needs a plan with every layer's
         KV on the device. The plan grows for a longer request only while no submitted request
         runs; until then a request longer than the planned context is refused."""
         from ollm.engine.batch import BatchEngine, batch_supported
@@ -414,7 +430,7 @@ class LLM:
                     )
 
                 self._server = BatchServer(make, self._lock, text=self.tokenizer is not None)
-            return self._server.submit(ids, params)
+            return self._server.submit(ids, params, priority=priority, logprobs=logprobs, sink=sink)
 
     def close(self) -> None:
         """Stop the loader thread and free pinned and device buffers (after a running request)."""

@@ -19,13 +19,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ollm.engine.generate import Generator, SequenceOutput
 from ollm.engine.runner import Runner
-from ollm.engine.sampling import Sampler, SamplingParams
+from ollm.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
@@ -90,6 +90,9 @@ class _Live:
     matcher: StopMatcher | None = None
     on_text: Callable[[int, str], None] | None = None
     on_token: Callable[[int, int], None] | None = None
+    logprobs: int | None = None  # top log-probs to report per token (None: none)
+    on_logprob: Callable[[int, TokenLogprob], None] | None = None
+    step_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the step's tokens
 
 
 class BatchEngine:
@@ -192,14 +195,21 @@ class BatchEngine:
         on_text: Callable[[int, str], None] | None = None,
         on_token: Callable[[int, int], None] | None = None,
         index: int = 0,
+        *,
+        priority: int = 0,
+        logprobs: int | None = None,
+        on_logprob: Callable[[int, TokenLogprob], None] | None = None,
     ) -> str:
         """Queue a prompt (token ids); returns its id. ``on_text(index, piece)`` and
-        ``on_token(index, token)`` are called as its output becomes final."""
+        ``on_token(index, token)`` are called as its output becomes final, and with
+        ``logprobs`` (>= 0) ``on_logprob(index, TokenLogprob)`` before each token. Lower
+        ``priority`` runs first."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         req = Request(
-            rid, tuple(int(t) for t in prompt), params.max_new_tokens, 0, frozenset(stops), params
-        )
+            rid, tuple(int(t) for t in prompt), params.max_new_tokens, priority,
+            frozenset(stops), params,
+        )  # fmt: skip
         self.scheduler.add(req)  # validates (empty prompt, capacity) before anything is kept
         live = _Live(
             index,
@@ -209,6 +219,8 @@ class BatchEngine:
             params.max_new_tokens,
             on_text=on_text,
             on_token=on_token,
+            logprobs=logprobs,
+            on_logprob=on_logprob,
         )
         if self.tokenizer is not None:
             live.detok = IncrementalDetokenizer(self.tokenizer)
@@ -276,17 +288,22 @@ class BatchEngine:
     def _verify(self, st, logits: torch.Tensor) -> list[int]:
         """Accepted tokens from ``logits`` [1 + drafts, V]: drafts while each equals the token
         sampled after its prefix, then that one token (drafts only reach greedy requests)."""
-        sampler = self.live[st.seq_id].sampler
+        live = self.live[st.seq_id]
+        sampler = live.sampler
         if not st.num_draft:
-            return [int(sampler.sample(logits)[0])]
-        picks = sampler.sample(logits).tolist()
-        drafts = st.token_ids[len(st.token_ids) - st.num_draft :]
-        n = 0
-        while n < len(drafts) and drafts[n] == picks[n]:
-            n += 1
-        self.drafted += len(drafts)
-        self.accepted_drafts += n
-        return [*drafts[:n], picks[n]]
+            picked = [int(sampler.sample(logits)[0])]
+        else:
+            picks = sampler.sample(logits).tolist()
+            drafts = st.token_ids[len(st.token_ids) - st.num_draft :]
+            n = 0
+            while n < len(drafts) and drafts[n] == picks[n]:
+                n += 1
+            self.drafted += len(drafts)
+            self.accepted_drafts += n
+            picked = [*drafts[:n], picks[n]]
+        if live.logprobs is not None:
+            live.step_logprobs = token_logprobs(logits[: len(picked)], picked, live.logprobs)
+        return picked
 
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, dict[str, int]]:
         """Float32 logits [M, V] at the rows each sequence needs (its last ``num_logits`` query
@@ -314,7 +331,10 @@ class BatchEngine:
         returns whether it finished."""
         live = self.live[rid]
         out = live.out
-        for tok in tokens:
+        step_lps, live.step_logprobs = live.step_logprobs, []
+        for k, tok in enumerate(tokens):
+            if live.on_logprob is not None and k < len(step_lps) and tok not in live.stops:
+                live.on_logprob(live.index, step_lps[k])
             if tok in live.stops:
                 out.finish_reason = "stop"
                 break

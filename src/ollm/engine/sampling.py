@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ollm.errors import OllmError
 
-__all__ = ["SamplingParams", "SamplingParamsError", "Sampler"]
+__all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "TokenLogprob", "token_logprobs"]
 
 
 class SamplingParamsError(OllmError, ValueError):
@@ -81,6 +81,38 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def filter_logits(params: SamplingParams, logits: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[..., V]`` after temperature, top-k and top-p (in that order, as
+    transformers' warpers); removed tokens are ``-inf``. Speculative decoding filters the
+    target's and the draft's logits with this same function, so both sample the same way."""
+    p = params
+    x = logits.float()
+    if p.temperature not in (0, 1.0):
+        x = x / p.temperature
+    vocab = x.shape[-1]
+    if 0 < p.top_k < vocab:
+        kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        remove_sorted = before >= p.top_p
+        remove_sorted[..., 0] = False  # always keep the most likely token
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        x = x.masked_fill(remove, float("-inf"))
+    return x
+
+
+def probabilities(params: SamplingParams, logits: torch.Tensor) -> torch.Tensor:
+    """Float32 probabilities ``[..., V]`` a sampler with ``params`` draws from: softmax of the
+    filtered logits, or one-hot on the argmax when decoding is greedy."""
+    if params.greedy:
+        top = torch.argmax(logits.float(), dim=-1, keepdim=True)
+        return torch.zeros(logits.shape, device=logits.device).scatter_(-1, top, 1.0)
+    return torch.softmax(filter_logits(params, logits), dim=-1)
+
+
 class Sampler:
     """Picks one token per row of ``[B, V]`` logits according to ``SamplingParams``."""
 
@@ -94,23 +126,23 @@ class Sampler:
 
     def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Float32 logits after temperature, top-k and top-p; removed tokens are ``-inf``."""
-        p = self.params
-        x = logits.float()
-        if p.temperature != 1.0:
-            x = x / p.temperature
-        vocab = x.shape[-1]
-        if 0 < p.top_k < vocab:
-            kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, dim=-1, descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-            remove_sorted = before >= p.top_p
-            remove_sorted[..., 0] = False  # always keep the most likely token
-            remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-            x = x.masked_fill(remove, float("-inf"))
-        return x
+        return filter_logits(self.params, logits)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution tokens are drawn from (see `probabilities`)."""
+        return probabilities(self.params, logits)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token id per row of ``probs`` [B, V], from this sampler's random stream."""
+        gen = self._gen
+        if gen is not None and probs.device != gen.device:
+            return torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    def uniform(self) -> float:
+        """One draw of U[0, 1) from this sampler's random stream (speculative acceptance)."""
+        gen = self._gen
+        return float(torch.rand((), generator=gen, device=gen.device if gen else "cpu"))
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Token ids (``LongTensor [B]``) for logits ``[B, V]`` of any float dtype."""
@@ -118,9 +150,25 @@ class Sampler:
             raise OllmError(f"Sampler expects logits of shape [B, V], got {tuple(logits.shape)}")
         if self.params.greedy:
             return torch.argmax(logits.float(), dim=-1)
-        probs = torch.softmax(self.filtered_logits(logits), dim=-1)
-        gen = self._gen
-        if gen is not None and probs.device != gen.device:
-            out = torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1)
-            return out.to(logits.device)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return self.draw(torch.softmax(self.filtered_logits(logits), dim=-1)).to(logits.device)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution (before
+    temperature, top-k and top-p, as vLLM reports) and the ``top`` likeliest (token, log-prob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability and the ``top`` likeliest tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).view(-1, 1))[:, 0].tolist()
+    vals, ids = torch.topk(lp, top, dim=-1) if top else (lp[:, :0], lp[:, :0].long())
+    return [
+        TokenLogprob(t, c, list(zip(i, v, strict=True)))
+        for t, c, i, v in zip(tokens, chosen, ids.tolist(), vals.tolist(), strict=True)
+    ]

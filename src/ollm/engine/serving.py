@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
-from ollm.engine.batch import BatchEngine
+from ollm.engine.batch import BatchEngine, EngineMetrics
 from ollm.engine.generate import SequenceOutput
-from ollm.engine.sampling import SamplingParams
+from ollm.engine.sampling import SamplingParams, TokenLogprob
 
 _END = object()
 
@@ -26,8 +26,21 @@ _END = object()
 class RequestStream:
     """One submitted request: iterate for its output pieces as they become final."""
 
-    def __init__(self, server: BatchServer, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        server: BatchServer,
+        prompt: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        logprobs: int | None = None,
+        sink: queue.Queue | None = None,
+    ) -> None:
+        """``sink``: where pieces (then an end marker) go instead of a new queue (anything with
+        ``put``: an asyncio bridge). With ``logprobs`` (top-N, >= 0) each token's
+        `TokenLogprob` is appended to ``.logprobs`` before its text piece is put."""
         self.prompt, self.params = prompt, params
+        self.priority, self.top_logprobs = priority, logprobs
+        self.logprobs: list[TokenLogprob] = []
         self.result: SequenceOutput | None = None
         self.error: BaseException | None = None
         self.id: str | None = None  # the engine's request id, once added
@@ -35,7 +48,7 @@ class RequestStream:
         self.first_output_at: float | None = None  # when its first piece became final
         self.finished_at: float | None = None
         self._server = server
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = sink if sink is not None else queue.Queue()
         self._done = threading.Event()
 
     def __iter__(self) -> Iterator[str | int]:
@@ -96,6 +109,10 @@ class BatchServer:
         self._streams: dict[str, RequestStream] = {}
         self._engine: BatchEngine | None = None
         self._closed = False
+        # Counters of engines already closed, and the live engine's state after its last step
+        # (read by a server's /metrics from another thread).
+        self._retired = {"prefix_hits": 0, "prefix_saved_tokens": 0, "preemptions": 0}
+        self._last: EngineMetrics | None = None
         self._thread = threading.Thread(target=self._loop, name="ollm-batch", daemon=True)
         self._thread.start()
 
@@ -105,9 +122,18 @@ class BatchServer:
         with self._cv:
             return not self._pending and not self._streams and self._engine is None
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams) -> RequestStream:
-        """Queue a request (token ids); it joins the running batch at the next step."""
-        stream = RequestStream(self, [int(t) for t in prompt], params)
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        logprobs: int | None = None,
+        sink: queue.Queue | None = None,
+    ) -> RequestStream:
+        """Queue a request (token ids); it joins the running batch at the next step (see
+        `RequestStream` for the keyword arguments)."""
+        stream = RequestStream(self, [int(t) for t in prompt], params, priority, logprobs, sink)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the batch server is closed")
@@ -119,6 +145,26 @@ class BatchServer:
         with self._cv:
             self._cancels.append(stream)
             self._cv.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Requests running and waiting (queued here or in the scheduler), KV blocks used and
+        held on the device tier, and prefix-cache / preemption totals since the start."""
+        with self._cv:
+            queued = len(self._pending)
+            m = self._last
+            totals = dict(self._retired)
+        out = {"running": 0, "waiting": queued, "kv_used": 0, "kv_blocks": 0, **totals}
+        if m is not None:
+            out["running"] = m.running
+            out["waiting"] += m.waiting + m.swapped
+            out["prefix_hits"] += m.prefix_hits
+            out["prefix_saved_tokens"] += m.prefix_saved_tokens
+            out["preemptions"] += m.preemptions
+            for tiers in m.kv_blocks.values():
+                used, free = tiers.get("device", (0, 0))
+                out["kv_used"] += used
+                out["kv_blocks"] += used + free
+        return out
 
     def close(self) -> None:
         """Cancel every request and stop the thread."""
@@ -144,6 +190,7 @@ class BatchServer:
                     if self._engine is not None and self._engine.has_work():
                         for rid in self._engine.step():
                             self._end(rid)
+                    self._snapshot()
                     self._release_if_idle()
             except BaseException as exc:  # a failed step ends every request with its error
                 self._fail_all(exc)
@@ -151,9 +198,7 @@ class BatchServer:
             for stream in list(self._streams.values()) + self._pending:
                 stream._finish(None, RuntimeError("the batch server was closed"))
             self._streams.clear()
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+            self._drop_engine()
 
     def _apply(self, pending: list[RequestStream], cancels: list[RequestStream]) -> None:
         """Add new requests (making the engine if needed) and cancel others, between steps."""
@@ -171,6 +216,8 @@ class BatchServer:
                 stream.id = self._engine.add(
                     stream.prompt, stream.params, on_text=self._on_text(stream),
                     on_token=None if self._text else self._on_token(stream),
+                    priority=stream.priority, logprobs=stream.top_logprobs,
+                    on_logprob=lambda _, lp, s=stream: s.logprobs.append(lp),
                 )  # fmt: skip
             except Exception as exc:  # a request that can never fit, or no pools: it fails
                 stream._finish(None, exc)
@@ -190,14 +237,30 @@ class BatchServer:
 
     def _release_if_idle(self) -> None:
         if self._engine is not None and not self._engine.has_work() and not self._streams:
-            self._engine.close()  # frees the pools: an idle server holds no KV memory
-            self._engine = None
+            self._drop_engine()  # frees the pools: an idle server holds no KV memory
+
+    def _snapshot(self) -> None:
+        if self._engine is not None:
+            m = self._engine.metrics()
+            with self._cv:
+                self._last = m
+
+    def _drop_engine(self) -> None:
+        """Close the engine, adding its counters to the totals of closed ones."""
+        if self._engine is None:
+            return
+        m = self._engine.metrics()
+        with self._cv:
+            self._retired["prefix_hits"] += m.prefix_hits
+            self._retired["prefix_saved_tokens"] += m.prefix_saved_tokens
+            self._retired["preemptions"] += m.preemptions
+            self._last = None
+        self._engine.close()
+        self._engine = None
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             for stream in self._streams.values():
                 stream._finish(None, exc)
             self._streams.clear()
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+            self._drop_engine()
