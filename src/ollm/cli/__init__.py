@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from ollm.cli import bench, cache, chat, evaluate, generate, models  # noqa: F401  (commands)
+from ollm.cli import bench, cache, chat, evaluate, generate, models, serve  # noqa: F401  (commands)
 from ollm.cli.common import EXIT_INTERRUPTED, app
 
 __all__ = ["app", "main"]

@@ -1,0 +1,393 @@
+"""`ollm serve`: a real uvicorn server on a loopback port over a tiny model, driven by the
+official `openai` client (and httpx for malformed requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+import uvicorn  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from ollm.api import LLM  # noqa: E402
+from ollm.engine.sampling import SamplingParams  # noqa: E402
+from ollm.serve import create_app  # noqa: E402
+from ollm.serve.app import ServeConfig  # noqa: E402
+from ollm.serve.chunking import Chunker  # noqa: E402
+
+KEY = "test-key"
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+
+
+class Server:
+    """uvicorn in a thread on an already-bound loopback socket."""
+
+    def __init__(self, llm: LLM, config: ServeConfig) -> None:
+        self.app = create_app(llm, config)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        cfg = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, args=([self.sock],), daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+
+    def client(self, key: str | None = KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by name (labels other than model_name folded into the name)."""
+        text = httpx.get(self.url + "/metrics", headers=_auth()).text
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                extra = ",".join(
+                    f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name"
+                )
+                out[s.name + (f"{{{extra}}}" if extra else "")] = s.value
+        return out
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from conftest import char_tokenizer, make_hf_model
+
+    d = tmp_path_factory.mktemp("serve")
+    make_hf_model("llama", d / "m")
+    char_tokenizer(TEMPLATE).save_pretrained(d / "m")
+    kw = dict(device="cpu", max_context=256, max_batch=4, cache_dir=d / "c", progress=False)
+    with LLM(d / "m", **kw) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    s = Server(llm, ServeConfig("tiny", api_key=KEY, max_body_bytes=64 << 10))
+    yield s
+    s.stop()
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_new_tokens=n)
+
+
+def _wait_idle(server: Server) -> dict[str, float]:
+    for _ in range(200):
+        m = server.metrics()
+        if m["vllm:num_requests_running"] == 0 and m["ollm:kv_blocks_used"] == 0:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"the server did not go idle: {m}")
+
+
+def test_completions_and_chat_match_generate(server, llm):
+    """Non-streaming and streaming, completions and chat: the text of greedy generation, usage
+    counts of the real tokens, /v1/models lists the loaded model only."""
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    want = llm.generate("Hello there", greedy(12))
+    r = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.completion_tokens == len(want.token_ids)
+    assert r.choices[0].finish_reason == want.finish_reason
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="Hello there", max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids) and not chunks[-1].choices
+
+    msgs = [{"role": "user", "content": "Hi!"}]
+    want = llm.chat(msgs, greedy(10))
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == len(want.token_ids)
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == want.text
+
+
+def test_stop_strings_n_and_seed(server, llm):
+    client = server.client()
+    full = llm.generate("Once upon", greedy(30)).text
+    stop = full[8:10]
+    cut = full[: full.index(stop)]
+    r = client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=30, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+
+    def sample() -> list[str]:
+        r = client.completions.create(
+            model="tiny", prompt="Once upon", max_tokens=8, temperature=1.0, n=3, seed=7
+        )
+        assert sorted(c.index for c in r.choices) == [0, 1, 2]
+        assert r.usage.completion_tokens == 3 * 8  # no EOS in a char vocabulary run this short
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = sample()
+    assert first == sample()  # seeded: reproducible
+    assert len(set(first)) > 1  # each choice its own seed
+
+
+def test_logprobs_equal_score(server, llm):
+    """Completions' log-probs are the raw model's: the chosen token's equals teacher-forced
+    scoring of the same tokens, and greedy picks the top one."""
+    client = server.client()
+    r = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=6, temperature=0, logprobs=3
+    )
+    lp = r.choices[0].logprobs
+    ids = llm.encode("abc")
+    out = llm.generate("abc", greedy(6))
+    scored = llm.score(ids + out.token_ids)[len(ids) - 1 :].tolist()
+    assert len(lp.token_logprobs) == len(out.token_ids) == r.usage.completion_tokens
+    assert lp.token_logprobs == pytest.approx(scored, abs=1e-4)
+    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(chosen) and tok in top
+    assert "".join(lp.tokens) == r.choices[0].text
+    c = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "abc"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens and all(
+        len(t.top_logprobs) == 2 for t in content
+    )
+
+
+def test_cancel_frees_the_sequence(server):
+    """Closing a stream cancels its sequence: nothing runs, no KV block is held."""
+    before = server.metrics().get("vllm:request_success_total{finished_reason=abort}", 0.0)
+    client = server.client()
+    stream = client.completions.create(
+        model="tiny", prompt="Long story", max_tokens=230, temperature=0, stream=True
+    )
+    got = [next(stream) for _ in range(3)]
+    assert all(c.choices[0].text for c in got)
+    stream.close()
+    m = _wait_idle(server)
+    assert m["vllm:request_success_total{finished_reason=abort}"] == before + 1
+
+
+def test_auth(server):
+    bad = server.client(key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert httpx.get(server.url + "/health").status_code == 200
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "abc"}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": -3}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 10**12}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x" * 300}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x", "temperature": -1}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x", "n": 1000}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": ""}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": [999999]}).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}).encode(), 400),
+        (json.dumps({"model": "../../etc/passwd", "prompt": "x"}).encode(), 404),
+        (json.dumps({"prompt": "x"}).encode(), 400),
+        (json.dumps([1, 2]).encode(), 400),
+        (json.dumps({"model": "tiny", "prompt": "x" * 70000}).encode(), 413),
+    ],
+)
+def test_bad_completion_requests(server, body, status):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=_auth())
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+
+
+def test_bad_chat_requests(server):
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(server.url + "/v1/chat/completions", json=body, headers=_auth())
+
+    for body in (
+        {"model": "tiny", "messages": []},
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        {"model": "tiny", "messages": [{"role": "user", "content": 5}]},
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+    ):
+        r = post(body)
+        assert r.status_code == 400 and "error" in r.json(), (body, r.text)
+    r = post({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500})
+    assert r.status_code == 400 and "maximum context length is 256" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/nothing", headers=_auth()).status_code == 404
+
+
+def test_queue_full_answers_429(llm):
+    s = Server(llm, ServeConfig("tiny", max_pending=1))
+    try:
+        client = s.client()
+        stream = client.completions.create(
+            model="tiny", prompt="a", max_tokens=200, temperature=0, stream=True
+        )
+        next(stream)
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "b"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        stream.close()
+        _wait_idle(s)
+        ok = client.completions.create(model="tiny", prompt="b", max_tokens=2)
+        assert ok.usage.completion_tokens == 2
+    finally:
+        s.stop()
+
+
+def test_32_concurrent_streams_equal_generate(server, llm):
+    prompts = [f"Request {i}: {'abcdefgh'[i % 8] * (i % 5 + 1)}" for i in range(32)]
+    want = [llm.generate(p, greedy(12)).text for p in prompts]
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+    async def one(p: str) -> str:
+        stream = await client.completions.create(
+            model="tiny", prompt=p, max_tokens=12, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def all_() -> list[str]:
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    before = server.metrics()
+    assert asyncio.run(all_()) == want
+    after = _wait_idle(server)
+    done = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    assert done == sum(len(llm.encode(w, special=False)) for w in want)
+    assert (
+        after["vllm:time_to_first_token_seconds_count"]
+        - before["vllm:time_to_first_token_seconds_count"]
+        == 32
+    )
+
+
+def test_sentence_chunks(server):
+    c = Chunker("sentence")
+    pieces = [c.feed(p) for p in ["Hi", " there.", " How", " are", " you? I", "'m", " é"]]
+    assert [p for p in pieces if p] == ["Hi there. ", "How are you? "]
+    assert c.flush() == "I'm é"
+    p = Chunker("paragraph")
+    assert p.feed("a\n") == "" and p.feed("\nb") == "a\n\n" and p.flush() == "b"
+    client = server.client()
+
+    def pieces(mode: str) -> list[str]:
+        stream = client.completions.create(
+            model="tiny", prompt="Say. Then", max_tokens=120, temperature=0, stream=True,
+            extra_body={"ollm": {"chunking": mode}},
+        )  # fmt: skip
+        return [ch.choices[0].text for ch in stream if ch.choices and ch.choices[0].text]
+
+    tokens = pieces("token")
+    local = Chunker("sentence")
+    want = [t for t in [*(local.feed(p) for p in tokens), local.flush()] if t]
+    got = pieces("sentence")
+    assert got == want and "".join(got) == "".join(tokens)
+    assert len(tokens) > len(got)  # the random text has sentence ends (".", "!", "?", "\n")
+
+
+def test_cli_serve_prints_serves_and_stops_on_ctrl_c(llm, tmp_path):
+    """`ollm serve` in its own process: where it listens and the plan on stdout, answers the
+    openai client, Ctrl-C exits 130 after draining."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model = llm.store_path  # the converted store: no second conversion
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "OLLM_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
+    args = [str(Path(sys.executable).parent / "ollm"), "serve", "-m", str(model), "--device", "cpu",
+            "--max-context", "128", "--port", str(port), "--served-model-name", "tiny",
+            "--threads", "1", "--drain", "1"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    first = ""
+    try:
+        first = proc.stdout.readline()
+        if not first:
+            pytest.fail(proc.communicate(timeout=30)[1])
+        assert first.startswith(f"ollm serve: tiny on http://127.0.0.1:{port}/v1"), first
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        for _ in range(100):
+            try:
+                r = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        assert r.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    out = first + out
+    assert "budget:" in out and "context 128 tokens" in out
+    assert proc.returncode == 130, err
+
+
+def test_cli_serve_without_fastapi_is_one_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    import ollm.serve
+    from ollm.cli import app
+
+    monkeypatch.setattr(ollm.serve, "missing_dependencies", lambda: ["fastapi", "uvicorn"])
+    res = CliRunner().invoke(app, ["serve"])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'ollm[serve]'" in lines[0]
+
+
+def test_import_without_fastapi():
+    """`import ollm`, `ollm --help` and `import ollm.serve` never import fastapi or uvicorn."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ollm, ollm.serve, ollm.cli\n"
+        "from typer.testing import CliRunner\n"
+        "assert CliRunner().invoke(ollm.cli.app, ['--help']).exit_code == 0\n"
+        "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
