@@ -122,11 +122,13 @@ def test_ab_identical_settings_within_noise_and_disk_slower(tmp_path):
     for diff in same.differences:
         assert diff.low <= 0 <= diff.high, diff
     report = ab(
-        str(d), base + " --offload cpu", base + " --offload disk", context=64, runs=6,
-        new_tokens=16, quality=True,
+        str(d), base + " --offload cpu", base + " --offload disk", context=64, runs=8,
+        new_tokens=24, quality=True,
     )  # fmt: skip
     by = {x.metric: x for x in report.differences}
     disk = by["disk_bytes_per_token"]
     assert disk.mean_a == 0 and disk.mean_b > 0 and disk.significant
     assert by["decode_tok_s"].significant and by["decode_tok_s"].verdict() == "B worse"
     assert report.quality["kl_mean"] == 0.0  # where weights live does not change the maths
+    assert report.cost_a["disk_bytes"] == 0 and report.cost_b["disk_bytes"] > 0
+    assert report.cost_a["joules"] is None  # no GPU: energy unknown, not zero

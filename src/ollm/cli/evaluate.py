@@ -95,7 +95,20 @@ def eval_cmd(
             (f"passkey {r.variant} {r.context} @ {r.depth:.0%}", f"{r.correct}/{r.trials}")
             for r in report.passkey
         ]
+        if report.cost:
+            rows.append(("cost per token (passkey answers)", _cost_text(report.cost)))
         common.stdout_console().print(common.table(rows, title="quality vs the exact path"))
+
+
+def _cost_text(cost: dict[str, float | None]) -> str:
+    from ollm.sizes import format_size
+
+    joules = cost.get("joules")
+    return (
+        f"{cost['device_seconds']:.4f} device-s, {format_size(int(cost['h2d_bytes']))} to GPU, "
+        f"{format_size(int(cost['disk_bytes']))} from disk"
+        + ("" if joules is None else f", {joules:.2f} J")
+    )
 
 
 def _plot(report, path: str) -> None:
@@ -153,6 +166,8 @@ def ab_cmd(
             )
             for d in report.differences
         ]
+        for side, cost in (("A", report.cost_a), ("B", report.cost_b)):
+            rows.append((f"cost per token {side}", _cost_text(cost)))
         if report.quality:
             q = report.quality
             rows.append(

@@ -13,6 +13,7 @@ from ollm.engine.runner import Runner
 from ollm.engine.sampling import Sampler, SamplingParams
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
+from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import GenerationMetrics
 from ollm.telemetry.stats import IOStats
 
@@ -78,7 +79,8 @@ class Generator:
             matchers = [StopMatcher(params.stop) for _ in prompts]
         sampler = Sampler(params, self.runner.plan.head_device)
 
-        metrics = GenerationMetrics(prompt_tokens=sum(lengths))
+        metrics = GenerationMetrics(prompt_tokens=sum(lengths), device=str(self.device))
+        energy = EnergyMeter(str(self.device)).start()
         before = self.stats.snapshot()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -120,6 +122,7 @@ class Generator:
             metrics.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
         reasons = {o.finish_reason for o in outs}
         metrics.finish_reason = reasons.pop() if len(reasons) == 1 else "mixed"
+        metrics.energy_joules = energy.stop()
         return outs, metrics
 
     def _new_kv(self, batch: int, capacity: int, kv_dir: str | None):

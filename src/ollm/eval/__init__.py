@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from ollm.errors import OllmError
 from ollm.eval.ab import METRICS, ABReport, order, summarize
-from ollm.eval.cost import EnergyMeter, cost_per_token
 from ollm.eval.options import exact_options, parse_options
 from ollm.eval.passkey import PasskeyRow, run_passkey
 from ollm.eval.quality import QualityRow, compare
@@ -30,7 +29,7 @@ class EvalReport:
     exact_options: dict[str, object]
     quality: list[QualityRow] = field(default_factory=list)
     passkey: list[PasskeyRow] = field(default_factory=list)
-    cost: dict[str, float | None] = field(default_factory=dict)
+    cost: dict[str, float | None] = field(default_factory=dict)  # per token, passkey runs
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -89,10 +88,9 @@ def evaluate(
             pk = list(contexts) if passkey_contexts is None else passkey_contexts
             if pk:
                 say(f"passkey at {pk} tokens, depths {list(depths)}")
-                meter = EnergyMeter(llm.device)
-                meter.start()
-                report.passkey = run_passkey(llm, pk, list(depths), trials)
-                report.cost = {"joules_passkey": meter.stop()}
+                costs: list[dict[str, float | None]] = []
+                report.passkey = run_passkey(llm, pk, list(depths), trials, costs=costs)
+                report.cost = _mean_cost(costs)  # per generated token of the passkey answers
         finally:
             if ref is not llm:
                 ref.close()
@@ -133,12 +131,15 @@ def ab(
         for side in ("A", "B"):  # warm-up: first-call costs (allocations, calibration)
             llms[side].generate(prompts[-1], params)
         samples = {s: {k: [] for k in METRICS} for s in ("A", "B")}
+        costs: dict[str, list] = {"A": [], "B": []}
         for i, side in enumerate(order(runs)):
             say(f"run {i // 2 + 1}/{runs} {side}")
             res = llms[side].generate(prompts[i // 2], params)
+            costs[side].append(res.metrics.cost_per_token)
             for name, (read, _) in METRICS.items():
                 samples[side][name].append(float(read(res.metrics)))
         report.samples_a, report.samples_b = samples["A"], samples["B"]
+        report.cost_a, report.cost_b = _mean_cost(costs["A"]), _mean_cost(costs["B"])
         summarize(report, level)
         if quality:
             q = compare(llms["B"], llms["A"], prompts[0])
@@ -149,6 +150,10 @@ def ab(
     return report
 
 
-def result_cost(result, device: str) -> dict[str, float | None]:
-    """Cost per token of one GenerationResult (device-seconds, bytes moved, energy unknown)."""
-    return cost_per_token(result.metrics, device)
+def _mean_cost(costs: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Mean of per-run cost-per-token dicts (None where any run had no energy reading)."""
+    out: dict[str, float | None] = {}
+    for key in costs[0]:
+        values = [c[key] for c in costs]
+        out[key] = None if any(v is None for v in values) else sum(values) / len(values)
+    return out

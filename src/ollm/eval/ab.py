@@ -114,6 +114,8 @@ class ABReport:
     samples_b: dict[str, list[float]] = field(default_factory=dict)
     differences: list[Difference] = field(default_factory=list)
     quality: dict[str, float] | None = None  # B against A's distributions (KL, top-1), if asked
+    cost_a: dict[str, float | None] = field(default_factory=dict)  # mean cost per token
+    cost_b: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -125,6 +127,7 @@ class ABReport:
             "samples_b": self.samples_b,
             "differences": [d.to_dict() for d in self.differences],
             "quality": self.quality,
+            "cost_per_token": {"A": self.cost_a, "B": self.cost_b},
         }
 
 

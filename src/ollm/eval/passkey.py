@@ -62,9 +62,10 @@ def run_passkey(
     trials: int = 1,
     variants: tuple[str, ...] = ("single", "multi"),
     seed: int = 0,
+    costs: list | None = None,
 ) -> list[PasskeyRow]:
     """Greedy answers of ``llm`` to passkey prompts; a trial is correct when the first number
-    in the answer equals the hidden key."""
+    in the answer equals the hidden key. Each answer's cost per token goes to ``costs``."""
     from ollm.engine.sampling import SamplingParams
 
     rng = random.Random(seed)
@@ -80,7 +81,10 @@ def run_passkey(
                     keys = {name: rng.randint(10000, 99999) for name in names}
                     ask = rng.choice(names)
                     prompt, want = build_prompt(llm.tokenizer, context, depth, keys, ask)
-                    answer = llm.generate(prompt, params).text
+                    res = llm.generate(prompt, params)
+                    answer = res.text
+                    if costs is not None:
+                        costs.append(res.metrics.cost_per_token)
                     got = re.search(r"\d+", answer)
                     correct += bool(got and int(got.group()) == want)
                 rows.append(PasskeyRow(context, depth, variant, trials, correct))

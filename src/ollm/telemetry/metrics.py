@@ -25,6 +25,8 @@ class GenerationMetrics:
     prefill_io_seconds: float = 0.0  # disk read + host->GPU copy time during prefill
     cpu_path_seconds: float = 0.0  # hybrid decode: time the CPU computed RAM-resident layers
     finish_reason: str = ""
+    device: str = "cpu"  # where the request computed (cost per token counts GPU-seconds there)
+    energy_joules: float | None = None  # GPU energy of the request (NVML), None where unknown
 
     @property
     def io_wait_seconds(self) -> float:
@@ -41,8 +43,24 @@ class GenerationMetrics:
         steps = max(0, self.generated_tokens - 1)
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
+    @property
+    def cost_per_token(self) -> dict[str, float | None]:
+        """What one generated token cost: device-seconds (GPU-seconds on a GPU), bytes read from
+        disk and copied host->GPU (weights and fetched KV), and joules where the GPU reports
+        energy."""
+        n = max(1, self.generated_tokens)
+        seconds = (self.prefill_seconds + self.decode_seconds) / n
+        return {
+            "device_seconds": seconds,
+            "gpu_seconds": seconds if self.device.startswith("cuda") else 0.0,
+            "disk_bytes": self.bytes_read_disk / n,
+            "h2d_bytes": self.bytes_copied_h2d / n,
+            "joules": None if self.energy_joules is None else self.energy_joules / n,
+        }
+
     def to_dict(self) -> dict[str, float | int | str]:
         d = asdict(self)
+        d["cost_per_token"] = self.cost_per_token
         d["io_wait_seconds"] = self.io_wait_seconds
         d["prefill_tokens_per_second"] = self.prefill_tokens_per_second
         d["decode_tokens_per_second"] = self.decode_tokens_per_second
