@@ -254,7 +254,10 @@ OffloadOpt = Annotated[
 ]
 DtypeOpt = Annotated[
     str | None,
-    typer.Option("--dtype", help="float32, bfloat16 or float16 (default: the source's)."),
+    typer.Option(
+        "--dtype",
+        help="float32, bfloat16 or float16 (default: the source's; float32 becomes bfloat16 on a GPU).",
+    ),
 ]
 MaxContextOpt = Annotated[
     int | None,
