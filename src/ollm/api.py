@@ -385,13 +385,6 @@ class LLM:
         with self._lock:
             return self._encode(prompt, special)
 
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        """Each token decoded alone (under the request lock, as ``encode``)."""
-        if self.tokenizer is None:
-            return [str(t) for t in token_ids]
-        with self._lock:
-            return [self.tokenizer.decode([int(t)]) for t in token_ids]
-
     def batch_stats(self) -> dict[str, int]:
         """State of the submitted requests' batch (`BatchServer.stats`; zeros before any)."""
         server = self._server

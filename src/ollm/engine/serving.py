@@ -194,6 +194,9 @@ class BatchServer:
                     self._release_if_idle()
             except BaseException as exc:  # a failed step ends every request with its error
                 self._fail_all(exc)
+            # Python's locks are not fair: unless this thread gives up the GIL here it takes the
+            # lock again before a woken waiter (a submit()) runs, which then waits a step or more.
+            time.sleep(0)
         with self._lock:
             for stream in list(self._streams.values()) + self._pending:
                 stream._finish(None, RuntimeError("the batch server was closed"))

@@ -104,7 +104,7 @@ async def _logprob_entries(engine: ServeEngine, lps: list) -> list[tuple[str, fl
     if not lps:
         return []
     ids = [lp.token for lp in lps] + [t for lp in lps for t, _ in lp.top]
-    strings = await asyncio.to_thread(engine.llm.token_strings, ids)
+    strings = await asyncio.to_thread(engine.token_strings, ids)
     names = dict(zip(ids, strings, strict=True))
     return [(names[lp.token], lp.logprob, {names[t]: v for t, v in lp.top}) for lp in lps]
 

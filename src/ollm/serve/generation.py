@@ -9,6 +9,7 @@ longer than the planned context is refused before it is queued (`BadRequest`, HT
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -97,9 +98,8 @@ class Run:
         tokens = len(out.token_ids) if out is not None else 0
         reason = "error" if err is not None else (out.finish_reason if out else "abort")
         reason = "abort" if reason == "cancelled" else reason
-        self.engine.metrics.observe(
-            self.arrival, c.first, now, c.gaps, self.prompt_tokens, tokens, str(reason)
-        )
+        prompt = self.prompt_tokens if index == 0 else 0  # a request's prompt counts once
+        self.engine.metrics.observe(self.arrival, c.first, now, c.gaps, prompt, tokens, str(reason))
         self.queue.put_nowait((index, None))
 
     async def pieces(self) -> AsyncIterator[tuple[int, str | None]]:
@@ -129,7 +129,10 @@ class ServeEngine:
         self.max_pending = max_pending
         self.inflight = 0  # sequences submitted and not ended (event-loop thread only)
         self.prefix_queries = 0  # prompt tokens submitted (vLLM's prefix cache queries)
-        self._lock = threading.Lock()
+        # The server's own tokenizer: encoding with the model's would wait for the request lock
+        # (the stepping thread decodes with it), i.e. for a step, for every request.
+        self._tok = copy.deepcopy(llm.tokenizer)
+        self._tok_lock = threading.Lock()
         self.metrics = ServeMetrics(metrics_name, self.state)
 
     def state(self) -> dict[str, float]:
@@ -167,7 +170,16 @@ class ServeEngine:
             if any(t < 0 or t >= vocab for t in text):
                 raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
             return text
-        return await asyncio.to_thread(self.llm.encode, text, special)
+        return await asyncio.to_thread(self._encode, text, special)
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        with self._tok_lock:
+            return list(self._tok(text, add_special_tokens=special)["input_ids"])
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token decoded alone."""
+        with self._tok_lock:
+            return [self._tok.decode([int(t)]) for t in ids]
 
     async def start(
         self,

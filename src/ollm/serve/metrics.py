@@ -95,7 +95,10 @@ class ServeMetrics:
             buckets=_LATENCY, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prompt tokens of finished sequences.", lab, registry=r
+            "vllm:prompt_tokens",
+            "Prompt tokens of finished requests (once per request).",
+            lab,
+            registry=r,
         )
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Generated tokens of finished sequences.", lab, registry=r
