@@ -473,3 +473,28 @@ def test_default_model_served():
                 )
         finally:
             s.stop()
+
+
+def test_streaming_n_and_logprobs(server):
+    """Streamed choices of n=2 (seeded) equal the non-streamed ones; streamed log-probs cover
+    every generated token, their tokens joining to the text."""
+    client = server.client()
+    kw = dict(model="tiny", prompt="Seeds", max_tokens=10, temperature=1.0, n=2, seed=3)
+    whole = client.completions.create(**kw)
+    texts = ["", ""]
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    tokens, text, usage = [], "", None
+    for chunk in client.completions.create(
+        model="tiny", prompt="Seeds", max_tokens=10, temperature=0, logprobs=2, stream=True,
+        stream_options={"include_usage": True},
+    ):  # fmt: skip
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    assert "".join(tokens) == text and len(tokens) == usage.completion_tokens == 10
