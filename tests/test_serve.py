@@ -25,6 +25,7 @@ from ollm.serve.app import ServeConfig  # noqa: E402
 from ollm.serve.chunking import Chunker  # noqa: E402
 
 KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 
 
@@ -50,7 +51,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Samples by name (labels other than model_name folded into the name)."""
-        text = httpx.get(self.url + "/metrics", headers=_auth()).text
+        text = httpx.get(self.url + "/metrics", headers=AUTH).text
         out: dict[str, float] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
@@ -63,10 +64,6 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-
-
-def _auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +224,7 @@ def test_auth(server):
     ],
 )
 def test_bad_completion_requests(server, body, status):
-    r = httpx.post(server.url + "/v1/completions", content=body, headers=_auth())
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=AUTH)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
@@ -235,7 +232,7 @@ def test_bad_completion_requests(server, body, status):
 
 def test_bad_chat_requests(server):
     def post(body: dict) -> httpx.Response:
-        return httpx.post(server.url + "/v1/chat/completions", json=body, headers=_auth())
+        return httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH)
 
     for body in (
         {"model": "tiny", "messages": []},
@@ -248,7 +245,7 @@ def test_bad_chat_requests(server):
         assert r.status_code == 400 and "error" in r.json(), (body, r.text)
     r = post({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500})
     assert r.status_code == 400 and "maximum context length is 256" in r.json()["error"]["message"]
-    assert httpx.get(server.url + "/v1/nothing", headers=_auth()).status_code == 404
+    assert httpx.get(server.url + "/v1/nothing", headers=AUTH).status_code == 404
 
 
 def test_queue_full_answers_429(llm):
@@ -421,7 +418,7 @@ def test_non_streaming_disconnect_cancels(server, monkeypatch):
     before = server.metrics().get(name, 0.0)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
-            server.url + "/v1/completions", headers=_auth(), timeout=0.3,
+            server.url + "/v1/completions", headers=AUTH, timeout=0.3,
             json={"model": "tiny", "prompt": "x", "max_tokens": 250, "temperature": 0},
         )  # fmt: skip
     assert _wait_idle(server)[name] == before + 1
