@@ -20,8 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from ollm.api import LLM  # noqa: E402
 from ollm.engine.sampling import SamplingParams  # noqa: E402
-from ollm.serve import create_app  # noqa: E402
-from ollm.serve.app import ServeConfig  # noqa: E402
+from ollm.serve.app import ServeConfig, create_app  # noqa: E402
 from ollm.serve.chunking import Chunker  # noqa: E402
 
 KEY = "test-key"
@@ -87,6 +86,22 @@ def server(llm):
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_new_tokens=n)
+
+
+async def streams(url: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy streaming completions of every prompt at once; each one's joined text."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+    async def one(p: str) -> str:
+        stream = await client.completions.create(
+            model=model, prompt=p, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    finally:
+        await client.close()
 
 
 def _wait_idle(server: Server) -> dict[str, float]:
@@ -204,25 +219,19 @@ def test_auth(server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
-@pytest.mark.parametrize(
-    ("body", "status"),
-    [
-        (b"{not json", 400),
-        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "abc"}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": -3}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 10**12}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x" * 300}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x", "temperature": -1}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x", "n": 1000}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": ""}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": [999999]}).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}).encode(), 400),
-        (json.dumps({"model": "../../etc/passwd", "prompt": "x"}).encode(), 404),
-        (json.dumps({"prompt": "x"}).encode(), 400),
-        (json.dumps([1, 2]).encode(), 400),
-        (json.dumps({"model": "tiny", "prompt": "x" * 70000}).encode(), 413),
-    ],
-)
+_BAD = [(b"{not json", 400), (b"[1, 2]", 400)] + [
+    (json.dumps({"model": "tiny", "prompt": "x", **kw}).encode(), status)
+    for kw, status in [
+        ({"max_tokens": "abc"}, 400), ({"max_tokens": -3}, 400), ({"max_tokens": 10**12}, 400),
+        ({"prompt": "x" * 300}, 400), ({"temperature": -1}, 400), ({"n": 1000}, 400),
+        ({"prompt": ""}, 400), ({"prompt": [999999]}, 400), ({"stop": [""]}, 400),
+        ({"model": None}, 400), ({"model": "../../etc/passwd"}, 404),
+        ({"prompt": "x" * 70000}, 413),
+    ]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "status"), _BAD)
 def test_bad_completion_requests(server, body, status):
     r = httpx.post(server.url + "/v1/completions", content=body, headers=AUTH)
     assert r.status_code == status, r.text
@@ -270,30 +279,13 @@ def test_queue_full_answers_429(llm):
 def test_32_concurrent_streams_equal_generate(server, llm):
     prompts = [f"Request {i}: {'abcdefgh'[i % 8] * (i % 5 + 1)}" for i in range(32)]
     want = [llm.generate(p, greedy(12)).text for p in prompts]
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-
-    async def one(p: str) -> str:
-        stream = await client.completions.create(
-            model="tiny", prompt=p, max_tokens=12, temperature=0, stream=True
-        )
-        return "".join([c.choices[0].text async for c in stream if c.choices])
-
-    async def all_() -> list[str]:
-        try:
-            return await asyncio.gather(*(one(p) for p in prompts))
-        finally:
-            await client.close()
-
     before = server.metrics()
-    assert asyncio.run(all_()) == want
+    assert asyncio.run(streams(server.url, "tiny", prompts, 12)) == want
     after = _wait_idle(server)
     done = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     assert done == sum(len(llm.encode(w, special=False)) for w in want)
-    assert (
-        after["vllm:time_to_first_token_seconds_count"]
-        - before["vllm:time_to_first_token_seconds_count"]
-        == 32
-    )
+    ttft = "vllm:time_to_first_token_seconds_count"
+    assert after[ttft] - before[ttft] == 32
 
 
 def test_sentence_chunks(server):
@@ -362,23 +354,16 @@ def test_cli_serve_prints_serves_and_stops_on_ctrl_c(llm, tmp_path):
     assert proc.returncode == 130, err
 
 
-def test_cli_serve_without_fastapi_is_one_line(monkeypatch):
+def test_without_fastapi(monkeypatch):
+    """`import ollm`, `ollm --help` and `import ollm.serve` never import fastapi or uvicorn;
+    `ollm serve` without them is a one-line error naming the extra."""
+    import subprocess
+    import sys
+
     from typer.testing import CliRunner
 
     import ollm.serve
     from ollm.cli import app
-
-    monkeypatch.setattr(ollm.serve, "missing_dependencies", lambda: ["fastapi", "uvicorn"])
-    res = CliRunner().invoke(app, ["serve"])
-    assert res.exit_code == 2
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'ollm[serve]'" in lines[0]
-
-
-def test_import_without_fastapi():
-    """`import ollm`, `ollm --help` and `import ollm.serve` never import fastapi or uvicorn."""
-    import subprocess
-    import sys
 
     code = (
         "import sys, ollm, ollm.serve, ollm.cli\n"
@@ -388,6 +373,10 @@ def test_import_without_fastapi():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    monkeypatch.setattr(ollm.serve, "missing_dependencies", lambda: ["fastapi", "uvicorn"])
+    res = CliRunner().invoke(app, ["serve"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "pip install 'ollm[serve]'" in lines[0]
 
 
 def test_priority_reaches_the_scheduler(server, monkeypatch):
@@ -449,21 +438,7 @@ def test_default_model_served():
         want = [model.generate(p, greedy(12)).text for p in prompts]
         s = Server(model, ServeConfig("gemma"))
         try:
-            client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-
-            async def one(p: str) -> str:
-                stream = await client.completions.create(
-                    model="gemma", prompt=p, max_tokens=12, temperature=0, stream=True
-                )
-                return "".join([c.choices[0].text async for c in stream if c.choices])
-
-            async def both() -> list[str]:
-                try:
-                    return list(await asyncio.gather(*(one(p) for p in prompts)))
-                finally:
-                    await client.close()
-
-            assert asyncio.run(both()) == want
+            assert asyncio.run(streams(s.url, "gemma", prompts, 12)) == want
             with pytest.raises(openai.BadRequestError, match="chat template"):
                 s.client().chat.completions.create(
                     model="gemma", messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -495,3 +470,21 @@ def test_streaming_n_and_logprobs(server):
                 tokens += c.logprobs.tokens
                 assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
     assert "".join(tokens) == text and len(tokens) == usage.completion_tokens == 10
+
+
+def test_shapes_validate_as_openai_types(server):
+    """Raw bodies validate (pydantic, not the client's lenient construct) as openai's types."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    msgs = [{"role": "user", "content": "x"}]
+    body = {"model": "tiny", "max_tokens": 3, "logprobs": True, "top_logprobs": 1}
+    post = lambda path, b: httpx.post(server.url + path, json=b, headers=AUTH)  # noqa: E731
+    ChatCompletion.model_validate(post("/v1/chat/completions", {**body, "messages": msgs}).json())
+    c = post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "logprobs": 1})
+    Completion.model_validate(c.json())
+    r = post("/v1/chat/completions", {**body, "messages": msgs, "stream": True})
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    for e in events[:-1]:
+        ChatCompletionChunk.model_validate(json.loads(e))
