@@ -379,7 +379,8 @@ def test_pools_match_kv_reservation(family, hf_models, tmp_path):
 def test_speculative_drafts_verified(family, llms):
     """Draft tokens ride in the same pass as each decode (multi-token steps over paged KV);
     greedy verification keeps exactly each prompt's tokens alone, rejected drafts' KV is
-    trimmed, and good drafts cut the number of steps. A sampled request gets no drafts."""
+    trimmed, and good drafts cut the number of steps. A sampled request is verified by rejection
+    sampling (same distribution, other draws: tests/test_speculative.py checks the law)."""
     from ollm.engine.drafting import prompt_lookup
 
     llm = llms(family)
@@ -400,7 +401,8 @@ def test_speculative_drafts_verified(family, llms):
 
     eng = engine(llm, drafter=oracle)
     outs, _ = eng.generate(prompts, params)
-    assert [o.token_ids for o in outs] == want
+    assert [o.token_ids for o in outs[:5]] == want[:5]
+    assert len(outs[5].token_ids) == 10
     m = eng.metrics()
     assert 0 < m.accepted_drafts < m.drafted
     assert eng.kv_blocks_used() == 0
@@ -414,7 +416,7 @@ def test_speculative_drafts_verified(family, llms):
     assert steps[1] < 0.7 * steps[0]
     lookup = engine(llm, drafter=prompt_lookup(ngram=2, k=3))
     outs, _ = lookup.generate(prompts, params)
-    assert [o.token_ids for o in outs] == want
+    assert [o.token_ids for o in outs[:5]] == want[:5]
     assert lookup.metrics().drafted > 0
 
 

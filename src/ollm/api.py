@@ -76,6 +76,8 @@ class LLM:
         # a locked request calls the public ensure_context.
         self._lock = threading.RLock()
         self._server = None  # the BatchServer behind submit(), made by the first call
+        self._draft: LLM | None = None  # the draft model of speculate="draft:PATH", once loaded
+        self.last_speculation = None  # SpecStats of the last speculative generate()
         self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
         from ollm.weights.convert import default_cache_dir as _cache_root
@@ -276,13 +278,16 @@ class LLM:
                 raise RequestError(f"{len(ids)} prompts but {len(plist)} sampling params")
             each = plist if plist is not None else [params]
             self._check_request(ids, max(p.max_new_tokens for p in each))  # type: ignore[union-attr]
-            if len(ids) > 1 or plist is not None:
+            spec = self._speculator()  # speculation runs on the batch engine, one prompt or more
+            if len(ids) > 1 or plist is not None or spec is not None:
                 from ollm.engine.batch import generate_many
 
                 w = self.workload  # covers every prompt after the check
                 outs, mets = generate_many(
-                    self._engine, ids, params, w.batch, w.context, _on_text, _on_token, _kv_dir
-                )
+                    self._engine, ids, params, w.batch, w.context, _on_text, _on_token, _kv_dir,
+                    spec,
+                )  # fmt: skip
+                self.last_speculation = None if spec is None else spec.stats
             else:
                 outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)  # type: ignore[arg-type]
                 mets = [metrics]
@@ -292,6 +297,25 @@ class LLM:
             for o, m in zip(outs, mets, strict=True)
         ]
         return results[0] if single else results
+
+    def _speculator(self):
+        """A fresh `Speculator` for one request per ``config.speculate`` (None when off); a
+        draft model (``draft:PATH``) is loaded once, on this device, planned for this workload."""
+        from ollm.engine.speculative import build_speculator
+
+        kind, w, draft = self.config.speculate, self.workload, None
+        if kind == "off":
+            return None
+        if kind.startswith("draft:"):
+            if self._draft is None:
+                cfg = self.config
+                self._draft = LLM(
+                    kind.partition(":")[2], device=self.device, max_context=w.context,
+                    max_batch=w.batch, cache_dir=cfg.cache_dir, progress=cfg.progress,
+                )  # fmt: skip
+            self._draft.ensure_context(w.context, w.batch)
+            draft = self._draft.runner
+        return build_speculator(kind, self.runner, w.batch, w.context, draft)
 
     def _review_hybrid(self, metrics: GenerationMetrics, batch: int) -> None:
         """Hybrid decode is chosen on a prediction; keep it only while measurement agrees. When a
@@ -447,6 +471,8 @@ class LLM:
             self._server = None
         with self._lock:
             self.prefetcher.close()
+            if self._draft is not None:
+                self._draft.close()
 
     def __enter__(self) -> LLM:
         return self

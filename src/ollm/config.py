@@ -39,6 +39,7 @@ class EngineConfig:
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
+    speculate: str = "off"  # drafting: off, auto (= lookup), lookup, self[:N], draft:PATH
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -67,6 +68,7 @@ class EngineConfig:
             raise OllmError("max_context and max_batch must be positive")
         if self.model is not None:
             set_(self, "model", str(Path(self.model).expanduser()))
+        _check_speculate(self.speculate)
 
     def resolve_device(self) -> str:
         """The concrete device string; DeviceError when CUDA is asked for but absent."""
@@ -89,6 +91,17 @@ class EngineConfig:
                 )
             return f"cuda:{index}"
         raise DeviceError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _check_speculate(value: str) -> None:
+    """``speculate`` is off, auto, lookup, self, self:N (N >= 1 layers) or draft:PATH."""
+    kind, _, arg = str(value).partition(":")
+    ok = (kind in ("off", "auto", "lookup") and not arg) or (kind == "draft" and bool(arg))
+    ok = ok or (kind == "self" and (not arg or (arg.isdigit() and int(arg) >= 1)))
+    if not ok:
+        raise OllmError(
+            f"speculate must be off, auto, lookup, self, self:N or draft:PATH, not {value!r}"
+        )
 
 
 def choose_dtype(requested: str | None, source: str, device: str, bf16_ok: bool) -> tuple[str, str]:

@@ -79,6 +79,15 @@ def run(
     hybrid: HybridOpt = None,
     threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
+    speculate: Annotated[
+        str | None,
+        typer.Option(
+            "--speculate",
+            help="Speculative decoding (lossless): off, auto (= lookup), lookup (prompt n-grams), "
+            "self[:N] (the model's first N layers), draft:PATH (a small model, same tokenizer).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
     with common.cli_errors():
@@ -104,6 +113,7 @@ def run(
             kv_dir=kv_dir,
             hybrid=hybrid,
             cache_dir=cache_dir,
+            speculate=speculate,
         )
         with llm:
             _generate(llm, text, params, raw=raw, json_out=json_out)
@@ -126,12 +136,14 @@ def _generate(llm: LLM, prompt: str, params: SamplingParams, *, raw: bool, json_
             "finish_reason": result.finish_reason,
             "metrics": result.metrics.to_dict(),
         }
+        if llm.last_speculation is not None:
+            payload["speculation"] = dict(spec_rows(llm.last_speculation))
         out.write(json.dumps(payload, ensure_ascii=False) + "\n")
         out.flush()
         return
     out.write("\n")
     out.flush()
-    rows = metric_rows(result.metrics.rows(), llm.device)
+    rows = metric_rows(result.metrics.rows(), llm.device) + spec_rows(llm.last_speculation)
     common.stdout_console().print(common.table(rows, title="metrics"))
 
 
@@ -157,6 +169,18 @@ def stream_reply(stream: TextStream, out: TextIO | None) -> GenerationResult:
     if stream.result is None:  # cancelled before finishing
         raise KeyboardInterrupt
     return stream.result
+
+
+def spec_rows(stats) -> list[tuple[str, str]]:
+    """Metrics rows of speculative decoding (``LLM.last_speculation``; none when it was off)."""
+    if stats is None:
+        return []
+    return [
+        ("drafter", stats.drafter),
+        ("draft acceptance", f"{stats.acceptance_rate:.1%} of {stats.drafted}"),
+        ("tokens per target pass", f"{stats.tokens_per_pass:.2f}"),
+        ("drafter share of time", f"{stats.drafter_share:.1%}"),
+    ]
 
 
 def metric_rows(rows: list[tuple[str, str]], device: str) -> list[tuple[str, str]]:

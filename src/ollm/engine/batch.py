@@ -17,6 +17,7 @@ the single-request path of ``Generator``.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ollm.engine.generate import Generator, SequenceOutput
 from ollm.engine.runner import Runner
 from ollm.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
+from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
 from ollm.kv.blocks import BlockManager
@@ -34,6 +36,7 @@ from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.telemetry.metrics import GenerationMetrics
 
+log = logging.getLogger(__name__)
 DEVICE_TIER = "device"  # the allocation tier: the plan's KV device
 SWAP_TIER = "swap"  # RAM that preempted sequences' blocks move to
 # Tokens per KV block: small enough that prompts share most of a common prefix (reuse is per
@@ -75,6 +78,10 @@ class EngineMetrics:
     step_tokens: int  # query tokens of every step so far
     drafted: int = 0  # draft tokens verified
     accepted_drafts: int = 0  # of them, accepted
+    drafter: str = ""  # the drafter's name ("" without speculation)
+    acceptance_rate: float = 0.0  # accepted_drafts / drafted
+    tokens_per_pass: float = 0.0  # tokens per sequence per target pass (1 without drafts)
+    drafter_share: float = 0.0  # fraction of step time spent drafting
 
 
 @dataclass
@@ -111,19 +118,22 @@ class BatchEngine:
         max_running: int = 256,
         swap_tokens: int = 0,
         prefix_caching: bool = True,
-        drafter: Callable[[Sequence[int]], Sequence[int]] | None = None,
+        drafter: Speculator | Drafter | Callable[[Sequence[int]], Sequence[int]] | None = None,
     ) -> None:
         """Pools hold ``max_batch x max_context`` tokens per full-attention group (what the
         planner reserves) and ``swap_tokens`` tokens of RAM for preempted sequences; a step
         carries at most ``max_step_tokens`` query tokens (default ``max_batch x
         max_context``, the planner's activation rows) of at most ``max_running`` sequences
-        (each needs a float32 logits row). ``drafter(tokens) -> draft tokens``
-        proposes continuations of greedy requests, verified in the same pass (speculative
-        decoding: every accepted draft is the token greedy decoding would pick)."""
+        (each needs a float32 logits row). ``drafter`` (a `Speculator`, a `Drafter`, whose
+        draft length adapts, or a plain ``fn(tokens) -> draft tokens``) proposes continuations
+        of decoding requests, verified in the same pass without changing the output
+        distribution (`ollm.engine.speculative`: greedy requests keep exactly the tokens greedy
+        decoding picks)."""
         if not batch_supported(runner):
             raise ValueError("the batch engine needs every layer's KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
-        self.drafter = drafter
+        self.speculator = as_speculator(drafter)
+        self._draft_q: dict[str, torch.Tensor | None] = {}  # this step's draft distributions
         self.drafted = self.accepted_drafts = 0
         spec, plan = runner.spec, runner.plan
         self.device = torch.device(plan.layers[0].kv_device)
@@ -199,11 +209,13 @@ class BatchEngine:
         priority: int = 0,
         logprobs: int | None = None,
         on_logprob: Callable[[int, TokenLogprob], None] | None = None,
+        sampler: Sampler | None = None,
     ) -> str:
         """Queue a prompt (token ids); returns its id. ``on_text(index, piece)`` and
         ``on_token(index, token)`` are called as its output becomes final, and with
         ``logprobs`` (>= 0) ``on_logprob(index, TokenLogprob)`` before each token. Lower
-        ``priority`` runs first."""
+        ``priority`` runs first. ``sampler`` replaces the request's own (a draft model's
+        requests record their distributions through it)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         req = Request(
@@ -214,7 +226,7 @@ class BatchEngine:
         live = _Live(
             index,
             SequenceOutput(list(req.prompt)),
-            Sampler(params, self.runner.plan.head_device),
+            sampler or Sampler(params, self.runner.plan.head_device),
             stops,
             params.max_new_tokens,
             on_text=on_text,
@@ -256,7 +268,11 @@ class BatchEngine:
         try:
             for g, moves in plan.moves.items():
                 self.stores[g].copy_blocks(moves)
+            t0 = time.perf_counter()
             logits, rows = self._forward(plan)
+            if self.speculator is not None:
+                decode = all(len(st.token_ids) == st.num_draft + 1 for st in plan.seqs)
+                self.speculator.passed(plan.num_tokens, time.perf_counter() - t0, decode)
         except BaseException:
             self.scheduler.abort_step()  # touched sequences recompute; cached prefixes stay
             raise
@@ -275,32 +291,40 @@ class BatchEngine:
         return done
 
     def _drafts(self) -> dict[str, Sequence[int]]:
-        """Draft tokens for each greedy request (the scheduler keeps those of decoding ones)."""
-        if self.drafter is None:
+        """Draft tokens for each decoding request (one uncomputed token, room for more), their
+        distributions kept for `_verify`."""
+        self._draft_q = {}
+        if self.speculator is None:
             return {}
-        out = {}
+        asks = {}
         for rid, live in self.live.items():
             seq = self.scheduler.seqs.get(rid)
-            if seq is not None and live.sampler.params.greedy:
-                out[rid] = self.drafter(seq.tokens)
-        return out
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue
+            room = seq.request.max_new_tokens - seq.num_output - 1  # drafts worth verifying
+            if len(seq.tokens) - seq.num_computed == 1 and room > 0:
+                asks[rid] = (seq.tokens, live.sampler.params, room)
+        drafts = self.speculator.propose(asks)
+        self._draft_q = {rid: d.q for rid, d in drafts.items()}
+        return {rid: d.tokens for rid, d in drafts.items()}
 
     def _verify(self, st, logits: torch.Tensor) -> list[int]:
-        """Accepted tokens from ``logits`` [1 + drafts, V]: drafts while each equals the token
-        sampled after its prefix, then that one token (drafts only reach greedy requests)."""
+        """Accepted tokens from ``logits`` [1 + drafts, V]: the drafts speculative verification
+        keeps (`ollm.engine.speculative.verify`), then one token from the target."""
         live = self.live[st.seq_id]
         sampler = live.sampler
         if not st.num_draft:
             picked = [int(sampler.sample(logits)[0])]
+            if self.speculator is not None:  # a pass that made one token (no drafts fit)
+                self.speculator.verified(st.seq_id, 0, 0)
         else:
-            picks = sampler.sample(logits).tolist()
-            drafts = st.token_ids[len(st.token_ids) - st.num_draft :]
-            n = 0
-            while n < len(drafts) and drafts[n] == picks[n]:
-                n += 1
+            drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
+            q = self._draft_q.get(st.seq_id)
+            picked = verify(sampler, logits, drafts, None if q is None else q[: len(drafts)])
             self.drafted += len(drafts)
-            self.accepted_drafts += n
-            picked = [*drafts[:n], picks[n]]
+            self.accepted_drafts += len(picked) - 1
+            if self.speculator is not None:
+                self.speculator.verified(st.seq_id, len(drafts), len(picked) - 1)
         if live.logprobs is not None:
             live.step_logprobs = token_logprobs(logits[: len(picked)], picked, live.logprobs)
         return picked
@@ -360,6 +384,8 @@ class BatchEngine:
             piece, stopped = live.matcher.feed(live.detok.flush())
             self._emit(live, piece + ("" if stopped else live.matcher.flush()))
         del self.live[rid]
+        if self.speculator is not None:
+            self.speculator.policy.forget(rid)
         self.finished[rid] = out
         return True
 
@@ -439,7 +465,20 @@ class BatchEngine:
             step_tokens=self.step_tokens,
             drafted=self.drafted,
             accepted_drafts=self.accepted_drafts,
+            **self._spec_metrics(),
         )
+
+    def _spec_metrics(self) -> dict[str, object]:
+        """Speculation's share of `EngineMetrics` (empty without a drafter)."""
+        if self.speculator is None:
+            return {}
+        s = self.speculator.stats
+        return {
+            "drafter": s.drafter,
+            "acceptance_rate": s.acceptance_rate,
+            "tokens_per_pass": s.tokens_per_pass,
+            "drafter_share": s.drafter_share,
+        }
 
     def kv_blocks_used(self) -> int:
         """Referenced KV blocks over every group and tier (0 once every request has ended)."""
@@ -461,22 +500,32 @@ def generate_many(
     on_text: Callable[[int, str], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     kv_dir: str | None = None,
+    speculator: Speculator | None = None,
 ) -> tuple[list[SequenceOutput], list[GenerationMetrics]]:
     """Run a request of several prompts: continuous batching on paged KV when the plan keeps
     every layer's KV on the device (pools for the planned ``batch x context``), else the
     padded batch of ``generator`` (one call per distinct params). Metrics per output (shared
-    by the outputs of one run)."""
+    by the outputs of one run). ``speculator`` drafts tokens on the batch engine's path (the
+    padded batch runs without it, with a warning)."""
     plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(plist) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
     runner = generator.runner
     if kv_dir is None and batch_supported(runner):
         eng = BatchEngine.for_plan(runner, generator.tokenizer, generator.eos_ids, batch, context)
+        eng.speculator = speculator
         try:
             outs, metrics = eng.generate(prompts, plist, on_text, on_token)
         finally:
             eng.close()
+            if speculator is not None:
+                speculator.close()
         return outs, [metrics] * len(outs)
+    if speculator is not None:
+        log.warning(
+            "speculative decoding needs every layer's KV on the device (no kv_dir): this request "
+            "runs without drafts"
+        )
     outs: list[SequenceOutput | None] = [None] * len(prompts)
     mets: list[GenerationMetrics | None] = [None] * len(prompts)
     for sp in dict.fromkeys(plist):  # the padded batch takes one params for all its prompts

@@ -1,0 +1,406 @@
+"""Speculative decoding: drafters propose tokens, the target verifies them in one weight pass.
+
+A pass with ``1 + k`` query tokens streams the weights once, so every accepted draft is a token
+that cost no extra weight pass. Verification is lossless:
+
+* greedy: a draft is accepted while it equals the target's argmax after its prefix;
+* sampling (Leviathan et al. 2023, Chen et al. 2023): draft ``x ~ q`` is accepted with
+  probability ``min(1, p(x) / q(x))``; on rejection the token is drawn from
+  ``norm(max(0, p - q))``; if every draft is accepted one more token is drawn from the
+  target's next distribution. The emitted tokens are distributed exactly as the target's.
+  ``p`` and ``q`` are both filtered with the request's temperature, top-k and top-p
+  (`ollm.engine.sampling.probabilities`); a deterministic drafter (prompt lookup) has
+  ``q = one-hot(x)``, so it is accepted with probability ``p(x)``.
+
+The scheduler trims the KV of rejected drafts. `AdaptiveK` chooses how many tokens to draft from
+the running acceptance rate and measured pass costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from ollm.engine.drafting import lookup
+from ollm.engine.sampling import Sampler, SamplingParams, probabilities
+
+if TYPE_CHECKING:
+    from ollm.engine.batch import BatchEngine
+    from ollm.engine.runner import Runner
+
+log = logging.getLogger(__name__)
+MAX_DRAFT = 8  # most tokens drafted per sequence and step
+
+
+@dataclass
+class Draft:
+    """Proposed continuation of one sequence."""
+
+    tokens: list[int]
+    q: torch.Tensor | None = None  # [len(tokens), V] draft probabilities; None: deterministic
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """What a drafter gets for one sequence: its tokens so far, how many to propose, and the
+    request's sampling parameters (a drafter with distributions filters them the same way)."""
+
+    tokens: Sequence[int]
+    k: int
+    params: SamplingParams
+
+
+class Drafter(Protocol):
+    """Proposes up to ``k`` tokens per sequence (one call for every decoding sequence)."""
+
+    name: str
+
+    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
+        """Drafts per sequence id (fewer than ``k`` tokens, or none, is allowed)."""
+        ...
+
+
+class LookupDrafter:
+    """Prompt lookup: the tokens that followed the latest earlier match of the context's last
+    n-gram (in the prompt or the output); deterministic, nearly free."""
+
+    name = "lookup"
+
+    def __init__(self, ngram: int = 3, min_ngram: int = 1) -> None:
+        self.ngram, self.min_ngram = ngram, min_ngram
+
+    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
+        return {
+            rid: Draft(lookup(r.tokens, r.k, self.ngram, self.min_ngram))
+            for rid, r in requests.items()
+        }
+
+
+class CallableDrafter:
+    """Adapts a plain ``fn(tokens) -> tokens`` drafter (deterministic), cut to ``k``."""
+
+    def __init__(self, fn: Callable[[Sequence[int]], Sequence[int]], name: str = "custom") -> None:
+        self.fn, self.name = fn, name
+
+    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
+        return {rid: Draft(list(self.fn(r.tokens))[: r.k]) for rid, r in requests.items()}
+
+
+class _RecordingSampler:
+    """Stands in for a draft request's `Sampler`: draws each token from the target request's
+    filtered distribution of the draft logits and records that distribution as ``q``."""
+
+    def __init__(self, params: SamplingParams, gen_sampler: Sampler) -> None:
+        self.params, self._draws = params, gen_sampler
+        self.q: list[torch.Tensor] = []
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        q = probabilities(self.params, logits[-1:])
+        self.q.append(q[0])
+        if self.params.greedy:
+            return torch.argmax(q, dim=-1)
+        return self._draws.draw(q).to(logits.device)
+
+
+class ModelDrafter:
+    """A small model sharing the target's tokenizer, run by its own `BatchEngine`: each step
+    every decoding sequence's context is queued there (its blocks computed in earlier steps are
+    reused through the prefix cache, so only the new tail is prefilled) and ``k`` tokens are
+    sampled from the draft's filtered distribution ``q`` (argmax when greedy)."""
+
+    def __init__(self, engine: BatchEngine, name: str = "draft", seed: int = 0) -> None:
+        self.engine, self.name = engine, name
+        self._draws = Sampler(SamplingParams(temperature=1.0, seed=seed), engine.device)
+
+    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
+        eng, recorders, ids = self.engine, {}, {}
+        for rid, r in requests.items():
+            if r.k < 1:
+                continue
+            sp = SamplingParams(max_new_tokens=r.k, ignore_eos=True, temperature=0)
+            rec = _RecordingSampler(r.params, self._draws)
+            ids[rid] = eng.add(r.tokens, sp, sampler=rec)  # type: ignore[arg-type]
+            recorders[rid] = rec
+        eng.run()
+        out = {}
+        for rid, did in ids.items():
+            toks = eng.finished.pop(did).token_ids
+            rec = recorders[rid]
+            q = None if rec.params.greedy else torch.stack(rec.q[: len(toks)])
+            out[rid] = Draft(list(toks), q)
+        return out
+
+    def close(self) -> None:
+        """Free the draft engine's KV pools."""
+        self.engine.close()
+
+
+def self_draft_runner(runner: Runner, layers: int) -> Runner:
+    """Self-speculation: a runner of the target's first ``layers`` layers and its own norm and
+    head (early exit), sharing the target's loaded weights. Only layers the plan keeps resident
+    on the device in every phase qualify: the prefetcher streams the others in a fixed cyclic
+    order that a partial pass would break (and drafting from streamed layers would cost the
+    very weight traffic speculation saves). ValueError when the plan does not allow it."""
+    from ollm.engine.runner import Runner
+
+    plan = runner.plan
+    if not 1 <= layers < len(plan.layers):
+        raise ValueError(f"self-speculation needs 1 <= layers < {len(plan.layers)}, got {layers}")
+    moving = set(plan.streamed_for("prefill")) | set(plan.streamed_for("decode"))
+    if moving & set(range(layers)) or any(
+        p.device_for("decode") != p.device_for("prefill") for p in plan.layers[:layers]
+    ):
+        raise ValueError(
+            f"self-speculation needs the first {layers} layers resident on the device; this plan "
+            "streams or moves some of them (use fewer layers, a larger budget, or lookup)"
+        )
+    sub_plan = dataclasses.replace(plan, layers=plan.layers[:layers])
+    sub_spec = dataclasses.replace(runner.spec, layers=runner.spec.layers[:layers])
+    return Runner(sub_spec, sub_plan, runner.prefetcher, runner.dtype)
+
+
+def verify(
+    sampler: Sampler, logits: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None
+) -> list[int]:
+    """Accepted tokens from target ``logits`` [1 + d, V] (row i follows draft i's prefix):
+    the accepted drafts, then one token from the target (the correction or the bonus)."""
+    params = sampler.params
+    if params.greedy:
+        picks = torch.argmax(logits, dim=-1).tolist()
+        n = 0
+        while n < len(drafts) and drafts[n] == picks[n]:
+            n += 1
+        return [*drafts[:n], picks[n]]
+    p = probabilities(params, logits)  # [1 + d, V]
+    out: list[int] = []
+    for i, x in enumerate(drafts):
+        px = float(p[i, x])
+        qx = 1.0 if q is None else float(q[i, x])
+        # Accept with probability min(1, p(x)/q(x)): u < p/q  <=>  u q < p.
+        if sampler.uniform() * qx < px:
+            out.append(int(x))
+            continue
+        # Rejected: the residual max(0, p - q) (one-hot q: p without x), renormalised.
+        if q is None:
+            resid = p[i].clone()
+            resid[x] = 0.0
+        else:
+            resid = (p[i] - q[i].to(p.device)).clamp_min(0.0)
+        total = float(resid.sum())
+        resid = resid / total if total > 0 else p[i]  # total 0 only by rounding when p == q
+        return [*out, int(sampler.draw(resid[None])[0])]
+    return [*out, int(sampler.draw(p[len(drafts)][None])[0])]
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens one pass yields with ``k`` drafts each accepted with probability ``a``
+    (independently): 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)."""
+    return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+@dataclass
+class _LinearFit:
+    """Exponentially weighted least squares fit of y = c0 + c1 x (recent passes count most)."""
+
+    decay: float = 0.9
+    s: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wx, wy, wxx, wxy
+
+    def add(self, x: float, y: float) -> None:
+        self.s = [v * self.decay for v in self.s]
+        for j, v in enumerate((1.0, x, y, x * x, x * y)):
+            self.s[j] += v
+
+    def coef(self) -> tuple[float, float] | None:
+        w, sx, sy, sxx, sxy = self.s
+        if w == 0:
+            return None
+        var = w * sxx - sx * sx
+        c1 = max(0.0, (w * sxy - sx * sy) / var) if var > 1e-9 * max(1.0, w * sxx) else 0.0
+        return max(0.0, (sy - c1 * sx) / w), c1
+
+
+class AdaptiveK:
+    """Chooses draft lengths: per sequence the running acceptance rate ``a`` (an exponential
+    average of accepted / drafted), per step the measured cost of a target pass as a linear
+    function of its query tokens, ``t(N) = c0 + c1 N``, and the drafter's seconds per drafted
+    token ``d``. A sequence sharing a step with ``B - 1`` others pays ``cost(n) = c0 / B + c1 n``
+    for its ``n`` rows; ``k`` maximises ``E(k) / (d k + cost(k + 1))`` (tokens per second),
+    increasing k while the rate grows. At k = 0 a sequence still probes k = 1 every
+    ``probe`` steps so a rate that recovers is noticed."""
+
+    def __init__(
+        self, max_k: int = MAX_DRAFT, prior: float = 0.5, decay: float = 0.7, probe: int = 8
+    ) -> None:
+        self.max_k, self.prior, self.decay, self.probe = max_k, prior, decay, probe
+        self.rate: dict[str, float] = {}
+        self.idle: dict[str, int] = {}
+        self.target = _LinearFit()
+        self.draft_s = 0.0  # seconds per drafted token, exponential average
+
+    def observe_pass(self, tokens: int, seconds: float) -> None:
+        """A target pass over ``tokens`` query tokens took ``seconds``."""
+        self.target.add(float(tokens), seconds)
+
+    def observe_draft(self, tokens: int, seconds: float) -> None:
+        """The drafter proposed ``tokens`` tokens in ``seconds``."""
+        if tokens:
+            per = seconds / tokens
+            self.draft_s = per if not self.draft_s else 0.7 * self.draft_s + 0.3 * per
+
+    def observe_accept(self, rid: str, drafted: int, accepted: int) -> None:
+        """Sequence ``rid`` had ``accepted`` of ``drafted`` drafts accepted."""
+        if drafted:
+            a = self.rate.get(rid, self.prior)
+            w = self.decay**drafted  # each verified draft is one observation
+            self.rate[rid] = w * a + (1 - w) * accepted / drafted
+
+    def forget(self, rid: str) -> None:
+        """Drop a finished sequence's state."""
+        self.rate.pop(rid, None)
+        self.idle.pop(rid, None)
+
+    def choose(self, rid: str, batch: int = 1) -> int:
+        """Draft length for ``rid`` in a step of ``batch`` decoding sequences."""
+        a = self.rate.get(rid, self.prior)
+        c0, c1 = self.target.coef() or (1.0, 0.0)
+        best_k, best = 0, 1.0 / (c0 / batch + c1)
+        for k in range(1, self.max_k + 1):
+            r = expected_tokens(a, k) / (self.draft_s * k + c0 / batch + c1 * (k + 1))
+            if r <= best:
+                break  # E(k) is concave in k and the cost linear: the rate peaks once
+            best_k, best = k, r
+        if best_k == 0:
+            self.idle[rid] = self.idle.get(rid, 0) + 1
+            if self.idle[rid] % self.probe == 0:
+                return 1
+        else:
+            self.idle[rid] = 0
+        return best_k
+
+
+@dataclass
+class SpecStats:
+    """Counters of speculative decoding (plain numbers for metrics)."""
+
+    drafter: str = ""
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of them, accepted
+    verify_passes: int = 0  # (sequence, step) pairs that produced tokens
+    tokens: int = 0  # tokens those produced (accepted drafts + one each)
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens per sequence per target pass (1.0 without speculation)."""
+        return self.tokens / self.verify_passes if self.verify_passes else 0.0
+
+    @property
+    def drafter_share(self) -> float:
+        """Fraction of step time spent drafting."""
+        total = self.draft_seconds + self.target_seconds
+        return self.draft_seconds / total if total else 0.0
+
+
+class Speculator:
+    """A drafter, its draft-length policy and its counters, as a `BatchEngine` uses them."""
+
+    def __init__(self, drafter: Drafter, policy: AdaptiveK | None = None, k: int = 0) -> None:
+        """``k`` > 0 fixes the draft length instead of the adaptive ``policy``."""
+        self.drafter, self.k = drafter, k
+        self.policy = policy or AdaptiveK()
+        self.stats = SpecStats(drafter=drafter.name)
+
+    def propose(self, requests: Mapping[str, tuple[Sequence[int], SamplingParams, int]]):
+        """Drafts for ``rid -> (tokens, params, room)`` (room: most drafts worth making)."""
+        batch = max(1, len(requests))
+        asks = {}
+        for rid, (tokens, params, room) in requests.items():
+            k = min(room, self.k or self.policy.choose(rid, batch))
+            if k > 0:
+                asks[rid] = DraftRequest(tokens, k, params)
+        if not asks:
+            return {}
+        t0 = time.perf_counter()
+        drafts = self.drafter.propose(asks)
+        dt = time.perf_counter() - t0
+        self.stats.draft_seconds += dt
+        self.policy.observe_draft(sum(len(d.tokens) for d in drafts.values()), dt)
+        return {rid: d for rid, d in drafts.items() if d.tokens}
+
+    def verified(self, rid: str, drafted: int, accepted: int) -> None:
+        """Record one sequence's verification of a step."""
+        s = self.stats
+        s.drafted += drafted
+        s.accepted += accepted
+        s.verify_passes += 1
+        s.tokens += accepted + 1
+        self.policy.observe_accept(rid, drafted, accepted)
+
+    def close(self) -> None:
+        """Release what the drafter holds (a draft model's KV pools)."""
+        close = getattr(self.drafter, "close", None)
+        if close is not None:
+            close()
+
+    def passed(self, tokens: int, seconds: float, decode: bool = True) -> None:
+        """Record a target pass; only passes of decodes (and drafts) feed the cost fit, since a
+        prefill's rows cost attention over the whole prompt, not what a draft row costs."""
+        self.stats.target_seconds += seconds
+        if decode:
+            self.policy.observe_pass(tokens, seconds)
+
+
+def as_speculator(drafter: Speculator | Drafter | Callable | None) -> Speculator | None:
+    """A `Speculator` from what a caller passes: itself, a `Drafter` (adaptive length), or a
+    plain ``fn(tokens) -> tokens`` (its drafts used as they are, at most `MAX_DRAFT`)."""
+    if drafter is None or isinstance(drafter, Speculator):
+        return drafter
+    if hasattr(drafter, "propose"):
+        return Speculator(drafter)  # type: ignore[arg-type]
+    return Speculator(CallableDrafter(drafter), k=MAX_DRAFT)  # type: ignore[arg-type]
+
+
+def build_speculator(
+    speculate: str, runner: Runner, batch: int, context: int, draft: Runner | None = None
+) -> Speculator | None:
+    """The `Speculator` for an ``EngineConfig.speculate`` value (None for "off"): "auto" and
+    "lookup" draft by prompt lookup; "self[:N]" by the target's first N layers (default a
+    quarter) with its head; "draft:PATH" by the ``draft`` runner (a model loaded from PATH
+    with the target's vocabulary). Draft models run on a `BatchEngine` sized ``batch x
+    context``. A self-draft the plan cannot run falls back to lookup with a warning."""
+    from ollm.engine.batch import BatchEngine
+
+    kind, _, arg = speculate.partition(":")
+    if kind == "off":
+        return None
+    if kind in ("auto", "lookup"):
+        return Speculator(LookupDrafter())
+    if kind == "self":
+        n = int(arg) if arg else max(1, len(runner.plan.layers) // 4)
+        try:
+            draft, name = self_draft_runner(runner, n), f"self:{n}"
+        except ValueError as exc:
+            log.warning("%s; drafting by prompt lookup instead", exc)
+            return Speculator(LookupDrafter())
+    elif kind == "draft" and draft is not None:
+        if draft.spec.vocab_size != runner.spec.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({draft.spec.vocab_size}) differs from the "
+                f"target's ({runner.spec.vocab_size}): it must share the tokenizer"
+            )
+        name = f"draft:{arg}"
+    else:
+        raise ValueError(f"speculate={speculate!r} needs a draft model")
+    engine = BatchEngine.for_plan(draft, None, (), batch, context)
+    return Speculator(ModelDrafter(engine, name))
