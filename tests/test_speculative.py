@@ -17,6 +17,7 @@ from ollm.engine.speculative import (
     AdaptiveK,
     CallableDrafter,
     Draft,
+    DraftRequest,
     LookupDrafter,
     ModelDrafter,
     Speculator,
@@ -247,8 +248,7 @@ def test_lookup_drafter_and_metrics(hf_models, tmp_path):
     """Lookup proposes what followed the last n-gram; the engine reports acceptance, tokens per
     pass and the drafter's share of time."""
     d = LookupDrafter(ngram=2)
-    got = d.propose({"a": __import__("ollm.engine.speculative").engine.speculative.DraftRequest(
-        [1, 2, 3, 1, 2], 2, GREEDY)})  # fmt: skip
+    got = d.propose({"a": DraftRequest([1, 2, 3, 1, 2], 2, GREEDY)})
     assert got == {"a": Draft([3, 1])}
     _, path = hf_models("llama")
     with open_llm(path, tmp_path) as llm:
@@ -287,9 +287,12 @@ def test_cli_speculate(hf_models, tmp_path, monkeypatch):
         real(self, *a, **kw)
 
     monkeypatch.setattr(LLM, "__init__", spy)
+    import shutil
+
     from conftest import char_tokenizer
 
-    _, path = hf_models("llama")
+    _, shared = hf_models("llama")
+    path = shutil.copytree(shared, tmp_path / "hf")  # the session's model dir stays as it is
     char_tokenizer().save_pretrained(path)
     args = ["run", "abcabcabc", "-m", str(path), "--device", "cpu", "--raw", "--json",
             "--temperature", "0", "--max-new-tokens", "6", "--speculate", "lookup",
