@@ -11,7 +11,13 @@
    time, the padded batch of ``Generator`` (one weight pass per step for all, left padding), and
    `BatchEngine` (continuous batching). Tokens/s of each and the number of forward passes.
 
-Writes ``batch_engine.json`` under ``--out``.
+3. KV in every tier (issue 13): every family, float32, layer i's KV pool in device / pinned RAM /
+   disk (``i % 3``), the 8 prompts vs each alone; and Llama-3.2-1B shapes under a GPU budget
+   that puts some layers' KV in pinned RAM (``LLM.generate`` of 16 prompts through the engine).
+4. ``ollm bench --batch 1,4,16,64`` (2k-token prompts, 128 new tokens, llama3-1b shapes, 3 GiB
+   of GPU memory): aggregate decode tok/s next to the floor, Poisson arrivals, prefix sharing.
+
+Writes ``batch_engine.json`` (and ``bench_batch.json``) under ``--out``.
 """
 
 from __future__ import annotations
@@ -166,16 +172,91 @@ def throughput(tmp: Path) -> dict:
     return out
 
 
+def tiers(tmp: Path) -> dict:
+    """The engine with each layer's KV pool in the tier ``TIERS[i % 3]`` on CUDA, every family
+    (float32: equal to alone expected), and a real plan with KV in pinned RAM."""
+    from dataclasses import replace
+
+    from conftest import FAMILIES, make_hf_model
+    from ollm import LLM, SamplingParams
+    from ollm.engine.batch import BatchEngine
+    from ollm.engine.runner import Runner
+    from ollm.weights.synthetic import make_synthetic_store
+
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    prompts = prompts_for(1, 8, 40, lambda i: 3 + 7 * i)
+    rows = []
+    for family in FAMILIES:
+        try:
+            if not (tmp / family).exists():
+                make_hf_model(family, tmp / family)
+            llm = LLM(
+                tmp / family, device="cuda", max_batch=1, max_context=256, prefill_chunk=32,
+                cache_dir=tmp / "cache", progress=False,
+            )  # fmt: skip
+            alone = [llm.generate(p, params).token_ids for p in prompts]
+            tiers = ("device", "cpu", "disk")
+            layers = tuple(replace(p, kv_tier=tiers[i % 3]) for i, p in enumerate(llm.plan.layers))
+            runner = Runner(llm.spec, replace(llm.plan, layers=layers), llm.prefetcher, llm.dtype)
+            eng = BatchEngine(
+                runner, None, (), block_tokens=8, max_batch=8, max_context=256,
+                max_step_tokens=64, kv_dir=str(tmp / "kv"),
+            )  # fmt: skip
+            outs, _ = eng.generate(prompts, params)
+            same = [o.token_ids == a for o, a in zip(outs, alone, strict=True)]
+            rows.append(dict(family=family, equal=all(same), equal_prompts=sum(same),
+                             blocks_left=eng.kv_blocks_used()))  # fmt: skip
+            eng.close()
+            llm.close()
+        except Exception as exc:
+            rows.append(dict(family=family, equal=False, error=repr(exc)))
+        print(rows[-1], flush=True)
+    out: dict = {"families": rows}
+    store = make_synthetic_store("llama3-1b", tmp / "llama3-1b", progress=False)
+    ps = prompts_for(3, 16, 512, lambda i: 64 + 32 * i)
+    p16 = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
+    with LLM(store, device="cuda", gpu_memory="3GiB", max_batch=16, max_context=2048,
+             hybrid="off", progress=False) as llm:  # fmt: skip
+        out["kv"] = sorted({p.kv_tier for p in llm.plan.layers})
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        res = llm.generate(ps, p16)
+        torch.cuda.synchronize()
+        out["ram_kv_16x32_tok_s"] = sum(len(r.token_ids) for r in res) / (time.perf_counter() - t)
+    print(out, flush=True)
+    return out
+
+
+def bench_batch(out_dir: Path) -> dict:
+    """``ollm bench --batch 1,4,16,64`` on llama3-1b shapes (2k prompts, 128 new tokens)."""
+    from ollm.bench.batching import run_batch_bench
+
+    report = run_batch_bench(
+        model=None, synthetic="llama3-1b", batches=[1, 4, 16, 64], prompt_tokens=2048,
+        new_tokens=128, llm_kwargs={"device": "cuda", "gpu_memory": "3GiB"},
+        on_case=lambda kind, case: print(kind, case, flush=True),
+    )  # fmt: skip
+    (out_dir / "bench_batch.json").write_text(json.dumps(report, indent=1, default=str))
+    return {"static": report["static"], "arrivals": report["arrivals"], "prefix": report["prefix"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-equiv", action="store_true")
+    ap.add_argument("--skip-tiers", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     report: dict = {"gpu": torch.cuda.get_device_name()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_equiv:
             report["equivalence"] = equivalence(Path(tmp))
         report["throughput"] = throughput(Path(tmp))
+        if not args.skip_tiers:
+            report["tiers"] = tiers(Path(tmp))
+        if not args.skip_bench:
+            report["bench_batch"] = bench_batch(Path(args.out))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
     eq = report.get("equivalence", [])

@@ -45,14 +45,31 @@ def bench(
     offload: OffloadOpt = None,
     hybrid: HybridOpt = None,
     context: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--context", help="Prompt lengths, comma-separated; k = 1024 (8k,32k; 1.5k = 1536)."
+            "--context",
+            help="Prompt lengths, comma-separated; k = 1024 (8k,32k; 1.5k = 1536). Default 8k; "
+            "with --batch one length per request (default 2k on a GPU, 128 on the CPU).",
         ),
-    ] = "8k",
+    ] = None,
     new_tokens: Annotated[
-        int, typer.Option("--new-tokens", "-n", help="Tokens to generate per case.")
-    ] = 64,
+        int | None,
+        typer.Option(
+            "--new-tokens",
+            "-n",
+            help="Tokens to generate per case (default 64; with --batch per request: 128 on a "
+            "GPU, 16 on the CPU).",
+        ),
+    ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            "--batch",
+            help="Batch sizes, comma-separated (e.g. 1,4,16,64): aggregate decode throughput of "
+            "continuous batching at each, next to its floor, plus Poisson arrivals and 16 "
+            "requests sharing a prefix.",
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -73,7 +90,6 @@ def bench(
             raise CliError("give either --model or --synthetic, not both")
         from ollm.bench.run import parse_contexts, run_bench
 
-        contexts = parse_contexts(context)
         options = dict(
             device=device,
             gpu_memory=gpu_memory,
@@ -82,16 +98,20 @@ def bench(
             hybrid=hybrid,
             cache_dir=cache_dir,
         )
-        report = run_bench(
-            model=model,
-            synthetic=synthetic,
-            contexts=contexts,
-            new_tokens=new_tokens,
-            llm_kwargs={k: v for k, v in options.items() if v is not None},
-            plot=plot,
-            progress=common.show_progress(),
-            on_case=_bench_progress,
-        )
+        llm_kwargs = {k: v for k, v in options.items() if v is not None}
+        if batch is not None:
+            report = _batch_bench(model, synthetic, batch, context, new_tokens, llm_kwargs)
+        else:
+            report = run_bench(
+                model=model,
+                synthetic=synthetic,
+                contexts=parse_contexts(context or "8k"),
+                new_tokens=64 if new_tokens is None else new_tokens,
+                llm_kwargs=llm_kwargs,
+                plot=plot,
+                progress=common.show_progress(),
+                on_case=_bench_progress,
+            )
         text = json.dumps(report, ensure_ascii=False)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +125,49 @@ def bench(
         from ollm.bench.report import render
 
         width = None if sys.stdout.isatty() else 140  # pipes and logs: do not wrap at 80
-        render(report, Console(file=sys.stdout, highlight=False, width=width))
+        console = Console(file=sys.stdout, highlight=False, width=width)
+        if batch is not None:
+            from ollm.bench.batching import render_batch
+
+            render_batch(report, console)
+        else:
+            render(report, console)
+
+
+def _batch_bench(model, synthetic, batch: str, context, new_tokens, llm_kwargs) -> dict:
+    """``--batch``: the batching workloads of `ollm.bench.batching`."""
+    from ollm.bench.batching import run_batch_bench
+    from ollm.bench.run import parse_contexts
+
+    try:
+        sizes = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise CliError(f"--batch takes comma-separated integers, not {batch!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise CliError("--batch needs batch sizes >= 1")
+    lengths = parse_contexts(context) if context else [None]
+    if len(lengths) != 1:
+        raise CliError("with --batch, --context takes one prompt length")
+
+    def progress(kind: str, case: dict) -> None:
+        sys.stderr.write(f"bench --batch {kind}: {_short(case)}\n")
+        sys.stderr.flush()
+
+    return run_batch_bench(
+        model=model, synthetic=synthetic, batches=sizes, prompt_tokens=lengths[0],
+        new_tokens=new_tokens, llm_kwargs=llm_kwargs, progress=common.show_progress(),
+        on_case=progress,
+    )  # fmt: skip
+
+
+def _short(case: dict) -> str:
+    """A case's headline numbers for the progress line."""
+    keys = ("batch", "decode_tok_s", "floor_tok_s", "total_tok_s", "speedup")
+    return ", ".join(
+        f"{k} {case[k]:.3g}" if isinstance(case[k], float) else f"{k} {case[k]}"
+        for k in keys
+        if case.get(k) is not None
+    )
 
 
 def _bench_progress(case: dict[str, Any]) -> None:

@@ -7,11 +7,12 @@ packed into one row, each sequence at its own positions and attending over its o
 ``Scheduler.update()``; EOS, stop token ids, stop strings and ``max_new_tokens`` end a request
 and free its blocks. Sequences join and leave at every step; no left padding.
 
-KV lives in one `PagedKVStore` per KV group (all full-attention layers, each sliding window) on
-the plan's KV device, sized from the planner's KV reservation (``max_batch x max_context``
-tokens; windowed groups only what a window keeps live), with an optional RAM swap tier for
-preempted sequences. Plans that put KV in RAM or on disk (``batch_supported`` is False) keep
-the single-request path of ``Generator``.
+KV lives in paged pools per KV group (all full-attention layers, each sliding window), each
+layer's in the tier its plan puts its KV in (device, pinned RAM, disk files: `engine.kvpools`),
+with ``plan.kv_pools`` blocks per group (the planner's ``max_batch x max_context`` in blocks;
+windowed groups only what a window keeps live) and an optional swap tier for preempted
+sequences. Pools in host memory are attended by the CPU in decode, gathered to the GPU in
+prefill (`kv.packed`).
 """
 
 from __future__ import annotations
@@ -19,36 +20,41 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ollm.engine.generate import Generator, SequenceOutput
+from ollm.engine.kvpools import (
+    DEVICE_TIER,
+    build_pools,
+    layer_homes,
+    planned_blocks,
+    workload_blocks,
+)
 from ollm.engine.runner import Runner
 from ollm.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
-from ollm.kv.blocks import BlockManager
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.telemetry.metrics import GenerationMetrics
+from ollm.weights.accounting import PAGE_TOKENS, kv_group
 
 log = logging.getLogger(__name__)
-DEVICE_TIER = "device"  # the allocation tier: the plan's KV device
-SWAP_TIER = "swap"  # RAM that preempted sequences' blocks move to
-# Tokens per KV block: small enough that prompts share most of a common prefix (reuse is per
-# full block), large enough that a gather stays a few index_select rows per sequence.
-BLOCK_TOKENS = 16
+BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (weights.accounting says why 16)
 
 
 def batch_supported(runner: Runner) -> bool:
-    """Whether the plan keeps every layer's KV on one device the batch engine can page (no
-    RAM/disk KV tiers, no hybrid layers whose KV sits on the CPU)."""
-    layers = runner.plan.layers
-    return all(p.kv_tier == "device" for p in layers) and len({p.kv_device for p in layers}) == 1
+    """Whether the batch engine can page the plan's KV: the layers that keep KV on the device
+    keep it on one device (those in pinned RAM or on disk, hybrid CPU layers included, get
+    pools in their tier)."""
+    homes = layer_homes(runner.plan)
+    devices = {p.kv_device for p, h in zip(runner.plan.layers, homes, strict=True) if h == "device"}
+    return len(devices) <= 1
 
 
 def kv_groups(runner: Runner) -> list[tuple[str, int]]:
@@ -57,7 +63,7 @@ def kv_groups(runner: Runner) -> list[tuple[str, int]]:
     counts: dict[str, int] = {}
     out = []
     for layer in runner.spec.layers:
-        g = "full" if layer.window is None else f"window{layer.window}"
+        g = kv_group(layer.window)
         out.append((g, counts.get(g, 0)))
         counts[g] = counts.get(g, 0) + 1
     return out
@@ -118,10 +124,15 @@ class BatchEngine:
         max_running: int = 256,
         swap_tokens: int = 0,
         prefix_caching: bool = True,
+        pool_blocks: Mapping[str, int] | None = None,
+        kv_dir: str | None = None,
+        all_disk: bool = False,
         drafter: Speculator | Drafter | Callable[[Sequence[int]], Sequence[int]] | None = None,
     ) -> None:
-        """Pools hold ``max_batch x max_context`` tokens per full-attention group (what the
-        planner reserves) and ``swap_tokens`` tokens of RAM for preempted sequences; a step
+        """Pools hold ``pool_blocks[group]`` blocks per KV group (default ``max_batch x
+        max_context`` tokens per full-attention group), each layer's in its plan's KV tier
+        (disk pools in a run directory under ``kv_dir``, every layer's with ``all_disk``), and
+        ``swap_tokens`` tokens of swap for preempted sequences; a step
         carries at most ``max_step_tokens`` query tokens (default ``max_batch x
         max_context``, the planner's activation rows) of at most ``max_running`` sequences
         (each needs a float32 logits row). ``drafter`` (a `Speculator`, a `Drafter`, whose
@@ -130,28 +141,27 @@ class BatchEngine:
         distribution (`ollm.engine.speculative`: greedy requests keep exactly the tokens greedy
         decoding picks)."""
         if not batch_supported(runner):
-            raise ValueError("the batch engine needs every layer's KV on one device")
+            raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.speculator = as_speculator(drafter)
         self._draft_q: dict[str, torch.Tensor | None] = {}  # this step's draft distributions
         self.drafted = self.accepted_drafts = 0
         spec, plan = runner.spec, runner.plan
-        self.device = torch.device(plan.layers[0].kv_device)
         self.layer_groups = kv_groups(runner)
         step_tokens = max_step_tokens or max_batch * max_context
         windows = {
             g: layer.window for layer, (g, _) in zip(spec.layers, self.layer_groups, strict=True)
         }
-        managers: dict[str, BlockManager] = {}
-        self.stores: dict[str, PagedKVStore] = {}
-        for g, window in windows.items():
-            probe = BlockManager(block_tokens, {DEVICE_TIER: 0}, window=window)
-            pools = {DEVICE_TIER: max_batch * probe.max_live_blocks(max_context, step_tokens)}
-            if swap_tokens:
-                pools[SWAP_TIER] = -(-swap_tokens // block_tokens)
-            swap = SWAP_TIER if swap_tokens else None
-            managers[g] = BlockManager(block_tokens, pools, (DEVICE_TIER,), swap, window)
-            self.stores[g] = self._store(g, pools, block_tokens)
+        if pool_blocks is None:
+            pool_blocks = workload_blocks(
+                windows, block_tokens, max_batch, max_context, step_tokens
+            )
+        swap = -(-swap_tokens // block_tokens)
+        self.pools = build_pools(
+            runner, self.layer_groups, pool_blocks, swap, block_tokens, windows, kv_dir, all_disk
+        )
+        self.device = torch.device(plan.device)
+        managers = self.pools.managers
         self.scheduler = Scheduler(
             managers, step_tokens, max_running, prefix_caching=prefix_caching
         )
@@ -162,10 +172,19 @@ class BatchEngine:
 
     @classmethod
     def for_plan(
-        cls, runner: Runner, tokenizer, eos_ids: Sequence[int], batch: int, context: int
+        cls,
+        runner: Runner,
+        tokenizer,
+        eos_ids: Sequence[int],
+        batch: int,
+        context: int,
+        kv_dir: str | None = None,
+        all_disk: bool = False,
     ) -> BatchEngine:
-        """An engine whose pools match the planner's KV reservation for ``batch x context``:
-        full-attention groups ``batch x context`` tokens; with sliding-window layers a step
+        """An engine whose pools are the planner's (``plan.kv_pools`` blocks per KV group, each
+        layer's in its KV tier; disk pools under ``kv_dir``, every layer's with ``all_disk``)
+        when it planned for ``batch x context``, else that many tokens per full-attention
+        group; with sliding-window layers a step
         carries at most one prefill chunk (the planner reserves ``2 window + chunk`` slots per
         sequence for them, and a paged window group must hold a whole step's tokens at once),
         else every sequence's whole prompt in one weight pass. More than ``batch`` short
@@ -179,21 +198,16 @@ class BatchEngine:
         return cls(
             runner, tokenizer, eos_ids, block_tokens=BLOCK_TOKENS, max_batch=batch,
             max_context=context, max_step_tokens=step, max_running=max(batch, min(256, rows)),
+            pool_blocks=planned_blocks(
+                plan, {g for g, _ in kv_groups(runner)}, BLOCK_TOKENS, batch, context
+            ),
+            kv_dir=kv_dir, all_disk=all_disk,
         )  # fmt: skip
 
-    def _store(self, group: str, pools: dict[str, int], block_tokens: int) -> PagedKVStore:
-        """The tensors of one KV group: the device pool, and a RAM swap pool if any."""
-        spec = self.runner.spec
-        n_layers = sum(g == group for g, _ in self.layer_groups)
-        devices = {DEVICE_TIER: self.device, SWAP_TIER: torch.device("cpu")}
-        store = PagedKVStore(
-            n_layers, pools, spec.num_kv_heads, block_tokens, spec.head_dim, self.runner.dtype,
-            devices,
-        )  # fmt: skip
-        if SWAP_TIER in pools and self.device.type == "cuda":
-            # Pinned RAM: swaps copy asynchronously at the link's full rate.
-            store.pools[SWAP_TIER] = store.pools[SWAP_TIER].pin_memory()
-        return store
+    @property
+    def stores(self) -> dict[str, PagedKVStore]:
+        """One store per KV group (the first home's: they share shapes and block ids)."""
+        return {g: self.pools.first_store(g) for g in self.pools.stores}
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -267,7 +281,7 @@ class BatchEngine:
             return []
         try:
             for g, moves in plan.moves.items():
-                self.stores[g].copy_blocks(moves)
+                self.pools.copy_blocks(g, moves)
             t0 = time.perf_counter()
             logits, rows = self._forward(plan)
             if self.speculator is not None:
@@ -333,7 +347,7 @@ class BatchEngine:
         """Float32 logits [M, V] at the rows each sequence needs (its last ``num_logits`` query
         rows), and where each such sequence's rows start in them."""
         packed = PackedStep(plan, self.stores, DEVICE_TIER)
-        kv = packed.layer_kv(self.stores, self.layer_groups, DEVICE_TIER)
+        kv = packed.layer_kv(self.pools.layers)
         rows: dict[str, int] = {}
         idx: list[int] = []
         r = 0
@@ -488,7 +502,7 @@ class BatchEngine:
         """Drop every request and the pools."""
         for rid in list(self.live):
             self.cancel(rid)
-        self.stores.clear()
+        self.pools.close()
 
 
 def generate_many(
@@ -511,8 +525,11 @@ def generate_many(
     if len(plist) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
     runner = generator.runner
-    if kv_dir is None and batch_supported(runner):
-        eng = BatchEngine.for_plan(runner, generator.tokenizer, generator.eos_ids, batch, context)
+    if batch_supported(runner):  # ``kv_dir``: every layer's pools on disk there
+        eng = BatchEngine.for_plan(
+            runner, generator.tokenizer, generator.eos_ids, batch, context,
+            kv_dir or generator.kv_dir, all_disk=kv_dir is not None,
+        )  # fmt: skip
         eng.speculator = speculator
         try:
             outs, metrics = eng.generate(prompts, plist, on_text, on_token)

@@ -7,6 +7,10 @@ block ids (for one indexed gather per layer and sequence). `PackedLayerKV` is th
 object: ``attend(q, k, v, ...)`` writes the rows' new K/V through the tables, then attends each
 sequence's queries over its own gathered K/V with its own causal (and window) mask.
 
+A layer's pool may sit in host memory (pinned RAM, a mapped file) while the layer computes on
+the GPU: rows of few queries (decodes) are then attended by the CPU where the K/V sits, longer
+ones (prefill) over K/V gathered to the GPU.
+
 Cost: attention is a Python loop over the sequences of the step (one gather and one kernel call
 each); the projections and MLP, which dominate, run once for all rows. A varlen/paged kernel
 over the block ids would remove the loop and the gather copy.
@@ -41,6 +45,10 @@ class SeqRows:
     key0: int  # first position whose KV is held (a window may have released earlier blocks)
     block_ids: torch.Tensor  # ids of the held blocks, from position key0 on (on the pool device)
 
+
+# Most query rows of one sequence the CPU attends over a pool in host memory (a decode token
+# with a few drafts); more rows gather the K/V to the queries' device instead.
+CPU_ATTEND_ROWS = 8
 
 # Most bytes of K/V one batched decode call gathers (a copy the planner does not reserve; longer
 # batches are cut into several calls).
@@ -84,17 +92,31 @@ class GroupLayout:
 
 class PackedStep:
     """The tensor-side layout of one `StepPlan` over per-group `PagedKVStore`s (all running
-    sequences' blocks sit in ``tier``, the allocation tier)."""
+    sequences' blocks sit in ``tier``, the allocation tier). A group's layers may keep their
+    pools on different devices (GPU, pinned RAM, a memory-mapped file): the index tensors are
+    made once per group and device that asks for them."""
 
     def __init__(self, plan: StepPlan, stores: Mapping[str, PagedKVStore], tier: str) -> None:
         self.plan = plan
+        self.tier = tier
         self.num_rows = plan.num_tokens
-        self.layouts = {g: self._layout(plan, g, store, tier) for g, store in stores.items()}
+        self.stores = dict(stores)  # one store per group (any home: only its shapes are read)
+        self._layouts: dict[tuple[str, torch.device], GroupLayout] = {}
+
+    def layout(self, group: str, device: torch.device) -> GroupLayout:
+        """The layout of ``group`` with its index tensors on ``device``."""
+        key = (group, torch.device(device))
+        if key not in self._layouts:
+            self._layouts[key] = self._layout(
+                self.plan, group, self.stores[group], self.tier, key[1]
+            )
+        return self._layouts[key]
 
     @staticmethod
-    def _layout(plan: StepPlan, group: str, store: PagedKVStore, tier: str) -> GroupLayout:
+    def _layout(
+        plan: StepPlan, group: str, store: PagedKVStore, tier: str, device: torch.device
+    ) -> GroupLayout:
         bt = store.block_tokens
-        device = store.pools[tier].device
         row_block: list[int] = []
         row_offset: list[int] = []
         seqs = []
@@ -133,15 +155,16 @@ class PackedStep:
         pos = [p for st in self.plan.seqs for p in st.positions]
         return torch.tensor([pos], dtype=torch.long)
 
-    def layer_kv(
-        self, stores: Mapping[str, PagedKVStore], layer_groups: Sequence[tuple[str, int]], tier: str
-    ) -> list[PackedLayerKV]:
-        """One `PackedLayerKV` per model layer; ``layer_groups[i]`` = (group, index of layer i
-        in that group's store)."""
-        return [
-            PackedLayerKV(self, stores[g], self.layouts[g], local, tier)
-            for g, local in layer_groups
-        ]
+    def layer_kv(self, layers: Sequence[tuple[str, PagedKVStore, int]]) -> list[PackedLayerKV]:
+        """One `PackedLayerKV` per model layer; ``layers[i]`` = (group of layer i, the store
+        holding its pool, its index in that store)."""
+        out = []
+        for group, store, local in layers:
+            pool = store.pools[self.tier][local]
+            out.append(
+                PackedLayerKV(self, store, self.layout(group, pool.device), local, self.tier)
+            )
+        return out
 
 
 class PackedLayerKV:
@@ -200,13 +223,22 @@ class PackedLayerKV:
                 continue
             q_pos = s.start + (a - s.row0)  # position of the first query row here
             upto = s.start + (b - s.row0)  # keys written so far for this sequence
+            qs = q[:, :, a - r0 : b - r0]
             if s.key0 == s.start and a == s.row0:  # its only keys are these rows: no gather
                 ks, vs = k[:, :, a - r0 : b - r0], v[:, :, a - r0 : b - r0]
             else:
-                ks, vs = self._gather(s, upto, q.device)
+                ks, vs = self._gather(s, upto, self._attend_device(b - a, q.device))
             m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks)
-            out[:, :, a - r0 : b - r0] = attend(q[:, :, a - r0 : b - r0], ks, vs, m, scale)
+            o = attend(qs.to(ks.device), ks, vs, m, scale)
+            out[:, :, a - r0 : b - r0] = o.to(q.device)
         return out
+
+    def _attend_device(self, rows: int, q_device: torch.device) -> torch.device:
+        """Where a sequence's ``rows`` queries attend: by the CPU over a pool in host memory for
+        a few rows (a decode token and its drafts: the queries cross the link, not the K/V),
+        else on the queries' device (prefill: the K/V is gathered there)."""
+        host = self.pool.device.type == "cpu" and q_device.type != "cpu"
+        return self.pool.device if host and rows <= CPU_ATTEND_ROWS else q_device
 
     def _attend_decodes(
         self,
@@ -218,24 +250,27 @@ class PackedLayerKV:
         scale: float,
     ) -> None:
         """One attention call for the one-token sequences of ``d``: their K/V gathered by one
-        indexed read per pool, padded keys masked (same maths as one call each, other kernels)."""
+        indexed read per pool, padded keys masked (same maths as one call each, other kernels).
+        A pool in host memory (pinned RAM, a mapped file) is attended by the CPU where it sits:
+        only the queries and outputs cross the link, not the K/V (as ``OffloadedKVCache``)."""
         from ollm.layers.attention import AttentionMask as Mask
         from ollm.layers.attention import attend
 
         b, bt = len(d.seqs), self.store.block_tokens
+        dev = self.pool.device if self.pool.device.type == "cpu" else q.device
         rows = d.rows.to(q.device) - r0
-        qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)  # [B, heads, 1, D]
+        qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, heads, 1, D]
         kv = []
         for i in (0, 1):
             x = self.pool[i].index_select(0, d.block_ids)  # [B * blocks, kv_heads, bt, D]
             x = x.view(b, d.num_blocks, x.shape[1], bt, x.shape[3]).transpose(1, 2)
-            kv.append(x.reshape(b, x.shape[1], d.num_blocks * bt, x.shape[4]).to(q.device))
-        keep = d.mask(mask.window, bt).to(q.device)
+            kv.append(x.reshape(b, x.shape[1], d.num_blocks * bt, x.shape[4]).to(dev, q.dtype))
+        keep = d.mask(mask.window, bt).to(dev)
         s = keep.shape[-1]
         # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
         m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
-        out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1))
+        out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``."""

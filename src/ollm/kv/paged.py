@@ -4,7 +4,9 @@ Each tier holds one tensor ``[num_layers, 2 (K, V), num_blocks, kv_heads, block_
 head_dim]``; ``k(tier, layer)`` is the per-layer pool ``[num_blocks, kv_heads, block_tokens,
 head_dim]``. A block id therefore names the same slot in every layer, so one `BlockMove` copies a
 block of every layer at once. A ``"disk"`` tier (any tier given a file path) is a memory-mapped
-file (``torch.from_file``), so the OS pages it in and out.
+file (``torch.from_file``), so the OS pages it in and out; a tier given a ``storage`` allocator
+(bytes -> uint8 tensor: pinned RAM, a preallocated file of a `KVDirectory`) lives in what it
+returns.
 
 This is the minimal real tensor side for the engine v2 runner: ``write`` stores one sequence's new
 K/V through its table, ``gather`` returns its K/V contiguous for attention, ``copy_blocks`` runs the
@@ -14,7 +16,7 @@ copy-on-write and swap moves the manager returns.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,22 +37,29 @@ class PagedKVStore:
         dtype: torch.dtype,
         devices: Mapping[str, torch.device | str],
         files: Mapping[str, Path] | None = None,
+        storage: Mapping[str, Callable[[int], torch.Tensor]] | None = None,
     ) -> None:
         """``devices[tier]`` places a tier's pool; ``files[tier]`` backs it by a file instead
-        (created or grown to size; it lives on the CPU)."""
+        (created or grown to size; it lives on the CPU); ``storage[tier](nbytes)`` allocates
+        it (a zeroed uint8 host tensor of ``nbytes``, viewed as the pool: padding slots are
+        read and masked, and 0 x NaN would not be 0)."""
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.block_tokens = block_tokens
         self.head_dim = head_dim
         self.dtype = dtype
         self.pools: dict[str, torch.Tensor] = {}
-        files = files or {}
+        files, storage = files or {}, storage or {}
         for tier, n in num_blocks.items():
             shape = (num_layers, 2, n, kv_heads, block_tokens, head_dim)
-            if tier in files:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if tier in storage and nbytes:
+                raw = storage[tier](nbytes)  # zeroed: unwritten slots are read under a mask
+                self.pools[tier] = raw[:nbytes].view(dtype).view(shape)
+            elif tier in files:
                 self.pools[tier] = _file_tensor(Path(files[tier]), shape, dtype)
             else:
-                self.pools[tier] = torch.zeros(shape, dtype=dtype, device=devices[tier])
+                self.pools[tier] = torch.zeros(shape, dtype=dtype, device=devices.get(tier, "cpu"))
 
     def k(self, tier: str, layer: int) -> torch.Tensor:
         """Layer ``layer``'s key pool in ``tier``: [num_blocks, kv_heads, block_tokens, head_dim]."""

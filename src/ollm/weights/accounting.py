@@ -103,3 +103,43 @@ def device_kv_bytes(
     if any(p.kv_fetch for p in layers):
         total += scratch * fetch_buffers
     return total
+
+
+# Token slots per block of the paged KV pools (engine v2). Small, so that prompts share most of a
+# common prefix (reuse is per full block) and a sequence wastes under one block per KV group;
+# large enough that a gather stays a few index_select rows per sequence. (``kv_block_tokens``,
+# 256 by default, is the unit the single-request caches split a layer between tiers in.)
+PAGE_TOKENS = 16
+
+
+def kv_group(window: int | None) -> str:
+    """The KV group of a layer: every full-attention layer shares one block table per
+    sequence, each sliding window another (a block id names the same slot in each layer)."""
+    return "full" if window is None else f"window{window}"
+
+
+def kv_pool_blocks(spec, work: Workload, page_tokens: int, step_tokens: int) -> dict[str, int]:
+    """Blocks per KV group of the paged pools for ``work.batch`` sequences of ``work.context``
+    tokens: whole contexts for the full-attention group (rounded up to blocks per sequence), for
+    a window group the blocks a window keeps live when a step carries ``step_tokens`` query
+    tokens (``BlockManager.max_live_blocks``). Every layer of a group has this many blocks in
+    its own KV tier (device, pinned RAM or disk, from its ``LayerPlacement.kv_tier``)."""
+    from ollm.kv.blocks import BlockManager
+
+    out: dict[str, int] = {}
+    for layer in spec.layers:
+        g = kv_group(layer.window)
+        if g not in out:
+            probe = BlockManager(page_tokens, {"device": 0}, window=layer.window)
+            out[g] = work.batch * probe.max_live_blocks(work.context, step_tokens)
+    return out
+
+
+def kv_pool_bytes(spec, layers, pools: dict[str, int], page_tokens: int, dtype_bytes: int):
+    """Bytes of the paged pools per KV tier (``"device"``, ``"cpu"`` pinned RAM, ``"disk"``):
+    each layer's group's blocks in its tier (swap tiers excluded)."""
+    block = 2 * page_tokens * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    out = {"device": 0, "cpu": 0, "disk": 0}
+    for layer, p in zip(spec.layers, layers, strict=True):
+        out[p.kv_tier] += pools[kv_group(layer.window)] * block
+    return out

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from ollm.errors import BudgetError, OllmError
 from ollm.sizes import format_size
 from ollm.weights.accounting import (
+    PAGE_TOKENS,
     activation_bytes,
     device_kv_bytes,
     kv_layer_bytes,
+    kv_pool_blocks,
     kv_scratch_bytes,
 )
 
@@ -65,6 +67,8 @@ class PlacementPlan:
     prefill_chunk_tokens: int = 0  # rows per prefill chunk (0 = whole prompt at once)
     predicted: dict[str, float] = field(default_factory=dict)  # cost-model figures, if measured
     kv_block_tokens: int = 256  # token slots per KV block, the unit KV is split between tiers in
+    kv_pools: dict[str, int] = field(default_factory=dict)  # paged KV: blocks per KV group
+    kv_page_tokens: int = 16  # token slots per block of the paged pools (engine v2)
 
     def phase(self, tokens: int) -> str:
         """'decode' (hybrid devices) for small forwards, else 'prefill' (everything on the GPU)."""
@@ -359,6 +363,9 @@ def plan_placement(
         store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
     )
     reserved["stream buffers"] = ring * layer
+    # Paged pools (engine v2): batch x context in blocks; steps of one chunk with sliding windows.
+    windowed = any(sl.window for sl in spec.layers)
+    step = chunk if windowed and chunk else work.batch * work.context
     return PlacementPlan(
         device=device,
         layers=tuple(layers),
@@ -374,6 +381,8 @@ def plan_placement(
         predicted=predicted,
         prefill_chunk_tokens=chunk,
         kv_block_tokens=kv_block_tokens,
+        kv_pools=kv_pool_blocks(spec, work, PAGE_TOKENS, step),
+        kv_page_tokens=PAGE_TOKENS,
     )
 
 

@@ -1,0 +1,271 @@
+"""``ollm bench --batch 1,4,16,64``: aggregate decode throughput of continuous batching.
+
+Three workloads through `BatchEngine` on one plan (sized for the largest batch):
+
+* ``static``: at each batch size B, B prompts of N tokens (random ids, seeded) and M new tokens
+  each, all submitted at once; aggregate decode tok/s (tokens after each request's first / the
+  time from the first sampled token to the end) next to the floor of a step of B sequences
+  (``floors.compute_floors``: streamed bytes per step over the measured bandwidth, compute, memory
+  and KV reads; floor tok/s = B / floor_s).
+* ``arrivals``: as many requests as the largest batch, arriving at Poisson times (seeded) whose
+  mean rate is the static batch's measured request rate; throughput, mean time to first token
+  and latency, next to the static batch's.
+* ``prefix``: 16 requests sharing a long prefix (all but their last ``TAIL`` tokens; the first
+  prefilled before the others arrive) against 16 of the same lengths sharing nothing: wall
+  time, query tokens computed, prefix hits.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ollm.engine.batch import BatchEngine
+from ollm.engine.sampling import SamplingParams
+
+TAIL = 32  # own tokens of each prefix-sharing request
+PREFIX_REQUESTS = 16
+
+
+def default_sizes(device: str) -> tuple[int, int]:
+    """(prompt tokens, new tokens) per request: 2k / 128 on a GPU, 128 / 16 on the CPU."""
+    return (2048, 128) if device.startswith("cuda") else (128, 16)
+
+
+def prompts(n: int, tokens: int, vocab: int, seed: int, shared: int = 0) -> list[list[int]]:
+    """``n`` random prompts of ``tokens`` ids; the first ``shared`` ids are the same in all."""
+    rng = random.Random(seed)
+    head = [rng.randrange(vocab) for _ in range(shared)]
+    return [head + [rng.randrange(vocab) for _ in range(tokens - shared)] for _ in range(n)]
+
+
+def _engine(llm) -> BatchEngine:
+    w = llm.workload
+    return BatchEngine.for_plan(
+        llm.runner, None, (), w.batch, w.context, llm._engine.kv_dir, all_disk=False
+    )
+
+
+def _params(new_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+
+
+def static_case(llm, batch: int, tokens: int, new_tokens: int, seed: int, probes) -> dict:
+    """B prompts at once: aggregate decode tok/s, weight passes, the floor of a step of B."""
+    from ollm.bench.floors import compute_floors
+
+    eng = _engine(llm)
+    try:
+        ps = prompts(batch, tokens, llm.spec.vocab_size, seed)
+        t0 = time.perf_counter()
+        outs, m = eng.generate(ps, _params(new_tokens))
+        wall = time.perf_counter() - t0
+        steps = eng.metrics().steps
+    finally:
+        eng.close()
+    decode_tokens = sum(len(o.token_ids) - 1 for o in outs)
+    floors = compute_floors(llm.spec, llm.store, llm.plan, probes, tokens + new_tokens // 2, batch)
+    floor_s = floors["decode"]["floor_s"]
+    tok_s = decode_tokens / m.decode_seconds if m.decode_seconds else None
+    return {
+        "batch": batch,
+        "wall_s": wall,
+        "steps": steps,
+        "prefill_s": m.prefill_seconds,
+        "decode_s": m.decode_seconds,
+        "decode_tok_s": tok_s,
+        "total_tok_s": m.generated_tokens / wall,
+        "floor_step_s": floor_s,
+        "floor_bound": floors["decode"]["bound"],
+        "floor_tok_s": batch / floor_s if floor_s else None,
+        "floor_io_tok_s": batch / floors["decode"]["io_s"]
+        if floors["decode"].get("io_s")
+        else None,
+        "streamed_bytes_per_step": floors["streamed_bytes_decode"],
+    }
+
+
+def arrivals_case(llm, n: int, tokens: int, new_tokens: int, seed: int, rate: float) -> dict:
+    """``n`` requests arriving at Poisson times of mean ``rate`` per second (seeded)."""
+    rng = random.Random(seed + 1)
+    at, t = [], 0.0
+    for _ in range(n):
+        at.append(t)
+        t += rng.expovariate(rate)
+    ps = prompts(n, tokens, llm.spec.vocab_size, seed)
+    eng = _engine(llm)
+    first: dict[str, float] = {}
+    added: dict[str, float] = {}
+    done: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        nxt = 0
+        while nxt < n or eng.has_work():
+            now = time.perf_counter() - t0
+            while nxt < n and at[nxt] <= now:
+                rid = eng.add(ps[nxt], _params(new_tokens))
+                added[rid] = now
+                nxt += 1
+            if not eng.has_work():
+                time.sleep(max(0.0, min(at[nxt] - now, 0.05)))
+                continue
+            for rid in eng.step():
+                done[rid] = time.perf_counter() - t0
+            now = time.perf_counter() - t0
+            for rid, live in eng.live.items():
+                if live.out.token_ids and rid not in first:
+                    first[rid] = now
+        wall = time.perf_counter() - t0
+        tokens_out = sum(len(o.token_ids) for o in eng.finished.values())
+    finally:
+        eng.close()
+    for rid in done:  # a request of one token finishes in the step that sampled it
+        first.setdefault(rid, done[rid])
+    return {
+        "requests": n,
+        "rate_per_s": rate,
+        "wall_s": wall,
+        "total_tok_s": tokens_out / wall,
+        "mean_ttft_s": sum(first[r] - added[r] for r in added) / n,
+        "mean_latency_s": sum(done[r] - added[r] for r in added) / n,
+    }
+
+
+def prefix_case(llm, tokens: int, new_tokens: int, seed: int) -> dict:
+    """16 requests sharing all but ``TAIL`` tokens vs 16 sharing nothing. The first request is
+    prefilled before the others arrive (a common system prompt already cached): prompts admitted
+    in the same step cannot share, since a block is keyed once its KV is computed."""
+    out: dict[str, Any] = {}
+    shared = max(0, tokens - TAIL)
+    for name, head in (("shared", shared), ("distinct", 0)):
+        eng = _engine(llm)
+        try:
+            ps = prompts(PREFIX_REQUESTS, tokens, llm.spec.vocab_size, seed, head)
+            t0 = time.perf_counter()
+            ids = [eng.add(ps[0], _params(new_tokens))]
+            eng.step()
+            ids += [eng.add(p, _params(new_tokens)) for p in ps[1:]]
+            eng.run()
+            wall = time.perf_counter() - t0
+            m = eng.metrics()
+            generated = sum(len(eng.finished[r].token_ids) for r in ids)
+        finally:
+            eng.close()
+        out[name] = {
+            "wall_s": wall,
+            "total_tok_s": generated / wall,
+            "query_tokens": m.step_tokens,
+            "prefix_hits": m.prefix_hits,
+            "prefix_saved_tokens": m.prefix_saved_tokens,
+        }
+    out["shared_prefix_tokens"] = shared
+    out["speedup"] = out["distinct"]["wall_s"] / out["shared"]["wall_s"]
+    return out
+
+
+def run_batch_bench(
+    *,
+    model: str | None,
+    synthetic: str | None,
+    batches: list[int],
+    prompt_tokens: int | None,
+    new_tokens: int | None,
+    llm_kwargs: dict[str, Any] | None = None,
+    progress: bool = False,
+    seed: int = 0,
+    on_case: Callable[[str, dict], None] | None = None,
+) -> dict[str, object]:
+    """Probe the machine, plan for the largest batch, run the three workloads; the report."""
+    from ollm import LLM
+    from ollm.bench.probes import measure_bandwidth
+    from ollm.bench.run import _CONFIG_KEYS, linear_shape, resolve_model
+    from ollm.config import EngineConfig
+
+    kw = dict(llm_kwargs or {})
+    cfg = EngineConfig(**{k: v for k, v in kw.items() if k in _CONFIG_KEYS})
+    device = cfg.resolve_device()
+    n_default, m_default = default_sizes(device)
+    n, m = prompt_tokens or n_default, new_tokens or m_default
+    store, name = resolve_model(model, synthetic, cfg.cache_dir, progress, device, cfg.offload)
+    top = max(*batches, PREFIX_REQUESTS)
+    llm = LLM(store, **{**kw, "device": device, "progress": progress}, max_batch=top,
+              max_context=n + m)  # fmt: skip
+    try:
+        probes = measure_bandwidth(device, store, llm.dtype, linear_shape(llm.spec, n))
+        warm = BatchEngine.for_plan(llm.runner, None, (), 1, n + m)  # first-pass costs
+        warm.generate(prompts(1, min(n, 32), llm.spec.vocab_size, seed), _params(2))
+        warm.close()
+        report: dict[str, Any] = {
+            "model": name,
+            "settings": {"device": device, "prompt_tokens": n, "new_tokens": m, "seed": seed},
+            "plan": dict(llm.plan.describe()),
+            "probes": probes,
+            "static": [],
+        }
+        for b in batches:
+            case = static_case(llm, b, n, m, seed, probes)
+            report["static"].append(case)
+            if on_case:
+                on_case("static", case)
+        big = max(batches)
+        ref = next(c for c in report["static"] if c["batch"] == big)
+        rate = big / ref["wall_s"]  # requests per second the static batch served
+        report["arrivals"] = arrivals_case(llm, big, n, m, seed, rate)
+        report["arrivals"]["static_total_tok_s"] = ref["total_tok_s"]
+        if on_case:
+            on_case("arrivals", report["arrivals"])
+        report["prefix"] = prefix_case(llm, n, m, seed)
+        if on_case:
+            on_case("prefix", report["prefix"])
+        return report
+    finally:
+        llm.close()
+
+
+def _fmt(x: object, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def render_batch(report: dict, console) -> None:
+    """The report as three tables (static batches, arrivals, prefix sharing)."""
+    from rich.table import Table
+
+    s = report["settings"]
+    t = Table(
+        title=f"{report['model']} on {s['device']}: {s['prompt_tokens']}-token prompts, "
+        f"{s['new_tokens']} new tokens each (continuous batching)"
+    )
+    for col in (
+        "batch",
+        "passes",
+        "decode tok/s",
+        "floor tok/s",
+        "bound",
+        "of floor",
+        "total tok/s",
+    ):
+        t.add_column(col, justify="right")
+    for c in report["static"]:
+        share = (
+            c["decode_tok_s"] / c["floor_tok_s"] if c["decode_tok_s"] and c["floor_tok_s"] else None
+        )
+        t.add_row(
+            str(c["batch"]), str(c["steps"]), _fmt(c["decode_tok_s"]), _fmt(c["floor_tok_s"]),
+            str(c["floor_bound"]), _fmt(share, 2), _fmt(c["total_tok_s"]),
+        )  # fmt: skip
+    console.print(t)
+    a = report["arrivals"]
+    console.print(
+        f"Poisson arrivals ({a['requests']} requests, {a['rate_per_s']:.2f}/s): "
+        f"{a['total_tok_s']:.1f} tok/s vs {a['static_total_tok_s']:.1f} static; mean time to "
+        f"first token {a['mean_ttft_s']:.2f} s, latency {a['mean_latency_s']:.2f} s"
+    )
+    p = report["prefix"]
+    console.print(
+        f"{PREFIX_REQUESTS} requests sharing a {p['shared_prefix_tokens']}-token prefix: "
+        f"{p['shared']['wall_s']:.2f} s ({p['shared']['query_tokens']} query tokens, "
+        f"{p['shared']['prefix_hits']} prefix hits) vs {p['distinct']['wall_s']:.2f} s without "
+        f"sharing ({p['distinct']['query_tokens']} query tokens): {p['speedup']:.2f}x"
+    )

@@ -1,0 +1,199 @@
+"""The paged KV pools of a `BatchEngine`, each layer's in the tier its plan puts its KV in.
+
+A KV group (every full-attention layer; each sliding window) has one `BlockManager`: a block id
+names the same slot in every layer of the group. The tensors behind it are split by *home*, the
+memory a layer's KV lives in (``LayerPlacement.kv_tier``):
+
+* ``device``: the plan's KV device (GPU memory, or RAM on a CPU machine);
+* ``ram``: pinned host RAM (``kv_tier == "cpu"``: offloaded KV, and hybrid layers the CPU decodes);
+* ``disk``: preallocated, memory-mapped files in a per-engine `KVDirectory` (``kv_tier ==
+  "disk"``, or every layer with ``kv_dir``), removed when the engine closes; free space (and
+  available RAM for pinned pools) is checked before anything is allocated.
+
+Each (group, home) is one `PagedKVStore` whose allocation tier holds the group's blocks for the
+home's layers, plus a swap tier (preempted sequences) in the same kind of memory: pinned RAM for
+the device home on a GPU, plain RAM for the RAM home, a file for the disk home. A block move
+(copy-on-write, swap) runs on every home's store of its group. ``kv_device_tokens`` (the first
+blocks of a split layer kept on the device) is not used here: such a layer's pool is wholly in
+its offload tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ollm.errors import OllmError
+from ollm.kv.blocks import BlockManager, BlockMove
+from ollm.kv.disk import KVDirectory
+from ollm.kv.paged import PagedKVStore
+from ollm.sizes import format_size
+
+DEVICE_TIER = "device"  # the allocation tier of every home
+SWAP_TIER = "swap"  # where preempted sequences' blocks move to
+HOMES = ("device", "ram", "disk")
+
+
+def layer_homes(plan, all_disk: bool = False) -> list[str]:
+    """Where each layer's KV pool lives: ``"disk"``, ``"ram"`` (pinned) or ``"device"``."""
+    tiers = {"device": "device", "cpu": "ram", "disk": "disk"}
+    return ["disk" if all_disk else tiers[p.kv_tier] for p in plan.layers]
+
+
+@dataclass
+class EnginePools:
+    """Block managers per KV group and the stores of every (group, home)."""
+
+    managers: dict[str, BlockManager]
+    stores: dict[str, dict[str, PagedKVStore]]  # group -> home -> store
+    layers: list[tuple[str, PagedKVStore, int]]  # per model layer: group, store, index in it
+    disk: KVDirectory | None = None
+    nbytes: dict[str, int] = field(default_factory=dict)  # per home, swap tiers included
+
+    def copy_blocks(self, group: str, moves: Sequence[BlockMove]) -> None:
+        """Run a group's block moves on each home's tensors."""
+        if moves:
+            for store in self.stores[group].values():
+                store.copy_blocks(moves)
+
+    def first_store(self, group: str) -> PagedKVStore:
+        """Any store of ``group`` (they share shapes and block ids)."""
+        return next(iter(self.stores[group].values()))
+
+    def close(self) -> None:
+        """Drop the tensors and remove the disk directory."""
+        self.stores.clear()
+        self.layers.clear()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+
+
+def build_pools(
+    runner,
+    layer_groups: Sequence[tuple[str, int]],
+    blocks: Mapping[str, int],
+    swap_blocks: int,
+    block_tokens: int,
+    windows: Mapping[str, int | None],
+    kv_root: str | None = None,
+    all_disk: bool = False,
+) -> EnginePools:
+    """Managers and stores for ``blocks[group]`` blocks per group (and ``swap_blocks`` of swap
+    each), every layer's in its home; refuses up front when RAM or disk cannot hold them."""
+    spec, plan = runner.spec, runner.plan
+    homes = layer_homes(plan, all_disk)
+    on_device = [p.kv_device for p, h in zip(plan.layers, homes, strict=True) if h == "device"]
+    device = torch.device(on_device[0] if on_device else plan.device)
+    elem = torch.finfo(runner.dtype).bits // 8
+    block = 2 * block_tokens * spec.num_kv_heads * spec.head_dim * elem
+    need = {h: 0 for h in HOMES}
+    counts: dict[tuple[str, str], int] = {}
+    for (g, _), h in zip(layer_groups, homes, strict=True):
+        counts[(g, h)] = counts.get((g, h), 0) + 1
+        need[h] += blocks[g] * block
+        # The device home's swap tier is RAM on a GPU; the others swap within their own kind.
+        need["ram" if h == "device" and device.type == "cuda" else h] += swap_blocks * block
+    _check_ram(need["ram"])
+    disk = None
+    if need["disk"]:
+        from ollm.weights.convert import default_cache_dir
+
+        disk = KVDirectory(kv_root or str(default_cache_dir() / "kv"))
+        try:
+            disk.check(need["disk"])
+        except BaseException:
+            disk.close()
+            raise
+    try:
+        managers, stores = {}, {}
+        for g, window in windows.items():
+            pools = {DEVICE_TIER: blocks[g]}
+            if swap_blocks:
+                pools[SWAP_TIER] = swap_blocks
+            swap = SWAP_TIER if swap_blocks else None
+            managers[g] = BlockManager(block_tokens, pools, (DEVICE_TIER,), swap, window)
+            stores[g] = {
+                h: _store(runner, counts[(g, h)], pools, block_tokens, h, device, disk)
+                for h in HOMES
+                if (g, h) in counts
+            }
+    except BaseException:
+        if disk is not None:
+            disk.close()
+        raise
+    seen: dict[tuple[str, str], int] = {}
+    layers = []
+    for (g, _), h in zip(layer_groups, homes, strict=True):
+        i = seen.get((g, h), 0)
+        seen[(g, h)] = i + 1
+        layers.append((g, stores[g][h], i))
+    return EnginePools(managers, stores, layers, disk, need)
+
+
+def _store(runner, n_layers, pools, block_tokens, home, device, disk) -> PagedKVStore:
+    """One (group, home)'s tensors: its allocation and swap tiers."""
+    from ollm.weights.pinned import pinned_empty
+
+    spec = runner.spec
+
+    def pinned(nbytes: int) -> torch.Tensor:
+        return pinned_empty(nbytes, device if device.type == "cuda" else None).zero_()
+
+    storage: dict = {}
+    devices = {DEVICE_TIER: device, SWAP_TIER: torch.device("cpu")}
+    if home == "device" and device.type == "cuda":
+        storage[SWAP_TIER] = pinned  # swaps copy asynchronously at the link's full rate
+    elif home == "ram":
+        devices[DEVICE_TIER] = torch.device("cpu")
+        if device.type == "cuda":
+            storage[DEVICE_TIER] = pinned  # prefill gathers to the GPU at the pinned rate
+    elif home == "disk":
+        assert disk is not None
+        storage = {DEVICE_TIER: disk.storage, SWAP_TIER: disk.storage}  # fallocate: zeroed
+    return PagedKVStore(
+        n_layers, pools, spec.num_kv_heads, block_tokens, spec.head_dim, runner.dtype, devices,
+        storage=storage,
+    )  # fmt: skip
+
+
+def _check_ram(nbytes: int) -> None:
+    """Refuse pinned-RAM pools the machine cannot hold (as the single-request path does)."""
+    if not nbytes:
+        return
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    if nbytes > 0.9 * avail:
+        raise OllmError(
+            f"the batch's KV pools need {format_size(nbytes)} of pinned RAM but "
+            f"{format_size(avail)} is available; use kv_cache='disk' (--kv-cache disk), a "
+            "shorter context or a smaller batch"
+        )
+
+
+def workload_blocks(
+    windows: Mapping[str, int | None], block_tokens: int, batch: int, context: int, step: int
+) -> dict[str, int]:
+    """Blocks per KV group for ``batch`` sequences of ``context`` tokens (a window group only
+    the blocks a window keeps live when steps carry at most ``step`` query tokens)."""
+    return {
+        g: batch * BlockManager(block_tokens, {}, window=w).max_live_blocks(context, step)
+        for g, w in windows.items()
+    }
+
+
+def planned_blocks(
+    plan, groups: set[str], block_tokens: int, batch: int, context: int
+) -> dict[str, int] | None:
+    """``plan.kv_pools`` (blocks per KV group the planner sized) when they are for these
+    ``groups`` and ``block_tokens`` and hold ``batch`` sequences of ``context`` tokens; None
+    otherwise (the caller sizes the pools from batch x context)."""
+    pools = dict(plan.kv_pools)
+    if plan.kv_page_tokens != block_tokens or set(pools) != groups:
+        return None
+    if pools.get("full", 1 << 62) < batch * -(-context // block_tokens):
+        return None
+    return pools

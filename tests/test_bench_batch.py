@@ -1,0 +1,56 @@
+"""``ollm bench --batch``: the batching workloads run on the CPU through the CLI (tiny model,
+made-up probe rates); outputs are consistent with what was asked and with the floors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_hf_model
+from test_bench import PROBES
+
+
+@pytest.fixture
+def fake_probes(monkeypatch):
+    from ollm.bench import probes
+
+    monkeypatch.setattr(probes, "measure_bandwidth", lambda *a, **k: dict(PROBES))
+
+
+def test_bench_batch_cli(tmp_path, fake_probes):
+    from ollm.cli import app
+
+    make_hf_model("llama", tmp_path / "m")
+    args = ["bench", "--batch", "1,3", "--context", "64", "-n", "4", "--device", "cpu"]
+    args += ["-m", str(tmp_path / "m"), "--cache-dir", str(tmp_path / "c"), "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["settings"]["prompt_tokens"] == 64 and report["settings"]["new_tokens"] == 4
+    static = report["static"]
+    assert [c["batch"] for c in static] == [1, 3]
+    for c in static:
+        # Every request's prompt in the first pass, then one pass per further token.
+        assert c["steps"] == 4
+        assert c["decode_tok_s"] > 0 and c["floor_tok_s"] > 0
+        assert c["floor_tok_s"] == pytest.approx(c["batch"] / c["floor_step_s"])
+    a = report["arrivals"]
+    assert a["requests"] == 3 and a["total_tok_s"] > 0
+    assert 0 < a["mean_ttft_s"] <= a["mean_latency_s"]
+    p = report["prefix"]
+    assert p["shared_prefix_tokens"] == 64 - 32
+    assert p["shared"]["prefix_hits"] > 0 and p["distinct"]["prefix_hits"] == 0
+    saved = p["shared"]["prefix_saved_tokens"]
+    assert saved == 15 * 32  # two blocks of 16 for each later request
+    assert p["shared"]["query_tokens"] == p["distinct"]["query_tokens"] - saved
+    assert not list((tmp_path / "c").rglob("ollm-kv-*"))  # no disk pools left
+
+
+def test_bench_batch_rejects_bad_sizes(tmp_path):
+    from ollm.cli import app
+
+    for bad in ("0,4", "a,b"):
+        res = CliRunner().invoke(app, ["bench", "--batch", bad, "--device", "cpu"])
+        assert res.exit_code != 0 and "--batch" in res.output
