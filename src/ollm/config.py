@@ -82,7 +82,7 @@ class EngineConfig:
         if dev.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise DeviceError(
-                    f"device {self.device!r} requested but this machine has no CUDA GPU; use device=\"cpu\""
+                    f'device {self.device!r} requested but this machine has no CUDA GPU; use device="cpu"'
                 )
             index = int(dev.split(":", 1)[1]) if ":" in dev else 0
             if index >= torch.cuda.device_count():
