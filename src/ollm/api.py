@@ -449,16 +449,17 @@ class LLM:
                 )
             if not batch_supported(self.runner):
                 raise RequestError(
-                    "submit() needs every layer's KV on the device; this plan keeps some in RAM "
-                    "or on disk (use generate() or stream(), or a larger gpu_memory)"
+                    "submit() needs the device-resident KV of this plan on one device "
+                    "(use generate() or stream())"
                 )
             if self._server is None:
 
                 def make() -> BatchEngine:  # called by the server under self._lock
                     w = self.workload
                     eos = self._eos_ids()
+                    # Disk-tier pools go under the LLM's KV directory, as generate()'s do.
                     return BatchEngine.for_plan(
-                        self.runner, self.tokenizer, eos, w.batch, w.context
+                        self.runner, self.tokenizer, eos, w.batch, w.context, self._engine.kv_dir
                     )
 
                 self._server = BatchServer(make, self._lock, text=self.tokenizer is not None)

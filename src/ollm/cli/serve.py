@@ -127,8 +127,7 @@ def _run(llm, config, sock: socket.socket, drain: float) -> None:
 
     if not batch_supported(llm.runner):
         raise CliError(
-            "ollm serve needs every layer's KV on the device and this plan keeps some in RAM "
-            "or on disk: raise --gpu-memory or lower --max-context / --max-batch"
+            "ollm serve needs the plan's device-resident KV on one device; use one --device"
         )
     app_ = create_app(llm, config)
     host, port = sock.getsockname()[:2]
