@@ -48,15 +48,24 @@ FREE = "Write a long story about a lighthouse keeper who finds a strange map."
 
 def run_one(model: str | None, device: str, speculate: str, prompt, new: int, chat: bool):
     """One request; returns (token ids, row of numbers)."""
-    kw = dict(device=device, max_context=4096, speculate=speculate)
+    batch = speculate == "batch"
+    kw = dict(device=device, max_context=4096, speculate="off" if batch else speculate)
     with LLM(model, **kw) as llm:
         text = prompt(llm) if callable(prompt) else prompt
         params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
         llm.generate(text, SamplingParams(temperature=0, max_new_tokens=2), _special=not chat)
         t0 = time.perf_counter()
-        res = llm.generate(text, params, _special=not chat)
+        if batch:  # the batch engine without drafts: what speculation adds to, on its path
+            from ollm.engine.batch import generate_many
+
+            ids = llm.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+            w = llm.workload
+            outs, mets = generate_many(llm._engine, [ids], params, w.batch, w.context)
+            res = type("R", (), {"token_ids": outs[0].token_ids, "metrics": mets[0]})
+        else:
+            res = llm.generate(text, params, _special=not chat)
         wall = time.perf_counter() - t0
-        m, s = res.metrics, llm.last_speculation
+        m, s = res.metrics, None if batch else llm.last_speculation
         row = {
             "speculate": speculate,
             "prompt_tokens": m.prompt_tokens,
@@ -77,7 +86,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--doc-tokens", type=int, default=2000)
-    ap.add_argument("--drafters", default="off,lookup,self:4,self:9")
+    ap.add_argument(
+        "--drafters", default="off,batch,lookup,self:6", help="'batch': batch engine, no drafts"
+    )
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args()
     free = lambda llm: as_prompt(llm, FREE, "")  # noqa: E731
