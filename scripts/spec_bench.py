@@ -56,7 +56,7 @@ def run_one(model: str | None, device: str, speculate: str, prompt, new: int, ch
         llm.generate(text, SamplingParams(temperature=0, max_new_tokens=2), _special=not chat)
         t0 = time.perf_counter()
         if batch:  # the batch engine without drafts: what speculation adds to, on its path
-            from ollm.engine.batch import generate_many
+            from ollm.engine.batch_generate import generate_many
 
             ids = llm.tokenizer(text, add_special_tokens=not chat)["input_ids"]
             w = llm.workload

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ollm.engine.generate import Generator, SequenceOutput
+from ollm.engine.generate import SequenceOutput
 from ollm.engine.kvpools import (
     DEVICE_TIER,
     build_pools,
@@ -41,7 +41,7 @@ from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
-from ollm.telemetry.metrics import GenerationMetrics
+from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
 from ollm.weights.accounting import PAGE_TOKENS, kv_group
 
 log = logging.getLogger(__name__)
@@ -67,27 +67,6 @@ def kv_groups(runner: Runner) -> list[tuple[str, int]]:
         out.append((g, counts.get(g, 0)))
         counts[g] = counts.get(g, 0) + 1
     return out
-
-
-@dataclass
-class EngineMetrics:
-    """Scheduler and pool state of a `BatchEngine` (plain numbers for a server's /metrics)."""
-
-    steps: int
-    running: int
-    waiting: int
-    swapped: int
-    kv_blocks: dict[str, dict[str, tuple[int, int]]]  # group -> tier -> (used, free)
-    prefix_hits: int
-    prefix_saved_tokens: int
-    preemptions: int
-    step_tokens: int  # query tokens of every step so far
-    drafted: int = 0  # draft tokens verified
-    accepted_drafts: int = 0  # of them, accepted
-    drafter: str = ""  # the drafter's name ("" without speculation)
-    acceptance_rate: float = 0.0  # accepted_drafts / drafted
-    tokens_per_pass: float = 0.0  # tokens per sequence per target pass (1 without drafts)
-    drafter_share: float = 0.0  # fraction of step time spent drafting
 
 
 @dataclass
@@ -430,6 +409,9 @@ class BatchEngine:
             raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         stats = self.runner.prefetcher.stats
         before = stats.snapshot()
+        from ollm.telemetry.energy import EnergyMeter
+
+        energy = EnergyMeter(str(self.device)).start()
         t0 = time.perf_counter()
         ids: list[str] = []
         first = None
@@ -447,8 +429,9 @@ class BatchEngine:
             raise
         t_end = time.perf_counter()
         outs = [self.finished.pop(rid) for rid in ids]
-        m = GenerationMetrics(prompt_tokens=sum(len(p) for p in prompts))
+        m = GenerationMetrics(prompt_tokens=sum(len(p) for p in prompts), device=str(self.device))
         m.generated_tokens = sum(len(o.token_ids) for o in outs)
+        m.energy_joules = energy.stop()
         first = t_end if first is None else first
         m.prefill_seconds = m.time_to_first_token = first - t0
         m.decode_seconds = t_end - first
@@ -503,57 +486,3 @@ class BatchEngine:
         for rid in list(self.live):
             self.cancel(rid)
         self.pools.close()
-
-
-def generate_many(
-    generator: Generator,
-    prompts: list[list[int]],
-    params: SamplingParams | Sequence[SamplingParams],
-    batch: int,
-    context: int,
-    on_text: Callable[[int, str], None] | None = None,
-    on_token: Callable[[int, int], None] | None = None,
-    kv_dir: str | None = None,
-    speculator: Speculator | None = None,
-) -> tuple[list[SequenceOutput], list[GenerationMetrics]]:
-    """Run a request of several prompts: continuous batching on paged KV when the plan keeps
-    every layer's KV on the device (pools for the planned ``batch x context``), else the
-    padded batch of ``generator`` (one call per distinct params). Metrics per output (shared
-    by the outputs of one run). ``speculator`` drafts tokens on the batch engine's path (the
-    padded batch runs without it, with a warning)."""
-    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-    if len(plist) != len(prompts):
-        raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-    runner = generator.runner
-    if batch_supported(runner):  # ``kv_dir``: every layer's pools on disk there
-        eng = BatchEngine.for_plan(
-            runner, generator.tokenizer, generator.eos_ids, batch, context,
-            kv_dir or generator.kv_dir, all_disk=kv_dir is not None,
-        )  # fmt: skip
-        eng.speculator = speculator
-        try:
-            outs, metrics = eng.generate(prompts, plist, on_text, on_token)
-        finally:
-            eng.close()
-            if speculator is not None:
-                speculator.close()
-        return outs, [metrics] * len(outs)
-    if speculator is not None:
-        log.warning(
-            "speculative decoding needs every layer's KV on the device (no kv_dir): this request "
-            "runs without drafts"
-        )
-    outs: list[SequenceOutput | None] = [None] * len(prompts)
-    mets: list[GenerationMetrics | None] = [None] * len(prompts)
-    for sp in dict.fromkeys(plist):  # the padded batch takes one params for all its prompts
-        idx = [i for i, p in enumerate(plist) if p == sp]
-
-        def remap(cb, idx=idx):  # the caller's callbacks see indices in the whole request
-            return None if cb is None else (lambda r, x: cb(idx[r], x))
-
-        o, m = generator.generate(
-            [prompts[i] for i in idx], sp, remap(on_text), remap(on_token), kv_dir
-        )
-        for i, out in zip(idx, o, strict=True):
-            outs[i], mets[i] = out, m
-    return outs, mets  # type: ignore[return-value]

@@ -91,3 +91,24 @@ class GenerationMetrics:
             ("CPU path (hybrid decode)", f"{self.cpu_path_seconds:.3f} s"),
             ("finish reason", self.finish_reason),
         ]
+
+
+@dataclass
+class EngineMetrics:
+    """Scheduler and pool state of a `BatchEngine` (plain numbers for a server's /metrics)."""
+
+    steps: int
+    running: int
+    waiting: int
+    swapped: int
+    kv_blocks: dict[str, dict[str, tuple[int, int]]]  # group -> tier -> (used, free)
+    prefix_hits: int
+    prefix_saved_tokens: int
+    preemptions: int
+    step_tokens: int  # query tokens of every step so far
+    drafted: int = 0  # draft tokens verified
+    accepted_drafts: int = 0  # of them, accepted
+    drafter: str = ""  # the drafter's name ("" without speculation)
+    acceptance_rate: float = 0.0  # accepted_drafts / drafted
+    tokens_per_pass: float = 0.0  # tokens per sequence per target pass (1 without drafts)
+    drafter_share: float = 0.0  # fraction of step time spent drafting

@@ -1,0 +1,97 @@
+"""Parts of the public API kept apart from ``api.py``: ``TextStream`` (what ``LLM.stream``
+returns), the largest context a budget fits, and the CUDA allocator setting ``LLM`` applies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ollm.engine.sampling import SamplingParams
+from ollm.errors import BudgetError
+
+if TYPE_CHECKING:
+    from ollm.api import LLM, GenerationResult
+
+log = logging.getLogger(__name__)
+Prompt = str | Sequence[int]
+
+
+def _largest_context(try_plan, upper: int) -> int:
+    """Largest context in [1, upper) for which ``try_plan(context)`` succeeds (0 if none)."""
+    lo, hi = 0, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            try_plan(mid)
+            lo = mid
+        except BudgetError:
+            hi = mid
+    return lo
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class TextStream:
+    """Iterator of generated text pieces; generation runs on a worker thread."""
+
+    def __init__(self, llm: LLM, prompt: Prompt, params: SamplingParams, special: bool) -> None:
+        self.result: GenerationResult | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(llm, prompt, params, special), daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, llm: LLM, prompt: Prompt, params: SamplingParams, special: bool) -> None:
+        def on_text(_: int, piece: str) -> None:
+            if self._cancel.is_set():
+                raise _Cancelled
+            self._queue.put(("text", piece))
+
+        try:
+            res = llm.generate(prompt, params, _on_text=on_text, _special=special)
+            self._queue.put(("done", res))
+        except _Cancelled:
+            self._queue.put(("done", None))
+        except BaseException as exc:
+            self._queue.put(("error", exc))
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                kind, value = self._queue.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    self.result = value
+                    return
+                else:
+                    raise value
+        finally:
+            self._cancel.set()
+            self._thread.join()
+
+
+def _expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments in place instead of caching fixed blocks: the
+    prefill's buffers change size from layer to layer and chunk to chunk, and with fixed blocks
+    the reserved memory (what a GPU budget must hold) rose 1 GiB above the allocated peak at 32k.
+    A setting the user made in PYTORCH_CUDA_ALLOC_CONF wins."""
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        setter = torch.cuda.memory._set_allocator_settings
+    try:
+        setter("expandable_segments:True")
+    except RuntimeError as exc:  # a platform without it keeps the default allocator
+        log.debug("expandable segments unavailable: %s", exc)

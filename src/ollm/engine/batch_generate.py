@@ -1,0 +1,70 @@
+"""A request of several prompts (``LLM.generate`` with a list): continuous batching on paged KV
+through `BatchEngine` where the plan allows it, else the padded batch of `Generator`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from ollm.engine.batch import BatchEngine, batch_supported
+from ollm.engine.generate import Generator, SequenceOutput
+from ollm.engine.sampling import SamplingParams
+from ollm.engine.speculative import Speculator
+from ollm.errors import RequestError
+from ollm.telemetry.metrics import GenerationMetrics
+
+log = logging.getLogger(__name__)
+
+
+def generate_many(
+    generator: Generator,
+    prompts: list[list[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    batch: int,
+    context: int,
+    on_text: Callable[[int, str], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    kv_dir: str | None = None,
+    speculator: Speculator | None = None,
+) -> tuple[list[SequenceOutput], list[GenerationMetrics]]:
+    """Run a request of several prompts: continuous batching on paged KV when the plan keeps
+    every layer's KV on the device (pools for the planned ``batch x context``), else the
+    padded batch of ``generator`` (one call per distinct params). Metrics per output (shared
+    by the outputs of one run). ``speculator`` drafts tokens on the batch engine's path (the
+    padded batch runs without it, with a warning)."""
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+    runner = generator.runner
+    if batch_supported(runner):  # ``kv_dir``: every layer's pools on disk there
+        eng = BatchEngine.for_plan(
+            runner, generator.tokenizer, generator.eos_ids, batch, context,
+            kv_dir or generator.kv_dir, all_disk=kv_dir is not None,
+        )  # fmt: skip
+        eng.speculator = speculator
+        try:
+            outs, metrics = eng.generate(prompts, plist, on_text, on_token)
+        finally:
+            eng.close()
+            if speculator is not None:
+                speculator.close()
+        return outs, [metrics] * len(outs)
+    if speculator is not None:
+        log.warning(
+            "speculative decoding needs the plan's device-resident KV on one device: this "
+            "request runs without drafts"
+        )
+    outs: list[SequenceOutput | None] = [None] * len(prompts)
+    mets: list[GenerationMetrics | None] = [None] * len(prompts)
+    for sp in dict.fromkeys(plist):  # the padded batch takes one params for all its prompts
+        idx = [i for i, p in enumerate(plist) if p == sp]
+
+        def remap(cb, idx=idx):  # the caller's callbacks see indices in the whole request
+            return None if cb is None else (lambda r, x: cb(idx[r], x))
+
+        o, m = generator.generate(
+            [prompts[i] for i in idx], sp, remap(on_text), remap(on_token), kv_dir
+        )
+        for i, out in zip(idx, o, strict=True):
+            outs[i], mets[i] = out, m
+    return outs, mets  # type: ignore[return-value]
