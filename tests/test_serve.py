@@ -348,8 +348,10 @@ def test_cli_serve_prints_serves_and_stops_on_ctrl_c(llm, tmp_path):
         assert r.usage.completion_tokens == 3
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    out = first + out
+        proc.wait(timeout=30)  # its output is a few lines: the pipes cannot fill up
+    # Read through the same buffered reader as readline(): communicate() reads the raw pipe and
+    # would lose what readline() had already buffered past the first line.
+    out, err = first + proc.stdout.read(), proc.stderr.read()
     assert "budget:" in out and "context 128 tokens" in out
     assert proc.returncode == 130, err
 
