@@ -201,129 +201,50 @@ def plan_placement(
     kv_fetch_buffers: int = 2,
     kv_block_tokens: int = 256,
 ) -> PlacementPlan:
-    """Choose tiers for every layer under the budgets; raise BudgetError with the minimum."""
+    """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
+
+    Order: sizes of what the device must hold besides weights (``_Sizes``); KV that does not
+    fit beside the minimum weights goes to RAM or disk layer by layer; too small a budget first
+    retries smaller prefill chunks, then names the minimum; the first layers stay resident; the
+    rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits."""
     if offload not in OFFLOAD_MODES:
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     work = work or Workload()
-    n = spec.num_layers
-    layer = store.max_layer_nbytes
-    gfile = store.files["globals.bin"].tensors
-    embed = gfile["embed_tokens.weight"].nbytes
-    head = gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0
-    norm = gfile["norm.weight"].nbytes
-    t = work.batch * work.prefill_tokens
-    # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
-    mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
-    mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
-    if device.startswith("cuda"):
-        chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
-    else:  # activations share RAM with the weights: chunked even without a budget
-        from ollm.weights.host_memory import cpu_prefill_chunk
-
-        chunk = chunk_tokens or cpu_prefill_chunk(
-            spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
-        )
     on_gpu = device.startswith("cuda")
-    act = activation_bytes(spec, work, dtype_bytes, mlp_chunk, chunk or work.prefill_tokens, on_gpu)
-    per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
-    layer_kv = kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context)
-    kv = sum(layer_kv)
-    scratch = kv_scratch_bytes(spec, work, dtype_bytes)
     budget = gpu_memory if on_gpu else cpu_memory
+    sz = _Sizes.of(spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens)
 
-    def without_fetch() -> PlacementPlan:  # the same plan without KV fetch buffers
+    def again(chunk: int | None, fetch_buffers: int) -> PlacementPlan:
         return plan_placement(
-            spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
-            rates, hybrid, cpu_layers, chunk_tokens, kv_cache, kv_fetch_buffers=0,
-            kv_block_tokens=kv_block_tokens,
+            spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
+            hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens,
         )  # fmt: skip
 
-    # Head (and the tied embedding) stays on the execution device; an untied embedding table is
-    # only gathered from, so it stays in RAM on a GPU machine.
-    head_resident = head if head else embed
-    fixed = {"globals": head_resident + norm, "kv cache": kv, "activations": act}
-    if not on_gpu:
-        fixed["globals"] = embed + head + norm
+    n = spec.num_layers
+    fixed = sz.fixed(on_gpu)
     slots = 2 if n > 1 else 1
     kv_off = 0
     if budget is not None and (on_gpu or kv_cache == "disk"):
-        # KV that cannot sit beside the minimum weights goes to pinned RAM (or disk), layer by
-        # layer (the last ones first); the prefill scratch holds one layer's KV on the device.
-        # With the cost model, decode may copy some offloaded layers' KV back to the GPU: that
-        # takes ``kv_fetch_buffers`` more buffers (re-planned without them if unused). Scratch
-        # and fetch buffers are allocated at full capacity, even for a sliding-window layer.
+        # Fetch buffers exist only with the cost model; re-planned without them if they do not
+        # fit or none is worth fetching.
         extra = kv_fetch_buffers if rates is not None else 0
-        while kv_off < n and sum(fixed.values()) + slots * layer > budget:
-            kv_off += 1
-            fixed["kv cache"] = sum(layer_kv[: n - kv_off]) + scratch * (1 + extra)
-        if extra and sum(fixed.values()) + slots * layer > budget:  # no room for them
-            return without_fetch()
+        kv_off = sz.offload_kv(fixed, budget, slots, extra)
+        if extra and sum(fixed.values()) + slots * sz.layer > budget:  # no room for them
+            return again(chunk_tokens, 0)
     fixed_total = sum(fixed.values())
-    minimum = fixed_total + slots * layer
-    if budget is None:
-        n_res = n
-    else:
-        if budget < minimum and chunk_tokens is None and (chunk or work.prefill_tokens) > MIN_CHUNK:
-            # The chunk was sized from the budget; smaller chunks need fewer activations, so
-            # try them (halving, down to MIN_CHUNK rows) before refusing: the minimum named is
-            # then the smallest any chunk allows.
-            rows = chunk or work.prefill_tokens
-            while True:
-                rows = max(MIN_CHUNK, rows // 2)
-                try:
-                    return plan_placement(
-                        spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes,
-                        rates, hybrid, cpu_layers, rows, kv_cache, kv_fetch_buffers,
-                        kv_block_tokens,
-                    )  # fmt: skip
-                except BudgetError:
-                    if rows == MIN_CHUNK:
-                        raise
-        if budget < minimum:
-            what = "gpu_memory" if on_gpu else "cpu_memory"
-            raise BudgetError(
-                f"{what} {format_size(budget)} is too small for this model and request: at least "
-                f"{format_size(minimum)} is needed ({format_size(layer)} per layer x {slots} "
-                f"stream buffers, {format_size(fixed['kv cache'])} KV cache on the device (of "
-                f"{format_size(kv)}), {format_size(act)} activations, "
-                f"{format_size(fixed['globals'])} embeddings/head)"
-            )
-        if budget - fixed_total >= n * layer:
-            n_res = n
-        else:
-            n_res = min(n - 1, (budget - fixed_total - slots * layer) // layer)
+    minimum = fixed_total + slots * sz.layer
+    if budget is not None and budget < minimum:
+        rows = sz.chunk or work.prefill_tokens
+        if chunk_tokens is None and rows > MIN_CHUNK:
+            return _smaller_chunks(again, rows, kv_fetch_buffers)
+        raise _too_small(budget, minimum, on_gpu, sz, fixed, slots)
+    n_res = n if budget is None or budget - fixed_total >= n * sz.layer else (
+        min(n - 1, (budget - fixed_total - slots * sz.layer) // sz.layer)
+    )  # fmt: skip
     if offload == "disk":
         n_res = 0  # every layer read from the layer store on each pass, as upstream oLLM does
-    ring = 0
-    if n_res < n:
-        ring = min(slots, n - n_res)
-        spare = None if budget is None else budget - fixed_total - n_res * layer - ring * layer
-        # A third ring slot lets the copy engine run two layers ahead when it fits.
-        if n - n_res > 2 and (spare is None or spare >= layer):
-            ring += 1
-    exec_dev = device
-    layers: list[LayerPlacement] = []
-    if on_gpu:
-        host_budget = cpu_memory
-        host_used = embed if head else 0  # an untied embedding table stays in RAM
-        for i in range(n):
-            if i < n_res:
-                layers.append(LayerPlacement("gpu", exec_dev))
-                continue
-            size = store.layer_nbytes(i)
-            fits = host_budget is None or host_used + size <= host_budget
-            if offload == "disk" or (offload == "auto" and not fits):
-                layers.append(LayerPlacement("disk", exec_dev))
-            else:
-                if offload == "cpu" and not fits:
-                    raise BudgetError(
-                        f"offload='cpu' needs {format_size(host_used + size * (n - i))} more of pinned RAM "
-                        f"than cpu_memory {format_size(host_budget or 0)} allows; use offload='auto' or 'disk'"
-                    )
-                layers.append(LayerPlacement("cpu", exec_dev))
-                host_used += size
-    else:
-        layers = [LayerPlacement("cpu" if i < n_res else "disk", exec_dev) for i in range(n)]
+    ring = _ring_slots(n, n_res, slots, budget, fixed_total, sz.layer)
+    layers = _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz, device)
     streamed = [p for p in layers if _moves(p, device)]
     staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
     if not streamed:
@@ -331,169 +252,224 @@ def plan_placement(
     if kv_cache == "disk" and not on_gpu and budget is None:
         kv_off = n  # on a CPU machine without a budget "disk" means: no KV in RAM at all
     if kv_off:
-        from dataclasses import replace as _replace
-
-        tier = "disk" if kv_cache == "disk" else "cpu"
-        layers = [_replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
-        if budget is not None and not spec.layers[n - kv_off].window:
-            # The budget left over holds the first blocks of the first offloaded layer's KV.
-            resident = sum(
-                store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
-            )
-            spare = budget - sum(fixed.values()) - resident - ring * layer
-            block = per_token * kv_block_tokens
-            keep = min(max(0, spare) // block, (work.context - 1) // kv_block_tokens)
-            if keep:
-                b = n - kv_off
-                layers[b] = _replace(layers[b], kv_device_tokens=keep * kv_block_tokens)
-                fixed["kv cache"] += keep * block
+        layers = _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz,
+                               work, device, kv_block_tokens)  # fmt: skip
     cpu_max_tokens, predicted = 0, {}
     if on_gpu and rates is not None:
-        layers, cpu_max_tokens, predicted = _hybrid(
-            spec, layers, n_res, layer, head_resident, rates, work, hybrid, cpu_layers, ring
-        )
-    if on_gpu and rates is not None and kv_off and kv_fetch_buffers:
-        layers, fetched, step = _kv_fetch(store, layers, rates, work, per_token, predicted, ring)
-        if not fetched:  # nothing worth fetching: plan again without the fetch buffers
-            return without_fetch()
-        predicted["decode s (KV split)"] = step
+        split = _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers,
+                               ring, kv_off and kv_fetch_buffers)  # fmt: skip
+        if split is None:  # no KV worth fetching: plan again without the fetch buffers
+            return again(chunk_tokens, 0)
+        layers, cpu_max_tokens, predicted = split
+    return _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budget,
+                     cpu_max_tokens, predicted, kv_fetch_buffers, kv_block_tokens)  # fmt: skip
+
+
+def _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budget,
+              cpu_max_tokens, predicted, kv_fetch_buffers, kv_block_tokens) -> PlacementPlan:  # fmt: skip
+    """The plan, with what it reserves on the device counted from its final layers (device KV
+    after the hybrid and fetch choices, resident layers, ring slots)."""
+    on_gpu = device.startswith("cuda")
     reserved = dict(fixed)
-    reserved["kv cache"] = device_kv_bytes(layers, layer_kv, scratch, kv_fetch_buffers, per_token)
+    reserved["kv cache"] = device_kv_bytes(
+        layers, sz.layer_kv, sz.scratch, kv_fetch_buffers, sz.per_token
+    )
     reserved["resident layers"] = sum(
         store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device)
     )
-    reserved["stream buffers"] = ring * layer
+    reserved["stream buffers"] = ring * sz.layer
     # Paged pools (engine v2): batch x context in blocks; steps of one chunk with sliding windows.
     windowed = any(sl.window for sl in spec.layers)
-    step = chunk if windowed and chunk else work.batch * work.context
+    step_tokens = sz.chunk if windowed and sz.chunk else work.batch * work.context
     return PlacementPlan(
         device=device,
         layers=tuple(layers),
-        embed_device=device if (not on_gpu or not head) else "cpu",
+        embed_device=device if (not on_gpu or not sz.head) else "cpu",
         head_device=device,
         ring_slots=ring,
         staging_slots=staging,
-        layer_bytes=layer,
-        mlp_chunk_tokens=mlp_chunk,
+        layer_bytes=sz.layer,
+        mlp_chunk_tokens=sz.mlp_chunk,
         budget=budget,
         reserved=reserved,
         cpu_max_tokens=cpu_max_tokens,
         predicted=predicted,
-        prefill_chunk_tokens=chunk,
+        prefill_chunk_tokens=sz.chunk,
         kv_block_tokens=kv_block_tokens,
-        kv_pools=kv_pool_blocks(spec, work, PAGE_TOKENS, step),
+        kv_pools=kv_pool_blocks(spec, work, PAGE_TOKENS, step_tokens),
         kv_page_tokens=PAGE_TOKENS,
     )
 
 
-def _kv_fetch(store, layers, rates, work, per_token, predicted, ring):
-    """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
-    attend on the CPU where the KV sits): a fetched layer adds its KV to the copy engine's queue
-    (right behind its weights), a CPU one stops the compute chain while the CPU reads it. The
-    count and positions (spread by ``interleave``) minimise the step simulated layer by layer
-    with the ring's depth (``costmodel.pipeline_step``): a CPU stall is covered only by the copies
-    of the next layer or two. ``per_token``: KV bytes per token position of one layer."""
-    from dataclasses import replace
+def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch):
+    """The cost model's decode choices: RAM layers the CPU computes (hybrid), then, when
+    ``fetch`` (KV offloaded and fetch buffers planned), RAM KV layers fetched back to the GPU.
+    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching."""
+    from ollm.weights.decode_split import choose_hybrid, choose_kv_fetch
 
-    from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
-
-    cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
-    shared = rates.pcie_busy
-    if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
-        cpu_rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem
-    else:
-        # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
-        # of the context's power-of-two bucket (costmodel.cached_rates): the bytes it really
-        # moves per second include that KV.
-        bucket = 1 << max(0, work.context - 1).bit_length()
-        lb = store.max_layer_nbytes
-        cpu_rate = rates.cpu_mem_busy * (lb + per_token // work.batch * bucket) / lb
-    n_cpu = sum(p.decode_device == "cpu" for p in layers)
-    cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
-    copy, base, cpu_kv, host_kv = [], [], [], []
-    for i, p in enumerate(layers):
-        on_cpu = p.decode_device == "cpu"
-        copy.append(0.0 if p.tier == "gpu" or on_cpu else store.layer_nbytes(i) / shared)
-        base.append(cpu_layer if on_cpu else GPU_DECODE_LAYER_S)
-        host_kv.append(
-            0 if p.kv_tier == "device" else per_token * (work.context - p.kv_device_tokens)
+    layers, cpu_max_tokens, predicted = choose_hybrid(
+        spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring
+    )
+    if fetch:
+        layers, fetched, step = choose_kv_fetch(
+            store, layers, rates, work, sz.per_token, predicted, ring
         )
-        # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
-        cpu_kv.append(host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
-
-    def step(x: int) -> float:
-        chosen = interleave(cands, x)
-        chain = [base[i] + (0.0 if i in chosen else cpu_kv[i]) for i in range(len(layers))]
-        fetch = [host_kv[i] / shared if i in chosen else 0.0 for i in range(len(layers))]
-        return pipeline_step(chain, copy, max(1, ring), fetch)
-
-    x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 6), k))
-    chosen = interleave(cands, x)
-    layers = [replace(p, kv_fetch=True) if i in chosen else p for i, p in enumerate(layers)]
-    return layers, len(chosen), step(x)
+        if not fetched:
+            return None
+        predicted["decode s (KV split)"] = step
+    return layers, cpu_max_tokens, predicted
 
 
-def _hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced, ring):
-    """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``):
-    the count (spread by ``interleave``) whose decode step, simulated layer by layer with the
-    ring's depth (``costmodel.pipeline_step``), is shortest."""
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes the plan counts besides resident weights, for one workload (see ``accounting``)."""
+
+    layer: int  # the largest layer file (a ring slot)
+    embed: int
+    head: int  # 0 when the head is tied to the embedding
+    norm: int
+    mlp_chunk: int  # MLP rows at once
+    chunk: int  # prefill rows per chunk (0: the whole prompt)
+    act: int  # activations of the largest forward
+    per_token: int  # KV bytes per token position of one layer (whole batch)
+    layer_kv: list[int]  # each layer's KV at full context
+    scratch: int  # the prefill scratch (and each KV fetch buffer)
+
+    @classmethod
+    def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens):
+        gfile = store.files["globals.bin"].tensors
+        t = work.batch * work.prefill_tokens
+        # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
+        mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
+        mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
+        else:  # activations share RAM with the weights: chunked even without a budget
+            from ollm.weights.host_memory import cpu_prefill_chunk
+
+            chunk = chunk_tokens or cpu_prefill_chunk(
+                spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
+            )
+        rows = chunk or work.prefill_tokens
+        return cls(
+            layer=store.max_layer_nbytes,
+            embed=gfile["embed_tokens.weight"].nbytes,
+            head=gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0,
+            norm=gfile["norm.weight"].nbytes,
+            mlp_chunk=mlp_chunk,
+            chunk=chunk,
+            act=activation_bytes(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu),
+            per_token=2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes,
+            layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context),
+            scratch=kv_scratch_bytes(spec, work, dtype_bytes),
+        )
+
+    @property
+    def head_resident(self) -> int:
+        """The head (or the tied embedding) stays on the execution device."""
+        return self.head if self.head else self.embed
+
+    def fixed(self, on_gpu: bool) -> dict[str, int]:
+        """Reservations besides weights: globals, all KV on the device, activations. On a GPU an
+        untied embedding table is only gathered from, so it stays in RAM."""
+        globals_ = self.head_resident + self.norm if on_gpu else self.embed + self.head + self.norm
+        return {"globals": globals_, "kv cache": sum(self.layer_kv), "activations": self.act}
+
+    def offload_kv(self, fixed: dict[str, int], budget: int, slots: int, extra: int) -> int:
+        """KV that cannot sit beside the minimum weights goes to RAM (or disk) layer by layer,
+        the last ones first; the prefill scratch (and ``extra`` fetch buffers, all at full
+        capacity, even for a sliding-window layer) hold one layer's KV on the device. Updates
+        ``fixed["kv cache"]``; returns how many layers' KV left the device."""
+        n = len(self.layer_kv)
+        kv_off = 0
+        while kv_off < n and sum(fixed.values()) + slots * self.layer > budget:
+            kv_off += 1
+            fixed["kv cache"] = sum(self.layer_kv[: n - kv_off]) + self.scratch * (1 + extra)
+        return kv_off
+
+
+def _smaller_chunks(again, rows: int, fetch_buffers: int) -> PlacementPlan:
+    """The chunk was sized from the budget; smaller chunks need fewer activations, so try them
+    (halving, down to MIN_CHUNK rows) before refusing: the minimum named is then the smallest
+    any chunk allows."""
+    while True:
+        rows = max(MIN_CHUNK, rows // 2)
+        try:
+            return again(rows, fetch_buffers)
+        except BudgetError:
+            if rows == MIN_CHUNK:
+                raise
+
+
+def _too_small(budget, minimum, on_gpu, sz: _Sizes, fixed, slots) -> BudgetError:
+    what = "gpu_memory" if on_gpu else "cpu_memory"
+    return BudgetError(
+        f"{what} {format_size(budget)} is too small for this model and request: at least "
+        f"{format_size(minimum)} is needed ({format_size(sz.layer)} per layer x {slots} "
+        f"stream buffers, {format_size(fixed['kv cache'])} KV cache on the device (of "
+        f"{format_size(sum(sz.layer_kv))}), {format_size(sz.act)} activations, "
+        f"{format_size(fixed['globals'])} embeddings/head)"
+    )
+
+
+def _ring_slots(n, n_res, slots, budget, fixed_total, layer) -> int:
+    """Ring buffers for streamed layers; a third lets the copy engine run two layers ahead."""
+    if n_res >= n:
+        return 0
+    ring = min(slots, n - n_res)
+    spare = None if budget is None else budget - fixed_total - n_res * layer - ring * layer
+    if n - n_res > 2 and (spare is None or spare >= layer):
+        ring += 1
+    return ring
+
+
+def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: _Sizes, device):
+    """The first ``n_res`` layers resident; on a GPU the rest in pinned RAM while ``cpu_memory``
+    allows (``auto``), all in RAM (``cpu``) or all from disk (``disk``); on the CPU, the rest
+    from disk."""
+    if not on_gpu:
+        return [LayerPlacement("cpu" if i < n_res else "disk", device) for i in range(n)]
+    layers: list[LayerPlacement] = []
+    host_used = sz.embed if sz.head else 0  # an untied embedding table stays in RAM
+    for i in range(n):
+        if i < n_res:
+            layers.append(LayerPlacement("gpu", device))
+            continue
+        size = store.layer_nbytes(i)
+        fits = cpu_memory is None or host_used + size <= cpu_memory
+        if offload == "disk" or (offload == "auto" and not fits):
+            layers.append(LayerPlacement("disk", device))
+            continue
+        if offload == "cpu" and not fits:
+            raise BudgetError(
+                f"offload='cpu' needs {format_size(host_used + size * (n - i))} more of pinned "
+                f"RAM than cpu_memory {format_size(cpu_memory or 0)} allows; use "
+                "offload='auto' or 'disk'"
+            )
+        layers.append(LayerPlacement("cpu", device))
+        host_used += size
+    return layers
+
+
+def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz: _Sizes, work,
+                  device, kv_block_tokens):  # fmt: skip
+    """Mark the last ``kv_off`` layers' KV as in RAM (or on disk); the budget left over holds
+    the first whole blocks of the first offloaded layer's KV (``kv_device_tokens``), counted in
+    ``fixed["kv cache"]``."""
     from dataclasses import replace
 
-    from ollm.weights.costmodel import (
-        CPU_HANDOFF_S,
-        GPU_DECODE_LAYER_S,
-        LAYER_OVERHEAD_S,
-        interleave,
-        pipeline_step,
-        predict_step,
-    )
-
-    params = spec.layer_param_count()
-    cands = [i for i, p in enumerate(layers) if p.tier == "cpu"]
-    n_stream = sum(1 for p in layers if p.tier != "gpu")
-    stream_only = predict_step(
-        rates, n_res, n_stream, 0, layer_bytes, params, head_bytes, work.batch
-    )
-    predicted = {"stream-only tok/s": stream_only.tokens_per_second}
-    if hybrid == "off" or not cands:
-        return layers, 0, predicted
-    gpu_layer = max(GPU_DECODE_LAYER_S, rates.gpu_layer_s(layer_bytes, params, work.batch))
-    cpu_layer = rates.cpu_layer_s(layer_bytes, params, work.batch, True)
-    cpu_layer += LAYER_OVERHEAD_S + CPU_HANDOFF_S
-
-    def simulate(k: int) -> float:
-        chosen = interleave(cands, k)
-        chain = [cpu_layer if i in chosen else gpu_layer for i in range(len(layers))]
-        copy = [
-            0.0 if i in chosen or p.tier == "gpu" else rates.copy_s(layer_bytes, k > 0)
-            for i, p in enumerate(layers)
-        ]
-        return pipeline_step(chain, copy, max(1, ring)) + head_bytes / rates.gpu_mem
-
-    if forced is not None:
-        k = min(forced, len(cands))
-    else:
-        k = min(range(len(cands) + 1), key=lambda x: (round(simulate(x), 6), x))
-    if k == 0:
-        return layers, 0, predicted
-    pred = predict_step(rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch)
-    chosen = interleave(cands, k)
-    # The KV of a CPU-decoded layer lives in pinned RAM as an OffloadedKVCache: prefill (on the
-    # GPU) writes it through the shared scratch with asynchronous per-head copies, decode attends
-    # on the CPU where it sits. A layer whose KV the planner already sent to disk keeps that tier.
-    layers = [
-        replace(p, decode_device="cpu", kv_tier="cpu" if p.kv_tier == "device" else p.kv_tier)
-        if i in chosen
-        else p
-        for i, p in enumerate(layers)
-    ]
-    # Largest forward the CPU still computes faster than the copy engine streams the layer.
-    switch = int(rates.cpu_flops * layer_bytes / (rates.pcie * 2 * params))
-    predicted.update(
-        {
-            "hybrid tok/s": 1.0 / simulate(k),
-            "hybrid copy s": pred.copy_s,
-            "hybrid cpu s": pred.cpu_s,
-        }
-    )
-    return layers, max(1, switch), predicted
+    n = len(layers)
+    tier = "disk" if kv_cache == "disk" else "cpu"
+    layers = [replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
+    if budget is None or spec.layers[n - kv_off].window:
+        return layers
+    resident = sum(store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device))
+    spare = budget - sum(fixed.values()) - resident - ring * sz.layer
+    block = sz.per_token * kv_block_tokens
+    keep = min(max(0, spare) // block, (work.context - 1) // kv_block_tokens)
+    if keep:
+        b = n - kv_off
+        layers[b] = replace(layers[b], kv_device_tokens=keep * kv_block_tokens)
+        fixed["kv cache"] += keep * block
+    return layers

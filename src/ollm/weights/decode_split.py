@@ -1,0 +1,118 @@
+"""Decode-time splits the cost model chooses once placement has fixed the tiers: which pinned-RAM
+layers the CPU computes (hybrid decode) and which RAM KV layers decode fetches back to the GPU.
+Each choice minimises the decode step simulated layer by layer (``costmodel.pipeline_step``)."""
+
+from __future__ import annotations
+
+
+def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
+    """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
+    attend on the CPU where the KV sits): a fetched layer adds its KV to the copy engine's queue
+    (right behind its weights), a CPU one stops the compute chain while the CPU reads it. The
+    count and positions (spread by ``interleave``) minimise the step simulated layer by layer
+    with the ring's depth (``costmodel.pipeline_step``): a CPU stall is covered only by the copies
+    of the next layer or two. ``per_token``: KV bytes per token position of one layer."""
+    from dataclasses import replace
+
+    from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
+
+    cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
+    shared = rates.pcie_busy
+    if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
+        cpu_rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem
+    else:
+        # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
+        # of the context's power-of-two bucket (costmodel.cached_rates): the bytes it really
+        # moves per second include that KV.
+        bucket = 1 << max(0, work.context - 1).bit_length()
+        lb = store.max_layer_nbytes
+        cpu_rate = rates.cpu_mem_busy * (lb + per_token // work.batch * bucket) / lb
+    n_cpu = sum(p.decode_device == "cpu" for p in layers)
+    cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
+    copy, base, cpu_kv, host_kv = [], [], [], []
+    for i, p in enumerate(layers):
+        on_cpu = p.decode_device == "cpu"
+        copy.append(0.0 if p.tier == "gpu" or on_cpu else store.layer_nbytes(i) / shared)
+        base.append(cpu_layer if on_cpu else GPU_DECODE_LAYER_S)
+        host_kv.append(
+            0 if p.kv_tier == "device" else per_token * (work.context - p.kv_device_tokens)
+        )
+        # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
+        cpu_kv.append(host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
+
+    def step(x: int) -> float:
+        chosen = interleave(cands, x)
+        chain = [base[i] + (0.0 if i in chosen else cpu_kv[i]) for i in range(len(layers))]
+        fetch = [host_kv[i] / shared if i in chosen else 0.0 for i in range(len(layers))]
+        return pipeline_step(chain, copy, max(1, ring), fetch)
+
+    x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 6), k))
+    chosen = interleave(cands, x)
+    layers = [replace(p, kv_fetch=True) if i in chosen else p for i, p in enumerate(layers)]
+    return layers, len(chosen), step(x)
+
+
+def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced, ring):
+    """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``):
+    the count (spread by ``interleave``) whose decode step, simulated layer by layer with the
+    ring's depth (``costmodel.pipeline_step``), is shortest."""
+    from dataclasses import replace
+
+    from ollm.weights.costmodel import (
+        CPU_HANDOFF_S,
+        GPU_DECODE_LAYER_S,
+        LAYER_OVERHEAD_S,
+        interleave,
+        pipeline_step,
+        predict_step,
+    )
+
+    params = spec.layer_param_count()
+    cands = [i for i, p in enumerate(layers) if p.tier == "cpu"]
+    n_stream = sum(1 for p in layers if p.tier != "gpu")
+    stream_only = predict_step(
+        rates, n_res, n_stream, 0, layer_bytes, params, head_bytes, work.batch
+    )
+    predicted = {"stream-only tok/s": stream_only.tokens_per_second}
+    if hybrid == "off" or not cands:
+        return layers, 0, predicted
+    gpu_layer = max(GPU_DECODE_LAYER_S, rates.gpu_layer_s(layer_bytes, params, work.batch))
+    cpu_layer = rates.cpu_layer_s(layer_bytes, params, work.batch, True)
+    cpu_layer += LAYER_OVERHEAD_S + CPU_HANDOFF_S
+
+    def simulate(k: int) -> float:
+        chosen = interleave(cands, k)
+        chain = [cpu_layer if i in chosen else gpu_layer for i in range(len(layers))]
+        copy = [
+            0.0 if i in chosen or p.tier == "gpu" else rates.copy_s(layer_bytes, k > 0)
+            for i, p in enumerate(layers)
+        ]
+        return pipeline_step(chain, copy, max(1, ring)) + head_bytes / rates.gpu_mem
+
+    if forced is not None:
+        k = min(forced, len(cands))
+    else:
+        k = min(range(len(cands) + 1), key=lambda x: (round(simulate(x), 6), x))
+    if k == 0:
+        return layers, 0, predicted
+    pred = predict_step(rates, n_res, n_stream - k, k, layer_bytes, params, head_bytes, work.batch)
+    chosen = interleave(cands, k)
+    # The KV of a CPU-decoded layer lives in pinned RAM as an OffloadedKVCache: prefill (on the
+    # GPU) writes it through the shared scratch with asynchronous per-head copies, decode attends
+    # on the CPU where it sits. A layer whose KV the planner already sent to disk keeps that tier.
+    layers = [
+        replace(p, decode_device="cpu", kv_tier="cpu" if p.kv_tier == "device" else p.kv_tier)
+        if i in chosen
+        else p
+        for i, p in enumerate(layers)
+    ]
+    # Largest forward the CPU still computes faster than the copy engine streams the layer.
+    switch = int(rates.cpu_flops * layer_bytes / (rates.pcie * 2 * params))
+    predicted.update(
+        {
+            "hybrid tok/s": 1.0 / simulate(k),
+            "hybrid copy s": pred.copy_s,
+            "hybrid cpu s": pred.cpu_s,
+        }
+    )
+    return layers, max(1, switch), predicted
