@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,13 +122,8 @@ def source_dtype_name(model: str | None) -> str | None:
     model, the config's for an HF directory); None for a layer store, which is used as it is."""
     if model is None or model.lower().endswith(".gguf"):
         return "float32"
+    from ollm.weights.cache import target_dtype_name
     from ollm.weights.store import is_store
 
     path = Path(model)
-    if is_store(path):
-        return None
-    cfg = path / "config.json"
-    data = json.loads(cfg.read_text()) if cfg.is_file() else {}
-    name = str(data.get("dtype") or data.get("torch_dtype") or "").removeprefix("torch.")
-    # convert.py reads half types from the config and treats anything else as float32.
-    return name if name in ("bfloat16", "float16") else "float32"
+    return None if is_store(path) else target_dtype_name(path, None)
