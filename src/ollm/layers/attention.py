@@ -276,9 +276,17 @@ def chunk_attention_lse(
     t, s = q.shape[2], k.shape[2]
     o_old, lse_old = _flash_with_lse(q, k[:, :, : s - t], v[:, :, : s - t], False, scale)
     o_new, lse_new = _flash_with_lse(q, k[:, :, s - t :], v[:, :, s - t :], True, scale)
-    # softmax over both key sets = w * o_old + (1 - w) * o_new, w = sigmoid(lse_old - lse_new)
-    w = torch.sigmoid(lse_old - lse_new).unsqueeze(-1).to(o_new.dtype)
-    return o_new.lerp_(o_old, w), torch.logaddexp(lse_old, lse_new)
+    return merge_lse(o_old, lse_old, o_new, lse_new)
+
+
+def merge_lse(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two key sets from each one's output and log-sum-exp (the online-softmax
+    merge; ``o_b`` is overwritten): softmax over both = w * o_a + (1 - w) * o_b with
+    w = sigmoid(lse_a - lse_b). A row that saw no key in either (-inf twice) stays 0."""
+    w = torch.sigmoid(lse_a - lse_b).nan_to_num_(0.5).unsqueeze(-1).to(o_b.dtype)
+    return o_b.lerp_(o_a, w), torch.logaddexp(lse_a, lse_b)
 
 
 def attend_parts(
@@ -309,14 +317,7 @@ def attend_parts(
             o, s = blocked_attention_lse(qk, k, v, mask, scale, dense, off)
         off += k.shape[2]
         o, s = o.to(q.device), s.to(q.device)
-        if out is None:
-            out, lse = o, s
-            continue
-        # softmax over both key sets = w * out + (1 - w) * o, w = sigmoid(lse - s); rows that
-        # saw no key in either part yet (-inf twice) stay 0 whatever w is
-        w = torch.sigmoid(lse - s).nan_to_num_(0.5).unsqueeze(-1).to(o.dtype)
-        out = o.lerp_(out, w)
-        lse = torch.logaddexp(lse, s)
+        out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
     return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
 
 
