@@ -22,15 +22,11 @@ TextOpt = Annotated[
 
 
 def _sizes(spec: str) -> list[int]:
-    """``"2k,8k,512"`` -> [2048, 8192, 512]."""
-    out = []
-    for part in filter(None, (p.strip().lower() for p in spec.split(","))):
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            out.append(int(part.removesuffix("k")) * scale)
-        except ValueError:
-            raise CliError(f"bad size {part!r}: use numbers like 512 or 8k") from None
-    if not out or min(out) < 2:
+    """``"2k,8k,512"`` -> [2048, 8192, 512] (the parser of ``ollm bench --context``)."""
+    from ollm.bench.run import parse_contexts
+
+    out = parse_contexts(spec)
+    if min(out) < 2:
         raise CliError(f"bad size list {spec!r}: give at least one size >= 2, e.g. 2k,8k")
     return out
 
