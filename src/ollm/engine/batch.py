@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ollm.engine.generate import SequenceOutput
+from ollm.engine.generate import SequenceOutput, _delta, _fill_io
 from ollm.engine.kvpools import (
     DEVICE_TIER,
     build_pools,
@@ -41,6 +41,7 @@ from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
+from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
 from ollm.weights.accounting import PAGE_TOKENS, kv_group
 
@@ -409,8 +410,6 @@ class BatchEngine:
             raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         stats = self.runner.prefetcher.stats
         before = stats.snapshot()
-        from ollm.telemetry.energy import EnergyMeter
-
         energy = EnergyMeter(str(self.device)).start()
         t0 = time.perf_counter()
         ids: list[str] = []
@@ -436,8 +435,6 @@ class BatchEngine:
         m.prefill_seconds = m.time_to_first_token = first - t0
         m.decode_seconds = t_end - first
         self.runner.prefetcher.collect_timings()
-        from ollm.engine.generate import _delta, _fill_io
-
         _fill_io(m, _delta(stats.snapshot(), before))
         if self.device.type == "cuda":
             m.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)

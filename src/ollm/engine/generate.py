@@ -211,25 +211,21 @@ class Generator:
         """log p(token[t] | tokens[<t]) for t >= 1 (teacher forcing), float32 [len-1]."""
         if len(token_ids) < 2:
             raise RequestError("score needs at least two tokens")
-        ids = torch.tensor([token_ids], dtype=torch.long)
-        pos = torch.arange(len(token_ids))[None]
-        targets = ids[0, 1:]
-        kv, disk = self._new_kv(1, len(token_ids), None)
-        try:
-            return self.runner.forward(
-                ids, pos, kv, None, head=lambda h: self._score_head(h, targets)
-            )
-        finally:
-            self._release(kv, disk)
+        targets = torch.tensor(token_ids[1:], dtype=torch.long)
+        return self._teacher_forced(token_ids, lambda h: self._score_head(h, targets))
 
     def final_hidden(self, token_ids: list[int]) -> torch.Tensor:
         """Final-layer hidden states [1, T, H] of a teacher-forced pass over ``token_ids`` (on the
         last layer's device): a caller applies ``runner.logits`` to a few positions at a time."""
+        return self._teacher_forced(token_ids, lambda h: h)
+
+    def _teacher_forced(self, token_ids: list[int], head) -> torch.Tensor:
+        """``head`` of the final hidden states of one pass over ``token_ids`` in a fresh KV."""
         ids = torch.tensor([token_ids], dtype=torch.long)
         pos = torch.arange(len(token_ids))[None]
         kv, disk = self._new_kv(1, len(token_ids), None)
         try:
-            return self.runner.forward(ids, pos, kv, None, head=lambda h: h)
+            return self.runner.forward(ids, pos, kv, None, head=head)
         finally:
             self._release(kv, disk)
 
