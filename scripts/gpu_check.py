@@ -60,7 +60,7 @@ def set_kv_fetch(llm, fetch) -> None:
 def equivalence(tmp: Path) -> list[dict]:
     from conftest import FAMILIES, make_hf_model
     from ollm import LLM, SamplingParams
-    from ollm.weights.placement import plan_placement
+    from ollm.planning.placement import plan_placement
 
     rows = []
     prompt = [5, 17, 99, 3, 42, 7, 250, 11] * 24  # 192 tokens: prefill on the GPU, decode hybrid
@@ -282,7 +282,7 @@ def bench_case(
     if case == "kv-fetch-all":
         set_kv_fetch(llm, lambda i, p: p.kv_tier == "cpu" and p.decode_device != "cpu")
     if case == "kv-fetch-n":
-        from ollm.weights.costmodel import interleave
+        from ollm.planning.costmodel import interleave
 
         ram = [i for i, p in enumerate(llm.plan.layers) if p.kv_tier == "cpu"]
         chosen = interleave(ram, int(os.environ.get("OLLM_FETCH_N", "8")))
@@ -421,7 +421,7 @@ def main() -> int:
     for name in filter(None, args.checks.split(",")):
         report[name] = run_check(name, Path(args.out), args.quick)
     if not args.skip_bench:
-        from ollm.weights.synthetic import make_synthetic_store
+        from ollm.storage.synthetic import make_synthetic_store
 
         t = time.perf_counter()
         store = make_synthetic_store("llama3-8b", work / "llama3-8b", progress=False)

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_info(args: argparse.Namespace) -> dict:
     """model_type and vocab of the workload, without writing anything."""
     if args.synthetic:
-        from ollm.weights.synthetic import preset_config
+        from ollm.storage.synthetic import preset_config
 
         cfg = preset_config(args.synthetic)
         return {"model_type": cfg.model_type, "vocab": cfg.vocab_size}

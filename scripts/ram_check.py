@@ -82,8 +82,8 @@ def _imports(model: str | None) -> Path:
     import ollm.api  # noqa: F401
     import ollm.engine.runner  # noqa: F401
     from ollm.models.registry import build_spec
-    from ollm.weights.convert import resolve_store
-    from ollm.weights.store import LayerStore
+    from ollm.storage.convert import resolve_store
+    from ollm.storage.store import LayerStore
 
     path = resolve_store(model, None, None, False)
     build_spec(LayerStore(path).hf_config())

@@ -167,8 +167,8 @@ def hf_models(tmp_path_factory):
 def store(tmp_path_factory):
     """(ModelSpec, LayerStore) of the tiny random Llama, converted once per test session."""
     from ollm.models.registry import build_spec
-    from ollm.weights.convert import convert
-    from ollm.weights.store import LayerStore
+    from ollm.storage.convert import convert
+    from ollm.storage.store import LayerStore
 
     d = tmp_path_factory.mktemp("tiny-store")
     make_hf_model("llama", d / "hf")

@@ -149,7 +149,7 @@ def test_llm_generate_routes_disk_plans(hf_models, tmp_path, monkeypatch):
 def test_planner_sizes_pools(family, hf_models, tmp_path):
     """The plan sizes the paged pools (blocks per KV group, each layer's in its KV tier); the
     engine for the plan takes exactly those; a request beyond them is refused clearly."""
-    from ollm.weights.accounting import kv_pool_bytes
+    from ollm.planning.accounting import kv_pool_bytes
 
     _, path = hf_models(family)
     kw = dict(device="cpu", max_batch=3, max_context=200, prefill_chunk=32, cache_dir=tmp_path)

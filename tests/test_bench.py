@@ -74,9 +74,9 @@ def test_floors_disk_offload_plan(tiny):
 
 def test_floors_gpu_plan_mixed_tiers(tiny):
     """On a GPU plan, RAM layers cross PCIe at the pinned rate, disk layers at min(h2d, disk)."""
-    from ollm.weights.convert import resolve_store
-    from ollm.weights.placement import LayerPlacement, PlacementPlan
-    from ollm.weights.store import LayerStore
+    from ollm.planning.placement import LayerPlacement, PlacementPlan
+    from ollm.storage.convert import resolve_store
+    from ollm.storage.store import LayerStore
 
     store = LayerStore(resolve_store(str(tiny["model"]), tiny["cache"], progress=False))
     from ollm.models.registry import build_spec
@@ -227,7 +227,7 @@ def test_write_hf_checkpoint_loads(tmp_path):
 
 
 def _plan(layers, device="cuda:0"):
-    from ollm.weights.placement import PlacementPlan
+    from ollm.planning.placement import PlacementPlan
 
     return PlacementPlan(
         device=device,
@@ -246,9 +246,9 @@ def test_floors_count_fetched_kv(tiny):
     """KV the fetcher copies to the GPU crosses PCIe beside the weights; the rest of the RAM KV
     is read by the CPU; the slots kept on the device move neither way."""
     from ollm.models.registry import build_spec
-    from ollm.weights.convert import resolve_store
-    from ollm.weights.placement import LayerPlacement
-    from ollm.weights.store import LayerStore
+    from ollm.planning.placement import LayerPlacement
+    from ollm.storage.convert import resolve_store
+    from ollm.storage.store import LayerStore
 
     store = LayerStore(resolve_store(str(tiny["model"]), tiny["cache"], progress=False))
     spec = build_spec(store.hf_config())
@@ -275,8 +275,8 @@ def test_cpu_measurement_is_not_below_its_floor(tmp_path):
     from ollm.bench.probes import measure_bandwidth
     from ollm.bench.run import linear_shape
     from ollm.models.registry import build_spec
-    from ollm.weights.convert import resolve_store
-    from ollm.weights.store import LayerStore
+    from ollm.storage.convert import resolve_store
+    from ollm.storage.store import LayerStore
 
     make_hf_model(
         "llama", tmp_path / "m", hidden_size=256, intermediate_size=1024, num_hidden_layers=2

@@ -24,8 +24,8 @@ from ollm.layers.attention import (
 from ollm.layers.rope import rope_cos_sin
 from ollm.models.decoder import decoder_block
 from ollm.models.registry import build_spec
-from ollm.weights.accounting import activation_parts, device_kv_bytes, kv_scratch_bytes
-from ollm.weights.placement import Workload, plan_placement
+from ollm.planning.accounting import activation_parts, device_kv_bytes, kv_scratch_bytes
+from ollm.planning.placement import Workload, plan_placement
 from test_attention import reference
 
 

@@ -13,7 +13,7 @@ from ollm import Inference
 from ollm.compat import DiskCache, TextStreamer, _cpu_budget, file_get_contents
 from ollm.engine.sampling import SamplingParams
 from ollm.errors import DeviceError, ModelNotFoundError
-from ollm.weights.placement import plan_placement
+from ollm.planning.placement import plan_placement
 from test_cli import _char_tokenizer
 
 LAYERS = 6  # enough layers that 2 in RAM + 2 stream buffers is less than all of them

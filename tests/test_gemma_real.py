@@ -26,7 +26,7 @@ def gemma(tmp_path_factory):
 def reference():
     from transformers import AutoModelForCausalLM
 
-    from ollm.weights.convert import default_model_source
+    from ollm.storage.convert import default_model_source
 
     path = default_model_source()
     model = AutoModelForCausalLM.from_pretrained(

@@ -13,7 +13,7 @@ import torch
 from conftest import char_tokenizer
 from ollm import LLM, SamplingParams
 from ollm.errors import CorruptStoreError, WeightReadError
-from ollm.weights.store import layer_file
+from ollm.storage.store import layer_file
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16)
 PROMPTS = [

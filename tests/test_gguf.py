@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: E402
 
 from ollm.errors import CorruptStoreError, ModelNotFoundError, UnsupportedModelError  # noqa: E402
-from ollm.weights.gguf import GGUFSource, gguf_to_hf_name, permute_qk, unpermute_qk  # noqa: E402
+from ollm.storage.gguf import GGUFSource, gguf_to_hf_name, permute_qk, unpermute_qk  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from ollm.weights.gguf_reader import GGUFMetadata  # noqa: E402
+from ollm.storage.gguf_reader import GGUFMetadata  # noqa: E402
 
 
 def _write(path: Path) -> None:
@@ -85,7 +85,7 @@ def test_config_from_light_copy_equals_full_file(tmp_path, tied):
     (vocab_size from the token count, tied embeddings from the tensor names)."""
     from transformers import AutoConfig
 
-    from ollm.weights.gguf_reader import write_config_gguf
+    from ollm.storage.gguf_reader import write_config_gguf
 
     full = tmp_path / "full" / "m.gguf"
     full.parent.mkdir()

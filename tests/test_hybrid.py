@@ -7,8 +7,8 @@ import torch
 
 from conftest import make_hf_model
 from ollm import LLM, SamplingParams
-from ollm.weights.costmodel import MachineRates, choose_cpu_layers, interleave, predict_step
-from ollm.weights.placement import Workload, plan_placement
+from ollm.planning.costmodel import MachineRates, choose_cpu_layers, interleave, predict_step
+from ollm.planning.placement import Workload, plan_placement
 
 GB = 1e9
 LAYER = 436_000_000  # one Llama-3.1-8B layer in bf16
@@ -121,7 +121,7 @@ def test_grouped_attention_matches_sdpa(t):
 def test_layer_workload_runs_a_real_decoder_layer(store):
     import torch
 
-    from ollm.weights.costmodel import _layer_workload
+    from ollm.planning.costmodel import _layer_workload
 
     spec, s = store
     step, nbytes = _layer_workload(spec, 32, torch.float32)
@@ -242,7 +242,7 @@ def test_kv_fetch_uses_the_measured_cpu_attention_rate(store):
 def test_pipeline_step_limits():
     """The layer-by-layer simulation: copies alone, compute alone, and CPU stalls that a ring of
     two slots covers only with the next layer's copy (a deeper ring covers more)."""
-    from ollm.weights.costmodel import pipeline_step
+    from ollm.planning.costmodel import pipeline_step
 
     n = 8
     assert pipeline_step([1e-4] * n, [1.0] * n, 2) == pytest.approx(n * 1.0 + 1e-4, rel=1e-3)
@@ -261,7 +261,7 @@ def test_alternating_fetch_beats_none_and_all():
     """Measured 100k figures of an H100 host (2026-11-27): a layer's weights copy in 8 ms, its KV
     in 7.5 ms, the CPU attends it in 17.4 ms. A CPU stall is best covered by the next layer's
     weights + KV copies, so fetching every other layer beats fetching none or all."""
-    from ollm.weights.costmodel import interleave, pipeline_step
+    from ollm.planning.costmodel import interleave, pipeline_step
 
     n = 29
     w, f, a = 8e-3, 7.5e-3, 17.4e-3
@@ -304,8 +304,8 @@ def test_hybrid_split_on_a_stand_in_accelerator_matches(family, hf_models, tmp_p
     streamed-layer schedules and the RAM KV of the CPU layers run; the greedy tokens equal those
     of the same plan without CPU layers (the all-"GPU" path) and transformers'."""
     from ollm.engine.runner import Runner
-    from ollm.weights.prefetch import Prefetcher
-    from ollm.weights.store import LayerStore
+    from ollm.runtime.prefetch import Prefetcher
+    from ollm.storage.store import LayerStore
     from test_equivalence import hf_greedy
 
     model, path = hf_models(family)

@@ -62,7 +62,7 @@ def test_split_cache_matches_a_device_cache(device_tokens, tier, fetch, tmp_path
 
 
 def _plan(store, budget_share: float, block: int, context: int = 20000):
-    from ollm.weights.placement import Workload, plan_placement
+    from ollm.planning.placement import Workload, plan_placement
 
     spec, s = store
     work = Workload(1, context, context)

@@ -316,8 +316,8 @@ def test_converter_checks_each_layer_for_its_own_mlp(tmp_path):
     from safetensors.torch import save_file
 
     from ollm.errors import CorruptStoreError
-    from ollm.weights.convert import convert
-    from ollm.weights.store import LayerStore
+    from ollm.storage.convert import convert
+    from ollm.storage.store import LayerStore
 
     make_hf_model("qwen3_moe", tmp_path / "hf")
     store = LayerStore(convert(tmp_path / "hf", tmp_path / "store", progress=False))
@@ -350,8 +350,8 @@ def test_moe_temporaries_within_the_planned_mlp_reserve(family, dtype, tmp_path)
     gathered rows, each expert's intermediates, the top-k slots) stay within that reserve."""
     import transformers as tf
 
-    from ollm.weights.accounting import activation_parts
-    from ollm.weights.placement import Workload
+    from ollm.planning.accounting import activation_parts
+    from ollm.planning.placement import Workload
     from test_budget import LiveBytes
 
     cls = {"qwen3_moe": tf.Qwen3MoeConfig, "mixtral": tf.MixtralConfig, "gpt_oss": tf.GptOssConfig}
@@ -375,7 +375,7 @@ def test_moe_temporaries_within_the_planned_mlp_reserve(family, dtype, tmp_path)
 def test_cost_model_times_a_layer_of_every_moe_family(family):
     """The cost model times one decoder layer of the spec with weights of its own (hybrid
     decode's CPU rate): that layer must run for MoE specs too (gpt-oss needs its sinks)."""
-    from ollm.weights.costmodel import _layer_workload
+    from ollm.planning.costmodel import _layer_workload
 
     step, nbytes = _layer_workload(build_spec(tiny_config(family)), 64, torch.float32)
     step()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model
 from ollm import LLM, SamplingParams
-from ollm.weights.mxfp4 import dequantize_mxfp4
+from ollm.storage.mxfp4 import dequantize_mxfp4
 
 
 def random_mxfp4(e: int, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:

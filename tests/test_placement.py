@@ -7,10 +7,10 @@ import pytest
 
 from ollm.errors import BudgetError, OllmError, SizeParseError
 from ollm.models.registry import build_spec
+from ollm.planning.placement import Workload, plan_placement
 from ollm.sizes import parse_size
-from ollm.weights.convert import convert
-from ollm.weights.placement import Workload, plan_placement
-from ollm.weights.store import LayerStore
+from ollm.storage.convert import convert
+from ollm.storage.store import LayerStore
 
 WORK = Workload(batch=1, context=256, prefill_tokens=256)
 GPU = "cuda:0"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ollm.weights.host_memory import CPU_CHUNK_BYTES, chunk_activation_bytes, cpu_prefill_chunk
-from ollm.weights.placement import Workload, plan_placement
+from ollm.planning.host_memory import CPU_CHUNK_BYTES, chunk_activation_bytes, cpu_prefill_chunk
+from ollm.planning.placement import Workload, plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -26,8 +26,8 @@ def windowed(tmp_path_factory):
     whose whole-prompt attention masks grow with the square of the prompt."""
     from conftest import make_hf_model
     from ollm.models.registry import build_spec
-    from ollm.weights.convert import convert
-    from ollm.weights.store import LayerStore
+    from ollm.storage.convert import convert
+    from ollm.storage.store import LayerStore
 
     d = tmp_path_factory.mktemp("ram-budget")
     make_hf_model(

@@ -50,7 +50,7 @@ def test_failed_replan_keeps_the_llm_usable(model, tmp_path):
 def test_failed_load_restores_the_old_plan(model, tmp_path, monkeypatch):
     """Loading the new plan fails after the old buffers were released: the old plan is loaded
     again and the error re-raised."""
-    import ollm.weights.prefetch as prefetch
+    import ollm.runtime.prefetch as prefetch
 
     with make_llm(model, tmp_path, max_context=16) as llm:
         before = llm.generate(PROMPT, GREEDY).token_ids

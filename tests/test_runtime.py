@@ -23,9 +23,9 @@ import torch
 from ollm.kv.cache import LayerKVCache
 from ollm.kv.offload import KVFetcher, KVScratch, OffloadedKVCache
 from ollm.layers.attention import AttentionMask
-from ollm.weights import pinned, prefetch
-from ollm.weights.placement import LayerPlacement, PlacementPlan
-from ollm.weights.prefetch import Prefetcher
+from ollm.planning.placement import LayerPlacement, PlacementPlan
+from ollm.runtime import pinned, prefetch
+from ollm.runtime.prefetch import Prefetcher
 
 B, KVH, QH, D, CAP = 1, 2, 4, 8, 48
 
@@ -344,8 +344,8 @@ def test_cuda_calls_name_their_device_or_stream():
 
     from ollm.engine import generate, runner
     from ollm.kv import offload
+    from ollm.planning import costmodel
     from ollm.telemetry import timeline
-    from ollm.weights import costmodel
 
     bare = []
     for mod in (prefetch, pinned, offload, runner, generate, timeline, costmodel):

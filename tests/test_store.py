@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import ollm.weights.convert as convert_mod
-import ollm.weights.store as store_mod
+import ollm.storage.convert as convert_mod
+import ollm.storage.store as store_mod
 from ollm.errors import (
     CorruptStoreError,
     ModelNotFoundError,
     OllmError,
     UnsupportedModelError,
 )
-from ollm.weights.convert import convert, resolve_store
-from ollm.weights.sources import open_source
-from ollm.weights.store import ALIGN, GLOBALS, MANIFEST, LayerStore, layer_file
+from ollm.storage.convert import convert, resolve_store
+from ollm.storage.sources import open_source
+from ollm.storage.store import ALIGN, GLOBALS, MANIFEST, LayerStore, layer_file
 
 
 @pytest.fixture

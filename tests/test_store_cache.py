@@ -17,12 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import ollm.weights.convert as convert_mod
+import ollm.storage.convert as convert_mod
 from ollm.errors import OllmError
-from ollm.weights import cache
-from ollm.weights.convert import convert, estimate_store_nbytes, resolve_store
-from ollm.weights.progress import heartbeat, progress_iter
-from ollm.weights.store import MANIFEST, LayerStore, is_store
+from ollm.storage import cache
+from ollm.storage.convert import convert, estimate_store_nbytes, resolve_store
+from ollm.storage.progress import heartbeat, progress_iter
+from ollm.storage.store import MANIFEST, LayerStore, is_store
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -135,7 +135,7 @@ def test_default_model_keeps_no_gguf_copy(tmp_path, monkeypatch):
 _RACER = """
 import os, sys, time
 from pathlib import Path
-import ollm.weights.convert as cm
+import ollm.storage.convert as cm
 real = cm.convert
 def counted(*args, **kwargs):  # a line per conversion this process starts
     with open(sys.argv[3] + ".log", "a") as f:
@@ -253,7 +253,7 @@ def test_estimate_matches_the_store(llama_dir, tmp_path, dtype):
 
 
 def test_progress_logs_when_not_a_terminal(caplog, monkeypatch):
-    import ollm.weights.progress as progress_mod
+    import ollm.storage.progress as progress_mod
 
     monkeypatch.setattr(progress_mod, "_is_terminal", lambda: False)
     monkeypatch.setattr(progress_mod, "LOG_EVERY_S", 0.0)
@@ -277,7 +277,7 @@ def test_progress_logs_when_not_a_terminal(caplog, monkeypatch):
 
 _SYNTH = """
 import hashlib
-from ollm.weights.synthetic import SyntheticSource
+from ollm.storage.synthetic import SyntheticSource
 s = SyntheticSource("llama3-1b", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
 s.device = "cpu"

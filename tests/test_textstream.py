@@ -77,7 +77,7 @@ def ollm_tok(request: pytest.FixtureRequest) -> Any:
 
     from transformers import AutoTokenizer
 
-    from ollm.weights import gguf_tokenizer
+    from ollm.storage import gguf_tokenizer
 
     digest = hashlib.sha1(Path(gguf_tokenizer.__file__).read_bytes()).hexdigest()[:10]
     cache = getattr(request.config, "cache", None)

@@ -117,7 +117,7 @@ def throughput(tmp: Path) -> dict:
     """One at a time vs padded batch vs continuous batching, weights streamed from RAM."""
     from ollm import LLM, SamplingParams
     from ollm.engine.batch import BatchEngine
-    from ollm.weights.synthetic import make_synthetic_store
+    from ollm.storage.synthetic import make_synthetic_store
 
     store = make_synthetic_store("llama3-1b", tmp / "llama3-1b", progress=False)
     n, new = 16, 32
@@ -181,7 +181,7 @@ def tiers(tmp: Path) -> dict:
     from ollm import LLM, SamplingParams
     from ollm.engine.batch import BatchEngine
     from ollm.engine.runner import Runner
-    from ollm.weights.synthetic import make_synthetic_store
+    from ollm.storage.synthetic import make_synthetic_store
 
     params = SamplingParams(temperature=0, max_new_tokens=16)
     prompts = prompts_for(1, 8, 40, lambda i: 3 + 7 * i)

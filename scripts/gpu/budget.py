@@ -35,8 +35,8 @@ def minimum_budget(store_dir: Path, context: int, batch: int = 1) -> int:
 
     from ollm.errors import BudgetError
     from ollm.models.registry import build_spec
-    from ollm.weights.placement import Workload, plan_placement
-    from ollm.weights.store import LayerStore
+    from ollm.planning.placement import Workload, plan_placement
+    from ollm.storage.store import LayerStore
 
     store = LayerStore(store_dir)
     spec = build_spec(store.hf_config())
@@ -62,8 +62,8 @@ def make_stores(root: Path, layers: int | None) -> dict[str, Path]:
     """One random-weight store per dtype (the same weights, converted)."""
     import torch
 
-    from ollm.weights.convert import convert
-    from ollm.weights.synthetic import SyntheticSource
+    from ollm.storage.convert import convert
+    from ollm.storage.synthetic import SyntheticSource
 
     over = {} if layers is None else {"num_hidden_layers": layers}
     out = {}

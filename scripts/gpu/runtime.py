@@ -37,7 +37,7 @@ def _force_plan(llm, fetched: tuple[int, ...], ring: int, tier: str = "cpu") -> 
     """Every layer streamed from ``tier`` ("cpu": pinned RAM, "disk") through ``ring`` slots;
     the KV of ``fetched`` in pinned RAM and fetched to the GPU for decode; reloads the
     prefetcher for that plan."""
-    from ollm.weights.placement import LayerPlacement
+    from ollm.planning.placement import LayerPlacement
 
     dev = llm.plan.device
     layers = tuple(

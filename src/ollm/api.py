@@ -50,9 +50,9 @@ class LLM:
     def __init__(self, model: str | Path | None = None, **kwargs: object) -> None:
         self.config = EngineConfig(model=None if model is None else str(model), **kwargs)  # type: ignore[arg-type]
         from ollm.models.registry import build_spec
-        from ollm.weights.convert import resolve_store
-        from ollm.weights.placement import Workload
-        from ollm.weights.store import LayerStore
+        from ollm.planning.placement import Workload
+        from ollm.storage.convert import resolve_store
+        from ollm.storage.store import LayerStore
 
         cfg = self.config
         self.device = cfg.resolve_device()
@@ -80,7 +80,7 @@ class LLM:
         self.last_speculation = None  # SpecStats of the last speculative generate()
         self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
-        from ollm.weights.convert import default_cache_dir as _cache_root
+        from ollm.storage.convert import default_cache_dir as _cache_root
 
         kv_root = cfg.kv_dir or str(Path(cfg.cache_dir or _cache_root()) / "kv")
         self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids(), kv_root)
@@ -99,7 +99,7 @@ class LLM:
 
     def _plan(self, workload):
         """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
-        from ollm.weights.placement import Workload, plan_placement
+        from ollm.planning.placement import Workload, plan_placement
 
         cfg = self.config
         elem = torch.finfo(self.dtype).bits // 8
@@ -128,8 +128,8 @@ class LLM:
         if plan.device != "cpu" and (hybrid != "off" and plan.count("cpu") or kv_in_ram):
             # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
             # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
-            from ollm.weights.convert import default_cache_dir
-            from ollm.weights.costmodel import cached_rates
+            from ollm.planning.costmodel import cached_rates
+            from ollm.storage.convert import default_cache_dir
 
             cache = Path(cfg.cache_dir or default_cache_dir())
             rates = cached_rates(self.device, cache, self.dtype, self.spec, workload.context)
@@ -140,7 +140,7 @@ class LLM:
         """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
         it the current placement; the attributes change only once loading succeeded."""
         from ollm.engine.runner import Runner
-        from ollm.weights.prefetch import Prefetcher
+        from ollm.runtime.prefetch import Prefetcher
 
         plan, rates = planned or self._plan(workload)
         prefetcher = Prefetcher(self.store, plan, self.stats, self.config.verify_checksums)
@@ -153,7 +153,7 @@ class LLM:
 
     def ensure_context(self, tokens: int, batch: int = 1) -> None:
         """Re-plan (reloading resident weights) if a request needs more KV than planned for."""
-        from ollm.weights.placement import Workload
+        from ollm.planning.placement import Workload
 
         with self._lock:
             w = self.workload

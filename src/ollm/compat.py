@@ -205,7 +205,7 @@ def _print_stats(metrics: GenerationMetrics, device: str) -> None:
 
 def _cpu_budget(llm: LLM, layers_num: int) -> int | None:
     """A ``cpu_memory`` under which the planner keeps ``layers_num`` layers in tier "cpu"."""
-    from ollm.weights.placement import plan_placement
+    from ollm.planning.placement import plan_placement
 
     n, layer = llm.spec.num_layers, llm.store.max_layer_nbytes
     on_gpu = llm.device.startswith("cuda")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ollm.errors import DeviceError, OllmError
+from ollm.planning.placement import OFFLOAD_MODES
 from ollm.sizes import parse_size
-from ollm.weights.placement import OFFLOAD_MODES
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -122,8 +122,8 @@ def source_dtype_name(model: str | None) -> str | None:
     model, the config's for an HF directory); None for a layer store, which is used as it is."""
     if model is None or model.lower().endswith(".gguf"):
         return "float32"
-    from ollm.weights.cache import target_dtype_name
-    from ollm.weights.store import is_store
+    from ollm.storage.cache import target_dtype_name
+    from ollm.storage.store import is_store
 
     path = Path(model)
     return None if is_store(path) else target_dtype_name(path, None)

@@ -231,7 +231,7 @@ def precheck(tools: Path, preset: str | None) -> str:
 def _shapes(preset: str, context: int) -> dict[str, int]:
     """F16 bytes of one layer, of one layer's KV for ``context`` positions, and of the head."""
     from ollm.models.registry import build_spec
-    from ollm.weights.synthetic import preset_config
+    from ollm.storage.synthetic import preset_config
 
     spec = build_spec(preset_config(preset))
     return {

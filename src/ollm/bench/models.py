@@ -28,7 +28,7 @@ _ARCHS = {
 def synthetic_nbytes(name: str, **overrides: object) -> int:
     """Bytes of bf16 weights of preset ``name`` (every layer, embeddings and untied head)."""
     from ollm.models.registry import build_spec
-    from ollm.weights.synthetic import preset_config
+    from ollm.storage.synthetic import preset_config
 
     spec = build_spec(preset_config(name, **overrides))
     tables = 1 if spec.tie_word_embeddings else 2
@@ -129,9 +129,9 @@ def synthetic_store(
     """The layer store of synthetic preset ``name`` under ``<cache>/synthetic/<name>``, written
     now (with a progress bar) when missing, after ``check_synthetic`` (disk and RAM refusals,
     size and time warnings) for the ``device`` and ``offload`` the benchmark will use."""
-    from ollm.weights.convert import default_cache_dir
-    from ollm.weights.store import is_store
-    from ollm.weights.synthetic import PRESETS, make_synthetic_store
+    from ollm.storage.convert import default_cache_dir
+    from ollm.storage.store import is_store
+    from ollm.storage.synthetic import PRESETS, make_synthetic_store
 
     if name not in PRESETS:
         raise OllmError(f"unknown synthetic model {name!r}; available: {', '.join(PRESETS)}")
@@ -220,7 +220,7 @@ def write_hf_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from ollm.weights.synthetic import SyntheticSource
+    from ollm.storage.synthetic import SyntheticSource
 
     path = Path(path)
     if (path / "model.safetensors.index.json").is_file():

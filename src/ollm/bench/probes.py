@@ -59,7 +59,7 @@ def drop_file_cache(paths: list[Path]) -> bool:
 
 def _probe_files(store_dir: Path, max_bytes: int) -> list[str]:
     """Layer files of the store (the largest first few) adding up to about ``max_bytes``."""
-    from ollm.weights.store import LayerStore, layer_file
+    from ollm.storage.store import LayerStore, layer_file
 
     store = LayerStore(store_dir)
     files, total = [], 0
@@ -77,7 +77,7 @@ def probe_disk(store_dir: str | Path, cold: bool, max_bytes: int = 1 << 30) -> f
 
     ``cold`` drops the files from the page cache first; None when the OS cannot do that.
     """
-    from ollm.weights.store import LayerStore
+    from ollm.storage.store import LayerStore
 
     store_dir = Path(store_dir)
     files = _probe_files(store_dir, max_bytes)

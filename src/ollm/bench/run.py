@@ -106,7 +106,7 @@ def resolve_model(
 
         store = synthetic_store(synthetic, cache_dir, progress, device, offload)
         return store, f"synthetic {synthetic}"
-    from ollm.weights.convert import resolve_store
+    from ollm.storage.convert import resolve_store
 
     store = resolve_store(model, cache_dir, None, progress)
     return store, model or "default model"
@@ -311,7 +311,7 @@ def run_bench(
     cfg = EngineConfig(**{k: v for k, v in llm_kwargs.items() if k in _CONFIG_KEYS})
     device = cfg.resolve_device()
     store, name = resolve_model(model, synthetic, cfg.cache_dir, progress, device, cfg.offload)
-    from ollm.weights.store import LayerStore
+    from ollm.storage.store import LayerStore
 
     meta = LayerStore(store)
     info = {

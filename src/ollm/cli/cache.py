@@ -1,5 +1,5 @@
 """``ollm cache ls`` and ``ollm cache rm``: the converted layer stores under the cache directory
-(logic in ``ollm.weights.cache``)."""
+(logic in ``ollm.storage.cache``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ app.add_typer(cache_app, name="cache")
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    from ollm.weights.convert import default_cache_dir
+    from ollm.storage.convert import default_cache_dir
 
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
@@ -39,7 +39,7 @@ def cache_ls(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
     """List the cached layer stores: source, dtype, size on disk, last use and path."""
     with common.cli_errors():
         from ollm.sizes import format_size
-        from ollm.weights.cache import list_stores
+        from ollm.storage.cache import list_stores
 
         stores = list_stores(_cache_root(cache_dir))
         if json_out:
@@ -71,7 +71,7 @@ def cache_ls(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
         table.caption = f"{len(stores)} store(s), {format_size(total)}"
         legacy = _cache_root(cache_dir) / "gguf"
         if legacy.is_dir():  # joined default GGUFs of older versions: stores no longer need them
-            from ollm.weights.cache import disk_usage
+            from ollm.storage.cache import disk_usage
 
             table.caption += f"; {legacy} holds {format_size(disk_usage(legacy))} (safe to delete)"
         common.stdout_console().print(table)
@@ -87,7 +87,7 @@ def cache_rm(
 ) -> None:
     """Remove layer stores (atomically; a store open in a running ollm process is refused)."""
     with common.cli_errors():
-        from ollm.weights.cache import list_stores, remove_store
+        from ollm.storage.cache import list_stores, remove_store
 
         root = _cache_root(cache_dir)
         if all_ == bool(names):

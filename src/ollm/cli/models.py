@@ -47,7 +47,7 @@ def convert(
 
             torch_dtype = getattr(torch, str(name))
         from ollm.sizes import format_size
-        from ollm.weights.convert import convert as convert_model
+        from ollm.storage.convert import convert as convert_model
 
         path = convert_model(src, dst, torch_dtype, overwrite, progress=common.show_progress())
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -92,7 +92,7 @@ def info(
         with llm:
             data = llm.info()
         from ollm.sizes import format_size
-        from ollm.weights.cache import disk_usage
+        from ollm.storage.cache import disk_usage
 
         data["disk (store)"] = format_size(disk_usage(llm.store_path))
         import torch

@@ -41,9 +41,9 @@ from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.errors import RequestError
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
+from ollm.planning.accounting import PAGE_TOKENS, kv_group
 from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
-from ollm.weights.accounting import PAGE_TOKENS, kv_group
 
 log = logging.getLogger(__name__)
 BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (weights.accounting says why 16)

@@ -99,7 +99,7 @@ def build_pools(
     _check_ram(need["ram"])
     disk = None
     if need["disk"]:
-        from ollm.weights.convert import default_cache_dir
+        from ollm.storage.convert import default_cache_dir
 
         disk = KVDirectory(kv_root or str(default_cache_dir() / "kv"))
         try:
@@ -135,7 +135,7 @@ def build_pools(
 
 def _store(runner, n_layers, pools, block_tokens, home, device, disk) -> PagedKVStore:
     """One (group, home)'s tensors: its allocation and swap tiers."""
-    from ollm.weights.pinned import pinned_empty
+    from ollm.runtime.pinned import pinned_empty
 
     spec = runner.spec
 

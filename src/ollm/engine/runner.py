@@ -21,8 +21,8 @@ from ollm.layers.norms import rms_norm
 from ollm.layers.rope import rope_cos_sin
 from ollm.models.decoder import decoder_block
 from ollm.models.spec import ModelSpec
-from ollm.weights.placement import PlacementPlan
-from ollm.weights.prefetch import Prefetcher
+from ollm.planning.placement import PlacementPlan
+from ollm.runtime.prefetch import Prefetcher
 
 
 class Runner:

@@ -72,7 +72,7 @@ class IncrementalDetokenizer:
 
 def _marker_ids(tokenizer: Any) -> frozenset[int]:
     """Ids of added, non-special tokens that look like markers (see ``is_marker``)."""
-    from ollm.weights.gguf_tokenizer import is_marker
+    from ollm.storage.gguf_tokenizer import is_marker
 
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     return frozenset(

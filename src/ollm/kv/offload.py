@@ -25,7 +25,7 @@ from functools import partial
 import torch
 
 from ollm.layers.attention import AttentionMask, attend, attend_parts
-from ollm.weights.pinned import pinned_empty, unpin
+from ollm.runtime.pinned import pinned_empty, unpin
 
 
 def _no_storage(nbytes: int) -> torch.Tensor:

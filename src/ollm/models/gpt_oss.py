@@ -7,7 +7,7 @@ with value 0 (``AttentionMask.sinks``). Routing: ``mlp.router`` (weight and bias
 the top-k logits only. Experts: fused ``mlp.experts.gate_up_proj`` [E, H, 2I] (gate and up
 interleaved by column) and ``down_proj`` [E, I, H], each with a bias, clamped SwiGLU
 (``layers/moe.py``). RMSNorm multiplies by its weight in float32 before rounding (HF keeps the
-norms in float32). MXFP4 checkpoints are dequantized at conversion (``weights/mxfp4.py``).
+norms in float32). MXFP4 checkpoints are dequantized at conversion (``storage/mxfp4.py``).
 """
 
 from __future__ import annotations

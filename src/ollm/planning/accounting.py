@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ollm.weights.placement import Workload
+    from ollm.planning.placement import Workload
 
 MIB = 1 << 20
 

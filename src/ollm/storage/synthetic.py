@@ -181,10 +181,10 @@ def make_synthetic_store(
     name: str, dst: str | Path, progress: bool = True, **overrides: object
 ) -> Path:
     """Write a random-weight layer store of preset ``name`` at ``dst`` (bf16); returns ``dst``."""
-    from ollm.weights.convert import convert
+    from ollm.storage.convert import convert
 
     dst = Path(dst)
-    from ollm.weights.store import is_store
+    from ollm.storage.store import is_store
 
     if is_store(dst):
         return dst

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ollm.errors import CorruptStoreError, ModelNotFoundError, UnsupportedModelError
-from ollm.weights.gguf_reader import GGUFMetadata, write_config_gguf
-from ollm.weights.progress import heartbeat
+from ollm.storage.gguf_reader import GGUFMetadata, write_config_gguf
+from ollm.storage.progress import heartbeat
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -161,7 +161,7 @@ class GGUFSource:
         model = self._reader.fields.get("tokenizer.ggml.model")
         with heartbeat(f"building the tokenizer of {self.path.name}", self.progress):
             if model is not None and model.contents() == "llama":
-                from ollm.weights.gguf_tokenizer import build_tokenizer
+                from ollm.storage.gguf_tokenizer import build_tokenizer
 
                 tok = build_tokenizer(self._reader.fields, self.arch)
             else:

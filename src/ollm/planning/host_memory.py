@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ollm.weights.accounting import activation_parts
+from ollm.planning.accounting import activation_parts
 
 if TYPE_CHECKING:
     from ollm.models.spec import ModelSpec
-    from ollm.weights.placement import Workload
+    from ollm.planning.placement import Workload
 
 MIB = 1 << 20
 # At most this much RAM for one chunk's activations without a budget: 4096 rows of Gemma 3 270M
@@ -30,7 +30,7 @@ def chunk_activation_bytes(
     """RAM one prefill chunk of ``rows`` rows needs on the CPU beyond what is fixed per request
     (the allocator slack and the logits): its slice of the residual stream and rope tables,
     the block's temporaries, the MLP's intermediates, attention scratch and masks."""
-    from ollm.weights.placement import Workload
+    from ollm.planning.placement import Workload
 
     parts = activation_parts(
         spec, Workload(work.batch, work.context, rows), dtype_bytes, mlp_chunk, rows, False

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ollm.errors import OllmError
-from ollm.weights.progress import heartbeat
-from ollm.weights.store import MANIFEST, is_store
+from ollm.storage.progress import heartbeat
+from ollm.storage.store import MANIFEST, is_store
 
 logger = logging.getLogger("ollm")
 

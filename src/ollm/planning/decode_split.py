@@ -14,7 +14,7 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     of the next layer or two. ``per_token``: KV bytes per token position of one layer."""
     from dataclasses import replace
 
-    from ollm.weights.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
+    from ollm.planning.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
 
     cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
     shared = rates.pcie_busy
@@ -58,7 +58,7 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
     ring's depth (``costmodel.pipeline_step``), is shortest."""
     from dataclasses import replace
 
-    from ollm.weights.costmodel import (
+    from ollm.planning.costmodel import (
         CPU_HANDOFF_S,
         GPU_DECODE_LAYER_S,
         LAYER_OVERHEAD_S,

@@ -19,11 +19,11 @@ import torch
 from ollm.errors import CorruptStoreError, ModelNotFoundError, OllmError
 from ollm.procs import pid_alive
 from ollm.sizes import format_size
-from ollm.weights import cache
-from ollm.weights.cache import CONVERTER_VERSION
-from ollm.weights.progress import heartbeat, progress_iter
-from ollm.weights.sources import SIDE_FILES_SKIP, TensorSource, classify_name, open_source
-from ollm.weights.store import (
+from ollm.storage import cache
+from ollm.storage.cache import CONVERTER_VERSION
+from ollm.storage.progress import heartbeat, progress_iter
+from ollm.storage.sources import SIDE_FILES_SKIP, TensorSource, classify_name, open_source
+from ollm.storage.store import (
     ALIGN,
     FORMAT,
     GLOBALS,
@@ -314,7 +314,7 @@ def resolve_store(
 ) -> Path:
     """Path of a layer store for ``model``: the model itself if it is a store, else a cached
     conversion (made now if missing, by one process at a time) keyed by the source's content
-    fingerprint, the target dtype and the converter version (see ollm.weights.cache)."""
+    fingerprint, the target dtype and the converter version (see ollm.storage.cache)."""
     stores = Path(cache_dir or default_cache_dir()).expanduser() / cache.STORES
     if model is None:
         return _default_store(stores, dtype, progress)

@@ -25,10 +25,10 @@ import weakref
 import torch
 
 from ollm.errors import WeightReadError
+from ollm.planning.placement import PlacementPlan
+from ollm.runtime.pinned import pinned_empty, unpin
+from ollm.storage.store import GLOBALS, LayerStore, layer_file
 from ollm.telemetry.stats import IOStats
-from ollm.weights.pinned import pinned_empty, unpin
-from ollm.weights.placement import PlacementPlan
-from ollm.weights.store import GLOBALS, LayerStore, layer_file
 
 __all__ = ["Prefetcher", "pinned_empty", "unpin"]
 

@@ -152,14 +152,14 @@ def open_source(path: str | Path, progress: bool = False) -> TensorSource:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{p}: not a model (expected a directory or a .gguf file)")
-        from ollm.weights.gguf import GGUFSource
+        from ollm.storage.gguf import GGUFSource
 
         return GGUFSource(p, progress)
     ggufs = sorted(p.glob("*.gguf"))
     if not (p / "config.json").is_file() and len(ggufs) == 1:
-        from ollm.weights.gguf import GGUFSource
+        from ollm.storage.gguf import GGUFSource
 
         return GGUFSource(ggufs[0], progress)
-    from ollm.weights.mxfp4 import Mxfp4Source, is_mxfp4
+    from ollm.storage.mxfp4 import Mxfp4Source, is_mxfp4
 
     return Mxfp4Source(HFDirSource(p)) if is_mxfp4(p) else HFDirSource(p)

@@ -2,7 +2,7 @@
 tensors at 4 KiB-aligned offsets so a layer is one large read straight into a staging buffer, and a
 manifest of names, shapes, dtypes, offsets and CRC32 checksums.
 
-A store is written to a temporary directory and renamed into place (see ollm.weights.convert);
+A store is written to a temporary directory and renamed into place (see ollm.storage.convert);
 opening one checks the manifest and every file's size, and each file's checksum is verified the
 first time it is read in a process.
 """

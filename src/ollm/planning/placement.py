@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ollm.errors import BudgetError, OllmError
-from ollm.sizes import format_size
-from ollm.weights.accounting import (
+from ollm.planning.accounting import (
     PAGE_TOKENS,
     activation_bytes,
     device_kv_bytes,
@@ -19,6 +18,7 @@ from ollm.weights.accounting import (
     kv_pool_blocks,
     kv_scratch_bytes,
 )
+from ollm.sizes import format_size
 
 OFFLOAD_MODES = ("auto", "cpu", "disk")
 MIB = 1 << 20
@@ -305,7 +305,7 @@ def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_laye
     """The cost model's decode choices: RAM layers the CPU computes (hybrid), then, when
     ``fetch`` (KV offloaded and fetch buffers planned), RAM KV layers fetched back to the GPU.
     Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching."""
-    from ollm.weights.decode_split import choose_hybrid, choose_kv_fetch
+    from ollm.planning.decode_split import choose_hybrid, choose_kv_fetch
 
     layers, cpu_max_tokens, predicted = choose_hybrid(
         spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring
@@ -346,7 +346,7 @@ class _Sizes:
         if on_gpu:
             chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
         else:  # activations share RAM with the weights: chunked even without a budget
-            from ollm.weights.host_memory import cpu_prefill_chunk
+            from ollm.planning.host_memory import cpu_prefill_chunk
 
             chunk = chunk_tokens or cpu_prefill_chunk(
                 spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
