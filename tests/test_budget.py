@@ -24,6 +24,7 @@ from ollm.layers.attention import (
 from ollm.layers.rope import rope_cos_sin
 from ollm.models.decoder import decoder_block
 from ollm.models.registry import build_spec
+from ollm.planning import footprint
 from ollm.planning.accounting import activation_parts, device_kv_bytes, kv_scratch_bytes
 from ollm.planning.placement import Workload, plan_placement
 from test_attention import reference
@@ -90,7 +91,7 @@ def test_every_cuda_path_is_bounded(dtype):
 def test_blocked_attention_exact_and_within_its_block(monkeypatch, dtype):
     """Grouped heads (8 query, 2 KV): exact against a float64 reference, and the live bytes
     beside the output stay within ``score_block_bytes`` (never [heads, q, kv] scores)."""
-    monkeypatch.setattr(attn, "SCORE_BLOCK_BYTES", 256 << 10)
+    monkeypatch.setattr(footprint, "SCORE_BLOCK_BYTES", 256 << 10)
     torch.manual_seed(0)
     b, h, kvh, d, t, s = 2, 8, 2, 32, 96, 384
     k, v = (torch.randn(b, kvh, s, d, dtype=dtype) for _ in range(2))
@@ -103,7 +104,7 @@ def test_blocked_attention_exact_and_within_its_block(monkeypatch, dtype):
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
         scores = b * h * mask.q_len * s * 4
-        bound = attn.score_block_bytes(b, h, s, e) + 2 * q.numel() * e
+        bound = footprint.score_block_bytes(b, h, s, e) + 2 * q.numel() * e
         assert live.peak - out.nbytes <= bound, (mask, live.peak, bound)
         if mask.q_len > 1:
             assert live.largest < scores / 4, (mask, live.largest, scores)
@@ -175,7 +176,7 @@ def _weights(spec, dtype) -> dict[str, torch.Tensor]:
 def test_chunk_temporaries_within_the_model(monkeypatch, dtype, batch, window):
     """A chunked prefill through real decoder blocks (the CUDA paths: blocked attention for
     float32, padding and windows) allocates no more than the planner's per-chunk parts."""
-    monkeypatch.setattr(attn, "SCORE_BLOCK_BYTES", 256 << 10)
+    monkeypatch.setattr(footprint, "SCORE_BLOCK_BYTES", 256 << 10)
     real_path = attn.attention_path
     monkeypatch.setattr(attn, "attention_path", lambda _dev, *a: real_path("cuda", *a))
     monkeypatch.setattr(attn, "_flash_with_lse", _cpu_flash)

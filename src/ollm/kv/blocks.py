@@ -23,6 +23,8 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ollm.planning.footprint import max_live_blocks
+
 
 class OutOfBlocks(RuntimeError):
     """No free (or evictable) block is left in the tiers asked for."""
@@ -234,10 +236,7 @@ class BlockManager:
     def max_live_blocks(self, num_tokens: int, max_query: int) -> int:
         """Most blocks a sequence of ``num_tokens`` holds at once when steps carry at most
         ``max_query`` tokens (a window keeps ``window - 1`` earlier keys plus the step)."""
-        full = -(-num_tokens // self.block_tokens)
-        if self.window is None:
-            return full
-        return min(full, -(-(self.window - 1 + max_query) // self.block_tokens) + 1)
+        return max_live_blocks(self.block_tokens, self.window, num_tokens, max_query)
 
     def capacity_blocks(self) -> int:
         """Blocks of all allocation tiers."""

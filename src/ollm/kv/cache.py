@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ollm.planning.footprint import window_capacity  # noqa: F401 (re-exported)
+
 
 class LayerKVCache:
     """Contiguous KV storage [B, kv_heads, capacity, head_dim] on one device."""
@@ -68,12 +70,6 @@ class LayerKVCache:
 
     def __len__(self) -> int:
         return self.length
-
-
-def window_capacity(window: int | None, max_forward: int) -> int:
-    """Slots a sliding-window layer's cache needs: the window, one forward, and as much slack
-    again as the window so old slots are dropped once per window, not every step."""
-    return 2 * window + max_forward if window else 0
 
 
 class SlidingKVCache(LayerKVCache):

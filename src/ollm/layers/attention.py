@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ollm.planning import footprint
+
 
 @dataclass
 class AttentionMask:
@@ -48,11 +50,6 @@ class AttentionMask:
             # let it see itself; its output is never used.
             mask = mask | (k == q)[None, None]
         return mask
-
-
-# Live bytes one blocked attention call may hold at a time for its scores (see
-# ``blocked_attention``); the planner reserves ``score_block_bytes`` for it.
-SCORE_BLOCK_BYTES = 64 << 20
 
 
 def attention_path(device_type: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask) -> str:
@@ -128,18 +125,6 @@ def attend(
     )
 
 
-def score_block_bytes(batch: int, heads: int, keys: int, dtype_bytes: int) -> int:
-    """Peak bytes ``blocked_attention`` holds beside its inputs and output for ``keys`` keys:
-    the block's scores (``SCORE_BLOCK_BYTES``, or one query row when a row alone is larger)."""
-    return max(SCORE_BLOCK_BYTES, batch * keys * _row_cell_bytes(heads, dtype_bytes))
-
-
-def _row_cell_bytes(heads: int, dtype_bytes: int) -> int:
-    """Bytes per (query row, key) of a block: float32 scores of every head, their copy in the
-    input dtype (made by the matmul, then for the probabilities), and the boolean mask's few."""
-    return heads * (4 + (dtype_bytes if dtype_bytes < 4 else 0)) + 4
-
-
 def blocked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -169,7 +154,7 @@ def blocked_attention_lse(
     (float32) for merging parts. A row that sees no key of this part gets 0 and -inf."""
     b, h, t, _ = q.shape
     n = k.shape[2]
-    cell = b * _row_cell_bytes(h, q.element_size())
+    cell = b * footprint.row_cell_bytes(h, q.element_size())
     if mask.key_keep is not None:  # once on the device, not once per block
         keep = mask.key_keep.to(q.device)
         mask = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, keep, mask.window, mask.sinks)
@@ -181,7 +166,7 @@ def blocked_attention_lse(
         lo = key_offset if mask.window is None else max(key_offset, first - mask.window + 1)
         seen = max(0, first - lo)  # keys before the first query (causal)
         # rows r with r * (seen + r) cells under the budget: the block's keys grow with its rows
-        cap = SCORE_BLOCK_BYTES // cell
+        cap = footprint.SCORE_BLOCK_BYTES // cell
         r = max(1, int((-seen + (seen * seen + 4 * cap) ** 0.5) / 2))
         r1 = min(t, r0 + r)
         hi = min(key_offset + n, mask.kv_len, mask.q_start + r1)

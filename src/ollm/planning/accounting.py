@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ollm.planning.footprint import max_live_blocks, score_block_bytes, window_capacity
+
 if TYPE_CHECKING:
     from ollm.planning.placement import Workload
 
@@ -28,8 +30,6 @@ def activation_parts(
     """Activation memory by purpose: the residual stream and rope tables of the whole prompt,
     one chunk's temporaries (``chunk_temp_bytes``), the MLP's row chunk, the attention kernel's
     own scratch (by the path ``layers.attention.attention_path`` takes), masks and logits."""
-    from ollm.layers.attention import score_block_bytes
-
     b, e, t = work.batch, dtype_bytes, work.prefill_tokens
     h, d, heads = spec.hidden_size, spec.head_dim, spec.num_heads
     rows = b * min(chunk, t)
@@ -75,8 +75,6 @@ def chunk_temp_bytes(spec, dtype_bytes: int) -> int:
 def kv_layer_bytes(spec, work: Workload, dtype_bytes: int, forward: int) -> list[int]:
     """Device KV of each layer as the runner allocates it: the whole context, or for a
     sliding-window layer window + one forward of ``forward`` tokens (``SlidingKVCache``)."""
-    from ollm.kv.cache import window_capacity
-
     per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
     return [
         per_token * min(work.context, window_capacity(layer.window, forward) or work.context)
@@ -124,14 +122,12 @@ def kv_pool_blocks(spec, work: Workload, page_tokens: int, step_tokens: int) -> 
     a window group the blocks a window keeps live when a step carries ``step_tokens`` query
     tokens (``BlockManager.max_live_blocks``). Every layer of a group has this many blocks in
     its own KV tier (device, pinned RAM or disk, from its ``LayerPlacement.kv_tier``)."""
-    from ollm.kv.blocks import BlockManager
-
     out: dict[str, int] = {}
     for layer in spec.layers:
         g = kv_group(layer.window)
         if g not in out:
-            probe = BlockManager(page_tokens, {"device": 0}, window=layer.window)
-            out[g] = work.batch * probe.max_live_blocks(work.context, step_tokens)
+            live = max_live_blocks(page_tokens, layer.window, work.context, step_tokens)
+            out[g] = work.batch * live
     return out
 
 
