@@ -21,14 +21,17 @@ import logging
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
 from ollm.errors import WeightReadError
-from ollm.planning.placement import PlacementPlan
 from ollm.runtime.pinned import pinned_empty, unpin
 from ollm.storage.store import GLOBALS, LayerStore, layer_file
 from ollm.telemetry.stats import IOStats
+
+if TYPE_CHECKING:  # the plan is read by attribute only (runtime sits below planning)
+    from ollm.planning.placement import PlacementPlan
 
 __all__ = ["Prefetcher", "pinned_empty", "unpin"]
 
