@@ -421,10 +421,13 @@ def main() -> int:
     for name in filter(None, args.checks.split(",")):
         report[name] = run_check(name, Path(args.out), args.quick)
     if not args.skip_bench:
+        from ollm.models.registry import STORE_FAMILIES
         from ollm.storage.synthetic import make_synthetic_store
 
         t = time.perf_counter()
-        store = make_synthetic_store("llama3-8b", work / "llama3-8b", progress=False)
+        store = make_synthetic_store(
+            "llama3-8b", work / "llama3-8b", progress=False, families=STORE_FAMILIES
+        )
         report["store_build_s"] = time.perf_counter() - t
         report["disk_cold_GBps"] = (probe_disk(store, cold=True) or 0.0) / 1e9
         report["disk_warm_GBps"] = (probe_disk(store, cold=False) or 0.0) / 1e9

@@ -81,11 +81,11 @@ def _imports(model: str | None) -> Path:
 
     import ollm.api  # noqa: F401
     import ollm.engine.runner  # noqa: F401
-    from ollm.models.registry import build_spec
+    from ollm.models.registry import STORE_FAMILIES, build_spec
     from ollm.storage.convert import resolve_store
     from ollm.storage.store import LayerStore
 
-    path = resolve_store(model, None, None, False)
+    path = resolve_store(model, None, None, False, families=STORE_FAMILIES)
     build_spec(LayerStore(path).hf_config())
     return path
 

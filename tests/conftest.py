@@ -166,13 +166,13 @@ def hf_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
     """(ModelSpec, LayerStore) of the tiny random Llama, converted once per test session."""
-    from ollm.models.registry import build_spec
+    from ollm.models.registry import STORE_FAMILIES, build_spec
     from ollm.storage.convert import convert
     from ollm.storage.store import LayerStore
 
     d = tmp_path_factory.mktemp("tiny-store")
     make_hf_model("llama", d / "hf")
-    s = LayerStore(convert(d / "hf", d / "store", progress=False))
+    s = LayerStore(convert(d / "hf", d / "store", progress=False, families=STORE_FAMILIES))
     return build_spec(s.hf_config()), s
 
 

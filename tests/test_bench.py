@@ -15,6 +15,7 @@ from conftest import make_hf_model
 from ollm.bench.floors import compute_floors
 from ollm.bench.run import context_label, parse_contexts, run_case
 from ollm.errors import OllmError
+from ollm.models.registry import STORE_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = {  # a made-up machine: 1 GB/s disk, 10 GB/s host->GPU, 100 GFLOP/s
@@ -78,7 +79,9 @@ def test_floors_gpu_plan_mixed_tiers(tiny):
     from ollm.storage.convert import resolve_store
     from ollm.storage.store import LayerStore
 
-    store = LayerStore(resolve_store(str(tiny["model"]), tiny["cache"], progress=False))
+    store = LayerStore(
+        resolve_store(str(tiny["model"]), tiny["cache"], progress=False, families=STORE_FAMILIES)
+    )
     from ollm.models.registry import build_spec
 
     spec = build_spec(store.hf_config())
@@ -250,7 +253,9 @@ def test_floors_count_fetched_kv(tiny):
     from ollm.storage.convert import resolve_store
     from ollm.storage.store import LayerStore
 
-    store = LayerStore(resolve_store(str(tiny["model"]), tiny["cache"], progress=False))
+    store = LayerStore(
+        resolve_store(str(tiny["model"]), tiny["cache"], progress=False, families=STORE_FAMILIES)
+    )
     spec = build_spec(store.hf_config())
     layers = [
         LayerPlacement("gpu", "cuda:0"),
@@ -282,7 +287,7 @@ def test_cpu_measurement_is_not_below_its_floor(tmp_path):
         "llama", tmp_path / "m", hidden_size=256, intermediate_size=1024, num_hidden_layers=2
     )
     cache = str(tmp_path / "cache")
-    store_dir = resolve_store(str(tmp_path / "m"), cache, progress=False)
+    store_dir = resolve_store(str(tmp_path / "m"), cache, progress=False, families=STORE_FAMILIES)
     meta = LayerStore(store_dir)
     spec, dtype = build_spec(meta.hf_config()), meta.dtype
     meta.close()

@@ -16,7 +16,7 @@ from conftest import make_hf_model, tiny_config
 from ollm import LLM, SamplingParams
 from ollm.layers.moe import moe_mlp, route
 from ollm.models.decoder import layer_weight_names
-from ollm.models.registry import build_spec
+from ollm.models.registry import STORE_FAMILIES, build_spec
 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
@@ -320,13 +320,15 @@ def test_converter_checks_each_layer_for_its_own_mlp(tmp_path):
     from ollm.storage.store import LayerStore
 
     make_hf_model("qwen3_moe", tmp_path / "hf")
-    store = LayerStore(convert(tmp_path / "hf", tmp_path / "store", progress=False))
+    store = LayerStore(
+        convert(tmp_path / "hf", tmp_path / "store", progress=False, families=STORE_FAMILIES)
+    )
     assert store.layer_nbytes(1) < store.layer_nbytes(0)  # layer 1 is dense
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CorruptStoreError, match=r"layer 2 lacks mlp\.experts\.5\.up_proj\.weight"):
-        convert(tmp_path / "hf", tmp_path / "store2", progress=False)
+        convert(tmp_path / "hf", tmp_path / "store2", progress=False, families=STORE_FAMILIES)
 
 
 SHAPED = {  # small configs with the width ratios of Mixtral-8x7B, Qwen3-30B-A3B and gpt-oss-20B

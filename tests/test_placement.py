@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ollm.errors import BudgetError, OllmError, SizeParseError
-from ollm.models.registry import build_spec
+from ollm.models.registry import STORE_FAMILIES, build_spec
 from ollm.planning.placement import Workload, plan_placement
 from ollm.sizes import parse_size
 from ollm.storage.convert import convert
@@ -20,7 +20,11 @@ GPU = "cuda:0"
 def model(request, hf_models, tmp_path_factory):
     """(spec, store) of a converted tiny model: llama has an untied head, gemma3 a tied one."""
     _, src = hf_models(request.param)
-    store = LayerStore(convert(src, tmp_path_factory.mktemp("placement") / "s", progress=False))
+    store = LayerStore(
+        convert(
+            src, tmp_path_factory.mktemp("placement") / "s", progress=False, families=STORE_FAMILIES
+        )
+    )
     yield build_spec(store.hf_config()), store
     store.close()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ollm.models.registry import STORE_FAMILIES
 from ollm.planning.host_memory import CPU_CHUNK_BYTES, chunk_activation_bytes, cpu_prefill_chunk
 from ollm.planning.placement import Workload, plan_placement
 
@@ -43,7 +44,7 @@ def windowed(tmp_path_factory):
         sliding_window=32,
         max_position_embeddings=4 * PROMPT,
     )
-    s = LayerStore(convert(d / "hf", d / "store", progress=False))
+    s = LayerStore(convert(d / "hf", d / "store", progress=False, families=STORE_FAMILIES))
     return build_spec(s.hf_config()), s
 
 

@@ -22,6 +22,7 @@ from ollm.errors import (
     OllmError,
     UnsupportedModelError,
 )
+from ollm.models.registry import STORE_FAMILIES
 from ollm.storage.convert import convert, resolve_store
 from ollm.storage.sources import open_source
 from ollm.storage.store import ALIGN, GLOBALS, MANIFEST, LayerStore, layer_file
@@ -31,7 +32,7 @@ from ollm.storage.store import ALIGN, GLOBALS, MANIFEST, LayerStore, layer_file
 def llama_store(hf_models, tmp_path) -> tuple[torch.nn.Module, Path, Path]:
     """(HF llama model, its HF directory, a fresh store converted from it under tmp_path)."""
     model, src = hf_models("llama")
-    dst = convert(src, tmp_path / "store", progress=False)
+    dst = convert(src, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     return model, src, dst
 
 
@@ -54,7 +55,7 @@ def _hf_copy(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_convert_layout_and_tensors(family, hf_models, tmp_path):
     model, src = hf_models(family)
-    dst = convert(src, tmp_path / "store", progress=False)
+    dst = convert(src, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     n = model.config.num_hidden_layers
     manifest = json.loads((dst / MANIFEST).read_text())
     assert manifest["format"] == "ollm-layer-store"
@@ -94,7 +95,9 @@ def test_convert_layout_and_tensors(family, hf_models, tmp_path):
 
 def test_convert_dtype_bfloat16(hf_models, tmp_path):
     model, src = hf_models("llama")
-    dst = convert(src, tmp_path / "bf16", dtype=torch.bfloat16, progress=False)
+    dst = convert(
+        src, tmp_path / "bf16", dtype=torch.bfloat16, progress=False, families=STORE_FAMILIES
+    )
     store = LayerStore(dst)
     assert store.dtype == torch.bfloat16
     w = store.load(layer_file(1))["mlp.up_proj.weight"]
@@ -236,7 +239,7 @@ def test_interrupted_conversion_leaves_nothing(hf_models, tmp_path):
     source.get = get
     dst = tmp_path / "out" / "store"
     with pytest.raises(KeyboardInterrupt):
-        convert(source, dst, progress=False)
+        convert(source, dst, progress=False, families=STORE_FAMILIES)
     assert len(calls) == 12
     assert not dst.exists()
     assert _temps(dst.parent, dst.name) == []
@@ -257,7 +260,7 @@ def test_interrupted_pack_leaves_nothing(hf_models, tmp_path, monkeypatch):
     monkeypatch.setattr(convert_mod, "pack", pack)
     dst = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
-        convert(src, dst, progress=False)
+        convert(src, dst, progress=False, families=STORE_FAMILIES)
     assert not dst.exists()
     assert _temps(tmp_path, "store") == []
 
@@ -274,7 +277,7 @@ def test_stale_temp_of_dead_process_is_removed(hf_models, tmp_path):
     live.mkdir()
     other = tmp_path / f".other.tmp-{dead}"  # a different target: not ours to clean
     other.mkdir()
-    dst = convert(src, tmp_path / "store", progress=False)
+    dst = convert(src, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     assert not stale.exists()
     assert live.is_dir()
     assert other.is_dir()
@@ -286,9 +289,11 @@ def test_existing_destination_needs_overwrite(llama_store):
     _, src, dst = llama_store
     before = (dst / MANIFEST).stat().st_mtime_ns
     with pytest.raises(OllmError, match="already exists"):
-        convert(src, dst, progress=False)
+        convert(src, dst, progress=False, families=STORE_FAMILIES)
     assert (dst / MANIFEST).stat().st_mtime_ns == before
-    again = convert(src, dst, overwrite=True, dtype=torch.bfloat16, progress=False)
+    again = convert(
+        src, dst, overwrite=True, dtype=torch.bfloat16, progress=False, families=STORE_FAMILIES
+    )
     assert again == dst
     assert LayerStore(dst).dtype == torch.bfloat16
     assert _temps(dst.parent, dst.name) == []
@@ -300,7 +305,7 @@ def test_not_enough_disk_space(hf_models, tmp_path, monkeypatch):
     monkeypatch.setattr(convert_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
     dst = tmp_path / "store"
     with pytest.raises(OllmError, match="free") as exc:
-        convert(src, dst, progress=False)
+        convert(src, dst, progress=False, families=STORE_FAMILIES)
     assert "disk space" in str(exc.value)
     assert not dst.exists()
     assert _temps(tmp_path, "store") == []
@@ -311,9 +316,11 @@ def test_not_enough_disk_space(hf_models, tmp_path, monkeypatch):
 
 def test_missing_source_path(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not found"):
-        convert(tmp_path / "nope", tmp_path / "store", progress=False)
+        convert(tmp_path / "nope", tmp_path / "store", progress=False, families=STORE_FAMILIES)
     with pytest.raises(ModelNotFoundError, match="not found"):
-        resolve_store(tmp_path / "nope", tmp_path / "cache", progress=False)
+        resolve_store(
+            tmp_path / "nope", tmp_path / "cache", progress=False, families=STORE_FAMILIES
+        )
 
 
 def test_directory_without_config(hf_models, tmp_path):
@@ -321,11 +328,11 @@ def test_directory_without_config(hf_models, tmp_path):
     d = _hf_copy(src, tmp_path / "noconfig")
     (d / "config.json").unlink()
     with pytest.raises(ModelNotFoundError, match="config.json"):
-        convert(d, tmp_path / "store", progress=False)
+        convert(d, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelNotFoundError):
-        resolve_store(empty, tmp_path / "cache", progress=False)
+        resolve_store(empty, tmp_path / "cache", progress=False, families=STORE_FAMILIES)
 
 
 def test_unsupported_model_type(hf_models, tmp_path):
@@ -335,7 +342,7 @@ def test_unsupported_model_type(hf_models, tmp_path):
     cfg["model_type"] = "foobar"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="foobar") as exc:
-        convert(d, tmp_path / "store", progress=False)
+        convert(d, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     assert "llama" in str(exc.value) and "qwen3" in str(exc.value)
     assert not (tmp_path / "store").exists()
 
@@ -351,7 +358,7 @@ def test_index_lists_missing_tensor(hf_models, tmp_path):
     weight_map["model.layers.2.mlp.extra_proj.weight"] = "model-00002-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CorruptStoreError, match="missing") as exc:
-        convert(d, tmp_path / "store", progress=False)
+        convert(d, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     assert "model.layers.2.mlp.extra_proj.weight" in str(exc.value)
     assert not (tmp_path / "store").exists()
 
@@ -365,7 +372,7 @@ def test_missing_layer_tensor_in_source(hf_models, tmp_path):
     del tensors["model.layers.1.self_attn.v_proj.weight"]
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CorruptStoreError, match="layer 1"):
-        convert(d, tmp_path / "store", progress=False)
+        convert(d, tmp_path / "store", progress=False, families=STORE_FAMILIES)
     assert not (tmp_path / "store").exists()
     assert _temps(tmp_path, "store") == []
 
@@ -376,7 +383,7 @@ def test_missing_layer_tensor_in_source(hf_models, tmp_path):
 def test_resolve_store_caches(hf_models, tmp_path, monkeypatch):
     _, src = hf_models("llama")
     cache = tmp_path / "cache"
-    first = resolve_store(src, cache, progress=False)
+    first = resolve_store(src, cache, progress=False, families=STORE_FAMILIES)
     assert first.parent == cache / "stores"
     assert store_mod.is_store(first)
     mtime = (first / MANIFEST).stat().st_mtime_ns
@@ -385,11 +392,13 @@ def test_resolve_store_caches(hf_models, tmp_path, monkeypatch):
         raise AssertionError("resolve_store converted again")
 
     monkeypatch.setattr(convert_mod, "convert", no_convert)
-    second = resolve_store(src, cache, progress=False)
+    second = resolve_store(src, cache, progress=False, families=STORE_FAMILIES)
     assert second == first
     assert (first / MANIFEST).stat().st_mtime_ns == mtime
-    assert resolve_store(first, cache, progress=False) == first  # a store is used as it is
+    assert (
+        resolve_store(first, cache, progress=False, families=STORE_FAMILIES) == first
+    )  # a store is used as it is
     monkeypatch.undo()
-    other = resolve_store(src, cache, dtype=torch.bfloat16, progress=False)
+    other = resolve_store(src, cache, dtype=torch.bfloat16, progress=False, families=STORE_FAMILIES)
     assert other != first  # another dtype is another store
     assert LayerStore(other).dtype == torch.bfloat16

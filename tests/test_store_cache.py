@@ -19,6 +19,7 @@ import torch
 
 import ollm.storage.convert as convert_mod
 from ollm.errors import OllmError
+from ollm.models.registry import STORE_FAMILIES
 from ollm.storage import cache
 from ollm.storage.convert import convert, estimate_store_nbytes, resolve_store
 from ollm.storage.progress import heartbeat, progress_iter
@@ -44,28 +45,35 @@ def llama_dir(hf_models, tmp_path) -> Path:
 
 def test_touch_and_move_keep_the_store(llama_dir, tmp_path):
     c = tmp_path / "cache"
-    first = resolve_store(llama_dir, c, progress=False)
+    first = resolve_store(llama_dir, c, progress=False, families=STORE_FAMILIES)
     later = time.time() + 100
     for f in llama_dir.iterdir():
         os.utime(f, (later, later))  # `touch` everything: same content, new mtimes
-    assert resolve_store(llama_dir, c, progress=False) == first
+    assert resolve_store(llama_dir, c, progress=False, families=STORE_FAMILIES) == first
     moved = Path(shutil.move(llama_dir, tmp_path / "renamed-model"))
-    assert resolve_store(moved, c, progress=False) == first  # found by digest, any stem
+    assert (
+        resolve_store(moved, c, progress=False, families=STORE_FAMILIES) == first
+    )  # found by digest, any stem
     assert _stores(c) == [first.name]
 
 
 def test_changed_weights_and_dtype_make_new_stores(llama_dir, tmp_path):
     c = tmp_path / "cache"
-    first = resolve_store(llama_dir, c, progress=False)
+    first = resolve_store(llama_dir, c, progress=False, families=STORE_FAMILIES)
     # the tiny model is float32: asking for its own dtype is the same store
-    assert resolve_store(llama_dir, c, dtype=torch.float32, progress=False) == first
-    bf16 = resolve_store(llama_dir, c, dtype=torch.bfloat16, progress=False)
+    assert (
+        resolve_store(llama_dir, c, dtype=torch.float32, progress=False, families=STORE_FAMILIES)
+        == first
+    )
+    bf16 = resolve_store(
+        llama_dir, c, dtype=torch.bfloat16, progress=False, families=STORE_FAMILIES
+    )
     assert bf16 != first and LayerStore(bf16).dtype == torch.bfloat16
     weights = llama_dir / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF  # one byte of the last tensor, same size: a rewritten weight
     weights.write_bytes(bytes(data))
-    changed = resolve_store(llama_dir, c, progress=False)
+    changed = resolve_store(llama_dir, c, progress=False, families=STORE_FAMILIES)
     assert changed not in (first, bf16)
     assert len(_stores(c)) == 3
 
@@ -111,7 +119,7 @@ def test_default_model_keeps_no_gguf_copy(tmp_path, monkeypatch):
     )
     seen = {}
 
-    def fake_convert(src, dst, dtype=None, progress=True, source_name=None):
+    def fake_convert(src, dst, dtype=None, progress=True, source_name=None, families=None):
         seen["digest"] = cache.source_digest(Path(src))
         seen["label"] = source_name
         Path(dst).mkdir(parents=True)
@@ -121,13 +129,15 @@ def test_default_model_keeps_no_gguf_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(convert_mod, "_default_package", lambda: pkg)
     monkeypatch.setattr(convert_mod, "convert", fake_convert)
     c = tmp_path / "cache"
-    store = resolve_store(None, c, progress=False)
+    store = resolve_store(None, c, progress=False, families=STORE_FAMILIES)
     assert seen["digest"] == cache.content_digest(parts, cache.GGUF_HEAD)
     assert "m.gguf" in seen["label"]
     assert store.name.startswith("m-") and is_store(store)
     leftovers = [p for p in (c / "stores").rglob("*") if p.suffix == ".gguf"]
     assert leftovers == []  # the joined GGUF is gone
-    assert resolve_store(None, c, progress=False) == store  # cached: parts are not joined again
+    assert (
+        resolve_store(None, c, progress=False, families=STORE_FAMILIES) == store
+    )  # cached: parts are not joined again
 
 
 # -- processes racing on one conversion -----------------------------------------------------------
@@ -145,7 +155,8 @@ cm.convert = counted
 go = Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.01)
-print(cm.resolve_store(sys.argv[1], sys.argv[2], progress=False))
+from ollm.models.registry import STORE_FAMILIES
+print(cm.resolve_store(sys.argv[1], sys.argv[2], progress=False, families=STORE_FAMILIES))
 """
 
 
@@ -179,8 +190,8 @@ def test_three_processes_convert_once(llama_dir, tmp_path):
 
 def test_list_and_remove(llama_dir, tmp_path):
     c = tmp_path / "cache"
-    a = resolve_store(llama_dir, c, progress=False)
-    b = resolve_store(llama_dir, c, dtype=torch.bfloat16, progress=False)
+    a = resolve_store(llama_dir, c, progress=False, families=STORE_FAMILIES)
+    b = resolve_store(llama_dir, c, dtype=torch.bfloat16, progress=False, families=STORE_FAMILIES)
     os.utime(a, (1, 1))  # a was used long ago
     infos = cache.list_stores(c)
     assert [i.name for i in infos] == [b.name, a.name]  # most recently used first
@@ -192,7 +203,9 @@ def test_list_and_remove(llama_dir, tmp_path):
     del manifest["converter"]  # as stores of the first converter were written
     (a / MANIFEST).write_text(json.dumps(manifest))
     assert [i.stale for i in cache.list_stores(c)] == [False, True]
-    resolve_store(llama_dir, c, progress=False)  # a use refreshes 'last used'
+    resolve_store(
+        llama_dir, c, progress=False, families=STORE_FAMILIES
+    )  # a use refreshes 'last used'
     assert cache.list_stores(c)[0].name == a.name
 
     opened = LayerStore(a)
@@ -217,7 +230,7 @@ def test_cli_cache_ls_and_rm(llama_dir, tmp_path):
     from ollm.cli import app
 
     c = tmp_path / "cache"
-    store = resolve_store(llama_dir, c, progress=False)
+    store = resolve_store(llama_dir, c, progress=False, families=STORE_FAMILIES)
     runner = CliRunner()
     out = runner.invoke(app, ["cache", "ls", "--cache-dir", str(c), "--json"])
     assert out.exit_code == 0, out.output
@@ -240,8 +253,8 @@ def test_cli_cache_ls_and_rm(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_estimate_matches_the_store(llama_dir, tmp_path, dtype):
-    estimate = estimate_store_nbytes(llama_dir, dtype)
-    store = convert(llama_dir, tmp_path / "s", dtype=dtype, progress=False)
+    estimate = estimate_store_nbytes(llama_dir, dtype, families=STORE_FAMILIES)
+    store = convert(llama_dir, tmp_path / "s", dtype=dtype, progress=False, families=STORE_FAMILIES)
     weights = LayerStore(store).total_nbytes
     side = sum(f.stat().st_size for f in llama_dir.iterdir() if not f.name.endswith(".safetensors"))
     assert estimate == weights + side  # weight files exactly, side files as in the source
@@ -277,8 +290,9 @@ def test_progress_logs_when_not_a_terminal(caplog, monkeypatch):
 
 _SYNTH = """
 import hashlib
+from ollm.models.registry import STORE_FAMILIES
 from ollm.storage.synthetic import SyntheticSource
-s = SyntheticSource("llama3-1b", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+s = SyntheticSource("llama3-1b", families=STORE_FAMILIES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
 s.device = "cpu"
 h = hashlib.sha256()

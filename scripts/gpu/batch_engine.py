@@ -117,9 +117,12 @@ def throughput(tmp: Path) -> dict:
     """One at a time vs padded batch vs continuous batching, weights streamed from RAM."""
     from ollm import LLM, SamplingParams
     from ollm.engine.batch import BatchEngine
+    from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.synthetic import make_synthetic_store
 
-    store = make_synthetic_store("llama3-1b", tmp / "llama3-1b", progress=False)
+    store = make_synthetic_store(
+        "llama3-1b", tmp / "llama3-1b", progress=False, families=STORE_FAMILIES
+    )
     n, new = 16, 32
     prompts = prompts_for(2, n, 64, lambda i: 96 + 16 * i)
     longest = max(len(p) for p in prompts)
@@ -181,6 +184,7 @@ def tiers(tmp: Path) -> dict:
     from ollm import LLM, SamplingParams
     from ollm.engine.batch import BatchEngine
     from ollm.engine.runner import Runner
+    from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.synthetic import make_synthetic_store
 
     params = SamplingParams(temperature=0, max_new_tokens=16)
@@ -212,7 +216,9 @@ def tiers(tmp: Path) -> dict:
             rows.append(dict(family=family, equal=False, error=repr(exc)))
         print(rows[-1], flush=True)
     out: dict = {"families": rows}
-    store = make_synthetic_store("llama3-1b", tmp / "llama3-1b", progress=False)
+    store = make_synthetic_store(
+        "llama3-1b", tmp / "llama3-1b", progress=False, families=STORE_FAMILIES
+    )
     ps = prompts_for(3, 16, 512, lambda i: 64 + 32 * i)
     p16 = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
     with LLM(store, device="cuda", gpu_memory="3GiB", max_batch=16, max_context=2048,

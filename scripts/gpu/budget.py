@@ -62,6 +62,7 @@ def make_stores(root: Path, layers: int | None) -> dict[str, Path]:
     """One random-weight store per dtype (the same weights, converted)."""
     import torch
 
+    from ollm.models.registry import STORE_FAMILIES as FAM
     from ollm.storage.convert import convert
     from ollm.storage.synthetic import SyntheticSource
 
@@ -69,9 +70,8 @@ def make_stores(root: Path, layers: int | None) -> dict[str, Path]:
     out = {}
     for name in DTYPES:
         dst = root / f"llama3-1b-{name}"
-        convert(
-            SyntheticSource("llama3-1b", **over), dst, dtype=getattr(torch, name), progress=False
-        )
+        src = SyntheticSource("llama3-1b", families=FAM, **over)
+        convert(src, dst, dtype=getattr(torch, name), progress=False, families=FAM)
         out[name] = dst
     return out
 

@@ -49,7 +49,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **kwargs: object) -> None:
         self.config = EngineConfig(model=None if model is None else str(model), **kwargs)  # type: ignore[arg-type]
-        from ollm.models.registry import build_spec
+        from ollm.models.registry import STORE_FAMILIES, build_spec
         from ollm.planning.placement import Workload
         from ollm.storage.convert import resolve_store
         from ollm.storage.store import LayerStore
@@ -58,7 +58,9 @@ class LLM:
         self.device = cfg.resolve_device()
         self._dtype_reason = "the store's"  # unless a conversion chooses one
         dtype = self._conversion_dtype()
-        self.store_path = resolve_store(cfg.model, cfg.cache_dir, dtype, cfg.progress)
+        self.store_path = resolve_store(
+            cfg.model, cfg.cache_dir, dtype, cfg.progress, families=STORE_FAMILIES
+        )
         self.store = LayerStore(self.store_path)
         self.hf_config = self.store.hf_config()
         self.spec = build_spec(self.hf_config)
@@ -306,11 +308,11 @@ class LLM:
         kind, w, draft = self.config.speculate, self.workload, None
         if kind == "off":
             return None
-        if kind.startswith("draft:"):
+        if kind.removeprefix("tree:").startswith("draft:"):
             if self._draft is None:
                 cfg = self.config
                 self._draft = LLM(
-                    kind.partition(":")[2], device=self.device, max_context=w.context,
+                    kind.removeprefix("tree:")[6:], device=self.device, max_context=w.context,
                     max_batch=w.batch, cache_dir=cfg.cache_dir, progress=cfg.progress,
                 )  # fmt: skip
             self._draft.ensure_context(w.context, w.batch)

@@ -129,6 +129,7 @@ def synthetic_store(
     """The layer store of synthetic preset ``name`` under ``<cache>/synthetic/<name>``, written
     now (with a progress bar) when missing, after ``check_synthetic`` (disk and RAM refusals,
     size and time warnings) for the ``device`` and ``offload`` the benchmark will use."""
+    from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.convert import default_cache_dir
     from ollm.storage.store import is_store
     from ollm.storage.synthetic import PRESETS, make_synthetic_store
@@ -139,7 +140,7 @@ def synthetic_store(
     if is_store(dst):
         return dst
     check_synthetic(name, dst.parent, device, offload)
-    return make_synthetic_store(name, dst, progress=progress)
+    return make_synthetic_store(name, dst, progress=progress, families=STORE_FAMILIES)
 
 
 def write_tokenizer(path: str | Path, vocab_size: int = 256) -> None:
@@ -220,12 +221,13 @@ def write_hf_checkpoint(
     """
     from safetensors.torch import save_file
 
+    from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.synthetic import SyntheticSource
 
     path = Path(path)
     if (path / "model.safetensors.index.json").is_file():
         return path
-    src = SyntheticSource(preset, seed=seed, **overrides)
+    src = SyntheticSource(preset, seed=seed, families=STORE_FAMILIES, **overrides)
     _check_space(path.parent, int(synthetic_nbytes(preset, **overrides) * 1.01), str(path))
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -106,9 +106,10 @@ def resolve_model(
 
         store = synthetic_store(synthetic, cache_dir, progress, device, offload)
         return store, f"synthetic {synthetic}"
+    from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.convert import resolve_store
 
-    store = resolve_store(model, cache_dir, None, progress)
+    store = resolve_store(model, cache_dir, None, progress, families=STORE_FAMILIES)
     return store, model or "default model"
 
 

