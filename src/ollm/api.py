@@ -150,6 +150,7 @@ class LLM:
         if plan.cpu_layers and rates is not None:
             torch.set_num_threads(rates.cpu_threads)
         self.runner = Runner(self.spec, plan, prefetcher, self.dtype)
+        self.runner.kv_codec, self.runner.kv_recent = self.config.kv_codec, self.config.kv_recent
         if hasattr(self, "_engine"):
             self._engine.runner = self.runner
 

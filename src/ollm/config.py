@@ -38,6 +38,8 @@ class EngineConfig:
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     progress: bool = True  # progress bar while converting
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
+    kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto
+    kv_recent: int = 128  # newest tokens per sequence a compressed KV cache keeps exact
     speculate: str = "off"  # drafting: off, auto (= lookup), lookup, self[:N], draft:PATH
 
     def __post_init__(self) -> None:
@@ -68,6 +70,7 @@ class EngineConfig:
         if self.model is not None:
             set_(self, "model", str(Path(self.model).expanduser()))
         _check_speculate(self.speculate)
+        _check_kv_codec(self)
 
     def resolve_device(self) -> str:
         """The concrete device string; DeviceError when CUDA is asked for but absent."""
@@ -101,6 +104,22 @@ def _check_speculate(value: str) -> None:
         raise OllmError(
             f"speculate must be off, auto, lookup, self, self:N or draft:PATH, not {value!r}"
         )
+
+
+def _check_kv_codec(cfg: EngineConfig) -> None:
+    """``kv_codec`` parses (``kv/codecs.parse_kv_codec``), ``kv_recent`` >= 0, and no other
+    option that reads the KV its own way (attention routing) is combined with it."""
+    from ollm.kv.codecs import parse_kv_codec
+
+    if cfg.kv_recent < 0:
+        raise OllmError("kv_recent must be >= 0 tokens")
+    try:
+        codec = parse_kv_codec(cfg.kv_codec, cfg.kv_recent)
+    except ValueError as exc:
+        raise OllmError(str(exc)) from None
+    routing = getattr(cfg, "attention", "full")
+    if (codec is not None or cfg.kv_codec == "auto") and routing != "full":
+        raise OllmError(f"kv_codec {cfg.kv_codec!r} cannot be combined with attention {routing!r}")
 
 
 def choose_dtype(requested: str | None, source: str, device: str, bf16_ok: bool) -> tuple[str, str]:

@@ -34,6 +34,8 @@ class Runner:
         self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
         self.timeline = None  # set to an ollm.telemetry.timeline.Timeline to record compute spans
         self._fetch_at: int | None = None  # a layer whose KV cache carries the KVFetcher
+        # KV compression (issue 17; EngineConfig.kv_codec / kv_recent): "none" keeps KV exact.
+        self.kv_codec, self.kv_recent = "none", 128
 
     def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
@@ -69,8 +71,19 @@ class Runner:
         pinned = not all_disk and any(p.kv_tier == "cpu" for p in self.plan.layers)
         pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if pinned else None
         try:
+            codecs = None
+            if self.kv_codec != "none":
+                from ollm.kv.compressed import CompressedCaches
+
+                codecs = CompressedCaches(
+                    s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity
+                )
             for i, p in enumerate(self.plan.layers):
                 tier = "disk" if all_disk else p.kv_tier
+                compressed = codecs.make(i, p, tier, disk) if codecs else None
+                if compressed is not None:  # its own storage and attention (kv/compressed.py)
+                    caches.append(compressed)
+                    continue
                 if tier in ("cpu", "disk"):
                     from ollm.kv.offload import KVScratch, OffloadedKVCache
 
@@ -121,6 +134,7 @@ class Runner:
             if pin_pool is not None:
                 pin_pool.shutdown(wait=False)  # queued allocations still run
         idx = [i for i, p in enumerate(self.plan.layers) if p.kv_fetch]
+        idx = [i for i in idx if not hasattr(caches[i], "codec")]  # compressed: fetch their own
         self.prefetcher.on_issue = None
         self._fetch_at = idx[0] if idx and not all_disk else None
         if self._fetch_at is not None:

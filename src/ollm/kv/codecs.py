@@ -1,0 +1,389 @@
+"""KV codecs: group-wise int8 / int4 / fp8 encodings of key and value blocks (pure torch, any
+device).
+
+Keys are quantized per channel over a block of ``group`` tokens and values per token over groups
+of ``group`` channels (KIVI: key channels carry outliers, values do not), each side with its own
+codec. A block is encoded once its tokens are older than the cache's full-precision window of the
+``recent`` newest tokens, block by block as the cache grows (never the whole prompt at once).
+
+Integer codes are asymmetric (``x ~ lo + code * scale``) with ``lo`` and ``scale`` stored as
+float16, rounded so that ``[lo, lo + qmax * scale]`` still covers the group: the error of every
+element is at most ``scale / 2``. int4 codes are packed two per byte (even channel in the low
+nibble). fp8 is ``float8_e4m3fn`` of ``x / scale`` with ``scale = absmax / 448`` per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("none", "int8", "int4", "fp8")
+_QMAX = {"int8": 255, "int4": 15}
+_F16_MAX = 65504.0
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_supported() -> bool:
+    """Whether this torch has float8_e4m3fn (casts to it work on CPU and CUDA since 2.1)."""
+    return hasattr(torch, "float8_e4m3fn")
+
+
+@dataclass(frozen=True)
+class SideCodec:
+    """How one of K or V is stored: ``kind`` (none, int8, int4, fp8), quantized along ``axis``
+    ("channel": one (lo, scale) per channel of a block of ``group`` tokens; "token": one per
+    ``group`` channels of each token)."""
+
+    kind: str
+    axis: str
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"KV codec must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.axis not in ("channel", "token"):
+            raise ValueError(f"codec axis must be 'channel' or 'token', not {self.axis!r}")
+        if self.group < 1:
+            raise ValueError("codec group must be >= 1")
+        if self.kind == "fp8" and not fp8_supported():
+            raise ValueError("fp8 KV needs torch.float8_e4m3fn (torch >= 2.1)")
+
+    @property
+    def nparams(self) -> int:
+        """float16 parameters per group: (lo, scale) for integers, scale for fp8."""
+        return {"none": 0, "fp8": 1}.get(self.kind, 2)
+
+    def code_bytes(self, head_dim: int, elem_bytes: int) -> int:
+        """Bytes of codes per token and head (``elem_bytes``: the raw dtype's, kind none)."""
+        if self.kind == "none":
+            return head_dim * elem_bytes
+        return head_dim // 2 if self.kind == "int4" else head_dim
+
+    def channel_groups(self, head_dim: int) -> int:
+        """Groups per token along the channels (token axis); the group is clipped to the head."""
+        return head_dim // self.token_group(head_dim)
+
+    def token_group(self, head_dim: int) -> int:
+        g = min(self.group, head_dim)
+        return g if head_dim % g == 0 else head_dim
+
+    def bytes_per_token(self, head_dim: int, elem_bytes: int) -> float:
+        """Average stored bytes per token and KV head, parameters included."""
+        params = 2 * self.nparams
+        if self.axis == "channel":
+            extra = params * head_dim / self.group
+        else:
+            extra = params * self.channel_groups(head_dim)
+        return self.code_bytes(head_dim, elem_bytes) + extra
+
+
+def _f16_round(t: torch.Tensor, down: bool) -> torch.Tensor:
+    """float16 of ``t`` rounded towards -inf (``down``) or +inf: stored parameters that still
+    bound the group, so the quantization error bound holds with the stored values."""
+    h = t.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
+    wrong = h.float() > t if down else h.float() < t
+    if bool(wrong.any()):
+        toward = torch.full_like(h, float("-inf") if down else float("inf"))
+        h = torch.where(wrong, torch.nextafter(h, toward), h)
+    return h
+
+
+def _grouped(x: torch.Tensor, side: SideCodec) -> tuple[torch.Tensor, int]:
+    """A view of ``x`` [B, H, T, D] whose dim ``red`` is one group: tokens of a block (channel
+    axis; T is the block) or ``group`` channels of a token (token axis)."""
+    if side.axis == "channel":
+        return x, 2
+    b, h, t, d = x.shape
+    g = side.token_group(d)
+    return x.reshape(b, h, t, d // g, g), -1
+
+
+def encode(x: torch.Tensor, side: SideCodec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (uint8 [B, H, T, code bytes], or ``x`` itself for kind none) and float16 params
+    ([B, H, 1, P, D] per channel over the T tokens; [B, H, T, P, D // group] per token)."""
+    if side.kind == "none":
+        return x, None
+    xv, red = _grouped(x.float(), side)
+    if side.kind == "fp8":
+        scale = _f16_round(xv.abs().amax(red, keepdim=True) / _FP8_MAX, down=False)
+        scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
+        q = (xv / scale.float()).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        codes = q.view(torch.uint8).reshape(x.shape)
+        return codes, _pack_params(side, [scale])
+    qmax = _QMAX[side.kind]
+    lo = _f16_round(xv.amin(red, keepdim=True), down=True)
+    scale = _f16_round((xv.amax(red, keepdim=True) - lo.float()) / qmax, down=False)
+    scale = scale.clamp_min(torch.finfo(torch.float16).tiny)  # a constant group: any scale
+    q = ((xv - lo.float()) / scale.float()).round_().clamp_(0, qmax).to(torch.uint8)
+    codes = q.reshape(x.shape)
+    if side.kind == "int4":
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, _pack_params(side, [lo, scale])
+
+
+def _pack_params(side: SideCodec, params: list[torch.Tensor]) -> torch.Tensor:
+    """Stack parameters into the stored layout: [B, H, 1, P, D] (channel) or [B, H, T, P, G]."""
+    if side.axis == "channel":
+        return torch.stack(params, dim=3)  # each [B, H, 1, D]
+    return torch.cat(params, dim=-1).transpose(-1, -2)  # each [B, H, T, G, 1] -> [B,H,T,P,G]
+
+
+def decode(
+    codes: torch.Tensor, params: torch.Tensor | None, side: SideCodec, out: torch.Tensor
+) -> torch.Tensor:
+    """Write the values of ``codes`` [B, H, T, code bytes] into ``out`` [B, H, T, D] (any float
+    dtype, on the codes' device). ``params`` as ``encode`` made them, per channel with one
+    block row per ``side.group`` tokens (T a multiple of it, or the one block of ``encode``)."""
+    if side.kind == "none":
+        return out.copy_(codes)
+    b, h, t, d = out.shape
+    if side.kind == "int4":
+        c = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(b, h, t, d)
+    elif side.kind == "fp8":
+        c = codes.view(torch.float8_e4m3fn)
+    else:
+        c = codes
+    p = params.float()
+    if side.axis == "channel":
+        blocks = p.shape[2]
+        cv = c.reshape(b, h, blocks, t // blocks, d)
+
+        def param(j: int) -> torch.Tensor:
+            return p[:, :, :, j, None]  # [B, H, blocks, 1, D]
+    else:
+        g = side.token_group(d)
+        cv = c.reshape(b, h, t, d // g, g)
+
+        def param(j: int) -> torch.Tensor:
+            return p[..., j, :, None]  # [B, H, T, G, 1]
+
+    vals = cv.float() * param(side.nparams - 1)
+    if side.kind != "fp8":
+        vals += param(0)
+    out.copy_(vals.reshape(b, h, t, d))
+    return out
+
+
+@dataclass(frozen=True)
+class KVCodec:
+    """Codecs of keys and values and the full-precision window: slots older than the ``recent``
+    newest tokens are encoded in blocks of ``key.group`` tokens (the key's channel groups)."""
+
+    key: SideCodec
+    value: SideCodec
+    recent: int = 128
+
+    def __post_init__(self) -> None:
+        if self.key.axis != "channel" or self.value.axis != "token":
+            raise ValueError("keys are quantized per channel and values per token")
+        if self.recent < 0:
+            raise ValueError("the recent window must be >= 0 tokens")
+
+    @property
+    def block(self) -> int:
+        """Tokens encoded together (the unit of the key's per-channel groups)."""
+        return self.key.group
+
+    def boundary(self, n: int) -> int:
+        """Slots [0, boundary) are encoded when ``n`` tokens are cached (a query at slot q sees
+        the keys before ``boundary(q + 1)`` encoded, the rest exact)."""
+        return max(0, (n - self.recent) // self.block * self.block)
+
+    def bytes_per_token(self, head_dim: int, elem_bytes: int) -> float:
+        """Stored bytes of K plus V per token and KV head (the exact window not counted)."""
+        return self.key.bytes_per_token(head_dim, elem_bytes) + self.value.bytes_per_token(
+            head_dim, elem_bytes
+        )
+
+    def ratio(self, head_dim: int, elem_bytes: int) -> float:
+        """Stored bytes over the exact cache's (< 1 compresses)."""
+        return self.bytes_per_token(head_dim, elem_bytes) / (2 * head_dim * elem_bytes)
+
+    def describe(self) -> str:
+        return f"k:{self.key.kind},v:{self.value.kind} recent {self.recent}"
+
+
+def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCodec | None:
+    """``"int8"``, ``"int4"``, ``"fp8"``, ``"k:int4,v:int8"`` -> a KVCodec; ``"none"`` / ``None``
+    -> None (exact KV). ``"auto"`` is resolved per tier by ``codec_for_tier``. ValueError with
+    one line on anything else."""
+    if spec is None:
+        return None
+    text = str(spec).strip().lower()
+    if text in ("none", "off", "exact", "bf16", ""):
+        return None
+    if text == "auto":
+        text = AUTO_HOST_CODEC
+    kinds: dict[str, str] = {}
+    if ":" not in text:
+        kinds = {"k": text, "v": text}
+    else:
+        for part in text.split(","):
+            side, sep, kind = part.strip().partition(":")
+            if not sep or side not in ("k", "v") or side in kinds:
+                raise ValueError(f"bad KV codec {spec!r}: use int8, int4, fp8 or k:KIND,v:KIND")
+            kinds[side] = kind.strip()
+        kinds.setdefault("k", "none")
+        kinds.setdefault("v", "none")
+    for kind in kinds.values():
+        if kind not in KINDS:
+            raise ValueError(f"bad KV codec {spec!r}: kinds are {', '.join(KINDS)}")
+    if kinds["k"] == kinds["v"] == "none":
+        return None
+    return KVCodec(
+        SideCodec(kinds["k"], "channel", group), SideCodec(kinds["v"], "token", group), recent
+    )
+
+
+# ``--kv-codec auto``: a fixed rule, not yet a measured choice: the device tier stays exact
+# (its reads are cheap), layers whose KV lives in RAM or on disk (read once per step over the
+# slowest link) store keys int4 per channel and values int8 per token.
+AUTO_HOST_CODEC = "k:int4,v:int8"
+
+
+def codec_for_tier(spec: str | None, tier: str, recent: int = 128) -> KVCodec | None:
+    """The codec of one layer's KV in ``tier`` ("device", "cpu" or "disk")."""
+    if spec is not None and str(spec).strip().lower() == "auto" and tier == "device":
+        return None
+    return parse_kv_codec(spec, recent)
+
+
+class CodeStore:
+    """Encoded K/V of ``slots`` token slots [B, H, slots, ...] on one device or in a buffer
+    from ``storage(nbytes) -> uint8 tensor`` (pinned RAM, a memory-mapped file). Slots are
+    written and read in whole blocks of ``codec.block`` tokens."""
+
+    def __init__(
+        self,
+        codec: KVCodec,
+        batch: int,
+        heads: int,
+        slots: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        storage=None,
+    ) -> None:
+        self.codec, self.dtype, self.head_dim = codec, dtype, head_dim
+        g = codec.block
+        self.slots = -(-slots // g) * g
+        elem = torch.finfo(dtype).bits // 8
+        shapes = []
+        for side in (codec.key, codec.value):
+            code_dtype = dtype if side.kind == "none" else torch.uint8
+            cw = head_dim if side.kind == "none" else side.code_bytes(head_dim, elem)
+            rows = self.slots // g if side.axis == "channel" else self.slots
+            width = head_dim if side.axis == "channel" else side.channel_groups(head_dim)
+            shapes.append(((batch, heads, self.slots, cw), code_dtype))
+            shapes.append(((batch, heads, rows, side.nparams, width), torch.float16))
+        sizes = [
+            _aligned(_numel(s) * torch.finfo(dt).bits // 8 if dt.is_floating_point else _numel(s))
+            for s, dt in shapes
+        ]
+        raw = (
+            storage(sum(sizes))
+            if storage is not None
+            else torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        )
+        self.raw = raw
+        views, off = [], 0
+        for (shape, dt), n in zip(shapes, sizes, strict=True):
+            views.append(
+                raw[off : off + n][
+                    : _numel(shape) * (torch.finfo(dt).bits // 8 if dt.is_floating_point else 1)
+                ]
+                .view(dt)
+                .view(shape)
+            )
+            off += n
+        self.kc, self.kp, self.vc, self.vp = views
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def range_nbytes(self, a: int, b: int) -> int:
+        """Bytes of codes and parameters holding slots [a, b) (what reading them moves)."""
+        return sum(
+            t[:, :, lo:hi].numel() * t.element_size()
+            for t, (lo, hi) in zip(self.tensors(), self.rows(a, b), strict=True)
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(key codes, key params, value codes, value params), each [B, H, rows, ...]."""
+        return self.kc, self.kp, self.vc, self.vp
+
+    def rows(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Row ranges of ``tensors()`` holding slots [a, b) (key params: one row per block)."""
+        g = self.codec.block
+        return [(a, b), (a // g, -(-b // g)), (a, b), (a, b)]
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode whole blocks k/v [B, H, n * block, D] into slots [start, start + n * block)
+        (encoded where k/v are, then copied here)."""
+        g = self.codec.block
+        t = k.shape[2]
+        assert start % g == 0 and t % g == 0, "codec blocks are written whole"
+        if t == 0:
+            return
+        b, h, _, d = k.shape
+        kb = k.reshape(b, h * (t // g), g, d)  # one row of per-channel params per block
+        kc, kp = encode(kb, self.codec.key)
+        vc, vp = encode(v, self.codec.value)
+        n = t // g
+        parts = (
+            kc.reshape(b, h, t, -1),
+            None if kp is None else kp.reshape(b, h, n, *kp.shape[3:]),
+            vc,
+            vp,
+        )
+        for dst, src, (lo, hi) in zip(
+            self.tensors(), parts, self.rows(start, start + t), strict=True
+        ):
+            if src is not None:
+                _copy_rows(dst, src, lo, hi)
+
+    def read(self, a: int, b: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """Decode slots [a, b) (block-aligned ``a``) into k_out/v_out [B, H, b - a, D]."""
+        kc, kp, vc, vp = self.tensors()
+        ka, kb = self.rows(a, b)[1]
+        decode(kc[:, :, a:b], kp[:, :, ka:kb], self.codec.key, k_out)
+        decode(vc[:, :, a:b], vp[:, :, a:b], self.codec.value, v_out)
+
+    def copy_from(self, src: CodeStore, a: int, b: int) -> None:
+        """This store's slots [a, b) = ``src``'s (another device: one DMA per sequence and head)."""
+        for dst_t, src_t, (lo, hi) in zip(
+            self.tensors(), src.tensors(), self.rows(a, b), strict=True
+        ):
+            _copy_rows(dst_t, src_t[:, :, lo:hi], lo, hi, src_offset=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _copy_rows(
+    dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, src_offset: bool = False
+) -> None:
+    """dst[:, :, lo:hi] = src; across devices one copy per (sequence, head), each contiguous
+    on both sides (a direct, asynchronous DMA from pinned memory; see ``offload.copy_slots``)."""
+    if hi <= lo:
+        return
+    if dst.device == src.device:
+        dst[:, :, lo:hi].copy_(src)
+        return
+    for i in range(dst.shape[0]):
+        for h in range(dst.shape[1]):
+            dst[i, h, lo:hi].copy_(src[i, h], non_blocking=True)

@@ -1,0 +1,294 @@
+"""A KV cache that stores its older tokens encoded (``kv/codecs.py``): the compression is this
+object, a conversion of the per-layer KV cache; attention code never sees a codec flag.
+
+Storage: a ``CodeStore`` of encoded blocks for slots [0, encoded) and an exact tail for slots
+[encoded, length) (the recent window plus the block being filled), both in the cache's ``home``
+(the GPU, pinned RAM or a file). Bytes read per decode step: the encoded prefix plus the tail.
+
+Every query sees the KV as a decode step at its position would (decode-faithful): the keys
+before ``codec.boundary(q + 1)`` encoded, the rest exact. So a whole-prompt forward, a chunked
+prefill and token-by-token decoding give the same attention, and teacher-forced perplexity
+(``ollm eval``) measures what generation sees. A forward of T rows starting at slot s attends
+in three parts merged by their log-sum-exps: the encoded keys every row sees ([0, boundary(s +
+1)), decoded chunk by chunk into a small buffer and never as a whole full-precision copy), the
+encoded keys only some rows see, and the exact keys (the last two under a [T, T + recent +
+block] mask).
+
+Where attention runs: on the device of the queries, except a decode step whose queries come
+from another device and the cache was not asked to ``fetch``: then on ``home`` (pinned RAM:
+the CPU reads the compressed bytes; only q and the output cross the link). With ``fetch`` (the
+plan's ``kv_fetch``) the encoded bytes are copied to the GPU and decoded there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ollm.kv.codecs import CodeStore, KVCodec
+from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
+from ollm.layers.attention import _attend_lse as attend_lse  # unmasked, with its log-sum-exp
+from ollm.runtime.pinned import unpin
+
+# Slots decoded per chunk: CPU chunks stay in cache; GPU chunks are few large kernels.
+CPU_CHUNK = 2048
+GPU_CHUNK = 16384
+
+
+class CodecWorkspace:
+    """Buffers shared by the compressed caches of one request (one layer attends at a time):
+    decoded K/V chunks per device, and on an accelerator a store for encoded bytes copied from
+    RAM (``fetch`` and prefill of RAM-homed layers)."""
+
+    def __init__(self) -> None:
+        self._decoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staging: dict[tuple, CodeStore] = {}
+
+    def decoded(self, shape: tuple[int, int, int, int], dtype, device) -> tuple:
+        """(k, v) views [B, H, n, D] of buffers at least ``n`` slots long."""
+        b, h, n, d = shape
+        key = (b, h, d, dtype, str(device))
+        have = self._decoded.get(key)
+        if have is None or have[0].shape[2] < n:
+            cap = max(n, CPU_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK)
+            have = tuple(torch.empty((b, h, cap, d), dtype=dtype, device=device) for _ in "kv")
+            self._decoded[key] = have  # type: ignore[assignment]
+        return have[0][:, :, :n], have[1][:, :, :n]
+
+    def staging(self, store: CodeStore, device) -> CodeStore:
+        """A store like ``store`` on ``device`` (grown to its slots; reused by every layer)."""
+        kc = store.kc
+        key = (store.codec, kc.shape[0], kc.shape[1], store.dtype, str(device))
+        have = self._staging.get(key)
+        if have is None or have.slots < store.slots:
+            b, h = kc.shape[:2]
+            d = store.head_dim
+            have = CodeStore(store.codec, b, h, store.slots, d, store.dtype, device)
+            self._staging[key] = have
+        return have
+
+
+class CompressedKVCache:
+    """LayerKVCache protocol (``attend``, ``length``, ``trim``, ``nbytes``, ``flush``, ``close``)
+    over encoded blocks plus an exact tail, for a full-attention layer (no window)."""
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        codec: KVCodec,
+        home: torch.device | str,
+        workspace: CodecWorkspace,
+        storage=None,
+        decode_tokens: int = 8,
+        fetch: bool = False,
+    ) -> None:
+        self.codec, self.dtype, self.capacity = codec, dtype, capacity
+        self.home = torch.device(home)
+        self.workspace, self.decode_tokens, self.fetch = workspace, decode_tokens, fetch
+        self.store = CodeStore(codec, batch, kv_heads, capacity, head_dim, dtype, home, storage)
+        self._pinned = storage is not None
+        tail = (batch, kv_heads, min(capacity, codec.recent + codec.block), head_dim)
+        self.tail_k = torch.empty(tail, dtype=dtype, device=self.home)
+        self.tail_v = torch.empty(tail, dtype=dtype, device=self.home)
+        self.length = self.encoded = 0
+        self._copied: torch.cuda.Event | None = None  # writes to RAM the CPU must wait for
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: AttentionMask,
+        scale: float,
+        dense_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Append this forward's keys/values, then attend ``q`` over everything cached."""
+        t = k.shape[2]
+        start, end = self.length, self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        if mask.window is not None:
+            raise RuntimeError("compressed KV caches hold full-attention layers only")
+        work = q.device
+        if t <= self.decode_tokens and work != self.home and not self.fetch:
+            work = self.home  # attend where the KV lives: only q and the output move
+        if work.type == "cpu":
+            self._sync()
+        e0, e1 = self.encoded, self.codec.boundary(end)
+        # The exact slots [e0, end): the stored tail, then this forward's.
+        ek = torch.cat([self.tail_k[:, :, : start - e0].to(work), k.to(work, self.dtype)], 2)
+        ev = torch.cat([self.tail_v[:, :, : start - e0].to(work), v.to(work, self.dtype)], 2)
+        self.store.write(e0, ek[:, :, : e1 - e0], ev[:, :, : e1 - e0])
+        out = self._attend(q.to(work), ek, ev, (e0, e1, start, end), mask, scale)
+        n = end - e1
+        self.tail_k[:, :, :n].copy_(ek[:, :, e1 - e0 :], non_blocking=True)
+        self.tail_v[:, :, :n].copy_(ev[:, :, e1 - e0 :], non_blocking=True)
+        if work.type == "cuda" and self.home.type == "cpu":
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(work))
+        self.length, self.encoded = end, e1
+        return out.to(q.device)
+
+    def _attend(self, q, ek, ev, span, mask: AttentionMask, scale: float) -> torch.Tensor:
+        """Decode-faithful attention of q (slots [start, end)) in the three parts above."""
+        e0, e1, start, end = span
+        t = end - start
+        a = self.codec.boundary(start + 1)  # encoded for every row of this forward
+        plain = mask.key_keep is None
+        src = self._source(q.device, e1)
+        out = lse = None
+        chunk = CPU_CHUNK if q.device.type == "cpu" else GPU_CHUNK
+        b, h, _, d = ek.shape
+        for c0 in range(0, a, chunk):
+            c1 = min(a, c0 + chunk)
+            kb, vb = self.workspace.decoded((b, h, c1 - c0, d), self.dtype, q.device)
+            src.read(c0, c1, kb, vb)
+            if plain:
+                o, s = attend_lse(q, kb, vb, scale)
+            else:
+                o, s = blocked_attention_lse(q, kb, vb, mask, scale, None, c0)
+            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+        if t == 1 and plain:  # one query: every exact key is visible, nothing partly encoded
+            parts = [(None, ek[:, :, a - e0 :], ev[:, :, a - e0 :], None)]
+        else:
+            enc_mask, exact_mask = self._masks(start, end, a, e1, mask.key_keep, q.device)
+            parts = [(None, ek[:, :, a - e0 :], ev[:, :, a - e0 :], exact_mask)]
+            if e1 > a:
+                kb, vb = self.workspace.decoded((b, h, e1 - a, d), self.dtype, q.device)
+                src.read(a, e1, kb, vb)
+                parts.append((None, kb, vb, enc_mask))
+        shifted = AttentionMask(start - a, t, end - a)  # keys [a, end) as slots [0, end - a)
+        for _, kp, vp, m in parts:
+            if kp.shape[2] == 0:  # recent 0: a whole block just encoded leaves no exact key
+                continue
+            if m is None:
+                o, s = attend_lse(q, kp, vp, scale)
+            else:
+                o, s = blocked_attention_lse(q, kp, vp, shifted, scale, m)
+            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+        return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+
+    def _masks(self, start, end, a, e1, keep, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks [B or 1, 1, T, keys] of the partly encoded keys [a, e1) and the exact keys
+        [a, end): a row sees key k encoded iff k < boundary(q + 1)."""
+        qpos = torch.arange(start, end, device=device)[:, None]
+        kpos = torch.arange(a, end, device=device)[None, :]
+        g, r = self.codec.block, self.codec.recent
+        bq = torch.div((qpos + 1 - r).clamp_min(0), g, rounding_mode="floor") * g
+        allowed = (kpos <= qpos)[None, None]
+        if keep is not None:
+            # padding keys are hidden; a padding query sees itself (never a row of NaN)
+            keep = keep.to(device)[:, None, None, a:end]
+            allowed = (allowed & keep) | (kpos == qpos)[None, None]
+        enc = (kpos < bq)[None, None]
+        return (allowed & enc)[..., : e1 - a], allowed & ~enc
+
+    def _source(self, device: torch.device, upto: int) -> CodeStore:
+        """The encoded slots [0, upto) readable on ``device``: the store, or a copy of its bytes
+        in the workspace's staging store (compressed bytes cross the link, not decoded ones)."""
+        if device == self.home or upto == 0:
+            return self.store
+        staging = self.workspace.staging(self.store, device)
+        staging.copy_from(self.store, 0, upto)
+        return staging
+
+    def _sync(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
+    def trim(self, length: int) -> None:
+        """Forget slots from ``length`` on; below the encoded boundary the kept tail is decoded
+        back from its blocks (the exact values are gone)."""
+        length = min(self.length, max(0, length))
+        if length < self.encoded:
+            self._sync()
+            e = self.codec.boundary(length)
+            g = self.codec.block
+            b, h, _, d = self.tail_k.shape
+            hi = -(-length // g) * g
+            kb, vb = self.workspace.decoded((b, h, hi - e, d), self.dtype, self.home)
+            self.store.read(e, hi, kb, vb)
+            self.tail_k[:, :, : length - e] = kb[:, :, : length - e]
+            self.tail_v[:, :, : length - e] = vb[:, :, : length - e]
+            self.encoded = e
+        self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: encoded store plus exact tail."""
+        return self.store.nbytes + 2 * self.tail_k.numel() * self.tail_k.element_size()
+
+    def bytes_read(self) -> int:
+        """Bytes a decode step reads now: the encoded prefix (parameters included) and the
+        exact tail (``CodeStore.range_nbytes``)."""
+        tail = 2 * (self.length - self.encoded) * self.tail_k[:, :, :1].numel()
+        return self.store.range_nbytes(0, self.encoded) + tail * self.tail_k.element_size()
+
+    def flush(self) -> bool:
+        """Nothing is buffered elsewhere."""
+        return False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def close(self) -> None:
+        if self.home.type == "cuda":
+            torch.cuda.synchronize(self.home)
+        elif self._copied is not None:
+            self._sync()
+        if self._pinned:
+            unpin(self.store.raw)
+
+
+class CompressedCaches:
+    """Builds the compressed caches of one request: for each full-attention layer the codec of
+    its KV tier (``codec_for_tier``: ``auto`` leaves device-tier KV exact), homed where the plan
+    puts that layer's KV (the KV device, pinned RAM or a file of the request's KVDirectory).
+    Layers with a window keep their exact caches (bounded by the window, not the context)."""
+
+    def __init__(
+        self, spec, dtype: torch.dtype, kv_codec: str, recent: int, batch: int, capacity: int
+    ) -> None:
+        self.spec, self.dtype, self.kv_codec, self.recent = spec, dtype, kv_codec, recent
+        self.batch, self.capacity = batch, capacity
+        self.workspace = CodecWorkspace()
+
+    def make(self, index: int, placement, tier: str, disk=None) -> CompressedKVCache | None:
+        """The compressed cache of layer ``index`` (its ``LayerPlacement`` and KV ``tier``:
+        "device", "cpu" or "disk"), or None where it stays exact."""
+        from ollm.kv.codecs import codec_for_tier
+        from ollm.runtime.pinned import pinned_empty
+
+        if self.spec.layers[index].window is not None:
+            return None
+        home_tier = tier if tier in ("cpu", "disk") else "device"
+        codec = codec_for_tier(self.kv_codec, home_tier, self.recent)
+        if codec is None:
+            return None
+        s = self.spec
+        exec_device = torch.device(placement.exec_device)
+        if home_tier == "device":
+            home, storage = placement.kv_device, None
+        elif home_tier == "disk":
+            home, storage = "cpu", disk.storage
+        else:
+            home = "cpu"
+            storage = (
+                (lambda n: pinned_empty(n, exec_device)) if exec_device.type == "cuda" else None
+            )
+        return CompressedKVCache(
+            self.batch,
+            s.num_kv_heads,
+            s.head_dim,
+            self.capacity,
+            self.dtype,
+            codec,
+            home,
+            self.workspace,
+            storage,
+            fetch=True,
+        )
