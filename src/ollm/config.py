@@ -40,7 +40,10 @@ class EngineConfig:
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
     kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto
     kv_recent: int = 128  # newest tokens per sequence a compressed KV cache keeps exact
-    speculate: str = "off"  # drafting: off, auto (= lookup), lookup, self[:N], draft:PATH
+    speculate: str = "off"  # drafting: off, auto (= lookup), lookup, self[:N], draft:PATH; tree:...
+    attention: str = "full"  # decode attention routing: full, auto, window:W,sinks:S, topk:PAGES
+    attention_page_tokens: int = 32  # key slots per top-k page (one min/max key summary each)
+    attention_prefill: bool = False  # route prefill rows too, each as if decoded (eval scoring)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -71,6 +74,11 @@ class EngineConfig:
             set_(self, "model", str(Path(self.model).expanduser()))
         _check_speculate(self.speculate)
         _check_kv_codec(self)
+        from ollm.layers.routing import parse_attention
+
+        parse_attention(self.attention)  # a bad value is a one-line error here
+        if self.attention_page_tokens < 1:
+            raise OllmError("attention_page_tokens must be >= 1")
 
     def resolve_device(self) -> str:
         """The concrete device string; DeviceError when CUDA is asked for but absent."""
@@ -96,13 +104,17 @@ class EngineConfig:
 
 
 def _check_speculate(value: str) -> None:
-    """``speculate`` is off, auto, lookup, self, self:N (N >= 1 layers) or draft:PATH."""
-    kind, _, arg = str(value).partition(":")
+    """``speculate`` is off, auto, lookup, self, self:N (N >= 1 layers) or draft:PATH, the last
+    four optionally as trees (``tree:lookup``, ``tree:self:N``, ...)."""
+    text = str(value)
+    tree = text.startswith("tree:")
+    kind, _, arg = text.removeprefix("tree:").partition(":")
     ok = (kind in ("off", "auto", "lookup") and not arg) or (kind == "draft" and bool(arg))
     ok = ok or (kind == "self" and (not arg or (arg.isdigit() and int(arg) >= 1)))
-    if not ok:
+    if not ok or (tree and kind == "off"):
         raise OllmError(
-            f"speculate must be off, auto, lookup, self, self:N or draft:PATH, not {value!r}"
+            "speculate must be off, auto, lookup, self, self:N or draft:PATH (the last four "
+            f"optionally prefixed by tree:), not {value!r}"
         )
 
 

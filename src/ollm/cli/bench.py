@@ -18,6 +18,8 @@ from ollm.cli.common import (
     GpuMemoryOpt,
     HybridOpt,
     JsonOpt,
+    KvCodecOpt,
+    KvRecentOpt,
     OffloadOpt,
     app,
 )
@@ -44,6 +46,8 @@ def bench(
     cpu_memory: CpuMemoryOpt = None,
     offload: OffloadOpt = None,
     hybrid: HybridOpt = None,
+    kv_codec: KvCodecOpt = None,
+    kv_recent: KvRecentOpt = None,
     context: Annotated[
         str | None,
         typer.Option(
@@ -96,6 +100,8 @@ def bench(
             cpu_memory=cpu_memory,
             offload=offload,
             hybrid=hybrid,
+            kv_codec=kv_codec,
+            kv_recent=kv_recent,
             cache_dir=cache_dir,
         )
         llm_kwargs = {k: v for k, v in options.items() if v is not None}

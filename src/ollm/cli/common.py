@@ -295,6 +295,18 @@ KvDirOpt = Annotated[
     str | None,
     typer.Option("--kv-dir", help="Directory for the disk KV tier (default: <cache-dir>/kv)."),
 ]
+KvCodecOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-codec",
+        help="KV compression (lossy): none, int8, int4, fp8, k:int4,v:int8 (keys per channel, "
+        "values per token), auto (RAM/disk KV k:int4,v:int8, GPU KV exact).",
+    ),
+]
+KvRecentOpt = Annotated[
+    int | None,
+    typer.Option("--kv-recent", help="Newest tokens a compressed KV cache keeps exact (128)."),
+]
 HybridOpt = Annotated[
     str | None,
     typer.Option("--hybrid", help="auto: the CPU may compute RAM layers in decode; off."),

@@ -259,3 +259,5 @@ def _fill_io(metrics: GenerationMetrics, d: dict[str, float]) -> None:
     metrics.read_seconds = d["read_seconds"]
     metrics.copy_seconds = d["copy_seconds"]
     metrics.cpu_path_seconds = d["cpu_seconds"]
+    if d.get("kv_total_tokens"):  # attention routing counted its decode reads
+        metrics.kv_read_fraction = d["kv_read_tokens"] / d["kv_total_tokens"]

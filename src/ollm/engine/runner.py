@@ -36,6 +36,8 @@ class Runner:
         self._fetch_at: int | None = None  # a layer whose KV cache carries the KVFetcher
         # KV compression (issue 17; EngineConfig.kv_codec / kv_recent): "none" keeps KV exact.
         self.kv_codec, self.kv_recent = "none", 128
+        # Attention routing per layer (issue 18; None: every layer attends over all its KV).
+        self.routing: list | None = None
 
     def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
@@ -133,7 +135,16 @@ class Runner:
         finally:
             if pin_pool is not None:
                 pin_pool.shutdown(wait=False)  # queued allocations still run
-        idx = [i for i, p in enumerate(self.plan.layers) if p.kv_fetch]
+        if self.routing is not None:
+            from ollm.kv.routed import attach_routers
+
+            attach_routers(caches, self.routing, batch, capacity, self.prefetcher.stats)
+        # A layer whose routing reads a fraction of its KV reads it where it sits: no fetch.
+        idx = [
+            i
+            for i, p in enumerate(self.plan.layers)
+            if p.kv_fetch and getattr(getattr(caches[i], "router", None), "partial", False) is False
+        ]
         idx = [i for i in idx if not hasattr(caches[i], "codec")]  # compressed: fetch their own
         self.prefetcher.on_issue = None
         self._fetch_at = idx[0] if idx and not all_disk else None

@@ -10,7 +10,9 @@ from ollm.errors import OllmError
 
 # Options that change results (lossy). The exact path of a setting drops them; each lossy
 # feature adds its field here when it lands (KV codecs, eviction, attention routing).
-LOSSY_FIELDS: frozenset[str] = frozenset()
+LOSSY_FIELDS: frozenset[str] = frozenset(
+    {"attention", "attention_page_tokens", "attention_prefill"}  # attention routing (issue 18)
+)
 
 
 def _fields() -> dict[str, str]:

@@ -29,6 +29,7 @@ class LayerKVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
+        self.router = None  # a kv.routed.Router: decode reads only the KV its routing picks
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values [B, kv_heads, T, D]; return views over all cached slots."""
@@ -51,6 +52,11 @@ class LayerKVCache:
         from ollm.layers.attention import attend
 
         k_all, v_all = self.append(k, v)
+        if self.router is not None:
+            self.router.on_append(k, self.length - k.shape[2])
+            out = self.router.attend(q, [(k_all, v_all, 0)], mask, scale)
+            if out is not None:
+                return out
         return attend(q, k_all, v_all, mask, scale, dense_mask)
 
     def flush(self) -> bool:
@@ -62,6 +68,8 @@ class LayerKVCache:
 
     def trim(self, length: int) -> None:
         """Forget slots from ``length`` on (e.g. rejected draft tokens)."""
+        if self.router is not None:
+            self.router.on_trim(length, lambda a, b: self.k[:, :, a:b])
         self.length = min(self.length, max(0, length))
 
     @property

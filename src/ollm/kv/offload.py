@@ -100,6 +100,7 @@ class OffloadedKVCache:
         self._copied: torch.cuda.Event | None = None  # D2H copies the CPU must wait for
         self._written: torch.cuda.Event | None = None  # the last D2H write (a fetch waits on it)
         self.fetcher: KVFetcher | None = None  # set for layers whose decode attends on the GPU
+        self.router = None  # attention routing (issue 18): a kv.routed.Router, set by the runner
 
     def _adopt(self, bufs: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._bufs = bufs
@@ -156,6 +157,13 @@ class OffloadedKVCache:
         s.k[:, :, start:end] = k
         s.v[:, :, start:end] = v
         s.valid = self.length = end
+        # -- attention routing (issue 18): summaries of the prompt's keys; routed prefill
+        if self.router is not None:
+            self.router.on_append(k, start)
+            out = self.router.attend(q, [(s.k[:, :, :end], s.v[:, :, :end], 0)], mask, scale)
+            if out is not None:
+                return out
+        # -- end attention routing
         return attend(q, s.k[:, :, :end], s.v[:, :, :end], mask, scale, dense_mask)
 
     def _attend_fetched(self, q, k, v, mask, scale, dense_mask, start, end):
@@ -180,6 +188,8 @@ class OffloadedKVCache:
         """Write slots [start, end): device blocks to ``dk``/``dv``, the rest to ``host_k``/
         ``host_v`` (RAM, or the fetcher's copy of it) at host-relative positions."""
         g = self.device_tokens
+        if self.router is not None:  # attention routing (issue 18): keep summaries current
+            self.router.on_append(k, start)
         if start < g:
             m = min(end, g)
             self.dk[:, :, start:m] = k[:, :, : m - start]
@@ -204,7 +214,20 @@ class OffloadedKVCache:
             parts.append((self.dk[:, :, :m], self.dv[:, :, :m]))
         if end > g:
             parts.append((host_k[:, :, : end - g], host_v[:, :, : end - g]))
+        if self.router is not None:  # attention routing (issue 18): read only the chosen KV
+            tiers = [(pk, pv, 0 if i == 0 and g else g) for i, (pk, pv) in enumerate(parts)]
+            out = self.router.attend(q, tiers, mask, scale)
+            if out is not None:
+                return out
         return attend_parts(q, parts, mask, scale, dense_mask)
+
+    def _keys(self, a: int, b: int) -> torch.Tensor:
+        """Keys of slots [a, b) (within one tier's blocks or across both), where they sit."""
+        g = self.device_tokens
+        parts = [self.dk[:, :, a : min(b, g)]] if a < g else []
+        if b > g:
+            parts.append(self.k[:, :, max(a, g) - g : b - g].to(self.scratch.k.device))
+        return torch.cat([p.to(self.scratch.k.device) for p in parts], 2)
 
     def copy_tiers(self, full_k, full_v, a: int, b: int, into_cache: bool) -> None:
         """Slots [a, b) between full-capacity buffers (the prefill scratch) and the cache's tiers:
@@ -234,6 +257,10 @@ class OffloadedKVCache:
         return False
 
     def trim(self, length: int) -> None:
+        if self.router is not None:  # attention routing (issue 18): rebuild a partial page
+            self.flush()
+            self._sync()
+            self.router.on_trim(length, self._keys)
         self.length = min(self.length, max(0, length))
         self.dirty_from = min(self.dirty_from, self.length)
         if self.scratch.owner is self:

@@ -27,6 +27,7 @@ class GenerationMetrics:
     finish_reason: str = ""
     device: str = "cpu"  # where the request computed (cost per token counts GPU-seconds there)
     energy_joules: float | None = None  # GPU energy of the request (NVML), None where unknown
+    kv_read_fraction: float | None = None  # routed attention: KV slots read / held in decode
 
     @property
     def io_wait_seconds(self) -> float:
@@ -89,6 +90,12 @@ class GenerationMetrics:
                 f"{self.read_seconds:.3f} s / {self.copy_seconds:.3f} s",
             ),
             ("CPU path (hybrid decode)", f"{self.cpu_path_seconds:.3f} s"),
+            (
+                "KV read per decode step",
+                "all (full attention)"
+                if self.kv_read_fraction is None
+                else f"{100 * self.kv_read_fraction:.1f}% of the routed layers' KV",
+            ),
             ("finish reason", self.finish_reason),
         ]
 

@@ -22,6 +22,8 @@ class IOStats:
     host_wait_seconds: float = 0.0
     gpu_stall_seconds: float = 0.0
     cpu_seconds: float = 0.0  # time the CPU path computed layers (hybrid decode)
+    kv_read_tokens: int = 0  # decode: key slots routed attention read (all KV heads)
+    kv_total_tokens: int = 0  # decode: key slots those layers hold (what full attention reads)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:
@@ -39,4 +41,6 @@ class IOStats:
                 "host_wait_seconds": self.host_wait_seconds,
                 "gpu_stall_seconds": self.gpu_stall_seconds,
                 "cpu_seconds": self.cpu_seconds,
+                "kv_read_tokens": self.kv_read_tokens,
+                "kv_total_tokens": self.kv_total_tokens,
             }

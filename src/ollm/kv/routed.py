@@ -1,0 +1,193 @@
+"""The routing part of a layer's KV object: a ``Router`` rides on a ``LayerKVCache`` or an
+``OffloadedKVCache`` (``cache.router``), keeps the key summaries current as KV is appended or
+trimmed, and attends decode queries over only the KV its ``LayerRouting`` chooses, reading
+those slots where they sit (device, pinned RAM, memory-mapped file): the routing decision is
+what is read. The cache hands it its tiers as (keys, values, first slot) parts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
+from ollm.layers.routing import (
+    FULL,
+    TOPK,
+    WINDOW,
+    KeySummaries,
+    LayerRouting,
+    gathered_attention,
+    page_slots,
+    routed_dense,
+    select_pages,
+)
+
+Tier = tuple[torch.Tensor, torch.Tensor, int]  # keys, values [B, KVH, n, D], first cache slot
+
+
+class Router:
+    """Decode attention of one layer under its ``LayerRouting``; None from ``attend`` means
+    "take the exact path" (prefill, or nothing to skip yet)."""
+
+    def __init__(
+        self,
+        routing: LayerRouting,
+        batch: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        stats=None,
+        decode_tokens: int = 8,
+    ) -> None:
+        self.routing, self.stats, self.decode_tokens = routing, stats, decode_tokens
+        kvh = len(routing.heads)
+        self.summaries = None
+        if TOPK in routing.heads:
+            self.summaries = KeySummaries(
+                batch, kvh, head_dim, capacity, routing.page_tokens, dtype, device
+            )
+        self._groups = {
+            m: torch.tensor([h for h, x in enumerate(routing.heads) if x == m])
+            for m in (FULL, WINDOW, TOPK)
+            if m in routing.heads
+        }
+
+    @property
+    def partial(self) -> bool:
+        """No head reads every key (see ``LayerRouting.partial``)."""
+        return self.routing.partial
+
+    def on_append(self, k: torch.Tensor, start: int) -> None:
+        """Keys of slots [start, start + T) were stored."""
+        if self.summaries is not None:
+            self.summaries.update(k, start)
+
+    def on_trim(self, length: int, keys: Callable[[int, int], torch.Tensor]) -> None:
+        """The cache forgot slots from ``length`` on (``keys(a, b)`` reads kept slots)."""
+        if self.summaries is not None:
+            self.summaries.trim(length, keys)
+
+    def attend(
+        self, q: torch.Tensor, tiers: list[Tier], mask: AttentionMask, scale: float
+    ) -> torch.Tensor | None:
+        """Routed attention of ``q`` [B, H, T, D] over the cache's ``tiers``, or None."""
+        r, t, start, end = self.routing, mask.q_len, mask.q_start, mask.kv_len
+        decode = t <= self.decode_tokens
+        if decode and self.stats is not None:
+            read = r.read_tokens(start, end) if r.routed else end * len(r.heads)
+            self.stats.add(kv_read_tokens=read, kv_total_tokens=end * len(r.heads))
+        lo, hi = r.middle(start if decode else end - 1)  # prefill: the last row skips most
+        if not r.routed or hi <= lo or mask.window is not None or not (decode or r.prefill):
+            return None
+        pages = -(-hi // r.page_tokens) - lo // r.page_tokens
+        if set(r.heads) == {TOPK} and r.pages >= pages:
+            return None  # every page chosen: the key set is all keys (full attention, exactly)
+        if not decode:
+            out, lse = self._prefill(q, tiers, mask, scale)
+        else:
+            out, lse = self._decode(q, tiers, mask, scale, lo, hi)
+        return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+
+    def _prefill(self, q, tiers, mask, scale):
+        """Every prefill row routed as if decoded; the prefill path holds all keys in one part."""
+        (k, v, off), *rest = tiers
+        if off or rest or k.shape[2] < mask.kv_len:
+            raise RuntimeError("routed prefill needs the layer's keys in one part")
+        n = mask.kv_len
+        qd = q.to(k.device)
+        out, lse = routed_dense(
+            qd, k[:, :, :n], v[:, :, :n], self.routing, self.summaries, mask.q_start, scale,
+            mask.key_keep,
+        )  # fmt: skip
+        return out.to(q.device), lse.to(q.device)
+
+    def _decode(self, q, tiers, mask, scale, lo, hi):
+        """Each mechanism's heads over their slots, tier by tier, merged by log-sum-exp."""
+        b, h, t, d = q.shape
+        kvh = len(self.routing.heads)
+        g = h // kvh
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, t, device=q.device)
+        for mech, heads in self._groups.items():
+            qh = q.view(b, kvh, g, t, d)[:, heads.to(q.device)].reshape(b, -1, t, d)
+            if mech == FULL:
+                o, s = self._full(qh, heads, tiers, mask, scale)
+            else:
+                slots, valid = self._slots(q, heads, mask, lo, hi, mech)
+                o, s = self._gathered(qh, heads, tiers, slots, valid, mask, scale)
+            out.view(b, kvh, g, t, d)[:, heads.to(q.device)] = o.view(b, -1, g, t, d)
+            lse.view(b, kvh, g, t)[:, heads.to(q.device)] = s.view(b, -1, g, t)
+        return out, lse
+
+    def _slots(self, q, heads, mask, lo, hi, mech):
+        """Key slots [B, R, L] of ``heads`` (sinks, chosen pages, window) and which count."""
+        r, end = self.routing, mask.kv_len
+        dev = q.device if self.summaries is None else self.summaries.kmin.device
+        b, n_h = q.shape[0], heads.shape[0]
+        plain = torch.cat([torch.arange(0, lo, device=dev), torch.arange(hi, end, device=dev)])
+        slots = plain.expand(b, n_h, -1)
+        valid = torch.ones_like(slots, dtype=torch.bool)
+        if mech == TOPK:
+            pages = select_pages(q, self.summaries, lo, hi, r.pages, heads.to(dev))
+            ps, pv = page_slots(pages, r.page_tokens, lo, hi)
+            slots, valid = torch.cat([slots, ps], -1), torch.cat([valid, pv], -1)
+        if mask.key_keep is not None:
+            keep = mask.key_keep.to(dev)
+            valid = valid & keep.gather(1, slots.clamp(max=keep.shape[1] - 1).flatten(1)).view(
+                slots.shape
+            )
+        return slots, valid
+
+    @staticmethod
+    def _gathered(qh, heads, tiers, slots, valid, mask, scale):
+        out = lse = None
+        for k, v, off in tiers:
+            n = k.shape[2]
+            dev = k.device
+            sl, va = slots.to(dev), valid.to(dev)
+            here = va & (sl >= off) & (sl < off + n)
+            o, s = gathered_attention(
+                qh, k, v, heads, (sl - off).clamp(0, max(0, n - 1)), here, mask.q_start - off,
+                scale,
+            )  # fmt: skip
+            o, s = o.to(qh.device), s.to(qh.device)
+            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+        return out, lse
+
+    @staticmethod
+    def _full(qh, heads, tiers, mask, scale):
+        """Every key for these heads: each head's slice of each tier (views, no gather)."""
+        m = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, mask.key_keep)
+        g = qh.shape[1] // heads.shape[0]
+        outs, lses = [], []
+        for i, hd in enumerate(heads.tolist()):
+            q1 = qh[:, i * g : (i + 1) * g]
+            out = lse = None
+            for k, v, off in tiers:
+                o, s = blocked_attention_lse(
+                    q1.to(k.device), k[:, hd : hd + 1], v[:, hd : hd + 1], m, scale, None, off
+                )
+                o, s = o.to(qh.device), s.to(qh.device)
+                out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def attach_routers(
+    caches: list, routing: list[LayerRouting | None], batch: int, capacity: int, stats=None
+) -> None:
+    """Give each cache whose layer has a routing its ``Router`` (summaries on the device the
+    layer computes on: the prefill scratch's for offloaded KV, else the cache's own)."""
+    for cache, r in zip(caches, routing, strict=True):
+        if r is None or not hasattr(cache, "router"):
+            continue
+        scratch = getattr(cache, "scratch", None)
+        device = scratch.k.device if scratch is not None else cache.k.device
+        dtype = scratch.k.dtype if scratch is not None else cache.k.dtype
+        head_dim = (scratch or cache).k.shape[-1]
+        cache.router = Router(
+            r, batch, head_dim, capacity, dtype, device, stats, getattr(cache, "decode_tokens", 8)
+        )
