@@ -121,7 +121,7 @@ def test_grouped_attention_matches_sdpa(t):
 def test_layer_workload_runs_a_real_decoder_layer(store):
     import torch
 
-    from ollm.planning.costmodel import _layer_workload
+    from ollm.engine.calibrate import _layer_workload
 
     spec, s = store
     step, nbytes = _layer_workload(spec, 32, torch.float32)

@@ -377,7 +377,7 @@ def test_moe_temporaries_within_the_planned_mlp_reserve(family, dtype, tmp_path)
 def test_cost_model_times_a_layer_of_every_moe_family(family):
     """The cost model times one decoder layer of the spec with weights of its own (hybrid
     decode's CPU rate): that layer must run for MoE specs too (gpt-oss needs its sinks)."""
-    from ollm.planning.costmodel import _layer_workload
+    from ollm.engine.calibrate import _layer_workload
 
     step, nbytes = _layer_workload(build_spec(tiny_config(family)), 64, torch.float32)
     step()

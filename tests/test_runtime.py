@@ -342,13 +342,13 @@ def test_cuda_calls_name_their_device_or_stream():
     import ast
     import inspect
 
-    from ollm.engine import generate, runner
+    from ollm.engine import calibrate, generate, runner
     from ollm.kv import offload
     from ollm.planning import costmodel
     from ollm.telemetry import timeline
 
     bare = []
-    for mod in (prefetch, pinned, offload, runner, generate, timeline, costmodel):
+    for mod in (prefetch, pinned, offload, runner, generate, timeline, costmodel, calibrate):
         for node in ast.walk(ast.parse(inspect.getsource(mod))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue

@@ -130,7 +130,7 @@ class LLM:
         if plan.device != "cpu" and (hybrid != "off" and plan.count("cpu") or kv_in_ram):
             # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
             # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
-            from ollm.planning.costmodel import cached_rates
+            from ollm.engine.calibrate import cached_rates
             from ollm.storage.convert import default_cache_dir
 
             cache = Path(cfg.cache_dir or default_cache_dir())

@@ -22,7 +22,7 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
         cpu_rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem
     else:
         # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
-        # of the context's power-of-two bucket (costmodel.cached_rates): the bytes it really
+        # of the context's power-of-two bucket (engine.calibrate.cached_rates): the bytes it really
         # moves per second include that KV.
         bucket = 1 << max(0, work.context - 1).bit_length()
         lb = store.max_layer_nbytes
