@@ -14,6 +14,9 @@ LOSSY_FIELDS: frozenset[str] = frozenset(
     {"attention", "attention_page_tokens", "attention_prefill"}  # attention routing (issue 18)
 )
 
+# KV compression (issue 17): the codec and its exact window change what attention reads.
+LOSSY_FIELDS = LOSSY_FIELDS | {"kv_codec", "kv_recent"}
+
 
 def _fields() -> dict[str, str]:
     from ollm.config import EngineConfig
