@@ -24,23 +24,63 @@ from ollm.cli.common import (
     app,
 )
 
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="HF directory, .gguf file or layer store (default: Gemma 3 270M)."
+    ),
+]
+SyntheticOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--synthetic",
+        help="Random weights with a real architecture's shapes: llama3-1b, llama3-8b, "
+        "qwen3-8b or gemma3-12b (cached under the cache dir).",
+    ),
+]
+ContextOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--context",
+        help="Prompt lengths, comma-separated; k = 1024 (8k,32k; 1.5k = 1536). Default 8k; "
+        "with --batch one length per request (default 2k on a GPU, 128 on the CPU).",
+    ),
+]
+NewTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--new-tokens",
+        "-n",
+        help="Tokens to generate per case (default 64; with --batch per request: 128 on a "
+        "GPU, 16 on the CPU).",
+    ),
+]
+BatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch",
+        help="Batch sizes, comma-separated (e.g. 1,4,16,64): aggregate decode throughput of "
+        "continuous batching at each, next to its floor, plus Poisson arrivals and 16 "
+        "requests sharing a prefix.",
+    ),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Draw a per-layer timeline of reads, copies and compute (PNG; one per context, "
+        "suffixed -8k etc. when several). Needs matplotlib.",
+    ),
+]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Also write the JSON report to FILE.")
+]
+
 
 @app.command()
 def bench(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", "-m", help="HF directory, .gguf file or layer store (default: Gemma 3 270M)."
-        ),
-    ] = None,
-    synthetic: Annotated[
-        str | None,
-        typer.Option(
-            "--synthetic",
-            help="Random weights with a real architecture's shapes: llama3-1b, llama3-8b, "
-            "qwen3-8b or gemma3-12b (cached under the cache dir).",
-        ),
-    ] = None,
+    model: ModelOpt = None,
+    synthetic: SyntheticOpt = None,
     device: DeviceOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     cpu_memory: CpuMemoryOpt = None,
@@ -48,44 +88,12 @@ def bench(
     hybrid: HybridOpt = None,
     kv_codec: KvCodecOpt = None,
     kv_recent: KvRecentOpt = None,
-    context: Annotated[
-        str | None,
-        typer.Option(
-            "--context",
-            help="Prompt lengths, comma-separated; k = 1024 (8k,32k; 1.5k = 1536). Default 8k; "
-            "with --batch one length per request (default 2k on a GPU, 128 on the CPU).",
-        ),
-    ] = None,
-    new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--new-tokens",
-            "-n",
-            help="Tokens to generate per case (default 64; with --batch per request: 128 on a "
-            "GPU, 16 on the CPU).",
-        ),
-    ] = None,
-    batch: Annotated[
-        str | None,
-        typer.Option(
-            "--batch",
-            help="Batch sizes, comma-separated (e.g. 1,4,16,64): aggregate decode throughput of "
-            "continuous batching at each, next to its floor, plus Poisson arrivals and 16 "
-            "requests sharing a prefix.",
-        ),
-    ] = None,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot",
-            help="Draw a per-layer timeline of reads, copies and compute (PNG; one per context, "
-            "suffixed -8k etc. when several). Needs matplotlib.",
-        ),
-    ] = None,
+    context: ContextOpt = None,
+    new_tokens: NewTokensOpt = None,
+    batch: BatchOpt = None,
+    plot: PlotOpt = None,
     json_out: JsonOpt = False,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Also write the JSON report to FILE.")
-    ] = None,
+    output: OutputOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Time prefill and decode per context next to this machine's floors (bandwidth measured now)."""
@@ -118,26 +126,31 @@ def bench(
                 progress=common.show_progress(),
                 on_case=_bench_progress,
             )
-        text = json.dumps(report, ensure_ascii=False)
-        if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text + "\n")
-        if json_out:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
-            return
-        from rich.console import Console
+        _emit(report, output, json_out, batched=batch is not None)
 
-        from ollm.bench.report import render
 
-        width = None if sys.stdout.isatty() else 140  # pipes and logs: do not wrap at 80
-        console = Console(file=sys.stdout, highlight=False, width=width)
-        if batch is not None:
-            from ollm.bench.batching import render_batch
+def _emit(report: dict, output: Path | None, json_out: bool, batched: bool) -> None:
+    """The report as JSON (to ``output`` and, with ``--json``, stdout) or as tables."""
+    text = json.dumps(report, ensure_ascii=False)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+    if json_out:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
 
-            render_batch(report, console)
-        else:
-            render(report, console)
+    from ollm.bench.report import render
+
+    width = None if sys.stdout.isatty() else 140  # pipes and logs: do not wrap at 80
+    console = Console(file=sys.stdout, highlight=False, width=width)
+    if batched:
+        from ollm.bench.batching import render_batch
+
+        render_batch(report, console)
+    else:
+        render(report, console)
 
 
 def _batch_bench(model, synthetic, batch: str, context, new_tokens, llm_kwargs) -> dict:
