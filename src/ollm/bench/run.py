@@ -138,7 +138,6 @@ def run_case(
     import torch
 
     from ollm.api import LLM
-    from ollm.bench.floors import compute_floors, ratio
     from ollm.engine.sampling import SamplingParams
 
     case: dict[str, object] = {
@@ -163,37 +162,14 @@ def run_case(
             )
             llm.generate(prompt, warmup)
             case["warmup_s"] = time.perf_counter() - t
-            timeline = None
-            if plot is not None:
-                from ollm.telemetry.timeline import Timeline
-
-                timeline = Timeline(llm.device)
-                llm.runner.timeline = llm.prefetcher.timeline = timeline
-            stamps: list[float] = []
-
-            def on_token(row: int, _token: int) -> None:
-                if row == 0:
-                    stamps.append(time.perf_counter())
-
-            params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-            res = llm.generate(prompt, params, _on_token=on_token)
-            if timeline is not None:
-                llm.runner.timeline = llm.prefetcher.timeline = None
-        m = res.metrics  # type: ignore[union-attr]
+            res, stamps, timeline = _timed_generate(llm, prompt, new_tokens, plot)
+        m = res.metrics
         steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         case.update(_metrics(m, steps))
         case["ram_peak_bytes"] = rss.peak
         case["disk_bytes"] = disk_bytes(llm.store_path)
         if probes is not None:
-            probes = _reprobe_cpu(probes, llm.spec, context_tokens)
-            floors = compute_floors(llm.spec, llm.store, llm.plan, probes, context_tokens)
-            case["floors"] = floors
-            step = case.get("decode_step_median_s")
-            case["ratios"] = {
-                "prefill": ratio(m.prefill_seconds, floors["prefill"]["floor_s"]),  # type: ignore[index]
-                "decode": ratio(step, floors["decode"]["floor_s"]),  # type: ignore[arg-type, index]
-            }
-            case["cpu_matmul_GFLOPs"] = probes.get("cpu_matmul_GFLOPs")
+            _add_floors(case, llm, probes, context_tokens, m.prefill_seconds)
         if timeline is not None:
             from ollm.bench.plot import plot_timeline
 
@@ -214,6 +190,47 @@ def run_case(
         del llm
         _cleanup_cuda()
     return case
+
+
+def _timed_generate(llm, prompt: list[int], new_tokens: int, plot: str | Path | None):
+    """The timed greedy run: (its result, the time each of the first row's tokens arrived,
+    the per-layer timeline when ``plot`` asks for one, else None)."""
+    from ollm.engine.sampling import SamplingParams
+
+    timeline = None
+    if plot is not None:
+        from ollm.telemetry.timeline import Timeline
+
+        timeline = Timeline(llm.device)
+        llm.runner.timeline = llm.prefetcher.timeline = timeline
+    stamps: list[float] = []
+
+    def on_token(row: int, _token: int) -> None:
+        if row == 0:
+            stamps.append(time.perf_counter())
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    res = llm.generate(prompt, params, _on_token=on_token)
+    if timeline is not None:
+        llm.runner.timeline = llm.prefetcher.timeline = None
+    return res, stamps, timeline
+
+
+def _add_floors(
+    case: dict[str, object], llm, probes: dict[str, object], tokens: int, prefill_s: float
+) -> None:
+    """The case's physical floors (``bench.floors``) and its measured/floor ratios."""
+    from ollm.bench.floors import compute_floors, ratio
+
+    probes = _reprobe_cpu(probes, llm.spec, tokens)
+    floors = compute_floors(llm.spec, llm.store, llm.plan, probes, tokens)
+    case["floors"] = floors
+    step = case.get("decode_step_median_s")
+    case["ratios"] = {
+        "prefill": ratio(prefill_s, floors["prefill"]["floor_s"]),  # type: ignore[index]
+        "decode": ratio(step, floors["decode"]["floor_s"]),  # type: ignore[arg-type, index]
+    }
+    case["cpu_matmul_GFLOPs"] = probes.get("cpu_matmul_GFLOPs")
 
 
 def linear_shape(spec, tokens: int) -> tuple[int, int, int]:
