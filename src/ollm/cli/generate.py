@@ -40,21 +40,40 @@ if TYPE_CHECKING:
     from ollm.engine.sampling import SamplingParams
 
 
+PromptArg = Annotated[
+    str | None, typer.Argument(metavar="PROMPT", help="The prompt text.", show_default=False)
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="HF directory, .gguf file or layer store (default: Gemma 3 270M)."
+    ),
+]
+PromptFileOpt = Annotated[
+    Path | None,
+    typer.Option("--prompt-file", "-f", help="Read the prompt from FILE ('-' = stdin)."),
+]
+StopOpt = Annotated[
+    list[str] | None,
+    typer.Option("--stop", help="Stop when this string appears (repeatable).", show_default=False),
+]
+RawOpt = Annotated[bool, typer.Option("--raw", help="Do not apply the model's chat template.")]
+SpeculateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--speculate",
+        help="Speculative decoding (lossless): off, auto (= lookup), lookup (prompt n-grams), "
+        "self[:N] (the model's first N layers), draft:PATH (a small model, same tokenizer).",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def run(
-    prompt: Annotated[
-        str | None, typer.Argument(metavar="PROMPT", help="The prompt text.", show_default=False)
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", "-m", help="HF directory, .gguf file or layer store (default: Gemma 3 270M)."
-        ),
-    ] = None,
-    prompt_file: Annotated[
-        Path | None,
-        typer.Option("--prompt-file", "-f", help="Read the prompt from FILE ('-' = stdin)."),
-    ] = None,
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    prompt_file: PromptFileOpt = None,
     device: DeviceOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     cpu_memory: CpuMemoryOpt = None,
@@ -65,15 +84,8 @@ def run(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--stop", help="Stop when this string appears (repeatable).", show_default=False
-        ),
-    ] = None,
-    raw: Annotated[
-        bool, typer.Option("--raw", help="Do not apply the model's chat template.")
-    ] = False,
+    stop: StopOpt = None,
+    raw: RawOpt = False,
     json_out: JsonOpt = False,
     max_context: MaxContextOpt = None,
     kv_cache: KvCacheOpt = None,
@@ -83,15 +95,7 @@ def run(
     hybrid: HybridOpt = None,
     threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
-    speculate: Annotated[
-        str | None,
-        typer.Option(
-            "--speculate",
-            help="Speculative decoding (lossless): off, auto (= lookup), lookup (prompt n-grams), "
-            "self[:N] (the model's first N layers), draft:PATH (a small model, same tokenizer).",
-            show_default=False,
-        ),
-    ] = None,
+    speculate: SpeculateOpt = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
     with common.cli_errors():
