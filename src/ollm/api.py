@@ -111,6 +111,12 @@ class LLM:
             "kv_cache": cfg.kv_cache,
             "kv_block_tokens": cfg.kv_block_tokens,
         }
+        from ollm.engine.moe_offload import plan_with_experts
+
+        whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
+        experts = plan_with_experts(self, whole, workload, elem, chunk)  # MoE: experts one by one
+        if experts is not None:
+            return experts
         try:
             plan = plan_placement(*args, workload, elem, **chunk)
         except BudgetError as exc:
@@ -141,11 +147,12 @@ class LLM:
     def _load(self, workload, planned=None) -> None:
         """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
         it the current placement; the attributes change only once loading succeeded."""
+        from ollm.engine.moe_offload import make_prefetcher
         from ollm.engine.runner import Runner
-        from ollm.runtime.prefetch import Prefetcher
 
         plan, rates = planned or self._plan(workload)
-        prefetcher = Prefetcher(self.store, plan, self.stats, self.config.verify_checksums)
+        verify = self.config.verify_checksums
+        prefetcher = make_prefetcher(self.store, plan, self.stats, verify, rates)
         self.workload, self.plan, self.rates, self.prefetcher = workload, plan, rates, prefetcher
         if plan.cpu_layers and rates is not None:
             torch.set_num_threads(rates.cpu_threads)

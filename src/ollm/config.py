@@ -45,6 +45,11 @@ class EngineConfig:
     attention_page_tokens: int = 32  # key slots per top-k page (one min/max key summary each)
     attention_prefill: bool = False  # route prefill rows too, each as if decoded (eval scoring)
 
+    moe_offload: str = "auto"  # MoE: "expert" (experts placed and cached one by one), "layer", auto
+    expert_cache: str = "lru"  # replacement policy of the device's expert cache: lru or lfu
+    expert_slots: int | None = None  # force the expert cache's slot count (None: from the budget)
+    expert_cpu: str = "auto"  # RAM experts missing from the cache run on the CPU: auto, on, off
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "gpu_memory", parse_size(self.gpu_memory))
@@ -73,6 +78,7 @@ class EngineConfig:
         if self.model is not None:
             set_(self, "model", str(Path(self.model).expanduser()))
         _check_speculate(self.speculate)
+        _check_moe(self)
         _check_kv_codec(self)
         from ollm.layers.routing import parse_attention
 
@@ -101,6 +107,21 @@ class EngineConfig:
                 )
             return f"cuda:{index}"
         raise DeviceError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _check_moe(cfg: EngineConfig) -> None:
+    """The mixture-of-experts options name known modes; a forced slot count is positive."""
+    from ollm.planning.experts import CPU_MODES, MOE_MODES, POLICIES
+
+    for name, value, allowed in (
+        ("moe_offload", cfg.moe_offload, MOE_MODES),
+        ("expert_cache", cfg.expert_cache, POLICIES),
+        ("expert_cpu", cfg.expert_cpu, CPU_MODES),
+    ):
+        if value not in allowed:
+            raise OllmError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.expert_slots is not None and cfg.expert_slots < 1:
+        raise OllmError("expert_slots must be >= 1")
 
 
 def _check_speculate(value: str) -> None:

@@ -219,6 +219,8 @@ class Runner:
             cos, sin = tables[key]
             mask, dense = masks[mkey]
             w = pf.get(i)
+            if pf.experts is not None:  # a sparse layer's experts come from the expert cache
+                w = pf.experts.bind(i, w)
             on_cpu = dev == "cpu"
             t0 = time.perf_counter() if (hybrid_cpu and on_cpu) or self.timeline else None
             ev = None

@@ -12,8 +12,9 @@ Weights are passed in by HF name, as for the dense block. Three layouts are read
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -70,30 +71,86 @@ def route(x: torch.Tensor, w: Weights, moe: MoeSpec) -> tuple[torch.Tensor, torc
     return top, idx
 
 
-def _expert(x: torch.Tensor, w: Weights, moe: MoeSpec, e: int, act: str) -> torch.Tensor:
-    """Expert ``e`` applied to the rows ``x`` [n, H] routed to it."""
-    p = f"{moe.prefix}.experts"
+def expert_forward(x: torch.Tensor, ew: Weights, moe: MoeSpec, act: str) -> torch.Tensor:
+    """One expert applied to the rows ``x`` [n, H] routed to it; ``ew`` holds the expert's
+    tensors by short name (``gate_proj.weight`` ..., ``gate_up_proj`` [2I, H] for fused gated
+    experts, or gpt-oss's ``gate_up_proj`` [H, 2I], ``down_proj`` [I, H] and their biases)."""
     if moe.expert_kind == "gpt_oss":
-        gate_up = x @ w[f"{p}.gate_up_proj"][e] + w[f"{p}.gate_up_proj_bias"][e]
+        gate_up = x @ ew["gate_up_proj"] + ew["gate_up_proj_bias"]
         gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
         up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
         h = (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
-        return h @ w[f"{p}.down_proj"][e] + w[f"{p}.down_proj_bias"][e]
+        return h @ ew["down_proj"] + ew["down_proj_bias"]
     fn = ACTIVATIONS[act]
-    fused = w.get(f"{p}.gate_up_proj")
+    fused = ew.get("gate_up_proj")
     if fused is not None:
-        gate, up = F.linear(x, fused[e]).chunk(2, dim=-1)
-        return F.linear(fn(gate) * up, w[f"{p}.down_proj"][e])
-    g, u, d = (w[f"{p}.{e}.{name}.weight"] for name in moe.expert_names)
+        gate, up = F.linear(x, fused).chunk(2, dim=-1)
+        return F.linear(fn(gate) * up, ew["down_proj"])
+    g, u, d = (ew[f"{name}.weight"] for name in moe.expert_names)
     return F.linear(fn(F.linear(x, g)) * F.linear(x, u), d)
 
 
-def _moe_rows(x: torch.Tensor, w: Weights, moe: MoeSpec, act: str) -> torch.Tensor:
+# Where one expert runs: None = where the rows are (the layer's device), else that device.
+ExpertRun = tuple[int, Weights, "torch.device | None"]
+
+
+class ExpertSource(Protocol):
+    """Gives a sparse layer's experts, one at a time, where they are computed."""
+
+    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
+        """Yield (expert, its weights, device) for every expert in ``used`` (``counts``: rows
+        routed to each expert), in the order they are ready; an expert's weights stay valid
+        until the next one is asked for (its buffer may then be reused)."""
+        ...
+
+
+class SparseWeights(dict):
+    """A sparse layer's weights (dense part: attention, norms, router) plus ``experts``, the
+    source its experts come from (an expert cache) instead of being tensors of the mapping."""
+
+    experts: ExpertSource
+    group_rows: int | None = None  # rows routed at once (each expert fetched once per group)
+
+
+class ResidentExperts:
+    """The experts of a whole layer's weights mapping, in any of the three layouts."""
+
+    def __init__(self, w: Weights, moe: MoeSpec) -> None:
+        p = f"{moe.prefix}.experts"
+        self.w, self.fused = w, None
+        if moe.expert_kind == "gpt_oss":
+            shorts: tuple[str, ...] = (
+                "gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"
+            )  # fmt: skip
+        elif f"{p}.gate_up_proj" in w or f"{p}.0.gate_up_proj" in w:
+            shorts = ("gate_up_proj", "down_proj")
+        else:
+            shorts = tuple(f"{n}.weight" for n in moe.expert_names)
+        if f"{p}.{shorts[0]}" in w:  # fused [E, ...] tensors
+            self.fused = {s: w[f"{p}.{s}"] for s in shorts}
+        self.prefix, self.shorts = p, shorts
+
+    def weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s tensors by short name (views, no copy)."""
+        if self.fused is not None:
+            return {s: t[e] for s, t in self.fused.items()}
+        return {s: self.w[f"{self.prefix}.{e}.{s}"] for s in self.shorts}
+
+    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
+        for e in used:
+            yield e, self.weights(e), None
+
+
+def _moe_rows(
+    x: torch.Tensor, w: Weights, moe: MoeSpec, act: str, source: ExpertSource
+) -> torch.Tensor:
     """The MoE over rows ``x`` [T, H]: group the (token, slot) pairs by expert, run each expert
     that got tokens once over its rows, write its weighted outputs to their slots, sum the slots.
 
     Summing the [T, top_k] slots (in the product's dtype, then rounding) matches transformers'
-    default ``grouped_mm`` experts, and is deterministic, unlike an atomic scatter-add on CUDA."""
+    default ``grouped_mm`` experts, and is deterministic, unlike an atomic scatter-add on CUDA.
+    The source picks the order and the device of each expert (an expert in host memory may run
+    on the CPU: its rows go there and its weighted outputs come back)."""
     weights, experts = route(x, w, moe)
     t, k = experts.shape
     flat = experts.reshape(-1)
@@ -102,14 +159,23 @@ def _moe_rows(x: torch.Tensor, w: Weights, moe: MoeSpec, act: str) -> torch.Tens
     dtype = torch.promote_types(x.dtype, weights.dtype)
     slots = torch.empty(t * k, x.shape[-1], dtype=dtype, device=x.device)
     pair_w = weights.reshape(-1)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
+    starts = [0] * len(counts)
+    for e in range(1, len(counts)):
+        starts[e] = starts[e - 1] + counts[e - 1]
+    used = [e for e, n in enumerate(counts) if n]
+    host: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # x, order, pair_w copied once
+    for e, ew, dev in source.run(used, counts):
+        a, b = starts[e], starts[e] + counts[e]
+        if dev is None:
+            pairs = order[a:b]
+            slots[pairs] = expert_forward(x[pairs // k], ew, moe, act) * pair_w[pairs, None]
             continue
-        pairs = order[start : start + n]
-        start += n
-        y = _expert(x[pairs // k], w, moe, e, act)
-        slots[pairs] = y * pair_w[pairs, None]
+        if dev not in host:
+            host[dev] = (x.to(dev), order.to(dev), pair_w.to(dev))
+        hx, ho, hw = host[dev]
+        pairs = ho[a:b]
+        y = expert_forward(hx[pairs // k], ew, moe, act) * hw[pairs, None]
+        slots[order[a:b]] = y.to(x.device, non_blocking=True)
     return slots.view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
@@ -121,16 +187,23 @@ def moe_mlp(
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """The sparse MLP of ``x`` [B, T, H]. Rows are processed ``chunk_tokens // top_k`` at a time:
-    the planner sizes ``chunk_tokens`` for one dense MLP row, a routed row runs ``top_k`` experts."""
+    the planner sizes ``chunk_tokens`` for one dense MLP row, a routed row runs ``top_k`` experts.
+    With ``SparseWeights`` (experts cached one by one) rows go ``group_rows`` at a time, so
+    each expert a group needs is fetched once for the whole group (prefill)."""
     h = x.shape[-1]
     flat = x.reshape(-1, h)
     rows = flat.shape[0]
-    step = rows if chunk_tokens is None else max(1, chunk_tokens // moe.top_k)
+    source = getattr(w, "experts", None)
+    if source is None:
+        source = ResidentExperts(w, moe)
+        step = rows if chunk_tokens is None else max(1, chunk_tokens // moe.top_k)
+    else:
+        step = getattr(w, "group_rows", None) or rows
     if rows <= step:
-        return _moe_rows(flat, w, moe, act).view(x.shape)
+        return _moe_rows(flat, w, moe, act, source).view(x.shape)
     out = torch.empty_like(flat)
     for s in range(0, rows, step):
-        out[s : s + step] = _moe_rows(flat[s : s + step], w, moe, act)
+        out[s : s + step] = _moe_rows(flat[s : s + step], w, moe, act, source)
     return out.view(x.shape)
 
 

@@ -8,6 +8,7 @@ field, so a later cost model can compute RAM-resident layers on the CPU instead 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import (
@@ -19,6 +20,9 @@ from ollm.planning.accounting import (
     kv_scratch_bytes,
 )
 from ollm.sizes import format_size
+
+if TYPE_CHECKING:
+    from ollm.planning.experts import ExpertPlan
 
 OFFLOAD_MODES = ("auto", "cpu", "disk")
 MIB = 1 << 20
@@ -69,6 +73,7 @@ class PlacementPlan:
     kv_block_tokens: int = 256  # token slots per KV block, the unit KV is split between tiers in
     kv_pools: dict[str, int] = field(default_factory=dict)  # paged KV: blocks per KV group
     kv_page_tokens: int = 16  # token slots per block of the paged pools (engine v2)
+    experts: ExpertPlan | None = None  # MoE experts placed one by one (planning/experts.py)
 
     def phase(self, tokens: int) -> str:
         """'decode' (hybrid devices) for small forwards, else 'prefill' (everything on the GPU)."""
@@ -147,6 +152,8 @@ class PlacementPlan:
                     f"(forwards of <= {self.cpu_max_tokens} tokens): {self.cpu_layers}",
                 )
             )
+        if self.experts is not None:
+            rows += self.experts.describe()
         for key, value in self.predicted.items():
             rows.append((f"predicted: {key}", f"{value:.2f}"))
         rows += [(f"reserved: {k}", format_size(v)) for k, v in self.reserved.items()]

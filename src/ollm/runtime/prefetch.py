@@ -184,6 +184,7 @@ class Prefetcher:
     ) -> None:
         self.store, self.plan, self.stats, self.verify = store, plan, stats, verify
         self._timeline = None  # an ollm.telemetry.timeline.Timeline records spans when set
+        self.experts = None  # runtime.experts.ExpertCache when experts are cached one by one
         # Called with a layer index inside the copy stream right after that layer's weight copy
         # is issued (the KV fetcher queues the layer's KV behind it).
         self.on_issue = None
@@ -441,4 +442,7 @@ class Prefetcher:
         self._slots.clear()
         self._slot_views.clear()
         self.globals = {}  # the head too: a re-plan loads its own before this object goes
+        if self.experts is not None:  # its copies and pinned pages go with the placement
+            self.experts.close()
+            self.experts = None
         self.store.close()

@@ -28,7 +28,8 @@ from ollm.storage.store import MANIFEST, is_store
 logger = logging.getLogger("ollm")
 
 # Bump when convert() writes different bytes for the same source: old stores are then not reused.
-CONVERTER_VERSION = 2
+# 3: experts split per expert and laid out after the dense part, with per-expert CRC32s.
+CONVERTER_VERSION = 3
 STORES = "stores"
 _HEAD = 1 << 20  # safetensors headers (tensor names, shapes, offsets) fit in this
 GGUF_HEAD = 16 << 20  # GGUF metadata holds the whole vocabulary (~6 MB for 262k tokens)

@@ -21,6 +21,7 @@ from ollm.procs import pid_alive
 from ollm.sizes import format_size
 from ollm.storage import cache
 from ollm.storage.cache import CONVERTER_VERSION
+from ollm.storage.experts import expert_regions, order_layer, split_fused
 from ollm.storage.families import ModelFamilies
 from ollm.storage.progress import heartbeat, progress_iter
 from ollm.storage.sources import SIDE_FILES_SKIP, TensorSource, classify_name, open_source
@@ -197,6 +198,7 @@ def _write_store(source: TensorSource, plan: _Plan, dst: Path, name: str, progre
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "layers").mkdir(parents=True)
     files: dict[str, FileEntry] = {}
+    experts: dict[str, dict] = {}  # layer file -> its dense part's and experts' byte ranges
     try:
         order = [None, *plan.layers]
         desc = f"converting {Path(src).name} ({format_size(plan.nbytes)})"
@@ -209,14 +211,21 @@ def _write_store(source: TensorSource, plan: _Plan, dst: Path, name: str, progre
                 missing = plan.families.missing(spec, set(tensors), i)
                 if missing:
                     raise CorruptStoreError(f"{src}: layer {i} lacks {', '.join(missing)}")
+                # Each expert one contiguous range after the dense part (read and cached alone).
+                tensors = order_layer(split_fused(tensors))
             fname = GLOBALS if i is None else layer_file(i)
             buf, entry = pack(tensors)
+            regions = expert_regions(entry, buf) if i is not None else None
+            if regions is not None:
+                experts[fname] = regions.to_json()
             with open(tmp / fname, "wb") as f:
                 f.write(memoryview(buf.numpy()))
             files[fname] = entry
         plan.config.save_pretrained(str(tmp))
         source.save_tokenizer(tmp)
         manifest = _manifest(spec, out_dtype, name, files)
+        if experts:
+            manifest["experts"] = experts
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if dst.exists():
             shutil.rmtree(dst)

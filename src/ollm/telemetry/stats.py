@@ -24,6 +24,9 @@ class IOStats:
     cpu_seconds: float = 0.0  # time the CPU path computed layers (hybrid decode)
     kv_read_tokens: int = 0  # decode: key slots routed attention read (all KV heads)
     kv_total_tokens: int = 0  # decode: key slots those layers hold (what full attention reads)
+    expert_hits: int = 0  # routed experts found on the device (cache hit, resident or in place)
+    expert_misses: int = 0  # routed experts fetched (or, with ``expert_cpu``, run on the CPU)
+    expert_cpu: int = 0  # misses computed by the CPU where they sit in RAM
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:
@@ -41,6 +44,9 @@ class IOStats:
                 "host_wait_seconds": self.host_wait_seconds,
                 "gpu_stall_seconds": self.gpu_stall_seconds,
                 "cpu_seconds": self.cpu_seconds,
+                "expert_hits": self.expert_hits,
+                "expert_misses": self.expert_misses,
+                "expert_cpu": self.expert_cpu,
                 "kv_read_tokens": self.kv_read_tokens,
                 "kv_total_tokens": self.kv_total_tokens,
             }

@@ -1,0 +1,86 @@
+"""Expert-granular offload wired into an ``LLM`` (issue 19): when to plan experts one by one,
+and the prefetcher that streams the dense parts with an expert cache beside it.
+
+``moe_offload="auto"`` places experts one by one when the model is a mixture of experts, its
+store holds per-expert ranges, and whole layers would not all stay resident (something would
+stream); ``"expert"`` always does, ``"layer"`` never (whole layers stream, the baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ollm.errors import BudgetError
+
+log = logging.getLogger(__name__)
+
+
+def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
+    """(plan with ``experts``, rates or None) for ``llm``'s model, or None to plan whole layers.
+    ``whole()`` plans whole layers (raising ``BudgetError`` when they do not fit); ``chunk``:
+    the keyword arguments ``plan_placement`` gets."""
+    from ollm.planning.experts import plan_experts
+    from ollm.planning.placement import plan_placement
+    from ollm.storage.experts import StoreExperts
+
+    cfg, spec = llm.config, llm.spec
+    if spec.moe is None or cfg.moe_offload == "layer":
+        return None
+    experts = StoreExperts(llm.store)
+    if not experts.available:
+        if cfg.moe_offload == "expert":
+            log.warning("this store has no per-expert ranges (converted before them); whole "
+                        "layers stream")  # fmt: skip
+        return None
+    if cfg.moe_offload == "auto" and cfg.expert_slots is None:
+        try:
+            plan = whole()
+        except BudgetError:
+            plan = None  # whole layers do not fit: experts one by one may
+        if plan is not None and not plan.streamed and all(p.tier != "disk" for p in plan.layers):
+            return None  # every layer resident: nothing to cache
+
+    def plan_dense(store, gpu, cpu):
+        return plan_placement(spec, store, llm.device, gpu, cpu, cfg.offload, workload, elem,
+                              hybrid="off", **chunk)  # fmt: skip
+
+    try:
+        eplan = plan_experts(
+            spec, llm.store, experts, llm.device, llm._gpu_memory, cfg.cpu_memory, cfg.offload,
+            workload, elem, cfg.expert_cache, cfg.expert_slots, cfg.expert_cpu, plan_dense,
+        )  # fmt: skip
+    except BudgetError as exc:
+        log.warning("experts cannot be placed one by one (%s); whole layers stream", exc)
+        return None
+    rates = None
+    e = eplan.experts
+    if eplan.device != "cpu" and not e.resident and sum(e.ram) and e.cpu_compute == "auto":
+        # RAM experts missing from the cache may run on the CPU: the measured rates decide.
+        from ollm.engine.calibrate import cached_rates
+        from ollm.storage.convert import default_cache_dir
+
+        cache = Path(cfg.cache_dir or default_cache_dir())
+        rates = cached_rates(llm.device, cache, llm.dtype, spec, workload.context)
+    return eplan, rates
+
+
+def make_prefetcher(store, plan, stats, verify: bool, rates=None):
+    """The plan's ``Prefetcher``; with ``plan.experts`` it streams the dense view of the store
+    and carries the ``ExpertCache`` (``prefetcher.experts``) the runner binds to sparse layers."""
+    from ollm.runtime.prefetch import Prefetcher
+
+    if plan.experts is None:
+        return Prefetcher(store, plan, stats, verify)
+    from ollm.runtime.experts import ExpertCache
+    from ollm.storage.experts import StoreExperts, dense_store
+
+    experts = StoreExperts(store)
+    experts.verify = verify
+    prefetcher = Prefetcher(dense_store(store, experts), plan, stats, verify)
+    try:
+        prefetcher.experts = ExpertCache(experts, plan.experts, plan.device, stats, rates)
+    except BaseException:
+        prefetcher.close()
+        raise
+    return prefetcher

@@ -1,0 +1,179 @@
+"""Placement per expert (issue 19): the dense part of every layer (attention, norms, router,
+shared experts) is placed first, exactly as whole layers are (``plan_placement`` over the store's
+dense view); the experts then share what the budgets leave:
+
+* every expert on the device when they all fit (``resident``, no cache);
+* else a GPU expert cache of ``cache_slots`` slots of one expert each (at least ``MIN_SLOTS``),
+  filled on demand by a policy (LRU or LFU), and every expert's home in pinned RAM while
+  ``cpu_memory`` allows (spread evenly over the layers: the first ``ram[i]`` experts of layer i),
+  the rest read from the layer store on a miss.
+
+On the CPU device the device *is* RAM: experts in RAM are computed in place, those on disk are
+read into the cache slots (RAM). The plan is plain data; ``runtime/experts.py`` executes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ollm.errors import BudgetError
+from ollm.sizes import format_size
+
+MIB = 1 << 20
+MIN_SLOTS = 2  # fewest cache slots: one expert computing while the next one arrives
+POLICIES = ("lru", "lfu")
+MOE_MODES = ("auto", "expert", "layer")
+CPU_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """Where the experts of the sparse layers live and how many the device caches."""
+
+    device: str
+    layers: tuple[int, ...]  # sparse layers whose experts are placed one by one
+    num_experts: int  # experts per sparse layer
+    expert_bytes: int  # one expert's range in the store (one cache slot)
+    resident: bool  # every expert on the device (no cache, nothing streamed)
+    ram: tuple[int, ...]  # per entry of ``layers``: its first ram[j] experts live in RAM
+    cache_slots: int  # device slots of one expert each (0 when resident)
+    group_rows: int  # rows routed at once: each expert is fetched once per group
+    policy: str = "lru"  # cache replacement: "lru" or "lfu"
+    cpu_compute: str = "auto"  # RAM experts missing from the cache run on the CPU: auto/on/off
+
+    @property
+    def total(self) -> int:
+        return self.num_experts * len(self.layers)
+
+    def tier_counts(self) -> dict[str, int]:
+        """How many experts live on the device, in RAM and on disk (cache slots not counted)."""
+        if self.resident:
+            return {"gpu": self.total, "cpu": 0, "disk": 0}
+        ram = sum(self.ram)
+        return {"gpu": 0, "cpu": ram, "disk": self.total - ram}
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(label, value) rows for ``ollm info``."""
+        t = self.tier_counts()
+        on_cpu = self.device == "cpu"
+        dev = "RAM" if on_cpu else "GPU"
+        where = (
+            f"{t['cpu'] + t['gpu']} in RAM" if on_cpu else f"{t['gpu']} on GPU, {t['cpu']} in RAM"
+        )
+        rows = [
+            (
+                "experts",
+                f"{self.total} ({self.num_experts} per layer x {len(self.layers)} layers, "
+                f"{format_size(self.expert_bytes)} each): {where}, {t['disk']} on disk",
+            )
+        ]
+        if not self.resident:
+            cpu = {"auto": "by the cost model", "on": "always", "off": "never"}[self.cpu_compute]
+            rows.append(
+                (
+                    "expert cache",
+                    f"{self.cache_slots} slots on {dev} ({100 * self.cache_slots / self.total:.1f}%"
+                    f" of the experts), {self.policy.upper()}; RAM experts run on the CPU on a "
+                    f"miss: {cpu if self.device != 'cpu' else 'in place'}",
+                )
+            )
+        rows.append(("expert rows per group", str(self.group_rows)))
+        return rows
+
+
+def group_rows(spec, work, budget: int | None) -> tuple[int, int]:
+    """(rows routed at once, bytes their temporaries take): the [rows x top_k, H] output slots
+    in float32 (the widest product dtype) and one expert's intermediates over all rows stay
+    under 256 MiB or 1/16 of the budget, and at least 256 rows."""
+    moe = spec.moe
+    cap = max(32 * MIB, min(256 * MIB, (budget or 1 << 40) // 16))
+    per_row = 4 * (moe.top_k * spec.hidden_size + 3 * moe.intermediate_size + spec.hidden_size)
+    rows = max(256, min(work.batch * work.prefill_tokens, cap // per_row))
+    return rows, rows * per_row
+
+
+def plan_experts(
+    spec,
+    store,
+    experts,
+    device: str,
+    gpu_memory: int | None,
+    cpu_memory: int | None,
+    offload: str,
+    work,
+    dtype_bytes: int,
+    policy: str = "lru",
+    slots: int | None = None,
+    cpu_compute: str = "auto",
+    plan_dense=None,
+):
+    """The placement of the dense parts (a ``PlacementPlan`` over ``dense_store``) with an
+    ``ExpertPlan`` in its ``experts`` field, under the same budgets; raises ``BudgetError``
+    when the dense parts and ``MIN_SLOTS`` cache slots do not fit. ``experts`` is the store's
+    ``StoreExperts``; ``plan_dense(store, gpu_memory, cpu_memory)`` plans the dense view
+    (``plan_placement`` with the caller's other arguments)."""
+    from ollm.storage.experts import dense_store
+
+    on_gpu = device != "cpu"
+    budget = gpu_memory if on_gpu else cpu_memory
+    rows, rows_bytes = group_rows(spec, work, budget)
+    slot = experts.expert_bytes
+    layers = tuple(sorted(experts.regions))
+    n_exp = max(experts.num_experts(i) for i in layers)
+    total = n_exp * len(layers)
+    least = MIN_SLOTS if slots is None else max(1, slots)
+    reserve = rows_bytes + least * slot
+    dense = dense_store(store, experts)
+    if budget is not None and budget <= reserve:
+        raise BudgetError(f"budget {format_size(budget)} below the experts' minimum")
+    sub = None if budget is None else budget - reserve
+    plan = plan_dense(dense, sub if on_gpu else gpu_memory, sub if not on_gpu else cpu_memory)
+    spare = None if budget is None else budget - plan.peak_device_bytes - reserve
+    fits = spare is None or spare + least * slot >= total * slot
+    if fits and slots is None:
+        cache, ram = 0, (0,) * len(layers)
+    else:
+        # A GPU's spare memory becomes cache slots; on the CPU (RAM is the device) it holds
+        # experts in place, and the cache only takes the disk experts' misses.
+        grow = on_gpu and slots is None and spare is not None
+        cache = min(total, least + (spare // slot if grow else 0))
+        ram = _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, spare)
+    eplan = ExpertPlan(
+        device=device,
+        layers=layers,
+        num_experts=n_exp,
+        expert_bytes=slot,
+        resident=fits and slots is None,
+        ram=ram,
+        cache_slots=cache,
+        group_rows=rows,
+        policy=policy,
+        cpu_compute=cpu_compute,
+    )
+    reserved = dict(plan.reserved)
+    reserved["experts"] = total * slot if eplan.resident else cache * slot
+    reserved["expert rows"] = rows_bytes
+    return replace(plan, experts=eplan, reserved=reserved)
+
+
+def _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, spare):
+    """Experts per layer whose home is RAM (pinned on a GPU machine), spread evenly; the rest
+    are read from the store on a miss. On the CPU device RAM is the device: what the budget
+    left (``spare``, after the dense parts and the cache slots) holds experts in place."""
+    n = len(layers)
+    if on_gpu:
+        if offload == "disk":
+            return (0,) * n
+        used = sum(dense.layer_nbytes(i) for i, p in enumerate(plan.layers) if p.tier == "cpu")
+        room = None if cpu_memory is None else max(0, cpu_memory - used)
+        if offload == "cpu" and room is not None and room < n * n_exp * slot:
+            raise BudgetError(
+                f"offload='cpu' needs {format_size(n * n_exp * slot)} of pinned RAM for the "
+                f"experts, cpu_memory leaves {format_size(room)}; use offload='auto' or 'disk'"
+            )
+    else:
+        room = None if spare is None else max(0, spare)
+    if room is None:
+        return (n_exp,) * n
+    count = min(n * n_exp, room // slot)
+    return tuple(min(n_exp, count // n + (1 if j < count % n else 0)) for j in range(n))

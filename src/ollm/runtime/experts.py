@@ -1,0 +1,367 @@
+"""The expert cache (issue 19): a sparse layer's experts given one by one where they are computed.
+
+An ``ExpertPlan`` (``planning/experts.py``) says where each expert lives: all on the device
+(``resident``), or at home in RAM (pinned on a GPU machine) or in the layer store, with
+``cache_slots`` device buffers of one expert each. When a layer's router has run, ``run`` gets
+the experts its rows need: hits first (computing while the copies run), then RAM experts the
+cost model sends to the CPU (the host computes while the GPU works and the copy engine copies),
+then the misses as their copies land. Every miss is issued as soon as a slot is free, on the
+copy stream, behind the slot's last use (an event the compute stream records); the compute
+stream waits on the copy's event before it reads the slot. A slot holding an expert of the
+current call is pinned until that expert's compute is queued, so eviction under pressure (fewer
+slots than experts) proceeds in waves and never hands out a slot whose bytes are in flight.
+
+On a device without a copy engine (the CPU playing an accelerator in tests) copies are this
+thread's work; on the CPU device itself RAM experts are computed in place and only disk experts
+go through the slots.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+import torch
+
+from ollm.layers.moe import ExpertRun, SparseWeights
+from ollm.runtime.pinned import pinned_empty, unpin
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class _Lru:
+    """Least recently used first."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key, cached: bool) -> None:
+        if cached:
+            self.order.move_to_end(key)
+
+    def add(self, key: Key) -> None:
+        self.order[key] = None
+
+    def remove(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        return next((k for k in self.order if k not in pinned), None)
+
+
+class _Lfu:
+    """Least frequently used first (uses counted over the whole run, also while not cached, so
+    an expert evicted once keeps its history); ties go to the least recently used."""
+
+    def __init__(self) -> None:
+        self.uses: dict[Key, int] = {}
+        self.buckets: dict[int, OrderedDict[Key, None]] = {}
+
+    def touch(self, key: Key, cached: bool) -> None:
+        n = self.uses.get(key, 0)
+        self.uses[key] = n + 1
+        if cached:
+            self._move(key, n, n + 1)
+
+    def _move(self, key: Key, old: int, new: int) -> None:
+        b = self.buckets.get(old)
+        if b is not None:
+            b.pop(key, None)
+            if not b:
+                del self.buckets[old]
+        self.buckets.setdefault(new, OrderedDict())[key] = None
+
+    def add(self, key: Key) -> None:
+        self.buckets.setdefault(self.uses.get(key, 0), OrderedDict())[key] = None
+
+    def remove(self, key: Key) -> None:
+        n = self.uses.get(key, 0)
+        b = self.buckets.get(n)
+        if b is not None:
+            b.pop(key, None)
+            if not b:
+                del self.buckets[n]
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        for n in sorted(self.buckets):
+            for k in self.buckets[n]:
+                if k not in pinned:
+                    return k
+        return None
+
+
+class ExpertCache:
+    """Experts of the sparse layers under an ``ExpertPlan`` on ``device``; ``bind`` attaches
+    layer i's experts to its dense weights for ``moe_mlp``."""
+
+    def __init__(self, experts, plan, device: str, stats, rates=None) -> None:
+        self.experts, self.plan, self.stats, self.rates = experts, plan, stats, rates
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.in_place = device == "cpu"  # RAM is the device: RAM experts computed where they are
+        self.cpu = torch.device("cpu")
+        self._pinned: list[torch.Tensor] = []
+        self._index = {i: j for j, i in enumerate(plan.layers)}
+        self._views: dict[Key, dict[str, torch.Tensor]] = {}  # resident or RAM experts
+        self._bytes: dict[Key, torch.Tensor] = {}  # RAM experts' bytes (copy sources)
+        self._bound: dict[int, tuple[object, SparseWeights]] = {}
+        n = 0 if plan.resident else plan.cache_slots
+        slot_dev = self.device if self.cuda else self.cpu
+        self.slots = torch.empty(n, plan.expert_bytes, dtype=torch.uint8, device=slot_dev)
+        self.slot_key: list[Key | None] = [None] * n
+        self._empty = list(range(n - 1, -1, -1))  # slots never filled, popped from the end
+        self.slot_views: list[dict[str, torch.Tensor] | None] = [None] * n
+        self.where: dict[Key, int] = {}
+        self.pinned: set[Key] = set()
+        self.policy = _Lfu() if plan.policy == "lfu" else _Lru()
+        self.counts = {"hits": 0, "misses": 0, "cpu": 0}
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.ready: list[torch.cuda.Event | None] = [None] * n
+            self.free: list[torch.cuda.Event | None] = [None] * n
+            disk = any(r < plan.num_experts for r in plan.ram) and not plan.resident
+            self._staging = [self._pin(plan.expert_bytes) for _ in range(4 if disk else 0)]
+            self._staging_done: list[torch.cuda.Event | None] = [None] * len(self._staging)
+            self._next_staging = 0
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _pin(self, nbytes: int) -> torch.Tensor:
+        if not self.cuda:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        buf = pinned_empty(nbytes, self.device)
+        self._pinned.append(buf)
+        return buf
+
+    def _load(self) -> None:
+        """Read the resident experts (to the device) or each layer's RAM experts (to RAM)."""
+        p, st = self.plan, self.experts
+        for j, i in enumerate(p.layers):
+            m = p.num_experts if p.resident else p.ram[j]
+            if m == 0:
+                continue
+            nbytes = st.range_bytes(i, 0, m)
+            host = self._pin(nbytes)
+            self.stats.add(bytes_disk=st.read_range(i, 0, m, host))
+            buf = host
+            if p.resident and self.device.type != "cpu":
+                buf = host.to(self.device)
+                self.stats.add(bytes_h2d=nbytes)
+                if self.cuda:
+                    unpin(host)
+                    self._pinned.remove(host)
+            base = st.regions[i].offsets[0]
+            for e in range(m):
+                a = st.regions[i].offsets[e] - base
+                raw = buf[a : a + st.regions[i].sizes[e]]
+                self._views[(i, e)] = st.views(i, e, raw)
+                if not p.resident:
+                    self._bytes[(i, e)] = raw
+
+    def bind(self, i: int, w):
+        """Layer i's weights with its experts attached (``SparseWeights``); other layers' as is."""
+        if i not in self._index:
+            return w
+        bound = self._bound.get(i)
+        if bound is not None and bound[0] is w:
+            return bound[1]
+        sw = SparseWeights(w)
+        sw.experts = _LayerExperts(self, i)
+        sw.group_rows = self.plan.group_rows
+        self._bound[i] = (w, sw)
+        return sw
+
+    # -- one layer's experts ------------------------------------------------------------------------
+    def run(self, i: int, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
+        """Experts ``used`` of layer i (``counts``: rows per expert), as ``ExpertSource.run``."""
+        if self.plan.resident:
+            for e in used:
+                yield e, self._views[(i, e)], None
+            return
+        ram = self.plan.ram[self._index[i]]
+        hits, local, misses = [], [], []
+        for e in used:
+            key = (i, e)
+            s = self.where.get(key)
+            self.policy.touch(key, s is not None)
+            if s is not None:
+                hits.append((e, s))
+                self.pinned.add(key)
+            elif e < ram and self.in_place:
+                local.append(e)
+            else:
+                misses.append(e)
+        on_cpu, fetch = self._split(i, misses, counts, ram)
+        self.counts["hits"] += len(hits) + len(local)
+        self.counts["misses"] += len(misses)
+        self.counts["cpu"] += len(on_cpu)
+        self.stats.add(
+            expert_hits=len(hits) + len(local), expert_misses=len(misses), expert_cpu=len(on_cpu)
+        )
+        pending, inflight = deque(fetch), deque()
+        try:
+            self._issue(i, pending, inflight)
+            for e, s in hits:
+                yield e, self._use(s), None
+                self._done(s)
+            for e in local:
+                yield e, self._views[(i, e)], None
+            self._issue(i, pending, inflight)
+            for e in on_cpu:
+                yield e, self._views[(i, e)], self.cpu
+            while inflight:
+                e, s = inflight.popleft()
+                yield e, self._use(s), None
+                self._done(s)
+                self._issue(i, pending, inflight)
+        finally:  # one call runs at a time: an interrupted one leaves no slot pinned
+            self.pinned.clear()
+
+    def _split(self, i: int, misses: list[int], counts: list[int], ram: int):
+        """(RAM misses the CPU computes, misses copied to the device). The cost model moves RAM
+        misses, fewest rows first, to the CPU while that shortens max(copy time, CPU time)."""
+        mode = self.plan.cpu_compute
+        cand = [e for e in misses if e < ram] if not self.in_place and mode != "off" else []
+        if not cand:
+            return [], misses
+        if mode == "on":
+            return cand, [e for e in misses if e >= ram]
+        r = self.rates
+        if r is None:
+            return [], misses
+        nbytes = self.plan.expert_bytes
+        params = nbytes // max(1, self.experts.tensors[i][0][0].dtype.itemsize)
+        copy = r.copy_s(nbytes, shared=True)
+        t_copy, t_cpu, cpu = len(misses) * copy, 0.0, []
+        for e in sorted(cand, key=lambda e: counts[e]):
+            c = r.cpu_layer_s(nbytes, params, counts[e], shared=True)
+            if t_cpu + c >= t_copy - copy:
+                break
+            t_cpu, t_copy = t_cpu + c, t_copy - copy
+            cpu.append(e)
+        chosen = set(cpu)
+        return cpu, [e for e in misses if e not in chosen]
+
+    # -- slots ------------------------------------------------------------------------------------
+    def _issue(self, i: int, pending: deque, inflight: deque) -> None:
+        """Start the copies of pending misses while a slot can be taken."""
+        while pending:
+            s = self._take()
+            if s is None:
+                return
+            e = pending.popleft()
+            key = (i, e)
+            self.where[key] = s
+            self.slot_key[s] = key
+            self.policy.add(key)
+            self.pinned.add(key)
+            self._fill(i, e, s)
+            inflight.append((e, s))
+
+    def _take(self) -> int | None:
+        """A free slot, else the policy's victim among unpinned ones (evicted), else None."""
+        if self._empty:
+            return self._empty.pop()
+        victim = self.policy.victim(self.pinned)
+        if victim is None:
+            return None
+        s = self.where.pop(victim)
+        self.policy.remove(victim)
+        self.slot_key[s] = None
+        self.slot_views[s] = None
+        return s
+
+    def _fill(self, i: int, e: int, s: int) -> None:
+        """Copy expert e of layer i into slot s (from RAM, or read from the store)."""
+        st = self.experts
+        nbytes = st.regions[i].sizes[e]
+        dst = self.slots[s, :nbytes]
+        src = self._bytes.get((i, e))
+        if not self.cuda:
+            if src is None:
+                self.stats.add(bytes_disk=st.read_range(i, e, e + 1, dst))
+            else:
+                dst.copy_(src)
+                self.stats.add(bytes_h2d=nbytes)
+        else:
+            if src is None:
+                src = self._stage(i, e)
+            with torch.cuda.stream(self.copy_stream):
+                if self.free[s] is not None:
+                    self.copy_stream.wait_event(self.free[s])
+                dst.copy_(src[:nbytes], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+            self.ready[s] = ev
+            if src is not self._bytes.get((i, e)):
+                self._staging_done[self._next_staging - 1] = ev
+            self.stats.add(bytes_h2d=nbytes)
+        self.slot_views[s] = st.views(i, e, self.slots[s])
+
+    def _stage(self, i: int, e: int) -> torch.Tensor:
+        """Read a disk expert into the next pinned staging buffer (once its last copy is done)."""
+        k = self._next_staging % len(self._staging)
+        self._next_staging = k + 1
+        done = self._staging_done[k]
+        if done is not None:
+            done.synchronize()
+        self.stats.add(bytes_disk=self.experts.read_range(i, e, e + 1, self._staging[k]))
+        return self._staging[k]
+
+    def _use(self, s: int) -> dict[str, torch.Tensor]:
+        """Slot s's expert, once its copy has landed (the compute stream waits, not the host)."""
+        if self.cuda and self.ready[s] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+        views = self.slot_views[s]
+        assert views is not None
+        return views
+
+    def _done(self, s: int) -> None:
+        """The compute queued so far is the last use of slot s by this call: unpin it."""
+        key = self.slot_key[s]
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.free[s] = ev
+        if key is not None:
+            self.pinned.discard(key)
+
+    # -- reporting and lifetime -------------------------------------------------------------------
+    @property
+    def hit_rate(self) -> float:
+        n = self.counts["hits"] + self.counts["misses"]
+        return self.counts["hits"] / n if n else 0.0
+
+    def cached(self) -> dict[Key, int]:
+        """(layer, expert) -> slot for every cached expert (for tests and reports)."""
+        return dict(self.where)
+
+    def close(self) -> None:
+        """Wait for copies in flight, unpin the host buffers, drop the device buffers."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for buf in self._pinned:
+            unpin(buf)
+        self._pinned.clear()
+        self._views.clear()
+        self._bytes.clear()
+        self._bound.clear()
+        self.slots = torch.empty(0, dtype=torch.uint8)
+        self.slot_views = []
+        self.slot_key = []
+        self._empty = []
+        self.where.clear()
+
+
+class _LayerExperts:
+    """``ExpertSource`` of one layer: the cache's ``run`` for layer i."""
+
+    def __init__(self, cache: ExpertCache, i: int) -> None:
+        self.cache, self.i = cache, i
+
+    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
+        return self.cache.run(self.i, used, counts)
