@@ -68,7 +68,6 @@ class Runner:
         s = self.spec
         scratch = None
         caches: list = []
-        spec_layers = s.layers
         # Pinned RAM for offloaded layers is page-locked by a background thread, in layer order.
         pinned = not all_disk and any(p.kv_tier == "cpu" for p in self.plan.layers)
         pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if pinned else None
@@ -85,15 +84,13 @@ class Runner:
                 compressed = codecs.make(i, p, tier, disk) if codecs else None
                 if compressed is not None:  # its own storage and attention (kv/compressed.py)
                     caches.append(compressed)
-                    continue
-                if tier in ("cpu", "disk"):
+                elif tier in ("cpu", "disk"):
                     from ollm.kv.offload import KVScratch, OffloadedKVCache
 
                     if scratch is None:
                         scratch = KVScratch(
                             batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.exec_device
                         )
-                    store = disk.storage if tier == "disk" else None
                     caches.append(
                         OffloadedKVCache(
                             batch,
@@ -102,32 +99,13 @@ class Runner:
                             capacity,
                             self.dtype,
                             scratch,
-                            storage=store,
+                            storage=disk.storage if tier == "disk" else None,
                             allocator=pin_pool if tier == "cpu" else None,
                             device_tokens=0 if all_disk else p.kv_device_tokens,
                         )
                     )
                 else:
-                    window = spec_layers[i].window
-                    bound = window_capacity(window, self.plan.prefill_chunk_tokens or capacity)
-                    if window and bound < capacity:
-                        caches.append(
-                            SlidingKVCache(
-                                batch,
-                                s.num_kv_heads,
-                                s.head_dim,
-                                bound,
-                                self.dtype,
-                                p.kv_device,
-                                window,
-                            )
-                        )
-                    else:
-                        caches.append(
-                            LayerKVCache(
-                                batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device
-                            )
-                        )
+                    caches.append(self._device_kv(i, p, batch, capacity))
         except BaseException:
             for cache in caches:
                 cache.close()
@@ -139,6 +117,24 @@ class Runner:
             from ollm.kv.routed import attach_routers
 
             attach_routers(caches, self.routing, batch, capacity, self.prefetcher.stats)
+        self._attach_fetcher(caches, all_disk)
+        return caches
+
+    def _device_kv(self, i: int, p, batch: int, capacity: int) -> LayerKVCache:
+        """Layer ``i``'s KV on its device: the whole capacity, or for a sliding-window layer
+        window + one forward when that is smaller (``SlidingKVCache``)."""
+        s = self.spec
+        window = s.layers[i].window
+        bound = window_capacity(window, self.plan.prefill_chunk_tokens or capacity)
+        if window and bound < capacity:
+            return SlidingKVCache(
+                batch, s.num_kv_heads, s.head_dim, bound, self.dtype, p.kv_device, window
+            )
+        return LayerKVCache(batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device)
+
+    def _attach_fetcher(self, caches: list, all_disk: bool) -> None:
+        """The KVFetcher of the layers whose RAM KV decode copies to the GPU (none with every
+        layer's KV on disk), its copies queued behind their weights on the copy stream."""
         # A layer whose routing reads a fraction of its KV reads it where it sits: no fetch.
         idx = [
             i
@@ -158,7 +154,6 @@ class Runner:
             if self.prefetcher.cuda and streamed.issuperset(idx):
                 fetcher.attach(idx, self.prefetcher.copy_stream)
                 self.prefetcher.on_issue = fetcher.issue_layer
-        return caches
 
     @torch.inference_mode()
     def forward(
