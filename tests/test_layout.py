@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ollm"
 # Top to bottom: a module may import only from its own package or one below it. The top-level
 # modules join a group: the facade (``ollm/__init__``, ``api``, ``api_support``, ``compat``),
 # ``config`` (EngineConfig: read by the engine and above, reads planning and storage) and the
-# leaf helpers every layer uses (``errors``, ``sizes``, ``procs``).
+# leaf helpers every layer uses (``errors``, ``sizes``, ``procs``, ``tiers``).
 ORDER = [
     "cli",  # ollm commands
     "serve",  # OpenAI-compatible server
@@ -33,7 +33,7 @@ ORDER = [
     "runtime",  # moves bytes: pinned memory, prefetcher
     "storage",  # reads files: sources, conversion, layer store
     "telemetry",  # counters, timers
-    "base",  # errors, sizes, procs
+    "base",  # errors, sizes, procs, tiers
 ]
 GROUP_OF_TOP = {
     "__init__": "api",
@@ -44,6 +44,7 @@ GROUP_OF_TOP = {
     "errors": "base",
     "sizes": "base",
     "procs": "base",
+    "tiers": "base",
 }
 
 # (importing module, imported module) -> why the exception is justified. Keep it short.
@@ -200,3 +201,20 @@ def test_the_layout_check_sees_what_it_should(tmp_path):
 if __name__ == "__main__":  # python tests/test_layout.py: the full report, checked or not
     print("\n".join(upward_imports()) or "imports: ok")
     print("\n".join(long_functions()) or "functions: ok")
+
+
+def test_tiers_and_phases_read_as_the_strings_they_replaced():
+    """Tiers and phases are enums that compare, print, format, repr and serialize as their
+    values, so plans, JSON reports and ``ollm info`` read as before."""
+    import json
+
+    from ollm.planning.placement import LayerPlacement
+    from ollm.tiers import KvTier, Phase, Tier
+
+    assert Tier.DISK == "disk" and {"disk": 1}[Tier.DISK] == 1 and Tier("gpu") is Tier.GPU
+    assert f"{KvTier.CPU}/{Phase.DECODE:>7}" == "cpu/ decode" and str(Phase.PREFILL) == "prefill"
+    assert repr(KvTier.DEVICE) == "'device'"
+    assert json.dumps({Tier.CPU: [KvTier.DISK, Phase.PREFILL]}) == '{"cpu": ["disk", "prefill"]}'
+    p = LayerPlacement("disk", "cpu", kv_tier="cpu")  # strings given become the enums
+    assert p.tier is Tier.DISK and p.kv_tier is KvTier.CPU
+    assert repr(p).startswith("LayerPlacement(tier='disk', exec_device='cpu'")

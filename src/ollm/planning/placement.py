@@ -20,6 +20,7 @@ from ollm.planning.accounting import (
     kv_scratch_bytes,
 )
 from ollm.sizes import format_size
+from ollm.tiers import KvTier, Phase, Tier
 
 if TYPE_CHECKING:
     from ollm.planning.experts import ExpertPlan
@@ -37,15 +38,21 @@ class LayerPlacement:
     whose weights sit in RAM is then computed by the CPU instead of being copied to the GPU.
     """
 
-    tier: str
+    tier: Tier
     exec_device: str
     decode_device: str | None = None
-    kv_tier: str = "device"  # "device": on kv_device; "cpu": pinned RAM; "disk": KV files
+    kv_tier: KvTier = KvTier.DEVICE  # on kv_device, in pinned RAM (CPU) or in KV files (DISK)
     kv_fetch: bool = False  # pinned-RAM KV copied back to the GPU (prefetched) for decode
     kv_device_tokens: int = 0  # offloaded KV: its first slots (whole blocks) stay on the device
 
-    def device_for(self, phase: str) -> str:
-        return self.decode_device if phase == "decode" and self.decode_device else self.exec_device
+    def __post_init__(self) -> None:  # strings given (tests, ``replace``) become the enums
+        object.__setattr__(self, "tier", Tier(self.tier))
+        object.__setattr__(self, "kv_tier", KvTier(self.kv_tier))
+
+    def device_for(self, phase: Phase) -> str:
+        if phase == Phase.DECODE and self.decode_device:
+            return self.decode_device
+        return self.exec_device
 
     @property
     def kv_device(self) -> str:
@@ -75,11 +82,11 @@ class PlacementPlan:
     kv_page_tokens: int = 16  # token slots per block of the paged pools (engine v2)
     experts: ExpertPlan | None = None  # MoE experts placed one by one (planning/experts.py)
 
-    def phase(self, tokens: int) -> str:
-        """'decode' (hybrid devices) for small forwards, else 'prefill' (everything on the GPU)."""
-        return "decode" if tokens <= self.cpu_max_tokens else "prefill"
+    def phase(self, tokens: int) -> Phase:
+        """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
+        return Phase.DECODE if tokens <= self.cpu_max_tokens else Phase.PREFILL
 
-    def streamed_for(self, phase: str) -> list[int]:
+    def streamed_for(self, phase: Phase) -> list[int]:
         """Layers whose weights are copied to the GPU on every pass in ``phase``."""
         return [
             i
@@ -90,7 +97,7 @@ class PlacementPlan:
     @property
     def streamed(self) -> list[int]:
         """Layers whose weights move to their execution device on every prefill pass, in order."""
-        return self.streamed_for("prefill")
+        return self.streamed_for(Phase.PREFILL)
 
     @property
     def cpu_layers(self) -> list[int]:
@@ -100,7 +107,7 @@ class PlacementPlan:
             if p.decode_device == "cpu" and self.device != "cpu"
         ]
 
-    def count(self, tier: str) -> int:
+    def count(self, tier: Tier) -> int:
         return sum(1 for p in self.layers if p.tier == tier)
 
     @property
@@ -114,7 +121,8 @@ class PlacementPlan:
             ("budget", format_size(self.budget) if self.budget else "unlimited"),
             (
                 "layers",
-                f"{self.count('gpu')} on GPU, {self.count('cpu')} in RAM, {self.count('disk')} on disk",
+                f"{self.count(Tier.GPU)} on GPU, {self.count(Tier.CPU)} in RAM, "
+                f"{self.count(Tier.DISK)} on disk",
             ),
             ("layer size", format_size(self.layer_bytes)),
             ("ring slots / staging", f"{self.ring_slots} / {self.staging_slots}"),
@@ -122,8 +130,8 @@ class PlacementPlan:
             ("mlp chunk", f"{self.mlp_chunk_tokens} tokens"),
             (
                 "KV in pinned RAM / on disk",
-                f"{sum(p.kv_tier == 'cpu' for p in self.layers)} / "
-                f"{sum(p.kv_tier == 'disk' for p in self.layers)} layers",
+                f"{sum(p.kv_tier == KvTier.CPU for p in self.layers)} / "
+                f"{sum(p.kv_tier == KvTier.DISK for p in self.layers)} layers",
             ),
             (
                 "prefill chunk",
@@ -165,8 +173,8 @@ def _moves(p: LayerPlacement, device: str) -> bool:
     """Whether the layer's weights are copied to its execution device on every pass: on an
     accelerator unless resident there; on the host CPU only when they come from disk."""
     if p.exec_device != "cpu":
-        return p.tier != "gpu"
-    return p.tier == "disk"
+        return p.tier != Tier.GPU
+    return p.tier == Tier.DISK
 
 
 @dataclass(frozen=True)
@@ -253,7 +261,7 @@ def plan_placement(
     ring = _ring_slots(n, n_res, slots, budget, fixed_total, sz.layer)
     layers = _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz, device)
     streamed = [p for p in layers if _moves(p, device)]
-    staging = min(3, sum(1 for p in streamed if p.tier == "disk")) if on_gpu else 0
+    staging = min(3, sum(1 for p in streamed if p.tier == Tier.DISK)) if on_gpu else 0
     if not streamed:
         ring = 0
     if kv_cache == "disk" and not on_gpu and budget is None:
@@ -436,17 +444,17 @@ def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: _Sizes, device):
     allows (``auto``), all in RAM (``cpu``) or all from disk (``disk``); on the CPU, the rest
     from disk."""
     if not on_gpu:
-        return [LayerPlacement("cpu" if i < n_res else "disk", device) for i in range(n)]
+        return [LayerPlacement(Tier.CPU if i < n_res else Tier.DISK, device) for i in range(n)]
     layers: list[LayerPlacement] = []
     host_used = sz.embed if sz.head else 0  # an untied embedding table stays in RAM
     for i in range(n):
         if i < n_res:
-            layers.append(LayerPlacement("gpu", device))
+            layers.append(LayerPlacement(Tier.GPU, device))
             continue
         size = store.layer_nbytes(i)
         fits = cpu_memory is None or host_used + size <= cpu_memory
         if offload == "disk" or (offload == "auto" and not fits):
-            layers.append(LayerPlacement("disk", device))
+            layers.append(LayerPlacement(Tier.DISK, device))
             continue
         if offload == "cpu" and not fits:
             raise BudgetError(
@@ -454,7 +462,7 @@ def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: _Sizes, device):
                 f"RAM than cpu_memory {format_size(cpu_memory or 0)} allows; use "
                 "offload='auto' or 'disk'"
             )
-        layers.append(LayerPlacement("cpu", device))
+        layers.append(LayerPlacement(Tier.CPU, device))
         host_used += size
     return layers
 
@@ -467,7 +475,7 @@ def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz
     from dataclasses import replace
 
     n = len(layers)
-    tier = "disk" if kv_cache == "disk" else "cpu"
+    tier = KvTier.DISK if kv_cache == "disk" else KvTier.CPU
     layers = [replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
     if budget is None or spec.layers[n - kv_off].window:
         return layers
