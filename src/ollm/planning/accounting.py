@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ollm.planning.footprint import max_live_blocks, score_block_bytes, window_capacity
+from ollm.tiers import KvTier
 
 if TYPE_CHECKING:
     from ollm.planning.placement import Workload
@@ -94,9 +95,10 @@ def device_kv_bytes(
     """KV bytes a plan's placements allocate on the device: the layers whose KV stays there,
     the first blocks of split layers, the prefill scratch when any layer's KV is offloaded and
     the fetch buffers when any is fetched (``Runner.new_kv``)."""
-    total = sum(kv for p, kv in zip(layers, layer_kv, strict=True) if p.kv_tier == "device")
-    total += sum(per_token * p.kv_device_tokens for p in layers if p.kv_tier != "device")
-    if any(p.kv_tier != "device" for p in layers):
+    on_device = KvTier.DEVICE
+    total = sum(kv for p, kv in zip(layers, layer_kv, strict=True) if p.kv_tier == on_device)
+    total += sum(per_token * p.kv_device_tokens for p in layers if p.kv_tier != on_device)
+    if any(p.kv_tier != on_device for p in layers):
         total += scratch
     if any(p.kv_fetch for p in layers):
         total += scratch * fetch_buffers
@@ -132,10 +134,10 @@ def kv_pool_blocks(spec, work: Workload, page_tokens: int, step_tokens: int) -> 
 
 
 def kv_pool_bytes(spec, layers, pools: dict[str, int], page_tokens: int, dtype_bytes: int):
-    """Bytes of the paged pools per KV tier (``"device"``, ``"cpu"`` pinned RAM, ``"disk"``):
+    """Bytes of the paged pools per KV tier (device, pinned RAM (CPU), disk):
     each layer's group's blocks in its tier (swap tiers excluded)."""
     block = 2 * page_tokens * spec.num_kv_heads * spec.head_dim * dtype_bytes
-    out = {"device": 0, "cpu": 0, "disk": 0}
+    out = dict.fromkeys(KvTier, 0)
     for layer, p in zip(spec.layers, layers, strict=True):
         out[p.kv_tier] += pools[kv_group(layer.window)] * block
     return out

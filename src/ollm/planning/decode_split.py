@@ -4,6 +4,8 @@ Each choice minimises the decode step simulated layer by layer (``costmodel.pipe
 
 from __future__ import annotations
 
+from ollm.tiers import KvTier, Tier
+
 
 def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
@@ -16,7 +18,9 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
 
     from ollm.planning.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
 
-    cands = [i for i, p in enumerate(layers) if p.kv_tier == "cpu" and p.decode_device != "cpu"]
+    cands = [
+        i for i, p in enumerate(layers) if p.kv_tier == KvTier.CPU and p.decode_device != "cpu"
+    ]
     shared = rates.pcie_busy
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
         cpu_rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem
@@ -32,10 +36,10 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
     copy, base, cpu_kv, host_kv = [], [], [], []
     for i, p in enumerate(layers):
         on_cpu = p.decode_device == "cpu"
-        copy.append(0.0 if p.tier == "gpu" or on_cpu else store.layer_nbytes(i) / shared)
+        copy.append(0.0 if p.tier == Tier.GPU or on_cpu else store.layer_nbytes(i) / shared)
         base.append(cpu_layer if on_cpu else GPU_DECODE_LAYER_S)
         host_kv.append(
-            0 if p.kv_tier == "device" else per_token * (work.context - p.kv_device_tokens)
+            0 if p.kv_tier == KvTier.DEVICE else per_token * (work.context - p.kv_device_tokens)
         )
         # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
         cpu_kv.append(host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
@@ -68,8 +72,8 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
     )
 
     params = spec.layer_param_count()
-    cands = [i for i, p in enumerate(layers) if p.tier == "cpu"]
-    n_stream = sum(1 for p in layers if p.tier != "gpu")
+    cands = [i for i, p in enumerate(layers) if p.tier == Tier.CPU]
+    n_stream = sum(1 for p in layers if p.tier != Tier.GPU)
     stream_only = predict_step(
         rates, n_res, n_stream, 0, layer_bytes, params, head_bytes, work.batch
     )
@@ -84,7 +88,7 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
         chosen = interleave(cands, k)
         chain = [cpu_layer if i in chosen else gpu_layer for i in range(len(layers))]
         copy = [
-            0.0 if i in chosen or p.tier == "gpu" else rates.copy_s(layer_bytes, k > 0)
+            0.0 if i in chosen or p.tier == Tier.GPU else rates.copy_s(layer_bytes, k > 0)
             for i, p in enumerate(layers)
         ]
         return pipeline_step(chain, copy, max(1, ring)) + head_bytes / rates.gpu_mem
@@ -101,7 +105,9 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
     # GPU) writes it through the shared scratch with asynchronous per-head copies, decode attends
     # on the CPU where it sits. A layer whose KV the planner already sent to disk keeps that tier.
     layers = [
-        replace(p, decode_device="cpu", kv_tier="cpu" if p.kv_tier == "device" else p.kv_tier)
+        replace(
+            p, decode_device="cpu", kv_tier=KvTier.CPU if p.kv_tier == KvTier.DEVICE else p.kv_tier
+        )
         if i in chosen
         else p
         for i, p in enumerate(layers)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from ollm.errors import BudgetError
 from ollm.sizes import format_size
+from ollm.tiers import Tier
 
 MIB = 1 << 20
 MIN_SLOTS = 2  # fewest cache slots: one expert computing while the next one arrives
@@ -45,12 +46,12 @@ class ExpertPlan:
     def total(self) -> int:
         return self.num_experts * len(self.layers)
 
-    def tier_counts(self) -> dict[str, int]:
+    def tier_counts(self) -> dict[Tier, int]:
         """How many experts live on the device, in RAM and on disk (cache slots not counted)."""
         if self.resident:
-            return {"gpu": self.total, "cpu": 0, "disk": 0}
+            return {Tier.GPU: self.total, Tier.CPU: 0, Tier.DISK: 0}
         ram = sum(self.ram)
-        return {"gpu": 0, "cpu": ram, "disk": self.total - ram}
+        return {Tier.GPU: 0, Tier.CPU: ram, Tier.DISK: self.total - ram}
 
     def describe(self) -> list[tuple[str, str]]:
         """(label, value) rows for ``ollm info``."""
@@ -58,13 +59,15 @@ class ExpertPlan:
         on_cpu = self.device == "cpu"
         dev = "RAM" if on_cpu else "GPU"
         where = (
-            f"{t['cpu'] + t['gpu']} in RAM" if on_cpu else f"{t['gpu']} on GPU, {t['cpu']} in RAM"
+            f"{t[Tier.CPU] + t[Tier.GPU]} in RAM"
+            if on_cpu
+            else f"{t[Tier.GPU]} on GPU, {t[Tier.CPU]} in RAM"
         )
         rows = [
             (
                 "experts",
                 f"{self.total} ({self.num_experts} per layer x {len(self.layers)} layers, "
-                f"{format_size(self.expert_bytes)} each): {where}, {t['disk']} on disk",
+                f"{format_size(self.expert_bytes)} each): {where}, {t[Tier.DISK]} on disk",
             )
         ]
         if not self.resident:
@@ -164,7 +167,7 @@ def _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, 
     if on_gpu:
         if offload == "disk":
             return (0,) * n
-        used = sum(dense.layer_nbytes(i) for i, p in enumerate(plan.layers) if p.tier == "cpu")
+        used = sum(dense.layer_nbytes(i) for i, p in enumerate(plan.layers) if p.tier == Tier.CPU)
         room = None if cpu_memory is None else max(0, cpu_memory - used)
         if offload == "cpu" and room is not None and room < n * n_exp * slot:
             raise BudgetError(
