@@ -12,18 +12,20 @@ import torch
 from conftest import FAMILIES, make_hf_model
 from ollm import LLM, SamplingParams
 from ollm.engine.batch import BatchEngine
-from ollm.engine.sampling import Sampler, probabilities
-from ollm.engine.speculative import (
-    AdaptiveK,
+from ollm.engine.drafting import (
     CallableDrafter,
     Draft,
     DraftRequest,
     LookupDrafter,
     ModelDrafter,
+    self_draft_runner,
+)
+from ollm.engine.sampling import Sampler, probabilities
+from ollm.engine.speculative import (
+    AdaptiveK,
     Speculator,
     build_speculator,
     expected_tokens,
-    self_draft_runner,
     verify,
 )
 from ollm.errors import OllmError

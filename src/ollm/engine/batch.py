@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ollm.engine.drafting import Draft
 from ollm.engine.generate import SequenceOutput, _delta, _fill_io
 from ollm.engine.kvpools import (
     DEVICE_TIER,
@@ -38,6 +39,7 @@ from ollm.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_lo
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
+from ollm.engine.tree import compact_path, verify_tree
 from ollm.errors import RequestError
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
@@ -125,6 +127,8 @@ class BatchEngine:
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.speculator = as_speculator(drafter)
         self._draft_q: dict[str, torch.Tensor | None] = {}  # this step's draft distributions
+        self._trees: dict[str, Draft] = {}  # this step's tree drafts
+        self._paths: dict[str, list[int]] = {}  # accepted tree nodes, for `compact_path`
         self.drafted = self.accepted_drafts = 0
         spec, plan = runner.spec, runner.plan
         self.layer_groups = kv_groups(runner)
@@ -253,7 +257,7 @@ class BatchEngine:
     @torch.inference_mode()
     def step(self) -> list[str]:
         """Run one step; returns the ids of the requests that finished in it."""
-        plan = self.scheduler.schedule(self._drafts())
+        plan = self.scheduler.schedule(*self._drafts())
         if not plan.seqs:
             self.scheduler.update({})
             if self.has_work():  # add() admits only requests that fit alone: a scheduler bug
@@ -270,11 +274,13 @@ class BatchEngine:
         except BaseException:
             self.scheduler.abort_step()  # touched sequences recompute; cached prefixes stay
             raise
-        outputs = {}
+        outputs, self._paths = {}, {}
         for st in plan.seqs:
             if st.seq_id in rows:
                 j = rows[st.seq_id]
                 outputs[st.seq_id] = self._verify(st, logits[j : j + st.num_logits])
+                if self._paths.get(st.seq_id):  # the accepted tree path's KV to the front
+                    compact_path(self.pools, st, self._paths[st.seq_id])
         done = []
         for u in self.scheduler.update(outputs):
             if self._accept(u.seq_id, u.new_tokens, u.finish_reason):
@@ -284,12 +290,12 @@ class BatchEngine:
         self.step_tokens += plan.num_tokens
         return done
 
-    def _drafts(self) -> dict[str, Sequence[int]]:
-        """Draft tokens for each decoding request (one uncomputed token, room for more), their
-        distributions kept for `_verify`."""
-        self._draft_q = {}
+    def _drafts(self) -> tuple[dict[str, Sequence[int]], dict[str, Sequence[int]]]:
+        """Draft tokens for each decoding request (one uncomputed token, room for more) and
+        the parents of those that are trees; their distributions kept for `_verify`."""
+        self._draft_q, self._trees = {}, {}
         if self.speculator is None:
-            return {}
+            return {}, {}
         asks = {}
         for rid, live in self.live.items():
             seq = self.scheduler.seqs.get(rid)
@@ -300,7 +306,9 @@ class BatchEngine:
                 asks[rid] = (seq.tokens, live.sampler.params, room)
         drafts = self.speculator.propose(asks)
         self._draft_q = {rid: d.q for rid, d in drafts.items()}
-        return {rid: d.tokens for rid, d in drafts.items()}
+        self._trees = {rid: d for rid, d in drafts.items() if d.parents is not None}
+        parents = {rid: d.parents for rid, d in self._trees.items()}
+        return {rid: d.tokens for rid, d in drafts.items()}, parents  # type: ignore[return-value]
 
     def _verify(self, st, logits: torch.Tensor) -> list[int]:
         """Accepted tokens from ``logits`` [1 + drafts, V]: the drafts speculative verification
@@ -311,6 +319,15 @@ class BatchEngine:
             picked = [int(sampler.sample(logits)[0])]
             if self.speculator is not None:  # a pass that made one token (no drafts fit)
                 self.speculator.verified(st.seq_id, 0, 0)
+        elif st.draft_parents is not None:
+            drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
+            dists = self._trees[st.seq_id].dists
+            verdict = verify_tree(sampler, logits, drafts, st.draft_parents, dists)
+            picked, self._paths[st.seq_id] = verdict.tokens, verdict.path
+            self.drafted += len(drafts)
+            self.accepted_drafts += len(picked) - 1
+            if self.speculator is not None:
+                self.speculator.verified_tree(st.seq_id, len(drafts), verdict)
         else:
             drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
             q = self._draft_q.get(st.seq_id)
@@ -379,7 +396,7 @@ class BatchEngine:
             self._emit(live, piece + ("" if stopped else live.matcher.flush()))
         del self.live[rid]
         if self.speculator is not None:
-            self.speculator.policy.forget(rid)
+            self.speculator.forget(rid)
         self.finished[rid] = out
         return True
 

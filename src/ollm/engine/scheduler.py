@@ -188,12 +188,18 @@ class Scheduler:
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def schedule(self, drafts: Mapping[str, Seq[int]] | None = None) -> StepPlan:
+    def schedule(
+        self,
+        drafts: Mapping[str, Seq[int]] | None = None,
+        tree_parents: Mapping[str, Seq[int]] | None = None,
+    ) -> StepPlan:
         """Choose this step's sequences and tokens; ``drafts`` proposes tokens per decoding
-        sequence (truncated to the budget and to the request's remaining length)."""
+        sequence (truncated to the budget and to the request's remaining length), a tree when
+        ``tree_parents`` has the sequence (each draft's parent, see `SeqStep.draft_parents`;
+        parents first, so any truncation is a tree)."""
         if self._inflight is not None:
             raise RuntimeError("schedule() called twice without update()")
-        step = _StepBuilder(self, drafts or {})
+        step = _StepBuilder(self, drafts or {}, tree_parents or {})
         running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
         # Decodes first (a token or a few each), then prefill chunks, each in priority order.
         for seq in sorted(running, key=lambda s: (self._pending(s) > 1, s.order)):
@@ -258,6 +264,8 @@ class Scheduler:
 
     def _accept(self, seq: SeqState, st: SeqStep, accepted: list[int]) -> SeqUpdate:
         drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
+        if st.draft_parents is not None:  # a tree: the accepted drafts are a path (its KV
+            drafts = _tree_path(drafts, st.draft_parents, accepted[:-1])  # moved to the front)
         if (
             not 1 <= len(accepted) <= st.num_draft + 1
             or accepted[:-1] != drafts[: len(accepted) - 1]
@@ -300,9 +308,11 @@ _QUEUED = (SeqStatus.WAITING, SeqStatus.SWAPPED)
 class _StepBuilder:
     """One ``schedule()`` call: budget, chosen sequences, moves and preemptions."""
 
-    def __init__(self, sched: Scheduler, drafts: Mapping[str, Seq[int]]) -> None:
+    def __init__(
+        self, sched: Scheduler, drafts: Mapping[str, Seq[int]], parents: Mapping[str, Seq[int]]
+    ) -> None:
         self.s = sched
-        self.drafts = drafts
+        self.drafts, self.parents = drafts, parents
         self.budget = sched.max_step_tokens
         self.chosen: dict[str, tuple[SeqState, int, int]] = {}  # id -> (seq, start, n_draft)
         self.moves: dict[str, list[BlockMove]] = {g: [] for g in sched.kv}
@@ -314,8 +324,11 @@ class _StepBuilder:
         n = min(pending, self.budget)
         if n < pending:
             return n, []
-        # Drafts past the request's length would be generated and thrown away.
+        # Drafts past the request's length would be generated and thrown away (a tree's
+        # nodes are not its depth: its drafter bounds the depth, the budget its nodes).
         room = seq.request.max_new_tokens - seq.num_output - 1
+        if seq.request.id in self.parents:
+            room = self.budget - n
         return n, list(self.drafts.get(seq.request.id, ()))[: max(0, min(room, self.budget - n))]
 
     def _fits(self, seq: SeqState, need: Callable[[str, BlockManager], int]) -> bool:
@@ -456,6 +469,23 @@ class _StepBuilder:
             tables = {g: seq.tables[g].snapshot() for g in self.s.kv}
             needs = known == len(seq.tokens)
             req = seq.request
-            steps.append(SeqStep(req.id, tuple(toks), start, n_draft, tables, needs, req.sampling))
+            par = self.parents.get(req.id)
+            tree = None if par is None or not n_draft else tuple(par[:n_draft])
+            steps.append(
+                SeqStep(req.id, tuple(toks), start, n_draft, tables, needs, req.sampling, tree)
+            )
         moves = {g: tuple(v) for g, v in self.moves.items()}
         return StepPlan(tuple(steps), moves, tuple(self.preempted))
+
+
+def _tree_path(drafts: list[int], parents: Seq[int], tokens: list[int]) -> list[int]:
+    """The draft tokens of the tree path that ``tokens`` follows from the root, as far as it
+    follows one (the caller compares it with ``tokens``)."""
+    node, path = -1, []
+    for tok in tokens:
+        nxt = next((i for i, p in enumerate(parents) if p == node and drafts[i] == tok), None)
+        if nxt is None:
+            break
+        node = nxt
+        path.append(tok)
+    return path

@@ -18,151 +18,30 @@ the running acceptance rate and measured pass costs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
-from ollm.engine.drafting import lookup
+from ollm.engine.drafting import (
+    CallableDrafter,
+    Drafter,
+    DraftRequest,
+    LookupDrafter,
+    ModelDrafter,
+    self_draft_runner,
+)
 from ollm.engine.sampling import Sampler, SamplingParams, probabilities
+from ollm.engine.tree import TreePolicy, TreeVerdict
 
 if TYPE_CHECKING:
-    from ollm.engine.batch import BatchEngine
     from ollm.engine.runner import Runner
 
 log = logging.getLogger(__name__)
 MAX_DRAFT = 8  # most tokens drafted per sequence and step
-
-
-@dataclass
-class Draft:
-    """Proposed continuation of one sequence."""
-
-    tokens: list[int]
-    q: torch.Tensor | None = None  # [len(tokens), V] draft probabilities; None: deterministic
-
-
-@dataclass(frozen=True)
-class DraftRequest:
-    """What a drafter gets for one sequence: its tokens so far, how many to propose, and the
-    request's sampling parameters (a drafter with distributions filters them the same way)."""
-
-    tokens: Sequence[int]
-    k: int
-    params: SamplingParams
-
-
-class Drafter(Protocol):
-    """Proposes up to ``k`` tokens per sequence (one call for every decoding sequence)."""
-
-    name: str
-
-    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
-        """Drafts per sequence id (fewer than ``k`` tokens, or none, is allowed)."""
-        ...
-
-
-class LookupDrafter:
-    """Prompt lookup: the tokens that followed the latest earlier match of the context's last
-    n-gram (in the prompt or the output); deterministic, nearly free."""
-
-    name = "lookup"
-
-    def __init__(self, ngram: int = 3, min_ngram: int = 1) -> None:
-        self.ngram, self.min_ngram = ngram, min_ngram
-
-    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
-        return {
-            rid: Draft(lookup(r.tokens, r.k, self.ngram, self.min_ngram))
-            for rid, r in requests.items()
-        }
-
-
-class CallableDrafter:
-    """Adapts a plain ``fn(tokens) -> tokens`` drafter (deterministic), cut to ``k``."""
-
-    def __init__(self, fn: Callable[[Sequence[int]], Sequence[int]], name: str = "custom") -> None:
-        self.fn, self.name = fn, name
-
-    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
-        return {rid: Draft(list(self.fn(r.tokens))[: r.k]) for rid, r in requests.items()}
-
-
-class _RecordingSampler:
-    """Stands in for a draft request's `Sampler`: draws each token from the target request's
-    filtered distribution of the draft logits and records that distribution as ``q``."""
-
-    def __init__(self, params: SamplingParams, gen_sampler: Sampler) -> None:
-        self.params, self._draws = params, gen_sampler
-        self.q: list[torch.Tensor] = []
-
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        q = probabilities(self.params, logits[-1:])
-        self.q.append(q[0])
-        if self.params.greedy:
-            return torch.argmax(q, dim=-1)
-        return self._draws.draw(q).to(logits.device)
-
-
-class ModelDrafter:
-    """A small model sharing the target's tokenizer, run by its own `BatchEngine`: each step
-    every decoding sequence's context is queued there (its blocks computed in earlier steps are
-    reused through the prefix cache, so only the new tail is prefilled) and ``k`` tokens are
-    sampled from the draft's filtered distribution ``q`` (argmax when greedy)."""
-
-    def __init__(self, engine: BatchEngine, name: str = "draft", seed: int = 0) -> None:
-        self.engine, self.name = engine, name
-        self._draws = Sampler(SamplingParams(temperature=1.0, seed=seed), engine.device)
-
-    def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
-        eng, recorders, ids = self.engine, {}, {}
-        for rid, r in requests.items():
-            if r.k < 1:
-                continue
-            sp = SamplingParams(max_new_tokens=r.k, ignore_eos=True, temperature=0)
-            rec = _RecordingSampler(r.params, self._draws)
-            ids[rid] = eng.add(r.tokens, sp, sampler=rec)  # type: ignore[arg-type]
-            recorders[rid] = rec
-        eng.run()
-        out = {}
-        for rid, did in ids.items():
-            toks = eng.finished.pop(did).token_ids
-            rec = recorders[rid]
-            q = None if rec.params.greedy else torch.stack(rec.q[: len(toks)])
-            out[rid] = Draft(list(toks), q)
-        return out
-
-    def close(self) -> None:
-        """Free the draft engine's KV pools."""
-        self.engine.close()
-
-
-def self_draft_runner(runner: Runner, layers: int) -> Runner:
-    """Self-speculation: a runner of the target's first ``layers`` layers and its own norm and
-    head (early exit), sharing the target's loaded weights. Only layers the plan keeps resident
-    on the device in every phase qualify: the prefetcher streams the others in a fixed cyclic
-    order that a partial pass would break (and drafting from streamed layers would cost the
-    very weight traffic speculation saves). ValueError when the plan does not allow it."""
-    from ollm.engine.runner import Runner
-
-    plan = runner.plan
-    if not 1 <= layers < len(plan.layers):
-        raise ValueError(f"self-speculation needs 1 <= layers < {len(plan.layers)}, got {layers}")
-    moving = set(plan.streamed_for("prefill")) | set(plan.streamed_for("decode"))
-    if moving & set(range(layers)) or any(
-        p.device_for("decode") != p.device_for("prefill") for p in plan.layers[:layers]
-    ):
-        raise ValueError(
-            f"self-speculation needs the first {layers} layers resident on the device; this plan "
-            "streams or moves some of them (use fewer layers, a larger budget, or lookup)"
-        )
-    sub_plan = dataclasses.replace(plan, layers=plan.layers[:layers])
-    sub_spec = dataclasses.replace(runner.spec, layers=runner.spec.layers[:layers])
-    return Runner(sub_spec, sub_plan, runner.prefetcher, runner.dtype)
 
 
 def verify(
@@ -313,29 +192,49 @@ class SpecStats:
 
 
 class Speculator:
-    """A drafter, its draft-length policy and its counters, as a `BatchEngine` uses them."""
+    """A drafter, its draft-length (or tree-shape) policy and its counters, as a `BatchEngine`
+    uses them."""
 
-    def __init__(self, drafter: Drafter, policy: AdaptiveK | None = None, k: int = 0) -> None:
-        """``k`` > 0 fixes the draft length instead of the adaptive ``policy``."""
-        self.drafter, self.k = drafter, k
+    def __init__(
+        self, drafter: Drafter, policy: AdaptiveK | None = None, k: int = 0, tree: bool = False
+    ) -> None:
+        """``k`` > 0 fixes the draft length instead of the adaptive ``policy``; ``tree`` drafts
+        trees shaped per sequence by a `TreePolicy` (the drafter must take ``widths``)."""
+        self.drafter, self.k, self.tree = drafter, k, tree
         self.policy = policy or AdaptiveK()
-        self.stats = SpecStats(drafter=drafter.name)
+        self.trees: dict[str, TreePolicy] = {}
+        self.stats = SpecStats(drafter=drafter.name + (" tree" if tree else ""))
+
+    def _ask(self, rid: str, tokens, params, room: int, batch: int) -> DraftRequest | None:
+        """What to ask the drafter for one sequence (None: no draft this step)."""
+        if not self.tree:
+            k = min(room, self.k or self.policy.choose(rid, batch))
+            return DraftRequest(tokens, k, params) if k > 0 else None
+        pol = self.trees.setdefault(rid, TreePolicy())
+        cost = self.policy.target.coef() or (1.0, 0.0)
+        widths = pol.shape(cost, self.policy.draft_s, batch, room)
+        if not widths:  # not worth it now: probe one draft now and then, as AdaptiveK does
+            idle = self.policy.idle[rid] = self.policy.idle.get(rid, 0) + 1
+            widths = [1] if idle % self.policy.probe == 0 and room > 0 else []
+        return DraftRequest(tokens, len(widths), params, tuple(widths)) if widths else None
 
     def propose(self, requests: Mapping[str, tuple[Sequence[int], SamplingParams, int]]):
         """Drafts for ``rid -> (tokens, params, room)`` (room: most drafts worth making)."""
         batch = max(1, len(requests))
         asks = {}
         for rid, (tokens, params, room) in requests.items():
-            k = min(room, self.k or self.policy.choose(rid, batch))
-            if k > 0:
-                asks[rid] = DraftRequest(tokens, k, params)
+            ask = self._ask(rid, tokens, params, room, batch)
+            if ask is not None:
+                asks[rid] = ask
         if not asks:
             return {}
         t0 = time.perf_counter()
         drafts = self.drafter.propose(asks)
         dt = time.perf_counter() - t0
         self.stats.draft_seconds += dt
-        self.policy.observe_draft(sum(len(d.tokens) for d in drafts.values()), dt)
+        # Drafting time per chain token: a tree's siblings come free with its chain.
+        chain = sum(len(asks[r].widths) or len(d.tokens) for r, d in drafts.items())
+        self.policy.observe_draft(chain, dt)
         return {rid: d for rid, d in drafts.items() if d.tokens}
 
     def verified(self, rid: str, drafted: int, accepted: int) -> None:
@@ -346,6 +245,17 @@ class Speculator:
         s.verify_passes += 1
         s.tokens += accepted + 1
         self.policy.observe_accept(rid, drafted, accepted)
+
+    def verified_tree(self, rid: str, drafted: int, verdict: TreeVerdict) -> None:
+        """Record one sequence's tree verification (its trials shape its next trees)."""
+        self.verified(rid, drafted, len(verdict.path))
+        if rid in self.trees:
+            self.trees[rid].observe(verdict.trials)
+
+    def forget(self, rid: str) -> None:
+        """Drop a finished sequence's state."""
+        self.policy.forget(rid)
+        self.trees.pop(rid, None)
 
     def close(self) -> None:
         """Release what the drafter holds (a draft model's KV pools)."""
@@ -377,22 +287,24 @@ def build_speculator(
     """The `Speculator` for an ``EngineConfig.speculate`` value (None for "off"): "auto" and
     "lookup" draft by prompt lookup; "self[:N]" by the target's first N layers (default a
     quarter) with its head; "draft:PATH" by the ``draft`` runner (a model loaded from PATH
-    with the target's vocabulary). Draft models run on a `BatchEngine` sized ``batch x
-    context``. A self-draft the plan cannot run falls back to lookup with a warning."""
+    with the target's vocabulary); a "tree:" prefix drafts trees (`ollm.engine.tree`). Draft
+    models run on a `BatchEngine` sized ``batch x context``. A self-draft the plan cannot run
+    falls back to lookup with a warning."""
     from ollm.engine.batch import BatchEngine
 
-    kind, _, arg = speculate.partition(":")
+    tree = speculate.startswith("tree:")
+    kind, _, arg = speculate.removeprefix("tree:").partition(":")
     if kind == "off":
         return None
     if kind in ("auto", "lookup"):
-        return Speculator(LookupDrafter())
+        return Speculator(LookupDrafter(), tree=tree)
     if kind == "self":
         n = int(arg) if arg else max(1, len(runner.plan.layers) // 4)
         try:
             draft, name = self_draft_runner(runner, n), f"self:{n}"
         except ValueError as exc:
             log.warning("%s; drafting by prompt lookup instead", exc)
-            return Speculator(LookupDrafter())
+            return Speculator(LookupDrafter(), tree=tree)
     elif kind == "draft" and draft is not None:
         if draft.spec.vocab_size != runner.spec.vocab_size:
             raise ValueError(
@@ -403,4 +315,4 @@ def build_speculator(
     else:
         raise ValueError(f"speculate={speculate!r} needs a draft model")
     engine = BatchEngine.for_plan(draft, None, (), batch, context)
-    return Speculator(ModelDrafter(engine, name))
+    return Speculator(ModelDrafter(engine, name), tree=tree)

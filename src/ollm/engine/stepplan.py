@@ -32,11 +32,30 @@ class SeqStep:
     block_tables: Mapping[str, tuple[BlockRef | None, ...]]  # per KV group, after this step
     needs_logits: bool  # the step reaches the end of the known tokens
     sampling: object = None  # the request's sampling parameters
+    # Drafts forming a tree (speculative trees): parent of each draft among the drafts, -1 for
+    # the last uncomputed token; None: the drafts are a chain. Parents come before children.
+    draft_parents: tuple[int, ...] | None = None
 
     @property
     def positions(self) -> range:
-        """Positions of the query tokens."""
+        """KV slots of the query tokens (their positions too, unless the drafts are a tree)."""
         return range(self.start, self.start + len(self.token_ids))
+
+    def row_parents(self) -> list[int]:
+        """Parent row of each query row (-1: the KV before ``start``): a chain, or the tree."""
+        u = len(self.token_ids) - self.num_draft  # uncomputed tokens before the drafts
+        if self.draft_parents is None:
+            return list(range(-1, len(self.token_ids) - 1))
+        return list(range(-1, u - 1)) + [u + p if p >= 0 else u - 1 for p in self.draft_parents]
+
+    def rope_positions(self) -> list[int]:
+        """Rotary position of each query row: ``start`` + its depth (its slot for a chain)."""
+        if self.draft_parents is None:
+            return list(self.positions)
+        depth: list[int] = []
+        for p in self.row_parents():
+            depth.append(0 if p < 0 else depth[p] + 1)
+        return [self.start + d for d in depth]
 
     @property
     def num_logits(self) -> int:

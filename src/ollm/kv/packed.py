@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ollm.kv.paged import PagedKVStore
+from ollm.layers.tree_mask import TreeMask
 
 if TYPE_CHECKING:  # plain data from the engine, read by attribute only (kv sits below engine)
     from ollm.engine.stepplan import StepPlan
@@ -44,6 +45,7 @@ class SeqRows:
     start: int  # position of its first query token
     key0: int  # first position whose KV is held (a window may have released earlier blocks)
     block_ids: torch.Tensor  # ids of the held blocks, from position key0 on (on the pool device)
+    tree: TreeMask | None = None  # its rows as a speculative tree (slots from key0), else causal
 
 
 # Most query rows of one sequence the CPU attends over a pool in host memory (a decode token
@@ -136,7 +138,10 @@ class PackedStep:
                 row_block.append(blocks[pos // bt].block)  # type: ignore[union-attr]
                 row_offset.append(pos % bt)
             block_ids = torch.tensor(ids, dtype=torch.long, device=device)
-            seqs.append(SeqRows(row, len(st.token_ids), st.start, first * bt, block_ids))
+            tree = None
+            if st.draft_parents is not None:
+                tree = TreeMask.from_parents(st.start - first * bt, st.row_parents())
+            seqs.append(SeqRows(row, len(st.token_ids), st.start, first * bt, block_ids, tree))
             row += len(st.token_ids)
         return GroupLayout(
             torch.tensor(row_block, dtype=torch.long, device=device),
@@ -151,8 +156,9 @@ class PackedStep:
         return torch.tensor([ids], dtype=torch.long)
 
     def positions(self) -> torch.Tensor:
-        """Each query token's own position ``[1, N]`` (sequences restart at their lengths)."""
-        pos = [p for st in self.plan.seqs for p in st.positions]
+        """Each query token's own position ``[1, N]`` (sequences restart at their lengths; a
+        tree node's is its depth past the sequence's length, not its slot)."""
+        pos = [p for st in self.plan.seqs for p in st.rope_positions()]
         return torch.tensor([pos], dtype=torch.long)
 
     def layer_kv(self, layers: Sequence[tuple[str, PagedKVStore, int]]) -> list[PackedLayerKV]:
@@ -228,7 +234,7 @@ class PackedLayerKV:
                 ks, vs = k[:, :, a - r0 : b - r0], v[:, :, a - r0 : b - r0]
             else:
                 ks, vs = self._gather(s, upto, self._attend_device(b - a, q.device))
-            m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks)
+            m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks, s.tree)
             o = attend(qs.to(ks.device), ks, vs, m, scale)
             out[:, :, a - r0 : b - r0] = o.to(q.device)
         return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ollm.layers.tree_mask import TreeMask
 from ollm.planning import footprint
 
 
@@ -18,6 +19,8 @@ class AttentionMask:
     slot of the first query token. ``key_keep`` [B, S] marks real (non-padding) key slots; ``None``
     means no padding. ``window`` limits keys to ``q - window < k <= q``. ``sinks`` [H] (gpt-oss)
     are the logits of one more key, outside the cache, that every query sees, with value 0.
+    ``tree`` (speculative trees): slots from ``tree.start`` on are tree nodes that see only
+    their ancestors among themselves, at positions ``start + depth`` (`TreeMask`).
     """
 
     q_start: int
@@ -26,11 +29,16 @@ class AttentionMask:
     key_keep: torch.Tensor | None = None
     window: int | None = None
     sinks: torch.Tensor | None = None
+    tree: TreeMask | None = None
 
     def is_plain_causal(self) -> bool:
         """True when the mask is exactly causal (or empty), so SDPA can use its fused kernels."""
         window_ok = self.window is None or self.window >= self.kv_len
-        return self.key_keep is None and window_ok
+        return self.key_keep is None and window_ok and self.tree is None
+
+    def first_position(self) -> int:
+        """Lowest position of a query (a tree node sits at its depth, before its slot)."""
+        return self.q_start if self.tree is None else min(self.q_start, self.tree.start)
 
     def dense(self, device: torch.device) -> torch.Tensor:
         """Boolean mask [B or 1, 1, q_len, kv_len]; True = attend."""
@@ -40,9 +48,12 @@ class AttentionMask:
         """Rows [r0, r1) of the query and key slots [k0, k1) of ``dense``: [B or 1, 1, r, k]."""
         q = torch.arange(self.q_start + r0, self.q_start + r1, device=device)[:, None]
         k = torch.arange(k0, k1, device=device)[None, :]
-        allowed = k <= q
-        if self.window is not None:
-            allowed &= k > q - self.window
+        if self.tree is not None:
+            allowed = self.tree.allowed(q, k, self.window)
+        else:
+            allowed = k <= q
+            if self.window is not None:
+                allowed &= k > q - self.window
         mask = allowed[None, None]
         if self.key_keep is not None:
             mask = mask & self.key_keep.to(device)[:, None, None, k0:k1]
@@ -82,13 +93,14 @@ def attend(
     dense_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with GQA; q [B, H, T, D], k/v [B, KVH, S, D] -> [B, H, T, D]."""
-    lo = mask.q_start - mask.window + 1 if mask.window is not None else 0
+    lo = mask.first_position() - mask.window + 1 if mask.window is not None else 0
     if lo > 0 and mask.key_keep is None:
         # Keys before the first query's window are masked for every query: drop them, so the
         # work and any mask are [q_len, q_len + window], not [q_len, kv_len].
         k, v = k[:, :, lo:], v[:, :, lo:]
+        tree = None if mask.tree is None else mask.tree.shifted(lo)
         mask = AttentionMask(
-            mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window, mask.sinks
+            mask.q_start - lo, mask.q_len, mask.kv_len - lo, None, mask.window, mask.sinks, tree
         )
         dense_mask = None
     path = attention_path(q.device.type, q.dtype, q.shape[-1], mask)
@@ -157,13 +169,16 @@ def blocked_attention_lse(
     cell = b * footprint.row_cell_bytes(h, q.element_size())
     if mask.key_keep is not None:  # once on the device, not once per block
         keep = mask.key_keep.to(q.device)
-        mask = AttentionMask(mask.q_start, mask.q_len, mask.kv_len, keep, mask.window, mask.sinks)
+        mask = AttentionMask(
+            mask.q_start, mask.q_len, mask.kv_len, keep, mask.window, mask.sinks, mask.tree
+        )
     out = torch.zeros_like(q)
     lse = torch.full((b, h, t), float("-inf"), device=q.device)
     r0 = 0
     while r0 < t:
         first = mask.q_start + r0  # slot of the block's first query
-        lo = key_offset if mask.window is None else max(key_offset, first - mask.window + 1)
+        low = first if mask.tree is None else min(first, mask.tree.start)  # its lowest position
+        lo = key_offset if mask.window is None else max(key_offset, low - mask.window + 1)
         seen = max(0, first - lo)  # keys before the first query (causal)
         # rows r with r * (seen + r) cells under the budget: the block's keys grow with its rows
         cap = footprint.SCORE_BLOCK_BYTES // cell
