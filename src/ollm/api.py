@@ -80,6 +80,13 @@ class LLM:
         self._server = None  # the BatchServer behind submit(), made by the first call
         self._draft: LLM | None = None  # the draft model of speculate="draft:PATH", once loaded
         self.last_speculation = None  # SpecStats of the last speculative generate()
+        from ollm.engine.routing_calibration import plan_routing
+
+        # Attention routing per layer (--attention; None = full): a property of the KV objects.
+        self._routing = plan_routing(
+            cfg.attention, self.spec, self.store_path, cfg.attention_page_tokens,
+            cfg.attention_prefill, cfg.model,
+        )  # fmt: skip
         self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
         self.tokenizer = self._load_tokenizer()
         from ollm.storage.convert import default_cache_dir as _cache_root
@@ -157,6 +164,7 @@ class LLM:
         if plan.cpu_layers and rates is not None:
             torch.set_num_threads(rates.cpu_threads)
         self.runner = Runner(self.spec, plan, prefetcher, self.dtype)
+        self.runner.routing = getattr(self, "_routing", None)
         self.runner.kv_codec, self.runner.kv_recent = self.config.kv_codec, self.config.kv_recent
         if hasattr(self, "_engine"):
             self._engine.runner = self.runner

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import sys
 
-from ollm.cli import bench, cache, chat, evaluate, generate, models, serve  # noqa: F401  (commands)
+from ollm.cli import (  # noqa: F401  (commands)
+    bench,
+    cache,
+    calibrate,
+    chat,
+    evaluate,
+    generate,
+    models,
+    serve,
+)
 from ollm.cli.common import EXIT_INTERRUPTED, app
 
 __all__ = ["app", "main"]

@@ -95,6 +95,7 @@ def bench(
     json_out: JsonOpt = False,
     output: OutputOpt = None,
     cache_dir: CacheDirOpt = None,
+    attention: common.AttentionOpt = None,
 ) -> None:
     """Time prefill and decode per context next to this machine's floors (bandwidth measured now)."""
     with common.cli_errors():
@@ -111,6 +112,7 @@ def bench(
             kv_codec=kv_codec,
             kv_recent=kv_recent,
             cache_dir=cache_dir,
+            attention=attention,
         )
         llm_kwargs = {k: v for k, v in options.items() if v is not None}
         if batch is not None:

@@ -75,6 +75,7 @@ def chat(
     hybrid: HybridOpt = None,
     threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
+    attention: common.AttentionOpt = None,
 ) -> None:
     """Chat with the model: one line per turn, /exit or end of input (Ctrl-D) ends."""
     with common.cli_errors():
@@ -100,6 +101,7 @@ def chat(
             kv_recent=kv_recent,
             hybrid=hybrid,
             cache_dir=cache_dir,
+            attention=attention,
         )
         with llm:
             if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):

@@ -307,6 +307,15 @@ KvRecentOpt = Annotated[
     int | None,
     typer.Option("--kv-recent", help="Newest tokens a compressed KV cache keeps exact (128)."),
 ]
+AttentionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attention",
+        help="Decode attention routing (lossy unless full): full, auto (needs `ollm calibrate`), "
+        "window:W,sinks:S, topk:PAGES.",
+        show_default=False,
+    ),
+]
 HybridOpt = Annotated[
     str | None,
     typer.Option("--hybrid", help="auto: the CPU may compute RAM layers in decode; off."),

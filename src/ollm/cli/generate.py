@@ -96,6 +96,7 @@ def run(
     threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
     speculate: SpeculateOpt = None,
+    attention: common.AttentionOpt = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
     with common.cli_errors():
@@ -124,6 +125,7 @@ def run(
             hybrid=hybrid,
             cache_dir=cache_dir,
             speculate=speculate,
+            attention=attention,
         )
         with llm:
             _generate(llm, text, params, raw=raw, json_out=json_out)

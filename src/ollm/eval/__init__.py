@@ -80,11 +80,15 @@ def evaluate(
     say = progress or (lambda _msg: None)
     with LLM(model, **opts) as llm:
         ref = llm if exact == opts else LLM(model, **exact)
+        scorer = llm
+        if str(opts.get("attention", "full")) != "full" and not opts.get("attention_prefill"):
+            # Attention routing leaves prefill exact: score each position as if decoded.
+            scorer = LLM(model, **opts, attention_prefill=True)
         try:
             corpus = load_text(text, 6 * max(contexts))
             for c in contexts:
                 say(f"scoring {c} tokens")
-                report.quality.append(compare(llm, ref, _tokens(llm, corpus, c)))
+                report.quality.append(compare(scorer, ref, _tokens(llm, corpus, c)))
             pk = list(contexts) if passkey_contexts is None else passkey_contexts
             if pk:
                 say(f"passkey at {pk} tokens, depths {list(depths)}")
@@ -92,8 +96,9 @@ def evaluate(
                 report.passkey = run_passkey(llm, pk, list(depths), trials, costs=costs)
                 report.cost = _mean_cost(costs)  # per generated token of the passkey answers
         finally:
-            if ref is not llm:
-                ref.close()
+            for other in {id(ref): ref, id(scorer): scorer}.values():
+                if other is not llm:
+                    other.close()
     return report
 
 
