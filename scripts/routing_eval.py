@@ -1,0 +1,195 @@
+"""Attention routing quality on the default model (issue 18), several settings in one process:
+
+    .venv/bin/python scripts/routing_eval.py --contexts 8k --passkey 8k --out FILE.json
+
+The same measurements as ``ollm eval --attention X`` (perplexity, KL(exact || setting), top-1
+agreement on the standard library's docs; single and multi-key passkey at depths), computed
+so that a 2-core CPU can afford them: every setting shares one model. Scoring: one exact
+teacher-forced pass, then one per setting with ``attention_prefill`` (every position routed as
+if decoded, what ``evaluate`` does), compared chunk by chunk. Passkey: the prompt is prefilled
+once, exactly (routing leaves prefill exact), then each setting decodes its answer from that
+KV with its routers attached (summaries built from the prompt's keys, as the prefill would
+have), and the KV is trimmed back to the prompt for the next setting: the tokens are those
+``LLM(attention=X).generate`` produces for the same prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ollm import LLM
+from ollm.bench.run import parse_contexts
+from ollm.engine.routing_calibration import plan_routing
+from ollm.eval.passkey import _NAMES, build_prompt
+from ollm.eval.text import load_text
+from ollm.kv.routed import attach_routers
+from ollm.telemetry.stats import IOStats
+
+SETTINGS = {
+    "exact": "full",
+    "auto": "auto",
+    "topk:16": "topk:16",
+    "window": "window:256,sinks:64",
+}
+
+
+def _routing(llm: LLM, attention: str, prefill: bool):
+    return plan_routing(attention, llm.spec, llm.store_path, 32, prefill)
+
+
+def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dict]:
+    """Per setting: perplexity, KL(exact || setting) mean/max, top-1 agreement (as
+    ``ollm.eval.quality.compare``), from one final-hidden pass each."""
+    runner = llm.runner
+    hidden = {}
+    for name, attention in settings.items():
+        t0 = time.perf_counter()
+        runner.routing = _routing(llm, attention, prefill=True)
+        hidden[name] = llm._engine.final_hidden(ids)[:, :-1]
+        print(f"  {name}: pass over {len(ids)} tokens {time.perf_counter() - t0:.0f} s", flush=True)
+    runner.routing = None
+    target = torch.tensor(ids[1:])
+    stats = {n: {"nll": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0} for n in settings}
+    rows = 512
+    for c0 in range(0, len(target), rows):
+        c1 = min(len(target), c0 + rows)
+        lp = {
+            n: torch.log_softmax(runner.logits(h[:, c0:c1])[0], -1).double()
+            for n, h in hidden.items()
+        }
+        ref, tgt = lp["exact"], target[c0:c1, None]
+        p = ref.exp()
+        for n, lp_t in lp.items():
+            s = stats[n]
+            s["nll"] -= float(lp_t.gather(-1, tgt).sum())
+            kl = torch.where(p > 0, p * (ref - lp_t), torch.zeros_like(p)).sum(-1).clamp_min(0)
+            s["kl"] += float(kl.sum())
+            s["kl_max"] = max(s["kl_max"], float(kl.max()))
+            s["agree"] += int((lp_t.argmax(-1) == ref.argmax(-1)).sum())
+    n_tok = len(target)
+    exact_ppl = math.exp(stats["exact"]["nll"] / n_tok)
+    return {
+        n: {
+            "context": len(ids),
+            "perplexity": math.exp(s["nll"] / n_tok),
+            "exact_perplexity": exact_ppl,
+            "ppl_delta_pct": 100 * (math.exp(s["nll"] / n_tok) / exact_ppl - 1),
+            "kl_mean": s["kl"] / n_tok,
+            "kl_max": s["kl_max"],
+            "top1_agreement": s["agree"] / n_tok,
+        }
+        for n, s in stats.items()
+    }
+
+
+@torch.inference_mode()
+def passkey_cell(llm: LLM, prompt: str, want: int, settings: dict[str, str]) -> dict[str, dict]:
+    """Prefill ``prompt`` once exactly; each setting decodes 8 greedy tokens from that KV."""
+    runner, new = llm.runner, 8
+    ids = llm.encode(prompt)
+    n = len(ids)
+    llm.ensure_context(n + new)
+    runner = llm.runner
+    runner.routing = None
+    kv = runner.new_kv(1, n + new)
+    out = {}
+    try:
+        logits = runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv)
+        first = int(logits.argmax(-1))
+        for name, attention in settings.items():
+            stats = IOStats()
+            routing = _routing(llm, attention, prefill=False)
+            if routing is not None:
+                attach_routers(kv, routing, 1, n + new, stats)
+                for cache in kv:
+                    if getattr(cache, "router", None) is not None:
+                        cache.router.on_append(cache.k[:, :, :n], 0)  # the prompt's keys
+            toks = [first]
+            for step in range(new - 1):
+                pos = torch.tensor([[n + step]])
+                logits = runner.forward(torch.tensor([[toks[-1]]]), pos, kv)
+                toks.append(int(logits.argmax(-1)))
+            for cache in kv:
+                cache.router = None
+                cache.trim(n)
+            text = llm.tokenizer.decode(toks)
+            got = re.search(r"\d+", text)
+            read = stats.kv_read_tokens / stats.kv_total_tokens if stats.kv_total_tokens else 1.0
+            out[name] = {
+                "correct": bool(got and int(got.group()) == want),
+                "answer": text,
+                "kv_read_fraction": read,
+            }
+    finally:
+        for cache in kv:
+            cache.close()
+    return out
+
+
+def passkey(llm, contexts, depths, settings, variants=("single", "multi")) -> list[dict]:
+    """The cells of ``ollm.eval.passkey.run_passkey`` (same prompts: same seeded draws)."""
+    rng = random.Random(0)
+    rows = []
+    for context in contexts:
+        for depth in depths:
+            for variant in variants:
+                k = 1 if variant == "single" else 3
+                names = rng.sample(_NAMES, k)
+                keys = {name: rng.randint(10000, 99999) for name in names}
+                ask = rng.choice(names)
+                prompt, want = build_prompt(llm.tokenizer, context, depth, keys, ask)
+                t0 = time.perf_counter()
+                res = passkey_cell(llm, prompt, want, settings)
+                took = time.perf_counter() - t0
+                print(f"  passkey {variant} {context} @ {depth}: "
+                      + ", ".join(f"{n} {int(r['correct'])}" for n, r in res.items())
+                      + f" ({took:.0f} s)", flush=True)  # fmt: skip
+                rows.append({"context": context, "depth": depth, "variant": variant, **res})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="8k")
+    ap.add_argument("--passkey", default="8k")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--variants", default="single,multi")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    ctxs = parse_contexts(args.contexts) if args.contexts != "none" else []
+    pks = parse_contexts(args.passkey) if args.passkey != "none" else []
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    report: dict = {"commit": commit, "settings": SETTINGS, "argv": sys.argv[1:]}
+    out = Path(args.out)
+    with LLM(device="cpu", max_context=max([*ctxs, *pks, 512]) + 16, progress=False) as llm:
+        report["calibration"] = json.loads(
+            (Path(llm.store_path) / "attention_calibration.json").read_text()
+        )["choice"]
+        corpus = load_text(None, 6 * max(ctxs, default=1))
+        report["quality"] = []
+        for c in ctxs:
+            print(f"quality at {c}", flush=True)
+            ids = list(llm.tokenizer(corpus)["input_ids"][:c])
+            report["quality"].append(quality(llm, ids, SETTINGS))
+            out.write_text(json.dumps(report, indent=1))
+        if pks:
+            depths = [float(d) for d in args.depths.split(",")]
+            report["passkey"] = passkey(llm, pks, depths, SETTINGS, tuple(args.variants.split(",")))
+    out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
