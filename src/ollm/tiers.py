@@ -45,6 +45,18 @@ class KvTier(_StrEnum):
     DISK = "disk"  # KV files
 
 
+class Home(_StrEnum):
+    """The memory a paged KV pool lives in (``engine/kvpools.py``), from its layers' KvTier."""
+
+    DEVICE = "device"  # the plan's KV device (GPU memory, or RAM on a CPU machine)
+    RAM = "ram"  # pinned host RAM
+    DISK = "disk"  # memory-mapped KV files
+
+    @classmethod
+    def of(cls, kv_tier: KvTier) -> Home:
+        return {KvTier.DEVICE: cls.DEVICE, KvTier.CPU: cls.RAM, KvTier.DISK: cls.DISK}[kv_tier]
+
+
 class Phase(_StrEnum):
     """Which kind of forward runs: ``PlacementPlan.phase`` picks decode (hybrid devices) for
     forwards of few tokens, prefill (everything on the accelerator) for the rest."""

@@ -30,16 +30,16 @@ from ollm.kv.blocks import BlockManager, BlockMove
 from ollm.kv.disk import KVDirectory
 from ollm.kv.paged import PagedKVStore
 from ollm.sizes import format_size
+from ollm.tiers import Home
 
 DEVICE_TIER = "device"  # the allocation tier of every home
 SWAP_TIER = "swap"  # where preempted sequences' blocks move to
-HOMES = ("device", "ram", "disk")
+HOMES = tuple(Home)
 
 
-def layer_homes(plan, all_disk: bool = False) -> list[str]:
-    """Where each layer's KV pool lives: ``"disk"``, ``"ram"`` (pinned) or ``"device"``."""
-    tiers = {"device": "device", "cpu": "ram", "disk": "disk"}
-    return ["disk" if all_disk else tiers[p.kv_tier] for p in plan.layers]
+def layer_homes(plan, all_disk: bool = False) -> list[Home]:
+    """Where each layer's KV pool lives: on disk, in (pinned) RAM or on the device."""
+    return [Home.DISK if all_disk else Home.of(p.kv_tier) for p in plan.layers]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def build_pools(
     each), every layer's in its home; refuses up front when RAM or disk cannot hold them."""
     spec, plan = runner.spec, runner.plan
     homes = layer_homes(plan, all_disk)
-    on_device = [p.kv_device for p, h in zip(plan.layers, homes, strict=True) if h == "device"]
+    on_device = [p.kv_device for p, h in zip(plan.layers, homes, strict=True) if h == Home.DEVICE]
     device = torch.device(on_device[0] if on_device else plan.device)
     elem = torch.finfo(runner.dtype).bits // 8
     block = 2 * block_tokens * spec.num_kv_heads * spec.head_dim * elem
@@ -95,15 +95,15 @@ def build_pools(
         counts[(g, h)] = counts.get((g, h), 0) + 1
         need[h] += blocks[g] * block
         # The device home's swap tier is RAM on a GPU; the others swap within their own kind.
-        need["ram" if h == "device" and device.type == "cuda" else h] += swap_blocks * block
-    _check_ram(need["ram"])
+        need[Home.RAM if h == Home.DEVICE and device.type == "cuda" else h] += swap_blocks * block
+    _check_ram(need[Home.RAM])
     disk = None
-    if need["disk"]:
+    if need[Home.DISK]:
         from ollm.storage.convert import default_cache_dir
 
         disk = KVDirectory(kv_root or str(default_cache_dir() / "kv"))
         try:
-            disk.check(need["disk"])
+            disk.check(need[Home.DISK])
         except BaseException:
             disk.close()
             raise
@@ -144,13 +144,13 @@ def _store(runner, n_layers, pools, block_tokens, home, device, disk) -> PagedKV
 
     storage: dict = {}
     devices = {DEVICE_TIER: device, SWAP_TIER: torch.device("cpu")}
-    if home == "device" and device.type == "cuda":
+    if home == Home.DEVICE and device.type == "cuda":
         storage[SWAP_TIER] = pinned  # swaps copy asynchronously at the link's full rate
-    elif home == "ram":
+    elif home == Home.RAM:
         devices[DEVICE_TIER] = torch.device("cpu")
         if device.type == "cuda":
             storage[DEVICE_TIER] = pinned  # prefill gathers to the GPU at the pinned rate
-    elif home == "disk":
+    elif home == Home.DISK:
         assert disk is not None
         storage = {DEVICE_TIER: disk.storage, SWAP_TIER: disk.storage}  # fallocate: zeroed
     return PagedKVStore(

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from ollm.errors import BudgetError
+from ollm.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
             plan = whole()
         except BudgetError:
             plan = None  # whole layers do not fit: experts one by one may
-        if plan is not None and not plan.streamed and all(p.tier != "disk" for p in plan.layers):
+        if plan is not None and not plan.streamed and all(p.tier != Tier.DISK for p in plan.layers):
             return None  # every layer resident: nothing to cache
 
     def plan_dense(store, gpu, cpu):

@@ -23,6 +23,7 @@ from ollm.models.decoder import decoder_block
 from ollm.models.spec import ModelSpec
 from ollm.planning.placement import PlacementPlan
 from ollm.runtime.prefetch import Prefetcher
+from ollm.tiers import KvTier, Phase
 
 
 class Runner:
@@ -43,13 +44,13 @@ class Runner:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
         if all_layers:
             return len(self.plan.layers) * self._kv_layer_bytes(batch, capacity)
-        return self._offloaded_kv_bytes("disk", batch, capacity)
+        return self._offloaded_kv_bytes(KvTier.DISK, batch, capacity)
 
     def ram_kv_bytes(self, batch: int, capacity: int) -> int:
         """Bytes of pinned RAM the offloaded (kv_tier "cpu") layers need for a request."""
-        return self._offloaded_kv_bytes("cpu", batch, capacity)
+        return self._offloaded_kv_bytes(KvTier.CPU, batch, capacity)
 
-    def _offloaded_kv_bytes(self, tier: str, batch: int, capacity: int) -> int:
+    def _offloaded_kv_bytes(self, tier: KvTier, batch: int, capacity: int) -> int:
         # An offloaded layer's first ``kv_device_tokens`` slots stay on the device.
         return sum(
             self._kv_layer_bytes(batch, max(0, capacity - p.kv_device_tokens))
@@ -69,7 +70,7 @@ class Runner:
         scratch = None
         caches: list = []
         # Pinned RAM for offloaded layers is page-locked by a background thread, in layer order.
-        pinned = not all_disk and any(p.kv_tier == "cpu" for p in self.plan.layers)
+        pinned = not all_disk and any(p.kv_tier == KvTier.CPU for p in self.plan.layers)
         pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if pinned else None
         try:
             codecs = None
@@ -80,11 +81,11 @@ class Runner:
                     s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity
                 )
             for i, p in enumerate(self.plan.layers):
-                tier = "disk" if all_disk else p.kv_tier
+                tier = KvTier.DISK if all_disk else p.kv_tier
                 compressed = codecs.make(i, p, tier, disk) if codecs else None
                 if compressed is not None:  # its own storage and attention (kv/compressed.py)
                     caches.append(compressed)
-                elif tier in ("cpu", "disk"):
+                elif tier in (KvTier.CPU, KvTier.DISK):
                     from ollm.kv.offload import KVScratch, OffloadedKVCache
 
                     if scratch is None:
@@ -99,8 +100,8 @@ class Runner:
                             capacity,
                             self.dtype,
                             scratch,
-                            storage=disk.storage if tier == "disk" else None,
-                            allocator=pin_pool if tier == "cpu" else None,
+                            storage=disk.storage if tier == KvTier.DISK else None,
+                            allocator=pin_pool if tier == KvTier.CPU else None,
                             device_tokens=0 if all_disk else p.kv_device_tokens,
                         )
                     )
@@ -150,7 +151,7 @@ class Runner:
             # Decode attends these layers on the GPU over copies of their KV queued right behind
             # their weights (the copy engine serves both in the order the layers need them).
             fetcher = KVFetcher([caches[i] for i in idx], stats=self.prefetcher.stats)
-            streamed = set(self.plan.streamed_for("decode"))
+            streamed = set(self.plan.streamed_for(Phase.DECODE))
             if self.prefetcher.cuda and streamed.issuperset(idx):
                 fetcher.attach(idx, self.prefetcher.copy_stream)
                 self.prefetcher.on_issue = fetcher.issue_layer
@@ -191,9 +192,9 @@ class Runner:
                 fetcher.start_step()  # a decode step: fetch the KV of the layers that use it
             else:
                 fetcher.active = False
-        phase = self.plan.phase(b * t) if self.plan.cpu_layers else "prefill"
+        phase = self.plan.phase(b * t) if self.plan.cpu_layers else Phase.PREFILL
         pf.set_phase(phase)
-        hybrid_cpu = phase == "decode" and bool(self.plan.cpu_layers)
+        hybrid_cpu = phase == Phase.DECODE and bool(self.plan.cpu_layers)
         cpu_time = 0.0
         q_start = kv[0].length
         kv_len = q_start + t

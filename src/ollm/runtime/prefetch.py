@@ -29,6 +29,7 @@ from ollm.errors import WeightReadError
 from ollm.runtime.pinned import pinned_empty, unpin
 from ollm.storage.store import GLOBALS, LayerStore, layer_file
 from ollm.telemetry.stats import IOStats
+from ollm.tiers import Phase, Tier
 
 if TYPE_CHECKING:  # the plan is read by attribute only (runtime sits below planning)
     from ollm.planning.placement import PlacementPlan
@@ -50,7 +51,7 @@ class _ReadPass:
         self.store, self.verify, self.stats = pf.store, pf.verify, pf.stats
         self.cuda, self.timeline = pf.cuda, pf.timeline
         self.streamed = list(pf.streamed)
-        self.is_disk = [pf.plan.layers[i].tier == "disk" for i in self.streamed]
+        self.is_disk = [pf.plan.layers[i].tier == Tier.DISK for i in self.streamed]
         self._disk_before = [sum(self.is_disk[:j]) for j in range(len(self.streamed))]
         self._disk_per_pass = sum(self.is_disk)
         self.staging, self.slots = staging, slots
@@ -190,7 +191,7 @@ class Prefetcher:
         self.on_issue = None
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
-        self.phase = "prefill"
+        self.phase = Phase.PREFILL
         self.streamed = plan.streamed_for(self.phase)
         self._streamed_set = set(self.streamed)
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}  # hybrid decode on the CPU
@@ -256,7 +257,7 @@ class Prefetcher:
         staging = None
         for i, p in enumerate(self.plan.layers):
             f = layer_file(i)
-            if i in self._streamed_set and p.tier != "cpu":
+            if i in self._streamed_set and p.tier != Tier.CPU:
                 continue
             if i in self._streamed_set:  # cpu tier streamed to the GPU: keep a pinned RAM copy
                 buf = self._pin(self.store.files[f].nbytes)
@@ -410,7 +411,7 @@ class Prefetcher:
             gpu_stall_seconds=sum(b.elapsed_time(a) for b, a in stalls) / 1e3,
         )
 
-    def set_phase(self, phase: str) -> None:
+    def set_phase(self, phase: Phase) -> None:
         """Switch the streamed-layer schedule (prefill streams every non-resident layer; hybrid
         decode only those the GPU computes); in-flight loads of the old schedule are dropped."""
         if phase == self.phase:
