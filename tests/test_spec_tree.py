@@ -255,3 +255,47 @@ def test_tree_policy_shapes():
     for _ in range(60):
         bad.observe([(0, 0, False), (0, 1, False), (0, 2, False)])
     assert bad.shape((0.01, 0.01), 0.0) == []
+
+
+def test_draft_model_shares_budget(hf_models, tmp_path):
+    """A draft model loads first, resident, and its device bytes leave the target's budget;
+    when both cannot fit, the refusal names the draft's share and the minimum."""
+    from conftest import make_hf_model
+    from ollm.errors import BudgetError
+
+    _, path = hf_models("llama")
+    make_hf_model("llama", tmp_path / "draft", seed=7)
+    mib = 1 << 20
+    kw = dict(device="cpu", max_context=128, cache_dir=tmp_path / "c", progress=False,
+              speculate=f"draft:{tmp_path / 'draft'}")  # fmt: skip
+    with pytest.raises(BudgetError, match="draft model.*must be at least the minimum above plus"):
+        LLM(path, cpu_memory=150 * mib, **kw)
+    with LLM(path, cpu_memory=400 * mib, **kw) as llm:
+        draft = llm._draft.plan.peak_device_bytes
+        assert llm.config.cpu_memory == 400 * mib - draft and not llm._draft.plan.streamed
+        out = llm.generate([1, 2, 3, 1, 2, 3], GREEDY)
+        assert llm.last_speculation is not None and llm.last_speculation.drafted > 0
+    with LLM(path, device="cpu", max_context=128, cache_dir=tmp_path / "c", progress=False) as ref:
+        assert ref.generate([1, 2, 3, 1, 2, 3], GREEDY).token_ids == out.token_ids
+
+
+def test_request_speculate(hf_models, tmp_path):
+    """``SamplingParams.speculate`` turns drafting on or off per request (LLM.generate, submit,
+    the server's ``"ollm": {"speculate": ...}``); greedy tokens never change."""
+    from ollm.serve import protocol as P
+    from ollm.serve.completions import sampling_params
+
+    _, path = hf_models("qwen2")
+    p = prompts()[0]
+    with open_llm(path, tmp_path) as llm:  # the LLM does not speculate
+        want = llm.generate(p, GREEDY).token_ids
+        assert llm.last_speculation is None
+        got = llm.generate(p, replace(GREEDY, speculate="tree:lookup"))
+        assert got.token_ids == want and llm.last_speculation.drafter == "lookup tree"
+        stream = llm.submit(p, replace(GREEDY, speculate="lookup"))
+        assert stream.wait().token_ids == want
+    with open_llm(path, tmp_path, speculate="lookup") as llm:
+        assert llm.generate(p, replace(GREEDY, speculate="off")).token_ids == want
+        assert llm.last_speculation is None
+    req = P.CompletionRequest(model="m", prompt="x", ollm=P.OllmOptions(speculate="off"))
+    assert sampling_params(req, 4)[0].speculate == "off"

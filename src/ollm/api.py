@@ -87,7 +87,18 @@ class LLM:
             cfg.attention, self.spec, self.store_path, cfg.attention_page_tokens,
             cfg.attention_prefill, cfg.model,
         )  # fmt: skip
-        self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
+        from ollm.draft_model import budget_error, reserve_draft
+
+        # speculate=draft:PATH: the draft model loads first, resident; its bytes leave the budget.
+        draft_bytes = reserve_draft(self)
+        try:
+            self._load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
+        except BudgetError as exc:
+            if self._draft is not None:
+                self._draft.close()
+            if draft_bytes:
+                raise budget_error(self, exc, draft_bytes) from None
+            raise
         self.tokenizer = self._load_tokenizer()
         from ollm.storage.convert import default_cache_dir as _cache_root
 
@@ -296,7 +307,7 @@ class LLM:
                 raise RequestError(f"{len(ids)} prompts but {len(plist)} sampling params")
             each = plist if plist is not None else [params]
             self._check_request(ids, max(p.max_new_tokens for p in each))  # type: ignore[union-attr]
-            spec = self._speculator()  # speculation runs on the batch engine, one prompt or more
+            spec = self._speculator(_request_speculate(each))  # on the batch engine
             if len(ids) > 1 or plist is not None or spec is not None:
                 from ollm.engine.batch_generate import generate_many
 
@@ -309,6 +320,7 @@ class LLM:
             else:
                 outs, metrics = self._engine.generate(ids, params, _on_text, _on_token, _kv_dir)  # type: ignore[arg-type]
                 mets = [metrics]
+                self.last_speculation = None
             self._review_hybrid(mets[0], len(ids))
         results = [
             GenerationResult(o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", m)
@@ -316,21 +328,20 @@ class LLM:
         ]
         return results[0] if single else results
 
-    def _speculator(self):
-        """A fresh `Speculator` for one request per ``config.speculate`` (None when off); a
-        draft model (``draft:PATH``) is loaded once, on this device, planned for this workload."""
+    def _speculator(self, kind: str | None = None):
+        """A fresh `Speculator` for one request per ``kind`` (default ``config.speculate``; None
+        when off); a draft model (``draft:PATH``) is loaded once, on this device, planned for
+        this workload (at construction, inside the budget, when the config names it)."""
+        from ollm.draft_model import draft_path, open_draft
         from ollm.engine.speculative import build_speculator
 
-        kind, w, draft = self.config.speculate, self.workload, None
+        kind, w, draft = kind or self.config.speculate, self.workload, None
         if kind == "off":
             return None
-        if kind.removeprefix("tree:").startswith("draft:"):
-            if self._draft is None:
-                cfg = self.config
-                self._draft = LLM(
-                    kind.removeprefix("tree:")[6:], device=self.device, max_context=w.context,
-                    max_batch=w.batch, cache_dir=cfg.cache_dir, progress=cfg.progress,
-                )  # fmt: skip
+        path = draft_path(kind)
+        if path is not None:
+            if self._draft is None:  # asked by a request: no share of the budget was set aside
+                self._draft = open_draft(self, path, None)
             self._draft.ensure_context(w.context, w.batch)
             draft = self._draft.runner
         return build_speculator(kind, self.runner, w.batch, w.context, draft)
@@ -476,9 +487,15 @@ class LLM:
                     w = self.workload
                     eos = self._eos_ids()
                     # Disk-tier pools go under the LLM's KV directory, as generate()'s do.
-                    return BatchEngine.for_plan(
+                    eng = BatchEngine.for_plan(
                         self.runner, self.tokenizer, eos, w.batch, w.context, self._engine.kv_dir
                     )
+                    # Drafts for requests that ask (SamplingParams.speculate), or all when the
+                    # LLM speculates; lookup costs nothing when the LLM does not.
+                    kind = self.config.speculate
+                    eng.speculator = self._speculator("auto" if kind == "off" else kind)
+                    eng.speculate_default = kind != "off"
+                    return eng
 
                 self._server = BatchServer(make, self._lock, text=self.tokenizer is not None)
             return self._server.submit(ids, params, priority=priority, logprobs=logprobs, sink=sink)
@@ -498,3 +515,12 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _request_speculate(params: Sequence[SamplingParams]) -> str | None:
+    """The drafter the requests ask for (`SamplingParams.speculate`): the first one set other
+    than "off" (the engine has one drafter; "off" requests skip it), "off" when all say so,
+    None (the LLM's setting) when none does."""
+    asked = [p.speculate for p in params if p.speculate is not None]
+    on = [k for k in asked if k != "off"]
+    return on[0] if on else ("off" if asked and len(asked) == len(params) else None)

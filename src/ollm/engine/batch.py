@@ -126,6 +126,7 @@ class BatchEngine:
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.speculator = as_speculator(drafter)
+        self.speculate_default = True  # requests whose params leave ``speculate`` None draft
         self._draft_q: dict[str, torch.Tensor | None] = {}  # this step's draft distributions
         self._trees: dict[str, Draft] = {}  # this step's tree drafts
         self._paths: dict[str, list[int]] = {}  # accepted tree nodes, for `compact_path`
@@ -301,6 +302,9 @@ class BatchEngine:
             seq = self.scheduler.seqs.get(rid)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
+            asked = getattr(seq.request.sampling, "speculate", None)
+            if asked == "off" or (asked is None and not self.speculate_default):
+                continue  # no drafts for this request (`SamplingParams.speculate`)
             room = seq.request.max_new_tokens - seq.num_output - 1  # drafts worth verifying
             if len(seq.tokens) - seq.num_computed == 1 and room > 0:
                 asks[rid] = (seq.tokens, live.sampler.params, room)

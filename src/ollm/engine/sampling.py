@@ -56,6 +56,9 @@ class SamplingParams:
     """Token ids that end generation (besides EOS)."""
     ignore_eos: bool = False
     """Keep generating past the EOS token (until max_new_tokens or a stop)."""
+    speculate: str | None = None
+    """Speculative decoding for this request: None follows the LLM's ``speculate``; "off"
+    drafts nothing for it; any other ``EngineConfig.speculate`` value turns it on (lossless)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_str_tuple(self.stop))
@@ -74,6 +77,13 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise SamplingParamsError(f"seed must be an int or None, got {self.seed!r}")
+        if self.speculate is not None:
+            from ollm.config import _check_speculate  # the LLM option's own rule
+
+            try:
+                _check_speculate(self.speculate)
+            except OllmError as exc:
+                raise SamplingParamsError(str(exc)) from None
 
     @property
     def greedy(self) -> bool:

@@ -48,6 +48,7 @@ def sampling_params(req: P.CompletionRequest | P.ChatRequest, max_new: int) -> l
                 top_k=req.top_k,
                 seed=None if req.seed is None else req.seed + i,
                 stop=stops,
+                speculate=None if req.ollm is None else req.ollm.speculate,
             )  # fmt: skip
             for i in range(req.n)
         ]

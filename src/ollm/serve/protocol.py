@@ -24,6 +24,9 @@ class OllmOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     chunking: Chunking | None = None
     """Where streamed pieces end: each token (default), sentence or paragraph ends."""
+    speculate: str | None = Field(None, max_length=1024)
+    """Speculative decoding for this request ("off", "lookup", "tree:lookup", ...; lossless);
+    None: the server's setting (`SamplingParams.speculate`)."""
 
 
 class StreamOptions(BaseModel):
