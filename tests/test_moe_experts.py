@@ -240,7 +240,7 @@ def _stand_in(llm, path, plan, rates=None):
 _REFS: dict[int, tuple[list[int], torch.Tensor]] = {}
 
 
-def _check(llm, model, new: int = 10) -> None:
+def _check(llm, model, new: int = 10):
     """Greedy tokens equal transformers'; log-probs of the sequence within 1e-4 (the reference
     computed once per model)."""
     if id(model) not in _REFS:
@@ -251,10 +251,13 @@ def _check(llm, model, new: int = 10) -> None:
     assert res.token_ids == tokens
     seq = PROMPT + res.token_ids
     torch.testing.assert_close(llm.score(seq).cpu(), ref, atol=1e-4, rtol=1e-4)
+    return res
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(family, converted, tmp_path):
+def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(
+    family, converted, tmp_path
+):
     """The CPU device with a RAM budget: dense parts resident, part of the experts in RAM
     (computed in place), the rest on disk read through a cache of two slots; then a stand-in
     accelerator whose experts (RAM and disk) all pass through two slots, and the same with RAM
@@ -270,8 +273,9 @@ def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(family,
     with LLM(path, cpu_memory=budget, **kw) as llm:
         t = llm.plan.experts.tier_counts()
         assert t["cpu"] and t["disk"] and llm.plan.experts.cache_slots == 2
-        _check(llm, model)
+        res = _check(llm, model)
         assert llm.stats.expert_misses > 0 and llm.stats.bytes_disk > 0
+        assert 0 < res.metrics.expert_hit_rate < 1  # in the request's metrics
         work = llm.workload
         spec, store = llm.spec, llm.store
 

@@ -1,15 +1,30 @@
-"""Device check of the mixture-of-experts families (issue 19), run on the device machine:
+"""Device check and benchmark of the mixture-of-experts families (issue 19), on the device machine:
 
-    PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT
+    PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT [--quick]
+    (or scripts/gpu_check.py --checks moe; ``run(out, quick) -> dict``)
 
-For ``qwen3_moe``, ``mixtral`` and ``gpt_oss`` (tiny random configs of tests/conftest.py), in
-float32 and bfloat16, on CUDA: layers streamed from pinned RAM (``offload="cpu"``, a budget of
-three layers) and from disk; greedy tokens vs transformers on the same device and dtype, and
-the largest log-prob difference over the sequence. float32 must match (``ok``); bfloat16 is
-reported (another kernel order may flip a near tie). Writes ``moe.json`` under ``--out``.
-``--device cpu`` is a dry run here: there bfloat16 matched transformers to 1e-6 for qwen3_moe
-and mixtral; gpt_oss's tokens matched but log-probs differed by up to 0.66, since transformers'
-eager attention (its only CPU path for sinks) rounds scores and probabilities to bfloat16.
+1. Correctness (tiny random configs of tests/conftest.py, float32 on CUDA): ``qwen3_moe``,
+   ``mixtral``, ``gpt_oss`` with whole layers streamed from pinned RAM and from disk, and with
+   experts placed one by one through a cache of two slots (experts in pinned RAM, on disk, and
+   RAM misses run by the CPU): greedy tokens equal transformers' and log-probs within 1e-4
+   (``ok``). Without ``--quick`` also bfloat16 (reported, not judged: kernels round differently).
+2. Benchmark of Qwen3-30B-A3B shapes (``bench``): a synthetic store with the real per-layer
+   shapes (128 experts of 768, hidden 2048, 32/4 heads) but ``LAYERS`` (8; 4 with ``--quick``)
+   of the 48 layers, since the whole model is ~61 GB of bf16 to write. The 8 GiB budget is
+   scaled to those layers: every dense part, the KV of an 8k context and the activations as
+   the full model needs them per layer, and an expert cache holding the same fraction of the
+   experts as 8 GiB leaves the full model (``cache_fraction``). Per run: prefill of an 8k
+   prompt (2k quick), decode tok/s, expert-cache hit rate, bytes copied host->GPU per decode
+   token, and the projection to 48 layers (decode time per layer x 48). Runs: LRU and LFU under
+   the random router (uniform routing) and under a Zipf-skewed routing injected as a router
+   bias (-a log rank, ``ZIPF``; bench only: added to the resident router weights), CPU compute
+   of RAM misses by the cost model vs off, and the whole-layer streaming baseline (every layer
+   streamed from pinned RAM) in the same process. ``floor_s_per_token``: uncached experts a
+   token needs under uniform routing with a cache of that size (1 - slots/experts of top_k per
+   layer) x expert bytes over the measured pinned host->GPU rate; the baseline's floor: the
+   streamed layers' bytes over the same rate.
+
+Writes ``moe.json`` under ``--out``. ``--device cpu`` is a dry run here (tiny shapes).
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +44,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 PROMPT = [(7 * i + 3) % 256 for i in range(150)]
 NEW = 24
+GIB = 1 << 30
+FULL_LAYERS = 48  # Qwen3-30B-A3B
+LAYERS = 8
+ZIPF = 1.2
 
 
 def _hf(model, seq: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -47,9 +67,20 @@ def _hf(model, seq: list[int]) -> tuple[list[int], torch.Tensor]:
     return out[0, len(PROMPT) :].tolist(), lp
 
 
+# -- 1. correctness ------------------------------------------------------------------------------
+MODES = {  # name -> LLM options (besides the budget)
+    "layers-ram": dict(offload="cpu", moe_offload="layer"),
+    "layers-disk": dict(offload="disk", moe_offload="layer"),
+    "experts-ram-2slots": dict(
+        offload="cpu", moe_offload="expert", expert_slots=2, expert_cpu="off"
+    ),
+    "experts-disk-2slots": dict(offload="disk", moe_offload="expert", expert_slots=2),
+    "experts-ram-cpu": dict(offload="cpu", moe_offload="expert", expert_slots=2, expert_cpu="on"),
+}
+
+
 def case(tmp: Path, family: str, dtype: torch.dtype, device: str = "cuda") -> list[dict]:
-    """One family and dtype, streamed from RAM and from disk (on the CPU device: from disk, RAM
-    being the device's own memory)."""
+    """One family and dtype in every mode of ``MODES``."""
     from conftest import make_hf_model
     from ollm import LLM, SamplingParams
 
@@ -57,48 +88,195 @@ def case(tmp: Path, family: str, dtype: torch.dtype, device: str = "cuda") -> li
     path = tmp / f"{family}-{name}"
     model = make_hf_model(family, path, dtype=dtype).to(device)
     kw = dict(device=device, dtype=name, hybrid="off", cache_dir=tmp / "c", progress=False)
-    with LLM(path, **kw) as probe:
+    with LLM(path, moe_offload="layer", **kw) as probe:
         r, layer = probe.plan.reserved, probe.plan.layer_bytes
         budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer
-    rows = []
-    for offload in ("cpu", "disk"):
+    rows, ref = [], None
+    for mode, opts in MODES.items():
         limit = {"gpu_memory" if device != "cpu" else "cpu_memory": budget}
-        with LLM(path, offload=offload, **limit, **kw) as llm:
-            tiers = [p.tier for p in llm.plan.layers]
+        with LLM(path, **limit, **opts, **kw) as llm:
             res = llm.generate(PROMPT, SamplingParams(max_new_tokens=NEW, temperature=0))
             seq = PROMPT + res.token_ids
-            ref_tokens, ref_lp = _hf(model, seq)
-            diff = (llm.score(seq).float().cpu() - ref_lp).abs().max().item()
-        same = res.token_ids == ref_tokens
-        rows.append(
-            dict(
+            if ref is None:
+                ref = _hf(model, seq)
+            diff = (llm.score(seq).float().cpu() - ref[1]).abs().max().item()
+            e = llm.plan.experts
+            row = dict(
                 family=family,
                 dtype=name,
-                offload=offload,
-                tiers=tiers,
-                tokens_equal=same,
+                mode=mode,
+                experts=None if e is None else e.tier_counts() | {"slots": e.cache_slots},
+                expert_hit_rate=res.metrics.expert_hit_rate,
+                expert_cpu=res.metrics.expert_cpu,
+                tokens_equal=res.token_ids == ref[0],
                 max_logprob_diff=diff,
-                ok=(same and diff < 1e-4) if dtype == torch.float32 else True,
             )
-        )
-        print(rows[-1], flush=True)
+        row["ok"] = (row["tokens_equal"] and diff < 1e-4) if dtype == torch.float32 else True
+        rows.append(row)
+        print(row, flush=True)
     return rows
+
+
+# -- 2. benchmark -------------------------------------------------------------------------------
+def _store(tmp: Path, layers: int, device: str) -> Path:
+    from ollm.models.registry import STORE_FAMILIES
+    from ollm.storage.synthetic import make_synthetic_store
+
+    tiny = {} if device != "cpu" else dict(hidden_size=256, num_experts=16, vocab_size=1024)
+    return make_synthetic_store(
+        "qwen3-30b-a3b", tmp / "qwen3-30b-a3b", progress=False, families=STORE_FAMILIES,
+        num_hidden_layers=layers, **tiny,
+    )  # fmt: skip
+
+
+def _scaled_slots(store: Path, kw: dict, layers: int, budget: int) -> tuple[int, float]:
+    """Cache slots for ``layers`` layers holding the fraction of the experts the full model's
+    cache holds under ``budget`` (its dense parts, KV and activations as counted per layer).
+    Planned only (nothing loaded)."""
+    from ollm.models.registry import build_spec
+    from ollm.planning.experts import plan_experts
+    from ollm.planning.placement import Workload, plan_placement
+    from ollm.storage.experts import StoreExperts
+    from ollm.storage.store import LayerStore
+
+    st = LayerStore(store)
+    spec, work = build_spec(st.hf_config()), Workload(1, kw["max_context"], kw["max_context"])
+    dev = "cuda:0" if kw["device"] != "cpu" else "cpu"
+
+    def dense(s, gpu, cpu):
+        return plan_placement(spec, s, dev, gpu, cpu, "cpu", work, 2, hybrid="off")
+
+    plan = plan_experts(spec, st, StoreExperts(st), dev, budget, None, "cpu", work, 2, slots=2,
+                        plan_dense=dense)  # fmt: skip
+    st.close()
+    r, e = plan.reserved, plan.experts
+    per_layer = (r["resident layers"] + r["kv cache"]) / layers
+    fixed = sum(v for k, v in r.items() if k not in ("experts", "resident layers", "kv cache"))
+    cache = budget - fixed - FULL_LAYERS * per_layer
+    frac = max(0.0, cache / e.expert_bytes) / (e.num_experts * FULL_LAYERS)
+    return max(2, int(frac * e.total)), frac
+
+
+def _zipf_router(llm, a: float) -> None:
+    """Bench only: add a router bias of -a log(rank) (a random ranking per layer) to every
+    resident sparse layer's weights, skewing the random router's uniform routing."""
+    spec, pf = llm.spec, llm.prefetcher
+    g = torch.Generator().manual_seed(0)
+    for i in spec.moe.sparse_layers:
+        w = pf._resident[i]  # dense parts are resident under the bench's budget
+        rank = torch.randperm(spec.moe.num_experts, generator=g) + 1
+        bias = (-a * torch.log(rank.float())).to(llm.dtype)
+        w[f"{spec.moe.prefix}.{spec.moe.router}.bias"] = bias.to(w[spec.moe.router_key].device)
+
+
+def _run(store, kw, prompt_len: int, new: int, h2d: float, zipf: float = 0.0, **opts) -> dict:
+    from ollm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    with LLM(store, **kw, **opts) as llm:
+        load_s = time.perf_counter() - t0
+        if zipf:
+            _zipf_router(llm, zipf)
+        prompt = [(13 * i + 5) % 1000 for i in range(prompt_len)]
+        llm.generate(prompt[:64], SamplingParams(max_new_tokens=2, temperature=0))  # warm-up
+        res = llm.generate(prompt, SamplingParams(max_new_tokens=new, temperature=0))
+        m, plan, e = res.metrics, llm.plan, llm.plan.experts
+        top_k = llm.spec.moe.top_k
+        # bytes a decode step copies: a short request with and without its decode steps
+        copied = []
+        for n in (1, new):
+            before = llm.stats.bytes_h2d
+            one = llm.generate(prompt[:16], SamplingParams(max_new_tokens=n, temperature=0))
+            copied.append(llm.stats.bytes_h2d - before)
+    decode_steps = max(1, new - 1)
+    step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
+    layers = len(plan.layers)
+    row = dict(
+        mode="experts" if e is not None else "layers",
+        options=opts | ({"zipf": zipf} if zipf else {}),
+        load_s=round(load_s, 1),
+        prefill_tokens=prompt_len,
+        prefill_s=m.prefill_seconds,
+        prefill_tok_s=m.prefill_tokens_per_second,
+        decode_tok_s=m.decode_tokens_per_second,
+        projected_decode_tok_s_48_layers=1 / (step_s * FULL_LAYERS / layers),
+        expert_hit_rate=m.expert_hit_rate,
+        expert_cpu_per_token=m.expert_cpu / decode_steps,
+        h2d_bytes_per_decode_token=(copied[1] - copied[0]) / decode_steps,
+        short_request_decode_tok_s=one.metrics.decode_tokens_per_second,
+        gpu_stall_s=m.io_stall_gpu_seconds,
+    )
+    if e is not None:
+        # uniform routing: a token's top_k experts per layer miss a cache of that size at best
+        # with probability 1 - slots / experts (skewed routing can do better)
+        miss = max(0.0, 1 - e.cache_slots / e.total)
+        floor_bytes = len(e.layers) * top_k * miss * e.expert_bytes
+        row |= dict(slots=e.cache_slots, total_experts=e.total, tiers=e.tier_counts())
+        row["floor_s_per_token"] = floor_bytes / h2d
+    else:
+        streamed = sum(llm.store.layer_nbytes(i) for i in plan.streamed_for("decode"))
+        row["streamed_layers"] = len(plan.streamed_for("decode"))
+        row["floor_s_per_token"] = streamed / h2d
+    row["s_per_token"] = step_s
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench(tmp: Path, quick: bool, device: str = "cuda") -> dict:
+    """Qwen3-30B-A3B shapes, ``LAYERS`` layers, 8 GiB scaled (see the module docstring)."""
+    from ollm.bench.probes import probe_h2d
+
+    layers = 4 if quick else LAYERS
+    t = time.perf_counter()
+    store = _store(tmp, layers, device)
+    out: dict = {"layers": layers, "full_layers": FULL_LAYERS, "store_s": time.perf_counter() - t}
+    on_gpu = device != "cpu"
+    h2d = probe_h2d(torch.device(device), pinned=True) if on_gpu else 10e9
+    out["h2d_pinned_GBps"] = h2d / 1e9
+    ctx = 2048 if quick or not on_gpu else 8192
+    kw = dict(device=device, progress=False, verify_checksums=False, max_context=ctx + 64)
+    kw["cache_dir"] = str(tmp / "c")
+    budget = 8 * GIB if on_gpu else 2 * GIB
+    slots, frac = _scaled_slots(store, {**kw, "offload": "cpu"}, layers, budget)
+    out |= {"cache_slots": slots, "cache_fraction": frac, "budget": "8GiB scaled", "context": ctx}
+    new = 16 if quick else 32
+    exp = dict(gpu_memory=budget, offload="cpu", moe_offload="expert", expert_slots=slots)
+    runs = []
+    for zipf in (0.0, ZIPF):
+        for policy in ("lru", "lfu"):
+            runs.append(_run(store, kw, ctx, new, h2d, zipf, expert_cache=policy, **exp))
+    runs.append(_run(store, kw, ctx, new, h2d, 0.0, expert_cpu="off", **exp))
+    # the whole-layer baseline: every layer streamed from pinned RAM through a ring
+    base = dict(gpu_memory=budget, offload="cpu", moe_offload="layer")
+    runs.append(_run(store, kw, min(ctx, 2048), new, h2d, **base))
+    out["runs"] = runs
+    return out
+
+
+def run(out: Path, quick: bool = False, device: str = "cuda") -> dict:
+    """Correctness rows (``ok`` judged on float32) and the Qwen3-30B-A3B-shaped benchmark."""
+    rows = []
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    with tempfile.TemporaryDirectory() as d:
+        for family in FAMILIES:
+            for dtype in dtypes:
+                rows += case(Path(d), family, dtype, device)
+        with tempfile.TemporaryDirectory(dir=os.environ.get("OLLM_BENCH_DIR")) as b:
+            report = {"bench": bench(Path(b), quick, device)}
+    dev = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+    report |= {"ok": all(r["ok"] for r in rows), "rows": rows, "device": dev}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--quick", action="store_true", help="float32 only, 4 layers, 2k context")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script here")
     args = ap.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as d:
-        for family in FAMILIES:
-            for dtype in (torch.float32, torch.bfloat16):
-                rows += case(Path(d), family, dtype, args.device)
-    dev = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
-    report = {"ok": all(r["ok"] for r in rows), "rows": rows, "device": dev}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "moe.json").write_text(json.dumps(report, indent=1))
+    report = run(args.out, args.quick, args.device)
     print("ok" if report["ok"] else "FAILED")
 
 

@@ -261,3 +261,7 @@ def _fill_io(metrics: GenerationMetrics, d: dict[str, float]) -> None:
     metrics.cpu_path_seconds = d["cpu_seconds"]
     if d.get("kv_total_tokens"):  # attention routing counted its decode reads
         metrics.kv_read_fraction = d["kv_read_tokens"] / d["kv_total_tokens"]
+    routed = d.get("expert_hits", 0) + d.get("expert_misses", 0)
+    if routed:  # the expert cache served this request's sparse layers
+        metrics.expert_hit_rate = d["expert_hits"] / routed
+        metrics.expert_cpu = int(d["expert_cpu"])

@@ -79,6 +79,10 @@ def make_prefetcher(store, plan, stats, verify: bool, rates=None):
     experts = StoreExperts(store)
     experts.verify = verify
     prefetcher = Prefetcher(dense_store(store, experts), plan, stats, verify)
+    if rates is not None:  # RAM experts may run on the CPU: at the measured best thread count
+        import torch
+
+        torch.set_num_threads(rates.cpu_threads)
     try:
         prefetcher.experts = ExpertCache(experts, plan.experts, plan.device, stats, rates)
     except BaseException:

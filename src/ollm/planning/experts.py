@@ -84,13 +84,19 @@ class ExpertPlan:
         return rows
 
 
-def group_rows(spec, work, budget: int | None) -> tuple[int, int]:
+def group_rows(spec, work, budget: int | None, dtype_bytes: int) -> tuple[int, int]:
     """(rows routed at once, bytes their temporaries take): the [rows x top_k, H] output slots
-    in float32 (the widest product dtype) and one expert's intermediates over all rows stay
-    under 256 MiB or 1/16 of the budget, and at least 256 rows."""
+    (float32 where routing weights stay float32: Mixtral), the gathered rows and one expert's
+    intermediates over all rows, within 1/16 of the budget (1 GiB without one), >= 256 rows.
+    Each expert a group needs is fetched once per group: an 8k prompt of Qwen3-30B-A3B shapes
+    is one group under 8 GiB, so prefill streams each expert once."""
     moe = spec.moe
-    cap = max(32 * MIB, min(256 * MIB, (budget or 1 << 40) // 16))
-    per_row = 4 * (moe.top_k * spec.hidden_size + 3 * moe.intermediate_size + spec.hidden_size)
+    cap = max(32 * MIB, (budget or 16 << 30) // 16)
+    wide = moe.routing == "softmax_topk" and not moe.weights_in_act_dtype
+    slot = 4 if wide else dtype_bytes
+    per_row = slot * moe.top_k * spec.hidden_size + dtype_bytes * (
+        3 * moe.intermediate_size + 2 * spec.hidden_size
+    )
     rows = max(256, min(work.batch * work.prefill_tokens, cap // per_row))
     return rows, rows * per_row
 
@@ -119,7 +125,7 @@ def plan_experts(
 
     on_gpu = device != "cpu"
     budget = gpu_memory if on_gpu else cpu_memory
-    rows, rows_bytes = group_rows(spec, work, budget)
+    rows, rows_bytes = group_rows(spec, work, budget, dtype_bytes)
     slot = experts.expert_bytes
     layers = tuple(sorted(experts.regions))
     n_exp = max(experts.num_experts(i) for i in layers)

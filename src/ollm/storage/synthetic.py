@@ -98,6 +98,59 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Mixture-of-experts presets (issue 19), from the public configs of Qwen3-30B-A3B and gpt-oss-20b.
+PRESETS["qwen3-30b-a3b"] = (
+    "Qwen3MoeConfig",
+    dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+)
+PRESETS["gpt-oss-20b"] = (
+    "GptOssConfig",
+    dict(
+        vocab_size=201088,
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_hidden_layers=24,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
+        },
+    ),
+)
+
+
 def preset_config(name: str, **overrides: object):
     """The transformers config of a preset (``num_hidden_layers`` etc. may be overridden)."""
     if name not in PRESETS:
@@ -133,17 +186,56 @@ class SyntheticSource:
 
     def names(self) -> list[str]:
         s = self.spec
-        per_layer = self.families.layer_tensors(s, None, None)
         names = ["model.embed_tokens.weight", "model.norm.weight"]
         if not s.tie_word_embeddings:
             names.append("lm_head.weight")
-        names += [f"model.layers.{i}.{n}" for i in range(s.num_layers) for n in per_layer]
+        for i in range(s.num_layers):  # a mixture of experts names its experts per layer
+            layer = i if s.moe is not None else None
+            names += [f"model.layers.{i}.{n}" for n in self.families.layer_tensors(s, layer, None)]
+            m = s.moe
+            if m is not None and self._zipf and not m.router_bias and s.is_sparse(i):
+                names.append(f"model.layers.{i}.{m.prefix}.{m.router}.bias")
         return names
+
+    @property
+    def _zipf(self) -> float:
+        """``router_zipf=a`` (a config override, benchmarks only): every router gets a bias of
+        -a log(rank) over a random ranking of its experts, so routing is skewed Zipf-like
+        (random routers route about uniformly). Qwen3-MoE has no router bias; ollm's router
+        adds one when the weights hold it."""
+        return float(getattr(self.config, "router_zipf", 0) or 0)
+
+    def _moe_shape(self, name: str) -> tuple[int, ...] | None:
+        """Shapes of the router and the experts (None for any other tensor)."""
+        s, m = self.spec, self.spec.moe
+        h, e, i = s.hidden_size, m.num_experts, m.intermediate_size
+        if name.endswith(f".{m.prefix}.{m.router}.weight"):
+            return (e, h)
+        if name.endswith(f".{m.prefix}.{m.router}.bias"):
+            return (e,)
+        if ".experts." not in name:
+            return None
+        short = name.rsplit(".experts.", 1)[1]
+        if m.expert_kind == "gpt_oss":  # fused [E, ...], gate/up interleaved by column
+            fused = {
+                "gate_up_proj": (e, h, 2 * i),
+                "gate_up_proj_bias": (e, 2 * i),
+                "down_proj": (e, i, h),
+                "down_proj_bias": (e, h),
+            }
+            return fused[short]
+        proj = short.split(".")[1]
+        return (h, i) if proj == m.expert_names[2] else (i, h)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` (HF layout)."""
         s = self.spec
         h, d, i = s.hidden_size, s.head_dim, s.intermediate_size
+        moe = self._moe_shape(name) if s.moe is not None else None
+        if moe is not None:
+            return moe
+        if name.endswith("self_attn.sinks"):
+            return (s.num_heads,)
         table = {
             "q_proj": (s.num_heads * d, h),
             "k_proj": (s.num_kv_heads * d, h),
@@ -167,6 +259,10 @@ class SyntheticSource:
         # byte-identical weights in every process (benchmarks compare stores across runs).
         g = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
         shape = self.shape(name)
+        m = self.spec.moe
+        if m is not None and self._zipf and name.endswith(f".{m.prefix}.{m.router}.bias"):
+            rank = torch.randperm(shape[0], generator=g, device=self.device) + 1
+            return (-self._zipf * torch.log(rank.float())).to(torch.bfloat16).cpu()
         t = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
         if len(shape) == 1:
             t = t * 0.05 + (0.0 if self.spec.norm_unit_offset else 1.0)

@@ -28,6 +28,8 @@ class GenerationMetrics:
     device: str = "cpu"  # where the request computed (cost per token counts GPU-seconds there)
     energy_joules: float | None = None  # GPU energy of the request (NVML), None where unknown
     kv_read_fraction: float | None = None  # routed attention: KV slots read / held in decode
+    expert_hit_rate: float | None = None  # MoE expert cache: routed experts found on the device
+    expert_cpu: int = 0  # MoE: routed experts missing from the cache run by the CPU in RAM
 
     @property
     def io_wait_seconds(self) -> float:
@@ -95,6 +97,16 @@ class GenerationMetrics:
                 "all (full attention)"
                 if self.kv_read_fraction is None
                 else f"{100 * self.kv_read_fraction:.1f}% of the routed layers' KV",
+            ),
+            *(
+                [
+                    (
+                        "expert cache hits",
+                        f"{100 * self.expert_hit_rate:.1f}% ({self.expert_cpu} misses run by the CPU)",
+                    )
+                ]
+                if self.expert_hit_rate is not None
+                else []
             ),
             ("finish reason", self.finish_reason),
         ]
