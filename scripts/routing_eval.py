@@ -60,7 +60,7 @@ def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dic
     runner.routing = None
     target = torch.tensor(ids[1:])
     stats = {n: {"nll": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0} for n in settings}
-    rows = 512
+    rows = 64  # float64 [rows, vocab] per setting at a time
     for c0 in range(0, len(target), rows):
         c1 = min(len(target), c0 + rows)
         lp = {
