@@ -18,6 +18,7 @@ from ollm.api import LLM
 from ollm.engine.sampling import SamplingParams
 from ollm.errors import ModelNotFoundError, OllmError
 from ollm.telemetry.metrics import GenerationMetrics
+from ollm.tiers import Tier
 
 log = logging.getLogger(__name__)
 __all__ = ["Inference", "CompatModel", "TextStreamer", "file_get_contents"]
@@ -160,7 +161,8 @@ class Inference:
         gpu = {"gpu_memory": llm.plan.budget} if llm.device.startswith("cuda") else {}
         self._build(offload="auto", cpu_memory=budget, **gpu)  # the GPU budget _cpu_budget used
         plan = self.llm.plan
-        kept, wanted = plan.count("cpu"), min(layers_num, llm.spec.num_layers - plan.count("gpu"))
+        kept = plan.count(Tier.CPU)
+        wanted = min(layers_num, llm.spec.num_layers - plan.count(Tier.GPU))
         if kept != wanted:
             where = dict(plan.describe())["layers"]
             if kept > wanted and not llm.device.startswith("cuda"):
@@ -204,7 +206,7 @@ def _print_stats(metrics: GenerationMetrics, device: str) -> None:
 
 
 def _cpu_budget(llm: LLM, layers_num: int) -> int | None:
-    """A ``cpu_memory`` under which the planner keeps ``layers_num`` layers in tier "cpu"."""
+    """A ``cpu_memory`` under which the planner keeps ``layers_num`` layers in tier CPU."""
     from ollm.planning.placement import plan_placement
 
     n, layer = llm.spec.num_layers, llm.store.max_layer_nbytes
@@ -224,7 +226,7 @@ def _cpu_budget(llm: LLM, layers_num: int) -> int | None:
             fixed = sum(v for k, v in plan.reserved.items() if k not in _LAYER_KEYS)
             budget = fixed + (layers_num + 2) * layer
         plan = trial(budget)
-        missing = min(layers_num, n - plan.count("gpu")) - plan.count("cpu")
+        missing = min(layers_num, n - plan.count(Tier.GPU)) - plan.count(Tier.CPU)
         if missing == 0:
             break
         budget += missing * layer if on_gpu else 0

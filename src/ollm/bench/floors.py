@@ -33,6 +33,7 @@ threads on the page cache). ``NOTE_BELOW_FLOOR`` is the sentence the report prin
 from __future__ import annotations
 
 from ollm.bench.probes import matmul_flops
+from ollm.tiers import KvTier, Phase, Tier
 
 __all__ = ["compute_floors", "layer_link_rate", "NOTE_BELOW_FLOOR"]
 
@@ -48,14 +49,14 @@ def _rate(probes: dict[str, object], key: str) -> float | None:
 
 
 def layer_link_rate(
-    tier: str, on_gpu: bool, probes: dict[str, object], cold: bool = False
+    tier: Tier, on_gpu: bool, probes: dict[str, object], cold: bool = False
 ) -> float | None:
     """Bytes/s at which a streamed layer of ``tier`` reaches its execution device (None: unknown)."""
     disk = _rate(probes, "disk_cold_GBps" if cold else "disk_warm_GBps")
     if not on_gpu:
-        return disk if tier == "disk" else None
+        return disk if tier == Tier.DISK else None
     h2d = _rate(probes, "h2d_pinned_GBps")
-    if tier == "disk":
+    if tier == Tier.DISK:
         return min(h2d, disk) if (h2d and disk) else None
     return h2d
 
@@ -161,15 +162,15 @@ def compute_floors(
     mem_rate = _rate(probes, "gpu_mem_GBps") if on_gpu else ram_rate
     n = spec.num_layers
     cpu_layers = list(plan.cpu_layers)
-    tiers = [getattr(p, "kv_tier", "device") for p in plan.layers]
+    tiers = [getattr(p, "kv_tier", KvTier.DEVICE) for p in plan.layers]
     fetched = [i for i, p in enumerate(plan.layers) if on_gpu and getattr(p, "kv_fetch", False)]
-    kv_ram = [i for i, t in enumerate(tiers) if t == "cpu"]
-    kv_disk = [i for i, t in enumerate(tiers) if t == "disk"]
+    kv_ram = [i for i, t in enumerate(tiers) if t == KvTier.CPU]
+    kv_disk = [i for i, t in enumerate(tiers) if t == KvTier.DISK]
     h2d = _rate(probes, "h2d_pinned_GBps")
     disk = _rate(probes, "disk_warm_GBps")
     context = prompt_tokens  # the decode floor is per token at the prompt's depth
-    streamed_prefill = plan.streamed_for("prefill")
-    streamed_decode = plan.streamed_for("decode")
+    streamed_prefill = plan.streamed_for(Phase.PREFILL)
+    streamed_decode = plan.streamed_for(Phase.DECODE)
     fetched_bytes = batch * _kv_bytes(spec, store, fetched, context + 1, plan)
 
     prefill_terms = {

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ollm.errors import OllmError
+from ollm.tiers import KvTier, Phase, Tier
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +258,22 @@ def _title(case: dict[str, object]) -> str:
     return f"context {case['label']}, {case['new_tokens']} new tokens"
 
 
+def _kv_tier(p) -> KvTier:
+    return getattr(p, "kv_tier", KvTier.DEVICE)
+
+
 def _plan_summary(llm) -> dict[str, object]:
     plan = llm.plan
     return {
         "device": plan.device,
         "budget": plan.budget,
-        "gpu_layers": plan.count("gpu"),
-        "ram_layers": plan.count("cpu"),
-        "disk_layers": plan.count("disk"),
+        "gpu_layers": plan.count(Tier.GPU),
+        "ram_layers": plan.count(Tier.CPU),
+        "disk_layers": plan.count(Tier.DISK),
         "cpu_layers": len(plan.cpu_layers),
-        "streamed_decode": len(plan.streamed_for("decode")),
-        "kv_ram_layers": sum(getattr(p, "kv_tier", "device") == "cpu" for p in plan.layers),
-        "kv_disk_layers": sum(getattr(p, "kv_tier", "device") == "disk" for p in plan.layers),
+        "streamed_decode": len(plan.streamed_for(Phase.DECODE)),
+        "kv_ram_layers": sum(_kv_tier(p) == KvTier.CPU for p in plan.layers),
+        "kv_disk_layers": sum(_kv_tier(p) == KvTier.DISK for p in plan.layers),
         "prefill_chunk_tokens": getattr(plan, "prefill_chunk_tokens", 0),
         "reserved_bytes": plan.peak_device_bytes,
     }

@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 
 from ollm.engine.batch import BatchEngine, EngineMetrics
 from ollm.engine.generate import SequenceOutput
+from ollm.engine.kvpools import DEVICE_TIER
 from ollm.engine.sampling import SamplingParams, TokenLogprob
 
 _END = object()
@@ -161,7 +162,7 @@ class BatchServer:
             out["prefix_saved_tokens"] += m.prefix_saved_tokens
             out["preemptions"] += m.preemptions
             for tiers in m.kv_blocks.values():
-                used, free = tiers.get("device", (0, 0))
+                used, free = tiers.get(DEVICE_TIER, (0, 0))
                 out["kv_used"] += used
                 out["kv_blocks"] += used + free
         return out

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm.tiers import KvTier
+
 KINDS = ("none", "int8", "int4", "fp8")
 _QMAX = {"int8": 255, "int4": 15}
 _F16_MAX = 65504.0
@@ -242,9 +244,9 @@ def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCo
 AUTO_HOST_CODEC = "k:int4,v:int8"
 
 
-def codec_for_tier(spec: str | None, tier: str, recent: int = 128) -> KVCodec | None:
-    """The codec of one layer's KV in ``tier`` ("device", "cpu" or "disk")."""
-    if spec is not None and str(spec).strip().lower() == "auto" and tier == "device":
+def codec_for_tier(spec: str | None, tier: KvTier, recent: int = 128) -> KVCodec | None:
+    """The codec of one layer's KV in ``tier``."""
+    if spec is not None and str(spec).strip().lower() == "auto" and tier == KvTier.DEVICE:
         return None
     return parse_kv_codec(spec, recent)
 

@@ -28,6 +28,7 @@ from ollm.kv.codecs import CodeStore, KVCodec
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
 from ollm.layers.attention import _attend_lse as attend_lse  # unmasked, with its log-sum-exp
 from ollm.runtime.pinned import unpin
+from ollm.tiers import KvTier
 
 # Slots decoded per chunk: CPU chunks stay in cache; GPU chunks are few large kernels.
 CPU_CHUNK = 2048
@@ -257,23 +258,23 @@ class CompressedCaches:
         self.batch, self.capacity = batch, capacity
         self.workspace = CodecWorkspace()
 
-    def make(self, index: int, placement, tier: str, disk=None) -> CompressedKVCache | None:
-        """The compressed cache of layer ``index`` (its ``LayerPlacement`` and KV ``tier``:
-        "device", "cpu" or "disk"), or None where it stays exact."""
+    def make(self, index: int, placement, tier: KvTier, disk=None) -> CompressedKVCache | None:
+        """The compressed cache of layer ``index`` (its ``LayerPlacement`` and KV ``tier``), or
+        None where it stays exact."""
         from ollm.kv.codecs import codec_for_tier
         from ollm.runtime.pinned import pinned_empty
 
         if self.spec.layers[index].window is not None:
             return None
-        home_tier = tier if tier in ("cpu", "disk") else "device"
+        home_tier = KvTier(tier)
         codec = codec_for_tier(self.kv_codec, home_tier, self.recent)
         if codec is None:
             return None
         s = self.spec
         exec_device = torch.device(placement.exec_device)
-        if home_tier == "device":
+        if home_tier == KvTier.DEVICE:
             home, storage = placement.kv_device, None
-        elif home_tier == "disk":
+        elif home_tier == KvTier.DISK:
             home, storage = "cpu", disk.storage
         else:
             home = "cpu"
