@@ -119,6 +119,7 @@ class LLM:
 
     def _plan(self, workload):
         """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
+        from ollm.kv.codecs import kv_format
         from ollm.planning.placement import Workload, plan_placement
 
         cfg = self.config
@@ -128,6 +129,7 @@ class LLM:
             "chunk_tokens": cfg.prefill_chunk,
             "kv_cache": cfg.kv_cache,
             "kv_block_tokens": cfg.kv_block_tokens,
+            "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, self.spec.head_dim, elem),
         }
         from ollm.engine.moe_offload import plan_with_experts
 

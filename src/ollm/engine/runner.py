@@ -51,12 +51,21 @@ class Runner:
         return self._offloaded_kv_bytes(KvTier.CPU, batch, capacity)
 
     def _offloaded_kv_bytes(self, tier: KvTier, batch: int, capacity: int) -> int:
-        # An offloaded layer's first ``kv_device_tokens`` slots stay on the device.
-        return sum(
-            self._kv_layer_bytes(batch, max(0, capacity - p.kv_device_tokens))
-            for p in self.plan.layers
-            if p.kv_tier == tier
-        )
+        # An offloaded layer's first ``kv_device_tokens`` slots stay on the device; a compressed
+        # layer (kv_codec) keeps all of its KV there at its stored size.
+        from ollm.kv.codecs import kv_format
+
+        s, elem = self.spec, torch.finfo(self.dtype).bits // 8
+        fmt = kv_format(self.kv_codec, self.kv_recent, s.head_dim, elem)
+        total = 0
+        for layer, p in zip(s.layers, self.plan.layers, strict=True):
+            if p.kv_tier != tier:
+                continue
+            if fmt is not None and layer.window is None:
+                total += fmt.layer_bytes(batch, s.num_kv_heads, s.head_dim, elem, capacity)
+            else:
+                total += self._kv_layer_bytes(batch, max(0, capacity - p.kv_device_tokens))
+        return total
 
     def _kv_layer_bytes(self, batch: int, capacity: int) -> int:
         s = self.spec

@@ -389,3 +389,16 @@ def _copy_rows(
     for i in range(dst.shape[0]):
         for h in range(dst.shape[1]):
             dst[i, h, lo:hi].copy_(src[i, h], non_blocking=True)
+
+
+def kv_format(spec: str | None, recent: int, head_dim: int, elem_bytes: int):
+    """The planner's view of ``spec`` (``planning.accounting.KVFormat``: stored bytes per token
+    and head, exact tail, whether device KV is compressed too), or None for exact KV."""
+    from ollm.planning.accounting import KVFormat
+
+    codec = codec_for_tier(spec, "cpu", recent)
+    if codec is None:
+        return None
+    on_device = codec_for_tier(spec, "device", recent) is not None
+    per_token = codec.bytes_per_token(head_dim, elem_bytes)
+    return KVFormat(per_token, codec.recent + codec.block, codec.block, on_device)

@@ -6,6 +6,7 @@ against the allocations of the real code, scripts/gpu/budget.py against the CUDA
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ollm.planning.footprint import max_live_blocks, score_block_bytes, window_capacity
@@ -73,14 +74,22 @@ def chunk_temp_bytes(spec, dtype_bytes: int) -> int:
     return dtype_bytes * (3 * h + 3 * qd + 3 * kvd) + 8 * h
 
 
-def kv_layer_bytes(spec, work: Workload, dtype_bytes: int, forward: int) -> list[int]:
+def kv_layer_bytes(
+    spec, work: Workload, dtype_bytes: int, forward: int, fmt: KVFormat | None = None
+) -> list[int]:
     """Device KV of each layer as the runner allocates it: the whole context, or for a
-    sliding-window layer window + one forward of ``forward`` tokens (``SlidingKVCache``)."""
+    sliding-window layer window + one forward of ``forward`` tokens (``SlidingKVCache``); a
+    full-attention layer under a codec that covers the device tier: its stored bytes."""
     per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
-    return [
-        per_token * min(work.context, window_capacity(layer.window, forward) or work.context)
-        for layer in spec.layers
-    ]
+    out = []
+    for layer in spec.layers:
+        if fmt is not None and fmt.on_device and layer.window is None:
+            b, h, d = work.batch, spec.num_kv_heads, spec.head_dim
+            out.append(fmt.layer_bytes(b, h, d, dtype_bytes, work.context))
+        else:
+            cap = window_capacity(layer.window, forward) or work.context
+            out.append(per_token * min(work.context, cap))
+    return out
 
 
 def kv_scratch_bytes(spec, work: Workload, dtype_bytes: int) -> int:
@@ -141,3 +150,33 @@ def kv_pool_bytes(spec, layers, pools: dict[str, int], page_tokens: int, dtype_b
     for layer, p in zip(spec.layers, layers, strict=True):
         out[p.kv_tier] += pools[kv_group(layer.window)] * block
     return out
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """Stored size of a full-attention layer's KV under a codec (``kv.codecs.KVCodec.format``):
+    ``bytes_per_token`` per KV head (codes and parameters of K and V), ``tail_tokens`` kept
+    exact (recent window + one block being filled), and whether device-tier KV is compressed
+    too (``auto`` keeps it exact)."""
+
+    bytes_per_token: float
+    tail_tokens: int
+    block: int
+    on_device: bool = True
+
+    def layer_bytes(
+        self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int
+    ) -> int:
+        """Bytes of one layer's ``CompressedKVCache`` for ``batch`` x ``context`` tokens."""
+        slots = -(-context // self.block) * self.block
+        tail = 2 * head_dim * dtype_bytes * min(context, self.tail_tokens)
+        return int(batch * kv_heads * (slots * self.bytes_per_token + tail))
+
+    def workspace_bytes(
+        self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int, chunk: int
+    ) -> int:
+        """The codec workspace on the device (``CodecWorkspace``): two decoded chunks of
+        ``chunk`` slots and a staging copy of one layer's encoded KV."""
+        decoded = 2 * batch * kv_heads * head_dim * dtype_bytes * min(chunk, context)
+        staging = batch * kv_heads * -(-context // self.block) * self.block * self.bytes_per_token
+        return int(decoded + staging)

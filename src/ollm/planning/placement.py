@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import (
     PAGE_TOKENS,
+    KVFormat,
     activation_bytes,
     device_kv_bytes,
     kv_layer_bytes,
@@ -215,24 +216,31 @@ def plan_placement(
     kv_cache: str = "auto",
     kv_fetch_buffers: int = 2,
     kv_block_tokens: int = 256,
+    kv_format: KVFormat | None = None,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
     Order: sizes of what the device must hold besides weights (``_Sizes``); KV that does not
     fit beside the minimum weights goes to RAM or disk layer by layer; too small a budget first
     retries smaller prefill chunks, then names the minimum; the first layers stay resident; the
-    rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits."""
+    rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits.
+    ``kv_format``: full-attention layers' KV is compressed (``kv/compressed.py``): counted at
+    its stored size, fetched by itself (no fetch buffers when every layer is compressed)."""
     if offload not in OFFLOAD_MODES:
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     work = work or Workload()
     on_gpu = device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
-    sz = _Sizes.of(spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens)
+    if kv_format is not None and not any(layer.window for layer in spec.layers):
+        kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
+    sz = _Sizes.of(
+        spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens, kv_format
+    )
 
     def again(chunk: int | None, fetch_buffers: int) -> PlacementPlan:
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
-            hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens,
+            hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
         )  # fmt: skip
 
     n = spec.num_layers
@@ -348,10 +356,12 @@ class _Sizes:
     act: int  # activations of the largest forward
     per_token: int  # KV bytes per token position of one layer (whole batch)
     layer_kv: list[int]  # each layer's KV at full context
-    scratch: int  # the prefill scratch (and each KV fetch buffer)
+    scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: the workspace
+    compressed: bool = False  # every layer's KV compressed (offloaded ones keep no device blocks)
 
     @classmethod
-    def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens):
+    def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
+           kv_format: KVFormat | None = None):  # fmt: skip
         gfile = store.files["globals.bin"].tensors
         t = work.batch * work.prefill_tokens
         # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
@@ -367,6 +377,12 @@ class _Sizes:
                 spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
             )
         rows = chunk or work.prefill_tokens
+        scratch = kv_scratch_bytes(spec, work, dtype_bytes)
+        compressed = kv_format is not None and not any(layer.window for layer in spec.layers)
+        if compressed:  # no prefill scratch: the codec workspace (kv/compressed.py) instead
+            scratch = kv_format.workspace_bytes(  # 16384: kv/compressed.py's GPU_CHUNK
+                work.batch, spec.num_kv_heads, spec.head_dim, dtype_bytes, work.context, 16384
+            )
         return cls(
             layer=store.max_layer_nbytes,
             embed=gfile["embed_tokens.weight"].nbytes,
@@ -376,8 +392,9 @@ class _Sizes:
             chunk=chunk,
             act=activation_bytes(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu),
             per_token=2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes,
-            layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context),
-            scratch=kv_scratch_bytes(spec, work, dtype_bytes),
+            layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context, kv_format),
+            scratch=scratch,
+            compressed=compressed,
         )
 
     @property
@@ -477,7 +494,7 @@ def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz
     n = len(layers)
     tier = KvTier.DISK if kv_cache == "disk" else KvTier.CPU
     layers = [replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
-    if budget is None or spec.layers[n - kv_off].window:
+    if budget is None or spec.layers[n - kv_off].window or sz.compressed:
         return layers
     resident = sum(store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device))
     spare = budget - sum(fixed.values()) - resident - ring * sz.layer
