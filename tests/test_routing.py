@@ -112,7 +112,9 @@ def test_window_and_sinks_match_masked_reference():
     r = LayerRouting((WINDOW,) * KVH, window=64, sinks=4, page_tokens=16)
     out = _decode_last(_routed_cache(r, n), q, k, v, n)
     keep = torch.zeros(1, 1, 1, n, dtype=torch.bool)
-    keep[..., :4] = keep[..., n - 64 :] = True
+    lo, hi = r.middle(n - 1)  # sinks rounded up, the window's start down, to whole pages
+    assert (lo, hi) == (16, 224)
+    keep[..., :lo] = keep[..., hi:] = True
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     s = (q @ kk.transpose(-1, -2) * SCALE).masked_fill(~keep, -torch.inf)
     torch.testing.assert_close(out, s.softmax(-1) @ vv, rtol=1e-10, atol=1e-10)
@@ -197,3 +199,20 @@ def test_parse_attention_and_one_line_errors():
         with pytest.raises(OllmError) as err:
             parse_attention(bad)
         assert "\n" not in str(err.value)
+
+
+def test_masked_gather_path_equals_paged_path():
+    """A key padding mask (all real keys) takes the general gathered path: same result."""
+    n = 203
+    q, k, v = _kv(n, seed=6)
+    r = LayerRouting((TOPK, WINDOW, TOPK), window=40, sinks=5, pages=3, page_tokens=16)
+    paged = _decode_last(_routed_cache(r, n), q, k, v, n)
+    cache = _routed_cache(r, n)
+    keep = torch.ones(B, n + 8, dtype=torch.bool)
+    for a, e in ((0, 101), (101, n - 1)):
+        m = AttentionMask(a, e - a, e, keep)
+        cache.attend(torch.zeros(B, H, e - a, D, dtype=q.dtype), k[:, :, a:e], v[:, :, a:e], m,
+                     SCALE, None)  # fmt: skip
+    m = AttentionMask(n - 1, 1, n, keep)
+    masked = cache.attend(q, k[:, :, n - 1 :], v[:, :, n - 1 :], m, SCALE, None)
+    torch.testing.assert_close(masked, paged, rtol=1e-10, atol=1e-10)

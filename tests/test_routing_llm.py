@@ -42,7 +42,7 @@ def test_generate_routed_on_device_and_disk_kv(gemma):
             topk[kv_cache] = llm.generate(PROMPT, GREEDY)
     assert topk["auto"].token_ids == topk["disk"].token_ids  # tiers read the same slots
     assert topk["auto"].metrics.kv_read_fraction < 0.3
-    with _llm(gemma, attention="window:8,sinks:2") as llm:
+    with _llm(gemma, attention="window:8,sinks:2", attention_page_tokens=4) as llm:
         window = llm.generate(PROMPT, GREEDY)
     assert window.metrics.kv_read_fraction < topk["auto"].metrics.kv_read_fraction
 

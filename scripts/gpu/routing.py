@@ -35,8 +35,10 @@ READ_SHARE = 1 / 8  # topk reads at most this share of the KV per step
 
 
 def topk_pages(context: int, page_tokens: int, sinks: int, window: int, share: float) -> int:
-    """Most pages K with sinks + window + K pages <= ``share`` of ``context`` (at least 1)."""
-    return max(1, (int(context * share) - sinks - window) // page_tokens)
+    """Most pages K with sinks + window + K pages <= ``share`` of ``context`` (at least 1);
+    sinks round up to whole pages and the window's start down (up to a page more)."""
+    fixed = -(-sinks // page_tokens) * page_tokens + window + page_tokens - 1
+    return max(1, (int(context * share) - fixed) // page_tokens)
 
 
 def kv_bytes(llm, context: int) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
+from ollm.layers.attention import _attend_lse as attend_lse
 from ollm.layers.routing import (
     FULL,
     TOPK,
@@ -81,8 +82,7 @@ class Router:
         lo, hi = r.middle(start if decode else end - 1)  # prefill: the last row skips most
         if not r.routed or hi <= lo or mask.window is not None or not (decode or r.prefill):
             return None
-        pages = -(-hi // r.page_tokens) - lo // r.page_tokens
-        if set(r.heads) == {TOPK} and r.pages >= pages:
+        if set(r.heads) == {TOPK} and r.pages >= (hi - lo) // r.page_tokens:
             return None  # every page chosen: the key set is all keys (full attention, exactly)
         if not decode:
             out, lse = self._prefill(q, tiers, mask, scale)
@@ -114,6 +114,8 @@ class Router:
             qh = q.view(b, kvh, g, t, d)[:, heads.to(q.device)].reshape(b, -1, t, d)
             if mech == FULL:
                 o, s = self._full(qh, heads, tiers, mask, scale)
+            elif t == 1 and mask.key_keep is None and self._aligned(tiers):
+                o, s = self._paged(q, qh, heads, tiers, mask, scale, lo, hi, mech)
             else:
                 slots, valid = self._slots(q, heads, mask, lo, hi, mech)
                 o, s = self._gathered(qh, heads, tiers, slots, valid, mask, scale)
@@ -139,6 +141,40 @@ class Router:
                 slots.shape
             )
         return slots, valid
+
+    def _aligned(self, tiers: list[Tier]) -> bool:
+        return all(off % self.routing.page_tokens == 0 for _, _, off in tiers)
+
+    def _paged(self, q, qh, heads, tiers, mask, scale, lo, hi, mech):
+        """One decode query, no padding: per (sequence, KV head) and tier, its sinks and window
+        slices and its chosen pages copied whole (``index_select`` of page rows: a memcpy per
+        page) into one buffer, one flash call; the tiers merged by log-sum-exp."""
+        r, end = self.routing, mask.kv_len
+        p_ = r.page_tokens
+        b, g = q.shape[0], qh.shape[1] // heads.shape[0]
+        pages = None
+        if mech == TOPK:
+            pages = select_pages(
+                q, self.summaries, lo, hi, r.pages, heads.to(self.summaries.kmin.device)
+            )
+            pages = {dev: pages.to(dev) for dev in {k.device for k, _, _ in tiers}}
+        out = torch.empty_like(qh)
+        lse = torch.empty(qh.shape[:3], device=qh.device)
+        for bi in range(b):
+            for i, hd in enumerate(heads.tolist()):
+                o = s = None
+                for k, v, off in tiers:
+                    ids = None if pages is None else pages[k.device][bi, i]
+                    part = _page_parts(k[bi, hd], v[bi, hd], off, lo, hi, end, p_, ids)
+                    if part is None:
+                        continue
+                    q1 = qh[bi : bi + 1, i * g : (i + 1) * g].to(k.device)
+                    o1, s1 = attend_lse(q1, part[0][None, None], part[1][None, None], scale)
+                    o1, s1 = o1.to(qh.device), s1.to(qh.device)
+                    o, s = (o1, s1) if o is None else merge_lse(o, s, o1, s1)
+                out[bi, i * g : (i + 1) * g] = o[0]
+                lse[bi, i * g : (i + 1) * g] = s[0]
+        return out, lse
 
     @staticmethod
     def _gathered(qh, heads, tiers, slots, valid, mask, scale):
@@ -174,6 +210,38 @@ class Router:
             outs.append(out)
             lses.append(lse)
         return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _page_parts(k, v, off, lo, hi, end, page, ids):
+    """Keys and values [L, D] of one head that one tier (slots [off, off + n)) holds: its
+    share of the sinks [0, lo), of the chosen pages ``ids`` (whole pages of [lo, hi)) and of
+    the window [hi, end), in slot order; None when it holds none."""
+    n = k.shape[0]
+    a, e = off, off + n
+    spans = [(max(a, 0), min(e, lo)), (max(a, hi), min(e, end))]
+    spans = [(x - off, y - off) for x, y in spans if y > x]
+    if ids is not None:
+        ids = ids[(ids * page >= a) & ((ids + 1) * page <= e)] - off // page
+    count = sum(y - x for x, y in spans) + (0 if ids is None else ids.numel() * page)
+    if not count:
+        return None
+    kb = torch.empty(count, k.shape[1], dtype=k.dtype, device=k.device)
+    vb = torch.empty_like(kb)
+    pos = 0
+    for x, y in spans[:1]:  # sinks first (slot order does not change a softmax, kept for reading)
+        kb[pos : pos + y - x], vb[pos : pos + y - x] = k[x:y], v[x:y]
+        pos += y - x
+    if ids is not None and ids.numel():
+        full = (n // page) * page
+        m = ids.numel() * page
+        rows_k, rows_v = k[:full].view(-1, page * k.shape[1]), v[:full].view(-1, page * k.shape[1])
+        torch.index_select(rows_k, 0, ids, out=kb[pos : pos + m].view(-1, page * k.shape[1]))
+        torch.index_select(rows_v, 0, ids, out=vb[pos : pos + m].view(-1, page * k.shape[1]))
+        pos += m
+    for x, y in spans[1:]:
+        kb[pos : pos + y - x], vb[pos : pos + y - x] = k[x:y], v[x:y]
+        pos += y - x
+    return kb, vb
 
 
 def attach_routers(

@@ -8,9 +8,11 @@
   max (``KeySummaries``, kept on the compute device); q.k <= sum_d max(q_d min_d, q_d max_d),
   so a page's upper bound is ``q+ . max + q- . min``, and only the best pages are read.
 
-A head's keys are the disjoint parts sinks [0, S), middle [S, w0) (pages, clipped to it) and
-window [w0, end), where w0 = start - W + 1 for the first query row; the parts of one head are
-attended as parts of one softmax (``merge_lse``). Different heads of a layer may use different
+A head's keys are the disjoint parts sinks [0, lo), middle [lo, hi) (whole pages) and window
+[hi, end): lo is S rounded up to a page, hi the window's start (start - W + 1 for the first
+query row) rounded down to a page, so every part is page-aligned and a chosen page is read
+whole (one contiguous copy per page and head). The parts of one head are attended as parts of
+one softmax (``merge_lse``). Different heads of a layer may use different
 mechanisms (a head's softmax is its own). With ``topk`` covering every page the key set is all
 keys: the result is full attention. Prefill stays exact unless ``LayerRouting.prefill``, which
 routes every query row as if it were decoded (``routed_dense``: what ``ollm eval`` scores).
@@ -115,16 +117,17 @@ class LayerRouting:
         return any(h != FULL for h in self.heads)
 
     def middle(self, start: int) -> tuple[int, int]:
-        """Slots [sinks, w0) the query row at slot ``start`` may reach only through pages."""
-        w0 = max(self.sinks, start - self.window + 1)
-        return min(self.sinks, w0), w0
+        """Slots [lo, hi) (whole pages) the query row at slot ``start`` reaches only through
+        chosen pages: lo = sinks rounded up, hi = the window's start rounded down to a page."""
+        p = self.page_tokens
+        lo = -(-self.sinks // p) * p
+        return lo, max(lo, (start - self.window + 1) // p * p)
 
     def read_tokens(self, start: int, end: int) -> int:
         """Key slots one decode step (queries from ``start``, keys [0, end)) reads, all KV heads."""
         lo, hi = self.middle(start)
         plain = end - (hi - lo)  # sinks + window
-        pages = -(-(hi - lo) // self.page_tokens) if hi > lo else 0
-        top = min(hi - lo, min(self.pages, pages) * self.page_tokens)
+        top = min(self.pages, (hi - lo) // self.page_tokens) * self.page_tokens
         per = {FULL: end, WINDOW: plain, TOPK: plain + top}
         return sum(per[h] for h in self.heads)
 
@@ -196,10 +199,10 @@ def page_scores(
 def select_pages(
     q: torch.Tensor, summaries: KeySummaries, lo: int, hi: int, k: int, heads: torch.Tensor
 ) -> torch.Tensor:
-    """Ids of the ``k`` best pages over slots [lo, hi) for KV heads ``heads``, sorted:
-    LongTensor [B, len(heads), k] on the summaries' device (pages touching [lo, hi) compete)."""
+    """Ids of the ``k`` best pages of slots [lo, hi) (page-aligned) for KV heads ``heads``,
+    sorted: LongTensor [B, len(heads), k] on the summaries' device."""
     p_ = summaries.page_tokens
-    p0, p1 = lo // p_, -(-hi // p_)
+    p0, p1 = lo // p_, hi // p_
     dev = summaries.kmin.device
     qh = q.to(dev).reshape(q.shape[0], summaries.kmin.shape[1], -1, q.shape[-1])[:, heads]
     s = page_scores(qh, summaries.kmin[:, heads, p0:p1], summaries.kmax[:, heads, p0:p1])
@@ -294,14 +297,15 @@ def _routed_keep(q, routing, summaries, first, n, kvh) -> torch.Tensor:
     rows = torch.arange(first, first + t, device=dev)[:, None]
     keys = torch.arange(n, device=dev)[None, :]
     causal = keys <= rows
-    w0 = (rows - routing.window + 1).clamp(min=routing.sinks)  # window start per row
-    plain = causal & ((keys < routing.sinks) | (keys >= w0))  # [t, n]
+    p_ = routing.page_tokens
+    lo = -(-routing.sinks // p_) * p_
+    hi = ((rows - routing.window + 1).div(p_, rounding_mode="floor") * p_).clamp(min=lo)
+    plain = causal & ((keys < lo) | (keys >= hi))  # [t, n]: sinks and window, page-aligned
     keep = torch.empty(b, kvh, 1, t, n, dtype=torch.bool, device=dev)
     for hd, mech in enumerate(routing.heads):
         keep[:, hd, 0] = causal if mech == FULL else plain
     top = [hd for hd, mech in enumerate(routing.heads) if mech == TOPK]
     if top and summaries is not None:
-        p_ = routing.page_tokens
         npg = -(-n // p_)
         idx = torch.tensor(top, device=dev)
         g = q.shape[1] // kvh
@@ -311,14 +315,11 @@ def _routed_keep(q, routing, summaries, first, n, kvh) -> torch.Tensor:
         s = page_scores(qh, mn, mx, per_row=g)
         s = s.view(b, len(top), t, npg)
         page_lo = torch.arange(npg, device=dev) * p_
-        # a page competes when it touches the row's middle [sinks, w0)
-        cand = (page_lo[None] + p_ > routing.sinks) & (page_lo[None] < w0)
+        cand = (page_lo[None] >= lo) & (page_lo[None] + p_ <= hi)  # pages of the row's middle
         s.masked_fill_(~cand, -torch.inf)
         kk = min(routing.pages, npg)
         best = s.topk(kk, dim=-1)
         chosen = torch.zeros_like(s, dtype=torch.bool)
         chosen.scatter_(-1, best.indices, best.values > -torch.inf)
-        in_page = chosen.repeat_interleave(p_, -1)[..., :n]
-        middle = (keys >= routing.sinks) & (keys < w0)
-        keep[:, idx, 0] |= in_page & middle & causal
+        keep[:, idx, 0] |= chosen.repeat_interleave(p_, -1)[..., :n]
     return keep
