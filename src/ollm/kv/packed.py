@@ -268,6 +268,9 @@ class PackedLayerKV:
         qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, heads, 1, D]
         kv = []
         for i in (0, 1):
+            if dev.type == "cpu":
+                kv.append(self._host_gather(i, d).to(dtype=q.dtype))
+                continue
             x = self.pool[i].index_select(0, d.block_ids)  # [B * blocks, kv_heads, bt, D]
             x = x.view(b, d.num_blocks, x.shape[1], bt, x.shape[3]).transpose(1, 2)
             kv.append(x.reshape(b, x.shape[1], d.num_blocks * bt, x.shape[4]).to(dev, q.dtype))
@@ -277,6 +280,17 @@ class PackedLayerKV:
         m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
         out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
+
+    def _host_gather(self, i: int, d: DecodeBatch) -> torch.Tensor:
+        """K (``i`` 0) or V of ``d``'s sequences from a host pool as ``[B, kv_heads, blocks *
+        block_tokens, D]``, gathered through the store's kept host buffers (no fresh pages)."""
+        b, nb, bt = len(d.seqs), d.num_blocks, self.store.block_tokens
+        kvh, hd = self.pool.shape[2], self.pool.shape[4]
+        flat = self.store.host_scratch(2, (b * nb, kvh, bt, hd))
+        torch.index_select(self.pool[i], 0, d.block_ids, out=flat)
+        out = self.store.host_scratch(i, (b, kvh, nb, bt, hd))
+        out.copy_(flat.view(b, nb, kvh, bt, hd).transpose(1, 2))
+        return out.view(b, kvh, nb * bt, hd)
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``."""

@@ -16,6 +16,7 @@ copy-on-write and swap moves the manager returns.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class PagedKVStore:
         self.head_dim = head_dim
         self.dtype = dtype
         self.pools: dict[str, torch.Tensor] = {}
+        self._scratch = threading.local()  # host_scratch buffers, one set per thread
         files, storage = files or {}, storage or {}
         for tier, n in num_blocks.items():
             shape = (num_layers, 2, n, kv_heads, block_tokens, head_dim)
@@ -68,6 +70,18 @@ class PagedKVStore:
     def v(self, tier: str, layer: int) -> torch.Tensor:
         """Layer ``layer``'s value pool in ``tier``."""
         return self.pools[tier][layer, 1]
+
+    def host_scratch(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reusable host buffer of ``shape`` (the pool dtype) for gathers the CPU attends over,
+        one set per thread. Grown, never shrunk: a fresh tensor per layer and step is a fresh
+        mmap above glibc's 32 MiB threshold, and first-touch page faults cost more than the copy
+        (a 71 MB gather: 170 ms fresh, 45 ms into a kept buffer on the 2-core CI VM)."""
+        cache = self._scratch.__dict__.setdefault("bufs", {})
+        n = math.prod(shape)
+        buf = cache.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = cache[slot] = torch.empty(n, dtype=self.dtype)
+        return buf[:n].view(shape)
 
     @property
     def nbytes(self) -> int:
