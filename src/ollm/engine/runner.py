@@ -86,8 +86,9 @@ class Runner:
             if self.kv_codec != "none":
                 from ollm.kv.compressed import CompressedCaches
 
+                stats = self.prefetcher.stats
                 codecs = CompressedCaches(
-                    s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity
+                    s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity, stats
                 )
             for i, p in enumerate(self.plan.layers):
                 tier = KvTier.DISK if all_disk else p.kv_tier

@@ -146,34 +146,38 @@ class Router:
         return all(off % self.routing.page_tokens == 0 for _, _, off in tiers)
 
     def _paged(self, q, qh, heads, tiers, mask, scale, lo, hi, mech):
-        """One decode query, no padding: per (sequence, KV head) and tier, its sinks and window
+        """One decode query, no padding: per tier, per (sequence, KV head), its sinks and window
         slices and its chosen pages copied whole (``index_select`` of page rows: a memcpy per
-        page) into one buffer, one flash call; the tiers merged by log-sum-exp."""
+        page) into one buffer and one flash call where the tier sits (q moves there once, the
+        outputs back once); the tiers merged by log-sum-exp."""
         r, end = self.routing, mask.kv_len
-        p_ = r.page_tokens
         b, g = q.shape[0], qh.shape[1] // heads.shape[0]
         pages = None
         if mech == TOPK:
-            pages = select_pages(
-                q, self.summaries, lo, hi, r.pages, heads.to(self.summaries.kmin.device)
-            )
-            pages = {dev: pages.to(dev) for dev in {k.device for k, _, _ in tiers}}
-        out = torch.empty_like(qh)
-        lse = torch.empty(qh.shape[:3], device=qh.device)
-        for bi in range(b):
-            for i, hd in enumerate(heads.tolist()):
-                o = s = None
-                for k, v, off in tiers:
-                    ids = None if pages is None else pages[k.device][bi, i]
-                    part = _page_parts(k[bi, hd], v[bi, hd], off, lo, hi, end, p_, ids)
-                    if part is None:
+            dev = self.summaries.kmin.device
+            pages = select_pages(q, self.summaries, lo, hi, r.pages, heads.to(dev))
+        out = lse = None
+        for k, v, off in tiers:
+            dev = k.device
+            qd = qh.to(dev)
+            ids = None if pages is None else pages.to(dev)
+            o_t = torch.zeros_like(qd)
+            s_t = torch.full(qd.shape[:3], -torch.inf, device=dev)
+            for bi in range(b):
+                for i, hd in enumerate(heads.tolist()):
+                    kv = _page_parts(
+                        k[bi, hd], v[bi, hd], off, lo, hi, end, r.page_tokens,
+                        None if ids is None else ids[bi, i],
+                    )  # fmt: skip
+                    if kv is None:  # this tier holds none of the head's slots
                         continue
-                    q1 = qh[bi : bi + 1, i * g : (i + 1) * g].to(k.device)
-                    o1, s1 = attend_lse(q1, part[0][None, None], part[1][None, None], scale)
-                    o1, s1 = o1.to(qh.device), s1.to(qh.device)
-                    o, s = (o1, s1) if o is None else merge_lse(o, s, o1, s1)
-                out[bi, i * g : (i + 1) * g] = o[0]
-                lse[bi, i * g : (i + 1) * g] = s[0]
+                    rows = slice(i * g, (i + 1) * g)
+                    o1, s1 = attend_lse(
+                        qd[bi : bi + 1, rows], kv[0][None, None], kv[1][None, None], scale
+                    )
+                    o_t[bi, rows], s_t[bi, rows] = o1[0], s1[0]
+            o_t, s_t = o_t.to(qh.device), s_t.to(qh.device)
+            out, lse = (o_t, s_t) if out is None else merge_lse(out, lse, o_t, s_t)
         return out, lse
 
     @staticmethod
