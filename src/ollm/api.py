@@ -100,7 +100,11 @@ class LLM:
                 raise budget_error(self, exc, draft_bytes) from None
             raise
         self.tokenizer = self._load_tokenizer()
+        rss = _rss()
         from ollm.storage.convert import default_cache_dir as _cache_root
+        # Host RAM the tokenizer took (Gemma 3's 262k vocabulary: ~420 MiB). It is not part of
+        # the plan (cpu_memory budgets weights and KV); measured so info() and reports show it.
+        self.tokenizer_ram = max(0, _rss() - rss)
 
         kv_root = cfg.kv_dir or str(Path(cfg.cache_dir or _cache_root()) / "kv")
         self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids(), kv_root)
@@ -433,6 +437,7 @@ class LLM:
             "weights": format_size(self.store.total_nbytes),
             "plan": dict(self.plan.describe()),
         }
+            "tokenizer RAM": format_size(self.tokenizer_ram),
 
     def encode(self, prompt: Prompt, special: bool = True) -> list[int]:
         """Token ids of ``prompt`` (text gets the tokenizer's special tokens when ``special``),
@@ -526,3 +531,10 @@ def _request_speculate(params: Sequence[SamplingParams]) -> str | None:
     asked = [p.speculate for p in params if p.speculate is not None]
     on = [k for k in asked if k != "off"]
     return on[0] if on else ("off" if asked and len(asked) == len(params) else None)
+
+
+def _rss() -> int:
+    """Resident bytes of this process."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
