@@ -17,7 +17,7 @@
 4. ``ollm bench --batch 1,4,16,64`` (2k-token prompts, 128 new tokens, llama3-1b shapes, 3 GiB
    of GPU memory): aggregate decode tok/s next to the floor, Poisson arrivals, prefix sharing.
 
-Writes ``batch_engine.json`` (and ``bench_batch.json``) under ``--out``.
+Writes ``batch_engine.json`` (and ``bench_batch_<preset>.json``) under ``--out``.
 """
 
 from __future__ import annotations
@@ -233,16 +233,22 @@ def tiers(tmp: Path) -> dict:
     return out
 
 
-def bench_batch(out_dir: Path) -> dict:
-    """``ollm bench --batch 1,4,16,64`` on llama3-1b shapes (2k prompts, 128 new tokens)."""
+def bench_batch(
+    out_dir: Path,
+    synthetic: str = "llama3-1b",
+    budget: str = "3GiB",
+    batches: tuple[int, ...] = (1, 4, 16, 64),
+) -> dict:
+    """``ollm bench --batch`` on ``synthetic`` shapes (2k prompts, 128 new tokens)."""
     from ollm.bench.batching import run_batch_bench
 
     report = run_batch_bench(
-        model=None, synthetic="llama3-1b", batches=[1, 4, 16, 64], prompt_tokens=2048,
-        new_tokens=128, llm_kwargs={"device": "cuda", "gpu_memory": "3GiB"},
+        model=None, synthetic=synthetic, batches=list(batches), prompt_tokens=2048,
+        new_tokens=128, llm_kwargs={"device": "cuda", "gpu_memory": budget},
         on_case=lambda kind, case: print(kind, case, flush=True),
     )  # fmt: skip
-    (out_dir / "bench_batch.json").write_text(json.dumps(report, indent=1, default=str))
+    name = f"bench_batch_{synthetic}.json"
+    (out_dir / name).write_text(json.dumps(report, indent=1, default=str))
     return {"static": report["static"], "arrivals": report["arrivals"], "prefix": report["prefix"]}
 
 
@@ -252,17 +258,25 @@ def main() -> int:
     ap.add_argument("--skip-equiv", action="store_true")
     ap.add_argument("--skip-tiers", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--bench-synthetic", default="llama3-1b", help="preset for the bench sweep")
+    ap.add_argument("--bench-budget", default="3GiB")
+    ap.add_argument("--bench-batches", default="1,4,16,64")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report: dict = {"gpu": torch.cuda.get_device_name()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_equiv:
             report["equivalence"] = equivalence(Path(tmp))
-        report["throughput"] = throughput(Path(tmp))
+        if not args.skip_throughput:
+            report["throughput"] = throughput(Path(tmp))
         if not args.skip_tiers:
             report["tiers"] = tiers(Path(tmp))
         if not args.skip_bench:
-            report["bench_batch"] = bench_batch(Path(args.out))
+            sizes = tuple(int(b) for b in args.bench_batches.split(","))
+            report["bench_batch"] = bench_batch(
+                Path(args.out), args.bench_synthetic, args.bench_budget, sizes
+            )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
     eq = report.get("equivalence", [])
