@@ -8,6 +8,7 @@ for each layer i:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ class Runner:
         self.kv_codec, self.kv_recent = "none", 128
         # Attention routing per layer (issue 18; None: every layer attends over all its KV).
         self.routing: list | None = None
+        self._routing_warned = False
 
     def disk_kv_bytes(self, batch: int, capacity: int, all_layers: bool = False) -> int:
         """Bytes of KV the disk tier needs for a request (checked against free space first)."""
@@ -196,6 +198,14 @@ class Runner:
         if spec.embed_scale is not None:
             h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
         b, t = input_ids.shape
+        if self.routing is not None and not self._routing_warned:
+            if not any(getattr(c, "router", None) is not None for c in kv):
+                # KV objects without routing (the paged batch engine's, compressed KV): once.
+                self._routing_warned = True
+                logging.getLogger("ollm").warning(
+                    "attention routing is not applied to these KV caches (batched requests or "
+                    "compressed KV): decode attends over all of the KV"
+                )
         fetcher = None if self._fetch_at is None else getattr(kv[self._fetch_at], "fetcher", None)
         if fetcher is not None:
             if t <= fetcher.decode_tokens:
