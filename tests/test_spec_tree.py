@@ -299,3 +299,49 @@ def test_request_speculate(hf_models, tmp_path):
         assert llm.last_speculation is None
     req = P.CompletionRequest(model="m", prompt="x", ollm=P.OllmOptions(speculate="off"))
     assert sampling_params(req, 4)[0].speculate == "off"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_mix_and_cascade_greedy_identical(family, hf_models, tmp_path):
+    """Content-aware choice (lookup or the self-draft per span), a cascade (lookup drafts for
+    the self-draft) and both as trees keep plain greedy tokens; the choice shows per drafter."""
+    _, path = hf_models(family)
+    with open_llm(path, tmp_path) as llm:
+        ps = prompts()
+        plain = [llm.generate(p, GREEDY).token_ids for p in ps]
+        for kind in ("mix:self:2", "cascade:self:2", "tree:mix:cascade:self:2"):
+            spec = build_speculator(kind, llm.runner, 4, 128)
+            toks, m = run(llm.runner, spec, ps)
+            spec.close()
+            assert toks == plain, kind
+            by = spec.stats.by_drafter
+            assert m.drafted == sum(c[1] for c in by.values()) > 0, kind
+            if "mix" in kind:
+                assert set(by) <= {"lookup", "lookup>self:2", "self:2"} and "self:2" in "".join(by)
+            if kind.startswith("cascade"):
+                assert spec.drafter.engine.speculator.stats.verify_passes > 0  # lookup drafted
+
+
+def test_choice_follows_acceptance():
+    """The cheap drafter is taken while it is right at least as often as the costly one; when
+    it keeps failing the costly one takes over (and the cheap one is probed now and then)."""
+    from ollm.engine.drafter_choice import ChoiceDrafter
+
+    class Fixed:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def propose(self, requests):
+            return {rid: Draft([1, 2]) for rid in requests}
+
+    choice = ChoiceDrafter([Fixed("cheap"), Fixed("model")], probe=4)
+    ask = {"a": DraftRequest([0], 2, GREEDY)}
+    assert choice.propose(ask) and choice.chosen["a"] == "cheap"
+    for _ in range(6):
+        choice.feedback("a", 2, 0)
+    picks = []
+    for _ in range(8):
+        choice.propose(ask)
+        picks.append(choice.chosen["a"])
+        choice.feedback("a", 2, 2 if picks[-1] == "model" else 0)
+    assert picks.count("model") >= 6 and "cheap" in picks  # probed, still wrong

@@ -40,7 +40,7 @@ class EngineConfig:
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
     kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto
     kv_recent: int = 128  # newest tokens per sequence a compressed KV cache keeps exact
-    speculate: str = "off"  # drafting: off, auto (= lookup), lookup, self[:N], draft:PATH; tree:...
+    speculate: str = "off"  # off, auto (=lookup), lookup, self[:N], draft:PATH; tree:/mix:/cascade:
     attention: str = "full"  # decode attention routing: full, auto, window:W,sinks:S, topk:PAGES
     attention_page_tokens: int = 32  # key slots per top-k page (one min/max key summary each)
     attention_prefill: bool = False  # route prefill rows too, each as if decoded (eval scoring)
@@ -124,19 +124,34 @@ def _check_moe(cfg: EngineConfig) -> None:
         raise OllmError("expert_slots must be >= 1")
 
 
-def _check_speculate(value: str) -> None:
-    """``speculate`` is off, auto, lookup, self, self:N (N >= 1 layers) or draft:PATH, the last
-    four optionally as trees (``tree:lookup``, ``tree:self:N``, ...)."""
-    text = str(value)
-    tree = text.startswith("tree:")
-    kind, _, arg = text.removeprefix("tree:").partition(":")
+SPECULATE_MODES = ("tree", "mix", "cascade")  # prefixes of a speculate value
+
+
+def parse_speculate(value: str) -> tuple[frozenset[str], str, str]:
+    """(modes, drafter, argument) of a ``speculate`` value: ``[tree:][mix:][cascade:]KIND[:ARG]``
+    with KIND off, auto, lookup, self (ARG: N >= 1 layers) or draft (ARG: PATH). ``tree``
+    drafts trees, ``mix`` chooses lookup or the model per span, ``cascade`` drafts the model's
+    own drafts by lookup (the last two need a model drafter). OllmError when malformed."""
+    rest, modes = str(value), set()
+    while rest.partition(":")[0] in SPECULATE_MODES:
+        mode, _, rest = rest.partition(":")
+        modes.add(mode)
+    kind, _, arg = rest.partition(":")
     ok = (kind in ("off", "auto", "lookup") and not arg) or (kind == "draft" and bool(arg))
     ok = ok or (kind == "self" and (not arg or (arg.isdigit() and int(arg) >= 1)))
-    if not ok or (tree and kind == "off"):
+    ok = ok and not (modes and kind == "off")
+    ok = ok and not ({"mix", "cascade"} & modes and kind not in ("self", "draft"))
+    if not ok:
         raise OllmError(
-            "speculate must be off, auto, lookup, self, self:N or draft:PATH (the last four "
-            f"optionally prefixed by tree:), not {value!r}"
+            "speculate must be off, auto, lookup, self, self:N or draft:PATH, optionally "
+            f"prefixed by tree:, mix: or cascade: (the last two with self or draft), not {value!r}"
         )
+    return frozenset(modes), kind, arg
+
+
+def _check_speculate(value: str) -> None:
+    """``speculate`` is well formed (`parse_speculate`)."""
+    parse_speculate(value)
 
 
 def _check_kv_codec(cfg: EngineConfig) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ollm.config import parse_speculate
 from ollm.errors import BudgetError
 from ollm.sizes import format_size
 
@@ -19,11 +20,9 @@ if TYPE_CHECKING:
 
 
 def draft_path(speculate: str) -> str | None:
-    """PATH of a ``[tree:|cascade:]draft:PATH`` setting (None for other drafters)."""
-    kind = speculate
-    for prefix in ("tree:", "cascade:"):
-        kind = kind.removeprefix(prefix)
-    return kind[len("draft:") :] if kind.startswith("draft:") else None
+    """PATH of a ``[modes:]draft:PATH`` setting (None for other drafters)."""
+    _, kind, arg = parse_speculate(speculate)
+    return arg if kind == "draft" else None
 
 
 def open_draft(target: LLM, path: str, budget: int | None) -> LLM:

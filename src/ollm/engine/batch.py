@@ -37,15 +37,16 @@ from ollm.engine.kvpools import (
 from ollm.engine.runner import Runner
 from ollm.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
-from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify
+from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify_step
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
-from ollm.engine.tree import compact_path, verify_tree
+from ollm.engine.tree import compact_path
 from ollm.errors import RequestError
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import PAGE_TOKENS, kv_group
 from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
+from ollm.tiers import Home
 
 log = logging.getLogger(__name__)
 BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (weights.accounting says why 16)
@@ -56,7 +57,9 @@ def batch_supported(runner: Runner) -> bool:
     keep it on one device (those in pinned RAM or on disk, hybrid CPU layers included, get
     pools in their tier)."""
     homes = layer_homes(runner.plan)
-    devices = {p.kv_device for p, h in zip(runner.plan.layers, homes, strict=True) if h == "device"}
+    devices = {
+        p.kv_device for p, h in zip(runner.plan.layers, homes, strict=True) if h == Home.DEVICE
+    }
     return len(devices) <= 1
 
 
@@ -127,8 +130,7 @@ class BatchEngine:
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.speculator = as_speculator(drafter)
         self.speculate_default = True  # requests whose params leave ``speculate`` None draft
-        self._draft_q: dict[str, torch.Tensor | None] = {}  # this step's draft distributions
-        self._trees: dict[str, Draft] = {}  # this step's tree drafts
+        self._draft_of: dict[str, Draft] = {}  # this step's drafts (distributions, trees)
         self._paths: dict[str, list[int]] = {}  # accepted tree nodes, for `compact_path`
         self.drafted = self.accepted_drafts = 0
         spec, plan = runner.spec, runner.plan
@@ -294,7 +296,7 @@ class BatchEngine:
     def _drafts(self) -> tuple[dict[str, Sequence[int]], dict[str, Sequence[int]]]:
         """Draft tokens for each decoding request (one uncomputed token, room for more) and
         the parents of those that are trees; their distributions kept for `_verify`."""
-        self._draft_q, self._trees = {}, {}
+        self._draft_of = {}
         if self.speculator is None:
             return {}, {}
         asks = {}
@@ -308,38 +310,28 @@ class BatchEngine:
             room = seq.request.max_new_tokens - seq.num_output - 1  # drafts worth verifying
             if len(seq.tokens) - seq.num_computed == 1 and room > 0:
                 asks[rid] = (seq.tokens, live.sampler.params, room)
-        drafts = self.speculator.propose(asks)
-        self._draft_q = {rid: d.q for rid, d in drafts.items()}
-        self._trees = {rid: d for rid, d in drafts.items() if d.parents is not None}
-        parents = {rid: d.parents for rid, d in self._trees.items()}
+        self._draft_of = drafts = self.speculator.propose(asks)
+        parents = {rid: d.parents for rid, d in drafts.items() if d.parents is not None}
         return {rid: d.tokens for rid, d in drafts.items()}, parents  # type: ignore[return-value]
 
     def _verify(self, st, logits: torch.Tensor) -> list[int]:
         """Accepted tokens from ``logits`` [1 + drafts, V]: the drafts speculative verification
-        keeps (`ollm.engine.speculative.verify`), then one token from the target."""
+        keeps (`ollm.engine.speculative.verify_step`: a chain or a tree), then one token from
+        the target."""
         live = self.live[st.seq_id]
         sampler = live.sampler
         if not st.num_draft:
             picked = [int(sampler.sample(logits)[0])]
             if self.speculator is not None:  # a pass that made one token (no drafts fit)
                 self.speculator.verified(st.seq_id, 0, 0)
-        elif st.draft_parents is not None:
-            drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
-            dists = self._trees[st.seq_id].dists
-            verdict = verify_tree(sampler, logits, drafts, st.draft_parents, dists)
-            picked, self._paths[st.seq_id] = verdict.tokens, verdict.path
-            self.drafted += len(drafts)
-            self.accepted_drafts += len(picked) - 1
-            if self.speculator is not None:
-                self.speculator.verified_tree(st.seq_id, len(drafts), verdict)
         else:
-            drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
-            q = self._draft_q.get(st.seq_id)
-            picked = verify(sampler, logits, drafts, None if q is None else q[: len(drafts)])
-            self.drafted += len(drafts)
+            picked, verdict = verify_step(sampler, st, logits, self._draft_of.get(st.seq_id))
+            if verdict is not None:
+                self._paths[st.seq_id] = verdict.path
+            self.drafted += st.num_draft
             self.accepted_drafts += len(picked) - 1
             if self.speculator is not None:
-                self.speculator.verified(st.seq_id, len(drafts), len(picked) - 1)
+                self.speculator.record(st.seq_id, st.num_draft, picked, verdict)
         if live.logprobs is not None:
             live.step_logprobs = token_logprobs(logits[: len(picked)], picked, live.logprobs)
         return picked

@@ -19,6 +19,7 @@ import torch
 
 from ollm.engine.sampling import Sampler, SamplingParams, probabilities
 from ollm.engine.tree import MAX_WIDTH, alternatives, chain_with_siblings, lookup_tree
+from ollm.tiers import Phase
 
 if TYPE_CHECKING:
     from ollm.engine.batch import BatchEngine
@@ -135,6 +136,14 @@ class _RecordingSampler:
             return torch.argmax(q, dim=-1)
         return self._draws.draw(q).to(logits.device)
 
+    def observe_rows(self, logits: torch.Tensor) -> None:
+        """Tokens the draft engine took by verifying its own drafts (a cascade: greedy only),
+        one per row of ``logits``: recorded as `sample` records what it picks."""
+        for row in logits:
+            self.q.append(probabilities(self.params, row[None])[0])
+            if self.top and self.params.greedy:
+                self.rows.append(row.float())
+
 
 class ModelDrafter:
     """A small model sharing the target's tokenizer, run by its own `BatchEngine`: each step
@@ -153,7 +162,12 @@ class ModelDrafter:
             k = len(r.widths) or r.k
             if k < 1:
                 continue
-            sp = SamplingParams(max_new_tokens=k, ignore_eos=True, temperature=0)
+            # A cascade (the draft engine drafts too) verifies greedy requests only: a sampled
+            # request's q must be the draft's own distribution at every token.
+            sp = SamplingParams(
+                max_new_tokens=k, ignore_eos=True, temperature=0,
+                speculate=None if r.params.greedy else "off",
+            )  # fmt: skip
             rec = _RecordingSampler(r.params, self._draws, MAX_WIDTH if r.widths else 0)
             ids[rid] = eng.add(r.tokens, sp, sampler=rec)  # type: ignore[arg-type]
             recorders[rid] = rec
@@ -197,9 +211,9 @@ def self_draft_runner(runner: Runner, layers: int) -> Runner:
     plan = runner.plan
     if not 1 <= layers < len(plan.layers):
         raise ValueError(f"self-speculation needs 1 <= layers < {len(plan.layers)}, got {layers}")
-    moving = set(plan.streamed_for("prefill")) | set(plan.streamed_for("decode"))
+    moving = set(plan.streamed_for(Phase.PREFILL)) | set(plan.streamed_for(Phase.DECODE))
     if moving & set(range(layers)) or any(
-        p.device_for("decode") != p.device_for("prefill") for p in plan.layers[:layers]
+        p.device_for(Phase.DECODE) != p.device_for(Phase.PREFILL) for p in plan.layers[:layers]
     ):
         raise ValueError(
             f"self-speculation needs the first {layers} layers resident on the device; this plan "

@@ -28,6 +28,7 @@ import torch
 
 from ollm.engine.drafting import (
     CallableDrafter,
+    Draft,
     Drafter,
     DraftRequest,
     LookupDrafter,
@@ -35,10 +36,11 @@ from ollm.engine.drafting import (
     self_draft_runner,
 )
 from ollm.engine.sampling import Sampler, SamplingParams, probabilities
-from ollm.engine.tree import TreePolicy, TreeVerdict
+from ollm.engine.tree import TreePolicy, TreeVerdict, verify_tree
 
 if TYPE_CHECKING:
     from ollm.engine.runner import Runner
+    from ollm.engine.stepplan import SeqStep
 
 log = logging.getLogger(__name__)
 MAX_DRAFT = 8  # most tokens drafted per sequence and step
@@ -75,6 +77,25 @@ def verify(
         resid = resid / total if total > 0 else p[i]  # total 0 only by rounding when p == q
         return [*out, int(sampler.draw(resid[None])[0])]
     return [*out, int(sampler.draw(p[len(drafts)][None])[0])]
+
+
+def verify_step(
+    sampler: Sampler, st: SeqStep, logits: torch.Tensor, draft: Draft | None
+) -> tuple[list[int], TreeVerdict | None]:
+    """One sequence's drafted step: its accepted tokens from ``logits`` [1 + drafts, V] (a
+    chain by `verify`, a tree by `ollm.engine.tree.verify_tree`, whose verdict comes too);
+    ``draft`` is what the drafter proposed (its distributions; None: deterministic)."""
+    drafts = list(st.token_ids[len(st.token_ids) - st.num_draft :])
+    if st.draft_parents is not None:
+        dists = None if draft is None else draft.dists
+        verdict = verify_tree(sampler, logits, drafts, st.draft_parents, dists)
+        return verdict.tokens, verdict
+    q = None if draft is None or draft.q is None else draft.q[: len(drafts)]
+    picked = verify(sampler, logits, drafts, q)
+    observe = getattr(sampler, "observe_rows", None)  # a draft model's own drafts (cascade)
+    if observe is not None:
+        observe(logits[: len(picked)])
+    return picked, None
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -174,6 +195,8 @@ class SpecStats:
     tokens: int = 0  # tokens those produced (accepted drafts + one each)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
+    # Per drafter (several under a content-aware choice): [proposals, drafted, accepted].
+    by_drafter: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -237,18 +260,35 @@ class Speculator:
         self.policy.observe_draft(chain, dt)
         return {rid: d for rid, d in drafts.items() if d.tokens}
 
-    def verified(self, rid: str, drafted: int, accepted: int) -> None:
-        """Record one sequence's verification of a step."""
+    def verified(self, rid: str, drafted: int, accepted: int, depth: int | None = None) -> None:
+        """Record one sequence's verification of a step (``depth``: a tree's, when a tree)."""
         s = self.stats
         s.drafted += drafted
         s.accepted += accepted
         s.verify_passes += 1
         s.tokens += accepted + 1
         self.policy.observe_accept(rid, drafted, accepted)
+        if drafted:
+            chosen = getattr(self.drafter, "chosen", None)  # a content-aware choice
+            name = chosen.get(rid, self.drafter.name) if chosen else self.drafter.name
+            c = s.by_drafter.setdefault(name, [0, 0, 0])
+            c[0], c[1], c[2] = c[0] + 1, c[1] + drafted, c[2] + accepted
+            feedback = getattr(self.drafter, "feedback", None)
+            if feedback is not None:
+                feedback(rid, drafted if depth is None else depth, accepted)
+
+    def record(
+        self, rid: str, drafted: int, picked: Sequence[int], verdict: TreeVerdict | None
+    ) -> None:
+        """Record a drafted step's outcome (`verify_step`'s)."""
+        if verdict is None:
+            self.verified(rid, drafted, len(picked) - 1)
+        else:
+            self.verified_tree(rid, drafted, verdict)
 
     def verified_tree(self, rid: str, drafted: int, verdict: TreeVerdict) -> None:
         """Record one sequence's tree verification (its trials shape its next trees)."""
-        self.verified(rid, drafted, len(verdict.path))
+        self.verified(rid, drafted, len(verdict.path), verdict.depth)
         if rid in self.trees:
             self.trees[rid].observe(verdict.trials)
 
@@ -256,6 +296,9 @@ class Speculator:
         """Drop a finished sequence's state."""
         self.policy.forget(rid)
         self.trees.pop(rid, None)
+        forget = getattr(self.drafter, "forget", None)
+        if forget is not None:
+            forget(rid)
 
     def close(self) -> None:
         """Release what the drafter holds (a draft model's KV pools)."""
@@ -287,13 +330,17 @@ def build_speculator(
     """The `Speculator` for an ``EngineConfig.speculate`` value (None for "off"): "auto" and
     "lookup" draft by prompt lookup; "self[:N]" by the target's first N layers (default a
     quarter) with its head; "draft:PATH" by the ``draft`` runner (a model loaded from PATH
-    with the target's vocabulary); a "tree:" prefix drafts trees (`ollm.engine.tree`). Draft
+    with the target's vocabulary). Modes (`ollm.config.parse_speculate`): "tree:" drafts
+    trees (`ollm.engine.tree`), "mix:" chooses lookup or the model per request and span
+    (`ChoiceDrafter`), "cascade:" lets lookup draft for the draft model (multi-level). Draft
     models run on a `BatchEngine` sized ``batch x context``. A self-draft the plan cannot run
     falls back to lookup with a warning."""
+    from ollm.config import parse_speculate
     from ollm.engine.batch import BatchEngine
+    from ollm.engine.drafter_choice import ChoiceDrafter
 
-    tree = speculate.startswith("tree:")
-    kind, _, arg = speculate.removeprefix("tree:").partition(":")
+    modes, kind, arg = parse_speculate(speculate)
+    tree = "tree" in modes
     if kind == "off":
         return None
     if kind in ("auto", "lookup"):
@@ -315,4 +362,9 @@ def build_speculator(
     else:
         raise ValueError(f"speculate={speculate!r} needs a draft model")
     engine = BatchEngine.for_plan(draft, None, (), batch, context)
-    return Speculator(ModelDrafter(engine, name), tree=tree)
+    if "cascade" in modes:  # lookup drafts for the draft model: fewer of its passes per token
+        engine.speculator, name = Speculator(LookupDrafter()), f"lookup>{name}"
+    model: Drafter = ModelDrafter(engine, name)
+    if "mix" in modes:
+        model = ChoiceDrafter([LookupDrafter(), model])
+    return Speculator(model, tree=tree)

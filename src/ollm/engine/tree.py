@@ -61,6 +61,7 @@ class TreeVerdict:
     tokens: list[int]
     path: list[int]
     trials: list[tuple[int, int, bool]] = field(default_factory=list)
+    depth: int = 0  # the tree's depth (its longest path)
 
 
 def verify_tree(
@@ -73,7 +74,10 @@ def verify_tree(
     """Verify a tree from target ``logits`` [1 + n, V] (row 0: after the root, row 1 + i: after
     node i); ``dists[node]`` is the draft distribution that node's children were drawn from."""
     kids, dists = children_of(parents), dists or {}
-    out = TreeVerdict([], [])
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    out = TreeVerdict([], [], depth=max(depths, default=0))
     node, depth = -1, 0
     greedy = sampler.params.greedy
     picks = torch.argmax(logits, dim=-1).tolist() if greedy else None
