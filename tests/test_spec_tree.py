@@ -292,6 +292,9 @@ def test_request_speculate(hf_models, tmp_path):
         assert llm.last_speculation is None
         got = llm.generate(p, replace(GREEDY, speculate="tree:lookup"))
         assert got.token_ids == want and llm.last_speculation.drafter == "lookup tree"
+        spec = got.metrics.speculation  # every result carries the numbers, and its table a row
+        assert spec["drafter"] == "lookup tree" and spec["tokens_per_pass"] >= 1.0
+        assert "speculation" in dict(got.metrics.rows())
         stream = llm.submit(p, replace(GREEDY, speculate="lookup"))
         assert stream.wait().token_ids == want
     with open_llm(path, tmp_path, speculate="lookup") as llm:
@@ -345,3 +348,24 @@ def test_choice_follows_acceptance():
         picks.append(choice.chosen["a"])
         choice.feedback("a", 2, 2 if picks[-1] == "model" else 0)
     assert picks.count("model") >= 6 and "cheap" in picks  # probed, still wrong
+
+
+def test_bench_cli_speculate(monkeypatch):
+    """``ollm bench --speculate`` reaches the benchmarked LLM (its cases then carry
+    ``speculation``: drafter, acceptance, tokens per target pass)."""
+    from typer.testing import CliRunner
+
+    import ollm.bench.run as bench_run
+    from ollm.cli.common import app
+
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw["llm_kwargs"])
+        return {"cases": []}
+
+    monkeypatch.setattr(bench_run, "run_bench", fake)
+    monkeypatch.setattr("ollm.cli.bench._emit", lambda *a, **k: None)
+    res = CliRunner().invoke(app, ["bench", "--device", "cpu", "--speculate", "tree:lookup"])
+    assert res.exit_code == 0, res.output
+    assert seen["speculate"] == "tree:lookup"

@@ -23,6 +23,7 @@ from ollm.cli.common import (
     OffloadOpt,
     app,
 )
+from ollm.cli.generate import SpeculateOpt
 
 ModelOpt = Annotated[
     str | None,
@@ -97,6 +98,7 @@ def bench(
     output: OutputOpt = None,
     cache_dir: CacheDirOpt = None,
     attention: common.AttentionOpt = None,
+    speculate: SpeculateOpt = None,
 ) -> None:
     """Time prefill and decode per context next to this machine's floors (bandwidth measured now)."""
     with common.cli_errors():
@@ -114,6 +116,7 @@ def bench(
             kv_recent=kv_recent,
             cache_dir=cache_dir,
             attention=attention,
+            speculate=speculate,  # results then carry acceptance and tokens per target pass
         )
         llm_kwargs = {k: v for k, v in options.items() if v is not None}
         if batch is not None:

@@ -63,7 +63,9 @@ SpeculateOpt = Annotated[
     typer.Option(
         "--speculate",
         help="Speculative decoding (lossless): off, auto (= lookup), lookup (prompt n-grams), "
-        "self[:N] (the model's first N layers), draft:PATH (a small model, same tokenizer).",
+        "self[:N] (the model's first N layers), draft:PATH (a small model, same tokenizer); "
+        "prefixes: tree: (candidate trees), mix: (lookup or the model per span), cascade: "
+        "(lookup drafts for the model), e.g. tree:mix:draft:PATH.",
         show_default=False,
     ),
 ]
@@ -192,6 +194,10 @@ def spec_rows(stats) -> list[tuple[str, str]]:
         ("draft acceptance", f"{stats.acceptance_rate:.1%} of {stats.drafted}"),
         ("tokens per target pass", f"{stats.tokens_per_pass:.2f}"),
         ("drafter share of time", f"{stats.drafter_share:.1%}"),
+        *(
+            (f"  {name}", f"{n} drafts, {acc} of {tok} tokens accepted")
+            for name, (n, tok, acc) in stats.by_drafter.items()
+        ),
     ]
 
 

@@ -444,6 +444,8 @@ class BatchEngine:
         m = GenerationMetrics(prompt_tokens=sum(len(p) for p in prompts), device=str(self.device))
         m.generated_tokens = sum(len(o.token_ids) for o in outs)
         m.energy_joules = energy.stop()
+        if self.speculator is not None:
+            m.speculation = self.speculator.stats.summary()
         first = t_end if first is None else first
         m.prefill_seconds = m.time_to_first_token = first - t0
         m.decode_seconds = t_end - first

@@ -213,6 +213,22 @@ class SpecStats:
         total = self.draft_seconds + self.target_seconds
         return self.draft_seconds / total if total else 0.0
 
+    def summary(self) -> dict[str, object]:
+        """The numbers a result carries (`GenerationMetrics.speculation`)."""
+        return {
+            "drafter": self.drafter,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "target_passes": self.verify_passes,
+            "tokens_per_pass": self.tokens_per_pass,
+            "drafter_share": self.drafter_share,
+            "by_drafter": {
+                k: dict(zip(("drafts", "tokens", "accepted"), v, strict=True))
+                for k, v in self.by_drafter.items()
+            },
+        }
+
 
 class Speculator:
     """A drafter, its draft-length (or tree-shape) policy and its counters, as a `BatchEngine`

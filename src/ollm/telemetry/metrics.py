@@ -30,6 +30,9 @@ class GenerationMetrics:
     kv_read_fraction: float | None = None  # routed attention: KV slots read / held in decode
     expert_hit_rate: float | None = None  # MoE expert cache: routed experts found on the device
     expert_cpu: int = 0  # MoE: routed experts missing from the cache run by the CPU in RAM
+    # Speculative decoding (None: off): drafter, acceptance_rate, tokens_per_pass (per target
+    # pass and sequence), drafter_share (of step time), counts per drafter (SpecStats.summary).
+    speculation: dict | None = None
 
     @property
     def io_wait_seconds(self) -> float:
@@ -106,6 +109,19 @@ class GenerationMetrics:
                     )
                 ]
                 if self.expert_hit_rate is not None
+                else []
+            ),
+            *(
+                [
+                    (
+                        "speculation",
+                        f"{self.speculation['drafter']}: "
+                        f"{self.speculation['tokens_per_pass']:.2f} tokens per target pass, "
+                        f"{100 * self.speculation['acceptance_rate']:.0f}% of drafts accepted, "
+                        f"{100 * self.speculation['drafter_share']:.0f}% of time drafting",
+                    )
+                ]
+                if self.speculation
                 else []
             ),
             ("finish reason", self.finish_reason),
