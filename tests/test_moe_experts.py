@@ -335,3 +335,32 @@ def test_cost_model_sends_ram_misses_to_a_fast_cpu_only():
     assert 0 < len(cpu) < 4 and set(cpu) | set(fetch) == set(misses) and {6, 7} <= set(fetch)
     cache.rates = rates(cpu=1e9)
     assert cache._split(0, misses, counts, 6) == ([], misses)
+
+
+def test_failed_read_maps_no_slot_to_the_missing_expert(converted, monkeypatch):
+    """A disk read that fails mid-batch raises in the caller; its slot is given back unmapped,
+    so the next call reads that expert again and gets its bytes (not the slot's old ones)."""
+    from ollm.errors import WeightReadError
+
+    _, _, llm = converted("mixtral")
+    st, cache = _cache(llm, slots=2, ram=0)
+    real = StoreExperts.read_range
+    fail = {"left": 1}
+
+    def read_range(self, i, start, stop, buf):
+        if start == 3 and fail["left"]:
+            fail["left"] -= 1
+            raise WeightReadError("disk gone")
+        return real(self, i, start, stop, buf)
+
+    monkeypatch.setattr(StoreExperts, "read_range", read_range)
+    list(cache.run(0, [0, 1], [1, 1, 0, 0]))
+    with pytest.raises(WeightReadError, match="disk gone"):
+        list(cache.run(0, [2, 3], [0, 0, 1, 1]))
+    assert (0, 3) not in cache.cached() and not cache.pinned
+    ref = torch.empty(st.regions[0].sizes[3], dtype=torch.uint8)
+    real(st, 0, 3, 4, ref)
+    got = {e: w for e, w, _ in ((e, dict(w), d) for e, w, d in cache.run(0, [3], [0, 0, 0, 1]))}
+    for name, t in st.views(0, 3, ref).items():
+        assert torch.equal(got[3][name], t)
+    cache.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -27,6 +28,7 @@ from ollm.layers.moe import ExpertRun, SparseWeights
 from ollm.runtime.pinned import pinned_empty, unpin
 
 Key = tuple[int, int]  # (layer, expert)
+READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
 
 
 class _Lru:
@@ -114,13 +116,21 @@ class ExpertCache:
         self.where: dict[Key, int] = {}
         self.pinned: set[Key] = set()
         self.policy = _Lfu() if plan.policy == "lfu" else _Lru()
+        self._pool: ThreadPoolExecutor | None = None  # disk reads of misses
+        canon: dict[tuple, int] = {}  # tensor layouts of the experts (one per model, usually)
+        self._layout = {
+            (i, e): canon.setdefault(tuple(ts), len(canon))
+            for i in plan.layers
+            for e, ts in enumerate(experts.tensors[i])
+        }
+        self._slot_views_memo: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.counts = {"hits": 0, "misses": 0, "cpu": 0}
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready: list[torch.cuda.Event | None] = [None] * n
             self.free: list[torch.cuda.Event | None] = [None] * n
             disk = any(r < plan.num_experts for r in plan.ram) and not plan.resident
-            self._staging = [self._pin(plan.expert_bytes) for _ in range(4 if disk else 0)]
+            self._staging = [self._pin(plan.expert_bytes) for _ in range(READ_THREADS * disk)]
             self._staging_done: list[torch.cuda.Event | None] = [None] * len(self._staging)
             self._next_staging = 0
         try:
@@ -248,19 +258,39 @@ class ExpertCache:
 
     # -- slots ------------------------------------------------------------------------------------
     def _issue(self, i: int, pending: deque, inflight: deque) -> None:
-        """Start the copies of pending misses while a slot can be taken."""
+        """Start the copies of pending misses while a slot can be taken, ``READ_THREADS`` at a
+        time: the disk misses of a batch are read in parallel before their copies are issued.
+        A batch that fails (a read error) unmaps its slots, so no slot is left mapped to an
+        expert whose bytes never arrived."""
         while pending:
-            s = self._take()
-            if s is None:
+            batch: list[tuple[int, int]] = []
+            while pending and len(batch) < READ_THREADS:
+                s = self._take()
+                if s is None:
+                    break
+                e = pending.popleft()
+                key = (i, e)
+                self.where[key] = s
+                self.slot_key[s] = key
+                self.policy.add(key)
+                self.pinned.add(key)
+                batch.append((e, s))
+            if not batch:
                 return
-            e = pending.popleft()
-            key = (i, e)
-            self.where[key] = s
-            self.slot_key[s] = key
-            self.policy.add(key)
-            self.pinned.add(key)
-            self._fill(i, e, s)
-            inflight.append((e, s))
+            done, reads = 0, {}
+            try:
+                for e, s in batch:
+                    if (i, e) not in self._bytes:
+                        reads[e] = self._read(i, e, s)
+                for e, s in batch:
+                    self._fill(i, e, s, reads.get(e))
+                    inflight.append((e, s))
+                    done += 1
+            except BaseException:
+                wait(list(reads.values()))  # no read may still write a slot given back
+                for _, s in batch[done:]:
+                    self._unmap(s)
+                raise
 
     def _take(self) -> int | None:
         """A free slot, else the policy's victim among unpinned ones (evicted), else None."""
@@ -269,48 +299,68 @@ class ExpertCache:
         victim = self.policy.victim(self.pinned)
         if victim is None:
             return None
-        s = self.where.pop(victim)
-        self.policy.remove(victim)
+        s = self.where[victim]
+        self._unmap(s)
+        return self._empty.pop()
+
+    def _unmap(self, s: int) -> None:
+        """Slot s holds nothing (evicted, or its fill failed)."""
+        key = self.slot_key[s]
+        if key is not None:
+            self.where.pop(key, None)
+            self.policy.remove(key)
+            self.pinned.discard(key)
         self.slot_key[s] = None
         self.slot_views[s] = None
-        return s
+        self._empty.append(s)
 
-    def _fill(self, i: int, e: int, s: int) -> None:
-        """Copy expert e of layer i into slot s (from RAM, or read from the store)."""
+    def _read(self, i: int, e: int, s: int) -> Future:
+        """Start reading disk expert e of layer i: into the next pinned staging buffer (GPU;
+        after that buffer's last copy is done), or straight into slot s; the future gives the
+        staging index (None for a slot)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ollm-experts")
+        if not self.cuda:
+            dst, k = self.slots[s, : self.experts.regions[i].sizes[e]], None
+            return self._pool.submit(self._read_into, i, e, dst, None, k)
+        k = self._next_staging % len(self._staging)
+        self._next_staging = k + 1
+        return self._pool.submit(self._read_into, i, e, self._staging[k], self._staging_done[k], k)
+
+    def _read_into(self, i: int, e: int, dst: torch.Tensor, after, k: int | None) -> int | None:
+        if after is not None:
+            after.synchronize()  # the staging buffer's previous copy has finished
+        self.stats.add(bytes_disk=self.experts.read_range(i, e, e + 1, dst))
+        return k
+
+    def _fill(self, i: int, e: int, s: int, read: Future | None) -> None:
+        """Copy expert e of layer i into slot s, from RAM or from the staging buffer ``read``
+        fills (read straight into the slot off CUDA)."""
         st = self.experts
         nbytes = st.regions[i].sizes[e]
-        dst = self.slots[s, :nbytes]
-        src = self._bytes.get((i, e))
+        k = None if read is None else read.result()  # re-raises a read error
         if not self.cuda:
-            if src is None:
-                self.stats.add(bytes_disk=st.read_range(i, e, e + 1, dst))
-            else:
-                dst.copy_(src)
+            if read is None:
+                self.slots[s, :nbytes].copy_(self._bytes[(i, e)])
                 self.stats.add(bytes_h2d=nbytes)
         else:
-            if src is None:
-                src = self._stage(i, e)
+            src = self._bytes[(i, e)] if k is None else self._staging[k]
             with torch.cuda.stream(self.copy_stream):
                 if self.free[s] is not None:
                     self.copy_stream.wait_event(self.free[s])
-                dst.copy_(src[:nbytes], non_blocking=True)
+                self.slots[s, :nbytes].copy_(src[:nbytes], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.copy_stream)
             self.ready[s] = ev
-            if src is not self._bytes.get((i, e)):
-                self._staging_done[self._next_staging - 1] = ev
+            if k is not None:
+                self._staging_done[k] = ev
             self.stats.add(bytes_h2d=nbytes)
-        self.slot_views[s] = st.views(i, e, self.slots[s])
-
-    def _stage(self, i: int, e: int) -> torch.Tensor:
-        """Read a disk expert into the next pinned staging buffer (once its last copy is done)."""
-        k = self._next_staging % len(self._staging)
-        self._next_staging = k + 1
-        done = self._staging_done[k]
-        if done is not None:
-            done.synchronize()
-        self.stats.add(bytes_disk=self.experts.read_range(i, e, e + 1, self._staging[k]))
-        return self._staging[k]
+        # every expert of a model has the same tensor layout: a slot's views are made once
+        sig = (s, self._layout[(i, e)])
+        views = self._slot_views_memo.get(sig)
+        if views is None:
+            views = self._slot_views_memo[sig] = st.views(i, e, self.slots[s])
+        self.slot_views[s] = views
 
     def _use(self, s: int) -> dict[str, torch.Tensor]:
         """Slot s's expert, once its copy has landed (the compute stream waits, not the host)."""
@@ -341,7 +391,10 @@ class ExpertCache:
         return dict(self.where)
 
     def close(self) -> None:
-        """Wait for copies in flight, unpin the host buffers, drop the device buffers."""
+        """Wait for reads and copies in flight, unpin the host buffers, drop the device ones."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for buf in self._pinned:
@@ -354,6 +407,7 @@ class ExpertCache:
         self.slot_views = []
         self.slot_key = []
         self._empty = []
+        self._slot_views_memo.clear()
         self.where.clear()
 
 
