@@ -16,6 +16,7 @@ from ollm.errors import RequestError
 from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import GenerationMetrics
 from ollm.telemetry.stats import IOStats
+from ollm.tiers import KvTier
 
 # (sequence index, new text) -> None; called as text becomes final.
 # score() makes float32 logits of at most this many bytes at once (a few positions' worth).
@@ -143,7 +144,7 @@ class Generator:
                         "a shorter context or a smaller batch"
                     )
         disk = None
-        if kv_dir is not None or any(p.kv_tier == "disk" for p in self.runner.plan.layers):
+        if kv_dir is not None or any(p.kv_tier == KvTier.DISK for p in self.runner.plan.layers):
             from ollm.kv.disk import KVDirectory
 
             disk = KVDirectory(kv_dir or self.kv_dir or ".")
