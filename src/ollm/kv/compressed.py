@@ -85,10 +85,12 @@ class CompressedKVCache:
         storage=None,
         decode_tokens: int = 8,
         fetch: bool = False,
+        stats=None,
     ) -> None:
         self.codec, self.dtype, self.capacity = codec, dtype, capacity
         self.home = torch.device(home)
         self.workspace, self.decode_tokens, self.fetch = workspace, decode_tokens, fetch
+        self.stats = stats  # an IOStats: encoded bytes copied to the GPU count as host->GPU
         self.store = CodeStore(codec, batch, kv_heads, capacity, head_dim, dtype, home, storage)
         self._pinned = storage is not None
         tail = (batch, kv_heads, min(capacity, codec.recent + codec.block), head_dim)
@@ -194,6 +196,8 @@ class CompressedKVCache:
             return self.store
         staging = self.workspace.staging(self.store, device)
         staging.copy_from(self.store, 0, upto)
+        if self.stats is not None and device.type == "cuda":
+            self.stats.add(bytes_h2d=self.store.range_nbytes(0, upto))
         return staging
 
     def _sync(self) -> None:
@@ -252,10 +256,17 @@ class CompressedCaches:
     Layers with a window keep their exact caches (bounded by the window, not the context)."""
 
     def __init__(
-        self, spec, dtype: torch.dtype, kv_codec: str, recent: int, batch: int, capacity: int
+        self,
+        spec,
+        dtype: torch.dtype,
+        kv_codec: str,
+        recent: int,
+        batch: int,
+        capacity: int,
+        stats=None,
     ) -> None:
         self.spec, self.dtype, self.kv_codec, self.recent = spec, dtype, kv_codec, recent
-        self.batch, self.capacity = batch, capacity
+        self.batch, self.capacity, self.stats = batch, capacity, stats
         self.workspace = CodecWorkspace()
 
     def make(self, index: int, placement, tier: KvTier, disk=None) -> CompressedKVCache | None:
@@ -292,4 +303,5 @@ class CompressedCaches:
             self.workspace,
             storage,
             fetch=True,
+            stats=self.stats,
         )
