@@ -23,6 +23,9 @@
    token needs under uniform routing with a cache of that size (1 - slots/experts of top_k per
    layer) x expert bytes over the measured pinned host->GPU rate; the baseline's floor: the
    streamed layers' bytes over the same rate.
+3. llama.cpp with its experts on the CPU (``-ngl 99 -ot exps=CPU``) on an F16 GGUF of the same
+   shapes and layers, in the same call (``moe_llamacpp.py``; full run only, and only when the
+   tools folder ``.peers/llamacpp``, a copy of ``../shared/tools/llamacpp``, is carried).
 
 Writes ``moe.json`` under ``--out``. ``--device cpu`` is a dry run here (tiny shapes).
 """
@@ -265,7 +268,29 @@ def bench(tmp: Path, quick: bool, device: str = "cuda") -> dict:
     base = dict(gpu_memory=_stream_all(store, kw), offload="cpu", moe_offload="layer")
     runs.append(_run(store, kw, min(ctx, 2048), new, h2d, **base))
     out["runs"] = runs
+    out["llamacpp"] = _llamacpp(tmp, layers, ctx, new) if on_gpu and not quick else "not run"
     return out
+
+
+def _llamacpp(tmp: Path, layers: int, ctx: int, new: int) -> dict | str:
+    """llama.cpp with its experts on the CPU, same shapes and layers (``moe_llamacpp.py``)."""
+    import sys
+    import traceback
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import moe_llamacpp
+
+    tools = moe_llamacpp.tools_dir()
+    if tools is None:
+        return "skipped: copy ../shared/tools/llamacpp to .peers/llamacpp and carry it"
+    try:
+        r = moe_llamacpp.run(tools, tmp, layers, ctx, new)
+    except Exception:  # noqa: BLE001 - the peer's failure is reported, ours still count
+        return "failed: " + traceback.format_exc()[-2000:]
+    if r.get("decode_tok_s"):
+        r["projected_decode_tok_s_48_layers"] = r["decode_tok_s"] * layers / FULL_LAYERS
+    print(json.dumps(r, default=str), flush=True)
+    return r
 
 
 def run(out: Path, quick: bool = False, device: str = "cuda") -> dict:
