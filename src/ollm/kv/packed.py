@@ -68,6 +68,7 @@ class DecodeBatch:
     block_ids: torch.Tensor  # [B * blocks] their held blocks, each padded with its last one
     num_blocks: int  # blocks per sequence after padding
     masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, S] True = attend
+    host_rows: dict = field(default_factory=dict)  # kv_heads -> pool rows, see _host_gather
 
     def mask(self, window: int | None, block_tokens: int) -> torch.Tensor:
         """Which gathered keys each query sees: its own, causal, inside ``window``."""
@@ -285,11 +286,14 @@ class PackedLayerKV:
         """K (``i`` 0) or V of ``d``'s sequences from a host pool as ``[B, kv_heads, blocks *
         block_tokens, D]``, gathered through the store's kept host buffers (no fresh pages)."""
         b, nb, bt = len(d.seqs), d.num_blocks, self.store.block_tokens
-        kvh, hd = self.pool.shape[2], self.pool.shape[4]
-        flat = self.store.host_scratch(2, (b * nb, kvh, bt, hd))
-        torch.index_select(self.pool[i], 0, d.block_ids, out=flat)
-        out = self.store.host_scratch(i, (b, kvh, nb, bt, hd))
-        out.copy_(flat.view(b, nb, kvh, bt, hd).transpose(1, 2))
+        blocks, kvh, hd = self.pool.shape[1], self.pool.shape[2], self.pool.shape[4]
+        rows = d.host_rows.get(kvh)
+        if rows is None:  # row (block, head) of the pool seen as [blocks * kv_heads, bt * D]
+            heads = torch.arange(kvh, device=d.block_ids.device).view(1, kvh, 1)
+            rows = d.host_rows[kvh] = (d.block_ids.view(b, 1, nb) * kvh + heads).reshape(-1)
+        # One copy straight into [B, kv_heads, blocks, bt, D]: each row is bt x D contiguous.
+        out = self.store.host_scratch(i, (b * kvh * nb, bt * hd))
+        torch.index_select(self.pool[i].view(blocks * kvh, bt * hd), 0, rows, out=out)
         return out.view(b, kvh, nb * bt, hd)
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
