@@ -23,7 +23,13 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 # GGUF general.architecture -> HF model_type.
-SUPPORTED_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+SUPPORTED_ARCHS = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3_text",
+    "qwen3moe": "qwen3_moe",
+}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -42,6 +48,14 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the router of a mixture of experts
+}
+# Experts of a layer, [E, ...] each: gate and up together are transformers' fused gate_up_proj
+# [E, 2I, H] (gate rows first), as its own GGUF loader builds it; down is down_proj [E, H, I].
+_EXPERT_NAMES = {
+    "ffn_gate_exps": ("mlp.experts.gate_up_proj", 0),
+    "ffn_up_exps": ("mlp.experts.gate_up_proj", 1),
+    "ffn_down_exps": ("mlp.experts.down_proj", None),
 }
 # Gemma 2/3 have four norms per layer; llama.cpp's ffn_norm is their pre-feedforward norm.
 _GEMMA_LAYER_NAMES = {
@@ -60,6 +74,8 @@ def gguf_to_hf_name(arch: str, gguf_name: str) -> str | None:
     if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
         return None
     _, layer, kind, suffix = parts
+    if kind in _EXPERT_NAMES and suffix == "weight":
+        return f"model.layers.{layer}.{_EXPERT_NAMES[kind][0]}"
     table = _GEMMA_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     if kind not in table or suffix not in ("weight", "bias"):
         return None
@@ -120,10 +136,16 @@ class GGUFSource:
         if self.arch == "llama" and self.n_head <= 0:
             raise CorruptStoreError(f"{self.path}: GGUF metadata lacks llama.attention.head_count")
         self._tensors = {}
+        self._halves: dict[str, list] = {}  # fused gate_up_proj: its gate and up GGUF tensors
         for t in reader.tensors:
             hf = gguf_to_hf_name(self.arch, t.name)
-            if hf is not None:
-                self._tensors[hf] = t
+            if hf is None:
+                continue
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            half = _EXPERT_NAMES.get(kind, (None, None))[1]
+            if half is not None:
+                self._halves.setdefault(hf, [None, None])[half] = t
+            self._tensors[hf] = t
         self._config: PretrainedConfig | None = None
 
     def _field(self, key: str, default: Any) -> Any:
@@ -152,6 +174,10 @@ class GGUFSource:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             if key_length is not None and head_dim != int(key_length):
                 config.head_dim = int(key_length)
+            # nor qwen3moe's expert width (it keeps Qwen3MoeConfig's default of 768)
+            expert_ff = self._field(f"{self.arch}.expert_feed_forward_length", None)
+            if expert_ff is not None and hasattr(config, "moe_intermediate_size"):
+                config.moe_intermediate_size = int(expert_ff)
             self._config = config
         return self._config
 
@@ -176,7 +202,10 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` in HF layout, without reading its data."""
-        return tuple(reversed(self._tensors[name].shape))
+        shape = tuple(int(d) for d in reversed(self._tensors[name].shape))
+        if name in self._halves:  # gate and up stacked along the rows of each expert
+            return (shape[0], 2 * shape[1], *shape[2:])
+        return shape
 
     def get(self, name: str) -> torch.Tensor:
         """Dequantize one tensor to float32 in HF layout ([out, in] for linear weights)."""
@@ -185,6 +214,15 @@ class GGUFSource:
         t = self._tensors.get(name)
         if t is None:
             raise KeyError(f"{self.path.name}: no tensor {name!r}")
+        if name in self._halves:
+            gate, up = self._halves[name]
+            if gate is None or up is None:
+                raise CorruptStoreError(f"{self.path}: {name} lacks its gate or up experts")
+            return torch.cat([self._read(gate), self._read(up)], dim=1)
+        return self._read(t)
+
+    def _read(self, t) -> torch.Tensor:
+        """One GGUF tensor dequantized to float32 in HF layout."""
         shape = tuple(reversed(t.shape))
         try:
             w = self._gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
