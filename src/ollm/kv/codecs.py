@@ -85,10 +85,8 @@ def _f16_round(t: torch.Tensor, down: bool) -> torch.Tensor:
     bound the group, so the quantization error bound holds with the stored values."""
     h = t.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
     wrong = h.float() > t if down else h.float() < t
-    if bool(wrong.any()):
-        toward = torch.full_like(h, float("-inf") if down else float("inf"))
-        h = torch.where(wrong, torch.nextafter(h, toward), h)
-    return h
+    toward = torch.full_like(h, float("-inf") if down else float("inf"))
+    return torch.where(wrong, torch.nextafter(h, toward), h)  # no .any(): no device sync
 
 
 def _grouped(x: torch.Tensor, side: SideCodec) -> tuple[torch.Tensor, int]:

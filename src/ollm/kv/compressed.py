@@ -86,6 +86,7 @@ class CompressedKVCache:
         decode_tokens: int = 8,
         fetch: bool = False,
         stats=None,
+        tail_device: torch.device | str | None = None,
     ) -> None:
         self.codec, self.dtype, self.capacity = codec, dtype, capacity
         self.home = torch.device(home)
@@ -93,9 +94,12 @@ class CompressedKVCache:
         self.stats = stats  # an IOStats: encoded bytes copied to the GPU count as host->GPU
         self.store = CodeStore(codec, batch, kv_heads, capacity, head_dim, dtype, home, storage)
         self._pinned = storage is not None
+        # The exact tail (a few hundred slots) sits where decode attends (``tail_device``, e.g.
+        # the GPU for RAM-homed blocks): a copy of it each step would be a pageable, blocking one.
         tail = (batch, kv_heads, min(capacity, codec.recent + codec.block), head_dim)
-        self.tail_k = torch.empty(tail, dtype=dtype, device=self.home)
-        self.tail_v = torch.empty(tail, dtype=dtype, device=self.home)
+        where = self.home if tail_device is None else torch.device(tail_device)
+        self.tail_k = torch.empty(tail, dtype=dtype, device=where)
+        self.tail_v = torch.empty(tail, dtype=dtype, device=where)
         self.length = self.encoded = 0
         self._copied: torch.cuda.Event | None = None  # writes to RAM the CPU must wait for
 
@@ -304,4 +308,5 @@ class CompressedCaches:
             storage,
             fetch=True,
             stats=self.stats,
+            tail_device=placement.kv_device,
         )
