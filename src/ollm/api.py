@@ -183,6 +183,7 @@ class LLM:
         self.runner = Runner(self.spec, plan, prefetcher, self.dtype)
         self.runner.routing = getattr(self, "_routing", None)
         self.runner.kv_codec, self.runner.kv_recent = self.config.kv_codec, self.config.kv_recent
+        self.runner.kv_evict, self.runner.kv_keep = self.config.kv_evict, self.config.kv_keep
         if hasattr(self, "_engine"):
             self._engine.runner = self.runner
 

@@ -40,6 +40,8 @@ class EngineConfig:
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
     kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto
     kv_recent: int = 128  # newest tokens per sequence a compressed KV cache keeps exact
+    kv_evict: str = "none"  # KV eviction (issue 17): none, streaming, h2o or snapkv
+    kv_keep: str = "50%"  # tokens an evicting cache keeps: a share of the context or a count
     speculate: str = "off"  # off, auto (=lookup), lookup, self[:N], draft:PATH; tree:/mix:/cascade:
     attention: str = "full"  # decode attention routing: full, auto, window:W,sinks:S, topk:PAGES
     attention_page_tokens: int = 32  # key slots per top-k page (one min/max key summary each)
@@ -165,9 +167,19 @@ def _check_kv_codec(cfg: EngineConfig) -> None:
         codec = parse_kv_codec(cfg.kv_codec, cfg.kv_recent)
     except ValueError as exc:
         raise OllmError(str(exc)) from None
+    from ollm.kv.evict import parse_eviction
+
+    try:
+        evict = parse_eviction(cfg.kv_evict, cfg.kv_keep)
+    except ValueError as exc:
+        raise OllmError(str(exc)) from None
     routing = getattr(cfg, "attention", "full")
-    if (codec is not None or cfg.kv_codec == "auto") and routing != "full":
-        raise OllmError(f"kv_codec {cfg.kv_codec!r} cannot be combined with attention {routing!r}")
+    uses = (("kv_codec", codec is not None or cfg.kv_codec == "auto"), ("kv_evict", evict))
+    for name, on in uses:
+        if on and routing != "full":
+            raise OllmError(f"{name} cannot be combined with attention {routing!r}")
+    if evict is not None and cfg.kv_codec != "none":
+        raise OllmError("kv_evict and kv_codec cannot be combined yet: choose one")
 
 
 def choose_dtype(requested: str | None, source: str, device: str, bf16_ok: bool) -> tuple[str, str]:

@@ -38,6 +38,7 @@ class Runner:
         self._fetch_at: int | None = None  # a layer whose KV cache carries the KVFetcher
         # KV compression (issue 17; EngineConfig.kv_codec / kv_recent): "none" keeps KV exact.
         self.kv_codec, self.kv_recent = "none", 128
+        self.kv_evict, self.kv_keep = "none", "50%"  # KV eviction (kv/evict.py)
         # Attention routing per layer (issue 18; None: every layer attends over all its KV).
         self.routing: list | None = None
         self._routing_warned = False
@@ -85,13 +86,15 @@ class Runner:
         pin_pool = ThreadPoolExecutor(1, thread_name_prefix="ollm-kv-pin") if pinned else None
         try:
             codecs = None
-            if self.kv_codec != "none":
+            if self.kv_codec != "none" or self.kv_evict != "none":
                 from ollm.kv.compressed import CompressedCaches
 
-                stats = self.prefetcher.stats
+                stats, evict = self.prefetcher.stats, (self.kv_evict, self.kv_keep)
+                forward = self.plan.prefill_chunk_tokens or capacity
                 codecs = CompressedCaches(
-                    s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity, stats
-                )
+                    s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity, stats, evict,
+                    forward,
+                )  # fmt: skip
             for i, p in enumerate(self.plan.layers):
                 tier = KvTier.DISK if all_disk else p.kv_tier
                 compressed = codecs.make(i, p, tier, disk) if codecs else None

@@ -15,7 +15,7 @@ LOSSY_FIELDS: frozenset[str] = frozenset(
 )
 
 # KV compression (issue 17): the codec and its exact window change what attention reads.
-LOSSY_FIELDS = LOSSY_FIELDS | {"kv_codec", "kv_recent"}
+LOSSY_FIELDS = LOSSY_FIELDS | {"kv_codec", "kv_recent", "kv_evict", "kv_keep"}
 
 
 def _fields() -> dict[str, str]:

@@ -268,12 +268,18 @@ class CompressedCaches:
         batch: int,
         capacity: int,
         stats=None,
+        evict: tuple[str, str] = ("none", "50%"),
+        forward: int | None = None,
     ) -> None:
+        from ollm.kv.evict import parse_eviction
+
         self.spec, self.dtype, self.kv_codec, self.recent = spec, dtype, kv_codec, recent
         self.batch, self.capacity, self.stats = batch, capacity, stats
+        self.evict = parse_eviction(*evict)  # kv_evict / kv_keep (kv/evict.py)
+        self.forward = forward or capacity  # tokens of the largest forward (a prefill chunk)
         self.workspace = CodecWorkspace()
 
-    def make(self, index: int, placement, tier: KvTier, disk=None) -> CompressedKVCache | None:
+    def make(self, index: int, placement, tier: KvTier, disk=None):
         """The compressed cache of layer ``index`` (its ``LayerPlacement`` and KV ``tier``), or
         None where it stays exact."""
         from ollm.kv.codecs import codec_for_tier
@@ -281,11 +287,18 @@ class CompressedCaches:
 
         if self.spec.layers[index].window is not None:
             return None
+        s = self.spec
+        if self.evict is not None:  # bounded by its budget: kept where the layer's KV is used
+            from ollm.kv.evict import EvictingKVCache
+
+            return EvictingKVCache(
+                self.batch, s.num_kv_heads, s.head_dim, self.capacity, self.dtype,
+                placement.kv_device, self.evict, self.forward,
+            )  # fmt: skip
         home_tier = KvTier(tier)
         codec = codec_for_tier(self.kv_codec, home_tier, self.recent)
         if codec is None:
             return None
-        s = self.spec
         exec_device = torch.device(placement.exec_device)
         if home_tier == KvTier.DEVICE:
             home, storage = placement.kv_device, None

@@ -1,0 +1,197 @@
+"""KV eviction (issue 17): a per-layer KV cache that keeps at most a budget of token slots per
+sequence and KV head, chosen by a policy, with scores from our own attention (no flash kernel
+hides them):
+
+* ``streaming`` (StreamingLLM): the first ``sinks`` tokens and the most recent ones.
+* ``h2o`` (heavy hitters): sinks, a recent window, and the keys with the most attention mass
+  accumulated over every query so far (summed over the query heads of a KV head).
+* ``snapkv``: sinks, a recent window, and the keys the last ``observe`` queries of a prompt
+  forward attend to most (max-pooled over neighbouring keys so spans survive together); decode
+  queries add their attention mass to those scores (as h2o) when later evictions choose.
+
+Kept keys keep the positions RoPE gave them. Eviction runs after a forward once the kept slots
+exceed the budget by ``slack`` (a gather per layer every few steps, not every step). A forward
+attends over the kept slots plus its own; a prompt scored in chunks (``prefill_chunk``) thus
+sees the evictions of earlier chunks, which is how ``ollm eval`` measures a policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ollm.layers.attention import AttentionMask
+
+POLICIES = ("streaming", "h2o", "snapkv")
+ROW_BLOCK = 256  # query rows per score block (scores [B, KVH, G * rows, keys] in float32)
+
+
+@dataclass(frozen=True)
+class EvictionPolicy:
+    """Which slots a layer keeps: ``keep`` (a share of the context in (0, 1], or a token count),
+    always the first ``sinks`` and the last ``window`` tokens."""
+
+    name: str
+    keep: float
+    sinks: int = 4
+    window: int = 64
+    observe: int = 32
+
+    def budget(self, context: int) -> int:
+        """Slots kept per sequence and KV head for a request of ``context`` tokens."""
+        n = int(self.keep * context) if self.keep <= 1 else int(self.keep)
+        return max(n, self.sinks + self.window + 1)
+
+
+def parse_eviction(name: str | None, keep: str | float | None) -> EvictionPolicy | None:
+    """``("h2o", "25%")`` -> a policy keeping a quarter; ``name`` none/None -> None. ValueError
+    with one line on an unknown name or a bad share."""
+    if name is None or str(name).strip().lower() in ("none", "off", ""):
+        return None
+    name = str(name).strip().lower()
+    if name not in POLICIES:
+        raise ValueError(f"kv_evict must be one of none, {', '.join(POLICIES)}, not {name!r}")
+    text = str(keep if keep is not None else "50%").strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(
+            f"kv_keep must be a share like 25% or a token count, not {keep!r}"
+        ) from None
+    if share <= 0 or (share > 1 and share != int(share)):
+        raise ValueError(f"kv_keep must be in (0%, 100%] or a whole token count, not {keep!r}")
+    return EvictionPolicy(name, share)
+
+
+class EvictingKVCache:
+    """LayerKVCache protocol (``attend``, ``length``, ``trim``, ``nbytes``, ``flush``, ``close``)
+    over kept slots [B, KVH, budget + slack + one forward, D] with their positions and scores,
+    for a full-attention layer."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype,
+                 device, policy: EvictionPolicy, forward: int) -> None:  # fmt: skip
+        self.policy, self.capacity = policy, capacity
+        self.budget = min(capacity, policy.budget(capacity))
+        self.slack = max(1, self.budget // 16)
+        slots = min(capacity, self.budget + self.slack + forward)
+        shape = (batch, kv_heads, slots, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.pos = torch.zeros(shape[:3], dtype=torch.long, device=device)
+        self.score = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+        self.kept = 0  # slots [0, kept) hold kept tokens
+        self.length = 0  # tokens seen (positions)
+
+    def attend(self, q, k, v, mask: AttentionMask, scale: float, dense_mask=None):
+        """Append this forward's keys/values, attend over the kept slots, then evict."""
+        t = k.shape[2]
+        start, end = self.length, self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        if mask.window is not None:
+            raise RuntimeError("evicting KV caches hold full-attention layers only")
+        n = self.kept + t
+        if n > self.k.shape[2]:
+            self._grow(n)
+        self.k[:, :, self.kept : n] = k
+        self.v[:, :, self.kept : n] = v
+        self.pos[:, :, self.kept : n] = torch.arange(start, end, device=self.pos.device)
+        self.score[:, :, self.kept : n] = 0
+        self.kept, self.length = n, end
+        out, mass, last = self._attention(q, mask, scale)
+        self.score[:, :, :n] += mass
+        if self.kept > self.budget + self.slack or (t > 1 and self.kept > self.budget):
+            self._evict(last if self.policy.name == "snapkv" and t > 1 else None)
+        return out
+
+    def _grow(self, n: int) -> None:
+        """A forward larger than planned: make room (rare: prefill chunks are planned)."""
+        extra = n - self.k.shape[2]
+        pad = lambda x: F.pad(x, (0, 0, 0, extra) if x.dim() == 4 else (0, extra))  # noqa: E731
+        self.k, self.v, self.pos, self.score = (
+            pad(x) for x in (self.k, self.v, self.pos, self.score)
+        )
+
+    def _attention(self, q, mask: AttentionMask, scale: float):
+        """Attention of q over the kept slots in blocks of query rows, with the mass each key
+        gets (summed over rows and query heads of its KV head) and the last ``observe`` rows'
+        max-pooled probabilities (SnapKV's scores)."""
+        b, h, t, d = q.shape
+        kvh, n = self.k.shape[1], self.kept
+        g = h // kvh
+        k, v, pos = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
+        keep = None
+        if mask.key_keep is not None:
+            keys = mask.key_keep.to(q.device)[:, None, :].expand(b, kvh, -1)
+            keep = torch.gather(keys, 2, pos)  # [B, KVH, n]
+        out = torch.empty_like(q)
+        mass = torch.zeros(b, kvh, n, device=q.device)
+        observe = torch.zeros(b, kvh, n, device=q.device)
+        obs_from = t - min(t, self.policy.observe)
+        for r0 in range(0, t, ROW_BLOCK):
+            r1 = min(t, r0 + ROW_BLOCK)
+            qg = q[:, :, r0:r1].reshape(b, kvh, g, r1 - r0, d).reshape(b, kvh, g * (r1 - r0), d)
+            s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
+            qpos = torch.arange(mask.q_start + r0, mask.q_start + r1, device=q.device)
+            allowed = pos[:, :, None, :] <= qpos[None, None, :, None]  # [B, KVH, rows, n]
+            if keep is not None:
+                allowed = allowed & keep[:, :, None, :] | (pos[:, :, None, :] == qpos[:, None])
+            allowed = allowed[:, :, None].expand(b, kvh, g, r1 - r0, n).reshape(b, kvh, -1, n)
+            p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), -1).nan_to_num_(0.0)
+            o = torch.matmul(p.to(v.dtype), v)
+            out[:, :, r0:r1] = o.reshape(b, kvh, g, r1 - r0, d).reshape(b, h, r1 - r0, d)
+            mass += p.sum(2)
+            if r1 > obs_from:
+                rows = p.reshape(b, kvh, g, r1 - r0, n)[:, :, :, max(0, obs_from - r0) :]
+                observe += rows.sum((2, 3))
+        if mask.sinks is not None:
+            raise RuntimeError("evicting KV caches do not support attention sinks (gpt-oss)")
+        pooled = F.max_pool1d(observe.reshape(b * kvh, 1, n), 7, 1, 3).reshape(b, kvh, n)
+        return out, mass, pooled
+
+    def _evict(self, snap: torch.Tensor | None) -> None:
+        """Keep ``budget`` slots per sequence and head: sinks, the recent window, then the best
+        scored (``streaming``: the most recent), in position order."""
+        p, n, keep = self.policy, self.kept, self.budget
+        pos = self.pos[:, :, :n]
+        if p.name == "streaming":
+            rank = pos.float()
+        elif snap is not None:
+            rank = snap.clone()
+        else:
+            rank = self.score[:, :, :n].clone()
+        forced = (pos < p.sinks) | (pos >= self.length - p.window)
+        rank = rank.masked_fill(forced, float("inf"))
+        idx = rank.topk(keep, dim=-1).indices
+        idx = idx.gather(-1, pos.gather(-1, idx).argsort(-1))  # position order
+        d = self.k.shape[-1]
+        gi = idx[..., None].expand(-1, -1, -1, d)
+        self.k[:, :, :keep] = self.k[:, :, :n].gather(2, gi)
+        self.v[:, :, :keep] = self.v[:, :, :n].gather(2, gi)
+        self.pos[:, :, :keep] = pos.gather(2, idx)
+        self.score[:, :, :keep] = self.score[:, :, :n].gather(2, idx)
+        self.kept = keep
+
+    def trim(self, length: int) -> None:
+        """Forget tokens from ``length`` on (kept slots past it go; evicted ones stay gone)."""
+        length = min(self.length, max(0, length))
+        alive = self.pos[:, :, : self.kept] < length
+        if not bool(alive.all()):
+            # tokens are appended in order, so the trimmed ones are the newest in every head
+            self.kept = int(alive.sum(-1).min())
+        self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def flush(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Device memory is freed with the tensors."""
+
+    def __len__(self) -> int:
+        return self.length
