@@ -225,7 +225,9 @@ def _page_parts(k, v, off, lo, hi, end, page, ids):
     spans = [(max(a, 0), min(e, lo)), (max(a, hi), min(e, end))]
     spans = [(x - off, y - off) for x, y in spans if y > x]
     if ids is not None:
-        ids = ids[(ids * page >= a) & ((ids + 1) * page <= e)] - off // page
+        if a > lo or e < hi:  # the tier holds part of the middle: its pages (a sync on a GPU)
+            ids = ids[(ids * page >= a) & ((ids + 1) * page <= e)]
+        ids = ids - off // page if off else ids
     count = sum(y - x for x, y in spans) + (0 if ids is None else ids.numel() * page)
     if not count:
         return None
