@@ -326,7 +326,7 @@ def test_cost_model_sends_ram_misses_to_a_fast_cpu_only():
     class _St:
         tensors = {0: [[type("T", (), {"dtype": torch.bfloat16})()]]}
 
-    plan = ExpertPlan("cuda:0", (0,), 8, 1 << 20, False, (6,), 4, 64)
+    plan = ExpertPlan("cuda:0", (0,), 8, 64 << 20, False, (6,), 4, 64)  # 64 MiB experts
     cache = ExpertCache.__new__(ExpertCache)
     cache.plan, cache.experts, cache.in_place = replace(plan, cpu_compute="auto"), _St(), False
     misses, counts = [0, 1, 2, 3, 6, 7], [1] * 8

@@ -57,7 +57,6 @@ class ExpertPlan:
         """(label, value) rows for ``ollm info``."""
         t = self.tier_counts()
         on_cpu = self.device == "cpu"
-        dev = "RAM" if on_cpu else "GPU"
         where = (
             f"{t[Tier.CPU] + t[Tier.GPU]} in RAM"
             if on_cpu
@@ -71,15 +70,17 @@ class ExpertPlan:
             )
         ]
         if not self.resident:
-            cpu = {"auto": "by the cost model", "on": "always", "off": "never"}[self.cpu_compute]
-            rows.append(
-                (
-                    "expert cache",
-                    f"{self.cache_slots} slots on {dev} ({100 * self.cache_slots / self.total:.1f}%"
-                    f" of the experts), {self.policy.upper()}; RAM experts run on the CPU on a "
-                    f"miss: {cpu if self.device != 'cpu' else 'in place'}",
+            share = f"{100 * self.cache_slots / self.total:.1f}% of the experts"
+            policy = self.policy.upper()
+            if on_cpu:
+                cache = f"{self.cache_slots} slots in RAM for the disk experts ({share}), {policy}"
+            else:
+                cpu = {"auto": "by the cost model", "on": "always", "off": "never"}
+                cache = (
+                    f"{self.cache_slots} slots on GPU ({share}), {policy}; RAM experts missing "
+                    f"from it run on the CPU: {cpu[self.cpu_compute]}"
                 )
-            )
+            rows.append(("expert cache", cache))
         rows.append(("expert rows per group", str(self.group_rows)))
         return rows
 

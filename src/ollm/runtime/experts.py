@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 
 from ollm.layers.moe import ExpertRun, SparseWeights
+from ollm.planning.costmodel import CPU_HANDOFF_S
 from ollm.runtime.pinned import pinned_empty, unpin
 
 Key = tuple[int, int]  # (layer, expert)
@@ -246,7 +247,8 @@ class ExpertCache:
         nbytes = self.plan.expert_bytes
         params = nbytes // max(1, self.experts.tensors[i][0][0].dtype.itemsize)
         copy = r.copy_s(nbytes, shared=True)
-        t_copy, t_cpu, cpu = len(misses) * copy, 0.0, []
+        # the CPU's first expert also pays the hand-over of the rows to the host and back
+        t_copy, t_cpu, cpu = len(misses) * copy, CPU_HANDOFF_S, []
         for e in sorted(cand, key=lambda e: counts[e]):
             c = r.cpu_layer_s(nbytes, params, counts[e], shared=True)
             if t_cpu + c >= t_copy - copy:
