@@ -76,6 +76,7 @@ def run_one(model: str | None, device: str, speculate: str, prompt, new: int, ch
             "tokens_per_pass": s.tokens_per_pass if s else 1.0,
             "acceptance": s.acceptance_rate if s else None,
             "drafter_share": s.drafter_share if s else 0.0,
+            "by_drafter": s.by_drafter if s else {},  # proposals, drafted, accepted per drafter
         }
         return res.token_ids, row
 
@@ -87,13 +88,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--doc-tokens", type=int, default=2000)
     ap.add_argument(
-        "--drafters", default="off,batch,lookup,self:6", help="'batch': batch engine, no drafts"
+        "--drafters",
+        default="off,batch,lookup,tree:lookup,self:6,tree:self:6,mix:self:6",
+        help="'batch': batch engine, no drafts; any speculate value (tree:, mix:, cascade:)",
     )
+    ap.add_argument("--tasks", default="quote,free", help="quote, free or both")
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args()
     free = lambda llm: as_prompt(llm, FREE, "")  # noqa: E731
     tasks = {"quote": lambda llm: quote_prompt(llm, a.doc_tokens), "free": free}
     rows = []
+    tasks = {k: v for k, v in tasks.items() if k in a.tasks.split(",")}
     for task, prompt in tasks.items():
         base = None
         for spec in a.drafters.split(","):
