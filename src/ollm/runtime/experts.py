@@ -229,6 +229,9 @@ class ExpertCache:
                 yield e, self._use(s), None
                 self._done(s)
                 self._issue(i, pending, inflight)
+            if pending:  # never silently: an expert left out would change the output
+                raise RuntimeError(f"expert cache of {len(self.slot_key)} slots cannot take "
+                                   f"experts {list(pending)} of layer {i}")  # fmt: skip
         finally:  # one call runs at a time: an interrupted one leaves no slot pinned
             self.pinned.clear()
 
