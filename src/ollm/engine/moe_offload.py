@@ -51,8 +51,9 @@ def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
             spec, llm.store, experts, llm.device, llm._gpu_memory, cfg.cpu_memory, cfg.offload,
             workload, elem, cfg.expert_cache, cfg.expert_slots, cfg.expert_cpu, plan_dense,
         )  # fmt: skip
-    except BudgetError as exc:
-        log.warning("experts cannot be placed one by one (%s); whole layers stream", exc)
+    except BudgetError as exc:  # a warning only when asked for: "auto" just picks layers
+        level = logging.WARNING if cfg.moe_offload == "expert" else logging.INFO
+        log.log(level, "experts cannot be placed one by one (%s); whole layers stream", exc)
         return None
     rates = None
     e = eplan.experts
