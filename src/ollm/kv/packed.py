@@ -263,18 +263,13 @@ class PackedLayerKV:
         from ollm.layers.attention import AttentionMask as Mask
         from ollm.layers.attention import attend
 
-        b, bt = len(d.seqs), self.store.block_tokens
+        bt = self.store.block_tokens
         dev = self.pool.device if self.pool.device.type == "cpu" else q.device
         rows = d.rows.to(q.device) - r0
         qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, heads, 1, D]
         kv = []
         for i in (0, 1):
-            if dev.type == "cpu":
-                kv.append(self._host_gather(i, d).to(dtype=q.dtype))
-                continue
-            x = self.pool[i].index_select(0, d.block_ids)  # [B * blocks, kv_heads, bt, D]
-            x = x.view(b, d.num_blocks, x.shape[1], bt, x.shape[3]).transpose(1, 2)
-            kv.append(x.reshape(b, x.shape[1], d.num_blocks * bt, x.shape[4]).to(dev, q.dtype))
+            kv.append(self._gather_rows(i, d).to(dev, q.dtype))
         keep = d.mask(mask.window, bt).to(dev)
         s = keep.shape[-1]
         # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
@@ -282,9 +277,10 @@ class PackedLayerKV:
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
         out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
 
-    def _host_gather(self, i: int, d: DecodeBatch) -> torch.Tensor:
-        """K (``i`` 0) or V of ``d``'s sequences from a host pool as ``[B, kv_heads, blocks *
-        block_tokens, D]``, gathered through the store's kept host buffers (no fresh pages)."""
+    def _gather_rows(self, i: int, d: DecodeBatch) -> torch.Tensor:
+        """K (``i`` 0) or V of ``d``'s sequences as ``[B, kv_heads, blocks * block_tokens, D]``
+        on the pool's device; from a host pool into the store's kept host buffers (a fresh
+        tensor per layer and step would be fresh pages)."""
         b, nb, bt = len(d.seqs), d.num_blocks, self.store.block_tokens
         blocks, kvh, hd = self.pool.shape[1], self.pool.shape[2], self.pool.shape[4]
         rows = d.host_rows.get(kvh)
@@ -292,8 +288,11 @@ class PackedLayerKV:
             heads = torch.arange(kvh, device=d.block_ids.device).view(1, kvh, 1)
             rows = d.host_rows[kvh] = (d.block_ids.view(b, 1, nb) * kvh + heads).reshape(-1)
         # One copy straight into [B, kv_heads, blocks, bt, D]: each row is bt x D contiguous.
+        src = self.pool[i].view(blocks * kvh, bt * hd)
+        if self.pool.device.type != "cpu":
+            return src.index_select(0, rows).view(b, kvh, nb * bt, hd)
         out = self.store.host_scratch(i, (b * kvh * nb, bt * hd))
-        torch.index_select(self.pool[i].view(blocks * kvh, bt * hd), 0, rows, out=out)
+        torch.index_select(src, 0, rows, out=out)
         return out.view(b, kvh, nb * bt, hd)
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
