@@ -303,6 +303,18 @@ KvCodecOpt = Annotated[
         "values per token), auto (RAM/disk KV k:int4,v:int8, GPU KV exact).",
     ),
 ]
+KvEvictOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-evict",
+        help="KV eviction (lossy): none, streaming (sinks + recent), h2o (heavy hitters), "
+        "snapkv (prompt observation window).",
+    ),
+]
+KvKeepOpt = Annotated[
+    str | None,
+    typer.Option("--kv-keep", help="Tokens --kv-evict keeps: a share (25%) or a count (50%)."),
+]
 KvRecentOpt = Annotated[
     int | None,
     typer.Option("--kv-recent", help="Newest tokens a compressed KV cache keeps exact (128)."),
