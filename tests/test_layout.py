@@ -56,6 +56,8 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     ("ollm.runtime.experts", "ollm.layers.moe"): "the expert cache builds the layer's "
     "SparseWeights and yields ExpertRuns; fix: bind experts in the engine, or move those two "
     "plain types below runtime",
+    ("ollm.runtime.experts", "ollm.planning.costmodel"): "the expert cache asks the cost model "
+    "whether the CPU computes a RAM miss; fix: hand it that choice (or a function) from above",
 }
 
 MAX_FILE_LINES = 500

@@ -11,15 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError, OllmError
-from ollm.planning.accounting import (
-    PAGE_TOKENS,
-    KVFormat,
-    activation_bytes,
-    device_kv_bytes,
-    kv_layer_bytes,
-    kv_pool_blocks,
-    kv_scratch_bytes,
-)
+from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
+from ollm.planning.sizing import MIN_CHUNK, PlanSizes, too_small
 from ollm.sizes import format_size
 from ollm.tiers import KvTier, Phase, Tier
 
@@ -27,8 +20,6 @@ if TYPE_CHECKING:
     from ollm.planning.experts import ExpertPlan
 
 OFFLOAD_MODES = ("auto", "cpu", "disk")
-MIB = 1 << 20
-MIN_CHUNK = 256  # fewest rows per prefill chunk the planner chooses
 
 
 @dataclass(frozen=True)
@@ -187,19 +178,6 @@ class Workload:
     prefill_tokens: int = 4096
 
 
-def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) -> int:
-    """Rows per prefill chunk: the whole prompt when its temporaries take at most 1/8 of the
-    budget, else the largest power of two that does (at least 256)."""
-    h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
-    qd = spec.num_heads * spec.head_dim
-    per_row = work.batch * dtype_bytes * (3 * h + 2 * qd + 2 * kvd)
-    share = (budget or 1 << 40) // 8
-    if per_row * work.prefill_tokens <= share:
-        return 0
-    rows = max(MIN_CHUNK, share // per_row)
-    return 1 << (rows.bit_length() - 1)
-
-
 def plan_placement(
     spec,
     store,
@@ -220,7 +198,7 @@ def plan_placement(
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
-    Order: sizes of what the device must hold besides weights (``_Sizes``); KV that does not
+    Order: sizes of what the device must hold besides weights (``PlanSizes``); KV that does not
     fit beside the minimum weights goes to RAM or disk layer by layer; too small a budget first
     retries smaller prefill chunks, then names the minimum; the first layers stay resident; the
     rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits.
@@ -233,7 +211,7 @@ def plan_placement(
     budget = gpu_memory if on_gpu else cpu_memory
     if kv_format is not None and not any(layer.window for layer in spec.layers):
         kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
-    sz = _Sizes.of(
+    sz = PlanSizes.of(
         spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens, kv_format
     )
 
@@ -260,12 +238,8 @@ def plan_placement(
         rows = sz.chunk or work.prefill_tokens
         if chunk_tokens is None and rows > MIN_CHUNK:
             return _smaller_chunks(again, rows, kv_fetch_buffers)
-        raise _too_small(budget, minimum, on_gpu, sz, fixed, slots)
-    n_res = n if budget is None or budget - fixed_total >= n * sz.layer else (
-        min(n - 1, (budget - fixed_total - slots * sz.layer) // sz.layer)
-    )  # fmt: skip
-    if offload == "disk":
-        n_res = 0  # every layer read from the layer store on each pass, as upstream oLLM does
+        raise too_small(budget, minimum, on_gpu, sz, fixed, slots)
+    n_res = _resident_count(n, budget, fixed_total, slots, sz.layer, offload)
     ring = _ring_slots(n, n_res, slots, budget, fixed_total, sz.layer)
     layers = _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz, device)
     streamed = [p for p in layers if _moves(p, device)]
@@ -274,16 +248,13 @@ def plan_placement(
         ring = 0
     if kv_cache == "disk" and not on_gpu and budget is None:
         kv_off = n  # on a CPU machine without a budget "disk" means: no KV in RAM at all
-    if kv_off:
-        layers = _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz,
-                               work, device, kv_block_tokens)  # fmt: skip
-    cpu_max_tokens, predicted = 0, {}
-    if on_gpu and rates is not None:
-        split = _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers,
-                               ring, kv_off and kv_fetch_buffers)  # fmt: skip
-        if split is None:  # no KV worth fetching: plan again without the fetch buffers
-            return again(chunk_tokens, 0)
-        layers, cpu_max_tokens, predicted = split
+    layers = _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz,
+                           work, device, kv_block_tokens)  # fmt: skip
+    split = _decode_splits(spec, store, layers, n_res, sz, rates if on_gpu else None, work,
+                           hybrid, cpu_layers, ring, kv_off and kv_fetch_buffers)  # fmt: skip
+    if split is None:  # no KV worth fetching: plan again without the fetch buffers
+        return again(chunk_tokens, 0)
+    layers, cpu_max_tokens, predicted = split
     return _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budget,
                      cpu_max_tokens, predicted, kv_fetch_buffers, kv_block_tokens)  # fmt: skip
 
@@ -327,8 +298,12 @@ def _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budge
 def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch):
     """The cost model's decode choices: RAM layers the CPU computes (hybrid), then, when
     ``fetch`` (KV offloaded and fetch buffers planned), RAM KV layers fetched back to the GPU.
-    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching."""
+    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching; with no
+    ``rates`` (no cost model, or not on a GPU) the layers as they are."""
     from ollm.planning.decode_split import choose_hybrid, choose_kv_fetch
+
+    if rates is None:
+        return layers, 0, {}
 
     layers, cpu_max_tokens, predicted = choose_hybrid(
         spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring
@@ -341,84 +316,6 @@ def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_laye
             return None
         predicted["decode s (KV split)"] = step
     return layers, cpu_max_tokens, predicted
-
-
-@dataclass(frozen=True)
-class _Sizes:
-    """Bytes the plan counts besides resident weights, for one workload (see ``accounting``)."""
-
-    layer: int  # the largest layer file (a ring slot)
-    embed: int
-    head: int  # 0 when the head is tied to the embedding
-    norm: int
-    mlp_chunk: int  # MLP rows at once
-    chunk: int  # prefill rows per chunk (0: the whole prompt)
-    act: int  # activations of the largest forward
-    per_token: int  # KV bytes per token position of one layer (whole batch)
-    layer_kv: list[int]  # each layer's KV at full context
-    scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: the workspace
-    compressed: bool = False  # every layer's KV compressed (offloaded ones keep no device blocks)
-
-    @classmethod
-    def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
-           kv_format: KVFormat | None = None):  # fmt: skip
-        gfile = store.files["globals.bin"].tensors
-        t = work.batch * work.prefill_tokens
-        # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
-        mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
-        mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
-        on_gpu = device.startswith("cuda")
-        if on_gpu:
-            chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
-        else:  # activations share RAM with the weights: chunked even without a budget
-            from ollm.planning.host_memory import cpu_prefill_chunk
-
-            chunk = chunk_tokens or cpu_prefill_chunk(
-                spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
-            )
-        rows = chunk or work.prefill_tokens
-        scratch = kv_scratch_bytes(spec, work, dtype_bytes)
-        compressed = kv_format is not None and not any(layer.window for layer in spec.layers)
-        if compressed:  # no prefill scratch: the codec workspace (kv/compressed.py) instead
-            scratch = kv_format.workspace_bytes(  # 16384: kv/compressed.py's GPU_CHUNK
-                work.batch, spec.num_kv_heads, spec.head_dim, dtype_bytes, work.context, 16384
-            )
-        return cls(
-            layer=store.max_layer_nbytes,
-            embed=gfile["embed_tokens.weight"].nbytes,
-            head=gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0,
-            norm=gfile["norm.weight"].nbytes,
-            mlp_chunk=mlp_chunk,
-            chunk=chunk,
-            act=activation_bytes(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu),
-            per_token=2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes,
-            layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context, kv_format),
-            scratch=scratch,
-            compressed=compressed,
-        )
-
-    @property
-    def head_resident(self) -> int:
-        """The head (or the tied embedding) stays on the execution device."""
-        return self.head if self.head else self.embed
-
-    def fixed(self, on_gpu: bool) -> dict[str, int]:
-        """Reservations besides weights: globals, all KV on the device, activations. On a GPU an
-        untied embedding table is only gathered from, so it stays in RAM."""
-        globals_ = self.head_resident + self.norm if on_gpu else self.embed + self.head + self.norm
-        return {"globals": globals_, "kv cache": sum(self.layer_kv), "activations": self.act}
-
-    def offload_kv(self, fixed: dict[str, int], budget: int, slots: int, extra: int) -> int:
-        """KV that cannot sit beside the minimum weights goes to RAM (or disk) layer by layer,
-        the last ones first; the prefill scratch (and ``extra`` fetch buffers, all at full
-        capacity, even for a sliding-window layer) hold one layer's KV on the device. Updates
-        ``fixed["kv cache"]``; returns how many layers' KV left the device."""
-        n = len(self.layer_kv)
-        kv_off = 0
-        while kv_off < n and sum(fixed.values()) + slots * self.layer > budget:
-            kv_off += 1
-            fixed["kv cache"] = sum(self.layer_kv[: n - kv_off]) + self.scratch * (1 + extra)
-        return kv_off
 
 
 def _smaller_chunks(again, rows: int, fetch_buffers: int) -> PlacementPlan:
@@ -434,15 +331,15 @@ def _smaller_chunks(again, rows: int, fetch_buffers: int) -> PlacementPlan:
                 raise
 
 
-def _too_small(budget, minimum, on_gpu, sz: _Sizes, fixed, slots) -> BudgetError:
-    what = "gpu_memory" if on_gpu else "cpu_memory"
-    return BudgetError(
-        f"{what} {format_size(budget)} is too small for this model and request: at least "
-        f"{format_size(minimum)} is needed ({format_size(sz.layer)} per layer x {slots} "
-        f"stream buffers, {format_size(fixed['kv cache'])} KV cache on the device (of "
-        f"{format_size(sum(sz.layer_kv))}), {format_size(sz.act)} activations, "
-        f"{format_size(fixed['globals'])} embeddings/head)"
-    )
+def _resident_count(n, budget, fixed_total, slots, layer, offload) -> int:
+    """Layers that stay resident: all when they fit beside the reservations, else as many as
+    leave room for the ring's slots; none with ``offload="disk"`` (every layer read from the
+    layer store on each pass, as upstream oLLM does)."""
+    if offload == "disk":
+        return 0
+    if budget is None or budget - fixed_total >= n * layer:
+        return n
+    return min(n - 1, (budget - fixed_total - slots * layer) // layer)
 
 
 def _ring_slots(n, n_res, slots, budget, fixed_total, layer) -> int:
@@ -456,7 +353,7 @@ def _ring_slots(n, n_res, slots, budget, fixed_total, layer) -> int:
     return ring
 
 
-def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: _Sizes, device):
+def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: PlanSizes, device):
     """The first ``n_res`` layers resident; on a GPU the rest in pinned RAM while ``cpu_memory``
     allows (``auto``), all in RAM (``cpu``) or all from disk (``disk``); on the CPU, the rest
     from disk."""
@@ -484,13 +381,15 @@ def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: _Sizes, device):
     return layers
 
 
-def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz: _Sizes, work,
+def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz: PlanSizes, work,
                   device, kv_block_tokens):  # fmt: skip
     """Mark the last ``kv_off`` layers' KV as in RAM (or on disk); the budget left over holds
     the first whole blocks of the first offloaded layer's KV (``kv_device_tokens``), counted in
-    ``fixed["kv cache"]``."""
+    ``fixed["kv cache"]``. Without ``kv_off`` the layers as they are."""
     from dataclasses import replace
 
+    if not kv_off:
+        return layers
     n = len(layers)
     tier = KvTier.DISK if kv_cache == "disk" else KvTier.CPU
     layers = [replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]

@@ -1,0 +1,126 @@
+"""What a plan holds besides resident weights, for one workload: the sizes ``plan_placement``
+reserves (globals, KV, activations, the prefill chunk and MLP row chunk, the prefill scratch),
+counted by ``accounting``, and the refusal of a budget below their minimum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ollm.errors import BudgetError
+from ollm.planning.accounting import (
+    KVFormat,
+    activation_bytes,
+    kv_layer_bytes,
+    kv_scratch_bytes,
+)
+from ollm.sizes import format_size
+
+if TYPE_CHECKING:
+    from ollm.planning.placement import Workload
+
+MIB = 1 << 20
+MIN_CHUNK = 256  # fewest rows per prefill chunk the planner chooses
+
+
+def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) -> int:
+    """Rows per prefill chunk: the whole prompt when its temporaries take at most 1/8 of the
+    budget, else the largest power of two that does (at least 256)."""
+    h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    qd = spec.num_heads * spec.head_dim
+    per_row = work.batch * dtype_bytes * (3 * h + 2 * qd + 2 * kvd)
+    share = (budget or 1 << 40) // 8
+    if per_row * work.prefill_tokens <= share:
+        return 0
+    rows = max(MIN_CHUNK, share // per_row)
+    return 1 << (rows.bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class PlanSizes:
+    """Bytes the plan counts besides resident weights, for one workload (see ``accounting``)."""
+
+    layer: int  # the largest layer file (a ring slot)
+    embed: int
+    head: int  # 0 when the head is tied to the embedding
+    norm: int
+    mlp_chunk: int  # MLP rows at once
+    chunk: int  # prefill rows per chunk (0: the whole prompt)
+    act: int  # activations of the largest forward
+    per_token: int  # KV bytes per token position of one layer (whole batch)
+    layer_kv: list[int]  # each layer's KV at full context
+    scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: the workspace
+    compressed: bool = False  # every layer's KV compressed (offloaded ones keep no device blocks)
+
+    @classmethod
+    def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
+           kv_format: KVFormat | None = None):  # fmt: skip
+        gfile = store.files["globals.bin"].tensors
+        t = work.batch * work.prefill_tokens
+        # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
+        mlp_cap = max(32 * MIB, min(256 * MIB, (gpu_memory or cpu_memory or 1 << 40) // 16))
+        mlp_chunk = max(16, min(t, mlp_cap // (spec.intermediate_size * dtype_bytes * 3)))
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
+        else:  # activations share RAM with the weights: chunked even without a budget
+            from ollm.planning.host_memory import cpu_prefill_chunk
+
+            chunk = chunk_tokens or cpu_prefill_chunk(
+                spec, work, dtype_bytes, mlp_chunk, cpu_memory, MIN_CHUNK
+            )
+        rows = chunk or work.prefill_tokens
+        scratch = kv_scratch_bytes(spec, work, dtype_bytes)
+        compressed = kv_format is not None and not any(layer.window for layer in spec.layers)
+        if compressed:  # no prefill scratch: the codec workspace (kv/compressed.py) instead
+            scratch = kv_format.workspace_bytes(  # 16384: kv/compressed.py's GPU_CHUNK
+                work.batch, spec.num_kv_heads, spec.head_dim, dtype_bytes, work.context, 16384
+            )
+        return cls(
+            layer=store.max_layer_nbytes,
+            embed=gfile["embed_tokens.weight"].nbytes,
+            head=gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0,
+            norm=gfile["norm.weight"].nbytes,
+            mlp_chunk=mlp_chunk,
+            chunk=chunk,
+            act=activation_bytes(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu),
+            per_token=2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes,
+            layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context, kv_format),
+            scratch=scratch,
+            compressed=compressed,
+        )
+
+    @property
+    def head_resident(self) -> int:
+        """The head (or the tied embedding) stays on the execution device."""
+        return self.head if self.head else self.embed
+
+    def fixed(self, on_gpu: bool) -> dict[str, int]:
+        """Reservations besides weights: globals, all KV on the device, activations. On a GPU an
+        untied embedding table is only gathered from, so it stays in RAM."""
+        globals_ = self.head_resident + self.norm if on_gpu else self.embed + self.head + self.norm
+        return {"globals": globals_, "kv cache": sum(self.layer_kv), "activations": self.act}
+
+    def offload_kv(self, fixed: dict[str, int], budget: int, slots: int, extra: int) -> int:
+        """KV that cannot sit beside the minimum weights goes to RAM (or disk) layer by layer,
+        the last ones first; the prefill scratch (and ``extra`` fetch buffers, all at full
+        capacity, even for a sliding-window layer) hold one layer's KV on the device. Updates
+        ``fixed["kv cache"]``; returns how many layers' KV left the device."""
+        n = len(self.layer_kv)
+        kv_off = 0
+        while kv_off < n and sum(fixed.values()) + slots * self.layer > budget:
+            kv_off += 1
+            fixed["kv cache"] = sum(self.layer_kv[: n - kv_off]) + self.scratch * (1 + extra)
+        return kv_off
+
+
+def too_small(budget, minimum, on_gpu, sz: PlanSizes, fixed, slots) -> BudgetError:
+    """The refusal of a budget under ``minimum``, naming what the minimum is made of."""
+    what = "gpu_memory" if on_gpu else "cpu_memory"
+    return BudgetError(
+        f"{what} {format_size(budget)} is too small for this model and request: at least "
+        f"{format_size(minimum)} is needed ({format_size(sz.layer)} per layer x {slots} "
+        f"stream buffers, {format_size(fixed['kv cache'])} KV cache on the device (of "
+        f"{format_size(sum(sz.layer_kv))}), {format_size(sz.act)} activations, "
+        f"{format_size(fixed['globals'])} embeddings/head)"
+    )
