@@ -20,6 +20,7 @@ from ollm.errors import BudgetError, ContextLengthError, RequestError
 from ollm.sizes import format_size
 from ollm.telemetry.metrics import GenerationMetrics
 from ollm.telemetry.stats import IOStats
+from ollm.tiers import KvTier
 
 log = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
@@ -156,7 +157,7 @@ class LLM:
             ) from None
         rates = None
         hybrid = "off" if self._hybrid_demoted else cfg.hybrid
-        kv_in_ram = any(p.kv_tier == "cpu" for p in plan.layers)
+        kv_in_ram = any(p.kv_tier == KvTier.CPU for p in plan.layers)
         if plan.device != "cpu" and (hybrid != "off" and plan.count("cpu") or kv_in_ram):
             # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
             # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
