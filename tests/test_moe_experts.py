@@ -258,8 +258,8 @@ def _check(llm, model, new: int = 10):
 def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(
     family, converted, tmp_path
 ):
-    """The CPU device with a RAM budget: dense parts resident, part of the experts in RAM
-    (computed in place), the rest on disk read through a cache of two slots; then a stand-in
+    """Experts all resident; the CPU device with a RAM budget: dense parts resident, part of the
+    experts in RAM (computed in place), the rest on disk read through two slots; then a stand-in
     accelerator whose experts (RAM and disk) all pass through two slots, and the same with RAM
     misses computed by the CPU. Greedy tokens equal transformers', log-probs within 1e-4."""
     model, path, base = converted(family)
@@ -268,6 +268,8 @@ def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(
     st = StoreExperts(base.store)
     with LLM(path, cpu_memory=400 << 20, **kw) as probe:  # activations sized as under budget
         rest = probe.plan.peak_device_bytes - probe.plan.reserved["experts"]
+        assert probe.plan.experts.resident  # every expert fits: resident, no cache
+        _check(probe, model)
     n_exp = len(st.regions) * st.num_experts(next(iter(st.regions)))
     budget = rest + 2 * st.expert_bytes + (n_exp // 2) * st.expert_bytes
     with LLM(path, cpu_memory=budget, **kw) as llm:
