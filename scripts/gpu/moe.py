@@ -9,7 +9,7 @@
    RAM misses run by the CPU): greedy tokens equal transformers' and log-probs within 1e-4
    (``ok``). Without ``--quick`` also bfloat16 (reported, not judged: kernels round differently).
 2. Benchmark of Qwen3-30B-A3B shapes (``bench``): a synthetic store with the real per-layer
-   shapes (128 experts of 768, hidden 2048, 32/4 heads) but ``LAYERS`` (8; 4 with ``--quick``)
+   shapes (128 experts of 768, hidden 2048, 32/4 heads) but 8 (4 with ``--quick``)
    of the 48 layers, since the whole model is ~61 GB of bf16 to write. The 8 GiB budget is
    scaled to those layers: every dense part, the KV of an 8k context and the activations as
    the full model needs them per layer, and an expert cache holding the same fraction of the
@@ -23,6 +23,8 @@
    token needs under uniform routing with a cache of that size (1 - slots/experts of top_k per
    layer) x expert bytes over the measured pinned host->GPU rate; the baseline's floor: the
    streamed layers' bytes over the same rate.
+   ``--gpt-oss``: the same for gpt-oss-20b shapes (32 experts of 2880, 4 of its 24 layers;
+   LRU, CPU compute off, the baseline).
 3. llama.cpp with its experts on the CPU (``-ngl 99 -ot exps=CPU``) on an F16 GGUF of the same
    shapes and layers, in the same call (``moe_llamacpp.py``; full run only, and only when the
    tools folder ``.peers/llamacpp``, a copy of ``../shared/tools/llamacpp``, is carried).
@@ -48,8 +50,11 @@ FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 PROMPT = [(7 * i + 3) % 256 for i in range(150)]
 NEW = 24
 GIB = 1 << 30
-FULL_LAYERS = 48  # Qwen3-30B-A3B
-LAYERS = 8
+# preset -> (its layers, layers benchmarked, with --quick, shapes of the CPU dry run)
+PRESETS = {
+    "qwen3-30b-a3b": (48, 8, 4, dict(hidden_size=256, num_experts=16, vocab_size=1024)),
+    "gpt-oss-20b": (24, 4, 2, dict(hidden_size=256, num_local_experts=8, vocab_size=1024)),
+}
 ZIPF = 1.2
 
 
@@ -121,18 +126,18 @@ def case(tmp: Path, family: str, dtype: torch.dtype, device: str = "cuda") -> li
 
 
 # -- 2. benchmark -------------------------------------------------------------------------------
-def _store(tmp: Path, layers: int, device: str) -> Path:
+def _store(tmp: Path, preset: str, layers: int, device: str) -> Path:
     from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.synthetic import make_synthetic_store
 
-    tiny = {} if device != "cpu" else dict(hidden_size=256, num_experts=16, vocab_size=1024)
+    tiny = {} if device != "cpu" else PRESETS[preset][3]
     return make_synthetic_store(
-        "qwen3-30b-a3b", tmp / "qwen3-30b-a3b", progress=False, families=STORE_FAMILIES,
+        preset, tmp / preset, progress=False, families=STORE_FAMILIES,
         num_hidden_layers=layers, **tiny,
     )  # fmt: skip
 
 
-def _scaled_slots(store: Path, kw: dict, layers: int, budget: int) -> tuple[int, float]:
+def _scaled_slots(store: Path, kw: dict, layers: int, budget: int, full: int) -> tuple[int, float]:
     """Cache slots for ``layers`` layers holding the fraction of the experts the full model's
     cache holds under ``budget`` (its dense parts, KV and activations as counted per layer).
     Planned only (nothing loaded)."""
@@ -155,8 +160,8 @@ def _scaled_slots(store: Path, kw: dict, layers: int, budget: int) -> tuple[int,
     r, e = plan.reserved, plan.experts
     per_layer = (r["resident layers"] + r["kv cache"]) / layers
     fixed = sum(v for k, v in r.items() if k not in ("experts", "resident layers", "kv cache"))
-    cache = budget - fixed - FULL_LAYERS * per_layer
-    frac = max(0.0, cache / e.expert_bytes) / (e.num_experts * FULL_LAYERS)
+    cache = budget - fixed - full * per_layer
+    frac = max(0.0, cache / e.expert_bytes) / (e.num_experts * full)
     return max(2, int(frac * e.total)), frac
 
 
@@ -186,7 +191,7 @@ def _zipf_router(llm, a: float) -> None:
         w[f"{spec.moe.prefix}.{spec.moe.router}.bias"] = bias.to(w[spec.moe.router_key].device)
 
 
-def _run(store, kw, prompt_len: int, new: int, h2d: float, zipf: float = 0.0, **opts) -> dict:
+def _run(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0, **opts) -> dict:
     from ollm import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -216,7 +221,7 @@ def _run(store, kw, prompt_len: int, new: int, h2d: float, zipf: float = 0.0, **
         prefill_s=m.prefill_seconds,
         prefill_tok_s=m.prefill_tokens_per_second,
         decode_tok_s=m.decode_tokens_per_second,
-        projected_decode_tok_s_48_layers=1 / (step_s * FULL_LAYERS / layers),
+        projected_decode_tok_s_full_model=1 / (step_s * full / layers),
         expert_hit_rate=m.expert_hit_rate,
         expert_cpu_per_token=m.expert_cpu / decode_steps,
         h2d_bytes_per_decode_token=(copied[1] - copied[0]) / decode_steps,
@@ -239,14 +244,17 @@ def _run(store, kw, prompt_len: int, new: int, h2d: float, zipf: float = 0.0, **
     return row
 
 
-def bench(tmp: Path, quick: bool, device: str = "cuda") -> dict:
-    """Qwen3-30B-A3B shapes, ``LAYERS`` layers, 8 GiB scaled (see the module docstring)."""
+def bench(tmp: Path, quick: bool, device: str = "cuda", preset: str = "qwen3-30b-a3b") -> dict:
+    """``preset``'s shapes with fewer layers, 8 GiB scaled (see the module docstring); for
+    gpt-oss-20b only LRU, CPU compute off and the baseline."""
     from ollm.bench.probes import probe_h2d
 
-    layers = 4 if quick else LAYERS
+    full, layers, few, _ = PRESETS[preset]
+    layers = few if quick else layers
     t = time.perf_counter()
-    store = _store(tmp, layers, device)
-    out: dict = {"layers": layers, "full_layers": FULL_LAYERS, "store_s": time.perf_counter() - t}
+    store = _store(tmp, preset, layers, device)
+    out: dict = {"preset": preset, "layers": layers, "full_layers": full}
+    out["store_s"] = time.perf_counter() - t
     on_gpu = device != "cpu"
     h2d = probe_h2d(torch.device(device), pinned=True) if on_gpu else 10e9
     out["h2d_pinned_GBps"] = h2d / 1e9
@@ -254,25 +262,27 @@ def bench(tmp: Path, quick: bool, device: str = "cuda") -> dict:
     kw = dict(device=device, progress=False, verify_checksums=False, max_context=ctx + 64)
     kw["cache_dir"] = str(tmp / "c")
     budget = 8 * GIB if on_gpu else 2 * GIB
-    slots, frac = _scaled_slots(store, {**kw, "offload": "cpu"}, layers, budget)
+    slots, frac = _scaled_slots(store, {**kw, "offload": "cpu"}, layers, budget, full)
     out |= {"cache_slots": slots, "cache_fraction": frac, "budget": "8GiB scaled", "context": ctx}
     new = 16 if quick else 32
     exp = dict(gpu_memory=budget, offload="cpu", moe_offload="expert", expert_slots=slots)
     runs = []
-    for zipf in (0.0, ZIPF):
-        for policy in ("lru", "lfu"):
-            runs.append(_run(store, kw, ctx, new, h2d, zipf, expert_cache=policy, **exp))
-    runs.append(_run(store, kw, ctx, new, h2d, 0.0, expert_cpu="off", **exp))
+    qwen = preset == "qwen3-30b-a3b"
+    for zipf in (0.0, ZIPF) if qwen else (0.0,):
+        for policy in ("lru", "lfu") if qwen else ("lru",):
+            runs.append(_run(store, kw, full, ctx, new, h2d, zipf, expert_cache=policy, **exp))
+    runs.append(_run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp))
     # the whole-layer baseline: every layer streamed from pinned RAM through a ring (under 8
     # GiB the full model keeps ~3 of its 48 layers of 1.2 GiB resident; this streams all)
     base = dict(gpu_memory=_stream_all(store, kw), offload="cpu", moe_offload="layer")
-    runs.append(_run(store, kw, min(ctx, 2048), new, h2d, **base))
+    runs.append(_run(store, kw, full, min(ctx, 2048), new, h2d, **base))
     out["runs"] = runs
-    out["llamacpp"] = _llamacpp(tmp, layers, ctx, new) if on_gpu and not quick else "not run"
+    peer = on_gpu and not quick and qwen
+    out["llamacpp"] = _llamacpp(tmp, layers, full, ctx, new) if peer else "not run"
     return out
 
 
-def _llamacpp(tmp: Path, layers: int, ctx: int, new: int) -> dict | str:
+def _llamacpp(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | str:
     """llama.cpp with its experts on the CPU, same shapes and layers (``moe_llamacpp.py``)."""
     import sys
     import traceback
@@ -288,13 +298,14 @@ def _llamacpp(tmp: Path, layers: int, ctx: int, new: int) -> dict | str:
     except Exception:  # noqa: BLE001 - the peer's failure is reported, ours still count
         return "failed: " + traceback.format_exc()[-2000:]
     if r.get("decode_tok_s"):
-        r["projected_decode_tok_s_48_layers"] = r["decode_tok_s"] * layers / FULL_LAYERS
+        r["projected_decode_tok_s_full_model"] = r["decode_tok_s"] * layers / full
     print(json.dumps(r, default=str), flush=True)
     return r
 
 
-def run(out: Path, quick: bool = False, device: str = "cuda") -> dict:
-    """Correctness rows (``ok`` judged on float32) and the Qwen3-30B-A3B-shaped benchmark."""
+def run(out: Path, quick: bool = False, device: str = "cuda", gpt_oss: bool = False) -> dict:
+    """Correctness rows (``ok`` judged on float32) and the Qwen3-30B-A3B-shaped benchmark
+    (and, with ``gpt_oss``, the gpt-oss-20b-shaped one: about a minute more)."""
     rows = []
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     with tempfile.TemporaryDirectory() as d:
@@ -303,6 +314,9 @@ def run(out: Path, quick: bool = False, device: str = "cuda") -> dict:
                 rows += case(Path(d), family, dtype, device)
         with tempfile.TemporaryDirectory(dir=os.environ.get("OLLM_BENCH_DIR")) as b:
             report = {"bench": bench(Path(b), quick, device)}
+        if gpt_oss:
+            with tempfile.TemporaryDirectory(dir=os.environ.get("OLLM_BENCH_DIR")) as b:
+                report["bench_gpt_oss"] = bench(Path(b), quick, device, "gpt-oss-20b")
     dev = torch.cuda.get_device_name() if device != "cpu" else "cpu"
     report |= {"ok": all(r["ok"] for r in rows), "rows": rows, "device": dev}
     out.mkdir(parents=True, exist_ok=True)
@@ -315,8 +329,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--quick", action="store_true", help="float32 only, 4 layers, 2k context")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script here")
+    ap.add_argument("--gpt-oss", action="store_true", help="also gpt-oss-20b shapes (4 layers)")
     args = ap.parse_args()
-    report = run(args.out, args.quick, args.device)
+    report = run(args.out, args.quick, args.device, args.gpt_oss)
     print("ok" if report["ok"] else "FAILED")
 
 

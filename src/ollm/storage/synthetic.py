@@ -158,7 +158,11 @@ def preset_config(name: str, **overrides: object):
     import transformers
 
     cls_name, kwargs = PRESETS[name]
-    return getattr(transformers, cls_name)(**{**kwargs, **overrides, "dtype": "bfloat16"})
+    kw = {**kwargs, **overrides, "dtype": "bfloat16"}
+    pattern = kw.get("layer_types")
+    if pattern and "layer_types" not in overrides:  # fewer layers: the same repeating pattern
+        kw["layer_types"] = [pattern[i % len(pattern)] for i in range(kw["num_hidden_layers"])]
+    return getattr(transformers, cls_name)(**kw)
 
 
 class SyntheticSource:
