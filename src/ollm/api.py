@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ollm.api_support import TextStream, _expandable_segments, _largest_context
+from ollm.api_support import TextStream, _expandable_segments
 from ollm.config import EngineConfig, choose_dtype, source_dtype_name
+from ollm.engine import replan
 from ollm.engine.generate import Generator
 from ollm.engine.sampling import SamplingParams
 from ollm.errors import BudgetError, ContextLengthError, RequestError
 from ollm.sizes import format_size
 from ollm.telemetry.metrics import GenerationMetrics
 from ollm.telemetry.stats import IOStats
-from ollm.tiers import KvTier
 
 log = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
@@ -124,69 +124,12 @@ class LLM:
 
     def _plan(self, workload):
         """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
-        from ollm.kv.codecs import kv_format
-        from ollm.planning.placement import Workload, plan_placement
-
-        cfg = self.config
-        elem = torch.finfo(self.dtype).bits // 8
-        args = (self.spec, self.store, self.device, self._gpu_memory, cfg.cpu_memory, cfg.offload)
-        chunk = {
-            "chunk_tokens": cfg.prefill_chunk,
-            "kv_cache": cfg.kv_cache,
-            "kv_block_tokens": cfg.kv_block_tokens,
-            "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, self.spec.head_dim, elem),
-        }
-        from ollm.engine.moe_offload import plan_with_experts
-
-        whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
-        experts = plan_with_experts(self, whole, workload, elem, chunk)  # MoE: experts one by one
-        if experts is not None:
-            return experts
-        try:
-            plan = plan_placement(*args, workload, elem, **chunk)
-        except BudgetError as exc:
-            fit = _largest_context(
-                lambda c: plan_placement(*args, Workload(workload.batch, c, c), elem, **chunk),
-                workload.context,
-            )
-            if not fit:
-                raise
-            raise BudgetError(
-                f"{exc}; this budget fits at most {fit} tokens of context "
-                f"(max_context={fit}, --max-context {fit})"
-            ) from None
-        rates = None
-        hybrid = "off" if self._hybrid_demoted else cfg.hybrid
-        kv_in_ram = any(p.kv_tier == KvTier.CPU for p in plan.layers)
-        if plan.device != "cpu" and (hybrid != "off" and plan.count("cpu") or kv_in_ram):
-            # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
-            # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
-            from ollm.engine.calibrate import cached_rates
-            from ollm.storage.convert import default_cache_dir
-
-            cache = Path(cfg.cache_dir or default_cache_dir())
-            rates = cached_rates(self.device, cache, self.dtype, self.spec, workload.context)
-            plan = plan_placement(*args, workload, elem, rates, hybrid, cfg.cpu_layers, **chunk)
-        return plan, rates
+        return replan.plan_for(self, workload)
 
     def _load(self, workload, planned=None) -> None:
         """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
         it the current placement; the attributes change only once loading succeeded."""
-        from ollm.engine.moe_offload import make_prefetcher
-        from ollm.engine.runner import Runner
-
-        plan, rates = planned or self._plan(workload)
-        verify = self.config.verify_checksums
-        prefetcher = make_prefetcher(self.store, plan, self.stats, verify, rates)
-        self.workload, self.plan, self.rates, self.prefetcher = workload, plan, rates, prefetcher
-        if plan.cpu_layers and rates is not None:
-            torch.set_num_threads(rates.cpu_threads)
-        self.runner = Runner(self.spec, plan, prefetcher, self.dtype)
-        self.runner.routing = getattr(self, "_routing", None)
-        self.runner.kv_codec, self.runner.kv_recent = self.config.kv_codec, self.config.kv_recent
-        self.runner.kv_evict, self.runner.kv_keep = self.config.kv_evict, self.config.kv_keep
-        if hasattr(self, "_engine"):
-            self._engine.runner = self.runner
+        replan.load(self, workload, planned)
 
     def ensure_context(self, tokens: int, batch: int = 1) -> None:
         """Re-plan (reloading resident weights) if a request needs more KV than planned for."""
@@ -211,14 +154,7 @@ class LLM:
         BudgetError leaves the current placement in use). The old buffers are released before
         the new ones load, since both may not fit the GPU budget; if loading fails, the old
         plan is loaded again and the error re-raised."""
-        planned = self._plan(workload)
-        old = self.workload, (self.plan, self.rates)
-        self.prefetcher.close()
-        try:
-            self._load(workload, planned)
-        except BaseException:
-            self._load(*old)
-            raise
+        replan.replan(self, workload)
 
     def _load_tokenizer(self):
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -438,8 +374,8 @@ class LLM:
             "dtype": f"{str(self.dtype).removeprefix('torch.')} ({self._dtype_reason})",
             "weights": format_size(self.store.total_nbytes),
             "plan": dict(self.plan.describe()),
-        }
             "tokenizer RAM": format_size(self.tokenizer_ram),
+        }
 
     def encode(self, prompt: Prompt, special: bool = True) -> list[int]:
         """Token ids of ``prompt`` (text gets the tokenizer's special tokens when ``special``),

@@ -13,26 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ollm.engine.sampling import SamplingParams
-from ollm.errors import BudgetError
 
 if TYPE_CHECKING:
     from ollm.api import LLM, GenerationResult
 
 log = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
-
-
-def _largest_context(try_plan, upper: int) -> int:
-    """Largest context in [1, upper) for which ``try_plan(context)`` succeeds (0 if none)."""
-    lo, hi = 0, upper
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        try:
-            try_plan(mid)
-            lo = mid
-        except BudgetError:
-            hi = mid
-    return lo
 
 
 class _Cancelled(Exception):

@@ -1,0 +1,108 @@
+"""An LLM's placement: planned (with the cost model's rates where layers or KV sit in RAM),
+loaded, and replaced atomically when a request needs more than was planned. The facade
+(``ollm.api.LLM``) holds the result: ``workload``, ``plan``, ``rates``, ``prefetcher``,
+``runner``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ollm.errors import BudgetError
+from ollm.tiers import KvTier, Tier
+
+
+def plan_for(llm, workload):
+    """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
+    from ollm.engine.moe_offload import plan_with_experts
+    from ollm.kv.codecs import kv_format
+    from ollm.planning.placement import Workload, plan_placement
+
+    cfg = llm.config
+    elem = torch.finfo(llm.dtype).bits // 8
+    args = (llm.spec, llm.store, llm.device, llm._gpu_memory, cfg.cpu_memory, cfg.offload)
+    chunk = {
+        "chunk_tokens": cfg.prefill_chunk,
+        "kv_cache": cfg.kv_cache,
+        "kv_block_tokens": cfg.kv_block_tokens,
+        "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, llm.spec.head_dim, elem),
+    }
+    whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
+    experts = plan_with_experts(llm, whole, workload, elem, chunk)  # MoE: experts one by one
+    if experts is not None:
+        return experts
+    try:
+        plan = plan_placement(*args, workload, elem, **chunk)
+    except BudgetError as exc:
+        fit = largest_context(
+            lambda c: plan_placement(*args, Workload(workload.batch, c, c), elem, **chunk),
+            workload.context,
+        )
+        if not fit:
+            raise
+        raise BudgetError(
+            f"{exc}; this budget fits at most {fit} tokens of context "
+            f"(max_context={fit}, --max-context {fit})"
+        ) from None
+    rates = None
+    hybrid = "off" if llm._hybrid_demoted else cfg.hybrid
+    kv_in_ram = any(p.kv_tier == KvTier.CPU for p in plan.layers)
+    if plan.device != "cpu" and (hybrid != "off" and plan.count(Tier.CPU) or kv_in_ram):
+        # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
+        # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
+        from ollm.engine.calibrate import cached_rates
+        from ollm.storage.convert import default_cache_dir
+
+        cache = Path(cfg.cache_dir or default_cache_dir())
+        rates = cached_rates(llm.device, cache, llm.dtype, llm.spec, workload.context)
+        plan = plan_placement(*args, workload, elem, rates, hybrid, cfg.cpu_layers, **chunk)
+    return plan, rates
+
+
+def load(llm, workload, planned=None) -> None:
+    """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
+    it the LLM's placement; its attributes change only once loading succeeded."""
+    from ollm.engine.moe_offload import make_prefetcher
+    from ollm.engine.runner import Runner
+
+    plan, rates = planned or plan_for(llm, workload)
+    cfg = llm.config
+    prefetcher = make_prefetcher(llm.store, plan, llm.stats, cfg.verify_checksums, rates)
+    llm.workload, llm.plan, llm.rates, llm.prefetcher = workload, plan, rates, prefetcher
+    if plan.cpu_layers and rates is not None:
+        torch.set_num_threads(rates.cpu_threads)
+    llm.runner = Runner(llm.spec, plan, prefetcher, llm.dtype)
+    llm.runner.routing = getattr(llm, "_routing", None)
+    llm.runner.kv_codec, llm.runner.kv_recent = cfg.kv_codec, cfg.kv_recent
+    llm.runner.kv_evict, llm.runner.kv_keep = cfg.kv_evict, cfg.kv_keep
+    if hasattr(llm, "_engine"):
+        llm._engine.runner = llm.runner
+
+
+def replan(llm, workload) -> None:
+    """Switch to a placement for ``workload``. Planning comes first and changes nothing (a
+    BudgetError leaves the current placement in use). The old buffers are released before
+    the new ones load, since both may not fit the GPU budget; if loading fails, the old
+    plan is loaded again and the error re-raised."""
+    planned = plan_for(llm, workload)
+    old = llm.workload, (llm.plan, llm.rates)
+    llm.prefetcher.close()
+    try:
+        load(llm, workload, planned)
+    except BaseException:
+        load(llm, *old)
+        raise
+
+
+def largest_context(try_plan, upper: int) -> int:
+    """Largest context in [1, upper) for which ``try_plan(context)`` succeeds (0 if none)."""
+    lo, hi = 0, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            try_plan(mid)
+            lo = mid
+        except BudgetError:
+            hi = mid
+    return lo
