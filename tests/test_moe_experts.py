@@ -16,6 +16,7 @@ import torch
 from conftest import make_hf_model
 from ollm import LLM, SamplingParams
 from ollm.errors import BudgetError, CorruptStoreError
+from ollm.layers.moe import sparse_weights
 from ollm.planning.experts import ExpertPlan, plan_experts
 from ollm.planning.placement import Workload, plan_placement
 from ollm.runtime.experts import ExpertCache
@@ -121,7 +122,7 @@ def _cache(llm, slots: int, ram: int, policy: str = "lru", device: str = "cpu:1"
         policy=policy,
         cpu_compute="off",
     )
-    return st, ExpertCache(st, plan, device, IOStats())
+    return st, ExpertCache(st, plan, device, IOStats(), sparse_weights)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
@@ -323,6 +324,9 @@ def test_cpu_compute_equals_device_path(converted):
 def test_cost_model_sends_ram_misses_to_a_fast_cpu_only():
     """With a CPU that reads weights as fast as the link copies them, some RAM misses of a
     decode token run on the CPU (both paths busy); a slow CPU gets none; disk misses never."""
+    import functools
+
+    from ollm.planning.experts import cpu_share
     from test_hybrid import rates
 
     class _St:
@@ -332,10 +336,12 @@ def test_cost_model_sends_ram_misses_to_a_fast_cpu_only():
     cache = ExpertCache.__new__(ExpertCache)
     cache.plan, cache.experts, cache.in_place = replace(plan, cpu_compute="auto"), _St(), False
     misses, counts = [0, 1, 2, 3, 6, 7], [1] * 8
-    cache.rates = rates(cpu=55e9, pcie=55e9)
+    cache.choose_cpu = functools.partial(cpu_share, rates(cpu=55e9, pcie=55e9))
     cpu, fetch = cache._split(0, misses, counts, 6)
     assert 0 < len(cpu) < 4 and set(cpu) | set(fetch) == set(misses) and {6, 7} <= set(fetch)
-    cache.rates = rates(cpu=1e9)
+    cache.choose_cpu = functools.partial(cpu_share, rates(cpu=1e9))
+    assert cache._split(0, misses, counts, 6) == ([], misses)
+    cache.choose_cpu = None  # no measured rates: no CPU share
     assert cache._split(0, misses, counts, 6) == ([], misses)
 
 

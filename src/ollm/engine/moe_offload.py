@@ -80,12 +80,21 @@ def make_prefetcher(store, plan, stats, verify: bool, rates=None):
     experts = StoreExperts(store)
     experts.verify = verify
     prefetcher = Prefetcher(dense_store(store, experts), plan, stats, verify)
+    from ollm.layers.moe import sparse_weights
+
+    choose = None
     if rates is not None:  # RAM experts may run on the CPU: at the measured best thread count
+        import functools
+
         import torch
 
+        from ollm.planning.experts import cpu_share
+
         torch.set_num_threads(rates.cpu_threads)
+        choose = functools.partial(cpu_share, rates)
     try:
-        prefetcher.experts = ExpertCache(experts, plan.experts, plan.device, stats, rates)
+        cache = ExpertCache(experts, plan.experts, plan.device, stats, sparse_weights, choose)
+        prefetcher.experts = cache
     except BaseException:
         prefetcher.close()
         raise

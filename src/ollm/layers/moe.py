@@ -112,6 +112,14 @@ class SparseWeights(dict):
     group_rows: int | None = None  # rows routed at once (each expert fetched once per group)
 
 
+def sparse_weights(w: Weights, experts: ExpertSource, group_rows: int | None) -> SparseWeights:
+    """``w`` (a sparse layer's dense weights) with the source of its experts attached."""
+    sw = SparseWeights(w)
+    sw.experts = experts
+    sw.group_rows = group_rows
+    return sw
+
+
 class ResidentExperts:
     """The experts of a whole layer's weights mapping, in any of the three layouts."""
 

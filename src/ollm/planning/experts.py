@@ -187,3 +187,23 @@ def _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, 
         return (n_exp,) * n
     count = min(n * n_exp, room // slot)
     return tuple(min(n_exp, count // n + (1 if j < count % n else 0)) for j in range(n))
+
+
+def cpu_share(
+    rates, cand: list[int], n_misses: int, counts: list[int], nbytes: int, params: int
+) -> list[int]:
+    """Of a call's ``n_misses`` missing experts, the RAM ones (``cand``) the CPU computes where
+    they sit: moved, fewest rows first, while that shortens max(copy time of the rest, CPU
+    time); the CPU's first expert also pays the hand-over of the rows to the host and back.
+    ``rates``: the machine's ``MachineRates`` (the copies and the CPU share the memory bus)."""
+    from ollm.planning.costmodel import CPU_HANDOFF_S
+
+    copy = rates.copy_s(nbytes, shared=True)
+    t_copy, t_cpu, cpu = n_misses * copy, CPU_HANDOFF_S, []
+    for e in sorted(cand, key=lambda e: counts[e]):
+        c = rates.cpu_layer_s(nbytes, params, counts[e], shared=True)
+        if t_cpu + c >= t_copy - copy:
+            break
+        t_cpu, t_copy = t_cpu + c, t_copy - copy
+        cpu.append(e)
+    return cpu

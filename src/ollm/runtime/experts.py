@@ -19,14 +19,25 @@ go through the slots.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 import torch
 
-from ollm.layers.moe import ExpertRun, SparseWeights
-from ollm.planning.costmodel import CPU_HANDOFF_S
 from ollm.runtime.pinned import pinned_empty, unpin
+
+if TYPE_CHECKING:
+    from ollm.layers.moe import ExpertRun
+    from ollm.planning.experts import ExpertPlan
+    from ollm.storage.experts import StoreExperts
+    from ollm.telemetry.stats import IOStats
+
+# (RAM misses the CPU may compute, misses in all, rows per expert, expert bytes, its weights)
+# -> the misses the CPU computes; handed in from above (planning.experts.cpu_share, rates bound)
+ChooseCpu = Callable[[list[int], int, list[int], int, int], list[int]]
+# (dense weights, the layer's expert source, rows per group) -> the weights the block gets
+Wrap = Callable[[Mapping, object, int], Mapping]
 
 Key = tuple[int, int]  # (layer, expert)
 READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
@@ -97,8 +108,17 @@ class ExpertCache:
     """Experts of the sparse layers under an ``ExpertPlan`` on ``device``; ``bind`` attaches
     layer i's experts to its dense weights for ``moe_mlp``."""
 
-    def __init__(self, experts, plan, device: str, stats, rates=None) -> None:
-        self.experts, self.plan, self.stats, self.rates = experts, plan, stats, rates
+    def __init__(
+        self,
+        experts: StoreExperts,
+        plan: ExpertPlan,
+        device: str,
+        stats: IOStats,
+        wrap: Wrap,
+        choose_cpu: ChooseCpu | None = None,
+    ) -> None:
+        self.experts, self.plan, self.stats = experts, plan, stats
+        self.wrap, self.choose_cpu = wrap, choose_cpu
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.in_place = device == "cpu"  # RAM is the device: RAM experts computed where they are
@@ -107,7 +127,7 @@ class ExpertCache:
         self._index = {i: j for j, i in enumerate(plan.layers)}
         self._views: dict[Key, dict[str, torch.Tensor]] = {}  # resident or RAM experts
         self._bytes: dict[Key, torch.Tensor] = {}  # RAM experts' bytes (copy sources)
-        self._bound: dict[int, tuple[object, SparseWeights]] = {}
+        self._bound: dict[int, tuple[object, Mapping]] = {}
         n = 0 if plan.resident else plan.cache_slots
         slot_dev = self.device if self.cuda else self.cpu
         self.slots = torch.empty(n, plan.expert_bytes, dtype=torch.uint8, device=slot_dev)
@@ -173,16 +193,15 @@ class ExpertCache:
                 if not p.resident:
                     self._bytes[(i, e)] = raw
 
-    def bind(self, i: int, w):
-        """Layer i's weights with its experts attached (``SparseWeights``); other layers' as is."""
+    def bind(self, i: int, w: Mapping) -> Mapping:
+        """Layer i's weights with its experts attached (``wrap``: ``layers.moe.sparse_weights``);
+        other layers' as they are."""
         if i not in self._index:
             return w
         bound = self._bound.get(i)
         if bound is not None and bound[0] is w:
             return bound[1]
-        sw = SparseWeights(w)
-        sw.experts = _LayerExperts(self, i)
-        sw.group_rows = self.plan.group_rows
+        sw = self.wrap(w, _LayerExperts(self, i), self.plan.group_rows)
         self._bound[i] = (w, sw)
         return sw
 
@@ -236,28 +255,19 @@ class ExpertCache:
             self.pinned.clear()
 
     def _split(self, i: int, misses: list[int], counts: list[int], ram: int):
-        """(RAM misses the CPU computes, misses copied to the device). The cost model moves RAM
-        misses, fewest rows first, to the CPU while that shortens max(copy time, CPU time)."""
+        """(RAM misses the CPU computes, misses copied to the device): all RAM misses with
+        ``cpu_compute="on"``, those ``choose_cpu`` (the cost model, from above) picks with
+        ``"auto"``, none with ``"off"``, on the CPU device or without a cost model."""
         mode = self.plan.cpu_compute
         cand = [e for e in misses if e < ram] if not self.in_place and mode != "off" else []
-        if not cand:
+        if not cand or (mode == "auto" and self.choose_cpu is None):
             return [], misses
         if mode == "on":
-            return cand, [e for e in misses if e >= ram]
-        r = self.rates
-        if r is None:
-            return [], misses
-        nbytes = self.plan.expert_bytes
-        params = nbytes // max(1, self.experts.tensors[i][0][0].dtype.itemsize)
-        copy = r.copy_s(nbytes, shared=True)
-        # the CPU's first expert also pays the hand-over of the rows to the host and back
-        t_copy, t_cpu, cpu = len(misses) * copy, CPU_HANDOFF_S, []
-        for e in sorted(cand, key=lambda e: counts[e]):
-            c = r.cpu_layer_s(nbytes, params, counts[e], shared=True)
-            if t_cpu + c >= t_copy - copy:
-                break
-            t_cpu, t_copy = t_cpu + c, t_copy - copy
-            cpu.append(e)
+            cpu = cand
+        else:
+            nbytes = self.plan.expert_bytes
+            params = nbytes // max(1, self.experts.tensors[i][0][0].dtype.itemsize)
+            cpu = self.choose_cpu(cand, len(misses), counts, nbytes, params)
         chosen = set(cpu)
         return cpu, [e for e in misses if e not in chosen]
 
