@@ -7,7 +7,7 @@
    ``mixtral``, ``gpt_oss`` with whole layers streamed from pinned RAM and from disk, and with
    experts placed one by one through a cache of two slots (experts in pinned RAM, on disk, and
    RAM misses run by the CPU): greedy tokens equal transformers' and log-probs within 1e-4
-   (``ok``). Without ``--quick`` also bfloat16 (reported, not judged: kernels round differently).
+   (``ok``). With ``--bf16`` also bfloat16 (reported, not judged: kernels round differently).
 2. Benchmark of Qwen3-30B-A3B shapes (``bench``): a synthetic store with the real per-layer
    shapes (128 experts of 768, hidden 2048, 32/4 heads) but 8 (4 with ``--quick``)
    of the 48 layers, since the whole model is ~61 GB of bf16 to write. The 8 GiB budget is
@@ -303,11 +303,13 @@ def _llamacpp(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | s
     return r
 
 
-def run(out: Path, quick: bool = False, device: str = "cuda", gpt_oss: bool = False) -> dict:
-    """Correctness rows (``ok`` judged on float32) and the Qwen3-30B-A3B-shaped benchmark
-    (and, with ``gpt_oss``, the gpt-oss-20b-shaped one: about a minute more)."""
+def run(
+    out: Path, quick: bool = False, device: str = "cuda", gpt_oss: bool = False, bf16: bool = False
+) -> dict:
+    """Correctness rows (``ok`` judged on float32; ``bf16`` adds bfloat16 rows) and the
+    Qwen3-30B-A3B-shaped benchmark (with ``gpt_oss`` the gpt-oss-20b one too: ~1 min more)."""
     rows = []
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     with tempfile.TemporaryDirectory() as d:
         for family in FAMILIES:
             for dtype in dtypes:
@@ -327,11 +329,12 @@ def run(out: Path, quick: bool = False, device: str = "cuda", gpt_oss: bool = Fa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--quick", action="store_true", help="float32 only, 4 layers, 2k context")
+    ap.add_argument("--quick", action="store_true", help="4 layers, 2k context, no llama.cpp")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 correctness rows too (~1 min)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script here")
     ap.add_argument("--gpt-oss", action="store_true", help="also gpt-oss-20b shapes (4 layers)")
     args = ap.parse_args()
-    report = run(args.out, args.quick, args.device, args.gpt_oss)
+    report = run(args.out, args.quick, args.device, args.gpt_oss, args.bf16)
     print("ok" if report["ok"] else "FAILED")
 
 
