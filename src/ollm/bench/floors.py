@@ -88,12 +88,17 @@ def _attention_flops(spec, queries: int, context: int, causal: bool) -> float:
     return flops
 
 
-def _kv_bytes(spec, store, layers: list[int], tokens: int, plan=None) -> int:
+def _kv_bytes(spec, store, layers: list[int], tokens: int, plan=None, fmt=None) -> int:
     """KV bytes of ``tokens`` positions in ``layers`` (clipped to each layer's window); with
-    ``plan``, only the host part (the first ``kv_device_tokens`` slots stay on the device)."""
-    per_token = 2 * spec.num_kv_heads * spec.head_dim * store.dtype.itemsize
+    ``plan``, only the host part (the first ``kv_device_tokens`` slots stay on the device); a
+    full-attention layer under ``fmt`` (a ``KVFormat``: compressed KV) at its stored size."""
+    elem = store.dtype.itemsize
+    per_token = 2 * spec.num_kv_heads * spec.head_dim * elem
     total = 0
     for i in layers:
+        if fmt is not None and spec.layers[i].window is None:
+            total += fmt.layer_bytes(1, spec.num_kv_heads, spec.head_dim, elem, tokens)
+            continue
         n = min(tokens, spec.layers[i].window or tokens)
         if plan is not None:
             n = max(0, n - getattr(plan.layers[i], "kv_device_tokens", 0))
@@ -138,23 +143,31 @@ def _memory_s(store, num_layers: int, exclude: list[int], mem_rate) -> float | N
     return (nbytes + _head_bytes(store)) / mem_rate
 
 
-def _kv_s(spec, store, parts, tokens: int, plan=None) -> float | None:
+def _kv_s(spec, store, parts, tokens: int, plan=None, fmt=None) -> float | None:
     """Moving ``tokens`` positions of KV of each ``(layers, rate)`` part (host part only with
-    ``plan``); None when a part with layers has no measured rate."""
+    ``plan``, stored bytes under ``fmt``); None when a part with layers has no measured rate."""
     if any(layers and not rate for layers, rate in parts):
         return None
     return sum(
-        _kv_bytes(spec, store, layers, tokens, plan) / rate for layers, rate in parts if layers
+        _kv_bytes(spec, store, layers, tokens, plan, fmt) / rate for layers, rate in parts if layers
     )
 
 
 def compute_floors(
-    spec, store, plan, probes: dict[str, object], prompt_tokens: int, batch: int = 1
+    spec,
+    store,
+    plan,
+    probes: dict[str, object],
+    prompt_tokens: int,
+    batch: int = 1,
+    kv_format=None,
 ) -> dict[str, object]:
     """Prefill and per-token decode floors of a case (see the module docstring).
 
     ``spec``, ``store`` and ``plan`` are an LLM's ``spec``, ``store`` and ``plan``; ``probes`` is
-    ``measure_bandwidth``'s dict from the same machine.
+    ``measure_bandwidth``'s dict from the same machine. ``kv_format`` (``KVFormat``, compressed
+    KV): KV terms count stored bytes, and a RAM-homed compressed layer decoded on the GPU copies
+    its encoded KV each step (counted as fetched).
     """
     on_gpu = plan.device.startswith("cuda")
     flops_rate = matmul_flops(probes)
@@ -165,13 +178,16 @@ def compute_floors(
     tiers = [getattr(p, "kv_tier", KvTier.DEVICE) for p in plan.layers]
     fetched = [i for i, p in enumerate(plan.layers) if on_gpu and getattr(p, "kv_fetch", False)]
     kv_ram = [i for i, t in enumerate(tiers) if t == KvTier.CPU]
+    if kv_format is not None and on_gpu:  # compressed RAM KV crosses to the GPU encoded
+        gpu_decoded = [i for i in kv_ram if plan.layers[i].decode_device != "cpu"]
+        fetched = sorted(set(fetched) | {i for i in gpu_decoded if not spec.layers[i].window})
     kv_disk = [i for i, t in enumerate(tiers) if t == KvTier.DISK]
     h2d = _rate(probes, "h2d_pinned_GBps")
     disk = _rate(probes, "disk_warm_GBps")
     context = prompt_tokens  # the decode floor is per token at the prompt's depth
     streamed_prefill = plan.streamed_for(Phase.PREFILL)
     streamed_decode = plan.streamed_for(Phase.DECODE)
-    fetched_bytes = batch * _kv_bytes(spec, store, fetched, context + 1, plan)
+    fetched_bytes = batch * _kv_bytes(spec, store, fetched, context + 1, plan, kv_format)
 
     prefill_terms = {
         "io_s": _io_seconds(plan, store, streamed_prefill, probes, cold=False),
@@ -180,7 +196,7 @@ def compute_floors(
     }
     if kv_ram or kv_disk:  # the prompt's host-part KV: to RAM over PCIe, to disk at its rate
         parts = [(kv_ram, h2d), (kv_disk, disk)]
-        prefill_terms["kv_s"] = _kv_s(spec, store, parts, context, plan)
+        prefill_terms["kv_s"] = _kv_s(spec, store, parts, context, plan, kv_format)
     prefill = _phase(prefill_terms)
     prefill["io_cold_s"] = _io_seconds(plan, store, streamed_prefill, probes, cold=True)
 
@@ -201,7 +217,7 @@ def compute_floors(
     on_cpu_kv = [i for i in kv_ram if i not in fetched]  # the CPU reads it where it sits
     if on_cpu_kv or kv_disk:
         parts = [(on_cpu_kv, ram_rate), (kv_disk, disk)]
-        decode_terms["kv_s"] = _kv_s(spec, store, parts, context + 1, plan)
+        decode_terms["kv_s"] = _kv_s(spec, store, parts, context + 1, plan, kv_format)
     decode = _phase(decode_terms)
     decode["io_cold_s"] = decode_io(cold=True)
     return {

@@ -224,7 +224,11 @@ def _add_floors(
     from ollm.bench.floors import compute_floors, ratio
 
     probes = _reprobe_cpu(probes, llm.spec, tokens)
-    floors = compute_floors(llm.spec, llm.store, llm.plan, probes, tokens)
+    from ollm.kv.codecs import kv_format
+
+    cfg, spec = llm.config, llm.spec  # compressed KV: floors count its stored bytes
+    fmt = kv_format(cfg.kv_codec, cfg.kv_recent, spec.head_dim, llm.store.dtype.itemsize)
+    floors = compute_floors(spec, llm.store, llm.plan, probes, tokens, kv_format=fmt)
     case["floors"] = floors
     step = case.get("decode_step_median_s")
     case["ratios"] = {
