@@ -100,12 +100,12 @@ class LLM:
             if draft_bytes:
                 raise budget_error(self, exc, draft_bytes) from None
             raise
-        self.tokenizer = self._load_tokenizer()
         rss = _rss()
-        from ollm.storage.convert import default_cache_dir as _cache_root
+        self.tokenizer = self._load_tokenizer()
         # Host RAM the tokenizer took (Gemma 3's 262k vocabulary: ~420 MiB). It is not part of
         # the plan (cpu_memory budgets weights and KV); measured so info() and reports show it.
         self.tokenizer_ram = max(0, _rss() - rss)
+        from ollm.storage.convert import default_cache_dir as _cache_root
 
         kv_root = cfg.kv_dir or str(Path(cfg.cache_dir or _cache_root()) / "kv")
         self._engine = Generator(self.runner, self.stats, self.tokenizer, self._eos_ids(), kv_root)
