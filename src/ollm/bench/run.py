@@ -302,6 +302,7 @@ def _metrics(m, steps: list[float]) -> dict[str, object]:
         "read_s": m.read_seconds,
         "copy_s": m.copy_seconds,
         "cpu_path_s": m.cpu_path_seconds,
+        "expert_hit_rate": m.expert_hit_rate,  # MoE expert cache (None: no cache)
         "speculation": m.speculation,  # drafter, acceptance, tokens per target pass (or None)
     }
 
