@@ -406,3 +406,18 @@ def test_engine_tree_sampling_law(hf_models, tmp_path):
         m = eng.metrics()
         assert 0 < m.accepted_drafts < m.drafted and spec.stats.drafter == "draft tree"
         assert chi_square_p(counts, law, n) > ALPHA
+
+
+def test_tree_speculator_learns_pass_cost():
+    """Tree sizes vary until the pass-cost fit has seen several sizes (the slope is unknown from
+    one), then follow it: compute-bound passes (every row costs) get small trees, passes that
+    cost the same for any rows (streamed weights) large ones."""
+    for slope, small in ((0.01, True), (0.0, False)):
+        spec = Speculator(LookupDrafter(), tree=True)
+        sizes = []
+        for _ in range(10):
+            ask = spec._ask("a", [1, 2, 3] * 10, GREEDY, 50, 1)
+            sizes.append(sum(ask.widths))
+            spec.passed(sizes[-1] + 1, 0.01 + slope * (sizes[-1] + 1))
+        assert sizes[:2] == [16, 64]  # exploring
+        assert (max(sizes[3:]) <= 8) if small else (min(sizes[3:]) >= 32), sizes

@@ -124,6 +124,14 @@ class _LinearFit:
         c1 = max(0.0, (w * sxy - sx * sy) / var) if var > 1e-9 * max(1.0, w * sxx) else 0.0
         return max(0.0, (sy - c1 * sx) / w), c1
 
+    def varied(self, cv: float = 0.3) -> bool:
+        """Whether the recent x spread enough (coefficient of variation >= ``cv``) for c1 to
+        mean something: passes of one size say nothing about how cost grows with size."""
+        w, sx, _, sxx, _ = self.s
+        if w < 2 or sx <= 0:
+            return False
+        return max(0.0, w * sxx - sx * sx) ** 0.5 >= cv * sx
+
 
 class AdaptiveK:
     """Chooses draft lengths: per sequence the running acceptance rate ``a`` (an exponential
@@ -242,6 +250,7 @@ class Speculator:
         self.drafter, self.k, self.tree = drafter, k, tree
         self.policy = policy or AdaptiveK()
         self.trees: dict[str, TreePolicy] = {}
+        self._explore = 0  # steps whose tree size was set to learn the pass-cost slope
         self.stats = SpecStats(drafter=drafter.name + (" tree" if tree else ""))
 
     def _ask(self, rid: str, tokens, params, room: int, batch: int) -> DraftRequest | None:
@@ -251,7 +260,11 @@ class Speculator:
             return DraftRequest(tokens, k, params) if k > 0 else None
         pol = self.trees.setdefault(rid, TreePolicy())
         cost = self.policy.target.coef() or (1.0, 0.0)
-        widths = pol.shape(cost, self.policy.draft_s, batch, room)
+        limit = None
+        if not self.policy.target.varied():  # learn how a pass's cost grows: vary the size
+            self._explore += 1
+            limit = (4, 16, 64)[self._explore % 3]
+        widths = pol.shape(cost, self.policy.draft_s, batch, room, limit)
         if not widths:  # not worth it now: probe one draft now and then, as AdaptiveK does
             idle = self.policy.idle[rid] = self.policy.idle.get(rid, 0) + 1
             widths = [1] if idle % self.policy.probe == 0 and room > 0 else []

@@ -286,13 +286,20 @@ class TreePolicy:
         return out
 
     def shape(
-        self, cost: tuple[float, float], draft_s: float, batch: int = 1, room: int | None = None
+        self,
+        cost: tuple[float, float],
+        draft_s: float,
+        batch: int = 1,
+        room: int | None = None,
+        max_nodes: int | None = None,
     ) -> list[int]:
-        """Children per chain depth of the best tree (empty: do not draft)."""
+        """Children per chain depth of the best tree of at most ``max_nodes`` nodes (default
+        ``self.max_nodes``) and ``room`` deep (empty: do not draft)."""
         c0, c1 = cost
         if room is not None and room < 1:
             return []
-        nodes = self.gains(self.max_nodes, room)  # room: most tokens worth drafting (depth)
+        limit = self.max_nodes if max_nodes is None else min(self.max_nodes, max_nodes)
+        nodes = self.gains(limit, room)  # room: most tokens worth drafting (depth)
         best_n, best, expect, depth = 0, 1.0 / (c0 / batch + c1), 1.0, 0
         for n, (g, d, _) in enumerate(nodes, start=1):
             expect += g
