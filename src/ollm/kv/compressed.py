@@ -159,16 +159,16 @@ class CompressedKVCache:
                 o, s = blocked_attention_lse(q, kb, vb, mask, scale, None, c0)
             out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
         if t == 1 and plain:  # one query: every exact key is visible, nothing partly encoded
-            parts = [(None, ek[:, :, a - e0 :], ev[:, :, a - e0 :], None)]
+            parts = [(ek[:, :, a - e0 :], ev[:, :, a - e0 :], None)]
         else:
             enc_mask, exact_mask = self._masks(start, end, a, e1, mask.key_keep, q.device)
-            parts = [(None, ek[:, :, a - e0 :], ev[:, :, a - e0 :], exact_mask)]
+            parts = [(ek[:, :, a - e0 :], ev[:, :, a - e0 :], exact_mask)]
             if e1 > a:
                 kb, vb = self.workspace.decoded((b, h, e1 - a, d), self.dtype, q.device)
                 src.read(a, e1, kb, vb)
-                parts.append((None, kb, vb, enc_mask))
+                parts.append((kb, vb, enc_mask))
         shifted = AttentionMask(start - a, t, end - a)  # keys [a, end) as slots [0, end - a)
-        for _, kp, vp, m in parts:
+        for kp, vp, m in parts:
             if kp.shape[2] == 0:  # recent 0: a whole block just encoded leaves no exact key
                 continue
             if m is None:
