@@ -29,9 +29,9 @@ import torch
 
 from ollm import LLM
 from ollm.bench.run import parse_contexts
+from ollm.corpus import load_text
 from ollm.engine.routing_calibration import plan_routing
 from ollm.eval.passkey import _NAMES, build_prompt
-from ollm.eval.text import load_text
 from ollm.kv.routed import attach_routers
 from ollm.telemetry.stats import IOStats
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, make_hf_model
+from ollm.corpus import stdlib_text
 from ollm.errors import OllmError
 from ollm.eval import ab, evaluate, parse_options
 from ollm.eval.ab import order, paired_bootstrap, t_quantile
 from ollm.eval.passkey import build_prompt
-from ollm.eval.text import stdlib_text
 
 
 @pytest.fixture(scope="module")

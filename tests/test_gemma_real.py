@@ -121,8 +121,8 @@ def test_eval_harness_perplexity_equals_transformers(gemma, reference):
     itself has KL 0 and top-1 agreement 1."""
     import math
 
+    from ollm.corpus import stdlib_text
     from ollm.eval.quality import compare
-    from ollm.eval.text import stdlib_text
 
     ids = gemma.tokenizer(stdlib_text(8000))["input_ids"][:512]
     row = compare(gemma, gemma, ids)

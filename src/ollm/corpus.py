@@ -1,5 +1,7 @@
-"""Real text for quality measurements that every Python install carries: the standard library's
-own documentation (module, class and function docstrings), in a fixed order, or a user's file."""
+"""Real text that every Python install carries: the standard library's own documentation
+(module, class and function docstrings), in a fixed order, or a user's file. Read by the quality
+harness (``ollm.eval``) and by attention-routing calibration (``engine/routing_calibration.py``),
+so it sits below both."""
 
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def calibrate(
     library's docs, or the file ``text``), and each head's choice: the cheapest candidate within
     ``threshold``, else full. Deterministic (fixed text, no sampling). ``ids``: token ids to
     run instead of text (a model without a tokenizer)."""
-    from ollm.eval.text import load_text
+    from ollm.corpus import load_text
 
     if tokens <= window + sinks:
         raise OllmError(f"calibration needs more than window + sinks = {window + sinks} tokens")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ollm.corpus import load_text
 from ollm.errors import OllmError
 from ollm.eval.ab import METRICS, ABReport, order, summarize
 from ollm.eval.options import exact_options, parse_options
 from ollm.eval.passkey import PasskeyRow, run_passkey
 from ollm.eval.quality import QualityRow, compare
-from ollm.eval.text import load_text
 
 __all__ = ["evaluate", "ab", "EvalReport", "ABReport", "parse_options"]
 
