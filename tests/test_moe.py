@@ -160,6 +160,7 @@ def test_layers_split_between_ram_and_disk(family, hf_models, tmp_path):
     pass, whole MoE layers at a time; a 150-token prompt in chunks of 64 rows."""
     model, path = hf_models(family)
     kw = dict(device="cpu", prefill_chunk=64, cache_dir=tmp_path, progress=False)
+    kw["moe_offload"] = "layer"  # whole layers (experts one by one: tests/test_moe_experts.py)
     with LLM(path, **kw) as probe:
         r, layer = probe.plan.reserved, probe.plan.layer_bytes
         budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer
@@ -178,6 +179,7 @@ def test_gpu_streams_moe_layers_from_ram_and_disk(family, hf_models, tmp_path):
     model = model.to("cuda")
     try:
         kw = dict(device="cuda", dtype="float32", hybrid="off", cache_dir=tmp_path, progress=False)
+        kw["moe_offload"] = "layer"  # whole layers stream (experts one by one: scripts/gpu/moe.py)
         with LLM(path, **kw) as probe:
             r, layer = probe.plan.reserved, probe.plan.layer_bytes
             budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer

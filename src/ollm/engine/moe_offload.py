@@ -3,7 +3,9 @@ and the prefetcher that streams the dense parts with an expert cache beside it.
 
 ``moe_offload="auto"`` places experts one by one when the model is a mixture of experts, its
 store holds per-expert ranges, and whole layers would not all stay resident (something would
-stream); ``"expert"`` always does, ``"layer"`` never (whole layers stream, the baseline).
+stream), unless ``offload="disk"`` asks for whole layers read from the store on every pass;
+``"expert"`` always does (with ``offload="disk"``: every expert on disk, read on a miss),
+``"layer"`` never (whole layers stream, the baseline).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
             log.warning("this store has no per-expert ranges (converted before them); whole "
                         "layers stream")  # fmt: skip
         return None
+    if cfg.moe_offload == "auto" and cfg.offload == "disk":
+        return None  # offload="disk" asks for upstream oLLM's way: whole layers from the store
     if cfg.moe_offload == "auto" and cfg.expert_slots is None:
         try:
             plan = whole()

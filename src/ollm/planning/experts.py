@@ -140,6 +140,7 @@ def plan_experts(
     plan = plan_dense(dense, sub if on_gpu else gpu_memory, sub if not on_gpu else cpu_memory)
     spare = None if budget is None else budget - plan.peak_device_bytes - reserve
     fits = spare is None or spare + least * slot >= total * slot
+    fits = fits and offload != "disk"  # "disk": every expert read from the store on a miss
     if fits and slots is None:
         cache, ram = 0, (0,) * len(layers)
     else:
@@ -181,6 +182,8 @@ def _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, 
                 f"offload='cpu' needs {format_size(n * n_exp * slot)} of pinned RAM for the "
                 f"experts, cpu_memory leaves {format_size(room)}; use offload='auto' or 'disk'"
             )
+    elif offload == "disk":
+        return (0,) * n
     else:
         room = None if spare is None else max(0, spare)
     if room is None:
