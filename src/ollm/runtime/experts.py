@@ -97,6 +97,12 @@ class _Lfu:
                 del self.buckets[n]
 
     def victim(self, pinned: set[Key]) -> Key | None:
+        if not self.buckets:
+            return None
+        least = self.buckets[min(self.buckets)]  # usually holds an unpinned key: no sort
+        k = next((k for k in least if k not in pinned), None)
+        if k is not None:
+            return k
         for n in sorted(self.buckets):
             for k in self.buckets[n]:
                 if k not in pinned:
