@@ -103,6 +103,8 @@ def bench(
     cache_dir: CacheDirOpt = None,
     attention: common.AttentionOpt = None,
     speculate: SpeculateOpt = None,
+    moe_offload: common.MoeOffloadOpt = None,
+    expert_cache: common.ExpertCacheOpt = None,
 ) -> None:
     """Time prefill and decode per context next to this machine's floors (bandwidth measured now)."""
     with common.cli_errors():
@@ -123,6 +125,8 @@ def bench(
             cache_dir=cache_dir,
             attention=attention,
             speculate=speculate,  # results then carry acceptance and tokens per target pass
+            moe_offload=moe_offload,
+            expert_cache=expert_cache,
         )
         llm_kwargs = {k: v for k, v in options.items() if v is not None}
         if batch is not None:

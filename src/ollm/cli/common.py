@@ -319,6 +319,21 @@ KvRecentOpt = Annotated[
     int | None,
     typer.Option("--kv-recent", help="Newest tokens a compressed KV cache keeps exact (128)."),
 ]
+MoeOffloadOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--moe-offload",
+        help="Mixture of experts: auto (experts placed and cached one by one when layers would "
+        "stream), expert, or layer (whole layers stream).",
+        show_default=False,
+    ),
+]
+ExpertCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--expert-cache", help="The GPU expert cache's policy: lru or lfu.", show_default=False
+    ),
+]
 AttentionOpt = Annotated[
     str | None,
     typer.Option(

@@ -103,6 +103,8 @@ def run(
     cache_dir: CacheDirOpt = None,
     speculate: SpeculateOpt = None,
     attention: common.AttentionOpt = None,
+    moe_offload: common.MoeOffloadOpt = None,
+    expert_cache: common.ExpertCacheOpt = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
     with common.cli_errors():
@@ -134,6 +136,8 @@ def run(
             cache_dir=cache_dir,
             speculate=speculate,
             attention=attention,
+            moe_offload=moe_offload,
+            expert_cache=expert_cache,
         )
         with llm:
             _generate(llm, text, params, raw=raw, json_out=json_out)

@@ -82,6 +82,8 @@ def info(
     threads: ThreadsOpt = common.physical_cores(),
     json_out: JsonOpt = False,
     cache_dir: CacheDirOpt = None,
+    moe_offload: common.MoeOffloadOpt = None,
+    expert_cache: common.ExpertCacheOpt = None,
 ) -> None:
     """Show the model's architecture, sizes and placement plan under the given budgets."""
     with common.cli_errors():
@@ -96,6 +98,8 @@ def info(
             kv_cache=kv_cache,
             hybrid=hybrid,
             cache_dir=cache_dir,
+            moe_offload=moe_offload,
+            expert_cache=expert_cache,
         )
         with llm:
             data = llm.info()
