@@ -450,3 +450,22 @@ def test_qwen3moe_gguf_experts_map_and_run(tmp_path):
         assert llm.plan.experts.cache_slots == 2
         res = llm.generate(PROMPT, SamplingParams(max_new_tokens=8, temperature=0))
         assert res.token_ids == hf_greedy(model, PROMPT, 8)
+
+
+def test_long_ranges_are_read_in_chunks(converted, monkeypatch):
+    """A layer's experts read as one range in small chunks on several threads equal the same
+    experts read one by one."""
+    import ollm.storage.experts as storage_experts
+
+    _, _, llm = converted("mixtral")
+    st = StoreExperts(llm.store)
+    r = st.regions[0]
+    one = [torch.empty(r.sizes[e], dtype=torch.uint8) for e in range(r.num_experts)]
+    for e, buf in enumerate(one):
+        st.read_range(0, e, e + 1, buf)
+    monkeypatch.setattr(storage_experts, "READ_CHUNK", 12288)  # 3 pages: many chunks
+    whole = torch.empty(st.range_bytes(0, 0, r.num_experts), dtype=torch.uint8)
+    StoreExperts(llm.store).read_range(0, 0, r.num_experts, whole)  # verifies every CRC
+    for e, buf in enumerate(one):
+        a = r.offsets[e] - r.offsets[0]
+        assert torch.equal(whole[a : a + r.sizes[e]], buf)

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import torch
 
 from ollm.errors import CorruptStoreError, WeightReadError
-from ollm.storage.store import DTYPES, FileEntry, LayerStore, TensorEntry, align_up, layer_file
+from ollm.storage.store import (
+    DTYPES,
+    READ_CHUNK,
+    FileEntry,
+    LayerStore,
+    TensorEntry,
+    align_up,
+    layer_file,
+)
 
 EXPERT_RE = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<short>.+)$")
 FUSED_RE = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<short>gate_up_proj|down_proj)(?P<b>_bias)?$")
@@ -200,15 +208,15 @@ class StoreExperts:
         except OSError as exc:
             raise WeightReadError(f"cannot open {path}: {exc}") from exc
         try:
-            done = 0
-            while done < b - a:
-                try:
-                    got = os.preadv(fd, [mv[done:]], a + done)
-                except OSError as exc:
-                    raise WeightReadError(f"read error in {path}: {exc}") from exc
-                if got == 0:
-                    raise WeightReadError(f"short read in {path}: file ended at {a + done}")
-                done += got
+            # a long range (a layer's RAM experts at load) in chunks on the store's readers
+            chunks = [(o, min(READ_CHUNK, b - a - o)) for o in range(0, b - a, READ_CHUNK)]
+            if len(chunks) == 1:
+                _pread_at(fd, mv, 0, b - a, a, path)
+            else:
+                pool = self.store._get_pool()
+                jobs = [pool.submit(_pread_at, fd, mv, o, n, a, path) for o, n in chunks]
+                for job in jobs:
+                    job.result()
         finally:
             os.close(fd)
         if self.verify:
@@ -237,6 +245,19 @@ class StoreExperts:
         for t in self.tensors[i][e]:
             out[t.short] = buf[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape)
         return out
+
+
+def _pread_at(fd: int, mv: memoryview, o: int, n: int, base: int, path) -> None:
+    """``mv[o : o + n]`` from the file at ``base + o`` (a range's chunk)."""
+    done = 0
+    while done < n:
+        try:
+            got = os.preadv(fd, [mv[o + done : o + n]], base + o + done)
+        except OSError as exc:
+            raise WeightReadError(f"read error in {path}: {exc}") from exc
+        if got == 0:
+            raise WeightReadError(f"short read in {path}: file ended at {base + o + done}")
+        done += got
 
 
 class _DenseView(LayerStore):
