@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -202,6 +203,8 @@ def plan_routing(
         if not isinstance(choice, list) or len(choice) != spec.num_layers:
             path = calibration_path(store_path)
             raise OllmError(f"{path} does not match this model; run ollm calibrate again")
+        if (s.window, s.sinks) == (DEFAULT_WINDOW, DEFAULT_SINKS):  # not given: as calibrated
+            s = replace(s, window=cal.get("window", s.window), sinks=cal.get("sinks", s.sinks))
     out: list[LayerRouting | None] = []
     for i, layer in enumerate(spec.layers):
         if layer.window is not None:
@@ -213,18 +216,23 @@ def plan_routing(
         elif s.mode == "topk":
             heads = (TOPK,) * kvh
         else:
-            heads, pages = _auto_heads(choice[i] or [FULL] * kvh, s.pages)
+            # the calibration's page budgets in its own page size, kept as token budgets
+            scale = cal.get("page_tokens", page_tokens) / page_tokens
+            heads, pages = _auto_heads(choice[i] or [FULL] * kvh, s.pages, scale)
         out.append(LayerRouting(heads, s.window, s.sinks, pages, page_tokens, prefill))
     return out
 
 
-def _auto_heads(row: list[str], pages: int | None) -> tuple[tuple[str, ...], int]:
+def _auto_heads(
+    row: list[str], pages: int | None, scale: float = 1.0
+) -> tuple[tuple[str, ...], int]:
     """Per-head mechanisms from a calibration row ("window", "topk:K" or "full") and the
-    layer's page budget (the largest K; ``pages`` given with auto overrides it)."""
+    layer's page budget (the largest K, times ``scale`` pages of this run per calibration
+    page; ``pages`` given with auto overrides it)."""
     heads, ks = [], [pages or 0]
     for c in row:
         kind, _, k = c.partition(":")
         heads.append(kind if kind in (FULL, WINDOW, TOPK) else FULL)
         if kind == TOPK and not pages:
-            ks.append(int(k))
+            ks.append(max(1, round(int(k) * scale)))
     return tuple(heads), max(ks) or DEFAULT_PAGES
