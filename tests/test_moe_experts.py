@@ -241,17 +241,18 @@ def _stand_in(llm, path, plan, rates=None):
 _REFS: dict[int, tuple[list[int], torch.Tensor]] = {}
 
 
-def _check(llm, model, new: int = 10):
+def _check(llm, model, new: int = 8, score: bool = True):
     """Greedy tokens equal transformers'; log-probs of the sequence within 1e-4 (the reference
-    computed once per model)."""
+    computed once per model; ``score=False``: tokens only)."""
     if id(model) not in _REFS:
         tokens = hf_greedy(model, PROMPT, new)
         _REFS[id(model)] = tokens, hf_logprobs(model, PROMPT + tokens)
     tokens, ref = _REFS[id(model)]
     res = llm.generate(PROMPT, SamplingParams(max_new_tokens=new, temperature=0))
     assert res.token_ids == tokens
-    seq = PROMPT + res.token_ids
-    torch.testing.assert_close(llm.score(seq).cpu(), ref, atol=1e-4, rtol=1e-4)
+    if score:
+        seq = PROMPT + res.token_ids
+        torch.testing.assert_close(llm.score(seq).cpu(), ref, atol=1e-4, rtol=1e-4)
     return res
 
 
@@ -262,7 +263,8 @@ def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(
     """Experts all resident; the CPU device with a RAM budget: dense parts resident, part of the
     experts in RAM (computed in place), the rest on disk read through two slots; then a stand-in
     accelerator whose experts (RAM and disk) all pass through two slots, and the same with RAM
-    misses computed by the CPU. Greedy tokens equal transformers', log-probs within 1e-4."""
+    misses computed by the CPU. Greedy tokens equal transformers', log-probs within 1e-4 (tokens
+    only for the resident and CPU runs, whose arithmetic other tests pin down)."""
     model, path, base = converted(family)
     kw = dict(device="cpu", cache_dir=base.config.cache_dir, progress=False, prefill_chunk=32)
     kw["moe_offload"] = "expert"
@@ -270,7 +272,7 @@ def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(
     with LLM(path, cpu_memory=400 << 20, **kw) as probe:  # activations sized as under budget
         rest = probe.plan.peak_device_bytes - probe.plan.reserved["experts"]
         assert probe.plan.experts.resident  # every expert fits: resident, no cache
-        _check(probe, model)
+        _check(probe, model, score=False)
     n_exp = len(st.regions) * st.num_experts(next(iter(st.regions)))
     budget = rest + 2 * st.expert_bytes + (n_exp // 2) * st.expert_bytes
     with LLM(path, cpu_memory=budget, **kw) as llm:
@@ -292,7 +294,7 @@ def test_experts_in_ram_and_on_disk_through_two_slots_match_transformers(
             assert plan.experts.cache_slots == 2 and plan.experts.tier_counts()["disk"]
             _stand_in(llm, llm.store_path, plan)
             before = llm.stats.snapshot()
-            _check(llm, model)
+            _check(llm, model, score=cpu_mode == "off")  # "on": bit-equal, tested below
             ran_cpu = llm.stats.expert_cpu - before["expert_cpu"]
             assert (ran_cpu > 0) == (cpu_mode == "on")
             copied = llm.stats.bytes_h2d - before["bytes_h2d"]
