@@ -471,3 +471,26 @@ def test_long_ranges_are_read_in_chunks(converted, monkeypatch):
     for e, buf in enumerate(one):
         a = r.offsets[e] - r.offsets[0]
         assert torch.equal(whole[a : a + r.sizes[e]], buf)
+
+
+def test_expert_floor_counts_the_misses_of_a_cache_that_size():
+    """Decode floor of experts one by one: top_k experts per sparse layer per token, missing a
+    cache of that size at best with probability 1 - slots / experts, over host->GPU (with the
+    CPU reading its share of RAM misses at the RAM rate in parallel); prefill: every uncached
+    expert once."""
+    from types import SimpleNamespace
+
+    from ollm.bench.floors import _experts_s
+
+    spec = SimpleNamespace(moe=SimpleNamespace(top_k=8))
+    e = ExpertPlan("cuda:0", tuple(range(48)), 128, 9 << 20, False, (128,) * 48, 384, 8192)
+    probes = {"h2d_pinned_GBps": 50, "disk_warm_GBps": 5}
+    miss = 1 - 384 / (128 * 48)
+    off = replace(e, cpu_compute="off")
+    assert _experts_s(spec, off, probes, 100e9, 1) == pytest.approx(
+        48 * 8 * miss * (9 << 20) / 50e9
+    )
+    assert _experts_s(spec, e, probes, 100e9, 1) == pytest.approx(48 * 8 * miss * (9 << 20) / 150e9)
+    assert _experts_s(spec, e, probes, 100e9, None) == pytest.approx(
+        128 * 48 * miss * (9 << 20) / 50e9
+    )

@@ -16,6 +16,9 @@ engine overlaps them):
   (device-memory copy traffic rate on a GPU; on the CPU the faster of the RAM read and copy
   probes: weights in RAM or the page cache are read at least once per prefill and per step).
 * ``cpu_path_s`` (hybrid decode only): the layers the CPU computes, read at the RAM rate.
+* ``experts_s`` (experts placed one by one, not resident): the experts a token misses in a cache
+  of that size at best under uniform routing (every uncached expert once in prefill) crossing
+  host->GPU, the CPU reading its share at the RAM rate where it may compute RAM misses.
 * ``kv_s`` (KV cache off the device only): in decode, the host part of the KV of layers whose
   cache sits in pinned RAM and is not fetched is read by the CPU at the RAM rate, on disk at the
   disk rate; in prefill, the prompt's KV of those layers moves there (PCIe at the pinned rate for
@@ -153,6 +156,23 @@ def _kv_s(spec, store, parts, tokens: int, plan=None, fmt=None) -> float | None:
     )
 
 
+def _experts_s(spec, e, probes, ram_rate: float | None, batch: int | None) -> float | None:
+    """Experts one by one (``plan.experts``, not resident): in decode (``batch`` tokens) each
+    token's ``top_k`` experts per sparse layer miss a cache of ``cache_slots`` at best with
+    probability 1 - slots / experts under uniform routing; in prefill (``batch`` None) every
+    expert not cached crosses once. Those bytes cross host->GPU (disk experts at min(h2d, disk));
+    where the CPU may compute RAM misses it reads its share at the RAM rate at the same time."""
+    h2d, disk = _rate(probes, "h2d_pinned_GBps"), _rate(probes, "disk_warm_GBps")
+    if not h2d:
+        return None
+    miss = max(0.0, 1 - e.cache_slots / e.total)
+    n = e.total * miss if batch is None else len(e.layers) * spec.moe.top_k * batch * miss
+    on_disk = e.tier_counts()[Tier.DISK] / e.total
+    link = 1 / ((1 - on_disk) / h2d + on_disk / min(h2d, disk or h2d))  # bytes/s, harmonic
+    cpu = ram_rate if (e.cpu_compute != "off" and ram_rate and batch is not None) else 0.0
+    return n * e.expert_bytes / (link + cpu * (1 - on_disk))
+
+
 def compute_floors(
     spec,
     store,
@@ -197,6 +217,10 @@ def compute_floors(
     if kv_ram or kv_disk:  # the prompt's host-part KV: to RAM over PCIe, to disk at its rate
         parts = [(kv_ram, h2d), (kv_disk, disk)]
         prefill_terms["kv_s"] = _kv_s(spec, store, parts, context, plan, kv_format)
+    experts = getattr(plan, "experts", None)  # experts one by one: the misses cross too
+    experts = experts if experts is not None and not experts.resident else None
+    if experts is not None:
+        prefill_terms["experts_s"] = _experts_s(spec, experts, probes, ram_rate, None)
     prefill = _phase(prefill_terms)
     prefill["io_cold_s"] = _io_seconds(plan, store, streamed_prefill, probes, cold=True)
 
@@ -211,6 +235,8 @@ def compute_floors(
         "compute_s": _compute_s(spec, flops_rate, 1, context + 1, False, batch),
         "memory_s": _memory_s(store, n, cpu_layers, mem_rate),
     }
+    if experts is not None:
+        decode_terms["experts_s"] = _experts_s(spec, experts, probes, ram_rate, batch)
     if cpu_layers:
         cpu_bytes = sum(store.layer_nbytes(i) for i in cpu_layers)
         decode_terms["cpu_path_s"] = cpu_bytes / ram_rate if ram_rate else None
