@@ -29,8 +29,9 @@ from ollm.engine.drafting import Draft
 from ollm.engine.generate import SequenceOutput, _delta, _fill_io
 from ollm.engine.kvpools import (
     DEVICE_TIER,
+    batch_supported,
     build_pools,
-    layer_homes,
+    kv_groups,
     planned_blocks,
     workload_blocks,
 )
@@ -43,36 +44,12 @@ from ollm.engine.tree import compact_path
 from ollm.errors import RequestError
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
-from ollm.planning.accounting import PAGE_TOKENS, kv_group
+from ollm.planning.accounting import PAGE_TOKENS
 from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
-from ollm.tiers import Home
 
 log = logging.getLogger(__name__)
-BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (weights.accounting says why 16)
-
-
-def batch_supported(runner: Runner) -> bool:
-    """Whether the batch engine can page the plan's KV: the layers that keep KV on the device
-    keep it on one device (those in pinned RAM or on disk, hybrid CPU layers included, get
-    pools in their tier)."""
-    homes = layer_homes(runner.plan)
-    devices = {
-        p.kv_device for p, h in zip(runner.plan.layers, homes, strict=True) if h == Home.DEVICE
-    }
-    return len(devices) <= 1
-
-
-def kv_groups(runner: Runner) -> list[tuple[str, int]]:
-    """(group, index in the group) per layer: one group of every full-attention layer and one
-    per sliding window, since a block id names the same slot in every layer of a group."""
-    counts: dict[str, int] = {}
-    out = []
-    for layer in runner.spec.layers:
-        g = kv_group(layer.window)
-        out.append((g, counts.get(g, 0)))
-        counts[g] = counts.get(g, 0) + 1
-    return out
+BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (planning.accounting says why 16)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from ollm.errors import OllmError
 from ollm.kv.blocks import BlockManager, BlockMove
 from ollm.kv.disk import KVDirectory
 from ollm.kv.paged import PagedKVStore
+from ollm.planning.accounting import kv_group
 from ollm.sizes import format_size
 from ollm.tiers import Home
 
@@ -40,6 +41,29 @@ HOMES = tuple(Home)
 def layer_homes(plan, all_disk: bool = False) -> list[Home]:
     """Where each layer's KV pool lives: on disk, in (pinned) RAM or on the device."""
     return [Home.DISK if all_disk else Home.of(p.kv_tier) for p in plan.layers]
+
+
+def batch_supported(runner) -> bool:
+    """Whether the batch engine can page the plan's KV: the layers that keep KV on the device
+    keep it on one device (those in pinned RAM or on disk, hybrid CPU layers included, get
+    pools in their tier)."""
+    homes = layer_homes(runner.plan)
+    devices = {
+        p.kv_device for p, h in zip(runner.plan.layers, homes, strict=True) if h == Home.DEVICE
+    }
+    return len(devices) <= 1
+
+
+def kv_groups(runner) -> list[tuple[str, int]]:
+    """(group, index in the group) per layer: one group of every full-attention layer and one
+    per sliding window, since a block id names the same slot in every layer of a group."""
+    counts: dict[str, int] = {}
+    out = []
+    for layer in runner.spec.layers:
+        g = kv_group(layer.window)
+        out.append((g, counts.get(g, 0)))
+        counts[g] = counts.get(g, 0) + 1
+    return out
 
 
 @dataclass
