@@ -1,7 +1,10 @@
 """Device check and benchmark of the mixture-of-experts families (issue 19), on the device machine:
 
-    PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT [--quick]
+    PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT [--quick] [--gpt-oss] [--bf16]
     (or scripts/gpu_check.py --checks moe; ``run(out, quick) -> dict``)
+
+About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40 s, six runs
+~1 min, llama.cpp ~1 min when carried); ``--quick`` about 2; ``--gpt-oss`` +1, ``--bf16`` +1.
 
 1. Correctness (tiny random configs of tests/conftest.py, float32 on CUDA): ``qwen3_moe``,
    ``mixtral``, ``gpt_oss`` with whole layers streamed from pinned RAM and from disk, and with
@@ -15,14 +18,15 @@
    the full model needs them per layer, and an expert cache holding the same fraction of the
    experts as 8 GiB leaves the full model (``cache_fraction``). Per run: prefill of an 8k
    prompt (2k quick), decode tok/s, expert-cache hit rate, bytes copied host->GPU per decode
-   token, and the projection to 48 layers (decode time per layer x 48). Runs: LRU and LFU under
+   token, and the projection to the whole model (decode time per layer x 48). Runs: LRU and LFU under
    the random router (uniform routing) and under a Zipf-skewed routing injected as a router
    bias (-a log rank, ``ZIPF``; bench only: added to the resident router weights), CPU compute
    of RAM misses by the cost model vs off, and the whole-layer streaming baseline (every layer
-   streamed from pinned RAM) in the same process. ``floor_s_per_token``: uncached experts a
-   token needs under uniform routing with a cache of that size (1 - slots/experts of top_k per
-   layer) x expert bytes over the measured pinned host->GPU rate; the baseline's floor: the
-   streamed layers' bytes over the same rate.
+   streamed from pinned RAM) in the same process. ``floor_s_per_token`` (copies only): the
+   experts a token misses under uniform routing in a cache of that size at best (1 - slots /
+   experts of top_k per layer) x expert bytes over the measured pinned host->GPU rate (CPU
+   compute of RAM misses can beat it; ``ollm bench``'s ``experts_s`` counts that share); the
+   baseline's floor: the streamed layers' bytes over the same rate.
    ``--gpt-oss``: the same for gpt-oss-20b shapes (32 experts of 2880, 4 of its 24 layers;
    LRU, CPU compute off, the baseline).
 3. llama.cpp with its experts on the CPU (``-ngl 99 -ot exps=CPU``) on an F16 GGUF of the same
