@@ -34,7 +34,7 @@ def test_dequantize_matches_transformers():
 
 def test_mxfp4_checkpoint_runs_like_transformers(tmp_path):
     """gpt-oss experts stored as ``*_blocks`` / ``*_scales`` with ``quant_method: mxfp4``: the
-    store holds them dequantized under transformers' names, its config is not quantized, and
+    store holds them dequantized (split per expert), its config is not quantized, and
     greedy tokens and log-probs equal transformers' model with the dequantized weights."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -62,7 +62,11 @@ def test_mxfp4_checkpoint_runs_like_transformers(tmp_path):
     with LLM(hf, device="cpu", offload="disk", cache_dir=tmp_path / "c", progress=False) as llm:
         assert getattr(llm.store.hf_config(), "quantization_config", None) is None
         stored = llm.store.files["layers/layer_0000.bin"].tensors
-        assert stored["mlp.experts.gate_up_proj"].shape == (e, h, 2 * inter)
+        # split per expert by the converter (each expert one range of the layer file)
+        assert "mlp.experts.gate_up_proj" not in stored
+        assert all(
+            stored[f"mlp.experts.{x}.gate_up_proj"].shape == (h, 2 * inter) for x in range(e)
+        )
         res = llm.generate(prompt, SamplingParams(max_new_tokens=16, temperature=0))
         seq = prompt + res.token_ids
         ours = llm.score(seq)
