@@ -33,6 +33,7 @@ from ollm.tiers import KvTier
 # Slots decoded per chunk: CPU chunks stay in cache; GPU chunks are few large kernels.
 CPU_CHUNK = 2048
 GPU_CHUNK = 16384
+MASK_ROWS = 2048  # query rows per mask of the partly encoded and exact parts
 
 
 class CodecWorkspace:
@@ -144,43 +145,70 @@ class CompressedKVCache:
         e0, e1, start, end = span
         t = end - start
         a = self.codec.boundary(start + 1)  # encoded for every row of this forward
-        plain = mask.key_keep is None
         src = self._source(q.device, e1)
+        out, lse = self._attend_encoded(q, src, a, mask, scale)
+        if t == 1 and mask.key_keep is None:  # one query sees every exact key, no partial part
+            if end > a:
+                o, s = attend_lse(q, ek[:, :, a - e0 :], ev[:, :, a - e0 :], scale)
+                out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+            return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+        b, h, _, d = ek.shape
+        kb = vb = None
+        if e1 > a:  # the keys encoded for some rows of this forward only
+            kb, vb = self.workspace.decoded((b, h, e1 - a, d), self.dtype, q.device)
+            src.read(a, e1, kb, vb)
+        outs, lses = [], []
+        for r0 in range(0, t, MASK_ROWS):  # masks of [MASK_ROWS, keys], not [T, keys]
+            r1 = min(t, r0 + MASK_ROWS)
+            o, s = self._attend_rows(q[:, :, r0:r1], ek, ev, kb, vb, span, a, r0, r1, mask, scale)
+            if out is not None:
+                o, s = merge_lse(out[:, :, r0:r1], lse[:, :, r0:r1], o, s)
+            outs.append(o)
+            lses.append(s)
+        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+        return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+
+    def _attend_encoded(self, q, src: CodeStore, a: int, mask: AttentionMask, scale: float):
+        """(out, lse) of q over the encoded slots [0, a) every row sees, decoded chunk by
+        chunk; (None, None) when there are none."""
         out = lse = None
         chunk = CPU_CHUNK if q.device.type == "cpu" else GPU_CHUNK
-        b, h, _, d = ek.shape
+        b, h, d = q.shape[0], self.tail_k.shape[1], q.shape[3]
         for c0 in range(0, a, chunk):
             c1 = min(a, c0 + chunk)
             kb, vb = self.workspace.decoded((b, h, c1 - c0, d), self.dtype, q.device)
             src.read(c0, c1, kb, vb)
-            if plain:
+            if mask.key_keep is None:
                 o, s = attend_lse(q, kb, vb, scale)
             else:
                 o, s = blocked_attention_lse(q, kb, vb, mask, scale, None, c0)
             out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
-        if t == 1 and plain:  # one query: every exact key is visible, nothing partly encoded
-            parts = [(ek[:, :, a - e0 :], ev[:, :, a - e0 :], None)]
-        else:
-            enc_mask, exact_mask = self._masks(start, end, a, e1, mask.key_keep, q.device)
-            parts = [(ek[:, :, a - e0 :], ev[:, :, a - e0 :], exact_mask)]
-            if e1 > a:
-                kb, vb = self.workspace.decoded((b, h, e1 - a, d), self.dtype, q.device)
-                src.read(a, e1, kb, vb)
-                parts.append((kb, vb, enc_mask))
-        shifted = AttentionMask(start - a, t, end - a)  # keys [a, end) as slots [0, end - a)
+        return out, lse
+
+    def _attend_rows(self, qr, ek, ev, kb, vb, span, a, r0, r1, mask, scale):
+        """(out, lse) of query rows [r0, r1) of this forward over the keys [a, start + r1)
+        they can see: exact (``ek``/``ev`` hold slots [e0, end)) or encoded (``kb``/``vb``
+        hold slots [a, e1) decoded), chosen per (row, key) by the boundary."""
+        e0, e1, start, _ = span
+        lo, hi = start + r0, start + r1
+        enc_mask, exact_mask = self._masks(lo, hi, a, min(e1, hi), mask.key_keep, qr.device)
+        shifted = AttentionMask(lo - a, r1 - r0, hi - a)  # keys [a, hi) as slots [0, hi - a)
+        parts = [(ek[:, :, a - e0 : hi - e0], ev[:, :, a - e0 : hi - e0], exact_mask)]
+        if kb is not None and min(e1, hi) > a:
+            n = min(e1, hi) - a
+            parts.append((kb[:, :, :n], vb[:, :, :n], enc_mask))
+        out = lse = None
         for kp, vp, m in parts:
             if kp.shape[2] == 0:  # recent 0: a whole block just encoded leaves no exact key
                 continue
-            if m is None:
-                o, s = attend_lse(q, kp, vp, scale)
-            else:
-                o, s = blocked_attention_lse(q, kp, vp, shifted, scale, m)
+            o, s = blocked_attention_lse(qr, kp, vp, shifted, scale, m)
             out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
-        return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+        return out, lse
 
     def _masks(self, start, end, a, e1, keep, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks [B or 1, 1, T, keys] of the partly encoded keys [a, e1) and the exact keys
-        [a, end): a row sees key k encoded iff k < boundary(q + 1)."""
+        """Masks [B or 1, 1, rows, keys] of query slots [start, end) over the partly encoded
+        keys [a, e1) and the exact keys [a, end): a row sees key k encoded iff
+        k < boundary(q + 1)."""
         qpos = torch.arange(start, end, device=device)[:, None]
         kpos = torch.arange(a, end, device=device)[None, :]
         g, r = self.codec.block, self.codec.recent
