@@ -173,6 +173,18 @@ def _experts_s(spec, e, probes, ram_rate: float | None, batch: int | None) -> fl
     return n * e.expert_bytes / (link + cpu * (1 - on_disk))
 
 
+def _kv_layers(spec, plan, on_gpu: bool, kv_format) -> tuple[list[int], list[int], list[int]]:
+    """Layers whose KV decode fetches to the GPU, those whose KV lives in RAM, and on disk."""
+    tiers = [getattr(p, "kv_tier", KvTier.DEVICE) for p in plan.layers]
+    fetched = [i for i, p in enumerate(plan.layers) if on_gpu and getattr(p, "kv_fetch", False)]
+    kv_ram = [i for i, t in enumerate(tiers) if t == KvTier.CPU]
+    if kv_format is not None and on_gpu:  # compressed RAM KV crosses to the GPU encoded
+        gpu_decoded = [i for i in kv_ram if plan.layers[i].decode_device != "cpu"]
+        fetched = sorted(set(fetched) | {i for i in gpu_decoded if not spec.layers[i].window})
+    kv_disk = [i for i, t in enumerate(tiers) if t == KvTier.DISK]
+    return fetched, kv_ram, kv_disk
+
+
 def compute_floors(
     spec,
     store,
@@ -195,13 +207,7 @@ def compute_floors(
     mem_rate = _rate(probes, "gpu_mem_GBps") if on_gpu else ram_rate
     n = spec.num_layers
     cpu_layers = list(plan.cpu_layers)
-    tiers = [getattr(p, "kv_tier", KvTier.DEVICE) for p in plan.layers]
-    fetched = [i for i, p in enumerate(plan.layers) if on_gpu and getattr(p, "kv_fetch", False)]
-    kv_ram = [i for i, t in enumerate(tiers) if t == KvTier.CPU]
-    if kv_format is not None and on_gpu:  # compressed RAM KV crosses to the GPU encoded
-        gpu_decoded = [i for i in kv_ram if plan.layers[i].decode_device != "cpu"]
-        fetched = sorted(set(fetched) | {i for i in gpu_decoded if not spec.layers[i].window})
-    kv_disk = [i for i, t in enumerate(tiers) if t == KvTier.DISK]
+    fetched, kv_ram, kv_disk = _kv_layers(spec, plan, on_gpu, kv_format)
     h2d = _rate(probes, "h2d_pinned_GBps")
     disk = _rate(probes, "disk_warm_GBps")
     context = prompt_tokens  # the decode floor is per token at the prompt's depth
