@@ -250,3 +250,36 @@ def test_device_script_runs_on_the_cpu(tmp_path):
     cap = mod.capacity(store, 160 << 20, 65536, "cuda:0")  # planning only: no GPU needed
     longest = cap["longest_context"]
     assert cap["ram_GiB"] > 0 and 0 < longest["none"] < longest["int8"] < longest["int4"]
+
+
+def test_bench_floors_count_compressed_kv(tiny, tmp_path):
+    """A RAM-homed compressed layer decoded on the GPU crosses the link encoded each step."""
+    from ollm.bench.floors import compute_floors
+    from ollm.kv.codecs import kv_format
+    from ollm.models.registry import STORE_FAMILIES, build_spec
+    from ollm.planning.placement import LayerPlacement, PlacementPlan
+    from ollm.storage.convert import resolve_store
+    from ollm.storage.store import LayerStore
+
+    path = resolve_store(tiny, str(tmp_path), progress=False, families=STORE_FAMILIES)
+    store = LayerStore(path)
+    spec = build_spec(store.hf_config())
+    layers = tuple(
+        LayerPlacement("gpu", "cuda:0", kv_tier="cpu" if i == spec.num_layers - 1 else "device")
+        for i in range(spec.num_layers)
+    )
+    plan = PlacementPlan(
+        device="cuda:0", layers=layers, embed_device="cpu", head_device="cuda:0", ring_slots=2,
+        staging_slots=1, layer_bytes=store.max_layer_nbytes, mlp_chunk_tokens=64, budget=1 << 30,
+    )  # fmt: skip
+    probes = {"h2d_pinned_GBps": 10.0, "ram_GBps": 20.0, "gpu_mem_GBps": 1000.0}
+    elem = store.dtype.itemsize
+    fmt = kv_format("int4", 16, spec.head_dim, elem)
+    exact = compute_floors(spec, store, plan, probes, prompt_tokens=200)
+    packed = compute_floors(spec, store, plan, probes, prompt_tokens=200, kv_format=fmt)
+    assert exact["kv_fetched_layers"] == 0 and "kv_s" in exact["decode"]  # CPU reads RAM KV
+    assert packed["kv_fetched_layers"] == 1 and "kv_s" not in packed["decode"]
+    stored = fmt.layer_bytes(1, spec.num_kv_heads, spec.head_dim, elem, 201)
+    assert packed["kv_fetched_bytes_decode"] == stored
+    assert stored < 2 * spec.num_kv_heads * spec.head_dim * elem * 201 / 2
+    store.close()
