@@ -494,3 +494,18 @@ def test_expert_floor_counts_the_misses_of_a_cache_that_size():
     assert _experts_s(spec, e, probes, 100e9, None) == pytest.approx(
         128 * 48 * miss * (9 << 20) / 50e9
     )
+
+
+def test_batched_requests_through_two_slots_equal_each_alone(converted):
+    """Several prompts in one batch-engine pass (rows of different sequences routed together)
+    through an expert cache of two slots give each prompt's tokens when run alone."""
+    _, path, base = converted("qwen3_moe")
+    kw = dict(device="cpu", cache_dir=base.config.cache_dir, progress=False, max_batch=3)
+    prompts = [[(5 * i + 3 * n) % 256 for i in range(n)] for n in (12, 20, 7)]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    with LLM(path, moe_offload="expert", expert_slots=2, offload="disk", **kw) as llm:
+        e = llm.plan.experts
+        assert e.cache_slots == 2 and e.tier_counts()["disk"] == e.total  # all through the slots
+        alone = [llm.generate(p, params).token_ids for p in prompts]
+        together = [r.token_ids for r in llm.generate(prompts, params)]
+    assert together == alone
