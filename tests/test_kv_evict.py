@@ -43,19 +43,19 @@ def test_parse_eviction():
 
 @pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv"])
 def test_eviction_keeps_sinks_and_window(name):
-    q, k, v = _qkv(400)
+    q, k, v = _qkv(300)
     policy = EvictionPolicy(name, 100, sinks=4, window=32)
-    cache = EvictingKVCache(1, 2, 16, 400, torch.float32, "cpu", policy, forward=128)
-    _feed(cache, q, k, v, [128, 128] + [1] * 144)
-    assert len(cache) == 400 and cache.kept <= cache.budget + cache.slack
+    cache = EvictingKVCache(1, 2, 16, 300, torch.float32, "cpu", policy, forward=128)
+    _feed(cache, q, k, v, [128, 128] + [1] * 44)
+    assert len(cache) == 300 and cache.kept <= cache.budget + cache.slack
     pos = cache.pos[:, :, : cache.kept]
     for head in pos[0]:
         kept = set(head.tolist())
         assert set(range(4)) <= kept  # sinks
-        assert set(range(400 - 32, 400)) <= kept  # the recent window
+        assert set(range(300 - 32, 300)) <= kept  # the recent window
         assert head.tolist() == sorted(kept)  # position order, no duplicates
     if name == "streaming":  # sinks + the most recent: nothing in between survives
-        assert pos[0, 0, 4].item() >= 400 - cache.kept
+        assert pos[0, 0, 4].item() >= 300 - cache.kept
 
 
 def test_h2o_keeps_the_heavy_hitter():
