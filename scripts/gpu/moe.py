@@ -94,7 +94,7 @@ MODES = {  # name -> LLM options (besides the budget)
 def case(tmp: Path, family: str, dtype: torch.dtype, device: str = "cuda") -> list[dict]:
     """One family and dtype in every mode of ``MODES``."""
     from conftest import make_hf_model
-    from ollm import LLM, SamplingParams
+    from ollm import LLM
 
     name = str(dtype).removeprefix("torch.")
     path = tmp / f"{family}-{name}"
@@ -103,35 +103,47 @@ def case(tmp: Path, family: str, dtype: torch.dtype, device: str = "cuda") -> li
     with LLM(path, moe_offload="layer", **kw) as probe:
         r, layer = probe.plan.reserved, probe.plan.layer_bytes
         budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer
-    rows, ref = [], None
+    rows, ref = [], []
     for mode, opts in MODES.items():
         # experts one by one reserve their rows' temporaries beside the dense parts: headroom,
         # while their two slots stay forced (a larger budget does not make them resident)
         extra = 64 << 20 if opts["moe_offload"] == "expert" else 0
         limit = {"gpu_memory" if device != "cpu" else "cpu_memory": budget + extra}
-        with LLM(path, **limit, **opts, **kw) as llm:
-            res = llm.generate(PROMPT, SamplingParams(max_new_tokens=NEW, temperature=0))
-            seq = PROMPT + res.token_ids
-            if ref is None:
-                ref = _hf(model, seq)
-            diff = (llm.score(seq).float().cpu() - ref[1]).abs().max().item()
-            e = llm.plan.experts
-            row = dict(
-                family=family,
-                dtype=name,
-                mode=mode,
-                experts=None if e is None else e.tier_counts() | {"slots": e.cache_slots},
-                expert_hit_rate=res.metrics.expert_hit_rate,
-                expert_cpu=res.metrics.expert_cpu,
-                tokens_equal=res.token_ids == ref[0],
-                max_logprob_diff=diff,
-            )
-        exact = row["tokens_equal"] and diff < 1e-4
-        placed = (row["experts"] is not None) == (opts["moe_offload"] == "expert")
-        row["ok"] = placed and (exact if dtype == torch.float32 else True)
+        head = dict(family=family, dtype=name, mode=mode)
+        try:
+            row = head | _mode_row(path, model, ref, {**limit, **opts, **kw})
+            placed = (row["experts"] is not None) == (opts["moe_offload"] == "expert")
+            exact = row["tokens_equal"] and row["max_logprob_diff"] < 1e-4
+            row["ok"] = placed and (exact if dtype == torch.float32 else True)
+        except Exception:  # noqa: BLE001 - reported; the other modes still run
+            import traceback
+
+            row = head | {"ok": False, "error": traceback.format_exc()[-3000:]}
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def _mode_row(path: Path, model, ref: list, options: dict) -> dict:
+    """One mode's tokens and log-probs vs transformers (``ref``: filled once, then reused)."""
+    from ollm import LLM, SamplingParams
+
+    with LLM(path, **options) as llm:
+        res = llm.generate(PROMPT, SamplingParams(max_new_tokens=NEW, temperature=0))
+        seq = PROMPT + res.token_ids
+        if not ref:
+            ref += _hf(model, seq)
+        lp = llm.score(seq).float().cpu()
+        same = res.token_ids == ref[0]
+        diff = (lp - ref[1]).abs().max().item() if same else float("inf")
+        e = llm.plan.experts
+        return dict(
+            experts=None if e is None else e.tier_counts() | {"slots": e.cache_slots},
+            expert_hit_rate=res.metrics.expert_hit_rate,
+            expert_cpu=res.metrics.expert_cpu,
+            tokens_equal=same,
+            max_logprob_diff=diff,
+        )
 
 
 # -- 2. benchmark -------------------------------------------------------------------------------
@@ -200,7 +212,19 @@ def _zipf_router(llm, a: float) -> None:
         w[f"{spec.moe.prefix}.{spec.moe.router}.bias"] = bias.to(w[spec.moe.router_key].device)
 
 
-def _run(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0, **opts) -> dict:
+def _run(*args, **opts) -> dict:
+    """``_timed`` for one run; an exception is reported in its row (the other runs go on)."""
+    try:
+        return _timed(*args, **opts)
+    except Exception:  # noqa: BLE001
+        import traceback
+
+        row = {"options": {k: str(v) for k, v in opts.items()}, "error": traceback.format_exc()}
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0, **opts) -> dict:
     from ollm import LLM, SamplingParams
 
     t0 = time.perf_counter()
