@@ -255,6 +255,7 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         prefill_tok_s=m.prefill_tokens_per_second,
         decode_tok_s=m.decode_tokens_per_second,
         projected_decode_tok_s_full_model=1 / (step_s * full / layers),
+        projected_prefill_s_full_model=m.prefill_seconds * full / layers,
         expert_hit_rate=m.expert_hit_rate,
         expert_cpu_per_token=m.expert_cpu / decode_steps,
         h2d_bytes_per_decode_token=(copied[1] - copied[0]) / decode_steps,
