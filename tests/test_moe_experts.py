@@ -431,3 +431,37 @@ def test_batched_requests_through_two_slots_equal_each_alone(converted):
         alone = [llm.generate(p, params).token_ids for p in prompts]
         together = [r.token_ids for r in llm.generate(prompts, params)]
     assert together == alone
+
+
+def test_calibrated_frequencies_warm_a_new_cache(converted):
+    """The routing counts of a calibration run start a new cache: LFU counts seeded, its empty
+    slots filled with the most used experts (hits from the first call, the right bytes); and
+    through an LLM (``expert_frequencies`` -> JSON-ready -> ``warm_experts``) the same tokens."""
+    from ollm.engine.moe_offload import expert_frequencies, warm_experts
+
+    _, path, base = converted("qwen3_moe")
+    st, first = _cache(base, slots=4, ram=0, policy="lfu")
+    for used in ([0, 1], [0, 2], [0, 1], [0, 3], [0, 1]):
+        list(first.run(0, used, [1] * 8))
+    freq = dict(first.routed)
+    assert freq[(0, 0)] == 5 and freq[(0, 1)] == 3
+    first.close()
+    _, second = _cache(base, slots=2, ram=0, policy="lfu")
+    assert second.warm(freq) == 2 and set(second.cached()) == {(0, 0), (0, 1)}
+    ref = torch.empty(st.regions[0].sizes[1], dtype=torch.uint8)
+    st.read_range(0, 1, 2, ref)
+    for e, w, _ in second.run(0, [0, 1], [1] * 8):
+        if e == 1:
+            assert all(torch.equal(w[n], t) for n, t in st.views(0, 1, ref).items())
+    assert second.counts["hits"] == 2 and second.policy.uses[(0, 0)] == 6
+    second.close()
+    kw = dict(device="cpu", cache_dir=base.config.cache_dir, progress=False, offload="disk")
+    kw |= dict(moe_offload="expert", expert_slots=2, expert_cache="lfu")
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    with LLM(path, **kw) as llm:
+        tokens = llm.generate(PROMPT, params).token_ids
+        calibration = expert_frequencies(llm)
+    assert calibration and all(":" in k for k in calibration)
+    with LLM(path, **kw) as llm:
+        assert warm_experts(llm, calibration) == 2
+        assert llm.generate(PROMPT, params).token_ids == tokens

@@ -103,3 +103,23 @@ def make_prefetcher(store, plan, stats, verify: bool, rates=None):
         prefetcher.close()
         raise
     return prefetcher
+
+
+def expert_frequencies(llm) -> dict[str, int]:
+    """How often each expert was routed to so far (``"layer:expert"`` -> calls), e.g. after a
+    calibration prompt; empty without an expert cache. JSON-ready for ``warm_experts``."""
+    cache = getattr(llm.prefetcher, "experts", None)
+    return {} if cache is None else {f"{i}:{e}": n for (i, e), n in cache.routed.items()}
+
+
+def warm_experts(llm, freq: dict[str, int]) -> int:
+    """Start ``llm``'s expert cache from ``expert_frequencies`` of a calibration run (LFU counts
+    seeded, empty slots filled with the most used experts); returns experts loaded."""
+    cache = getattr(llm.prefetcher, "experts", None)
+    if cache is None:
+        return 0
+    parsed = {}
+    for key, n in freq.items():
+        i, _, e = key.partition(":")
+        parsed[(int(i), int(e))] = int(n)
+    return cache.warm(parsed)

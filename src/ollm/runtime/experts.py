@@ -152,6 +152,7 @@ class ExpertCache:
         }
         self._slot_views_memo: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.counts = {"hits": 0, "misses": 0, "cpu": 0}
+        self.routed: dict[Key, int] = {}  # calls that used each expert (a calibration's output)
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready: list[torch.cuda.Event | None] = [None] * n
@@ -222,6 +223,7 @@ class ExpertCache:
         hits, local, misses = [], [], []
         for e in used:
             key = (i, e)
+            self.routed[key] = self.routed.get(key, 0) + 1
             s = self.where.get(key)
             self.policy.touch(key, s is not None)
             if s is not None:
@@ -410,6 +412,35 @@ class ExpertCache:
     def cached(self) -> dict[Key, int]:
         """(layer, expert) -> slot for every cached expert (for tests and reports)."""
         return dict(self.where)
+
+    def warm(self, freq: Mapping[Key, int]) -> int:
+        """Start from a calibration run's routing counts (``routed`` of an earlier run): LFU
+        counts seeded with them, and the empty slots filled with the most used experts that are
+        neither cached nor computed in place. Returns how many were loaded."""
+        if self.plan.resident:
+            return 0
+        if isinstance(self.policy, _Lfu):
+            for key, n in freq.items():
+                self.policy.uses[key] = self.policy.uses.get(key, 0) + n
+            self.policy.buckets = {}  # cached keys move to the buckets of their seeded counts
+            for key in self.where:
+                self.policy.add(key)
+        loaded = 0
+        for key in sorted(freq, key=lambda k: (-freq[k], k)):
+            i, e = key
+            if not self._empty:
+                break
+            if key in self.where or i not in self._index:
+                continue
+            if self.in_place and e < self.plan.ram[self._index[i]]:
+                continue  # computed where it sits
+            inflight: deque = deque()
+            self._issue(i, deque([e]), inflight)
+            for _, s in inflight:
+                self._done(s)
+            loaded += len(inflight)
+        self.pinned.clear()
+        return loaded
 
     def close(self) -> None:
         """Wait for reads and copies in flight, unpin the host buffers, drop the device ones."""
