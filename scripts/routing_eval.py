@@ -165,13 +165,22 @@ def main() -> int:
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--variants", default="single,multi")
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="name=attention;... (default: exact, auto, topk:16, window)",
+    )
     args = ap.parse_args()
+    settings = dict(SETTINGS)
+    if args.settings:
+        settings = dict(item.split("=", 1) for item in args.settings.split(";"))
+        settings = {"exact": "full", **settings}
     ctxs = parse_contexts(args.contexts) if args.contexts != "none" else []
     pks = parse_contexts(args.passkey) if args.passkey != "none" else []
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    report: dict = {"commit": commit, "settings": SETTINGS, "argv": sys.argv[1:]}
+    report: dict = {"commit": commit, "settings": settings, "argv": sys.argv[1:]}
     out = Path(args.out)
     with LLM(device="cpu", max_context=max([*ctxs, *pks, 512]) + 16, progress=False) as llm:
         report["calibration"] = json.loads(
@@ -182,11 +191,12 @@ def main() -> int:
         for c in ctxs:
             print(f"quality at {c}", flush=True)
             ids = list(llm.tokenizer(corpus)["input_ids"][:c])
-            report["quality"].append(quality(llm, ids, SETTINGS))
+            report["quality"].append(quality(llm, ids, settings))
             out.write_text(json.dumps(report, indent=1))
         if pks:
             depths = [float(d) for d in args.depths.split(",")]
-            report["passkey"] = passkey(llm, pks, depths, SETTINGS, tuple(args.variants.split(",")))
+            variants = tuple(args.variants.split(","))
+            report["passkey"] = passkey(llm, pks, depths, settings, variants)
     out.write_text(json.dumps(report, indent=1))
     return 0
 
