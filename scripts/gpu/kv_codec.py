@@ -66,7 +66,7 @@ def _one(store, codec: str, context: int, new: int, llm_kwargs: dict) -> dict:
     ) as llm:
         g = torch.Generator().manual_seed(context)
         prompt = torch.randint(0, llm.spec.vocab_size, (context,), generator=g).tolist()
-        llm.generate(prompt[: min(context, 4096)], SamplingParams(max_new_tokens=3, temperature=0))
+        llm.generate(prompt[: min(context, 1024)], SamplingParams(max_new_tokens=3, temperature=0))
         t = time.perf_counter()
         res = llm.generate(prompt, params)
         m = res.metrics
