@@ -95,7 +95,11 @@ def bench(store, contexts=CONTEXTS, new: int = NEW_TOKENS, codecs=CODECS, **llm_
     """Per context: one run per codec (bf16 first); the speed-up of each over bf16 KV."""
     rows = []
     for context in contexts:
-        runs = {c: _one(store, c, context, new, llm_kwargs) for c in codecs}
+        runs = {}
+        for c in codecs:  # each run printed as it ends: a call cut short keeps what finished
+            runs[c] = _one(store, c, context, new, llm_kwargs)
+            brief = {k: runs[c].get(k) for k in ("decode_tok_s", "prefill_s")}
+            print(json.dumps({"context": context, "codec": c, **brief}), flush=True)
         base = runs[codecs[0]]["decode_tok_s"]
         speed = {c: (r["decode_tok_s"] / base if base else None) for c, r in runs.items()}
         rows.append({"context": context, "runs": runs, "speedup": speed})
