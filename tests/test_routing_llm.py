@@ -110,3 +110,17 @@ def test_device_script_runs_on_the_cpu(tmp_path):
     assert row["topk"]["kv_read_fraction"] <= 1 / 8
     assert row["topk"]["kv_bytes_read_per_step"] <= row["full"]["kv_bytes_read_per_step"] / 8
     assert row["full"]["decode_tok_s"] > 0 and row["topk"]["decode_tok_s"] > 0
+
+
+def test_planner_counts_the_key_summaries(gemma):
+    """Routing keeps a min and a max key per page and KV head on the compute device for every
+    full-attention layer: the plan reserves exactly that, and a budget is judged with it."""
+    with _llm(gemma) as llm:
+        assert "routing summaries" not in llm.plan.reserved
+        base = llm.plan.peak_device_bytes
+    with _llm(gemma, attention="topk:3,window:8,sinks:2", attention_page_tokens=4) as llm:
+        spec, elem = llm.spec, llm.dtype.itemsize
+        full_layers = sum(1 for layer in spec.layers if not layer.window)
+        want = 2 * spec.num_kv_heads * (256 // 4) * spec.head_dim * elem * full_layers
+        assert full_layers and llm.plan.reserved["routing summaries"] == want
+        assert llm.plan.peak_device_bytes == base + want

@@ -13,6 +13,17 @@ from ollm.errors import BudgetError
 from ollm.tiers import KvTier, Tier
 
 
+def routing_summary_bytes(spec, cfg, workload, elem: int) -> int:
+    """Device bytes of attention routing's key summaries (``layers.routing.KeySummaries``: a
+    min and a max key per page, per KV head) for every full-attention layer when routing is on
+    (``auto`` may leave some layers full: counted anyway, the conservative side)."""
+    if cfg.attention == "full":
+        return 0
+    pages = -(-workload.context // cfg.attention_page_tokens)
+    per_layer = 2 * workload.batch * spec.num_kv_heads * pages * spec.head_dim * elem
+    return per_layer * sum(1 for layer in spec.layers if not layer.window)
+
+
 def plan_for(llm, workload):
     """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
     from ollm.engine.moe_offload import plan_with_experts
@@ -27,6 +38,7 @@ def plan_for(llm, workload):
         "kv_cache": cfg.kv_cache,
         "kv_block_tokens": cfg.kv_block_tokens,
         "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, llm.spec.head_dim, elem),
+        "summary_bytes": routing_summary_bytes(llm.spec, cfg, workload, elem),
     }
     whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
     experts = plan_with_experts(llm, whole, workload, elem, chunk)  # MoE: experts one by one

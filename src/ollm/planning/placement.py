@@ -195,6 +195,7 @@ def plan_placement(
     kv_fetch_buffers: int = 2,
     kv_block_tokens: int = 256,
     kv_format: KVFormat | None = None,
+    summary_bytes: int = 0,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
@@ -202,12 +203,11 @@ def plan_placement(
     fit beside the minimum weights goes to RAM or disk layer by layer; too small a budget first
     retries smaller prefill chunks, then names the minimum; the first layers stay resident; the
     rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits.
-    ``kv_format``: full-attention layers' KV is compressed (``kv/compressed.py``): counted at
-    its stored size, fetched by itself (no fetch buffers when every layer is compressed)."""
+    ``kv_format``: full-attention KV compressed (``kv/compressed.py``), counted at its stored
+    size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries."""
     if offload not in OFFLOAD_MODES:
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
-    work = work or Workload()
-    on_gpu = device.startswith("cuda")
+    work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
     if kv_format is not None and not any(layer.window for layer in spec.layers):
         kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
@@ -219,10 +219,11 @@ def plan_placement(
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
             hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
+            summary_bytes,
         )  # fmt: skip
 
     n = spec.num_layers
-    fixed = sz.fixed(on_gpu)
+    fixed = sz.fixed(on_gpu, summary_bytes)
     slots = 2 if n > 1 else 1
     kv_off = 0
     if budget is not None and (on_gpu or kv_cache == "disk"):

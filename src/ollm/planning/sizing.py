@@ -95,11 +95,15 @@ class PlanSizes:
         """The head (or the tied embedding) stays on the execution device."""
         return self.head if self.head else self.embed
 
-    def fixed(self, on_gpu: bool) -> dict[str, int]:
-        """Reservations besides weights: globals, all KV on the device, activations. On a GPU an
-        untied embedding table is only gathered from, so it stays in RAM."""
+    def fixed(self, on_gpu: bool, summary_bytes: int = 0) -> dict[str, int]:
+        """Reservations besides weights: globals, all KV on the device, activations, and
+        ``summary_bytes`` of attention routing's key summaries (held on the compute device). On
+        a GPU an untied embedding table is only gathered from, so it stays in RAM."""
         globals_ = self.head_resident + self.norm if on_gpu else self.embed + self.head + self.norm
-        return {"globals": globals_, "kv cache": sum(self.layer_kv), "activations": self.act}
+        out = {"globals": globals_, "kv cache": sum(self.layer_kv), "activations": self.act}
+        if summary_bytes:
+            out["routing summaries"] = summary_bytes
+        return out
 
     def offload_kv(self, fixed: dict[str, int], budget: int, slots: int, extra: int) -> int:
         """KV that cannot sit beside the minimum weights goes to RAM (or disk) layer by layer,
@@ -122,5 +126,10 @@ def too_small(budget, minimum, on_gpu, sz: PlanSizes, fixed, slots) -> BudgetErr
         f"{format_size(minimum)} is needed ({format_size(sz.layer)} per layer x {slots} "
         f"stream buffers, {format_size(fixed['kv cache'])} KV cache on the device (of "
         f"{format_size(sum(sz.layer_kv))}), {format_size(sz.act)} activations, "
-        f"{format_size(fixed['globals'])} embeddings/head)"
+        f"{format_size(fixed['globals'])} embeddings/head"
+        + (
+            f", {format_size(fixed['routing summaries'])} attention-routing key summaries)"
+            if fixed.get("routing summaries")
+            else ")"
+        )
     )
