@@ -32,16 +32,12 @@ def _module(name: str):
 
 def run(out: Path, context: int = 100000, parts: tuple[str, ...] = ("kv_codec", "routing")) -> dict:
     """One store, then each part at ``context``; the report (also saved under ``out``)."""
-    from ollm.models.registry import STORE_FAMILIES
-    from ollm.storage.synthetic import make_synthetic_store
+    from ollm.bench.models import synthetic_store
 
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("OLLM_WORKDIR", "/tmp/ollm-gpu"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("OLLM_WORKDIR", "/tmp/ollm-gpu"))  # the store, kept between runs
     t = time.perf_counter()
-    store = make_synthetic_store(
-        "llama3-8b", work / "llama3-8b", progress=False, families=STORE_FAMILIES
-    )
+    store = synthetic_store("llama3-8b", work, progress=False, device="cuda:0")
     report: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,

@@ -134,15 +134,11 @@ def bench(
 
 def run(out: Path, quick: bool = False) -> dict:
     """The device case: Llama-3.1-8B shapes, 8 GiB, 32k (and 100k unless ``quick``)."""
-    from ollm.models.registry import STORE_FAMILIES
-    from ollm.storage.synthetic import make_synthetic_store
+    from ollm.bench.models import synthetic_store
 
-    work = Path(os.environ.get("OLLM_WORKDIR", "/tmp/ollm-gpu"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("OLLM_WORKDIR", "/tmp/ollm-gpu"))  # the store, kept between runs
     t = time.perf_counter()
-    store = make_synthetic_store(
-        "llama3-8b", work / "llama3-8b", progress=False, families=STORE_FAMILIES
-    )
+    store = synthetic_store("llama3-8b", work, progress=False, device="cuda:0")
     report: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,

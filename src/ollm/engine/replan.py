@@ -5,6 +5,7 @@ loaded, and replaced atomically when a request needs more than was planned. The 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,8 +20,13 @@ def routing_summary_bytes(spec, cfg, workload, elem: int) -> int:
     (``auto`` may leave some layers full: counted anyway, the conservative side)."""
     if cfg.attention == "full":
         return 0
-    pages = -(-workload.context // cfg.attention_page_tokens)
-    per_layer = 2 * workload.batch * spec.num_kv_heads * pages * spec.head_dim * elem
+    from ollm.layers.routing import KeySummaries
+
+    shape = KeySummaries.shape(
+        workload.batch, spec.num_kv_heads, spec.head_dim, workload.context,
+        cfg.attention_page_tokens,
+    )  # fmt: skip
+    per_layer = 2 * math.prod(shape) * elem  # kmin and kmax
     return per_layer * sum(1 for layer in spec.layers if not layer.window)
 
 

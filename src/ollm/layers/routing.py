@@ -137,11 +137,15 @@ class KeySummaries:
     [B, kv_heads, pages, D] on the compute device, updated as keys are appended or trimmed."""
 
     def __init__(self, batch, kv_heads, head_dim, capacity, page_tokens, dtype, device) -> None:
-        pages = -(-capacity // page_tokens)
-        shape = (batch, kv_heads, pages, head_dim)
+        shape = self.shape(batch, kv_heads, head_dim, capacity, page_tokens)
         self.kmin = torch.empty(shape, dtype=dtype, device=device)
         self.kmax = torch.empty(shape, dtype=dtype, device=device)
         self.page_tokens, self.length = page_tokens, 0
+
+    @staticmethod
+    def shape(batch: int, kv_heads: int, head_dim: int, capacity: int, page_tokens: int):
+        """Shape of ``kmin`` (and ``kmax``): one summary per page of ``capacity`` slots."""
+        return (batch, kv_heads, -(-capacity // page_tokens), head_dim)
 
     def update(self, k: torch.Tensor, start: int) -> None:
         """Fold in keys ``k`` [B, kv_heads, T, D] of slots [start, start + T)."""
