@@ -42,6 +42,7 @@ from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify_s
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.engine.tree import compact_path
 from ollm.errors import RequestError
+from ollm.kv.hostsplit import attach, split_budget
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import PAGE_TOKENS
@@ -90,6 +91,7 @@ class BatchEngine:
         kv_dir: str | None = None,
         all_disk: bool = False,
         drafter: Speculator | Drafter | Callable[[Sequence[int]], Sequence[int]] | None = None,
+        host_split: int = 0,
     ) -> None:
         """Pools hold ``pool_blocks[group]`` blocks per KV group (default ``max_batch x
         max_context`` tokens per full-attention group), each layer's in its plan's KV tier
@@ -101,7 +103,8 @@ class BatchEngine:
         draft length adapts, or a plain ``fn(tokens) -> draft tokens``) proposes continuations
         of decoding requests, verified in the same pass without changing the output
         distribution (`ollm.engine.speculative`: greedy requests keep exactly the tokens greedy
-        decoding picks)."""
+        decoding picks). ``host_split``: GPU bytes for attending part of the pinned-RAM pools
+        on the GPU in decode, balanced against the CPU (`ollm.kv.hostsplit`)."""
         if not batch_supported(runner):
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
@@ -125,6 +128,7 @@ class BatchEngine:
             runner, self.layer_groups, pool_blocks, swap, block_tokens, windows, kv_dir, all_disk
         )
         self.device = torch.device(plan.device)
+        self.splits = attach(self.pools.stores, self.device, host_split)
         managers = self.pools.managers
         self.scheduler = Scheduler(
             managers, step_tokens, max_running, prefix_caching=prefix_caching
@@ -144,6 +148,7 @@ class BatchEngine:
         context: int,
         kv_dir: str | None = None,
         all_disk: bool = False,
+        host_split: bool = True,
     ) -> BatchEngine:
         """An engine whose pools are the planner's (``plan.kv_pools`` blocks per KV group, each
         layer's in its KV tier; disk pools under ``kv_dir``, every layer's with ``all_disk``)
@@ -159,13 +164,13 @@ class BatchEngine:
         windowed = any(layer.window for layer in runner.spec.layers)
         step = chunk if windowed and chunk else batch * context
         rows = plan.reserved.get("activations", 0) // (4 * runner.spec.vocab_size)
+        groups = {g for g, _ in kv_groups(runner)}
+        pools = planned_blocks(plan, groups, BLOCK_TOKENS, batch, context)
         return cls(
             runner, tokenizer, eos_ids, block_tokens=BLOCK_TOKENS, max_batch=batch,
             max_context=context, max_step_tokens=step, max_running=max(batch, min(256, rows)),
-            pool_blocks=planned_blocks(
-                plan, {g for g, _ in kv_groups(runner)}, BLOCK_TOKENS, batch, context
-            ),
-            kv_dir=kv_dir, all_disk=all_disk,
+            pool_blocks=pools, kv_dir=kv_dir, all_disk=all_disk,
+            host_split=0 if pools is None or not host_split else split_budget(runner, batch, context),
         )  # fmt: skip
 
     @property

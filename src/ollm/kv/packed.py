@@ -264,8 +264,14 @@ class PackedLayerKV:
         from ollm.layers.attention import attend
 
         bt = self.store.block_tokens
-        dev = self.pool.device if self.pool.device.type == "cpu" else q.device
         rows = d.rows.to(q.device) - r0
+        split = self.store.split
+        if split is not None and split.applies(self.pool, q.device):  # CPU and GPU at once
+            qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)
+            o = split.attend(d, self.pool, qb, mask, scale, self.store.host_scratch)
+            out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
+            return
+        dev = self.pool.device if self.pool.device.type == "cpu" else q.device
         qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, heads, 1, D]
         kv = []
         for i in (0, 1):

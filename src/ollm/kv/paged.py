@@ -51,6 +51,9 @@ class PagedKVStore:
         self.dtype = dtype
         self.pools: dict[str, torch.Tensor] = {}
         self._scratch = threading.local()  # host_scratch buffers, one set per thread
+        # Batched decode over a host pool split between the CPU and the GPU (kv/hostsplit.py's
+        # HostSplit; the engine sets it when the plan leaves GPU memory for it).
+        self.split = None
         files, storage = files or {}, storage or {}
         for tier, n in num_blocks.items():
             shape = (num_layers, 2, n, kv_heads, block_tokens, head_dim)
