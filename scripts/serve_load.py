@@ -119,6 +119,8 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict:
         "requests": len(results),
         "failed": failed,
         "wall_s": wall,
+        "prompt_tokens": client_counts["vllm:prompt_tokens_total"],
+        "completion_tokens": gen,
         "output_tok_s": gen / wall if wall else 0.0,
         "ttft_ms": {q: percentile(ttft, q) for q in (50, 90, 99)},
         "itl_ms": {q: percentile(gaps, q) for q in (50, 90, 99)},
@@ -127,6 +129,20 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict:
         / max(1, delta("vllm:time_to_first_token_seconds_count")),
         "metrics_mismatch": mismatches,
     }
+
+
+HEADER = "conc  reqs  fail  wall s  out tok/s  TTFT p50/p90/p99 ms   ITL p50/p90/p99 ms   metrics"
+
+
+def summary_line(r: dict) -> str:
+    """One level's row under ``HEADER``; ends in ``ok`` when /metrics matched the client."""
+    t, i = r["ttft_ms"], r["itl_ms"]
+    check = "ok" if not r["metrics_mismatch"] else f"MISMATCH {r['metrics_mismatch']}"
+    return (
+        f"{r['concurrency']:>4}  {r['requests']:>4}  {len(r['failed']):>4}  {r['wall_s']:6.2f}"
+        f"  {r['output_tok_s']:9.1f}  {t[50]:6.1f}/{t[90]:6.1f}/{t[99]:6.1f}"
+        f"  {i[50]:6.1f}/{i[90]:6.1f}/{i[99]:6.1f}  {check}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,15 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests must be in 1..10000")
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     rows = [asyncio.run(run_level(args, c)) for c in levels]
-    print("conc  reqs  fail  wall s  out tok/s  TTFT p50/p90/p99 ms   ITL p50/p90/p99 ms   metrics")
+    print(HEADER)
     for r in rows:
-        t, i = r["ttft_ms"], r["itl_ms"]
-        check = "ok" if not r["metrics_mismatch"] else f"MISMATCH {r['metrics_mismatch']}"
-        print(
-            f"{r['concurrency']:>4}  {r['requests']:>4}  {len(r['failed']):>4}  {r['wall_s']:6.2f}"
-            f"  {r['output_tok_s']:9.1f}  {t[50]:6.1f}/{t[90]:6.1f}/{t[99]:6.1f}"
-            f"  {i[50]:6.1f}/{i[90]:6.1f}/{i[99]:6.1f}  {check}"
-        )
+        print(summary_line(r))
         for f in r["failed"][:3]:
             print(f"      failed: {f}")
     if args.json:
