@@ -238,18 +238,25 @@ def bench_batch(
     synthetic: str = "llama3-1b",
     budget: str = "3GiB",
     batches: tuple[int, ...] = (1, 4, 16, 64),
+    workloads: tuple[str, ...] = ("static", "arrivals", "prefix"),
+    baseline: tuple[int, ...] = (),
+    prompt_tokens: int = 2048,
+    new_tokens: int = 128,
 ) -> dict:
-    """``ollm bench --batch`` on ``synthetic`` shapes (2k prompts, 128 new tokens)."""
+    """``ollm bench --batch`` on ``synthetic`` shapes (2k prompts, 128 new tokens by default);
+    ``baseline``: static batches also run without the host-pool split, in the same process."""
     from ollm.bench.batching import run_batch_bench
 
     report = run_batch_bench(
-        model=None, synthetic=synthetic, batches=list(batches), prompt_tokens=2048,
-        new_tokens=128, llm_kwargs={"device": "cuda", "gpu_memory": budget},
-        on_case=lambda kind, case: print(kind, case, flush=True),
+        model=None, synthetic=synthetic, batches=list(batches), prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, llm_kwargs={"device": "cuda", "gpu_memory": budget},
+        on_case=lambda kind, case: print(kind, case, flush=True), workloads=workloads,
+        baseline_batches=baseline,
     )  # fmt: skip
-    name = f"bench_batch_{synthetic}.json"
+    name = f"bench_batch_{synthetic}_{'_'.join(workloads)}.json"
     (out_dir / name).write_text(json.dumps(report, indent=1, default=str))
-    return {"static": report["static"], "arrivals": report["arrivals"], "prefix": report["prefix"]}
+    keys = ("plan", "static", "static_baseline", "arrivals", "prefix")
+    return {k: report[k] for k in keys if k in report}
 
 
 def main() -> int:
@@ -262,6 +269,10 @@ def main() -> int:
     ap.add_argument("--bench-synthetic", default="llama3-1b", help="preset for the bench sweep")
     ap.add_argument("--bench-budget", default="3GiB")
     ap.add_argument("--bench-batches", default="1,4,16,64")
+    ap.add_argument("--bench-workloads", default="static,arrivals,prefix")
+    ap.add_argument("--bench-baseline", default="", help="static batches also run unsplit")
+    ap.add_argument("--bench-prompt", type=int, default=2048)
+    ap.add_argument("--bench-new", type=int, default=128)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report: dict = {"gpu": torch.cuda.get_device_name()}
@@ -275,8 +286,11 @@ def main() -> int:
         if not args.skip_bench:
             sizes = tuple(int(b) for b in args.bench_batches.split(","))
             report["bench_batch"] = bench_batch(
-                Path(args.out), args.bench_synthetic, args.bench_budget, sizes
-            )
+                Path(args.out), args.bench_synthetic, args.bench_budget, sizes,
+                tuple(args.bench_workloads.split(",")),
+                tuple(int(b) for b in args.bench_baseline.split(",") if b),
+                args.bench_prompt, args.bench_new,
+            )  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
     eq = report.get("equivalence", [])

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ollm.engine.batch import BatchEngine
 from ollm.engine.sampling import SamplingParams
 
@@ -41,36 +43,56 @@ def prompts(n: int, tokens: int, vocab: int, seed: int, shared: int = 0) -> list
     return [head + [rng.randrange(vocab) for _ in range(tokens - shared)] for _ in range(n)]
 
 
-def _engine(llm) -> BatchEngine:
+def _engine(llm, host_split: bool = True) -> BatchEngine:
     w = llm.workload
     return BatchEngine.for_plan(
-        llm.runner, None, (), w.batch, w.context, llm._engine.kv_dir, all_disk=False
-    )
+        llm.runner, None, (), w.batch, w.context, llm._engine.kv_dir, all_disk=False,
+        host_split=host_split,
+    )  # fmt: skip
+
+
+def _split_stats(eng: BatchEngine, steps: int) -> dict | None:
+    """The host-pool split's final share and bytes per step (None when no pool is split)."""
+    if not eng.splits:
+        return None
+    n = max(1, steps)
+    return {
+        "share": [round(s.share, 3) for s in eng.splits],
+        "fetched_GB_per_step": sum(s.fetched_bytes for s in eng.splits) / n / 1e9,
+        "cpu_GB_per_step": sum(s.cpu_bytes for s in eng.splits) / n / 1e9,
+    }
 
 
 def _params(new_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
 
 
-def static_case(llm, batch: int, tokens: int, new_tokens: int, seed: int, probes) -> dict:
-    """B prompts at once: aggregate decode tok/s, weight passes, the floor of a step of B."""
+def static_case(
+    llm, batch: int, tokens: int, new_tokens: int, seed: int, probes, host_split: bool = True
+) -> dict:
+    """B prompts at once: aggregate decode tok/s, weight passes, the floor of a step of B;
+    ``host_split`` False attends every pinned-RAM pool on the CPU (the baseline)."""
     from ollm.bench.floors import compute_floors
 
-    eng = _engine(llm)
+    eng = _engine(llm, host_split)
     try:
         ps = prompts(batch, tokens, llm.spec.vocab_size, seed)
         t0 = time.perf_counter()
         outs, m = eng.generate(ps, _params(new_tokens))
         wall = time.perf_counter() - t0
         steps = eng.metrics().steps
+        split = _split_stats(eng, steps)
     finally:
         eng.close()
     decode_tokens = sum(len(o.token_ids) - 1 for o in outs)
     floors = compute_floors(llm.spec, llm.store, llm.plan, probes, tokens + new_tokens // 2, batch)
     floor_s = floors["decode"]["floor_s"]
     tok_s = decode_tokens / m.decode_seconds if m.decode_seconds else None
+    peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
     return {
         "batch": batch,
+        "host_split": split,
+        "peak_reserved_GiB_process": peak / 2**30,  # since the process began (all cases so far)
         "wall_s": wall,
         "steps": steps,
         "prefill_s": m.prefill_seconds,
@@ -176,8 +198,12 @@ def run_batch_bench(
     progress: bool = False,
     seed: int = 0,
     on_case: Callable[[str, dict], None] | None = None,
+    workloads: tuple[str, ...] = ("static", "arrivals", "prefix"),
+    baseline_batches: tuple[int, ...] = (),
 ) -> dict[str, object]:
-    """Probe the machine, plan for the largest batch, run the three workloads; the report."""
+    """Probe the machine, plan for the largest batch, run the ``workloads``; the report.
+    ``baseline_batches``: static batches also run with every pinned-RAM pool attended by the
+    CPU alone (no host split), in the same process."""
     from ollm import LLM
     from ollm.bench.probes import measure_bandwidth
     from ollm.bench.run import _CONFIG_KEYS, linear_shape, resolve_model
@@ -204,21 +230,30 @@ def run_batch_bench(
             "probes": probes,
             "static": [],
         }
-        for b in batches:
+        for b in batches if "static" in workloads else ():
             case = static_case(llm, b, n, m, seed, probes)
             report["static"].append(case)
             if on_case:
                 on_case("static", case)
-        big = max(batches)
-        ref = next(c for c in report["static"] if c["batch"] == big)
-        rate = big / ref["wall_s"]  # requests per second the static batch served
-        report["arrivals"] = arrivals_case(llm, big, n, m, seed, rate)
-        report["arrivals"]["static_total_tok_s"] = ref["total_tok_s"]
-        if on_case:
-            on_case("arrivals", report["arrivals"])
-        report["prefix"] = prefix_case(llm, n, m, seed)
-        if on_case:
-            on_case("prefix", report["prefix"])
+        for b in baseline_batches:
+            case = static_case(llm, b, n, m, seed, probes, host_split=False)
+            report.setdefault("static_baseline", []).append(case)
+            if on_case:
+                on_case("static_baseline", case)
+        if "arrivals" in workloads:
+            big = max(batches)
+            ref = next((c for c in report["static"] if c["batch"] == big), None)
+            if ref is None:  # the static batch not run here: measure it for the arrival rate
+                ref = static_case(llm, big, n, m, seed, probes)
+            rate = big / ref["wall_s"]  # requests per second the static batch served
+            report["arrivals"] = arrivals_case(llm, big, n, m, seed, rate)
+            report["arrivals"]["static_total_tok_s"] = ref["total_tok_s"]
+            if on_case:
+                on_case("arrivals", report["arrivals"])
+        if "prefix" in workloads:
+            report["prefix"] = prefix_case(llm, n, m, seed)
+            if on_case:
+                on_case("prefix", report["prefix"])
         return report
     finally:
         llm.close()
