@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ollm.kv import codec_triton
+from ollm.kv.codec_attend import recent_lse
 from ollm.kv.codecs import CodeStore, KVCodec
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
 from ollm.layers.attention import _attend_lse as attend_lse  # unmasked, with its log-sum-exp
@@ -55,6 +57,17 @@ class CodecWorkspace:
             have = tuple(torch.empty((b, h, cap, d), dtype=dtype, device=device) for _ in "kv")
             self._decoded[key] = have  # type: ignore[assignment]
         return have[0][:, :, :n], have[1][:, :, :n]
+
+    def band(self, shape: tuple[int, int, int, int], dtype, device) -> tuple:
+        """Four [B, H, n, D] views (exact K, V; decoded K, V) of the band buffers of a
+        multi-row forward (``kv/codec_attend.py``), grown as needed and reused."""
+        b, h, n, d = shape
+        key = ("band", b, h, d, dtype, str(device))
+        have = self._decoded.get(key)
+        if have is None or have.shape[3] < n:
+            have = torch.empty((4, b, h, n, d), dtype=dtype, device=device)
+            self._decoded[key] = have  # type: ignore[assignment]
+        return tuple(have[i, :, :, :n] for i in range(4))
 
     def staging(self, store: CodeStore, device) -> CodeStore:
         """A store like ``store`` on ``device`` (grown to its slots; reused by every layer)."""
@@ -157,6 +170,10 @@ class CompressedKVCache:
         if e1 > a:  # the keys encoded for some rows of this forward only
             kb, vb = self.workspace.decoded((b, h, e1 - a, d), self.dtype, q.device)
             src.read(a, e1, kb, vb)
+        if mask.key_keep is None:  # causal flash + banded tiles, O(rows) (kv/codec_attend.py)
+            o, s = recent_lse(q, ek, ev, kb, vb, span, a, self.codec, scale, self.workspace)
+            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+            return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
         outs, lses = [], []
         for r0 in range(0, t, MASK_ROWS):  # masks of [MASK_ROWS, keys], not [T, keys]
             r1 = min(t, r0 + MASK_ROWS)
@@ -169,8 +186,18 @@ class CompressedKVCache:
         return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
 
     def _attend_encoded(self, q, src: CodeStore, a: int, mask: AttentionMask, scale: float):
-        """(out, lse) of q over the encoded slots [0, a) every row sees, decoded chunk by
-        chunk; (None, None) when there are none."""
+        """(out, lse) of q over the encoded slots [0, a) every row sees: a decode step on the
+        GPU reads the codes in a Triton kernel (``kv/codec_triton.py``), anything else decodes
+        them chunk by chunk; (None, None) when there are none."""
+        if a and mask.key_keep is None:
+            fast = codec_triton.fast_lse(q, src, a, scale, self._encoded_torch)
+            if fast is not None:
+                return fast
+        return self._encoded_torch(q, src, a, scale, mask)
+
+    def _encoded_torch(self, q, src: CodeStore, a: int, scale: float, mask=None):
+        """``_attend_encoded`` decoding ``CPU_CHUNK`` / ``GPU_CHUNK`` slots at a time into the
+        workspace (never the whole prefix at full precision), one attention per chunk."""
         out = lse = None
         chunk = CPU_CHUNK if q.device.type == "cpu" else GPU_CHUNK
         b, h, d = q.shape[0], self.tail_k.shape[1], q.shape[3]
@@ -178,7 +205,7 @@ class CompressedKVCache:
             c1 = min(a, c0 + chunk)
             kb, vb = self.workspace.decoded((b, h, c1 - c0, d), self.dtype, q.device)
             src.read(c0, c1, kb, vb)
-            if mask.key_keep is None:
+            if mask is None or mask.key_keep is None:
                 o, s = attend_lse(q, kb, vb, scale)
             else:
                 o, s = blocked_attention_lse(q, kb, vb, mask, scale, None, c0)

@@ -1,0 +1,217 @@
+"""Decode attention straight from encoded KV blocks (issue 17 part 6): a Triton kernel that
+dequantizes int8 / int4 codes in registers, so no full-precision copy of the cache is made.
+
+One program per (sequence, KV head, split of the slots): the query heads of the KV head (and
+the few rows of a decode step) are the rows of one ``tl.dot``; key tiles of ``BLOCK_N`` slots are
+loaded as codes, turned into values with their (lo, scale) (keys per channel of each block of
+``block`` tokens, values per token and group of channels) and folded into an online softmax
+(flash decoding). Each split writes its normalised output and log-sum-exp; a few torch ops
+merge the splits (``_merge_splits``). The result (out, lse) merges with the exact window.
+
+``supported(q, store)`` says when it applies (CUDA, Triton importable, int8 / int4 on both
+sides, at most ``MAX_ROWS`` rows per KV head); the torch path of ``kv/compressed.py`` does the
+rest. Tests run the kernel on the CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+
+try:  # optional: the torch path covers everything without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+log = logging.getLogger(__name__)
+KINDS = ("int8", "int4")
+MAX_ROWS = 64  # query rows per KV head (query heads x decode rows) one program holds
+BLOCK_N = 64  # slots per key tile
+_LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+    """Whether Triton is importable."""
+    return triton is not None
+
+
+def supported(q: torch.Tensor, store) -> bool:
+    """Whether ``encoded_lse`` takes these queries over ``store`` on q's device."""
+    c = store.codec
+    rows = q.shape[1] // store.kc.shape[1] * q.shape[2]
+    return (
+        available()
+        and q.device.type == "cuda"
+        and store.device == q.device
+        and c.key.kind in KINDS
+        and c.value.kind in KINDS
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and store.head_dim in (16, 32, 64, 128, 256)
+        and rows <= MAX_ROWS
+    )
+
+
+def encoded_lse(
+    q: torch.Tensor, store, upto: int, scale: float, splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, T, D] over the encoded slots [0, upto) of ``store`` (a CodeStore
+    on q's device), unmasked, with its log-sum-exp: (out [B, H, T, D], lse [B, H, T] float32)."""
+    b, h, t, d = q.shape
+    kvh = store.kc.shape[1]
+    rows = h // kvh * t
+    rpad = max(16, 1 << (rows - 1).bit_length())
+    qg = q.reshape(b, kvh, rows, d)  # query heads of a KV head folded into rows
+    tiles = -(-upto // BLOCK_N)
+    if splits is None:
+        splits = _splits(q.device, b * kvh, tiles)
+    splits = max(1, min(splits, tiles))
+    per = -(-tiles // splits) * BLOCK_N  # slots per split, whole tiles
+    splits = -(-upto // per)  # none empty
+    o = torch.empty((b, kvh, splits, rpad, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, kvh, splits, rpad), dtype=torch.float32, device=q.device)
+    kc, kp, vc, vp = store.tensors()
+    c = store.codec
+    _kernel[(b * kvh, splits)](
+        qg, kc, kp, vc, vp, o, lse,
+        scale * _LOG2E, upto, per, rows,
+        *qg.stride()[:3], *kc.stride()[:3], *kp.stride()[:3], *vc.stride()[:3],
+        *vp.stride()[:3], *o.stride()[:4], *lse.stride()[:3],
+        KVH=kvh, R=rpad, D=d, GROUP=c.block, VGROUP=c.value.token_group(d),
+        NG=c.value.channel_groups(d), K_INT4=c.key.kind == "int4",
+        V_INT4=c.value.kind == "int4", BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    out, s = _merge_splits(o[:, :, :, :rows], lse[:, :, :, :rows])
+    return out.to(q.dtype).reshape(b, h, t, d), s.reshape(b, h, t)
+
+
+def _merge_splits(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over every split from each one's output [.., S, R, D] and lse [.., S, R]."""
+    total = torch.logsumexp(lse, 2)
+    w = torch.exp(lse - total.unsqueeze(2)).nan_to_num_(0.0)
+    return (o * w.unsqueeze(-1)).sum(2), total
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: str) -> int:
+    if torch.device(device).type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+
+
+def _splits(device: torch.device, programs: int, tiles: int) -> int:
+    """Splits of the slots so that about four programs per multiprocessor run."""
+    return max(1, min(tiles, math.ceil(4 * _sm_count(str(device)) / max(1, programs))))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _codes(ptr, rows, d, INT4: tl.constexpr):
+        """[N, D] integer codes of ``rows`` (pointers of each row's first byte)."""
+        if INT4:  # two codes per byte, even channel in the low nibble
+            byte = tl.load(ptr + rows[:, None] + (d[None, :] // 2))
+            return ((byte >> ((d[None, :] % 2) * 4).to(tl.uint8)) & 15).to(tl.float32)
+        return tl.load(ptr + rows[:, None] + d[None, :]).to(tl.float32)
+
+    @triton.jit
+    def _kernel(
+        Q, KC, KP, VC, VP, OUT, LSE,
+        qk_scale, n_slots, per_split, n_rows,
+        sqb, sqh, sqr, skcb, skch, skcs, skpb, skph, skpn, svcb, svch, svcs,
+        svpb, svph, svps, sob, soh, sos, sor, slb, slh, sls,
+        KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+        VGROUP: tl.constexpr, NG: tl.constexpr, K_INT4: tl.constexpr, V_INT4: tl.constexpr,
+        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // KVH
+        h = bh % KVH
+        rows = tl.arange(0, R)
+        d = tl.arange(0, D)
+        q = tl.load(
+            Q + b * sqb + h * sqh + rows[:, None] * sqr + d[None, :],
+            mask=rows[:, None] < n_rows,
+            other=0.0,
+        )
+        lo_slot = sp * per_split
+        hi_slot = tl.minimum(lo_slot + per_split, n_slots)
+        m_i = tl.full([R], float("-inf"), tl.float32)
+        l_i = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, D], tl.float32)
+        kc = KC + b * skcb + h * skch
+        kp = KP + b * skpb + h * skph
+        vc = VC + b * svcb + h * svch
+        vp = VP + b * svpb + h * svph
+        for s0 in range(lo_slot, hi_slot, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)  # whole tiles: n_slots is a multiple of the block
+            ok = n < hi_slot
+            n = tl.where(ok, n, lo_slot)  # masked slots read a valid one, then score -inf
+            blk = (n // GROUP) * skpn
+            klo = tl.load(kp + blk[:, None] + d[None, :]).to(tl.float32)
+            ksc = tl.load(kp + blk[:, None] + D + d[None, :]).to(tl.float32)
+            k = klo + _codes(kc, n * skcs, d, K_INT4) * ksc  # [N, D]
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)))
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            grp = n[:, None] * svps + d[None, :] // VGROUP
+            vlo = tl.load(vp + grp).to(tl.float32)
+            vsc = tl.load(vp + grp + NG).to(tl.float32)
+            v = vlo + _codes(vc, n * svcs, d, V_INT4) * vsc  # [N, D]
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+        tl.store(OUT + b * sob + h * soh + sp * sos + rows[:, None] * sor + d[None, :], out)
+        tl.store(LSE + b * slb + h * slh + sp * sls + rows, lse)
+
+
+CHECK_SLOTS = 4096  # slots of the one-time comparison with the torch path
+_STATE: dict[tuple, bool] = {}  # (codec, dtype, device, rows) -> checked good; False: off
+
+
+def fast_lse(q: torch.Tensor, store, upto: int, scale: float, reference):
+    """``encoded_lse`` where ``supported``, else None. The first call of each configuration is
+    compared with ``reference(q, store, upto, scale)`` (the torch path) on its first
+    ``CHECK_SLOTS`` slots; a kernel that fails to build or disagrees is turned off for the
+    process with a logged warning, and the torch path answers."""
+    if upto == 0 or not supported(q, store):
+        return None
+    key = (store.codec, q.dtype, str(q.device), q.shape[1] // store.kc.shape[1] * q.shape[2])
+    state = _STATE.get(key)
+    if state is False:
+        return None
+    try:
+        if state is None:
+            n = min(upto, CHECK_SLOTS)
+            got, want = encoded_lse(q, store, n, scale), reference(q, store, n, scale)
+            _STATE[key] = _agree(got, want)
+            if not _STATE[key]:
+                log.warning("Triton KV-codec attention disagrees with torch; using torch")
+                return None
+        return encoded_lse(q, store, upto, scale)
+    except Exception as exc:  # noqa: BLE001 - an optional kernel: the torch path answers
+        _STATE[key] = False
+        log.warning("Triton KV-codec attention unavailable (%s); using torch", exc)
+        return None
+
+
+def _agree(got, want) -> bool:
+    """Outputs within a few rounding steps of the cache dtype, lse within 1e-2."""
+    (o, s), (ro, rs) = got, want
+    tol = 4 * torch.finfo(o.dtype).eps * float(ro.float().abs().max()) + 1e-5
+    return bool((o.float() - ro.float()).abs().max() <= tol) and bool((s - rs).abs().max() <= 1e-2)
