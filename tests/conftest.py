@@ -93,6 +93,25 @@ def tiny_config(family: str):
             sliding_window=12,
             rope_parameters=rope,
         )
+    if (
+        family == "qwen3_next"
+    ):  # linear / full attention 3:1, 8 experts top-2 + shared, layer 1 dense
+        return tf.Qwen3NextConfig(
+            **TINY,
+            head_dim=16,
+            partial_rotary_factor=0.25,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        )
     raise ValueError(family)
 
 

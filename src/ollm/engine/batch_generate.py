@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from ollm.engine.batch import BatchEngine, batch_supported
 from ollm.engine.generate import Generator, SequenceOutput
+from ollm.engine.kvpools import batch_unsupported
 from ollm.engine.sampling import SamplingParams
 from ollm.engine.speculative import Speculator
 from ollm.errors import RequestError
@@ -50,10 +51,8 @@ def generate_many(
                 speculator.close()
         return outs, [metrics] * len(outs)
     if speculator is not None:
-        log.warning(
-            "speculative decoding needs the plan's device-resident KV on one device: this "
-            "request runs without drafts"
-        )
+        why = batch_unsupported(runner) or "it needs the plan's device-resident KV on one device"
+        log.warning(f"speculative decoding is off for this request: {why}")
     outs: list[SequenceOutput | None] = [None] * len(prompts)
     mets: list[GenerationMetrics | None] = [None] * len(prompts)
     for sp in dict.fromkeys(plist):  # the padded batch takes one params for all its prompts

@@ -43,10 +43,23 @@ def layer_homes(plan, all_disk: bool = False) -> list[Home]:
     return [Home.DISK if all_disk else Home.of(p.kv_tier) for p in plan.layers]
 
 
+def batch_unsupported(runner) -> str | None:
+    """Why the batch engine (paged KV, speculation) cannot run this model, or None: its
+    linear-attention layers' recurrent state cannot be paged, forked or rolled back."""
+    if getattr(runner.spec, "linear_attn", None) is not None:
+        return (
+            f"{runner.spec.family}'s linear-attention layers keep a recurrent state that paged "
+            "batching and speculative decoding cannot fork or roll back"
+        )
+    return None
+
+
 def batch_supported(runner) -> bool:
     """Whether the batch engine can page the plan's KV: the layers that keep KV on the device
     keep it on one device (those in pinned RAM or on disk, hybrid CPU layers included, get
-    pools in their tier)."""
+    pools in their tier), and none keeps a recurrent state instead (``batch_unsupported``)."""
+    if batch_unsupported(runner) is not None:
+        return False
     homes = layer_homes(runner.plan)
     devices = {
         p.kv_device for p, h in zip(runner.plan.layers, homes, strict=True) if h == Home.DEVICE

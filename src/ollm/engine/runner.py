@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ollm.kv.cache import LayerKVCache, SlidingKVCache, window_capacity
+from ollm.kv.recurrent import RecurrentState
 from ollm.layers.attention import AttentionMask
 from ollm.layers.norms import rms_norm
 from ollm.layers.rope import rope_cos_sin
@@ -64,7 +65,9 @@ class Runner:
         for layer, p in zip(s.layers, self.plan.layers, strict=True):
             if p.kv_tier != tier:
                 continue
-            if fmt is not None and layer.window is None:
+            if layer.linear:  # a fixed-size recurrent state, in RAM for either tier
+                total += s.linear_attn.state_bytes(batch, elem) if tier == KvTier.CPU else 0
+            elif fmt is not None and layer.window is None:
                 total += fmt.layer_bytes(batch, s.num_kv_heads, s.head_dim, elem, capacity)
             else:
                 total += self._kv_layer_bytes(batch, max(0, capacity - p.kv_device_tokens))
@@ -79,6 +82,15 @@ class Runner:
         """Fresh per-layer KV caches: on each layer's KV device, in pinned RAM, or in files of
         the ``disk`` KVDirectory for layers the plan offloads (sharing one prefill scratch)."""
         s = self.spec
+        if s.linear_attn is not None and (
+            self.kv_codec != "none" or self.kv_evict != "none" or self.routing is not None
+        ):
+            from ollm.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{s.family}: KV codecs, KV eviction and attention routing do not apply to "
+                "its linear-attention layers' recurrent state; run it without them"
+            )
         scratch = None
         caches: list = []
         # Pinned RAM for offloaded layers is page-locked by a background thread, in layer order.
@@ -97,6 +109,9 @@ class Runner:
                 )  # fmt: skip
             for i, p in enumerate(self.plan.layers):
                 tier = KvTier.DISK if all_disk else p.kv_tier
+                if s.layers[i].linear:
+                    caches.append(self._state(p, tier, batch))
+                    continue
                 compressed = codecs.make(i, p, tier, disk) if codecs else None
                 if compressed is not None:  # its own storage and attention (kv/compressed.py)
                     caches.append(compressed)
@@ -136,6 +151,14 @@ class Runner:
         self._attach_fetcher(caches, all_disk)
         return caches
 
+    def _state(self, p, tier: KvTier, batch: int) -> RecurrentState:
+        """A linear-attention layer's recurrent state: on its KV device, else (its KV offloaded
+        to RAM or disk) in host memory, pinned when an accelerator copies it."""
+        lin = self.spec.linear_attn
+        if tier == KvTier.DEVICE:
+            return RecurrentState(batch, lin, self.dtype, p.kv_device)
+        return RecurrentState(batch, lin, self.dtype, "cpu", pin=self.prefetcher.cuda)
+
     def _device_kv(self, i: int, p, batch: int, capacity: int) -> LayerKVCache:
         """Layer ``i``'s KV on its device: the whole capacity, or for a sliding-window layer
         window + one forward when that is smaller (``SlidingKVCache``)."""
@@ -158,6 +181,7 @@ class Runner:
             if p.kv_fetch and getattr(getattr(caches[i], "router", None), "partial", False) is False
         ]
         idx = [i for i in idx if not hasattr(caches[i], "codec")]  # compressed: fetch their own
+        idx = [i for i in idx if not self.spec.layers[i].linear]  # a state: copied by its layer
         self.prefetcher.on_issue = None
         self._fetch_at = idx[0] if idx and not all_disk else None
         if self._fetch_at is not None:

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ollm.layers.mlp import ACTIVATIONS
+from ollm.layers.mlp import ACTIVATIONS, gated_mlp
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -44,6 +44,7 @@ class MoeSpec:
     router_bias: bool = False  # the router has a bias (gpt-oss)
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert layout
     expert_kind: str = "gated"  # "gated": act(gate) * up; "gpt_oss": clamped SwiGLU with biases
+    shared_expert_size: int = 0  # width of a shared expert every token runs (Qwen3-Next); 0: none
 
     @property
     def router_key(self) -> str:
@@ -215,11 +216,28 @@ def moe_mlp(
     return out.view(x.shape)
 
 
+def shared_expert(
+    x: torch.Tensor, w: Weights, moe: MoeSpec, act: str, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """The shared expert's output (Qwen3-Next), gated per token: ``sigmoid(x @ gate) * mlp(x)``
+    with ``{prefix}.shared_expert.{gate,up,down}_proj`` and ``{prefix}.shared_expert_gate``."""
+    p = f"{moe.prefix}.shared_expert"
+    out = gated_mlp(
+        x, w[f"{p}.gate_proj.weight"], w[f"{p}.up_proj.weight"], w[f"{p}.down_proj.weight"],
+        act, chunk_tokens,
+    )  # fmt: skip
+    return torch.sigmoid(F.linear(x, w[f"{p}_gate.weight"])) * out
+
+
 def moe_weight_names(moe: MoeSpec, names: set[str]) -> list[str]:
     """The tensors (relative to ``model.layers.N.``) a sparse layer needs, in the layout ``names``
-    holds: per-expert weights, or the fused 3-D tensors."""
+    holds: per-expert weights, or the fused 3-D tensors (and the shared expert's, if any)."""
     p = f"{moe.prefix}.experts"
     need = [moe.router_key]
+    if moe.shared_expert_size:
+        s = f"{moe.prefix}.shared_expert"
+        need += [f"{s}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        need.append(f"{s}_gate.weight")
     if moe.router_bias:
         need.append(f"{moe.prefix}.{moe.router}.bias")
     if moe.expert_kind == "gpt_oss":

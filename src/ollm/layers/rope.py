@@ -33,7 +33,9 @@ class RopeSpec:
         )
         if rope_type == "default":
             base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-            exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+            # Partial rotary (Qwen3-Next: 0.25): only the first dims of each head rotate.
+            dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+            exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
             inv = 1.0 / (base**exps)
             return cls(tuple(inv.tolist()), 1.0)
         if rope_type not in STATIC_ROPE_TYPES:
@@ -60,9 +62,13 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, heads, T, D] by the half-split convention used by HF checkpoints."""
+    """Rotate ``x`` [B, heads, T, D] by the half-split convention used by HF checkpoints; with
+    tables narrower than D (partial rotary) only the first dims rotate, the rest pass through."""
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos[:, 0], sin[:, 0]), x[..., rot:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from ollm.kv.cache import LayerKVCache
 from ollm.layers.attention import AttentionMask
 from ollm.layers.mlp import gated_mlp
-from ollm.layers.moe import moe_mlp, moe_weight_names
+from ollm.layers.moe import moe_mlp, moe_weight_names, shared_expert
 from ollm.layers.norms import rms_norm
 from ollm.layers.rope import apply_rope
+from ollm.models.qwen3_next import LINEAR_KEY, linear_attention, linear_weight_names
 from ollm.models.spec import ModelSpec
 
 Weights = Mapping[str, torch.Tensor]
@@ -34,12 +35,17 @@ def self_attention(
     mask: AttentionMask,
     dense_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Project, normalise (q/k norm), rotate, append to the cache, attend, project out."""
+    """Project, normalise (q/k norm), rotate, append to the cache, attend, project out (gated
+    by the sigmoid of q_proj's second half per head with ``attn_output_gate``)."""
     b, t, _ = x.shape
     q = F.linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
     k = F.linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
     v = F.linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-    q = q.view(b, t, -1, spec.head_dim).transpose(1, 2)
+    gate = None
+    if spec.attn_output_gate:
+        q, gate = q.view(b, t, -1, 2 * spec.head_dim).chunk(2, dim=-1)
+        gate = gate.reshape(b, t, -1)
+    q = q.reshape(b, t, -1, spec.head_dim).transpose(1, 2)
     k = k.view(b, t, -1, spec.head_dim).transpose(1, 2)
     v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
     if spec.qk_norm:
@@ -51,6 +57,8 @@ def self_attention(
         mask = replace(mask, sinks=w["self_attn.sinks"])
     out = kv.attend(q, k, v, mask, spec.scale, dense_mask)
     out = out.transpose(1, 2).reshape(b, t, -1)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
     return F.linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
 
 
@@ -58,7 +66,10 @@ def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) 
     """The dense gated MLP, or the mixture of experts when the layer's weights hold a router
     (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` leave some layers dense)."""
     if spec.moe is not None and spec.moe.router_key in w:
-        return moe_mlp(x, w, spec.moe, spec.act, chunk_tokens)
+        out = moe_mlp(x, w, spec.moe, spec.act, chunk_tokens)
+        if spec.moe.shared_expert_size:
+            out = out + shared_expert(x, w, spec.moe, spec.act, chunk_tokens)
+        return out
     return gated_mlp(
         x,
         w["mlp.gate_proj.weight"],
@@ -82,7 +93,10 @@ def decoder_block(
 ) -> torch.Tensor:
     """One transformer block: pre-norm attention and MLP with residuals (plus Gemma's sandwich norms)."""
     x = _norm(spec, h, w["input_layernorm.weight"])
-    a = self_attention(spec, x, w, kv, cos, sin, mask, dense_mask)
+    if LINEAR_KEY in w:  # a linear-attention layer: ``kv`` is its recurrent state
+        a = linear_attention(spec, x, w, kv, mask)  # type: ignore[arg-type]
+    else:
+        a = self_attention(spec, x, w, kv, cos, sin, mask, dense_mask)
     if spec.sandwich_norm:
         a = _norm(spec, a, w["post_attention_layernorm.weight"])
         h = h + a
@@ -102,15 +116,13 @@ def required_layer_tensors(
     """Tensor names (relative to ``model.layers.N.``) the block needs for this spec; biases are
     optional and found by name. ``layer`` picks the dense MLP or the experts (MoE specs; without
     it, a layer whose ``names`` hold the router is sparse); ``names`` picks the experts' layout."""
-    need = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-    ]
     moe, names = spec.moe, names or set()
+    linear = spec.layers[layer].linear if layer is not None else LINEAR_KEY in names
+    need = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    if linear:
+        need += linear_weight_names()
+    else:
+        need += [f"self_attn.{p}_proj.weight" for p in "qkvo"]
     sparse = (
         spec.is_sparse(layer)
         if layer is not None
@@ -120,7 +132,7 @@ def required_layer_tensors(
         need += moe_weight_names(moe, names)
     else:
         need += ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
-    if spec.qk_norm:
+    if spec.qk_norm and not linear:
         need += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     if spec.attn_sinks:
         need.append("self_attn.sinks")

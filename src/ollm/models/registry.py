@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_moe": "qwen3_moe",
     "mixtral": "mixtral",
     "gpt_oss": "gpt_oss",
+    "qwen3_next": "qwen3_next",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
 }

@@ -79,11 +79,14 @@ def kv_layer_bytes(
 ) -> list[int]:
     """Device KV of each layer as the runner allocates it: the whole context, or for a
     sliding-window layer window + one forward of ``forward`` tokens (``SlidingKVCache``); a
-    full-attention layer under a codec that covers the device tier: its stored bytes."""
+    full-attention layer under a codec that covers the device tier: its stored bytes; a
+    linear-attention layer: its fixed-size recurrent state (``kv/recurrent.py``)."""
     per_token = 2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes
     out = []
     for layer in spec.layers:
-        if fmt is not None and fmt.on_device and layer.window is None:
+        if getattr(layer, "linear", False):
+            out.append(spec.linear_attn.state_bytes(work.batch, dtype_bytes))
+        elif fmt is not None and fmt.on_device and layer.window is None:
             b, h, d = work.batch, spec.num_kv_heads, spec.head_dim
             out.append(fmt.layer_bytes(b, h, d, dtype_bytes, work.context))
         else:

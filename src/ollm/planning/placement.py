@@ -394,8 +394,9 @@ def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz
     n = len(layers)
     tier = KvTier.DISK if kv_cache == "disk" else KvTier.CPU
     layers = [replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
-    if budget is None or spec.layers[n - kv_off].window or sz.compressed:
-        return layers
+    first = spec.layers[n - kv_off]
+    if budget is None or first.window or getattr(first, "linear", False) or sz.compressed:
+        return layers  # a window, a recurrent state or compressed KV: no device blocks
     resident = sum(store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device))
     spare = budget - sum(fixed.values()) - resident - ring * sz.layer
     block = sz.per_token * kv_block_tokens

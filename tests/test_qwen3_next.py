@@ -1,0 +1,226 @@
+"""Qwen3-Next (gated DeltaNet linear attention + gated full attention + MoE with a shared expert)
+against transformers: the kernels, the spec, and whole models with layers resident, streamed from
+RAM and disk, the recurrent state in RAM beside disk KV, experts one by one through two cache
+slots, chunked prefill, left-padded batches; the planner's count of the recurrent state; the
+batch engine and speculation refused for the family, never giving other tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import make_hf_model, tiny_config
+from ollm import LLM, SamplingParams
+from ollm.kv.recurrent import RecurrentState
+from ollm.layers import deltanet
+from ollm.models.decoder import layer_weight_names
+from ollm.models.registry import build_spec, supported_model_types
+from test_moe import hf_greedy, hf_logprobs
+
+PROMPT = [(7 * i + 3) % 256 for i in range(40)]  # longer than the conv kernel (4)
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF model, its directory, cache dir, reference greedy tokens, reference log-probs)."""
+    d = tmp_path_factory.mktemp("qwen3-next")
+    model = make_hf_model("qwen3_next", d / "hf")
+    tokens = hf_greedy(model, PROMPT, 8)
+    return model, d / "hf", d / "c", tokens, hf_logprobs(model, PROMPT + tokens)
+
+
+def _check(llm: LLM, tiny, score: bool = True) -> None:
+    """Greedy tokens equal transformers'; log-probs of the whole sequence within 1e-4."""
+    _, _, _, tokens, ref = tiny
+    assert llm.generate(PROMPT, GREEDY).token_ids == tokens
+    if score:
+        got = llm.score(PROMPT + tokens).cpu()
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_spec_follows_the_config():
+    """Layer kinds from ``layer_types``, HF's sparse-layer rule, partial rotary (a quarter of
+    each head rotates), zero-centred norms, and per layer the tensors its kind needs."""
+    cfg = tiny_config("qwen3_next")
+    spec = build_spec(cfg)
+    assert "qwen3_next" in supported_model_types()
+    assert [layer.linear for layer in spec.layers] == [True, True, True, False]
+    assert spec.moe.sparse_layers == {0, 2, 3} and spec.moe.shared_expert_size == 32
+    assert len(spec.layers[3].rope.inv_freq) == 16 // 4 // 2
+    assert spec.norm_unit_offset and spec.qk_norm and spec.attn_output_gate
+    linear, full, dense = (set(layer_weight_names(spec, set(), i)) for i in (0, 3, 1))
+    assert "linear_attn.conv1d.weight" in linear and "self_attn.q_proj.weight" not in linear
+    assert "self_attn.q_norm.weight" in full and "linear_attn.A_log" not in full
+    assert "mlp.shared_expert_gate.weight" in linear and "mlp.gate_proj.weight" in dense
+
+
+def _rule_inputs(t: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, dk, dv = 2, 4, 16, 8
+    q, k = torch.randn(b, t, h, dk, generator=g), torch.randn(b, t, h, dk, generator=g)
+    v = torch.randn(b, t, h, dv, generator=g)
+    decay = -torch.rand(b, t, h, generator=g) * 2
+    beta = torch.rand(b, t, h, generator=g)
+    state = torch.randn(b, h, dk, dv, generator=g)
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("t", [1, 5, 64, 150])
+def test_delta_rule_kernels_match_transformers(t):
+    """Both forms of the gated delta rule equal transformers' torch fallbacks, from zeros and from
+    a given state, and agree with each other (the chunked form over several 64-token chunks)."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as ref
+
+    q, k, v, decay, beta, state = _rule_inputs(t)
+    kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
+    for init in (None, state):
+        want, want_s = ref.torch_chunk_gated_delta_rule(
+            q, k, v, g=decay, beta=beta, initial_state=init, **kw
+        )
+        got, got_s = deltanet.chunk_delta_rule(q, k, v, decay, beta, init)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_s, want_s, atol=1e-6, rtol=1e-6)
+        want, want_s = ref.torch_recurrent_gated_delta_rule(
+            q, k, v, g=decay, beta=beta, initial_state=init, **kw
+        )
+        rec, rec_s = deltanet.recurrent_delta_rule(q, k, v, decay, beta, init)
+        torch.testing.assert_close(rec, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rec_s, want_s, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rec, got, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_conv_continues_across_calls():
+    """The convolution over a sequence in pieces (its past carried between calls, one token at a
+    time included) equals transformers' convolution over the whole sequence."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as ref
+
+    torch.manual_seed(0)
+    c, kernel, t = 12, 4, 11
+    x, w = torch.randn(2, c, t), torch.randn(c, 1, kernel)
+    want = ref.causal_conv1d_fn(x, w.squeeze(1), None, activation="silu")
+    past = torch.zeros(2, c, kernel - 1)
+    pieces = []
+    for a, b in ((0, 2), (2, 3), (3, 9), (9, 10), (10, 11)):
+        out, past = deltanet.causal_conv(x[..., a:b], past, w)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, -1), want)
+    assert torch.equal(past, x[..., -(kernel - 1) :])
+
+
+def test_resident_and_chunked_prefill_match_transformers(tiny):
+    """Every layer resident: the 40-token prompt in one forward, then a 150-token prompt in
+    prefill chunks of 32 rows (the state carried from chunk to chunk; the rule's own 64-token
+    chunks straddle them): tokens equal transformers', log-probs within 1e-4."""
+    model, path, cache, *_ = tiny
+    with LLM(path, device="cpu", cache_dir=cache, progress=False) as llm:
+        assert llm.spec.family == "qwen3_next"
+        _check(llm, tiny)
+    prompt = [(5 * i + 1) % 256 for i in range(150)]
+    with LLM(path, device="cpu", cache_dir=cache, progress=False, prefill_chunk=32) as llm:
+        assert llm.plan.prefill_chunk_tokens == 32
+        res = llm.generate(prompt, GREEDY)
+        assert res.token_ids == hf_greedy(model, prompt, 8)
+        seq = prompt + res.token_ids
+        torch.testing.assert_close(llm.score(seq), hf_logprobs(model, seq), atol=1e-4, rtol=1e-4)
+
+
+def test_layers_streamed_from_ram_and_disk(tiny):
+    """A RAM budget of three layers: some layers resident in RAM, the rest read from disk each
+    pass (whole MoE layers); then every attention layer's KV on disk, the linear layers' state
+    in RAM beside it. Same tokens and log-probs as transformers."""
+    _, path, cache, *_ = tiny
+    kw = dict(device="cpu", cache_dir=cache, progress=False, moe_offload="layer", prefill_chunk=16)
+    with LLM(path, **kw) as probe:
+        r, layer = probe.plan.reserved, probe.plan.layer_bytes
+        budget = r["globals"] + r["kv cache"] + r["activations"] + 3 * layer
+    with LLM(path, cpu_memory=budget, **kw) as llm:
+        tiers = [p.tier for p in llm.plan.layers]
+        assert "cpu" in tiers and "disk" in tiers, tiers
+        _check(llm, tiny)
+    with LLM(path, kv_cache="disk", **kw) as llm:
+        assert all(p.kv_tier == "disk" for p in llm.plan.layers)
+        kv, disk = llm._engine._new_kv(1, 64, None)
+        try:
+            states = [c for c in kv if isinstance(c, RecurrentState)]
+            assert len(states) == 3 and all(s.ssm.device.type == "cpu" for s in states)
+            assert type(kv[3]).__name__ == "OffloadedKVCache"
+        finally:
+            llm._engine._release(kv, disk)
+        _check(llm, tiny)
+
+
+def test_experts_one_by_one_through_two_slots(tiny):
+    """Experts placed one by one: every expert on disk read through a cache of two slots (the
+    shared expert stays with the dense part); same tokens and log-probs; experts read from disk."""
+    _, path, cache, *_ = tiny
+    kw = dict(device="cpu", cache_dir=cache, progress=False, offload="disk")
+    with LLM(path, moe_offload="expert", expert_slots=2, **kw) as llm:
+        e = llm.plan.experts
+        assert e.cache_slots == 2 and e.tier_counts()["disk"] == e.total == 3 * 8
+        _check(llm, tiny)
+        assert llm.stats.expert_misses > 0 and llm.stats.bytes_disk > 0
+
+
+def test_padded_batch_and_refused_batch_engine(tiny, caplog):
+    """Several prompts run as one left-padded batch (padding rows zeroed before the linear
+    layers, so their state stays zero): each equals transformers alone. The batch engine and
+    speculation are refused for the family with one reason, and a speculative request still
+    gives the greedy tokens (without drafts)."""
+    from ollm.engine.kvpools import batch_supported, batch_unsupported
+
+    model, path, cache, tokens, _ = tiny
+    prompts = [[(3 * i + 2 + n) % 256 for i in range(n)] for n in (40, 17, 29)]
+    with LLM(path, device="cpu", max_batch=3, cache_dir=cache, progress=False) as llm:
+        assert not batch_supported(llm.runner)
+        assert "recurrent state" in batch_unsupported(llm.runner)
+        batch = llm.generate(prompts, GREEDY)
+        for p, r in zip(prompts, batch, strict=True):
+            assert r.token_ids == hf_greedy(model, p, 8)
+        with caplog.at_level(logging.WARNING, logger="ollm"):
+            spec = SamplingParams(max_new_tokens=8, temperature=0, speculate="lookup")
+            assert llm.generate(PROMPT, spec).token_ids == tokens
+        assert "speculative decoding is off" in caplog.text and "recurrent state" in caplog.text
+
+
+def test_state_cannot_roll_back():
+    """A recurrent state refuses to forget tokens (what a rejected draft would need)."""
+    spec = build_spec(tiny_config("qwen3_next"))
+    s = RecurrentState(2, spec.linear_attn, torch.float32, "cpu")
+    s.store(s.conv + 1, s.ssm + 1, 5)
+    s.trim(5)
+    with pytest.raises(RuntimeError, match="cannot roll back"):
+        s.trim(4)
+    assert s.nbytes == spec.linear_attn.state_bytes(2, 4) and len(s) == 5
+
+
+def test_planner_counts_the_recurrent_state(tiny):
+    """The plan's KV reservation is the full-attention layers' KV at the planned context plus the
+    linear layers' fixed state, and equals what ``Runner.new_kv`` allocates for that workload."""
+    _, path, cache, *_ = tiny
+    with LLM(path, device="cpu", cache_dir=cache, progress=False, max_context=96) as llm:
+        w, spec = llm.workload, llm.spec
+        per_token = spec.kv_bytes_per_token(4)
+        assert per_token == 2 * 1 * spec.num_kv_heads * spec.head_dim * 4  # one full layer
+        state = spec.state_bytes(w.batch, 4)
+        assert state == 3 * spec.linear_attn.state_bytes(w.batch, 4) > 0
+        assert llm.plan.reserved["kv cache"] == w.batch * w.context * per_token + state
+        kv = llm.runner.new_kv(w.batch, w.context)
+        assert sum(c.nbytes for c in kv) == llm.plan.reserved["kv cache"]
+
+
+def test_real_config_parameter_counts():
+    """Qwen3-Next-80B-A3B's shapes (transformers' defaults are its config): 80B parameters,
+    3B activated besides the embeddings (its model card's round figures)."""
+    import transformers as tf
+
+    spec = build_spec(tf.Qwen3NextConfig())
+    embed = 2 * spec.vocab_size * spec.hidden_size
+    n = spec.num_layers
+    lin, linear_layers = spec.linear_attn, spec.num_layers - spec.kv_layers
+    assert (lin.num_k_heads, lin.num_v_heads, lin.k_dim, lin.conv_kernel) == (16, 32, 128, 4)
+    assert linear_layers == 36 and spec.moe.num_experts == 512 and spec.moe.top_k == 10
+    assert n * spec.layer_param_count() + embed == pytest.approx(80e9, rel=0.01)
+    assert n * spec.layer_param_count(active=True) == pytest.approx(3e9, rel=0.1)
