@@ -1,7 +1,7 @@
 """Device load benchmark of ``ollm serve`` (issue 14): Llama-3.1-8B shapes (random bf16 weights)
 under 8 GiB of GPU memory, driven by ``scripts/serve_load.py`` at concurrency 1, 8 and 32.
 
-    PYTHONPATH=src:tests python scripts/gpu/serve.py --out $OUT [--quick]
+    PYTHONPATH=src python scripts/gpu/serve.py --out $OUT [--quick]
     (carry .whl/serve, written by scripts/fetch_serve_wheels.sh)
 
 1. The serving stack: when FastAPI, uvicorn, prometheus-client, openai or httpx is missing (the
@@ -337,7 +337,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=0, help="0: 64 (--quick: 32)")
     ap.add_argument("--prompt-words", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=128, help="the server's, per sequence")
-    ap.add_argument("--deadline", type=float, default=0, help="seconds; 0: 420 (--quick: 200)")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds; 0: 420 (--quick: 210)")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--drain-wait", type=float, default=30)
     ap.add_argument("--wheels", default=".whl/serve")
@@ -346,7 +346,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.overrides = {k: _value(v) for k, _, v in (x.partition("=") for x in a.set)}
     a.levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     a.max_tokens = a.max_tokens or (32 if a.quick else 64)
-    a.deadline = a.deadline or (200 if a.quick else 420)
+    a.deadline = a.deadline or (210 if a.quick else 420)
     return a
 
 
