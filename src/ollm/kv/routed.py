@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from ollm.kv.page_read import PageBuffers, StepSlots, attend_read, gather_tier
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
-from ollm.layers.attention import _attend_lse as attend_lse
 from ollm.layers.routing import (
     FULL,
     TOPK,
@@ -25,6 +25,11 @@ from ollm.layers.routing import (
 )
 
 Tier = tuple[torch.Tensor, torch.Tensor, int]  # keys, values [B, KVH, n, D], first cache slot
+# Where a routed decode step attends the pages it reads from pinned RAM: "sit" (on the CPU, where
+# they are: only q and the output cross PCIe) or "device" (gathered into pinned buffers, copied
+# to the GPU, attended there). scripts/gpu/routing_micro.py times both.
+READS = ("sit", "device")
+READ = "sit"
 
 
 class Router:
@@ -41,8 +46,14 @@ class Router:
         device: torch.device | str,
         stats=None,
         decode_tokens: int = 8,
+        buffers: PageBuffers | None = None,
+        read: str = "sit",
     ) -> None:
+        if read not in READS:
+            raise ValueError(f"read must be one of {READS}, not {read!r}")
         self.routing, self.stats, self.decode_tokens = routing, stats, decode_tokens
+        self.read = read  # where RAM pages are attended: "sit" (the CPU) or "device" (copied)
+        self.buffers = buffers or PageBuffers()
         kvh = len(routing.heads)
         self.summaries = None
         if TOPK in routing.heads:
@@ -54,6 +65,8 @@ class Router:
             for m in (FULL, WINDOW, TOPK)
             if m in routing.heads
         }
+        self._tuples = {m: tuple(x.tolist()) for m, x in self._groups.items()}
+        self._indices: dict[tuple[str, str], torch.Tensor] = {}
 
     @property
     def partial(self) -> bool:
@@ -108,20 +121,32 @@ class Router:
         b, h, t, d = q.shape
         kvh = len(self.routing.heads)
         g = h // kvh
-        out = torch.empty_like(q)
-        lse = torch.empty(b, h, t, device=q.device)
+        whole = len(self._groups) == 1  # one mechanism: no split of the heads, no scatter
+        out = None if whole else torch.empty_like(q)
+        lse = None if whole else torch.empty(b, h, t, device=q.device)
         for mech, heads in self._groups.items():
-            qh = q.view(b, kvh, g, t, d)[:, heads.to(q.device)].reshape(b, -1, t, d)
+            idx = None if whole else self._index(mech, q.device)
+            qh = q if whole else q.view(b, kvh, g, t, d)[:, idx].reshape(b, -1, t, d)
             if mech == FULL:
                 o, s = self._full(qh, heads, tiers, mask, scale)
             elif t == 1 and mask.key_keep is None and self._aligned(tiers):
-                o, s = self._paged(q, qh, heads, tiers, mask, scale, lo, hi, mech)
+                o, s = self._paged(q, qh, mech, tiers, mask, scale, lo, hi)
             else:
                 slots, valid = self._slots(q, heads, mask, lo, hi, mech)
                 o, s = self._gathered(qh, heads, tiers, slots, valid, mask, scale)
-            out.view(b, kvh, g, t, d)[:, heads.to(q.device)] = o.view(b, -1, g, t, d)
-            lse.view(b, kvh, g, t)[:, heads.to(q.device)] = s.view(b, -1, g, t)
+            if whole:
+                return o, s
+            out.view(b, kvh, g, t, d)[:, idx] = o.view(b, -1, g, t, d)
+            lse.view(b, kvh, g, t)[:, idx] = s.view(b, -1, g, t)
         return out, lse
+
+    def _index(self, mech: str, device: torch.device) -> torch.Tensor:
+        """The KV heads of ``mech`` as an index on ``device``, kept (a CPU index of a CUDA tensor
+        would be copied, and the host wait for the GPU, at every use)."""
+        key = (mech, str(device))
+        if key not in self._indices:
+            self._indices[key] = self._groups[mech].to(device)
+        return self._indices[key]
 
     def _slots(self, q, heads, mask, lo, hi, mech):
         """Key slots [B, R, L] of ``heads`` (sinks, chosen pages, window) and which count."""
@@ -132,7 +157,7 @@ class Router:
         slots = plain.expand(b, n_h, -1)
         valid = torch.ones_like(slots, dtype=torch.bool)
         if mech == TOPK:
-            pages = select_pages(q, self.summaries, lo, hi, r.pages, heads.to(dev))
+            pages = select_pages(q, self.summaries, lo, hi, r.pages, self._index(mech, dev))
             ps, pv = page_slots(pages, r.page_tokens, lo, hi)
             slots, valid = torch.cat([slots, ps], -1), torch.cat([valid, pv], -1)
         if mask.key_keep is not None:
@@ -145,39 +170,46 @@ class Router:
     def _aligned(self, tiers: list[Tier]) -> bool:
         return all(off % self.routing.page_tokens == 0 for _, _, off in tiers)
 
-    def _paged(self, q, qh, heads, tiers, mask, scale, lo, hi, mech):
-        """One decode query, no padding: per tier, per (sequence, KV head), its sinks and window
-        slices and its chosen pages copied whole (``index_select`` of page rows: a memcpy per
-        page) into one buffer and one flash call where the tier sits (q moves there once, the
-        outputs back once); the tiers merged by log-sum-exp."""
-        r, end = self.routing, mask.kv_len
-        b, g = q.shape[0], qh.shape[1] // heads.shape[0]
+    def _paged(self, q, qh, mech, tiers, mask, scale, lo, hi):
+        """One decode query, no padding: per tier, the group's sinks, chosen pages and window
+        gathered into one buffer (``page_read.gather_tier``: a memcpy per page) and one
+        attention call where the tier sits (RAM: on the CPU, or with ``read="device"`` copied
+        to the GPU first); the tiers merged by log-sum-exp. The host waits for the GPU once:
+        q and the chosen page ids come back in one go."""
+        r = self.routing
+        step = StepSlots(lo, hi, mask.kv_len, r.page_tokens)
         pages = None
         if mech == TOPK:
             dev = self.summaries.kmin.device
-            pages = select_pages(q, self.summaries, lo, hi, r.pages, heads.to(dev))
+            every = len(self._tuples[mech]) == len(r.heads)  # all heads, in order
+            idx = None if every else self._index(mech, dev)
+            pages = select_pages(q, self.summaries, lo, hi, r.pages, idx)
+        on_cpu = [k.device.type == "cpu" for k, _, _ in tiers]
+        ragged = [step.ragged(off, off + k.shape[2]) for k, _, off in tiers]
+        sit = self.read == "sit" or qh.device.type == "cpu"
+        q_host, ids_host = _to_host(
+            qh if sit and any(on_cpu) else None,
+            pages if pages is not None and (any(on_cpu) or any(ragged)) else None,
+        )
+        heads = self._tuples[mech]
         out = lse = None
-        for k, v, off in tiers:
-            dev = k.device
-            qd = qh.to(dev)
-            ids = None if pages is None else pages.to(dev)
-            o_t = torch.zeros_like(qd)
-            s_t = torch.full(qd.shape[:3], -torch.inf, device=dev)
-            for bi in range(b):
-                for i, hd in enumerate(heads.tolist()):
-                    kv = _page_parts(
-                        k[bi, hd], v[bi, hd], off, lo, hi, end, r.page_tokens,
-                        None if ids is None else ids[bi, i],
-                    )  # fmt: skip
-                    if kv is None:  # this tier holds none of the head's slots
-                        continue
-                    rows = slice(i * g, (i + 1) * g)
-                    o1, s1 = attend_lse(
-                        qd[bi : bi + 1, rows], kv[0][None, None], kv[1][None, None], scale
-                    )
-                    o_t[bi, rows], s_t[bi, rows] = o1[0], s1[0]
-            o_t, s_t = o_t.to(qh.device), s_t.to(qh.device)
-            out, lse = (o_t, s_t) if out is None else merge_lse(out, lse, o_t, s_t)
+        for (k, v, off), cpu, rag in zip(tiers, on_cpu, ragged, strict=True):
+            ids = pages if pages is None or (pages.device == k.device and not rag) else ids_host
+            got = gather_tier(k, v, off, step, heads, ids, self.buffers)
+            if got is None:  # this tier holds none of the group's slots
+                continue
+            kb, vb, valid, which = got
+            qd = qh
+            if cpu and not sit:  # the chosen pages go to the GPU, attended there
+                kb, vb = kb.to(qh.device, non_blocking=True), vb.to(qh.device, non_blocking=True)
+                valid = None if valid is None else valid.to(qh.device)
+                if which is not None:
+                    self.buffers.copied(which, torch.cuda.current_stream(qh.device))
+            elif cpu:
+                qd = q_host
+            o, s = attend_read(qd, kb, vb, valid, scale)
+            o, s = o.to(qh.device), s.to(qh.device)
+            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
         return out, lse
 
     @staticmethod
@@ -216,45 +248,28 @@ class Router:
         return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
-def _page_parts(k, v, off, lo, hi, end, page, ids):
-    """Keys and values [L, D] of one head that one tier (slots [off, off + n)) holds: its
-    share of the sinks [0, lo), of the chosen pages ``ids`` (whole pages of [lo, hi)) and of
-    the window [hi, end), in slot order; None when it holds none."""
-    n = k.shape[0]
-    a, e = off, off + n
-    spans = [(max(a, 0), min(e, lo)), (max(a, hi), min(e, end))]
-    spans = [(x - off, y - off) for x, y in spans if y > x]
-    if ids is not None:
-        if a > lo or e < hi:  # the tier holds part of the middle: its pages (a sync on a GPU)
-            ids = ids[(ids * page >= a) & ((ids + 1) * page <= e)]
-        ids = ids - off // page if off else ids
-    count = sum(y - x for x, y in spans) + (0 if ids is None else ids.numel() * page)
-    if not count:
-        return None
-    kb = torch.empty(count, k.shape[1], dtype=k.dtype, device=k.device)
-    vb = torch.empty_like(kb)
-    pos = 0
-    for x, y in spans[:1]:  # sinks first (slot order does not change a softmax, kept for reading)
-        kb[pos : pos + y - x], vb[pos : pos + y - x] = k[x:y], v[x:y]
-        pos += y - x
-    if ids is not None and ids.numel():
-        full = (n // page) * page
-        m = ids.numel() * page
-        rows_k, rows_v = k[:full].view(-1, page * k.shape[1]), v[:full].view(-1, page * k.shape[1])
-        torch.index_select(rows_k, 0, ids, out=kb[pos : pos + m].view(-1, page * k.shape[1]))
-        torch.index_select(rows_v, 0, ids, out=vb[pos : pos + m].view(-1, page * k.shape[1]))
-        pos += m
-    for x, y in spans[1:]:
-        kb[pos : pos + y - x], vb[pos : pos + y - x] = k[x:y], v[x:y]
-        pos += y - x
-    return kb, vb
+def _to_host(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """CPU copies of the CUDA tensors among ``ts`` after one wait for the GPU (None and CPU
+    tensors as they are)."""
+    out = [t if t is None or t.device.type == "cpu" else t.to("cpu", non_blocking=True) for t in ts]
+    dev = next((t.device for t in ts if t is not None and t.device.type == "cuda"), None)
+    if dev is not None:
+        torch.cuda.current_stream(dev).synchronize()
+    return out
 
 
 def attach_routers(
-    caches: list, routing: list[LayerRouting | None], batch: int, capacity: int, stats=None
+    caches: list,
+    routing: list[LayerRouting | None],
+    batch: int,
+    capacity: int,
+    stats=None,
+    read: str = READ,
 ) -> None:
     """Give each cache whose layer has a routing its ``Router`` (summaries on the device the
-    layer computes on: the prefill scratch's for offloaded KV, else the cache's own)."""
+    layer computes on: the prefill scratch's for offloaded KV, else the cache's own); the
+    routers share one set of gather buffers (a layer at a time uses them)."""
+    buffers = None
     for cache, r in zip(caches, routing, strict=True):
         if r is None or not hasattr(cache, "router"):
             continue
@@ -262,6 +277,9 @@ def attach_routers(
         device = scratch.k.device if scratch is not None else cache.k.device
         dtype = scratch.k.dtype if scratch is not None else cache.k.dtype
         head_dim = (scratch or cache).k.shape[-1]
+        if buffers is None:
+            buffers = PageBuffers(device if read == "device" and device.type == "cuda" else None)
         cache.router = Router(
-            r, batch, head_dim, capacity, dtype, device, stats, getattr(cache, "decode_tokens", 8)
-        )
+            r, batch, head_dim, capacity, dtype, device, stats,
+            getattr(cache, "decode_tokens", 8), buffers, read,
+        )  # fmt: skip

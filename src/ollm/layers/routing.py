@@ -201,15 +201,19 @@ def page_scores(
 
 
 def select_pages(
-    q: torch.Tensor, summaries: KeySummaries, lo: int, hi: int, k: int, heads: torch.Tensor
+    q: torch.Tensor, summaries: KeySummaries, lo: int, hi: int, k: int, heads: torch.Tensor | None
 ) -> torch.Tensor:
-    """Ids of the ``k`` best pages of slots [lo, hi) (page-aligned) for KV heads ``heads``,
-    sorted: LongTensor [B, len(heads), k] on the summaries' device."""
+    """Ids of the ``k`` best pages of slots [lo, hi) (page-aligned) for KV heads ``heads``
+    (None: all, in order; no gather of the summaries), sorted: LongTensor [B, len(heads), k] on
+    the summaries' device."""
     p_ = summaries.page_tokens
     p0, p1 = lo // p_, hi // p_
     dev = summaries.kmin.device
-    qh = q.to(dev).reshape(q.shape[0], summaries.kmin.shape[1], -1, q.shape[-1])[:, heads]
-    s = page_scores(qh, summaries.kmin[:, heads, p0:p1], summaries.kmax[:, heads, p0:p1])
+    qh = q.to(dev).reshape(q.shape[0], summaries.kmin.shape[1], -1, q.shape[-1])
+    mn, mx = summaries.kmin[:, :, p0:p1], summaries.kmax[:, :, p0:p1]
+    if heads is not None:
+        qh, mn, mx = qh[:, heads], mn[:, heads], mx[:, heads]
+    s = page_scores(qh, mn, mx)
     return s.topk(min(k, p1 - p0), dim=-1).indices.sort(-1).values + p0
 
 
