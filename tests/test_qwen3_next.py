@@ -224,3 +224,41 @@ def test_real_config_parameter_counts():
     assert linear_layers == 36 and spec.moe.num_experts == 512 and spec.moe.top_k == 10
     assert n * spec.layer_param_count() + embed == pytest.approx(80e9, rel=0.01)
     assert n * spec.layer_param_count(active=True) == pytest.approx(3e9, rel=0.1)
+
+
+def test_synthetic_preset_has_the_real_shapes(tmp_path):
+    """``ollm bench --synthetic qwen3-next-80b-a3b``: the shape fields equal transformers'
+    Qwen3NextConfig defaults (the 80B-A3B shapes), every tensor the store writes has the shape
+    HF's module holds (the routed experts per expert), and a shrunken store runs end to end."""
+    import transformers as tf
+
+    from ollm.models.registry import STORE_FAMILIES
+    from ollm.storage.synthetic import PRESETS, SyntheticSource, make_synthetic_store
+
+    cls_name, fields = PRESETS["qwen3-next-80b-a3b"]
+    default = tf.Qwen3NextConfig()
+    shape_fields = [k for k in fields if k not in ("intermediate_size", "max_position_embeddings",
+                                                   "rope_parameters", "layer_types")]  # fmt: skip
+    for k in shape_fields:
+        assert getattr(default, k) == fields[k], k
+    assert default.layer_types[:4] == fields["layer_types"]
+    small = dict(hidden_size=64, num_hidden_layers=4, num_experts=12, vocab_size=128)
+    source = SyntheticSource("qwen3-next-80b-a3b", families=STORE_FAMILIES, **small)
+    with torch.device("meta"):
+        hf = tf.AutoModelForCausalLM.from_config(source.config)
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    for name in source.names():
+        if ".experts." in name:  # HF fuses them: [E, 2I, H] and [E, H, I]
+            e = int(name.split(".experts.")[1].split(".")[0])
+            prefix = name.split(".experts.")[0]
+            fused = want[f"{prefix}.experts.{'down_proj' if 'down' in name else 'gate_up_proj'}"]
+            rows = fused[1] // (1 if "down" in name else 2)
+            assert source.shape(name) == (rows, fused[2]) and e < fused[0], name
+        else:
+            assert source.shape(name) == want[name], name
+    store = make_synthetic_store(
+        "qwen3-next-80b-a3b", tmp_path / "s", progress=False, families=STORE_FAMILIES, **small
+    )
+    with LLM(store, device="cpu", dtype="float32", progress=False) as llm:
+        res = llm.generate([1, 2, 3, 4, 5, 6], SamplingParams(max_new_tokens=4, temperature=0))
+        assert len(res.token_ids) == 4 and llm.spec.linear_attn.num_v_heads == 32

@@ -38,8 +38,8 @@ SyntheticOpt = Annotated[
     typer.Option(
         "--synthetic",
         help="Random weights with a real architecture's shapes: llama3-1b, llama3-8b, "
-        "qwen3-8b, gemma3-12b, or the mixtures of experts qwen3-30b-a3b and gpt-oss-20b "
-        "(cached under the cache dir).",
+        "qwen3-8b, gemma3-12b, or the mixtures of experts qwen3-30b-a3b, gpt-oss-20b and "
+        "qwen3-next-80b-a3b (cached under the cache dir).",
     ),
 ]
 ContextOpt = Annotated[

@@ -149,6 +149,41 @@ PRESETS["gpt-oss-20b"] = (
         },
     ),
 )
+# Qwen3-Next-80B-A3B (its public config.json; the shapes are also transformers' Qwen3NextConfig
+# defaults): gated DeltaNet and gated attention layers 3 : 1, 512 experts top-10 + a shared one.
+PRESETS["qwen3-next-80b-a3b"] = (
+    "Qwen3NextConfig",
+    dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5120,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        num_experts=512,
+        num_experts_per_tok=10,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        rms_norm_eps=1e-6,
+        max_position_embeddings=262144,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    ),
+)
 
 
 def preset_config(name: str, **overrides: object):
@@ -231,17 +266,42 @@ class SyntheticSource:
         proj = short.split(".")[1]
         return (h, i) if proj == m.expert_names[2] else (i, h)
 
+    def _hybrid_shape(self, name: str) -> tuple[int, ...] | None:
+        """Shapes of Qwen3-Next's linear-attention tensors and shared expert (None otherwise)."""
+        s, lin = self.spec, self.spec.linear_attn
+        h = s.hidden_size
+        shared = s.moe.shared_expert_size if s.moe is not None else 0
+        if shared and ".shared_expert" in name:
+            if name.endswith("shared_expert_gate.weight"):
+                return (1, h)
+            return (h, shared) if "down_proj" in name else (shared, h)
+        if lin is None or ".linear_attn." not in name:
+            return None
+        short = name.rsplit(".linear_attn.", 1)[1]
+        return {
+            "in_proj_qkvz.weight": (2 * lin.key_dim + 2 * lin.value_dim, h),
+            "in_proj_ba.weight": (2 * lin.num_v_heads, h),
+            "conv1d.weight": (lin.conv_dim, 1, lin.conv_kernel),
+            "dt_bias": (lin.num_v_heads,),
+            "A_log": (lin.num_v_heads,),
+            "norm.weight": (lin.v_dim,),
+            "out_proj.weight": (h, lin.value_dim),
+        }[short]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` (HF layout)."""
         s = self.spec
         h, d, i = s.hidden_size, s.head_dim, s.intermediate_size
+        hybrid = self._hybrid_shape(name)
+        if hybrid is not None:
+            return hybrid
         moe = self._moe_shape(name) if s.moe is not None else None
         if moe is not None:
             return moe
         if name.endswith("self_attn.sinks"):
             return (s.num_heads,)
         table = {
-            "q_proj": (s.num_heads * d, h),
+            "q_proj": (s.num_heads * d * (2 if s.attn_output_gate else 1), h),
             "k_proj": (s.num_kv_heads * d, h),
             "v_proj": (s.num_kv_heads * d, h),
             "o_proj": (h, s.num_heads * d),
@@ -268,8 +328,9 @@ class SyntheticSource:
             rank = torch.randperm(shape[0], generator=g, device=self.device) + 1
             return (-self._zipf * torch.log(rank.float())).to(torch.bfloat16).cpu()
         t = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
-        if len(shape) == 1:
-            t = t * 0.05 + (0.0 if self.spec.norm_unit_offset else 1.0)
+        if len(shape) == 1:  # norms; Qwen3-Next's gated norm has a plain weight
+            plain = not self.spec.norm_unit_offset or name.endswith("linear_attn.norm.weight")
+            t = t * 0.05 + (1.0 if plain else 0.0)
         else:
             t = t * 0.02
         return t.to(torch.bfloat16).cpu()
