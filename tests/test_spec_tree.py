@@ -304,6 +304,42 @@ def test_request_speculate(hf_models, tmp_path):
     assert sampling_params(req, 4)[0].speculate == "off"
 
 
+def test_single_request_tree_over_ram_and_disk(hf_models, tmp_path, monkeypatch):
+    """One prompt through ``LLM.generate`` with ``speculate="tree:lookup"`` runs trees on the
+    batch engine (not `Generator`'s chain-less path) with the plan's KV in RAM and on disk, and
+    with every layer's KV on disk (``_kv_dir``): greedy tokens equal plain decoding's."""
+    from conftest import disk_kv_budget
+    from ollm.engine import batch, tree
+
+    _, path = hf_models("gemma3_text")  # its greedy output repeats the prompt: lookup drafts
+    common = dict(max_context=128, prefill_chunk=32, cache_dir=tmp_path / "c", progress=False)
+    budget = disk_kv_budget(path, 1.6, **common)
+    homes, verified = [], []
+    run_engine, verify = batch.BatchEngine.generate, tree.verify_tree
+
+    def recorded(self, *a, **k):
+        homes.append({h for s in self.pools.stores.values() for h in s})
+        return run_engine(self, *a, **k)
+
+    def counted(*a, **k):
+        verified.append(len(a[2]))  # the tree's node count
+        return verify(*a, **k)
+
+    monkeypatch.setattr(batch.BatchEngine, "generate", recorded)
+    monkeypatch.setattr("ollm.engine.speculative.verify_tree", counted)
+    p = prompts()[0]
+    with LLM(path, device="cpu", kv_cache="disk", cpu_memory=budget, kv_dir=tmp_path / "kv",
+             **common) as llm:  # fmt: skip
+        assert {q.kv_tier for q in llm.plan.layers} == {"device", "disk"}  # RAM is the CPU's
+        want = llm.generate(p, GREEDY).token_ids
+        for kv_dir, where in ((None, {"device", "disk"}), (str(tmp_path / "all"), {"disk"})):
+            verified.clear()
+            got = llm.generate(p, replace(GREEDY, speculate="tree:lookup"), _kv_dir=kv_dir)
+            assert got.token_ids == want and homes[-1] == where
+            assert llm.last_speculation.drafter == "lookup tree"
+            assert verified and llm.last_speculation.drafted == sum(verified) > 0
+
+
 @pytest.mark.parametrize("family", ["gemma3_text"])  # sliding windows and global layers
 def test_mix_and_cascade_greedy_identical(family, hf_models, tmp_path):
     """Content-aware choice (lookup or the self-draft per span), a cascade (lookup drafts for
