@@ -114,3 +114,22 @@ def test_triton_decode_kernel_in_the_interpreter():
     assert res.returncode == 0, res.stderr[-2000:]
     worst = float(res.stdout.split("WORST")[-1])
     assert worst < 1.0, worst
+
+
+def test_micro_benchmark_runs_on_the_cpu(monkeypatch):
+    """scripts/gpu/kv_codec_micro.py's measurement of one layer, small: errors against
+    dequantize-then-attend within float32 rounding for bf16 KV, int8 and int4."""
+    path = ROOT / "scripts" / "gpu" / "kv_codec_micro.py"
+    spec = importlib.util.spec_from_file_location("gpu_kv_codec_micro", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "CHUNK", 256)
+    monkeypatch.setattr(mod, "KVH", 2)
+    monkeypatch.setattr(mod, "H", 4)
+    monkeypatch.setattr(mod, "D", 32)
+    for name in ("none", "int8", "int4"):
+        res = mod.one(name, 700, "cpu", torch.float32, steps=3)
+        assert res["prefill_max_abs_err"] < 1e-5 and res["decode_max_abs_err"] < 1e-5, res
+        assert res["prefill_ms"] > 0 and res["decode_attend_ms"] > 0
+        if name != "none":
+            assert res["encode_ms"] > 0 and res["decode_kernel"] == "torch"

@@ -2,10 +2,9 @@
 dequantizes int8 / int4 codes in registers, so no full-precision copy of the cache is made.
 
 One program per (sequence, KV head, split of the slots): the query heads of the KV head (and
-the few rows of a decode step) are the rows of one ``tl.dot``; key tiles of ``BLOCK_N`` slots are
-loaded as codes, turned into values with their (lo, scale) (keys per channel of each block of
-``block`` tokens, values per token and group of channels) and folded into an online softmax
-(flash decoding). Each split writes its normalised output and log-sum-exp; a few torch ops
+the few rows of a decode step) are the rows of one ``tl.dot``; each key tile is one codec block
+(``block`` slots, one row of per-channel key (lo, scale)), loaded as codes, turned into values
+(values per token and group of channels) and folded into an online softmax (flash decoding). Each split writes its normalised output and log-sum-exp; a few torch ops
 merge the splits (``_merge_splits``). The result (out, lse) merges with the exact window.
 
 ``supported(q, store)`` says when it applies (CUDA, Triton importable, int8 / int4 on both
@@ -30,7 +29,6 @@ except ImportError:  # pragma: no cover - depends on the install
 log = logging.getLogger(__name__)
 KINDS = ("int8", "int4")
 MAX_ROWS = 64  # query rows per KV head (query heads x decode rows) one program holds
-BLOCK_N = 64  # slots per key tile
 _LOG2E = 1.4426950408889634
 
 
@@ -51,6 +49,7 @@ def supported(q: torch.Tensor, store) -> bool:
         and c.value.kind in KINDS
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and store.head_dim in (16, 32, 64, 128, 256)
+        and c.block in (16, 32, 64, 128)
         and rows <= MAX_ROWS
     )
 
@@ -65,24 +64,25 @@ def encoded_lse(
     rows = h // kvh * t
     rpad = max(16, 1 << (rows - 1).bit_length())
     qg = q.reshape(b, kvh, rows, d)  # query heads of a KV head folded into rows
-    tiles = -(-upto // BLOCK_N)
+    c = store.codec
+    assert upto % c.block == 0, "encoded slots come in whole codec blocks"
+    tiles = upto // c.block
     if splits is None:
         splits = _splits(q.device, b * kvh, tiles)
     splits = max(1, min(splits, tiles))
-    per = -(-tiles // splits) * BLOCK_N  # slots per split, whole tiles
+    per = -(-tiles // splits) * c.block  # slots per split, whole codec blocks
     splits = -(-upto // per)  # none empty
     o = torch.empty((b, kvh, splits, rpad, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, kvh, splits, rpad), dtype=torch.float32, device=q.device)
     kc, kp, vc, vp = store.tensors()
-    c = store.codec
     _kernel[(b * kvh, splits)](
         qg, kc, kp, vc, vp, o, lse,
         scale * _LOG2E, upto, per, rows,
         *qg.stride()[:3], *kc.stride()[:3], *kp.stride()[:3], *vc.stride()[:3],
         *vp.stride()[:3], *o.stride()[:4], *lse.stride()[:3],
-        KVH=kvh, R=rpad, D=d, GROUP=c.block, VGROUP=c.value.token_group(d),
+        KVH=kvh, R=rpad, D=d, BLOCK_N=c.block, VGROUP=c.value.token_group(d),
         NG=c.value.channel_groups(d), K_INT4=c.key.kind == "int4",
-        V_INT4=c.value.kind == "int4", BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
+        V_INT4=c.value.kind == "int4", IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     out, s = _merge_splits(o[:, :, :, :rows], lse[:, :, :, :rows])
     return out.to(q.dtype).reshape(b, h, t, d), s.reshape(b, h, t)
@@ -123,9 +123,9 @@ if triton is not None:
         qk_scale, n_slots, per_split, n_rows,
         sqb, sqh, sqr, skcb, skch, skcs, skpb, skph, skpn, svcb, svch, svcs,
         svpb, svph, svps, sob, soh, sos, sor, slb, slh, sls,
-        KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+        KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         VGROUP: tl.constexpr, NG: tl.constexpr, K_INT4: tl.constexpr, V_INT4: tl.constexpr,
-        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        IEEE: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -147,19 +147,17 @@ if triton is not None:
         kp = KP + b * skpb + h * skph
         vc = VC + b * svcb + h * svch
         vp = VP + b * svpb + h * svph
-        for s0 in range(lo_slot, hi_slot, BLOCK_N):
-            n = s0 + tl.arange(0, BLOCK_N)  # whole tiles: n_slots is a multiple of the block
-            ok = n < hi_slot
-            n = tl.where(ok, n, lo_slot)  # masked slots read a valid one, then score -inf
-            blk = (n // GROUP) * skpn
-            klo = tl.load(kp + blk[:, None] + d[None, :]).to(tl.float32)
-            ksc = tl.load(kp + blk[:, None] + D + d[None, :]).to(tl.float32)
-            k = klo + _codes(kc, n * skcs, d, K_INT4) * ksc  # [N, D]
+        for s0 in range(lo_slot, hi_slot, BLOCK_N):  # one codec block per tile, all slots valid
+            n = s0 + tl.arange(0, BLOCK_N)
+            blk = kp + (s0 // BLOCK_N) * skpn
+            klo = tl.load(blk + d).to(tl.float32)  # the block's per-channel (lo, scale)
+            ksc = tl.load(blk + D + d).to(tl.float32)
+            k = klo[None, :] + _codes(kc, n * skcs, d, K_INT4) * ksc[None, :]  # [N, D]
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            s = s * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
