@@ -38,28 +38,45 @@ def causal_lse(
     return blocked_attention_lse(q, k, v, AttentionMask(0, n, n), scale)
 
 
-def recent_lse(q, ek, ev, kb, vb, span, a: int, codec, scale: float, workspace=None):
+def recent_lse(q, ek, ev, src, span, a: int, codec, scale: float, workspace=None):
     """(out, lse) of the rows of one forward over parts 2 and 3 above. ``ek``/``ev`` hold the
-    exact slots [e0, end), ``kb``/``vb`` the decoded slots [a, e1) (None when e1 == a);
-    ``span`` is (e0, e1, start, end)."""
-    _, _, start, end = span
-    t = end - start
+    exact slots [e0, end); ``src`` (a CodeStore on q's device) the encoded slots [a, e1),
+    decoded here once into a buffer shared by both parts; ``span`` is (e0, e1, start, end)."""
+    e0, e1, start, end = span
+    b, _, t, d = q.shape
+    kvh = ek.shape[1]
     lag = codec.recent + codec.block - 1
-    out, lse = band_lse(q, ek, ev, kb, vb, span, a, codec, scale, workspace)
+    m = codec.block * -(-BAND_ROWS // codec.block)  # rows per tile: whole codec blocks
+    tiles = -(-t // m)
+    o = start - lag  # the slot of band row 0
+    length = tiles * m + lag
+    if workspace is not None:
+        yk, yv = workspace.decoded((b, kvh, length, d), ek.dtype, q.device)
+    else:
+        yk, yv = (torch.empty((b, kvh, length, d), dtype=ek.dtype, device=q.device) for _ in "kv")
+    for buf in (yk, yv):  # outside [a, e1) only masked scores: finite values, zero weights
+        buf[:, :, : a - o].zero_()
+        buf[:, :, e1 - o :].zero_()
+    if e1 > a:
+        src.read(a, e1, yk[:, :, a - o : e1 - o], yv[:, :, a - o : e1 - o])
+    pad = (ek.new_zeros(b, kvh, e0 - o, d), ek.new_zeros(b, kvh, o + length - end, d))
+    xk = torch.cat([pad[0], ek, pad[1]], 2)  # exact slots, numbered like the decoded ones
+    xv = torch.cat([pad[0], ev, pad[1]], 2)
+    out, lse = band_lse(q, (xk, xv, yk, yv), start, a, codec, scale, m)
     n2 = end - lag - a  # rows [a + lag, end) see the keys [a, end - lag) encoded
     if n2 > 0:
         r0 = t - n2
-        o, s = causal_lse(q[:, :, r0:], kb[:, :, :n2], vb[:, :, :n2], scale)
-        o, s = merge_lse(out[:, :, r0:], lse[:, :, r0:], o, s)
-        out[:, :, r0:] = o
-        lse[:, :, r0:] = s
+        kb, vb = yk[:, :, a - o : a - o + n2], yv[:, :, a - o : a - o + n2]
+        o2, s2 = causal_lse(q[:, :, r0:], kb, vb, scale)
+        o2, s2 = merge_lse(out[:, :, r0:], lse[:, :, r0:], o2, s2)
+        out[:, :, r0:] = o2
+        lse[:, :, r0:] = s2
     return out, lse
 
 
-def band_masks(span, a: int, codec, m: int, tiles: int, device) -> torch.Tensor:
+def band_masks(start: int, a: int, codec, m: int, tiles: int, device) -> torch.Tensor:
     """[tiles, 1, m, 2 * (m + lag)] booleans: row j of tile i (slot start + i*m + j) over the
     band slots start + i*m - lag + w, first as encoded keys then as exact keys."""
-    _, _, start, _ = span
     g, r = codec.block, codec.recent
     lag = r + g - 1
     base = start + torch.arange(tiles, device=device)[:, None, None] * m
@@ -71,32 +88,20 @@ def band_masks(span, a: int, codec, m: int, tiles: int, device) -> torch.Tensor:
     return torch.cat([enc, exact], -1)[:, None]
 
 
-def band_lse(q, ek, ev, kb, vb, span, a: int, codec, scale: float, workspace=None):
-    """(out, lse) of every row over its band (part 3): see the module docstring."""
-    e0, e1, start, end = span
+def band_lse(q, bufs, start: int, a: int, codec, scale: float, m: int):
+    """(out, lse) of every row over its band (part 3). ``bufs``: exact K, V and decoded K, V
+    [B, KVH, tiles * m + lag, D], row j holding slot start - lag + j."""
     b, h, t, d = q.shape
-    kvh = ek.shape[1]
+    xk, xv, yk, yv = bufs
+    kvh = xk.shape[1]
     grp = h // kvh
-    g = codec.block
-    lag = codec.recent + g - 1
-    m = g * -(-BAND_ROWS // g)
+    lag = codec.recent + codec.block - 1
     tiles = -(-t // m)
     width = m + lag
-    o = start - lag  # the slot of buffer row 0
-    length = tiles * m + lag
-    bufs = _band_buffers(workspace, (b, kvh, length, d), ek.dtype, q.device)
-    xk, xv, yk, yv = bufs
-    for buf in bufs:
-        buf.zero_()  # slots outside a part stay finite (masked scores, zero values)
-    xk[:, :, e0 - o : end - o] = ek
-    xv[:, :, e0 - o : end - o] = ev
-    if kb is not None and e1 > a:
-        yk[:, :, a - o : e1 - o] = kb[:, :, : e1 - a]
-        yv[:, :, a - o : e1 - o] = vb[:, :, : e1 - a]
     qp = q if tiles * m == t else torch.nn.functional.pad(q, (0, 0, 0, tiles * m - t))
     # [B, H, tiles*m, D] -> [B, KVH, tiles, grp*m, D]: a KV head's query heads folded into rows
-    qt = qp.view(b, kvh, grp, tiles, m, d).transpose(2, 3).reshape(b, kvh, tiles, grp * m, d)
-    masks = band_masks(span, a, codec, m, tiles, q.device)
+    qt = qp.reshape(b, kvh, grp, tiles, m, d).transpose(2, 3).reshape(b, kvh, tiles, grp * m, d)
+    masks = band_masks(start, a, codec, m, tiles, q.device)
     out = torch.empty(b, h, tiles * m, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, tiles * m, dtype=torch.float32, device=q.device)
     cell = b * kvh * grp * m * 2 * width * 4  # float32 scores of one tile
@@ -123,10 +128,3 @@ def band_lse(q, ek, ev, kb, vb, span, a: int, codec, scale: float, workspace=Non
         ls = (den.log_() + top).view(b, kvh, i1 - i0, grp, m).transpose(2, 3)
         lse[:, :, rows] = ls.reshape(b, h, (i1 - i0) * m)
     return out[:, :, :t], lse[:, :, :t]
-
-
-def _band_buffers(workspace, shape, dtype, device) -> tuple[torch.Tensor, ...]:
-    """Four [B, KVH, L, D] buffers (exact K, V; decoded K, V), the workspace's when given."""
-    if workspace is not None:
-        return workspace.band(shape, dtype, device)
-    return tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(4))

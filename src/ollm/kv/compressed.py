@@ -58,17 +58,6 @@ class CodecWorkspace:
             self._decoded[key] = have  # type: ignore[assignment]
         return have[0][:, :, :n], have[1][:, :, :n]
 
-    def band(self, shape: tuple[int, int, int, int], dtype, device) -> tuple:
-        """Four [B, H, n, D] views (exact K, V; decoded K, V) of the band buffers of a
-        multi-row forward (``kv/codec_attend.py``), grown as needed and reused."""
-        b, h, n, d = shape
-        key = ("band", b, h, d, dtype, str(device))
-        have = self._decoded.get(key)
-        if have is None or have.shape[3] < n:
-            have = torch.empty((4, b, h, n, d), dtype=dtype, device=device)
-            self._decoded[key] = have  # type: ignore[assignment]
-        return tuple(have[i, :, :, :n] for i in range(4))
-
     def staging(self, store: CodeStore, device) -> CodeStore:
         """A store like ``store`` on ``device`` (grown to its slots; reused by every layer)."""
         kc = store.kc
@@ -165,15 +154,15 @@ class CompressedKVCache:
                 o, s = attend_lse(q, ek[:, :, a - e0 :], ev[:, :, a - e0 :], scale)
                 out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
             return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+        if mask.key_keep is None:  # causal flash + banded tiles, O(rows) (kv/codec_attend.py)
+            o, s = recent_lse(q, ek, ev, src, span, a, self.codec, scale, self.workspace)
+            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+            return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
         b, h, _, d = ek.shape
         kb = vb = None
         if e1 > a:  # the keys encoded for some rows of this forward only
             kb, vb = self.workspace.decoded((b, h, e1 - a, d), self.dtype, q.device)
             src.read(a, e1, kb, vb)
-        if mask.key_keep is None:  # causal flash + banded tiles, O(rows) (kv/codec_attend.py)
-            o, s = recent_lse(q, ek, ev, kb, vb, span, a, self.codec, scale, self.workspace)
-            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
-            return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
         outs, lses = [], []
         for r0 in range(0, t, MASK_ROWS):  # masks of [MASK_ROWS, keys], not [T, keys]
             r1 = min(t, r0 + MASK_ROWS)
