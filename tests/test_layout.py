@@ -16,8 +16,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "ollm"
 
 # Top to bottom: a module may import only from its own package or one below it. The top-level
-# modules join a group: the facade (``ollm/__init__``, ``api``, ``api_support``, ``compat``,
-# ``draft_model``),
+# modules join a group: the facade (``ollm/__init__``, ``api``, ``api_support``, ``compat``),
 # ``config`` (EngineConfig: read by the engine and above, reads planning and storage) and the
 # leaf helpers every layer uses (``errors``, ``sizes``, ``procs``, ``tiers``, ``corpus``).
 ORDER = [
@@ -42,7 +41,6 @@ GROUP_OF_TOP = {
     "api": "api",
     "api_support": "api",
     "compat": "api",
-    "draft_model": "api",  # speculative decoding's draft LLM (it and api import each other)
     "config": "config",
     "errors": "base",
     "sizes": "base",

@@ -1,23 +1,17 @@
-"""Parts of the public API kept apart from ``api.py``: ``TextStream`` (what ``LLM.stream``
-returns), the largest context a budget fits, and the CUDA allocator setting ``LLM`` applies."""
+"""``TextStream`` (what ``LLM.stream`` returns), kept apart from ``api.py``."""
 
 from __future__ import annotations
 
-import logging
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
-
-import torch
 
 from ollm.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from ollm.api import LLM, GenerationResult
 
-log = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 
 
@@ -65,19 +59,3 @@ class TextStream:
         finally:
             self._cancel.set()
             self._thread.join()
-
-
-def _expandable_segments() -> None:
-    """Let PyTorch's CUDA allocator grow segments in place instead of caching fixed blocks: the
-    prefill's buffers change size from layer to layer and chunk to chunk, and with fixed blocks
-    the reserved memory (what a GPU budget must hold) rose 1 GiB above the allocated peak at 32k.
-    A setting the user made in PYTORCH_CUDA_ALLOC_CONF wins."""
-    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        return
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:
-        setter = torch.cuda.memory._set_allocator_settings
-    try:
-        setter("expandable_segments:True")
-    except RuntimeError as exc:  # a platform without it keeps the default allocator
-        log.debug("expandable segments unavailable: %s", exc)

@@ -1,4 +1,4 @@
-"""Expert-granular offload wired into an ``LLM`` (issue 19): when to plan experts one by one,
+"""Expert-granular offload wired into an ``Engine`` (issue 19): when to plan experts one by one,
 and the prefetcher that streams the dense parts with an expert cache beside it.
 
 ``moe_offload="auto"`` places experts one by one when the model is a mixture of experts, its
@@ -19,18 +19,18 @@ from ollm.tiers import Tier
 log = logging.getLogger(__name__)
 
 
-def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
-    """(plan with ``experts``, rates or None) for ``llm``'s model, or None to plan whole layers.
+def plan_with_experts(engine, whole, workload, elem: int, chunk: dict):
+    """(plan with ``experts``, rates or None) for ``engine``'s model, or None to plan whole layers.
     ``whole()`` plans whole layers (raising ``BudgetError`` when they do not fit); ``chunk``:
     the keyword arguments ``plan_placement`` gets."""
     from ollm.planning.experts import plan_experts
     from ollm.planning.placement import plan_placement
     from ollm.storage.experts import StoreExperts
 
-    cfg, spec = llm.config, llm.spec
+    cfg, spec = engine.config, engine.spec
     if spec.moe is None or cfg.moe_offload == "layer":
         return None
-    experts = StoreExperts(llm.store)
+    experts = StoreExperts(engine.store)
     if not experts.available:
         if cfg.moe_offload == "expert":
             log.warning("this store has no per-expert ranges (converted before them); whole "
@@ -47,12 +47,12 @@ def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
             return None  # every layer resident: nothing to cache
 
     def plan_dense(store, gpu, cpu):
-        return plan_placement(spec, store, llm.device, gpu, cpu, cfg.offload, workload, elem,
+        return plan_placement(spec, store, engine.device, gpu, cpu, cfg.offload, workload, elem,
                               hybrid="off", **chunk)  # fmt: skip
 
     try:
         eplan = plan_experts(
-            spec, llm.store, experts, llm.device, llm._gpu_memory, cfg.cpu_memory, cfg.offload,
+            spec, engine.store, experts, engine.device, engine.gpu_memory, cfg.cpu_memory, cfg.offload,
             workload, elem, cfg.expert_cache, cfg.expert_slots, cfg.expert_cpu, plan_dense,
         )  # fmt: skip
     except BudgetError as exc:  # a warning only when asked for: "auto" just picks layers
@@ -67,7 +67,7 @@ def plan_with_experts(llm, whole, workload, elem: int, chunk: dict):
         from ollm.storage.convert import default_cache_dir
 
         cache = Path(cfg.cache_dir or default_cache_dir())
-        rates = cached_rates(llm.device, cache, llm.dtype, spec, workload.context)
+        rates = cached_rates(engine.device, cache, engine.dtype, spec, workload.context)
     return eplan, rates
 
 

@@ -1,7 +1,7 @@
-"""An LLM's placement: planned (with the cost model's rates where layers or KV sit in RAM),
-loaded, and replaced atomically when a request needs more than was planned. The facade
-(``ollm.api.LLM``) holds the result: ``workload``, ``plan``, ``rates``, ``prefetcher``,
-``runner``."""
+"""An engine's placement: planned (with the cost model's rates where layers or KV sit in RAM),
+loaded, and replaced atomically when a request needs more than was planned. The `Engine`
+(``engine/core.py``) holds the result: ``workload``, ``plan``, ``rates``, ``prefetcher``,
+``runner``; these functions take it as ``engine``."""
 
 from __future__ import annotations
 
@@ -30,24 +30,31 @@ def routing_summary_bytes(spec, cfg, workload, elem: int) -> int:
     return per_layer * sum(1 for layer in spec.layers if not layer.window)
 
 
-def plan_for(llm, workload):
+def plan_for(engine, workload):
     """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
     from ollm.engine.moe_offload import plan_with_experts
     from ollm.kv.codecs import kv_format
     from ollm.planning.placement import Workload, plan_placement
 
-    cfg = llm.config
-    elem = torch.finfo(llm.dtype).bits // 8
-    args = (llm.spec, llm.store, llm.device, llm._gpu_memory, cfg.cpu_memory, cfg.offload)
+    cfg = engine.config
+    elem = torch.finfo(engine.dtype).bits // 8
+    args = (
+        engine.spec,
+        engine.store,
+        engine.device,
+        engine.gpu_memory,
+        cfg.cpu_memory,
+        cfg.offload,
+    )
     chunk = {
         "chunk_tokens": cfg.prefill_chunk,
         "kv_cache": cfg.kv_cache,
         "kv_block_tokens": cfg.kv_block_tokens,
-        "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, llm.spec.head_dim, elem),
-        "summary_bytes": routing_summary_bytes(llm.spec, cfg, workload, elem),
+        "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, engine.spec.head_dim, elem),
+        "summary_bytes": routing_summary_bytes(engine.spec, cfg, workload, elem),
     }
     whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
-    experts = plan_with_experts(llm, whole, workload, elem, chunk)  # MoE: experts one by one
+    experts = plan_with_experts(engine, whole, workload, elem, chunk)  # MoE: experts one by one
     if experts is not None:
         return experts
     try:
@@ -64,7 +71,7 @@ def plan_for(llm, workload):
             f"(max_context={fit}, --max-context {fit})"
         ) from None
     rates = None
-    hybrid = "off" if llm._hybrid_demoted else cfg.hybrid
+    hybrid = "off" if engine.hybrid_demoted else cfg.hybrid
     kv_in_ram = any(p.kv_tier == KvTier.CPU for p in plan.layers)
     if plan.device != "cpu" and (hybrid != "off" and plan.count(Tier.CPU) or kv_in_ram):
         # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
@@ -73,43 +80,49 @@ def plan_for(llm, workload):
         from ollm.storage.convert import default_cache_dir
 
         cache = Path(cfg.cache_dir or default_cache_dir())
-        rates = cached_rates(llm.device, cache, llm.dtype, llm.spec, workload.context)
+        rates = cached_rates(engine.device, cache, engine.dtype, engine.spec, workload.context)
         plan = plan_placement(*args, workload, elem, rates, hybrid, cfg.cpu_layers, **chunk)
     return plan, rates
 
 
-def load(llm, workload, planned=None) -> None:
+def load(engine, workload, planned=None) -> None:
     """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
-    it the LLM's placement; its attributes change only once loading succeeded."""
+    it the engine's placement: the prefetcher and runner are built completely first, and the
+    engine's attributes change together only once both exist."""
     from ollm.engine.moe_offload import make_prefetcher
     from ollm.engine.runner import Runner
 
-    plan, rates = planned or plan_for(llm, workload)
-    cfg = llm.config
-    prefetcher = make_prefetcher(llm.store, plan, llm.stats, cfg.verify_checksums, rates)
-    llm.workload, llm.plan, llm.rates, llm.prefetcher = workload, plan, rates, prefetcher
+    plan, rates = planned or plan_for(engine, workload)
+    cfg = engine.config
+    prefetcher = make_prefetcher(engine.store, plan, engine.stats, cfg.verify_checksums, rates)
     if plan.cpu_layers and rates is not None:
         torch.set_num_threads(rates.cpu_threads)
-    llm.runner = Runner(llm.spec, plan, prefetcher, llm.dtype)
-    llm.runner.routing = getattr(llm, "_routing", None)
-    llm.runner.kv_codec, llm.runner.kv_recent = cfg.kv_codec, cfg.kv_recent
-    llm.runner.kv_evict, llm.runner.kv_keep = cfg.kv_evict, cfg.kv_keep
-    if hasattr(llm, "_engine"):
-        llm._engine.runner = llm.runner
+    try:
+        runner = Runner(engine.spec, plan, prefetcher, engine.dtype)
+    except BaseException:
+        prefetcher.close()
+        raise
+    runner.routing = engine.routing
+    runner.kv_codec, runner.kv_recent = cfg.kv_codec, cfg.kv_recent
+    runner.kv_evict, runner.kv_keep = cfg.kv_evict, cfg.kv_keep
+    engine.workload, engine.plan, engine.rates = workload, plan, rates
+    engine.prefetcher, engine.runner = prefetcher, runner
+    if getattr(engine, "generator", None) is not None:  # None while the engine is built
+        engine.generator.runner = runner
 
 
-def replan(llm, workload) -> None:
+def replan(engine, workload) -> None:
     """Switch to a placement for ``workload``. Planning comes first and changes nothing (a
     BudgetError leaves the current placement in use). The old buffers are released before
     the new ones load, since both may not fit the GPU budget; if loading fails, the old
     plan is loaded again and the error re-raised."""
-    planned = plan_for(llm, workload)
-    old = llm.workload, (llm.plan, llm.rates)
-    llm.prefetcher.close()
+    planned = plan_for(engine, workload)
+    old = engine.workload, (engine.plan, engine.rates)
+    engine.prefetcher.close()
     try:
-        load(llm, workload, planned)
+        load(engine, workload, planned)
     except BaseException:
-        load(llm, *old)
+        load(engine, *old)
         raise
 
 

@@ -16,7 +16,7 @@ from ollm.errors import BudgetError
 from ollm.sizes import format_size
 
 if TYPE_CHECKING:
-    from ollm.api import LLM
+    from ollm.engine.core import Engine
 
 
 def draft_path(speculate: str) -> str | None:
@@ -25,18 +25,19 @@ def draft_path(speculate: str) -> str | None:
     return arg if kind == "draft" else None
 
 
-def open_draft(target: LLM, path: str, budget: int | None) -> LLM:
+def open_draft(target: Engine, path: str, budget: int | None) -> Engine:
     """Load the draft model for ``target`` (same device and workload) under ``budget`` bytes of
     the device; BudgetError when it would not be wholly resident there."""
-    from ollm.api import LLM
+    from ollm.config import EngineConfig
+    from ollm.engine.core import Engine
 
     cfg, on_gpu = target.config, target.device.startswith("cuda")
     mem = {"gpu_memory": budget} if on_gpu else {"cpu_memory": budget}
     try:
-        draft = LLM(
-            path, device=target.device, max_context=cfg.max_context, max_batch=cfg.max_batch,
-            cache_dir=cfg.cache_dir, progress=cfg.progress, **mem,
-        )  # fmt: skip
+        draft = Engine(EngineConfig(
+            model=str(path), device=target.device, max_context=cfg.max_context,
+            max_batch=cfg.max_batch, cache_dir=cfg.cache_dir, progress=cfg.progress, **mem,
+        ))  # fmt: skip
     except BudgetError as exc:
         raise BudgetError(f"the draft model {path} does not fit the budget: {exc}") from None
     if budget is not None and draft.plan.streamed:
@@ -49,20 +50,20 @@ def open_draft(target: LLM, path: str, budget: int | None) -> LLM:
     return draft
 
 
-def reserve_draft(target: LLM) -> int:
-    """Load the configured draft model first (``target._draft``) and take its device bytes out
+def reserve_draft(target: Engine) -> int:
+    """Load the configured draft model first (``target.draft``) and take its device bytes out
     of the target's budget; returns those bytes (0 without a draft model or a budget)."""
     path = draft_path(target.config.speculate)
     if path is None:
         return 0
     on_gpu = target.device.startswith("cuda")
-    budget = target._gpu_memory if on_gpu else target.config.cpu_memory
-    target._draft = open_draft(target, path, budget)
+    budget = target.gpu_memory if on_gpu else target.config.cpu_memory
+    target.draft = open_draft(target, path, budget)
     if budget is None:
         return 0
-    used = target._draft.plan.peak_device_bytes
+    used = target.draft.plan.peak_device_bytes
     if on_gpu:
-        target._gpu_memory = budget - used
+        target.gpu_memory = budget - used
     else:
         import dataclasses
 
@@ -70,7 +71,7 @@ def reserve_draft(target: LLM) -> int:
     return used
 
 
-def budget_error(target: LLM, exc: BudgetError, draft_bytes: int) -> BudgetError:
+def budget_error(target: Engine, exc: BudgetError, draft_bytes: int) -> BudgetError:
     """The target's refusal, saying the draft model took ``draft_bytes`` of the budget."""
     what = "gpu_memory" if target.device.startswith("cuda") else "cpu_memory"
     return BudgetError(
