@@ -90,75 +90,98 @@ def _route(cache, context: int, pages: int, read: str, device, dtype) -> None:
         cache.router.summaries.update(cache.k[:, :, a:e].to(device), a)
 
 
-def bench(context: int = 100000, device="cuda:0", iters: int = 7, dtype=torch.bfloat16) -> dict:
-    """The rows above at ``context`` on ``device`` (CUDA rows skipped on the CPU)."""
+def _beside(fn, w_src: torch.Tensor, w_dst: torch.Tensor, side) -> None:
+    """``fn()`` while one layer's weights copy host->GPU on another stream (as in a decode
+    step, where a RAM layer's reads should hide behind the weight stream)."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        w_dst.copy_(w_src, non_blocking=True)
+    fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _fetch(cache, q, context: int, scale: float):
+    """The ``kv_fetch`` path: the whole RAM KV copied to the GPU, attended there."""
     from ollm.kv.offload import copy_slots
-    from ollm.kv.page_read import StepSlots, attend_read, gather_tier
     from ollm.layers.attention import AttentionMask, attend
+
+    gk = torch.empty(1, KVH, context, D, dtype=q.dtype, device=q.device)
+    gv = torch.empty_like(gk)
+
+    def fetch():  # as KVFetcher: one contiguous DMA per (sequence, head)
+        copy_slots(gk, cache.k, 0, context)
+        copy_slots(gv, cache.v, 0, context)
+        return attend(q, gk, gv, AttentionMask(context - 1, 1, context), scale)
+
+    return fetch
+
+
+def _parts(cache, q, context: int, pages: int, scale: float, iters: int) -> dict:
+    """The CPU read of ``topk_sit`` in parts, each alone: the gather, the attention."""
+    from ollm.kv.page_read import StepSlots, attend_read, gather_tier
     from ollm.layers.routing import select_pages
 
+    lo, hi = cache.router.routing.middle(context)
+    st = StepSlots(lo, hi, context, PAGE)
+    heads = tuple(range(KVH))
+    ids = select_pages(q, cache.router.summaries, lo, hi, pages, None).cpu()
+    bufs = cache.router.buffers
+    got = gather_tier(cache.k, cache.v, 0, st, heads, ids, bufs)
+    qc, cpu = q.cpu(), torch.device("cpu")
+    return {
+        "gather": _clock(
+            lambda: gather_tier(cache.k, cache.v, 0, st, heads, ids, bufs), cpu, iters
+        ),
+        "attend": _clock(lambda: attend_read(qc, got[0], got[1], None, scale), cpu, iters),
+        "read_bytes": 2 * got[0].numel() * got[0].element_size(),
+        "read_fraction": got[0].shape[2] / (context + 1),
+    }
+
+
+def bench(context: int = 100000, device="cuda:0", iters: int = 7, dtype=torch.bfloat16) -> dict:
+    """The rows above at ``context`` on ``device`` (CUDA rows skipped on the CPU)."""
+    from ollm.layers.attention import AttentionMask
+
     device = torch.device(device)
+    cuda = device.type == "cuda"
     torch.manual_seed(1)
     cache = _cache(context, device, dtype)
     q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
-    kn = torch.randn(1, KVH, 1, D, device=device, dtype=dtype)
-    vn = torch.randn(1, KVH, 1, D, device=device, dtype=dtype)
-    scale = D**-0.5
-    mask = AttentionMask(context, 1, context + 1)
-    fixed = SINKS + WINDOW + PAGE - 1
-    pages = max(1, (int(context * SHARE) - fixed) // PAGE)
+    kn, vn = (torch.randn(1, KVH, 1, D, device=device, dtype=dtype) for _ in range(2))
+    scale, mask = D**-0.5, AttentionMask(context, 1, context + 1)
+    pages = max(1, (int(context * SHARE) - (SINKS + WINDOW + PAGE - 1)) // PAGE)
 
     def step():
         out = cache.attend(q, kn, vn, mask, scale, None)
         cache.trim(context)
         return out
 
-    kv_bytes = 2 * KVH * D * context * cache.k.element_size()
     report: dict = {"device": str(device), "context": context, "pages": pages}
-    report["kv_bytes_layer"] = kv_bytes
-    report["full_cpu"] = _clock(step, device, max(3, iters // 2))
-    outs = {"full": step()}
-    cuda = device.type == "cuda"
+    report["kv_bytes_layer"] = 2 * KVH * D * context * cache.k.element_size()
     if cuda:
-        gk = torch.empty(1, KVH, context, D, dtype=dtype, device=device)
-        gv = torch.empty_like(gk)
-
-        def fetch():  # as KVFetcher: one contiguous DMA per (sequence, head)
-            copy_slots(gk, cache.k, 0, context)
-            copy_slots(gv, cache.v, 0, context)
-            return attend(q, gk, gv, AttentionMask(context - 1, 1, context), scale)
-
-        report["full_fetch"] = _clock(fetch, device, iters)
         w_src = torch.empty(LAYER_BYTES, dtype=torch.uint8).pin_memory()
         w_dst = torch.empty(LAYER_BYTES, dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
         report["weights_h2d"] = _clock(lambda: w_dst.copy_(w_src, non_blocking=True), device, iters)
-    for read in ("sit", "device") if cuda else ("sit",):
-        _route(cache, context, pages, read, device, dtype)
-        report[f"topk_{read}"] = _clock(step, device, iters)
-        outs[read] = step()
-    # the parts of the CPU read, alone: page choice (GPU) -> host, gather, attention
-    r = cache.router.routing
-    lo, hi = r.middle(context)
-    st = StepSlots(lo, hi, context, PAGE)
-    heads = tuple(range(KVH))
-    ids = select_pages(q, cache.router.summaries, lo, hi, pages, torch.arange(KVH, device=device))
-    ids = ids.cpu()
-    got = gather_tier(cache.k, cache.v, 0, st, heads, ids, cache.router.buffers)
-    qc = q.cpu()
-    report["topk_sit_parts"] = {
-        "gather": _clock(
-            lambda: gather_tier(cache.k, cache.v, 0, st, heads, ids, cache.router.buffers),
-            torch.device("cpu"),
-            iters,
-        ),  # fmt: skip
-        "attend": _clock(
-            lambda: attend_read(qc, got[0], got[1], None, scale), torch.device("cpu"), iters
-        ),
-        "read_bytes": 2 * got[0].numel() * got[0].element_size(),
-    }
-    report["kv_read_fraction"] = got[0].shape[2] / (context + 1)
-    if "device" in outs:
-        diff = (outs["sit"].float() - outs["device"].float()).abs().max().item()
+        report["full_fetch"] = _clock(_fetch(cache, q, context, scale), device, iters)
+    modes = [("full_cpu", None), ("topk_sit", "sit")] + (
+        [("topk_device", "device")] if cuda else []
+    )
+    outs = {}
+    for name, read in modes:
+        if read is None:
+            cache.router = None
+        else:
+            _route(cache, context, pages, read, device, dtype)
+        report[name] = _clock(step, device, iters)
+        if cuda:  # the same step while a layer's weights stream in: hidden when ~ weights_h2d
+            beside = _clock(lambda: _beside(step, w_src, w_dst, side), device, iters)
+            report[name]["beside_weights_ms"] = beside["wall_ms"]
+        outs[name] = step()
+    report["topk_sit_parts"] = _parts(cache, q, context, pages, scale, iters)
+    report["kv_read_fraction"] = report["topk_sit_parts"]["read_fraction"]
+    if "topk_device" in outs:
+        diff = (outs["topk_sit"].float() - outs["topk_device"].float()).abs().max().item()
         report["sit_vs_device_max_abs"] = diff
     full_ms = report["full_cpu"]["wall_ms"]
     report["topk_sit_over_full_cpu"] = round(report["topk_sit"]["wall_ms"] / full_ms, 4)
