@@ -80,6 +80,10 @@ def _attention_flops(spec, queries: int, context: int, causal: bool) -> float:
     per_key = 4 * spec.num_heads * spec.head_dim  # 2 for the scores, 2 for the weighted values
     flops = 0.0
     for layer in spec.layers:
+        if getattr(layer, "linear", False):  # the delta rule: decay, read, write, query the state
+            lin = spec.linear_attn
+            flops += queries * 8 * lin.num_v_heads * lin.k_dim * lin.v_dim
+            continue
         if causal:
             first = context - queries  # keys before the first query
             keys = queries * first + queries * (queries + 1) / 2
@@ -94,11 +98,15 @@ def _attention_flops(spec, queries: int, context: int, causal: bool) -> float:
 def _kv_bytes(spec, store, layers: list[int], tokens: int, plan=None, fmt=None) -> int:
     """KV bytes of ``tokens`` positions in ``layers`` (clipped to each layer's window); with
     ``plan``, only the host part (the first ``kv_device_tokens`` slots stay on the device); a
-    full-attention layer under ``fmt`` (a ``KVFormat``: compressed KV) at its stored size."""
+    full-attention layer under ``fmt`` (a ``KVFormat``: compressed KV) at its stored size; a
+    linear-attention layer its recurrent state, whatever ``tokens``."""
     elem = store.dtype.itemsize
     per_token = 2 * spec.num_kv_heads * spec.head_dim * elem
     total = 0
     for i in layers:
+        if getattr(spec.layers[i], "linear", False):  # a fixed-size state: read once per step
+            total += spec.linear_attn.state_bytes(1, elem)
+            continue
         if fmt is not None and spec.layers[i].window is None:
             total += fmt.layer_bytes(1, spec.num_kv_heads, spec.head_dim, elem, tokens)
             continue

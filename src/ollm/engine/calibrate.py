@@ -41,7 +41,7 @@ def _layer_workload(spec, context: int, dtype: torch.dtype):
     h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
     qd, kvd = spec.num_heads * d, spec.num_kv_heads * d
     shapes = {
-        "self_attn.q_proj.weight": (qd, h),
+        "self_attn.q_proj.weight": (qd * (2 if spec.attn_output_gate else 1), h),
         "self_attn.k_proj.weight": (kvd, h),
         "self_attn.v_proj.weight": (kvd, h),
         "self_attn.o_proj.weight": (h, qd),

@@ -52,7 +52,9 @@ def activation_parts(
     return {
         "residual stream": b * t * h * e,
         "rope tables": ropes * 2 * b * t * d * e,
-        "chunk temporaries": rows * chunk_temp_bytes(spec, e),
+        "chunk temporaries": max(
+            rows * chunk_temp_bytes(spec, e), linear_temp_bytes(spec, b, rows // b, e)
+        ),
         "mlp": min(rows, mlp_chunk) * spec.intermediate_size * e * 3,
         "attention": attn,
         "masks": mask,
@@ -72,6 +74,27 @@ def chunk_temp_bytes(spec, dtype_bytes: int) -> int:
     h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
     qd = spec.num_heads * spec.head_dim
     return dtype_bytes * (3 * h + 3 * qd + 3 * kvd) + 8 * h
+
+
+def linear_temp_bytes(spec, batch: int, rows: int, dtype_bytes: int) -> int:
+    """Live bytes of a linear-attention (gated DeltaNet) layer over ``rows`` rows per sequence
+    (``layers/deltanet.py``, 0 without such layers): the rule works in float32 on rows padded
+    to its 64-token chunks, about 20 head-width vectors and 4 chunk-wide rows of pair weights per
+    row and value head, plus a few copies of the state; the projections in the activations'
+    dtype (tests/test_qwen3_next.py measures a real block against it)."""
+    lin = getattr(spec, "linear_attn", None)
+    if lin is None:
+        return 0
+    padded = batch * -(-rows // 64) * 64
+    d = max(lin.k_dim, lin.v_dim)
+    rule = padded * lin.num_v_heads * 4 * (24 * d + 4 * 64)
+    proj = batch * rows * dtype_bytes * (2 * lin.key_dim + 2 * lin.value_dim + 2 * lin.conv_dim)
+    return (
+        rule
+        + proj
+        + batch * rows * 3 * spec.hidden_size * dtype_bytes
+        + 3 * lin.state_bytes(batch, dtype_bytes)
+    )
 
 
 def kv_layer_bytes(
