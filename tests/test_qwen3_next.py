@@ -337,3 +337,31 @@ def test_cost_model_layer_and_floors_know_linear_layers():
     assert _kv_bytes(spec, store, [3], 1000) == 2 * spec.num_kv_heads * spec.head_dim * 2 * 1000
     short, long = _attention_flops(spec, 1, 100, False), _attention_flops(spec, 1, 10_000, False)
     assert long - short == 4 * spec.num_heads * spec.head_dim * 9900  # the one full layer
+
+
+def test_lossy_kv_options_are_refused(tiny):
+    """KV codecs (and eviction, attention routing) act on KV, not on a recurrent state: a request
+    is refused with one line naming them, and routing calibration refuses the family."""
+    from ollm.engine.routing_calibration import calibrate
+    from ollm.errors import OllmError, UnsupportedModelError
+
+    _, path, cache, *_ = tiny
+    kw = dict(device="cpu", cache_dir=cache, progress=False)
+    with LLM(path, kv_codec="int8", **kw) as llm:
+        with pytest.raises(UnsupportedModelError, match="KV codecs, KV eviction and attention"):
+            llm.generate(PROMPT, GREEDY)
+    with LLM(path, **kw) as llm:
+        with pytest.raises(OllmError, match="routing does not apply"):
+            calibrate(llm, tokens=64, window=8, sinks=4, ids=PROMPT * 2)
+
+
+def test_serve_refuses_the_family_with_the_reason(tiny):
+    """``ollm serve`` runs on the batch engine: refused up front, naming the recurrent state."""
+    pytest.importorskip("uvicorn")
+    from ollm.cli.common import CliError
+    from ollm.cli.serve import _run
+
+    _, path, cache, *_ = tiny
+    with LLM(path, device="cpu", cache_dir=cache, progress=False) as llm:
+        with pytest.raises(CliError, match="batch engine, and qwen3_next's linear-attention"):
+            _run(llm, None, None, 0.0)  # type: ignore[arg-type]

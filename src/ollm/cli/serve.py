@@ -123,8 +123,12 @@ def _run(llm, config, sock: socket.socket, drain: float) -> None:
     import uvicorn
 
     from ollm.engine.batch import batch_supported
+    from ollm.engine.kvpools import batch_unsupported
     from ollm.serve import create_app
 
+    why = batch_unsupported(llm.runner)
+    if why is not None:
+        raise CliError(f"ollm serve needs the batch engine, and {why}")
     if not batch_supported(llm.runner):
         raise CliError(
             "ollm serve needs the plan's device-resident KV on one device; use one --device"

@@ -94,6 +94,8 @@ def calibrate(
     run instead of text (a model without a tokenizer)."""
     from ollm.corpus import load_text
 
+    if llm.spec.linear_attn is not None:
+        raise OllmError(f"attention routing does not apply to {llm.spec.family}'s recurrent state")
     if tokens <= window + sinks:
         raise OllmError(f"calibration needs more than window + sinks = {window + sinks} tokens")
     if ids is None:
