@@ -101,7 +101,7 @@ class Router:
             out, lse = self._prefill(q, tiers, mask, scale)
         else:
             out, lse = self._decode(q, tiers, mask, scale, lo, hi)
-        return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+        return out if mask.sinks is None else with_sinks(out, lse.to(out.device), mask.sinks)
 
     def _prefill(self, q, tiers, mask, scale):
         """Every prefill row routed as if decoded; the prefill path holds all keys in one part."""
@@ -137,7 +137,7 @@ class Router:
             if whole:
                 return o, s
             out.view(b, kvh, g, t, d)[:, idx] = o.view(b, -1, g, t, d)
-            lse.view(b, kvh, g, t)[:, idx] = s.view(b, -1, g, t)
+            lse.view(b, kvh, g, t)[:, idx] = s.view(b, -1, g, t).to(q.device)
         return out, lse
 
     def _index(self, mech: str, device: torch.device) -> torch.Tensor:
@@ -208,8 +208,11 @@ class Router:
             elif cpu:
                 qd = q_host
             o, s = attend_read(qd, kb, vb, valid, scale)
-            o, s = o.to(qh.device), s.to(qh.device)
-            out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
+            o = o.to(qh.device)  # lse stays where it is unless needed (a merge, sinks)
+            if out is None:
+                out, lse = o, s
+            else:
+                out, lse = merge_lse(out, lse.to(qh.device), o, s.to(qh.device))
         return out, lse
 
     @staticmethod
