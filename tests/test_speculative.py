@@ -5,6 +5,7 @@ draft length; ``speculate`` routed through the config, ``LLM`` and the CLI."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -306,3 +307,43 @@ def test_cli_speculate(hf_models, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert seen["speculate"] == "lookup"
     assert '"drafter": "lookup"' in res.output
+
+
+def test_choice_prices_each_drafter(monkeypatch):
+    """Under a choice each drafter's drafting time is its own: shown per drafter in the
+    metrics (seconds, share of step time), and a request whose current drafter is nearly free
+    gets longer drafts than one drafted by a costly model (whose pass per token is priced)."""
+    from ollm.engine.drafter_choice import ChoiceDrafter
+
+    now = [0.0]  # a clock only the drafters advance: the test does not depend on load
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    asked: dict[str, list[int]] = {"cheap": [], "slow": []}
+
+    class Fake:
+        def __init__(self, name: str, seconds: float, only: set[str] | None) -> None:
+            self.name, self.seconds, self.only = name, seconds, only
+
+        def propose(self, requests):
+            now[0] += self.seconds
+            out = {}
+            for rid, r in requests.items():
+                if self.only is None or rid in self.only:
+                    asked[self.name].append(r.k)
+                    out[rid] = Draft([7] * r.k)
+            return out
+
+    spec = Speculator(ChoiceDrafter([Fake("cheap", 1e-5, {"a"}), Fake("slow", 0.02, None)]))
+    for _ in range(3):  # passes of 1 and 9 rows cost about 10 ms: drafting dominates the slow
+        spec.passed(1, 0.010)
+        spec.passed(9, 0.0102)
+    asks = {rid: ([1, 2, 3], GREEDY, 8) for rid in ("a", "b")}
+    for _ in range(3):  # acceptance stays at the prior (0.5) for both
+        spec.propose(asks)
+    # "a" (lookup-like, nearly free) keeps long drafts; "b" stops drafting after the first
+    # (priced before anything was measured): a pass of the model per token is not worth it
+    assert asked["cheap"] == [6, 6, 6] and asked["slow"] == [6]
+    assert spec.policy.draft_cost("slow") > 100 * spec.policy.draft_cost("cheap")
+    rows = spec.stats.summary()["by_drafter"]
+    assert rows["slow"]["draft_seconds"] == pytest.approx(0.02)
+    assert rows["cheap"]["draft_seconds"] == pytest.approx(3e-5)
+    assert rows["slow"]["share"] > rows["cheap"]["share"] > 0

@@ -12,6 +12,7 @@ last drafter is the fallback. ``chosen`` names each request's current drafter, s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 from ollm.engine.drafting import Draft, Drafter, DraftRequest
@@ -31,6 +32,9 @@ class ChoiceDrafter:
         self.rate: dict[tuple[str, str], float] = {}
         self.skipped: dict[tuple[str, str], int] = {}
         self.chosen: dict[str, str] = {}  # request -> drafter of its current draft
+        # The last propose call's (chain tokens drafted, seconds) per drafter, taken or not:
+        # the `Speculator` prices each drafter's tokens by its own cost.
+        self.spent: dict[str, tuple[int, float]] = {}
 
     def _rate(self, rid: str, name: str) -> float:
         return self.rate.get((rid, name), self.prior)
@@ -47,11 +51,15 @@ class ChoiceDrafter:
     def propose(self, requests: Mapping[str, DraftRequest]) -> dict[str, Draft]:
         out: dict[str, Draft] = {}
         left = dict(requests)
+        self.spent = {}
         for i, drafter in enumerate(self.drafters):
             if not left:
                 break
             last = i == len(self.drafters) - 1
+            t0 = time.perf_counter()
             drafts = drafter.propose(left)
+            chain = sum(len(left[r].widths) or len(d.tokens) for r, d in drafts.items())
+            self.spent[drafter.name] = (chain, time.perf_counter() - t0)
             for rid, d in drafts.items():
                 if d.tokens and (last or self._takes(rid, i)):
                     out[rid] = d

@@ -150,16 +150,28 @@ class AdaptiveK:
         self.idle: dict[str, int] = {}
         self.target = _LinearFit()
         self.draft_s = 0.0  # seconds per drafted token, exponential average
+        self.draft_s_of: dict[str, float] = {}  # the same per drafter (under a choice)
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
         """A target pass over ``tokens`` query tokens took ``seconds``."""
         self.target.add(float(tokens), seconds)
 
-    def observe_draft(self, tokens: int, seconds: float) -> None:
-        """The drafter proposed ``tokens`` tokens in ``seconds``."""
-        if tokens:
-            per = seconds / tokens
+    def observe_draft(self, tokens: int, seconds: float, name: str | None = None) -> None:
+        """The drafter proposed ``tokens`` tokens in ``seconds`` (with ``name``: what one drafter
+        of those it chose among made and spent, kept apart)."""
+        if not tokens:
+            return
+        per = seconds / tokens
+        if name is None:
             self.draft_s = per if not self.draft_s else 0.7 * self.draft_s + 0.3 * per
+        else:
+            old = self.draft_s_of.get(name)
+            self.draft_s_of[name] = per if old is None else 0.7 * old + 0.3 * per
+
+    def draft_cost(self, name: str | None) -> float:
+        """Seconds per drafted token of drafter ``name`` (all drafters' when not measured):
+        lookup's nearly nothing must not be priced at a draft model's pass per token."""
+        return self.draft_s_of.get(name, self.draft_s) if name is not None else self.draft_s
 
     def observe_accept(self, rid: str, drafted: int, accepted: int) -> None:
         """Sequence ``rid`` had ``accepted`` of ``drafted`` drafts accepted."""
@@ -173,13 +185,15 @@ class AdaptiveK:
         self.rate.pop(rid, None)
         self.idle.pop(rid, None)
 
-    def choose(self, rid: str, batch: int = 1) -> int:
-        """Draft length for ``rid`` in a step of ``batch`` decoding sequences."""
+    def choose(self, rid: str, batch: int = 1, draft_s: float | None = None) -> int:
+        """Draft length for ``rid`` in a step of ``batch`` decoding sequences (``draft_s``:
+        seconds per drafted token of the drafter it will use; default all drafters')."""
         a = self.rate.get(rid, self.prior)
         c0, c1 = self.target.coef() or (1.0, 0.0)
+        d = self.draft_s if draft_s is None else draft_s
         best_k, best = 0, 1.0 / (c0 / batch + c1)
         for k in range(1, self.max_k + 1):
-            r = expected_tokens(a, k) / (self.draft_s * k + c0 / batch + c1 * (k + 1))
+            r = expected_tokens(a, k) / (d * k + c0 / batch + c1 * (k + 1))
             if r <= best:
                 break  # E(k) is concave in k and the cost linear: the rate peaks once
             best_k, best = k, r
@@ -205,6 +219,8 @@ class SpecStats:
     target_seconds: float = 0.0
     # Per drafter (several under a content-aware choice): [proposals, drafted, accepted].
     by_drafter: dict[str, list[int]] = field(default_factory=dict)
+    # Seconds each drafter spent drafting (under a choice, also drafts that were not taken).
+    draft_seconds_by: dict[str, float] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -221,6 +237,11 @@ class SpecStats:
         total = self.draft_seconds + self.target_seconds
         return self.draft_seconds / total if total else 0.0
 
+    def share_of(self, name: str) -> float:
+        """Fraction of step time drafter ``name`` spent drafting."""
+        total = self.draft_seconds + self.target_seconds
+        return self.draft_seconds_by.get(name, 0.0) / total if total else 0.0
+
     def summary(self) -> dict[str, object]:
         """The numbers a result carries (`GenerationMetrics.speculation`)."""
         return {
@@ -232,10 +253,17 @@ class SpecStats:
             "tokens_per_pass": self.tokens_per_pass,
             "drafter_share": self.drafter_share,
             "by_drafter": {
-                k: dict(zip(("drafts", "tokens", "accepted"), v, strict=True))
-                for k, v in self.by_drafter.items()
+                k: self._drafter_row(k)
+                for k in dict.fromkeys([*self.by_drafter, *self.draft_seconds_by])
             },
         }
+
+    def _drafter_row(self, name: str) -> dict[str, object]:
+        n, tokens, accepted = self.by_drafter.get(name, (0, 0, 0))
+        return {
+            "drafts": n, "tokens": tokens, "accepted": accepted,
+            "draft_seconds": self.draft_seconds_by.get(name, 0.0), "share": self.share_of(name),
+        }  # fmt: skip
 
 
 class Speculator:
@@ -255,8 +283,9 @@ class Speculator:
 
     def _ask(self, rid: str, tokens, params, room: int, batch: int) -> DraftRequest | None:
         """What to ask the drafter for one sequence (None: no draft this step)."""
+        draft_s = self.policy.draft_cost(self._drafter_of(rid))
         if not self.tree:
-            k = min(room, self.k or self.policy.choose(rid, batch))
+            k = min(room, self.k or self.policy.choose(rid, batch, draft_s))
             return DraftRequest(tokens, k, params) if k > 0 else None
         pol = self.trees.setdefault(rid, TreePolicy())
         cost = self.policy.target.coef() or (1.0, 0.0)
@@ -264,11 +293,16 @@ class Speculator:
         if not self.policy.target.varied():  # learn how a pass's cost grows: vary the size
             self._explore += 1
             limit = (4, 16, 64)[self._explore % 3]
-        widths = pol.shape(cost, self.policy.draft_s, batch, room, limit)
+        widths = pol.shape(cost, draft_s, batch, room, limit)
         if not widths:  # not worth it now: probe one draft now and then, as AdaptiveK does
             idle = self.policy.idle[rid] = self.policy.idle.get(rid, 0) + 1
             widths = [1] if idle % self.policy.probe == 0 and room > 0 else []
         return DraftRequest(tokens, len(widths), params, tuple(widths)) if widths else None
+
+    def _drafter_of(self, rid: str) -> str:
+        """The drafter that drafts for ``rid`` now (a choice's latest pick for it)."""
+        chosen = getattr(self.drafter, "chosen", None)
+        return chosen.get(rid, self.drafter.name) if chosen else self.drafter.name
 
     def propose(self, requests: Mapping[str, tuple[Sequence[int], SamplingParams, int]]):
         """Drafts for ``rid -> (tokens, params, room)`` (room: most drafts worth making)."""
@@ -284,9 +318,15 @@ class Speculator:
         drafts = self.drafter.propose(asks)
         dt = time.perf_counter() - t0
         self.stats.draft_seconds += dt
-        # Drafting time per chain token: a tree's siblings come free with its chain.
+        # Drafting time per chain token: a tree's siblings come free with its chain. A choice
+        # says what each of its drafters made and spent (`ChoiceDrafter.spent`).
         chain = sum(len(asks[r].widths) or len(d.tokens) for r, d in drafts.items())
+        parts = getattr(self.drafter, "spent", None) or {self.drafter.name: (chain, dt)}
         self.policy.observe_draft(chain, dt)
+        for name, (n, sec) in parts.items():
+            by = self.stats.draft_seconds_by
+            by[name] = by.get(name, 0.0) + sec
+            self.policy.observe_draft(n, sec, name)
         return {rid: d for rid, d in drafts.items() if d.tokens}
 
     def verified(self, rid: str, drafted: int, accepted: int, depth: int | None = None) -> None:
