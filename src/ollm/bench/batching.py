@@ -43,10 +43,19 @@ def prompts(n: int, tokens: int, vocab: int, seed: int, shared: int = 0) -> list
     return [head + [rng.randrange(vocab) for _ in range(tokens - shared)] for _ in range(n)]
 
 
-def _engine(llm, host_split: bool = True) -> BatchEngine:
+def _engine(llm, host_split: bool = True, hybrid: bool = True) -> BatchEngine:
+    """A batch engine for ``llm``'s plan; ``hybrid`` False streams every layer in every step
+    (no CPU-computed layers: the plan's ``cpu_max_tokens`` 0)."""
+    from dataclasses import replace
+
+    from ollm.engine.runner import Runner
+
     w = llm.workload
+    runner = llm.runner
+    if not hybrid and runner.plan.cpu_max_tokens:
+        runner = Runner(llm.spec, replace(runner.plan, cpu_max_tokens=0), llm.prefetcher, llm.dtype)
     return BatchEngine.for_plan(
-        llm.runner, None, (), w.batch, w.context, llm._engine.kv_dir, all_disk=False,
+        runner, None, (), w.batch, w.context, llm._engine.kv_dir, all_disk=False,
         host_split=host_split,
     )  # fmt: skip
 
@@ -68,13 +77,21 @@ def _params(new_tokens: int) -> SamplingParams:
 
 
 def static_case(
-    llm, batch: int, tokens: int, new_tokens: int, seed: int, probes, host_split: bool = True
+    llm,
+    batch: int,
+    tokens: int,
+    new_tokens: int,
+    seed: int,
+    probes,
+    host_split: bool = True,
+    hybrid: bool = True,
 ) -> dict:
     """B prompts at once: aggregate decode tok/s, weight passes, the floor of a step of B;
-    ``host_split`` False attends every pinned-RAM pool on the CPU (the baseline)."""
+    ``host_split`` False attends every pinned-RAM pool on the CPU, ``hybrid`` False streams the
+    plan's CPU-computed layers too (variants of the same plan, for A/B in one process)."""
     from ollm.bench.floors import compute_floors
 
-    eng = _engine(llm, host_split)
+    eng = _engine(llm, host_split, hybrid)
     try:
         ps = prompts(batch, tokens, llm.spec.vocab_size, seed)
         t0 = time.perf_counter()
@@ -91,6 +108,7 @@ def static_case(
     peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
     return {
         "batch": batch,
+        "hybrid": hybrid,
         "host_split": split,
         "peak_reserved_GiB_process": peak / 2**30,  # since the process began (all cases so far)
         "wall_s": wall,
@@ -200,10 +218,12 @@ def run_batch_bench(
     on_case: Callable[[str, dict], None] | None = None,
     workloads: tuple[str, ...] = ("static", "arrivals", "prefix"),
     baseline_batches: tuple[int, ...] = (),
+    stream_all_batches: tuple[int, ...] = (),
 ) -> dict[str, object]:
     """Probe the machine, plan for the largest batch, run the ``workloads``; the report.
     ``baseline_batches``: static batches also run with every pinned-RAM pool attended by the
-    CPU alone (no host split), in the same process."""
+    CPU alone (no host split), ``stream_all_batches`` with no CPU-computed layers, in the same
+    process."""
     from ollm import LLM
     from ollm.bench.probes import measure_bandwidth
     from ollm.bench.run import _CONFIG_KEYS, linear_shape, resolve_model
@@ -240,6 +260,11 @@ def run_batch_bench(
             report.setdefault("static_baseline", []).append(case)
             if on_case:
                 on_case("static_baseline", case)
+        for b in stream_all_batches:
+            case = static_case(llm, b, n, m, seed, probes, hybrid=False)
+            report.setdefault("static_stream_all", []).append(case)
+            if on_case:
+                on_case("static_stream_all", case)
         if "arrivals" in workloads:
             big = max(batches)
             ref = next((c for c in report["static"] if c["batch"] == big), None)
