@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ollm.kv.offload import KVScratch, OffloadedKVCache
-from ollm.kv.page_read import PageBuffers, StepSlots, gather_tier
+from ollm.kv.page_read import PageBuffers, StepSlots, attend_read, gather_tier
 from ollm.kv.routed import Router
 from ollm.layers.attention import AttentionMask
 from ollm.layers.routing import TOPK, WINDOW, LayerRouting
@@ -94,6 +94,20 @@ def test_gather_tier_reads_sinks_pages_and_window_in_order():
             want = [1000 * bi + 100 * hd + x for x in sinks + pages + window]
             assert kb[bi, i, :, 0].tolist() == want
             assert (-vb[bi, i, :, 1]).tolist() == want
+
+
+def test_cpu_read_split_between_threads_is_the_same_attention():
+    """A read cut into key ranges attended as one batch (threads beyond the heads), merged by
+    log-sum-exp, with a remainder: the unsplit result (float64: to rounding)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 12, 1, 16, generator=g, dtype=torch.float64)
+    kb = torch.randn(1, 3, 1001, 16, generator=g, dtype=torch.float64)
+    vb = torch.randn(1, 3, 1001, 16, generator=g, dtype=torch.float64)
+    whole = attend_read(q, kb, vb, None, 0.3, parts=1)
+    for parts in (2, 3, 8):
+        split = attend_read(q, kb, vb, None, 0.3, parts=parts)
+        torch.testing.assert_close(split[0], whole[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(split[1], whole[1], rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_micro_benchmark_topk_costs_a_fraction_of_full():

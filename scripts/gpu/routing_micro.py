@@ -14,7 +14,8 @@ clock with a synchronize, median of ``--iters``:
 * ``topk_sit``: top-k pages reading 1/8 of the KV (sinks 64, window 256, pages of 64), the
   chosen pages gathered and attended on the CPU (``Router.read="sit"``, the default);
 * ``topk_device``: the same pages gathered into pinned buffers, copied, attended on the GPU;
-* ``topk_sit_parts``: the CPU gather and the CPU attention of ``topk_sit`` timed alone.
+* ``topk_sit_parts``: the CPU gather and the CPU attention of ``topk_sit`` timed alone (and the
+  attention in one part: ``attend`` cuts the keys so that every thread has a share).
 
 and, for scale, the time one streamed layer's weights (436 MB) take host->GPU (``weights_h2d``):
 in a decode step the routed reads of a RAM layer are hidden behind the weight stream when they
@@ -133,6 +134,9 @@ def _parts(cache, q, context: int, pages: int, scale: float, iters: int) -> dict
             lambda: gather_tier(cache.k, cache.v, 0, st, heads, ids, bufs), cpu, iters
         ),
         "attend": _clock(lambda: attend_read(qc, got[0], got[1], None, scale), cpu, iters),
+        "attend_unsplit": _clock(
+            lambda: attend_read(qc, got[0], got[1], None, scale, parts=1), cpu, iters
+        ),
         "read_bytes": 2 * got[0].numel() * got[0].element_size(),
         "read_fraction": got[0].shape[2] / (context + 1),
     }

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ollm.layers.attention import _attend_lse as attend_lse
+from ollm.layers.attention import _flash_with_lse, merge_lse
 from ollm.layers.routing import gathered_attention
 from ollm.runtime.pinned import pinned_empty
+
+MIN_PART = 1024  # keys per part at least when a CPU read is split between threads
 
 
 @dataclass(frozen=True)
@@ -175,14 +178,47 @@ def _copy_pages(dst, pages, heads, local, npg, p) -> None:
 
 
 def attend_read(
-    q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, valid: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+    parts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, R*G, 1, D] over a gathered read [B, R, L, D] (every row a key of its
-    head, or those ``valid`` marks) -> (out, lse float32 [B, R*G, 1])."""
+    head, or those ``valid`` marks) -> (out, lse float32 [B, R*G, 1]). On the CPU the keys are
+    cut into ``parts`` (default: enough for every thread) attended as one batch."""
     if valid is None:
+        if kb.device.type == "cpu" and kb.shape[0] == 1:
+            if parts is None:
+                parts = min(8, torch.get_num_threads() // kb.shape[1], kb.shape[2] // MIN_PART)
+            if parts > 1:
+                return _split_lse(q, kb, vb, scale, parts)
         out, lse = attend_lse(q, kb, vb, scale)
         return out, lse.float()
     b, r, n = valid.shape
     slots = torch.arange(n, device=kb.device).expand(b, r, n)
     heads = torch.arange(r, device=kb.device)
     return gathered_attention(q, kb, vb, heads, slots, valid, n, scale)
+
+
+def _split_lse(q, kb, vb, scale: float, parts: int):
+    """One sequence's read [1, R, L, D] as ``parts`` consecutive key ranges attended in one
+    flash call (a batch of ``parts``: the CPU kernel runs batch x heads tasks, so R heads alone
+    would leave threads idle), merged by log-sum-exp; a remainder of L attended apart."""
+    _, r, n, d = kb.shape
+    c = n // parts
+    g = q.shape[1] // r
+    qq = q.reshape(1, r, g, d).expand(parts, r, g, d)
+    kk = kb[0, :, : parts * c].view(r, parts, c, d).transpose(0, 1)  # views, no copy
+    vv = vb[0, :, : parts * c].view(r, parts, c, d).transpose(0, 1)
+    o, lse = _flash_with_lse(qq, kk, vv, False, scale)  # [parts, R, G, D], [parts, R, G]
+    ct = torch.promote_types(q.dtype, torch.float32)
+    lse = lse.to(ct)
+    total = torch.logsumexp(lse, 0)
+    out = (o.to(ct) * torch.exp(lse - total)[..., None]).sum(0).to(q.dtype)
+    out, total = out.reshape(1, r * g, 1, d), total.reshape(1, r * g, 1)
+    if parts * c < n:
+        o2, s2 = attend_lse(q, kb[:, :, parts * c :], vb[:, :, parts * c :], scale)
+        out, total = merge_lse(out, total, o2, s2.to(ct))
+    return out, total.float()
