@@ -164,6 +164,46 @@ def test_experts_one_by_one_through_two_slots(tiny):
         assert llm.stats.expert_misses > 0 and llm.stats.bytes_disk > 0
 
 
+def test_experts_in_ram_and_on_disk_and_a_stand_in_accelerator(tiny):
+    """The CPU under a RAM budget: half the experts in RAM (computed in place), the rest on disk
+    through two slots; then a stand-in accelerator ("cpu:1", as in tests/test_moe_experts.py)
+    whose layers, recurrent states and expert slots are on it, RAM misses computed by the CPU.
+    Same tokens as transformers, log-probs within 1e-4."""
+    from ollm.planning.experts import plan_experts
+    from ollm.planning.placement import plan_placement
+    from ollm.storage.experts import StoreExperts
+    from test_moe_experts import _stand_in
+
+    _, path, cache, *_ = tiny
+    kw = dict(device="cpu", cache_dir=cache, progress=False, prefill_chunk=32)
+    kw["moe_offload"] = "expert"
+    with LLM(path, cpu_memory=400 << 20, **kw) as probe:
+        rest = probe.plan.peak_device_bytes - probe.plan.reserved["experts"]
+        assert probe.plan.experts.resident
+        st = StoreExperts(probe.store)
+    slot = st.expert_bytes
+    n_exp = len(st.regions) * st.num_experts(next(iter(st.regions)))
+    with LLM(path, cpu_memory=rest + 2 * slot + n_exp // 2 * slot, **kw) as llm:
+        t = llm.plan.experts.tier_counts()
+        assert t["cpu"] and t["disk"] and llm.plan.experts.cache_slots == 2
+        _check(llm, tiny)
+        spec, store, work = llm.spec, llm.store, llm.workload
+
+        def dense(s, gpu, cpu):
+            return plan_placement(spec, s, "cuda:0", gpu, cpu, "auto", work, 4, hybrid="off")
+
+        plan = plan_experts(spec, store, StoreExperts(store), "cuda:0", None, n_exp // 2 * slot,
+                            "auto", work, 4, slots=2, cpu_compute="on", plan_dense=dense)  # fmt: skip
+        _stand_in(llm, llm.store_path, plan)
+        kv, disk = llm._engine._new_kv(1, 64, None)
+        states = [c for c in kv if isinstance(c, RecurrentState)]
+        assert states and all(str(c.ssm.device) == "cpu" for c in states)  # "cpu:1" is the CPU
+        llm._engine._release(kv, disk)
+        before = llm.stats.expert_cpu
+        _check(llm, tiny)
+        assert llm.stats.expert_cpu > before
+
+
 def test_padded_batch_and_refused_batch_engine(tiny, caplog):
     """Several prompts run as one left-padded batch (padding rows zeroed before the linear
     layers, so their state stays zero): each equals transformers alone. The batch engine and
@@ -365,3 +405,31 @@ def test_serve_refuses_the_family_with_the_reason(tiny):
     with LLM(path, device="cpu", cache_dir=cache, progress=False) as llm:
         with pytest.raises(CliError, match="batch engine, and qwen3_next's linear-attention"):
             _run(llm, None, None, 0.0)  # type: ignore[arg-type]
+
+
+def test_linear_layer_in_bfloat16_follows_transformers(tmp_path):
+    """One bf16 linear-attention mixer against transformers' module with its cache: a 70-token
+    prompt (two rule chunks), a 5-token continuation (chunked from a state) and 3 decode
+    tokens (recurrent form) agree to bf16 rounding; the state stays float32."""
+    from transformers import DynamicCache
+
+    from ollm.layers.attention import AttentionMask
+    from ollm.models.qwen3_next import linear_attention
+
+    model = make_hf_model("qwen3_next", tmp_path, dtype=torch.bfloat16)
+    spec = build_spec(model.config)
+    mod = model.model.layers[0].linear_attn
+    w = {f"linear_attn.{k}": v for k, v in mod.state_dict().items()}
+    cache = DynamicCache(config=model.config)
+    state = RecurrentState(1, spec.linear_attn, torch.bfloat16, "cpu")
+    torch.manual_seed(0)
+    start = 0
+    for t in (70, 5, 1, 1, 1):
+        x = torch.randn(1, t, spec.hidden_size, dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = mod(x, cache_params=cache)
+        got = linear_attention(spec, x, w, state, AttentionMask(start, t, start + t))
+        start += t
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        assert state.length == start and state.ssm.dtype == torch.float32
+    torch.testing.assert_close(state.ssm, cache.layers[0].recurrent_states[0], atol=1e-2, rtol=1e-2)
