@@ -209,7 +209,7 @@ def _split_lse(q, kb, vb, scale: float, parts: int):
     _, r, n, d = kb.shape
     c = n // parts
     g = q.shape[1] // r
-    qq = q.reshape(1, r, g, d).expand(parts, r, g, d)
+    qq = q.reshape(1, r, g, d).expand(parts, r, g, d).contiguous()  # small
     kk = kb[0, :, : parts * c].view(r, parts, c, d).transpose(0, 1)  # views, no copy
     vv = vb[0, :, : parts * c].view(r, parts, c, d).transpose(0, 1)
     o, lse = _flash_with_lse(qq, kk, vv, False, scale)  # [parts, R, G, D], [parts, R, G]
