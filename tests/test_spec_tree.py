@@ -255,6 +255,15 @@ def test_tree_policy_shapes():
     for _ in range(60):
         bad.observe([(0, 0, False), (0, 1, False), (0, 2, False)])
     assert bad.shape((0.01, 0.01), 0.0) == []
+    # A drafter right all along 16 deep (a quote) is tried deeper when rows cost nothing (the
+    # cost model bounds the depth, not a cap); the depths it reaches are then measured
+    deep = TreePolicy()
+    for _ in range(30):
+        deep.observe([(d, 0, True) for d in range(16)])
+    assert len(deep.shape((1.0, 0.0), 0.0)) > 32
+    assert len(deep.shape((0.01, 0.01), 0.0)) < 16
+    deep.observe([(d, 0, d < 20) for d in range(24)])
+    assert deep.seen[23] and deep.depth_rate[23] < deep.depth_rate[19] < deep.depth_rate[0]
 
 
 def test_draft_model_shares_budget(hf_models, tmp_path):

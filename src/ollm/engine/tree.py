@@ -243,16 +243,20 @@ class TreePolicy:
 
     ``depth_rate[d]``: how often the first-ranked child at depth d (the chain) is accepted once
     reached; ``rank_rate[r]``: how often the child of rank r >= 1 is accepted once those before
-    it were rejected. Both exponential averages from a prior. ``shape`` returns the children of
-    each chain node (``widths[d]``: 1 + siblings at depth d); its node count n maximises
-    expected tokens / (drafting ``draft_s`` per chain token + pass cost ``c0 / B + c1 n``)."""
+    it were rejected. Both exponential averages from a prior; a depth never reached yet takes
+    the mean of the prior and the deepest measured rate (so a drafter right 16 deep is tried
+    deeper, and the cost model, not a fixed cap, bounds the depth). ``shape`` returns the children of each chain
+    node (``widths[d]``: 1 + siblings at depth d); its node count n maximises expected tokens /
+    (drafting ``draft_s`` per chain token + pass cost ``c0 / B + c1 n``)."""
 
     def __init__(
-        self, max_nodes: int = MAX_NODES, max_depth: int = 16, max_width: int = MAX_WIDTH,
+        self, max_nodes: int = MAX_NODES, max_depth: int = MAX_NODES, max_width: int = MAX_WIDTH,
         depth_prior: float = 0.6, rank_prior: float = 0.2, decay: float = 0.9,
     ) -> None:  # fmt: skip
         self.max_nodes, self.max_depth, self.max_width = max_nodes, max_depth, max_width
         self.depth_rate = [depth_prior] * max_depth
+        self.seen = [False] * max_depth  # depths whose rate was measured
+        self.prior = depth_prior
         self.rank_rate = [rank_prior] * max_width
         self.decay = decay
 
@@ -260,26 +264,38 @@ class TreePolicy:
         """Fold one verification's sibling trials into the rates."""
         for depth, rank, ok in trials:
             if rank == 0 and depth < self.max_depth:
+                if not self.seen[depth]:  # start from the rate it was shaped with
+                    self.depth_rate[depth], self.seen[depth] = self._rates(depth + 1)[-1], True
                 self.depth_rate[depth] = self.decay * self.depth_rate[depth] + (1 - self.decay) * ok
             elif 0 < rank < self.max_width:
                 self.rank_rate[rank] = self.decay * self.rank_rate[rank] + (1 - self.decay) * ok
+
+    def _rates(self, depth: int) -> list[float]:
+        """The chain's acceptance rate at depths 0 .. ``depth`` - 1 (see the class docstring)."""
+        out, last = [], self.depth_rate[0]
+        for d in range(depth):
+            if self.seen[d] or d == 0:
+                last = self.depth_rate[d]
+                out.append(last)
+            else:  # half-trusted: deeper than measured, pulled toward the prior
+                out.append((last + self.prior) / 2)
+        return out
 
     def gains(self, limit: int, max_depth: int | None = None) -> list[tuple[float, int, int]]:
         """The ``limit`` likeliest nodes (at most ``max_depth`` deep) as (probability reached
         and accepted, depth, rank), best first (a chain-with-siblings tree: only rank-0 nodes
         have children)."""
         deepest = self.max_depth if max_depth is None else min(self.max_depth, max_depth)
-        heap = [(-self.depth_rate[0], 0, 0), (-(1 - self.depth_rate[0]) * self.rank_rate[1], 0, 1)]
+        rate = self._rates(deepest)
+        heap = [(-rate[0], 0, 0), (-(1 - rate[0]) * self.rank_rate[1], 0, 1)]
         out: list[tuple[float, int, int]] = []
         while heap and len(out) < limit:
             g, d, r = heapq.heappop(heap)
             out.append((-g, d, r))
             if r == 0 and d + 1 < deepest:  # its first child, and its next sibling
                 reach = -g
-                heapq.heappush(heap, (-reach * self.depth_rate[d + 1], d + 1, 0))
-                heapq.heappush(
-                    heap, (-reach * (1 - self.depth_rate[d + 1]) * self.rank_rate[1], d + 1, 1)
-                )
+                heapq.heappush(heap, (-reach * rate[d + 1], d + 1, 0))
+                heapq.heappush(heap, (-reach * (1 - rate[d + 1]) * self.rank_rate[1], d + 1, 1))
             if 0 < r < self.max_width - 1:
                 miss = (1 - self.rank_rate[r]) / max(self.rank_rate[r], 1e-9)
                 heapq.heappush(heap, (g * miss * self.rank_rate[r + 1], d, r + 1))
