@@ -151,13 +151,18 @@ def decode(
         c = c.reshape(b, h, blocks, t // blocks, d)
         lo, scale = p[:, :, :, 0, None], p[:, :, :, last, None]  # [B, H, blocks, 1, D]
     else:
-        # Per-token groups widened to channels ([B, H, T, P, D], a T x D pass): a broadcast
+        # Per-token groups widened to channels (two contiguous [B, H, T, D]): a broadcast
         # along the innermost dim runs ~50x slower on the CPU than this.
-        wide = p.repeat_interleave(side.token_group(d), -1)
-        lo, scale = wide[..., 0, :], wide[..., last, :]
-    # lo + code * scale in float32 in one kernel (integer codes promoted inside it)
-    vals = c.mul_(scale) if side.kind == "fp8" else torch.addcmul(lo, c, scale)
-    out.copy_(vals.reshape(b, h, t, d))
+        g = side.token_group(d)
+        lo, scale = (p[..., j, :].repeat_interleave(g, -1) for j in (0, last))
+    # lo + code * scale in float32 in one kernel (integer codes promoted inside it), straight
+    # into a float32 ``out``
+    if side.kind == "fp8":
+        out.copy_(c.mul_(scale).reshape(b, h, t, d))
+    elif out.dtype == torch.float32:
+        torch.addcmul(lo, c, scale, out=out.view(c.shape))
+    else:
+        out.copy_(torch.addcmul(lo, c, scale).reshape(b, h, t, d))
     return out
 
 

@@ -190,16 +190,20 @@ class CompressedKVCache:
         out = lse = None
         chunk = CPU_CHUNK if q.device.type == "cpu" else GPU_CHUNK
         b, h, d = q.shape[0], self.tail_k.shape[1], q.shape[3]
+        # A CPU decode step decodes into float32 and attends in it: no rounding pass to the
+        # cache dtype, and the CPU's flash kernel reads float32 faster than bfloat16.
+        f32 = q.device.type == "cpu" and q.shape[2] <= self.decode_tokens
+        dtype, qa = (torch.float32, q.float()) if f32 else (self.dtype, q)
         for c0 in range(0, a, chunk):
             c1 = min(a, c0 + chunk)
-            kb, vb = self.workspace.decoded((b, h, c1 - c0, d), self.dtype, q.device)
+            kb, vb = self.workspace.decoded((b, h, c1 - c0, d), dtype, q.device)
             src.read(c0, c1, kb, vb)
             if mask is None or mask.key_keep is None:
-                o, s = attend_lse(q, kb, vb, scale)
+                o, s = attend_lse(qa, kb, vb, scale)
             else:
-                o, s = blocked_attention_lse(q, kb, vb, mask, scale, None, c0)
+                o, s = blocked_attention_lse(qa, kb, vb, mask, scale, None, c0)
             out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
-        return out, lse
+        return (out, lse) if out is None else (out.to(q.dtype), lse)
 
     def _attend_rows(self, qr, ek, ev, kb, vb, span, a, r0, r1, mask, scale):
         """(out, lse) of query rows [r0, r1) of this forward over the keys [a, start + r1)
