@@ -45,9 +45,12 @@ class RecurrentState:
         return conv, (ssm if self.length else None)
 
     def store(self, conv: torch.Tensor, ssm: torch.Tensor, tokens: int) -> None:
-        """Keep a forward's new conv inputs and state; ``tokens`` more have been absorbed."""
-        self.conv.copy_(conv)
-        self.ssm.copy_(ssm)
+        """Keep a forward's new conv inputs and state; ``tokens`` more have been absorbed.
+        A copy from the GPU into pinned RAM is queued on the compute stream, not waited for:
+        the next ``load`` copies back on the same stream, after it, and the CPU reads the state
+        (a hybrid layer's CPU decode) only after the step's logits came to the host."""
+        self.conv.copy_(conv, non_blocking=True)
+        self.ssm.copy_(ssm, non_blocking=True)
         self.length += tokens
 
     def trim(self, length: int) -> None:
