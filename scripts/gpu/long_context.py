@@ -4,7 +4,8 @@
 
 Builds the Llama-3.1-8B-shaped store once, then runs ``kv_codec.bench`` (bf16 / int8 / int4 KV)
 and ``routing.bench`` (full vs top-k pages) at one context, each exactly as their own scripts do
-it, and writes ``long_context.json`` after each part (a call cut short keeps what finished).
+it (``--parts routing_micro,routing``: ``routing_micro.bench``, one layer's routed read, first),
+and writes ``long_context.json`` after each part (a call cut short keeps what finished).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def run(out: Path, context: int = 100000, parts: tuple[str, ...] = ("kv_codec", 
         t = time.perf_counter()
         mod = _module(part)
         try:
-            if part == "kv_codec":
+            if part == "routing_micro":  # one layer's routed read, no model (< 1 min)
+                rows = mod.bench(context, device="cuda:0")
+            elif part == "kv_codec":
                 rows = mod.bench(store, (context,), device="cuda:0", gpu_memory="8GiB")
             else:  # as routing.run: layers stream from pinned RAM, none computed on the CPU
                 rows = mod.bench(

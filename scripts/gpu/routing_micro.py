@@ -19,7 +19,7 @@ clock with a synchronize, median of ``--iters``:
 
 and, for scale, the time one streamed layer's weights (436 MB) take host->GPU (``weights_h2d``):
 in a decode step the routed reads of a RAM layer are hidden behind the weight stream when they
-take less. Target: topk <= ~1/8 of full_cpu + 1 ms, and below weights_h2d. < 60 s on an H200.
+take less; ``beside_weights_ms`` is each step timed while such a copy runs on another stream. Target: topk <= ~1/8 of full_cpu + 1 ms, and below weights_h2d. < 60 s on an H200.
 ``bench(context, device)`` runs on the CPU too (tests, tiny context). Writes routing_micro.json.
 """
 
