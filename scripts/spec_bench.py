@@ -77,6 +77,7 @@ def run_one(llm: LLM, speculate: str, text: str, new: int, chat: bool):
         "acceptance": s.acceptance_rate if s else None,
         "drafter_share": s.drafter_share if s else 0.0,
         "by_drafter": s.by_drafter if s else {},  # proposals, drafted, accepted per drafter
+        "draft_seconds_by": s.draft_seconds_by if s else {},  # drafting time per drafter
         "load_avg_1min": os.getloadavg()[0],  # other work on the machine skews the tok/s
     }
     return res.token_ids, row
