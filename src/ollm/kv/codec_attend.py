@@ -110,10 +110,9 @@ def band_lse(q, bufs, start: int, a: int, codec, scale: float, m: int):
         i1 = min(tiles, i0 + per)
         win = slice(i0 * m, i1 * m + lag)
         qs = qt[:, :, i0:i1]
-        s = torch.cat(
-            [torch.matmul(qs, yk[:, :, win].unfold(2, width, m)).float(),
-             torch.matmul(qs, xk[:, :, win].unfold(2, width, m)).float()], -1,
-        )  # fmt: skip
+        s = torch.empty(b, kvh, i1 - i0, grp * m, 2 * width, device=q.device)  # float32
+        s[..., :width] = torch.matmul(qs, yk[:, :, win].unfold(2, width, m))
+        s[..., width:] = torch.matmul(qs, xk[:, :, win].unfold(2, width, m))
         s = s.view(b, kvh, i1 - i0, grp, m, 2 * width)
         s.mul_(scale).masked_fill_(~masks[i0:i1], -torch.inf)
         top = s.amax(-1, keepdim=True)  # every row sees its own slot: finite
