@@ -80,7 +80,7 @@ def test_every_share_is_exact(share, window, sinks):
     want = _reference(store, d, q, window, sink, 0.35)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     lay = next(v for k, v in d.host_rows.items() if k[0] == "split")
-    fetched = lay.hi - lay.lo
+    fetched = lay.fetched_blocks
     assert (fetched == 0) == (share == 0.0)
     assert (len(lay.cpu) == 0) == (share == 1.0)
 
@@ -94,7 +94,7 @@ def test_staging_bounds_the_fetch():
     assert split.slots(pool) == 5
     got = split.attend(d, pool, q, AttentionMask(0, 1, 1), 0.5, store.host_scratch)
     lay = next(v for k, v in d.host_rows.items() if k[0] == "split")
-    assert 0 < lay.hi - lay.lo <= 5 and len(lay.cpu) > 0
+    assert 0 < lay.fetched_blocks <= 5 and len(lay.cpu) > 0
     assert split.staging(pool)[:, -1].abs().sum() == 0  # the padding slot stays zero
     torch.testing.assert_close(
         got.double(), _reference(store, d, q, None, None, 0.5), atol=1e-5, rtol=1e-5
@@ -136,3 +136,17 @@ def test_engine_with_split_host_pools_matches_alone(family, llms, tmp_path):  # 
     assert any(s.fetched_bytes for s in splits) and any(s.cpu_bytes for s in splits)
     assert eng.kv_blocks_used() == 0
     eng.close()
+
+
+def test_batch_steps_skip_cpu_layers_when_their_attention_dominates():
+    """The cost model keeps the plan's CPU layers for one sequence and for a batch of short
+    ones, and streams every layer when the CPU would attend many sequences' long KV
+    (H200 host rates; Llama-3.1-8B layer of 416 MiB, 4 KiB of KV per token and layer)."""
+    from ollm.planning.costmodel import MachineRates, hybrid_step_pays
+
+    rates = MachineRates(54e9, 53e9, 50.8e9, 50.9e9, 14, 3.9e12, 6.4e12, 7.4e14, cpu_attn=8.5e9)
+    layer, tok = 416 << 20, 4096
+    assert hybrid_step_pays(rates, 16, 32, layer, 2, 1, 2080 * tok)
+    assert hybrid_step_pays(rates, 9, 21, layer, 2, 32, 32 * 50 * tok)
+    assert not hybrid_step_pays(rates, 16, 32, layer, 2, 16, 16 * 2080 * tok)
+    assert hybrid_step_pays(None, 16, 32, layer, 2, 16, 16 * 2080 * tok)  # rates unknown

@@ -56,7 +56,7 @@ def _engine(llm, host_split: bool = True, hybrid: bool = True) -> BatchEngine:
         runner = Runner(llm.spec, replace(runner.plan, cpu_max_tokens=0), llm.prefetcher, llm.dtype)
     return BatchEngine.for_plan(
         runner, None, (), w.batch, w.context, llm._engine.kv_dir, all_disk=False,
-        host_split=host_split,
+        host_split=host_split, rates=llm.rates if hybrid else None,
     )  # fmt: skip
 
 
@@ -99,6 +99,7 @@ def static_case(
         wall = time.perf_counter() - t0
         steps = eng.metrics().steps
         split = _split_stats(eng, steps)
+        streamed = eng.streamed_steps
     finally:
         eng.close()
     decode_tokens = sum(len(o.token_ids) - 1 for o in outs)
@@ -109,6 +110,7 @@ def static_case(
     return {
         "batch": batch,
         "hybrid": hybrid,
+        "streamed_steps": streamed,  # steps that skipped the plan's CPU layers (cost model)
         "host_split": split,
         "peak_reserved_GiB_process": peak / 2**30,  # since the process began (all cases so far)
         "wall_s": wall,

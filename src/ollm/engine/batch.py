@@ -46,8 +46,10 @@ from ollm.kv.hostsplit import attach, split_budget
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import PAGE_TOKENS
+from ollm.planning.costmodel import hybrid_step_pays
 from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
+from ollm.tiers import Phase
 
 log = logging.getLogger(__name__)
 BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (planning.accounting says why 16)
@@ -92,6 +94,7 @@ class BatchEngine:
         all_disk: bool = False,
         drafter: Speculator | Drafter | Callable[[Sequence[int]], Sequence[int]] | None = None,
         host_split: int = 0,
+        rates=None,
     ) -> None:
         """Pools hold ``pool_blocks[group]`` blocks per KV group (default ``max_batch x
         max_context`` tokens per full-attention group), each layer's in its plan's KV tier
@@ -104,10 +107,12 @@ class BatchEngine:
         of decoding requests, verified in the same pass without changing the output
         distribution (`ollm.engine.speculative`: greedy requests keep exactly the tokens greedy
         decoding picks). ``host_split``: GPU bytes for attending part of the pinned-RAM pools
-        on the GPU in decode, balanced against the CPU (`ollm.kv.hostsplit`)."""
+        on the GPU in decode, balanced against the CPU (`ollm.kv.hostsplit`); ``rates`` (the
+        cost model's `MachineRates`) let a step with much KV skip the plan's CPU layers."""
         if not batch_supported(runner):
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
+        self.rates, self.streamed_steps = rates, 0
         self.speculator = as_speculator(drafter)
         self.speculate_default = True  # requests whose params leave ``speculate`` None draft
         self._draft_of: dict[str, Draft] = {}  # this step's drafts (distributions, trees)
@@ -149,6 +154,7 @@ class BatchEngine:
         kv_dir: str | None = None,
         all_disk: bool = False,
         host_split: bool = True,
+        rates=None,
     ) -> BatchEngine:
         """An engine whose pools are the planner's (``plan.kv_pools`` blocks per KV group, each
         layer's in its KV tier; disk pools under ``kv_dir``, every layer's with ``all_disk``)
@@ -171,6 +177,7 @@ class BatchEngine:
             max_context=context, max_step_tokens=step, max_running=max(batch, min(256, rows)),
             pool_blocks=pools, kv_dir=kv_dir, all_disk=all_disk,
             host_split=0 if pools is None or not host_split else split_budget(runner, batch, context),
+            rates=rates,
         )  # fmt: skip
 
     @property
@@ -336,7 +343,17 @@ class BatchEngine:
             sel = torch.tensor(idx, dtype=torch.long, device=h.device)
             return self.runner.logits(h.index_select(1, sel))[0]
 
-        logits = self.runner.forward(packed.input_ids(), packed.positions(), kv, head=head)
+        p, spec, elem = self.runner.plan, self.runner.spec, torch.finfo(self.runner.dtype).bits // 8
+        kvb = 2 * spec.num_kv_heads * spec.head_dim * elem  # KV bytes per token of one layer
+        kvb *= sum(st.start + len(st.token_ids) for st in plan.seqs)
+        n_str = len(p.streamed_for(Phase.PREFILL))
+        stream = not hybrid_step_pays(
+            self.rates, len(p.cpu_layers), n_str, p.layer_bytes, elem, r, kvb
+        )
+        self.streamed_steps += stream
+        logits = self.runner.forward(
+            packed.input_ids(), packed.positions(), kv, head=head, stream_all=stream
+        )
         return logits, rows
 
     def _accept(self, rid: str, tokens: Sequence[int], reason: str | None) -> bool:

@@ -204,20 +204,23 @@ class Runner:
         key_keep: torch.Tensor | None = None,
         all_logits: bool = False,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        stream_all: bool = False,
     ) -> torch.Tensor:
         """Logits (float32) for the last position [B, V], or every position [B, T, V]; with
         ``head``, what ``head`` returns for the final hidden states [B, T, H] (see ``logits``).
+        ``stream_all``: no CPU-computed layers in this pass, whatever its size (the batch
+        engine's decode steps whose CPU attention would make hybrid layers slower).
 
         ``input_ids``/``positions`` are [B, T]; the new tokens occupy KV slots
         ``kv[0].length .. + T``; ``key_keep`` [B, >= slots] marks non-padding slots (None: none).
         """
         try:
-            return self._forward(input_ids, positions, kv, key_keep, all_logits, head)
+            return self._forward(input_ids, positions, kv, key_keep, all_logits, head, stream_all)
         except BaseException:
             self.prefetcher.reset()  # the streamed-layer sequence is out of step; start over
             raise
 
-    def _forward(self, input_ids, positions, kv, key_keep, all_logits, head=None):
+    def _forward(self, input_ids, positions, kv, key_keep, all_logits, head=None, stream_all=False):
         spec, pf = self.spec, self.prefetcher
         g = pf.globals
         embed = g["embed_tokens.weight"]
@@ -239,7 +242,8 @@ class Runner:
                 fetcher.start_step()  # a decode step: fetch the KV of the layers that use it
             else:
                 fetcher.active = False
-        phase = self.plan.phase(b * t) if self.plan.cpu_layers else Phase.PREFILL
+        hybrid = self.plan.cpu_layers and not stream_all
+        phase = self.plan.phase(b * t) if hybrid else Phase.PREFILL
         pf.set_phase(phase)
         hybrid_cpu = phase == Phase.DECODE and bool(self.plan.cpu_layers)
         cpu_time = 0.0

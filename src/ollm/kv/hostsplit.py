@@ -7,9 +7,9 @@ bus, while the host->GPU link carries ~9 GB of weights and could carry more. `Ho
 part of the pool to the GPU beside the weights and attends it there, at the same time as the CPU
 attends the rest:
 
-* the GPU part is one contiguous range of pool blocks ``[lo, hi)`` (a few DMA copies per layer,
-  no CPU gather: prompts' blocks are allocated in runs), copied on a side stream into a kept
-  staging buffer, then gathered per sequence on the GPU; the CPU part is every other held block,
+* the GPU part is the batch's lowest-numbered held blocks, copied as runs of consecutive pool
+  blocks (prompts' blocks are allocated in runs: a few DMA copies per layer, no CPU gather) on a
+  side stream into a kept staging buffer, then gathered per sequence on the GPU; the CPU part is every other held block,
   gathered on the CPU as before;
 * each sequence's attention is the exact softmax over both parts: each part returns its output
   and log-sum-exp and the two are merged (``merge_lse``), sinks added once after the merge;
@@ -35,6 +35,7 @@ from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_ls
 if TYPE_CHECKING:
     from ollm.kv.packed import DecodeBatch
 
+MERGE_GAP = 4  # blocks between two fetched runs copied rather than issuing another copy
 SHARE_STEP = 0.04  # change of the fetched share per step, by the balance of the last step's votes
 NEVER = 1 << 62  # position of a padding slot: later than any query, so masked
 
@@ -42,11 +43,10 @@ NEVER = 1 << 62  # position of a padding slot: later than any query, so masked
 @dataclass(frozen=True)
 class SplitLayout:
     """How one decode batch's sequences are attended in one step (same for every layer of the
-    KV group): pool blocks ``[lo, hi)`` are copied to the GPU; ``gpu``/``cpu`` index ``d.seqs``
+    KV group): the pool block ``runs`` are copied to the GPU; ``gpu``/``cpu`` index ``d.seqs``
     for the sequences with blocks in each part, with their gather rows and key masks."""
 
-    lo: int
-    hi: int
+    runs: tuple[tuple[int, int, int], ...]  # (first block, end block, staging slot) copied
     gpu: torch.Tensor  # [Bg] positions in d.seqs (on the GPU)
     gpu_rows: torch.Tensor  # [Bg * kv_heads * nbg] rows of staging seen as [slots * kvh, bt * D]
     gpu_mask: torch.Tensor  # [Bg, 1, 1, nbg * bt] additive (0 / -inf), query dtype
@@ -55,6 +55,11 @@ class SplitLayout:
     cpu_rows: torch.Tensor  # [Bc * kv_heads * nbc] rows of the pool seen as [blocks * kvh, bt * D]
     cpu_mask: torch.Tensor  # [Bc, 1, 1, nbc * bt] additive
     nbc: int
+
+    @property
+    def fetched_blocks(self) -> int:
+        """Pool blocks copied per layer (gaps merged into runs included)."""
+        return sum(b - a for a, b, _ in self.runs)
 
 
 class HostSplit:
@@ -120,26 +125,34 @@ class HostSplit:
             need = -(-(s.start + 1 - s.key0) // bt)
             held.append(s.block_ids[:need].cpu())
         used = torch.unique(torch.cat(held))  # sorted
-        g = round(self.next_share() * len(used))
-        lo = int(used[0]) if g else 0
-        if g:  # the first g used ids, within the staging buffer's slots
-            g = min(g, int(torch.searchsorted(used, lo + self.slots(pool))))
-        hi = int(used[g - 1]) + 1 if g else lo
+        # Staging slot of each used block: runs of ids with gaps of at most MERGE_GAP blocks are
+        # copied whole (fewer, longer copies; the gap's blocks are copied and never read).
+        gap = used[1:] - used[:-1] - 1
+        merged = gap <= MERGE_GAP
+        slot = torch.zeros(len(used), dtype=torch.long)
+        slot[1:] = torch.cumsum(1 + torch.where(merged, gap, 0), 0)
+        g = min(round(self.next_share() * len(used)), int((slot < self.slots(pool)).sum()))
+        runs, a = [], 0
+        for i in range(1, g + 1):  # the first g used ids, in runs
+            if i == g or not merged[i - 1]:
+                runs.append((int(used[a]), int(used[i - 1]) + 1, int(slot[a])))
+                a = i
+        last = int(used[g - 1]) if g else -1
         parts: dict[bool, list] = {True: [], False: []}
         for i, (s, ids) in enumerate(zip(d.seqs, held, strict=True)):
             pos = s.key0 + bt * torch.arange(len(ids))  # first position of each held block
-            on_gpu = (ids >= lo) & (ids < hi)
+            on_gpu = ids <= last
             for side in (True, False):
                 sel = on_gpu if side else ~on_gpu
                 if bool(sel.any()):
-                    ref = ids[sel] - lo if side else ids[sel]
+                    ref = slot[torch.searchsorted(used, ids[sel])] if side else ids[sel]
                     parts[side].append((i, ref, pos[sel], s.start))
         zero = self.slots(pool)  # the staging slot kept zero
         g_seqs, g_rows, g_mask, nbg = _rows(parts[True], kvh, bt, window, zero)
         c_seqs, c_rows, c_mask, nbc = _rows(parts[False], kvh, bt, window, None)
         dev = self.device
         return SplitLayout(
-            lo, hi, torch.tensor(g_seqs, dtype=torch.long, device=dev), g_rows.to(dev),
+            tuple(runs), torch.tensor(g_seqs, dtype=torch.long, device=dev), g_rows.to(dev),
             g_mask.to(dev), nbg, torch.tensor(c_seqs, dtype=torch.long), c_rows, c_mask, nbc,
         )  # fmt: skip
 
@@ -158,7 +171,7 @@ class HostSplit:
         lay = d.host_rows.get(key)
         if lay is None:
             lay = d.host_rows[key] = self.layout(d, pool, mask.window)
-        event = self._copy(lay, pool) if lay.hi > lay.lo else None
+        event = self._copy(lay, pool) if lay.runs else None
         out = torch.zeros_like(qb)
         lse = torch.full(qb.shape[:3], float("-inf"), device=qb.device)
         if len(lay.cpu):
@@ -179,16 +192,17 @@ class HostSplit:
         return out
 
     def _copy(self, lay: SplitLayout, pool: torch.Tensor):
-        """Issue the copy of blocks ``[lo, hi)`` into the staging buffer; its event (CUDA)."""
+        """Issue the copies of the block runs into the staging buffer; their event (CUDA)."""
         buf = self.staging(pool)
-        n = lay.hi - lay.lo
+        n = lay.fetched_blocks
         stream = self._stream
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         if stream is not None:  # the staging buffer's last readers ran on the compute stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with ctx:
-            for i in (0, 1):
-                buf[i, :n].copy_(pool[i, lay.lo : lay.hi], non_blocking=True)
+            for a, b, at in lay.runs:
+                for i in (0, 1):
+                    buf[i, at : at + b - a].copy_(pool[i, a:b], non_blocking=True)
         self.fetched_bytes += 2 * n * pool[0, 0].numel() * pool.element_size()
         if stream is None:
             return None

@@ -163,3 +163,24 @@ def interleave(indices: list[int], k: int) -> set[int]:
     if k >= n:
         return set(indices)
     return {indices[int((j + 0.5) * n / k)] for j in range(k)}
+
+
+def hybrid_step_pays(
+    rates: MachineRates | None,
+    n_cpu: int,
+    n_streamed: int,
+    layer_bytes: int,
+    dtype_bytes: int,
+    tokens: int,
+    kv_bytes: int,
+) -> bool:
+    """Whether a pass of ``tokens`` query rows, whose CPU-computed layers each attend
+    ``kv_bytes`` of KV on the CPU, is faster with the plan's ``n_cpu`` CPU layers (the CPU's
+    chain, run while the link streams the rest) than with all ``n_streamed`` layers streamed.
+    The planner chose the CPU layers for one sequence; a batch step's attention over many
+    sequences' KV can make them the slower path (True when the rates are unknown)."""
+    if rates is None or not rates.cpu_attn or not n_cpu:
+        return True
+    cpu = rates.cpu_layer_s(layer_bytes, layer_bytes // dtype_bytes, tokens, shared=True)
+    cpu += kv_bytes / rates.cpu_attn
+    return n_cpu * cpu < n_streamed * rates.copy_s(layer_bytes, shared=True)
