@@ -99,8 +99,6 @@ def band_lse(q, bufs, start: int, a: int, codec, scale: float, m: int):
     tiles = -(-t // m)
     width = m + lag
     qp = q if tiles * m == t else torch.nn.functional.pad(q, (0, 0, 0, tiles * m - t))
-    # [B, H, tiles*m, D] -> [B, KVH, tiles, grp*m, D]: a KV head's query heads folded into rows
-    qt = qp.reshape(b, kvh, grp, tiles, m, d).transpose(2, 3).reshape(b, kvh, tiles, grp * m, d)
     masks = band_masks(start, a, codec, m, tiles, q.device)
     out = torch.empty(b, h, tiles * m, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, tiles * m, dtype=torch.float32, device=q.device)
@@ -109,21 +107,23 @@ def band_lse(q, bufs, start: int, a: int, codec, scale: float, m: int):
     for i0 in range(0, tiles, per):
         i1 = min(tiles, i0 + per)
         win = slice(i0 * m, i1 * m + lag)
-        qs = qt[:, :, i0:i1]
-        s = torch.empty(b, kvh, i1 - i0, grp * m, 2 * width, device=q.device)  # float32
+        n = i1 - i0  # tiles of this group; a KV head's query heads folded into their rows
+        qs = qp[:, :, i0 * m : i1 * m].reshape(b, kvh, grp, n, m, d).transpose(2, 3)
+        qs = qs.reshape(b, kvh, n, grp * m, d)
+        s = torch.empty(b, kvh, n, grp * m, 2 * width, device=q.device)  # float32
         s[..., :width] = torch.matmul(qs, yk[:, :, win].unfold(2, width, m))
         s[..., width:] = torch.matmul(qs, xk[:, :, win].unfold(2, width, m))
-        s = s.view(b, kvh, i1 - i0, grp, m, 2 * width)
+        s = s.view(b, kvh, n, grp, m, 2 * width)
         s.mul_(scale).masked_fill_(~masks[i0:i1], -torch.inf)
         top = s.amax(-1, keepdim=True)  # every row sees its own slot: finite
         s.sub_(top).exp_()
         den = s.sum(-1, keepdim=True)
-        p = s.div_(den).view(b, kvh, i1 - i0, grp * m, 2 * width).to(xv.dtype)
+        p = s.div_(den).view(b, kvh, n, grp * m, 2 * width).to(xv.dtype)
         ov = torch.matmul(p[..., :width], yv[:, :, win].unfold(2, width, m).transpose(-1, -2))
         ov += torch.matmul(p[..., width:], xv[:, :, win].unfold(2, width, m).transpose(-1, -2))
         rows = slice(i0 * m, i1 * m)
-        ov = ov.view(b, kvh, i1 - i0, grp, m, d).transpose(2, 3)
-        out[:, :, rows] = ov.reshape(b, h, (i1 - i0) * m, d).to(q.dtype)
-        ls = (den.log_() + top).view(b, kvh, i1 - i0, grp, m).transpose(2, 3)
-        lse[:, :, rows] = ls.reshape(b, h, (i1 - i0) * m)
+        ov = ov.view(b, kvh, n, grp, m, d).transpose(2, 3)
+        out[:, :, rows] = ov.reshape(b, h, n * m, d).to(q.dtype)
+        ls = (den.log_() + top).view(b, kvh, n, grp, m).transpose(2, 3)
+        lse[:, :, rows] = ls.reshape(b, h, n * m)
     return out[:, :, :t], lse[:, :, :t]
