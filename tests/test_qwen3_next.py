@@ -433,3 +433,23 @@ def test_linear_layer_in_bfloat16_follows_transformers(tmp_path):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
         assert state.length == start and state.ssm.dtype == torch.float32
     torch.testing.assert_close(state.ssm, cache.layers[0].recurrent_states[0], atol=1e-2, rtol=1e-2)
+
+
+def test_prefill_chunk_sized_for_the_linear_layers():
+    """On an 8 GiB GPU budget at 32k context the 80B's prefill chunk keeps the linear layers'
+    temporaries (about 8x an attention row's) within the eighth of the budget the chunk gets."""
+    import transformers as tf
+
+    from ollm.planning.accounting import linear_temp_bytes
+    from ollm.planning.placement import Workload
+    from ollm.planning.sizing import prefill_chunk
+
+    spec = build_spec(tf.Qwen3NextConfig())
+    work, budget = Workload(1, 32768, 32768), 8 << 30
+    chunk = prefill_chunk(spec, work, 2, budget)
+    assert 0 < chunk < 8192
+    assert (
+        linear_temp_bytes(spec, 1, chunk, 2)
+        <= budget // 8
+        < linear_temp_bytes(spec, 1, 2 * chunk, 2)
+    )

@@ -13,6 +13,7 @@ from ollm.planning.accounting import (
     activation_bytes,
     kv_layer_bytes,
     kv_scratch_bytes,
+    linear_temp_bytes,
 )
 from ollm.sizes import format_size
 
@@ -29,6 +30,8 @@ def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) ->
     h, kvd = spec.hidden_size, spec.num_kv_heads * spec.head_dim
     qd = spec.num_heads * spec.head_dim
     per_row = work.batch * dtype_bytes * (3 * h + 2 * qd + 2 * kvd)
+    # Linear-attention layers (Qwen3-Next) hold more per row: the delta rule's float32 work.
+    per_row = max(per_row, linear_temp_bytes(spec, work.batch, MIN_CHUNK, dtype_bytes) // MIN_CHUNK)
     share = (budget or 1 << 40) // 8
     if per_row * work.prefill_tokens <= share:
         return 0
