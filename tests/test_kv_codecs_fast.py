@@ -71,6 +71,31 @@ def test_band_path_with_sinks_matches_blocked():
     assert float((outs[0] - outs[1]).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("spec", ["int8", "int4", "k:int4,v:fp8", "k:int8", "v:int4"])
+def test_cpu_decode_path_equals_decode_then_attend(spec):
+    """kv/codec_cpu.py: values weighted without being dequantized, several chunks, GQA rows."""
+    from ollm.kv import codec_cpu
+    from ollm.kv.codecs import CodeStore, unpack_int4
+    from ollm.layers.attention import _attend_lse
+
+    codes = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+    want = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    assert torch.equal(unpack_int4(codes), want)
+    codec = parse_kv_codec(spec, 0)
+    b, h, kvh, d, n, t = 2, 8, 2, 64, 320, 2
+    g = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(b, kvh, n, d, generator=g) * 3 for _ in "kv")
+    q = torch.randn(b, h, t, d, generator=g)
+    store = CodeStore(codec, b, kvh, n, d, torch.float32)
+    store.write(0, k, v)
+    kd, vd = torch.empty_like(k), torch.empty_like(v)
+    store.read(0, n, kd, vd)
+    ro, rl = _attend_lse(q, kd, vd, 0.125)
+    scratch = torch.empty(b, kvh, 128, d)
+    o, lse = codec_cpu.encoded_lse(q, store, n, 0.125, 128, lambda m: scratch[:, :, :m])
+    assert float((o - ro).abs().max()) < 1e-5 and float((lse - rl).abs().max()) < 1e-5
+
+
 _KERNEL_CHECK = """
 import math, torch
 from ollm.kv import codec_triton

@@ -14,6 +14,7 @@ nibble). fp8 is ``float8_e4m3fn`` of ``x / scale`` with ``scale = absmax / 448``
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,16 @@ def _pack_params(side: SideCodec, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(params, dim=-1).transpose(-1, -2)  # each [B, H, T, G, 1] -> [B,H,T,P,G]
 
 
+def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., n] of two int4 each -> [..., 2n] (even channel from the low nibble).
+    As int16 ``w + (w >> 4) * 240 = (w & 15) | (w >> 4) << 8`` whose bytes (little-endian)
+    are the two codes in order: three contiguous passes instead of a strided stack."""
+    if sys.byteorder != "little":  # pragma: no cover - every supported device is little-endian
+        return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    w = codes.to(torch.int16)
+    return torch.add(w, w >> 4, alpha=240).view(torch.uint8)
+
+
 def decode(
     codes: torch.Tensor, params: torch.Tensor | None, side: SideCodec, out: torch.Tensor
 ) -> torch.Tensor:
@@ -139,7 +150,7 @@ def decode(
         return out.copy_(codes)
     b, h, t, d = out.shape
     if side.kind == "int4":
-        c = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(b, h, t, d)
+        c = unpack_int4(codes).reshape(b, h, t, d)
     elif side.kind == "fp8":
         c = codes.view(torch.float8_e4m3fn).float()
     else:

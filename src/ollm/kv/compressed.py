@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ollm.kv import codec_triton
+from ollm.kv import codec_cpu, codec_triton
 from ollm.kv.codec_attend import recent_lse
 from ollm.kv.codecs import CodeStore, KVCodec
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
@@ -190,20 +190,23 @@ class CompressedKVCache:
         out = lse = None
         chunk = CPU_CHUNK if q.device.type == "cpu" else GPU_CHUNK
         b, h, d = q.shape[0], self.tail_k.shape[1], q.shape[3]
-        # A CPU decode step decodes into float32 and attends in it: no rounding pass to the
-        # cache dtype, and the CPU's flash kernel reads float32 faster than bfloat16.
-        f32 = q.device.type == "cpu" and q.shape[2] <= self.decode_tokens
-        dtype, qa = (torch.float32, q.float()) if f32 else (self.dtype, q)
+        plain = mask is None or mask.key_keep is None
+        if a and plain and q.device.type == "cpu" and q.shape[2] <= self.decode_tokens:
+            # a CPU decode step: values weighted without being dequantized (kv/codec_cpu.py)
+            def buffer(n: int) -> torch.Tensor:
+                return self.workspace.decoded((b, h, n, d), torch.float32, q.device)[0]
+
+            return codec_cpu.encoded_lse(q, src, a, scale, chunk, buffer)
         for c0 in range(0, a, chunk):
             c1 = min(a, c0 + chunk)
-            kb, vb = self.workspace.decoded((b, h, c1 - c0, d), dtype, q.device)
+            kb, vb = self.workspace.decoded((b, h, c1 - c0, d), self.dtype, q.device)
             src.read(c0, c1, kb, vb)
-            if mask is None or mask.key_keep is None:
-                o, s = attend_lse(qa, kb, vb, scale)
+            if plain:
+                o, s = attend_lse(q, kb, vb, scale)
             else:
-                o, s = blocked_attention_lse(qa, kb, vb, mask, scale, None, c0)
+                o, s = blocked_attention_lse(q, kb, vb, mask, scale, None, c0)
             out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
-        return (out, lse) if out is None else (out.to(q.dtype), lse)
+        return out, lse
 
     def _attend_rows(self, qr, ek, ev, kb, vb, span, a, r0, r1, mask, scale):
         """(out, lse) of query rows [r0, r1) of this forward over the keys [a, start + r1)
