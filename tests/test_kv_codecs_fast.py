@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_band_path_equals_decode_then_attend(spec, recent, chunks, monkeypatch):
     """Several tiles, several score groups, forwards starting inside a block and GQA heads."""
-    monkeypatch.setattr("ollm.kv.codec_attend.BAND_ROWS", 32)
+    monkeypatch.setattr("ollm.kv.codec_attend.BAND_ROWS", 64)
     monkeypatch.setattr("ollm.kv.codec_attend.SCORE_BLOCK_BYTES", 200_000)
 
     def refuse(*a, **k):  # the masked row-block path is for padded batches only

@@ -24,7 +24,7 @@ from ollm.layers.attention import _flash_ok as flash_ok
 from ollm.layers.attention import _flash_with_lse as flash_with_lse
 from ollm.planning.footprint import SCORE_BLOCK_BYTES
 
-BAND_ROWS = 64  # rows per band tile (rounded up to whole codec blocks)
+BAND_ROWS = 32  # rows per band tile (rounded up to whole codec blocks): band work ~ rows + lag
 
 
 def causal_lse(
