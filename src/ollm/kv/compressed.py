@@ -9,10 +9,12 @@ Every query sees the KV as a decode step at its position would (decode-faithful)
 before ``codec.boundary(q + 1)`` encoded, the rest exact. So a whole-prompt forward, a chunked
 prefill and token-by-token decoding give the same attention, and teacher-forced perplexity
 (``ollm eval``) measures what generation sees. A forward of T rows starting at slot s attends
-in three parts merged by their log-sum-exps: the encoded keys every row sees ([0, boundary(s +
-1)), decoded chunk by chunk into a small buffer and never as a whole full-precision copy), the
-encoded keys only some rows see, and the exact keys (the last two under a [T, T + recent +
-block] mask).
+in parts merged by their log-sum-exps: the encoded keys every row sees ([0, boundary(s + 1)):
+a decode step reads them in a Triton kernel on the GPU (``kv/codec_triton.py``) or weights the
+values without dequantizing them on the CPU (``kv/codec_cpu.py``); a prefill chunk decodes
+them chunk by chunk into a small buffer, never as a whole full-precision copy), then the keys
+encoded for some rows only and the exact keys: one causal flash call plus banded tiles
+(``kv/codec_attend.py``), or with padding masks of [MASK_ROWS, T + recent + block].
 
 Where attention runs: on the device of the queries, except a decode step whose queries come
 from another device and the cache was not asked to ``fetch``: then on ``home`` (pinned RAM:
