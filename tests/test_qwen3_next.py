@@ -204,6 +204,27 @@ def test_experts_in_ram_and_on_disk_and_a_stand_in_accelerator(tiny):
         assert llm.stats.expert_cpu > before
 
 
+def test_mtp_head_tensors_are_left_out(tiny, tmp_path):
+    """Released Qwen3-Next checkpoints carry a multi-token-prediction head (``mtp.*``, with its
+    own ``layers.0`` and ``norm``) that transformers does not load: conversion leaves it out
+    rather than letting it overwrite layer 0 or the final norm (same tokens as transformers)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, path, _, tokens, _ = tiny
+    hf = tmp_path / "hf"
+    shutil.copytree(path, hf)
+    tensors = load_file(str(hf / "model.safetensors"))
+    for name in [n for n in tensors if n.startswith("model.layers.0.") or n == "model.norm.weight"]:
+        tensors["mtp." + name.removeprefix("model.")] = torch.randn_like(tensors[name])
+    tensors["mtp.fc.weight"] = torch.randn(64, 128)
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    with LLM(hf, device="cpu", cache_dir=tmp_path / "c", progress=False) as llm:
+        assert not any(n.startswith("mtp") for f in llm.store.files.values() for n in f.tensors)
+        assert llm.generate(PROMPT, GREEDY).token_ids == tokens
+
+
 def test_padded_batch_and_refused_batch_engine(tiny, caplog):
     """Several prompts run as one left-padded batch (padding rows zeroed before the linear
     layers, so their state stays zero): each equals transformers alone. The batch engine and

@@ -15,6 +15,9 @@ from ollm.errors import CorruptStoreError, ModelNotFoundError
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _SKIP_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "audio_tower")
+# Multi-token-prediction heads (Qwen3-Next's ``mtp.*``: its own layers.0 and norm), which
+# transformers does not load either: they must not land on the model's layer 0 or final norm.
+_SKIP_RE = re.compile(r"(?:^|\.)mtp\.")
 # Files of an HF directory that are not weights but belong with the model (tokenizer, templates).
 SIDE_FILES_SKIP = (
     ".safetensors",
@@ -46,9 +49,11 @@ def classify_name(name: str) -> tuple[str, int | None, str] | None:
     """Map an HF tensor name to ('layer', i, relative name) or ('global', None, short name).
 
     Handles plain causal-LM names and multimodal wrappers (``model.language_model.layers...``);
-    returns None for tensors ollm does not use (vision towers, rotary buffers).
+    returns None for tensors ollm does not use (vision towers, rotary buffers, MTP heads).
     """
     if any(part in name for part in _SKIP_PARTS) or name.endswith("rotary_emb.inv_freq"):
+        return None
+    if _SKIP_RE.search(name):
         return None
     m = _LAYER_RE.search(name)
     if m:
