@@ -70,7 +70,7 @@ def _values(p: torch.Tensor, codes: torch.Tensor, params, side, d: int) -> torch
     g = side.token_group(d)
     last = side.nparams - 1
     ps = p.unsqueeze(-1) * prm[:, :, None, :, last, :]  # [B, KVH, rows, n, G]
-    out = torch.empty(*p.shape[:3], d, dtype=torch.float32)
+    out = torch.empty(*p.shape[:3], d, dtype=torch.float32, device=p.device)
     for j in range(d // g):
         out[..., j * g : (j + 1) * g] = torch.matmul(ps[..., j], c[..., j * g : (j + 1) * g])
     if side.kind != "fp8":  # the offsets: sum_t p[r, t] * lo[t, j], widened to channels
