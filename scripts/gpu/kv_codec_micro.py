@@ -144,12 +144,15 @@ def _encoded_parts(cache, q, k, v, scale: float, device) -> dict:
     for _ in range(2):  # the second run is the measured one
         want, res["encoded_torch_ms"] = _timed(device, cache._encoded_torch, q, store, a, scale)
     if codec_triton.supported(q, store):
-        for _ in range(2):  # the first compiles
-            got, res["encoded_triton_ms"] = _timed(
-                device, codec_triton.encoded_lse, q, store, a, scale
-            )
-        res["triton_vs_torch_max_abs"] = float((got[0].float() - want[0].float()).abs().max())
-        res["triton_vs_torch_lse"] = float((got[1] - want[1]).abs().max())
+        try:
+            for _ in range(2):  # the first compiles
+                got, res["encoded_triton_ms"] = _timed(
+                    device, codec_triton.encoded_lse, q, store, a, scale
+                )
+            res["triton_vs_torch_max_abs"] = float((got[0].float() - want[0].float()).abs().max())
+            res["triton_vs_torch_lse"] = float((got[1] - want[1]).abs().max())
+        except Exception as exc:  # noqa: BLE001 - reported; the torch figures stand
+            res["triton_error"] = repr(exc)[:500]
     on = codec_triton._STATE and all(codec_triton._STATE.values())
     res["decode_kernel"] = "triton" if on else "torch"
     return res
