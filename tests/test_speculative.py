@@ -23,6 +23,8 @@ from ollm.engine.drafting import (
 )
 from ollm.engine.sampling import Sampler, probabilities
 from ollm.engine.speculative import (
+    MAX_CHAIN,
+    MAX_DRAFT,
     AdaptiveK,
     Speculator,
     build_speculator,
@@ -216,7 +218,7 @@ def test_verify_greedy():
 
 
 def test_adaptive_k():
-    """k grows with the acceptance rate (a = 0.9: 8 with flat costs, where E(k) / cost(k + 1)
+    """k grows with the acceptance rate (a = 0.9: 32 with flat costs, where E(k) / cost(k + 1)
     peaks at k = 3 for cost(n) = 0.1 + 0.1 n), shrinks as extra query rows cost more, reaches 0
     (with a periodic probe of 1) when drafts are never accepted."""
     assert expected_tokens(0.0, 5) == 1.0
@@ -230,7 +232,8 @@ def test_adaptive_k():
         for _ in range(20):
             pol.observe_accept("good", 10, 9)
             pol.observe_accept("bad", 4, 0)
-    assert flat.choose("good") == flat.max_k
+    assert flat.choose("good") == flat.max_k == MAX_CHAIN  # 32: the fit says rows are free
+    assert AdaptiveK().choose("new") == MAX_DRAFT  # 8 while no pass cost was measured
     assert steep.choose("good") == 3
     ks = [steep.choose("bad") for _ in range(2 * steep.probe)]
     assert ks.count(1) == 2 and set(ks) == {0, 1}

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from ollm.engine.stepplan import SeqStep
 
 log = logging.getLogger(__name__)
-MAX_DRAFT = 8  # most tokens drafted per sequence and step
+MAX_DRAFT = 8  # most tokens drafted per sequence and step while pass costs are unmeasured
+MAX_CHAIN = 32  # most once the pass-cost fit has seen a spread of sizes (the cost decides)
 
 
 def verify(
@@ -139,11 +140,12 @@ class AdaptiveK:
     function of its query tokens, ``t(N) = c0 + c1 N``, and the drafter's seconds per drafted
     token ``d``. A sequence sharing a step with ``B - 1`` others pays ``cost(n) = c0 / B + c1 n``
     for its ``n`` rows; ``k`` maximises ``E(k) / (d k + cost(k + 1))`` (tokens per second),
-    increasing k while the rate grows. At k = 0 a sequence still probes k = 1 every
-    ``probe`` steps so a rate that recovers is noticed."""
+    increasing k while the rate grows, up to `MAX_DRAFT` until passes of several sizes were
+    measured (a flat unfitted cost would take any k), then up to ``max_k``. At k = 0 a sequence
+    still probes k = 1 every ``probe`` steps so a rate that recovers is noticed."""
 
     def __init__(
-        self, max_k: int = MAX_DRAFT, prior: float = 0.5, decay: float = 0.7, probe: int = 8
+        self, max_k: int = MAX_CHAIN, prior: float = 0.5, decay: float = 0.7, probe: int = 8
     ) -> None:
         self.max_k, self.prior, self.decay, self.probe = max_k, prior, decay, probe
         self.rate: dict[str, float] = {}
@@ -192,7 +194,8 @@ class AdaptiveK:
         c0, c1 = self.target.coef() or (1.0, 0.0)
         d = self.draft_s if draft_s is None else draft_s
         best_k, best = 0, 1.0 / (c0 / batch + c1)
-        for k in range(1, self.max_k + 1):
+        top = self.max_k if self.target.varied() else min(self.max_k, MAX_DRAFT)
+        for k in range(1, top + 1):
             r = expected_tokens(a, k) / (d * k + c0 / batch + c1 * (k + 1))
             if r <= best:
                 break  # E(k) is concave in k and the cost linear: the rate peaks once
