@@ -239,24 +239,24 @@ def bench_batch(
     budget: str = "3GiB",
     batches: tuple[int, ...] = (1, 4, 16, 64),
     workloads: tuple[str, ...] = ("static", "arrivals", "prefix"),
-    baseline: tuple[int, ...] = (),
+    split: tuple[int, ...] = (),
     prompt_tokens: int = 2048,
     new_tokens: int = 128,
     stream_all: tuple[int, ...] = (),
 ) -> dict:
     """``ollm bench --batch`` on ``synthetic`` shapes (2k prompts, 128 new tokens by default);
-    ``baseline``: static batches also run without the host-pool split, in the same process."""
+    ``split``: static batches also run with the host-pool split, in the same process."""
     from ollm.bench.batching import run_batch_bench
 
     report = run_batch_bench(
         model=None, synthetic=synthetic, batches=list(batches), prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, llm_kwargs={"device": "cuda", "gpu_memory": budget},
         on_case=lambda kind, case: print(kind, case, flush=True), workloads=workloads,
-        baseline_batches=baseline, stream_all_batches=stream_all,
+        split_batches=split, stream_all_batches=stream_all,
     )  # fmt: skip
     name = f"bench_batch_{synthetic}_{'_'.join(workloads)}.json"
     (out_dir / name).write_text(json.dumps(report, indent=1, default=str))
-    keys = ("plan", "static", "static_baseline", "static_stream_all", "arrivals", "prefix")
+    keys = ("plan", "static", "static_split", "static_stream_all", "arrivals", "prefix")
     return {k: report[k] for k in keys if k in report}
 
 
@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--bench-budget", default="3GiB")
     ap.add_argument("--bench-batches", default="1,4,16,64")
     ap.add_argument("--bench-workloads", default="static,arrivals,prefix")
-    ap.add_argument("--bench-baseline", default="", help="static batches also run unsplit")
+    ap.add_argument("--bench-split", default="", help="static batches also run host-split")
     ap.add_argument("--bench-stream-all", default="", help="static batches also run unhybrid")
     ap.add_argument("--bench-prompt", type=int, default=2048)
     ap.add_argument("--bench-new", type=int, default=128)
@@ -290,7 +290,7 @@ def main() -> int:
             report["bench_batch"] = bench_batch(
                 Path(args.out), args.bench_synthetic, args.bench_budget, sizes,
                 tuple(args.bench_workloads.split(",")),
-                tuple(int(b) for b in args.bench_baseline.split(",") if b),
+                tuple(int(b) for b in args.bench_split.split(",") if b),
                 args.bench_prompt, args.bench_new,
                 tuple(int(b) for b in args.bench_stream_all.split(",") if b),
             )  # fmt: skip

@@ -43,7 +43,7 @@ def prompts(n: int, tokens: int, vocab: int, seed: int, shared: int = 0) -> list
     return [head + [rng.randrange(vocab) for _ in range(tokens - shared)] for _ in range(n)]
 
 
-def _engine(llm, host_split: bool = True, hybrid: bool = True) -> BatchEngine:
+def _engine(llm, host_split: bool = False, hybrid: bool = True) -> BatchEngine:
     """A batch engine for ``llm``'s plan; ``hybrid`` False streams every layer in every step
     (no CPU-computed layers: the plan's ``cpu_max_tokens`` 0)."""
     from dataclasses import replace
@@ -83,11 +83,11 @@ def static_case(
     new_tokens: int,
     seed: int,
     probes,
-    host_split: bool = True,
+    host_split: bool = False,
     hybrid: bool = True,
 ) -> dict:
     """B prompts at once: aggregate decode tok/s, weight passes, the floor of a step of B;
-    ``host_split`` False attends every pinned-RAM pool on the CPU, ``hybrid`` False streams the
+    ``host_split`` attends part of the pinned-RAM pools on the GPU, ``hybrid`` False streams the
     plan's CPU-computed layers too (variants of the same plan, for A/B in one process)."""
     from ollm.bench.floors import compute_floors
 
@@ -219,12 +219,12 @@ def run_batch_bench(
     seed: int = 0,
     on_case: Callable[[str, dict], None] | None = None,
     workloads: tuple[str, ...] = ("static", "arrivals", "prefix"),
-    baseline_batches: tuple[int, ...] = (),
+    split_batches: tuple[int, ...] = (),
     stream_all_batches: tuple[int, ...] = (),
 ) -> dict[str, object]:
     """Probe the machine, plan for the largest batch, run the ``workloads``; the report.
-    ``baseline_batches``: static batches also run with every pinned-RAM pool attended by the
-    CPU alone (no host split), ``stream_all_batches`` with no CPU-computed layers, in the same
+    ``split_batches``: static batches also run with the host-pool split (`kv.hostsplit`, off by
+    default: measured slower), ``stream_all_batches`` with no CPU-computed layers, in the same
     process."""
     from ollm import LLM
     from ollm.bench.probes import measure_bandwidth
@@ -257,11 +257,11 @@ def run_batch_bench(
             report["static"].append(case)
             if on_case:
                 on_case("static", case)
-        for b in baseline_batches:
-            case = static_case(llm, b, n, m, seed, probes, host_split=False)
-            report.setdefault("static_baseline", []).append(case)
+        for b in split_batches:
+            case = static_case(llm, b, n, m, seed, probes, host_split=True)
+            report.setdefault("static_split", []).append(case)
             if on_case:
-                on_case("static_baseline", case)
+                on_case("static_split", case)
         for b in stream_all_batches:
             case = static_case(llm, b, n, m, seed, probes, hybrid=False)
             report.setdefault("static_stream_all", []).append(case)

@@ -153,7 +153,7 @@ class BatchEngine:
         context: int,
         kv_dir: str | None = None,
         all_disk: bool = False,
-        host_split: bool = True,
+        host_split: bool = False,
         rates=None,
     ) -> BatchEngine:
         """An engine whose pools are the planner's (``plan.kv_pools`` blocks per KV group, each

@@ -27,12 +27,14 @@ def generate_many(
     on_token: Callable[[int, int], None] | None = None,
     kv_dir: str | None = None,
     speculator: Speculator | None = None,
+    rates=None,
 ) -> tuple[list[SequenceOutput], list[GenerationMetrics]]:
     """Run a request of several prompts: continuous batching on paged KV when the plan keeps
     every layer's KV on the device (pools for the planned ``batch x context``), else the
     padded batch of ``generator`` (one call per distinct params). Metrics per output (shared
     by the outputs of one run). ``speculator`` drafts tokens on the batch engine's path (the
-    padded batch runs without it, with a warning)."""
+    padded batch runs without it, with a warning); ``rates`` (the cost model's) let batch steps
+    with much KV skip the plan's CPU layers."""
     plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(plist) != len(prompts):
         raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
@@ -40,7 +42,7 @@ def generate_many(
     if batch_supported(runner):  # ``kv_dir``: every layer's pools on disk there
         eng = BatchEngine.for_plan(
             runner, generator.tokenizer, generator.eos_ids, batch, context,
-            kv_dir or generator.kv_dir, all_disk=kv_dir is not None,
+            kv_dir or generator.kv_dir, all_disk=kv_dir is not None, rates=rates,
         )  # fmt: skip
         eng.speculator = speculator
         try:

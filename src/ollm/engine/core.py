@@ -264,7 +264,7 @@ class Engine:
                 w = self.workload  # covers every prompt after the check
                 outs, mets = generate_many(
                     self.generator, prompts, params, w.batch, w.context, on_text, on_token,
-                    kv_dir, spec,
+                    kv_dir, spec, self.rates,
                 )  # fmt: skip
                 self.last_speculation = None if spec is None else spec.stats
             else:
@@ -370,8 +370,9 @@ class Engine:
         w = self.workload
         # Disk-tier pools go under the engine's KV directory, as generate()'s do.
         eng = BatchEngine.for_plan(
-            self.runner, self.tokenizer, self.eos_ids, w.batch, w.context, self.generator.kv_dir
-        )
+            self.runner, self.tokenizer, self.eos_ids, w.batch, w.context, self.generator.kv_dir,
+            rates=self.rates,
+        )  # fmt: skip
         # Drafts for requests that ask (SamplingParams.speculate), or all when the engine
         # speculates; lookup costs nothing when it does not.
         kind = self.config.speculate
