@@ -350,3 +350,18 @@ def test_choice_prices_each_drafter(monkeypatch):
     assert rows["slow"]["draft_seconds"] == pytest.approx(0.02)
     assert rows["cheap"]["draft_seconds"] == pytest.approx(3e-5)
     assert rows["slow"]["share"] > rows["cheap"]["share"] > 0
+
+
+def test_run_table_shows_each_drafters_share_of_time():
+    """`ollm run`'s metrics rows give each drafter its drafts, acceptance and share of time."""
+    from ollm.cli.generate import spec_rows
+    from ollm.engine.speculative import SpecStats
+
+    stats = SpecStats(
+        drafter="mix", drafted=10, accepted=6, verify_passes=4, tokens=10, draft_seconds=1.0,
+        target_seconds=3.0, by_drafter={"lookup": [3, 8, 6], "draft": [1, 2, 0]},
+        draft_seconds_by={"lookup": 0.2, "draft": 0.8},
+    )  # fmt: skip
+    rows = dict(spec_rows(stats))
+    assert rows["  lookup"] == "3 drafts, 6 of 8 tokens accepted, 5.0% of time"
+    assert rows["  draft"] == "1 drafts, 0 of 2 tokens accepted, 20.0% of time"

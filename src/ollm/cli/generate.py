@@ -205,7 +205,10 @@ def spec_rows(stats) -> list[tuple[str, str]]:
         ("tokens per target pass", f"{stats.tokens_per_pass:.2f}"),
         ("drafter share of time", f"{stats.drafter_share:.1%}"),
         *(
-            (f"  {name}", f"{n} drafts, {acc} of {tok} tokens accepted")
+            (
+                f"  {name}",
+                f"{n} drafts, {acc} of {tok} tokens accepted, {stats.share_of(name):.1%} of time",
+            )
             for name, (n, tok, acc) in stats.by_drafter.items()
         ),
     ]
