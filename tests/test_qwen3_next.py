@@ -13,6 +13,7 @@ import torch
 
 from conftest import make_hf_model, tiny_config
 from ollm import LLM, SamplingParams
+from ollm.errors import RequestError
 from ollm.kv.recurrent import RecurrentState
 from ollm.layers import deltanet
 from ollm.models.decoder import layer_weight_names
@@ -244,6 +245,8 @@ def test_padded_batch_and_refused_batch_engine(tiny, caplog):
             spec = SamplingParams(max_new_tokens=8, temperature=0, speculate="lookup")
             assert llm.generate(PROMPT, spec).token_ids == tokens
         assert "speculative decoding is off" in caplog.text and "recurrent state" in caplog.text
+        with pytest.raises(RequestError, match="recurrent state"):
+            llm.submit(PROMPT, GREEDY)
 
 
 def test_state_cannot_roll_back():

@@ -340,6 +340,7 @@ class Engine:
         `RequestStream` at once (``LLM.submit`` says more). The plan grows for it only while
         no submitted request runs; until then a request beyond the planned context is refused."""
         from ollm.engine.batch import batch_supported
+        from ollm.engine.kvpools import batch_unsupported
         from ollm.engine.serving import BatchServer
 
         with self.lock:
@@ -351,10 +352,10 @@ class Engine:
                     f"running batch's context of {self.workload.context} (max_context)"
                 )
             if not batch_supported(self.runner):
-                raise RequestError(
-                    "submit() needs the device-resident KV of this plan on one device "
-                    "(use generate() or stream())"
+                why = batch_unsupported(self.runner) or (
+                    "it needs the device-resident KV of this plan on one device"
                 )
+                raise RequestError(f"submit() cannot run this model: {why} (use generate())")
             if self.server is None:
                 text = self.tokenizer is not None
                 self.server = BatchServer(self._batch_engine, self.lock, text=text)
