@@ -43,18 +43,31 @@ SETTINGS = {
 }
 
 
-def _routing(llm: LLM, attention: str, prefill: bool):
-    return plan_routing(attention, llm.spec, llm.store_path, 32, prefill)
+def _routing(llm: LLM, attention: str, prefill: bool, context: int):
+    """The setting's routing planned for ``context`` tokens (``auto`` scales its top-k pages)."""
+    return plan_routing(attention, llm.spec, llm.store_path, 32, prefill, context=context)
+
+
+def _budget(routing, context: int) -> dict:
+    """Top-k pages per routed layer and the share of the routed layers' KV a decode step at
+    ``context`` keys reads (computed: ``LayerRouting.read_tokens``)."""
+    if routing is None:
+        return {"pages": None, "kv_read_last_step": 1.0}
+    used = [r for r in routing if r is not None]
+    read = sum(r.read_tokens(context - 1, context) for r in used)
+    total = sum(context * len(r.heads) for r in used)
+    return {"pages": [r.pages for r in used], "kv_read_last_step": read / total}
 
 
 def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dict]:
     """Per setting: perplexity, KL(exact || setting) mean/max, top-1 agreement (as
     ``ollm.eval.quality.compare``), from one final-hidden pass each."""
     runner = llm.runner
-    hidden = {}
+    hidden, budget = {}, {}
     for name, attention in settings.items():
         t0 = time.perf_counter()
-        runner.routing = _routing(llm, attention, prefill=True)
+        runner.routing = _routing(llm, attention, prefill=True, context=len(ids))
+        budget[name] = _budget(runner.routing, len(ids))
         hidden[name] = llm._engine.final_hidden(ids)[:, :-1]
         print(f"  {name}: pass over {len(ids)} tokens {time.perf_counter() - t0:.0f} s", flush=True)
     runner.routing = None
@@ -87,6 +100,7 @@ def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dic
             "kl_mean": s["kl"] / n_tok,
             "kl_max": s["kl_max"],
             "top1_agreement": s["agree"] / n_tok,
+            **budget[n],
         }
         for n, s in stats.items()
     }
@@ -108,7 +122,7 @@ def passkey_cell(llm: LLM, prompt: str, want: int, settings: dict[str, str]) -> 
         first = int(logits.argmax(-1))
         for name, attention in settings.items():
             stats = IOStats()
-            routing = _routing(llm, attention, prefill=False)
+            routing = _routing(llm, attention, prefill=False, context=n + new)
             if routing is not None:
                 attach_routers(kv, routing, 1, n + new, stats)
                 for cache in kv:

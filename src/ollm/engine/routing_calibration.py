@@ -5,7 +5,11 @@ vs retrieval heads). The result is saved next to the layer store; ``--attention 
 each head to the cheapest mechanism (window + sinks, top-k pages, full) that stayed close.
 
 Deviation of a KV head = mean over its query heads of sum_rows |o_full - o_window|^2 /
-sum_rows |o_full|^2, over the rows where the two differ (beyond sinks + window)."""
+sum_rows |o_full|^2, over the rows where the two differ (beyond sinks + window).
+
+A top-k choice is a share of the pages that compete (the middle between sinks and window at
+the calibration length): at a longer context ``auto`` keeps that share, never fewer pages than
+calibrated (``scaled_pages``), since an absolute count calibrated at 4k leaves more out at 8k."""
 
 from __future__ import annotations
 
@@ -124,6 +128,7 @@ def calibrate(
                 cache.close()
     deviation: list[dict | None] = []
     choice: list[list[str] | None] = []
+    middle = middle_pages(tokens, window, sinks, page)
     for cache in kv:
         if not isinstance(cache, _ProbeKV):
             deviation.append(None)
@@ -137,7 +142,7 @@ def calibrate(
             heads.append(next((n for n in probes if dev_[n][h] <= threshold), FULL))
         choice.append(heads)
     return {
-        "version": 1,
+        "version": 2,
         "model_type": spec.family,
         "layers": spec.num_layers,
         "kv_heads": spec.num_kv_heads,
@@ -149,7 +154,42 @@ def calibrate(
         "text": "stdlib" if text is None else Path(text).name,
         "deviation": deviation,
         "choice": choice,
+        # top-k as a share of the competing pages at `tokens` (what auto keeps at any context)
+        "middle_pages": middle,
+        "share": [_shares(c, d, middle) for c, d in zip(choice, deviation, strict=True)],
     }
+
+
+def _shares(row: list[str] | None, dev: dict | None, middle: int) -> list[dict | None] | None:
+    """Per head of a calibration row: a top-k choice's pages, share of ``middle`` and measured
+    deviation (None for window / full heads)."""
+    if row is None or dev is None:
+        return None
+    out: list[dict | None] = []
+    for h, c in enumerate(row):
+        kind, _, k = c.partition(":")
+        if kind != TOPK or middle <= 0:
+            out.append(None)
+            continue
+        share = float(f"{int(k) / middle:.6g}")
+        out.append({"pages": int(k), "share": share, "deviation": dev[c][h]})
+    return out
+
+
+def middle_pages(tokens: int, window: int, sinks: int, page_tokens: int) -> int:
+    """Pages a top-k head chooses among at a decode step with ``tokens`` keys: the whole pages
+    between the sinks and the recent window (``LayerRouting.middle`` of the last row)."""
+    lo, hi = LayerRouting((FULL,), window, sinks, 1, page_tokens).middle(tokens - 1)
+    return (hi - lo) // page_tokens
+
+
+def scaled_pages(pages: int, calibrated: int, context: int | None) -> int:
+    """Top-k budget at ``context`` competing pages of a choice of ``pages`` of ``calibrated``:
+    the same share, ceil(pages * context / calibrated), never fewer than ``pages`` (None or a
+    shorter context: ``pages``). Exact integer maths, so the budget is deterministic."""
+    if context is None or calibrated <= 0 or context <= calibrated:
+        return pages
+    return max(pages, -(-pages * context // calibrated))
 
 
 def calibration_path(store_path: str | Path) -> Path:
@@ -186,9 +226,12 @@ def plan_routing(
     page_tokens: int = 32,
     prefill: bool = False,
     model: str | None = None,
+    context: int | None = None,
 ) -> list[LayerRouting | None] | None:
     """Per layer the routing of ``--attention`` (None: full everywhere). Sliding-window layers
-    already read a bounded window and are left alone; ``auto`` needs ``ollm calibrate``."""
+    already read a bounded window and are left alone; ``auto`` needs ``ollm calibrate`` and
+    keeps each top-k choice's share of the competing pages at ``context`` tokens (None: the
+    calibrated page count as it is)."""
     s = parse_attention(attention)
     if not s.lossy:
         return None
@@ -207,6 +250,7 @@ def plan_routing(
             raise OllmError(f"{path} does not match this model; run ollm calibrate again")
         if (s.window, s.sinks) == (DEFAULT_WINDOW, DEFAULT_SINKS):  # not given: as calibrated
             s = replace(s, window=cal.get("window", s.window), sinks=cal.get("sinks", s.sinks))
+        fit = _fit(cal, s, page_tokens, context)
     out: list[LayerRouting | None] = []
     for i, layer in enumerate(spec.layers):
         if layer.window is not None:
@@ -218,23 +262,37 @@ def plan_routing(
         elif s.mode == "topk":
             heads = (TOPK,) * kvh
         else:
-            # the calibration's page budgets in its own page size, kept as token budgets
-            scale = cal.get("page_tokens", page_tokens) / page_tokens
-            heads, pages = _auto_heads(choice[i] or [FULL] * kvh, s.pages, scale)
+            heads, pages = _auto_heads(choice[i] or [FULL] * kvh, s.pages, fit)
         out.append(LayerRouting(heads, s.window, s.sinks, pages, page_tokens, prefill))
     return out
 
 
+def _fit(cal: dict, s, page_tokens: int, context: int | None) -> tuple[float, int, int]:
+    """(this run's pages per calibration page, competing pages at calibration, at ``context``
+    in this run's pages); a file without ``middle_pages`` (version 1) counts as calibrated at
+    its recorded ``tokens``, window and sinks."""
+    page = cal.get("page_tokens", page_tokens)
+    middle = cal.get("middle_pages")
+    if middle is None:
+        win, sinks = cal.get("window", s.window), cal.get("sinks", s.sinks)
+        middle = middle_pages(cal.get("tokens", DEFAULT_TOKENS), win, sinks, page)
+    now = 0 if context is None else middle_pages(context, s.window, s.sinks, page_tokens)
+    # shares are of tokens: the calibrated middle in this run's pages
+    return page / page_tokens, round(middle * page / page_tokens), now
+
+
 def _auto_heads(
-    row: list[str], pages: int | None, scale: float = 1.0
+    row: list[str], pages: int | None, fit: tuple[float, int, int] = (1.0, 0, 0)
 ) -> tuple[tuple[str, ...], int]:
     """Per-head mechanisms from a calibration row ("window", "topk:K" or "full") and the
-    layer's page budget (the largest K, times ``scale`` pages of this run per calibration
-    page; ``pages`` given with auto overrides it)."""
+    layer's page budget: the largest K, in this run's pages (``fit``: pages per calibration
+    page, competing pages at calibration and now), keeping its share of the competing pages
+    now (``scaled_pages``); ``pages`` given with auto overrides it."""
+    scale, calibrated, now = fit
     heads, ks = [], [pages or 0]
     for c in row:
         kind, _, k = c.partition(":")
         heads.append(kind if kind in (FULL, WINDOW, TOPK) else FULL)
         if kind == TOPK and not pages:
-            ks.append(max(1, round(int(k) * scale)))
+            ks.append(scaled_pages(max(1, round(int(k) * scale)), calibrated, now))
     return tuple(heads), max(ks) or DEFAULT_PAGES
