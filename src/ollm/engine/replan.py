@@ -30,6 +30,22 @@ def routing_summary_bytes(spec, cfg, workload, elem: int) -> int:
     return per_layer * sum(1 for layer in spec.layers if not layer.window)
 
 
+def routing_kv_read(engine, workload) -> tuple[float, ...] | None:
+    """Per layer the share of its KV a routed decode step reads at ``workload.context`` (sinks,
+    window and the top-k pages; 1.0 for a layer with a full head or none routed), which the
+    planner weighs against resident weights; None when no layer reads less, with compressed or
+    evicted KV (not routed) and for batches (the paged batch engine does not route)."""
+    routing, cfg = getattr(engine, "routing", None), engine.config
+    if routing is None or workload.batch > 1 or cfg.kv_codec != "none" or cfg.kv_evict != "none":
+        return None
+    c = workload.context
+    out = tuple(
+        min(1.0, r.read_tokens(c - 1, c) / (len(r.heads) * c)) if r and r.partial else 1.0
+        for r in routing
+    )
+    return out if any(x < 1.0 for x in out) else None
+
+
 def plan_for(engine, workload):
     """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
     from ollm.engine.moe_offload import plan_with_experts
@@ -52,6 +68,7 @@ def plan_for(engine, workload):
         "kv_block_tokens": cfg.kv_block_tokens,
         "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, engine.spec.head_dim, elem),
         "summary_bytes": routing_summary_bytes(engine.spec, cfg, workload, elem),
+        "kv_read": routing_kv_read(engine, workload),
     }
     whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
     experts = plan_with_experts(engine, whole, workload, elem, chunk)  # MoE: experts one by one
@@ -73,9 +90,11 @@ def plan_for(engine, workload):
     rates = None
     hybrid = "off" if engine.hybrid_demoted else cfg.hybrid
     kv_in_ram = any(p.kv_tier == KvTier.CPU for p in plan.layers)
-    if plan.device != "cpu" and (hybrid != "off" and plan.count(Tier.CPU) or kv_in_ram):
+    routed = chunk["kv_read"] is not None and bool(plan.streamed)
+    if plan.device != "cpu" and (hybrid != "off" and plan.count(Tier.CPU) or kv_in_ram or routed):
         # Layers or KV sit in RAM: measure (once per machine) whether the CPU should compute
-        # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU.
+        # some layers, and which RAM KV decode attends on the CPU or fetches to the GPU; with
+        # routing, how much KV leaves the device for resident weights.
         from ollm.engine.calibrate import cached_rates
         from ollm.storage.convert import default_cache_dir
 

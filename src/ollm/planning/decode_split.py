@@ -7,19 +7,26 @@ from __future__ import annotations
 from ollm.tiers import KvTier, Tier
 
 
-def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
+def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_read=None,
+                    fetch=True):  # fmt: skip
     """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
     attend on the CPU where the KV sits): a fetched layer adds its KV to the copy engine's queue
     (right behind its weights), a CPU one stops the compute chain while the CPU reads it. The
     count and positions (spread by ``interleave``) minimise the step simulated layer by layer
     with the ring's depth (``costmodel.pipeline_step``): a CPU stall is covered only by the copies
-    of the next layer or two. ``per_token``: KV bytes per token position of one layer."""
+    of the next layer or two. ``per_token``: KV bytes per token position of one layer.
+    ``kv_read[i]`` < 1: attention routing reads that fraction of layer i's KV per step where it
+    sits (``Router``, never fetched): its CPU stall is that fraction of a full read. ``fetch``
+    False (no fetch buffers): no layer is fetched, the step is only simulated."""
     from dataclasses import replace
 
     from ollm.planning.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
 
+    share = kv_read or [1.0] * len(layers)
     cands = [
-        i for i, p in enumerate(layers) if p.kv_tier == KvTier.CPU and p.decode_device != "cpu"
+        i
+        for i, p in enumerate(layers)
+        if fetch and p.kv_tier == KvTier.CPU and p.decode_device != "cpu" and share[i] >= 1.0
     ]
     shared = rates.pcie_busy
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
@@ -42,7 +49,8 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring):
             0 if p.kv_tier == KvTier.DEVICE else per_token * (work.context - p.kv_device_tokens)
         )
         # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
-        cpu_kv.append(host_kv[i] / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
+        read = host_kv[i] * min(1.0, share[i])
+        cpu_kv.append(read / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
 
     def step(x: int) -> float:
         chosen = interleave(cands, x)

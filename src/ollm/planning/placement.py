@@ -8,10 +8,12 @@ field, so a later cost model can compute RAM-resident layers on the CPU instead 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
+from ollm.planning.routed_kv import choose_routed_kv_off, routed_rows
 from ollm.planning.sizing import MIN_CHUNK, PlanSizes, too_small
 from ollm.sizes import format_size
 from ollm.tiers import KvTier, Phase, Tier
@@ -73,6 +75,7 @@ class PlacementPlan:
     kv_pools: dict[str, int] = field(default_factory=dict)  # paged KV: blocks per KV group
     kv_page_tokens: int = 16  # token slots per block of the paged pools (engine v2)
     experts: ExpertPlan | None = None  # MoE experts placed one by one (planning/experts.py)
+    kv_read: tuple[float, ...] = ()  # per layer: share of its KV a routed decode step reads
 
     def phase(self, tokens: int) -> Phase:
         """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
@@ -142,6 +145,7 @@ class PlacementPlan:
                 )
             )
         fetched = [i for i, p in enumerate(self.layers) if p.kv_fetch]
+        rows += routed_rows(self.kv_read, self.layers)
         if fetched:
             rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
         if self.cpu_layers:
@@ -196,6 +200,7 @@ def plan_placement(
     kv_block_tokens: int = 256,
     kv_format: KVFormat | None = None,
     summary_bytes: int = 0,
+    kv_read: tuple[float, ...] | None = None,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
@@ -204,13 +209,16 @@ def plan_placement(
     retries smaller prefill chunks, then names the minimum; the first layers stay resident; the
     rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits.
     ``kv_format``: full-attention KV compressed (``kv/compressed.py``), counted at its stored
-    size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries."""
+    size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries;
+    ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``)."""
     if offload not in OFFLOAD_MODES:
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
     if kv_format is not None and not any(layer.window for layer in spec.layers):
         kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
+    if kv_read and all(r < 1.0 for r in kv_read):  # routed layers read pages where they sit
+        kv_fetch_buffers = 0
     sz = PlanSizes.of(
         spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens, kv_format
     )
@@ -219,13 +227,13 @@ def plan_placement(
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
             hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
-            summary_bytes,
+            summary_bytes, kv_read,
         )  # fmt: skip
 
     n = spec.num_layers
     fixed = sz.fixed(on_gpu, summary_bytes)
     slots = 2 if n > 1 else 1
-    kv_off = 0
+    kv_off = extra = 0
     if budget is not None and (on_gpu or kv_cache == "disk"):
         # Fetch buffers exist only with the cost model; re-planned without them if they do not
         # fit or none is worth fetching.
@@ -240,6 +248,31 @@ def plan_placement(
         if chunk_tokens is None and rows > MIN_CHUNK:
             return _smaller_chunks(again, rows, kv_fetch_buffers)
         raise too_small(budget, minimum, on_gpu, sz, fixed, slots)
+    layout = partial(_layout, spec, store, device, budget, offload, cpu_memory, kv_cache, sz,
+                     work, kv_block_tokens, slots)  # fmt: skip
+    splits = partial(_decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
+                     work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read)  # fmt: skip
+    if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and kv_read:
+        room = budget - slots * sz.layer  # routed KV may leave the device for resident weights
+        kv_off, fixed = choose_routed_kv_off(layout, splits, sz, fixed, kv_off, extra, room)
+    layers, n_res, ring, staging = layout(kv_off, fixed)
+    split = splits(layers, n_res, ring=ring, fetch=kv_off and kv_fetch_buffers)
+    if split is None:  # no KV worth fetching: plan again without the fetch buffers
+        return again(chunk_tokens, 0)
+    return _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget,
+                     kv_fetch_buffers, kv_block_tokens, kv_read)  # fmt: skip
+
+
+def _layout(spec, store, device, budget, offload, cpu_memory, kv_cache, sz: PlanSizes, work,
+            kv_block_tokens, slots, kv_off, fixed):  # fmt: skip
+    """Tiers with the last ``kv_off`` layers' KV off the device and ``fixed`` reserved: the
+    first layers resident in what is left, the rest streamed through a ring; leftover budget to
+    device blocks of the first offloaded layer (``fixed["kv cache"]`` grows by them). Returns
+    (layers, resident count, ring slots, staging slots)."""
+    n, on_gpu = spec.num_layers, device.startswith("cuda")
+    if kv_cache == "disk" and not on_gpu and budget is None:
+        kv_off = n  # on a CPU machine without a budget "disk" means: no KV in RAM at all
+    fixed_total = sum(fixed.values())
     n_res = _resident_count(n, budget, fixed_total, slots, sz.layer, offload)
     ring = _ring_slots(n, n_res, slots, budget, fixed_total, sz.layer)
     layers = _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz, device)
@@ -247,23 +280,17 @@ def plan_placement(
     staging = min(3, sum(1 for p in streamed if p.tier == Tier.DISK)) if on_gpu else 0
     if not streamed:
         ring = 0
-    if kv_cache == "disk" and not on_gpu and budget is None:
-        kv_off = n  # on a CPU machine without a budget "disk" means: no KV in RAM at all
     layers = _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz,
                            work, device, kv_block_tokens)  # fmt: skip
-    split = _decode_splits(spec, store, layers, n_res, sz, rates if on_gpu else None, work,
-                           hybrid, cpu_layers, ring, kv_off and kv_fetch_buffers)  # fmt: skip
-    if split is None:  # no KV worth fetching: plan again without the fetch buffers
-        return again(chunk_tokens, 0)
-    layers, cpu_max_tokens, predicted = split
-    return _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budget,
-                     cpu_max_tokens, predicted, kv_fetch_buffers, kv_block_tokens)  # fmt: skip
+    return layers, n_res, ring, staging
 
 
-def _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budget,
-              cpu_max_tokens, predicted, kv_fetch_buffers, kv_block_tokens) -> PlacementPlan:  # fmt: skip
+def _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget,
+              kv_fetch_buffers, kv_block_tokens, kv_read) -> PlacementPlan:  # fmt: skip
     """The plan, with what it reserves on the device counted from its final layers (device KV
-    after the hybrid and fetch choices, resident layers, ring slots)."""
+    after the hybrid and fetch choices, resident layers, ring slots); ``split``: (layers,
+    cpu_max_tokens, predicted) of ``_decode_splits``."""
+    layers, cpu_max_tokens, predicted = split
     on_gpu = device.startswith("cuda")
     reserved = dict(fixed)
     reserved["kv cache"] = device_kv_bytes(
@@ -293,14 +320,17 @@ def _assemble(spec, store, device, work, sz, layers, fixed, ring, staging, budge
         kv_block_tokens=kv_block_tokens,
         kv_pools=kv_pool_blocks(spec, work, PAGE_TOKENS, step_tokens),
         kv_page_tokens=PAGE_TOKENS,
+        kv_read=tuple(kv_read or ()),
     )
 
 
-def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch):
+def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch,
+                   kv_read=None, simulate=False):  # fmt: skip
     """The cost model's decode choices: RAM layers the CPU computes (hybrid), then, when
     ``fetch`` (KV offloaded and fetch buffers planned), RAM KV layers fetched back to the GPU.
-    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching; with no
-    ``rates`` (no cost model, or not on a GPU) the layers as they are."""
+    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching (unless
+    ``simulate``: the step is wanted anyway); with no ``rates`` (no cost model, or not on a
+    GPU) the layers as they are. With routing (``kv_read``) the step is always simulated."""
     from ollm.planning.decode_split import choose_hybrid, choose_kv_fetch
 
     if rates is None:
@@ -309,11 +339,11 @@ def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_laye
     layers, cpu_max_tokens, predicted = choose_hybrid(
         spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring
     )
-    if fetch:
+    if fetch or kv_read or simulate:
         layers, fetched, step = choose_kv_fetch(
-            store, layers, rates, work, sz.per_token, predicted, ring
+            store, layers, rates, work, sz.per_token, predicted, ring, kv_read, bool(fetch)
         )
-        if not fetched:
+        if fetch and not fetched and not simulate:
             return None
         predicted["decode s (KV split)"] = step
     return layers, cpu_max_tokens, predicted
