@@ -9,7 +9,13 @@ from typer.testing import CliRunner
 
 from ollm import LLM, SamplingParams
 from ollm.cli import app
-from ollm.engine.routing_calibration import calibrate, load_calibration, save_calibration
+from ollm.engine.routing_calibration import (
+    calibrate,
+    load_calibration,
+    middle_pages,
+    plan_routing,
+    save_calibration,
+)
 from ollm.errors import OllmError
 
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(150)]
@@ -55,12 +61,25 @@ def test_calibration_is_deterministic_and_feeds_auto(gemma):
         a = calibrate(llm, tokens=96, window=8, sinks=2, ids=ids)
         b = calibrate(llm, tokens=96, window=8, sinks=2, ids=ids)
         assert a == b
+        assert a["version"] == 2 and a["middle_pages"] == middle_pages(96, 8, 2, 4)
+        for row, share, dev in zip(a["choice"], a["share"], a["deviation"], strict=True):
+            for h, (c, sh) in enumerate(zip(row or [], share or [], strict=True)):
+                assert (sh is None) == (not c.startswith("topk:"))  # top-k: pages / middle
+                if sh is not None:
+                    assert (sh["pages"], sh["deviation"]) == (int(c[5:]), dev[c][h])
         assert [d is None for d in a["deviation"]] == [
             x.window is not None for x in llm.spec.layers
         ]
         path = save_calibration(llm.store_path, a)
         assert load_calibration(llm.store_path) == a
         assert not list(path.parent.glob(f".{path.name}.tmp-*"))
+        # at twice the length each top-k budget keeps its share (never fewer pages)
+        at = {c: plan_routing("auto", llm.spec, llm.store_path, 4, context=c) for c in (96, 192)}
+        m96, m192 = a["middle_pages"], middle_pages(192, 8, 2, 4)
+        topk = [(x, y) for x, y in zip(at[96], at[192], strict=True) if x and "topk" in x.heads]
+        assert topk  # the tiny model's calibration routes some heads to top-k pages
+        for r96, r192 in topk:
+            assert r192.pages == max(r96.pages, -(-r96.pages * m192 // m96)) > r96.pages
     with _llm(gemma, attention="auto", attention_page_tokens=4) as llm:
         res = llm.generate(PROMPT, GREEDY)
         heads = [r.heads for r in llm.runner.routing if r is not None]
