@@ -22,9 +22,11 @@ import torch
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse
 from ollm.layers.attention import _flash_ok as flash_ok
 from ollm.layers.attention import _flash_with_lse as flash_with_lse
-from ollm.planning.footprint import SCORE_BLOCK_BYTES
+from ollm.planning.footprint import CODEC_BAND_ROWS, SCORE_BLOCK_BYTES
 
-BAND_ROWS = 32  # rows per band tile (rounded up to whole codec blocks): band work ~ rows + lag
+# rows per band tile (rounded up to whole codec blocks): band work ~ rows + lag; the band's
+# buffers are what planning.footprint.codec_decoded_slots counts
+BAND_ROWS = CODEC_BAND_ROWS
 
 
 def causal_lse(

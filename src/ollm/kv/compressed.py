@@ -31,22 +31,27 @@ from ollm.kv.codec_attend import recent_lse
 from ollm.kv.codecs import CodeStore, KVCodec
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
 from ollm.layers.attention import _attend_lse as attend_lse  # unmasked, with its log-sum-exp
+from ollm.planning.footprint import CODEC_CPU_CHUNK, CODEC_GPU_CHUNK, codec_decoded_slots
 from ollm.runtime.pinned import unpin
 from ollm.tiers import KvTier
 
 # Slots decoded per chunk: CPU chunks stay in cache; GPU chunks are few large kernels.
-CPU_CHUNK = 2048
-GPU_CHUNK = 16384
+CPU_CHUNK = CODEC_CPU_CHUNK
+GPU_CHUNK = CODEC_GPU_CHUNK
 MASK_ROWS = 2048  # query rows per mask of the partly encoded and exact parts
 
 
 class CodecWorkspace:
     """Buffers shared by the compressed caches of one request (one layer attends at a time):
     decoded K/V chunks per device, and on an accelerator a store for encoded bytes copied from
-    RAM (``fetch`` and prefill of RAM-homed layers)."""
+    RAM (``fetch`` and prefill of RAM-homed layers). ``planned`` (device type -> slots): the
+    decoded buffers' size there, allocated once (``planning.footprint.codec_decoded_slots``, what
+    the planner counts); elsewhere a chunk, grown to a larger request."""
 
-    def __init__(self) -> None:
+    def __init__(self, planned: dict[str, int] | None = None) -> None:
+        self.planned = dict(planned or {})
         self._decoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scores: dict[tuple, torch.Tensor] = {}
         self._staging: dict[tuple, CodeStore] = {}
 
     def decoded(self, shape: tuple[int, int, int, int], dtype, device) -> tuple:
@@ -55,10 +60,25 @@ class CodecWorkspace:
         key = (b, h, d, dtype, str(device))
         have = self._decoded.get(key)
         if have is None or have[0].shape[2] < n:
-            cap = max(n, CPU_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK)
+            kind = torch.device(device).type
+            floor = self.planned.get(kind, CPU_CHUNK if kind == "cpu" else GPU_CHUNK)
+            have = None  # the old pair is freed before its replacement is made
+            self._decoded.pop(key, None)
+            cap = max(n, floor)
             have = tuple(torch.empty((b, h, cap, d), dtype=dtype, device=device) for _ in "kv")
             self._decoded[key] = have  # type: ignore[assignment]
         return have[0][:, :, :n], have[1][:, :, :n]
+
+    def scores(self, shape: tuple[int, int, int, int], device) -> torch.Tensor:
+        """One float32 [B, H, n, D] buffer (the CPU decode step's decoded keys), >= CPU_CHUNK."""
+        b, h, n, d = shape
+        key = (b, h, d, str(device))
+        have = self._scores.get(key)
+        if have is None or have.shape[2] < n:
+            self._scores.pop(key, None)
+            have = torch.empty((b, h, max(n, CPU_CHUNK), d), dtype=torch.float32, device=device)
+            self._scores[key] = have
+        return have[:, :, :n]
 
     def staging(self, store: CodeStore, device) -> CodeStore:
         """A store like ``store`` on ``device`` (grown to its slots; reused by every layer)."""
@@ -196,7 +216,7 @@ class CompressedKVCache:
         if a and plain and q.device.type == "cpu" and q.shape[2] <= self.decode_tokens:
             # a CPU decode step: values weighted without being dequantized (kv/codec_cpu.py)
             def buffer(n: int) -> torch.Tensor:
-                return self.workspace.decoded((b, h, n, d), torch.float32, q.device)[0]
+                return self.workspace.scores((b, h, n, d), q.device)
 
             return codec_cpu.encoded_lse(q, src, a, scale, chunk, buffer)
         for c0 in range(0, a, chunk):
@@ -353,6 +373,11 @@ class CompressedCaches:
         if codec is None:
             return None
         exec_device = torch.device(placement.exec_device)
+        on_gpu = exec_device.type != "cpu"  # where prefill forwards of ``forward`` rows run
+        self.workspace.planned.setdefault(
+            exec_device.type,
+            codec_decoded_slots(self.forward, self.capacity, codec.block, codec.recent, on_gpu),
+        )
         if home_tier == KvTier.DEVICE:
             home, storage = placement.kv_device, None
         elif home_tier == KvTier.DISK:

@@ -6,10 +6,17 @@ against the allocations of the real code, scripts/gpu/budget.py against the CUDA
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ollm.planning.footprint import max_live_blocks, score_block_bytes, window_capacity
+from ollm.planning.footprint import (
+    CODEC_CPU_CHUNK,
+    codec_decoded_slots,
+    max_live_blocks,
+    score_block_bytes,
+    window_capacity,
+)
 from ollm.tiers import KvTier
 
 if TYPE_CHECKING:
@@ -128,8 +135,8 @@ def device_kv_bytes(
     layers, layer_kv: list[int], scratch: int, fetch_buffers: int, per_token: int
 ) -> int:
     """KV bytes a plan's placements allocate on the device: the layers whose KV stays there,
-    the first blocks of split layers, the prefill scratch when any layer's KV is offloaded and
-    the fetch buffers when any is fetched (``Runner.new_kv``)."""
+    the first blocks of split layers, the prefill scratch (a codec's staging store) when any
+    layer's KV is offloaded and the fetch buffers when any is fetched (``Runner.new_kv``)."""
     on_device = KvTier.DEVICE
     total = sum(kv for p, kv in zip(layers, layer_kv, strict=True) if p.kv_tier == on_device)
     total += sum(per_token * p.kv_device_tokens for p in layers if p.kv_tier != on_device)
@@ -198,11 +205,26 @@ class KVFormat:
         tail = 2 * head_dim * dtype_bytes * min(context, self.tail_tokens)
         return int(batch * kv_heads * (slots * self.bytes_per_token + tail))
 
+    @property
+    def recent(self) -> int:
+        """Newest tokens kept exact (the tail less the block being filled)."""
+        return self.tail_tokens - self.block
+
     def workspace_bytes(
-        self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int, chunk: int
-    ) -> int:
-        """The codec workspace on the device (``CodecWorkspace``): two decoded chunks of
-        ``chunk`` slots and a staging copy of one layer's encoded KV."""
-        decoded = 2 * batch * kv_heads * head_dim * dtype_bytes * min(chunk, context)
-        staging = batch * kv_heads * -(-context // self.block) * self.block * self.bytes_per_token
-        return int(decoded + staging)
+        self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int,
+        forward: int, on_gpu: bool = True,
+    ) -> int:  # fmt: skip
+        """The codec workspace's decoded buffers (``CodecWorkspace.decoded``): two of
+        ``codec_decoded_slots`` slots, used by every compressed layer's prefill; on the CPU also
+        the decode step's float32 keys (``CodecWorkspace.scores``)."""
+        slots = codec_decoded_slots(forward, context, self.block, self.recent, on_gpu)
+        per_slot = batch * kv_heads * head_dim
+        scores = 0 if on_gpu else 4 * per_slot * CODEC_CPU_CHUNK
+        return 2 * per_slot * dtype_bytes * slots + scores
+
+    def staging_bytes(self, batch: int, kv_heads: int, context: int) -> int:
+        """The workspace's staging store (``CodecWorkspace.staging``): one layer's encoded KV,
+        copied in for a RAM-homed layer attended on the device (plus its four tensors' 16-byte
+        alignment)."""
+        slots = -(-context // self.block) * self.block
+        return math.ceil(batch * kv_heads * slots * self.bytes_per_token) + 4 * 16

@@ -34,3 +34,27 @@ def max_live_blocks(block_tokens: int, window: int | None, num_tokens: int, max_
     if window is None:
         return full
     return min(full, -(-(window - 1 + max_query) // block_tokens) + 1)
+
+
+# KV codecs (``kv/compressed.py``'s ``CodecWorkspace``, ``kv/codec_attend.py``): slots of the
+# encoded prefix decoded per chunk (CPU chunks stay in cache, GPU ones are few large kernels) and
+# query rows per band tile (rounded up to whole codec blocks).
+CODEC_CPU_CHUNK = 2048
+CODEC_GPU_CHUNK = 16384
+CODEC_BAND_ROWS = 32
+
+
+def codec_band_tile(block: int, rows: int = CODEC_BAND_ROWS) -> int:
+    """Query rows per band tile: ``rows`` rounded up to whole codec blocks."""
+    return block * -(-rows // block)
+
+
+def codec_decoded_slots(forward: int, context: int, block: int, recent: int, on_gpu: bool) -> int:
+    """Slots of each of the workspace's two decoded K/V buffers for forwards of at most
+    ``forward`` rows over ``context`` tokens: a chunk of the encoded prefix, or a forward's band
+    (whole tiles plus the lag ``recent + block - 1`` before its first row), whichever is larger
+    (a padded forward's partly encoded keys, < rows + block, and a trim's few blocks fit both)."""
+    chunk = CODEC_GPU_CHUNK if on_gpu else CODEC_CPU_CHUNK
+    rows = max(1, min(forward, context))
+    m = codec_band_tile(block)
+    return max(min(chunk, context), -(-rows // m) * m + recent + block - 1)

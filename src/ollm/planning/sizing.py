@@ -52,8 +52,9 @@ class PlanSizes:
     act: int  # activations of the largest forward
     per_token: int  # KV bytes per token position of one layer (whole batch)
     layer_kv: list[int]  # each layer's KV at full context
-    scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: the workspace
+    scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: codec staging
     compressed: bool = False  # every layer's KV compressed (offloaded ones keep no device blocks)
+    workspace: int = 0  # a codec's decoded buffers (any compressed layer prefills through them)
 
     @classmethod
     def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
@@ -74,11 +75,16 @@ class PlanSizes:
             )
         rows = chunk or work.prefill_tokens
         scratch = kv_scratch_bytes(spec, work, dtype_bytes)
+        workspace = 0
         compressed = kv_format is not None and not any(layer.window for layer in spec.layers)
-        if compressed:  # no prefill scratch: the codec workspace (kv/compressed.py) instead
-            scratch = kv_format.workspace_bytes(  # 16384: kv/compressed.py's GPU_CHUNK
-                work.batch, spec.num_kv_heads, spec.head_dim, dtype_bytes, work.context, 16384
+        if kv_format is not None:  # the codec workspace (kv/compressed.py CodecWorkspace)
+            b, h, ctx = work.batch, spec.num_kv_heads, work.context
+            fwd = chunk or ctx  # the runner's largest forward (Runner.new_kv's ``forward``)
+            workspace = kv_format.workspace_bytes(
+                b, h, spec.head_dim, dtype_bytes, ctx, fwd, on_gpu
             )
+            staging = kv_format.staging_bytes(b, h, ctx)
+            scratch = staging if compressed else scratch + staging
         return cls(
             layer=store.max_layer_nbytes,
             embed=gfile["embed_tokens.weight"].nbytes,
@@ -91,6 +97,7 @@ class PlanSizes:
             layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context, kv_format),
             scratch=scratch,
             compressed=compressed,
+            workspace=workspace,
         )
 
     @property
@@ -104,6 +111,8 @@ class PlanSizes:
         a GPU an untied embedding table is only gathered from, so it stays in RAM."""
         globals_ = self.head_resident + self.norm if on_gpu else self.embed + self.head + self.norm
         out = {"globals": globals_, "kv cache": sum(self.layer_kv), "activations": self.act}
+        if self.workspace:  # a codec's decoded buffers, whatever tier its layers' KV is in
+            out["codec workspace"] = self.workspace
         if summary_bytes:
             out["routing summaries"] = summary_bytes
         return out
