@@ -210,3 +210,37 @@ def test_tiny_routed_tokens_do_not_change_with_placement(hf_models, tmp_path):
             assert 0 < res.metrics.kv_read_fraction < 1  # routed reads ran
             tokens.append(res.token_ids)
     assert tokens[0] == tokens[1] == reference
+
+
+def test_a_measured_routed_read_spreads_resident_layers(llama8b):
+    """With the routed read's own rate measured (``cpu_routed``: 2x cpu_attn, as the split read
+    may run) the reads fit beside the copies: every layer's KV leaves, the freed bytes hold 7
+    resident layers spread between streamed ones (resident layers first would idle the copy
+    engine once the ring is full while they read), and the step is the copies' floor."""
+    spec, _ = llama8b
+    summaries, kv_read = _routing(spec)
+    rates = replace(H200, cpu_routed=17e9)
+    plan = _plan(llama8b, rates, summary_bytes=summaries, kv_read=kv_read)
+    resident = [i for i, p in enumerate(plan.layers) if p.tier == "gpu"]
+    assert len(resident) == 7 and resident != list(range(7)), resident
+    assert all(p.kv_tier == "cpu" for p in plan.layers) and plan.peak_device_bytes <= 8 * GiB
+    floor = 25 * plan.layer_bytes / rates.pcie_busy
+    assert plan.predicted["decode s (KV split)"] == pytest.approx(floor, rel=0.01)
+    slow = _plan(llama8b, replace(rates, cpu_routed=4e9), summary_bytes=summaries, kv_read=kv_read)
+    assert slow.predicted["decode s (KV split)"] > 1.05 * floor  # the reads cost the chain
+
+
+def test_routed_read_workload_reads_an_eighth():
+    """engine/calibrate's routed-read probe: sinks, window and every eighth page of the middle,
+    the bytes it reports are those it gathers, and it runs on the CPU."""
+    import torch
+
+    from ollm.engine.calibrate import _attention_workload, _routed_workload
+
+    spec = NS(num_kv_heads=2, num_heads=4, head_dim=16)
+    _, full, kv = _attention_workload(spec, 4096, torch.float32)
+    read, nbytes = _routed_workload(kv, spec, torch.float32)
+    read()
+    middle = (4096 - 256) // 64 - 1  # pages between the 64 sinks and the window's start
+    slots = 64 + (middle // 8) * 64 + (4096 - (4096 - 256) // 64 * 64)
+    assert nbytes == 2 * 2 * slots * 16 * 4 and nbytes < full / 5  # 768 of 4096 slots

@@ -76,7 +76,7 @@ def _layer_workload(spec, context: int, dtype: torch.dtype):
 
 def _attention_workload(spec, context: int, dtype: torch.dtype):
     """One decode query's attention over ``context`` tokens of KV in RAM, as decode runs it on
-    the CPU for a pinned-RAM KV layer; returns (run it, KV bytes read)."""
+    the CPU for a pinned-RAM KV layer; returns (run it, KV bytes read, the KV [2, 1, KVH, T, D])."""
     kv = torch.empty(2, 1, spec.num_kv_heads, context, spec.head_dim, dtype=dtype).normal_()
     q = torch.randn(1, spec.num_heads, 1, spec.head_dim, dtype=dtype)
     mask = AttentionMask(context - 1, 1, context)
@@ -84,7 +84,34 @@ def _attention_workload(spec, context: int, dtype: torch.dtype):
     def step() -> None:
         attend(q, kv[0], kv[1], mask, spec.head_dim**-0.5)
 
-    return step, kv.numel() * kv.element_size()
+    return step, kv.numel() * kv.element_size(), kv
+
+
+def _routed_workload(kv: torch.Tensor, spec, dtype: torch.dtype, page: int = 64):
+    """One routed decode read over ``kv`` [2, 1, KVH, T, D] in RAM as a ``Router`` runs it on
+    the CPU (``kv/page_read``): the sinks, the 256-token window and 1/8 of the ``page``-token
+    pages between them, gathered for every KV head into one buffer, then attended split
+    between threads; returns (run it, KV bytes read)."""
+    from ollm.kv.page_read import PageBuffers, StepSlots, attend_read, gather_tier
+
+    t, kvh = kv.shape[3], spec.num_kv_heads
+    lo = page
+    hi = max(lo, (t - 256) // page * page)
+    step = StepSlots(lo, hi, t, page)
+    n = (hi - lo) // page
+    ids = None
+    if n:
+        chosen = torch.arange(max(1, n // 8)) * 8 + lo // page  # every eighth page
+        ids = chosen.expand(1, kvh, chosen.numel()).contiguous()
+    q = torch.randn(1, spec.num_heads, 1, spec.head_dim, dtype=dtype)
+    heads, bufs, scale = tuple(range(kvh)), PageBuffers(), spec.head_dim**-0.5
+    kb = gather_tier(kv[0], kv[1], 0, step, heads, ids, bufs)[0]
+
+    def read() -> None:
+        kb, vb, valid, _ = gather_tier(kv[0], kv[1], 0, step, heads, ids, bufs)
+        attend_read(q, kb, vb, valid, scale)
+
+    return read, 2 * kb.numel() * kb.element_size()
 
 
 @dataclass
@@ -201,15 +228,18 @@ def measure_rates(
     a = torch.randn(256, h, dtype=dtype)
     cpu_flops = 2 * 256 * h * inter / _time(lambda: torch.nn.functional.linear(a, probe.w_cpu), 3)
     gpu_mem, gpu_flops = _gpu_rates(probe)
-    cpu_attn = 0.0
+    cpu_attn = cpu_routed = 0.0
     if spec is not None:
         torch.set_num_threads(threads)
-        attn_step, kv_bytes = _attention_workload(spec, context, dtype)
+        attn_step, kv_bytes, kv = _attention_workload(spec, context, dtype)
         cpu_attn = kv_bytes / _time(attn_step, 4)
+        routed_step, read_bytes = _routed_workload(kv, spec, dtype)  # over the same KV
+        cpu_routed = read_bytes / _time(routed_step, 4)
     torch.set_num_threads(threads0)
     return MachineRates(
-        pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops, cpu_attn
-    )
+        pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops, cpu_attn,
+        cpu_routed,
+    )  # fmt: skip
 
 
 def cached_rates(

@@ -15,7 +15,7 @@ LAYER_OVERHEAD_S = 150e-6  # per-layer launch / Python cost on the critical path
 # H200 host, 2026-11-27), and the hand-over of a layer's query to the CPU and back.
 GPU_DECODE_LAYER_S = 1.0e-3
 CPU_HANDOFF_S = 0.3e-3
-RATES_VERSION = 2  # bump when MachineRates gains a measurement (cached files are re-measured)
+RATES_VERSION = 3  # bump when MachineRates gains a measurement (cached files are re-measured)
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class MachineRates:
     gpu_mem: float  # GPU weight-read rate of a GEMV from device memory
     gpu_flops: float  # GPU matmul rate
     cpu_attn: float = 0.0  # KV bytes/s of one decode query's attention on the CPU (0: unknown)
+    # KV bytes/s of a routed decode read on the CPU (gather the chosen pages, attend them split
+    # between threads: kv/page_read); 0: unknown, cpu_attn stands in.
+    cpu_routed: float = 0.0
 
     # Sharing the memory bus cannot speed either path up: a measured shared rate above the rate
     # alone is noise (seen: CPU 33 vs 26 GB/s on one host, whose decode ran at 27).

@@ -38,6 +38,8 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
         bucket = 1 << max(0, work.context - 1).bit_length()
         lb = store.max_layer_nbytes
         cpu_rate = rates.cpu_mem_busy * (lb + per_token // work.batch * bucket) / lb
+    # A routed read (gathered pages, attended split between threads) at its own measured rate.
+    routed_rate = rates.cpu_routed * rates.cpu_mem_busy / rates.cpu_mem or cpu_rate
     n_cpu = sum(p.decode_device == "cpu" for p in layers)
     cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
     copy, base, cpu_kv, host_kv = [], [], [], []
@@ -49,8 +51,10 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
             0 if p.kv_tier == KvTier.DEVICE else per_token * (work.context - p.kv_device_tokens)
         )
         # A layer whose KV the CPU reads stops the chain: query over, attention, output back.
-        read = host_kv[i] * min(1.0, share[i])
-        cpu_kv.append(read / cpu_rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
+        rate, read = (
+            (cpu_rate, host_kv[i]) if share[i] >= 1.0 else (routed_rate, host_kv[i] * share[i])
+        )
+        cpu_kv.append(read / rate + CPU_HANDOFF_S if host_kv[i] and not on_cpu else 0.0)
 
     def step(x: int) -> float:
         chosen = interleave(cands, x)

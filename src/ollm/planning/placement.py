@@ -254,7 +254,7 @@ def plan_placement(
                      work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read)  # fmt: skip
     if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and kv_read:
         room = budget - slots * sz.layer  # routed KV may leave the device for resident weights
-        kv_off, fixed = choose_routed_kv_off(layout, splits, sz, fixed, kv_off, extra, room)
+        kv_off, fixed, layout = choose_routed_kv_off(layout, splits, sz, fixed, kv_off, extra, room)
     layers, n_res, ring, staging = layout(kv_off, fixed)
     split = splits(layers, n_res, ring=ring, fetch=kv_off and kv_fetch_buffers)
     if split is None:  # no KV worth fetching: plan again without the fetch buffers
@@ -264,9 +264,9 @@ def plan_placement(
 
 
 def _layout(spec, store, device, budget, offload, cpu_memory, kv_cache, sz: PlanSizes, work,
-            kv_block_tokens, slots, kv_off, fixed):  # fmt: skip
+            kv_block_tokens, slots, kv_off, fixed, spread=False):  # fmt: skip
     """Tiers with the last ``kv_off`` layers' KV off the device and ``fixed`` reserved: the
-    first layers resident in what is left, the rest streamed through a ring; leftover budget to
+    first layers (or ``spread`` ones) resident in what is left, the rest streamed; leftover to
     device blocks of the first offloaded layer (``fixed["kv cache"]`` grows by them). Returns
     (layers, resident count, ring slots, staging slots)."""
     n, on_gpu = spec.num_layers, device.startswith("cuda")
@@ -275,7 +275,7 @@ def _layout(spec, store, device, budget, offload, cpu_memory, kv_cache, sz: Plan
     fixed_total = sum(fixed.values())
     n_res = _resident_count(n, budget, fixed_total, slots, sz.layer, offload)
     ring = _ring_slots(n, n_res, slots, budget, fixed_total, sz.layer)
-    layers = _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz, device)
+    layers = _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz, device, spread)
     streamed = [p for p in layers if _moves(p, device)]
     staging = min(3, sum(1 for p in streamed if p.tier == Tier.DISK)) if on_gpu else 0
     if not streamed:
@@ -384,16 +384,20 @@ def _ring_slots(n, n_res, slots, budget, fixed_total, layer) -> int:
     return ring
 
 
-def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: PlanSizes, device):
-    """The first ``n_res`` layers resident; on a GPU the rest in pinned RAM while ``cpu_memory``
-    allows (``auto``), all in RAM (``cpu``) or all from disk (``disk``); on the CPU, the rest
-    from disk."""
+def _tiers(store, n, n_res, on_gpu, offload, cpu_memory, sz: PlanSizes, device, spread=False):
+    """The first ``n_res`` layers resident (``spread``: ``n_res`` spread between streamed ones,
+    so the copy engine keeps loading while they compute); on a GPU the rest in pinned RAM while
+    ``cpu_memory`` allows (``auto``), all in RAM (``cpu``) or all from disk (``disk``); on the
+    CPU, the rest from disk."""
+    from ollm.planning.costmodel import interleave
+
+    resident = interleave(list(range(n)), n_res) if spread else set(range(n_res))
     if not on_gpu:
-        return [LayerPlacement(Tier.CPU if i < n_res else Tier.DISK, device) for i in range(n)]
+        return [LayerPlacement(Tier.CPU if i in resident else Tier.DISK, device) for i in range(n)]
     layers: list[LayerPlacement] = []
     host_used = sz.embed if sz.head else 0  # an untied embedding table stays in RAM
     for i in range(n):
-        if i < n_res:
+        if i in resident:
             layers.append(LayerPlacement(Tier.GPU, device))
             continue
         size = store.layer_nbytes(i)

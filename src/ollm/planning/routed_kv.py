@@ -9,6 +9,7 @@ weigh the two (``decode_split.choose_kv_fetch`` simulates the step with the rout
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ollm.tiers import KvTier
@@ -30,22 +31,27 @@ def kv_fixed(sz: PlanSizes, fixed: dict[str, int], kv_min: int, kv_off: int, ext
 
 def choose_routed_kv_off(layout, splits, sz: PlanSizes, fixed, kv_min, extra, room):
     """How many layers' KV leave the device (the last ones first) when routing reads a share of
-    it. Every count from the minimum (``kv_min``) up to all layers is laid out (``layout``: the
-    resident layers the freed bytes hold, the ring, device blocks of the first offloaded layer)
-    and its decode step simulated layer by layer (``splits``: hybrid, fetches, and routed reads
-    at the measured CPU rate, ``costmodel.pipeline_step``); the fastest wins, the fewest
-    offloaded on a tie. ``room``: the budget less the minimum ring; every count within it keeps
-    the budget (the prefill scratch and activations stay counted: prefill is exact). Returns
-    (the count, ``fixed`` with it)."""
-    best = (float("inf"), kv_min)
+    it, and where the resident layers sit. Every count from the minimum (``kv_min``) up to all
+    layers is laid out (``layout``: the resident layers the freed bytes hold, first or spread
+    between streamed ones, the ring, device blocks of the first offloaded layer) and its decode
+    step simulated layer by layer (``splits``: hybrid, fetches, and routed reads at the
+    measured CPU rate, ``costmodel.pipeline_step``: resident layers first leave the copy engine
+    idle once the ring is full, spread ones let it keep loading while they compute, but then the
+    KV left on the device is that of streamed layers). The fastest wins; on a tie the fewest
+    offloaded, resident layers first. ``room``: the budget less the minimum ring; every count
+    within it keeps the budget (the prefill scratch and activations stay counted: prefill is
+    exact). Returns (the count, ``fixed`` with it, ``layout`` with the arrangement chosen)."""
+    best = (float("inf"), kv_min, False)
     for k in range(kv_min, len(sz.layer_kv) + 1):
         trial = kv_fixed(sz, fixed, kv_min, k, extra)
         if sum(trial.values()) > room:
             continue  # the scratch and buffers outweigh the KV that left (small last layers)
-        layers, n_res, ring, _ = layout(k, trial)
-        split = splits(layers, n_res, ring=ring, fetch=k and extra, simulate=True)
-        best = min(best, (round(split[2]["decode s (KV split)"], 6), k))
-    return best[1], kv_fixed(sz, fixed, kv_min, best[1], extra)
+        for spread in (False, True):
+            layers, n_res, ring, _ = layout(k, trial, spread=spread)
+            split = splits(layers, n_res, ring=ring, fetch=k and extra, simulate=True)
+            best = min(best, (round(split[2]["decode s (KV split)"], 6), k, spread))
+    _, k, spread = best
+    return k, kv_fixed(sz, fixed, kv_min, k, extra), partial(layout, spread=spread)
 
 
 def routed_rows(kv_read: tuple[float, ...], layers) -> list[tuple[str, str]]:
