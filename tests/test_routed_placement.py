@@ -244,3 +244,21 @@ def test_routed_read_workload_reads_an_eighth():
     middle = (4096 - 256) // 64 - 1  # pages between the 64 sinks and the window's start
     slots = 64 + (middle // 8) * 64 + (4096 - (4096 - 256) // 64 * 64)
     assert nbytes == 2 * 2 * slots * 16 * 4 and nbytes < full / 5  # 768 of 4096 slots
+
+
+def test_ollm_info_shows_the_routed_layers(hf_models, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ollm.cli import app
+
+    _, path = hf_models("llama")
+    args = ["info", str(path), "--device", "cpu", "--max-context", "256", "--json"]
+    args += ["--cache-dir", str(tmp_path)]
+    routed = CliRunner().invoke(app, [*args, "--attention", "topk:2,window:32,sinks:4"])
+    assert routed.exit_code == 0, routed.output
+    plan = json.loads(routed.stdout.splitlines()[-1])["plan"]
+    assert " layers read <= " in plan["KV routed in decode"]
+    full = CliRunner().invoke(app, args)
+    assert "KV routed in decode" not in json.loads(full.stdout.splitlines()[-1])["plan"]

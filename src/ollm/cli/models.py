@@ -84,6 +84,7 @@ def info(
     cache_dir: CacheDirOpt = None,
     moe_offload: common.MoeOffloadOpt = None,
     expert_cache: common.ExpertCacheOpt = None,
+    attention: common.AttentionOpt = None,
 ) -> None:
     """Show the model's architecture, sizes and placement plan under the given budgets."""
     with common.cli_errors():
@@ -100,6 +101,7 @@ def info(
             cache_dir=cache_dir,
             moe_offload=moe_offload,
             expert_cache=expert_cache,
+            attention=attention,  # routed layers' KV may leave the device for weights
         )
         with llm:
             data = llm.info()
