@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ollm.layers.mlp import ACTIVATIONS, gated_mlp
+from ollm.planning.experts import STACK_BYTES
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -91,17 +92,25 @@ def expert_forward(x: torch.Tensor, ew: Weights, moe: MoeSpec, act: str) -> torc
     return F.linear(fn(F.linear(x, g)) * F.linear(x, u), d)
 
 
-# Where one expert runs: None = where the rows are (the layer's device), else that device.
-ExpertRun = tuple[int, Weights, "torch.device | None"]
+# Experts that run together: (None = where the rows are (the layer's device), else that device,
+# [(expert, its weights), ...]).
+ExpertBatch = tuple["torch.device | None", list[tuple[int, Weights]]]
+
+# Pairs (rows x top_k) up to which routing is planned on the host from one read of the expert
+# ids (decode, small batches, drafts) and a batch of experts runs as batched matmuls.
+SMALL_PAIRS = 256
 
 
 class ExpertSource(Protocol):
-    """Gives a sparse layer's experts, one at a time, where they are computed."""
+    """Gives a sparse layer's experts, in batches, where they are computed. Optional attributes
+    read with ``getattr``: ``batched`` (device batches run as batched matmuls even when the rows
+    are on the CPU: an accelerator played by the CPU), ``host_rows`` (CPU batches may come: the
+    rows and routing weights are read to the host together with the expert ids, in one sync)."""
 
-    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
-        """Yield (expert, its weights, device) for every expert in ``used`` (``counts``: rows
-        routed to each expert), in the order they are ready; an expert's weights stay valid
-        until the next one is asked for (its buffer may then be reused)."""
+    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
+        """Yield batches covering every expert in ``used`` once (``counts``: rows routed to each
+        expert), in the order they are ready; a batch's weights stay valid until the next batch
+        is asked for (their buffers may then be reused)."""
         ...
 
 
@@ -145,9 +154,115 @@ class ResidentExperts:
             return {s: t[e] for s, t in self.fused.items()}
         return {s: self.w[f"{self.prefix}.{e}.{s}"] for s in self.shorts}
 
-    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
-        for e in used:
-            yield e, self.weights(e), None
+    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
+        yield None, [(e, self.weights(e)) for e in used]
+
+
+def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str) -> torch.Tensor:
+    """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``) ->
+    [g, m, H], their tensors stacked (one copy each) for batched matmuls: a few kernels for the
+    whole batch instead of a chain per expert (decode is launch-bound, not bandwidth-bound)."""
+
+    def st(name: str) -> torch.Tensor:
+        return torch.stack([ew[name] for ew in ews])
+
+    if moe.expert_kind == "gpt_oss":
+        gate_up = torch.bmm(x, st("gate_up_proj")) + st("gate_up_proj_bias").unsqueeze(1)
+        gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
+        up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+        h = (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+        return torch.bmm(h, st("down_proj")) + st("down_proj_bias").unsqueeze(1)
+    fn = ACTIVATIONS[act]
+    if "gate_up_proj" in ews[0]:
+        gate, up = torch.bmm(x, st("gate_up_proj").transpose(1, 2)).chunk(2, dim=-1)
+        return torch.bmm(fn(gate) * up, st("down_proj").transpose(1, 2))
+    g_name, u_name, d_name = (f"{n}.weight" for n in moe.expert_names)
+    gu = torch.stack([ew[g_name] for ew in ews] + [ew[u_name] for ew in ews])  # [2g, I, H]
+    h = torch.bmm(x.repeat(2, 1, 1), gu.transpose(1, 2))
+    g = len(ews)
+    return torch.bmm(fn(h[:g]) * h[g:], st(d_name).transpose(1, 2))
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``: through pinned memory, without a sync."""
+    t = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``ts`` on the host after one sync of their stream (pinned copies queued, then waited on
+    together): the only host sync of a small MoE call."""
+    if ts[0].device.type == "cpu":
+        return ts
+    out = [t.to("cpu", non_blocking=True) for t in ts]  # non-blocking D2H lands in pinned RAM
+    torch.cuda.current_stream(ts[0].device).synchronize()
+    return out
+
+
+def _sub_batches(batch: list[tuple[int, Weights]]) -> Iterator[list]:
+    """``batch`` in pieces whose stacked weights stay under ``STACK_BYTES`` (the planner's
+    reserve; at least one expert each: large experts, Mixtral's, run one by one)."""
+    nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
+    step = max(1, STACK_BYTES // max(1, nbytes))
+    for a in range(0, len(batch), step):
+        yield batch[a : a + step]
+
+
+def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tensor:
+    """The MoE over few rows (decode): the expert ids read to the host once (with the rows and
+    their routing weights when the source may compute on the CPU: the same sync), the (token,
+    slot) pairs grouped by expert there; each device batch of experts runs as padded batched
+    matmuls (``experts_forward``) or, with the rows on the CPU, expert by expert."""
+    t, k = experts.shape
+    n, dev0 = t * k, x.device
+    pair_w = weights.reshape(-1)
+    host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
+    host = _to_host([experts.reshape(-1)] + ([x, pair_w] if host_rows else []))
+    rows: dict[int, list[int]] = {}  # expert -> its pairs in pair order (= a stable sort)
+    for p, e in enumerate(host[0].tolist()):
+        rows.setdefault(e, []).append(p)
+    used = sorted(rows)
+    counts = [0] * moe.num_experts
+    for e in used:
+        counts[e] = len(rows[e])
+    batched = dev0.type != "cpu" or getattr(source, "batched", False)
+    dtype = torch.promote_types(x.dtype, weights.dtype)
+    slots = torch.empty(n + 1, x.shape[-1], dtype=dtype, device=dev0)  # row n: padding's sink
+    for dev, batch in source.run(used, counts):
+        if dev is not None:  # the host computes; the weighted outputs come back to their slots
+            hx, hw = host[1:] if host_rows else (x.to(dev), pair_w.to(dev))
+            ys, dst = [], []
+            for e, ew in batch:
+                r = rows[e]
+                ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act) * hw[r, None])
+                dst += r
+            y = torch.cat(ys)
+            if dev0.type != "cpu":  # through pinned memory: the copy does not wait on the host
+                y = (y.pin_memory() if dev0.type == "cuda" else y).to(dev0, non_blocking=True)
+            slots[_index(dst, dev0)] = y
+        elif batched:
+            for part in _sub_batches(batch):
+                _run_batch(x, pair_w, slots, part, rows, k, moe, act)
+        else:
+            for e, ew in batch:
+                pairs = _index(rows[e], dev0)
+                slots[pairs] = expert_forward(x[pairs // k], ew, moe, act) * pair_w[pairs, None]
+    return slots[:n].view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+def _run_batch(x, pair_w, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
+    """g experts of ``batch`` over their rows, padded to the most rows any of them has (padding
+    reads row 0 and lands in the spare last slot): one index copy, one gather, the batched
+    matmuls, one scatter."""
+    g, m, n = len(batch), max(len(rows[e]) for e, _ in batch), slots.shape[0] - 1
+    src, dst = [], []
+    for e, _ in batch:
+        r = rows[e]
+        src += r + [0] * (m - len(r))
+        dst += r + [n] * (m - len(r))
+    idx = _index([p // k for p in src] + src + dst, x.device).view(3, g * m)
+    y = experts_forward(x[idx[0]].view(g, m, -1), [ew for _, ew in batch], moe, act)
+    slots[idx[2]] = (y * pair_w[idx[1]].view(g, m, 1)).view(g * m, -1)
 
 
 def _moe_rows(
@@ -158,10 +273,14 @@ def _moe_rows(
 
     Summing the [T, top_k] slots (in the product's dtype, then rounding) matches transformers'
     default ``grouped_mm`` experts, and is deterministic, unlike an atomic scatter-add on CUDA.
-    The source picks the order and the device of each expert (an expert in host memory may run
-    on the CPU: its rows go there and its weighted outputs come back)."""
+    The source picks the order, the batches and the device of each expert (an expert in host
+    memory may run on the CPU: its rows go there and its weighted outputs come back). Few rows
+    go through ``_few_rows``; many (prefill) are sorted by expert on the device, each expert a
+    GEMM over its rows."""
     weights, experts = route(x, w, moe)
     t, k = experts.shape
+    if t * k <= SMALL_PAIRS:
+        return _few_rows(x, weights, experts, moe, act, source)
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # pair p = token p // k, slot p % k
     counts = torch.bincount(flat, minlength=moe.num_experts).tolist()  # one host sync per chunk
@@ -173,18 +292,19 @@ def _moe_rows(
         starts[e] = starts[e - 1] + counts[e - 1]
     used = [e for e, n in enumerate(counts) if n]
     host: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # x, order, pair_w copied once
-    for e, ew, dev in source.run(used, counts):
-        a, b = starts[e], starts[e] + counts[e]
-        if dev is None:
-            pairs = order[a:b]
-            slots[pairs] = expert_forward(x[pairs // k], ew, moe, act) * pair_w[pairs, None]
-            continue
-        if dev not in host:
-            host[dev] = (x.to(dev), order.to(dev), pair_w.to(dev))
-        hx, ho, hw = host[dev]
-        pairs = ho[a:b]
-        y = expert_forward(hx[pairs // k], ew, moe, act) * hw[pairs, None]
-        slots[order[a:b]] = y.to(x.device, non_blocking=True)
+    for dev, batch in source.run(used, counts):
+        for e, ew in batch:
+            a, b = starts[e], starts[e] + counts[e]
+            if dev is None:
+                pairs = order[a:b]
+                slots[pairs] = expert_forward(x[pairs // k], ew, moe, act) * pair_w[pairs, None]
+                continue
+            if dev not in host:
+                host[dev] = (x.to(dev), order.to(dev), pair_w.to(dev))
+            hx, ho, hw = host[dev]
+            pairs = ho[a:b]
+            y = expert_forward(hx[pairs // k], ew, moe, act) * hw[pairs, None]
+            slots[order[a:b]] = y.to(x.device, non_blocking=True)
     return slots.view(t, k, -1).sum(dim=1).to(x.dtype)
 
 

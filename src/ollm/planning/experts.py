@@ -25,6 +25,10 @@ MIN_SLOTS = 2  # fewest cache slots: one expert computing while the next one arr
 POLICIES = ("lru", "lfu")
 MOE_MODES = ("auto", "expert", "layer")
 CPU_MODES = ("auto", "on", "off")
+# Expert weights a decode step stacks for one batched matmul at most (``layers/moe.py``): the
+# top-k experts of a token at once when that fits (Qwen3-30B-A3B: 8 x 9.4 MB; gpt-oss-20b: 4 x
+# 50 MB), fewer per batch for larger experts, one at a time above it (Mixtral's 352 MB).
+STACK_BYTES = 256 * MIB
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ def plan_experts(
     budget = gpu_memory if on_gpu else cpu_memory
     rows, rows_bytes = group_rows(spec, work, budget, dtype_bytes)
     slot = experts.expert_bytes
+    # a decode step's stacked experts use the rows' temporaries (prefill and decode alternate)
+    rows_bytes = max(rows_bytes, min(spec.moe.top_k * slot, max(slot, STACK_BYTES)))
     layers = tuple(sorted(experts.regions))
     n_exp = max(experts.num_experts(i) for i in layers)
     total = n_exp * len(layers)
@@ -193,18 +199,30 @@ def _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, 
 
 
 def cpu_share(
-    rates, cand: list[int], n_misses: int, counts: list[int], nbytes: int, params: int
+    rates,
+    cand: list[int],
+    n_misses: int,
+    counts: list[int],
+    nbytes: int,
+    params: int,
+    measured: float | None = None,
 ) -> list[int]:
     """Of a call's ``n_misses`` missing experts, the RAM ones (``cand``) the CPU computes where
     they sit: moved, fewest rows first, while that shortens max(copy time of the rest, CPU
     time); the CPU's first expert also pays the hand-over of the rows to the host and back.
-    ``rates``: the machine's ``MachineRates`` (the copies and the CPU share the memory bus)."""
+    ``rates``: the machine's ``MachineRates`` (the copies and the CPU share the memory bus);
+    ``measured``: seconds per expert the CPU actually took in this run (its wall time, outputs
+    handed back) replaces the estimate: the calibration's GEMV of one large matrix can be far
+    faster than small experts' (H200 host, bf16 Qwen3-30B-A3B experts: ~4 GB/s per expert while
+    the cost model chose the CPU; 31.5 vs 49 tok/s with it off)."""
     from ollm.planning.costmodel import CPU_HANDOFF_S
 
     copy = rates.copy_s(nbytes, shared=True)
     t_copy, t_cpu, cpu = n_misses * copy, CPU_HANDOFF_S, []
     for e in sorted(cand, key=lambda e: counts[e]):
         c = rates.cpu_layer_s(nbytes, params, counts[e], shared=True)
+        if measured is not None:  # the measured time, or more where many rows make it compute
+            c = max(measured, rates.cpu_layer_s(0, params, counts[e], shared=True))
         if t_cpu + c >= t_copy - copy:
             break
         t_cpu, t_copy = t_cpu + c, t_copy - copy

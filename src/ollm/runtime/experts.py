@@ -18,96 +18,32 @@ go through the slots.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.runtime.experts_policy import Lfu, Lru
 from ollm.runtime.pinned import pinned_empty, unpin
 
 if TYPE_CHECKING:
-    from ollm.layers.moe import ExpertRun
+    from ollm.layers.moe import ExpertBatch
     from ollm.planning.experts import ExpertPlan
     from ollm.storage.experts import StoreExperts
     from ollm.telemetry.stats import IOStats
 
-# (RAM misses the CPU may compute, misses in all, rows per expert, expert bytes, its weights)
-# -> the misses the CPU computes; handed in from above (planning.experts.cpu_share, rates bound)
-ChooseCpu = Callable[[list[int], int, list[int], int, int], list[int]]
+# (RAM misses the CPU may compute, misses in all, rows per expert, expert bytes, its weights,
+# measured seconds per CPU expert or None) -> the misses the CPU computes; handed in from above
+# (planning.experts.cpu_share, rates bound)
+ChooseCpu = Callable[[list[int], int, list[int], int, int, "float | None"], list[int]]
 # (dense weights, the layer's expert source, rows per group) -> the weights the block gets
 Wrap = Callable[[Mapping, object, int], Mapping]
 
 Key = tuple[int, int]  # (layer, expert)
 READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
-
-
-class _Lru:
-    """Least recently used first."""
-
-    def __init__(self) -> None:
-        self.order: OrderedDict[Key, None] = OrderedDict()
-
-    def touch(self, key: Key, cached: bool) -> None:
-        if cached:
-            self.order.move_to_end(key)
-
-    def add(self, key: Key) -> None:
-        self.order[key] = None
-
-    def remove(self, key: Key) -> None:
-        self.order.pop(key, None)
-
-    def victim(self, pinned: set[Key]) -> Key | None:
-        return next((k for k in self.order if k not in pinned), None)
-
-
-class _Lfu:
-    """Least frequently used first (uses counted over the whole run, also while not cached, so
-    an expert evicted once keeps its history); ties go to the least recently used."""
-
-    def __init__(self) -> None:
-        self.uses: dict[Key, int] = {}
-        self.buckets: dict[int, OrderedDict[Key, None]] = {}
-
-    def touch(self, key: Key, cached: bool) -> None:
-        n = self.uses.get(key, 0)
-        self.uses[key] = n + 1
-        if cached:
-            self._move(key, n, n + 1)
-
-    def _move(self, key: Key, old: int, new: int) -> None:
-        b = self.buckets.get(old)
-        if b is not None:
-            b.pop(key, None)
-            if not b:
-                del self.buckets[old]
-        self.buckets.setdefault(new, OrderedDict())[key] = None
-
-    def add(self, key: Key) -> None:
-        self.buckets.setdefault(self.uses.get(key, 0), OrderedDict())[key] = None
-
-    def remove(self, key: Key) -> None:
-        n = self.uses.get(key, 0)
-        b = self.buckets.get(n)
-        if b is not None:
-            b.pop(key, None)
-            if not b:
-                del self.buckets[n]
-
-    def victim(self, pinned: set[Key]) -> Key | None:
-        if not self.buckets:
-            return None
-        least = self.buckets[min(self.buckets)]  # usually holds an unpinned key: no sort
-        k = next((k for k in least if k not in pinned), None)
-        if k is not None:
-            return k
-        for n in sorted(self.buckets):
-            for k in self.buckets[n]:
-                if k not in pinned:
-                    return k
-        return None
 
 
 class ExpertCache:
@@ -142,7 +78,7 @@ class ExpertCache:
         self.slot_views: list[dict[str, torch.Tensor] | None] = [None] * n
         self.where: dict[Key, int] = {}
         self.pinned: set[Key] = set()
-        self.policy = _Lfu() if plan.policy == "lfu" else _Lru()
+        self.policy = Lfu() if plan.policy == "lfu" else Lru()
         self._pool: ThreadPoolExecutor | None = None  # disk reads of misses
         canon: dict[tuple, int] = {}  # tensor layouts of the experts (one per model, usually)
         self._layout = {
@@ -152,10 +88,18 @@ class ExpertCache:
         }
         self._slot_views_memo: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.counts = {"hits": 0, "misses": 0, "cpu": 0}
+        self.cpu_expert_s: float | None = None  # measured seconds per expert the CPU computed
+        self.batched = not self.in_place  # device batches as batched matmuls (layers.moe)
+        # CPU batches may come: the layer reads its rows to the host with the expert ids
+        self.host_rows = (
+            self.cuda and not plan.resident and plan.cpu_compute != "off" and any(plan.ram)
+        )
         self.routed: dict[Key, int] = {}  # calls that used each expert (a calibration's output)
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready: list[torch.cuda.Event | None] = [None] * n
+            # events are ordered on their streams: waiting on the newest implies the others
+            self.ready_seq, self.free_seq, self._seq = [0] * n, [0] * n, 0
             self.free: list[torch.cuda.Event | None] = [None] * n
             disk = any(r < plan.num_experts for r in plan.ram) and not plan.resident
             self._staging = [self._pin(plan.expert_bytes) for _ in range(READ_THREADS * disk)]
@@ -213,11 +157,12 @@ class ExpertCache:
         return sw
 
     # -- one layer's experts ------------------------------------------------------------------------
-    def run(self, i: int, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
-        """Experts ``used`` of layer i (``counts``: rows per expert), as ``ExpertSource.run``."""
+    def run(self, i: int, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
+        """Experts ``used`` of layer i (``counts``: rows per expert), as ``ExpertSource.run``:
+        the hits (and experts computed in place) as one batch, then the RAM misses the CPU
+        computes, then the copied misses in waves (one wave when the slots allow)."""
         if self.plan.resident:
-            for e in used:
-                yield e, self._views[(i, e)], None
+            yield None, [(e, self._views[(i, e)]) for e in used]
             return
         ram = self.plan.ram[self._index[i]]
         hits, local, misses = [], [], []
@@ -242,25 +187,36 @@ class ExpertCache:
         )
         pending, inflight = deque(fetch), deque()
         try:
+            self._issue(i, pending, inflight)  # the copies start before any compute is queued
+            ready = [(e, self._views[(i, e)]) for e in local]
+            if hits:
+                yield None, self._use(hits) + ready
+                self._done(hits)
+            elif ready:
+                yield None, ready
             self._issue(i, pending, inflight)
-            for e, s in hits:
-                yield e, self._use(s), None
-                self._done(s)
-            for e in local:
-                yield e, self._views[(i, e)], None
-            self._issue(i, pending, inflight)
-            for e in on_cpu:
-                yield e, self._views[(i, e)], self.cpu
+            if on_cpu:
+                t0 = time.perf_counter()
+                yield self.cpu, [(e, self._views[(i, e)]) for e in on_cpu]
+                self._measured_cpu(len(on_cpu), time.perf_counter() - t0)
             while inflight:
-                e, s = inflight.popleft()
-                yield e, self._use(s), None
-                self._done(s)
+                wave = list(inflight)
+                inflight.clear()
+                yield None, self._use(wave)
+                self._done(wave)
                 self._issue(i, pending, inflight)
             if pending:  # never silently: an expert left out would change the output
                 raise RuntimeError(f"expert cache of {len(self.slot_key)} slots cannot take "
                                    f"experts {list(pending)} of layer {i}")  # fmt: skip
         finally:  # one call runs at a time: an interrupted one leaves no slot pinned
             self.pinned.clear()
+
+    def _measured_cpu(self, n: int, seconds: float) -> None:
+        """Fold a CPU batch's wall time (its experts computed, outputs handed back) into
+        ``cpu_expert_s``, the measured seconds per expert the cost model's choice then uses."""
+        per = seconds / n
+        old = self.cpu_expert_s
+        self.cpu_expert_s = per if old is None else 0.5 * (old + per)
 
     def _split(self, i: int, misses: list[int], counts: list[int], ram: int):
         """(RAM misses the CPU computes, misses copied to the device): all RAM misses with
@@ -275,7 +231,7 @@ class ExpertCache:
         else:
             nbytes = self.plan.expert_bytes
             params = nbytes // max(1, self.experts.tensors[i][0][0].dtype.itemsize)
-            cpu = self.choose_cpu(cand, len(misses), counts, nbytes, params)
+            cpu = self.choose_cpu(cand, len(misses), counts, nbytes, params, self.cpu_expert_s)
         chosen = set(cpu)
         return cpu, [e for e in misses if e not in chosen]
 
@@ -305,10 +261,12 @@ class ExpertCache:
                 for e, s in batch:
                     if (i, e) not in self._bytes:
                         reads[e] = self._read(i, e, s)
+                ev = self._copy_start(batch)
                 for e, s in batch:
-                    self._fill(i, e, s, reads.get(e))
+                    self._fill(i, e, s, reads.get(e), ev)
                     inflight.append((e, s))
                     done += 1
+                self._copy_end(ev)
             except BaseException:
                 wait(list(reads.values()))  # no read may still write a slot given back
                 for _, s in batch[done:]:
@@ -356,9 +314,25 @@ class ExpertCache:
         self.stats.add(bytes_disk=self.experts.read_range(i, e, e + 1, dst))
         return k
 
-    def _fill(self, i: int, e: int, s: int, read: Future | None) -> None:
+    def _copy_start(self, batch: list[tuple[int, int]]) -> torch.cuda.Event | None:
+        """A batch of copies into ``batch``'s slots waits (on the copy stream) for the newest
+        last use among those slots (uses are ordered on the compute stream, so it implies the
+        others); returns the event the batch's copies will record."""
+        if not self.cuda:
+            return None
+        s = max((s for _, s in batch), key=lambda s: self.free_seq[s])
+        if self.free[s] is not None:
+            self.copy_stream.wait_event(self.free[s])
+        self._seq += 1
+        return torch.cuda.Event()
+
+    def _copy_end(self, ev: torch.cuda.Event | None) -> None:
+        if ev is not None:
+            ev.record(self.copy_stream)
+
+    def _fill(self, i: int, e: int, s: int, read: Future | None, ev=None) -> None:
         """Copy expert e of layer i into slot s, from RAM or from the staging buffer ``read``
-        fills (read straight into the slot off CUDA)."""
+        fills (read straight into the slot off CUDA); ``ev``: the event its batch records."""
         st = self.experts
         nbytes = st.regions[i].sizes[e]
         k = None if read is None else read.result()  # re-raises a read error
@@ -369,12 +343,8 @@ class ExpertCache:
         else:
             src = self._bytes[(i, e)] if k is None else self._staging[k]
             with torch.cuda.stream(self.copy_stream):
-                if self.free[s] is not None:
-                    self.copy_stream.wait_event(self.free[s])
                 self.slots[s, :nbytes].copy_(src[:nbytes], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.copy_stream)
-            self.ready[s] = ev
+            self.ready[s], self.ready_seq[s] = ev, self._seq
             if k is not None:
                 self._staging_done[k] = ev
             self.stats.add(bytes_h2d=nbytes)
@@ -385,23 +355,33 @@ class ExpertCache:
             views = self._slot_views_memo[sig] = st.views(i, e, self.slots[s])
         self.slot_views[s] = views
 
-    def _use(self, s: int) -> dict[str, torch.Tensor]:
-        """Slot s's expert, once its copy has landed (the compute stream waits, not the host)."""
-        if self.cuda and self.ready[s] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
-        views = self.slot_views[s]
-        assert views is not None
-        return views
+    def _use(self, batch: list[tuple[int, int]]) -> list[tuple[int, Mapping]]:
+        """(expert, slot) pairs as (expert, its views), once their copies have landed: the
+        compute stream waits for the newest copy among them (not the host)."""
+        if self.cuda:
+            s = max((s for _, s in batch), key=lambda s: self.ready_seq[s])
+            if self.ready[s] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+        out = []
+        for e, s in batch:
+            views = self.slot_views[s]
+            assert views is not None
+            out.append((e, views))
+        return out
 
-    def _done(self, s: int) -> None:
-        """The compute queued so far is the last use of slot s by this call: unpin it."""
-        key = self.slot_key[s]
+    def _done(self, batch: list[tuple[int, int]]) -> None:
+        """The compute queued so far is the last use of ``batch``'s slots by this call: one event
+        marks them free, and they are unpinned."""
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            self.free[s] = ev
-        if key is not None:
-            self.pinned.discard(key)
+            self._seq += 1
+        for _, s in batch:
+            if self.cuda:
+                self.free[s], self.free_seq[s] = ev, self._seq
+            key = self.slot_key[s]
+            if key is not None:
+                self.pinned.discard(key)
 
     # -- reporting and lifetime -------------------------------------------------------------------
     @property
@@ -419,7 +399,7 @@ class ExpertCache:
         neither cached nor computed in place. Returns how many were loaded."""
         if self.plan.resident:
             return 0
-        if isinstance(self.policy, _Lfu):
+        if isinstance(self.policy, Lfu):
             for key, n in freq.items():
                 self.policy.uses[key] = self.policy.uses.get(key, 0) + n
             self.policy.buckets = {}  # cached keys move to the buckets of their seeded counts
@@ -436,8 +416,7 @@ class ExpertCache:
                 continue  # computed where it sits
             inflight: deque = deque()
             self._issue(i, deque([e]), inflight)
-            for _, s in inflight:
-                self._done(s)
+            self._done(list(inflight))
             loaded += len(inflight)
         self.pinned.clear()
         return loaded
@@ -468,6 +447,8 @@ class _LayerExperts:
 
     def __init__(self, cache: ExpertCache, i: int) -> None:
         self.cache, self.i = cache, i
+        self.batched = cache.batched
+        self.host_rows = cache.host_rows
 
-    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertRun]:
+    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
         return self.cache.run(self.i, used, counts)
