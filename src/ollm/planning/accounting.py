@@ -189,13 +189,15 @@ def kv_pool_bytes(spec, layers, pools: dict[str, int], page_tokens: int, dtype_b
 class KVFormat:
     """Stored size of a full-attention layer's KV under a codec (``kv.codecs.KVCodec.format``):
     ``bytes_per_token`` per KV head (codes and parameters of K and V), ``tail_tokens`` kept
-    exact (recent window + one block being filled), and whether device-tier KV is compressed
-    too (``auto`` keeps it exact)."""
+    exact (recent window + one block being filled), whether device-tier KV is compressed
+    too (``auto`` keeps it exact), and a CPU decode step's attention time over it relative to
+    exact KV (``kv.codecs.CPU_ATTN_COST``: decoding costs more than reading bf16)."""
 
     bytes_per_token: float
     tail_tokens: int
     block: int
     on_device: bool = True
+    cpu_attn_cost: float = 1.0
 
     def layer_bytes(
         self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int

@@ -68,10 +68,14 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     return layers, len(chosen), step(x)
 
 
-def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced, ring):
+def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced, ring,
+                  cpu_kv_s=0.0, kv_copy=()):  # fmt: skip
     """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``):
     the count (spread by ``interleave``) whose decode step, simulated layer by layer with the
-    ring's depth (``costmodel.pipeline_step``), is shortest."""
+    ring's depth (``costmodel.pipeline_step``), is shortest. Compressed KV: ``cpu_kv_s`` more
+    per CPU layer (decoding codes costs more than the exact KV the rates were measured over),
+    and ``kv_copy[i]`` encoded bytes copied each step for a GPU-computed layer whose KV is in
+    RAM (``kv/compressed.py`` with ``fetch``: into the workspace's one staging store)."""
     from dataclasses import replace
 
     from ollm.planning.costmodel import (
@@ -94,7 +98,8 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
         return layers, 0, predicted
     gpu_layer = max(GPU_DECODE_LAYER_S, rates.gpu_layer_s(layer_bytes, params, work.batch))
     cpu_layer = rates.cpu_layer_s(layer_bytes, params, work.batch, True)
-    cpu_layer += LAYER_OVERHEAD_S + CPU_HANDOFF_S
+    cpu_layer += LAYER_OVERHEAD_S + CPU_HANDOFF_S + cpu_kv_s
+    kv_copy = kv_copy or (0,) * len(layers)
 
     def simulate(k: int) -> float:
         chosen = interleave(cands, k)
@@ -103,7 +108,12 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
             0.0 if i in chosen or p.tier == Tier.GPU else rates.copy_s(layer_bytes, k > 0)
             for i, p in enumerate(layers)
         ]
-        return pipeline_step(chain, copy, max(1, ring)) + head_bytes / rates.gpu_mem
+        fetch = [
+            rates.copy_s(kv_copy[i], k > 0) if p.kv_tier != KvTier.DEVICE and i not in chosen
+            else 0.0
+            for i, p in enumerate(layers)
+        ]  # fmt: skip
+        return pipeline_step(chain, copy, max(1, ring), fetch, 1) + head_bytes / rates.gpu_mem
 
     if forced is not None:
         k = min(forced, len(cands))

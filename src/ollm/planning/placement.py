@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
+from ollm.planning.promote import promote_freed
 from ollm.planning.routed_kv import choose_routed_kv_off, routed_rows
 from ollm.planning.sizing import MIN_CHUNK, PlanSizes, too_small
 from ollm.sizes import format_size
@@ -259,8 +260,9 @@ def plan_placement(
     split = splits(layers, n_res, ring=ring, fetch=kv_off and kv_fetch_buffers)
     if split is None:  # no KV worth fetching: plan again without the fetch buffers
         return again(chunk_tokens, 0)
-    return _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget,
+    plan = _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget,
                      kv_fetch_buffers, kv_block_tokens, kv_read)  # fmt: skip
+    return promote_freed(plan, store, offload)  # what decode choices freed: resident layers
 
 
 def _layout(spec, store, device, budget, offload, cpu_memory, kv_cache, sz: PlanSizes, work,
@@ -337,8 +339,9 @@ def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_laye
         return layers, 0, {}
 
     layers, cpu_max_tokens, predicted = choose_hybrid(
-        spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring
-    )
+        spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring,
+        sz.cpu_kv_extra_s(rates, work.context), sz.kv_copy,
+    )  # fmt: skip
     if fetch or kv_read or simulate:
         layers, fetched, step = choose_kv_fetch(
             store, layers, rates, work, sz.per_token, predicted, ring, kv_read, bool(fetch)

@@ -55,6 +55,10 @@ class PlanSizes:
     scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: codec staging
     compressed: bool = False  # every layer's KV compressed (offloaded ones keep no device blocks)
     workspace: int = 0  # a codec's decoded buffers (any compressed layer prefills through them)
+    # Compressed KV in RAM: per layer, the encoded bytes a GPU decode step copies in (0: exact
+    # or no codec), and CPU decode attention's cost over it relative to exact KV.
+    kv_copy: tuple[int, ...] = ()
+    cpu_kv_cost: float = 1.0
 
     @classmethod
     def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
@@ -75,7 +79,7 @@ class PlanSizes:
             )
         rows = chunk or work.prefill_tokens
         scratch = kv_scratch_bytes(spec, work, dtype_bytes)
-        workspace = 0
+        workspace, kv_copy = 0, ()
         compressed = kv_format is not None and not any(layer.window for layer in spec.layers)
         if kv_format is not None:  # the codec workspace (kv/compressed.py CodecWorkspace)
             b, h, ctx = work.batch, spec.num_kv_heads, work.context
@@ -85,6 +89,11 @@ class PlanSizes:
             )
             staging = kv_format.staging_bytes(b, h, ctx)
             scratch = staging if compressed else scratch + staging
+            encoded = int(b * h * ctx * kv_format.bytes_per_token)
+            kv_copy = tuple(
+                0 if layer.window or getattr(layer, "linear", False) else encoded
+                for layer in spec.layers
+            )
         return cls(
             layer=store.max_layer_nbytes,
             embed=gfile["embed_tokens.weight"].nbytes,
@@ -98,7 +107,19 @@ class PlanSizes:
             scratch=scratch,
             compressed=compressed,
             workspace=workspace,
+            kv_copy=kv_copy,
+            cpu_kv_cost=kv_format.cpu_attn_cost if kv_format is not None else 1.0,
         )
+
+    def cpu_kv_extra_s(self, rates, context: int) -> float:
+        """Seconds a CPU-computed decode layer spends beyond the measured rates on its
+        compressed KV: the CPU rate was measured over exact KV (``cpu_attn``, else a real layer
+        at ``cpu_mem``), decoding codes costs ``cpu_kv_cost`` times that."""
+        if self.cpu_kv_cost <= 1.0:
+            return 0.0
+        exact = self.per_token * context
+        rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem if rates.cpu_attn else 0.0
+        return exact / (rate or rates.cpu_mem_busy) * (self.cpu_kv_cost - 1.0)
 
     @property
     def head_resident(self) -> int:
