@@ -129,6 +129,8 @@ def test_routed_plan_holds_weights_instead_of_kv(llama8b):
     rows = dict(routed.describe())
     assert "32 layers read <= 12.5% of their KV" in rows["KV routed in decode"]
     assert "KV fetched to the GPU in decode" not in rows
+    sub = dict(replace(routed, layers=routed.layers[:3]).describe())  # self-speculation's sub-plan
+    assert sub["KV routed in decode"].startswith("3 layers read")
 
 
 @pytest.mark.parametrize("hybrid", ["off", "auto"])

@@ -56,7 +56,7 @@ def choose_routed_kv_off(layout, splits, sz: PlanSizes, fixed, kv_min, extra, ro
 
 def routed_rows(kv_read: tuple[float, ...], layers) -> list[tuple[str, str]]:
     """``describe`` rows: the layers whose decode reads a share of their KV where it sits."""
-    routed = [i for i, r in enumerate(kv_read) if r < 1.0]
+    routed = [i for i, r in enumerate(kv_read[: len(layers)]) if r < 1.0]  # a sub-plan's too
     if not routed:
         return []
     share = max(kv_read[i] for i in routed)
