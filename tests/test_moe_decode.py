@@ -110,6 +110,8 @@ def test_decode_row_reads_the_host_once_and_launches_per_batch(top8, host_reads,
         torch.testing.assert_close(y, moe_mlp(x, w, moe, act), atol=1e-5, rtol=1e-5)
     assert cache.counts["misses"] > 0 and cache.counts["hits"] > 0
     assert (cache.counts["cpu"] > 0) == (cpu_compute == "on")
+    # the CPU's decode batches are timed for the cost model (seconds per expert)
+    assert (cache.cpu_expert_s is not None) == (cpu_compute == "on")
     cache.close()
 
 

@@ -26,7 +26,11 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    experts a token misses under uniform routing in a cache of that size at best (1 - slots /
    experts of top_k per layer) x expert bytes over the measured pinned host->GPU rate (CPU
    compute of RAM misses can beat it; ``ollm bench``'s ``experts_s`` counts that share); the
-   baseline's floor: the streamed layers' bytes over the same rate.
+   baseline's floor: the streamed layers' bytes over the same rate. ``profile`` (each run, GPU
+   only): torch.profiler over a short request with and without 6 more decode tokens: per decode
+   token and per layer, CUDA kernel launches, memcpys, host syncs, event records and stream
+   waits, the GPU's kernel and copy seconds and the host's wall seconds
+   (``gpu_busy_fraction``: kernel time / wall time; low = bound by the host).
    ``--gpt-oss``: the same for gpt-oss-20b shapes (32 experts of 2880, 4 of its 24 layers;
    LRU, CPU compute off, the baseline).
 3. llama.cpp with its experts on the CPU (``-ngl 99 -ot exps=CPU``) on an F16 GGUF of the same
@@ -212,6 +216,51 @@ def _zipf_router(llm, a: float) -> None:
         w[f"{spec.moe.prefix}.{spec.moe.router}.bias"] = bias.to(w[spec.moe.router_key].device)
 
 
+CUDA_CALLS = {  # runtime calls counted per decode token (names as the profiler reports them)
+    "launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
+    "memcpy": ("cudaMemcpyAsync",),
+    "syncs": ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize"),
+    "event_records": ("cudaEventRecord", "cudaEventRecordWithFlags"),
+    "stream_waits": ("cudaStreamWaitEvent",),
+}
+
+
+def _profile_decode(llm, prompt: list[int], layers: int, steps: int = 6) -> dict:
+    """Per decode token (and per layer): CUDA runtime calls (kernel launches, copies, host syncs,
+    event records and waits), the GPU's kernel and copy time, and the host's wall time, from
+    torch.profiler over a short request with and without ``steps`` more decode tokens. The
+    GPU's busy share of the wall time says whether a step is bound by the host (launches,
+    Python, syncs) or by the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ollm import SamplingParams
+
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    totals = []
+    for n in (2, 2 + steps):
+        torch.cuda.synchronize()
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            llm.generate(prompt[:16], SamplingParams(max_new_tokens=n, temperature=0))
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        row = {k: 0 for k in CUDA_CALLS} | {"kernel_s": 0.0, "copy_s": 0.0, "wall_s": wall}
+        for ev in prof.key_averages():
+            for k, names in CUDA_CALLS.items():
+                if ev.key in names:
+                    row[k] += ev.count
+            dev_s = getattr(ev, "self_device_time_total", 0) / 1e6
+            if ev.key.startswith("Memcpy") or ev.key.startswith("Memset"):
+                row["copy_s"] += dev_s
+            elif dev_s and not ev.key.startswith("cuda"):
+                row["kernel_s"] += dev_s
+        totals.append(row)
+    per_token = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
+    out = {"per_token": per_token, "per_layer": {k: v / layers for k, v in per_token.items()}}
+    out["gpu_busy_fraction"] = per_token["kernel_s"] / max(per_token["wall_s"], 1e-9)
+    return out
+
+
 def _run(*args, **opts) -> dict:
     """``_timed`` for one run; an exception is reported in its row (the other runs go on)."""
     try:
@@ -243,6 +292,12 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
             before = llm.stats.bytes_h2d
             one = llm.generate(prompt[:16], SamplingParams(max_new_tokens=n, temperature=0))
             copied.append(llm.stats.bytes_h2d - before)
+        profiled = None
+        if torch.cuda.is_available() and llm.plan.device != "cpu":
+            try:
+                profiled = _profile_decode(llm, prompt, len(llm.plan.layers))
+            except Exception as exc:  # noqa: BLE001 - the breakdown is optional
+                profiled = f"failed: {exc!r}"
     decode_steps = max(1, new - 1)
     step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
     layers = len(plan.layers)
@@ -274,6 +329,9 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         row["streamed_layers"] = len(plan.streamed_for("decode"))
         row["floor_s_per_token"] = streamed / h2d
     row["s_per_token"] = step_s
+    row["ms_per_layer"] = 1e3 * step_s / layers
+    if profiled is not None:
+        row["profile"] = profiled
     print(json.dumps(row), flush=True)
     return row
 

@@ -44,6 +44,7 @@ Wrap = Callable[[Mapping, object, int], Mapping]
 
 Key = tuple[int, int]  # (layer, expert)
 READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
+DECODE_ROWS = 8  # CPU experts timed for the cost model only at up to this many rows each
 
 
 class ExpertCache:
@@ -198,7 +199,8 @@ class ExpertCache:
             if on_cpu:
                 t0 = time.perf_counter()
                 yield self.cpu, [(e, self._views[(i, e)]) for e in on_cpu]
-                self._measured_cpu(len(on_cpu), time.perf_counter() - t0)
+                if max(counts[e] for e in on_cpu) <= DECODE_ROWS:  # prefill's: compute-bound
+                    self._measured_cpu(len(on_cpu), time.perf_counter() - t0)
             while inflight:
                 wave = list(inflight)
                 inflight.clear()
