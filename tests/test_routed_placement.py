@@ -230,6 +230,10 @@ def test_a_measured_routed_read_spreads_resident_layers(llama8b):
     assert plan.predicted["decode s (KV split)"] == pytest.approx(floor, rel=0.01)
     slow = _plan(llama8b, replace(rates, cpu_routed=4e9), summary_bytes=summaries, kv_read=kv_read)
     assert slow.predicted["decode s (KV split)"] > 1.05 * floor  # the reads cost the chain
+    # Smaller prefill chunks (scripts/gpu/routing.py's third row) free activations for weights.
+    lever = _plan(llama8b, rates, summary_bytes=summaries, kv_read=kv_read, chunk_tokens=8192)
+    assert lever.count("gpu") == 9 and lever.peak_device_bytes <= 8 * GiB
+    assert lever.predicted["decode s (KV split)"] < 0.95 * floor
 
 
 def test_routed_read_workload_reads_an_eighth():
