@@ -47,7 +47,7 @@ def choose_routed_kv_off(layout, splits, sz: PlanSizes, fixed, kv_min, extra, ro
         if sum(trial.values()) > room:
             continue  # the scratch and buffers outweigh the KV that left (small last layers)
         for spread in (False, True):
-            layers, n_res, ring, _ = layout(k, trial, spread=spread)
+            layers, n_res, ring, _ = layout(k, dict(trial), spread=spread)  # it adds blocks
             split = splits(layers, n_res, ring=ring, fetch=k and extra, simulate=True)
             best = min(best, (round(split[2]["decode s (KV split)"], 6), k, spread))
     _, k, spread = best
