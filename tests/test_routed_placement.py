@@ -226,6 +226,8 @@ def test_a_measured_routed_read_spreads_resident_layers(llama8b):
     resident = [i for i, p in enumerate(plan.layers) if p.tier == "gpu"]
     assert len(resident) == 7 and resident != list(range(7)), resident
     assert all(p.kv_tier == "cpu" for p in plan.layers) and plan.peak_device_bytes <= 8 * GiB
+    assert 8 * GiB - plan.peak_device_bytes < 256 * 4096  # the rest: device blocks of layer 0
+    assert plan.layers[0].kv_device_tokens > 0
     floor = 25 * plan.layer_bytes / rates.pcie_busy
     assert plan.predicted["decode s (KV split)"] == pytest.approx(floor, rel=0.01)
     slow = _plan(llama8b, replace(rates, cpu_routed=4e9), summary_bytes=summaries, kv_read=kv_read)
