@@ -264,11 +264,13 @@ class ExpertCache:
                     if (i, e) not in self._bytes:
                         reads[e] = self._read(i, e, s)
                 ev = self._copy_start(batch)
-                for e, s in batch:
-                    self._fill(i, e, s, reads.get(e), ev)
-                    inflight.append((e, s))
-                    done += 1
-                self._copy_end(ev)
+                try:
+                    for e, s in batch:
+                        self._fill(i, e, s, reads.get(e), ev)
+                        inflight.append((e, s))
+                        done += 1
+                finally:  # recorded even after a failed read: the slots filled wait on it
+                    self._copy_end(ev)
             except BaseException:
                 wait(list(reads.values()))  # no read may still write a slot given back
                 for _, s in batch[done:]:
