@@ -116,8 +116,8 @@ def test_decode_row_reads_the_host_once_and_launches_per_batch(top8, host_reads,
 
 
 def test_hits_are_one_batch_misses_one_wave(top8):
-    """With the slots to hold them, a call's hits come as one batch and its copied misses as
-    one more (not one expert at a time)."""
+    """With the slots to hold them, a decode call's hits come as one batch and its copied
+    misses as one more (not one expert at a time); a prefill's misses one by one."""
     llm = top8
     st, cache = _cache(llm, slots=16, ram=16)
     i = cache.plan.layers[0]
@@ -125,6 +125,9 @@ def test_hits_are_one_batch_misses_one_wave(top8):
     assert [len(b) for b in batches] == [8]  # all misses: one wave
     batches = [b for _, b in cache.run(i, list(range(4, 12)), [1] * 16)]
     assert sorted(len(b) for b in batches) == [4, 4]  # hits 4..7, then misses 8..11
+    many = [100] * 16  # a prefill's rows: each miss computed as soon as its copy lands
+    batches = [b for _, b in cache.run(i, list(range(8, 16)), many)]
+    assert [len(b) for b in batches] == [4, 1, 1, 1, 1]
     cache.close()
 
 

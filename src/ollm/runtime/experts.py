@@ -45,6 +45,9 @@ Wrap = Callable[[Mapping, object, int], Mapping]
 Key = tuple[int, int]  # (layer, expert)
 READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
 DECODE_ROWS = 8  # CPU experts timed for the cost model only at up to this many rows each
+# Calls routing more (row, expert) pairs than this (prefill) get their copied misses one at a
+# time, each computed as soon as its copy lands; fewer (decode): each wave as one batch.
+STREAM_PAIRS = 256
 
 
 class ExpertCache:
@@ -161,7 +164,8 @@ class ExpertCache:
     def run(self, i: int, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
         """Experts ``used`` of layer i (``counts``: rows per expert), as ``ExpertSource.run``:
         the hits (and experts computed in place) as one batch, then the RAM misses the CPU
-        computes, then the copied misses in waves (one wave when the slots allow)."""
+        computes, then the copied misses in waves (one wave when the slots allow; one by one
+        in prefill)."""
         if self.plan.resident:
             yield None, [(e, self._views[(i, e)]) for e in used]
             return
@@ -201,9 +205,11 @@ class ExpertCache:
                 yield self.cpu, [(e, self._views[(i, e)]) for e in on_cpu]
                 if max(counts[e] for e in on_cpu) <= DECODE_ROWS:  # prefill's: compute-bound
                     self._measured_cpu(len(on_cpu), time.perf_counter() - t0)
+            one_by_one = sum(counts) > STREAM_PAIRS  # prefill: compute each as it lands
             while inflight:
-                wave = list(inflight)
-                inflight.clear()
+                wave = [inflight.popleft()] if one_by_one else list(inflight)
+                if not one_by_one:
+                    inflight.clear()
                 yield None, self._use(wave)
                 self._done(wave)
                 self._issue(i, pending, inflight)
