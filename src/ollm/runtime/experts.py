@@ -93,6 +93,7 @@ class ExpertCache:
         self._slot_views_memo: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.counts = {"hits": 0, "misses": 0, "cpu": 0}
         self.cpu_expert_s: float | None = None  # measured seconds per expert the CPU computed
+        self._cpu_batches = 0
         self.batched = not self.in_place  # device batches as batched matmuls (layers.moe)
         # CPU batches may come: the layer reads its rows to the host with the expert ids
         self.host_rows = (
@@ -222,6 +223,9 @@ class ExpertCache:
     def _measured_cpu(self, n: int, seconds: float) -> None:
         """Fold a CPU batch's wall time (its experts computed, outputs handed back) into
         ``cpu_expert_s``, the measured seconds per expert the cost model's choice then uses."""
+        self._cpu_batches += 1
+        if self._cpu_batches == 1:
+            return  # the first pays one-time start-up (kernel selection, thread pool): dropped
         per = seconds / n
         old = self.cpu_expert_s
         self.cpu_expert_s = per if old is None else 0.5 * (old + per)
