@@ -177,10 +177,10 @@ def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str)
         gate, up = torch.bmm(x, st("gate_up_proj").transpose(1, 2)).chunk(2, dim=-1)
         return torch.bmm(fn(gate) * up, st("down_proj").transpose(1, 2))
     g_name, u_name, d_name = (f"{n}.weight" for n in moe.expert_names)
-    gu = torch.stack([ew[g_name] for ew in ews] + [ew[u_name] for ew in ews])  # [2g, I, H]
-    h = torch.bmm(x.repeat(2, 1, 1), gu.transpose(1, 2))
-    g = len(ews)
-    return torch.bmm(fn(h[:g]) * h[g:], st(d_name).transpose(1, 2))
+    # gate and up of each expert next to each other: [g, 2I, H], one matmul as the fused layout
+    gu = torch.stack([t for ew in ews for t in (ew[g_name], ew[u_name])])
+    gate, up = torch.bmm(x, gu.view(len(ews), -1, x.shape[-1]).transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(fn(gate) * up, st(d_name).transpose(1, 2))
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
