@@ -303,6 +303,27 @@ KvCodecOpt = Annotated[
         "values per token), auto (RAM/disk KV k:int4,v:int8, GPU KV exact).",
     ),
 ]
+KvTemporalOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-temporal",
+        help="KV tiers by age (lossy), e.g. 4k:bf16,32k:int8,rest:int4: the newest 4k tokens "
+        "exact, blocks re-encoded int8 then int4 as they age.",
+    ),
+]
+
+
+def kv_schedule(codec: str | None, temporal: str | None) -> str | None:
+    """The ``kv_codec`` of a run from --kv-codec and --kv-temporal (a schedule is a codec)."""
+    if temporal is None:
+        return codec
+    if "rest" not in temporal.lower():
+        raise OllmError(f"--kv-temporal {temporal!r}: use AGE:KIND,...,rest:KIND")
+    if codec not in (None, "none"):
+        raise OllmError("--kv-codec and --kv-temporal cannot be combined: the schedule sets both")
+    return temporal
+
+
 KvEvictOpt = Annotated[
     str | None,
     typer.Option(

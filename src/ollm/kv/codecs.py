@@ -237,6 +237,10 @@ def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCo
         return None
     if text == "auto":
         text = AUTO_HOST_CODEC
+    if "rest" in text or text[:1].isdigit():  # a schedule: 4k:bf16,32k:int8,rest:int4
+        from ollm.kv.temporal import parse_kv_temporal
+
+        return parse_kv_temporal(text, group)
     kinds: dict[str, str] = {}
     if ":" not in text:
         kinds = {"k": text, "v": text}
@@ -421,6 +425,11 @@ def kv_format(spec: str | None, recent: int, head_dim: int, elem_bytes: int):
         return None
     on_device = codec_for_tier(spec, "device", recent) is not None
     per_token = codec.bytes_per_token(head_dim, elem_bytes)
+    ring = {}
+    if not isinstance(codec, KVCodec):  # a temporal schedule: its middle tier is a ring
+        mid, deep = codec.mid, codec.deep
+        ring = {"mid_span": deep.recent - mid.recent,
+                "mid_bytes_per_token": mid.bytes_per_token(head_dim, elem_bytes)}  # fmt: skip
     return KVFormat(
-        per_token, codec.recent + codec.block, codec.block, on_device, codec.cpu_attn_cost
+        per_token, codec.recent + codec.block, codec.block, on_device, codec.cpu_attn_cost, **ring
     )

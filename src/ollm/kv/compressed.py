@@ -117,7 +117,7 @@ class CompressedKVCache:
         self.home = torch.device(home)
         self.workspace, self.decode_tokens, self.fetch = workspace, decode_tokens, fetch
         self.stats = stats  # an IOStats: encoded bytes copied to the GPU count as host->GPU
-        self.store = CodeStore(codec, batch, kv_heads, capacity, head_dim, dtype, home, storage)
+        self.store = self._new_store(batch, kv_heads, capacity, head_dim, storage)
         self._pinned = storage is not None
         # The exact tail (a few hundred slots) sits where decode attends (``tail_device``, e.g.
         # the GPU for RAM-homed blocks): a copy of it each step would be a pageable, blocking one.
@@ -127,6 +127,11 @@ class CompressedKVCache:
         self.tail_v = torch.empty(tail, dtype=dtype, device=where)
         self.length = self.encoded = 0
         self._copied: torch.cuda.Event | None = None  # writes to RAM the CPU must wait for
+
+    def _new_store(self, batch, kv_heads, capacity, head_dim, storage):
+        """The store of encoded slots (``kv/temporal.py`` keeps a ring of its middle tier)."""
+        args = (self.codec, batch, kv_heads, capacity, head_dim, self.dtype, self.home, storage)
+        return CodeStore(*args)
 
     def attend(
         self,
@@ -206,20 +211,23 @@ class CompressedKVCache:
                 return fast
         return self._encoded_torch(q, src, a, scale, mask)
 
-    def _encoded_torch(self, q, src: CodeStore, a: int, scale: float, mask=None):
+    def _encoded_torch(self, q, src: CodeStore, a: int, scale: float, mask=None, start: int = 0):
         """``_attend_encoded`` decoding ``CPU_CHUNK`` / ``GPU_CHUNK`` slots at a time into the
-        workspace (never the whole prefix at full precision), one attention per chunk."""
+        workspace (never the whole prefix at full precision), one attention per chunk, over the
+        encoded slots [start, a) (``start`` block-aligned)."""
         out = lse = None
         chunk = CPU_CHUNK if q.device.type == "cpu" else GPU_CHUNK
         b, h, d = q.shape[0], self.tail_k.shape[1], q.shape[3]
         plain = mask is None or mask.key_keep is None
-        if a and plain and q.device.type == "cpu" and q.shape[2] <= self.decode_tokens:
+        small = q.shape[2] <= self.decode_tokens
+        fast = isinstance(src, CodeStore) and not start  # a ring (kv/temporal.py) reads pieces
+        if a and fast and plain and q.device.type == "cpu" and small:
             # a CPU decode step: values weighted without being dequantized (kv/codec_cpu.py)
             def buffer(n: int) -> torch.Tensor:
                 return self.workspace.scores((b, h, n, d), q.device)
 
             return codec_cpu.encoded_lse(q, src, a, scale, chunk, buffer)
-        for c0 in range(0, a, chunk):
+        for c0 in range(start, a, chunk):
             c1 = min(a, c0 + chunk)
             kb, vb = self.workspace.decoded((b, h, c1 - c0, d), self.dtype, q.device)
             src.read(c0, c1, kb, vb)
@@ -283,19 +291,25 @@ class CompressedKVCache:
             self._copied = None
 
     def trim(self, length: int) -> None:
-        """Forget slots from ``length`` on; below the encoded boundary the kept tail is decoded
-        back from its blocks (the exact values are gone)."""
+        """Forget slots from ``length`` on. Encoded slots a query at ``length`` sees exact,
+        [boundary(length), encoded), come back to the tail decoded from their blocks (the exact
+        values are gone); exact tail slots below ``length`` stay, moved after them."""
         length = min(self.length, max(0, length))
-        if length < self.encoded:
+        e = self.codec.boundary(length)
+        if e < self.encoded:
             self._sync()
-            e = self.codec.boundary(length)
+            keep = min(length, self.encoded)  # encoded slots [e, keep) return decoded
+            exact = length - keep  # tail slots [encoded, length): shifted by encoded - e
+            if exact:
+                for t in (self.tail_k, self.tail_v):
+                    t[:, :, keep - e : keep - e + exact] = t[:, :, :exact].clone()
             g = self.codec.block
             b, h, _, d = self.tail_k.shape
-            hi = -(-length // g) * g
+            hi = -(-keep // g) * g
             kb, vb = self.workspace.decoded((b, h, hi - e, d), self.dtype, self.home)
             self.store.read(e, hi, kb, vb)
-            self.tail_k[:, :, : length - e] = kb[:, :, : length - e]
-            self.tail_v[:, :, : length - e] = vb[:, :, : length - e]
+            self.tail_k[:, :, : keep - e] = kb[:, :, : keep - e]
+            self.tail_v[:, :, : keep - e] = vb[:, :, : keep - e]
             self.encoded = e
         self.length = length
 
@@ -372,6 +386,12 @@ class CompressedCaches:
         codec = codec_for_tier(self.kv_codec, home_tier, self.recent)
         if codec is None:
             return None
+        kind = CompressedKVCache
+        extra = {}
+        if not isinstance(codec, KVCodec):  # a temporal schedule (kv/temporal.py)
+            from ollm.kv.temporal import TemporalKVCache
+
+            kind, extra = TemporalKVCache, {"forward": self.forward}
         exec_device = torch.device(placement.exec_device)
         on_gpu = exec_device.type != "cpu"  # where prefill forwards of ``forward`` rows run
         self.workspace.planned.setdefault(
@@ -387,7 +407,7 @@ class CompressedCaches:
             storage = (
                 (lambda n: pinned_empty(n, exec_device)) if exec_device.type == "cuda" else None
             )
-        return CompressedKVCache(
+        return kind(
             self.batch,
             s.num_kv_heads,
             s.head_dim,
@@ -400,4 +420,5 @@ class CompressedCaches:
             fetch=True,
             stats=self.stats,
             tail_device=placement.kv_device,
+            **extra,
         )

@@ -15,6 +15,7 @@ from ollm.planning.footprint import (
     codec_decoded_slots,
     max_live_blocks,
     score_block_bytes,
+    temporal_ring_slots,
     window_capacity,
 )
 from ollm.tiers import KvTier
@@ -118,7 +119,7 @@ def kv_layer_bytes(
             out.append(spec.linear_attn.state_bytes(work.batch, dtype_bytes))
         elif fmt is not None and fmt.on_device and layer.window is None:
             b, h, d = work.batch, spec.num_kv_heads, spec.head_dim
-            out.append(fmt.layer_bytes(b, h, d, dtype_bytes, work.context))
+            out.append(fmt.layer_bytes(b, h, d, dtype_bytes, work.context, forward))
         else:
             cap = window_capacity(layer.window, forward) or work.context
             out.append(per_token * min(work.context, cap))
@@ -198,14 +199,29 @@ class KVFormat:
     block: int
     on_device: bool = True
     cpu_attn_cost: float = 1.0
+    mid_span: int = 0  # a temporal schedule (kv/temporal.py): tokens its middle tier spans
+    mid_bytes_per_token: float = 0.0  # and their stored bytes per token and KV head
 
     def layer_bytes(
-        self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int
-    ) -> int:
-        """Bytes of one layer's ``CompressedKVCache`` for ``batch`` x ``context`` tokens."""
+        self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int,
+        forward: int | None = None,
+    ) -> int:  # fmt: skip
+        """Bytes of one layer's ``CompressedKVCache`` for ``batch`` x ``context`` tokens (a
+        temporal schedule's middle-tier ring sized for forwards of ``forward`` rows)."""
         slots = -(-context // self.block) * self.block
         tail = 2 * head_dim * dtype_bytes * min(context, self.tail_tokens)
-        return int(batch * kv_heads * (slots * self.bytes_per_token + tail))
+        ring = 0.0
+        if self.mid_span:  # the deep store holds what gets older than the middle tier
+            fwd = context if forward is None else forward
+            ring = temporal_ring_slots(self.mid_span, fwd, self.block, context)
+            ring *= self.mid_bytes_per_token
+            slots = self._deep_slots(context)
+        return int(batch * kv_heads * (slots * self.bytes_per_token + ring + tail))
+
+    def _deep_slots(self, context: int) -> int:
+        """A temporal schedule's deep store: slots older than the exact and middle tiers."""
+        deep = max(self.block, context - self.recent - self.mid_span)
+        return -(-deep // self.block) * self.block
 
     @property
     def recent(self) -> int:
@@ -224,9 +240,17 @@ class KVFormat:
         scores = 0 if on_gpu else 4 * per_slot * CODEC_CPU_CHUNK
         return 2 * per_slot * dtype_bytes * slots + scores
 
-    def staging_bytes(self, batch: int, kv_heads: int, context: int) -> int:
+    def staging_bytes(
+        self, batch: int, kv_heads: int, context: int, forward: int | None = None
+    ) -> int:
         """The workspace's staging store (``CodecWorkspace.staging``): one layer's encoded KV,
         copied in for a RAM-homed layer attended on the device (plus its four tensors' 16-byte
         alignment)."""
         slots = -(-context // self.block) * self.block
-        return math.ceil(batch * kv_heads * slots * self.bytes_per_token) + 4 * 16
+        ring = 0
+        if self.mid_span:  # and a staging copy of the middle tier's ring (its whole size)
+            fwd = context if forward is None else forward
+            ring = temporal_ring_slots(self.mid_span, fwd, self.block, context)
+            ring = math.ceil(batch * kv_heads * ring * self.mid_bytes_per_token) + 4 * 16
+            slots = self._deep_slots(context)
+        return math.ceil(batch * kv_heads * slots * self.bytes_per_token) + 4 * 16 + ring

@@ -58,3 +58,11 @@ def codec_decoded_slots(forward: int, context: int, block: int, recent: int, on_
     rows = max(1, min(forward, context))
     m = codec_band_tile(block)
     return max(min(chunk, context), -(-rows // m) * m + recent + block - 1)
+
+
+def temporal_ring_slots(span: int, forward: int, block: int, capacity: int) -> int:
+    """Slots of a temporal KV schedule's middle-tier ring (``kv/temporal.py``): the blocks
+    between the exact window and the age ``span`` tokens later where they are re-encoded, plus
+    one forward of ``forward`` rows and two blocks of rounding (never more than the capacity)."""
+    whole = -(-capacity // block) * block
+    return min(whole, -(-(span + forward + block) // block) * block + block)

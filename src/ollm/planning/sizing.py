@@ -87,7 +87,7 @@ class PlanSizes:
             workspace = kv_format.workspace_bytes(
                 b, h, spec.head_dim, dtype_bytes, ctx, fwd, on_gpu
             )
-            staging = kv_format.staging_bytes(b, h, ctx)
+            staging = kv_format.staging_bytes(b, h, ctx, fwd)
             scratch = staging if compressed else scratch + staging
             encoded = int(b * h * ctx * kv_format.bytes_per_token)
             kv_copy = tuple(
