@@ -132,7 +132,9 @@ def llama8b():
 def test_plan_counts_the_workspace_with_every_layer_on_the_device(spec):
     """8B shapes, 8 GiB, 32k, no cost model: every layer's compressed KV stays on the device
     (no prefill scratch), and the plan still reserves the decoded buffers every prefill chunk
-    uses: 2 x (16384 + 159) slots x 8 heads x 128 x 2 bytes."""
+    uses (2 x (16384 + 159) slots x 8 heads x 128 x 2 bytes) and the attention's transients
+    beyond an exact layer's."""
+    from ollm.planning.footprint import codec_attention_bytes
     from ollm.planning.placement import Workload, plan_placement
 
     model, store = llama8b()
@@ -141,6 +143,48 @@ def test_plan_counts_the_workspace_with_every_layer_on_the_device(spec):
     plan = plan_placement(model, store, "cuda:0", 8 << 30, None, work=work, kv_format=fmt)
     assert all(p.kv_tier == "device" for p in plan.layers)
     assert plan.prefill_chunk_tokens == 16384
-    assert plan.reserved["codec workspace"] == 2 * (16384 + 159) * 8 * 128 * 2
+    decoded = 2 * (16384 + 159) * 8 * 128 * 2
+    transients = codec_attention_bytes(1, 32, 8, 128, 2, 16384, 128, 32)
+    exact_attn = 16384 * (32 * 128 * 2 + 12 * 32)  # activation_parts' flash attention
+    assert plan.reserved["codec workspace"] == decoded + transients - exact_attn
     assert plan.reserved["kv cache"] == 32 * fmt.layer_bytes(1, 8, 128, 2, 32768)
     assert plan.peak_device_bytes <= 8 << 30
+
+
+@pytest.mark.parametrize(
+    "spec,recent,rows,score_block",
+    [
+        ("int8", 128, 512, 64 << 20),  # 8B heads, one group of band tiles
+        ("int4", 128, 1024, 4 << 20),  # several groups
+        ("k:int4,v:int8", 16, 700, 1 << 20),  # rows not a multiple of the tile
+        ("int8", 0, 300, 256 << 10),
+    ],
+)
+def test_codec_attention_transients_within_the_plan(monkeypatch, spec, recent, rows, score_block):
+    """The live bytes a compressed layer's prefill chunk allocates (after the first chunk, so
+    every part runs: encoded prefix, band, causal) stay within ``codec_attention_bytes``, which
+    is no blanket either (at most twice the measured peak)."""
+    from ollm.planning.footprint import codec_attention_bytes
+    from test_budget import LiveBytes
+
+    monkeypatch.setattr("ollm.kv.codec_attend.SCORE_BLOCK_BYTES", score_block)
+    monkeypatch.setattr(footprint, "SCORE_BLOCK_BYTES", score_block)
+    b, h, kvh, d = 1, 32, 8, 128
+    codec = parse_kv_codec(spec, recent)
+    ctx = 2 * rows
+    ws = CodecWorkspace({"cpu": codec_decoded_slots(rows, ctx, codec.block, recent, True)})
+    cache = CompressedKVCache(b, kvh, d, ctx, torch.bfloat16, codec, "cpu", ws)
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randn(b, h, ctx, d, generator=g).bfloat16()
+    k, v = (torch.randn(b, kvh, ctx, d, generator=g).bfloat16() for _ in "kv")
+    scale = 1 / math.sqrt(d)
+    first = AttentionMask(0, rows, rows)
+    cache.attend(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows], first, scale, None)
+    with LiveBytes() as live:
+        sl = slice(rows, ctx)
+        cache.attend(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], AttentionMask(rows, rows, ctx), scale, None
+        )
+    planned = codec_attention_bytes(b, h, kvh, d, 2, rows, recent, codec.block)
+    assert live.peak <= planned, (live.peak, planned)
+    assert planned <= 2 * live.peak

@@ -55,7 +55,7 @@ def test_codec_plans_keep_layers_off_the_link(context):
         assert p.peak_device_bytes <= 8 * GIB, c
         assert off_link(p) >= off_link(plans["none"]), (c, off_link(p))
     if context == 32768:  # compressed KV leaves room for resident weights
-        assert off_link(plans["int8"]) >= 4 and off_link(plans["int4"]) >= 6
+        assert off_link(plans["int8"]) >= 3 and off_link(plans["int4"]) >= 5
 
 
 def test_cpu_attention_over_codes_costs_more():

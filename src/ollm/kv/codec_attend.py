@@ -128,4 +128,5 @@ def band_lse(q, bufs, start: int, a: int, codec, scale: float, m: int):
         out[:, :, rows] = ov.reshape(b, h, n * m, d).to(q.dtype)
         ls = (den.log_() + top).view(b, kvh, n, grp, m).transpose(2, 3)
         lse[:, :, rows] = ls.reshape(b, h, n * m)
+        del s, p, ov, qs  # freed before the next group's scores: one score block at a time
     return out[:, :, :t], lse[:, :, :t]

@@ -66,3 +66,30 @@ def temporal_ring_slots(span: int, forward: int, block: int, capacity: int) -> i
     one forward of ``forward`` rows and two blocks of rounding (never more than the capacity)."""
     whole = -(-capacity // block) * block
     return min(whole, -(-(span + forward + block) // block) * block + block)
+
+
+def codec_attention_bytes(
+    batch: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, rows: int,
+    recent: int, block: int,
+) -> int:  # fmt: skip
+    """Peak transient bytes of a compressed layer's attention for a forward of ``rows`` rows
+    (``CompressedKVCache.attend`` without padding, ``kv/codec_attend.py``), beside the codec
+    workspace: three [rows, heads, head_dim] outputs with their log-sum-exps (the encoded part's,
+    the band's, the causal part's), the exact keys/values twice (this forward's with the tail,
+    and padded to the band's slots), the band masks, one group of band tiles (float32 scores up
+    to ``SCORE_BLOCK_BYTES`` and their copy in the input dtype, folded queries, two products,
+    unfolded values) or, before them, the encoder's float32 temporaries."""
+    m = codec_band_tile(block)
+    lag = recent + block - 1
+    width = m + lag
+    padded = -(-rows // m) * m
+    kvd, e = kv_heads * head_dim, dtype_bytes
+    outputs = 3 * batch * padded * heads * (head_dim * e + 4)
+    exact = 2 * batch * kvd * e * ((rows + recent + block) + (padded + lag))
+    masks = padded * 2 * width
+    cell = batch * heads * 2 * width * 4  # float32 scores of one query row (all heads)
+    group = min(padded, max(1, SCORE_BLOCK_BYTES // (cell * m)) * m)  # rows per tile group
+    scores = group * cell * (1 + (e / 4 if e < 4 else 0))
+    tiles = batch * heads * group * head_dim * e * 3 + 2 * batch * kvd * (group // m) * width * e
+    encode = 12 * batch * (rows + block) * kvd
+    return int(outputs + exact + masks + max(scores + tiles, encode))

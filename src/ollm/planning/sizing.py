@@ -11,10 +11,12 @@ from ollm.errors import BudgetError
 from ollm.planning.accounting import (
     KVFormat,
     activation_bytes,
+    activation_parts,
     kv_layer_bytes,
     kv_scratch_bytes,
     linear_temp_bytes,
 )
+from ollm.planning.footprint import codec_attention_bytes
 from ollm.sizes import format_size
 
 if TYPE_CHECKING:
@@ -54,7 +56,8 @@ class PlanSizes:
     layer_kv: list[int]  # each layer's KV at full context
     scratch: int  # the prefill scratch (and each KV fetch buffer); compressed: codec staging
     compressed: bool = False  # every layer's KV compressed (offloaded ones keep no device blocks)
-    workspace: int = 0  # a codec's decoded buffers (any compressed layer prefills through them)
+    workspace: int = 0  # a codec's decoded buffers and its attention's transients beyond an
+    # exact layer's (any compressed layer prefills through them)
     # Compressed KV in RAM: per layer, the encoded bytes a GPU decode step copies in (0: exact
     # or no codec), and CPU decode attention's cost over it relative to exact KV.
     kv_copy: tuple[int, ...] = ()
@@ -87,6 +90,13 @@ class PlanSizes:
             workspace = kv_format.workspace_bytes(
                 b, h, spec.head_dim, dtype_bytes, ctx, fwd, on_gpu
             )
+            # a compressed layer's attention transients, in place of an exact layer's
+            exact_attn = activation_parts(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu)
+            codec_attn = codec_attention_bytes(
+                b, spec.num_heads, h, spec.head_dim, dtype_bytes, min(rows, ctx),
+                kv_format.recent, kv_format.block,
+            )  # fmt: skip
+            workspace += max(0, codec_attn - exact_attn["attention"])
             staging = kv_format.staging_bytes(b, h, ctx, fwd)
             scratch = staging if compressed else scratch + staging
             encoded = int(b * h * ctx * kv_format.bytes_per_token)
