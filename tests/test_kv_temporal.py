@@ -236,3 +236,28 @@ def test_plain_codec_rollback_across_a_block_boundary():
     vv = torch.cat([vm[:, :, :e], v2[:, :, e : at + 1]], 2).double().repeat_interleave(2, 1)
     ref = torch.softmax(q[:, :, sl].double() @ kk.transpose(-1, -2) / 4, -1) @ vv
     assert float((out.double() - ref).abs().max()) < 1e-5
+
+
+def test_sources_for_queries_on_another_device():
+    """A RAM-homed schedule read from the GPU copies the deep prefix and the ring's live slots
+    into staging stores (the same ring positions): they decode to what home holds. The CPU
+    stands in for the GPU under another device name."""
+    codec = parse_kv_codec(SPEC)
+    q, k, v = _data(400, seed=13)
+    cache = TemporalKVCache(
+        2, 2, 16, 400, torch.float32, codec, "cpu", CodecWorkspace(), forward=70
+    )
+    _feed(cache, q, k, v, [70, 70, 70, 70, 70, 1, 1], codec, check=False)
+    other = torch.device("cpu", 0)  # != the home device "cpu"
+    d, e = cache.deep_len, cache.encoded
+    assert 0 < d < e and e - d < cache.store.slots < e  # the ring has wrapped
+    want = [torch.empty(2, 2, e - d, 16) for _ in "kv"]
+    got = [torch.empty(2, 2, e - d, 16) for _ in "kv"]
+    cache.store.read(d, e, *want)
+    cache._source(other, e).read(d, e, *got)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    deep_want = [torch.empty(2, 2, d, 16) for _ in "kv"]
+    deep_got = [torch.empty(2, 2, d, 16) for _ in "kv"]
+    cache.deep.read(0, d, *deep_want)
+    cache._deep_source(other).read(0, d, *deep_got)
+    assert all(torch.equal(a, b) for a, b in zip(deep_want, deep_got, strict=True))

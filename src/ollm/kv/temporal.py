@@ -111,8 +111,8 @@ class RingStore:
     """Encoded slots of a sliding range kept in a CodeStore of ``slots`` (whole blocks): slot
     ``s`` at ``s % slots``; reads and writes of whole blocks split where the ring wraps."""
 
-    def __init__(self, inner: CodeStore) -> None:
-        self.inner, self.codec, self.slots = inner, inner.codec, inner.slots
+    def __init__(self, inner: CodeStore, slots: int | None = None) -> None:
+        self.inner, self.codec, self.slots = inner, inner.codec, slots or inner.slots
 
     @property
     def raw(self) -> torch.Tensor:
@@ -221,7 +221,7 @@ class TemporalKVCache(CompressedKVCache):
             staging.copy_from(self.store.inner, p, p + n)
         if self.stats is not None and device.type == "cuda":
             self.stats.add(bytes_h2d=self.store.range_nbytes(self.deep_len, upto))
-        return RingStore(staging)
+        return RingStore(staging, self.store.slots)  # a larger staging store: same positions
 
     def trim(self, length: int) -> None:
         """As the parent; below the deep boundary, blocks the ring still holds move back."""
