@@ -61,6 +61,11 @@ def test_calibration_is_deterministic_and_feeds_auto(gemma):
         a = calibrate(llm, tokens=96, window=8, sinks=2, ids=ids)
         b = calibrate(llm, tokens=96, window=8, sinks=2, ids=ids)
         assert a == b
+        # measured from a later row: other deviations; from before sinks + window: the same
+        late = calibrate(llm, tokens=96, window=8, sinks=2, ids=ids, first_row=64)
+        early = calibrate(llm, tokens=96, window=8, sinks=2, ids=ids, first_row=4)
+        assert "first_row" not in a and late["first_row"] == 64
+        assert late["deviation"] != a["deviation"] and early["deviation"] == a["deviation"]
         assert a["version"] == 2 and a["middle_pages"] == middle_pages(96, 8, 2, 4)
         for row, share, dev in zip(a["choice"], a["share"], a["deviation"], strict=True):
             for h, (c, sh) in enumerate(zip(row or [], share or [], strict=True)):

@@ -47,9 +47,12 @@ class _ProbeKV(LayerKVCache):
     """A full-attention layer's KV during calibration: attends exactly (the forward is the
     model's own) and adds each candidate's per-KV-head deviation to ``num`` / ``den``."""
 
-    def __init__(self, batch, kv_heads, head_dim, capacity, dtype, device, probes) -> None:
+    def __init__(
+        self, batch, kv_heads, head_dim, capacity, dtype, device, probes, first_row=0
+    ) -> None:
         super().__init__(batch, kv_heads, head_dim, capacity, dtype, device)
         self.probes = probes  # candidate name -> LayerRouting (prefill=True)
+        self.first_row = first_row  # rows before it are not measured
         page = next(iter(probes.values())).page_tokens
         self.summaries = KeySummaries(batch, kv_heads, head_dim, capacity, page, dtype, device)
         self.num = {name: torch.zeros(kv_heads, dtype=torch.float64) for name in probes}
@@ -60,7 +63,8 @@ class _ProbeKV(LayerKVCache):
         self.summaries.update(k, mask.q_start)
         out = attend(q, k_all, v_all, mask, scale, dense_mask)
         r = next(iter(self.probes.values()))
-        first = max(0, r.sinks + r.window - mask.q_start)  # rows before differ in nothing
+        # rows before sinks + window differ in nothing; rows before first_row are not measured
+        first = max(0, r.sinks + r.window - mask.q_start, self.first_row - mask.q_start)
         if first >= mask.q_len:
             return out
         g = q.shape[1] // self.k.shape[1]
@@ -90,12 +94,14 @@ def calibrate(
     threshold: float = DEFAULT_THRESHOLD,
     text: str | None = None,
     ids: list[int] | None = None,
+    first_row: int = 0,
 ) -> dict:
     """Deviation of window + sinks and of top-k pages (``CANDIDATE_PAGES``) from full attention
     for every full-attention layer's KV heads on ``tokens`` tokens of real text (the standard
     library's docs, or the file ``text``), and each head's choice: the cheapest candidate within
     ``threshold``, else full. Deterministic (fixed text, no sampling). ``ids``: token ids to
-    run instead of text (a model without a tokenizer)."""
+    run instead of text (a model without a tokenizer). ``first_row``: measure only the rows
+    from that slot on (e.g. where every candidate prunes; recorded when not 0)."""
     from ollm.corpus import load_text
 
     if llm.spec.linear_attn is not None:
@@ -119,8 +125,9 @@ def calibrate(
                     dev = runner.plan.layers[i].exec_device
                     kv[i].close()
                     kv[i] = _ProbeKV(
-                        1, spec.num_kv_heads, spec.head_dim, tokens, llm.dtype, dev, probes
-                    )
+                        1, spec.num_kv_heads, spec.head_dim, tokens, llm.dtype, dev, probes,
+                        first_row,
+                    )  # fmt: skip
             ids_t = torch.tensor([ids])
             runner.forward(ids_t, torch.arange(tokens)[None], kv, head=lambda h: None)
         finally:
@@ -141,7 +148,7 @@ def calibrate(
         for h in range(spec.num_kv_heads):  # probes are ordered cheapest first
             heads.append(next((n for n in probes if dev_[n][h] <= threshold), FULL))
         choice.append(heads)
-    return {
+    out = {
         "version": 2,
         "model_type": spec.family,
         "layers": spec.num_layers,
@@ -158,6 +165,9 @@ def calibrate(
         "middle_pages": middle,
         "share": [_shares(c, d, middle) for c, d in zip(choice, deviation, strict=True)],
     }
+    if first_row:
+        out["first_row"] = first_row
+    return out
 
 
 def _shares(row: list[str] | None, dev: dict | None, middle: int) -> list[dict | None] | None:
