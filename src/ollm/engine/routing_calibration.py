@@ -133,21 +133,8 @@ def calibrate(
         finally:
             for cache in kv:
                 cache.close()
-    deviation: list[dict | None] = []
-    choice: list[list[str] | None] = []
+    deviation, choice = _choices(kv, probes, threshold)
     middle = middle_pages(tokens, window, sinks, page)
-    for cache in kv:
-        if not isinstance(cache, _ProbeKV):
-            deviation.append(None)
-            choice.append(None)
-            continue
-        den = cache.den.clamp_min(1e-30)
-        dev_ = {n: [float(f"{x:.6g}") for x in (cache.num[n] / den).tolist()] for n in probes}
-        deviation.append(dev_)
-        heads = []
-        for h in range(spec.num_kv_heads):  # probes are ordered cheapest first
-            heads.append(next((n for n in probes if dev_[n][h] <= threshold), FULL))
-        choice.append(heads)
     out = {
         "version": 2,
         "model_type": spec.family,
@@ -168,6 +155,26 @@ def calibrate(
     if first_row:
         out["first_row"] = first_row
     return out
+
+
+def _choices(kv: list, probes: dict, threshold: float) -> tuple[list, list]:
+    """Per layer the probes' deviations per KV head and each head's cheapest candidate within
+    ``threshold`` (else full); None for layers without a probe (sliding-window ones)."""
+    deviation: list[dict | None] = []
+    choice: list[list[str] | None] = []
+    for cache in kv:
+        if not isinstance(cache, _ProbeKV):
+            deviation.append(None)
+            choice.append(None)
+            continue
+        den = cache.den.clamp_min(1e-30)
+        dev_ = {n: [float(f"{x:.6g}") for x in (cache.num[n] / den).tolist()] for n in probes}
+        deviation.append(dev_)
+        heads = []
+        for h in range(len(cache.den)):  # probes are ordered cheapest first
+            heads.append(next((n for n in probes if dev_[n][h] <= threshold), FULL))
+        choice.append(heads)
+    return deviation, choice
 
 
 def _shares(row: list[str] | None, dev: dict | None, middle: int) -> list[dict | None] | None:
