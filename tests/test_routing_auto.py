@@ -12,9 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from ollm.engine.routing_calibration import (
+    CANDIDATE_PAGES,
     _shares,
     middle_pages,
     plan_routing,
+    pruning_row,
     save_calibration,
     scaled_pages,
 )
@@ -116,3 +118,13 @@ def test_page_size_of_the_run_and_explicit_pages(tmp_path):
         ((WINDOW,), 8),
     ]
     assert FULL not in {h for heads, _ in _pages(tmp_path, 8192) for h in heads}
+
+
+@pytest.mark.parametrize("window,sinks,page", [(256, 64, 32), (8, 2, 4), (100, 0, 16)])
+def test_calibration_measures_from_the_row_where_every_candidate_prunes(window, sinks, page):
+    row = pruning_row(1 << 20, window, sinks, page)
+    k = max(CANDIDATE_PAGES)
+    # the row at slot `row` sees keys [0, row + 1): the first with more than k competing pages
+    assert middle_pages(row + 1, window, sinks, page) > k >= middle_pages(row, window, sinks, page)
+    assert pruning_row(row, window, sinks, page) == 0  # too short: every row, as in version 1
+    assert pruning_row(row + 1, window, sinks, page) == row

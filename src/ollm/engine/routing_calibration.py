@@ -94,18 +94,21 @@ def calibrate(
     threshold: float = DEFAULT_THRESHOLD,
     text: str | None = None,
     ids: list[int] | None = None,
-    first_row: int = 0,
+    first_row: int | None = None,
 ) -> dict:
     """Deviation of window + sinks and of top-k pages (``CANDIDATE_PAGES``) from full attention
     for every full-attention layer's KV heads on ``tokens`` tokens of real text (the standard
     library's docs, or the file ``text``), and each head's choice: the cheapest candidate within
     ``threshold``, else full. Deterministic (fixed text, no sampling). ``ids``: token ids to
     run instead of text (a model without a tokenizer). ``first_row``: measure only the rows
-    from that slot on (e.g. where every candidate prunes; recorded when not 0)."""
+    from that slot on (recorded when not 0); None: from the first row where every candidate
+    prunes (``pruning_row``), so a budget's deviation is measured where it is a share."""
     from ollm.corpus import load_text
 
     if llm.spec.linear_attn is not None:
         raise OllmError(f"attention routing does not apply to {llm.spec.family}'s recurrent state")
+    if first_row is None:
+        first_row = pruning_row(tokens, window, sinks, llm.config.attention_page_tokens)
     if tokens <= window + sinks:
         raise OllmError(f"calibration needs more than window + sinks = {window + sinks} tokens")
     if ids is None:
@@ -136,7 +139,7 @@ def calibrate(
     deviation, choice = _choices(kv, probes, threshold)
     middle = middle_pages(tokens, window, sinks, page)
     out = {
-        "version": 2,
+        "version": 2,  # 2: middle_pages, share; deviations from first_row (default since v2)
         "model_type": spec.family,
         "layers": spec.num_layers,
         "kv_heads": spec.num_kv_heads,
@@ -155,6 +158,15 @@ def calibrate(
     if first_row:
         out["first_row"] = first_row
     return out
+
+
+def pruning_row(tokens: int, window: int, sinks: int, page_tokens: int) -> int:
+    """The first row at which the largest candidate (``CANDIDATE_PAGES``) leaves pages out:
+    its middle then holds more pages; 0 when no row of ``tokens`` gets there (every row from
+    sinks + window is measured, as in version 1)."""
+    # the middle of row t ends at (t - W + 1) // P pages; it starts at ceil(S / P) pages
+    row = (-(-sinks // page_tokens) + max(CANDIDATE_PAGES) + 1) * page_tokens + window - 1
+    return row if row < tokens else 0
 
 
 def _choices(kv: list, probes: dict, threshold: float) -> tuple[list, list]:
