@@ -5,7 +5,8 @@ vs retrieval heads). The result is saved next to the layer store; ``--attention 
 each head to the cheapest mechanism (window + sinks, top-k pages, full) that stayed close.
 
 Deviation of a KV head = mean over its query heads of sum_rows |o_full - o_window|^2 /
-sum_rows |o_full|^2, over the rows where the two differ (beyond sinks + window).
+sum_rows |o_full|^2, over the rows where every candidate leaves pages out (``pruning_row``;
+in a calibration too short for that, every row beyond sinks + window, as version 1 did).
 
 A top-k choice is a share of the pages that compete (the middle between sinks and window at
 the calibration length): at a longer context ``auto`` keeps that share, never fewer pages than
