@@ -88,6 +88,10 @@ def test_calibration_is_deterministic_and_feeds_auto(gemma):
     with _llm(gemma, attention="auto", attention_page_tokens=4) as llm:
         res = llm.generate(PROMPT, GREEDY)
         heads = [r.heads for r in llm.runner.routing if r is not None]
+        # the engine scales auto's top-k shares to the context it plans for
+        ctx = llm.config.max_context
+        want = plan_routing("auto", llm.spec, llm.store_path, 4, context=ctx)
+        assert [r and r.pages for r in llm.runner.routing] == [w and w.pages for w in want]
     assert heads == [tuple(x.split(":")[0] for x in c) for c in a["choice"] if c]
     assert len(res.token_ids) == 8
     path.unlink()

@@ -68,9 +68,10 @@ class Engine:
         self.draft: Engine | None = None  # the draft model of speculate="draft:PATH", once loaded
         self.last_speculation = None  # SpecStats of the last speculative generate()
         # Attention routing per layer (--attention; None = full): a property of the KV objects.
+        # auto keeps each calibrated top-k share of the pages at the planned context.
         self.routing = plan_routing(
             cfg.attention, self.spec, self.store_path, cfg.attention_page_tokens,
-            cfg.attention_prefill, cfg.model,
+            cfg.attention_prefill, cfg.model, cfg.max_context,
         )  # fmt: skip
         # speculate=draft:PATH: the draft model loads first, resident; its bytes leave the budget.
         draft_bytes = reserve_draft(self)
