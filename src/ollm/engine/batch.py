@@ -106,9 +106,8 @@ class BatchEngine:
         draft length adapts, or a plain ``fn(tokens) -> draft tokens``) proposes continuations
         of decoding requests, verified in the same pass without changing the output
         distribution (`ollm.engine.speculative`: greedy requests keep exactly the tokens greedy
-        decoding picks). ``host_split``: GPU bytes for attending part of the pinned-RAM pools
-        on the GPU in decode, balanced against the CPU (`ollm.kv.hostsplit`); ``rates`` (the
-        cost model's `MachineRates`) let a step with much KV skip the plan's CPU layers."""
+        decoding picks). ``host_split``: GPU bytes to attend part of the RAM pools on the GPU
+        (`ollm.kv.hostsplit`); ``rates`` let a step with much KV skip the plan's CPU layers."""
         if not batch_supported(runner):
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
@@ -343,18 +342,20 @@ class BatchEngine:
             sel = torch.tensor(idx, dtype=torch.long, device=h.device)
             return self.runner.logits(h.index_select(1, sel))[0]
 
-        p, spec, elem = self.runner.plan, self.runner.spec, torch.finfo(self.runner.dtype).bits // 8
-        kvb = 2 * spec.num_kv_heads * spec.head_dim * elem  # KV bytes per token of one layer
-        kvb *= sum(st.start + len(st.token_ids) for st in plan.seqs)
-        n_str = len(p.streamed_for(Phase.PREFILL))
-        stream = not hybrid_step_pays(
-            self.rates, len(p.cpu_layers), n_str, p.layer_bytes, elem, r, kvb
-        )
+        stream = bool(self.rates and self.runner.plan.cpu_layers) and not self._hybrid_pays(plan, r)
         self.streamed_steps += stream
         logits = self.runner.forward(
             packed.input_ids(), packed.positions(), kv, head=head, stream_all=stream
         )
         return logits, rows
+
+    def _hybrid_pays(self, plan: StepPlan, rows: int) -> bool:
+        """Whether the plan's CPU layers speed up this step (`costmodel.hybrid_step_pays`)."""
+        p, spec, elem = self.runner.plan, self.runner.spec, torch.finfo(self.runner.dtype).bits // 8
+        kv = 2 * spec.num_kv_heads * spec.head_dim * elem  # KV bytes per token of one layer
+        kv *= sum(st.start + len(st.token_ids) for st in plan.seqs)
+        n_str = len(p.streamed_for(Phase.PREFILL))
+        return hybrid_step_pays(self.rates, len(p.cpu_layers), n_str, p.layer_bytes, elem, rows, kv)
 
     def _accept(self, rid: str, tokens: Sequence[int], reason: str | None) -> bool:
         """Record a request's new tokens (stops excluded, as the single-request path does);

@@ -319,7 +319,9 @@ def split_budget(runner, batch: int, context: int) -> int:
 def attach(stores, device: torch.device | str, budget: int) -> list[HostSplit]:
     """A `HostSplit` on every pinned-RAM store of ``stores`` (group -> home -> store), sharing
     ``budget`` (each keeps its own staging buffer); the list (empty when none applies)."""
-    ram = [homes["ram"] for homes in stores.values() if "ram" in homes]
+    from ollm.tiers import Home
+
+    ram = [homes[Home.RAM] for homes in stores.values() if Home.RAM in homes]
     if budget <= 0 or not ram or torch.device(device).type != "cuda":
         return []
     out = []

@@ -27,16 +27,24 @@ def sparse_layers(config: object) -> frozenset[int]:
     return frozenset(i for i in range(n) if experts > 0 and i not in dense and (i + 1) % step == 0)
 
 
-def build_spec(config: object) -> ModelSpec:
+def moe_spec(config: object, norm_topk_default: bool = False) -> MoeSpec:
+    """The Qwen MoE block of ``config`` (Qwen3-MoE; Qwen3-Next adds its shared expert and
+    renormalises by default)."""
     c = config
-    moe = MoeSpec(
+    return MoeSpec(
         num_experts=c.num_experts,  # type: ignore[attr-defined]
         top_k=c.num_experts_per_tok,  # type: ignore[attr-defined]
         intermediate_size=c.moe_intermediate_size,  # type: ignore[attr-defined]
         sparse_layers=sparse_layers(c),
-        norm_topk_prob=bool(getattr(c, "norm_topk_prob", False)),
+        norm_topk_prob=bool(getattr(c, "norm_topk_prob", norm_topk_default)),
         weights_in_act_dtype=True,
+        shared_expert_size=int(getattr(c, "shared_expert_intermediate_size", 0) or 0),
     )
+
+
+def build_spec(config: object) -> ModelSpec:
+    c = config
+    moe = moe_spec(c)
     window = getattr(c, "sliding_window", None)  # None unless use_sliding_window
     spec = llama.build_spec(c)
     return replace(spec, qk_norm=True, moe=moe, layers=layer_specs(c, default_window=window))

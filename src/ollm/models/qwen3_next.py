@@ -32,10 +32,9 @@ from ollm.layers.deltanet import (
     gated_rms_norm,
     recurrent_delta_rule,
 )
-from ollm.layers.moe import MoeSpec
 from ollm.models import llama
 from ollm.models.common import layer_specs
-from ollm.models.qwen3_moe import sparse_layers
+from ollm.models.qwen3_moe import moe_spec
 from ollm.models.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -54,15 +53,7 @@ def linear_weight_names() -> list[str]:
 
 def build_spec(config: object) -> ModelSpec:
     c = config
-    moe = MoeSpec(
-        num_experts=c.num_experts,  # type: ignore[attr-defined]
-        top_k=c.num_experts_per_tok,  # type: ignore[attr-defined]
-        intermediate_size=c.moe_intermediate_size,  # type: ignore[attr-defined]
-        sparse_layers=sparse_layers(c),
-        norm_topk_prob=bool(getattr(c, "norm_topk_prob", True)),
-        weights_in_act_dtype=True,
-        shared_expert_size=int(getattr(c, "shared_expert_intermediate_size", 0) or 0),
-    )
+    moe = moe_spec(c, norm_topk_default=True)
     lin = LinearAttnSpec(
         num_k_heads=c.linear_num_key_heads,  # type: ignore[attr-defined]
         num_v_heads=c.linear_num_value_heads,  # type: ignore[attr-defined]
