@@ -12,6 +12,7 @@ Weights are passed in by HF name, as for the dense block. Three layouts are read
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from ollm.layers.mlp import ACTIVATIONS, gated_mlp
 from ollm.planning.experts import STACK_BYTES
+from ollm.runtime.expert_stacks import stacked_batch
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -155,38 +157,78 @@ class ResidentExperts:
         return {s: self.w[f"{self.prefix}.{e}.{s}"] for s in self.shorts}
 
     def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
-        yield None, [(e, self.weights(e)) for e in used]
+        batch = [(e, self.weights(e)) for e in used]
+        yield None, batch if self.fused is None else stacked_batch(batch, self.fused, used)
+
+
+def _gated_names(moe: MoeSpec) -> tuple[str, str, str]:
+    return tuple(f"{n}.weight" for n in moe.expert_names)  # type: ignore[return-value]
+
+
+def _stack(ews: list[Weights], moe: MoeSpec) -> dict[str, torch.Tensor]:
+    """The experts' tensors stacked [g, ...] (one copy each), as ``_forward_stacked`` reads
+    them; per-expert gate and up side by side ([g, 2I, H], one matmul as the fused layout)."""
+    if moe.expert_kind == "gpt_oss" or "gate_up_proj" in ews[0]:
+        return {name: torch.stack([ew[name] for ew in ews]) for name in ews[0]}
+    g_name, u_name, d_name = _gated_names(moe)
+    gu = torch.stack([t for ew in ews for t in (ew[g_name], ew[u_name])])
+    return {
+        "gate_up_proj": gu.view(len(ews), -1, gu.shape[-1]),
+        d_name: torch.stack([ew[d_name] for ew in ews]),
+    }
+
+
+def _gather(stacks: Mapping[str, torch.Tensor], idx: torch.Tensor, moe: MoeSpec) -> dict:
+    """The rows ``idx`` of ``stacks`` (one ``index_select`` per tensor), as ``_stack`` gives
+    them; per-expert gate and up read as one [g, 2I, H] when they lie side by side."""
+    if moe.expert_kind == "gpt_oss" or "gate_up_proj" in stacks:
+        return {name: t.index_select(0, idx) for name, t in stacks.items() if "+" not in name}
+    g_name, u_name, d_name = _gated_names(moe)
+    out = {d_name: stacks[d_name].index_select(0, idx)}
+    gu = stacks.get(f"{g_name}+{u_name}")
+    if gu is not None:
+        out["gate_up_proj"] = gu.index_select(0, idx)
+    else:
+        out[g_name], out[u_name] = (stacks[n].index_select(0, idx) for n in (g_name, u_name))
+    return out
+
+
+def _forward_stacked(x: torch.Tensor, w: Mapping, moe: MoeSpec, act: str) -> torch.Tensor:
+    """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``),
+    ``w`` their tensors stacked [g, ...] (``_stack`` / ``_gather``) -> [g, m, H]."""
+    if moe.expert_kind == "gpt_oss":
+        gate_up = torch.bmm(x, w["gate_up_proj"]) + w["gate_up_proj_bias"].unsqueeze(1)
+        gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
+        up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+        h = (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+        return torch.bmm(h, w["down_proj"]) + w["down_proj_bias"].unsqueeze(1)
+    fn = ACTIVATIONS[act]
+    g_name, u_name, d_name = _gated_names(moe)
+    gu = w.get("gate_up_proj")
+    if gu is not None:
+        gate_up = torch.bmm(x, gu.transpose(1, 2))
+        half = gate_up.shape[-1] // 2
+        gate, up = gate_up.narrow(-1, 0, half), gate_up.narrow(-1, half, half)
+    else:
+        gate = torch.bmm(x, w[g_name].transpose(1, 2))
+        up = torch.bmm(x, w[u_name].transpose(1, 2))
+    down = w.get("down_proj")
+    down = w[d_name] if down is None else down
+    return torch.bmm(fn(gate) * up, down.transpose(1, 2))
 
 
 def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str) -> torch.Tensor:
     """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``) ->
     [g, m, H], their tensors stacked (one copy each) for batched matmuls: a few kernels for the
     whole batch instead of a chain per expert (decode is launch-bound, not bandwidth-bound)."""
-
-    def st(name: str) -> torch.Tensor:
-        return torch.stack([ew[name] for ew in ews])
-
-    if moe.expert_kind == "gpt_oss":
-        gate_up = torch.bmm(x, st("gate_up_proj")) + st("gate_up_proj_bias").unsqueeze(1)
-        gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
-        up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
-        h = (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
-        return torch.bmm(h, st("down_proj")) + st("down_proj_bias").unsqueeze(1)
-    fn = ACTIVATIONS[act]
-    if "gate_up_proj" in ews[0]:
-        gate, up = torch.bmm(x, st("gate_up_proj").transpose(1, 2)).chunk(2, dim=-1)
-        return torch.bmm(fn(gate) * up, st("down_proj").transpose(1, 2))
-    g_name, u_name, d_name = (f"{n}.weight" for n in moe.expert_names)
-    # gate and up of each expert next to each other: [g, 2I, H], one matmul as the fused layout
-    gu = torch.stack([t for ew in ews for t in (ew[g_name], ew[u_name])])
-    gate, up = torch.bmm(x, gu.view(len(ews), -1, x.shape[-1]).transpose(1, 2)).chunk(2, dim=-1)
-    return torch.bmm(fn(gate) * up, st(d_name).transpose(1, 2))
+    return _forward_stacked(x, _stack(ews, moe), moe, act)
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``: through pinned memory, without a sync."""
-    t = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+    """``values`` as an int64 tensor on ``device``: through pinned memory, without a sync
+    (built from an int64 array: a fraction of ``torch.tensor``'s time for a Python list)."""
+    t = torch.frombuffer(array("q", values), dtype=torch.int64)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -204,65 +246,89 @@ def _sub_batches(batch: list[tuple[int, Weights]]) -> Iterator[list]:
     reserve; at least one expert each: large experts, Mixtral's, run one by one)."""
     nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
     step = max(1, STACK_BYTES // max(1, nbytes))
+    if step >= len(batch):
+        yield batch
+        return
+    stacks = getattr(batch, "stacks", None)
     for a in range(0, len(batch), step):
-        yield batch[a : a + step]
+        part = batch[a : a + step]
+        yield part if stacks is None else stacked_batch(part, stacks, batch.rows[a : a + step])
 
 
 def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tensor:
     """The MoE over few rows (decode): the expert ids read to the host once (with the rows and
     their routing weights when the source may compute on the CPU: the same sync), the (token,
     slot) pairs grouped by expert there; each device batch of experts runs as padded batched
-    matmuls (``experts_forward``) or, with the rows on the CPU, expert by expert."""
+    matmuls (``_run_batch``) or, with the rows on the CPU, expert by expert. The experts'
+    outputs land in their pairs' slots unweighted; one multiply by the routing weights and
+    the slot sum per call (the same products and sum as weighting each expert's output)."""
     t, k = experts.shape
     n, dev0 = t * k, x.device
-    pair_w = weights.reshape(-1)
     host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
-    host = _to_host([experts.reshape(-1)] + ([x, pair_w] if host_rows else []))
+    host = _to_host([experts.reshape(-1)] + ([x] if host_rows else []))
     rows: dict[int, list[int]] = {}  # expert -> its pairs in pair order (= a stable sort)
     for p, e in enumerate(host[0].tolist()):
-        rows.setdefault(e, []).append(p)
+        r = rows.get(e)
+        if r is None:
+            rows[e] = [p]
+        else:
+            r.append(p)
     used = sorted(rows)
     counts = [0] * moe.num_experts
     for e in used:
         counts[e] = len(rows[e])
     batched = dev0.type != "cpu" or getattr(source, "batched", False)
-    dtype = torch.promote_types(x.dtype, weights.dtype)
-    slots = torch.empty(n + 1, x.shape[-1], dtype=dtype, device=dev0)  # row n: padding's sink
+    slots = torch.empty(n + 1, x.shape[-1], dtype=x.dtype, device=dev0)  # row n: padding's sink
     for dev, batch in source.run(used, counts):
-        if dev is not None:  # the host computes; the weighted outputs come back to their slots
-            hx, hw = host[1:] if host_rows else (x.to(dev), pair_w.to(dev))
+        if dev is not None:  # the host computes; the outputs come back to their slots
+            hx = host[1] if host_rows else x.to(dev)
             ys, dst = [], []
             for e, ew in batch:
                 r = rows[e]
-                ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act) * hw[r, None])
+                ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act))
                 dst += r
             y = torch.cat(ys)
             if dev0.type != "cpu":  # through pinned memory: the copy does not wait on the host
                 y = (y.pin_memory() if dev0.type == "cuda" else y).to(dev0, non_blocking=True)
-            slots[_index(dst, dev0)] = y
+            slots.index_put_((_index(dst, dev0),), y)
         elif batched:
             for part in _sub_batches(batch):
-                _run_batch(x, pair_w, slots, part, rows, k, moe, act)
+                _run_batch(x, slots, part, rows, k, moe, act)
         else:
             for e, ew in batch:
                 pairs = _index(rows[e], dev0)
-                slots[pairs] = expert_forward(x[pairs // k], ew, moe, act) * pair_w[pairs, None]
-    return slots[:n].view(t, k, -1).sum(dim=1).to(x.dtype)
+                y = expert_forward(x.index_select(0, pairs // k), ew, moe, act)
+                slots.index_put_((pairs,), y)
+    h = x.shape[-1]
+    return (slots[:n].view(t, k, h) * weights.reshape(t, k, 1)).sum(dim=1).to(x.dtype)
 
 
-def _run_batch(x, pair_w, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
+def _run_batch(x, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
     """g experts of ``batch`` over their rows, padded to the most rows any of them has (padding
-    reads row 0 and lands in the spare last slot): one index copy, one gather, the batched
-    matmuls, one scatter."""
+    reads row 0 and lands in the spare last slot): one index copy, the rows gathered (a view for
+    a single row), the weights gathered from their stacks (or stacked), the batched matmuls,
+    one scatter."""
     g, m, n = len(batch), max(len(rows[e]) for e, _ in batch), slots.shape[0] - 1
-    src, dst = [], []
+    one = x.shape[0] == 1  # one row (a decode token): every expert has it, no gather
+    dst: list[int] = []
+    src: list[int] = []
     for e, _ in batch:
         r = rows[e]
-        src += r + [0] * (m - len(r))
-        dst += r + [n] * (m - len(r))
-    idx = _index([p // k for p in src] + src + dst, x.device).view(3, g * m)
-    y = experts_forward(x[idx[0]].view(g, m, -1), [ew for _, ew in batch], moe, act)
-    slots[idx[2]] = (y * pair_w[idx[1]].view(g, m, 1)).view(g * m, -1)
+        dst += r
+        if m > len(r):
+            dst += [n] * (m - len(r))
+        if not one:
+            src += [p // k for p in r] + [0] * (m - len(r))
+    stacks = getattr(batch, "stacks", None)
+    idx = _index(dst + src + (batch.rows if stacks is not None else []), x.device)
+    gm, h = g * m, x.shape[-1]
+    xs = x.expand(g, 1, h) if one else x.index_select(0, idx[gm : 2 * gm]).view(g, m, h)
+    if stacks is not None:
+        w = _gather(stacks, idx[idx.shape[0] - g :], moe)
+    else:
+        w = _stack([ew for _, ew in batch], moe)
+    y = _forward_stacked(xs, w, moe, act)
+    slots.index_put_((idx[:gm],), y.view(gm, h))
 
 
 def _moe_rows(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.runtime.expert_stacks import stacked_batch, stacked_views, uniform_rows
 from ollm.runtime.experts_policy import Lfu, Lru
 from ollm.runtime.pinned import pinned_empty, unpin
 
@@ -91,6 +92,11 @@ class ExpertCache:
             for e, ts in enumerate(experts.tensors[i])
         }
         self._slot_views_memo: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # per layout: its tensors over all slots at once ([slots, ...] views, made once)
+        self._rep = {lay: key for key, lay in reversed(self._layout.items())}
+        self._slot_stacks: dict[int, dict[str, torch.Tensor]] = {}
+        self.slot_layout: list[int | None] = [None] * n
+        self._layer_stacks: dict[int, dict[str, torch.Tensor]] = {}  # resident experts'
         self.counts = {"hits": 0, "misses": 0, "cpu": 0}
         self.cpu_expert_s: float | None = None  # measured seconds per expert the CPU computed
         self._cpu_batches = 0
@@ -142,6 +148,10 @@ class ExpertCache:
                     unpin(host)
                     self._pinned.remove(host)
             base = st.regions[i].offsets[0]
+            if p.resident and len({self._layout[(i, e)] for e in range(m)}) == 1:
+                rows = uniform_rows(buf, st.regions[i].offsets, st.regions[i].sizes)
+                if rows is not None:  # the layer's experts at one stride: [E, ...] views
+                    self._layer_stacks[i] = stacked_views(rows, st.tensors[i][0])
             for e in range(m):
                 a = st.regions[i].offsets[e] - base
                 raw = buf[a : a + st.regions[i].sizes[e]]
@@ -168,7 +178,8 @@ class ExpertCache:
         computes, then the copied misses in waves (one wave when the slots allow; one by one
         in prefill)."""
         if self.plan.resident:
-            yield None, [(e, self._views[(i, e)]) for e in used]
+            batch = [(e, self._views[(i, e)]) for e in used]
+            yield None, stacked_batch(batch, self._layer_stacks.get(i, {}), used)
             return
         ram = self.plan.ram[self._index[i]]
         hits, local, misses = [], [], []
@@ -196,7 +207,8 @@ class ExpertCache:
             self._issue(i, pending, inflight)  # the copies start before any compute is queued
             ready = [(e, self._views[(i, e)]) for e in local]
             if hits:
-                yield None, self._use(hits) + ready
+                batch = self._use(hits)  # a stacked batch unless experts in place join
+                yield None, batch + ready if ready else batch
                 self._done(hits)
             elif ready:
                 yield None, ready
@@ -307,6 +319,7 @@ class ExpertCache:
             self.pinned.discard(key)
         self.slot_key[s] = None
         self.slot_views[s] = None
+        self.slot_layout[s] = None
         self._empty.append(s)
 
     def _read(self, i: int, e: int, s: int) -> Future:
@@ -368,6 +381,7 @@ class ExpertCache:
         if views is None:
             views = self._slot_views_memo[sig] = st.views(i, e, self.slots[s])
         self.slot_views[s] = views
+        self.slot_layout[s] = sig[1]
 
     def _use(self, batch: list[tuple[int, int]]) -> list[tuple[int, Mapping]]:
         """(expert, slot) pairs as (expert, its views), once their copies have landed: the
@@ -381,7 +395,14 @@ class ExpertCache:
             views = self.slot_views[s]
             assert views is not None
             out.append((e, views))
-        return out
+        lay = self.slot_layout[batch[0][1]]
+        if lay is None or any(self.slot_layout[s] != lay for _, s in batch[1:]):
+            return out
+        stacks = self._slot_stacks.get(lay)
+        if stacks is None:
+            i, e = self._rep[lay]
+            stacks = self._slot_stacks[lay] = stacked_views(self.slots, self.experts.tensors[i][e])
+        return stacked_batch(out, stacks, [s for _, s in batch])
 
     def _done(self, batch: list[tuple[int, int]]) -> None:
         """The compute queued so far is the last use of ``batch``'s slots by this call: one event
@@ -453,6 +474,8 @@ class ExpertCache:
         self.slot_key = []
         self._empty = []
         self._slot_views_memo.clear()
+        self._slot_stacks.clear()
+        self._layer_stacks.clear()
         self.where.clear()
 
 

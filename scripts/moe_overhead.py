@@ -1,0 +1,282 @@
+"""Host time and torch ops per MoE layer in decode, measured on the CPU (issue 19):
+
+    PYTHONPATH=src python scripts/moe_overhead.py [--out FILE] [--steps 300] [--slots N]
+        [--zipf A] [--cpu-compute off|on] [--lookahead]
+
+A qwen3_moe of tiny dimensions (hidden 64, experts of 32, so the arithmetic is ~0 and what is
+left is Python, dispatch and bookkeeping) with Qwen3-30B-A3B's routing shape (128 experts,
+top-8), float32, its experts in RAM and copied through an expert cache of ``--slots`` slots on
+a stand-in accelerator (the CPU under the name "cpu:1", as in the tests: every slot copy and
+the batched decode path run as on a GPU, with the copies synchronous). One token per call,
+random rows, the sparse layers in turn as decode visits them. Measured per MoE call:
+
+* ``host_us``: wall microseconds of ``moe_mlp`` (median, p10, p90, mean) with one intra-op
+  thread; on a GPU the kernels would be queued, so this is what the host spends per layer;
+* ``ops``: aten ops per call other than views and allocations (each a kernel launch on a GPU;
+  ``copy_`` also counts the slot fills), counted by a ``TorchDispatchMode``, and host reads
+  (``tolist``/``item``: a sync each on a GPU);
+* ``top``: the Python functions with the most own time (cProfile), per call;
+* ``hit_rate`` of the cache and ``max_abs_diff`` against the resident per-expert path.
+
+With ``--lookahead`` (where the code under test has it) the cache predicts each next layer's
+experts and prefetches them; its prediction precision is reported. ``--zipf A`` skews the
+random router's uniform routing with a router bias of -A log(rank) (a random ranking per layer,
+as scripts/gpu/moe.py does). The output is one JSON object (stdout, and ``--out``). To compare
+two versions of the code run the same script with each on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHAPES = dict(  # Qwen3-30B-A3B's routing, tiny widths
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=128,
+    num_experts_per_tok=8,
+    vocab_size=256,
+)
+VIEWS = {
+    "view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "as_strided", "alias",
+    "unsqueeze", "squeeze", "reshape", "detach", "permute", "split", "chunk", "unbind",
+    "split_with_sizes", "lift_fresh", "_reshape_alias", "empty", "promote_types",
+}  # fmt: skip
+
+
+class Ops(TorchDispatchMode):
+    """Counts aten ops other than views and allocations (kernel launches on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in VIEWS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _store(tmp: Path, layers: int) -> Path:
+    from ollm.models.registry import STORE_FAMILIES
+    from ollm.storage.convert import convert
+    from ollm.storage.synthetic import SyntheticSource
+
+    src = SyntheticSource(
+        "qwen3-30b-a3b", families=STORE_FAMILIES, num_hidden_layers=layers, **SHAPES
+    )
+    return convert(src, tmp / "store", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
+
+
+def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
+    from ollm.layers.moe import sparse_weights
+    from ollm.planning.experts import ExpertPlan
+    from ollm.runtime.experts import ExpertCache
+    from ollm.storage.experts import StoreExperts
+    from ollm.telemetry.stats import IOStats
+
+    st = StoreExperts(llm.store)
+    layers = tuple(sorted(st.regions))
+    n = st.num_experts(layers[0])
+    plan = ExpertPlan(
+        device="cpu:1", layers=layers, num_experts=n, expert_bytes=st.expert_bytes,
+        resident=False, ram=(n,) * len(layers), cache_slots=slots, group_rows=64,
+        policy="lru", cpu_compute=cpu_compute,
+    )  # fmt: skip
+    cache = ExpertCache(st, plan, "cpu:1", IOStats(), sparse_weights)
+    if lookahead:
+        cache.lookahead = True  # the attribute exists where lookahead is built
+    return cache
+
+
+def _zipf(llm, w: dict, a: float, g: torch.Generator) -> None:
+    moe = llm.spec.moe
+    rank = torch.randperm(moe.num_experts, generator=g) + 1
+    w[f"{moe.prefix}.{moe.router}.bias"] = (-a * torch.log(rank.float())).to(w[moe.router_key])
+
+
+@contextlib.contextmanager
+def _host_reads():
+    """Counts ``Tensor.tolist`` / ``Tensor.item`` calls (a host sync each on a GPU)."""
+    reads: collections.Counter = collections.Counter()
+    real = {n: getattr(torch.Tensor, n) for n in ("tolist", "item")}
+
+    def wrap(name, fn):
+        def counted(self, *a, **k):
+            reads[name] += 1
+            return fn(self, *a, **k)
+
+        return counted
+
+    for n, fn in real.items():
+        setattr(torch.Tensor, n, wrap(n, fn))
+    try:
+        yield reads
+    finally:
+        for n, fn in real.items():
+            setattr(torch.Tensor, n, fn)
+
+
+def _commit() -> str | None:
+    import ollm
+
+    try:
+        root = Path(ollm.__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "src"],
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - a report field only
+        return None
+
+
+def measure(args) -> dict:
+    import ollm
+    from ollm import LLM
+    from ollm.layers.moe import moe_mlp
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="moe-overhead-"))
+    path = _store(tmp, args.layers)
+    llm = LLM(path, device="cpu", dtype="float32", cache_dir=tmp / "c", progress=False)
+    moe, act = llm.spec.moe, llm.spec.act
+    cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead)
+    g = torch.Generator().manual_seed(0)
+    layers = cache.plan.layers
+    dense, bound = {}, {}
+    for i in layers:
+        dense[i] = dict(llm.prefetcher.get(i))
+        if args.zipf:
+            _zipf(llm, dense[i], args.zipf, g)
+        bound[i] = cache.bind(i, dense[i])
+    h = llm.spec.hidden_size
+    xs = [torch.randn(1, 1, h, generator=g) * 4 for _ in range(args.steps)]
+
+    def step(x, record=None):
+        for i in layers:
+            t0 = time.perf_counter()
+            y = moe_mlp(x, bound[i], moe, act)
+            if record is not None:
+                record.append(time.perf_counter() - t0)
+        return y
+
+    for x in xs[:20]:  # warm-up (kernel selection, first-use allocations, a partly filled cache)
+        step(x)
+    cache.counts = {k: 0 for k in cache.counts}
+    times: list[float] = []
+    for x in xs:
+        step(x, times)
+    calls = len(times)
+    hits, misses = cache.counts["hits"], cache.counts["misses"]
+    ops_steps = xs[:20]
+    with Ops() as counter, _host_reads() as reads:
+        for x in ops_steps:
+            step(x)
+    ncalls = len(ops_steps) * len(layers)
+    prof = cProfile.Profile()
+    prof.enable()
+    for x in xs[:50]:
+        step(x)
+    prof.disable()
+    top = _top(prof, 50 * len(layers), args.top)
+    diff = 0.0
+    for x in xs[:10]:
+        for i in layers:
+            ref = moe_mlp(x, dense[i], moe, act)
+            diff = max(diff, (moe_mlp(x, bound[i], moe, act) - ref).abs().max().item())
+    ms = sorted(t * 1e6 for t in times)
+    out = dict(
+        machine=args.machine,
+        commit=_commit(),
+        ollm=str(Path(ollm.__file__).resolve().parent),
+        torch=torch.__version__,
+        shapes=SHAPES | {"layers": len(layers)},
+        slots=args.slots,
+        total_experts=cache.plan.total,
+        cpu_compute=args.cpu_compute,
+        zipf=args.zipf,
+        calls=calls,
+        host_us=dict(
+            median=round(statistics.median(ms), 1),
+            p10=round(ms[len(ms) // 10], 1),
+            p90=round(ms[9 * len(ms) // 10], 1),
+            mean=round(statistics.fmean(ms), 1),
+        ),
+        hit_rate=round(hits / max(1, hits + misses), 4),
+        ops_per_call=round(sum(counter.ops.values()) / ncalls, 2),
+        ops_per_call_without_copies=round(
+            sum(v for k, v in counter.ops.items() if k != "copy_") / ncalls, 2
+        ),
+        ops=dict(
+            sorted(
+                ((k, round(v / ncalls, 2)) for k, v in counter.ops.items()), key=lambda kv: -kv[1]
+            )
+        ),  # fmt: skip
+        host_reads_per_call={k: round(v / ncalls, 2) for k, v in reads.items()},
+        top=top,
+        max_abs_diff=diff,
+    )
+    la = getattr(cache, "lookahead_stats", None)
+    if args.lookahead and la is not None:
+        out["lookahead"] = la() if callable(la) else la
+    cache.close()
+    llm.close()
+    return out
+
+
+def _top(prof: cProfile.Profile, calls: int, n: int) -> list[dict]:
+    """The ``n`` functions with the most own time, in microseconds per MoE call."""
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (_, nc, tt, ct, _) in st.stats.items():  # type: ignore[attr-defined]
+        where = f"{Path(file).name}:{line}({func})" if line else func
+        rows.append(dict(fn=where, own_us=round(tt / calls * 1e6, 1),
+                         cum_us=round(ct / calls * 1e6, 1), ncalls=round(nc / calls, 2)))  # fmt: skip
+    rows.sort(key=lambda r: -r["own_us"])
+    return rows[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=384, help="cache slots (of 128 x layers)")
+    ap.add_argument("--steps", type=int, default=300, help="decode tokens timed")
+    ap.add_argument("--zipf", type=float, default=0.0)
+    ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
+    ap.add_argument("--lookahead", action="store_true")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--machine", default="2-core CPU VM")
+    args = ap.parse_args()
+    out = measure(args)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
