@@ -227,7 +227,8 @@ def _add_floors(
     from ollm.kv.codecs import kv_format
 
     cfg, spec = llm.config, llm.spec  # compressed KV: floors count its stored bytes
-    fmt = kv_format(cfg.kv_codec, cfg.kv_recent, spec.head_dim, llm.store.dtype.itemsize)
+    codec = getattr(llm.plan, "kv_codecs", None) or cfg.kv_codec  # auto: the plan's choice
+    fmt = kv_format(codec, cfg.kv_recent, spec.head_dim, llm.store.dtype.itemsize)
     floors = compute_floors(spec, llm.store, llm.plan, probes, tokens, kv_format=fmt)
     case["floors"] = floors
     step = case.get("decode_step_median_s")

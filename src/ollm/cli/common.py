@@ -300,7 +300,9 @@ KvCodecOpt = Annotated[
     typer.Option(
         "--kv-codec",
         help="KV compression (lossy): none, int8, int4, fp8, k:int4,v:int8 (keys per channel, "
-        "values per token), auto (RAM/disk KV k:int4,v:int8, GPU KV exact).",
+        "values per token), auto (per KV tier from the measured rates: the fastest codec the "
+        "quality rule allows where it saves >= 10% of a layer's decode step, else exact; "
+        "int4 only with --kv-recent >= 128).",
     ),
 ]
 KvTemporalOpt = Annotated[

@@ -118,7 +118,7 @@ class Generator:
         self._finish(outs, detoks, matchers, on_text)
         self.runner.prefetcher.collect_timings()
         metrics.generated_tokens = sum(len(o.token_ids) for o in outs)
-        _fill_io(metrics, _delta(self.stats.snapshot(), before))
+        _fill_io(metrics, _delta(self.stats.snapshot(), before), self.runner.plan)
         if self.device.type == "cuda":
             metrics.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
         reasons = {o.finish_reason for o in outs}
@@ -251,8 +251,11 @@ def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: now[k] - before[k] for k in now}
 
 
-def _fill_io(metrics: GenerationMetrics, d: dict[str, float]) -> None:
-    """Copy a request's I/O counter increments into its metrics."""
+def _fill_io(metrics: GenerationMetrics, d: dict[str, float], plan=None) -> None:
+    """Copy a request's I/O counter increments into its metrics (and ``plan``'s KV codecs,
+    chosen by ``--kv-codec auto``)."""
+    choice = getattr(plan, "kv_codecs", None)
+    metrics.kv_codecs = choice.summary() if choice is not None else None
     metrics.bytes_read_disk = int(d["bytes_disk"])
     metrics.bytes_copied_h2d = int(d["bytes_h2d"])
     metrics.io_wait_host_seconds = d["host_wait_seconds"]

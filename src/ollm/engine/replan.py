@@ -6,6 +6,7 @@ loaded, and replaced atomically when a request needs more than was planned. The 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,12 +49,14 @@ def routing_kv_read(engine, workload) -> tuple[float, ...] | None:
 
 def plan_for(engine, workload):
     """(plan, measured rates or None) for ``workload``; loads nothing, changes nothing."""
+    from ollm.engine.kv_auto import choose_for, settle
     from ollm.engine.moe_offload import plan_with_experts
     from ollm.kv.codecs import kv_format
     from ollm.planning.placement import Workload, plan_placement
 
     cfg = engine.config
     elem = torch.finfo(engine.dtype).bits // 8
+    choice = choose_for(engine, workload)  # kv_codec auto: default rates, no plan yet
     args = (
         engine.spec,
         engine.store,
@@ -66,14 +69,14 @@ def plan_for(engine, workload):
         "chunk_tokens": cfg.prefill_chunk,
         "kv_cache": cfg.kv_cache,
         "kv_block_tokens": cfg.kv_block_tokens,
-        "kv_format": kv_format(cfg.kv_codec, cfg.kv_recent, engine.spec.head_dim, elem),
+        "kv_format": kv_format(choice or cfg.kv_codec, cfg.kv_recent, engine.spec.head_dim, elem),
         "summary_bytes": routing_summary_bytes(engine.spec, cfg, workload, elem),
         "kv_read": routing_kv_read(engine, workload),
     }
     whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
     experts = plan_with_experts(engine, whole, workload, elem, chunk)  # MoE: experts one by one
-    if experts is not None:
-        return experts
+    if experts is not None:  # auto: the choice of the default rates
+        return (replace(experts[0], kv_codecs=choice) if choice else experts[0]), experts[1]
     try:
         plan = plan_placement(*args, workload, elem, **chunk)
     except BudgetError as exc:
@@ -101,13 +104,21 @@ def plan_for(engine, workload):
         cache = Path(cfg.cache_dir or default_cache_dir())
         rates = cached_rates(engine.device, cache, engine.dtype, engine.spec, workload.context)
         plan = plan_placement(*args, workload, elem, rates, hybrid, cfg.cpu_layers, **chunk)
-    return plan, rates
+    # auto: chosen again with the plan's weight time and the measured rates (re-planned if a
+    # tier's codec changed)
+    extra = () if rates is None else (rates, hybrid, cfg.cpu_layers)
+
+    def plan_with(fmt):
+        return plan_placement(*args, workload, elem, *extra, **{**chunk, "kv_format": fmt})
+
+    return settle(engine, workload, rates, plan, choice, plan_with), rates
 
 
 def load(engine, workload, planned=None) -> None:
     """Load the resident weights of ``planned`` (plan, rates; planned now when None) and make
     it the engine's placement: the prefetcher and runner are built completely first, and the
     engine's attributes change together only once both exist."""
+    from ollm.engine.kv_auto import runner_codec
     from ollm.engine.moe_offload import make_prefetcher
     from ollm.engine.runner import Runner
 
@@ -122,7 +133,7 @@ def load(engine, workload, planned=None) -> None:
         prefetcher.close()
         raise
     runner.routing = engine.routing
-    runner.kv_codec, runner.kv_recent = cfg.kv_codec, cfg.kv_recent
+    runner.kv_codec, runner.kv_recent = runner_codec(plan, cfg.kv_codec), cfg.kv_recent
     runner.kv_evict, runner.kv_keep = cfg.kv_evict, cfg.kv_keep
     engine.workload, engine.plan, engine.rates = workload, plan, rates
     engine.prefetcher, engine.runner = prefetcher, runner

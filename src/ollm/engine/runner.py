@@ -37,7 +37,8 @@ class Runner:
         self.spec, self.plan, self.prefetcher, self.dtype = spec, plan, prefetcher, dtype
         self.timeline = None  # set to an ollm.telemetry.timeline.Timeline to record compute spans
         self._fetch_at: int | None = None  # a layer whose KV cache carries the KVFetcher
-        # KV compression (issue 17; EngineConfig.kv_codec / kv_recent): "none" keeps KV exact.
+        # KV compression (issue 17; EngineConfig.kv_codec / kv_recent): "none" keeps KV exact;
+        # ``auto`` is held as the plan's KvCodecChoice (``engine/kv_auto.runner_codec``).
         self.kv_codec, self.kv_recent = "none", 128
         self.kv_evict, self.kv_keep = "none", "50%"  # KV eviction (kv/evict.py)
         # Attention routing per layer (issue 18; None: every layer attends over all its KV).
@@ -60,7 +61,7 @@ class Runner:
         from ollm.kv.codecs import kv_format
 
         s, elem = self.spec, torch.finfo(self.dtype).bits // 8
-        fmt = kv_format(self.kv_codec, self.kv_recent, s.head_dim, elem)
+        fmt = kv_format(self.kv_codec, self.kv_recent, s.head_dim, elem, tier)  # tier's codec
         total = 0
         for layer, p in zip(s.layers, self.plan.layers, strict=True):
             if p.kv_tier != tier:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm.planning.kv_choice import KvCodecChoice
 from ollm.tiers import KvTier
 
 KINDS = ("none", "int8", "int4", "fp8")
@@ -235,8 +236,10 @@ def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCo
     text = str(spec).strip().lower()
     if text in ("none", "off", "exact", "bf16", ""):
         return None
-    if text == "auto":
-        text = AUTO_HOST_CODEC
+    if text == "auto":  # resolved per tier (``codec_for_tier``); this: the RAM tier's default
+        from ollm.kv.codec_auto import default_choice
+
+        text = default_choice(recent).spec(KvTier.CPU)
     if "rest" in text or text[:1].isdigit():  # a schedule: 4k:bf16,32k:int8,rest:int4
         from ollm.kv.temporal import parse_kv_temporal
 
@@ -262,16 +265,19 @@ def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCo
     )
 
 
-# ``--kv-codec auto``: a fixed rule, not yet a measured choice: the device tier stays exact
-# (its reads are cheap), layers whose KV lives in RAM or on disk (read once per step over the
-# slowest link) store keys int4 per channel and values int8 per token.
-AUTO_HOST_CODEC = "k:int4,v:int8"
+def codec_for_tier(spec, tier: KvTier, recent: int = 128, choice=None) -> KVCodec | None:
+    """The codec of one layer's KV in ``tier``. ``spec``: a codec text, or ``auto`` resolved by
+    ``choice`` (``planning.kv_choice.KvCodecChoice``, what the engine chose from the measured
+    rates; the engine's runner holds it in place of the text); without one, ``auto`` is
+    ``codec_auto.default_choice`` (default rates, reference shapes)."""
+    if isinstance(spec, KvCodecChoice):
+        spec, choice = "auto", spec
+    if spec is not None and str(spec).strip().lower() == "auto":
+        if choice is None:
+            from ollm.kv.codec_auto import default_choice
 
-
-def codec_for_tier(spec: str | None, tier: KvTier, recent: int = 128) -> KVCodec | None:
-    """The codec of one layer's KV in ``tier``."""
-    if spec is not None and str(spec).strip().lower() == "auto" and tier == KvTier.DEVICE:
-        return None
+            choice = default_choice(recent)
+        return parse_kv_codec(choice.spec(tier), recent)
     return parse_kv_codec(spec, recent)
 
 
@@ -415,15 +421,17 @@ def _copy_rows(
             dst[i, h, lo:hi].copy_(src[i, h], non_blocking=True)
 
 
-def kv_format(spec: str | None, recent: int, head_dim: int, elem_bytes: int):
+def kv_format(spec, recent: int, head_dim: int, elem_bytes: int, tier: KvTier | None = None):
     """The planner's view of ``spec`` (``planning.accounting.KVFormat``: stored bytes per token
-    and head, exact tail, whether device KV is compressed too), or None for exact KV."""
+    and head, exact tail, whether device and RAM KV are compressed too), or None for exact KV.
+    ``tier``: the format of that tier's codec; None: the offloaded KV's (pinned RAM, else disk:
+    ``auto`` may keep RAM KV exact and encode only the disk tier's)."""
     from ollm.planning.accounting import KVFormat
 
-    codec = codec_for_tier(spec, "cpu", recent)
+    tiers = {t: codec_for_tier(spec, t, recent) for t in KvTier}
+    codec = tiers[KvTier.CPU] or tiers[KvTier.DISK] if tier is None else tiers[KvTier(tier)]
     if codec is None:
         return None
-    on_device = codec_for_tier(spec, "device", recent) is not None
     per_token = codec.bytes_per_token(head_dim, elem_bytes)
     ring = {}
     if not isinstance(codec, KVCodec):  # a temporal schedule: its middle tier is a ring
@@ -431,5 +439,6 @@ def kv_format(spec: str | None, recent: int, head_dim: int, elem_bytes: int):
         ring = {"mid_span": deep.recent - mid.recent,
                 "mid_bytes_per_token": mid.bytes_per_token(head_dim, elem_bytes)}  # fmt: skip
     return KVFormat(
-        per_token, codec.recent + codec.block, codec.block, on_device, codec.cpu_attn_cost, **ring
-    )
+        per_token, codec.recent + codec.block, codec.block, tiers[KvTier.DEVICE] is not None,
+        codec.cpu_attn_cost, ram=tiers[KvTier.CPU] is not None, **ring,
+    )  # fmt: skip

@@ -191,8 +191,8 @@ class KVFormat:
     """Stored size of a full-attention layer's KV under a codec (``kv.codecs.KVCodec.format``):
     ``bytes_per_token`` per KV head (codes and parameters of K and V), ``tail_tokens`` kept
     exact (recent window + one block being filled), whether device-tier KV is compressed
-    too (``auto`` keeps it exact), and a CPU decode step's attention time over it relative to
-    exact KV (``kv.codecs.CPU_ATTN_COST``: decoding costs more than reading bf16)."""
+    too (``auto`` keeps it exact unless it pays), and a CPU decode step's attention time over it
+    relative to exact KV (``kv.codecs.CPU_ATTN_COST``: decoding costs more than reading bf16)."""
 
     bytes_per_token: float
     tail_tokens: int
@@ -201,6 +201,7 @@ class KVFormat:
     cpu_attn_cost: float = 1.0
     mid_span: int = 0  # a temporal schedule (kv/temporal.py): tokens its middle tier spans
     mid_bytes_per_token: float = 0.0  # and their stored bytes per token and KV head
+    ram: bool = True  # pinned-RAM KV stored so too (``auto`` may encode only the disk tier's)
 
     def layer_bytes(
         self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int,

@@ -21,6 +21,7 @@ from ollm.tiers import KvTier, Phase, Tier
 
 if TYPE_CHECKING:
     from ollm.planning.experts import ExpertPlan
+    from ollm.planning.kv_choice import KvCodecChoice
 
 OFFLOAD_MODES = ("auto", "cpu", "disk")
 
@@ -77,6 +78,7 @@ class PlacementPlan:
     kv_page_tokens: int = 16  # token slots per block of the paged pools (engine v2)
     experts: ExpertPlan | None = None  # MoE experts placed one by one (planning/experts.py)
     kv_read: tuple[float, ...] = ()  # per layer: share of its KV a routed decode step reads
+    kv_codecs: KvCodecChoice | None = None  # ``--kv-codec auto``: each KV tier's codec and why
 
     def phase(self, tokens: int) -> Phase:
         """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
@@ -146,6 +148,8 @@ class PlacementPlan:
                 )
             )
         fetched = [i for i, p in enumerate(self.layers) if p.kv_fetch]
+        if self.kv_codecs is not None:
+            rows += self.kv_codecs.describe()
         rows += routed_rows(self.kv_read, self.layers)
         if fetched:
             rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
@@ -216,7 +220,7 @@ def plan_placement(
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
-    if kv_format is not None and not any(layer.window for layer in spec.layers):
+    if kv_format is not None and kv_format.ram and not any(layer.window for layer in spec.layers):
         kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
     if kv_read and all(r < 1.0 for r in kv_read):  # routed layers read pages where they sit
         kv_fetch_buffers = 0

@@ -83,7 +83,8 @@ class PlanSizes:
         rows = chunk or work.prefill_tokens
         scratch = kv_scratch_bytes(spec, work, dtype_bytes)
         workspace, kv_copy = 0, ()
-        compressed = kv_format is not None and not any(layer.window for layer in spec.layers)
+        compressed = kv_format is not None and kv_format.ram
+        compressed = compressed and not any(layer.window for layer in spec.layers)
         if kv_format is not None:  # the codec workspace (kv/compressed.py CodecWorkspace)
             b, h, ctx = work.batch, spec.num_kv_heads, work.context
             fwd = chunk or ctx  # the runner's largest forward (Runner.new_kv's ``forward``)
@@ -100,9 +101,13 @@ class PlanSizes:
             staging = kv_format.staging_bytes(b, h, ctx, fwd)
             scratch = staging if compressed else scratch + staging
             encoded = int(b * h * ctx * kv_format.bytes_per_token)
-            kv_copy = tuple(
-                0 if layer.window or getattr(layer, "linear", False) else encoded
-                for layer in spec.layers
+            kv_copy = (
+                tuple(  # RAM KV left exact (``auto``, disk encoded only): fetched as is
+                    0 if layer.window or getattr(layer, "linear", False) else encoded
+                    for layer in spec.layers
+                )
+                if kv_format.ram
+                else ()
             )
         return cls(
             layer=store.max_layer_nbytes,
@@ -118,7 +123,7 @@ class PlanSizes:
             compressed=compressed,
             workspace=workspace,
             kv_copy=kv_copy,
-            cpu_kv_cost=kv_format.cpu_attn_cost if kv_format is not None else 1.0,
+            cpu_kv_cost=kv_format.cpu_attn_cost if kv_format is not None and kv_format.ram else 1.0,
         )
 
     def cpu_kv_extra_s(self, rates, context: int) -> float:

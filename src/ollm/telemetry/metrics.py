@@ -28,6 +28,7 @@ class GenerationMetrics:
     device: str = "cpu"  # where the request computed (cost per token counts GPU-seconds there)
     energy_joules: float | None = None  # GPU energy of the request (NVML), None where unknown
     kv_read_fraction: float | None = None  # routed attention: KV slots read / held in decode
+    kv_codecs: str | None = None  # --kv-codec auto: each KV tier's codec and bytes per token
     expert_hit_rate: float | None = None  # MoE expert cache: routed experts found on the device
     expert_cpu: int = 0  # MoE: routed experts missing from the cache run by the CPU in RAM
     # Speculative decoding (None: off): drafter, acceptance_rate, tokens_per_pass (per target
@@ -101,6 +102,7 @@ class GenerationMetrics:
                 if self.kv_read_fraction is None
                 else f"{100 * self.kv_read_fraction:.1f}% of the routed layers' KV",
             ),
+            *([("KV codecs (auto)", self.kv_codecs)] if self.kv_codecs else []),
             *(
                 [
                     (
