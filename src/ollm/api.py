@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ollm.api_support import TextStream
+from ollm.api_support import Parts, TextStream, encode_prompts
 from ollm.config import EngineConfig
 from ollm.engine.core import Engine
 from ollm.engine.sampling import SamplingParams
+from ollm.layers.segments import is_parts
 from ollm.telemetry.metrics import GenerationMetrics
 
 Prompt = str | Sequence[int]
@@ -108,7 +109,7 @@ class LLM:
     # -- generation ---------------------------------------------------------------------------
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: Prompt | Parts | Sequence[Prompt | Parts],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         _on_text=None,
@@ -122,18 +123,26 @@ class LLM:
         ``params`` may be a list, one per prompt. Several prompts (or a list of params) run by
         continuous batching on paged KV when the plan keeps all KV on the device (no padding,
         each prompt at its own length, shared prefixes computed once), else as a padded batch.
+
+        Routing by segment (with ``attention`` other than full): a prompt may be given as parts,
+        ``[(instructions, "full"), (document, "routed"), (question, "full")]``: the texts are
+        joined and encoded once, and every routed layer reads the ``full`` parts' tokens whole
+        at every decode step, outside the top-k budget; token spans of the prompt may be given
+        instead as ``SamplingParams(full_attention=[(0, 120), (-40, None)])``.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             params = list(params)
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
+        single = (
+            isinstance(prompts, str)
+            or is_parts(prompts)
+            or (isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int))
         )
         batch = [prompts] if single else list(prompts)  # type: ignore[list-item]
         # Encode, check (maybe re-plan) and run as one: a fast tokenizer shared between threads
         # can fail with "Already borrowed", and a re-plan replaces what a running request uses.
         with self._lock:
-            ids = [self.engine.encode(p, _special) for p in batch]  # type: ignore[arg-type]
+            ids, params = encode_prompts(self.engine, batch, params, _special)
             outs, mets = self.engine.generate(ids, params, _on_text, _on_token, _kv_dir)
         results = [
             GenerationResult(o.text, o.token_ids, o.prompt_ids, o.finish_reason or "length", m)

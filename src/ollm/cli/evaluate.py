@@ -53,6 +53,15 @@ def eval_cmd(
         str, typer.Option("--depths", help="Passkey depths as fractions.")
     ] = "0.1,0.5,0.9",
     trials: Annotated[int, typer.Option("--trials", help="Passkey trials per cell.")] = 1,
+    passkey_full: Annotated[
+        str | None,
+        typer.Option(
+            "--passkey-full",
+            help="Mark a part of the passkey prompts full (routing by segment, with "
+            "--attention): question, or facts (an oracle: where the keys are).",
+            show_default=False,
+        ),
+    ] = None,
     text: TextOpt = None,
     as_json: JsonOpt = False,
     plot: Annotated[
@@ -72,7 +81,7 @@ def eval_cmd(
             raise CliError(f"bad --depths {depths!r}: use fractions like 0.1,0.5") from None
         report = evaluate(
             model, options, _sizes(context), text=text, passkey_contexts=pk, depths=ds,
-            trials=trials, progress=_say,
+            trials=trials, progress=_say, passkey_full=_part(passkey_full),
         )  # fmt: skip
         if plot:
             _plot(report, plot)
@@ -94,6 +103,15 @@ def eval_cmd(
         if report.cost:
             rows.append(("cost per token (passkey answers)", _cost_text(report.cost)))
         common.stdout_console().print(common.table(rows, title="quality vs the exact path"))
+
+
+def _part(name: str | None) -> str | None:
+    """``--passkey-full``'s value checked against the passkey prompt's parts."""
+    from ollm.eval.passkey import PARTS
+
+    if name is not None and name not in PARTS:
+        raise CliError(f"bad --passkey-full {name!r}: use one of {', '.join(PARTS)}")
+    return name
 
 
 def _cost_text(cost: dict[str, float | None]) -> str:

@@ -60,6 +60,16 @@ StopOpt = Annotated[
     typer.Option("--stop", help="Stop when this string appears (repeatable).", show_default=False),
 ]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Do not apply the model's chat template.")]
+FullAttentionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--full-attention",
+        help="Routing by segment (with --attention): prompt token spans every routed layer "
+        "reads whole, as START:END slices (negative: from the end of the prompt, after the chat "
+        "template), e.g. 0:300 (instructions) or -64: (the last 64 tokens).",
+        show_default=False,
+    ),
+]
 SpeculateOpt = Annotated[
     str | None,
     typer.Option(
@@ -104,6 +114,7 @@ def run(
     cache_dir: CacheDirOpt = None,
     speculate: SpeculateOpt = None,
     attention: common.AttentionOpt = None,
+    full_attention: FullAttentionOpt = None,
     moe_offload: common.MoeOffloadOpt = None,
     expert_cache: common.ExpertCacheOpt = None,
 ) -> None:
@@ -117,6 +128,7 @@ def run(
             top_p=top_p,
             seed=seed,
             stop=tuple(stop) if stop else None,
+            full_attention=_spans(full_attention),
         )
         llm = common.build_llm(
             model,
@@ -142,6 +154,18 @@ def run(
         )
         with llm:
             _generate(llm, text, params, raw=raw, json_out=json_out)
+
+
+def _spans(text: str | None):
+    """``--full-attention``'s slices (None: none); a bad one is a one-line error."""
+    if text is None:
+        return None
+    from ollm.layers.segments import parse_spans
+
+    try:
+        return parse_spans(text)
+    except ValueError as exc:
+        raise CliError(f"--full-attention: {exc}") from None
 
 
 def _generate(llm: LLM, prompt: str, params: SamplingParams, *, raw: bool, json_out: bool) -> None:

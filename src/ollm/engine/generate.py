@@ -70,6 +70,7 @@ class Generator:
             keep[r, :pad] = False
             positions[r, pad:] = torch.arange(len(p))
         key_keep = None if all(n == width for n in lengths) else keep.to(self.device)
+        spans = _slot_spans(params, prompts, width)  # routing by segment (a bad span: here)
         next_pos = torch.tensor(lengths, dtype=torch.long)[:, None]
 
         outs = [SequenceOutput(list(p)) for p in prompts]
@@ -89,7 +90,7 @@ class Generator:
         kv: list = []
         disk = None
         try:
-            kv, disk = self._new_kv(b, capacity, kv_dir)
+            kv, disk = self._new_kv(b, capacity, kv_dir, spans)
             logits = self.runner.forward(ids, positions, kv, key_keep)
             tokens = sampler.sample(logits).cpu()
             t_first = time.perf_counter()
@@ -126,8 +127,9 @@ class Generator:
         metrics.energy_joules = energy.stop()
         return outs, metrics
 
-    def _new_kv(self, batch: int, capacity: int, kv_dir: str | None):
-        """KV caches for a request, with a run directory (checked for space) if any is on disk."""
+    def _new_kv(self, batch: int, capacity: int, kv_dir: str | None, spans=None):
+        """KV caches for a request, with a run directory (checked for space) if any is on disk;
+        ``spans`` (per sequence, slot spans marked full) go to the routed layers' routers."""
         if kv_dir is None:
             need = self.runner.ram_kv_bytes(batch, capacity)
             if need:
@@ -153,7 +155,12 @@ class Generator:
                 disk.check(
                     self.runner.disk_kv_bytes(batch, capacity, all_layers=kv_dir is not None)
                 )
-            return self.runner.new_kv(batch, capacity, disk, all_disk=kv_dir is not None), disk
+            kv = self.runner.new_kv(batch, capacity, disk, all_disk=kv_dir is not None)
+            if spans is not None:
+                from ollm.kv.routed import force_spans
+
+                force_spans(kv, spans)
+            return kv, disk
         except BaseException:
             if disk is not None:
                 disk.close()
@@ -244,6 +251,20 @@ class Generator:
             logp = logits.gather(-1, tgt)[:, 0] - torch.logsumexp(logits, dim=-1)
             out.append(logp.cpu())
         return torch.cat(out)
+
+
+def _slot_spans(params: SamplingParams, prompts: list[list[int]], width: int):
+    """Per sequence, the KV slots of the prompt spans ``params.full_attention`` marks (left
+    padding shifts a shorter prompt's slots), or None without spans."""
+    if not params.full_attention:
+        return None
+    from ollm.layers.segments import resolve_spans
+
+    out = []
+    for p in prompts:
+        pad = width - len(p)
+        out.append([(pad + a, pad + e) for a, e in resolve_spans(params.full_attention, len(p))])
+    return out
 
 
 def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm.errors import OllmError
+from ollm.layers.segments import check_spans
 
 __all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "TokenLogprob", "token_logprobs"]
 
@@ -59,10 +60,18 @@ class SamplingParams:
     speculate: str | None = None
     """Speculative decoding for this request: None follows the LLM's ``speculate``; "off"
     drafts nothing for it; any other ``EngineConfig.speculate`` value turns it on (lossless)."""
+    full_attention: tuple[tuple[int, int | None], ...] = ()
+    """Routing by segment: (start, end) token spans of the prompt (end exclusive; negative from
+    the prompt's end, end None = the end, as slices) that every routed layer (``attention``)
+    reads whole at every decode step, outside the top-k budget; no effect on full attention."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_str_tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
+        try:
+            object.__setattr__(self, "full_attention", check_spans(self.full_attention))
+        except ValueError as exc:
+            raise SamplingParamsError(str(exc)) from None
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise SamplingParamsError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:

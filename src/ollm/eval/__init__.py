@@ -68,10 +68,12 @@ def evaluate(
     depths: list[float] = (0.1, 0.5, 0.9),  # type: ignore[assignment]
     trials: int = 1,
     progress=None,
+    passkey_full: str | None = None,
 ) -> EvalReport:
     """Perplexity, KL from the exact path and top-1 agreement at each context (on the standard
     library's documentation, or the file ``text``), and passkey retrieval (single and multi-key)
-    at ``passkey_contexts`` (default: the same contexts; [] for none)."""
+    at ``passkey_contexts`` (default: the same contexts; [] for none). ``passkey_full`` marks
+    a part of the passkey prompts full (routing by segment: "question", or "facts")."""
     from ollm import LLM
 
     opts = _options(options)
@@ -93,7 +95,9 @@ def evaluate(
             if pk:
                 say(f"passkey at {pk} tokens, depths {list(depths)}")
                 costs: list[dict[str, float | None]] = []
-                report.passkey = run_passkey(llm, pk, list(depths), trials, costs=costs)
+                report.passkey = run_passkey(
+                    llm, pk, list(depths), trials, costs=costs, full=passkey_full
+                )
                 report.cost = _mean_cost(costs)  # per generated token of the passkey answers
         finally:
             for other in {id(ref): ref, id(scorer): scorer}.values():

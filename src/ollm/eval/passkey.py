@@ -36,11 +36,22 @@ class PasskeyRow:
         return {**asdict(self), "accuracy": self.accuracy}
 
 
+PARTS = ("intro", "before", "facts", "after", "question")  # the parts of a passkey prompt
+
+
 def build_prompt(
     tokenizer, context: int, depth: float, keys: dict[str, int], ask: str
 ) -> tuple[str, int]:
     """A prompt of about ``context`` tokens with the keys inserted at ``depth``; returns the
     prompt and the expected answer. One key is phrased as the classic single passkey."""
+    parts, want = build_parts(tokenizer, context, depth, keys, ask)
+    return "".join(parts.values()), want
+
+
+def build_parts(
+    tokenizer, context: int, depth: float, keys: dict[str, int], ask: str
+) -> tuple[dict[str, str], int]:
+    """``build_prompt``'s prompt as its named ``PARTS`` (joined: the prompt) and the answer."""
     if len(keys) == 1:
         facts = f"The pass key is {keys[ask]}. Remember it. {keys[ask]} is the pass key.\n"
         question = "\nWhat is the pass key? The pass key is"
@@ -51,8 +62,18 @@ def build_prompt(
     per = len(tokenizer(_FILLER, add_special_tokens=False)["input_ids"])
     reps = max(1, (context - fixed) // per)
     before = round(reps * depth)
-    text = _INTRO + _FILLER * before + facts + _FILLER * (reps - before) + question
-    return text, keys[ask]
+    texts = (_INTRO, _FILLER * before, facts, _FILLER * (reps - before), question)
+    return dict(zip(PARTS, texts, strict=True)), keys[ask]
+
+
+def marked(parts: dict[str, str], full: str | None):
+    """The prompt for ``LLM.generate``: the joined text, or with ``full`` (a part's name) the
+    parts with that one marked full (routing by segment; the same tokens)."""
+    if full is None:
+        return "".join(parts.values())
+    if full not in parts:
+        raise ValueError(f"no passkey prompt part {full!r}; one of {', '.join(parts)}")
+    return [(text, "full" if name == full else "routed") for name, text in parts.items()]
 
 
 def run_passkey(
@@ -63,10 +84,16 @@ def run_passkey(
     variants: tuple[str, ...] = ("single", "multi"),
     seed: int = 0,
     costs: list | None = None,
+    full: str | None = None,
 ) -> list[PasskeyRow]:
     """Greedy answers of ``llm`` to passkey prompts; a trial is correct when the first number
-    in the answer equals the hidden key. Each answer's cost per token goes to ``costs``."""
+    in the answer equals the hidden key. Each answer's cost per token goes to ``costs``.
+    ``full`` marks one of the prompt's ``PARTS`` full (routing by segment): "question" as a
+    user would, "facts" as an oracle (where the keys are) that checks the reads reach them."""
     from ollm.engine.sampling import SamplingParams
+
+    if full is not None and full not in PARTS:
+        raise ValueError(f"no passkey prompt part {full!r}; one of {', '.join(PARTS)}")
 
     rng = random.Random(seed)
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
@@ -80,8 +107,8 @@ def run_passkey(
                     names = rng.sample(_NAMES, n)
                     keys = {name: rng.randint(10000, 99999) for name in names}
                     ask = rng.choice(names)
-                    prompt, want = build_prompt(llm.tokenizer, context, depth, keys, ask)
-                    res = llm.generate(prompt, params)
+                    parts, want = build_parts(llm.tokenizer, context, depth, keys, ask)
+                    res = llm.generate(marked(parts, full), params)
                     answer = res.text
                     if costs is not None:
                         costs.append(res.metrics.cost_per_token)

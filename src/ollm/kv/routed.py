@@ -6,7 +6,8 @@ what is read. The cache hands it its tiers as (keys, values, first slot) parts."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +24,7 @@ from ollm.layers.routing import (
     routed_dense,
     select_pages,
 )
+from ollm.layers.segments import span_pages
 
 Tier = tuple[torch.Tensor, torch.Tensor, int]  # keys, values [B, KVH, n, D], first cache slot
 # Where a routed decode step attends the pages it reads from pinned RAM: "sit" (on the CPU, where
@@ -67,6 +69,54 @@ class Router:
         }
         self._tuples = {m: tuple(x.tolist()) for m, x in self._groups.items()}
         self._indices: dict[tuple[str, str], torch.Tensor] = {}
+        self.batch, self.capacity = batch, capacity
+        # Routing by segment: per sequence, the sorted pages spans mark full (None: none).
+        self.forced: list[list[int]] | None = None
+        self._forced_cache: dict = {}
+
+    def force(self, spans: Sequence[Sequence[tuple[int, int]]] | None) -> None:
+        """Per sequence, the slot spans [a, b) the request marks full: every page they touch is
+        read by every routed head at every decode step (like the sinks), outside the top-k
+        budget. None (or no spans at all) clears: routing as without spans, exactly."""
+        self._forced_cache = {}
+        if spans is None or not any(spans):
+            self.forced = None
+            return
+        if len(spans) != self.batch:
+            raise ValueError(f"{len(spans)} sequences of spans for a batch of {self.batch}")
+        for a, e in (x for row in spans for x in row):
+            if not 0 <= a < e <= self.capacity:
+                raise ValueError(f"span [{a}, {e}) outside the cache's {self.capacity} slots")
+        self.forced = [span_pages(row, self.routing.page_tokens) for row in spans]
+
+    def _forced_in(self, lo: int, hi: int) -> list[list[int]] | None:
+        """Per sequence, the forced pages inside the middle [lo, hi) (None: none there)."""
+        if self.forced is None:
+            return None
+        p0, p1 = lo // self.routing.page_tokens, hi // self.routing.page_tokens
+        out = [row[bisect_left(row, p0) : bisect_left(row, p1)] for row in self.forced]
+        return out if any(out) else None  # spans only over sinks and window: as without
+
+    def _forced_mask(self, device) -> torch.Tensor:
+        """Bool [B, pages of the capacity] on ``device``: the pages spans mark full."""
+        key = ("mask", str(device))
+        if key not in self._forced_cache:
+            m = torch.zeros(self.batch, -(-self.capacity // self.routing.page_tokens), dtype=bool)
+            for b, row in enumerate(self.forced or ()):
+                m[b, row] = True
+            self._forced_cache[key] = m.to(device)
+        return self._forced_cache[key]
+
+    def _forced_ids(self, forced: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forced`` as ids [B, F] (rows padded with their first id, or 0) and which are real."""
+        key = ("ids", tuple(map(tuple, forced)), str(device))
+        if key not in self._forced_cache:
+            f = max(map(len, forced))
+            pad = [row + [row[0] if row else 0] * (f - len(row)) for row in forced]
+            ids = torch.tensor(pad, dtype=torch.long)
+            ok = torch.tensor([[i < len(row) for i in range(f)] for row in forced], dtype=bool)
+            self._forced_cache[key] = (ids.to(device), ok.to(device))
+        return self._forced_cache[key]
 
     @property
     def partial(self) -> bool:
@@ -89,18 +139,22 @@ class Router:
         """Routed attention of ``q`` [B, H, T, D] over the cache's ``tiers``, or None."""
         r, t, start, end = self.routing, mask.q_len, mask.q_start, mask.kv_len
         decode = t <= self.decode_tokens
-        if decode and self.stats is not None:
-            read = r.read_tokens(start, end) if r.routed else end * len(r.heads)
-            self.stats.add(kv_read_tokens=read, kv_total_tokens=end * len(r.heads))
         lo, hi = r.middle(start if decode else end - 1)  # prefill: the last row skips most
+        forced = self._forced_in(lo, hi)  # per sequence: pages of the middle marked full
+        fmin = 0 if forced is None else min(map(len, forced))
+        if decode and self.stats is not None:
+            f = 0 if forced is None else round(sum(map(len, forced)) / len(forced))
+            read = r.read_tokens(start, end, f) if r.routed else end * len(r.heads)
+            self.stats.add(kv_read_tokens=read, kv_total_tokens=end * len(r.heads))
         if not r.routed or hi <= lo or mask.window is not None or not (decode or r.prefill):
             return None
-        if set(r.heads) == {TOPK} and r.pages >= (hi - lo) // r.page_tokens:
-            return None  # every page chosen: the key set is all keys (full attention, exactly)
+        mid = (hi - lo) // r.page_tokens
+        if fmin >= mid or (set(r.heads) == {TOPK} and r.pages + fmin >= mid):
+            return None  # every page read: the key set is all keys (full attention, exactly)
         if not decode:
             out, lse = self._prefill(q, tiers, mask, scale)
         else:
-            out, lse = self._decode(q, tiers, mask, scale, lo, hi)
+            out, lse = self._decode(q, tiers, mask, scale, lo, hi, forced)
         return out if mask.sinks is None else with_sinks(out, lse.to(out.device), mask.sinks)
 
     def _prefill(self, q, tiers, mask, scale):
@@ -110,18 +164,21 @@ class Router:
             raise RuntimeError("routed prefill needs the layer's keys in one part")
         n = mask.kv_len
         qd = q.to(k.device)
+        forced = None if self.forced is None else self._forced_mask(k.device)
         out, lse = routed_dense(
             qd, k[:, :, :n], v[:, :, :n], self.routing, self.summaries, mask.q_start, scale,
-            mask.key_keep,
+            mask.key_keep, forced,
         )  # fmt: skip
         return out.to(q.device), lse.to(q.device)
 
-    def _decode(self, q, tiers, mask, scale, lo, hi):
-        """Each mechanism's heads over their slots, tier by tier, merged by log-sum-exp."""
+    def _decode(self, q, tiers, mask, scale, lo, hi, forced=None):
+        """Each mechanism's heads over their slots, tier by tier, merged by log-sum-exp
+        (``forced``: per sequence, the pages of the middle spans mark full)."""
         b, h, t, d = q.shape
         kvh = len(self.routing.heads)
         g = h // kvh
         whole = len(self._groups) == 1  # one mechanism: no split of the heads, no scatter
+        even = forced is None or len(set(map(len, forced))) == 1  # the paged read: no padding
         out = None if whole else torch.empty_like(q)
         lse = None if whole else torch.empty(b, h, t, device=q.device)
         for mech, heads in self._groups.items():
@@ -129,10 +186,10 @@ class Router:
             qh = q if whole else q.view(b, kvh, g, t, d)[:, idx].reshape(b, -1, t, d)
             if mech == FULL:
                 o, s = self._full(qh, heads, tiers, mask, scale)
-            elif t == 1 and mask.key_keep is None and self._aligned(tiers):
-                o, s = self._paged(q, qh, mech, tiers, mask, scale, lo, hi)
+            elif t == 1 and mask.key_keep is None and self._aligned(tiers) and even:
+                o, s = self._paged(q, qh, mech, tiers, mask, scale, lo, hi, forced)
             else:
-                slots, valid = self._slots(q, heads, mask, lo, hi, mech)
+                slots, valid = self._slots(q, heads, mask, lo, hi, mech, forced)
                 o, s = self._gathered(qh, heads, tiers, slots, valid, mask, scale)
             if whole:
                 return o, s
@@ -148,7 +205,28 @@ class Router:
             self._indices[key] = self._groups[mech].to(device)
         return self._indices[key]
 
-    def _slots(self, q, heads, mask, lo, hi, mech):
+    def _pages(self, q, mech, lo, hi, forced, idx):
+        """Pages [B, R, K] of the middle ``mech``'s heads read (top-k choices, then pages marked
+        full) and which count (None: all), or (None, None): none. Top-k is chosen among the
+        pages not marked full; a row with more of them may get fewer (-inf picks: not counted)."""
+        r = self.routing
+        if forced is None:
+            if mech != TOPK:
+                return None, None
+            return select_pages(q, self.summaries, lo, hi, r.pages, idx), None
+        dev = q.device if self.summaries is None else self.summaries.kmin.device
+        fids, fok = self._forced_ids(forced, dev)
+        n_h = len(self._tuples[mech])
+        fids, fok = (x[:, None].expand(-1, n_h, -1) for x in (fids, fok))
+        if mech != TOPK:
+            return fids, fok
+        k = min(r.pages, (hi - lo) // r.page_tokens - min(map(len, forced)))
+        excl = self._forced_mask(dev)
+        top = select_pages(q, self.summaries, lo, hi, k, idx, excl)
+        tok = ~excl.gather(1, top.flatten(1)).view(top.shape)  # a -inf pick is a forced page
+        return torch.cat([top, fids], -1), torch.cat([tok, fok], -1)
+
+    def _slots(self, q, heads, mask, lo, hi, mech, forced=None):
         """Key slots [B, R, L] of ``heads`` (sinks, chosen pages, window) and which count."""
         r, end = self.routing, mask.kv_len
         dev = q.device if self.summaries is None else self.summaries.kmin.device
@@ -156,9 +234,11 @@ class Router:
         plain = torch.cat([torch.arange(0, lo, device=dev), torch.arange(hi, end, device=dev)])
         slots = plain.expand(b, n_h, -1)
         valid = torch.ones_like(slots, dtype=torch.bool)
-        if mech == TOPK:
-            pages = select_pages(q, self.summaries, lo, hi, r.pages, self._index(mech, dev))
+        pages, ok = self._pages(q, mech, lo, hi, forced, self._index(mech, dev))
+        if pages is not None:
             ps, pv = page_slots(pages, r.page_tokens, lo, hi)
+            if ok is not None:
+                pv = pv & ok.repeat_interleave(r.page_tokens, -1)
             slots, valid = torch.cat([slots, ps], -1), torch.cat([valid, pv], -1)
         if mask.key_keep is not None:
             keep = mask.key_keep.to(dev)
@@ -170,20 +250,19 @@ class Router:
     def _aligned(self, tiers: list[Tier]) -> bool:
         return all(off % self.routing.page_tokens == 0 for _, _, off in tiers)
 
-    def _paged(self, q, qh, mech, tiers, mask, scale, lo, hi):
+    def _paged(self, q, qh, mech, tiers, mask, scale, lo, hi, forced=None):
         """One decode query, no padding: per tier, the group's sinks, chosen pages and window
         gathered into one buffer (``page_read.gather_tier``: a memcpy per page) and one
         attention call where the tier sits (RAM: on the CPU, or with ``read="device"`` copied
         to the GPU first); the tiers merged by log-sum-exp. The host waits for the GPU once:
-        q and the chosen page ids come back in one go."""
+        q and the chosen page ids come back in one go. Pages marked full (``forced``, as many
+        per sequence) are read with the chosen ones (every top-k pick then counts)."""
         r = self.routing
         step = StepSlots(lo, hi, mask.kv_len, r.page_tokens)
-        pages = None
-        if mech == TOPK:
-            dev = self.summaries.kmin.device
-            every = len(self._tuples[mech]) == len(r.heads)  # all heads, in order
-            idx = None if every else self._index(mech, dev)
-            pages = select_pages(q, self.summaries, lo, hi, r.pages, idx)
+        idx = None
+        if mech == TOPK and len(self._tuples[mech]) != len(r.heads):  # not all heads in order
+            idx = self._index(mech, self.summaries.kmin.device)
+        pages, _ = self._pages(q, mech, lo, hi, forced, idx)
         on_cpu = [k.device.type == "cpu" for k, _, _ in tiers]
         ragged = [step.ragged(off, off + k.shape[2]) for k, _, off in tiers]
         sit = self.read == "sit" or qh.device.type == "cpu"
@@ -259,6 +338,15 @@ def _to_host(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
     if dev is not None:
         torch.cuda.current_stream(dev).synchronize()
     return out
+
+
+def force_spans(caches: list, spans: Sequence[Sequence[tuple[int, int]]] | None) -> None:
+    """Routing by segment: every routed cache of a request reads the pages of ``spans`` (per
+    sequence, slot spans [a, b)) at every step (``Router.force``); None clears."""
+    for cache in caches:
+        router = getattr(cache, "router", None)
+        if router is not None:
+            router.force(spans)
 
 
 def attach_routers(

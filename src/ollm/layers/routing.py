@@ -123,12 +123,17 @@ class LayerRouting:
         lo = -(-self.sinks // p) * p
         return lo, max(lo, (start - self.window + 1) // p * p)
 
-    def read_tokens(self, start: int, end: int) -> int:
-        """Key slots one decode step (queries from ``start``, keys [0, end)) reads, all KV heads."""
+    def read_tokens(self, start: int, end: int, forced: int = 0) -> int:
+        """Key slots one decode step (queries from ``start``, keys [0, end)) reads, all KV heads;
+        ``forced``: pages of the middle a span marks full (read by every routed head, besides
+        the top-k pages, which are chosen among the others)."""
         lo, hi = self.middle(start)
         plain = end - (hi - lo)  # sinks + window
-        top = min(self.pages, (hi - lo) // self.page_tokens) * self.page_tokens
-        per = {FULL: end, WINDOW: plain, TOPK: plain + top}
+        mid = (hi - lo) // self.page_tokens
+        forced = min(forced, mid)
+        extra = forced * self.page_tokens
+        top = min(self.pages, mid - forced) * self.page_tokens
+        per = {FULL: end, WINDOW: plain + extra, TOPK: plain + extra + top}
         return sum(per[h] for h in self.heads)
 
 
@@ -201,11 +206,18 @@ def page_scores(
 
 
 def select_pages(
-    q: torch.Tensor, summaries: KeySummaries, lo: int, hi: int, k: int, heads: torch.Tensor | None
+    q: torch.Tensor,
+    summaries: KeySummaries,
+    lo: int,
+    hi: int,
+    k: int,
+    heads: torch.Tensor | None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ids of the ``k`` best pages of slots [lo, hi) (page-aligned) for KV heads ``heads``
     (None: all, in order; no gather of the summaries), sorted: LongTensor [B, len(heads), k] on
-    the summaries' device."""
+    the summaries' device. ``exclude`` (bool [B, >= pages], pages read anyway: spans marked
+    full) scores its pages -inf: chosen only when fewer than ``k`` others remain."""
     p_ = summaries.page_tokens
     p0, p1 = lo // p_, hi // p_
     dev = summaries.kmin.device
@@ -214,6 +226,8 @@ def select_pages(
     if heads is not None:
         qh, mn, mx = qh[:, heads], mn[:, heads], mx[:, heads]
     s = page_scores(qh, mn, mx)
+    if exclude is not None:
+        s.masked_fill_(exclude[:, None, p0:p1].to(s.device), -torch.inf)
     return s.topk(min(k, p1 - p0), dim=-1).indices.sort(-1).values + p0
 
 
@@ -266,10 +280,13 @@ def routed_dense(
     q_start: int,
     scale: float,
     key_keep: torch.Tensor | None = None,
+    forced: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query row routed as if decoded (row at slot i: sinks, window (i - W, i], and for
     top-k heads its own best pages of [S, i - W + 1)), over k/v [B, KVH, S, D] holding slots
-    [0, S) and the summaries of those keys; (out, lse) in blocks of rows, float32 math."""
+    [0, S) and the summaries of those keys; (out, lse) in blocks of rows, float32 math.
+    ``forced`` (bool [B, >= pages]): pages spans mark full, read by every routed head (causal),
+    never among the top-k choices."""
     b, h, t, d = q.shape
     kvh, n = k.shape[1], k.shape[2]
     g = h // kvh
@@ -280,7 +297,7 @@ def routed_dense(
     kf, vf = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
     for r0 in range(0, t, rows_per):
         r1 = min(t, r0 + rows_per)
-        keep = _routed_keep(q[:, :, r0:r1], routing, summaries, q_start + r0, n, kvh)
+        keep = _routed_keep(q[:, :, r0:r1], routing, summaries, q_start + r0, n, kvh, forced)
         if key_keep is not None:
             keep &= key_keep.to(q.device)[:, None, None, None, :n]
         qg = q[:, :, r0:r1].to(ct).reshape(b, kvh, g, r1 - r0, d)
@@ -298,7 +315,7 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def _routed_keep(q, routing, summaries, first, n, kvh) -> torch.Tensor:
+def _routed_keep(q, routing, summaries, first, n, kvh, forced=None) -> torch.Tensor:
     """Boolean [B, KVH, 1, rows, n]: the keys each row's routing lets it see (causal)."""
     b, _, t, _ = q.shape
     dev = q.device
@@ -310,11 +327,14 @@ def _routed_keep(q, routing, summaries, first, n, kvh) -> torch.Tensor:
     hi = ((rows - routing.window + 1).div(p_, rounding_mode="floor") * p_).clamp(min=lo)
     plain = causal & ((keys < lo) | (keys >= hi))  # [t, n]: sinks and window, page-aligned
     keep = torch.empty(b, kvh, 1, t, n, dtype=torch.bool, device=dev)
+    npg = -(-n // p_)
+    if forced is not None:  # pages marked full: read like sinks by every routed head
+        forced = forced[:, :npg].to(dev)
+        plain = plain | (forced.repeat_interleave(p_, -1)[:, None, :n] & causal)
     for hd, mech in enumerate(routing.heads):
         keep[:, hd, 0] = causal if mech == FULL else plain
     top = [hd for hd, mech in enumerate(routing.heads) if mech == TOPK]
     if top and summaries is not None:
-        npg = -(-n // p_)
         idx = torch.tensor(top, device=dev)
         g = q.shape[1] // kvh
         qh = q.reshape(b, kvh, g, t, -1)[:, idx].transpose(2, 3).reshape(b, len(top), t * g, -1)
@@ -324,6 +344,8 @@ def _routed_keep(q, routing, summaries, first, n, kvh) -> torch.Tensor:
         s = s.view(b, len(top), t, npg)
         page_lo = torch.arange(npg, device=dev) * p_
         cand = (page_lo[None] >= lo) & (page_lo[None] + p_ <= hi)  # pages of the row's middle
+        if forced is not None:  # read anyway: the budget goes to the other pages
+            cand = cand & ~forced[:, None, None]
         s.masked_fill_(~cand, -torch.inf)
         kk = min(routing.pages, npg)
         best = s.topk(kk, dim=-1)
