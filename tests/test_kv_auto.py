@@ -199,3 +199,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_cli_run_reports_the_choice(tiny, tmp_path):
+    """``ollm run --kv-codec auto``: the JSON metrics carry each tier's codec."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ollm.cli import app
+
+    args = ["run", "x" * 150, "--model", tiny, "--cache-dir", str(tmp_path / "c"), "--device",
+            "cpu", "--kv-codec", "auto", "--kv-cache", "disk", "--kv-dir", str(tmp_path / "kv"),
+            "--max-context", "256", "--max-new-tokens", "2", "--raw", "--json"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    codecs = json.loads(res.stdout)["metrics"]["kv_codecs"]
+    assert codecs.startswith("device exact (") and "disk int4 (" in codecs
