@@ -10,7 +10,9 @@ if decoded, what ``evaluate`` does), compared chunk by chunk. Passkey: the promp
 once, exactly (routing leaves prefill exact), then each setting decodes its answer from that
 KV with its routers attached (summaries built from the prompt's keys, as the prefill would
 have), and the KV is trimmed back to the prompt for the next setting: the tokens are those
-``LLM(attention=X).generate`` produces for the same prompt.
+``LLM(attention=X).generate`` produces for the same prompt. A setting ``ATTENTION@PART`` (e.g.
+``topk:16@question``) marks a part of the passkey prompt full (routing by segment: its pages read
+at every step besides the routing's own, ``ollm eval --passkey-full PART``).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from pathlib import Path
 import torch
 
 from ollm import LLM
+from ollm.api_support import encode_parts
 from ollm.bench.run import parse_contexts
 from ollm.corpus import load_text
 from ollm.engine.routing_calibration import plan_routing
-from ollm.eval.passkey import _NAMES, build_prompt
-from ollm.kv.routed import attach_routers
+from ollm.eval.passkey import _NAMES, build_parts, marked
+from ollm.kv.routed import attach_routers, force_spans
+from ollm.layers.segments import resolve_spans
 from ollm.telemetry.stats import IOStats
 
 SETTINGS = {
@@ -63,6 +67,7 @@ def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dic
     """Per setting: perplexity, KL(exact || setting) mean/max, top-1 agreement (as
     ``ollm.eval.quality.compare``), from one final-hidden pass each."""
     runner = llm.runner
+    settings = {n: a for n, a in settings.items() if "@" not in a}  # spans: passkey prompts only
     hidden, budget = {}, {}
     for name, attention in settings.items():
         t0 = time.perf_counter()
@@ -107,10 +112,10 @@ def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dic
 
 
 @torch.inference_mode()
-def passkey_cell(llm: LLM, prompt: str, want: int, settings: dict[str, str]) -> dict[str, dict]:
-    """Prefill ``prompt`` once exactly; each setting decodes 8 greedy tokens from that KV."""
+def passkey_cell(llm: LLM, parts: dict, want: int, settings: dict[str, str]) -> dict[str, dict]:
+    """Prefill the prompt once exactly; each setting decodes 8 greedy tokens from that KV."""
     runner, new = llm.runner, 8
-    ids = llm.encode(prompt)
+    ids = llm.encode(marked(parts, None))
     n = len(ids)
     llm.ensure_context(n + new)
     runner = llm.runner
@@ -120,11 +125,18 @@ def passkey_cell(llm: LLM, prompt: str, want: int, settings: dict[str, str]) -> 
     try:
         logits = runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv)
         first = int(logits.argmax(-1))
-        for name, attention in settings.items():
+        for name, setting in settings.items():
+            attention, _, part = setting.partition("@")
             stats = IOStats()
             routing = _routing(llm, attention, prefill=False, context=n + new)
+            spans = None
+            if part:  # the tokens of the parts encoded together: the prompt's own
+                tokens, marks = encode_parts(llm.engine, marked(parts, part), True)
+                assert tokens == ids
+                spans = [resolve_spans(marks, n)]
             if routing is not None:
                 attach_routers(kv, routing, 1, n + new, stats)
+                force_spans(kv, spans)
                 for cache in kv:
                     if getattr(cache, "router", None) is not None:
                         cache.router.on_append(cache.k[:, :, :n], 0)  # the prompt's keys
@@ -143,6 +155,7 @@ def passkey_cell(llm: LLM, prompt: str, want: int, settings: dict[str, str]) -> 
                 "correct": bool(got and int(got.group()) == want),
                 "answer": text,
                 "kv_read_fraction": read,
+                "full_spans": spans and spans[0],
             }
     finally:
         for cache in kv:
@@ -161,9 +174,9 @@ def passkey(llm, contexts, depths, settings, variants=("single", "multi")) -> li
                 names = rng.sample(_NAMES, k)
                 keys = {name: rng.randint(10000, 99999) for name in names}
                 ask = rng.choice(names)
-                prompt, want = build_prompt(llm.tokenizer, context, depth, keys, ask)
+                parts, want = build_parts(llm.tokenizer, context, depth, keys, ask)
                 t0 = time.perf_counter()
-                res = passkey_cell(llm, prompt, want, settings)
+                res = passkey_cell(llm, parts, want, settings)
                 took = time.perf_counter() - t0
                 print(f"  passkey {variant} {context} @ {depth}: "
                       + ", ".join(f"{n} {int(r['correct'])}" for n, r in res.items())
@@ -197,9 +210,8 @@ def main() -> int:
     report: dict = {"commit": commit, "settings": settings, "argv": sys.argv[1:]}
     out = Path(args.out)
     with LLM(device="cpu", max_context=max([*ctxs, *pks, 512]) + 16, progress=False) as llm:
-        report["calibration"] = json.loads(
-            (Path(llm.store_path) / "attention_calibration.json").read_text()
-        )["choice"]
+        cal = Path(llm.store_path) / "attention_calibration.json"  # what auto uses, if any
+        report["calibration"] = json.loads(cal.read_text())["choice"] if cal.exists() else None
         corpus = load_text(None, 6 * max(ctxs, default=1))
         report["quality"] = []
         for c in ctxs:
