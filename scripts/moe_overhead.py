@@ -31,6 +31,7 @@ import argparse
 import collections
 import contextlib
 import cProfile
+import dataclasses
 import json
 import os
 import pstats
@@ -104,10 +105,9 @@ def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
         resident=False, ram=(n,) * len(layers), cache_slots=slots, group_rows=64,
         policy="lru", cpu_compute=cpu_compute,
     )  # fmt: skip
-    cache = ExpertCache(st, plan, "cpu:1", IOStats(), sparse_weights)
-    if lookahead:
-        cache.lookahead = True  # the attribute exists where lookahead is built
-    return cache
+    if lookahead:  # the code under test must have it (ExpertPlan.lookahead)
+        plan = dataclasses.replace(plan, lookahead=True)
+    return ExpertCache(st, plan, "cpu:1", IOStats(), sparse_weights)
 
 
 def _zipf(llm, w: dict, a: float, g: torch.Generator) -> None:
@@ -238,9 +238,12 @@ def measure(args) -> dict:
         top=top,
         max_abs_diff=diff,
     )
-    la = getattr(cache, "lookahead_stats", None)
-    if args.lookahead and la is not None:
-        out["lookahead"] = la() if callable(la) else la
+    ahead = getattr(cache, "ahead", None)
+    if ahead is not None:  # counted over every pass above (timing, ops, profile, check)
+        out["lookahead"] = ahead.counts | {
+            "precision": round(ahead.precision, 4),
+            "chance": moe.top_k / moe.num_experts,
+        }
     cache.close()
     llm.close()
     return out

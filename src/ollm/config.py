@@ -51,6 +51,7 @@ class EngineConfig:
     expert_cache: str = "lru"  # replacement policy of the device's expert cache: lru or lfu
     expert_slots: int | None = None  # force the expert cache's slot count (None: from the budget)
     expert_cpu: str = "auto"  # RAM experts missing from the cache run on the CPU: auto, on, off
+    expert_lookahead: bool = False  # prefetch the next layer's predicted experts (issue 19)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -124,6 +125,8 @@ def _check_moe(cfg: EngineConfig) -> None:
             raise OllmError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     if cfg.expert_slots is not None and cfg.expert_slots < 1:
         raise OllmError("expert_slots must be >= 1")
+    if not isinstance(cfg.expert_lookahead, bool):
+        raise OllmError(f"expert_lookahead must be True or False, not {cfg.expert_lookahead!r}")
 
 
 SPECULATE_MODES = ("tree", "mix", "cascade")  # prefixes of a speculate value

@@ -54,6 +54,7 @@ def plan_with_experts(engine, whole, workload, elem: int, chunk: dict):
         eplan = plan_experts(
             spec, engine.store, experts, engine.device, engine.gpu_memory, cfg.cpu_memory, cfg.offload,
             workload, elem, cfg.expert_cache, cfg.expert_slots, cfg.expert_cpu, plan_dense,
+            lookahead=cfg.expert_lookahead,
         )  # fmt: skip
     except BudgetError as exc:  # a warning only when asked for: "auto" just picks layers
         level = logging.WARNING if cfg.moe_offload == "expert" else logging.INFO

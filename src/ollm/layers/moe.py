@@ -75,6 +75,14 @@ def route(x: torch.Tensor, w: Weights, moe: MoeSpec) -> tuple[torch.Tensor, torc
     return top, idx
 
 
+def predict(x: torch.Tensor, w: Weights, moe: MoeSpec) -> torch.Tensor:
+    """The experts ``w``'s router would pick for the rows ``x`` [T, H] (indices [T, top_k]):
+    ``route``'s choice without its weights (top-k of the logits, which softmax keeps in order),
+    for lookahead, where another layer's input stands in for the rows."""
+    logits = F.linear(x, w[moe.router_key], w.get(f"{moe.prefix}.{moe.router}.bias"))
+    return torch.topk(logits, moe.top_k, dim=-1).indices
+
+
 def expert_forward(x: torch.Tensor, ew: Weights, moe: MoeSpec, act: str) -> torch.Tensor:
     """One expert applied to the rows ``x`` [n, H] routed to it; ``ew`` holds the expert's
     tensors by short name (``gate_proj.weight`` ..., ``gate_up_proj`` [2I, H] for fused gated
@@ -107,7 +115,10 @@ class ExpertSource(Protocol):
     """Gives a sparse layer's experts, in batches, where they are computed. Optional attributes
     read with ``getattr``: ``batched`` (device batches run as batched matmuls even when the rows
     are on the CPU: an accelerator played by the CPU), ``host_rows`` (CPU batches may come: the
-    rows and routing weights are read to the host together with the expert ids, in one sync)."""
+    rows are read to the host together with the expert ids, in one sync), ``next_weights`` and
+    ``prefetch(experts)`` (lookahead: the next sparse layer's weights, or None; its predicted
+    experts handed back to be copied early). A device batch may be a ``StackedBatch``
+    (``runtime/expert_stacks.py``): its weights gathered from stacked views."""
 
     def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
         """Yield batches covering every expert in ``used`` once (``counts``: rows routed to each
@@ -261,11 +272,16 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
     slot) pairs grouped by expert there; each device batch of experts runs as padded batched
     matmuls (``_run_batch``) or, with the rows on the CPU, expert by expert. The experts'
     outputs land in their pairs' slots unweighted; one multiply by the routing weights and
-    the slot sum per call (the same products and sum as weighting each expert's output)."""
+    the slot sum per call (the same products and sum as weighting each expert's output).
+    With lookahead (the source's ``next_weights``) the next sparse layer's router runs on
+    these rows too, its choice read in the same sync and prefetched after this layer's
+    compute is queued."""
     t, k = experts.shape
     n, dev0 = t * k, x.device
     host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
-    host = _to_host([experts.reshape(-1)] + ([x] if host_rows else []))
+    nxt = getattr(source, "next_weights", None)  # lookahead: the next sparse layer's router
+    ahead = [predict(x, nxt, moe).reshape(-1)] if nxt is not None else []
+    host = _to_host([experts.reshape(-1)] + ahead + ([x] if host_rows else []))
     rows: dict[int, list[int]] = {}  # expert -> its pairs in pair order (= a stable sort)
     for p, e in enumerate(host[0].tolist()):
         r = rows.get(e)
@@ -281,7 +297,7 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
     slots = torch.empty(n + 1, x.shape[-1], dtype=x.dtype, device=dev0)  # row n: padding's sink
     for dev, batch in source.run(used, counts):
         if dev is not None:  # the host computes; the outputs come back to their slots
-            hx = host[1] if host_rows else x.to(dev)
+            hx = host[-1] if host_rows else x.to(dev)
             ys, dst = [], []
             for e, ew in batch:
                 r = rows[e]
@@ -299,6 +315,8 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
                 pairs = _index(rows[e], dev0)
                 y = expert_forward(x.index_select(0, pairs // k), ew, moe, act)
                 slots.index_put_((pairs,), y)
+    if ahead:  # the next layer's predicted experts copied in behind this layer's compute
+        source.prefetch(sorted(set(host[1].tolist())))
     h = x.shape[-1]
     return (slots[:n].view(t, k, h) * weights.reshape(t, k, 1)).sum(dim=1).to(x.dtype)
 

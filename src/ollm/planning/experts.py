@@ -45,6 +45,7 @@ class ExpertPlan:
     group_rows: int  # rows routed at once: each expert is fetched once per group
     policy: str = "lru"  # cache replacement: "lru" or "lfu"
     cpu_compute: str = "auto"  # RAM experts missing from the cache run on the CPU: auto/on/off
+    lookahead: bool = False  # predict the next sparse layer's experts and prefetch its misses
 
     @property
     def total(self) -> int:
@@ -120,12 +121,15 @@ def plan_experts(
     slots: int | None = None,
     cpu_compute: str = "auto",
     plan_dense=None,
+    lookahead: bool = False,
 ):
     """The placement of the dense parts (a ``PlacementPlan`` over ``dense_store``) with an
     ``ExpertPlan`` in its ``experts`` field, under the same budgets; raises ``BudgetError``
     when the dense parts and ``MIN_SLOTS`` cache slots do not fit. ``experts`` is the store's
     ``StoreExperts``; ``plan_dense(store, gpu_memory, cpu_memory)`` plans the dense view
-    (``plan_placement`` with the caller's other arguments)."""
+    (``plan_placement`` with the caller's other arguments). ``lookahead`` holds only on an
+    accelerator with a cache and no dense part streaming (the prediction reads the next
+    layer's resident router)."""
     from ollm.storage.experts import dense_store
 
     on_gpu = device != "cpu"
@@ -166,6 +170,7 @@ def plan_experts(
         group_rows=rows,
         policy=policy,
         cpu_compute=cpu_compute,
+        lookahead=lookahead and on_gpu and not plan.streamed and not (fits and slots is None),
     )
     reserved = dict(plan.reserved)
     reserved["experts"] = total * slot if eplan.resident else cache * slot

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.runtime.expert_lookahead import LayerExperts, Lookahead
 from ollm.runtime.expert_stacks import stacked_batch, stacked_views, uniform_rows
 from ollm.runtime.experts_policy import Lfu, Lru
 from ollm.runtime.pinned import pinned_empty, unpin
@@ -106,6 +107,7 @@ class ExpertCache:
             self.cuda and not plan.resident and plan.cpu_compute != "off" and any(plan.ram)
         )
         self.routed: dict[Key, int] = {}  # calls that used each expert (a calibration's output)
+        self.ahead = Lookahead(self) if plan.lookahead and not plan.resident else None
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready: list[torch.cuda.Event | None] = [None] * n
@@ -167,7 +169,7 @@ class ExpertCache:
         bound = self._bound.get(i)
         if bound is not None and bound[0] is w:
             return bound[1]
-        sw = self.wrap(w, _LayerExperts(self, i), self.plan.group_rows)
+        sw = self.wrap(w, LayerExperts(self, i), self.plan.group_rows)
         self._bound[i] = (w, sw)
         return sw
 
@@ -182,6 +184,8 @@ class ExpertCache:
             yield None, stacked_batch(batch, self._layer_stacks.get(i, {}), used)
             return
         ram = self.plan.ram[self._index[i]]
+        if self.ahead is not None:
+            self.ahead.check(i, used)
         hits, local, misses = [], [], []
         for e in used:
             key = (i, e)
@@ -477,15 +481,3 @@ class ExpertCache:
         self._slot_stacks.clear()
         self._layer_stacks.clear()
         self.where.clear()
-
-
-class _LayerExperts:
-    """``ExpertSource`` of one layer: the cache's ``run`` for layer i."""
-
-    def __init__(self, cache: ExpertCache, i: int) -> None:
-        self.cache, self.i = cache, i
-        self.batched = cache.batched
-        self.host_rows = cache.host_rows
-
-    def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
-        return self.cache.run(self.i, used, counts)
