@@ -12,6 +12,7 @@ random rows, the sparse layers in turn as decode visits them. Measured per MoE c
 
 * ``host_us``: wall microseconds of ``moe_mlp`` (median, p10, p90, mean) with one intra-op
   thread; on a GPU the kernels would be queued, so this is what the host spends per layer;
+  ``host_cpu_us``: the same call's CPU time of this thread (steadier on a shared machine);
 * ``ops``: aten ops per call other than views and allocations (each a kernel launch on a GPU;
   ``copy_`` also counts the slot fills), counted by a ``TorchDispatchMode``, and host reads
   (``tolist``/``item``: a sync each on a GPU);
@@ -174,20 +175,22 @@ def measure(args) -> dict:
     h = llm.spec.hidden_size
     xs = [torch.randn(1, 1, h, generator=g) * 4 for _ in range(args.steps)]
 
-    def step(x, record=None):
+    def step(x, record=None, cpu=None):
         for i in layers:
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             y = moe_mlp(x, bound[i], moe, act)
             if record is not None:
                 record.append(time.perf_counter() - t0)
+                cpu.append(time.thread_time() - c0)
         return y
 
     for x in xs[:20]:  # warm-up (kernel selection, first-use allocations, a partly filled cache)
         step(x)
     cache.counts = {k: 0 for k in cache.counts}
     times: list[float] = []
+    cpu: list[float] = []
     for x in xs:
-        step(x, times)
+        step(x, times, cpu)
     calls = len(times)
     hits, misses = cache.counts["hits"], cache.counts["misses"]
     ops_steps = xs[:20]
@@ -207,6 +210,7 @@ def measure(args) -> dict:
             ref = moe_mlp(x, dense[i], moe, act)
             diff = max(diff, (moe_mlp(x, bound[i], moe, act) - ref).abs().max().item())
     ms = sorted(t * 1e6 for t in times)
+    cs = sorted(t * 1e6 for t in cpu)
     out = dict(
         machine=args.machine,
         commit=_commit(),
@@ -223,6 +227,11 @@ def measure(args) -> dict:
             p10=round(ms[len(ms) // 10], 1),
             p90=round(ms[9 * len(ms) // 10], 1),
             mean=round(statistics.fmean(ms), 1),
+        ),
+        host_cpu_us=dict(  # this thread's CPU time (waits for a core under load excluded)
+            median=round(statistics.median(cs), 1),
+            p10=round(cs[len(cs) // 10], 1),
+            mean=round(statistics.fmean(cs), 1),
         ),
         hit_rate=round(hits / max(1, hits + misses), 4),
         ops_per_call=round(sum(counter.ops.values()) / ncalls, 2),

@@ -12,6 +12,7 @@ Weights are passed in by HF name, as for the dense block. Three layouts are read
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -173,7 +174,13 @@ class ResidentExperts:
 
 
 def _gated_names(moe: MoeSpec) -> tuple[str, str, str]:
-    return tuple(f"{n}.weight" for n in moe.expert_names)  # type: ignore[return-value]
+    """The per-expert layout's (gate, up, down) tensor names."""
+    return _weight_names(moe.expert_names)
+
+
+@functools.cache
+def _weight_names(names: tuple[str, str, str]) -> tuple[str, str, str]:
+    return tuple(f"{n}.weight" for n in names)  # type: ignore[return-value]
 
 
 def _stack(ews: list[Weights], moe: MoeSpec) -> dict[str, torch.Tensor]:
