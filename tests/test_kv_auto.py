@@ -161,12 +161,21 @@ def tiny(tmp_path_factory):
     return str(path)
 
 
-def test_auto_runs_and_reports_its_choice(tiny, tmp_path):
-    """A tiny model with ``kv_codec="auto"`` on the CPU: device KV exact (codes only cost the
-    CPU more), disk KV compressed (the default disk rate is far below CPU attention's); the
-    plan, ``info()`` and the run's metrics say so, and the disk layers hold codes."""
-    from ollm import LLM, SamplingParams
+def test_disk_rate_is_the_page_cache_while_kv_fits_in_ram():
+    from ollm.engine.kv_auto import disk_rate
+    from ollm.planning.kv_choice import DEFAULT_DISK, DEFAULT_PAGE_CACHE
 
+    assert disk_rate(1 << 20) == DEFAULT_PAGE_CACHE and disk_rate(1 << 60) == DEFAULT_DISK
+
+
+def test_auto_runs_and_reports_its_choice(tiny, tmp_path, monkeypatch):
+    """A tiny model with ``kv_codec="auto"`` on the CPU behind a slow disk (1 MB/s): device KV
+    exact (codes only cost the CPU more), disk KV compressed; the plan, ``info()`` and the
+    run's metrics say so, and scores move as int8 KV's do."""
+    from ollm import LLM, SamplingParams
+    from ollm.engine import kv_auto
+
+    monkeypatch.setattr(kv_auto, "disk_rate", lambda kv_bytes: 1e6)
     ids = list(range(1, 150))
     params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     with LLM(tiny, device="cpu", max_context=256) as exact:
@@ -202,7 +211,8 @@ def torch_equal(a, b) -> bool:
 
 
 def test_cli_run_reports_the_choice(tiny, tmp_path):
-    """``ollm run --kv-codec auto``: the JSON metrics carry each tier's codec."""
+    """``ollm run --kv-codec auto`` with this machine's rates (its CPU attention measured):
+    the JSON metrics carry each tier's codec."""
     import json
 
     from typer.testing import CliRunner
@@ -215,4 +225,5 @@ def test_cli_run_reports_the_choice(tiny, tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     codecs = json.loads(res.stdout)["metrics"]["kv_codecs"]
-    assert codecs.startswith("device exact (") and "disk int4 (" in codecs
+    assert codecs.startswith("device exact (") and ", disk " in codecs
+    assert codecs.endswith("at 256 tokens, measured rates")

@@ -273,3 +273,31 @@ def cached_rates(
     os.replace(tmp, path)
     log.info("measured machine rates: %s", rates)
     return rates
+
+
+CPU_ATTN_MAX_TOKENS = 32768  # the CPU attention rate is measured at most at this many tokens
+
+
+def cpu_attention_rate(spec, context: int, dtype: torch.dtype, cache_dir: Path) -> float:
+    """Exact KV bytes/s of one decode query's attention on the CPU at ``context`` tokens' bucket
+    (at most ``CPU_ATTN_MAX_TOKENS``; ``_attention_workload``, the threads torch uses now):
+    a CPU machine's one rate ``--kv-codec auto`` reads (``MachineRates`` needs a GPU). Cached
+    as JSON beside the machine rates; a few hundred ms the first time."""
+    bucket = min(1 << max(0, context - 1).bit_length(), CPU_ATTN_MAX_TOKENS)
+    dt = str(dtype).removeprefix("torch.")
+    shape = f"{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}"
+    key = f"cpu-attn-v1-{platform.node()}-{os.cpu_count()}-{torch.get_num_threads()}-{dt}-{shape}-{bucket}"
+    path = Path(cache_dir) / "machine" / f"{key}.json"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text())["cpu_attn"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring unreadable CPU attention rate %s", path)
+    step, nbytes, _ = _attention_workload(spec, bucket, dtype)
+    rate = nbytes / _time(step, 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"cpu_attn": rate, "tokens": bucket}))
+    os.replace(tmp, path)
+    log.info("measured CPU decode attention: %.2f GB/s of KV at %d tokens", rate / 1e9, bucket)
+    return rate
