@@ -12,7 +12,9 @@ layer's in the tier its plan puts its KV in (device, pinned RAM, disk files: `en
 with ``plan.kv_pools`` blocks per group (the planner's ``max_batch x max_context`` in blocks;
 windowed groups only what a window keeps live) and an optional swap tier for preempted
 sequences. Pools in host memory are attended by the CPU in decode, gathered to the GPU in
-prefill (`kv.packed`).
+prefill (`kv.packed`). With ``kv_codec`` a home's full-attention blocks are stored encoded
+(`kv.codec_paged`): blocks of whole codec groups, exact slots for the recent windows, at most
+``max_batch`` sequences and ``kvpools.ENCODED_STEP_TOKENS`` tokens a step, no drafts yet.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from ollm.engine.kvpools import (
     DEVICE_TIER,
     batch_supported,
     build_pools,
+    codec_block_tokens,
+    encoded_limits,
     kv_groups,
     planned_blocks,
     workload_blocks,
@@ -129,8 +133,9 @@ class BatchEngine:
             )
         swap = -(-swap_tokens // block_tokens)
         self.pools = build_pools(
-            runner, self.layer_groups, pool_blocks, swap, block_tokens, windows, kv_dir, all_disk
-        )
+            runner, self.layer_groups, pool_blocks, swap, block_tokens, windows, kv_dir, all_disk,
+            (max_running, step_tokens),
+        )  # fmt: skip
         self.device = torch.device(plan.device)
         self.splits = attach(self.pools.stores, self.device, host_split)
         managers = self.pools.managers
@@ -169,11 +174,12 @@ class BatchEngine:
         windowed = any(layer.window for layer in runner.spec.layers)
         step = chunk if windowed and chunk else batch * context
         rows = plan.reserved.get("activations", 0) // (4 * runner.spec.vocab_size)
-        groups = {g for g, _ in kv_groups(runner)}
-        pools = planned_blocks(plan, groups, BLOCK_TOKENS, batch, context)
+        step, running = encoded_limits(runner, step, max(batch, min(256, rows)), batch)
+        bt = codec_block_tokens(runner, BLOCK_TOKENS)  # whole codec groups when encoded
+        pools = planned_blocks(plan, {g for g, _ in kv_groups(runner)}, bt, batch, context)
         return cls(
-            runner, tokenizer, eos_ids, block_tokens=BLOCK_TOKENS, max_batch=batch,
-            max_context=context, max_step_tokens=step, max_running=max(batch, min(256, rows)),
+            runner, tokenizer, eos_ids, block_tokens=bt, max_batch=batch,
+            max_context=context, max_step_tokens=step, max_running=running,
             pool_blocks=pools, kv_dir=kv_dir, all_disk=all_disk,
             host_split=0 if pools is None or not host_split else split_budget(runner, batch, context),
             rates=rates,
@@ -248,6 +254,7 @@ class BatchEngine:
     @torch.inference_mode()
     def step(self) -> list[str]:
         """Run one step; returns the ids of the requests that finished in it."""
+        self.pools.sweep(lambda g: [s.tables[g] for s in self.scheduler.seqs.values()])
         plan = self.scheduler.schedule(*self._drafts())
         if not plan.seqs:
             self.scheduler.update({})
@@ -285,7 +292,7 @@ class BatchEngine:
         """Draft tokens for each decoding request (one uncomputed token, room for more) and
         the parents of those that are trees; their distributions kept for `_verify`."""
         self._draft_of = {}
-        if self.speculator is None:
+        if self.speculator is None or self.pools.encoded:  # encoded pools: no drafts yet
             return {}, {}
         asks = {}
         for rid, live in self.live.items():
@@ -461,33 +468,9 @@ class BatchEngine:
 
     def metrics(self) -> EngineMetrics:
         """Counts of requests by state, blocks used per group and tier, prefix reuse."""
-        states = [s.status for s in self.scheduler.seqs.values()]
-        return EngineMetrics(
-            steps=self.steps,
-            running=states.count(SeqStatus.RUNNING),
-            waiting=states.count(SeqStatus.WAITING),
-            swapped=states.count(SeqStatus.SWAPPED),
-            kv_blocks=self.scheduler.usage(),
-            prefix_hits=self.scheduler.prefix_hits,
-            prefix_saved_tokens=self.scheduler.prefix_saved_tokens,
-            preemptions=self.scheduler.num_preemptions,
-            step_tokens=self.step_tokens,
-            drafted=self.drafted,
-            accepted_drafts=self.accepted_drafts,
-            **self._spec_metrics(),
-        )
+        from ollm.engine.batch_metrics import engine_metrics
 
-    def _spec_metrics(self) -> dict[str, object]:
-        """Speculation's share of `EngineMetrics` (empty without a drafter)."""
-        if self.speculator is None:
-            return {}
-        s = self.speculator.stats
-        return {
-            "drafter": s.drafter,
-            "acceptance_rate": s.acceptance_rate,
-            "tokens_per_pass": s.tokens_per_pass,
-            "drafter_share": s.drafter_share,
-        }
+        return engine_metrics(self)
 
     def kv_blocks_used(self) -> int:
         """Referenced KV blocks over every group and tier (0 once every request has ended)."""

@@ -27,11 +27,14 @@ import torch
 
 from ollm.errors import OllmError
 from ollm.kv.blocks import BlockManager, BlockMove
+from ollm.kv.codec_blocks import CodecBlockManager, exact_slots_for
+from ollm.kv.codec_paged import CodecPagedStore
+from ollm.kv.codecs import KVCodec, codec_for_tier
 from ollm.kv.disk import KVDirectory
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import kv_group
 from ollm.sizes import format_size
-from ollm.tiers import Home
+from ollm.tiers import Home, KvTier
 
 DEVICE_TIER = "device"  # the allocation tier of every home
 SWAP_TIER = "swap"  # where preempted sequences' blocks move to
@@ -45,13 +48,54 @@ def layer_homes(plan, all_disk: bool = False) -> list[Home]:
 
 def batch_unsupported(runner) -> str | None:
     """Why the batch engine (paged KV, speculation) cannot run this model, or None: its
-    linear-attention layers' recurrent state cannot be paged, forked or rolled back."""
+    linear-attention layers' recurrent state cannot be paged, forked or rolled back; a temporal
+    KV schedule re-encodes blocks as they age, and paged pools keep one codec each."""
     if getattr(runner.spec, "linear_attn", None) is not None:
         return (
             f"{runner.spec.family}'s linear-attention layers keep a recurrent state that paged "
             "batching and speculative decoding cannot fork or roll back"
         )
+    codec = getattr(runner, "kv_codec", "none")
+    if codec != "none" and not all(isinstance(c, KVCodec) for c in _codecs(runner).values()):
+        return f"the temporal KV schedule {codec!r} re-encodes blocks as they age (one codec per paged pool)"
     return None
+
+
+def _codecs(runner, all_disk: bool = False) -> dict[Home, object]:
+    """The codec of each home's full-attention pools (``codec_for_tier``: ``auto`` leaves the
+    device's exact); homes without one are absent."""
+    spec = getattr(runner, "kv_codec", "none")
+    if spec == "none":
+        return {}
+    kv_tier = {Home.DEVICE: KvTier.DEVICE, Home.RAM: KvTier.CPU, Home.DISK: KvTier.DISK}
+    out = {}
+    for h in set(layer_homes(runner.plan, all_disk)):
+        codec = codec_for_tier(spec, kv_tier[h], runner.kv_recent)
+        if codec is not None:
+            out[h] = codec
+    return out
+
+
+# Most query tokens one step carries over encoded pools: every block a step writes holds an exact
+# slot until the step ends, so this (not the context) sizes the exact slots with the batch.
+ENCODED_STEP_TOKENS = 1024
+
+
+def encoded_limits(runner, step: int, running: int, batch: int) -> tuple[int, int]:
+    """(step tokens, running sequences) of a batch engine for ``batch`` sequences: unchanged
+    for exact pools; at most ``ENCODED_STEP_TOKENS`` and ``batch`` when a pool is encoded
+    (each running sequence keeps its recent window in exact slots)."""
+    if not _codecs(runner):
+        return step, running
+    return min(step, ENCODED_STEP_TOKENS), batch
+
+
+def codec_block_tokens(runner, block_tokens: int) -> int:
+    """``block_tokens`` rounded up to whole codec groups when a pool is encoded (a block is
+    encoded as a whole: keys per channel over each group of its tokens)."""
+    groups = [c.block for c in _codecs(runner).values() if isinstance(c, KVCodec)]
+    g = max(groups, default=1)
+    return -(-block_tokens // g) * g
 
 
 def batch_supported(runner) -> bool:
@@ -99,6 +143,18 @@ class EnginePools:
         """Any store of ``group`` (they share shapes and block ids)."""
         return next(iter(self.stores[group].values()))
 
+    @property
+    def encoded(self) -> bool:
+        """Whether a group's blocks are stored encoded (`kv.codec_blocks`)."""
+        return any(isinstance(m, CodecBlockManager) for m in self.managers.values())
+
+    def sweep(self, tables_of) -> None:
+        """Between steps: let encoded groups reuse the exact slots no live window needs
+        (``tables_of(group)``: every live sequence's table of that group)."""
+        for g, m in self.managers.items():
+            if isinstance(m, CodecBlockManager):
+                m.sweep(tables_of(g))
+
     def close(self) -> None:
         """Drop the tensors and remove the disk directory."""
         self.stores.clear()
@@ -117,19 +173,33 @@ def build_pools(
     windows: Mapping[str, int | None],
     kv_root: str | None = None,
     all_disk: bool = False,
+    limits: tuple[int, int] = (1, 0),
 ) -> EnginePools:
     """Managers and stores for ``blocks[group]`` blocks per group (and ``swap_blocks`` of swap
-    each), every layer's in its home; refuses up front when RAM or disk cannot hold them."""
+    each), every layer's in its home; refuses up front when RAM or disk cannot hold them.
+    A home whose codec (``runner.kv_codec``, ``codec_for_tier``) is set stores the
+    full-attention group's blocks encoded, with exact slots for ``limits`` = (most running
+    sequences, most tokens a step) (`kv.codec_blocks.exact_slots_for`)."""
     spec, plan = runner.spec, runner.plan
     homes = layer_homes(plan, all_disk)
     on_device = [p.kv_device for p, h in zip(plan.layers, homes, strict=True) if h == Home.DEVICE]
     device = torch.device(on_device[0] if on_device else plan.device)
     elem = torch.finfo(runner.dtype).bits // 8
     block = 2 * block_tokens * spec.num_kv_heads * spec.head_dim * elem
+    codecs = _codecs(runner, all_disk)
+    managers = {
+        g: _manager(g, w, blocks[g], swap_blocks, block_tokens, codecs, limits)
+        for g, w in windows.items()
+    }
     need = {h: 0 for h in HOMES}
     counts: dict[tuple[str, str], int] = {}
     for (g, _), h in zip(layer_groups, homes, strict=True):
         counts[(g, h)] = counts.get((g, h), 0) + 1
+        m = managers[g]
+        if isinstance(m, CodecBlockManager) and h in codecs:
+            per = codecs[h].bytes_per_token(spec.head_dim, elem) * spec.num_kv_heads
+            need[h] += m.exact_slots * block + -(-int(per * block_tokens) // 16) * 16 * blocks[g]
+            continue
         need[h] += blocks[g] * block
         # The device home's swap tier is RAM on a GPU; the others swap within their own kind.
         need[Home.RAM if h == Home.DEVICE and device.type == "cuda" else h] += swap_blocks * block
@@ -145,18 +215,14 @@ def build_pools(
             disk.close()
             raise
     try:
-        managers, stores = {}, {}
-        for g, window in windows.items():
-            pools = {DEVICE_TIER: blocks[g]}
-            if swap_blocks:
-                pools[SWAP_TIER] = swap_blocks
-            swap = SWAP_TIER if swap_blocks else None
-            managers[g] = BlockManager(block_tokens, pools, (DEVICE_TIER,), swap, window)
+        stores = {}
+        for g in windows:
+            pools = {t: p.num_blocks for t, p in managers[g].pools.items()}
             stores[g] = {
-                h: _store(runner, counts[(g, h)], pools, block_tokens, h, device, disk)
+                h: _store(runner, counts[(g, h)], pools, block_tokens, h, device, disk, managers[g], codecs.get(h))
                 for h in HOMES
                 if (g, h) in counts
-            }
+            }  # fmt: skip
     except BaseException:
         if disk is not None:
             disk.close()
@@ -170,8 +236,30 @@ def build_pools(
     return EnginePools(managers, stores, layers, disk, need)
 
 
-def _store(runner, n_layers, pools, block_tokens, home, device, disk) -> PagedKVStore:
-    """One (group, home)'s tensors: its allocation and swap tiers."""
+def _manager(group, window, blocks, swap_blocks, block_tokens, codecs, limits) -> BlockManager:
+    """A group's block manager: encoded (`CodecBlockManager`) for the full-attention group when
+    a home has a codec (windowed groups stay exact, as in the single-request caches)."""
+    if window is None and codecs:
+        if swap_blocks:
+            raise ValueError("encoded KV pools have no swap tier: preempted sequences recompute")
+        recent = next(iter(codecs.values())).recent
+        w = -(-recent // block_tokens)  # the recent window in whole blocks
+        slots = exact_slots_for(limits[0], w, limits[1], block_tokens, blocks)
+        return CodecBlockManager(
+            block_tokens, {DEVICE_TIER: blocks}, recent_blocks=w, exact_slots=slots
+        )
+    pools = {DEVICE_TIER: blocks}
+    if swap_blocks:
+        pools[SWAP_TIER] = swap_blocks
+    swap = SWAP_TIER if swap_blocks else None
+    return BlockManager(block_tokens, pools, (DEVICE_TIER,), swap, window)
+
+
+def _store(
+    runner, n_layers, pools, block_tokens, home, device, disk, manager=None, codec=None
+) -> PagedKVStore:
+    """One (group, home)'s tensors: its allocation and swap tiers, or with a ``codec`` (and the
+    group's `CodecBlockManager`) its codes and exact slots."""
     from ollm.runtime.pinned import pinned_empty
 
     spec = runner.spec
@@ -190,6 +278,11 @@ def _store(runner, n_layers, pools, block_tokens, home, device, disk) -> PagedKV
     elif home == Home.DISK:
         assert disk is not None
         storage = {DEVICE_TIER: disk.storage, SWAP_TIER: disk.storage}  # fallocate: zeroed
+    if codec is not None and isinstance(manager, CodecBlockManager):
+        return CodecPagedStore(
+            n_layers, manager, codec, spec.num_kv_heads, spec.head_dim, runner.dtype,
+            devices[DEVICE_TIER], storage.get(DEVICE_TIER),
+        )  # fmt: skip
     return PagedKVStore(
         n_layers, pools, spec.num_kv_heads, block_tokens, spec.head_dim, runner.dtype, devices,
         storage=storage,

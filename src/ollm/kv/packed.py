@@ -168,9 +168,11 @@ class PackedStep:
         out = []
         for group, store, local in layers:
             pool = store.pools[self.tier][local]
-            out.append(
-                PackedLayerKV(self, store, self.layout(group, pool.device), local, self.tier)
-            )
+            layout = self.layout(group, pool.device)
+            if hasattr(store, "layer_kv"):  # an encoded pool (kv/codec_paged.py)
+                out.append(store.layer_kv(self, layout, local))
+            else:
+                out.append(PackedLayerKV(self, store, layout, local, self.tier))
         return out
 
 

@@ -1,0 +1,251 @@
+"""Encoded paged KV pools (issue 17): the tensor side of `kv.codec_blocks.CodecBlockManager`.
+
+A `CodecPagedStore` keeps, per layer, the codes of every block id (a `CodeStore` whose batch
+axis is the block id: K per channel over groups of the codec's block, V per token) and an exact
+pool of ``manager.exact_slots`` blocks (the `PagedKVStore` pool, indexed by exact slot) for the
+recent windows and the blocks being filled. Its bytes per block are the encoded ones, so the
+same memory holds more blocks; only the exact slots are at full precision.
+
+`CodecLayerKV` is one layer's object for a packed step (as `kv.packed.PackedLayerKV`): it writes
+the rows' K/V into their blocks' exact slots, encodes every block these rows fill, then attends
+each sequence decode-faithfully, as the single-request `CompressedKVCache` does: a query at
+``q`` sees blocks before ``(q + 1) // block_tokens - recent_blocks`` decoded from their codes
+(into the store's kept host scratch, the buffers the exact gather uses; never the whole pool)
+and the rest exact. Rows whose windows differ (a prefill chunk crossing a block edge) attend
+both views under one dense mask.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ollm.kv.codec_blocks import CodecBlockManager
+from ollm.kv.codecs import CodeStore, KVCodec, decode, encode
+from ollm.kv.paged import PagedKVStore
+
+if TYPE_CHECKING:
+    from ollm.kv.packed import GroupLayout, PackedStep, SeqRows
+    from ollm.layers.attention import AttentionMask
+
+
+class CodecPagedStore(PagedKVStore):
+    """Codes of every block plus exact slots, for ``num_layers`` layers of one KV group."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        manager: CodecBlockManager,
+        codec: KVCodec,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        storage=None,
+    ) -> None:
+        """``storage(nbytes)`` (pinned RAM, a KV file) allocates the exact pool and each
+        layer's codes; else they are plain tensors on ``device``."""
+        bt, tier = manager.block_tokens, manager.tier
+        if bt % codec.block:
+            raise ValueError(
+                f"KV blocks of {bt} tokens are not whole codec groups of {codec.block}"
+            )
+        super().__init__(
+            num_layers, {tier: manager.exact_slots}, kv_heads, bt, head_dim, dtype,
+            {tier: device}, storage={tier: storage} if storage is not None else None,
+        )  # fmt: skip
+        self.codec, self.manager, self.tier = codec, manager, tier
+        blocks = manager.pools[tier].num_blocks
+        self.codes = [
+            CodeStore(codec, blocks, kv_heads, bt, head_dim, dtype, device, storage)
+            for _ in range(num_layers)
+        ]
+        self._slots: tuple[int, torch.device, torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the exact slots and every layer's codes."""
+        return super().nbytes + sum(c.nbytes for c in self.codes)
+
+    def encoded_block_bytes(self) -> int:
+        """Bytes one block takes in one layer's codes (K and V, parameters included)."""
+        return self.codes[0].nbytes // self.codes[0].kc.shape[0] if self.codes else 0
+
+    def slot_index(self, device: torch.device) -> torch.Tensor:
+        """``manager.exact_of`` as a long tensor on ``device`` (rebuilt when it changed)."""
+        v = self.manager.version
+        if self._slots is None or self._slots[0] != v or self._slots[1] != device:
+            t = torch.tensor(self.manager.exact_of, dtype=torch.long, device=device)
+            self._slots = (v, device, t)
+        return self._slots[2]
+
+    def exact_slots_of(self, blocks: list[int]) -> list[int]:
+        """The exact slots of ``blocks`` (each must have one)."""
+        slots = [self.manager.exact_of[b] for b in blocks]
+        if min(slots, default=0) < 0:
+            raise RuntimeError(f"a block of {blocks} has no exact copy to read")
+        return slots
+
+    def encode_blocks(self, layer: int, blocks: list[int]) -> None:
+        """Encode the full ``blocks`` of ``layer`` from their exact slots into their codes."""
+        if not blocks:
+            return
+        pool = self.pools[self.tier][layer]
+        slots = torch.tensor(self.exact_slots_of(blocks), dtype=torch.long, device=pool.device)
+        k, v = pool[0].index_select(0, slots), pool[1].index_select(0, slots)  # [n, H, bt, D]
+        n, h, bt, d = k.shape
+        g = self.codec.block
+        kc, kp = encode(k.reshape(n, h * (bt // g), g, d), self.codec.key)  # per block group
+        vc, vp = encode(v, self.codec.value)
+        store = self.codes[layer]
+        ids = torch.tensor(blocks, dtype=torch.long, device=store.device)
+        parts = (kc.reshape(n, h, bt, -1), None if kp is None else kp.reshape(n, h, bt // g, *kp.shape[3:]), vc, vp)  # fmt: skip
+        for dst, src in zip(store.tensors(), parts, strict=True):
+            if src is not None:
+                dst.index_copy_(0, ids, src.to(dst.device, dst.dtype))
+
+    def decode_blocks(self, layer: int, ids: torch.Tensor, k_out, v_out) -> None:
+        """Decode blocks ``ids`` of ``layer`` into ``k_out``/``v_out`` [kv_heads, n, bt, D]."""
+        store = self.codes[layer]
+        ids = ids.to(store.device)
+        kc, kp, vc, vp = (t.index_select(0, ids).transpose(0, 1) for t in store.tensors())
+        decode(kc, kp, self.codec.key, k_out)
+        decode(vc, vp, self.codec.value, v_out)
+
+    def copy_blocks(self, moves) -> None:
+        """Copy-on-write moves of partial blocks: their exact slots (they have no codes yet)."""
+        from ollm.kv.blocks import BlockMove
+
+        slot = self.manager.exact_of
+        super().copy_blocks(
+            BlockMove(m.src_tier, slot[m.src_block], m.dst_tier, slot[m.dst_block]) for m in moves
+        )
+
+    def layer_kv(self, step: PackedStep, layout: GroupLayout, layer: int) -> CodecLayerKV:
+        """This store's layer ``layer`` for one packed step."""
+        return CodecLayerKV(step, self, layout, layer)
+
+
+class CodecLayerKV:
+    """One layer's encoded KV for one packed step (see the module docstring); the protocol of
+    `kv.packed.PackedLayerKV`."""
+
+    length = 0
+    fetcher = None
+
+    def __init__(
+        self, step: PackedStep, store: CodecPagedStore, layout: GroupLayout, layer: int
+    ) -> None:
+        self.step, self.store, self.layout, self.layer = step, store, layout, layer
+        self.pool = store.pools[store.tier][layer]  # [2, exact slots, kv_heads, bt, head_dim]
+        self._cursor = 0
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: AttentionMask,
+        scale: float,
+        dense_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Store rows ``[cursor, cursor + T)``'s K/V, encode the blocks they fill, and return the
+        attention of their queries ``[1, heads, T, D]`` (``dense_mask`` is ignored)."""
+        r0, r1 = self._cursor, self._cursor + q.shape[2]
+        if q.shape[0] != 1 or mask.q_start != r0 or r1 > self.step.num_rows:
+            raise RuntimeError(
+                f"packed KV expects one row of consecutive chunks: rows [{mask.q_start}, "
+                f"+{q.shape[2]}) at cursor {r0} of {self.step.num_rows} (batch {q.shape[0]})"
+            )
+        self._cursor = 0 if r1 == self.step.num_rows else r1
+        lay, pool = self.layout, self.pool
+        slots = self.store.slot_index(pool.device)[lay.row_block[r0:r1].to(pool.device)]
+        off = lay.row_offset[r0:r1].to(pool.device)
+        pool[0][slots, :, off] = k[0].transpose(0, 1).to(pool.device, pool.dtype)
+        pool[1][slots, :, off] = v[0].transpose(0, 1).to(pool.device, pool.dtype)
+        spans, filled = [], []
+        bt = self.store.block_tokens
+        for s in lay.seqs:
+            a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
+            if a < b:
+                p0, p1 = s.start + a - s.row0, s.start + b - s.row0
+                ids = s.block_ids.tolist()
+                filled += [ids[j - s.key0 // bt] for j in range(p0 // bt, p1 // bt)]
+                spans.append((s, a, b, p0, p1))
+        self.store.encode_blocks(self.layer, filled)  # each block once, when it fills
+        out = torch.empty_like(q)
+        for s, a, b, p0, p1 in spans:
+            o = self._attend_seq(q[:, :, a - r0 : b - r0], s, p0, p1, mask, scale)
+            out[:, :, a - r0 : b - r0] = o.to(q.device)
+        return out
+
+    def _attend_seq(self, q, s: SeqRows, p0: int, p1: int, mask, scale: float) -> torch.Tensor:
+        """Queries at positions [p0, p1) of one sequence over its keys [0, p1)."""
+        from ollm.layers.attention import AttentionMask as Mask
+        from ollm.layers.attention import attend
+
+        ks, vs, a, e1 = self._keys(s, p0, p1)
+        rows, total = p1 - p0, ks.shape[1]
+        dev = self._device(rows, q.device)
+        ks, vs = ks.unsqueeze(0).to(dev, q.dtype), vs.unsqueeze(0).to(dev, q.dtype)
+        if a == e1:  # every row sees the same blocks decoded: positions [0, p1) in order
+            return attend(q.to(dev), ks, vs, Mask(p0, rows, p1, None, None, mask.sinks), scale)
+        # Keys are [decoded 0..e1) + [exact a..p1): a row sees key k decoded iff k < its
+        # boundary, exact iff boundary <= k <= its position (q_start keeps causal bounds right).
+        bt, w = self.store.block_tokens, self.store.manager.recent_blocks
+        qpos = torch.arange(p0, p1, device=dev)[:, None]
+        bound = ((qpos + 1) // bt - w).clamp_min(0) * bt
+        coded = torch.arange(e1, device=dev)[None] < bound
+        kpos = torch.arange(a, p1, device=dev)[None]
+        exact = (kpos >= bound) & (kpos <= qpos)
+        dense = torch.cat([coded, exact], 1)[None, None]
+        keep = torch.ones(1, total, dtype=torch.bool, device=dev)
+        m = Mask(total - rows, rows, total, keep, None, mask.sinks)
+        return attend(q.to(dev), ks, vs, m, scale, dense)
+
+    def _keys(self, s: SeqRows, p0: int, p1: int):
+        """[kv_heads, e1 + p1 - a, D] K and V: blocks [0, e1) decoded, then positions [a, p1)
+        exact, in the store's host scratch (the first rows' and the last row's boundaries)."""
+        st, bt = self.store, self.store.block_tokens
+        w = st.manager.recent_blocks
+        ab, eb = max(0, (p0 + 1) // bt - w), max(0, p1 // bt - w)
+        nb = -(-p1 // bt)
+        h, d = st.kv_heads, st.head_dim
+        width = (eb + nb - ab) * bt
+        kv = []
+        for i in (0, 1):
+            buf = st.host_scratch(i, (h, width, d)) if self.pool.device.type == "cpu" else None
+            if buf is None:
+                buf = torch.empty(h, width, d, dtype=st.dtype, device=self.pool.device)
+            kv.append(buf)
+        ids = s.block_ids
+        if eb:
+            view = [t[:, : eb * bt].view(h, eb, bt, d) for t in kv]
+            st.decode_blocks(self.layer, ids[:eb], *view)
+        slots = st.slot_index(self.pool.device)[ids[ab:nb].to(self.pool.device)]
+        for i, t in enumerate(kv):
+            x = self.pool[i].index_select(0, slots)  # [n, H, bt, D]
+            t[:, eb * bt :].view(h, nb - ab, bt, d).copy_(x.transpose(0, 1))
+        n = eb * bt + p1 - ab * bt
+        return kv[0][:, :n], kv[1][:, :n], ab * bt, eb * bt
+
+    def _device(self, rows: int, q_device: torch.device) -> torch.device:
+        """Where a sequence's rows attend: by the CPU over a pool in host memory for a few rows
+        (as `PackedLayerKV`), else on the queries' device."""
+        from ollm.kv.packed import CPU_ATTEND_ROWS
+
+        host = self.pool.device.type == "cpu" and q_device.type != "cpu"
+        return self.pool.device if host and rows <= CPU_ATTEND_ROWS else q_device
+
+    def flush(self) -> bool:
+        """Nothing is buffered elsewhere."""
+        return False
+
+    def close(self) -> None:
+        """The pools belong to the engine."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this layer's exact slots and codes."""
+        return self.pool.numel() * self.pool.element_size() + self.store.codes[self.layer].nbytes
