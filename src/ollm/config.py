@@ -181,8 +181,15 @@ def _check_kv_codec(cfg: EngineConfig) -> None:
     for name, on in uses:
         if on and routing != "full":
             raise OllmError(f"{name} cannot be combined with attention {routing!r}")
-    if evict is not None and cfg.kv_codec != "none":
-        raise OllmError("kv_evict and kv_codec cannot be combined yet: choose one")
+    if evict is not None and codec is not None:
+        from ollm.kv.codecs import KVCodec
+
+        # an evicting cache stores its older slots encoded per token (kv/evict_codec.py)
+        if cfg.kv_codec.strip().lower() == "auto" or not isinstance(codec, KVCodec):
+            raise OllmError(
+                f"kv_evict combines with one codec for every slot (int8, int4, fp8 or "
+                f"k:KIND,v:KIND), not kv_codec {cfg.kv_codec!r}"
+            )
 
 
 def choose_dtype(requested: str | None, source: str, device: str, bf16_ok: bool) -> tuple[str, str]:

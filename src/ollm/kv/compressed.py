@@ -366,6 +366,23 @@ class CompressedCaches:
         self.forward = forward or capacity  # tokens of the largest forward (a prefill chunk)
         self.workspace = CodecWorkspace()
 
+    def _evicting(self, placement):
+        """An evicting cache (``kv/evict.py``); with a codec its older kept slots encoded
+        (``kv/evict_codec.py``; the config refuses codecs that are not one per slot)."""
+        from ollm.kv.codecs import parse_kv_codec
+        from ollm.kv.evict import EvictingKVCache
+
+        s = self.spec
+        args = (self.batch, s.num_kv_heads, s.head_dim, self.capacity, self.dtype)
+        codec = parse_kv_codec(self.kv_codec, self.recent)
+        if codec is None:
+            return EvictingKVCache(*args, placement.kv_device, self.evict, self.forward)
+        from ollm.kv.evict_codec import EncodedEvictingKVCache
+
+        return EncodedEvictingKVCache(
+            *args, placement.kv_device, self.evict, self.forward, codec, self.workspace
+        )
+
     def make(self, index: int, placement, tier: KvTier, disk=None):
         """The compressed cache of layer ``index`` (its ``LayerPlacement`` and KV ``tier``), or
         None where it stays exact."""
@@ -376,12 +393,7 @@ class CompressedCaches:
             return None
         s = self.spec
         if self.evict is not None:  # bounded by its budget: kept where the layer's KV is used
-            from ollm.kv.evict import EvictingKVCache
-
-            return EvictingKVCache(
-                self.batch, s.num_kv_heads, s.head_dim, self.capacity, self.dtype,
-                placement.kv_device, self.evict, self.forward,
-            )  # fmt: skip
+            return self._evicting(placement)
         home_tier = KvTier(tier)
         codec = codec_for_tier(self.kv_codec, home_tier, self.recent)
         if codec is None:

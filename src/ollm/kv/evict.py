@@ -38,11 +38,21 @@ class EvictionPolicy:
     sinks: int = 4
     window: int = 64
     observe: int = 32
+    recent_share: float = 0.0  # h2o / snapkv: the recent window is this share of the budget
+    normalise: bool = False  # h2o: mean mass per query that saw a key, not the sum
+    decay: float = 1.0  # h2o: each query's mass weighted decay ** (its age in tokens)
+    pool: int = 7  # snapkv: max-pool width over neighbouring keys
 
     def budget(self, context: int) -> int:
         """Slots kept per sequence and KV head for a request of ``context`` tokens."""
         n = int(self.keep * context) if self.keep <= 1 else int(self.keep)
         return max(n, self.sinks + self.window + 1)
+
+    def recent(self, budget: int) -> int:
+        """The recent window always kept for a ``budget`` (at least ``window``, at most the
+        budget less the sinks and one scored slot)."""
+        share = 0 if self.name == "streaming" else int(self.recent_share * budget)
+        return max(self.window, min(share, budget - self.sinks - 1))
 
 
 def parse_eviction(name: str | None, keep: str | float | None) -> EvictionPolicy | None:
@@ -71,18 +81,24 @@ class EvictingKVCache:
     for a full-attention layer."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype,
-                 device, policy: EvictionPolicy, forward: int) -> None:  # fmt: skip
+                 device, policy: EvictionPolicy, forward: int, min_window: int = 0) -> None:  # fmt: skip
         self.policy, self.capacity = policy, capacity
-        self.budget = min(capacity, policy.budget(capacity))
+        budget = min(capacity, policy.budget(capacity))
+        self.window = max(policy.recent(budget), min_window)
+        self.budget = min(capacity, max(budget, policy.sinks + self.window + 1))
         self.slack = max(1, self.budget // 16)
         slots = min(capacity, self.budget + self.slack + forward)
         shape = (batch, kv_heads, slots, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self._alloc(shape, dtype, device, forward)
         self.pos = torch.zeros(shape[:3], dtype=torch.long, device=device)
         self.score = torch.zeros(shape[:3], dtype=torch.float32, device=device)
         self.kept = 0  # slots [0, kept) hold kept tokens
         self.length = 0  # tokens seen (positions)
+
+    def _alloc(self, shape: tuple[int, int, int, int], dtype, device, forward: int) -> None:
+        """The slots' storage: exact keys and values."""
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     def attend(self, q, k, v, mask: AttentionMask, scale: float, dense_mask=None):
         """Append this forward's keys/values, attend over the kept slots, then evict."""
@@ -93,22 +109,38 @@ class EvictingKVCache:
         if mask.window is not None:
             raise RuntimeError("evicting KV caches hold full-attention layers only")
         n = self.kept + t
-        if n > self.k.shape[2]:
+        if n > self.pos.shape[2]:
             self._grow(n)
-        self.k[:, :, self.kept : n] = k
-        self.v[:, :, self.kept : n] = v
+        self._append(k, v, n)
         self.pos[:, :, self.kept : n] = torch.arange(start, end, device=self.pos.device)
         self.score[:, :, self.kept : n] = 0
         self.kept, self.length = n, end
         out, mass, last = self._attention(q, mask, scale)
+        if self.policy.decay != 1.0:
+            self.score[:, :, :n] *= self.policy.decay**t
         self.score[:, :, :n] += mass
+        self._settle()
         if self.kept > self.budget + self.slack or (t > 1 and self.kept > self.budget):
             self._evict(last if self.policy.name == "snapkv" and t > 1 else None)
         return out
 
+    def _append(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Store this forward's keys/values in slots [kept, n)."""
+        self.k[:, :, self.kept : n] = k
+        self.v[:, :, self.kept : n] = v
+
+    def _settle(self) -> None:
+        """After a forward's attention (before eviction): nothing to do for exact slots."""
+
+    def _keys(self, dtype) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """(K, V) of the kept slots [0, kept) as attention reads them, and None (no slot is
+        read differently by different rows of a forward)."""
+        n = self.kept
+        return self.k[:, :, :n], self.v[:, :, :n], None
+
     def _grow(self, n: int) -> None:
         """A forward larger than planned: make room (rare: prefill chunks are planned)."""
-        extra = n - self.k.shape[2]
+        extra = n - self.pos.shape[2]
         pad = lambda x: F.pad(x, (0, 0, 0, extra) if x.dim() == 4 else (0, extra))  # noqa: E731
         self.k, self.v, self.pos, self.score = (
             pad(x) for x in (self.k, self.v, self.pos, self.score)
@@ -119,9 +151,10 @@ class EvictingKVCache:
         gets (summed over rows and query heads of its KV head) and the last ``observe`` rows'
         max-pooled probabilities (SnapKV's scores)."""
         b, h, t, d = q.shape
-        kvh, n = self.k.shape[1], self.kept
+        kvh, n = self.pos.shape[1], self.kept
         g = h // kvh
-        k, v, pos = self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
+        k, v, alt = self._keys(q.dtype)
+        pos = self.pos[:, :, :n]
         keep = None
         if mask.key_keep is not None:
             keys = mask.key_keep.to(q.device)[:, None, :].expand(b, kvh, -1)
@@ -135,21 +168,52 @@ class EvictingKVCache:
             qg = q[:, :, r0:r1].reshape(b, kvh, g, r1 - r0, d).reshape(b, kvh, g * (r1 - r0), d)
             s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
             qpos = torch.arange(mask.q_start + r0, mask.q_start + r1, device=q.device)
+            use = None if alt is None else self._alt_scores(s, qg, qpos, alt, g, scale)
             allowed = pos[:, :, None, :] <= qpos[None, None, :, None]  # [B, KVH, rows, n]
             if keep is not None:
                 allowed = allowed & keep[:, :, None, :] | (pos[:, :, None, :] == qpos[:, None])
             allowed = allowed[:, :, None].expand(b, kvh, g, r1 - r0, n).reshape(b, kvh, -1, n)
             p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), -1).nan_to_num_(0.0)
-            o = torch.matmul(p.to(v.dtype), v)
+            if use is None:
+                o = torch.matmul(p.to(v.dtype), v)
+            else:  # the rows that read slots [a0, n) decoded weight the decoded values
+                a0, vq = alt[0], alt[2]
+                pa = p[..., a0:]
+                o = torch.matmul(torch.cat([p[..., :a0], pa * ~use], -1).to(v.dtype), v)
+                o += torch.matmul((pa * use).to(vq.dtype), vq)
             out[:, :, r0:r1] = o.reshape(b, kvh, g, r1 - r0, d).reshape(b, h, r1 - r0, d)
-            mass += p.sum(2)
+            if self.policy.decay == 1.0:
+                mass += p.sum(2)
+            else:  # weights decay ** (end - 1 - row), rows fastest in the (g, rows) layout
+                age = (mask.q_start + t - 1 - qpos).to(p.dtype)
+                w = torch.pow(self.policy.decay, age).repeat(g)
+                mass += torch.matmul(w, p)  # [B, KVH, n]
             if r1 > obs_from:
                 rows = p.reshape(b, kvh, g, r1 - r0, n)[:, :, :, max(0, obs_from - r0) :]
                 observe += rows.sum((2, 3))
         if mask.sinks is not None:
             raise RuntimeError("evicting KV caches do not support attention sinks (gpt-oss)")
-        pooled = F.max_pool1d(observe.reshape(b * kvh, 1, n), 7, 1, 3).reshape(b, kvh, n)
+        w = self.policy.pool
+        pooled = observe if w <= 1 else F.max_pool1d(observe.reshape(b * kvh, 1, n), w, 1, w // 2)
+        pooled = pooled.reshape(b, kvh, n)
         return out, mass, pooled
+
+    def _alt_scores(self, s, qg, qpos, alt, g: int, scale: float) -> torch.Tensor:
+        """Rows that read slots [a0, n) decoded (key position < row position + 1 - recent, as
+        a decode step at that row would): their scores in ``s`` replaced; the choice
+        [B, KVH, g * rows, n - a0] returned."""
+        a0, kq, _, recent = alt
+        b, kvh = s.shape[:2]
+        pa = self.pos[:, :, a0 : self.kept]
+        use = pa[:, :, None, :] < (qpos + 1 - recent)[None, None, :, None]
+        use = (
+            use[:, :, None]
+            .expand(b, kvh, g, len(qpos), pa.shape[2])
+            .reshape(b, kvh, -1, pa.shape[2])
+        )
+        sq = torch.matmul(qg, kq.transpose(-1, -2)).float().mul_(scale)
+        s[..., a0:] = torch.where(use, sq, s[..., a0:])
+        return use
 
     def _evict(self, snap: torch.Tensor | None) -> None:
         """Keep ``budget`` slots per sequence and head: sinks, the recent window, then the best
@@ -160,19 +224,28 @@ class EvictingKVCache:
             rank = pos.float()
         elif snap is not None:
             rank = snap.clone()
+        elif p.normalise:  # mean (decayed) mass per query that saw the key (all kept ones did)
+            seen = (self.length - pos).clamp_min(1).float()
+            if p.decay != 1.0:
+                seen = (1 - p.decay**seen) / (1 - p.decay)
+            rank = self.score[:, :, :n] / seen
         else:
             rank = self.score[:, :, :n].clone()
-        forced = (pos < p.sinks) | (pos >= self.length - p.window)
+        forced = (pos < p.sinks) | (pos >= self.length - self.window)
         rank = rank.masked_fill(forced, float("inf"))
         idx = rank.topk(keep, dim=-1).indices
         idx = idx.gather(-1, pos.gather(-1, idx).argsort(-1))  # position order
-        d = self.k.shape[-1]
-        gi = idx[..., None].expand(-1, -1, -1, d)
-        self.k[:, :, :keep] = self.k[:, :, :n].gather(2, gi)
-        self.v[:, :, :keep] = self.v[:, :, :n].gather(2, gi)
+        self._compact(idx)
         self.pos[:, :, :keep] = pos.gather(2, idx)
         self.score[:, :, :keep] = self.score[:, :, :n].gather(2, idx)
         self.kept = keep
+
+    def _compact(self, idx: torch.Tensor) -> None:
+        """Move the kept slots ``idx`` [B, KVH, keep] (position order) to the front."""
+        n, keep = self.kept, idx.shape[-1]
+        gi = idx[..., None].expand(-1, -1, -1, self.k.shape[-1])
+        self.k[:, :, :keep] = self.k[:, :, :n].gather(2, gi)
+        self.v[:, :, :keep] = self.v[:, :, :n].gather(2, gi)
 
     def trim(self, length: int) -> None:
         """Forget tokens from ``length`` on (kept slots past it go; evicted ones stay gone)."""

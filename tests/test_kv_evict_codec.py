@@ -1,0 +1,125 @@
+"""Eviction over encoded slots (issue 17, ``kv/evict_codec.py``): attention equals
+decode-then-attend over the kept slots, the policy keeps sinks and window, budgets hold, trim,
+bytes held, and the config's acceptance and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ollm.config import EngineConfig
+from ollm.errors import OllmError
+from ollm.kv.codecs import SideCodec, decode, encode, parse_kv_codec
+from ollm.kv.evict import EvictionPolicy
+from ollm.kv.evict_codec import EncodedEvictingKVCache
+from ollm.layers.attention import AttentionMask
+
+D, SCALE = 32, 0.2
+
+
+def _qkv(n, heads=4, kv_heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, h, n, D, generator=g) for h in (heads, kv_heads, kv_heads))
+
+
+def _roundtrip(x, side):
+    codes, params = encode(x, side)
+    return decode(codes, params, side, torch.empty_like(x))
+
+
+def _reference(q, k, v, kept, start, recent, codec):
+    """Rows [start, start + t) of q over the positions ``kept`` [B, KVH, n] (earlier kept
+    slots) plus the forward's own, each key read decoded iff its position < row + 1 - recent."""
+    ks, vs = SideCodec(codec.key.kind, "token", codec.key.group), codec.value
+    kd, vd = _roundtrip(k, ks), _roundtrip(v, vs)
+    t = q.shape[2] - start
+    b, h = q.shape[:2]
+    kvh = k.shape[1]
+    out = torch.empty(b, h, t, D)
+    for head in range(h):
+        j = head // (h // kvh)
+        keys = torch.cat([kept[0, j], torch.arange(start, start + t)])
+        for r in range(t):
+            qp = start + r
+            seen = keys[keys <= qp]
+            dec = seen < qp + 1 - recent
+            kk = torch.where(dec[:, None], kd[0, j, seen], k[0, j, seen])
+            vv = torch.where(dec[:, None], vd[0, j, seen], v[0, j, seen])
+            p = torch.softmax(q[0, head, qp] @ kk.T * SCALE, -1)
+            out[0, head, r] = p @ vv
+    return out
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8", "k:int4,v:int8"])
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming"])
+def test_attention_equals_decode_then_attend(spec, name):
+    n, recent = 260, 24
+    q, k, v = _qkv(n, seed=3)
+    codec = parse_kv_codec(spec, recent)
+    policy = EvictionPolicy(name, 96, sinks=4, window=16)
+    cache = EncodedEvictingKVCache(1, 2, D, n, torch.float32, "cpu", policy, 64, codec)
+    pos = 0
+    for t in [64, 40, 64] + [1] * 30 + [50] + [1] * 12:
+        kept = cache.pos[:, :, : cache.kept].clone()
+        mask = AttentionMask(pos, t, pos + t)
+        sl = slice(pos, pos + t)
+        out = cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask, SCALE, None)
+        ref = _reference(q[:, :, : pos + t], k[:, :, : pos + t], v[:, :, : pos + t], kept,
+                         pos, recent, codec)  # fmt: skip
+        assert float((out - ref).abs().max()) < 1e-4, (t, pos)
+        pos += t
+        held = cache.pos[0, :, : cache.kept]
+        assert cache.kept <= cache.budget + cache.slack
+        for head in held:
+            assert set(range(4)) <= set(head.tolist())  # sinks
+            assert set(range(pos - cache.window, pos)) <= set(head.tolist())  # window
+            assert head.tolist() == sorted(set(head.tolist()))
+        assert cache.tail == min(pos, recent - 1)  # the exact tail: the newest positions
+
+
+def test_bytes_held_are_the_encoded_ones():
+    codec = parse_kv_codec("int4", 32)
+    policy = EvictionPolicy("h2o", 0.5)
+    cache = EncodedEvictingKVCache(1, 1, 256, 2048, torch.float32, "cpu", policy, 256, codec)
+    q, k, v = (torch.randn(1, h, 2048, 256) for h in (4, 1, 1))
+    for p in range(0, 2048, 256):
+        mask = AttentionMask(p, 256, p + 256)
+        sl = slice(p, p + 256)
+        cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask, SCALE, None)
+    assert cache.kept == cache.budget == 1024
+    # int4 per token, groups of 32: 128 code bytes + 8 groups x (lo, scale) float16 per side
+    per_slot = 2 * (128 + 8 * 2 * 2)
+    exact = 2 * 256 * 4
+    assert cache.kept_bytes() == cache.enc * per_slot + cache.tail * exact
+    assert cache.nbytes < 0.3 * 2048 * exact  # held storage, not the full-precision size
+
+
+def test_trim():
+    q, k, v = _qkv(200, seed=4)
+    codec = parse_kv_codec("int4", 16)
+    cache = EncodedEvictingKVCache(1, 2, D, 200, torch.float32, "cpu",
+                                   EvictionPolicy("h2o", 80, window=16), 64, codec)  # fmt: skip
+    pos = 0
+    for t in [64, 64, 40]:
+        sl = slice(pos, pos + t)
+        cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], AttentionMask(pos, t, pos + t),
+                     SCALE, None)  # fmt: skip
+        pos += t
+    cache.trim(160)  # inside the exact tail
+    assert len(cache) == 160 and int(cache.pos[:, :, : cache.kept].max()) == 159
+    assert cache.tail == 160 - (168 - 15)
+    cache.trim(100)  # below it: encoded slots past 100 go
+    assert len(cache) == 100 and cache.tail == 0
+    assert int(cache.pos[:, :, : cache.kept].max()) < 100
+    sl = slice(100, 101)
+    out = cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], AttentionMask(100, 1, 101),
+                       SCALE, None)  # fmt: skip
+    assert torch.isfinite(out).all() and len(cache) == 101
+
+
+def test_config_accepts_plain_codecs_with_eviction():
+    for spec in ("int4", "int8", "k:int4,v:int8", "fp8"):
+        EngineConfig(kv_codec=spec, kv_evict="h2o", kv_keep="50%")
+    for spec in ("auto", "4k:bf16,32k:int8,rest:int4"):
+        with pytest.raises(OllmError, match="kv_evict"):
+            EngineConfig(kv_codec=spec, kv_evict="h2o", kv_keep="50%")
