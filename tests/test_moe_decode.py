@@ -163,3 +163,29 @@ def test_large_experts_run_in_smaller_batches(top8, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert c.ops["bmm"] >= 2 * 8  # one expert per batch: two bmm each
     cache.close()
+
+
+def test_all_hit_row_runs_in_pair_order(top8, monkeypatch):
+    """A decode row whose experts all hit comes as one stacked batch and runs in pair order
+    (no slot buffer, no scatter): bit for bit what the slot path gives, close to the resident
+    per-expert path, with one ``index_select`` per stacked tensor and no ``index_put_``."""
+    import ollm.layers.moe as moe_mod
+
+    llm, moe, act = top8, top8.spec.moe, top8.spec.act
+    _, cache = _cache(llm, slots=16, ram=16)
+    w, sw = _layer(llm, cache)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1, llm.spec.hidden_size, generator=g) * 4
+    moe_mlp(x, sw, moe, act)  # every expert of the row copied in: the next call hits them all
+    hits = cache.counts["hits"]
+    with Launches() as c:
+        got = moe_mlp(x, sw, moe, act)
+    assert cache.counts["hits"] - hits == moe.top_k
+    assert c.ops["index_put_"] == 0 and c.ops["index_select"] == 2  # gate+up as one, down
+    torch.testing.assert_close(got, moe_mlp(x, w, moe, act), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(moe_mod, "_whole", lambda first, n: False)  # the slot path
+    with Launches() as c:
+        slots = moe_mlp(x, sw, moe, act)
+    assert c.ops["index_put_"] == 1
+    assert torch.equal(got, slots)
+    cache.close()

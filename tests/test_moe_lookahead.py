@@ -144,6 +144,7 @@ def test_lookahead_planned_and_exact_end_to_end(moe4):
     kw = dict(plan_dense=dense, cpu_compute="off", lookahead=True)
     plan = plan_experts(spec, llm.store, st, "cuda:0", None, None, "auto", work, 4, slots=2, **kw)
     assert plan.experts.lookahead and plan.experts.cache_slots == 2
+    assert "lookahead" in dict(plan.experts.describe())["expert cache"]
     resident = plan_experts(spec, llm.store, st, "cuda:0", None, None, "auto", work, 4, **kw)
     assert resident.experts.resident and not resident.experts.lookahead
     on_cpu = plan_experts(spec, llm.store, st, "cpu", None, None, "auto", work, 4, slots=2, **kw)

@@ -3,8 +3,8 @@
     PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT [--quick] [--gpt-oss] [--bf16]
     (or scripts/gpu_check.py --checks moe; ``run(out, quick) -> dict``)
 
-About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40 s, six runs
-~1 min, llama.cpp ~1 min when carried); ``--quick`` about 2; ``--gpt-oss`` +1, ``--bf16`` +1.
+About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40 s, eight runs
+~1.5 min, llama.cpp ~1 min when carried); ``--quick`` about 2; ``--gpt-oss`` +1, ``--bf16`` +1.
 
 1. Correctness (tiny random configs of tests/conftest.py, float32 on CUDA): ``qwen3_moe``,
    ``mixtral``, ``gpt_oss`` with whole layers streamed from pinned RAM and from disk, and with
@@ -21,7 +21,9 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    token, and the projection to the whole model (decode time per layer x 48). Runs: LRU and LFU under
    the random router (uniform routing) and under a Zipf-skewed routing injected as a router
    bias (-a log rank, ``ZIPF``; bench only: added to the resident router weights), CPU compute
-   of RAM misses by the cost model vs off, and the whole-layer streaming baseline (every layer
+   of RAM misses by the cost model vs off, lookahead (``expert_lookahead``: the next layer's
+   predicted experts copied early; its ``lookahead`` counts and precision) under both
+   routings, and the whole-layer streaming baseline (every layer
    streamed from pinned RAM) in the same process. ``floor_s_per_token`` (copies only): the
    experts a token misses under uniform routing in a cache of that size at best (1 - slots /
    experts of top_k per layer) x expert bytes over the measured pinned host->GPU rate (CPU
@@ -298,6 +300,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
             profiled = _profile_decode(llm, prompt, len(llm.plan.layers))
         except Exception as exc:  # noqa: BLE001 - the breakdown is optional
             profiled = f"failed: {exc!r}"
+        ahead = getattr(getattr(llm.prefetcher, "experts", None), "ahead", None)
+        lookahead = None if ahead is None else ahead.counts | {"precision": ahead.precision}
     decode_steps = max(1, new - 1)
     step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
     layers = len(plan.layers)
@@ -323,6 +327,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         miss = max(0.0, 1 - e.cache_slots / e.total)
         floor_bytes = len(e.layers) * top_k * miss * e.expert_bytes
         row |= dict(slots=e.cache_slots, total_experts=e.total, tiers=e.tier_counts())
+        if lookahead is not None:  # counted over the whole run (warm-up, profile included)
+            row["lookahead"] = lookahead
         row["floor_s_per_token"] = floor_bytes / h2d
     else:
         streamed = sum(llm.store.layer_nbytes(i) for i in plan.streamed_for("decode"))
@@ -363,6 +369,8 @@ def bench(tmp: Path, quick: bool, device: str = "cuda", preset: str = "qwen3-30b
         for policy in ("lru", "lfu") if qwen else ("lru",):
             runs.append(_run(store, kw, full, ctx, new, h2d, zipf, expert_cache=policy, **exp))
     runs.append(_run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp))
+    for zipf in (0.0, ZIPF) if qwen else ():  # next layer's experts predicted and copied early
+        runs.append(_run(store, kw, full, ctx, new, h2d, zipf, expert_lookahead=True, **exp))
     # the whole-layer baseline: every layer streamed from pinned RAM through a ring (under 8
     # GiB the full model keeps ~3 of its 48 layers of 1.2 GiB resident; this streams all)
     base = dict(gpu_memory=_stream_all(store, kw), offload="cpu", moe_offload="layer")

@@ -12,7 +12,7 @@ Weights are passed in by HF name, as for the dense block. Three layouts are read
 
 from __future__ import annotations
 
-import functools
+import itertools
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,14 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ollm.layers.mlp import ACTIVATIONS, gated_mlp
+from ollm.layers.moe_batched import (
+    GPT_OSS_ALPHA,
+    GPT_OSS_LIMIT,
+    forward_stacked,
+    gather_experts,
+    stack_experts,
+)
+from ollm.layers.moe_batched import experts_forward as experts_forward  # re-exported
 from ollm.planning.experts import STACK_BYTES
 from ollm.runtime.expert_stacks import stacked_batch
 
 Weights = Mapping[str, torch.Tensor]
-
-# gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1), both halves clamped.
-GPT_OSS_ALPHA = 1.702
-GPT_OSS_LIMIT = 7.0
 
 
 @dataclass(frozen=True)
@@ -173,75 +177,6 @@ class ResidentExperts:
         yield None, batch if self.fused is None else stacked_batch(batch, self.fused, used)
 
 
-def _gated_names(moe: MoeSpec) -> tuple[str, str, str]:
-    """The per-expert layout's (gate, up, down) tensor names."""
-    return _weight_names(moe.expert_names)
-
-
-@functools.cache
-def _weight_names(names: tuple[str, str, str]) -> tuple[str, str, str]:
-    return tuple(f"{n}.weight" for n in names)  # type: ignore[return-value]
-
-
-def _stack(ews: list[Weights], moe: MoeSpec) -> dict[str, torch.Tensor]:
-    """The experts' tensors stacked [g, ...] (one copy each), as ``_forward_stacked`` reads
-    them; per-expert gate and up side by side ([g, 2I, H], one matmul as the fused layout)."""
-    if moe.expert_kind == "gpt_oss" or "gate_up_proj" in ews[0]:
-        return {name: torch.stack([ew[name] for ew in ews]) for name in ews[0]}
-    g_name, u_name, d_name = _gated_names(moe)
-    gu = torch.stack([t for ew in ews for t in (ew[g_name], ew[u_name])])
-    return {
-        "gate_up_proj": gu.view(len(ews), -1, gu.shape[-1]),
-        d_name: torch.stack([ew[d_name] for ew in ews]),
-    }
-
-
-def _gather(stacks: Mapping[str, torch.Tensor], idx: torch.Tensor, moe: MoeSpec) -> dict:
-    """The rows ``idx`` of ``stacks`` (one ``index_select`` per tensor), as ``_stack`` gives
-    them; per-expert gate and up read as one [g, 2I, H] when they lie side by side."""
-    if moe.expert_kind == "gpt_oss" or "gate_up_proj" in stacks:
-        return {name: t.index_select(0, idx) for name, t in stacks.items() if "+" not in name}
-    g_name, u_name, d_name = _gated_names(moe)
-    out = {d_name: stacks[d_name].index_select(0, idx)}
-    gu = stacks.get(f"{g_name}+{u_name}")
-    if gu is not None:
-        out["gate_up_proj"] = gu.index_select(0, idx)
-    else:
-        out[g_name], out[u_name] = (stacks[n].index_select(0, idx) for n in (g_name, u_name))
-    return out
-
-
-def _forward_stacked(x: torch.Tensor, w: Mapping, moe: MoeSpec, act: str) -> torch.Tensor:
-    """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``),
-    ``w`` their tensors stacked [g, ...] (``_stack`` / ``_gather``) -> [g, m, H]."""
-    if moe.expert_kind == "gpt_oss":
-        gate_up = torch.bmm(x, w["gate_up_proj"]) + w["gate_up_proj_bias"].unsqueeze(1)
-        gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
-        up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
-        h = (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
-        return torch.bmm(h, w["down_proj"]) + w["down_proj_bias"].unsqueeze(1)
-    fn = ACTIVATIONS[act]
-    g_name, u_name, d_name = _gated_names(moe)
-    gu = w.get("gate_up_proj")
-    if gu is not None:
-        gate_up = torch.bmm(x, gu.transpose(1, 2))
-        half = gate_up.shape[-1] // 2
-        gate, up = gate_up.narrow(-1, 0, half), gate_up.narrow(-1, half, half)
-    else:
-        gate = torch.bmm(x, w[g_name].transpose(1, 2))
-        up = torch.bmm(x, w[u_name].transpose(1, 2))
-    down = w.get("down_proj")
-    down = w[d_name] if down is None else down
-    return torch.bmm(fn(gate) * up, down.transpose(1, 2))
-
-
-def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str) -> torch.Tensor:
-    """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``) ->
-    [g, m, H], their tensors stacked (one copy each) for batched matmuls: a few kernels for the
-    whole batch instead of a chain per expert (decode is launch-bound, not bandwidth-bound)."""
-    return _forward_stacked(x, _stack(ews, moe), moe, act)
-
-
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
     """``values`` as an int64 tensor on ``device``: through pinned memory, without a sync
     (built from an int64 array: a fraction of ``torch.tensor``'s time for a Python list)."""
@@ -259,11 +194,16 @@ def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _stack_step(batch: list[tuple[int, Weights]]) -> int:
+    """Experts of ``batch`` whose stacked weights fit ``STACK_BYTES`` (at least one)."""
+    nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
+    return max(1, STACK_BYTES // max(1, nbytes))
+
+
 def _sub_batches(batch: list[tuple[int, Weights]]) -> Iterator[list]:
     """``batch`` in pieces whose stacked weights stay under ``STACK_BYTES`` (the planner's
     reserve; at least one expert each: large experts, Mixtral's, run one by one)."""
-    nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
-    step = max(1, STACK_BYTES // max(1, nbytes))
+    step = _stack_step(batch)
     if step >= len(batch):
         yield batch
         return
@@ -274,23 +214,25 @@ def _sub_batches(batch: list[tuple[int, Weights]]) -> Iterator[list]:
 
 
 def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tensor:
-    """The MoE over few rows (decode): the expert ids read to the host once (with the rows and
-    their routing weights when the source may compute on the CPU: the same sync), the (token,
-    slot) pairs grouped by expert there; each device batch of experts runs as padded batched
-    matmuls (``_run_batch``) or, with the rows on the CPU, expert by expert. The experts'
-    outputs land in their pairs' slots unweighted; one multiply by the routing weights and
-    the slot sum per call (the same products and sum as weighting each expert's output).
-    With lookahead (the source's ``next_weights``) the next sparse layer's router runs on
-    these rows too, its choice read in the same sync and prefetched after this layer's
-    compute is queued."""
+    """The MoE over few rows (decode): the expert ids read to the host once (with the rows when
+    the source may compute on the CPU: the same sync), the (token, slot) pairs grouped by
+    expert there; each device batch of experts runs as padded batched matmuls
+    (``_run_batch``) or, with the rows on the CPU, expert by expert. The experts' outputs land
+    in their pairs' slots unweighted; one multiply by the routing weights and the slot sum per
+    call (the same products and sum as weighting each expert's output). One token whose
+    experts all come in one stacked batch (all hits) runs them in pair order, its outputs the
+    slots themselves (``_run_pairs``). With lookahead (the source's ``next_weights``) the next
+    sparse layer's router runs on these rows too, its choice read in the same sync and
+    prefetched after this layer's compute is queued."""
     t, k = experts.shape
-    n, dev0 = t * k, x.device
+    dev0 = x.device
     host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
     nxt = getattr(source, "next_weights", None)  # lookahead: the next sparse layer's router
     ahead = [predict(x, nxt, moe).reshape(-1)] if nxt is not None else []
     host = _to_host([experts.reshape(-1)] + ahead + ([x] if host_rows else []))
+    ids = host[0].tolist()
     rows: dict[int, list[int]] = {}  # expert -> its pairs in pair order (= a stable sort)
-    for p, e in enumerate(host[0].tolist()):
+    for p, e in enumerate(ids):
         r = rows.get(e)
         if r is None:
             rows[e] = [p]
@@ -301,31 +243,66 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
     for e in used:
         counts[e] = len(rows[e])
     batched = dev0.type != "cpu" or getattr(source, "batched", False)
-    slots = torch.empty(n + 1, x.shape[-1], dtype=x.dtype, device=dev0)  # row n: padding's sink
-    for dev, batch in source.run(used, counts):
-        if dev is not None:  # the host computes; the outputs come back to their slots
-            hx = host[-1] if host_rows else x.to(dev)
-            ys, dst = [], []
-            for e, ew in batch:
-                r = rows[e]
-                ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act))
-                dst += r
-            y = torch.cat(ys)
-            if dev0.type != "cpu":  # through pinned memory: the copy does not wait on the host
-                y = (y.pin_memory() if dev0.type == "cuda" else y).to(dev0, non_blocking=True)
-            slots.index_put_((_index(dst, dev0),), y)
-        elif batched:
-            for part in _sub_batches(batch):
-                _run_batch(x, slots, part, rows, k, moe, act)
-        else:
-            for e, ew in batch:
-                pairs = _index(rows[e], dev0)
-                y = expert_forward(x.index_select(0, pairs // k), ew, moe, act)
-                slots.index_put_((pairs,), y)
+    batches = source.run(used, counts)
+    first = next(batches, None)
+    if t == 1 and batched and first is not None and _whole(first, len(used)):
+        out = _run_pairs(x, first[1], ids, moe, act)
+        if next(batches, None) is not None:
+            raise RuntimeError("the expert source handed out more experts than were routed")
+    else:
+        slots = torch.empty(t * k + 1, x.shape[-1], dtype=x.dtype, device=dev0)  # +1: padding
+        hx = host[-1] if host_rows else None
+        for dev, batch in itertools.chain([first] if first is not None else [], batches):
+            _run_any(x, hx, slots, dev, batch, rows, k, batched, moe, act)
+        out = slots[: t * k]
     if ahead:  # the next layer's predicted experts copied in behind this layer's compute
         source.prefetch(sorted(set(host[1].tolist())))
-    h = x.shape[-1]
-    return (slots[:n].view(t, k, h) * weights.reshape(t, k, 1)).sum(dim=1).to(x.dtype)
+    return (out.view(t, k, -1) * weights.reshape(t, k, 1)).sum(dim=1).to(x.dtype)
+
+
+def _whole(first: ExpertBatch, n_used: int) -> bool:
+    """Whether ``first``, a source's first batch, is every routed expert on the device with
+    stacked weights that fit one gather."""
+    dev, batch = first
+    if dev is not None or len(batch) != n_used or getattr(batch, "stacks", None) is None:
+        return False
+    return len(batch) <= _stack_step(batch)
+
+
+def _run_pairs(x, batch, ids: list[int], moe: MoeSpec, act: str) -> torch.Tensor:
+    """The experts of one row ``x`` [1, H], ``batch`` holding each of ``ids`` once, run in the
+    order of ``ids`` (the row's pairs): [k, H], the slots the batches would fill."""
+    at = {e: j for j, (e, _) in enumerate(batch)}
+    idx = _index([batch.rows[at[e]] for e in ids], x.device)
+    k, h = len(ids), x.shape[-1]
+    w = gather_experts(batch.stacks, idx, moe)
+    return forward_stacked(x.expand(k, 1, h), w, moe, act).view(k, h)
+
+
+def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) -> None:
+    """One batch of experts into their pairs' slots: on the host (``dev``; rows ``hx`` already
+    there, else copied) with the outputs copied back, as batched matmuls, or (the CPU device)
+    expert by expert."""
+    dev0 = x.device
+    if dev is not None:  # the host computes; the outputs come back to their slots
+        hx = x.to(dev) if hx is None else hx
+        ys, dst = [], []
+        for e, ew in batch:
+            r = rows[e]
+            ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act))
+            dst += r
+        y = torch.cat(ys)
+        if dev0.type != "cpu":  # through pinned memory: the copy does not wait on the host
+            y = (y.pin_memory() if dev0.type == "cuda" else y).to(dev0, non_blocking=True)
+        slots.index_put_((_index(dst, dev0),), y)
+    elif batched:
+        for part in _sub_batches(batch):
+            _run_batch(x, slots, part, rows, k, moe, act)
+    else:
+        for e, ew in batch:
+            pairs = _index(rows[e], dev0)
+            y = expert_forward(x.index_select(0, pairs // k), ew, moe, act)
+            slots.index_put_((pairs,), y)
 
 
 def _run_batch(x, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
@@ -349,10 +326,10 @@ def _run_batch(x, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
     gm, h = g * m, x.shape[-1]
     xs = x.expand(g, 1, h) if one else x.index_select(0, idx[gm : 2 * gm]).view(g, m, h)
     if stacks is not None:
-        w = _gather(stacks, idx[idx.shape[0] - g :], moe)
+        w = gather_experts(stacks, idx[idx.shape[0] - g :], moe)
     else:
-        w = _stack([ew for _, ew in batch], moe)
-    y = _forward_stacked(xs, w, moe, act)
+        w = stack_experts([ew for _, ew in batch], moe)
+    y = forward_stacked(xs, w, moe, act)
     slots.index_put_((idx[:gm],), y.view(gm, h))
 
 

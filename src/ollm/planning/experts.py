@@ -85,6 +85,8 @@ class ExpertPlan:
                     f"{self.cache_slots} slots on GPU ({share}), {policy}; RAM experts missing "
                     f"from it run on the CPU: {cpu[self.cpu_compute]}"
                 )
+                if self.lookahead:
+                    cache += "; lookahead: the next layer's predicted experts copied early"
             rows.append(("expert cache", cache))
         rows.append(("expert rows per group", str(self.group_rows)))
         return rows

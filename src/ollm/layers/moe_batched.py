@@ -1,0 +1,91 @@
+"""Batched matmuls over g experts at once (issue 19, decode): their tensors stacked [g, ...]
+(``stack_experts``: one copy of each expert's views; ``gather_experts``: one
+``index_select`` per tensor from the stacked views a source hands out,
+``runtime/expert_stacks.py``), then a few kernels for the whole batch instead of a chain per
+expert (decode is launch-bound, not bandwidth-bound). Used by ``layers/moe.py``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from ollm.layers.mlp import ACTIVATIONS
+
+if TYPE_CHECKING:
+    from ollm.layers.moe import MoeSpec, Weights
+
+# gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1), both halves clamped.
+GPT_OSS_ALPHA = 1.702
+GPT_OSS_LIMIT = 7.0
+
+
+def _gated_names(moe: MoeSpec) -> tuple[str, str, str]:
+    """The per-expert layout's (gate, up, down) tensor names."""
+    return _weight_names(moe.expert_names)
+
+
+@functools.cache
+def _weight_names(names: tuple[str, str, str]) -> tuple[str, str, str]:
+    return tuple(f"{n}.weight" for n in names)  # type: ignore[return-value]
+
+
+def stack_experts(ews: list[Weights], moe: MoeSpec) -> dict[str, torch.Tensor]:
+    """The experts' tensors stacked [g, ...] (one copy each), as ``forward_stacked`` reads
+    them; per-expert gate and up side by side ([g, 2I, H], one matmul as the fused layout)."""
+    if moe.expert_kind == "gpt_oss" or "gate_up_proj" in ews[0]:
+        return {name: torch.stack([ew[name] for ew in ews]) for name in ews[0]}
+    g_name, u_name, d_name = _gated_names(moe)
+    gu = torch.stack([t for ew in ews for t in (ew[g_name], ew[u_name])])
+    return {
+        "gate_up_proj": gu.view(len(ews), -1, gu.shape[-1]),
+        d_name: torch.stack([ew[d_name] for ew in ews]),
+    }
+
+
+def gather_experts(stacks: Mapping[str, torch.Tensor], idx: torch.Tensor, moe: MoeSpec) -> dict:
+    """The rows ``idx`` of ``stacks`` (one ``index_select`` per tensor), as ``stack_experts``
+    gives them; per-expert gate and up read as one [g, 2I, H] when they lie side by side."""
+    if moe.expert_kind == "gpt_oss" or "gate_up_proj" in stacks:
+        return {name: t.index_select(0, idx) for name, t in stacks.items() if "+" not in name}
+    g_name, u_name, d_name = _gated_names(moe)
+    out = {d_name: stacks[d_name].index_select(0, idx)}
+    gu = stacks.get(f"{g_name}+{u_name}")
+    if gu is not None:
+        out["gate_up_proj"] = gu.index_select(0, idx)
+    else:
+        out[g_name], out[u_name] = (stacks[n].index_select(0, idx) for n in (g_name, u_name))
+    return out
+
+
+def forward_stacked(x: torch.Tensor, w: Mapping, moe: MoeSpec, act: str) -> torch.Tensor:
+    """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``),
+    ``w`` their tensors stacked [g, ...] (``stack_experts`` / ``gather_experts``) -> [g, m, H]."""
+    if moe.expert_kind == "gpt_oss":
+        gate_up = torch.bmm(x, w["gate_up_proj"]) + w["gate_up_proj_bias"].unsqueeze(1)
+        gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
+        up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+        h = (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+        return torch.bmm(h, w["down_proj"]) + w["down_proj_bias"].unsqueeze(1)
+    fn = ACTIVATIONS[act]
+    g_name, u_name, d_name = _gated_names(moe)
+    gu = w.get("gate_up_proj")
+    if gu is not None:
+        gate_up = torch.bmm(x, gu.transpose(1, 2))
+        half = gate_up.shape[-1] // 2
+        gate, up = gate_up.narrow(-1, 0, half), gate_up.narrow(-1, half, half)
+    else:
+        gate = torch.bmm(x, w[g_name].transpose(1, 2))
+        up = torch.bmm(x, w[u_name].transpose(1, 2))
+    down = w.get("down_proj")
+    down = w[d_name] if down is None else down
+    return torch.bmm(fn(gate) * up, down.transpose(1, 2))
+
+
+def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str) -> torch.Tensor:
+    """``expert_forward`` of g experts at once: ``x`` [g, m, H] (expert j's rows in ``x[j]``) ->
+    [g, m, H], their tensors stacked (one copy each) for batched matmuls: a few kernels for the
+    whole batch instead of a chain per expert (decode is launch-bound, not bandwidth-bound)."""
+    return forward_stacked(x, stack_experts(ews, moe), moe, act)
