@@ -241,3 +241,24 @@ def test_refusals(coded, tmp_path):
     assert len(homes) > 1
     assert all(isinstance(s, CodecPagedStore) for h, s in homes.items() if h != "device")
     eng.close()
+
+
+def test_llm_generate_list_runs_encoded_pools(coded):
+    """``LLM.generate`` with a list and ``kv_codec`` runs the batch engine over encoded pools
+    (blocks of whole codec groups): each prompt's tokens as alone."""
+    _, llm = coded
+    ps = prompts(3, seed=5)
+    want = [llm.generate(p, GREEDY).token_ids for p in ps]
+    made = []
+    real = BatchEngine.for_plan
+
+    def spy(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BatchEngine, "for_plan", spy)
+        outs = llm.generate(ps, [GREEDY] * len(ps))
+    assert [o.token_ids for o in outs] == want
+    assert made and made[0].pools.encoded
+    assert made[0].scheduler.block_tokens % 32 == 0

@@ -100,6 +100,7 @@ def static_case(
         steps = eng.metrics().steps
         split = _split_stats(eng, steps)
         streamed = eng.streamed_steps
+        kv_bytes = sum(eng.pools.nbytes.values())  # every pool, encoded ones at their size
     finally:
         eng.close()
     decode_tokens = sum(len(o.token_ids) - 1 for o in outs)
@@ -126,6 +127,9 @@ def static_case(
         if floors["decode"].get("io_s")
         else None,
         "streamed_bytes_per_step": floors["streamed_bytes_decode"],
+        "kv_pool_bytes": kv_bytes,
+        # per token the pools were sized for (the planned batch x context), all layers
+        "kv_bytes_per_token": kv_bytes / (llm.workload.batch * llm.workload.context),
     }
 
 
