@@ -227,3 +227,19 @@ def test_cli_run_reports_the_choice(tiny, tmp_path):
     codecs = json.loads(res.stdout)["metrics"]["kv_codecs"]
     assert codecs.startswith("device exact (") and ", disk " in codecs
     assert codecs.endswith("at 256 tokens, measured rates")
+
+
+def test_cli_info_shows_each_tier_and_why(tiny, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ollm.cli import app
+
+    args = ["info", tiny, "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--kv-codec",
+            "auto", "--max-context", "256", "--json"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)["plan"]
+    assert plan["KV codec (auto), device"].startswith("exact: KV ")
+    assert "ms/layer" in plan["KV codec (auto), disk"]

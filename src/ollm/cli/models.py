@@ -85,8 +85,11 @@ def info(
     moe_offload: common.MoeOffloadOpt = None,
     expert_cache: common.ExpertCacheOpt = None,
     attention: common.AttentionOpt = None,
+    kv_codec: common.KvCodecOpt = None,
+    kv_recent: common.KvRecentOpt = None,
 ) -> None:
-    """Show the model's architecture, sizes and placement plan under the given budgets."""
+    """Show the model's architecture, sizes and placement plan under the given budgets (with
+    ``--kv-codec auto``: each KV tier's codec and why)."""
     with common.cli_errors():
         llm = common.build_llm(
             model,
@@ -102,6 +105,8 @@ def info(
             moe_offload=moe_offload,
             expert_cache=expert_cache,
             attention=attention,  # routed layers' KV may leave the device for weights
+            kv_codec=kv_codec,  # compressed KV is planned at its stored size
+            kv_recent=kv_recent,
         )
         with llm:
             data = llm.info()
