@@ -30,6 +30,7 @@ class EvalReport:
     quality: list[QualityRow] = field(default_factory=list)
     passkey: list[PasskeyRow] = field(default_factory=list)
     cost: dict[str, float | None] = field(default_factory=dict)  # per token, passkey runs
+    passkey_full: str | None = None  # the passkey prompts' part marked full (routing by segment)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -39,6 +40,7 @@ class EvalReport:
             "quality": [r.to_dict() for r in self.quality],
             "passkey": [r.to_dict() for r in self.passkey],
             "cost": self.cost,
+            "passkey_full": self.passkey_full,
         }
 
 
@@ -78,7 +80,7 @@ def evaluate(
 
     opts = _options(options)
     exact = exact_options(opts)
-    report = EvalReport(model, opts, exact)
+    report = EvalReport(model, opts, exact, passkey_full=passkey_full)
     say = progress or (lambda _msg: None)
     with LLM(model, **opts) as llm:
         ref = llm if exact == opts else LLM(model, **exact)
