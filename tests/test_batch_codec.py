@@ -262,3 +262,31 @@ def test_llm_generate_list_runs_encoded_pools(coded):
     assert [o.token_ids for o in outs] == want
     assert made and made[0].pools.encoded
     assert made[0].scheduler.block_tokens % 32 == 0
+
+
+def test_few_exact_slots_reuse_and_prefix_hits_stay_exact(coded, tmp_path):
+    """With exact slots for one sequence only, blocks that left the window give theirs up while
+    a prompt is prefilled. A document asked about again right away is adopted whole (its last
+    block is still exact); after an unrelated request took every exact slot, only codes are
+    left and the request recomputes instead. Tokens equal the unshared run's throughout."""
+    _, llm = coded
+    g = torch.Generator().manual_seed(11)
+    doc = torch.randint(0, 256, (192,), generator=g).tolist()
+    other = torch.randint(0, 256, (200,), generator=g).tolist()
+    asks = [doc + torch.randint(0, 256, (5 + 9 * i,), generator=g).tolist() for i in range(3)]
+    order = [asks[0], asks[1], other, asks[2]]
+    runner = host_runner(llm)
+    plain = engine(runner, tmp_path / "a", prefix_caching=False)
+    want = [plain.generate([p], GREEDY)[0][0].token_ids for p in order]
+    plain.close()
+    eng = engine(runner, tmp_path / "b", max_running=1)
+    m = full_manager(eng)
+    assert m.exact_slots == 1 * (1 + 3) + 64 // 32 < -(-len(asks[0]) // 32)  # < one request
+    hits = []
+    for p, w in zip(order, want, strict=True):
+        assert eng.generate([p], GREEDY)[0][0].token_ids == w
+        hits.append(eng.metrics().prefix_hits)
+        assert m.exact_used() <= m.exact_slots
+    assert hits == [0, 1, 1, 1]  # asks[1] adopts the document; asks[2] after `other` cannot
+    assert eng.kv_blocks_used() == 0
+    eng.close()
