@@ -17,7 +17,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_hf_model
 from ollm import LLM
-from ollm.layers.moe import ResidentExperts, expert_forward, experts_forward, moe_mlp
+from ollm.layers.moe import (
+    ResidentExperts,
+    expert_forward,
+    experts_forward,
+    moe_mlp,
+    sparse_weights,
+)
 from test_moe_experts import _cache
 
 VIEWS = {
@@ -189,3 +195,31 @@ def test_all_hit_row_runs_in_pair_order(top8, monkeypatch):
     assert c.ops["index_put_"] == 1
     assert torch.equal(got, slots)
     cache.close()
+
+
+def test_fused_resident_experts_gathered_from_their_stacks(top8):
+    """Whole-layer weights in the fused layout ([E, 2I, H] gate_up, [E, H, I] down), run as a
+    device would (batched): each batch's experts are gathered from the fused tensors by index
+    (no per-expert stack), for one row and for several, equal to the per-expert layout."""
+    llm, moe, act = top8, top8.spec.moe, top8.spec.act
+    i = min(moe.sparse_layers)
+    w = llm.prefetcher.get(i)
+    p = f"{moe.prefix}.experts"
+    fused = {k: v for k, v in w.items() if not k.startswith(f"{p}.")}
+    ews = [ResidentExperts(w, moe).weights(e) for e in range(moe.num_experts)]
+    g, u, d = (f"{n}.weight" for n in moe.expert_names)
+    fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([ew[g], ew[u]]) for ew in ews])
+    fused[f"{p}.down_proj"] = torch.stack([ew[d] for ew in ews])
+
+    class Device(ResidentExperts):
+        batched = True  # the CPU plays an accelerator: batched matmuls
+
+    src = Device(fused, moe)
+    assert src.fused is not None
+    for rows in (1, 3):
+        x = torch.randn(1, rows, llm.spec.hidden_size) * 4
+        sw = sparse_weights(fused, src, None)
+        with Launches() as c:
+            got = moe_mlp(x, sw, moe, act)
+        assert c.ops["stack"] == 0 and c.ops["index_select"] >= 2
+        torch.testing.assert_close(got, moe_mlp(x, w, moe, act), atol=1e-5, rtol=1e-5)
