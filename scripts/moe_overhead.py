@@ -18,7 +18,9 @@ decode visits them. Measured per MoE call:
   ``copy_`` also counts the slot fills), counted by a ``TorchDispatchMode``, and host reads
   (``tolist``/``item``: a sync each on a GPU);
 * ``top``: the Python functions with the most own time (cProfile), per call;
-* ``hit_rate`` of the cache and ``max_abs_diff`` against the resident per-expert path.
+* ``hit_rate`` of the cache and ``max_abs_diff`` against the resident per-expert path;
+* with ``--engine``: whole decode steps through the engine on the same stand-in and cache
+  size (``engine``: microseconds per layer and step, and the MoE call's share of it).
 
 With ``--lookahead`` (where the code under test has it) the cache predicts each next layer's
 experts and prefetches them; its prediction precision is reported. ``--zipf A`` skews the
@@ -259,6 +261,66 @@ def measure(args) -> dict:
         }
     cache.close()
     llm.close()
+    if args.engine:
+        out["engine"] = engine_decode(path, tmp, args)
+        out["engine"]["moe_share"] = round(
+            out["host_us"]["median"] / out["engine"]["us_per_layer_step"], 3
+        )
+    return out
+
+
+def engine_decode(path: Path, tmp: Path, args) -> dict:
+    """Whole decode steps through the engine (embedding, attention, MoE, head) with the
+    accelerator played by the CPU and the same cache: wall microseconds per layer and step
+    (median of ``--engine-runs`` requests of ``--engine-tokens`` tokens), the MoE share
+    being ``host_us`` over it."""
+    from dataclasses import replace
+
+    from ollm import LLM, SamplingParams
+    from ollm.engine.moe_offload import make_prefetcher
+    from ollm.engine.runner import Runner
+    from ollm.planning.experts import plan_experts
+    from ollm.planning.placement import plan_placement
+    from ollm.storage.experts import StoreExperts
+    from ollm.storage.store import LayerStore
+
+    llm = LLM(path, device="cpu", dtype="float32", cache_dir=tmp / "c", progress=False)
+    spec, work, st = llm.spec, llm.workload, StoreExperts(llm.store)
+
+    def dense(s, gpu, cpu):
+        return plan_placement(spec, s, "cuda:0", gpu, cpu, "auto", work, 4, hybrid="off")
+
+    extra = {"lookahead": True} if args.lookahead else {}
+    plan = plan_experts(spec, llm.store, st, "cuda:0", None, None, "auto", work, 4,
+                        slots=args.slots, cpu_compute="off", plan_dense=dense, **extra)  # fmt: skip
+
+    def swap(d):
+        return "cpu:1" if d == plan.device else d
+
+    fake = replace(
+        plan, device="cpu:1", embed_device=swap(plan.embed_device),
+        head_device=swap(plan.head_device), experts=replace(plan.experts, device="cpu:1"),
+        layers=tuple(replace(p, exec_device=swap(p.exec_device)) for p in plan.layers),
+    )  # fmt: skip
+    llm.prefetcher.close()
+    llm.prefetcher = make_prefetcher(LayerStore(llm.store_path), fake, llm.stats, False)
+    llm.plan = fake
+    llm.runner = llm._engine.runner = Runner(llm.spec, fake, llm.prefetcher, llm.dtype)
+    prompt = [(7 * i + 3) % 256 for i in range(16)]
+    sp = SamplingParams(max_new_tokens=args.engine_tokens, temperature=0)
+    llm.generate(prompt, sp)  # warm-up
+    per_layer = []
+    for _ in range(args.engine_runs):
+        m = llm.generate(prompt, sp).metrics
+        per_layer.append(1e6 / m.decode_tokens_per_second / spec.num_layers)
+    cache = llm.prefetcher.experts
+    out = dict(
+        us_per_layer_step=round(statistics.median(per_layer), 1),
+        runs=[round(v, 1) for v in per_layer],
+        layers=spec.num_layers,
+        hit_rate=round(cache.hit_rate, 4),
+    )
+    llm.close()
     return out
 
 
@@ -284,6 +346,9 @@ def main() -> None:
     ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
     ap.add_argument("--lookahead", action="store_true")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--engine", action="store_true", help="also whole decode steps per layer")
+    ap.add_argument("--engine-tokens", type=int, default=48)
+    ap.add_argument("--engine-runs", type=int, default=3)
     ap.add_argument("--machine", default="2-core CPU VM")
     args = ap.parse_args()
     out = measure(args)
