@@ -102,3 +102,51 @@ def test_cli_refuses_bad_eviction():
         assert res.exit_code == 2, res.output
         lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("ollm: ")]
         assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"name": "h2o", "recent_share": 0.5},
+        {"name": "h2o", "normalise": True},
+        {"name": "h2o", "decay": 0.99, "normalise": True},
+        {"name": "snapkv", "recent_share": 0.25, "observe": 64, "pool": 1},
+    ],
+)
+def test_policy_variants_keep_sinks_window_and_budget(knobs):
+    q, k, v = _qkv(300, seed=5)
+    policy = EvictionPolicy(keep=100, sinks=4, window=16, **knobs)
+    cache = EvictingKVCache(1, 2, 16, 300, torch.float32, "cpu", policy, forward=128)
+    window = max(16, int(knobs.get("recent_share", 0) * cache.budget))
+    assert cache.window == window
+    _feed(cache, q, k, v, [128, 100] + [1] * 72)
+    assert cache.kept <= cache.budget + cache.slack
+    for head in cache.pos[0, :, : cache.kept]:
+        kept = set(head.tolist())
+        assert set(range(4)) <= kept and set(range(300 - window, 300)) <= kept
+        assert head.tolist() == sorted(kept)
+
+
+def test_decayed_scores_weight_recent_queries():
+    """With decay, a key the newest queries attend to outranks one only old queries saw."""
+    q, k, v = _qkv(200, seed=6)
+    u = torch.nn.functional.normalize(torch.ones(16), dim=0)
+    k[:, :, 20], k[:, :, 30] = 6 * u, -6 * u
+    q[:, :, :100] += 3 * u  # old queries look at key 20
+    q[:, :, 100:] -= 3 * u  # new ones at key 30
+    kept = {}
+    for decay in (1.0, 0.9):
+        policy = EvictionPolicy("h2o", 40, window=16, decay=decay, normalise=False)
+        cache = EvictingKVCache(1, 2, 16, 200, torch.float32, "cpu", policy, forward=200)
+        _feed(cache, q, k, v, [200])
+        kept[decay] = [set(head.tolist()) for head in cache.pos[0, :, : cache.kept]]
+    assert all({20, 30} <= head for head in kept[1.0])  # accumulated: both heavy
+    assert all(30 in head and 20 not in head for head in kept[0.9])  # decayed: the recent one
+
+
+def test_pyramid_budgets():
+    p = EvictionPolicy("streaming", 0.5, pyramid=0.5)
+    keeps = [p.for_layer(j, 3).keep for j in range(3)]
+    assert keeps == [0.75, 0.5, 0.25] and sum(keeps) / 3 == 0.5
+    assert EvictionPolicy("h2o", 0.8, pyramid=0.5).for_layer(0, 3).keep == 1.0  # capped
+    assert EvictionPolicy("h2o", 0.5).for_layer(2, 3).keep == 0.5

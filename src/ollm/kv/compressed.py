@@ -366,7 +366,7 @@ class CompressedCaches:
         self.forward = forward or capacity  # tokens of the largest forward (a prefill chunk)
         self.workspace = CodecWorkspace()
 
-    def _evicting(self, placement):
+    def _evicting(self, index: int, placement):
         """An evicting cache (``kv/evict.py``); with a codec its older kept slots encoded
         (``kv/evict_codec.py``; the config refuses codecs that are not one per slot)."""
         from ollm.kv.codecs import parse_kv_codec
@@ -374,13 +374,15 @@ class CompressedCaches:
 
         s = self.spec
         args = (self.batch, s.num_kv_heads, s.head_dim, self.capacity, self.dtype)
+        full = [i for i, layer in enumerate(s.layers) if layer.window is None]
+        policy = self.evict.for_layer(full.index(index), len(full))
         codec = parse_kv_codec(self.kv_codec, self.recent)
         if codec is None:
-            return EvictingKVCache(*args, placement.kv_device, self.evict, self.forward)
+            return EvictingKVCache(*args, placement.kv_device, policy, self.forward)
         from ollm.kv.evict_codec import EncodedEvictingKVCache
 
         return EncodedEvictingKVCache(
-            *args, placement.kv_device, self.evict, self.forward, codec, self.workspace
+            *args, placement.kv_device, policy, self.forward, codec, self.workspace
         )
 
     def make(self, index: int, placement, tier: KvTier, disk=None):
@@ -393,7 +395,7 @@ class CompressedCaches:
             return None
         s = self.spec
         if self.evict is not None:  # bounded by its budget: kept where the layer's KV is used
-            return self._evicting(placement)
+            return self._evicting(index, placement)
         home_tier = KvTier(tier)
         codec = codec_for_tier(self.kv_codec, home_tier, self.recent)
         if codec is None:

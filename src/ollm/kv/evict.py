@@ -17,7 +17,7 @@ sees the evictions of earlier chunks, which is how ``ollm eval`` measures a poli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,17 @@ class EvictionPolicy:
     normalise: bool = False  # h2o: mean mass per query that saw a key, not the sum
     decay: float = 1.0  # h2o: each query's mass weighted decay ** (its age in tokens)
     pool: int = 7  # snapkv: max-pool width over neighbouring keys
+    pyramid: float = 0.0  # per-layer budgets: the first full layer keeps 1 + pyramid times
+    # ``keep``, the last 1 - pyramid times, linear between (the mean stays ``keep``)
+
+    def for_layer(self, j: int, layers: int) -> EvictionPolicy:
+        """The policy of the ``j``-th of ``layers`` full-attention layers (PyramidKV-like
+        budgets when ``pyramid`` is set)."""
+        if not self.pyramid or layers < 2:
+            return self
+        keep = self.keep * (1 + self.pyramid * (1 - 2 * j / (layers - 1)))
+        keep = min(1.0, keep) if self.keep <= 1 else max(1.0, round(keep))
+        return replace(self, keep=keep, pyramid=0.0)
 
     def budget(self, context: int) -> int:
         """Slots kept per sequence and KV head for a request of ``context`` tokens."""
