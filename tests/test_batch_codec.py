@@ -290,3 +290,21 @@ def test_few_exact_slots_reuse_and_prefix_hits_stay_exact(coded, tmp_path):
     assert hits == [0, 1, 1, 1]  # asks[1] adopts the document; asks[2] after `other` cannot
     assert eng.kv_blocks_used() == 0
     eng.close()
+
+
+def test_drafts_are_off_over_encoded_pools(coded, tmp_path, caplog):
+    """A drafter given to an engine over encoded pools is dropped with one warning line (no
+    drafts yet: a tree's compaction writes pool rows by block id); tokens are the plain run's."""
+    _, llm = coded
+    ps = prompts(2, seed=13)
+    runner = host_runner(llm)
+    plain = engine(runner, tmp_path / "a")
+    want = [o.token_ids for o in plain.generate(ps, GREEDY)[0]]
+    plain.close()
+    eng = engine(runner, tmp_path / "b", drafter=lambda toks: list(toks[-3:]))
+    with caplog.at_level("WARNING"):
+        got = [o.token_ids for o in eng.generate(ps, GREEDY)[0]]
+    assert got == want
+    assert eng.speculator is None and eng.drafted == 0
+    assert any("encoded KV pools" in r.getMessage() for r in caplog.records)
+    eng.close()

@@ -292,7 +292,11 @@ class BatchEngine:
         """Draft tokens for each decoding request (one uncomputed token, room for more) and
         the parents of those that are trees; their distributions kept for `_verify`."""
         self._draft_of = {}
-        if self.speculator is None or self.pools.encoded:  # encoded pools: no drafts yet
+        if self.speculator is not None and self.pools.encoded:  # tree compaction writes by id
+            if self.speculate_default:
+                log.warning("speculative decoding is off: drafts over encoded KV pools not built")
+            self.speculator = None
+        if self.speculator is None:
             return {}, {}
         asks = {}
         for rid, live in self.live.items():
