@@ -123,3 +123,28 @@ def test_config_accepts_plain_codecs_with_eviction():
     for spec in ("auto", "4k:bf16,32k:int8,rest:int4"):
         with pytest.raises(OllmError, match="kv_evict"):
             EngineConfig(kv_codec=spec, kv_evict="h2o", kv_keep="50%")
+
+
+def test_codec_with_eviction_through_a_tiny_model(tmp_path):
+    """A tiny model runs with int4 + eviction: every full-attention cache is an encoded evicting
+    one, log-probs before any eviction or encoding equal the exact path's, generation runs."""
+    from conftest import char_tokenizer, make_hf_model
+    from ollm import LLM, SamplingParams
+
+    make_hf_model("llama", tmp_path)
+    char_tokenizer().save_pretrained(str(tmp_path))
+    ids = list(range(1, 150))
+    opts = {"device": "cpu", "max_context": 256, "prefill_chunk": 32}
+    with LLM(str(tmp_path), **opts) as exact:
+        ref = exact.score(ids)
+    with LLM(str(tmp_path), kv_codec="int4", kv_recent=16, kv_evict="h2o", kv_keep="50%",
+             **opts) as llm:  # fmt: skip
+        caches = llm.runner.new_kv(1, 256)
+        assert all(isinstance(c, EncodedEvictingKVCache) for c in caches)
+        for c in caches:
+            c.close()
+        lp = llm.score(ids)
+        assert torch.allclose(lp[:16], ref[:16], atol=1e-4)  # exact window, nothing evicted
+        assert bool(torch.isfinite(lp).all()) and float((lp - ref).abs().mean()) > 0
+        params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+        assert len(llm.generate(ids, params).token_ids) == 6
