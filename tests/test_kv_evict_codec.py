@@ -9,7 +9,7 @@ import torch
 
 from ollm.config import EngineConfig
 from ollm.errors import OllmError
-from ollm.kv.codecs import SideCodec, decode, encode, parse_kv_codec
+from ollm.kv.codecs import decode, encode, parse_kv_codec
 from ollm.kv.evict import EvictionPolicy
 from ollm.kv.evict_codec import EncodedEvictingKVCache
 from ollm.layers.attention import AttentionMask
@@ -22,16 +22,27 @@ def _qkv(n, heads=4, kv_heads=2, seed=0):
     return (torch.randn(1, h, n, D, generator=g) for h in (heads, kv_heads, kv_heads))
 
 
-def _roundtrip(x, side):
-    codes, params = encode(x, side)
-    return decode(codes, params, side, torch.empty_like(x))
+def _roundtrip_keys(k, codec):
+    """Keys as the per-channel blocks of ``codec.block`` positions decode them."""
+    g = codec.block
+    n = k.shape[2] // g * g
+    out = k.clone()
+    for a in range(0, n, g):
+        codes, params = encode(k[:, :, a : a + g], codec.key)
+        decode(codes, params, codec.key, out[:, :, a : a + g])
+    return out
 
 
-def _reference(q, k, v, kept, start, recent, codec):
+def _roundtrip_values(v, codec):
+    codes, params = encode(v, codec.value)
+    return decode(codes, params, codec.value, torch.empty_like(v))
+
+
+def _reference(q, k, v, kept, start, codec):
     """Rows [start, start + t) of q over the positions ``kept`` [B, KVH, n] (earlier kept
-    slots) plus the forward's own, each key read decoded iff its position < row + 1 - recent."""
-    ks, vs = SideCodec(codec.key.kind, "token", codec.key.group), codec.value
-    kd, vd = _roundtrip(k, ks), _roundtrip(v, vs)
+    slots) plus the forward's own, each key read decoded iff its position is below
+    ``codec.boundary(row + 1)``."""
+    kd, vd = _roundtrip_keys(k, codec), _roundtrip_values(v, codec)
     t = q.shape[2] - start
     b, h = q.shape[:2]
     kvh = k.shape[1]
@@ -42,7 +53,7 @@ def _reference(q, k, v, kept, start, recent, codec):
         for r in range(t):
             qp = start + r
             seen = keys[keys <= qp]
-            dec = seen < qp + 1 - recent
+            dec = seen < codec.boundary(qp + 1)
             kk = torch.where(dec[:, None], kd[0, j, seen], k[0, j, seen])
             vv = torch.where(dec[:, None], vd[0, j, seen], v[0, j, seen])
             p = torch.softmax(q[0, head, qp] @ kk.T * SCALE, -1)
@@ -65,7 +76,7 @@ def test_attention_equals_decode_then_attend(spec, name):
         sl = slice(pos, pos + t)
         out = cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask, SCALE, None)
         ref = _reference(q[:, :, : pos + t], k[:, :, : pos + t], v[:, :, : pos + t], kept,
-                         pos, recent, codec)  # fmt: skip
+                         pos, codec)  # fmt: skip
         assert float((out - ref).abs().max()) < 1e-4, (t, pos)
         pos += t
         held = cache.pos[0, :, : cache.kept]
@@ -74,7 +85,7 @@ def test_attention_equals_decode_then_attend(spec, name):
             assert set(range(4)) <= set(head.tolist())  # sinks
             assert set(range(pos - cache.window, pos)) <= set(head.tolist())  # window
             assert head.tolist() == sorted(set(head.tolist()))
-        assert cache.tail == min(pos, recent - 1)  # the exact tail: the newest positions
+        assert cache.tail == pos - codec.boundary(pos + 1)  # the exact tail: the newest
 
 
 def test_bytes_held_are_the_encoded_ones():
@@ -87,10 +98,13 @@ def test_bytes_held_are_the_encoded_ones():
         sl = slice(p, p + 256)
         cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask, SCALE, None)
     assert cache.kept == cache.budget == 1024
-    # int4 per token, groups of 32: 128 code bytes + 8 groups x (lo, scale) float16 per side
-    per_slot = 2 * (128 + 8 * 2 * 2)
+    # int4: 128 code bytes a side; values' 8 groups x (lo, scale) float16 per slot; keys'
+    # (lo, scale) float16 per channel per block of 32 positions encoded so far
+    per_slot = 128 + 128 + 8 * 2 * 2
     exact = 2 * 256 * 4
-    assert cache.kept_bytes() == cache.enc * per_slot + cache.tail * exact
+    blocks = codec.boundary(2048 + 1) // 32
+    expect = cache.enc * per_slot + blocks * 2 * 256 * 2 + cache.tail * exact
+    assert cache.kept_bytes() == expect
     assert cache.nbytes < 0.3 * 2048 * exact  # held storage, not the full-precision size
 
 
@@ -98,19 +112,19 @@ def test_trim():
     q, k, v = _qkv(200, seed=4)
     codec = parse_kv_codec("int4", 16)
     cache = EncodedEvictingKVCache(1, 2, D, 200, torch.float32, "cpu",
-                                   EvictionPolicy("h2o", 80, window=16), 64, codec)  # fmt: skip
+                                   EvictionPolicy("streaming", 80), 64, codec)  # fmt: skip
     pos = 0
     for t in [64, 64, 40]:
         sl = slice(pos, pos + t)
         cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], AttentionMask(pos, t, pos + t),
                      SCALE, None)  # fmt: skip
         pos += t
-    cache.trim(160)  # inside the exact tail
+    cache.trim(160)  # inside the exact tail (positions from boundary(169) = 128 on)
     assert len(cache) == 160 and int(cache.pos[:, :, : cache.kept].max()) == 159
-    assert cache.tail == 160 - (168 - 15)
-    cache.trim(100)  # below it: encoded slots past 100 go
-    assert len(cache) == 100 and cache.tail == 0
-    assert int(cache.pos[:, :, : cache.kept].max()) < 100
+    assert cache.tail == 160 - 128
+    cache.trim(100)  # below it: encoded slots past 100 go, block [96, 100) back to the tail
+    assert len(cache) == 100 and cache.tail == 4
+    assert int(cache.pos[:, :, : cache.kept].max()) == 99
     sl = slice(100, 101)
     out = cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], AttentionMask(100, 1, 101),
                        SCALE, None)  # fmt: skip

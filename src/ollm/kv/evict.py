@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from ollm.layers.attention import AttentionMask
 
 POLICIES = ("streaming", "h2o", "snapkv")
+# ``NAME:pyramid``: the first full-attention layer keeps 1.5x the share, the last 0.5x (best of
+# 0.3 / 0.5 / 0.6 / 0.8 / 1.0 for streaming on Gemma 3 270M at 2k, docs/benchmarks.md)
+PYRAMID = 0.5
 ROW_BLOCK = 256  # query rows per score block (scores [B, KVH, G * rows, keys] in float32)
 
 
@@ -67,13 +70,17 @@ class EvictionPolicy:
 
 
 def parse_eviction(name: str | None, keep: str | float | None) -> EvictionPolicy | None:
-    """``("h2o", "25%")`` -> a policy keeping a quarter; ``name`` none/None -> None. ValueError
+    """``("h2o", "25%")`` -> a policy keeping a quarter (``"streaming:pyramid"``: per-layer
+    budgets, ``PYRAMID``); ``name`` none/None -> None. ValueError
     with one line on an unknown name or a bad share."""
     if name is None or str(name).strip().lower() in ("none", "off", ""):
         return None
-    name = str(name).strip().lower()
-    if name not in POLICIES:
-        raise ValueError(f"kv_evict must be one of none, {', '.join(POLICIES)}, not {name!r}")
+    name, _, extra = str(name).strip().lower().partition(":")
+    if name not in POLICIES or extra not in ("", "pyramid"):
+        raise ValueError(
+            f"kv_evict must be one of none, {', '.join(POLICIES)} (optionally NAME:pyramid), "
+            f"not {name + (':' + extra if extra else '')!r}"
+        )
     text = str(keep if keep is not None else "50%").strip()
     try:
         share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -83,7 +90,7 @@ def parse_eviction(name: str | None, keep: str | float | None) -> EvictionPolicy
         ) from None
     if share <= 0 or (share > 1 and share != int(share)):
         raise ValueError(f"kv_keep must be in (0%, 100%] or a whole token count, not {keep!r}")
-    return EvictionPolicy(name, share)
+    return EvictionPolicy(name, share, pyramid=PYRAMID if extra else 0.0)
 
 
 class EvictingKVCache:
@@ -210,18 +217,15 @@ class EvictingKVCache:
         return out, mass, pooled
 
     def _alt_scores(self, s, qg, qpos, alt, g: int, scale: float) -> torch.Tensor:
-        """Rows that read slots [a0, n) decoded (key position < row position + 1 - recent, as
-        a decode step at that row would): their scores in ``s`` replaced; the choice
+        """Rows that read slots [a0, n) decoded (key position < ``bound(row)``, as a decode
+        step at that row would): their scores in ``s`` replaced; the choice
         [B, KVH, g * rows, n - a0] returned."""
-        a0, kq, _, recent = alt
+        a0, kq, _, bound = alt
         b, kvh = s.shape[:2]
         pa = self.pos[:, :, a0 : self.kept]
-        use = pa[:, :, None, :] < (qpos + 1 - recent)[None, None, :, None]
-        use = (
-            use[:, :, None]
-            .expand(b, kvh, g, len(qpos), pa.shape[2])
-            .reshape(b, kvh, -1, pa.shape[2])
-        )
+        m = pa.shape[2]
+        use = pa[:, :, None, :] < bound(qpos)[None, None, :, None]
+        use = use[:, :, None].expand(b, kvh, g, len(qpos), m).reshape(b, kvh, -1, m)
         sq = torch.matmul(qg, kq.transpose(-1, -2)).float().mul_(scale)
         s[..., a0:] = torch.where(use, sq, s[..., a0:])
         return use
