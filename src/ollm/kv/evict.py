@@ -9,6 +9,12 @@ hides them):
   forward attend to most (max-pooled over neighbouring keys so spans survive together); decode
   queries add their attention mass to those scores (as h2o) when later evictions choose.
 
+Knobs (``EvictionPolicy``): the recent window as a share of the budget (H2O's half), h2o's mass
+normalised per query that saw a key or decayed by query age, and per-layer budgets
+(``NAME:pyramid``). Measured on Gemma 3 270M at 50% (docs/benchmarks.md) none of the scored
+variants comes near ``streaming``; ``streaming:pyramid`` is best, so the defaults stay as before.
+``kv/evict_codec.py`` stores the kept slots encoded (``--kv-codec`` with ``--kv-evict``).
+
 Kept keys keep the positions RoPE gave them. Eviction runs after a forward once the kept slots
 exceed the budget by ``slack`` (a gather per layer every few steps, not every step). A forward
 attends over the kept slots plus its own; a prompt scored in chunks (``prefill_chunk``) thus
