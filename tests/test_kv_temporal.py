@@ -44,7 +44,7 @@ def test_schedules_parse_and_refuse():
         with pytest.raises(ValueError, match="bad KV schedule"):
             parse_kv_codec(bad)
     assert EngineConfig(kv_codec="4k:bf16,32k:int8,rest:int4").kv_codec.startswith("4k")
-    with pytest.raises(OllmError, match="cannot be combined"):
+    with pytest.raises(OllmError, match="kv_evict combines with one codec for every slot"):
         EngineConfig(kv_codec="4k:bf16,32k:int8,rest:int4", kv_evict="h2o")
 
 
