@@ -352,3 +352,28 @@ def test_sigterm_cleans_up_and_exits_143(env, tmp_path):
     assert proc.returncode == 143, err.decode()
     assert stderr_lines(err.decode()) == ["terminated"]
     assert list(kv.iterdir()) == []
+
+
+def test_expert_lookahead_flag_reaches_the_engine(env, monkeypatch):
+    """``--expert-lookahead`` (issue 19) is passed to the engine as ``expert_lookahead=True``
+    by run and info, left to the default when not given, and listed by bench."""
+    seen: list[dict] = []
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.append(kwargs)
+        raise Built
+
+    monkeypatch.setattr("ollm.api.LLM", fake_llm)
+    base = ("--cache-dir", env["cache"], "--device", "cpu")
+    for args in (
+        ("run", "hi", "--model", env["model"], *base, "--expert-lookahead"),
+        ("info", env["model"], *base, "--expert-lookahead"),
+        ("info", env["model"], *base),
+    ):
+        res = invoke(*args)
+        assert isinstance(res.exception, Built), res.output
+    assert [kw.get("expert_lookahead") for kw in seen] == [True, True, None]
+    assert "--expert-lookahead" in invoke("bench", "--help").stdout

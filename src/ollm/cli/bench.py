@@ -105,6 +105,7 @@ def bench(
     speculate: SpeculateOpt = None,
     moe_offload: common.MoeOffloadOpt = None,
     expert_cache: common.ExpertCacheOpt = None,
+    expert_lookahead: common.ExpertLookaheadOpt = None,
 ) -> None:
     """Time prefill and decode per context next to this machine's floors (bandwidth measured now)."""
     with common.cli_errors():
@@ -127,6 +128,7 @@ def bench(
             speculate=speculate,  # results then carry acceptance and tokens per target pass
             moe_offload=moe_offload,
             expert_cache=expert_cache,
+            expert_lookahead=expert_lookahead,
         )
         llm_kwargs = {k: v for k, v in options.items() if v is not None}
         if batch is not None:

@@ -357,6 +357,15 @@ ExpertCacheOpt = Annotated[
         "--expert-cache", help="The GPU expert cache's policy: lru or lfu.", show_default=False
     ),
 ]
+ExpertLookaheadOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--expert-lookahead/--no-expert-lookahead",
+        help="Mixture of experts: prefetch the experts the next layer's router predicts from the "
+        "current layer's input (off by default; pays only where routers are predictable).",
+        show_default=False,
+    ),
+]
 AttentionOpt = Annotated[
     str | None,
     typer.Option(

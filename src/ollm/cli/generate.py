@@ -117,6 +117,7 @@ def run(
     full_attention: FullAttentionOpt = None,
     moe_offload: common.MoeOffloadOpt = None,
     expert_cache: common.ExpertCacheOpt = None,
+    expert_lookahead: common.ExpertLookaheadOpt = None,
 ) -> None:
     """Generate a reply to PROMPT, streaming it to stdout, then print the metrics."""
     with common.cli_errors():
@@ -151,6 +152,7 @@ def run(
             attention=attention,
             moe_offload=moe_offload,
             expert_cache=expert_cache,
+            expert_lookahead=expert_lookahead,
         )
         with llm:
             _generate(llm, text, params, raw=raw, json_out=json_out)

@@ -84,6 +84,7 @@ def info(
     cache_dir: CacheDirOpt = None,
     moe_offload: common.MoeOffloadOpt = None,
     expert_cache: common.ExpertCacheOpt = None,
+    expert_lookahead: common.ExpertLookaheadOpt = None,
     attention: common.AttentionOpt = None,
     kv_codec: common.KvCodecOpt = None,
     kv_recent: common.KvRecentOpt = None,
@@ -104,6 +105,7 @@ def info(
             cache_dir=cache_dir,
             moe_offload=moe_offload,
             expert_cache=expert_cache,
+            expert_lookahead=expert_lookahead,
             attention=attention,  # routed layers' KV may leave the device for weights
             kv_codec=kv_codec,  # compressed KV is planned at its stored size
             kv_recent=kv_recent,
