@@ -4,6 +4,8 @@ atomically, used by ``auto``), and the CLI's one-line errors."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from typer.testing import CliRunner
 
@@ -152,3 +154,31 @@ def test_planner_counts_the_key_summaries(gemma):
         want = 2 * spec.num_kv_heads * (256 // 4) * spec.head_dim * elem * full_layers
         assert full_layers and llm.plan.reserved["routing summaries"] == want
         assert llm.plan.peak_device_bytes == base + want
+
+
+def test_several_prompts_warn_that_lossy_kv_options_are_not_applied(gemma, caplog):
+    """A request of several prompts runs on the paged batch engine, which keeps and attends
+    every block exactly: routing and eviction are not applied there, one warning line each
+    says so, and the tokens are the exact path's."""
+    prompts = [PROMPT[:60], PROMPT[:90]]
+    with _llm(gemma) as llm:
+        exact = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    for kw, said in (
+        (dict(attention="window:8,sinks:2", attention_page_tokens=4), "attention routing is not"),
+        (dict(kv_evict="streaming", kv_keep="50%"), "KV eviction not applied"),
+    ):
+        caplog.clear()
+        with _llm(gemma, **kw) as llm, caplog.at_level(logging.WARNING, logger="ollm"):
+            outs = llm.generate(prompts, GREEDY)
+        lines = [r.getMessage() for r in caplog.records if "applied" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(said), lines
+        assert [o.token_ids for o in outs] == exact
+
+
+def test_several_prompts_warn_that_spans_are_not_applied(gemma, caplog):
+    """Spans marked full (routing by segment) on a request of several prompts: one line."""
+    spans = SamplingParams(max_new_tokens=4, temperature=0, full_attention=[(0, 16)])
+    with _llm(gemma) as llm, caplog.at_level(logging.WARNING, logger="ollm"):
+        llm.generate([PROMPT[:60], PROMPT[:90]], spans)
+    lines = [r.getMessage() for r in caplog.records if "applied" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("full-attention spans not applied"), lines

@@ -40,6 +40,7 @@ def generate_many(
         raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
     runner = generator.runner
     if batch_supported(runner):  # ``kv_dir``: every layer's pools on disk there
+        _warn_unapplied(runner, plist)
         eng = BatchEngine.for_plan(
             runner, generator.tokenizer, generator.eos_ids, batch, context,
             kv_dir or generator.kv_dir, all_disk=kv_dir is not None, rates=rates,
@@ -69,3 +70,20 @@ def generate_many(
         for i, out in zip(idx, o, strict=True):
             outs[i], mets[i] = out, m
     return outs, mets  # type: ignore[return-value]
+
+
+def _warn_unapplied(runner, plist: Sequence[SamplingParams]) -> None:
+    """One warning line for the lossy KV options the paged batch engine does not apply (its
+    attention reads every block exactly): spans marked full and eviction (attention routing
+    is reported by the runner itself, once)."""
+    unapplied = []
+    if any(getattr(sp, "full_attention", ()) for sp in plist):
+        unapplied.append("full-attention spans")
+    if getattr(runner, "kv_evict", "none") != "none":
+        unapplied.append("KV eviction")
+    if unapplied:
+        log.warning(
+            "%s not applied to this request of several prompts: continuous batching keeps and "
+            "attends every KV block exactly",
+            " and ".join(unapplied),
+        )
