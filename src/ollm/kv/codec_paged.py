@@ -152,13 +152,9 @@ class CodecLayerKV:
     ) -> torch.Tensor:
         """Store rows ``[cursor, cursor + T)``'s K/V, encode the blocks they fill, and return the
         attention of their queries ``[1, heads, T, D]`` (``dense_mask`` is ignored)."""
-        r0, r1 = self._cursor, self._cursor + q.shape[2]
-        if q.shape[0] != 1 or mask.q_start != r0 or r1 > self.step.num_rows:
-            raise RuntimeError(
-                f"packed KV expects one row of consecutive chunks: rows [{mask.q_start}, "
-                f"+{q.shape[2]}) at cursor {r0} of {self.step.num_rows} (batch {q.shape[0]})"
-            )
-        self._cursor = 0 if r1 == self.step.num_rows else r1
+        from ollm.kv.packed import take_rows
+
+        r0, r1 = take_rows(self, q, mask)
         lay, pool = self.layout, self.pool
         slots = self.store.slot_index(pool.device)[lay.row_block[r0:r1].to(pool.device)]
         off = lay.row_offset[r0:r1].to(pool.device)
@@ -170,8 +166,9 @@ class CodecLayerKV:
             a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
             if a < b:
                 p0, p1 = s.start + a - s.row0, s.start + b - s.row0
-                ids = s.block_ids.tolist()
-                filled += [ids[j - s.key0 // bt] for j in range(p0 // bt, p1 // bt)]
+                if p1 // bt > p0 // bt:  # blocks these rows fill (most decode steps: none)
+                    ids = s.block_ids.tolist()
+                    filled += [ids[j - s.key0 // bt] for j in range(p0 // bt, p1 // bt)]
                 spans.append((s, a, b, p0, p1))
         self.store.encode_blocks(self.layer, filled)  # each block once, when it fills
         out = torch.empty_like(q)
@@ -233,10 +230,9 @@ class CodecLayerKV:
     def _device(self, rows: int, q_device: torch.device) -> torch.device:
         """Where a sequence's rows attend: by the CPU over a pool in host memory for a few rows
         (as `PackedLayerKV`), else on the queries' device."""
-        from ollm.kv.packed import CPU_ATTEND_ROWS
+        from ollm.kv.packed import attend_device
 
-        host = self.pool.device.type == "cpu" and q_device.type != "cpu"
-        return self.pool.device if host and rows <= CPU_ATTEND_ROWS else q_device
+        return attend_device(self.pool, rows, q_device)
 
     def flush(self) -> bool:
         """Nothing is buffered elsewhere."""

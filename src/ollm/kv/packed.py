@@ -206,14 +206,7 @@ class PackedLayerKV:
         from ollm.layers.attention import AttentionMask as Mask  # lazily, as kv/cache.py
         from ollm.layers.attention import attend
 
-        r0 = self._cursor
-        r1 = r0 + q.shape[2]
-        if q.shape[0] != 1 or mask.q_start != r0 or r1 > self.step.num_rows:
-            raise RuntimeError(
-                f"packed KV expects one row of consecutive chunks: rows [{mask.q_start}, "
-                f"+{q.shape[2]}) at cursor {r0} of {self.step.num_rows} (batch {q.shape[0]})"
-            )
-        self._cursor = 0 if r1 == self.step.num_rows else r1
+        r0, r1 = take_rows(self, q, mask)
         lay = self.layout
         blk, off = lay.row_block[r0:r1], lay.row_offset[r0:r1]
         # pool[kv, blocks, heads, slots, dim][blk, :, off] is [rows, heads, dim] (advanced
@@ -243,11 +236,8 @@ class PackedLayerKV:
         return out
 
     def _attend_device(self, rows: int, q_device: torch.device) -> torch.device:
-        """Where a sequence's ``rows`` queries attend: by the CPU over a pool in host memory for
-        a few rows (a decode token and its drafts: the queries cross the link, not the K/V),
-        else on the queries' device (prefill: the K/V is gathered there)."""
-        host = self.pool.device.type == "cpu" and q_device.type != "cpu"
-        return self.pool.device if host and rows <= CPU_ATTEND_ROWS else q_device
+        """Where a sequence's ``rows`` queries attend over this layer's pool (`attend_device`)."""
+        return attend_device(self.pool, rows, q_device)
 
     def _attend_decodes(
         self,
@@ -326,6 +316,29 @@ class PackedLayerKV:
     def nbytes(self) -> int:
         """Bytes of this layer's pool."""
         return self.pool.numel() * self.pool.element_size()
+
+
+def attend_device(pool: torch.Tensor, rows: int, q_device: torch.device) -> torch.device:
+    """Where ``rows`` queries of one sequence attend over ``pool``: by the CPU over a pool in
+    host memory for a few rows (a decode token and its drafts: the queries cross the link, not
+    the K/V), else on the queries' device (prefill: the K/V is gathered there)."""
+    host = pool.device.type == "cpu" and q_device.type != "cpu"
+    return pool.device if host and rows <= CPU_ATTEND_ROWS else q_device
+
+
+def take_rows(layer, q: torch.Tensor, mask: AttentionMask) -> tuple[int, int]:
+    """The rows ``[r0, r1)`` of a packed step that ``layer``'s (a packed layer KV with ``step``
+    and ``_cursor``) attend call carries, checked to be the next chunk of one row; the
+    cursor moves past them (back to 0 after the step's last row)."""
+    r0 = layer._cursor
+    r1 = r0 + q.shape[2]
+    if q.shape[0] != 1 or mask.q_start != r0 or r1 > layer.step.num_rows:
+        raise RuntimeError(
+            f"packed KV expects one row of consecutive chunks: rows [{mask.q_start}, "
+            f"+{q.shape[2]}) at cursor {r0} of {layer.step.num_rows} (batch {q.shape[0]})"
+        )
+    layer._cursor = 0 if r1 == layer.step.num_rows else r1
+    return r0, r1
 
 
 def _decode_batches(
