@@ -41,7 +41,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SIZES = (1, 2, 4, 8, 16, 32, 64)  # query tokens per verify pass
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # query tokens per verify pass
 ROOT = Path(__file__).resolve().parents[2]
 # Tokens per target pass on real text (CPU, Gemma 3 270M; docs/benchmarks.md), read, not copied.
 CPU_FIGURES = (
