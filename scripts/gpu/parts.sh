@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The device scripts of the open issues in one call, each part under its own time limit, in the
+# order given; output to $OUT/log.txt and one JSON per part under $OUT (at most 8 files come back):
+#
+#   cd <checkout> && scripts/gpu/parts.sh spec_check=90 kv_micro=90 long100k=330 spec=150
+#
+# Parts: budget (scripts/gpu/budget.py --quick), spec_check (float32/bf16 speculative equality on
+# CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer over compressed KV),
+# long100k (routing_micro, KV codecs and routing at 100k on one 8B store), moe (Qwen3-30B-A3B
+# and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=src:tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+PY=${PY:-python3}
+LOG="$OUT/log.txt"
+G=scripts/gpu
+export OUT PY G
+
+part() {
+  case "$1" in
+    budget) $PY $G/budget.py --out "$OUT/budget" --quick ;;
+    spec_check) $PY $G/spec_correctness.py --device cuda:0 -o "$OUT/spec_correctness.json" ;;
+    spec) $PY $G/speculative.py --out "$OUT/spec" --quick --no-check ;;
+    kv_micro) $PY $G/kv_codec_micro.py --out "$OUT/kvm" ;;
+    long100k) $PY $G/long_context.py --out "$OUT/long" --context 100000 \
+      --parts "${LONG_PARTS:-routing_micro,kv_codec,routing}" ;;
+    long32k) $PY $G/long_context.py --out "$OUT/long32" --context 32768 \
+      --parts "${LONG_PARTS:-kv_codec,routing}" ;;
+    moe) $PY $G/moe.py --out "$OUT/moe" --gpt-oss ;;
+    batch8b) $PY $G/batch_engine.py --out "$OUT/batch" --skip-equiv --skip-tiers \
+      --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB \
+      --bench-batches "${BATCHES:-16,64}" --bench-new "${BATCH_NEW:-32}" \
+      --bench-workloads "${WORKLOADS:-static,arrivals,prefix}" ;;
+    *) echo "unknown part $1" ; return 2 ;;
+  esac
+}
+export -f part
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
+git -C . rev-parse --short HEAD >>"$LOG" 2>/dev/null || true
+for spec in "$@"; do
+  name=${spec%%=*}
+  limit=${spec#*=}
+  t0=$(date +%s)
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" bash -c 'part "$0"' "$name" >>"$LOG" 2>&1
+  rc=$?
+  echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+done
+# Each part's JSON one level down, flattened to $OUT (the tool returns at most 8 files).
+for f in "$OUT"/*/*.json; do
+  [ -e "$f" ] || continue
+  d=$(basename "$(dirname "$f")")
+  mv "$f" "$OUT/${d}_$(basename "$f")"
+done
