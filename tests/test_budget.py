@@ -268,3 +268,66 @@ def test_request_beyond_budget_is_refused_naming_minimum(store):
     plan = plan_placement(spec, s, "cuda:0", budget, None, work=work, dtype_bytes=4)
     assert plan.peak_device_bytes <= budget
     assert 0 < plan.prefill_chunk_tokens < work.prefill_tokens  # shrunk to fit
+
+
+# Shapes of the CPU dry run of scripts/gpu/budget.py's newer cell kinds (the device run uses the
+# presets' real widths): experts large enough that some miss a cache of a few MiB.
+TINY = {
+    "llama": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=512),
+    "moe": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                moe_intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=512, num_experts=8, num_experts_per_tok=2),
+}  # fmt: skip
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "scripts" / "gpu"
+    sys.path.insert(0, str(folder))  # budget.py imports its sibling budget_kinds
+    spec = importlib.util.spec_from_file_location(f"gpu_{name}", folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu/budget.py's compressed-KV, paged-batch and MoE expert-cache cells, planned
+    and run on the CPU (the budget is RAM there, no CUDA peak): just below the planner's
+    minimum refused with one line naming it, from the path's minimum up each cell generates on
+    its path (codec held, paged engine, experts through the cache); one cell runs in a child
+    process exactly as the device run spawns it."""
+    budget, kinds = _script("budget"), _script("budget_kinds")
+    new = ("codec", "batch", "moe")
+    stores = kinds.make_kind_stores(tmp_path, new, True, TINY)
+    cells = kinds.kind_cells(new, stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
+    heads = {(c["kind"], c.get("codec")) for c in cells}
+    assert heads == {("codec", "int4"), ("codec", "int8"), ("codec", "auto"),
+                     ("batch", "none"), ("batch", "int4"), ("moe", None)}  # fmt: skip
+    rows = [budget.judge(budget.run_cell(c)) for c in cells]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    for head in heads:
+        mine = [r for r in rows if (r["kind"], r.get("codec")) == head]
+        assert [r["refused"] for r in mine] == [True, False, False], head
+        assert mine[0]["budget"] < mine[0]["minimum"] <= mine[1]["budget"] < mine[2]["budget"]
+        assert "at least" in mine[0]["error"]
+    for r in rows:
+        if r["refused"]:
+            continue
+        assert r["tokens"] == budget.NEW_TOKENS and r["path_ok"] and r["planned"] <= r["budget"]
+        if r["kind"] == "codec" and r["codec"] != "auto":
+            assert r["kv_codec_held"] == r["codec"]
+        if r["kind"] == "codec" and r["codec"] == "auto":
+            assert r["kv_codecs_auto"]  # the plan's choice per tier is reported
+        if r["kind"] == "batch":
+            assert r["paged"] and r["kv_codec_held"] == r["codec"]
+        if r["kind"] == "moe":
+            assert r["experts"]["disk"] > 0 and r["cache_slots"] >= 2
+    moe = next(c for c in cells if c["kind"] == "moe" and c["budget"] >= c["path_minimum"])
+    child = budget.judge(budget._spawn(moe))
+    assert child["ok"] and not child["refused"] and child["path_ok"], child
+    with pytest.raises(SystemExit, match="unknown kinds"):
+        budget.run(tmp_path / "out", kinds=("exact", "bogus"))

@@ -1,14 +1,20 @@
 """Budget matrix (issue 11): is "peak GPU memory never exceeds ``gpu_memory``" kept on every path?
 
-    PYTHONPATH=src python scripts/gpu/budget.py [--out DIR] [--quick]
+    PYTHONPATH=src python scripts/gpu/budget.py [--out DIR] [--quick] [--kinds exact,codec,batch,moe]
 
-A Llama-3.2-1B-shaped random model (``llama3-1b`` preset, made on the device) in float32,
-float16 and bfloat16; prompts of 2k / 12k / 32k random tokens, 16 new tokens; budgets from the
-smallest the planner accepts upward, plus one just below it (which must be refused with a
-BudgetError naming the minimum before anything runs) and a padded batch of two (the masked
-attention path). Each cell runs in a fresh Python process and reports
-``torch.cuda.max_memory_reserved()`` over its whole life (construction included) next to the
-budget and the plan's reservations. ``run`` writes ``budget_matrix.json`` under ``out``.
+Kind ``exact`` (the rows issue 11 began with): a Llama-3.2-1B-shaped random model (``llama3-1b``
+preset, made on the device) in float32, float16 and bfloat16; prompts of 2k / 12k / 32k random
+tokens, 16 new tokens; budgets from the smallest the planner accepts upward, plus one just below
+it (which must be refused with a BudgetError naming the minimum before anything runs) and a
+padded batch of two (the masked attention path). Kinds ``codec`` (compressed KV: int4, int8,
+auto), ``batch`` (the paged batch engine, exact and int4 pools) and ``moe`` (experts one by one
+through the GPU expert cache with lookahead) are planned in ``budget_kinds.py`` (bf16 stores):
+one budget just below the minimum, the least budget on the kind's path and one above it.
+Each cell runs in a fresh Python process and reports ``torch.cuda.max_memory_reserved()`` over
+its whole life (construction included) next to the budget and the plan's reservations; a cell
+with ``device`` "cpu" is a dry run (tests/test_budget.py). ``run`` writes ``budget_matrix.json``
+and ``cells.jsonl`` under ``out``. ``--quick --kinds codec,batch,moe`` takes about a minute on
+an H200 (4-layer stores; the full run's stores have 16 layers, MoE 8 layers of 128 experts).
 """
 
 from __future__ import annotations
@@ -96,48 +102,74 @@ def cells(
 
 
 def run_cell(cell: dict) -> dict:
-    """Child process body: build the LLM under the budget, generate, report the peak."""
+    """Child process body: build the LLM under the budget, generate, report the peak. A cell
+    with ``device`` "cpu" is a dry run (the budget is RAM; no CUDA peak, ``peak_reserved`` 0)."""
     import torch
 
     from ollm import LLM, SamplingParams
     from ollm.errors import BudgetError
 
-    dev = torch.device("cuda:0")
-    torch.cuda.init()
-    torch.cuda.reset_peak_memory_stats(dev)
+    kinds = _kinds_module()
+    device = cell.get("device", "cuda:0")
+    cuda = device.startswith("cuda")
+    dev = torch.device(device)
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    def peak(what=None) -> int:
+        what = what or torch.cuda.max_memory_reserved
+        return what(dev) if cuda else 0
+
     row = dict(cell)
     t0 = time.perf_counter()
+    limit = {"gpu_memory" if cuda else "cpu_memory": cell["budget"]}
     try:
-        llm = LLM(cell["store"], device="cuda:0", gpu_memory=cell["budget"],
-                  max_context=cell["prompt"] + NEW_TOKENS, max_batch=cell["batch"],
-                  cache_dir=cell["cache"], progress=False)  # fmt: skip
+        llm = LLM(cell["store"], device=device, max_context=cell["prompt"] + NEW_TOKENS,
+                  max_batch=cell["batch"], cache_dir=cell["cache"], progress=False,
+                  **limit, **kinds.options(cell))  # fmt: skip
     except BudgetError as exc:
-        row.update(refused=True, error=str(exc)[:400])
-        row["peak_reserved"] = torch.cuda.max_memory_reserved(dev)
+        row.update(refused=True, error=str(exc)[:400], peak_reserved=peak())
         return row
-    gen = torch.Generator().manual_seed(cell["prompt"])
-    ids = torch.randint(0, 128000, (cell["batch"], cell["prompt"]), generator=gen).tolist()
-    if cell["batch"] > 1:
-        ids[1] = ids[1][97:]  # a shorter second prompt: left padding, so masks in every layer
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    res = llm.generate(ids if cell["batch"] > 1 else ids[0], params)
-    torch.cuda.synchronize(dev)
+    if cell.get("kind", "exact") == "exact":
+        gen = torch.Generator().manual_seed(cell["prompt"])
+        ids = torch.randint(0, 128000, (cell["batch"], cell["prompt"]), generator=gen).tolist()
+        if cell["batch"] > 1:
+            ids[1] = ids[1][97:]  # a shorter second prompt: left padding, so masks in every layer
+        res = llm.generate(ids if cell["batch"] > 1 else ids[0], params)
+    else:
+        ids = kinds.prompts(cell, llm.spec.vocab_size)
+        res = llm.generate(ids if len(ids) > 1 else ids[0], params)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    results = res if isinstance(res, list) else [res]
     plan = llm.plan
     row.update(
         refused=False,
         seconds=round(time.perf_counter() - t0, 2),
-        peak_reserved=torch.cuda.max_memory_reserved(dev),
-        peak_allocated=torch.cuda.max_memory_allocated(dev),
+        peak_reserved=peak(),
+        peak_allocated=peak(torch.cuda.max_memory_allocated),
         planned=plan.peak_device_bytes,
         reserved={k: int(v) for k, v in plan.reserved.items()},
         prefill_chunk=plan.prefill_chunk_tokens,
         gpu_layers=plan.count("gpu"),
         kv_offloaded_layers=sum(p.kv_tier != "device" for p in plan.layers),
         kv_fetch_layers=sum(p.kv_fetch for p in plan.layers),
-        tokens=len((res[0] if isinstance(res, list) else res).token_ids),
+        tokens=len(results[0].token_ids),
     )
+    if cell.get("kind", "exact") != "exact":
+        row.update(kinds.report(llm, cell, results))
     llm.close()
     return row
+
+
+def _kinds_module():
+    """``budget_kinds.py`` beside this file (scripts/gpu is not a package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import budget_kinds
+
+    return budget_kinds
 
 
 def _spawn(cell: dict) -> dict:
@@ -153,36 +185,31 @@ def _spawn(cell: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def run(out: Path, quick: bool = False, prompts: tuple[int, ...] | None = None) -> dict:
-    """Make the stores, run every cell in its own process (a few at a time), check and save."""
+def run(out: Path, quick: bool = False, prompts: tuple[int, ...] | None = None,
+        kinds: tuple[str, ...] | None = None) -> dict:  # fmt: skip
+    """Make the stores, run every cell in its own process (a few at a time), check and save.
+    ``kinds``: which cell kinds (``budget_kinds.KINDS``, default all)."""
+    bk = _kinds_module()
+    kinds = kinds or bk.KINDS
+    if set(kinds) - set(bk.KINDS):
+        raise SystemExit(f"unknown kinds {sorted(set(kinds) - set(bk.KINDS))}; known: {bk.KINDS}")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ollm-budget-"))
-    stores = make_stores(work, 4 if quick else None)
-    todo = cells(stores, quick, prompts)
-    for c in todo:  # one machine-rates cache per dtype: measured once, never raced
-        c["cache"] = str(work / f"cache-{c['dtype']}")
-    rows = []
-    with ThreadPoolExecutor(6) as pool, (out / "cells.jsonl").open("w") as log:
-        for r in pool.map(_spawn, todo):  # each row kept as it comes (a run cut short)
-            rows.append(r)
-            log.write(json.dumps(r) + "\n")
-            log.flush()
-            print(r["dtype"], r["prompt"], r["batch"], r["budget"] // MIB, "MiB ->",
-                  "failed" if r.get("failed") else "refused" if r["refused"] else
-                  f"peak {r['peak_reserved'] // MIB} MiB", flush=True)  # fmt: skip
-    for r in rows:
-        below = r["budget"] < r["minimum"]
-        if r.get("failed"):
-            r["ok"] = False
-        elif below:
-            r["ok"] = bool(r["refused"]) and "at least" in r.get("error", "")
-        else:
-            r["ok"] = not r["refused"] and r["peak_reserved"] <= r["budget"]
-        r.pop("store", None)
-        r.pop("cache", None)
+    todo = []
+    if "exact" in kinds:
+        stores = make_stores(work, 4 if quick else None)
+        todo = cells(stores, quick, prompts)
+        for c in todo:  # one machine-rates cache per dtype: measured once, never raced
+            c["cache"] = str(work / f"cache-{c['dtype']}")
+    new = tuple(k for k in kinds if k != "exact")
+    if new:  # planned in this process (any calibration too): the cells read its cache
+        stores = bk.make_kind_stores(work, new, quick)
+        todo += bk.kind_cells(new, stores, quick, "cuda:0", str(work / "cache-kinds"))
+    rows = run_cells(todo, out)
     report = {
-        "model": "llama3-1b (random weights)",
+        "model": "llama3-1b (random weights); moe kind: qwen3-30b-a3b shapes, few layers",
+        "kinds": list(kinds),
         "new_tokens": NEW_TOKENS,
         "seconds": round(time.perf_counter() - t0, 1),
         "all_ok": all(r["ok"] for r in rows),
@@ -192,15 +219,48 @@ def run(out: Path, quick: bool = False, prompts: tuple[int, ...] | None = None) 
     return report
 
 
+def run_cells(todo: list[dict], out: Path, spawn=None) -> list[dict]:
+    """Each cell in its own process, six at a time; rows judged (``judge``) and logged as they
+    come to ``cells.jsonl`` (a run cut short keeps them)."""
+    rows = []
+    with ThreadPoolExecutor(6) as pool, (out / "cells.jsonl").open("w") as log:
+        for r in pool.map(spawn or _spawn, todo):
+            rows.append(judge(r))
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+            print(r.get("kind", "exact"), r.get("codec", ""), r["dtype"], r["prompt"],
+                  r["batch"], r["budget"] // MIB, "MiB ->",
+                  "failed" if r.get("failed") else "refused" if r["refused"] else
+                  f"peak {r['peak_reserved'] // MIB} MiB", "ok" if r["ok"] else "NOT OK",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def judge(r: dict) -> dict:
+    """``ok``: below the minimum refused with the one-line error naming it; from the minimum
+    up, ran within the budget (peak reserved; 0 on a CPU dry run) on the cell's path."""
+    if r.get("failed"):
+        r["ok"] = False
+    elif r["budget"] < r["minimum"]:
+        err = r.get("error", "")
+        r["ok"] = bool(r["refused"]) and "at least" in err and "\n" not in err
+    else:
+        ran = not r["refused"] and r["peak_reserved"] <= r["budget"]
+        r["ok"] = ran and r.get("path_ok", True) and r["tokens"] == NEW_TOKENS
+    r.pop("store", None)
+    r.pop("cache", None)
+    return r
+
+
 def table(report: dict) -> str:
     """Markdown rows: dtype, prompt, batch, budget, peak, ok."""
-    lines = ["| dtype | prompt | batch | budget MiB | min MiB | peak reserved MiB | result |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| kind | dtype | prompt | batch | budget MiB | min MiB | peak reserved MiB | result |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["cells"]:
         peak = r.get("peak_reserved", 0) / MIB
         what = "refused" if r.get("refused") else ("FAILED" if r.get("failed") else "ran")
         lines.append(
-            f"| {r['dtype']} | {r['prompt']} | {r['batch']} | {r['budget'] / MIB:.0f} | "
+            f"| {r.get('kind', 'exact')} {r.get('codec', '')} | {r['dtype']} | {r['prompt']} | {r['batch']} | {r['budget'] / MIB:.0f} | "
             f"{r['minimum'] / MIB:.0f} | {peak:.0f} | {what}{'' if r['ok'] else ' (NOT OK)'} |"
         )
     return "\n".join(lines)
@@ -211,13 +271,17 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompts", help="comma-separated prompt lengths (default 2048,12000,32768)")
+    ap.add_argument(
+        "--kinds", help="comma-separated cell kinds: exact,codec,batch,moe (default all)"
+    )
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
         return 0
     prompts = tuple(int(x) for x in args.prompts.split(",")) if args.prompts else None
-    report = run(Path(args.out), args.quick, prompts)
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
+    report = run(Path(args.out), args.quick, prompts, kinds)
     print(table(report))
     print(f"all ok: {report['all_ok']} ({report['seconds']} s)")
     return 0 if report["all_ok"] else 1

@@ -1,0 +1,241 @@
+"""The budget matrix's newer paths (``budget.py --kinds``): cells beside the single-request exact
+ones, each planned here first (the minimum, found by bisecting the engine's own ``plan_for``) and
+run by ``budget.run_cell`` in a fresh process.
+
+* ``codec``: one request with compressed KV, ``kv_codec`` int4, int8 and auto (auto's measured
+  choice per tier, re-planned by ``kv_auto.settle``); the plan's choice is reported.
+* ``batch``: several prompts at once through ``llm.generate([...])``: the paged batch engine
+  (``batch_supported``), with exact pools and with int4-encoded ones.
+* ``moe``: a small Qwen3-30B-A3B-shaped store (few layers and experts), experts placed one by
+  one (``moe_offload="expert"``) with the GPU expert cache and lookahead on, at the least budget
+  whose plan still places experts with lookahead on and homes experts in RAM (on a GPU).
+
+Per kind one cell just below the planner's minimum (any plan): it must be refused with a
+BudgetError naming the minimum ("at least"). Every cell runs with ``hybrid="off"`` so no rates
+are needed for the minimum; a plan that still measures rates does so here, in the parent, whose
+cache the cells then read (a cell's own peak never includes a calibration).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+MIB = 1 << 20
+KINDS = ("exact", "codec", "batch", "moe")
+NEW_TOKENS = 16
+# preset overrides of the stores: (llama3-1b for codec and batch, qwen3-30b-a3b for moe)
+MOE_QUICK = dict(num_hidden_layers=4, num_experts=32)
+MOE_FULL = dict(num_hidden_layers=8, num_experts=128)
+
+
+def make_kind_stores(root: Path, kinds: tuple[str, ...], quick: bool,
+                     tiny: dict | None = None) -> dict[str, Path]:  # fmt: skip
+    """bf16 stores the new kinds need: ``llama`` (codec, batch) and ``moe``. ``tiny``: shape
+    overrides per store name (the CPU test's small shapes)."""
+    import torch
+
+    from ollm.models.registry import STORE_FAMILIES as FAM
+    from ollm.storage.convert import convert
+    from ollm.storage.store import is_store
+    from ollm.storage.synthetic import SyntheticSource
+
+    tiny = tiny or {}
+    want = {"llama": ("llama3-1b", {"num_hidden_layers": 4 if quick else 16})}
+    want["moe"] = ("qwen3-30b-a3b", dict(MOE_QUICK if quick else MOE_FULL))
+    need = {"llama"} if {"codec", "batch"} & set(kinds) else set()
+    need |= {"moe"} if "moe" in kinds else set()
+    out = {}
+    for name in sorted(need):
+        preset, over = want[name]
+        src = SyntheticSource(preset, families=FAM, **{**over, **tiny.get(name, {})})
+        dst = root / f"kinds-{name}"
+        if not is_store(dst):
+            convert(src, dst, dtype=torch.bfloat16, progress=False, families=FAM)
+        out[name] = dst
+    return out
+
+
+def options(cell: dict) -> dict:
+    """The LLM options of a cell besides the budget, device and sizes."""
+    kind = cell.get("kind", "exact")
+    if kind == "exact":
+        return {}
+    opts: dict = dict(hybrid="off")
+    if kind in ("codec", "batch"):
+        opts["kv_codec"] = cell["codec"]
+    if kind == "moe":
+        opts.update(moe_offload="expert", offload="cpu", expert_lookahead=True, expert_cpu="off")
+    return opts
+
+
+def _probe(store: Path, device: str, cache: str, batch: int, context: int, opts: dict):
+    """An ``Engine`` with its store opened but nothing loaded: enough for ``replan.plan_for``."""
+    from ollm.config import EngineConfig
+    from ollm.engine.core import Engine
+
+    eng = Engine.__new__(Engine)
+    eng.config = EngineConfig(
+        model=str(store),
+        device=device,
+        max_context=context,
+        max_batch=batch,
+        cache_dir=cache,
+        progress=False,
+        gpu_memory=1 << 40,
+        **opts,
+    )  # fmt: skip  (set per plan_at)
+    eng.device = eng.config.resolve_device()
+    eng._open_store()
+    eng.hybrid_demoted, eng.routing = False, None
+    return eng
+
+
+def plan_at(eng, budget: int, batch: int, context: int):
+    """``plan_for``'s (plan, rates) under ``budget`` (GPU memory, or RAM on the CPU)."""
+    from ollm.engine.replan import plan_for
+    from ollm.planning.placement import Workload
+
+    if eng.device.startswith("cuda"):
+        eng.gpu_memory = budget
+    else:
+        eng.config = replace(eng.config, cpu_memory=budget)
+    return plan_for(eng, Workload(batch, context, context))
+
+
+def path_taken(cell: dict, plan) -> bool:
+    """Whether ``plan`` takes the path the cell's kind checks (the MoE kind: experts placed one
+    by one through the cache, not all resident; on a GPU also with lookahead on and experts
+    homed in RAM)."""
+    if cell.get("kind") != "moe":
+        return True
+    e = plan.experts
+    if e is None:
+        return False
+    on_cpu = plan.device == "cpu"  # RAM is the device: the cache takes the disk experts' misses
+    return not e.resident and (on_cpu or (e.lookahead and sum(e.ram) > 0))
+
+
+def minimums(eng, cell: dict) -> tuple[int, int]:
+    """(the planner's minimum for any plan, the least budget whose plan takes the cell's path),
+    at MiB granularity."""
+    from ollm.errors import BudgetError
+
+    batch, context = cell["batch"], cell["prompt"] + NEW_TOKENS
+
+    def accepts(mib: int, on_path: bool) -> bool:
+        try:
+            plan, _ = plan_at(eng, mib * MIB, batch, context)
+        except BudgetError:
+            return False
+        return path_taken(cell, plan) if on_path else True
+
+    quiet = logging.getLogger("ollm")  # each refused probe of the bisection would warn
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+    try:
+        low = _bisect(1, 1 << 18, lambda mib: accepts(mib, False))  # MiB: lo refused, hi accepted
+        # The path may hold only in a window above the minimum (MoE: until every expert is
+        # resident): gallop up from the minimum to a budget on it, then bisect below that.
+        step, prev = 1, low - 1
+        while not accepts(low + step - 1, True):
+            prev, step = low + step - 1, step * 2
+            if step > 1 << 18:
+                raise RuntimeError(f"no budget takes the {cell['kind']} path: {cell}")
+        on_path = _bisect(prev, low + step - 1, lambda mib: accepts(mib, True))
+    finally:
+        quiet.setLevel(level)
+    return low * MIB, on_path * MIB
+
+
+def _bisect(lo: int, hi: int, ok) -> int:
+    """The least ``x`` in (lo, hi] with ``ok(x)``, given ``ok(hi)`` and not ``ok(lo)``."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def upper(eng, cell: dict, on_path: int) -> int:
+    """A budget well above the path's minimum still on it: 1.25 x, or for the MoE kind the
+    minimum plus a quarter of the experts' bytes (more cache slots, experts still in RAM)."""
+    if cell["kind"] != "moe":
+        return int(on_path * 1.25)
+    e = plan_at(eng, on_path, cell["batch"], cell["prompt"] + NEW_TOKENS)[0].experts
+    return on_path + max(MIB, (e.total * e.expert_bytes // 4) // MIB * MIB)
+
+
+def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, device: str,
+               cache: str, prompt: int | None = None) -> list[dict]:  # fmt: skip
+    """Rows of the new kinds: one below the minimum (refused), then from the path's minimum up.
+    ``prompt``: one prompt length for every kind (the CPU test's)."""
+    heads = []
+    if "codec" in kinds:
+        for codec in ("int4", "int8", "auto"):
+            for p in (prompt,) if prompt else (2048,) if quick else (2048, 32768):
+                heads.append(dict(kind="codec", codec=codec, prompt=p, batch=1, store="llama"))
+    if "batch" in kinds:
+        shapes = ((8, 2048),) if quick else ((8, 2048), (4, 8192))
+        for codec in ("none", "int4"):
+            for b, p in ((b, prompt or p) for b, p in shapes):
+                heads.append(dict(kind="batch", codec=codec, prompt=p, batch=b, store="llama"))
+    if "moe" in kinds:
+        for p in (prompt,) if prompt else (2048,) if quick else (2048, 8192):
+            heads.append(dict(kind="moe", prompt=p, batch=1, store="moe"))
+    rows = []
+    for head in heads:
+        head.update(store=str(stores[head["store"]]), dtype="bfloat16", device=device,
+                    cache=cache)  # fmt: skip
+        eng = _probe(Path(head["store"]), device, cache, head["batch"],
+                     head["prompt"] + NEW_TOKENS, options(head))  # fmt: skip
+        try:
+            low, on_path = minimums(eng, head)
+            budgets = (low - MIB, on_path, upper(eng, head, on_path))
+            for budget in budgets:  # planned once more here: a calibration happens in this process
+                planned = None
+                if budget >= low:
+                    plan = plan_at(eng, budget, head["batch"], head["prompt"] + NEW_TOKENS)[0]
+                    planned = path_taken(head, plan)
+                rows.append(dict(head, budget=budget, minimum=low, path_minimum=on_path,
+                                 planned_path=planned))  # fmt: skip
+        finally:
+            eng.store.close()
+    return rows
+
+
+def prompts(cell: dict, vocab: int) -> list[list[int]]:
+    """Random prompts of a new-kind cell: the batch kind's at lengths from ``prompt`` down (the
+    paged engine runs each at its own length)."""
+    import torch
+
+    g = torch.Generator().manual_seed(cell["prompt"] + cell["batch"])
+    n, b = cell["prompt"], cell["batch"]
+    step = n // (4 * b)  # lengths from n down to about 3n/4
+    return [torch.randint(0, vocab, (n - step * i,), generator=g).tolist() for i in range(b)]
+
+
+def report(llm, cell: dict, results: list) -> dict:
+    """What the cell's path did: the codecs held, whether the paged engine ran, the experts'
+    placement and lookahead counts; ``path_ok`` when the path the cell checks was taken."""
+    from ollm.engine.kvpools import batch_supported
+
+    plan, kind, m = llm.plan, cell["kind"], results[0].metrics
+    out: dict = {"path_ok": path_taken(cell, plan)}
+    if kind in ("codec", "batch"):
+        choice = getattr(plan, "kv_codecs", None)
+        out["kv_codec_held"] = str(llm.runner.kv_codec)[:200]
+        out["kv_codecs_auto"] = None if choice is None else choice.summary()
+    if kind == "batch":
+        out["paged"] = batch_supported(llm.runner)
+        out["path_ok"] = out["paged"] and all(len(r.token_ids) == NEW_TOKENS for r in results)
+    if kind == "moe":
+        e = plan.experts
+        ahead = getattr(getattr(llm.prefetcher, "experts", None), "ahead", None)
+        out.update(
+            experts=None if e is None else {str(k): v for k, v in e.tier_counts().items()},
+            cache_slots=None if e is None else e.cache_slots,
+            lookahead_planned=None if e is None else e.lookahead,
+            lookahead=None if ahead is None else dict(ahead.counts),
+            expert_hit_rate=m.expert_hit_rate,
+        )
+    return out
