@@ -303,17 +303,21 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
     budget, kinds = _script("budget"), _script("budget_kinds")
     new = ("codec", "batch", "moe")
     stores = kinds.make_kind_stores(tmp_path, new, True, TINY)
-    cells = kinds.kind_cells(new, stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
-    heads = {(c["kind"], c.get("codec")) for c in cells}
-    assert heads == {("codec", "int4"), ("codec", "int8"), ("codec", "auto"),
-                     ("batch", "none"), ("batch", "int4"), ("moe", None)}  # fmt: skip
+    cells = kinds.kind_cells(new, stores, False, "cpu", str(tmp_path / "cache"), prompt=64)
+    heads = {(c["kind"], c.get("codec"), c["batch"]) for c in cells}
+    assert heads == {("codec", "int4", 1), ("codec", "int8", 1), ("codec", "auto", 1),
+                     ("batch", "none", 8), ("batch", "int4", 8), ("batch", "none", 4),
+                     ("batch", "int4", 4), ("moe", None, 1)}  # fmt: skip
     rows = [budget.judge(budget.run_cell(c)) for c in cells]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     for head in heads:
-        mine = [r for r in rows if (r["kind"], r.get("codec")) == head]
+        mine = [r for r in rows if (r["kind"], r.get("codec"), r["batch"]) == head]
         assert [r["refused"] for r in mine] == [True, False, False], head
         assert mine[0]["budget"] < mine[0]["minimum"] <= mine[1]["budget"] < mine[2]["budget"]
         assert "at least" in mine[0]["error"]
+        assert mine[1]["planned_path"] and mine[2]["planned_path"]
+    quick = kinds.kind_cells(("moe",), stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
+    assert [c["budget"] for c in quick] == [c["budget"] for c in cells if c["kind"] == "moe"][:2]
     for r in rows:
         if r["refused"]:
             continue

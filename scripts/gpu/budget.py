@@ -9,12 +9,14 @@ it (which must be refused with a BudgetError naming the minimum before anything 
 padded batch of two (the masked attention path). Kinds ``codec`` (compressed KV: int4, int8,
 auto), ``batch`` (the paged batch engine, exact and int4 pools) and ``moe`` (experts one by one
 through the GPU expert cache with lookahead) are planned in ``budget_kinds.py`` (bf16 stores):
-one budget just below the minimum, the least budget on the kind's path and one above it.
+one budget just below the minimum, the least budget on the kind's path and (not with
+``--quick``) one above it.
 Each cell runs in a fresh Python process and reports ``torch.cuda.max_memory_reserved()`` over
 its whole life (construction included) next to the budget and the plan's reservations; a cell
 with ``device`` "cpu" is a dry run (tests/test_budget.py). ``run`` writes ``budget_matrix.json``
-and ``cells.jsonl`` under ``out``. ``--quick --kinds codec,batch,moe`` takes about a minute on
-an H200 (4-layer stores; the full run's stores have 16 layers, MoE 8 layers of 128 experts).
+and ``cells.jsonl`` under ``out``. ``--quick --kinds codec,batch,moe`` (12 cells, 4-layer
+stores) should take about a minute on an H200 (estimated from the exact cells' ~20 s each, not
+yet measured); the full run's stores have 16 layers, MoE 8 layers of 128 experts.
 """
 
 from __future__ import annotations

@@ -167,8 +167,8 @@ def upper(eng, cell: dict, on_path: int) -> int:
 
 def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, device: str,
                cache: str, prompt: int | None = None) -> list[dict]:  # fmt: skip
-    """Rows of the new kinds: one below the minimum (refused), then from the path's minimum up.
-    ``prompt``: one prompt length for every kind (the CPU test's)."""
+    """Rows of the new kinds: one below the minimum (refused), the path's minimum and (unless
+    ``quick``) one above it. ``prompt``: one prompt length for every kind (the CPU test's)."""
     heads = []
     if "codec" in kinds:
         for codec in ("int4", "int8", "auto"):
@@ -190,7 +190,7 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
                      head["prompt"] + NEW_TOKENS, options(head))  # fmt: skip
         try:
             low, on_path = minimums(eng, head)
-            budgets = (low - MIB, on_path, upper(eng, head, on_path))
+            budgets = (low - MIB, on_path) + (() if quick else (upper(eng, head, on_path),))
             for budget in budgets:  # planned once more here: a calibration happens in this process
                 planned = None
                 if budget >= low:
