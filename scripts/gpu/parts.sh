@@ -20,6 +20,7 @@ export OUT PY G
 part() {
   case "$1" in
     budget) $PY $G/budget.py --out "$OUT/budget" --quick ;;
+    budget_kinds) $PY $G/budget.py --out "$OUT/budget_kinds" --quick --kinds codec,batch,moe ;;
     spec_check) $PY $G/spec_correctness.py --device cuda:0 -o "$OUT/spec_correctness.json" ;;
     spec) $PY $G/speculative.py --out "$OUT/spec" --quick --no-check ;;
     kv_micro) $PY $G/kv_codec_micro.py --out "$OUT/kvm" ;;
