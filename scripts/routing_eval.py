@@ -13,6 +13,11 @@ have), and the KV is trimmed back to the prompt for the next setting: the tokens
 ``LLM(attention=X).generate`` produces for the same prompt. A setting ``ATTENTION@PART`` (e.g.
 ``topk:16@question``) marks a part of the passkey prompt full (routing by segment: its pages read
 at every step besides the routing's own, ``ollm eval --passkey-full PART``).
+
+A setting ``kv:CODEC:RECENT`` (e.g. ``kv:int4:128``, passkey only) is ``ollm eval --kv-codec CODEC
+--kv-recent RECENT``: compressed KV changes the prompt's own attention (decode-faithful), so it
+prefills the prompt again into its own compressed caches and decodes from them; the cell also
+records the compressed layers' stored bytes per token.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ def quality(llm: LLM, ids: list[int], settings: dict[str, str]) -> dict[str, dic
     """Per setting: perplexity, KL(exact || setting) mean/max, top-1 agreement (as
     ``ollm.eval.quality.compare``), from one final-hidden pass each."""
     runner = llm.runner
-    settings = {n: a for n, a in settings.items() if "@" not in a}  # spans: passkey prompts only
+    settings = {  # spans and KV codecs: passkey prompts only
+        n: a for n, a in settings.items() if "@" not in a and not a.startswith("kv:")
+    }
     hidden, budget = {}, {}
     for name, attention in settings.items():
         t0 = time.perf_counter()
@@ -126,6 +133,9 @@ def passkey_cell(llm: LLM, parts: dict, want: int, settings: dict[str, str]) -> 
         logits = runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv)
         first = int(logits.argmax(-1))
         for name, setting in settings.items():
+            if setting.startswith("kv:"):
+                out[name] = _codec_cell(llm, ids, new, want, setting)
+                continue
             attention, _, part = setting.partition("@")
             stats = IOStats()
             routing = _routing(llm, attention, prefill=False, context=n + new)
@@ -154,6 +164,7 @@ def passkey_cell(llm: LLM, parts: dict, want: int, settings: dict[str, str]) -> 
             out[name] = {
                 "correct": bool(got and int(got.group()) == want),
                 "answer": text,
+                "tokens": toks,
                 "kv_read_fraction": read,
                 "full_spans": spans and spans[0],
             }
@@ -161,6 +172,42 @@ def passkey_cell(llm: LLM, parts: dict, want: int, settings: dict[str, str]) -> 
         for cache in kv:
             cache.close()
     return out
+
+
+def _codec_cell(llm: LLM, ids: list[int], new: int, want: int, setting: str) -> dict:
+    """Prefill ``ids`` into compressed caches (``kv:CODEC:RECENT``) and decode ``new`` greedy
+    tokens, as ``LLM(kv_codec=CODEC, kv_recent=RECENT).generate`` would."""
+    _, codec, recent = setting.split(":")
+    runner, n = llm.runner, len(ids)
+    runner.kv_codec, runner.kv_recent = codec, int(recent)
+    try:
+        kv = runner.new_kv(1, n + new)
+    finally:
+        runner.kv_codec, runner.kv_recent = "none", 128
+    try:
+        logits = runner.forward(torch.tensor([ids]), torch.arange(n)[None], kv)
+        toks = [int(logits.argmax(-1))]
+        comp = [c for c in kv if type(c).__name__ == "CompressedKVCache"]
+        # Bytes per token of the prompt: encoded prefix plus exact tail, and the codec's own rate
+        stored = [c.bytes_read() / n for c in comp]
+        rate = comp[0].codec.bytes_per_token(llm.spec.head_dim, 4) if comp else None
+        for step in range(new - 1):
+            pos = torch.tensor([[n + step]])
+            logits = runner.forward(torch.tensor([[toks[-1]]]), pos, kv)
+            toks.append(int(logits.argmax(-1)))
+    finally:
+        for cache in kv:
+            cache.close()
+    text = llm.tokenizer.decode(toks)
+    got = re.search(r"\d+", text)
+    return {
+        "correct": bool(got and int(got.group()) == want),
+        "answer": text,
+        "tokens": toks,
+        "compressed_layers": len(comp),
+        "stored_bytes_per_token_per_layer": stored,
+        "codec_bytes_per_token_per_head": rate,
+    }
 
 
 def passkey(llm, contexts, depths, settings, variants=("single", "multi")) -> list[dict]:
