@@ -59,9 +59,12 @@ def _routing(spec, attention=ATTENTION):
     return routing_summary_bytes(spec, cfg, WORK, 2), routing_kv_read(engine, WORK)
 
 
-def _plan(llama8b, rates=H200, hybrid="off", **kw):
+def _plan(llama8b, rates=H200, hybrid="off", decode_resident=False, **kw):
+    """The device row's plan; decode-resident layers (tests/test_decode_resident.py) off unless
+    asked, so these tests see routed placement alone."""
     spec, store = llama8b
-    return plan_placement(spec, store, "cuda:0", 8 * GiB, None, "cpu", WORK, 2, rates, hybrid, **kw)
+    return plan_placement(spec, store, "cuda:0", 8 * GiB, None, "cpu", WORK, 2, rates, hybrid,
+                          decode_resident=decode_resident, **kw)  # fmt: skip
 
 
 def _tiers(plan) -> tuple[str, str]:
@@ -101,6 +104,14 @@ def test_full_attention_plan_is_unchanged(llama8b):
     }
     assert plan.predicted["decode s (KV split)"] == pytest.approx(0.461419, abs=1e-6)
     assert replace(_plan(llama8b, kv_read=(1.0,) * 32), kv_read=()) == plan
+    # Decode holds 5 streamed layers in the prefill activations it does not use (2.4 GiB):
+    # 5 copies less per step (planning/decode_resident.py); the prefill plan is the same.
+    held = _plan(llama8b, decode_resident=True)
+    assert held.decode_resident == [0, 1, 2, 3, 4] and held.decode_rows == 256  # verify passes
+    assert held.predicted["decode s (KV split)"] == pytest.approx(0.420267, abs=1e-6)
+    assert held.reserved == plan.reserved and sum(held.decode_reserved.values()) <= 8 * GiB
+    routed_off = _plan(llama8b, kv_read=(1.0,) * 32, decode_resident=True)
+    assert replace(routed_off, kv_read=()) == held
     assert not any("routed" in label for label, _ in plan.describe())
 
 

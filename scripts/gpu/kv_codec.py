@@ -87,6 +87,10 @@ def _one(store, codec: str, context: int, new: int, llm_kwargs: dict) -> dict:
             "kv_device_layers": sum(p.kv_tier == "device" for p in plan.layers),
             "kv_ram_layers": sum(p.kv_tier == "cpu" for p in plan.layers),
             "kv_fetch_layers": sum(p.kv_fetch for p in plan.layers),
+            "decode_resident_layers": plan.decode_resident,  # held on the GPU in decode only
+            "reserved_GiB": sum(plan.reserved.values()) / GIB,
+            "reserved_decode_GiB": sum(plan.decode_reserved.values()) / GIB,
+            "predicted_decode_s": plan.predicted.get("decode s (KV split)"),
             "tokens": res.token_ids,
         }
 

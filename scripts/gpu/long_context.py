@@ -4,8 +4,10 @@
 
 Builds the Llama-3.1-8B-shaped store once, then runs ``kv_codec.bench`` (bf16 / int8 / int4 KV)
 and ``routing.bench`` (full vs top-k pages) at one context, each exactly as their own scripts do
-it (``--parts routing_micro,routing``: ``routing_micro.bench``, one layer's routed read, first),
-and writes ``long_context.json`` after each part (a call cut short keeps what finished).
+it (``--parts routing_micro,routing``: ``routing_micro.bench``, one layer's routed read, first;
+``capacity``: ``kv_codec.capacity``, the planner alone, the longest context per codec in 8 GiB
+plus the RAM bf16 KV pins at this context, issue 17's 3x target), and writes
+``long_context.json`` after each part (a call cut short keeps what finished).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def _module(name: str):
     return mod
 
 
-def run(out: Path, context: int = 100000, parts: tuple[str, ...] = ("kv_codec", "routing")) -> dict:
+def run(
+    out: Path, context: int = 100000, parts: tuple[str, ...] = ("capacity", "kv_codec", "routing")
+) -> dict:
     """One store, then each part at ``context``; the report (also saved under ``out``)."""
     from ollm.bench.models import synthetic_store
 
@@ -52,9 +56,12 @@ def run(out: Path, context: int = 100000, parts: tuple[str, ...] = ("kv_codec", 
 
     for part in parts:
         t = time.perf_counter()
-        mod = _module(part)
+        mod = _module("kv_codec" if part == "capacity" else part)
         try:
-            if part == "routing_micro":  # one layer's routed read, no model (< 1 min)
+            if part == "capacity":  # the planner alone (seconds): longest context per codec
+                rows = mod.capacity(store, 8 << 30, context, "cuda:0")
+                rows["target_int4_3x"] = bool((rows["ratio"]["int4"] or 0) >= 3)
+            elif part == "routing_micro":  # one layer's routed read, no model (< 1 min)
                 rows = mod.bench(context, device="cuda:0")
             elif part == "kv_codec":
                 rows = mod.bench(store, (context,), device="cuda:0", gpu_memory="8GiB")
@@ -75,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--context", type=int, default=100000)
-    ap.add_argument("--parts", default="kv_codec,routing")
+    ap.add_argument("--parts", default="capacity,kv_codec,routing")
     args = ap.parse_args()
     run(args.out, args.context, tuple(filter(None, args.parts.split(","))))
 

@@ -25,7 +25,7 @@ part() {
     spec) $PY $G/speculative.py --out "$OUT/spec" --quick --no-check ;;
     kv_micro) $PY $G/kv_codec_micro.py --out "$OUT/kvm" ;;
     long100k) $PY $G/long_context.py --out "$OUT/long" --context 100000 \
-      --parts "${LONG_PARTS:-routing_micro,kv_codec,routing}" ;;
+      --parts "${LONG_PARTS:-capacity,routing_micro,kv_codec,routing}" ;;
     long32k) $PY $G/long_context.py --out "$OUT/long32" --context 32768 \
       --parts "${LONG_PARTS:-kv_codec,routing}" ;;
     moe) $PY $G/moe.py --out "$OUT/moe" --gpt-oss ;;

@@ -91,6 +91,7 @@ def _one(store, attention: str, context: int, new: int, llm_kwargs: dict) -> dic
             "kv_fetch_layers": sum(p.kv_fetch for p in plan.layers),
             # routed placement (planning/routed_kv.py): what the plan holds and predicts
             "resident_layers": [i for i, p in enumerate(plan.layers) if p.tier == "gpu"],
+            "decode_resident_layers": plan.decode_resident,  # held on the GPU in decode only
             "reserved_GiB": plan.peak_device_bytes / (1 << 30),
             "predicted_decode_s": plan.predicted.get("decode s (KV split)"),
             "cpu_routed_GBps": getattr(llm.rates, "cpu_routed", 0) / 1e9 if llm.rates else None,

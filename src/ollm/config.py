@@ -36,6 +36,9 @@ class EngineConfig:
     prefill_chunk: int | None = None  # rows per prefill chunk; None = sized from the budget
     kv_block_tokens: int = 256  # KV block size (token slots): the unit KV is split between tiers in
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
+    # Streamed layers held on the GPU while decode runs, in the bytes prefill's activations
+    # leave (planning/decode_resident.py; the cost model picks them); False: never.
+    decode_resident: bool = True
     progress: bool = True  # progress bar while converting
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
     kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto

@@ -72,6 +72,7 @@ def plan_for(engine, workload):
         "kv_format": kv_format(choice or cfg.kv_codec, cfg.kv_recent, engine.spec.head_dim, elem),
         "summary_bytes": routing_summary_bytes(engine.spec, cfg, workload, elem),
         "kv_read": routing_kv_read(engine, workload),
+        "decode_resident": cfg.decode_resident,
     }
     whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731
     experts = plan_with_experts(engine, whole, workload, elem, chunk)  # MoE: experts one by one

@@ -243,8 +243,11 @@ class Runner:
                 fetcher.start_step()  # a decode step: fetch the KV of the layers that use it
             else:
                 fetcher.active = False
+        # Small forwards run in the decode phase: CPU-computed layers (hybrid, unless
+        # ``stream_all``) and the layers held on the GPU only while decode runs.
         hybrid = self.plan.cpu_layers and not stream_all
-        phase = self.plan.phase(b * t) if hybrid else Phase.PREFILL
+        small = hybrid or self.plan.decode_rows
+        phase = self.plan.phase(b * t) if small else Phase.PREFILL
         pf.set_phase(phase)
         hybrid_cpu = phase == Phase.DECODE and bool(self.plan.cpu_layers)
         cpu_time = 0.0

@@ -26,7 +26,11 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     cands = [
         i
         for i, p in enumerate(layers)
-        if fetch and p.kv_tier == KvTier.CPU and p.decode_device != "cpu" and share[i] >= 1.0
+        if fetch
+        and p.kv_tier == KvTier.CPU
+        and p.decode_device != "cpu"
+        and share[i] >= 1.0
+        and not p.decode_resident  # its KV copy would queue behind a weight copy never issued
     ]
     shared = rates.pcie_busy
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
+from ollm.planning.decode_resident import plan_decode_resident
 from ollm.planning.promote import promote_freed
 from ollm.planning.routed_kv import choose_routed_kv_off, routed_rows
 from ollm.planning.sizing import MIN_CHUNK, PlanSizes, too_small
@@ -40,6 +41,8 @@ class LayerPlacement:
     kv_tier: KvTier = KvTier.DEVICE  # on kv_device, in pinned RAM (CPU) or in KV files (DISK)
     kv_fetch: bool = False  # pinned-RAM KV copied back to the GPU (prefetched) for decode
     kv_device_tokens: int = 0  # offloaded KV: its first slots (whole blocks) stay on the device
+    # Streamed in prefill, held on the GPU while decode runs (planning/decode_resident.py).
+    decode_resident: bool = False
 
     def __post_init__(self) -> None:  # strings given (tests, ``replace``) become the enums
         object.__setattr__(self, "tier", Tier(self.tier))
@@ -79,10 +82,15 @@ class PlacementPlan:
     experts: ExpertPlan | None = None  # MoE experts placed one by one (planning/experts.py)
     kv_read: tuple[float, ...] = ()  # per layer: share of its KV a routed decode step reads
     kv_codecs: KvCodecChoice | None = None  # ``--kv-codec auto``: each KV tier's codec and why
+    # Decode's reservations (decode-size activations, decode-resident layers; empty: as
+    # ``reserved``) and the largest forward that runs with the decode-resident layers held.
+    decode_reserved: dict[str, int] = field(default_factory=dict)
+    decode_rows: int = 0
 
     def phase(self, tokens: int) -> Phase:
         """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
-        return Phase.DECODE if tokens <= self.cpu_max_tokens else Phase.PREFILL
+        limit = max(self.cpu_max_tokens, self.decode_rows)
+        return Phase.DECODE if tokens <= limit else Phase.PREFILL
 
     def streamed_for(self, phase: Phase) -> list[int]:
         """Layers whose weights are copied to the GPU on every pass in ``phase``."""
@@ -90,7 +98,13 @@ class PlacementPlan:
             i
             for i, p in enumerate(self.layers)
             if _moves(LayerPlacement(p.tier, p.device_for(phase)), self.device)
+            and not (phase == Phase.DECODE and p.decode_resident)
         ]
+
+    @property
+    def decode_resident(self) -> list[int]:
+        """Layers streamed in prefill and held on the GPU while decode runs."""
+        return [i for i, p in enumerate(self.layers) if p.decode_resident]
 
     @property
     def streamed(self) -> list[int]:
@@ -110,7 +124,8 @@ class PlacementPlan:
 
     @property
     def peak_device_bytes(self) -> int:
-        return sum(self.reserved.values())
+        """The larger of the prefill's and decode's reservations."""
+        return max(sum(self.reserved.values()), sum(self.decode_reserved.values()))
 
     def describe(self) -> list[tuple[str, str]]:
         """(label, value) rows for ``ollm info`` and logs."""
@@ -153,6 +168,14 @@ class PlacementPlan:
         rows += routed_rows(self.kv_read, self.layers)
         if fetched:
             rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
+        if self.decode_resident:
+            rows.append(
+                (
+                    "decode-resident layers",
+                    f"{len(self.decode_resident)} streamed in prefill, held on the GPU in decode "
+                    f"(forwards of <= {self.decode_rows} tokens): {self.decode_resident}",
+                )
+            )
         if self.cpu_layers:
             rows.append(
                 (
@@ -166,6 +189,8 @@ class PlacementPlan:
         for key, value in self.predicted.items():
             rows.append((f"predicted: {key}", f"{value:.2f}"))
         rows += [(f"reserved: {k}", format_size(v)) for k, v in self.reserved.items()]
+        if self.decode_reserved:
+            rows.append(("reserved in decode", format_size(sum(self.decode_reserved.values()))))
         rows.append(("reserved: total", format_size(self.peak_device_bytes)))
         return rows
 
@@ -206,6 +231,7 @@ def plan_placement(
     kv_format: KVFormat | None = None,
     summary_bytes: int = 0,
     kv_read: tuple[float, ...] | None = None,
+    decode_resident: bool = True,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
@@ -215,7 +241,8 @@ def plan_placement(
     rest stream through a ring, from pinned RAM or disk; then the cost model's decode splits.
     ``kv_format``: full-attention KV compressed (``kv/compressed.py``), counted at its stored
     size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries;
-    ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``)."""
+    ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``);
+    ``decode_resident``: see ``_finish``."""
     if offload not in OFFLOAD_MODES:
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     work, on_gpu = work or Workload(), device.startswith("cuda")
@@ -232,7 +259,7 @@ def plan_placement(
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
             hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
-            summary_bytes, kv_read,
+            summary_bytes, kv_read, decode_resident,
         )  # fmt: skip
 
     n = spec.num_layers
@@ -257,16 +284,32 @@ def plan_placement(
                      work, kv_block_tokens, slots)  # fmt: skip
     splits = partial(_decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
                      work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read)  # fmt: skip
+    finish = partial(_finish, spec, store, device, work, sz, budget, kv_fetch_buffers,
+                     kv_block_tokens, kv_read, offload, rates if on_gpu else None,
+                     decode_resident)  # fmt: skip
     if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and kv_read:
         room = budget - slots * sz.layer  # routed KV may leave the device for resident weights
-        kv_off, fixed, layout = choose_routed_kv_off(layout, splits, sz, fixed, kv_off, extra, room)
-    layers, n_res, ring, staging = layout(kv_off, fixed)
-    split = splits(layers, n_res, ring=ring, fetch=kv_off and kv_fetch_buffers)
+        kv_off, fixed, layout = choose_routed_kv_off(
+            layout, splits, sz, fixed, kv_off, extra, room, finish
+        )
+    laid = layout(kv_off, fixed)
+    split = splits(laid[0], laid[1], ring=laid[2], fetch=kv_off and kv_fetch_buffers)
     if split is None:  # no KV worth fetching: plan again without the fetch buffers
         return again(chunk_tokens, 0)
+    return finish(fixed, laid, split)
+
+
+def _finish(spec, store, device, work, sz, budget, kv_fetch_buffers, kv_block_tokens, kv_read,
+            offload, rates, decode_resident, fixed, laid, split) -> PlacementPlan:  # fmt: skip
+    """The plan of a layout (``laid``: ``_layout``'s result) and its decode ``split``: assembled,
+    with what the hybrid choice freed made resident, then decode-resident layers in what
+    prefill-only activations leave (``decode_resident``; False: only decode's reservations)."""
+    _, _, ring, staging = laid
     plan = _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget,
                      kv_fetch_buffers, kv_block_tokens, kv_read)  # fmt: skip
-    return promote_freed(plan, store, offload)  # what decode choices freed: resident layers
+    plan = promote_freed(plan, store, offload)  # what decode choices freed: resident layers
+    return plan_decode_resident(plan, spec, store, sz, rates, work, offload, kv_read,
+                                decode_resident)  # fmt: skip
 
 
 def _layout(spec, store, device, budget, offload, cpu_memory, kv_cache, sz: PlanSizes, work,

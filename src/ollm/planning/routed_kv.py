@@ -29,7 +29,7 @@ def kv_fixed(sz: PlanSizes, fixed: dict[str, int], kv_min: int, kv_off: int, ext
     return {**fixed, "kv cache": kv}
 
 
-def choose_routed_kv_off(layout, splits, sz: PlanSizes, fixed, kv_min, extra, room):
+def choose_routed_kv_off(layout, splits, sz: PlanSizes, fixed, kv_min, extra, room, finish=None):
     """How many layers' KV leave the device (the last ones first) when routing reads a share of
     it, and where the resident layers sit. Every count from the minimum (``kv_min``) up to all
     layers is laid out (``layout``: the resident layers the freed bytes hold, first or spread
@@ -40,16 +40,21 @@ def choose_routed_kv_off(layout, splits, sz: PlanSizes, fixed, kv_min, extra, ro
     KV left on the device is that of streamed layers). The fastest wins; on a tie the fewest
     offloaded, resident layers first. ``room``: the budget less the minimum ring; every count
     within it keeps the budget (the prefill scratch and activations stay counted: prefill is
-    exact). Returns (the count, ``fixed`` with it, ``layout`` with the arrangement chosen)."""
+    exact). ``finish(fixed, laid out, split)``: the whole plan of a count, whose predicted step
+    (with decode-resident layers in what prefill-only activations leave) is the one compared.
+    Returns (the count, ``fixed`` with it, ``layout`` with the arrangement chosen)."""
     best = (float("inf"), kv_min, False)
     for k in range(kv_min, len(sz.layer_kv) + 1):
         trial = kv_fixed(sz, fixed, kv_min, k, extra)
         if sum(trial.values()) > room:
             continue  # the scratch and buffers outweigh the KV that left (small last layers)
         for spread in (False, True):
-            layers, n_res, ring, _ = layout(k, dict(trial), spread=spread)  # it adds blocks
+            grown = dict(trial)
+            laid = layout(k, grown, spread=spread)  # it adds device blocks to ``grown``
+            layers, n_res, ring, _ = laid
             split = splits(layers, n_res, ring=ring, fetch=k and extra, simulate=True)
-            best = min(best, (round(split[2]["decode s (KV split)"], 6), k, spread))
+            pred = split[2] if finish is None else finish(grown, laid, split).predicted
+            best = min(best, (round(pred["decode s (KV split)"], 6), k, spread))
     _, k, spread = best
     return k, kv_fixed(sz, fixed, kv_min, k, extra), partial(layout, spread=spread)
 

@@ -197,6 +197,7 @@ class Prefetcher:
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}  # hybrid decode on the CPU
         self._slot_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, layer)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        self._resident_ready: dict[int, torch.cuda.Event] = {}  # decode-resident copies
         # pinned RAM copies of cpu-tier layers (GPU device)
         self._host: dict[int, torch.Tensor] = {}
         self._own = _Owned(self.device)
@@ -352,6 +353,9 @@ class Prefetcher:
     def get(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors on its execution device, ready for the current stream to use."""
         if i in self._resident:
+            ready = self._resident_ready.pop(i, None)
+            if ready is not None:  # a decode-resident layer's copy, issued when decode began
+                torch.cuda.current_stream(self.device).wait_event(ready)
             return self._resident[i]
         if i not in self._streamed_set:
             return self._host_views[i]  # computed where it sits (hybrid decode)
@@ -421,6 +425,31 @@ class Prefetcher:
         self.streamed = self.plan.streamed_for(phase)
         self._streamed_set = set(self.streamed)
         self.reset()
+        self._hold_decode_resident(phase == Phase.DECODE)
+
+    def _hold_decode_resident(self, hold: bool) -> None:
+        """Decode-resident layers (``planning/decode_resident.py``): copied from their pinned RAM
+        to GPU buffers of their own on the copy stream when decode starts (the compute stream
+        waits for each at its ``get``), dropped when a prefill-size forward comes, whose
+        activations the planner counted in the same bytes."""
+        for i in self.plan.decode_resident:
+            if not hold:
+                self._resident.pop(i, None)
+                self._resident_ready.pop(i, None)
+                continue
+            host = self._host[i]
+            if not self.cuda:  # no copy engine: the pinned RAM copy is the layer's buffer
+                self._resident[i] = self.store.views(layer_file(i), host)
+                continue
+            buf = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)
+            ready = torch.cuda.Event()
+            with torch.cuda.stream(self._copy_stream):
+                buf.copy_(host, non_blocking=True)
+                ready.record(self._copy_stream)
+            buf.record_stream(self._copy_stream)
+            self.stats.add(bytes_h2d=host.numel())
+            self._resident[i] = self.store.views(layer_file(i), buf)
+            self._resident_ready[i] = ready
 
     def reset(self) -> None:
         """Drop in-flight loads (after an interrupted pass) and restart from layer order's start.
@@ -440,6 +469,7 @@ class Prefetcher:
         self._finalizer()
         self._host.clear()
         self._resident.clear()
+        self._resident_ready.clear()
         self._slots.clear()
         self._slot_views.clear()
         self.globals = {}  # the head too: a re-plan loads its own before this object goes

@@ -1,0 +1,130 @@
+"""Decode-resident layers: the prefill's activations, given to weights while decode runs.
+
+A long prompt's prefill holds the residual stream of the whole prompt, one chunk's temporaries
+and the MLP's row chunk (2.6 GiB of an 8 GiB budget at 100k on Llama-3.1-8B shapes); a decode
+step of a few tokens needs almost none of it. Placement sizes the resident layers for the
+prefill, so the decode reservation is the same plan with the activations of a forward of at
+most ``DECODE_ROWS`` tokens in their place (``decode_reserved``), and the difference holds
+streamed layers that the prefetcher copies to the GPU once when decode starts and gives back
+when a larger forward comes (``Prefetcher.set_phase``): each saves one layer copy per decode
+step for one extra copy per request (the first decode step copied it anyway). Which layers and
+how many: the count and arrangement (first streamed ones or spread between them) whose decode
+step, simulated layer by layer (``costmodel.pipeline_step``, with the fetch and routed-read
+choices made again), is shortest."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ollm.planning.accounting import activation_parts
+from ollm.tiers import KvTier, Tier
+
+if TYPE_CHECKING:
+    from ollm.planning.placement import PlacementPlan, Workload
+    from ollm.planning.sizing import PlanSizes
+
+DECODE_ROWS = 64  # largest forward (tokens) that runs with the decode-resident layers held
+# Larger forwards kept in the decode phase when the budget left over holds their activations
+# (speculative verify passes of up to 256 query tokens; a larger one drops and reloads them).
+DECODE_ROWS_UP_TO = (256, 128)
+STEP_KEY = "decode s (KV split)"
+
+
+def decode_activations(spec, work: Workload, dtype_bytes: int, mlp_chunk: int,
+                       rows: int = DECODE_ROWS) -> int:  # fmt: skip
+    """Device activations of a forward of ``rows`` tokens at ``work.context`` (the same
+    ``activation_parts`` as a prefill, with float32 logits of every row: a verify pass)."""
+    small = type(work)(work.batch, work.context, rows)  # a Workload of decode's forward
+    parts = activation_parts(spec, small, dtype_bytes, mlp_chunk, rows, True)
+    parts["logits"] = work.batch * rows * spec.vocab_size * 4 * 3
+    return sum(parts.values())
+
+
+def _candidates(plan: PlacementPlan) -> list[int]:
+    """Streamed layers whose weights sit in pinned RAM (a host copy the prefetcher holds)."""
+    return [
+        i
+        for i, p in enumerate(plan.layers)
+        if p.tier == Tier.CPU and p.decode_device != "cpu" and p.exec_device != "cpu"
+    ]
+
+
+def _simulate(plan, store, sz: PlanSizes, rates, work, layers, kv_read, fetch: bool):
+    """(layers with the fetch choice made again, the decode step) of ``layers``, decode-resident
+    ones counted as resident. Compressed KV in RAM: its encoded bytes queue behind the layer's
+    weights (``kv/compressed.py`` fetches them), no CPU read."""
+    from ollm.planning.costmodel import GPU_DECODE_LAYER_S, pipeline_step
+    from ollm.planning.decode_split import choose_kv_fetch
+
+    view = [replace(p, tier=Tier.GPU) if p.decode_resident else p for p in layers]
+    if sz.kv_copy:
+        copy = [0.0 if p.tier == Tier.GPU else store.layer_nbytes(i) / rates.pcie
+                for i, p in enumerate(view)]  # fmt: skip
+        kv = [sz.kv_copy[i] / rates.pcie if p.kv_tier != KvTier.DEVICE else 0.0
+              for i, p in enumerate(view)]  # fmt: skip
+        chain = [GPU_DECODE_LAYER_S] * len(view)
+        return layers, pipeline_step(chain, copy, max(1, plan.ring_slots), kv)
+    base = [replace(p, kv_fetch=False) for p in view]
+    chosen, _, step = choose_kv_fetch(
+        store, base, rates, work, sz.per_token, dict(plan.predicted), plan.ring_slots,
+        kv_read, fetch,
+    )  # fmt: skip
+    out = [replace(p, kv_fetch=c.kv_fetch) for p, c in zip(layers, chosen, strict=True)]
+    return out, step
+
+
+def plan_decode_resident(plan: PlacementPlan, spec, store, sz: PlanSizes, rates, work,
+                         offload: str, kv_read=None, hold: bool = True) -> PlacementPlan:  # fmt: skip
+    """``plan`` with ``decode_reserved`` (its reservations with decode's activations) and the
+    streamed layers made decode-resident in what that frees, when the cost model says they
+    shorten the step. Single-sequence GPU plans with measured rates, without CPU-computed
+    layers or experts, only; others are returned as they are. ``hold`` False: none held, the
+    plan gets only its decode reservations and (compressed KV) its simulated step."""
+    from ollm.planning.costmodel import interleave
+
+    if (plan.budget is None or not plan.device.startswith("cuda") or rates is None
+            or work.batch != 1 or plan.cpu_layers or spec.moe is not None
+            or offload == "disk"):  # fmt: skip
+        return plan
+    decode = dict(plan.reserved)
+    small = decode_activations(spec, work, _elem(sz, spec), sz.mlp_chunk)
+    decode["activations"] = min(plan.reserved["activations"], small)
+    cands = _candidates(plan)
+    spare = plan.budget - sum(decode.values())
+    kmax = min(len(cands), max(0, spare) // sz.layer) if hold else 0
+    fetch = any(p.kv_fetch for p in plan.layers)
+    now = plan.predicted.get(STEP_KEY)
+    base = [replace(p, decode_resident=False) for p in plan.layers]
+    if now is None and sz.kv_copy:
+        now = _simulate(plan, store, sz, rates, work, base, kv_read, fetch)[1]
+    best = (round(now, 6) if now is not None else float("inf"), 0, False, base)
+    for k in range(1, kmax + 1):
+        for spread in (False, True):
+            pick = interleave(cands, k) if spread else set(cands[:k])
+            layers = [replace(p, decode_resident=i in pick) for i, p in enumerate(base)]
+            layers, step = _simulate(plan, store, sz, rates, work, layers, kv_read, fetch)
+            best = min(best, (round(step, 6), k, spread, layers), key=lambda b: b[:3])
+    step, k, _, layers = best
+    decode["decode-resident layers"] = sum(
+        store.layer_nbytes(i) for i, p in enumerate(layers) if p.decode_resident
+    )
+    rows = DECODE_ROWS
+    for more in DECODE_ROWS_UP_TO:  # the largest verify pass whose activations still fit
+        act = min(plan.reserved["activations"], decode_activations(
+            spec, work, _elem(sz, spec), sz.mlp_chunk, more))  # fmt: skip
+        if sum({**decode, "activations": act}.values()) <= plan.budget:
+            rows, decode["activations"] = more, act
+            break
+    predicted = dict(plan.predicted)
+    if k:
+        predicted[STEP_KEY] = step
+    elif now is not None:
+        predicted[STEP_KEY] = now
+    return replace(plan, layers=tuple(layers), decode_reserved=decode, predicted=predicted,
+                   decode_rows=rows if k else 0)  # fmt: skip
+
+
+def _elem(sz: PlanSizes, spec) -> int:
+    """Bytes per activation element: KV bytes per token over 2 x KV heads x head size."""
+    return sz.per_token // (2 * spec.num_kv_heads * spec.head_dim)
