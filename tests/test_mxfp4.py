@@ -1,17 +1,23 @@
-"""MXFP4 checkpoints (gpt-oss's released format): dequantized at conversion exactly as
-transformers does, and a tiny gpt-oss saved with MXFP4 experts runs like transformers' model
-holding the same (dequantized) weights."""
+"""MXFP4 checkpoints (gpt-oss's released format) kept as MXFP4 end to end: the store holds each
+expert's codes and scales (~3.8x fewer bytes than bf16), RAM and the copies carry them, and they
+are dequantized where they are computed, exactly as transformers dequantizes them; a tiny
+gpt-oss with MXFP4 experts runs like transformers' model holding the dequantized weights, with
+experts resident, streamed as whole layers, in RAM and on disk, and through two cache slots."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model
-from ollm import LLM, SamplingParams
-from ollm.storage.mxfp4 import dequantize_mxfp4
+from ollm import LLM
+from ollm.storage.expert_codec import decode_expert, decode_into, decoded_layout
+from ollm.storage.experts import StoreExperts
+from ollm.storage.mxfp4 import dequantize_mxfp4, dequantize_rows
+from test_moe_experts import _check, _stand_in
 
 
 def random_mxfp4(e: int, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -22,32 +28,34 @@ def random_mxfp4(e: int, rows: int, cols: int, gen: torch.Generator) -> tuple[to
 
 
 def test_dequantize_matches_transformers():
+    """The per-expert loop and the batched rows decode equal transformers' dequantization
+    bit for bit, in bf16 and float32 (scales down to 2^-127 included)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     gen = torch.Generator().manual_seed(0)
     blocks, scales = random_mxfp4(3, 40, 64, gen)
+    scales[0, 0, 0], scales[1, 2, 1] = 0, 140
     for dtype in (torch.bfloat16, torch.float32):
         ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
         ours = dequantize_mxfp4(blocks, scales, dtype)
         assert ours.shape == (3, 64, 40) and torch.equal(ours, ref)
+        assert torch.equal(dequantize_rows(blocks, scales, dtype), ref)
 
 
-def test_mxfp4_checkpoint_runs_like_transformers(tmp_path):
-    """gpt-oss experts stored as ``*_blocks`` / ``*_scales`` with ``quant_method: mxfp4``: the
-    store holds them dequantized (split per expert), its config is not quantized, and
-    greedy tokens and log-probs equal transformers' model with the dequantized weights."""
+def _mxfp4_hf(hf, seed: int = 1):
+    """A tiny gpt-oss saved with MXFP4 experts (``quant_method: mxfp4``); the returned
+    transformers model holds the dequantized weights (the reference)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    hf = tmp_path / "hf"
     model = make_hf_model("gpt_oss", hf)
     cfg = model.config
     e, h, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     tensors = load_file(str(hf / "model.safetensors"))
     for i, layer in enumerate(model.model.layers):
         for proj, rows, cols in (("gate_up_proj", 2 * inter, h), ("down_proj", h, inter)):
             blocks, scales = random_mxfp4(e, rows, cols, gen)
-            with torch.no_grad():  # the reference holds the dequantized values
+            with torch.no_grad():
                 deq = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
                 getattr(layer.mlp.experts, proj).copy_(deq)
             name = f"model.layers.{i}.mlp.experts.{proj}"
@@ -57,26 +65,130 @@ def test_mxfp4_checkpoint_runs_like_transformers(tmp_path):
     raw = json.loads((hf / "config.json").read_text())
     raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
     (hf / "config.json").write_text(json.dumps(raw))
+    return model
 
-    prompt = [5, 17, 99, 3, 42, 7, 250, 11]
-    with LLM(hf, device="cpu", offload="disk", cache_dir=tmp_path / "c", progress=False) as llm:
-        assert getattr(llm.store.hf_config(), "quantization_config", None) is None
-        stored = llm.store.files["layers/layer_0000.bin"].tensors
-        # split per expert by the converter (each expert one range of the layer file)
-        assert "mlp.experts.gate_up_proj" not in stored
-        assert all(
-            stored[f"mlp.experts.{x}.gate_up_proj"].shape == (h, 2 * inter) for x in range(e)
-        )
-        res = llm.generate(prompt, SamplingParams(max_new_tokens=16, temperature=0))
-        seq = prompt + res.token_ids
-        ours = llm.score(seq)
-    ids = torch.tensor([prompt])
-    ref_tokens = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-        eos_token_id=None, pad_token_id=0,
-    )[0, len(prompt):].tolist()  # fmt: skip
-    assert res.token_ids == ref_tokens
-    with torch.no_grad():
-        logits = model(torch.tensor([seq])).logits[0, :-1].float()
-    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+@pytest.fixture(scope="module")
+def mxfp4_model(tmp_path_factory):
+    """(reference model, HF dir, LLM on the CPU, layers resident) made once."""
+    d = tmp_path_factory.mktemp("mxfp4")
+    model = _mxfp4_hf(d / "hf")
+    llm = LLM(d / "hf", device="cpu", cache_dir=d / "c", progress=False)
+    yield model, d / "hf", llm
+    llm.close()
+
+
+def test_store_keeps_each_expert_as_mxfp4(mxfp4_model):
+    """Each expert's codes and scales are its own range of the layer file (store version 2),
+    its config unquantized; reading an expert alone and decoding it gives transformers'
+    dequantized weights, one at a time and through the batched decode into stacked rows."""
+    model, hf, llm = mxfp4_model
+    store = llm.store
+    assert store.meta["version"] == 2 and store.meta["converter"] >= 4
+    assert getattr(store.hf_config(), "quantization_config", None) is None
+    st = StoreExperts(store)
+    assert st.coded and st.decoded_bytes > st.expert_bytes
+    assert st.slot_bytes == st.decoded_bytes + st.expert_bytes
+    for i, layer in enumerate(model.model.layers):
+        ref = layer.mlp.experts
+        r = st.regions[i]
+        buf = torch.empty(st.range_bytes(i, 0, r.num_experts), dtype=torch.uint8)
+        st.read_range(i, 0, r.num_experts, buf)
+        views = st.views(i, 0, buf)
+        assert views["gate_up_proj_blocks"].dtype == torch.uint8
+        assert "gate_up_proj" not in views
+        layout, size = decoded_layout(st.tensors[i][0], torch.float32)
+        out = torch.zeros(r.num_experts, size, dtype=torch.uint8)
+        from ollm.runtime.expert_stacks import stacked_views, uniform_rows
+
+        rows = uniform_rows(buf, r.offsets, r.sizes)
+        stacks = stacked_views(out, layout)
+        order = list(range(r.num_experts))[::-1]  # rows land where asked
+        decode_into(rows, order, st.tensors[i][0], stacks, order, torch.float32, chunk=2)
+        for e in range(r.num_experts):
+            a = r.offsets[e] - r.offsets[0]
+            one = decode_expert(buf[a : a + r.sizes[e]], st.tensors[i][e], torch.float32)
+            for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+                want = getattr(ref, name)[e]
+                assert torch.equal(one[name], want) and torch.equal(stacks[name][e], want)
+
+
+def test_mxfp4_checkpoint_runs_like_transformers(mxfp4_model, tmp_path):
+    """Whole layers read from the store on every pass (``offload="disk"``): the MXFP4 experts
+    are decoded per call; greedy tokens and log-probs equal transformers'."""
+    model, hf, base = mxfp4_model
+    with LLM(hf, device="cpu", offload="disk", cache_dir=base.config.cache_dir,
+             progress=False) as llm:  # fmt: skip
+        assert llm.plan.experts is None
+        _check(llm, model)
+
+
+def test_mxfp4_experts_resident_ram_disk_and_two_slots_match_transformers(mxfp4_model):
+    """Experts one by one: all resident (decoded at load); the CPU device with part of them in
+    RAM (MXFP4, decoded where computed) and the rest on disk through two slots; a stand-in
+    accelerator whose RAM and disk experts all pass through two slots as MXFP4 bytes (decoded
+    in the slot), and the same with RAM misses computed by the CPU. Greedy tokens equal
+    transformers', log-probs within 1e-4; the copies move the stored (MXFP4) bytes."""
+    from ollm.planning.experts import plan_experts
+    from ollm.planning.placement import plan_placement
+
+    model, path, base = mxfp4_model
+    kw = dict(device="cpu", cache_dir=base.config.cache_dir, progress=False, prefill_chunk=32)
+    kw["moe_offload"] = "expert"
+    st = StoreExperts(base.store)
+    with LLM(path, cpu_memory=400 << 20, **kw) as probe:
+        rest = probe.plan.peak_device_bytes - probe.plan.reserved["experts"]
+        assert probe.plan.experts.resident and probe.plan.experts.decoded_bytes
+        _check(probe, model)
+    n_exp = len(st.regions) * st.num_experts(next(iter(st.regions)))
+    budget = rest + 2 * st.slot_bytes + (n_exp // 2) * st.expert_bytes
+    with LLM(path, cpu_memory=budget, **kw) as llm:
+        t = llm.plan.experts.tier_counts()
+        assert t["cpu"] and t["disk"] and llm.plan.experts.cache_slots == 2
+        _check(llm, model)
+        assert llm.stats.expert_misses > 0 and llm.stats.bytes_disk > 0
+        assert llm.plan.peak_device_bytes <= budget
+        work, spec, store = llm.workload, llm.spec, llm.store
+
+        def dense(s, gpu, cpu):
+            return plan_placement(spec, s, "cuda:0", gpu, cpu, "auto", work, 4, hybrid="off")
+
+        for cpu_mode in ("off", "on"):
+            plan = plan_experts(spec, store, st, "cuda:0", None, n_exp // 2 * st.expert_bytes,
+                                "auto", work, 4, slots=2, cpu_compute=cpu_mode,
+                                plan_dense=dense)  # fmt: skip
+            e = plan.experts
+            assert e.cache_slots == 2 and e.tier_counts()["disk"]
+            assert plan.reserved["experts"] == 2 * (st.expert_bytes + st.decoded_bytes)
+            _stand_in(llm, llm.store_path, plan)
+            before = llm.stats.snapshot()
+            _check(llm, model)
+            misses = llm.stats.expert_misses - before["expert_misses"]
+            cpu = llm.stats.expert_cpu - before["expert_cpu"]
+            assert (cpu > 0) == (cpu_mode == "on")
+            copied = llm.stats.bytes_h2d - before["bytes_h2d"]
+            if cpu_mode == "off":  # RAM misses copied as MXFP4 bytes, decoded in the slot
+                assert copied > 0 and copied % st.expert_bytes == 0
+                assert copied < misses * st.decoded_bytes
+
+
+def test_store_bytes_per_expert_about_bf16_over_3_8(tmp_path):
+    """gpt-oss-20b's expert shapes (one layer, two experts): the synthetic preset's MXFP4
+    experts take ~1/3.8 of the bf16 ones' bytes in the store; decoded, they are the bf16 size."""
+    from ollm.models.registry import STORE_FAMILIES
+    from ollm.storage.store import LayerStore
+    from ollm.storage.synthetic import make_synthetic_store
+
+    kw = dict(num_hidden_layers=1, num_local_experts=2, vocab_size=256, progress=False)
+    sizes = {}
+    for mx in (True, False):
+        path = make_synthetic_store("gpt-oss-20b", tmp_path / str(mx), families=STORE_FAMILIES,
+                                    mxfp4=mx, **kw)  # fmt: skip
+        store = LayerStore(path)
+        st = StoreExperts(store)
+        sizes[mx] = (st.expert_bytes, st.decoded_bytes, st.coded)
+        store.close()
+    (mx_b, mx_dec, coded), (bf_b, bf_dec, bf_coded) = sizes[True], sizes[False]
+    assert coded and not bf_coded and bf_dec == bf_b
+    assert 3.7 < bf_b / mx_b < 3.85, bf_b / mx_b
+    assert abs(mx_dec - bf_b) <= 4096

@@ -165,12 +165,31 @@ class ResidentExperts:
         if f"{p}.{shorts[0]}" in w:  # fused [E, ...] tensors
             self.fused = {s: w[f"{p}.{s}"] for s in shorts}
         self.prefix, self.shorts = p, shorts
+        # MXFP4 experts (a gpt-oss store streamed as whole layers): decoded when first used
+        self.coded = f"{p}.0.gate_up_proj_blocks" in w
+        self._decoded: dict[int, dict[str, torch.Tensor]] = {}
 
     def weights(self, e: int) -> dict[str, torch.Tensor]:
-        """Expert ``e``'s tensors by short name (views, no copy)."""
+        """Expert ``e``'s tensors by short name (views, no copy; MXFP4 ones decoded)."""
         if self.fused is not None:
             return {s: t[e] for s, t in self.fused.items()}
+        if self.coded:
+            return self._decode(e)
         return {s: self.w[f"{self.prefix}.{e}.{s}"] for s in self.shorts}
+
+    def _decode(self, e: int) -> dict[str, torch.Tensor]:
+        out = self._decoded.get(e)
+        if out is None:
+            from ollm.storage.mxfp4 import dequantize_rows
+
+            p = f"{self.prefix}.{e}."
+            out = {s: self.w[p + s] for s in self.shorts if s.endswith("_bias")}
+            dtype = out["gate_up_proj_bias"].dtype
+            for s in ("gate_up_proj", "down_proj"):
+                blocks, scales = self.w[f"{p}{s}_blocks"], self.w[f"{p}{s}_scales"]
+                out[s] = dequantize_rows(blocks, scales, dtype).contiguous()
+            self._decoded[e] = out
+        return out
 
     def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
         batch = [(e, self.weights(e)) for e in used]
@@ -428,10 +447,10 @@ def moe_weight_names(moe: MoeSpec, names: set[str]) -> list[str]:
         need.append(f"{s}_gate.weight")
     if moe.router_bias:
         need.append(f"{moe.prefix}.{moe.router}.bias")
-    if moe.expert_kind == "gpt_oss":
-        return need + [
-            f"{p}.{n}" for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-        ]
+    if moe.expert_kind == "gpt_oss":  # MXFP4 checkpoints: each matrix as _blocks + _scales
+        coded = ("_blocks", "_scales") if f"{p}.gate_up_proj_blocks" in names else ("",)
+        mats = ("gate_up_proj", "down_proj")
+        return need + [f"{p}.{n}{c}" for n in mats for c in coded] + [f"{p}.{n}_bias" for n in mats]
     if f"{p}.gate_up_proj" in names:
         return need + [f"{p}.gate_up_proj", f"{p}.down_proj"]
     return need + [f"{p}.{e}.{n}.weight" for e in range(moe.num_experts) for n in moe.expert_names]

@@ -38,7 +38,7 @@ class ExpertPlan:
     device: str
     layers: tuple[int, ...]  # sparse layers whose experts are placed one by one
     num_experts: int  # experts per sparse layer
-    expert_bytes: int  # one expert's range in the store (one cache slot)
+    expert_bytes: int  # one expert's range in the store (what RAM holds and a copy moves)
     resident: bool  # every expert on the device (no cache, nothing streamed)
     ram: tuple[int, ...]  # per entry of ``layers``: its first ram[j] experts live in RAM
     cache_slots: int  # device slots of one expert each (0 when resident)
@@ -46,6 +46,18 @@ class ExpertPlan:
     policy: str = "lru"  # cache replacement: "lru" or "lfu"
     cpu_compute: str = "auto"  # RAM experts missing from the cache run on the CPU: auto/on/off
     lookahead: bool = False  # predict the next sparse layer's experts and prefetch its misses
+    decoded_bytes: int = 0  # coded (MXFP4) experts: one decoded on the device; 0: not coded
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device bytes of one cache slot: the expert as computed, plus, when coded, the row
+        its stored bytes land in before they are decoded."""
+        return self.expert_bytes + self.decoded_bytes
+
+    @property
+    def device_expert_bytes(self) -> int:
+        """Device bytes of one resident expert (decoded when coded)."""
+        return self.decoded_bytes or self.expert_bytes
 
     @property
     def total(self) -> int:
@@ -71,7 +83,13 @@ class ExpertPlan:
             (
                 "experts",
                 f"{self.total} ({self.num_experts} per layer x {len(self.layers)} layers, "
-                f"{format_size(self.expert_bytes)} each): {where}, {t[Tier.DISK]} on disk",
+                f"{format_size(self.expert_bytes)} each"
+                + (
+                    f" as MXFP4, {format_size(self.decoded_bytes)} decoded"
+                    if self.decoded_bytes
+                    else ""
+                )
+                + f"): {where}, {t[Tier.DISK]} on disk",
             )
         ]
         if not self.resident:
@@ -137,9 +155,15 @@ def plan_experts(
     on_gpu = device != "cpu"
     budget = gpu_memory if on_gpu else cpu_memory
     rows, rows_bytes = group_rows(spec, work, budget, dtype_bytes)
-    slot = experts.expert_bytes
+    # coded (MXFP4) experts: RAM and copies hold ``stored`` bytes, the device ``dec`` (a slot
+    # holds both: its copy lands beside the decoded expert); else all three are one
+    stored, dec, slot = experts.expert_bytes, experts.decoded_bytes, experts.slot_bytes
     # a decode step's stacked experts use the rows' temporaries (prefill and decode alternate)
-    rows_bytes = max(rows_bytes, min(spec.moe.top_k * slot, max(slot, STACK_BYTES)))
+    rows_bytes = max(rows_bytes, min(spec.moe.top_k * dec, max(dec, STACK_BYTES)))
+    if experts.coded:  # and so does decoding (slots after their copies; resident ones at load)
+        from ollm.storage.expert_codec import decode_reserve
+
+        rows_bytes = max(rows_bytes, decode_reserve(dec))
     layers = tuple(sorted(experts.regions))
     n_exp = max(experts.num_experts(i) for i in layers)
     total = n_exp * len(layers)
@@ -151,7 +175,7 @@ def plan_experts(
     sub = None if budget is None else budget - reserve
     plan = plan_dense(dense, sub if on_gpu else gpu_memory, sub if not on_gpu else cpu_memory)
     spare = None if budget is None else budget - plan.peak_device_bytes - reserve
-    fits = spare is None or spare + least * slot >= total * slot
+    fits = spare is None or spare + least * slot >= total * dec
     fits = fits and offload != "disk"  # "disk": every expert read from the store on a miss
     if fits and slots is None:
         cache, ram = 0, (0,) * len(layers)
@@ -160,12 +184,12 @@ def plan_experts(
         # experts in place, and the cache only takes the disk experts' misses.
         grow = on_gpu and slots is None and spare is not None
         cache = min(total, least + (spare // slot if grow else 0))
-        ram = _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, spare)
+        ram = _ram_experts(plan, dense, layers, n_exp, stored, on_gpu, offload, cpu_memory, spare)
     eplan = ExpertPlan(
         device=device,
         layers=layers,
         num_experts=n_exp,
-        expert_bytes=slot,
+        expert_bytes=stored,
         resident=fits and slots is None,
         ram=ram,
         cache_slots=cache,
@@ -173,9 +197,10 @@ def plan_experts(
         policy=policy,
         cpu_compute=cpu_compute,
         lookahead=lookahead and on_gpu and not plan.streamed and not (fits and slots is None),
+        decoded_bytes=dec if experts.coded else 0,
     )
     reserved = dict(plan.reserved)
-    reserved["experts"] = total * slot if eplan.resident else cache * slot
+    reserved["experts"] = total * dec if eplan.resident else cache * slot
     reserved["expert rows"] = rows_bytes
     return replace(plan, experts=eplan, reserved=reserved)
 

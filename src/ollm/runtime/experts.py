@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.runtime.expert_decode import decode_slots, load_decoded, warm_cache
 from ollm.runtime.expert_lookahead import LayerExperts, Lookahead
 from ollm.runtime.expert_stacks import stacked_batch, stacked_views, uniform_rows
 from ollm.runtime.experts_policy import Lfu, Lru
@@ -78,7 +79,14 @@ class ExpertCache:
         self._bound: dict[int, tuple[object, Mapping]] = {}
         n = 0 if plan.resident else plan.cache_slots
         slot_dev = self.device if self.cuda else self.cpu
-        self.slots = torch.empty(n, plan.expert_bytes, dtype=torch.uint8, device=slot_dev)
+        # coded (MXFP4) experts: a copy lands in its slot's row of ``raw`` (stored bytes) and is
+        # decoded into the slot (``undecoded`` until its first use, on the compute stream)
+        self.coded = experts.coded
+        row = experts.decoded_bytes if self.coded else plan.expert_bytes
+        self.slots = torch.empty(n, row, dtype=torch.uint8, device=slot_dev)
+        self.raw = torch.empty(n if self.coded else 0, plan.expert_bytes, dtype=torch.uint8,
+                               device=slot_dev)  # fmt: skip
+        self.undecoded: set[int] = set()
         self.slot_key: list[Key | None] = [None] * n
         self._empty = list(range(n - 1, -1, -1))  # slots never filled, popped from the end
         self.slot_views: list[dict[str, torch.Tensor] | None] = [None] * n
@@ -143,6 +151,9 @@ class ExpertCache:
             host = self._pin(nbytes)
             self.stats.add(bytes_disk=st.read_range(i, 0, m, host))
             buf = host
+            if p.resident and i in st.decoded:  # coded: decoded on the device once
+                load_decoded(self, i, host)
+                continue
             if p.resident and self.device.type != "cpu":
                 buf = host.to(self.device)
                 self.stats.add(bytes_h2d=nbytes)
@@ -157,9 +168,16 @@ class ExpertCache:
             for e in range(m):
                 a = st.regions[i].offsets[e] - base
                 raw = buf[a : a + st.regions[i].sizes[e]]
-                self._views[(i, e)] = st.views(i, e, raw)
+                if i not in st.decoded:  # coded RAM experts: decoded where used (``_host``)
+                    self._views[(i, e)] = st.views(i, e, raw)
                 if not p.resident:
                     self._bytes[(i, e)] = raw
+
+    def _host(self, i: int, e: int) -> Mapping:
+        """Expert e of layer i where it sits (RAM, or resident): its views, or (coded) its
+        tensors decoded on the CPU from its RAM bytes."""
+        views = self._views.get((i, e))
+        return views if views is not None else self.experts.decode(i, e, self._bytes[(i, e)])
 
     def bind(self, i: int, w: Mapping) -> Mapping:
         """Layer i's weights with its experts attached (``wrap``: ``layers.moe.sparse_weights``);
@@ -209,7 +227,7 @@ class ExpertCache:
         pending, inflight = deque(fetch), deque()
         try:
             self._issue(i, pending, inflight)  # the copies start before any compute is queued
-            ready = [(e, self._views[(i, e)]) for e in local]
+            ready = [(e, self._host(i, e)) for e in local]
             if hits:
                 batch = self._use(hits)  # a stacked batch unless experts in place join
                 yield None, batch + ready if ready else batch
@@ -219,7 +237,7 @@ class ExpertCache:
             self._issue(i, pending, inflight)
             if on_cpu:
                 t0 = time.perf_counter()
-                yield self.cpu, [(e, self._views[(i, e)]) for e in on_cpu]
+                yield self.cpu, [(e, self._host(i, e)) for e in on_cpu]
                 if max(counts[e] for e in on_cpu) <= DECODE_ROWS:  # prefill's: compute-bound
                     self._measured_cpu(len(on_cpu), time.perf_counter() - t0)
             one_by_one = sum(counts) > STREAM_PAIRS  # prefill: compute each as it lands
@@ -257,8 +275,9 @@ class ExpertCache:
         if mode == "on":
             cpu = cand
         else:
-            nbytes = self.plan.expert_bytes
-            params = nbytes // max(1, self.experts.tensors[i][0][0].dtype.itemsize)
+            nbytes = self.plan.expert_bytes  # stored bytes: what a copy moves
+            elem = self.experts.tensors[i][0][0].dtype.itemsize  # a float tensor, coded or not
+            params = self.plan.device_expert_bytes // max(1, elem)
             cpu = self.choose_cpu(cand, len(misses), counts, nbytes, params, self.cpu_expert_s)
         chosen = set(cpu)
         return cpu, [e for e in misses if e not in chosen]
@@ -322,6 +341,7 @@ class ExpertCache:
             self.policy.remove(key)
             self.pinned.discard(key)
         self.slot_key[s] = None
+        self.undecoded.discard(s)
         self.slot_views[s] = None
         self.slot_layout[s] = None
         self._empty.append(s)
@@ -333,7 +353,10 @@ class ExpertCache:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ollm-experts")
         if not self.cuda:
-            dst, k = self.slots[s, : self.experts.regions[i].sizes[e]], None
+            dst, k = (
+                (self.raw if self.coded else self.slots)[s, : self.experts.regions[i].sizes[e]],
+                None,
+            )
             return self._pool.submit(self._read_into, i, e, dst, None, k)
         k = self._next_staging % len(self._staging)
         self._next_staging = k + 1
@@ -367,14 +390,17 @@ class ExpertCache:
         st = self.experts
         nbytes = st.regions[i].sizes[e]
         k = None if read is None else read.result()  # re-raises a read error
+        dst = self.raw if self.coded else self.slots
+        if self.coded:
+            self.undecoded.add(s)
         if not self.cuda:
             if read is None:
-                self.slots[s, :nbytes].copy_(self._bytes[(i, e)])
+                dst[s, :nbytes].copy_(self._bytes[(i, e)])
                 self.stats.add(bytes_h2d=nbytes)
         else:
             src = self._bytes[(i, e)] if k is None else self._staging[k]
             with torch.cuda.stream(self.copy_stream):
-                self.slots[s, :nbytes].copy_(src[:nbytes], non_blocking=True)
+                dst[s, :nbytes].copy_(src[:nbytes], non_blocking=True)
             self.ready[s], self.ready_seq[s] = ev, self._seq
             if k is not None:
                 self._staging_done[k] = ev
@@ -383,7 +409,7 @@ class ExpertCache:
         sig = (s, self._layout[(i, e)])
         views = self._slot_views_memo.get(sig)
         if views is None:
-            views = self._slot_views_memo[sig] = st.views(i, e, self.slots[s])
+            views = self._slot_views_memo[sig] = st.views(i, e, self.slots[s], decoded=True)
         self.slot_views[s] = views
         self.slot_layout[s] = sig[1]
 
@@ -394,6 +420,8 @@ class ExpertCache:
             s = max((s for _, s in batch), key=lambda s: self.ready_seq[s])
             if self.ready[s] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+        if self.undecoded:
+            self._decode(batch)
         out = []
         for e, s in batch:
             views = self.slot_views[s]
@@ -402,11 +430,19 @@ class ExpertCache:
         lay = self.slot_layout[batch[0][1]]
         if lay is None or any(self.slot_layout[s] != lay for _, s in batch[1:]):
             return out
+        return stacked_batch(out, self._stacks(lay), [s for _, s in batch])
+
+    def _stacks(self, lay: int) -> dict[str, torch.Tensor]:
+        """Layout ``lay``'s (decoded) tensors over all slots: [slots, ...] views, made once."""
         stacks = self._slot_stacks.get(lay)
         if stacks is None:
             i, e = self._rep[lay]
-            stacks = self._slot_stacks[lay] = stacked_views(self.slots, self.experts.tensors[i][e])
-        return stacked_batch(out, stacks, [s for _, s in batch])
+            tensors = self.experts.device_tensors(i, e)
+            stacks = self._slot_stacks[lay] = stacked_views(self.slots, tensors)
+        return stacks
+
+    def _decode(self, batch: list[tuple[int, int]]) -> None:
+        decode_slots(self, batch)
 
     def _done(self, batch: list[tuple[int, int]]) -> None:
         """The compute queued so far is the last use of ``batch``'s slots by this call: one event
@@ -436,29 +472,7 @@ class ExpertCache:
         """Start from a calibration run's routing counts (``routed`` of an earlier run): LFU
         counts seeded with them, and the empty slots filled with the most used experts that are
         neither cached nor computed in place. Returns how many were loaded."""
-        if self.plan.resident:
-            return 0
-        if isinstance(self.policy, Lfu):
-            for key, n in freq.items():
-                self.policy.uses[key] = self.policy.uses.get(key, 0) + n
-            self.policy.buckets = {}  # cached keys move to the buckets of their seeded counts
-            for key in self.where:
-                self.policy.add(key)
-        loaded = 0
-        for key in sorted(freq, key=lambda k: (-freq[k], k)):
-            i, e = key
-            if not self._empty:
-                break
-            if key in self.where or i not in self._index:
-                continue
-            if self.in_place and e < self.plan.ram[self._index[i]]:
-                continue  # computed where it sits
-            inflight: deque = deque()
-            self._issue(i, deque([e]), inflight)
-            self._done(list(inflight))
-            loaded += len(inflight)
-        self.pinned.clear()
-        return loaded
+        return warm_cache(self, freq)
 
     def close(self) -> None:
         """Wait for reads and copies in flight, unpin the host buffers, drop the device ones."""
@@ -473,7 +487,8 @@ class ExpertCache:
         self._views.clear()
         self._bytes.clear()
         self._bound.clear()
-        self.slots = torch.empty(0, dtype=torch.uint8)
+        self.slots = self.raw = torch.empty(0, dtype=torch.uint8)
+        self.undecoded.clear()
         self.slot_views = []
         self.slot_key = []
         self._empty = []

@@ -29,7 +29,8 @@ logger = logging.getLogger("ollm")
 
 # Bump when convert() writes different bytes for the same source: old stores are then not reused.
 # 3: experts split per expert and laid out after the dense part, with per-expert CRC32s.
-CONVERTER_VERSION = 3
+# 4: MXFP4 experts (gpt-oss) kept as MXFP4 per expert (store version 2), not dequantized.
+CONVERTER_VERSION = 4
 STORES = "stores"
 _HEAD = 1 << 20  # safetensors headers (tensor names, shapes, offsets) fit in this
 GGUF_HEAD = 16 << 20  # GGUF metadata holds the whole vocabulary (~6 MB for 262k tokens)

@@ -23,10 +23,12 @@ from ollm.storage import cache
 from ollm.storage.cache import CONVERTER_VERSION
 from ollm.storage.experts import expert_regions, order_layer, split_fused
 from ollm.storage.families import ModelFamilies
+from ollm.storage.mxfp4 import BLOCKS, SCALES
 from ollm.storage.progress import heartbeat, progress_iter
 from ollm.storage.sources import SIDE_FILES_SKIP, TensorSource, classify_name, open_source
 from ollm.storage.store import (
     ALIGN,
+    CODED_VERSION,
     FORMAT,
     GLOBALS,
     MANIFEST,
@@ -88,13 +90,15 @@ def _weights_nbytes(
     source: TensorSource, groups: dict[int | None, dict[str, str]], dtype: torch.dtype
 ) -> int:
     """Bytes of the store's weight files: every tensor's shape x the target dtype, each tensor
-    aligned as ``store.layout`` does (float tensors only are converted; others are rare)."""
+    aligned as ``store.layout`` does (float tensors only are converted; MXFP4 codes and scales
+    stay bytes)."""
     elem = torch.finfo(dtype).bits // 8
     total = 0
     for names in groups.values():
         size = 0
         for full in names.values():
-            size = align_up(size + math.prod(source.shape(full)) * elem)
+            n = 1 if full.endswith((BLOCKS, SCALES)) else elem
+            size = align_up(size + math.prod(source.shape(full)) * n)
         total += max(size, ALIGN)
     return total
 
@@ -235,10 +239,15 @@ def _write_store(source: TensorSource, plan: _Plan, dst: Path, name: str, progre
         raise
 
 
+def _coded(files: dict[str, FileEntry]) -> bool:
+    """Whether any layer keeps experts coded (MXFP4 pairs)."""
+    return any(t.endswith(BLOCKS) for e in files.values() for t in e.tensors)
+
+
 def _manifest(spec, out_dtype: torch.dtype, source: str, files: dict[str, FileEntry]) -> dict:
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": CODED_VERSION if _coded(files) else VERSION,
         "converter": CONVERTER_VERSION,
         "model_type": spec.family,
         "dtype": dtype_name(out_dtype),

@@ -11,6 +11,11 @@ still verified. A whole-layer read of the file is unchanged (the tensors keep th
 | --- | --- |
 | per expert (Qwen3-MoE, Mixtral checkpoints) | unchanged: ``{prefix}.experts.{e}.{name}.weight`` |
 | fused [E, ...] (transformers v5 modules, gpt-oss) | ``{prefix}.experts.{e}.{gate_up_proj,down_proj}{,_bias}`` |
+| MXFP4 (gpt-oss checkpoints) | ``{prefix}.experts.{e}.{gate_up_proj,down_proj}{_blocks,_scales,_bias}`` |
+
+MXFP4 experts stay MXFP4 in the store (``storage/expert_codec.py`` decodes them where they are
+computed): ``expert_bytes`` is a stored range (what RAM holds and the link copies),
+``decoded_bytes`` the decoded expert a device holds, ``slot_bytes`` one cache slot (both).
 
 Names only: storage knows nothing of model families (no import of ``ollm.models``).
 """
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm.errors import CorruptStoreError, WeightReadError
+from ollm.storage.expert_codec import ExpertTensor, decode_expert, decoded_layout, is_coded
 from ollm.storage.store import (
     DTYPES,
     READ_CHUNK,
@@ -37,7 +43,9 @@ from ollm.storage.store import (
 )
 
 EXPERT_RE = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<short>.+)$")
-FUSED_RE = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<short>gate_up_proj|down_proj)(?P<b>_bias)?$")
+FUSED_RE = re.compile(
+    r"^(?P<prefix>.+)\.experts\.(?P<short>gate_up_proj|down_proj)(?P<b>_bias|_blocks|_scales)?$"
+)
 
 
 def split_fused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,30 +146,23 @@ def expert_regions(entry: FileEntry, buf: torch.Tensor) -> ExpertRegions | None:
     )
 
 
-@dataclass(frozen=True)
-class ExpertTensor:
-    """One tensor of an expert, relative to the start of the expert's range."""
-
-    short: str  # name under ``{prefix}.experts.{e}.``, e.g. ``gate_proj.weight``
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
 class StoreExperts:
     """The experts of a layer store: regions per layer and per-expert reads and views."""
 
     def __init__(self, store: LayerStore) -> None:
         self.store = store
+        self.dtype = store.dtype  # what coded experts decode to (the store's float dtype)
         raw = store.meta.get("experts") or {}
         self.regions: dict[int, ExpertRegions] = {}
         self.tensors: dict[int, list[list[ExpertTensor]]] = {}
+        self.decoded: dict[int, list[tuple[list[ExpertTensor], int]]] = {}  # coded layers only
         for i in range(store.num_layers):
             f = layer_file(i)
             if f in raw:
                 self.regions[i] = ExpertRegions.from_json(raw[f])
                 self.tensors[i] = self._expert_tensors(store.files[f], self.regions[i])
+                if any(is_coded(ts) for ts in self.tensors[i]):
+                    self.decoded[i] = [decoded_layout(ts, self.dtype) for ts in self.tensors[i]]
         self._verified: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self.verify = True  # check each expert's CRC32 on its first read
@@ -190,8 +191,37 @@ class StoreExperts:
 
     @property
     def expert_bytes(self) -> int:
-        """One cache slot: the largest expert of any layer."""
+        """The largest stored expert of any layer (RAM and copies; one slot unless coded)."""
         return max((r.expert_bytes for r in self.regions.values()), default=0)
+
+    @property
+    def coded(self) -> bool:
+        """Whether experts are stored coded (MXFP4) and decoded where they are computed."""
+        return bool(self.decoded)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """The largest decoded expert (what a device holds to compute one)."""
+        if not self.coded:
+            return self.expert_bytes
+        return max(n for layer in self.decoded.values() for _, n in layer)
+
+    @property
+    def slot_bytes(self) -> int:
+        """One device cache slot: the decoded expert, plus its stored bytes when coded (the
+        copy lands there and is decoded into the slot)."""
+        return self.decoded_bytes + (self.expert_bytes if self.coded else 0)
+
+    def device_tensors(self, i: int, e: int) -> list[ExpertTensor]:
+        """Expert ``e`` of layer ``i``'s tensors as a device holds them (decoded)."""
+        return self.decoded[i][e][0] if i in self.decoded else self.tensors[i][e]
+
+    def decode(self, i: int, e: int, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Expert ``e`` of layer ``i``'s tensors for compute from its stored range ``raw``:
+        views when it is not coded, else decoded (new tensors on ``raw``'s device)."""
+        if i not in self.decoded:
+            return self.views(i, e, raw)
+        return decode_expert(raw, self.tensors[i][e], self.dtype)
 
     def read_range(self, i: int, start: int, stop: int, buf: torch.Tensor) -> int:
         """Read experts ``start..stop-1`` of layer ``i`` (one contiguous range of its file) into
@@ -238,11 +268,14 @@ class StoreExperts:
         r = self.regions[i]
         return r.offsets[stop - 1] + r.sizes[stop - 1] - r.offsets[start]
 
-    def views(self, i: int, e: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    def views(
+        self, i: int, e: int, buf: torch.Tensor, decoded: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Expert ``e`` of layer ``i``'s tensors (short names) over ``buf`` (any device), a
-        buffer whose byte 0 is the start of the expert's range."""
+        buffer whose byte 0 is the start of the expert's range (``decoded``: a decoded range,
+        ``device_tensors``' layout)."""
         out = {}
-        for t in self.tensors[i][e]:
+        for t in self.device_tensors(i, e) if decoded else self.tensors[i][e]:
             out[t.short] = buf[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape)
         return out
 

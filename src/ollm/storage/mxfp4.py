@@ -1,11 +1,15 @@
 """MXFP4 checkpoints (gpt-oss): expert weights stored as 4-bit floats in blocks of 32 with one
-shared power-of-two scale, dequantized once at conversion, so the layer store holds plain
-bf16 / float32 tensors under transformers' names.
+shared power-of-two scale (~4.25 bits per weight, 3.8x fewer bytes than bf16).
 
 A checkpoint marks them with ``quantization_config.quant_method == "mxfp4"`` and stores, for a
 weight ``W`` of shape [E, cols, rows] (the gpt-oss module layout), ``W_blocks`` [E, rows, G, 16]
 (uint8, two FP4 codes per byte, low nibble first) and ``W_scales`` [E, rows, G] (uint8, the
 exponent + 127), with G * 32 == cols. Value = FP4_VALUES[code] * 2 ** (scale - 127).
+
+The layer store keeps them as they are (split per expert: ``experts.{e}.W_blocks`` /
+``W_scales``), so RAM holds and the link copies MXFP4 bytes; they are dequantized where they
+are computed (``storage/expert_codec.py``). ``Mxfp4Source(keep=False)`` presents each pair as
+one dequantized ``W`` instead (a bf16 store, as converter versions before 4 wrote).
 """
 
 from __future__ import annotations
@@ -37,26 +41,56 @@ FP4_VALUES = (
 BLOCKS, SCALES = "_blocks", "_scales"
 
 
+_LUTS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _pair_lut(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 2]: a byte's two E2M1 values, low nibble first (the order they are packed in);
+    made once per dtype and device (no copy, so no host sync, per decode)."""
+    lut = _LUTS.get((dtype, device))
+    if lut is None:
+        vals = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        codes = torch.arange(256)
+        pairs = torch.stack([vals[codes & 0x0F], vals[codes >> 4]], dim=1)
+        lut = _LUTS[(dtype, device)] = pairs.to(device, dtype)
+    return lut
+
+
+def dequantize_rows(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Codes [..., rows, G, 16] (uint8) and scales [..., rows, G] -> values [..., G * 32, rows]
+    in ``dtype`` (a transposed view; every value exact in bf16: a 2-bit mantissa times a power
+    of two). Vectorised on the tensors' device: one byte-pair table lookup and one ``ldexp``
+    (transformers' arithmetic), temporaries ~2.5x the output's bytes."""
+    if blocks.shape[:-1] != scales.shape or blocks.dim() < 3 or blocks.shape[-1] != 16:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}"
+        )
+    *lead, rows, groups, width = blocks.shape
+    lut = _pair_lut(dtype, blocks.device)
+    idx = blocks.reshape(-1).to(torch.int32)
+    vals = lut.index_select(0, idx).view(*lead, rows, groups, 2 * width)
+    del idx
+    exps = scales.to(torch.int32) - 127
+    torch.ldexp(vals, exps[..., None], out=vals)
+    return vals.view(*lead, rows, groups * 2 * width).transpose(-1, -2)
+
+
 def dequantize_mxfp4(
     blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """[E, rows, G, 16] codes and [E, rows, G] scales -> [E, G * 32, rows] values in ``dtype``
-    (every value is exact in bf16: a 2-bit mantissa times a power of two). One expert at a time,
-    so the temporaries stay at one expert's size (gpt-oss-120B: 128 experts per tensor)."""
+    (contiguous). One expert at a time, so the temporaries stay at one expert's size
+    (gpt-oss-120B: 128 experts per tensor)."""
     if blocks.shape[:-1] != scales.shape or blocks.dim() != 4:
         raise ValueError(
             f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}"
         )
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
     e, rows, groups, width = blocks.shape
     out = torch.empty(e, groups * width * 2, rows, dtype=dtype, device=blocks.device)
     for i in range(e):
-        codes = blocks[i].to(torch.uint8)
-        vals = torch.empty(rows, groups, width * 2, dtype=dtype, device=blocks.device)
-        vals[..., 0::2] = lut[(codes & 0x0F).long()]
-        vals[..., 1::2] = lut[(codes >> 4).long()]
-        torch.ldexp(vals, (scales[i].to(torch.int32) - 127)[..., None], out=vals)
-        out[i] = vals.reshape(rows, -1).T
+        out[i] = dequantize_rows(blocks[i], scales[i], dtype)
     return out
 
 
@@ -71,11 +105,11 @@ def is_mxfp4(path: Path) -> bool:
 
 
 class Mxfp4Source:
-    """A TensorSource over another one whose ``W_blocks`` / ``W_scales`` pairs it presents as
-    one dequantized ``W``; the config it gives has no ``quantization_config`` (the store is not
-    quantized)."""
+    """A TensorSource over another one whose ``W_blocks`` / ``W_scales`` pairs it keeps as they
+    are (``keep``, the default) or presents as one dequantized ``W``; the config it gives has no
+    ``quantization_config`` (the store's tensor names say which experts are MXFP4)."""
 
-    def __init__(self, inner, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, inner, dtype: torch.dtype = torch.bfloat16, keep: bool = True) -> None:
         self.inner, self.dtype = inner, dtype
         self.path, self.model_type = inner.path, inner.model_type
         names = inner.names()
@@ -83,7 +117,7 @@ class Mxfp4Source:
         self._pairs = {
             n[: -len(BLOCKS)]: n
             for n in names
-            if n.endswith(BLOCKS) and n[: -len(BLOCKS)] + SCALES in have
+            if not keep and n.endswith(BLOCKS) and n[: -len(BLOCKS)] + SCALES in have
         }
         paired = set(self._pairs.values()) | {w + SCALES for w in self._pairs}
         self._names = [n for n in names if n not in paired] + list(self._pairs)

@@ -23,6 +23,10 @@ from ollm.errors import CorruptStoreError, ModelNotFoundError, WeightReadError
 
 FORMAT = "ollm-layer-store"
 VERSION = 1
+# 2: experts kept coded (MXFP4 ``_blocks`` / ``_scales`` per expert); ollm before it refuses
+# such a store by its version instead of failing on the tensors
+CODED_VERSION = 2
+READ_VERSIONS = (VERSION, CODED_VERSION)
 ALIGN = 4096
 MANIFEST = "manifest.json"
 GLOBALS = "globals.bin"
@@ -101,8 +105,9 @@ class LayerStore:
             raw = json.loads(manifest.read_text())
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}")
-            if raw.get("version") != VERSION:
-                raise ValueError(f"version {raw.get('version')} (this ollm reads {VERSION})")
+            if raw.get("version") not in READ_VERSIONS:
+                reads = ", ".join(map(str, READ_VERSIONS))
+                raise ValueError(f"version {raw.get('version')} (this ollm reads {reads})")
             self.files: dict[str, FileEntry] = {
                 name: FileEntry(
                     int(f["nbytes"]),

@@ -11,6 +11,7 @@ import torch
 
 from ollm.errors import OllmError
 from ollm.storage.families import ModelFamilies
+from ollm.storage.mxfp4 import BLOCKS, SCALES
 
 # name -> (transformers config class, kwargs): the public configs of these models.
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -202,12 +203,20 @@ def preset_config(name: str, **overrides: object):
 
 class SyntheticSource:
     """Random N(0, 0.02) linear weights and unit-ish norms with HF names, made on demand
-    (``families``: ``ollm.models.registry.STORE_FAMILIES``, which names a layer's tensors)."""
+    (``families``: ``ollm.models.registry.STORE_FAMILIES``, which names a layer's tensors).
+    gpt-oss experts are MXFP4 as the released checkpoints' (``W_blocks`` random codes,
+    ``W_scales`` 2^-8 .. 2^-6) unless ``mxfp4=False`` (bf16 ``W``)."""
 
     model_type: str
 
     def __init__(
-        self, name: str, seed: int = 0, *, families: ModelFamilies, **overrides: object
+        self,
+        name: str,
+        seed: int = 0,
+        *,
+        families: ModelFamilies,
+        mxfp4: bool | None = None,
+        **overrides: object,
     ) -> None:
         self.config = preset_config(name, **overrides)
         self.model_type = self.config.model_type
@@ -216,6 +225,8 @@ class SyntheticSource:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.families = families
         self.spec = families.spec(self.config)
+        gpt_oss = self.spec.moe is not None and self.spec.moe.expert_kind == "gpt_oss"
+        self.mxfp4 = gpt_oss if mxfp4 is None else (mxfp4 and gpt_oss)
 
     def hf_config(self):
         return self.config
@@ -234,6 +245,11 @@ class SyntheticSource:
             m = s.moe
             if m is not None and self._zipf and not m.router_bias and s.is_sparse(i):
                 names.append(f"model.layers.{i}.{m.prefix}.{m.router}.bias")
+        if self.mxfp4:  # each expert matrix as its codes and scales
+            mats = (".experts.gate_up_proj", ".experts.down_proj")
+            names = [x for n in names for x in (
+                (n + BLOCKS, n + SCALES) if n.endswith(mats) else (n,)
+            )]  # fmt: skip
         return names
 
     @property
@@ -255,6 +271,9 @@ class SyntheticSource:
         if ".experts." not in name:
             return None
         short = name.rsplit(".experts.", 1)[1]
+        if short.endswith((BLOCKS, SCALES)):  # MXFP4: W [E, cols, rows] as [E, rows, cols/32]
+            _, cols, rows = self._moe_shape(name[: -len(BLOCKS)])  # type: ignore[misc]
+            return (e, rows, cols // 32, 16) if short.endswith(BLOCKS) else (e, rows, cols // 32)
         if m.expert_kind == "gpt_oss":  # fused [E, ...], gate/up interleaved by column
             fused = {
                 "gate_up_proj": (e, h, 2 * i),
@@ -324,6 +343,10 @@ class SyntheticSource:
         g = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
         shape = self.shape(name)
         m = self.spec.moe
+        if name.endswith((BLOCKS, SCALES)):  # MXFP4 codes (any byte) and scales 2^-8 .. 2^-6
+            lo, hi = (0, 256) if name.endswith(BLOCKS) else (119, 122)
+            kw = dict(generator=g, device=self.device, dtype=torch.uint8)
+            return torch.randint(lo, hi, shape, **kw).cpu()  # type: ignore[arg-type]
         if m is not None and self._zipf and name.endswith(f".{m.prefix}.{m.router}.bias"):
             rank = torch.randperm(shape[0], generator=g, device=self.device) + 1
             return (-self._zipf * torch.log(rank.float())).to(torch.bfloat16).cpu()
@@ -345,9 +368,11 @@ def make_synthetic_store(
     progress: bool = True,
     *,
     families: ModelFamilies,
+    mxfp4: bool | None = None,
     **overrides: object,
 ) -> Path:
-    """Write a random-weight layer store of preset ``name`` at ``dst`` (bf16); returns ``dst``."""
+    """Write a random-weight layer store of preset ``name`` at ``dst`` (bf16; gpt-oss experts
+    MXFP4 unless ``mxfp4=False``); returns ``dst``."""
     from ollm.storage.convert import convert
 
     dst = Path(dst)
@@ -355,5 +380,5 @@ def make_synthetic_store(
 
     if is_store(dst):
         return dst
-    source = SyntheticSource(name, families=families, **overrides)
+    source = SyntheticSource(name, families=families, mxfp4=mxfp4, **overrides)
     return convert(source, dst, dtype=torch.bfloat16, progress=progress, families=families)

@@ -1,0 +1,90 @@
+"""Helpers of the expert cache (``runtime/experts.py``): coded (MXFP4) experts decoded on the
+device (a layer's resident experts once at load; a slot after its copy lands, before its first
+use), and warming a cache from a calibration run's routing counts."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from ollm.runtime.expert_stacks import stacked_views, uniform_rows
+from ollm.runtime.experts_policy import Lfu
+from ollm.runtime.pinned import unpin
+from ollm.storage.expert_codec import decode_chunk, decode_into
+
+if TYPE_CHECKING:
+    from ollm.runtime.experts import ExpertCache
+
+
+def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor) -> None:
+    """Layer i's coded experts (``host``: their stored bytes, read back to back) decoded into
+    one device buffer of decoded ranges, ``decode_chunk`` experts at a time; the host bytes
+    dropped. The layer's experts become resident views and [E, ...] stacks."""
+    st = cache.experts
+    r, layouts = st.regions[i], st.decoded[i]
+    rows = uniform_rows(host, r.offsets, r.sizes)
+    if rows is None or len({tuple(ts) for ts in st.tensors[i]}) != 1:
+        raise RuntimeError(f"coded experts of layer {i} are not at one stride and layout")
+    size = max(n for _, n in layouts)
+    dec = torch.empty(r.num_experts, size, dtype=torch.uint8, device=cache.device)
+    stacks = stacked_views(dec, layouts[0][0])
+    chunk = decode_chunk(size)
+    for a in range(0, r.num_experts, chunk):
+        part = rows[a : a + chunk].to(cache.device)
+        cache.stats.add(bytes_h2d=part.numel() if cache.device.type != "cpu" else 0)
+        idx = list(range(a, a + part.shape[0]))
+        decode_into(part, list(range(len(idx))), st.tensors[i][0], stacks, idx, st.dtype, chunk)
+    if cache.cuda:
+        torch.cuda.current_stream(cache.device).synchronize()
+        unpin(host)
+        cache._pinned.remove(host)
+    cache._layer_stacks[i] = stacks
+    for e in range(r.num_experts):
+        cache._views[(i, e)] = {n: v[e] for n, v in stacks.items()}
+
+
+def decode_slots(cache: ExpertCache, batch: list[tuple[int, int]]) -> None:
+    """Decode the slots of ``batch`` (expert, slot) whose copies landed undecoded (coded
+    experts), per layout, on the compute stream (queued after the copies), before their first
+    use: the slot's raw row (stored bytes) into its decoded row."""
+    todo: dict[int, list[int]] = {}
+    for _, s in batch:
+        if s in cache.undecoded:
+            todo.setdefault(cache.slot_layout[s], []).append(s)  # type: ignore[arg-type]
+            cache.undecoded.discard(s)
+    st = cache.experts
+    chunk = decode_chunk(cache.slots.shape[1])
+    for lay, ss in todo.items():
+        i, e = cache._rep[lay]
+        decode_into(cache.raw, ss, st.tensors[i][e], cache._stacks(lay), ss, st.dtype, chunk)
+
+
+def warm_cache(cache: ExpertCache, freq: Mapping[tuple[int, int], int]) -> int:
+    """``ExpertCache.warm``: LFU counts seeded with ``freq``, the empty slots filled with the
+    most used experts neither cached nor computed in place; returns how many were loaded."""
+    if cache.plan.resident:
+        return 0
+    if isinstance(cache.policy, Lfu):
+        for key, n in freq.items():
+            cache.policy.uses[key] = cache.policy.uses.get(key, 0) + n
+        cache.policy.buckets = {}  # cached keys move to the buckets of their seeded counts
+        for key in cache.where:
+            cache.policy.add(key)
+    loaded = 0
+    for key in sorted(freq, key=lambda k: (-freq[k], k)):
+        i, e = key
+        if not cache._empty:
+            break
+        if key in cache.where or i not in cache._index:
+            continue
+        if cache.in_place and e < cache.plan.ram[cache._index[i]]:
+            continue  # computed where it sits
+        inflight: deque = deque()
+        cache._issue(i, deque([e]), inflight)
+        cache._done(list(inflight))
+        loaded += len(inflight)
+    cache.pinned.clear()
+    return loaded
