@@ -192,3 +192,26 @@ def test_store_bytes_per_expert_about_bf16_over_3_8(tmp_path):
     assert coded and not bf_coded and bf_dec == bf_b
     assert 3.7 < bf_b / mx_b < 3.85, bf_b / mx_b
     assert abs(mx_dec - bf_b) <= 4096
+
+
+def test_store_versions_read_and_refused(mxfp4_model, tmp_path):
+    """A store of an unknown (later) version is refused with a one-line error naming the
+    versions this ollm reads; the coded store (2) and a plain one (1) read."""
+    import shutil
+
+    from ollm.errors import CorruptStoreError
+    from ollm.storage.store import LayerStore
+
+    _, _, llm = mxfp4_model
+    copy = tmp_path / "store"
+    shutil.copytree(llm.store_path, copy)
+    manifest = copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    for version, ok in ((1, True), (2, True), (3, False)):
+        manifest.write_text(json.dumps(raw | {"version": version}))
+        if ok:
+            LayerStore(copy).close()
+            continue
+        with pytest.raises(CorruptStoreError, match=r"version 3 \(this ollm reads 1, 2\)") as exc:
+            LayerStore(copy)
+        assert "\n" not in str(exc.value)
