@@ -9,10 +9,13 @@ same memory holds more blocks; only the exact slots are at full precision.
 `CodecLayerKV` is one layer's object for a packed step (as `kv.packed.PackedLayerKV`): it writes
 the rows' K/V into their blocks' exact slots, encodes every block these rows fill, then attends
 each sequence decode-faithfully, as the single-request `CompressedKVCache` does: a query at
-``q`` sees blocks before ``(q + 1) // block_tokens - recent_blocks`` decoded from their codes
-(into the store's kept host scratch, the buffers the exact gather uses; never the whole pool)
-and the rest exact. Rows whose windows differ (a prefill chunk crossing a block edge) attend
-both views under one dense mask.
+``q`` sees blocks before ``(q + 1) // block_tokens - recent_blocks`` encoded and the rest exact.
+The blocks all of a sequence's rows see encoded are read as codes, for every sequence of the
+step with as many rows in one call (``kv/codec_paged_attend.py``: a Triton kernel over the
+block tables on the GPU, chunks of codes in torch elsewhere; never a full-precision copy of the
+cache); the rest (the exact window, and the few blocks a prefill chunk crossing a block edge
+sees encoded for some rows only, decoded) in one dense-masked call; both merged by their
+log-sum-exps.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from ollm.kv.codec_blocks import CodecBlockManager
 from ollm.kv.codecs import CodeStore, KVCodec, decode, encode
 from ollm.kv.paged import PagedKVStore
+from ollm.layers.attention import merge_lse, with_sinks
 
 if TYPE_CHECKING:
     from ollm.kv.packed import GroupLayout, PackedStep, SeqRows
@@ -171,68 +175,92 @@ class CodecLayerKV:
                     filled += [ids[j - s.key0 // bt] for j in range(p0 // bt, p1 // bt)]
                 spans.append((s, a, b, p0, p1))
         self.store.encode_blocks(self.layer, filled)  # each block once, when it fills
+        enc = self._encoded_parts(q[0], r0, spans, scale)
         out = torch.empty_like(q)
-        for s, a, b, p0, p1 in spans:
-            o = self._attend_seq(q[:, :, a - r0 : b - r0], s, p0, p1, mask, scale)
-            out[:, :, a - r0 : b - r0] = o.to(q.device)
+        for i, (s, a, b, p0, p1) in enumerate(spans):
+            qs = q[:, :, a - r0 : b - r0]
+            o, lse = self._recent_part(qs, s, p0, p1, scale, enc.get(i, (None, None))[0])
+            if i in enc:  # merged with the blocks every row sees encoded
+                eo, el = enc[i][1]
+                o, lse = merge_lse(eo.to(o.device), el.to(o.device), o, lse)
+            if mask.sinks is not None:
+                o = with_sinks(o, lse, mask.sinks)
+            out[:, :, a - r0 : b - r0] = o.to(q.device, q.dtype)
         return out
 
-    def _attend_seq(self, q, s: SeqRows, p0: int, p1: int, mask, scale: float) -> torch.Tensor:
-        """Queries at positions [p0, p1) of one sequence over its keys [0, p1)."""
-        from ollm.layers.attention import AttentionMask as Mask
-        from ollm.layers.attention import attend
+    def _encoded_parts(self, q: torch.Tensor, r0: int, spans: list, scale: float) -> dict:
+        """Per span index: (the device it attends on, (out, lse) over the blocks every one of
+        its rows sees encoded), for all sequences with as many rows in one paged call
+        (``kv/codec_paged_attend.py``: codes read in place, never a full-precision copy)."""
+        from ollm.kv.codec_paged_attend import block_table, paged_encoded_lse
 
-        ks, vs, a, e1 = self._keys(s, p0, p1)
-        rows, total = p1 - p0, ks.shape[1]
-        dev = self._device(rows, q.device)
-        ks, vs = ks.unsqueeze(0).to(dev, q.dtype), vs.unsqueeze(0).to(dev, q.dtype)
-        if a == e1:  # every row sees the same blocks decoded: positions [0, p1) in order
-            return attend(q.to(dev), ks, vs, Mask(p0, rows, p1, None, None, mask.sinks), scale)
-        # Keys are [decoded 0..e1) + [exact a..p1): a row sees key k decoded iff k < its
-        # boundary, exact iff boundary <= k <= its position (q_start keeps causal bounds right).
         bt, w = self.store.block_tokens, self.store.manager.recent_blocks
-        qpos = torch.arange(p0, p1, device=dev)[:, None]
-        bound = ((qpos + 1) // bt - w).clamp_min(0) * bt
-        coded = torch.arange(e1, device=dev)[None] < bound
-        kpos = torch.arange(a, p1, device=dev)[None]
-        exact = (kpos >= bound) & (kpos <= qpos)
-        dense = torch.cat([coded, exact], 1)[None, None]
-        keep = torch.ones(1, total, dtype=torch.bool, device=dev)
-        m = Mask(total - rows, rows, total, keep, None, mask.sinks)
-        return attend(q.to(dev), ks, vs, m, scale, dense)
+        codes = self.store.codes[self.layer]
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for i, (_s, _a, _b, p0, p1) in enumerate(spans):
+            ab = max(0, (p0 + 1) // bt - w)  # blocks every row of the span sees encoded
+            if ab:
+                groups.setdefault(p1 - p0, []).append((i, ab))
+        enc: dict = {}
+        for rows, items in groups.items():
+            dev = self._device(rows, q.device, codes.raw)
+            qs = torch.stack(
+                [q[:, a - r0 : b - r0] for _, a, b, _, _ in (spans[i] for i, _ in items)]
+            )
+            blocks = [ab for _, ab in items]
+            table = block_table([spans[i][0].block_ids for i, _ in items], blocks, dev)
+            o, lse = paged_encoded_lse(qs.to(dev), codes, table, blocks, scale)
+            for j, (i, _) in enumerate(items):
+                enc[i] = (dev, (o[j : j + 1], lse[j : j + 1]))
+        return enc
 
-    def _keys(self, s: SeqRows, p0: int, p1: int):
-        """[kv_heads, e1 + p1 - a, D] K and V: blocks [0, e1) decoded, then positions [a, p1)
-        exact, in the store's host scratch (the first rows' and the last row's boundaries)."""
+    def _recent_part(self, q, s: SeqRows, p0: int, p1: int, scale: float, dev=None):
+        """(out, lse) of queries at [p0, p1) over their keys after the blocks all of them see
+        encoded: blocks [ab, eb) decoded (encoded for the rows past their boundary; a prefill
+        chunk's few blocks) and positions [ab * bt, p1) exact, per (row, key) by the boundary."""
+        from ollm.layers.attention import AttentionMask as Mask
+        from ollm.layers.attention import blocked_attention_lse
+
         st, bt = self.store, self.store.block_tokens
         w = st.manager.recent_blocks
         ab, eb = max(0, (p0 + 1) // bt - w), max(0, p1 // bt - w)
         nb = -(-p1 // bt)
-        h, d = st.kv_heads, st.head_dim
-        width = (eb + nb - ab) * bt
-        kv = []
-        for i in (0, 1):
-            buf = st.host_scratch(i, (h, width, d)) if self.pool.device.type == "cpu" else None
-            if buf is None:
-                buf = torch.empty(h, width, d, dtype=st.dtype, device=self.pool.device)
-            kv.append(buf)
+        h, d, rows = st.kv_heads, st.head_dim, p1 - p0
+        dev = dev if dev is not None else self._device(rows, q.device, self.pool)
         ids = s.block_ids
-        if eb:
-            view = [t[:, : eb * bt].view(h, eb, bt, d) for t in kv]
-            st.decode_blocks(self.layer, ids[:eb], *view)
         slots = st.slot_index(self.pool.device)[ids[ab:nb].to(self.pool.device)]
-        for i, t in enumerate(kv):
-            x = self.pool[i].index_select(0, slots)  # [n, H, bt, D]
-            t[:, eb * bt :].view(h, nb - ab, bt, d).copy_(x.transpose(0, 1))
-        n = eb * bt + p1 - ab * bt
-        return kv[0][:, :n], kv[1][:, :n], ab * bt, eb * bt
+        exact = [
+            self.pool[i].index_select(0, slots).transpose(0, 1).reshape(h, -1, d)[:, : p1 - ab * bt]
+            for i in (0, 1)
+        ]
+        ks, vs = (x.unsqueeze(0).to(dev, q.dtype) for x in exact)
+        qd = q.to(dev)
+        if eb == ab:  # every row sees [ab * bt, p1) exact, causally
+            return blocked_attention_lse(
+                qd, ks, vs, Mask(ks.shape[2] - rows, rows, ks.shape[2]), scale
+            )
+        kd = torch.empty(h, eb - ab, bt, d, dtype=st.dtype, device=self.pool.device)
+        vd = torch.empty_like(kd)
+        st.decode_blocks(self.layer, ids[ab:eb], kd, vd)
+        ks = torch.cat([kd.reshape(1, h, -1, d).to(dev, q.dtype), ks], 2)
+        vs = torch.cat([vd.reshape(1, h, -1, d).to(dev, q.dtype), vs], 2)
+        # Keys are [decoded ab*bt..eb*bt) + [exact ab*bt..p1): a row sees key k decoded iff
+        # k < its boundary, exact iff boundary <= k <= its position.
+        qpos = torch.arange(p0, p1, device=dev)[:, None]
+        bound = ((qpos + 1) // bt - w).clamp_min(0) * bt
+        kpos = torch.arange(ab * bt, p1, device=dev)[None]
+        dense = torch.cat([kpos[:, : (eb - ab) * bt] < bound, (kpos >= bound) & (kpos <= qpos)], 1)
+        total = ks.shape[2]
+        return blocked_attention_lse(
+            qd, ks, vs, Mask(total - rows, rows, total), scale, dense[None, None]
+        )
 
-    def _device(self, rows: int, q_device: torch.device) -> torch.device:
+    def _device(self, rows: int, q_device: torch.device, held: torch.Tensor) -> torch.device:
         """Where a sequence's rows attend: by the CPU over a pool in host memory for a few rows
         (as `PackedLayerKV`), else on the queries' device."""
         from ollm.kv.packed import attend_device
 
-        return attend_device(self.pool, rows, q_device)
+        return attend_device(held, rows, q_device)
 
     def flush(self) -> bool:
         """Nothing is buffered elsewhere."""
