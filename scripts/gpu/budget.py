@@ -158,6 +158,10 @@ def run_cell(cell: dict) -> dict:
         gpu_layers=plan.count("gpu"),
         kv_offloaded_layers=sum(p.kv_tier != "device" for p in plan.layers),
         kv_fetch_layers=sum(p.kv_fetch for p in plan.layers),
+        # Layers held on the GPU in decode only, in decode's reservations (activations of a
+        # decode-size forward): the peak must hold for both phases.
+        decode_resident_layers=len(plan.decode_resident),
+        reserved_decode={k: int(v) for k, v in plan.decode_reserved.items()},
         tokens=len(results[0].token_ids),
     )
     if cell.get("kind", "exact") != "exact":
