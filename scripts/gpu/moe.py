@@ -1,6 +1,6 @@
 """Device check and benchmark of the mixture-of-experts families (issue 19), on the device machine:
 
-    PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT [--quick] [--gpt-oss] [--bf16]
+    PYTHONPATH=src:tests python scripts/gpu/moe.py --out $OUT [--quick] [--gpt-oss [--gpt-oss-bf16]] [--bf16]
     (or scripts/gpu_check.py --checks moe; ``run(out, quick) -> dict``)
 
 About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40 s, eight runs
@@ -10,7 +10,10 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    ``mixtral``, ``gpt_oss`` with whole layers streamed from pinned RAM and from disk, and with
    experts placed one by one through a cache of two slots (experts in pinned RAM, on disk, and
    RAM misses run by the CPU): greedy tokens equal transformers' and log-probs within 1e-4
-   (``ok``). With ``--bf16`` also bfloat16 (reported, not judged: kernels round differently).
+   (``ok``); ``gpt_oss_mxfp4``: gpt_oss saved with MXFP4 experts (as the released checkpoints),
+   kept MXFP4 in the store, RAM and the copies and decoded on the GPU, against transformers'
+   model holding the dequantized weights (float32 only). With ``--bf16`` also bfloat16
+   (reported, not judged: kernels round differently).
 2. Benchmark of Qwen3-30B-A3B shapes (``bench``): a synthetic store with the real per-layer
    shapes (128 experts of 768, hidden 2048, 32/4 heads) but 8 (4 with ``--quick``)
    of the 48 layers, since the whole model is ~61 GB of bf16 to write. The 8 GiB budget is
@@ -34,7 +37,10 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    waits, the GPU's kernel and copy seconds and the host's wall seconds
    (``gpu_busy_fraction``: kernel time / wall time; low = bound by the host).
    ``--gpt-oss``: the same for gpt-oss-20b shapes (32 experts of 2880, 4 of its 24 layers;
-   LRU, CPU compute off, the baseline).
+   LRU, CPU compute off, the baseline) with MXFP4 experts as the real model ships them (the
+   store, pinned RAM and the copies hold ~4.25 bits per weight; each slot decodes to bf16 on
+   the GPU): ``bytes_per_expert`` (stored), ``decoded_bytes_per_expert`` and h2d bytes per
+   decode token; ``--gpt-oss-bf16`` adds the same bench with bf16 experts (``bench_gpt_oss_bf16``).
 3. llama.cpp with its experts on the CPU (``-ngl 99 -ot exps=CPU``) on an F16 GGUF of the same
    shapes and layers, in the same call (``moe_llamacpp.py``; full run only, and only when the
    tools folder ``.peers/llamacpp``, a copy of ``../shared/tools/llamacpp``, is carried).
@@ -56,7 +62,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "gpt_oss_mxfp4")
 PROMPT = [(7 * i + 3) % 256 for i in range(150)]
 NEW = 24
 GIB = 1 << 30
@@ -104,7 +110,14 @@ def case(tmp: Path, family: str, dtype: torch.dtype, device: str = "cuda") -> li
 
     name = str(dtype).removeprefix("torch.")
     path = tmp / f"{family}-{name}"
-    model = make_hf_model(family, path, dtype=dtype).to(device)
+    if family == "gpt_oss_mxfp4":  # MXFP4 experts; the reference holds them dequantized
+        if dtype != torch.float32:
+            return []
+        from test_mxfp4 import _mxfp4_hf
+
+        model = _mxfp4_hf(path).to(device)
+    else:
+        model = make_hf_model(family, path, dtype=dtype).to(device)
     kw = dict(device=device, dtype=name, hybrid="off", cache_dir=tmp / "c", progress=False)
     with LLM(path, moe_offload="layer", **kw) as probe:
         r, layer = probe.plan.reserved, probe.plan.layer_bytes
@@ -153,14 +166,15 @@ def _mode_row(path: Path, model, ref: list, options: dict) -> dict:
 
 
 # -- 2. benchmark -------------------------------------------------------------------------------
-def _store(tmp: Path, preset: str, layers: int, device: str) -> Path:
+def _store(tmp: Path, preset: str, layers: int, device: str, mxfp4: bool = True) -> Path:
+    """The preset's synthetic store (gpt-oss: MXFP4 experts unless ``mxfp4=False``)."""
     from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.synthetic import make_synthetic_store
 
     tiny = {} if device != "cpu" else PRESETS[preset][3]
     return make_synthetic_store(
-        preset, tmp / preset, progress=False, families=STORE_FAMILIES,
-        num_hidden_layers=layers, **tiny,
+        preset, tmp / f"{preset}-{'mxfp4' if mxfp4 else 'bf16'}", progress=False,
+        families=STORE_FAMILIES, mxfp4=mxfp4, num_hidden_layers=layers, **tiny,
     )  # fmt: skip
 
 
@@ -188,7 +202,7 @@ def _scaled_slots(store: Path, kw: dict, layers: int, budget: int, full: int) ->
     per_layer = (r["resident layers"] + r["kv cache"]) / layers
     fixed = sum(v for k, v in r.items() if k not in ("experts", "resident layers", "kv cache"))
     cache = budget - fixed - full * per_layer
-    frac = max(0.0, cache / e.expert_bytes) / (e.num_experts * full)
+    frac = max(0.0, cache / e.slot_bytes) / (e.num_experts * full)  # a slot: decoded (+ stored)
     return max(2, int(frac * e.total)), frac
 
 
@@ -318,6 +332,10 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         expert_hit_rate=m.expert_hit_rate,
         expert_cpu_per_token=m.expert_cpu / decode_steps,
         h2d_bytes_per_decode_token=(copied[1] - copied[0]) / decode_steps,
+        projected_h2d_bytes_per_decode_token_full_model=(copied[1] - copied[0])
+        / decode_steps
+        * full
+        / layers,
         short_request_decode_tok_s=one.metrics.decode_tokens_per_second,
         gpu_stall_s=m.io_stall_gpu_seconds,
     )
@@ -327,6 +345,7 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         miss = max(0.0, 1 - e.cache_slots / e.total)
         floor_bytes = len(e.layers) * top_k * miss * e.expert_bytes
         row |= dict(slots=e.cache_slots, total_experts=e.total, tiers=e.tier_counts())
+        row |= dict(bytes_per_expert=e.expert_bytes, decoded_bytes_per_expert=e.device_expert_bytes)
         if lookahead is not None:  # counted over the whole run (warm-up, profile included)
             row["lookahead"] = lookahead
         row["floor_s_per_token"] = floor_bytes / h2d
@@ -341,17 +360,26 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
     return row
 
 
-def bench(tmp: Path, quick: bool, device: str = "cuda", preset: str = "qwen3-30b-a3b") -> dict:
+def bench(
+    tmp: Path, quick: bool, device: str = "cuda", preset: str = "qwen3-30b-a3b", mxfp4: bool = True
+) -> dict:
     """``preset``'s shapes with fewer layers, 8 GiB scaled (see the module docstring); for
-    gpt-oss-20b only LRU, CPU compute off and the baseline."""
+    gpt-oss-20b only LRU, CPU compute off and the baseline, its experts MXFP4 (``mxfp4``)."""
     from ollm.bench.probes import probe_h2d
+    from ollm.storage.experts import StoreExperts
+    from ollm.storage.store import LayerStore
 
     full, layers, few, _ = PRESETS[preset]
     layers = few if quick else layers
     t = time.perf_counter()
-    store = _store(tmp, preset, layers, device)
+    store = _store(tmp, preset, layers, device, mxfp4)
     out: dict = {"preset": preset, "layers": layers, "full_layers": full}
     out["store_s"] = time.perf_counter() - t
+    st = LayerStore(store)
+    se = StoreExperts(st)
+    out |= dict(expert_format="mxfp4" if se.coded else "bf16", bytes_per_expert=se.expert_bytes,
+                decoded_bytes_per_expert=se.decoded_bytes, slot_bytes=se.slot_bytes)  # fmt: skip
+    st.close()
     on_gpu = device != "cpu"
     h2d = probe_h2d(torch.device(device), pinned=True) if on_gpu else 10e9
     out["h2d_pinned_GBps"] = h2d / 1e9
@@ -402,12 +430,12 @@ def _llamacpp(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | s
     return r
 
 
-def _bench_safely(quick: bool, device: str, preset: str) -> dict:
+def _bench_safely(quick: bool, device: str, preset: str, mxfp4: bool = True) -> dict:
     """``bench`` in its own temporary directory; a failure is reported, not raised (the
     correctness rows are still written)."""
     try:
         with tempfile.TemporaryDirectory(dir=os.environ.get("OLLM_BENCH_DIR")) as b:
-            return bench(Path(b), quick, device, preset)
+            return bench(Path(b), quick, device, preset, mxfp4)
     except Exception:  # noqa: BLE001
         import traceback
 
@@ -415,10 +443,16 @@ def _bench_safely(quick: bool, device: str, preset: str) -> dict:
 
 
 def run(
-    out: Path, quick: bool = False, device: str = "cuda", gpt_oss: bool = False, bf16: bool = False
+    out: Path,
+    quick: bool = False,
+    device: str = "cuda",
+    gpt_oss: bool = False,
+    bf16: bool = False,
+    gpt_oss_bf16: bool = False,
 ) -> dict:
     """Correctness rows (``ok`` judged on float32; ``bf16`` adds bfloat16 rows) and the
-    Qwen3-30B-A3B-shaped benchmark (with ``gpt_oss`` the gpt-oss-20b one too: ~1 min more)."""
+    Qwen3-30B-A3B-shaped benchmark (with ``gpt_oss`` the gpt-oss-20b one too, MXFP4 experts:
+    ~1 min more; ``gpt_oss_bf16``: and with bf16 experts)."""
     rows = []
     dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     with tempfile.TemporaryDirectory() as d:
@@ -428,6 +462,8 @@ def run(
         report = {"bench": _bench_safely(quick, device, "qwen3-30b-a3b")}
         if gpt_oss:
             report["bench_gpt_oss"] = _bench_safely(quick, device, "gpt-oss-20b")
+        if gpt_oss and gpt_oss_bf16:
+            report["bench_gpt_oss_bf16"] = _bench_safely(quick, device, "gpt-oss-20b", False)
     dev = torch.cuda.get_device_name() if device != "cpu" else "cpu"
     report |= {"ok": all(r["ok"] for r in rows), "rows": rows, "device": dev}
     out.mkdir(parents=True, exist_ok=True)
@@ -442,8 +478,9 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 correctness rows too (~1 min)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script here")
     ap.add_argument("--gpt-oss", action="store_true", help="also gpt-oss-20b shapes (4 layers)")
+    ap.add_argument("--gpt-oss-bf16", action="store_true", help="and with bf16 experts (+1 min)")
     args = ap.parse_args()
-    report = run(args.out, args.quick, args.device, args.gpt_oss, args.bf16)
+    report = run(args.out, args.quick, args.device, args.gpt_oss, args.bf16, args.gpt_oss_bf16)
     print("ok" if report["ok"] else "FAILED")
 
 

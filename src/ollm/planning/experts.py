@@ -47,6 +47,7 @@ class ExpertPlan:
     cpu_compute: str = "auto"  # RAM experts missing from the cache run on the CPU: auto/on/off
     lookahead: bool = False  # predict the next sparse layer's experts and prefetch its misses
     decoded_bytes: int = 0  # coded (MXFP4) experts: one decoded on the device; 0: not coded
+    decode_chunk: int = 1  # coded experts decoded at once (their temporaries are reserved)
 
     @property
     def slot_bytes(self) -> int:
@@ -150,6 +151,7 @@ def plan_experts(
     (``plan_placement`` with the caller's other arguments). ``lookahead`` holds only on an
     accelerator with a cache and no dense part streaming (the prediction reads the next
     layer's resident router)."""
+    from ollm.storage.expert_codec import decode_chunk
     from ollm.storage.experts import dense_store
 
     on_gpu = device != "cpu"
@@ -163,7 +165,7 @@ def plan_experts(
     if experts.coded:  # and so does decoding (slots after their copies; resident ones at load)
         from ollm.storage.expert_codec import decode_reserve
 
-        rows_bytes = max(rows_bytes, decode_reserve(dec))
+        rows_bytes = max(rows_bytes, decode_reserve(dec, spec.moe.top_k))
     layers = tuple(sorted(experts.regions))
     n_exp = max(experts.num_experts(i) for i in layers)
     total = n_exp * len(layers)
@@ -198,6 +200,7 @@ def plan_experts(
         cpu_compute=cpu_compute,
         lookahead=lookahead and on_gpu and not plan.streamed and not (fits and slots is None),
         decoded_bytes=dec if experts.coded else 0,
+        decode_chunk=decode_chunk(dec, spec.moe.top_k) if experts.coded else 1,
     )
     reserved = dict(plan.reserved)
     reserved["experts"] = total * dec if eplan.resident else cache * slot

@@ -13,7 +13,7 @@ import torch
 from ollm.runtime.expert_stacks import stacked_views, uniform_rows
 from ollm.runtime.experts_policy import Lfu
 from ollm.runtime.pinned import unpin
-from ollm.storage.expert_codec import decode_chunk, decode_into
+from ollm.storage.expert_codec import decode_into
 
 if TYPE_CHECKING:
     from ollm.runtime.experts import ExpertCache
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor) -> None:
     """Layer i's coded experts (``host``: their stored bytes, read back to back) decoded into
-    one device buffer of decoded ranges, ``decode_chunk`` experts at a time; the host bytes
-    dropped. The layer's experts become resident views and [E, ...] stacks."""
+    one device buffer of decoded ranges, the plan's ``decode_chunk`` experts at a time; the
+    host bytes dropped. The layer's experts become resident views and [E, ...] stacks."""
     st = cache.experts
     r, layouts = st.regions[i], st.decoded[i]
     rows = uniform_rows(host, r.offsets, r.sizes)
@@ -31,7 +31,7 @@ def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor) -> None:
     size = max(n for _, n in layouts)
     dec = torch.empty(r.num_experts, size, dtype=torch.uint8, device=cache.device)
     stacks = stacked_views(dec, layouts[0][0])
-    chunk = decode_chunk(size)
+    chunk = cache.plan.decode_chunk
     for a in range(0, r.num_experts, chunk):
         part = rows[a : a + chunk].to(cache.device)
         cache.stats.add(bytes_h2d=part.numel() if cache.device.type != "cpu" else 0)
@@ -56,7 +56,7 @@ def decode_slots(cache: ExpertCache, batch: list[tuple[int, int]]) -> None:
             todo.setdefault(cache.slot_layout[s], []).append(s)  # type: ignore[arg-type]
             cache.undecoded.discard(s)
     st = cache.experts
-    chunk = decode_chunk(cache.slots.shape[1])
+    chunk = cache.plan.decode_chunk
     for lay, ss in todo.items():
         i, e = cache._rep[lay]
         decode_into(cache.raw, ss, st.tensors[i][e], cache._stacks(lay), ss, st.dtype, chunk)

@@ -27,15 +27,15 @@ DECODE_TEMP = 3
 DECODE_BYTES = 256 << 20  # a decode's temporaries at most (one expert's, if more)
 
 
-def decode_chunk(decoded_bytes: int) -> int:
-    """Coded experts decoded at once on the device: their temporaries (``DECODE_TEMP`` x the
-    decoded bytes each) within ``DECODE_BYTES``, at least one."""
-    return max(1, DECODE_BYTES // max(1, DECODE_TEMP * decoded_bytes))
+def decode_chunk(decoded_bytes: int, most: int) -> int:
+    """Coded experts decoded at once on the device: at most ``most`` (a token's top-k), their
+    temporaries (``DECODE_TEMP`` x the decoded bytes each) within ``DECODE_BYTES``; >= 1."""
+    return max(1, min(most, DECODE_BYTES // max(1, DECODE_TEMP * decoded_bytes)))
 
 
-def decode_reserve(decoded_bytes: int) -> int:
+def decode_reserve(decoded_bytes: int, most: int) -> int:
     """Device bytes a decode's temporaries take at most (``decode_chunk`` experts)."""
-    return decode_chunk(decoded_bytes) * DECODE_TEMP * decoded_bytes
+    return decode_chunk(decoded_bytes, most) * DECODE_TEMP * decoded_bytes
 
 
 @dataclass(frozen=True)
