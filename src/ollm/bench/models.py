@@ -229,7 +229,8 @@ def write_hf_checkpoint(
     path = Path(path)
     if (path / "model.safetensors.index.json").is_file():
         return path
-    src = SyntheticSource(preset, seed=seed, families=STORE_FAMILIES, **overrides)
+    # bf16 experts: the peers load this checkpoint as plain HF weights (no MXFP4 config)
+    src = SyntheticSource(preset, seed=seed, families=STORE_FAMILIES, mxfp4=False, **overrides)
     _check_space(path.parent, int(synthetic_nbytes(preset, **overrides) * 1.01), str(path))
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
