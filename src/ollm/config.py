@@ -39,6 +39,9 @@ class EngineConfig:
     # Streamed layers held on the GPU while decode runs, in the bytes prefill's activations
     # leave (planning/decode_resident.py; the cost model picks them); False: never.
     decode_resident: bool = True
+    # A long prompt's hidden states during prefill: on the GPU ("gpu"), in pinned RAM with
+    # chunks moved per layer ("ram"), or in RAM only when the GPU plan is refused ("auto").
+    prefill_residual: str = "auto"
     progress: bool = True  # progress bar while converting
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
     kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto
@@ -75,6 +78,9 @@ class EngineConfig:
             raise OllmError(f"kv_cache must be 'auto' or 'disk', not {self.kv_cache!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise OllmError("prefill_chunk must be >= 1")
+        from ollm.planning.residual import check_mode
+
+        check_mode(self.prefill_residual)
         if self.kv_block_tokens < 1:
             raise OllmError("kv_block_tokens must be >= 1")
         if self.cpu_layers is not None and self.cpu_layers < 0:

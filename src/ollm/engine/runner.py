@@ -223,11 +223,6 @@ class Runner:
 
     def _forward(self, input_ids, positions, kv, key_keep, all_logits, head=None, stream_all=False):
         spec, pf = self.spec, self.prefetcher
-        g = pf.globals
-        embed = g["embed_tokens.weight"]
-        h = F.embedding(input_ids.to(embed.device), embed)
-        if spec.embed_scale is not None:
-            h = h * torch.tensor(spec.embed_scale, dtype=h.dtype)
         b, t = input_ids.shape
         if self.routing is not None and not self._routing_warned:
             if not any(getattr(c, "router", None) is not None for c in kv):
@@ -248,6 +243,10 @@ class Runner:
         hybrid = self.plan.cpu_layers and not stream_all
         small = hybrid or self.plan.decode_rows
         phase = self.plan.phase(b * t) if small else Phase.PREFILL
+        chunk = self.plan.prefill_chunk_tokens
+        # A prompt's hidden states in (pinned) RAM between layers (plan.residual_ram).
+        host = self.plan.residual_ram and phase == Phase.PREFILL and bool(chunk) and t > chunk
+        h = self._embed(input_ids, chunk if host else 0)
         pf.set_phase(phase)
         hybrid_cpu = phase == Phase.DECODE and bool(self.plan.cpu_layers)
         cpu_time = 0.0
@@ -257,7 +256,7 @@ class Runner:
         masks: dict[tuple, tuple] = {}
         for i, layer in enumerate(spec.layers):
             dev = self.plan.layers[i].device_for(phase)
-            if h.device != torch.device(dev):
+            if not host and h.device != torch.device(dev):
                 h = h.to(dev, non_blocking=dev != "cpu")
             key = (layer.rope, dev)
             if key not in tables:
@@ -278,8 +277,9 @@ class Runner:
             if self.timeline is not None and not on_cpu:
                 ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 ev[0].record(torch.cuda.current_stream(dev))
-            chunk = self.plan.prefill_chunk_tokens
-            if not chunk or t <= chunk:
+            if host:
+                h = self._host_residual_block(h, w, kv[i], cos, sin, mask, chunk, dev)
+            elif not chunk or t <= chunk:
                 h = decoder_block(
                     spec, h, w, kv[i], cos, sin, mask, dense, self.plan.mlp_chunk_tokens
                 )
@@ -297,7 +297,54 @@ class Runner:
             pf.release(i)
         if cpu_time:
             pf.stats.add(cpu_seconds=cpu_time)
+        if host and torch.device(dev).type == "cuda":  # the last copies back have landed
+            torch.cuda.current_stream(dev).synchronize()
         return self._head(h, all_logits) if head is None else head(h)
+
+    def _embed(self, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Token embeddings [B, T, H] where the table is; with ``chunk``, gathered ``chunk``
+        rows at a time into a host tensor (pinned when a GPU copies from it), so the whole
+        prompt's hidden states never sit on the device (a RAM residual stream)."""
+        spec, embed = self.spec, self.prefetcher.globals["embed_tokens.weight"]
+
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            e = F.embedding(ids.to(embed.device), embed)
+            if spec.embed_scale is not None:
+                e = e * torch.tensor(spec.embed_scale, dtype=e.dtype)
+            return e
+
+        if not chunk:
+            return rows(input_ids)
+        b, t = input_ids.shape
+        pin = self.prefetcher.cuda
+        out = torch.empty(b, t, embed.shape[-1], dtype=embed.dtype, pin_memory=pin)
+        for c0 in range(0, t, chunk):
+            out[:, c0 : c0 + chunk].copy_(rows(input_ids[:, c0 : c0 + chunk]))
+        return out
+
+    def _host_residual_block(self, h, w, kv, cos, sin, mask, chunk, dev):
+        """``_chunked_block`` with the hidden states ``h`` in (pinned) RAM: each chunk is copied
+        into a chunk buffer on ``dev``, computed, and its output copied back in place. Every
+        copy is queued on the compute stream, behind the work it depends on and before the work
+        that reuses its memory; the values are those of ``_chunked_block`` (only where the
+        bytes wait between layers changes)."""
+        b, t = h.shape[:2]
+        buf = torch.empty(b, min(chunk, t), h.shape[-1], dtype=h.dtype, device=dev)
+        # Asynchronous only between contiguous pinned rows and the GPU (one sequence).
+        nb = buf.device.type == "cuda" and h.shape[0] == 1 and h.is_pinned()
+        for c0 in range(0, t, chunk):
+            c1 = min(t, c0 + chunk)
+            x = buf[:, : c1 - c0]
+            x.copy_(h[:, c0:c1], non_blocking=nb)
+            m = AttentionMask(
+                mask.q_start + c0, c1 - c0, mask.q_start + c1, mask.key_keep, mask.window
+            )
+            y = decoder_block(
+                self.spec, x, w, kv, cos[:, c0:c1], sin[:, c0:c1], m, None,
+                self.plan.mlp_chunk_tokens,
+            )  # fmt: skip
+            h[:, c0:c1].copy_(y, non_blocking=nb)
+        return h
 
     def _chunked_block(self, i, h, w, kv, cos, sin, mask, chunk):
         """One layer over the prompt in row chunks: weights arrive once for the whole prompt, the

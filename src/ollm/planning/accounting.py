@@ -27,19 +27,31 @@ MIB = 1 << 20
 
 
 def activation_bytes(
-    spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, on_gpu: bool = True
-) -> int:
+    spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, on_gpu: bool = True,
+    residual_ram: bool = False,
+) -> int:  # fmt: skip
     """Peak activation memory of a forward of ``prefill_tokens`` tokens in row chunks of
     ``chunk``: the sum of ``activation_parts``."""
-    return sum(activation_parts(spec, work, dtype_bytes, mlp_chunk, chunk, on_gpu).values())
+    parts = activation_parts(spec, work, dtype_bytes, mlp_chunk, chunk, on_gpu, residual_ram)
+    return sum(parts.values())
+
+
+def residual_bytes(spec, work: Workload, dtype_bytes: int) -> int:
+    """The residual stream of the whole prompt: hidden states [batch, prefill_tokens, hidden]
+    kept between layers (prefill runs layer-major)."""
+    return work.batch * work.prefill_tokens * spec.hidden_size * dtype_bytes
 
 
 def activation_parts(
-    spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, on_gpu: bool = True
-) -> dict[str, int]:
+    spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, on_gpu: bool = True,
+    residual_ram: bool = False,
+) -> dict[str, int]:  # fmt: skip
     """Activation memory by purpose: the residual stream and rope tables of the whole prompt,
     one chunk's temporaries (``chunk_temp_bytes``), the MLP's row chunk, the attention kernel's
-    own scratch (by the path ``layers.attention.attention_path`` takes), masks and logits."""
+    own scratch (by the path ``layers.attention.attention_path`` takes), masks and logits.
+    ``residual_ram``: the residual stream sits in pinned RAM during prefill (``Runner``'s
+    ``_host_residual_block``); the device holds a chunk's input buffer and the chunk's output
+    until its copy back (two chunks of rows; on the CPU both are besides the stream itself)."""
     b, e, t = work.batch, dtype_bytes, work.prefill_tokens
     h, d, heads = spec.hidden_size, spec.head_dim, spec.num_heads
     rows = b * min(chunk, t)
@@ -57,8 +69,12 @@ def activation_parts(
     # only up to 4M cells, the blocked kernel per block (counted in its cells).
     cells = rows * keys if masked else 0
     mask = 5 * (cells if not on_gpu else min(cells, b << 22))
+    stream = {"residual stream": b * t * h * e}
+    if residual_ram:  # the chunk buffers (the whole prompt when not chunked: never smaller)
+        buffers = {"residual chunk buffers": 2 * b * min(chunk or t, t) * h * e}
+        stream = buffers if on_gpu else {**stream, **buffers}
     return {
-        "residual stream": b * t * h * e,
+        **stream,
         "rope tables": ropes * 2 * b * t * d * e,
         "chunk temporaries": max(
             rows * chunk_temp_bytes(spec, e), linear_temp_bytes(spec, b, rows // b, e)

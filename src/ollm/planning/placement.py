@@ -15,8 +15,9 @@ from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
 from ollm.planning.decode_resident import plan_decode_resident
 from ollm.planning.promote import promote_freed
+from ollm.planning.residual import check_mode, plan_auto, with_cost
 from ollm.planning.routed_kv import choose_routed_kv_off, routed_rows
-from ollm.planning.sizing import MIN_CHUNK, PlanSizes, too_small
+from ollm.planning.sizing import MIN_CHUNK, PlanSizes, smaller_chunks, too_small
 from ollm.sizes import format_size
 from ollm.tiers import KvTier, Phase, Tier
 
@@ -86,6 +87,7 @@ class PlacementPlan:
     # ``reserved``) and the largest forward that runs with the decode-resident layers held.
     decode_reserved: dict[str, int] = field(default_factory=dict)
     decode_rows: int = 0
+    residual_ram: bool = False  # the prompt's hidden states in pinned RAM during prefill
 
     def phase(self, tokens: int) -> Phase:
         """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
@@ -163,6 +165,8 @@ class PlacementPlan:
                 )
             )
         fetched = [i for i, p in enumerate(self.layers) if p.kv_fetch]
+        if self.residual_ram:
+            rows.append(("prefill residual stream", "in pinned RAM, chunks moved per layer"))
         if self.kv_codecs is not None:
             rows += self.kv_codecs.describe()
         rows += routed_rows(self.kv_read, self.layers)
@@ -232,6 +236,7 @@ def plan_placement(
     summary_bytes: int = 0,
     kv_read: tuple[float, ...] | None = None,
     decode_resident: bool = True,
+    prefill_residual: str = "auto",
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
@@ -242,25 +247,29 @@ def plan_placement(
     ``kv_format``: full-attention KV compressed (``kv/compressed.py``), counted at its stored
     size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries;
     ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``);
-    ``decode_resident``: see ``_finish``."""
+    ``decode_resident``: see ``_finish``; ``prefill_residual``: the prompt's hidden states on
+    the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused ("auto")."""
     if offload not in OFFLOAD_MODES:
         raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
+    check_mode(prefill_residual)
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
+
+    def again(chunk: int | None, fetch_buffers: int, mode: str = prefill_residual):
+        return plan_placement(
+            spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
+            hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
+            summary_bytes, kv_read, decode_resident, mode,
+        )  # fmt: skip
+
+    if prefill_residual == "auto":
+        return plan_auto(partial(again, chunk_tokens, kv_fetch_buffers), work, on_gpu, budget)
     if kv_format is not None and kv_format.ram and not any(layer.window for layer in spec.layers):
         kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
     if kv_read and all(r < 1.0 for r in kv_read):  # routed layers read pages where they sit
         kv_fetch_buffers = 0
-    sz = PlanSizes.of(
-        spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens, kv_format
-    )
-
-    def again(chunk: int | None, fetch_buffers: int) -> PlacementPlan:
-        return plan_placement(
-            spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
-            hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
-            summary_bytes, kv_read, decode_resident,
-        )  # fmt: skip
+    sz = PlanSizes.of(spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory,
+                      chunk_tokens, kv_format, prefill_residual == "ram")  # fmt: skip
 
     n = spec.num_layers
     fixed = sz.fixed(on_gpu, summary_bytes)
@@ -278,7 +287,7 @@ def plan_placement(
     if budget is not None and budget < minimum:
         rows = sz.chunk or work.prefill_tokens
         if chunk_tokens is None and rows > MIN_CHUNK:
-            return _smaller_chunks(again, rows, kv_fetch_buffers)
+            return smaller_chunks(again, rows, kv_fetch_buffers)
         raise too_small(budget, minimum, on_gpu, sz, fixed, slots)
     layout = partial(_layout, spec, store, device, budget, offload, cpu_memory, kv_cache, sz,
                      work, kv_block_tokens, slots)  # fmt: skip
@@ -296,7 +305,7 @@ def plan_placement(
     split = splits(laid[0], laid[1], ring=laid[2], fetch=kv_off and kv_fetch_buffers)
     if split is None:  # no KV worth fetching: plan again without the fetch buffers
         return again(chunk_tokens, 0)
-    return finish(fixed, laid, split)
+    return with_cost(finish(fixed, laid, split), sz, rates, n)
 
 
 def _finish(spec, store, device, work, sz, budget, kv_fetch_buffers, kv_block_tokens, kv_read,
@@ -397,19 +406,6 @@ def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_laye
             return None
         predicted["decode s (KV split)"] = step
     return layers, cpu_max_tokens, predicted
-
-
-def _smaller_chunks(again, rows: int, fetch_buffers: int) -> PlacementPlan:
-    """The chunk was sized from the budget; smaller chunks need fewer activations, so try them
-    (halving, down to MIN_CHUNK rows) before refusing: the minimum named is then the smallest
-    any chunk allows."""
-    while True:
-        rows = max(MIN_CHUNK, rows // 2)
-        try:
-            return again(rows, fetch_buffers)
-        except BudgetError:
-            if rows == MIN_CHUNK:
-                raise
 
 
 def _resident_count(n, budget, fixed_total, slots, layer, offload) -> int:

@@ -15,6 +15,7 @@ from ollm.planning.accounting import (
     kv_layer_bytes,
     kv_scratch_bytes,
     linear_temp_bytes,
+    residual_bytes,
 )
 from ollm.planning.footprint import codec_attention_bytes
 from ollm.sizes import format_size
@@ -62,10 +63,14 @@ class PlanSizes:
     # or no codec), and CPU decode attention's cost over it relative to exact KV.
     kv_copy: tuple[int, ...] = ()
     cpu_kv_cost: float = 1.0
+    # The prompt's residual stream in pinned RAM during prefill, chunks moved to the device per
+    # layer (``act`` counts the chunk buffers instead); ``residual`` its bytes.
+    residual_ram: bool = False
+    residual: int = 0
 
     @classmethod
     def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
-           kv_format: KVFormat | None = None):  # fmt: skip
+           kv_format: KVFormat | None = None, residual_ram: bool = False):  # fmt: skip
         gfile = store.files["globals.bin"].tensors
         t = work.batch * work.prefill_tokens
         # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
@@ -116,7 +121,7 @@ class PlanSizes:
             norm=gfile["norm.weight"].nbytes,
             mlp_chunk=mlp_chunk,
             chunk=chunk,
-            act=activation_bytes(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu),
+            act=activation_bytes(spec, work, dtype_bytes, mlp_chunk, rows, on_gpu, residual_ram),
             per_token=2 * work.batch * spec.num_kv_heads * spec.head_dim * dtype_bytes,
             layer_kv=kv_layer_bytes(spec, work, dtype_bytes, chunk or work.context, kv_format),
             scratch=scratch,
@@ -124,6 +129,8 @@ class PlanSizes:
             workspace=workspace,
             kv_copy=kv_copy,
             cpu_kv_cost=kv_format.cpu_attn_cost if kv_format is not None and kv_format.ram else 1.0,
+            residual_ram=residual_ram,
+            residual=residual_bytes(spec, work, dtype_bytes),
         )
 
     def cpu_kv_extra_s(self, rates, context: int) -> float:
@@ -164,6 +171,19 @@ class PlanSizes:
             kv_off += 1
             fixed["kv cache"] = sum(self.layer_kv[: n - kv_off]) + self.scratch * (1 + extra)
         return kv_off
+
+
+def smaller_chunks(again, rows: int, fetch_buffers: int):
+    """The chunk was sized from the budget; smaller chunks need fewer activations, so try them
+    (halving, down to MIN_CHUNK rows) before refusing: the minimum named is then the smallest
+    any chunk allows. ``again(rows, fetch_buffers)`` plans with ``rows`` per chunk."""
+    while True:
+        rows = max(MIN_CHUNK, rows // 2)
+        try:
+            return again(rows, fetch_buffers)
+        except BudgetError:
+            if rows == MIN_CHUNK:
+                raise
 
 
 def too_small(budget, minimum, on_gpu, sz: PlanSizes, fixed, slots) -> BudgetError:
