@@ -163,10 +163,12 @@ def report(
         out["cases"][name] = row
     if capacity:
         out["capacity"] = kv_codec_capacity(store, budget, context)
+        # the residual stream forced to pinned RAM (counted there): what the lever moves
+        out["capacity_residual_ram"] = kv_codec_capacity(store, budget, context, "ram")
     return out
 
 
-def kv_codec_capacity(store, budget: int, context: int) -> dict:
+def kv_codec_capacity(store, budget: int, context: int, residual: str = "auto") -> dict:
     """``scripts/gpu/kv_codec.capacity`` (planner only) on a sizes-only store."""
     import importlib.util
 
@@ -174,7 +176,7 @@ def kv_codec_capacity(store, budget: int, context: int) -> dict:
     spec = importlib.util.spec_from_file_location("gpu_kv_codec", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.capacity(store, budget, context, "cuda:0")
+    return mod.capacity(store, budget, context, "cuda:0", residual=residual)
 
 
 def _fmt(n: int) -> str:
@@ -198,8 +200,9 @@ def print_report(rep: dict) -> None:
     for name, row in rep["cases"].items():
         a, b = row["predicted_decode_s_before"], row["predicted_decode_s"]
         print(f"   {name:<20} {a} -> {b}")
-    if "capacity" in rep:
-        print("capacity:", json.dumps(rep["capacity"]))
+    for key in ("capacity", "capacity_residual_ram"):
+        if key in rep:
+            print(f"{key}:", json.dumps(rep[key]))
 
 
 def main() -> None:

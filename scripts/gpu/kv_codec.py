@@ -112,8 +112,10 @@ def bench(store, contexts=CONTEXTS, new: int = NEW_TOKENS, codecs=CODECS, **llm_
     return rows
 
 
-def _plan(store, spec, codec: str, context: int, gpu_memory: int | None, device: str):
-    """The planner's plan for one request of ``context`` tokens (None when it does not fit)."""
+def _plan(store, spec, codec: str, context: int, gpu_memory: int | None, device: str,
+          residual: str = "auto"):  # fmt: skip
+    """The planner's plan for one request of ``context`` tokens (None when it does not fit);
+    ``residual``: where prefill keeps the prompt's hidden states (``prefill_residual``)."""
     from ollm.errors import BudgetError
     from ollm.kv.codecs import kv_format
     from ollm.planning.placement import Workload, plan_placement
@@ -122,19 +124,22 @@ def _plan(store, spec, codec: str, context: int, gpu_memory: int | None, device:
     try:
         return plan_placement(
             spec, store, device, gpu_memory, None, "auto", Workload(1, context, context), 2,
-            kv_format=fmt,
+            kv_format=fmt, prefill_residual=residual,
         )  # fmt: skip
     except BudgetError:
         return None
 
 
 def host_bytes(store, spec, plan, codec: str, context: int) -> int:
-    """Host RAM the plan pins: weights of RAM layers and the KV of RAM-tier layers (stored
-    bytes under a codec; an exact split layer's device blocks excluded), as Runner allocates."""
+    """Host RAM the plan pins: weights of RAM layers, the KV of RAM-tier layers (stored bytes
+    under a codec; an exact split layer's device blocks excluded) and, when prefill keeps it
+    there, the prompt's residual stream, as Runner allocates."""
     from ollm.kv.codecs import kv_format
 
     fmt = kv_format(codec, RECENT, spec.head_dim, 2)
     total = sum(store.layer_nbytes(i) for i, p in enumerate(plan.layers) if p.tier == "cpu")
+    if getattr(plan, "residual_ram", False):  # Runner._embed's pinned [context, hidden]
+        total += context * spec.hidden_size * 2
     h, d = spec.num_kv_heads, spec.head_dim
     for layer, p in zip(spec.layers, plan.layers, strict=True):
         if p.kv_tier != "cpu":
@@ -146,12 +151,13 @@ def host_bytes(store, spec, plan, codec: str, context: int) -> int:
     return total
 
 
-def longest_context(store, spec, codec: str, gpu_memory: int, ram: int, device: str) -> int:
+def longest_context(store, spec, codec: str, gpu_memory: int, ram: int, device: str,
+                    residual: str = "auto") -> int:  # fmt: skip
     """The longest context (to 1k tokens) whose plan fits ``gpu_memory`` and pins at most
     ``ram`` bytes of host memory (``host_bytes``); 0 when not even 1k does."""
 
     def fits(c: int) -> bool:
-        plan = _plan(store, spec, codec, c, gpu_memory, device)
+        plan = _plan(store, spec, codec, c, gpu_memory, device, residual)
         return plan is not None and host_bytes(store, spec, plan, codec, c) <= ram
 
     lo, hi = 0, 1024
@@ -163,9 +169,11 @@ def longest_context(store, spec, codec: str, gpu_memory: int, ram: int, device: 
     return lo
 
 
-def capacity(store, gpu_memory: int, ref_context: int, device: str, codecs=CODECS) -> dict:
+def capacity(store, gpu_memory: int, ref_context: int, device: str, codecs=CODECS,
+             residual: str = "auto") -> dict:  # fmt: skip
     """Longest contexts per codec in ``gpu_memory`` plus the RAM bf16 KV pins at
-    ``ref_context``; the ratio of each to bf16's."""
+    ``ref_context`` (its default plan's); the ratio of each to bf16's. ``residual``: where the
+    codecs' plans keep prefill's residual stream (``prefill_residual``; "ram" pins it)."""
     from ollm.models.registry import build_spec
     from ollm.storage.store import LayerStore
 
@@ -173,12 +181,15 @@ def capacity(store, gpu_memory: int, ref_context: int, device: str, codecs=CODEC
     spec = build_spec(store.hf_config())
     ref = _plan(store, spec, codecs[0], ref_context, gpu_memory, device)
     ram = host_bytes(store, spec, ref, codecs[0], ref_context) if ref is not None else 0
-    longest = {c: longest_context(store, spec, c, gpu_memory, ram, device) for c in codecs}
+    longest = {
+        c: longest_context(store, spec, c, gpu_memory, ram, device, residual) for c in codecs
+    }
     base = longest[codecs[0]]
     return {
         "gpu_memory_GiB": gpu_memory / GIB,
         "ram_GiB": ram / GIB,
         "ram_is": f"pinned weights + RAM KV of bf16 KV at {ref_context} tokens",
+        "prefill_residual": residual,
         "longest_context": longest,
         "ratio": {c: (n / base if base else None) for c, n in longest.items()},
     }
