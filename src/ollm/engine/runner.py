@@ -344,6 +344,8 @@ class Runner:
                 self.plan.mlp_chunk_tokens,
             )  # fmt: skip
             h[:, c0:c1].copy_(y, non_blocking=nb)
+        if buf.device.type == "cuda":  # the stream came in once (and went back once)
+            self.prefetcher.stats.add(bytes_h2d=h.numel() * h.element_size())
         return h
 
     def _chunked_block(self, i, h, w, kv, cos, sin, mask, chunk):
