@@ -42,6 +42,26 @@ def test_dequantize_matches_transformers():
         assert torch.equal(dequantize_rows(blocks, scales, dtype), ref)
 
 
+def test_pack_unpack_round_trip():
+    """Values MXFP4 can hold (transformers' dequantization of random codes) pack and unpack to
+    themselves; random normals come back within a quarter of their block's largest value."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from ollm.storage.mxfp4 import quantize_mxfp4
+
+    gen = torch.Generator().manual_seed(3)
+    blocks, scales = random_mxfp4(2, 24, 96, gen)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [2, 96, 24]
+    b2, s2 = quantize_mxfp4(ref)
+    assert b2.shape == blocks.shape and s2.shape == scales.shape and b2.dtype == torch.uint8
+    assert torch.equal(dequantize_mxfp4(b2, s2, torch.float32), ref)
+    w = torch.randn(2, 96, 24, generator=gen) * 0.02
+    back = dequantize_mxfp4(*quantize_mxfp4(w), torch.float32)
+    amax = w.transpose(1, 2).reshape(2, 24, 3, 32).abs().amax(-1)  # per block
+    bound = amax.repeat_interleave(32, dim=-1).transpose(1, 2) / 4
+    assert ((back - w).abs() <= bound).all()
+
+
 def _mxfp4_hf(hf, seed: int = 1):
     """A tiny gpt-oss saved with MXFP4 experts (``quant_method: mxfp4``); the returned
     transformers model holds the dequantized weights (the reference)."""

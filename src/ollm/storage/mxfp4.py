@@ -94,6 +94,26 @@ def dequantize_mxfp4(
     return out
 
 
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dequantize_mxfp4``'s inverse: values [..., cols, rows] (cols a multiple of 32) ->
+    (codes [..., rows, cols / 32, 16], scales [..., rows, cols / 32]), the OCP MX way: each
+    block's scale 2 ** (floor(log2(max |x|)) - 2), each value rounded to the nearest E2M1
+    (saturating at 6). Values MXFP4 can hold (a dequantized checkpoint) come back exactly."""
+    *lead, cols, rows = w.shape
+    if cols % 32:
+        raise ValueError(f"MXFP4 needs blocks of 32 values; got {cols}")
+    x = w.transpose(-1, -2).float().reshape(*lead, rows, cols // 32, 32)
+    amax = x.abs().amax(dim=-1)
+    exp = torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2
+    exp = torch.where(amax > 0, exp, torch.full_like(exp, -127)).clamp(-127, 127)
+    y = (x / torch.exp2(exp)[..., None]).abs()
+    mags = torch.tensor(FP4_VALUES[:8])
+    mids = (mags[1:] + mags[:-1]) / 2
+    codes = torch.bucketize(y, mids).to(torch.uint8) | ((x < 0).to(torch.uint8) << 3)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
 def is_mxfp4(path: Path) -> bool:
     """Whether the HF directory ``path`` declares MXFP4 weights in its config.json."""
     try:
