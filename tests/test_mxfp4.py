@@ -145,7 +145,8 @@ def test_mxfp4_checkpoint_runs_like_transformers(mxfp4_model, tmp_path):
 
 def test_mxfp4_experts_resident_ram_disk_and_two_slots_match_transformers(mxfp4_model):
     """Experts one by one: all resident (decoded at load); the CPU device with part of them in
-    RAM (MXFP4, decoded where computed) and the rest on disk through two slots; a stand-in
+    RAM (decoded once at load, computed in place) and the rest on disk (MXFP4, read into two
+    slots and decoded there); a stand-in
     accelerator whose RAM and disk experts all pass through two slots as MXFP4 bytes (decoded
     in the slot), and the same with RAM misses computed by the CPU. Greedy tokens equal
     transformers', log-probs within 1e-4; the copies move the stored (MXFP4) bytes."""
@@ -161,10 +162,13 @@ def test_mxfp4_experts_resident_ram_disk_and_two_slots_match_transformers(mxfp4_
         assert probe.plan.experts.resident and probe.plan.experts.decoded_bytes
         _check(probe, model)
     n_exp = len(st.regions) * st.num_experts(next(iter(st.regions)))
-    budget = rest + 2 * st.slot_bytes + (n_exp // 2) * st.expert_bytes
+    # the CPU device holds its RAM experts decoded (decoded once at load, computed in place)
+    budget = rest + 2 * st.slot_bytes + (n_exp // 2) * st.decoded_bytes
     with LLM(path, cpu_memory=budget, **kw) as llm:
         t = llm.plan.experts.tier_counts()
         assert t["cpu"] and t["disk"] and llm.plan.experts.cache_slots == 2
+        cache = llm.prefetcher.experts
+        assert not cache._bytes and len(cache._views) == t["cpu"]  # held decoded
         _check(llm, model)
         assert llm.stats.expert_misses > 0 and llm.stats.bytes_disk > 0
         assert llm.plan.peak_device_bytes <= budget

@@ -187,7 +187,7 @@ class ResidentExperts:
             dtype = out["gate_up_proj_bias"].dtype
             for s in ("gate_up_proj", "down_proj"):
                 blocks, scales = self.w[f"{p}{s}_blocks"], self.w[f"{p}{s}_scales"]
-                out[s] = dequantize_rows(blocks, scales, dtype).contiguous()
+                out[s] = dequantize_rows(blocks, scales, dtype)  # a transposed view
             self._decoded[e] = out
         return out
 

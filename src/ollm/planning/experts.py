@@ -186,7 +186,10 @@ def plan_experts(
         # experts in place, and the cache only takes the disk experts' misses.
         grow = on_gpu and slots is None and spare is not None
         cache = min(total, least + (spare // slot if grow else 0))
-        ram = _ram_experts(plan, dense, layers, n_exp, stored, on_gpu, offload, cpu_memory, spare)
+        # pinned RAM holds stored (MXFP4) bytes; on the CPU device RAM experts are computed in
+        # place, held decoded (decoded once at load, not on every use)
+        per = stored if on_gpu else dec
+        ram = _ram_experts(plan, dense, layers, n_exp, per, on_gpu, offload, cpu_memory, spare)
     eplan = ExpertPlan(
         device=device,
         layers=layers,

@@ -19,20 +19,21 @@ if TYPE_CHECKING:
     from ollm.runtime.experts import ExpertCache
 
 
-def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor) -> None:
-    """Layer i's coded experts (``host``: their stored bytes, read back to back) decoded into
-    one device buffer of decoded ranges, the plan's ``decode_chunk`` experts at a time; the
-    host bytes dropped. The layer's experts become resident views and [E, ...] stacks."""
+def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor, m: int) -> None:
+    """Layer i's first ``m`` coded experts (``host``: their stored bytes, read back to back)
+    decoded into one device buffer of decoded ranges, the plan's ``decode_chunk`` experts at a
+    time; the host bytes dropped. They become views (and, all resident, [E, ...] stacks): the
+    resident experts, or the RAM experts the CPU device computes in place."""
     st = cache.experts
     r, layouts = st.regions[i], st.decoded[i]
-    rows = uniform_rows(host, r.offsets, r.sizes)
+    rows = uniform_rows(host, r.offsets[:m], r.sizes[:m])
     if rows is None or len({tuple(ts) for ts in st.tensors[i]}) != 1:
         raise RuntimeError(f"coded experts of layer {i} are not at one stride and layout")
     size = max(n for _, n in layouts)
-    dec = torch.empty(r.num_experts, size, dtype=torch.uint8, device=cache.device)
+    dec = torch.empty(m, size, dtype=torch.uint8, device=cache.device)
     stacks = stacked_views(dec, layouts[0][0])
     chunk = cache.plan.decode_chunk
-    for a in range(0, r.num_experts, chunk):
+    for a in range(0, m, chunk):
         part = rows[a : a + chunk].to(cache.device)
         cache.stats.add(bytes_h2d=part.numel() if cache.device.type != "cpu" else 0)
         idx = list(range(a, a + part.shape[0]))
@@ -41,8 +42,9 @@ def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor) -> None:
         torch.cuda.current_stream(cache.device).synchronize()
         unpin(host)
         cache._pinned.remove(host)
-    cache._layer_stacks[i] = stacks
-    for e in range(r.num_experts):
+    if cache.plan.resident:
+        cache._layer_stacks[i] = stacks
+    for e in range(m):
         cache._views[(i, e)] = {n: v[e] for n, v in stacks.items()}
 
 

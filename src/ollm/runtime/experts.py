@@ -151,8 +151,8 @@ class ExpertCache:
             host = self._pin(nbytes)
             self.stats.add(bytes_disk=st.read_range(i, 0, m, host))
             buf = host
-            if p.resident and i in st.decoded:  # coded: decoded on the device once
-                load_decoded(self, i, host)
+            if (p.resident or self.in_place) and i in st.decoded:  # coded: decoded once
+                load_decoded(self, i, host, m)
                 continue
             if p.resident and self.device.type != "cpu":
                 buf = host.to(self.device)
@@ -168,7 +168,7 @@ class ExpertCache:
             for e in range(m):
                 a = st.regions[i].offsets[e] - base
                 raw = buf[a : a + st.regions[i].sizes[e]]
-                if i not in st.decoded:  # coded RAM experts: decoded where used (``_host``)
+                if i not in st.decoded:  # coded: MXFP4 in pinned RAM, decoded where used
                     self._views[(i, e)] = st.views(i, e, raw)
                 if not p.resident:
                     self._bytes[(i, e)] = raw

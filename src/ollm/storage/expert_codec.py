@@ -112,9 +112,11 @@ def decode_rows(
 def decode_expert(
     raw: torch.Tensor, tensors: Sequence[ExpertTensor], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """One expert's decoded tensors (fresh, contiguous) from its stored range ``raw`` (uint8)."""
+    """One expert's tensors for compute from its stored range ``raw``: decoded matrices (new,
+    as transposed views of contiguous ones, which matmuls take as they are: no transposing
+    copy) and the other tensors as views of ``raw``."""
     rows = decode_rows(raw[: max(t.offset + t.nbytes for t in tensors)][None], tensors, dtype)
-    return {n: v[0].contiguous() for n, v in rows}
+    return {n: v[0] for n, v in rows}
 
 
 def decode_into(
