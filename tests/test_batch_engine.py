@@ -279,20 +279,21 @@ def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
     prompts = make_prompts()
     want = alone(llm, prompts)
     cap = 64 * 2 * llm.spec.num_kv_heads * llm.spec.head_dim * 4  # 64 float32 K/V slots
-    cut = packed._decode_batches
+    cut = packed._decode_groups
     per_step = []
 
-    def recorded(seqs, store, device):
-        out = cut(seqs, store, device)
-        for d in out:
-            gathered = len(d.seqs) * d.num_blocks * store.block_tokens
-            assert len(d.seqs) == 1 or gathered * 2 * store.kv_heads * store.head_dim * 4 <= cap
-        if len(seqs) > 1:  # every one-token sequence lands in exactly one batch
-            assert sorted(s.row0 for d in out for s in d.seqs) == sorted(s.row0 for s in seqs)
+    def recorded(infos, store):  # infos: (row0, rows, start, key0, ids, tree) per sequence
+        out = cut(infos, store)
+        for group in out:
+            gathered = len(group) * max(need for _, need in group) * store.block_tokens
+            assert len(group) == 1 or gathered * 2 * store.kv_heads * store.head_dim * 4 <= cap
+            assert [i[0] for i, _ in group] == sorted(i[0] for i, _ in group)  # row order
+        if len(infos) > 1:  # every one-token sequence lands in exactly one batch
+            assert sorted(i[0] for g in out for i, _ in g) == sorted(i[0] for i in infos)
         per_step.append(len(out))
         return out
 
-    monkeypatch.setattr(packed, "_decode_batches", recorded)
+    monkeypatch.setattr(packed, "_decode_groups", recorded)
     monkeypatch.setattr(packed, "GATHER_BYTES", cap)
     outs, _ = engine(llm).generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == want

@@ -17,6 +17,13 @@
 4. ``ollm bench --batch 1,4,16,64`` (2k-token prompts, 128 new tokens, llama3-1b shapes, 3 GiB
    of GPU memory): aggregate decode tok/s next to the floor, Poisson arrivals, prefix sharing.
 
+5. With ``--profile-steps N`` (or ``OLLM_BATCH_PROFILE=N``): the bench's batch-16 static case
+   (``--profile-batch``; plan for ``--profile-plan-batch`` = the largest bench batch, 2k
+   prompts) stepped to pure decode, ``N`` steps timed, ``N`` more under torch.profiler: per
+   step wall ms, total self CPU / CUDA ms and the top ops by each (`ollm.bench.stepprof`;
+   ``step_profile`` in the JSON, a few KB). ``--device cpu --profile-synthetic tiny`` is a dry
+   run on the CPU (a 4-layer llama of tiny widths), with ``--skip-*`` for the other parts.
+
 Writes ``batch_engine.json`` (and ``bench_batch_<preset>.json``) under ``--out``.
 """
 
@@ -260,6 +267,63 @@ def bench_batch(
     return {k: report[k] for k in keys if k in report}
 
 
+TINY = dict(  # --profile-synthetic tiny: the CPU dry run's llama
+    num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=256,
+)  # fmt: skip
+
+
+def step_profile(
+    tmp: Path,
+    synthetic: str = "llama3-1b",
+    budget: str = "3GiB",
+    batch: int = 16,
+    plan_batch: int = 64,
+    prompt_tokens: int = 2048,
+    steps: int = 4,
+    device: str = "cuda",
+) -> dict:
+    """``batch`` requests of ``prompt_tokens`` through the bench's engine for a plan sized for
+    ``plan_batch``: ``steps`` decode steps timed, ``steps`` more profiled (the module docstring)."""
+    from ollm import LLM
+    from ollm.bench.batching import _engine, _params, prompts
+    from ollm.bench.stepprof import decode_ready, profile_steps, time_steps
+
+    if synthetic == "tiny":
+        from ollm.models.registry import STORE_FAMILIES
+        from ollm.storage.convert import convert
+        from ollm.storage.synthetic import SyntheticSource
+
+        src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, **TINY)
+        store = convert(src, tmp / "tiny", dtype=torch.float32, progress=False,
+                        families=STORE_FAMILIES)  # fmt: skip
+    else:
+        from ollm.bench.run import resolve_model
+
+        store = resolve_model(None, synthetic, None, False, device)[0]
+    new = 2 * steps + 8
+    kw = {"gpu_memory": budget} if device.startswith("cuda") else {}
+    llm = LLM(store, device=device, max_batch=plan_batch, max_context=prompt_tokens + new,
+              progress=False, **kw)  # fmt: skip
+    try:
+        eng = _engine(llm)
+        for p in prompts(batch, prompt_tokens, llm.spec.vocab_size, 0):
+            eng.add(p, _params(new))
+        prefill_steps = decode_ready(eng)
+        time_steps(eng, 2)  # warm-up
+        wall = time_steps(eng, steps)
+        prof = profile_steps(eng, steps)
+        eng.close()
+        out = {
+            "model": synthetic, "plan_batch": plan_batch, "prompt_tokens": prompt_tokens,
+            "cpu_layers": len(llm.plan.cpu_layers), "prefill_steps": prefill_steps,
+            "step_ms": [round(t * 1e3, 2) for t in wall],
+        }  # fmt: skip
+        return out | prof
+    finally:
+        llm.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -275,9 +339,18 @@ def main() -> int:
     ap.add_argument("--bench-stream-all", default="", help="static batches also run unhybrid")
     ap.add_argument("--bench-prompt", type=int, default=2048)
     ap.add_argument("--bench-new", type=int, default=128)
+    ap.add_argument("--profile-steps", type=int,
+                    default=int(os.environ.get("OLLM_BATCH_PROFILE", "0") or 0),
+                    help="profile this many decode steps of the batch-16 case (0: off)")  # fmt: skip
+    ap.add_argument("--profile-batch", type=int, default=16)
+    ap.add_argument("--profile-plan-batch", type=int, default=0, help="0: largest bench batch")
+    ap.add_argument("--profile-synthetic", default="", help="default: --bench-synthetic")
+    ap.add_argument("--profile-prompt", type=int, default=0, help="0: --bench-prompt")
+    ap.add_argument("--device", default="cuda", help="cpu: dry run of --profile-steps")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    report: dict = {"gpu": torch.cuda.get_device_name()}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    report: dict = {"gpu": gpu}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_equiv:
             report["equivalence"] = equivalence(Path(tmp))
@@ -294,6 +367,14 @@ def main() -> int:
                 args.bench_prompt, args.bench_new,
                 tuple(int(b) for b in args.bench_stream_all.split(",") if b),
             )  # fmt: skip
+        if args.profile_steps:
+            sizes = [int(b) for b in args.bench_batches.split(",")]
+            report["step_profile"] = step_profile(
+                Path(tmp), args.profile_synthetic or args.bench_synthetic, args.bench_budget,
+                args.profile_batch, args.profile_plan_batch or max(sizes),
+                args.profile_prompt or args.bench_prompt, args.profile_steps, args.device,
+            )  # fmt: skip
+            print("step_profile", json.dumps(report["step_profile"]), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
     eq = report.get("equivalence", [])

@@ -40,7 +40,13 @@ from ollm.engine.kvpools import (
     workload_blocks,
 )
 from ollm.engine.runner import Runner
-from ollm.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from ollm.engine.sampling import (
+    Sampler,
+    SamplingParams,
+    TokenLogprob,
+    greedy_picks,
+    token_logprobs,
+)
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify_step
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
@@ -120,6 +126,7 @@ class BatchEngine:
         self.speculate_default = True  # requests whose params leave ``speculate`` None draft
         self._draft_of: dict[str, Draft] = {}  # this step's drafts (distributions, trees)
         self._paths: dict[str, list[int]] = {}  # accepted tree nodes, for `compact_path`
+        self._picked: dict[str, int] = {}  # this step's greedy tokens (`greedy_picks`)
         self.drafted = self.accepted_drafts = 0
         spec, plan = runner.spec, runner.plan
         self.layer_groups = kv_groups(runner)
@@ -273,6 +280,10 @@ class BatchEngine:
             self.scheduler.abort_step()  # touched sequences recompute; cached prefixes stay
             raise
         outputs, self._paths = {}, {}
+        self._picked = greedy_picks(logits, {
+            st.seq_id: (rows[st.seq_id], self.live[st.seq_id].sampler)
+            for st in plan.seqs if st.seq_id in rows and not st.num_draft
+        })  # fmt: skip
         for st in plan.seqs:
             if st.seq_id in rows:
                 j = rows[st.seq_id]
@@ -316,11 +327,12 @@ class BatchEngine:
     def _verify(self, st, logits: torch.Tensor) -> list[int]:
         """Accepted tokens from ``logits`` [1 + drafts, V]: the drafts speculative verification
         keeps (`ollm.engine.speculative.verify_step`: a chain or a tree), then one token from
-        the target."""
+        the target (a greedy one already picked for the whole step by `greedy_picks`)."""
         live = self.live[st.seq_id]
         sampler = live.sampler
         if not st.num_draft:
-            picked = [int(sampler.sample(logits)[0])]
+            tok = self._picked.get(st.seq_id)
+            picked = [int(sampler.sample(logits)[0]) if tok is None else tok]
             if self.speculator is not None:  # a pass that made one token (no drafts fit)
                 self.speculator.verified(st.seq_id, 0, 0)
         else:
@@ -350,8 +362,9 @@ class BatchEngine:
                 idx += range(r - st.num_logits, r)
 
         def head(h: torch.Tensor) -> torch.Tensor:
-            sel = torch.tensor(idx, dtype=torch.long, device=h.device)
-            return self.runner.logits(h.index_select(1, sel))[0]
+            if len(idx) < h.shape[1]:  # not every row (prefill, drafts): the rows with logits
+                h = h.index_select(1, torch.tensor(idx, dtype=torch.long, device=h.device))
+            return self.runner.logits(h)[0]
 
         stream = bool(self.rates and self.runner.plan.cpu_layers) and not self._hybrid_pays(plan, r)
         self.streamed_steps += stream

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +170,19 @@ class Sampler:
         if self.params.greedy:
             return torch.argmax(logits.float(), dim=-1)
         return self.draw(torch.softmax(self.filtered_logits(logits), dim=-1)).to(logits.device)
+
+
+def greedy_picks(logits: torch.Tensor, rows: Mapping[str, tuple[int, Sampler]]) -> dict[str, int]:
+    """For each ``rows[key] = (row of logits [M, V], sampler)`` whose sampler is a plain greedy
+    `Sampler`, its token: one argmax over those rows and one host read for all (the argmax of
+    ``Sampler.sample``, row by row the same). Other keys are left out."""
+    keys = [k for k, (_, s) in rows.items() if type(s) is Sampler and s.params.greedy]
+    if not keys:
+        return {}
+    idx = [rows[k][0] for k in keys]
+    if idx != list(range(logits.shape[0])):  # not every row in order: pick them
+        logits = logits[torch.tensor(idx, device=logits.device)]
+    return dict(zip(keys, torch.argmax(logits.float(), dim=-1).tolist(), strict=True))
 
 
 @dataclass

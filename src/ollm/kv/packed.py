@@ -11,9 +11,13 @@ A layer's pool may sit in host memory (pinned RAM, a mapped file) while the laye
 the GPU: rows of few queries (decodes) are then attended by the CPU where the K/V sits, longer
 ones (prefill) over K/V gathered to the GPU.
 
-Cost: attention is a Python loop over the sequences of the step (one gather and one kernel call
-each); the projections and MLP, which dominate, run once for all rows. A varlen/paged kernel
-over the block ids would remove the loop and the gather copy.
+Cost: one-token sequences (decodes) are attended together (one gather and one kernel call per
+batch of them), longer ones each in turn; the projections and MLP, which dominate, run once for
+all rows. Everything that depends only on the step (each sequence's rows and blocks, the decode
+batches' gather rows, key masks and row order) is built once per step and group and shared by
+all layers, so a layer's host work does not grow with the batch when the call covers the whole
+step (no per-sequence loop, no host sync). A varlen/paged kernel over the block ids would remove
+the gather copy.
 
 The runner may split the rows into consecutive prefill chunks (``Runner._chunked_block``): each
 layer object keeps a row cursor, and a sequence whose rows straddle two chunks attends, in each,
@@ -46,6 +50,7 @@ class SeqRows:
     key0: int  # first position whose KV is held (a window may have released earlier blocks)
     block_ids: torch.Tensor  # ids of the held blocks, from position key0 on (on the pool device)
     tree: TreeMask | None = None  # its rows as a speculative tree (slots from key0), else causal
+    ids: tuple[int, ...] = ()  # block_ids as Python ints (for building batches without syncs)
 
 
 # Most query rows of one sequence the CPU attends over a pool in host memory (a decode token
@@ -67,20 +72,33 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] their rows in the packed step
     block_ids: torch.Tensor  # [B * blocks] their held blocks, each padded with its last one
     num_blocks: int  # blocks per sequence after padding
-    masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, S] True = attend
+    masks: dict = field(default_factory=dict)  # (window, device) -> [B, 1, 1, S] True = attend
     host_rows: dict = field(default_factory=dict)  # kv_heads -> pool rows, see _host_gather
+    span: int | None = None  # first row when ``rows`` are consecutive rows in order, else None
+    dev_rows: dict = field(default_factory=dict)  # (device, r0) -> rows - r0 on that device
 
-    def mask(self, window: int | None, block_tokens: int) -> torch.Tensor:
-        """Which gathered keys each query sees: its own, causal, inside ``window``."""
-        if window not in self.masks:
-            dev = self.rows.device
+    def mask(
+        self, window: int | None, block_tokens: int, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Which gathered keys each query sees: its own, causal, inside ``window`` (on
+        ``device``, default that of ``rows``; made once per step)."""
+        dev = self.rows.device if device is None else torch.device(device)
+        key = (window, dev)
+        if key not in self.masks:
             j = torch.arange(self.num_blocks * block_tokens, device=dev)[None]
             pos = torch.tensor([s.start - s.key0 for s in self.seqs], device=dev)[:, None]
             keep = j <= pos
             if window is not None:
                 keep &= j > pos - window
-            self.masks[window] = keep[:, None, None]
-        return self.masks[window]
+            self.masks[key] = keep[:, None, None]
+        return self.masks[key]
+
+    def rows_on(self, device: torch.device, r0: int) -> torch.Tensor:
+        """``rows - r0`` on ``device`` (made once per step, device and chunk start)."""
+        key = (torch.device(device), r0)
+        if key not in self.dev_rows:
+            self.dev_rows[key] = self.rows.to(device) - r0
+        return self.dev_rows[key]
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,24 @@ class GroupLayout:
     row_offset: torch.Tensor  # [N] slot offset in that block per row
     seqs: tuple[SeqRows, ...]
     decodes: tuple[DecodeBatch, ...]  # one-token sequences (two or more), attended together
+    rest: tuple[SeqRows, ...] = ()  # the sequences no decode batch holds, attended one by one
+    slots: dict = field(default_factory=dict)  # write_slots' index tensors
+
+    def write_slots(self, pool: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Where rows ``[r0, r1)``'s K and V go in ``pool`` ``[2, blocks, kv_heads,
+        block_tokens, D]`` seen as ``[-1, D]``, in the order of ``cat([k, v])`` ``[2 kv_heads,
+        rows, D]`` (one index per K/V, head and row; made once per step and chunk)."""
+        _, blocks, kvh, bt, _ = pool.shape
+        key = (blocks, kvh, bt, r0, r1)
+        idx = self.slots.get(key)
+        if idx is None:
+            dev = self.row_block.device
+            blk = self.row_block[r0:r1].view(1, 1, -1)
+            off = self.row_offset[r0:r1].view(1, 1, -1)
+            kv = torch.arange(2, device=dev).view(2, 1, 1)
+            heads = torch.arange(kvh, device=dev).view(1, kvh, 1)
+            idx = self.slots[key] = (((kv * blocks + blk) * kvh + heads) * bt + off).reshape(-1)
+        return idx
 
 
 class PackedStep:
@@ -107,49 +143,63 @@ class PackedStep:
         self._layouts: dict[tuple[str, torch.device], GroupLayout] = {}
 
     def layout(self, group: str, device: torch.device) -> GroupLayout:
-        """The layout of ``group`` with its index tensors on ``device``."""
-        key = (group, torch.device(device))
-        if key not in self._layouts:
-            self._layouts[key] = self._layout(
-                self.plan, group, self.stores[group], self.tier, key[1]
+        """The layout of ``group`` with its index tensors on ``device`` (made once per step)."""
+        key = (group, device)
+        lay = self._layouts.get(key)
+        if lay is None:
+            dev = torch.device(device)
+            lay = self._layouts[key] = self._layout(
+                self.plan, group, self.stores[group], self.tier, dev
             )
-        return self._layouts[key]
+        return lay
 
     @staticmethod
     def _layout(
         plan: StepPlan, group: str, store: PagedKVStore, tier: str, device: torch.device
     ) -> GroupLayout:
+        """Every index tensor of the group's step in one host-to-device copy (views of one
+        tensor): each row's block and offset, each sequence's held blocks, the decode batches'
+        rows and padded blocks."""
         bt = store.block_tokens
-        row_block: list[int] = []
+        flat: list[int] = []  # row blocks, row offsets, then each part below, one tensor
         row_offset: list[int] = []
-        seqs = []
+        infos = []  # (row0, n, start, key0, held block ids, tree, where its ids sit in flat)
         row = 0
         for st in plan.seqs:
             blocks = st.block_tables[group]
             first = next(i for i, ref in enumerate(blocks) if ref is not None)
-            ids = []
-            for ref in blocks[first:]:
-                if ref is None or ref.tier != tier:
-                    raise RuntimeError(
-                        f"sequence {st.seq_id!r}: a block of KV group {group!r} is not in the "
-                        f"allocation tier {tier!r} ({ref}); swap-ins run before the step"
-                    )
-                ids.append(ref.block)
+            held = blocks[first:]
+            if not all(ref is not None and ref.tier == tier for ref in held):
+                ref = next(r for r in held if r is None or r.tier != tier)
+                raise RuntimeError(
+                    f"sequence {st.seq_id!r}: a block of KV group {group!r} is not in the "
+                    f"allocation tier {tier!r} ({ref}); swap-ins run before the step"
+                )
             for pos in st.positions:
-                row_block.append(blocks[pos // bt].block)  # type: ignore[union-attr]
+                flat.append(blocks[pos // bt].block)  # type: ignore[union-attr]
                 row_offset.append(pos % bt)
-            block_ids = torch.tensor(ids, dtype=torch.long, device=device)
             tree = None
             if st.draft_parents is not None:
                 tree = TreeMask.from_parents(st.start - first * bt, st.row_parents())
-            seqs.append(SeqRows(row, len(st.token_ids), st.start, first * bt, block_ids, tree))
+            ids = tuple(ref.block for ref in held)  # type: ignore[union-attr]
+            infos.append((row, len(st.token_ids), st.start, first * bt, ids, tree))
             row += len(st.token_ids)
-        return GroupLayout(
-            torch.tensor(row_block, dtype=torch.long, device=device),
-            torch.tensor(row_offset, dtype=torch.long, device=device),
-            tuple(seqs),
-            _decode_batches([s for s in seqs if s.n == 1], store, device),
+        n = len(flat)
+        flat += row_offset
+        where = []
+        for info in infos:
+            where.append(len(flat))
+            flat += info[4]
+        batches = _plan_batches([i for i in infos if i[1] == 1], store, flat)
+        t = torch.tensor(flat, dtype=torch.long, device=device)
+        seqs = tuple(
+            SeqRows(r0, k, start, key0, t[w : w + len(ids)], tree, ids)
+            for (r0, k, start, key0, ids, tree), w in zip(infos, where, strict=True)
         )
+        decodes = _make_batches(batches, t, {s.row0: s for s in seqs})
+        batched = {s.row0 for d in decodes for s in d.seqs}
+        rest = tuple(s for s in seqs if s.row0 not in batched)
+        return GroupLayout(t[:n], t[n : 2 * n], seqs, tuple(decodes), rest)
 
     def input_ids(self) -> torch.Tensor:
         """The step's query tokens as one row ``[1, N]``."""
@@ -167,7 +217,7 @@ class PackedStep:
         holding its pool, its index in that store)."""
         out = []
         for group, store, local in layers:
-            pool = store.pools[self.tier][local]
+            pool = store.layer_pool(self.tier, local)
             layout = self.layout(group, pool.device)
             if hasattr(store, "layer_kv"):  # an encoded pool (kv/codec_paged.py)
                 out.append(store.layer_kv(self, layout, local))
@@ -188,7 +238,7 @@ class PackedLayerKV:
         self, step: PackedStep, store: PagedKVStore, layout: GroupLayout, layer: int, tier: str
     ) -> None:
         self.step, self.store, self.layout, self.layer = step, store, layout, layer
-        self.pool = store.pools[tier][layer]  # [2, blocks, kv_heads, block_tokens, head_dim]
+        self.pool = store.layer_pool(tier, layer)  # [2, blocks, kv_heads, block_tokens, D]
         self._cursor = 0
 
     def attend(
@@ -208,20 +258,25 @@ class PackedLayerKV:
 
         r0, r1 = take_rows(self, q, mask)
         lay = self.layout
-        blk, off = lay.row_block[r0:r1], lay.row_offset[r0:r1]
-        # pool[kv, blocks, heads, slots, dim][blk, :, off] is [rows, heads, dim] (advanced
-        # indices separated by a slice come first).
-        self.pool[0][blk, :, off] = k[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
-        self.pool[1][blk, :, off] = v[0].transpose(0, 1).to(self.pool.device, self.pool.dtype)
+        # One indexed copy of every row's K and V: the pool as [2 x blocks x heads x slots, D].
+        new = torch.cat([k[0], v[0]]).to(self.pool.device, self.pool.dtype)  # [2 heads, T, D]
+        d = new.shape[-1]
+        self.pool.view(-1, d).index_copy_(0, lay.write_slots(self.pool, r0, r1), new.view(-1, d))
         out = torch.empty_like(q)
-        done = set()  # first rows of the sequences attended in a batch
-        for d in lay.decodes:
-            if all(r0 <= s.row0 < r1 for s in d.seqs):  # else (split by chunks) one by one
+        if r0 == 0 and r1 == self.step.num_rows:  # the whole step: batches as laid out
+            for d in lay.decodes:
                 self._attend_decodes(d, q, out, r0, mask, scale)
-                done.update(s.row0 for s in d.seqs)
-        for s in lay.seqs:
+            todo = lay.rest
+        else:  # a prefill chunk: batches all inside it, the other sequences one by one
+            done = set()  # first rows of the sequences attended in a batch
+            for d in lay.decodes:
+                if all(r0 <= s.row0 < r1 for s in d.seqs):
+                    self._attend_decodes(d, q, out, r0, mask, scale)
+                    done.update(s.row0 for s in d.seqs)
+            todo = tuple(s for s in lay.seqs if s.row0 not in done)
+        for s in todo:
             a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
-            if a >= b or s.row0 in done:
+            if a >= b:
                 continue
             q_pos = s.start + (a - s.row0)  # position of the first query row here
             upto = s.start + (b - s.row0)  # keys written so far for this sequence
@@ -256,24 +311,33 @@ class PackedLayerKV:
         from ollm.layers.attention import attend
 
         bt = self.store.block_tokens
-        rows = d.rows.to(q.device) - r0
         split = self.store.split
         if split is not None and split.applies(self.pool, q.device):  # CPU and GPU at once
+            rows = d.rows_on(q.device, r0)
             qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)
             o = split.attend(d, self.pool, qb, mask, scale, self.store.host_scratch)
             out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
             return
         dev = self.pool.device if self.pool.device.type == "cpu" else q.device
-        qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, heads, 1, D]
+        if d.span is not None:  # consecutive rows in order: views, no index tensors
+            a = d.span - r0
+            qb = q[0, :, a : a + len(d.seqs)].transpose(0, 1).unsqueeze(2).to(dev)
+        else:
+            rows = d.rows_on(q.device, r0)
+            qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, H, 1, D]
         kv = []
         for i in (0, 1):
             kv.append(self._gather_rows(i, d).to(dev, q.dtype))
-        keep = d.mask(mask.window, bt).to(dev)
+        keep = d.mask(mask.window, bt, dev)
         s = keep.shape[-1]
         # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
         m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
-        out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
+        o = o[:, :, 0].transpose(0, 1).to(q.device)
+        if d.span is not None:
+            out[0, :, a : a + len(d.seqs)] = o
+        else:
+            out[0].index_copy_(1, rows, o)
 
     def _gather_rows(self, i: int, d: DecodeBatch) -> torch.Tensor:
         """K (``i`` 0) or V of ``d``'s sequences as ``[B, kv_heads, blocks * block_tokens, D]``
@@ -342,30 +406,66 @@ def take_rows(layer, q: torch.Tensor, mask: AttentionMask) -> tuple[int, int]:
 
 
 def _decode_batches(
-    seqs: list[SeqRows], store: PagedKVStore, device: torch.device
+    seqs: Sequence[SeqRows], store: PagedKVStore, device: torch.device
 ) -> tuple[DecodeBatch, ...]:
-    """Batched decode layouts of ``seqs`` (none for fewer than two): sorted by length so that
-    little is padded, cut so that one batch's gathered K/V stays under ``GATHER_BYTES``."""
-    if len(seqs) < 2:
-        return ()
+    """The decode batches of one-token ``seqs`` on their own (``PackedStep._layout`` makes them
+    with the step's other index tensors)."""
+    infos = [
+        (s.row0, s.n, s.start, s.key0, s.ids or tuple(s.block_ids.tolist()), s.tree) for s in seqs
+    ]
+    flat: list[int] = []
+    batches = _plan_batches(infos, store, flat)
+    t = torch.tensor(flat, dtype=torch.long, device=device)
+    return _make_batches(batches, t, {s.row0: s for s in seqs})
+
+
+def _plan_batches(infos: list[tuple], store: PagedKVStore, flat: list[int]) -> list[tuple]:
+    """`_decode_groups` of ``infos``, each batch's rows and padded block ids appended to
+    ``flat``: (its (info, need) pairs, where its rows start in ``flat``, blocks per sequence,
+    its first row when its rows are consecutive else None)."""
+    out = []
+    for group in _decode_groups(infos, store):
+        nb = max(need for _, need in group)
+        rows = [info[0] for info, _ in group]
+        at = len(flat)
+        flat += rows
+        for info, need in group:  # each padded with its last needed block (any held one)
+            flat += info[4][:need] + (info[4][need - 1],) * (nb - need)
+        span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        out.append((group, at, nb, span))
+    return out
+
+
+def _make_batches(
+    batches: list[tuple], t: torch.Tensor, by_row: Mapping[int, SeqRows]
+) -> tuple[DecodeBatch, ...]:
+    """`DecodeBatch`es of `_plan_batches`' plans over ``t``, the tensor of its ``flat``."""
+    out = []
+    for group, at, nb, span in batches:
+        b = len(group)
+        members = tuple(by_row[info[0]] for info, _ in group)
+        ids = t[at + b : at + b + b * nb]
+        out.append(DecodeBatch(members, t[at : at + b], ids, nb, span=span))
+    return tuple(out)
+
+
+def _decode_groups(infos: list[tuple], store: PagedKVStore) -> list[list[tuple[tuple, int]]]:
+    """Batches of one-token sequences (``PackedStep._layout``'s infos; none for fewer than two),
+    each as (info, blocks it needs): sorted by length so that little is padded, cut so that one
+    batch's gathered K/V stays under ``GATHER_BYTES``, each batch then in row order (so that a
+    step of decodes only is one span of rows)."""
+    if len(infos) < 2:
+        return []
     bt = store.block_tokens
     slot = 2 * store.kv_heads * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
-    need = {id(s): -(-(s.start + 1 - s.key0) // bt) for s in seqs}
-    batches, cur = [], []
-    for s in sorted(seqs, key=lambda s: need[id(s)]):
+    need = [-(-(start + 1 - key0) // bt) for _, _, start, key0, _, _ in infos]
+    batches: list[list[tuple[tuple, int]]] = []
+    cur: list[tuple[tuple, int]] = []
+    for j in sorted(range(len(infos)), key=lambda j: need[j]):
         # Sorted: the newcomer is the longest, so it sets the padded length.
-        if cur and (len(cur) + 1) * need[id(s)] * bt * slot > GATHER_BYTES:
+        if cur and (len(cur) + 1) * need[j] * bt * slot > GATHER_BYTES:
             batches.append(cur)
             cur = []
-        cur.append(s)
+        cur.append((infos[j], need[j]))
     batches.append(cur)
-    out = []
-    for group in batches:
-        nb = max(need[id(s)] for s in group)
-        ids = []
-        for s in group:
-            own = s.block_ids[: need[id(s)]]
-            ids.append(torch.cat([own, own[-1:].expand(nb - need[id(s)])]))  # any held block
-        rows = torch.tensor([s.row0 for s in group], dtype=torch.long, device=device)
-        out.append(DecodeBatch(tuple(group), rows, torch.cat(ids), nb))
-    return tuple(out)
+    return [sorted(b, key=lambda x: x[0][0]) for b in batches]

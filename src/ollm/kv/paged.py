@@ -66,6 +66,16 @@ class PagedKVStore:
             else:
                 self.pools[tier] = torch.zeros(shape, dtype=dtype, device=devices.get(tier, "cpu"))
 
+    def layer_pool(self, tier: str, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s pool in ``tier``, ``[2, num_blocks, kv_heads, block_tokens,
+        head_dim]``: one view per layer, kept (indexing the tier tensor is a dispatch each)."""
+        views = self.__dict__.setdefault("_layer_views", {})
+        key = (tier, layer)
+        view = views.get(key)
+        if view is None:
+            view = views[key] = self.pools[tier][layer]
+        return view
+
     def k(self, tier: str, layer: int) -> torch.Tensor:
         """Layer ``layer``'s key pool in ``tier``: [num_blocks, kv_heads, block_tokens, head_dim]."""
         return self.pools[tier][layer, 0]
