@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -393,12 +394,18 @@ def bench(
     exp = dict(gpu_memory=budget, offload="cpu", moe_offload="expert", expert_slots=slots)
     runs = []
     qwen = preset == "qwen3-30b-a3b"
+    lfu = qwen and not os.environ.get("OLLM_MOE_NO_LFU")
     for zipf in (0.0, ZIPF) if qwen else (0.0,):
-        for policy in ("lru", "lfu") if qwen else ("lru",):
+        for policy in ("lru", "lfu") if lfu else ("lru",):
             runs.append(_run(store, kw, full, ctx, new, h2d, zipf, expert_cache=policy, **exp))
     runs.append(_run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp))
-    for zipf in (0.0, ZIPF) if qwen else ():  # next layer's experts predicted and copied early
+    ahead = qwen and not os.environ.get("OLLM_MOE_NO_LOOKAHEAD")
+    for zipf in (0.0, ZIPF) if ahead else ():  # next layer's experts predicted and copied early
         runs.append(_run(store, kw, full, ctx, new, h2d, zipf, expert_lookahead=True, **exp))
+    try:  # a failure here must not lose the runs above
+        out["repeats"] = _repeats(store, kw, full, ctx, new, h2d, exp)
+    except Exception as exc:  # noqa: BLE001
+        out["repeats"] = f"failed: {exc!r}"
     # the whole-layer baseline: every layer streamed from pinned RAM through a ring (under 8
     # GiB the full model keeps ~3 of its 48 layers of 1.2 GiB resident; this streams all)
     base = dict(gpu_memory=_stream_all(store, kw), offload="cpu", moe_offload="layer")
@@ -407,6 +414,24 @@ def bench(
     peer = on_gpu and not quick and qwen
     out["llamacpp"] = _llamacpp(tmp, layers, full, ctx, new) if peer else "not run"
     return out
+
+
+def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
+    """``OLLM_MOE_REPEAT`` more runs each of the defaults and of CPU compute off, interleaved
+    (single runs spread widely on the device): every projected tok/s and the median."""
+    n = int(os.environ.get("OLLM_MOE_REPEAT", "0"))
+    got: dict[str, list[float]] = {"defaults": [], "expert_cpu_off": []}
+    for _ in range(n):
+        got["defaults"].append(_run(store, kw, full, ctx, new, h2d, 0.0, **exp))
+        got["expert_cpu_off"].append(
+            _run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp)
+        )
+    key = "projected_decode_tok_s_full_model"
+    return {
+        name: {"projected_tok_s": [r[key] for r in rs],
+               "median": statistics.median(r[key] for r in rs) if rs else None}
+        for name, rs in got.items()
+    }  # fmt: skip
 
 
 def _llamacpp(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | str:
