@@ -162,13 +162,18 @@ def report(
         row["predicted_decode_s_before"] = off.predicted.get("decode s (KV split)")
         out["cases"][name] = row
     if capacity:
+        # as the engine plans (prefill_segment auto, that RAM as cpu_memory)
         out["capacity"] = kv_codec_capacity(store, budget, context)
-        # the residual stream forced to pinned RAM (counted there): what the lever moves
-        out["capacity_residual_ram"] = kv_codec_capacity(store, budget, context, "ram")
+        # every prompt prefilled in one forward (the measure before segmented prefill)
+        out["capacity_one_forward"] = kv_codec_capacity(store, budget, context, segment=0)
+        # one forward, the residual stream forced to pinned RAM (counted there)
+        out["capacity_residual_ram"] = kv_codec_capacity(store, budget, context, "ram", 0)
     return out
 
 
-def kv_codec_capacity(store, budget: int, context: int, residual: str = "auto") -> dict:
+def kv_codec_capacity(
+    store, budget: int, context: int, residual: str = "auto", segment="auto"
+) -> dict:
     """``scripts/gpu/kv_codec.capacity`` (planner only) on a sizes-only store."""
     import importlib.util
 
@@ -176,7 +181,7 @@ def kv_codec_capacity(store, budget: int, context: int, residual: str = "auto") 
     spec = importlib.util.spec_from_file_location("gpu_kv_codec", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.capacity(store, budget, context, "cuda:0", residual=residual)
+    return mod.capacity(store, budget, context, "cuda:0", residual=residual, segment=segment)
 
 
 def _fmt(n: int) -> str:
@@ -200,7 +205,7 @@ def print_report(rep: dict) -> None:
     for name, row in rep["cases"].items():
         a, b = row["predicted_decode_s_before"], row["predicted_decode_s"]
         print(f"   {name:<20} {a} -> {b}")
-    for key in ("capacity", "capacity_residual_ram"):
+    for key in ("capacity", "capacity_one_forward", "capacity_residual_ram"):
         if key in rep:
             print(f"{key}:", json.dumps(rep[key]))
 

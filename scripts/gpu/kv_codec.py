@@ -113,84 +113,103 @@ def bench(store, contexts=CONTEXTS, new: int = NEW_TOKENS, codecs=CODECS, **llm_
 
 
 def _plan(store, spec, codec: str, context: int, gpu_memory: int | None, device: str,
-          residual: str = "auto"):  # fmt: skip
-    """The planner's plan for one request of ``context`` tokens (None when it does not fit);
-    ``residual``: where prefill keeps the prompt's hidden states (``prefill_residual``)."""
+          residual: str = "auto", segment="auto", ram: int | None = None):  # fmt: skip
+    """The planner's plan for one request of ``context`` tokens (None when it does not fit), as
+    the engine makes it (``engine/replan.py``): ``residual``, where prefill keeps the prompt's
+    hidden states (``prefill_residual``); ``segment``, prefill segments (``prefill_segment``:
+    auto segments when one forward is refused or pins more than ``ram``, the engine's
+    ``cpu_memory``)."""
     from ollm.errors import BudgetError
     from ollm.kv.codecs import kv_format
     from ollm.planning.placement import Workload, plan_placement
+    from ollm.planning.segments import plan_segmented
 
     fmt = kv_format(codec, RECENT, spec.head_dim, 2)
-    try:
+
+    def at(work):
         return plan_placement(
-            spec, store, device, gpu_memory, None, "auto", Workload(1, context, context), 2,
-            kv_format=fmt, prefill_residual=residual,
+            spec, store, device, gpu_memory, None, "auto", work, 2, kv_format=fmt,
+            prefill_residual=residual,
         )  # fmt: skip
+
+    def pinned(plan) -> int:
+        return host_bytes(store, spec, plan, codec, context)
+
+    try:
+        return plan_segmented(at, Workload(1, context, context), segment, ram, pinned)
     except BudgetError:
         return None
 
 
 def host_bytes(store, spec, plan, codec: str, context: int) -> int:
-    """Host RAM the plan pins: weights of RAM layers, the KV of RAM-tier layers (stored bytes
-    under a codec; an exact split layer's device blocks excluded) and, when prefill keeps it
-    there, the prompt's residual stream, as Runner allocates."""
+    """Host RAM the plan pins (``planning/segments.pinned_host_bytes``): weights of RAM layers,
+    the KV of RAM-tier layers (stored bytes under a codec; an exact split layer's device blocks
+    excluded) and, when prefill keeps it there, one forward's residual stream."""
     from ollm.kv.codecs import kv_format
+    from ollm.planning.segments import pinned_host_bytes
 
     fmt = kv_format(codec, RECENT, spec.head_dim, 2)
-    total = sum(store.layer_nbytes(i) for i, p in enumerate(plan.layers) if p.tier == "cpu")
-    if getattr(plan, "residual_ram", False):  # Runner._embed's pinned [context, hidden]
-        total += context * spec.hidden_size * 2
-    h, d = spec.num_kv_heads, spec.head_dim
-    for layer, p in zip(spec.layers, plan.layers, strict=True):
-        if p.kv_tier != "cpu":
-            continue
-        if fmt is not None and layer.window is None:
-            total += fmt.layer_bytes(1, h, d, 2, context)
-        else:
-            total += 2 * h * d * 2 * max(0, context - p.kv_device_tokens)
-    return total
+    return pinned_host_bytes(spec, store, plan, fmt, context)
 
 
 def longest_context(store, spec, codec: str, gpu_memory: int, ram: int, device: str,
-                    residual: str = "auto") -> int:  # fmt: skip
+                    residual: str = "auto", segment="auto") -> tuple[int, int]:  # fmt: skip
     """The longest context (to 1k tokens) whose plan fits ``gpu_memory`` and pins at most
-    ``ram`` bytes of host memory (``host_bytes``); 0 when not even 1k does."""
+    ``ram`` bytes of host memory (``host_bytes``), and that plan's prefill segment (0: one
+    forward); (0, 0) when not even 1k does."""
 
-    def fits(c: int) -> bool:
-        plan = _plan(store, spec, codec, c, gpu_memory, device, residual)
-        return plan is not None and host_bytes(store, spec, plan, codec, c) <= ram
+    def plan(c: int):
+        p = _plan(store, spec, codec, c, gpu_memory, device, residual, segment, ram)
+        return p if p is not None and host_bytes(store, spec, p, codec, c) <= ram else None
 
     lo, hi = 0, 1024
-    while fits(hi) and hi < 1 << 24:
+    while plan(hi) is not None and hi < 1 << 24:
         lo, hi = hi, hi * 2
     while hi - lo > 1024:
         mid = (lo + hi) // 2 // 1024 * 1024
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+        lo, hi = (mid, hi) if plan(mid) is not None else (lo, mid)
+    best = plan(lo) if lo else None
+    return lo, (best.prefill_segment if best is not None else 0)
 
 
 def capacity(store, gpu_memory: int, ref_context: int, device: str, codecs=CODECS,
-             residual: str = "auto") -> dict:  # fmt: skip
+             residual: str = "auto", segment="auto") -> dict:  # fmt: skip
     """Longest contexts per codec in ``gpu_memory`` plus the RAM bf16 KV pins at
     ``ref_context`` (its default plan's); the ratio of each to bf16's. ``residual``: where the
-    codecs' plans keep prefill's residual stream (``prefill_residual``; "ram" pins it)."""
+    codecs' plans keep prefill's residual stream (``prefill_residual``; "ram" pins it);
+    ``segment``: prefill segments (``prefill_segment``; "auto" as the engine given that RAM as
+    ``cpu_memory``, 0: one forward)."""
+    from ollm.kv.codecs import kv_format
     from ollm.models.registry import build_spec
+    from ollm.planning.placement import Workload
+    from ollm.planning.segments import segment_copy_bytes
     from ollm.storage.store import LayerStore
 
     store = LayerStore(store) if not hasattr(store, "layer_nbytes") else store
     spec = build_spec(store.hf_config())
     ref = _plan(store, spec, codecs[0], ref_context, gpu_memory, device)
     ram = host_bytes(store, spec, ref, codecs[0], ref_context) if ref is not None else 0
-    longest = {
-        c: longest_context(store, spec, c, gpu_memory, ram, device, residual) for c in codecs
+    found = {
+        c: longest_context(store, spec, c, gpu_memory, ram, device, residual, segment)
+        for c in codecs
     }
+    longest = {c: n for c, (n, _) in found.items()}
     base = longest[codecs[0]]
+    copies = {}  # the extra host->GPU bytes of prefilling the longest prompt in segments
+    for c, (n, _) in found.items():
+        plan = _plan(store, spec, c, n, gpu_memory, device, residual, segment, ram) if n else None
+        copies[c] = segment_copy_bytes(
+            spec, store, plan, kv_format(c, RECENT, spec.head_dim, 2), Workload(1, n, n)
+        ) if plan is not None else 0  # fmt: skip
     return {
         "gpu_memory_GiB": gpu_memory / GIB,
         "ram_GiB": ram / GIB,
         "ram_is": f"pinned weights + RAM KV of bf16 KV at {ref_context} tokens",
         "prefill_residual": residual,
+        "prefill_segment": segment,
         "longest_context": longest,
+        "segment_at_longest": {c: seg for c, (_, seg) in found.items()},
+        "segment_extra_copy_GB": {c: b / 1e9 for c, b in copies.items()},
         "ratio": {c: (n / base if base else None) for c, n in longest.items()},
     }
 

@@ -42,6 +42,10 @@ class EngineConfig:
     # A long prompt's hidden states during prefill: on the GPU ("gpu"), in pinned RAM with
     # chunks moved per layer ("ram"), or in RAM only when the GPU plan is refused ("auto").
     prefill_residual: str = "auto"
+    # A long prompt prefilled in segments of this many tokens, each a forward over every layer
+    # (planning/segments.py): "auto"/None only when one forward is refused or pins more RAM
+    # than cpu_memory; 0: always one forward.
+    prefill_segment: int | str | None = "auto"
     progress: bool = True  # progress bar while converting
     strict_context: bool = False  # a prompt beyond max_position_embeddings: error, not a warning
     kv_codec: str = "none"  # KV compression (issue 17): none, int8, int4, fp8, k:KIND,v:KIND, auto
@@ -81,6 +85,9 @@ class EngineConfig:
         from ollm.planning.residual import check_mode
 
         check_mode(self.prefill_residual)
+        from ollm.planning.segments import check_segment
+
+        check_segment(self.prefill_segment)
         if self.kv_block_tokens < 1:
             raise OllmError("kv_block_tokens must be >= 1")
         if self.cpu_layers is not None and self.cpu_layers < 0:

@@ -91,7 +91,7 @@ class Generator:
         disk = None
         try:
             kv, disk = self._new_kv(b, capacity, kv_dir, spans)
-            logits = self.runner.forward(ids, positions, kv, key_keep)
+            logits = self._prefill(ids, positions, kv, key_keep)
             tokens = sampler.sample(logits).cpu()
             t_first = time.perf_counter()
             metrics.prefill_seconds = metrics.time_to_first_token = t_first - t0
@@ -126,6 +126,19 @@ class Generator:
         metrics.finish_reason = reasons.pop() if len(reasons) == 1 else "mixed"
         metrics.energy_joules = energy.stop()
         return outs, metrics
+
+    def _prefill(self, ids, positions, kv, key_keep) -> torch.Tensor:
+        """Logits of the prompt's last position: one forward, or with ``plan.prefill_segment``
+        one forward per segment of that many tokens (KV appended, positions continuing; only
+        the last computes the head)."""
+        seg, width = self.runner.plan.prefill_segment, ids.shape[1]
+        if not seg or width <= seg:
+            return self.runner.forward(ids, positions, kv, key_keep)
+        for a in range(0, width - seg, seg):
+            self.runner.forward(ids[:, a : a + seg], positions[:, a : a + seg], kv, key_keep,
+                                head=_no_head)  # fmt: skip
+        a = (width - 1) // seg * seg
+        return self.runner.forward(ids[:, a:], positions[:, a:], kv, key_keep)
 
     def _new_kv(self, batch: int, capacity: int, kv_dir: str | None, spans=None):
         """KV caches for a request, with a run directory (checked for space) if any is on disk;
@@ -220,20 +233,43 @@ class Generator:
         if len(token_ids) < 2:
             raise RequestError("score needs at least two tokens")
         targets = torch.tensor(token_ids[1:], dtype=torch.long)
-        return self._teacher_forced(token_ids, lambda h: self._score_head(h, targets))
+        return self._teacher_forced(
+            token_ids, lambda h, a: self._score_head(h, targets[a : a + h.shape[1]])
+        )
 
     def final_hidden(self, token_ids: list[int]) -> torch.Tensor:
         """Final-layer hidden states [1, T, H] of a teacher-forced pass over ``token_ids`` (on the
-        last layer's device): a caller applies ``runner.logits`` to a few positions at a time."""
-        return self._teacher_forced(token_ids, lambda h: h)
+        last layer's device; in host RAM when prefilled in segments): a caller applies
+        ``runner.logits`` to a few positions at a time."""
+        seg = self.runner.plan.prefill_segment
+        if not seg or len(token_ids) <= seg:
+            return self._teacher_forced(token_ids, lambda h, a: h)
+        return self._teacher_forced(token_ids, lambda h, a: h.cpu())
 
     def _teacher_forced(self, token_ids: list[int], head) -> torch.Tensor:
-        """``head`` of the final hidden states of one pass over ``token_ids`` in a fresh KV."""
+        """``head(h, start)`` of the final hidden states of a pass over ``token_ids`` in a
+        fresh KV, concatenated along the positions: one forward, or one per prefill segment
+        (``plan.prefill_segment``; ``start`` its first position)."""
         ids = torch.tensor([token_ids], dtype=torch.long)
         pos = torch.arange(len(token_ids))[None]
-        kv, disk = self._new_kv(1, len(token_ids), None)
+        n, seg = len(token_ids), self.runner.plan.prefill_segment or len(token_ids)
+        kv, disk = self._new_kv(1, n, None)
         try:
-            return self.runner.forward(ids, pos, kv, None, head=head)
+            parts = [
+                self.runner.forward(
+                    ids[:, a : a + seg],
+                    pos[:, a : a + seg],
+                    kv,
+                    None,
+                    head=lambda h, a=a: head(h, a),
+                )  # fmt: skip
+                for a in range(0, n, seg)
+            ]
+            return (
+                parts[0]
+                if len(parts) == 1
+                else torch.cat(parts, dim=-1 if parts[0].dim() == 1 else 1)
+            )
         finally:
             self._release(kv, disk)
 
@@ -251,6 +287,11 @@ class Generator:
             logp = logits.gather(-1, tgt)[:, 0] - torch.logsumexp(logits, dim=-1)
             out.append(logp.cpu())
         return torch.cat(out)
+
+
+def _no_head(h: torch.Tensor) -> None:
+    """A segment before the last: its final hidden states are not needed."""
+    return None
 
 
 def _slot_spans(params: SamplingParams, prompts: list[list[int]], width: int):

@@ -79,20 +79,23 @@ def plan_for(engine, workload):
     experts = plan_with_experts(engine, whole, workload, elem, chunk)  # MoE: experts one by one
     if experts is not None:  # auto: the choice of the default rates
         return (replace(experts[0], kv_codecs=choice) if choice else experts[0]), experts[1]
+
+    def at(w):  # prefill in segments when prefill_segment says so (planning/segments.py)
+        return segmented(engine, w, elem, chunk["kv_format"],
+                         lambda x: plan_placement(*args, x, elem, **chunk))  # fmt: skip
+
     try:
-        plan = plan_placement(*args, workload, elem, **chunk)
+        plan = at(workload)
+        asked, workload = workload, prefill_workload(workload, plan)  # a segment's rows now
     except BudgetError as exc:
-        fit = largest_context(
-            lambda c: plan_placement(*args, Workload(workload.batch, c, c), elem, **chunk),
-            workload.context,
-        )
+        fit = largest_context(lambda c: at(Workload(workload.batch, c, c)), workload.context)
         if not fit:
             raise
         raise BudgetError(
             f"{exc}; this budget fits at most {fit} tokens of context "
             f"(max_context={fit}, --max-context {fit})"
         ) from None
-    rates = None
+    rates, seg = None, plan.prefill_segment
     hybrid = "off" if engine.hybrid_demoted else cfg.hybrid
     kv_in_ram = any(p.kv_tier == KvTier.CPU for p in plan.layers)
     routed = chunk["kv_read"] is not None and bool(plan.streamed)
@@ -113,7 +116,47 @@ def plan_for(engine, workload):
     def plan_with(fmt):
         return plan_placement(*args, workload, elem, *extra, **{**chunk, "kv_format": fmt})
 
-    return settle(engine, workload, rates, plan, choice, plan_with), rates
+    plan = settle(engine, workload, rates, plan, choice, plan_with)
+    return with_segment(engine, plan, seg, asked, rates, chunk["kv_format"], elem), rates
+
+
+def segmented(engine, workload, elem: int, fmt, plan_at):
+    """``plan_at(workload)`` with prefill segments as ``prefill_segment`` says
+    (``planning/segments.py``; auto also segments a plan pinning more RAM than ``cpu_memory``)."""
+    from ollm.planning.segments import pinned_host_bytes, plan_segmented
+
+    def pinned(p) -> int:
+        return pinned_host_bytes(
+            engine.spec, engine.store, p, fmt, workload.context, workload.batch, elem
+        )
+
+    cfg = engine.config
+    seg = getattr(cfg, "prefill_segment", "auto")
+    return plan_segmented(plan_at, workload, seg, cfg.cpu_memory, pinned)
+
+
+def prefill_workload(workload, plan):
+    """``workload`` with the rows of one forward the plan prefills in (its segment)."""
+    from ollm.planning.placement import Workload
+
+    if not plan.prefill_segment:
+        return workload
+    rows = min(workload.prefill_tokens, plan.prefill_segment)
+    return Workload(workload.batch, workload.context, rows)
+
+
+def with_segment(engine, plan, seg: int, work, rates, fmt, elem: int):
+    """``plan`` (re-planned for a segment's rows) marked with that segment, and with measured
+    rates the prefill time its extra copies take (``segments.segment_copy_bytes``)."""
+    if not seg:
+        return plan
+    from ollm.planning.segments import COST_KEY, mark, segment_copy_bytes
+
+    plan = mark(plan, seg)
+    if rates is not None and getattr(rates, "pcie", 0):
+        extra = segment_copy_bytes(engine.spec, engine.store, plan, fmt, work, elem)
+        plan = replace(plan, predicted={**plan.predicted, COST_KEY: extra / rates.pcie})
+    return plan
 
 
 def load(engine, workload, planned=None) -> None:

@@ -103,7 +103,7 @@ class Runner:
                 from ollm.kv.compressed import CompressedCaches
 
                 stats, evict = self.prefetcher.stats, (self.kv_evict, self.kv_keep)
-                forward = self.plan.prefill_chunk_tokens or capacity
+                forward = self.plan.prefill_chunk_tokens or self._forward_rows(capacity)
                 codecs = CompressedCaches(
                     s, self.dtype, self.kv_codec, self.kv_recent, batch, capacity, stats, evict,
                     forward,
@@ -165,12 +165,19 @@ class Runner:
         window + one forward when that is smaller (``SlidingKVCache``)."""
         s = self.spec
         window = s.layers[i].window
-        bound = window_capacity(window, self.plan.prefill_chunk_tokens or capacity)
+        bound = window_capacity(
+            window, self.plan.prefill_chunk_tokens or self._forward_rows(capacity)
+        )
         if window and bound < capacity:
             return SlidingKVCache(
                 batch, s.num_kv_heads, s.head_dim, bound, self.dtype, p.kv_device, window
             )
         return LayerKVCache(batch, s.num_kv_heads, s.head_dim, capacity, self.dtype, p.kv_device)
+
+    def _forward_rows(self, capacity: int) -> int:
+        """Rows of the largest forward into a cache of ``capacity`` slots: one prefill segment
+        (``plan.prefill_segment``), or the whole capacity."""
+        return min(capacity, self.plan.prefill_segment or capacity)
 
     def _attach_fetcher(self, caches: list, all_disk: bool) -> None:
         """The KVFetcher of the layers whose RAM KV decode copies to the GPU (none with every

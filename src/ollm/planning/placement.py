@@ -88,6 +88,7 @@ class PlacementPlan:
     decode_reserved: dict[str, int] = field(default_factory=dict)
     decode_rows: int = 0
     residual_ram: bool = False  # the prompt's hidden states in pinned RAM during prefill
+    prefill_segment: int = 0  # prompts prefilled in forwards of this many tokens (0: one)
 
     def phase(self, tokens: int) -> Phase:
         """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
@@ -167,6 +168,8 @@ class PlacementPlan:
         fetched = [i for i, p in enumerate(self.layers) if p.kv_fetch]
         if self.residual_ram:
             rows.append(("prefill residual stream", "in pinned RAM, chunks moved per layer"))
+        if self.prefill_segment:
+            rows.append(("prefill segments", f"{self.prefill_segment} tokens per forward"))
         if self.kv_codecs is not None:
             rows += self.kv_codecs.describe()
         rows += routed_rows(self.kv_read, self.layers)

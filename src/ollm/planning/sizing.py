@@ -92,7 +92,8 @@ class PlanSizes:
         compressed = compressed and not any(layer.window for layer in spec.layers)
         if kv_format is not None:  # the codec workspace (kv/compressed.py CodecWorkspace)
             b, h, ctx = work.batch, spec.num_kv_heads, work.context
-            fwd = chunk or ctx  # the runner's largest forward (Runner.new_kv's ``forward``)
+            # the runner's largest forward (Runner.new_kv's ``forward``; a segment's rows)
+            fwd = chunk or min(ctx, work.prefill_tokens)
             workspace = kv_format.workspace_bytes(
                 b, h, spec.head_dim, dtype_bytes, ctx, fwd, on_gpu
             )
