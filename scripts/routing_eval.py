@@ -177,7 +177,7 @@ def passkey_cell(llm: LLM, parts: dict, want: int, settings: dict[str, str]) -> 
 def _codec_cell(llm: LLM, ids: list[int], new: int, want: int, setting: str) -> dict:
     """Prefill ``ids`` into compressed caches (``kv:CODEC:RECENT``) and decode ``new`` greedy
     tokens, as ``LLM(kv_codec=CODEC, kv_recent=RECENT).generate`` would."""
-    _, codec, recent = setting.split(":")
+    codec, recent = setting[len("kv:") :].rsplit(":", 1)  # kv:k:int4,v:int8:128 too
     runner, n = llm.runner, len(ids)
     runner.kv_codec, runner.kv_recent = codec, int(recent)
     try:
