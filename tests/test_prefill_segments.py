@@ -191,6 +191,17 @@ def test_segment_copies_are_counted():
     assert weights > 0 and kv > 0
     assert segment_copy_bytes(spec, store, p, None, work) == 3 * weights + kv
     assert segment_copy_bytes(spec, store, plan(work), None, work) == 0
+    # int4: compressed RAM layers stage their encoded prefix per attention call in one forward
+    # too, so only the weight passes are added
+    fmt = kv_format("int4", 128, spec.head_dim, 2)
+    q = plan_segmented(
+        lambda w: plan_placement(spec, store, "cuda:0", 8 * GiB, None, "auto", w, 2, kv_format=fmt),
+        work,
+        32768,
+    )
+    assert any(x.kv_tier != "device" for x in q.layers)
+    streamed = sum(store.layer_nbytes(i) for i in q.streamed_for(Phase.PREFILL))
+    assert segment_copy_bytes(spec, store, q, fmt, work) == 3 * streamed
 
 
 def test_bad_segment_values_are_refused():

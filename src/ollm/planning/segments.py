@@ -126,8 +126,10 @@ def segment_copy_bytes(spec, store, plan: PlacementPlan, kv_format, work: Worklo
                        elem: int = 2) -> int:  # fmt: skip
     """Bytes segmenting adds to a prefill of ``work.prefill_tokens`` tokens over the host link:
     every segment after the first streams the prefill's streamed layers again, and copies the
-    earlier segments' KV of each layer whose KV is off the device (RAM or disk; exact bytes, or
-    a codec's encoded bytes) back to attend to it."""
+    earlier segments' KV of each exact layer whose KV is off the device (RAM or disk, less an
+    exact split layer's device blocks) into the prefill scratch to attend to it. A compressed
+    layer homed off the device copies its encoded prefix into the staging store at every
+    attention call (every row chunk) in one forward as well: nothing is added for it."""
     seg, n = plan.prefill_segment, work.prefill_tokens
     if not seg or seg >= n:
         return 0
@@ -140,9 +142,8 @@ def segment_copy_bytes(spec, store, plan: PlacementPlan, kv_format, work: Worklo
     for layer, p in zip(spec.layers, plan.layers, strict=True):
         if p.kv_tier == "device" or layer.linear:
             continue
+        if kv_format is not None and kv_format.ram and layer.window is None:
+            continue  # compressed: its encoded prefix crosses per attention call either way
         for s in starts:
-            if kv_format is not None and layer.window is None:
-                total += kv_format.layer_bytes(b, h, d, elem, s)
-            else:
-                total += 2 * b * h * d * elem * max(0, s - p.kv_device_tokens)
+            total += 2 * b * h * d * elem * max(0, s - p.kv_device_tokens)
     return total
