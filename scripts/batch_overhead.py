@@ -6,8 +6,10 @@
 A llama of tiny widths (hidden 64, 4 heads, 2 KV heads of 16, vocab 256: the arithmetic is ~0)
 with Llama-3.1-8B's depth (``--layers``, 32), float32, every layer and KV pool on the CPU, so
 what a step costs is Python, dispatch and bookkeeping: the part of a GPU step that grows with
-the batch while the weights stream. ``B`` prompts of 20-59 tokens go through `BatchEngine`
-(16-token blocks) in one prefill step; then, per batch size, over pure decode steps:
+the batch while the weights stream. ``B`` prompts of 20-59 tokens (``--prompt``, ``--spread``:
+short ones leave less KV to gather and attend, which is real work on the CPU) go through
+`BatchEngine` (16-token blocks) in one prefill step; then, per batch size, over pure decode
+steps:
 
 * ``step_ms``: wall ms per step (median, p10, p90, mean) and ``cpu_ms`` (this thread's CPU time,
   steadier on a shared machine); ``per_layer_us``: the median over the layers;
@@ -15,7 +17,8 @@ the batch while the weights stream. ``B`` prompts of 20-59 tokens go through `Ba
   per step and per layer, by name; ``host_reads_per_step``: ``tolist``/``item``/``__int__``/
   ``__float__``/``__bool__``/``cpu`` calls on tensors (each a sync on a GPU for a device tensor);
 * ``top``: Python functions with the most own time, and ``cum``: the engine's main stages'
-  cumulative time (cProfile), microseconds per step;
+  cumulative time (cProfile), microseconds per step; ``profile_split``: own ms per step in
+  Python code vs in built-in calls (torch ops; on a GPU those would be kernel launches);
 * ``torch_profile``: `ollm.bench.stepprof.profile_steps` over a few steps (top aten ops).
 
 One JSON object (stdout, and ``--out``). To compare two versions run the script with each on
@@ -119,6 +122,21 @@ def _stepprof():
     return stepprof.decode_ready, stepprof.profile_steps
 
 
+def _split(prof: cProfile.Profile, steps: int) -> dict:
+    """Own ms per step in Python functions vs in built-in calls (torch ops, C helpers): the
+    first is host time a GPU would add to its kernels' whatever their size (under cProfile,
+    which inflates it; compare like with like)."""
+    import pstats
+
+    py = builtin = 0.0
+    for (file, line, _), (_, _, tt, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        if line and file != "~":
+            py += tt
+        else:
+            builtin += tt
+    return dict(python_ms=round(py / steps * 1e3, 2), builtin_ms=round(builtin / steps * 1e3, 2))
+
+
 def _q(xs: list[float]) -> dict:
     s = sorted(x * 1e3 for x in xs)
     return dict(median=round(statistics.median(s), 3), p10=round(s[len(s) // 10], 3),
@@ -139,7 +157,8 @@ def measure_batch(llm, batch: int, args) -> dict:
     g = torch.Generator().manual_seed(batch)
     eng = BatchEngine(llm.runner, None, (), block_tokens=16, max_batch=batch, max_context=256)
     for i in range(batch):
-        eng.add(torch.randint(0, 256, (20 + (7 * i) % 40,), generator=g).tolist(), sp)
+        n = args.prompt + (7 * i) % args.spread
+        eng.add(torch.randint(0, 256, (n,), generator=g).tolist(), sp)
     decode_ready(eng)
     for _ in range(args.warmup):
         eng.step()
@@ -176,6 +195,7 @@ def measure_batch(llm, batch: int, args) -> dict:
             )[:20]
         ),  # fmt: skip
         host_reads_per_step={k: round(v / ops_steps, 1) for k, v in sorted(reads.items())},
+        profile_split=_split(prof, prof_steps),
         cum=_stages(prof, prof_steps),
         top=_top(prof, prof_steps, args.top),
         torch_profile=tprof,
@@ -189,6 +209,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=20, help="shortest prompt (tokens)")
+    ap.add_argument("--spread", type=int, default=40, help="prompt i: --prompt + 7i mod this")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--machine", default="2-core CPU VM")
