@@ -369,11 +369,14 @@ def main() -> int:
             )  # fmt: skip
         if args.profile_steps:
             sizes = [int(b) for b in args.bench_batches.split(",")]
-            report["step_profile"] = step_profile(
-                Path(tmp), args.profile_synthetic or args.bench_synthetic, args.bench_budget,
-                args.profile_batch, args.profile_plan_batch or max(sizes),
-                args.profile_prompt or args.bench_prompt, args.profile_steps, args.device,
-            )  # fmt: skip
+            try:  # the rest of the report is kept whatever happens here (e.g. no CUPTI)
+                report["step_profile"] = step_profile(
+                    Path(tmp), args.profile_synthetic or args.bench_synthetic, args.bench_budget,
+                    args.profile_batch, args.profile_plan_batch or max(sizes),
+                    args.profile_prompt or args.bench_prompt, args.profile_steps, args.device,
+                )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - recorded in the report
+                report["step_profile"] = {"error": repr(exc)}
             print("step_profile", json.dumps(report["step_profile"]), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
