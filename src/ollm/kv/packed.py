@@ -163,7 +163,7 @@ class PackedStep:
         bt = store.block_tokens
         flat: list[int] = []  # row blocks, row offsets, then each part below, one tensor
         row_offset: list[int] = []
-        infos = []  # (row0, n, start, key0, held block ids, tree, where its ids sit in flat)
+        infos = []  # (row0, rows, start, key0, held block ids, tree) per sequence
         row = 0
         for st in plan.seqs:
             blocks = st.block_tables[group]
