@@ -87,7 +87,7 @@ def routing_inputs(spec, work, attention: str = ATTENTION):
 
 def plan_case(spec, store, work, budget: int, rates, codec: str = "none",
               attention: str = "full", chunk_tokens: int | None = None,
-              decode_resident: bool = True):  # fmt: skip
+              decode_resident: bool = False):  # fmt: skip
     """The plan of one device row: ``codec`` as kv_codec.py plans it, or ``attention`` as
     routing.py does (offload cpu, hybrid off)."""
     from ollm.kv.codecs import kv_format
@@ -157,7 +157,8 @@ def report(
     out = {"model": "llama3-8b (bf16, meta store)", "context": work.context, "budget": budget,
            "rates": rates.__dict__, "cases": {}}  # fmt: skip
     for name, kw in CASES:
-        row = describe(plan_case(spec, store, work, budget, rates, **kw))
+        # decode-resident layers (opt-in in the engine) held, and without them (``before``)
+        row = describe(plan_case(spec, store, work, budget, rates, decode_resident=True, **kw))
         off = plan_case(spec, store, work, budget, rates, decode_resident=False, **kw)
         row["predicted_decode_s_before"] = off.predicted.get("decode s (KV split)")
         out["cases"][name] = row

@@ -377,3 +377,32 @@ def test_expert_lookahead_flag_reaches_the_engine(env, monkeypatch):
         assert isinstance(res.exception, Built), res.output
     assert [kw.get("expert_lookahead") for kw in seen] == [True, True, None]
     assert "--expert-lookahead" in invoke("bench", "--help").stdout
+
+
+def test_decode_resident_flag_reaches_the_engine(env, monkeypatch):
+    """``--decode-resident`` (opt-in: off by default until a device budget check passes) is
+    passed as ``decode_resident=True`` by run and info, ``--no-decode-resident`` as False, left
+    to the default (``EngineConfig.decode_resident`` False) when not given; listed by bench."""
+    from ollm.config import EngineConfig
+
+    seen: list[dict] = []
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.append(kwargs)
+        raise Built
+
+    monkeypatch.setattr("ollm.api.LLM", fake_llm)
+    base = ("--cache-dir", env["cache"], "--device", "cpu")
+    for args in (
+        ("run", "hi", "--model", env["model"], *base, "--decode-resident"),
+        ("info", env["model"], *base, "--no-decode-resident"),
+        ("info", env["model"], *base),
+    ):
+        res = invoke(*args)
+        assert isinstance(res.exception, Built), res.output
+    assert [kw.get("decode_resident") for kw in seen] == [True, False, None]
+    assert EngineConfig().decode_resident is False
+    assert "--decode-resident" in invoke("bench", "--help").stdout

@@ -13,7 +13,12 @@ import pytest
 
 from ollm import LLM, SamplingParams
 from ollm.planning.costmodel import MachineRates
-from ollm.planning.decode_resident import DECODE_ROWS, DECODE_ROWS_UP_TO, decode_activations
+from ollm.planning.decode_resident import (
+    DECODE_ROWS,
+    DECODE_ROWS_UP_TO,
+    decode_activations,
+    fragmentation_allowance,
+)
 from ollm.planning.placement import Workload, plan_placement
 from ollm.tiers import Phase, Tier
 
@@ -58,7 +63,10 @@ def test_decode_holds_layers_within_the_budget(report, llama8b, codec, attention
 
     held, plain = plan(True), plan(False)
     assert sum(held.reserved.values()) <= 8 * GiB
-    assert sum(held.decode_reserved.values()) <= 8 * GiB
+    # Decode plans below the budget by the allocator's allowance (256 MiB at 8 GiB): the H200
+    # measured a peak reserved up to 0.112 GiB over the planned decode reservation.
+    assert fragmentation_allowance(8 * GiB) == 256 << 20
+    assert sum(held.decode_reserved.values()) <= 8 * GiB - fragmentation_allowance(8 * GiB)
     assert held.peak_device_bytes <= 8 * GiB
     chosen = held.decode_resident
     assert chosen and held.decode_rows in (DECODE_ROWS, *DECODE_ROWS_UP_TO)
@@ -89,7 +97,7 @@ def test_codec_rows_get_a_predicted_step_and_int4_gains(report, llama8b):
     rates = report.h200_rates()
     steps = {}
     for codec in ("none", "int4"):
-        plan = report.plan_case(spec, store, WORK, 8 * GiB, rates, codec)
+        plan = report.plan_case(spec, store, WORK, 8 * GiB, rates, codec, decode_resident=True)
         steps[codec] = plan.predicted["decode s (KV split)"]
     assert steps["none"] / steps["int4"] > 1.6, steps
 
@@ -98,10 +106,11 @@ def test_small_budget_or_no_rates_holds_nothing(llama8b):
     """Without measured rates (no cost model) or on a budget whose decode frees less than a
     layer, the plan is what it was; a plan without streamed layers holds nothing more."""
     spec, store = llama8b
-    plan = plan_placement(spec, store, "cuda:0", 8 * GiB, None, "cpu", WORK, 2)
+    plan = plan_placement(spec, store, "cuda:0", 8 * GiB, None, "cpu", WORK, 2,
+                          decode_resident=True)  # fmt: skip
     assert not plan.decode_resident and not plan.decode_rows
     big = plan_placement(spec, store, "cuda:0", 80 * GiB, None, "cpu", Workload(1, 4096, 4096), 2,
-                         _report().h200_rates())  # fmt: skip
+                         _report().h200_rates(), decode_resident=True)  # fmt: skip
     assert not big.streamed and not big.decode_resident
 
 
@@ -162,3 +171,27 @@ def _on_device(plan, device: str):
     layers = tuple(replace(p, exec_device=swap(p.exec_device)) for p in plan.layers)
     return replace(plan, device=device, layers=layers, embed_device=swap(plan.embed_device),
                    head_device=swap(plan.head_device))  # fmt: skip
+
+
+def test_off_by_default_and_the_allowance(report, llama8b):
+    """Opt-in (``EngineConfig.decode_resident`` and ``plan_placement`` default False) until a
+    device budget check passes: the default plan holds no layer in decode; held layers never
+    fill the decode reservation past the budget less ``fragmentation_allowance`` (max(256 MiB,
+    3%)), which costs verify rows or a layer rather than the budget."""
+    from ollm.config import EngineConfig
+
+    assert EngineConfig().decode_resident is False
+    spec, store = llama8b
+    rates = report.h200_rates()
+    plain = plan_placement(spec, store, "cuda:0", 8 * GiB, None, "cpu", WORK, 2, rates, "off")
+    assert not plain.decode_resident and not plain.decode_rows
+    assert fragmentation_allowance(16 * GiB) == int(16 * GiB * 0.03) > 256 << 20
+    for gib in (7, 8, 10, 16):
+        budget = gib * GiB
+        held = plan_placement(spec, store, "cuda:0", budget, None, "cpu", WORK, 2, rates, "off",
+                              decode_resident=True)  # fmt: skip
+        cap = budget - fragmentation_allowance(budget)
+        assert sum(held.decode_reserved.values()) <= cap, gib
+        if held.decode_resident:  # one layer more would cross the allowance (or none is left)
+            more = sum(held.decode_reserved.values()) + store.max_layer_nbytes
+            assert more > cap or set(held.decode_resident) == set(held.streamed), gib

@@ -214,8 +214,9 @@ def capacity(store, gpu_memory: int, ref_context: int, device: str, codecs=CODEC
     }
 
 
-def run(out: Path, quick: bool = False) -> dict:
-    """The device case: Llama-3.1-8B shapes, 8 GiB, 32k (and 100k unless ``quick``)."""
+def run(out: Path, quick: bool = False, decode_resident: bool = False) -> dict:
+    """The device case: Llama-3.1-8B shapes, 8 GiB, 32k (and 100k unless ``quick``);
+    ``decode_resident``: the engine's opt-in decode-resident layers (default off)."""
     from ollm.bench.models import synthetic_store
 
     work = Path(os.environ.get("OLLM_WORKDIR", "/tmp/ollm-gpu"))  # the store, kept between runs
@@ -226,12 +227,14 @@ def run(out: Path, quick: bool = False) -> dict:
         "torch": torch.__version__,
         "store_build_s": time.perf_counter() - t,
         "budget": "8GiB",
+        "decode_resident": decode_resident,
         "recent": RECENT,
     }
     report["capacity"] = capacity(store, 8 * GIB, 100000, "cuda:0")
     print(json.dumps({"capacity": report["capacity"]}), flush=True)
     contexts = CONTEXTS[:1] if quick else CONTEXTS
-    report["rows"] = bench(store, contexts, device="cuda:0", gpu_memory="8GiB")
+    report["rows"] = bench(store, contexts, device="cuda:0", gpu_memory="8GiB",
+                           decode_resident=decode_resident)  # fmt: skip
     last = report["rows"][-1]
     first = {c: r["tokens"] for c, r in report["rows"][0]["runs"].items()}
     report["int8_tokens_equal_bf16_32k"] = first["int8"] == first["none"]
@@ -248,8 +251,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="32k only")
+    ap.add_argument("--decode-resident", action="store_true",
+                    help="hold decode-resident layers (the engine's opt-in; default off)")  # fmt: skip
     args = ap.parse_args()
-    report = run(Path(args.out), quick=args.quick)
+    report = run(Path(args.out), quick=args.quick, decode_resident=args.decode_resident)
     summary = {k: v for k, v in report.items() if k != "rows"}
     summary["rows"] = [
         {

@@ -152,8 +152,9 @@ def bench(
     return rows
 
 
-def run(out: Path, quick: bool = False) -> dict:
-    """The device case: Llama-3.1-8B shapes, 8 GiB, 32k (and 100k unless ``quick``)."""
+def run(out: Path, quick: bool = False, decode_resident: bool = False) -> dict:
+    """The device case: Llama-3.1-8B shapes, 8 GiB, 32k (and 100k unless ``quick``);
+    ``decode_resident``: the engine's opt-in decode-resident layers (default off)."""
     from ollm.bench.models import synthetic_store
 
     work = Path(os.environ.get("OLLM_WORKDIR", "/tmp/ollm-gpu"))  # the store, kept between runs
@@ -164,6 +165,7 @@ def run(out: Path, quick: bool = False) -> dict:
         "torch": torch.__version__,
         "store_build_s": time.perf_counter() - t,
         "budget": "8GiB",
+        "decode_resident": decode_resident,
         "page_tokens": PAGE_TOKENS,
         "read_share_max": READ_SHARE,
     }
@@ -171,8 +173,9 @@ def run(out: Path, quick: bool = False) -> dict:
     # As gpu_check's "cpu" case (the 100k rows of docs/benchmarks.md): layers that do not fit
     # stream from pinned RAM, no CPU-computed layers; KV beyond the budget in pinned RAM.
     report["rows"] = bench(
-        store, contexts, device="cuda:0", gpu_memory="8GiB", offload="cpu", hybrid="off"
-    )
+        store, contexts, device="cuda:0", gpu_memory="8GiB", offload="cpu", hybrid="off",
+        decode_resident=decode_resident,
+    )  # fmt: skip
     last = report["rows"][-1]
     report["ok"] = all(r["topk"]["kv_read_fraction"] <= READ_SHARE for r in report["rows"])
     report["target_1_8x_at_100k"] = (
@@ -187,8 +190,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="32k only")
+    ap.add_argument("--decode-resident", action="store_true",
+                    help="hold decode-resident layers (the engine's opt-in; default off)")  # fmt: skip
     args = ap.parse_args()
-    report = run(Path(args.out), quick=args.quick)
+    report = run(Path(args.out), quick=args.quick, decode_resident=args.decode_resident)
     summary = {k: v for k, v in report.items() if k != "rows"}
     summary["rows"] = [
         {

@@ -37,8 +37,10 @@ class EngineConfig:
     kv_block_tokens: int = 256  # KV block size (token slots): the unit KV is split between tiers in
     cpu_layers: int | None = None  # force how many RAM layers the CPU computes in decode (hybrid)
     # Streamed layers held on the GPU while decode runs, in the bytes prefill's activations
-    # leave (planning/decode_resident.py; the cost model picks them); False: never.
-    decode_resident: bool = True
+    # leave (planning/decode_resident.py; the cost model picks them). Opt-in (False: never)
+    # until a device budget check passes: on an H200 its peak reserved memory was 8.018 GiB
+    # at gpu_memory=8GiB (docs/architecture.md, "Decode-resident layers").
+    decode_resident: bool = False
     # A long prompt's hidden states during prefill: on the GPU ("gpu"), in pinned RAM with
     # chunks moved per layer ("ram"), or in RAM only when the GPU plan is refused ("auto").
     prefill_residual: str = "auto"

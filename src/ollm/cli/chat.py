@@ -77,6 +77,7 @@ def chat(
     kv_evict: KvEvictOpt = None,
     kv_keep: KvKeepOpt = None,
     hybrid: HybridOpt = None,
+    decode_resident: common.DecodeResidentOpt = None,
     threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
     attention: common.AttentionOpt = None,
@@ -106,6 +107,7 @@ def chat(
             kv_evict=kv_evict,
             kv_keep=kv_keep,
             hybrid=hybrid,
+            decode_resident=decode_resident,
             cache_dir=cache_dir,
             attention=attention,
         )

@@ -366,6 +366,16 @@ ExpertLookaheadOpt = Annotated[
         show_default=False,
     ),
 ]
+DecodeResidentOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--decode-resident/--no-decode-resident",
+        help="Hold extra streamed layers on the GPU while decode runs, in the bytes the "
+        "prefill's activations used (off by default: its GPU budget is not yet checked on a "
+        "device).",
+        show_default=False,
+    ),
+]
 AttentionOpt = Annotated[
     str | None,
     typer.Option(

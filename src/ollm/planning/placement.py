@@ -238,7 +238,7 @@ def plan_placement(
     kv_format: KVFormat | None = None,
     summary_bytes: int = 0,
     kv_read: tuple[float, ...] | None = None,
-    decode_resident: bool = True,
+    decode_resident: bool = False,
     prefill_residual: str = "auto",
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.

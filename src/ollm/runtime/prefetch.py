@@ -425,7 +425,15 @@ class Prefetcher:
         self.streamed = self.plan.streamed_for(phase)
         self._streamed_set = set(self.streamed)
         self.reset()
-        self._hold_decode_resident(phase == Phase.DECODE)
+        if self.plan.decode_resident:
+            self._hold_decode_resident(False)  # a prefill: its activations take their bytes
+            if self.cuda:
+                # Once per switch, after reset's synchronize (the last forward's tensors are
+                # gone): the cached blocks go back, so held layers (or the prefill's activations)
+                # get fresh segments instead of splitting the other phase's, which on an H200
+                # left the peak reserved above the budget (planning/decode_resident.py).
+                torch.cuda.empty_cache()
+            self._hold_decode_resident(phase == Phase.DECODE)
 
     def _hold_decode_resident(self, hold: bool) -> None:
         """Decode-resident layers (``planning/decode_resident.py``): copied from their pinned RAM
