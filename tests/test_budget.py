@@ -295,19 +295,20 @@ def _script(name: str):
 
 
 def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
-    """scripts/gpu/budget.py's compressed-KV, paged-batch and MoE expert-cache cells, planned
-    and run on the CPU (the budget is RAM there, no CUDA peak): just below the planner's
-    minimum refused with one line naming it, from the path's minimum up each cell generates on
-    its path (codec held, paged engine, experts through the cache); one cell runs in a child
-    process exactly as the device run spawns it."""
+    """scripts/gpu/budget.py's compressed-KV, paged-batch, MoE expert-cache and decode-resident
+    cells, planned and run on the CPU (the budget is RAM there, no CUDA peak): just below the
+    planner's minimum refused with one line naming it, from the path's minimum up each cell
+    generates on its path (codec held, paged engine, experts through the cache, the opt-in
+    decode_resident reaching the engine); one cell runs in a child process exactly as the
+    device run spawns it."""
     budget, kinds = _script("budget"), _script("budget_kinds")
-    new = ("codec", "batch", "moe")
+    new = ("codec", "batch", "moe", "resident")
     stores = kinds.make_kind_stores(tmp_path, new, True, TINY)
     cells = kinds.kind_cells(new, stores, False, "cpu", str(tmp_path / "cache"), prompt=64)
     heads = {(c["kind"], c.get("codec"), c["batch"]) for c in cells}
     assert heads == {("codec", "int4", 1), ("codec", "int8", 1), ("codec", "auto", 1),
                      ("batch", "none", 8), ("batch", "int4", 8), ("batch", "none", 4),
-                     ("batch", "int4", 4), ("moe", None, 1)}  # fmt: skip
+                     ("batch", "int4", 4), ("moe", None, 1), ("resident", None, 1)}  # fmt: skip
     rows = [budget.judge(budget.run_cell(c)) for c in cells]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     for head in heads:
@@ -318,6 +319,10 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
         assert mine[1]["planned_path"] and mine[2]["planned_path"]
     quick = kinds.kind_cells(("moe",), stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
     assert [c["budget"] for c in quick] == [c["budget"] for c in cells if c["kind"] == "moe"][:2]
+    # The resident kind keeps its cell above the path's minimum under --quick too.
+    held = kinds.kind_cells(("resident",), stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
+    assert [c["budget"] for c in held] == [c["budget"] for c in cells if c["kind"] == "resident"]
+    assert kinds.options(held[0])["decode_resident"] is True
     for r in rows:
         if r["refused"]:
             continue
@@ -330,6 +335,8 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
             assert r["paged"] and r["kv_codec_held"] == r["codec"]
         if r["kind"] == "moe":
             assert r["experts"]["disk"] > 0 and r["cache_slots"] >= 2
+        if r["kind"] == "resident":  # the option reaches the engine; the CPU holds no layer
+            assert r["decode_resident_option"] is True and r["decode_rows"] == 0
     moe = next(c for c in cells if c["kind"] == "moe" and c["budget"] >= c["path_minimum"])
     child = budget.judge(budget._spawn(moe))
     assert child["ok"] and not child["refused"] and child["path_ok"], child

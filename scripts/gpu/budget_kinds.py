@@ -9,6 +9,11 @@ run by ``budget.run_cell`` in a fresh process.
 * ``moe``: a small Qwen3-30B-A3B-shaped store (few layers and experts), experts placed one by
   one (``moe_offload="expert"``) with the GPU expert cache and lookahead on, at the least budget
   whose plan still places experts with lookahead on and homes experts in RAM (on a GPU).
+* ``resident``: one long-ish prompt (8k; 32k too without ``--quick``) with decode-resident
+  layers (``decode_resident=True``, opt-in: on an H200 its peak reserved was 8.018 GiB at 8 GiB),
+  at the least budget whose plan holds some (on a GPU; the cost model's rates, hybrid
+  ``auto`` with ``cpu_layers=0``) and one above it, quick or not: the peak covers the prefill,
+  the switch to decode (held layers allocated) and decode.
 
 Per kind one cell just below the planner's minimum (any plan): it must be refused with a
 BudgetError naming the minimum ("at least"). Every cell runs with ``hybrid="off"`` so no rates
@@ -23,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 MIB = 1 << 20
-KINDS = ("exact", "codec", "batch", "moe")
+KINDS = ("exact", "codec", "batch", "moe", "resident")
 NEW_TOKENS = 16
 # preset overrides of the stores: (llama3-1b for codec and batch, qwen3-30b-a3b for moe)
 MOE_QUICK = dict(num_hidden_layers=4, num_experts=32)
@@ -44,7 +49,7 @@ def make_kind_stores(root: Path, kinds: tuple[str, ...], quick: bool,
     tiny = tiny or {}
     want = {"llama": ("llama3-1b", {"num_hidden_layers": 4 if quick else 16})}
     want["moe"] = ("qwen3-30b-a3b", dict(MOE_QUICK if quick else MOE_FULL))
-    need = {"llama"} if {"codec", "batch"} & set(kinds) else set()
+    need = {"llama"} if {"codec", "batch", "resident"} & set(kinds) else set()
     need |= {"moe"} if "moe" in kinds else set()
     out = {}
     for name in sorted(need):
@@ -67,6 +72,8 @@ def options(cell: dict) -> dict:
         opts["kv_codec"] = cell["codec"]
     if kind == "moe":
         opts.update(moe_offload="expert", offload="cpu", expert_lookahead=True, expert_cpu="off")
+    if kind == "resident":  # rates measured (hybrid auto), no CPU-computed layer (none held then)
+        opts.update(decode_resident=True, offload="cpu", hybrid="auto", cpu_layers=0)
     return opts
 
 
@@ -108,6 +115,8 @@ def path_taken(cell: dict, plan) -> bool:
     """Whether ``plan`` takes the path the cell's kind checks (the MoE kind: experts placed one
     by one through the cache, not all resident; on a GPU also with lookahead on and experts
     homed in RAM)."""
+    if cell.get("kind") == "resident":  # on the CPU nothing is held (no copy engine)
+        return plan.device == "cpu" or bool(plan.decode_resident)
     if cell.get("kind") != "moe":
         return True
     e = plan.experts
@@ -136,11 +145,13 @@ def minimums(eng, cell: dict) -> tuple[int, int]:
     try:
         low = _bisect(1, 1 << 18, lambda mib: accepts(mib, False))  # MiB: lo refused, hi accepted
         # The path may hold only in a window above the minimum (MoE: until every expert is
-        # resident): gallop up from the minimum to a budget on it, then bisect below that.
+        # resident): gallop up from the minimum to a budget on it, then bisect below that. Held
+        # decode-resident layers' window can be ~150 MiB wide (4 layers, 8k): 32 MiB steps.
         step, prev = 1, low - 1
         while not accepts(low + step - 1, True):
-            prev, step = low + step - 1, step * 2
-            if step > 1 << 18:
+            prev = low + step - 1
+            step = step + 32 if cell["kind"] == "resident" else step * 2
+            if step > 1 << 18 or (cell["kind"] == "resident" and step > 16 * low):
                 raise RuntimeError(f"no budget takes the {cell['kind']} path: {cell}")
         on_path = _bisect(prev, low + step - 1, lambda mib: accepts(mib, True))
     finally:
@@ -158,10 +169,17 @@ def _bisect(lo: int, hi: int, ok) -> int:
 
 def upper(eng, cell: dict, on_path: int) -> int:
     """A budget well above the path's minimum still on it: 1.25 x, or for the MoE kind the
-    minimum plus a quarter of the experts' bytes (more cache slots, experts still in RAM)."""
+    minimum plus a quarter of the experts' bytes (more cache slots, experts still in RAM); for
+    the resident kind up to 1.25 x while a plan still holds decode-resident layers."""
+    work = (cell["batch"], cell["prompt"] + NEW_TOKENS)
+    if cell["kind"] == "resident":  # held layers only in a window of budgets: stay inside it
+        extra = on_path // 4
+        while extra > MIB and not path_taken(cell, plan_at(eng, on_path + extra, *work)[0]):
+            extra //= 2
+        return on_path + max(MIB, extra // MIB * MIB)
     if cell["kind"] != "moe":
         return int(on_path * 1.25)
-    e = plan_at(eng, on_path, cell["batch"], cell["prompt"] + NEW_TOKENS)[0].experts
+    e = plan_at(eng, on_path, *work)[0].experts
     return on_path + max(MIB, (e.total * e.expert_bytes // 4) // MIB * MIB)
 
 
@@ -182,6 +200,9 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
     if "moe" in kinds:
         for p in (prompt,) if prompt else (2048,) if quick else (2048, 8192):
             heads.append(dict(kind="moe", prompt=p, batch=1, store="moe"))
+    if "resident" in kinds:
+        for p in (prompt,) if prompt else (8192,) if quick else (8192, 32768):
+            heads.append(dict(kind="resident", prompt=p, batch=1, store="llama"))
     rows = []
     for head in heads:
         head.update(store=str(stores[head["store"]]), dtype="bfloat16", device=device,
@@ -190,7 +211,8 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
                      head["prompt"] + NEW_TOKENS, options(head))  # fmt: skip
         try:
             low, on_path = minimums(eng, head)
-            budgets = (low - MIB, on_path) + (() if quick else (upper(eng, head, on_path),))
+            above = not quick or head["kind"] == "resident"  # resident: always one above
+            budgets = (low - MIB, on_path) + ((upper(eng, head, on_path),) if above else ())
             for budget in budgets:  # planned once more here: a calibration happens in this process
                 planned = None
                 if budget >= low:
@@ -228,6 +250,9 @@ def report(llm, cell: dict, results: list) -> dict:
     if kind == "batch":
         out["paged"] = batch_supported(llm.runner)
         out["path_ok"] = out["paged"] and all(len(r.token_ids) == NEW_TOKENS for r in results)
+    if kind == "resident":
+        out.update(decode_resident_option=llm.config.decode_resident,
+                   decode_rows=plan.decode_rows)  # fmt: skip
     if kind == "moe":
         e = plan.experts
         ahead = getattr(getattr(llm.prefetcher, "experts", None), "ahead", None)
