@@ -22,7 +22,12 @@ from ollm.kv.cache import LayerKVCache
 from ollm.layers.attention import AttentionMask, attend
 from ollm.layers.rope import rope_cos_sin
 from ollm.models.decoder import decoder_block
-from ollm.planning.costmodel import RATES_VERSION, MachineRates
+from ollm.planning.costmodel import (
+    CPU_FLOPS_ROWS,
+    CPU_FLOPS_TOKENS,
+    RATES_VERSION,
+    MachineRates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,31 @@ def _routed_workload(kv: torch.Tensor, spec, dtype: torch.dtype, page: int = 64)
         attend_read(q, kb, vb, valid, scale)
 
     return read, 2 * kb.numel() * kb.element_size()
+
+
+def _cpu_matmul_rate(w: torch.Tensor, rows: int, reps: int) -> float:
+    """FLOP/s of ``rows`` query rows times the weight ``w`` [out, in] on the CPU."""
+    a = torch.randn(rows, w.shape[1], dtype=w.dtype)
+    return 2 * rows * w.numel() / _time(lambda: torch.nn.functional.linear(a, w), reps)
+
+
+def cpu_gather_rate(
+    spec=None, dtype: torch.dtype = torch.bfloat16, block_tokens: int = 16, nbytes: int = 64 << 20
+) -> float:
+    """KV bytes/s of the CPU's gather of paged KV before a batch's decode attention, as
+    ``kv/packed`` runs it: rows (block, KV head) of block_tokens x head_dim, in scattered
+    order, copied by one ``index_select`` into a kept buffer (the threads torch uses now)."""
+    kvh, hd = (spec.num_kv_heads, spec.head_dim) if spec is not None else (8, 128)
+    row = block_tokens * hd
+    blocks = max(1, nbytes // (kvh * row * torch.finfo(dtype).bits // 8))
+    src = torch.empty(2 * blocks * kvh, row, dtype=dtype).normal_()  # a pool half gathered
+    ids = torch.randperm(2 * blocks, generator=torch.Generator().manual_seed(0))[:blocks]
+    rows = (ids.view(-1, 1) * kvh + torch.arange(kvh)).reshape(-1)
+    n = rows.numel()
+    out = torch.empty(n, row, dtype=dtype)
+    return (
+        n * row * out.element_size() / _time(lambda: torch.index_select(src, 0, rows, out=out), 4)
+    )
 
 
 @dataclass
@@ -225,8 +255,10 @@ def measure_rates(
     threads, cpu_mem, cpu_shared, pcie_shared = _best_threads(probe, pcie)
     torch.set_num_threads(threads)
     inter, h = probe.w_cpu.shape
-    a = torch.randn(256, h, dtype=dtype)
-    cpu_flops = 2 * 256 * h * inter / _time(lambda: torch.nn.functional.linear(a, probe.w_cpu), 3)
+    cpu_flops, cpu_flops_rows = (
+        _cpu_matmul_rate(probe.w_cpu, n, 3) for n in (CPU_FLOPS_TOKENS, CPU_FLOPS_ROWS)
+    )
+    cpu_gather = cpu_gather_rate(spec, dtype)
     gpu_mem, gpu_flops = _gpu_rates(probe)
     cpu_attn = cpu_routed = 0.0
     if spec is not None:
@@ -238,7 +270,7 @@ def measure_rates(
     torch.set_num_threads(threads0)
     return MachineRates(
         pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops, cpu_attn,
-        cpu_routed,
+        cpu_routed, cpu_flops_rows, cpu_gather,
     )  # fmt: skip
 
 

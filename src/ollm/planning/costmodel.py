@@ -15,7 +15,12 @@ LAYER_OVERHEAD_S = 150e-6  # per-layer launch / Python cost on the critical path
 # H200 host, 2026-11-27), and the hand-over of a layer's query to the CPU and back.
 GPU_DECODE_LAYER_S = 1.0e-3
 CPU_HANDOFF_S = 0.3e-3
-RATES_VERSION = 3  # bump when MachineRates gains a measurement (cached files are re-measured)
+RATES_VERSION = 4  # bump when MachineRates gains a measurement (cached files are re-measured)
+# Query rows of the CPU matmul rates: ``cpu_flops`` (a prefill-like forward) and
+# ``cpu_flops_rows`` (a batched decode step's few rows, where the CPU runs far below its
+# many-row rate and, at 16 rows, is already slower than its one-row weight read).
+CPU_FLOPS_TOKENS = 256
+CPU_FLOPS_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class MachineRates:
     # KV bytes/s of a routed decode read on the CPU (gather the chosen pages, attend them split
     # between threads: kv/page_read); 0: unknown, cpu_attn stands in.
     cpu_routed: float = 0.0
+    # CPU matmul FLOP/s of a layer's weight at CPU_FLOPS_ROWS query rows (0: unknown, cpu_flops
+    # stands in), and KV bytes/s the CPU gathers from paged KV blocks into one contiguous
+    # buffer before a batch's decode attention (``kv/packed``; 0: unknown, not counted).
+    cpu_flops_rows: float = 0.0
+    cpu_gather: float = 0.0
 
     # Sharing the memory bus cannot speed either path up: a measured shared rate above the rate
     # alone is noise (seen: CPU 33 vs 26 GB/s on one host, whose decode ran at 27).
@@ -47,9 +57,27 @@ class MachineRates:
         """Host->GPU copy rate while the CPU computes."""
         return min(self.pcie_shared, self.pcie)
 
+    def cpu_matmul_flops(self, tokens: int) -> float:
+        """The CPU's matmul FLOP/s at ``tokens`` query rows: the few-row rate up to
+        CPU_FLOPS_ROWS, the many-row one from CPU_FLOPS_TOKENS, linear between them."""
+        lo = min(self.cpu_flops_rows or self.cpu_flops, self.cpu_flops)
+        if tokens <= CPU_FLOPS_ROWS:
+            return lo
+        f = min(1.0, (tokens - CPU_FLOPS_ROWS) / (CPU_FLOPS_TOKENS - CPU_FLOPS_ROWS))
+        return lo + f * (self.cpu_flops - lo)
+
     def cpu_layer_s(self, nbytes: int, params: int, tokens: int, shared: bool) -> float:
+        """A layer's weights on the CPU for ``tokens`` rows: weight-read-bound for few rows,
+        compute-bound (at that row count's matmul rate) for more."""
         mem = self.cpu_mem_busy if shared else self.cpu_mem
-        return max(nbytes / mem, 2 * params * tokens / self.cpu_flops)
+        return max(nbytes / mem, 2 * params * tokens / self.cpu_matmul_flops(tokens))
+
+    def cpu_kv_s(self, kv_bytes: int) -> float:
+        """CPU decode attention over ``kv_bytes`` of paged KV: the gather into one buffer, then
+        the attention (``cpu_attn``, measured on contiguous KV); 0 when the rate is unknown."""
+        if not self.cpu_attn:
+            return 0.0
+        return kv_bytes / self.cpu_attn + (kv_bytes / self.cpu_gather if self.cpu_gather else 0.0)
 
     def gpu_layer_s(self, nbytes: int, params: int, tokens: int) -> float:
         return max(nbytes / self.gpu_mem, 2 * params * tokens / self.gpu_flops) + LAYER_OVERHEAD_S
@@ -181,9 +209,19 @@ def hybrid_step_pays(
     ``kv_bytes`` of KV on the CPU, is faster with the plan's ``n_cpu`` CPU layers (the CPU's
     chain, run while the link streams the rest) than with all ``n_streamed`` layers streamed.
     The planner chose the CPU layers for one sequence; a batch step's attention over many
-    sequences' KV can make them the slower path (True when the rates are unknown)."""
+    sequences' KV, and the matmuls of many rows (compute-bound on the CPU), can make them the
+    slower path (True when the rates are unknown)."""
     if rates is None or not rates.cpu_attn or not n_cpu:
         return True
+    return n_cpu * cpu_step_layer_s(
+        rates, layer_bytes, dtype_bytes, tokens, kv_bytes
+    ) < n_streamed * rates.copy_s(layer_bytes, shared=True)
+
+
+def cpu_step_layer_s(
+    rates: MachineRates, layer_bytes: int, dtype_bytes: int, tokens: int, kv_bytes: int
+) -> float:
+    """One CPU-computed layer of a pass of ``tokens`` rows beside the link's copies: max(weight
+    read, matmuls at that row count) plus the attention over ``kv_bytes`` (gather included)."""
     cpu = rates.cpu_layer_s(layer_bytes, layer_bytes // dtype_bytes, tokens, shared=True)
-    cpu += kv_bytes / rates.cpu_attn
-    return n_cpu * cpu < n_streamed * rates.copy_s(layer_bytes, shared=True)
+    return cpu + rates.cpu_kv_s(kv_bytes)
