@@ -4,7 +4,7 @@
 #
 #   cd <checkout> && scripts/gpu/parts.sh spec_check=90 kv_micro=90 long100k=330 spec=150
 #
-# Parts: budget (scripts/gpu/budget.py --quick), spec_check (float32/bf16 speculative equality on
+# Parts: budget (scripts/gpu/budget.py --quick), budget_kinds / budget_resident (new paths' cells), spec_check (float32/bf16 speculative equality on
 # CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer over compressed KV),
 # long100k (routing_micro, KV codecs and routing at 100k on one 8B store), moe (Qwen3-30B-A3B
 # and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep).
@@ -21,11 +21,13 @@ part() {
   case "$1" in
     budget) $PY $G/budget.py --out "$OUT/budget" --quick ;;
     budget_kinds) $PY $G/budget.py --out "$OUT/budget_kinds" --quick --kinds codec,batch,moe ;;
+    budget_resident) $PY $G/budget.py --out "$OUT/budget_resident" --quick --kinds resident ;;
     spec_check) $PY $G/spec_correctness.py --device cuda:0 -o "$OUT/spec_correctness.json" ;;
     spec) $PY $G/speculative.py --out "$OUT/spec" --quick --no-check ;;
     kv_micro) $PY $G/kv_codec_micro.py --out "$OUT/kvm" ;;
     long100k) $PY $G/long_context.py --out "$OUT/long" --context 100000 \
-      --parts "${LONG_PARTS:-capacity,routing_micro,kv_codec,routing}" ;;
+      --parts "${LONG_PARTS:-capacity,routing_micro,kv_codec,routing}" \
+      --decode-resident "${DECODE_RESIDENT:-off}" ;;
     long32k) $PY $G/long_context.py --out "$OUT/long32" --context 32768 \
       --parts "${LONG_PARTS:-kv_codec,routing}" ;;
     moe) $PY $G/moe.py --out "$OUT/moe" --gpt-oss ;;
