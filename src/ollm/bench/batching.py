@@ -29,6 +29,28 @@ from ollm.engine.sampling import SamplingParams
 
 TAIL = 32  # own tokens of each prefix-sharing request
 PREFIX_REQUESTS = 16
+_PEAK = {"reserved": 0}  # the process's peak reserved bytes before the last per-case reset
+
+
+def _case_start() -> None:
+    """Reset CUDA's peak counters so a case reports its own peaks (the process-wide peak is
+    kept in ``_PEAK``: the bench's probes and earlier cases may have set it)."""
+    if torch.cuda.is_available():
+        _PEAK["reserved"] = max(_PEAK["reserved"], torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _case_peaks() -> dict[str, float]:
+    """GiB: the peak reserved since the process began, and the peak reserved and allocated
+    since ``_case_start`` (0 without CUDA)."""
+    if not torch.cuda.is_available():
+        return dict.fromkeys(("process", "case", "case_allocated"), 0.0)
+    case = torch.cuda.max_memory_reserved()
+    return {
+        "process": max(_PEAK["reserved"], case) / 2**30,
+        "case": case / 2**30,
+        "case_allocated": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def default_sizes(device: str) -> tuple[int, int]:
@@ -91,6 +113,7 @@ def static_case(
     plan's CPU-computed layers too (variants of the same plan, for A/B in one process)."""
     from ollm.bench.floors import compute_floors
 
+    _case_start()
     eng = _engine(llm, host_split, hybrid)
     try:
         ps = prompts(batch, tokens, llm.spec.vocab_size, seed)
@@ -107,13 +130,16 @@ def static_case(
     floors = compute_floors(llm.spec, llm.store, llm.plan, probes, tokens + new_tokens // 2, batch)
     floor_s = floors["decode"]["floor_s"]
     tok_s = decode_tokens / m.decode_seconds if m.decode_seconds else None
-    peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
+    peak = _case_peaks()
     return {
         "batch": batch,
         "hybrid": hybrid,
         "streamed_steps": streamed,  # steps that skipped the plan's CPU layers (cost model)
         "host_split": split,
-        "peak_reserved_GiB_process": peak / 2**30,  # since the process began (all cases so far)
+        "peak_reserved_GiB_process": peak["process"],  # since the process began (probes too)
+        # this case alone (its engine's pools, steps and frees; the LLM's weights included)
+        "peak_reserved_GiB_case": peak["case"],
+        "peak_allocated_GiB_case": peak["case_allocated"],
         "wall_s": wall,
         "steps": steps,
         "prefill_s": m.prefill_seconds,
