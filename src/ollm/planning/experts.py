@@ -156,16 +156,10 @@ def plan_experts(
 
     on_gpu = device != "cpu"
     budget = gpu_memory if on_gpu else cpu_memory
-    rows, rows_bytes = group_rows(spec, work, budget, dtype_bytes)
+    rows, rows_bytes = _expert_rows(spec, experts, work, budget, dtype_bytes)
     # coded (MXFP4) experts: RAM and copies hold ``stored`` bytes, the device ``dec`` (a slot
     # holds both: its copy lands beside the decoded expert); else all three are one
     stored, dec, slot = experts.expert_bytes, experts.decoded_bytes, experts.slot_bytes
-    # a decode step's stacked experts use the rows' temporaries (prefill and decode alternate)
-    rows_bytes = max(rows_bytes, min(spec.moe.top_k * dec, max(dec, STACK_BYTES)))
-    if experts.coded:  # and so does decoding (slots after their copies; resident ones at load)
-        from ollm.storage.expert_codec import decode_reserve
-
-        rows_bytes = max(rows_bytes, decode_reserve(dec, spec.moe.top_k))
     layers = tuple(sorted(experts.regions))
     n_exp = max(experts.num_experts(i) for i in layers)
     total = n_exp * len(layers)
@@ -182,14 +176,8 @@ def plan_experts(
     if fits and slots is None:
         cache, ram = 0, (0,) * len(layers)
     else:
-        # A GPU's spare memory becomes cache slots; on the CPU (RAM is the device) it holds
-        # experts in place, and the cache only takes the disk experts' misses.
-        grow = on_gpu and slots is None and spare is not None
-        cache = min(total, least + (spare // slot if grow else 0))
-        # pinned RAM holds stored (MXFP4) bytes; on the CPU device RAM experts are computed in
-        # place, held decoded (decoded once at load, not on every use)
-        per = stored if on_gpu else dec
-        ram = _ram_experts(plan, dense, layers, n_exp, per, on_gpu, offload, cpu_memory, spare)
+        cache, ram = _cache_and_ram(plan, dense, experts, layers, n_exp, least, spare, on_gpu,
+                                    slots, offload, cpu_memory)  # fmt: skip
     eplan = ExpertPlan(
         device=device,
         layers=layers,
@@ -209,6 +197,35 @@ def plan_experts(
     reserved["experts"] = total * dec if eplan.resident else cache * slot
     reserved["expert rows"] = rows_bytes
     return replace(plan, experts=eplan, reserved=reserved)
+
+
+def _expert_rows(spec, experts, work, budget: int | None, dtype_bytes: int) -> tuple[int, int]:
+    """(rows routed at once, bytes reserved for them): ``group_rows``, at least what a decode
+    step's stacked experts take, and with coded experts what decoding them takes."""
+    rows, rows_bytes = group_rows(spec, work, budget, dtype_bytes)
+    dec = experts.decoded_bytes
+    # a decode step's stacked experts use the rows' temporaries (prefill and decode alternate)
+    rows_bytes = max(rows_bytes, min(spec.moe.top_k * dec, max(dec, STACK_BYTES)))
+    if experts.coded:  # and so does decoding (slots after their copies; resident ones at load)
+        from ollm.storage.expert_codec import decode_reserve
+
+        rows_bytes = max(rows_bytes, decode_reserve(dec, spec.moe.top_k))
+    return rows, rows_bytes
+
+
+def _cache_and_ram(plan, dense, experts, layers, n_exp, least, spare, on_gpu, slots, offload,
+                   cpu_memory) -> tuple[int, tuple[int, ...]]:  # fmt: skip
+    """(cache slots, RAM experts per layer) when not every expert is resident: a GPU's spare
+    memory becomes cache slots beyond ``least``; on the CPU (RAM is the device) it holds experts
+    in place, and the cache only takes the disk experts' misses."""
+    total = n_exp * len(layers)
+    grow = on_gpu and slots is None and spare is not None
+    cache = min(total, least + (spare // experts.slot_bytes if grow else 0))
+    # pinned RAM holds stored (MXFP4) bytes; on the CPU device RAM experts are computed in
+    # place, held decoded (decoded once at load, not on every use)
+    per = experts.expert_bytes if on_gpu else experts.decoded_bytes
+    ram = _ram_experts(plan, dense, layers, n_exp, per, on_gpu, offload, cpu_memory, spare)
+    return cache, ram
 
 
 def _ram_experts(plan, dense, layers, n_exp, slot, on_gpu, offload, cpu_memory, spare):
