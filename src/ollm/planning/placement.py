@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
 from ollm.planning.decode_resident import plan_decode_resident
+from ollm.planning.device_fit import below_minimum, fetch_buffers, kv_offload
 from ollm.planning.promote import promote_freed
 from ollm.planning.residual import check_mode, plan_auto, with_cost
 from ollm.planning.routed_kv import choose_routed_kv_off, routed_rows
-from ollm.planning.sizing import MIN_CHUNK, PlanSizes, smaller_chunks, too_small
+from ollm.planning.sizing import PlanSizes
 from ollm.sizes import format_size
 from ollm.tiers import KvTier, Phase, Tier
 
@@ -252,9 +253,7 @@ def plan_placement(
     ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``);
     ``decode_resident``: see ``_finish``; ``prefill_residual``: the prompt's hidden states on
     the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused ("auto")."""
-    if offload not in OFFLOAD_MODES:
-        raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
-    check_mode(prefill_residual)
+    _check_modes(offload, prefill_residual)
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
 
@@ -267,31 +266,21 @@ def plan_placement(
 
     if prefill_residual == "auto":
         return plan_auto(partial(again, chunk_tokens, kv_fetch_buffers), work, on_gpu, budget)
-    if kv_format is not None and kv_format.ram and not any(layer.window for layer in spec.layers):
-        kv_fetch_buffers = 0  # compressed layers copy their own encoded KV (no fetch buffers)
-    if kv_read and all(r < 1.0 for r in kv_read):  # routed layers read pages where they sit
-        kv_fetch_buffers = 0
+    kv_fetch_buffers = fetch_buffers(spec, kv_format, kv_read, kv_fetch_buffers)
     sz = PlanSizes.of(spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory,
                       chunk_tokens, kv_format, prefill_residual == "ram")  # fmt: skip
 
     n = spec.num_layers
     fixed = sz.fixed(on_gpu, summary_bytes)
     slots = 2 if n > 1 else 1
-    kv_off = extra = 0
-    if budget is not None and (on_gpu or kv_cache == "disk"):
-        # Fetch buffers exist only with the cost model; re-planned without them if they do not
-        # fit or none is worth fetching.
-        extra = kv_fetch_buffers if rates is not None else 0
-        kv_off = sz.offload_kv(fixed, budget, slots, extra)
-        if extra and sum(fixed.values()) + slots * sz.layer > budget:  # no room for them
-            return again(chunk_tokens, 0)
-    fixed_total = sum(fixed.values())
-    minimum = fixed_total + slots * sz.layer
-    if budget is not None and budget < minimum:
-        rows = sz.chunk or work.prefill_tokens
-        if chunk_tokens is None and rows > MIN_CHUNK:
-            return smaller_chunks(again, rows, kv_fetch_buffers)
-        raise too_small(budget, minimum, on_gpu, sz, fixed, slots)
+    off = kv_offload(sz, fixed, budget, slots, kv_fetch_buffers, rates, on_gpu, kv_cache)
+    if off is None:  # no room for the fetch buffers: plan again without them
+        return again(chunk_tokens, 0)
+    kv_off, extra = off
+    smaller = below_minimum(again, sz, fixed, slots, budget, work, chunk_tokens,
+                            kv_fetch_buffers, on_gpu)  # fmt: skip
+    if smaller is not None:
+        return smaller
     layout = partial(_layout, spec, store, device, budget, offload, cpu_memory, kv_cache, sz,
                      work, kv_block_tokens, slots)  # fmt: skip
     splits = partial(_decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
@@ -309,6 +298,13 @@ def plan_placement(
     if split is None:  # no KV worth fetching: plan again without the fetch buffers
         return again(chunk_tokens, 0)
     return with_cost(finish(fixed, laid, split), sz, rates, n)
+
+
+def _check_modes(offload: str, prefill_residual: str) -> None:
+    """A one-line error for an unknown ``offload`` or ``prefill_residual``."""
+    if offload not in OFFLOAD_MODES:
+        raise OllmError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
+    check_mode(prefill_residual)
 
 
 def _finish(spec, store, device, work, sz, budget, kv_fetch_buffers, kv_block_tokens, kv_read,
