@@ -54,3 +54,18 @@ def test_bench_batch_rejects_bad_sizes(tmp_path):
     for bad in ("0,4", "a,b"):
         res = CliRunner().invoke(app, ["bench", "--batch", bad, "--device", "cpu"])
         assert res.exit_code != 0 and "--batch" in res.output
+
+
+def test_bench_batch_records_the_engines_rates():
+    """The batch report keeps the rates the engine's cost model decided with (a wrong hybrid
+    choice on the device is then checkable from the JSON), and None when it has none."""
+    from types import SimpleNamespace
+
+    from ollm.bench.batching import _rates
+    from ollm.planning.costmodel import MachineRates
+
+    rates = MachineRates(54e9, 53e9, 50.8e9, 50.9e9, 14, 3.9e12, 6.4e12, 7.4e14, cpu_attn=8.5e9)
+    got = _rates(SimpleNamespace(rates=rates))
+    assert got["pcie"] == 54e9 and got["cpu_attn"] == 8.5e9
+    assert json.loads(json.dumps(got)) == got
+    assert _rates(SimpleNamespace(rates=None)) is None

@@ -280,6 +280,8 @@ def run_batch_bench(
             "settings": {"device": device, "prompt_tokens": n, "new_tokens": m, "seed": seed},
             "plan": dict(llm.plan.describe()),
             "probes": probes,
+            # the rates the engine's cost model decides with (hybrid steps, KV fetch)
+            "rates": _rates(llm),
             "static": [],
         }
         for b in batches if "static" in workloads else ():
@@ -361,3 +363,11 @@ def render_batch(report: dict, console) -> None:
         f"{p['shared']['prefix_hits']} prefix hits) vs {p['distinct']['wall_s']:.2f} s without "
         f"sharing ({p['distinct']['query_tokens']} query tokens): {p['speedup']:.2f}x"
     )
+
+
+def _rates(llm) -> dict[str, float] | None:
+    """The engine's measured ``MachineRates`` as a dict (None when it has none)."""
+    import dataclasses
+
+    rates = getattr(llm, "rates", None)
+    return dataclasses.asdict(rates) if dataclasses.is_dataclass(rates) else None
