@@ -132,7 +132,8 @@ print("WORST", worst)
 def test_triton_decode_kernel_in_the_interpreter():
     """int8 / int4 / mixed codes, one and several splits, float32 and float16 (the interpreter
     cannot do bfloat16 dots; the device script checks bf16 against the torch path)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT / 'src'}"}
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     res = subprocess.run(
         [sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300
     )

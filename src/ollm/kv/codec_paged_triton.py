@@ -22,7 +22,7 @@ from ollm.kv.codec_triton import _LOG2E, _merge_splits, _splits, triton
 if triton is not None:
     import triton.language as tl
 
-    from ollm.kv.codec_triton import _codes
+    from ollm.kv.codec_triton import _codes, _tile
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +105,11 @@ if triton is not None:
             klo = tl.load(kp + d).to(tl.float32)  # the group's per-channel (lo, scale)
             ksc = tl.load(kp + D + d).to(tl.float32)
             k = klo[None, :] + _codes(kc, n * skcs, d, K_INT4) * ksc[None, :]  # [N, D]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = s * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             grp = VP + blk * svpb + h * svph + n[:, None] * svps + d[None, :] // VGROUP
             vlo = tl.load(grp).to(tl.float32)
             vsc = tl.load(grp + NG).to(tl.float32)
             v = vlo + _codes(VC + blk * svcb + h * svch, n * svcs, d, V_INT4) * vsc  # [N, D]
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _tile(q, k, v, m_i, l_i, acc, qk_scale, IEEE)
         empty = l_i == 0.0  # a split past this sequence's end
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_i)) / 1.4426950408889634)

@@ -118,6 +118,24 @@ if triton is not None:
         return tl.load(ptr + rows[:, None] + d[None, :]).to(tl.float32)
 
     @triton.jit
+    def _tile(q, k, v, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+        """One tile of the online softmax: q [R, D] against decoded keys and values [N, D]
+        (every slot valid) folded into the running max, sum and output -> (m, l, acc)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = s * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+    @triton.jit
     def _kernel(
         Q, KC, KP, VC, VP, OUT, LSE,
         qk_scale, n_slots, per_split, n_rows,
@@ -153,25 +171,11 @@ if triton is not None:
             klo = tl.load(blk + d).to(tl.float32)  # the block's per-channel (lo, scale)
             ksc = tl.load(blk + D + d).to(tl.float32)
             k = klo[None, :] + _codes(kc, n * skcs, d, K_INT4) * ksc[None, :]  # [N, D]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = s * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             grp = n[:, None] * svps + d[None, :] // VGROUP
             vlo = tl.load(vp + grp).to(tl.float32)
             vsc = tl.load(vp + grp + NG).to(tl.float32)
             v = vlo + _codes(vc, n * svcs, d, V_INT4) * vsc  # [N, D]
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _tile(q, k, v, m_i, l_i, acc, qk_scale, IEEE)
         out = acc / l_i[:, None]
         lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
         tl.store(OUT + b * sob + h * soh + sp * sos + rows[:, None] * sor + d[None, :], out)
