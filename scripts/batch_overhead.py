@@ -28,8 +28,6 @@ One JSON object (stdout, and ``--out``). To compare two versions run the script 
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import cProfile
 import json
 import os
@@ -45,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_overhead import Ops, _commit, _top  # noqa: E402
+from moe_overhead import Ops, _commit, _host_reads, _top  # noqa: E402
 
 SHAPES = dict(  # Llama-3.1-8B's depth, tiny widths
     hidden_size=64,
@@ -61,28 +59,6 @@ STAGES = (  # cumulative time of these (cProfile function names) is reported per
     "layer_kv", "layout", "_layout", "_verify", "sample", "_accept", "sweep", "_drafts",
     "input_ids", "positions",
 )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _host_reads(names: tuple[str, ...]):
-    """Counts calls of the ``names`` methods of tensors (a host sync each on a GPU)."""
-    reads: collections.Counter = collections.Counter()
-    real = {n: getattr(torch.Tensor, n) for n in names}
-
-    def wrap(name, fn):
-        def counted(self, *a, **k):
-            reads[name] += 1
-            return fn(self, *a, **k)
-
-        return counted
-
-    for n, fn in real.items():
-        setattr(torch.Tensor, n, wrap(n, fn))
-    try:
-        yield reads
-    finally:
-        for n, fn in real.items():
-            setattr(torch.Tensor, n, fn)
 
 
 def _store(tmp: Path, layers: int) -> Path:

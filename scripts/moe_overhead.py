@@ -121,10 +121,10 @@ def _zipf(llm, w: dict, a: float, g: torch.Generator) -> None:
 
 
 @contextlib.contextmanager
-def _host_reads():
-    """Counts ``Tensor.tolist`` / ``Tensor.item`` calls (a host sync each on a GPU)."""
+def _host_reads(names: tuple[str, ...] = ("tolist", "item")):
+    """Counts calls of the ``names`` methods of tensors (a host sync each on a GPU)."""
     reads: collections.Counter = collections.Counter()
-    real = {n: getattr(torch.Tensor, n) for n in ("tolist", "item")}
+    real = {n: getattr(torch.Tensor, n) for n in names}
 
     def wrap(name, fn):
         def counted(self, *a, **k):

@@ -208,3 +208,28 @@ def disk_kv_budget(model=None, extra_kv_layers: float = 1.0, **llm_kwargs) -> in
         kv_layer = r["kv cache"]  # every layer's KV on disk: only the scratch (one layer) here
         minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
     return minimum + int(extra_kv_layers * kv_layer)
+
+
+def load_script(rel: str):
+    """A module of the repo's ``scripts/`` folder (not a package), by its path there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / rel
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def plan_on_device(plan, device: str):
+    """``plan`` (made for an accelerator) with its accelerator played by ``device`` (CPU
+    layers stay on "cpu"): runs a GPU plan's split on a CPU-only machine."""
+    from dataclasses import replace
+
+    def swap(d):
+        return device if d == plan.device else d
+
+    layers = tuple(replace(p, exec_device=swap(p.exec_device)) for p in plan.layers)
+    return replace(plan, device=device, layers=layers, embed_device=swap(plan.embed_device),
+                   head_device=swap(plan.head_device))  # fmt: skip

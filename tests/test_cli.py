@@ -354,9 +354,9 @@ def test_sigterm_cleans_up_and_exits_143(env, tmp_path):
     assert list(kv.iterdir()) == []
 
 
-def test_expert_lookahead_flag_reaches_the_engine(env, monkeypatch):
-    """``--expert-lookahead`` (issue 19) is passed to the engine as ``expert_lookahead=True``
-    by run and info, left to the default when not given, and listed by bench."""
+def _engine_kwargs(env, monkeypatch, flags: tuple) -> list[dict]:
+    """The keyword arguments the CLI builds the engine with for ``run`` with ``flags[0]``,
+    ``info`` with ``flags[1]`` and ``info`` with ``flags[2]`` (None: no flag)."""
     seen: list[dict] = []
 
     class Built(Exception):
@@ -368,13 +368,17 @@ def test_expert_lookahead_flag_reaches_the_engine(env, monkeypatch):
 
     monkeypatch.setattr("ollm.api.LLM", fake_llm)
     base = ("--cache-dir", env["cache"], "--device", "cpu")
-    for args in (
-        ("run", "hi", "--model", env["model"], *base, "--expert-lookahead"),
-        ("info", env["model"], *base, "--expert-lookahead"),
-        ("info", env["model"], *base),
-    ):
-        res = invoke(*args)
+    heads = (("run", "hi", "--model", env["model"]), ("info", env["model"]), ("info", env["model"]))
+    for head, flag in zip(heads, flags, strict=True):
+        res = invoke(*head, *base, *(() if flag is None else (flag,)))
         assert isinstance(res.exception, Built), res.output
+    return seen
+
+
+def test_expert_lookahead_flag_reaches_the_engine(env, monkeypatch):
+    """``--expert-lookahead`` (issue 19) is passed to the engine as ``expert_lookahead=True``
+    by run and info, left to the default when not given, and listed by bench."""
+    seen = _engine_kwargs(env, monkeypatch, ("--expert-lookahead", "--expert-lookahead", None))
     assert [kw.get("expert_lookahead") for kw in seen] == [True, True, None]
     assert "--expert-lookahead" in invoke("bench", "--help").stdout
 
@@ -385,24 +389,7 @@ def test_decode_resident_flag_reaches_the_engine(env, monkeypatch):
     to the default (``EngineConfig.decode_resident`` False) when not given; listed by bench."""
     from ollm.config import EngineConfig
 
-    seen: list[dict] = []
-
-    class Built(Exception):
-        pass
-
-    def fake_llm(model, **kwargs):
-        seen.append(kwargs)
-        raise Built
-
-    monkeypatch.setattr("ollm.api.LLM", fake_llm)
-    base = ("--cache-dir", env["cache"], "--device", "cpu")
-    for args in (
-        ("run", "hi", "--model", env["model"], *base, "--decode-resident"),
-        ("info", env["model"], *base, "--no-decode-resident"),
-        ("info", env["model"], *base),
-    ):
-        res = invoke(*args)
-        assert isinstance(res.exception, Built), res.output
+    seen = _engine_kwargs(env, monkeypatch, ("--decode-resident", "--no-decode-resident", None))
     assert [kw.get("decode_resident") for kw in seen] == [True, False, None]
     assert EngineConfig().decode_resident is False
     assert "--decode-resident" in invoke("bench", "--help").stdout

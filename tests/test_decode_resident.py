@@ -5,12 +5,11 @@ tiny model do not change when decode holds layers, and its decode steps copy few
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
+from conftest import load_script, plan_on_device
 from ollm import LLM, SamplingParams
 from ollm.planning.costmodel import MachineRates
 from ollm.planning.decode_resident import (
@@ -26,17 +25,9 @@ GiB = 1 << 30
 WORK = Workload(1, 100020, 100020)
 
 
-def _report():
-    path = Path(__file__).parent.parent / "scripts" / "plan_report.py"
-    spec = importlib.util.spec_from_file_location("plan_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def report():
-    return _report()
+    return load_script("plan_report.py")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +101,7 @@ def test_small_budget_or_no_rates_holds_nothing(llama8b):
                           decode_resident=True)  # fmt: skip
     assert not plan.decode_resident and not plan.decode_rows
     big = plan_placement(spec, store, "cuda:0", 80 * GiB, None, "cpu", Workload(1, 4096, 4096), 2,
-                         _report().h200_rates(), decode_resident=True)  # fmt: skip
+                         load_script("plan_report.py").h200_rates(), decode_resident=True)  # fmt: skip
     assert not big.streamed and not big.decode_resident
 
 
@@ -142,7 +133,7 @@ def test_tiny_tokens_do_not_change_and_decode_copies_less(hf_models, tmp_path):
         held = replace(plain, layers=layers, decode_rows=DECODE_ROWS)
         copied, tokens = [], []
         for p in (plain, held):
-            fake = _on_device(p, "cpu:1")
+            fake = plan_on_device(p, "cpu:1")
             prefetcher = Prefetcher(LayerStore(llm.store_path), fake, llm.stats)
             llm.prefetcher.close()
             llm.plan, llm.prefetcher = fake, prefetcher
@@ -160,17 +151,6 @@ def test_tiny_tokens_do_not_change_and_decode_copies_less(hf_models, tmp_path):
         # Played by the CPU the held layers are read where they sit (no copy engine): every
         # decode step copies two layers fewer (on a GPU they are copied once per request).
         assert saved == steps * layer, (copied, steps)
-
-
-def _on_device(plan, device: str):
-    """``plan`` (made for cuda:0) with its accelerator played by ``device``."""
-
-    def swap(d):
-        return device if d == plan.device else d
-
-    layers = tuple(replace(p, exec_device=swap(p.exec_device)) for p in plan.layers)
-    return replace(plan, device=device, layers=layers, embed_device=swap(plan.embed_device),
-                   head_device=swap(plan.head_device))  # fmt: skip
 
 
 def test_off_by_default_and_the_allowance(report, llama8b):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import make_hf_model, plan_on_device
 from ollm import LLM, SamplingParams
 from ollm.planning.costmodel import MachineRates, choose_cpu_layers, interleave, predict_step
 from ollm.planning.placement import Workload, plan_placement
@@ -275,26 +275,6 @@ def test_alternating_fetch_beats_none_and_all():
     assert 10 <= best <= 19 and step(best) < 0.9 * min(step(0), step(n))
 
 
-def _on_device(plan, device: str):
-    """The same plan with the accelerator named ``device`` (CPU layers stay on "cpu")."""
-    from dataclasses import replace
-
-    def swap(d):
-        return device if d == plan.device else d
-
-    layers = tuple(
-        replace(p, exec_device=swap(p.exec_device), decode_device=p.decode_device)
-        for p in plan.layers
-    )
-    return replace(
-        plan,
-        device=device,
-        layers=layers,
-        embed_device=swap(plan.embed_device),
-        head_device=swap(plan.head_device),
-    )
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_hybrid_split_on_a_stand_in_accelerator_matches(family, hf_models, tmp_path):
     """The CPU/GPU split run on a CPU-only machine: the plan the cost model makes for a GPU
@@ -325,7 +305,7 @@ def test_hybrid_split_on_a_stand_in_accelerator_matches(family, hf_models, tmp_p
     params = SamplingParams(max_new_tokens=10, temperature=0)
     tokens, cpu_seconds, copied = [], [], []
     for plan in (split, plain):
-        fake = _on_device(plan, "cpu:1")
+        fake = plan_on_device(plan, "cpu:1")
         assert fake.cpu_layers == plan.cpu_layers
         prefetcher = Prefetcher(LayerStore(llm.store_path), fake, llm.stats)
         llm.prefetcher.close()

@@ -6,13 +6,12 @@ planner segments only when one forward is refused or pins more RAM than allowed.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
 from ollm import LLM, SamplingParams
 from ollm.engine.runner import Runner
 from ollm.errors import BudgetError, OllmError
@@ -108,11 +107,7 @@ def test_ram_kv_reloads_only_the_earlier_segments(hf_models, tmp_path, monkeypat
 
 
 def _llama8b():
-    path = Path(__file__).parent.parent / "scripts" / "plan_report.py"
-    spec = importlib.util.spec_from_file_location("plan_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.llama8b()
+    return load_script("plan_report.py").llama8b()
 
 
 def test_planner_segments_only_when_refused():

@@ -5,12 +5,10 @@ refused, and then counts the device's chunk buffers instead of the whole stream.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import load_script
 from ollm import LLM, SamplingParams
 from ollm.engine.runner import Runner
 from ollm.errors import BudgetError, OllmError
@@ -20,16 +18,8 @@ from ollm.planning.placement import Workload, plan_placement
 GiB = 1 << 30
 
 
-def _report():
-    path = Path(__file__).parent.parent / "scripts" / "plan_report.py"
-    spec = importlib.util.spec_from_file_location("plan_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _llama8b():
-    return _report().llama8b()
+    return load_script("plan_report.py").llama8b()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -111,7 +101,7 @@ def test_ram_residual_cost_and_cpu_accounting():
     """With measured rates the plan predicts the copies' prefill time (the stream in and out
     once per layer over the host->GPU rate); on the CPU device the stream is counted besides
     the buffers (it is all RAM); an unknown mode is refused in one line."""
-    report = _report()
+    report = load_script("plan_report.py")
     spec, store = report.llama8b()
     work = Workload(1, 600_000, 600_000)
     rates = report.h200_rates()

@@ -10,6 +10,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
+from conftest import plan_on_device
 from ollm import LLM, SamplingParams
 from ollm.engine.replan import routing_kv_read, routing_summary_bytes
 from ollm.layers.routing import LayerRouting
@@ -166,17 +167,6 @@ def test_the_cost_model_weighs_the_cpu_read(llama8b, hybrid):
     assert kept[-1][0] == 0 and kept[-1][1] > kept[0][1]
 
 
-def _on_device(plan, device: str):
-    """``plan`` (made for cuda:0) with its accelerator played by ``device`` (test_hybrid)."""
-
-    def swap(d):
-        return device if d == plan.device else d
-
-    layers = tuple(replace(p, exec_device=swap(p.exec_device)) for p in plan.layers)
-    return replace(plan, device=device, layers=layers, embed_device=swap(plan.embed_device),
-                   head_device=swap(plan.head_device))  # fmt: skip
-
-
 def test_tiny_routed_tokens_do_not_change_with_placement(hf_models, tmp_path):
     """A tiny Llama with top-k routing: the routed plan (KV of most layers in pinned RAM, read
     where it sits; more layers resident) executed with the accelerator played by the CPU gives
@@ -216,7 +206,7 @@ def test_tiny_routed_tokens_do_not_change_with_placement(hf_models, tmp_path):
         )
         tokens = []
         for p in (before, after):
-            fake = _on_device(p, "cpu:1")
+            fake = plan_on_device(p, "cpu:1")
             prefetcher = Prefetcher(LayerStore(llm.store_path), fake, llm.stats)
             llm.prefetcher.close()
             llm.plan, llm.prefetcher = fake, prefetcher

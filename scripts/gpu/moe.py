@@ -60,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from ollm.bench.stepprof import request_calls
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -233,53 +235,6 @@ def _zipf_router(llm, a: float) -> None:
         w[f"{spec.moe.prefix}.{spec.moe.router}.bias"] = bias.to(w[spec.moe.router_key].device)
 
 
-CUDA_CALLS = {  # runtime calls counted per decode token (names as the profiler reports them)
-    "launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
-    "memcpy": ("cudaMemcpyAsync",),
-    "syncs": ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize"),
-    "event_records": ("cudaEventRecord", "cudaEventRecordWithFlags"),
-    "stream_waits": ("cudaStreamWaitEvent",),
-}
-
-
-def _profile_decode(llm, prompt: list[int], layers: int, steps: int = 6) -> dict:
-    """Per decode token (and per layer): CUDA runtime calls (kernel launches, copies, host syncs,
-    event records and waits), the GPU's kernel and copy time, and the host's wall time, from
-    torch.profiler over a short request with and without ``steps`` more decode tokens. The
-    GPU's busy share of the wall time says whether a step is bound by the host (launches,
-    Python, syncs) or by the device."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from ollm import SamplingParams
-
-    cuda = torch.cuda.is_available()  # off CUDA (the dry run): the host's side only
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    totals = []
-    for n in (2, 2, 2 + steps):  # the first: the profiler's own start-up, dropped
-        sync()
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            llm.generate(prompt[:16], SamplingParams(max_new_tokens=n, temperature=0))
-            sync()
-            wall = time.perf_counter() - t0
-        row = {k: 0 for k in CUDA_CALLS} | {"kernel_s": 0.0, "copy_s": 0.0, "wall_s": wall}
-        for ev in prof.key_averages():
-            for k, names in CUDA_CALLS.items():
-                if ev.key in names:
-                    row[k] += ev.count
-            dev_s = getattr(ev, "self_device_time_total", 0) / 1e6
-            if ev.key.startswith("Memcpy") or ev.key.startswith("Memset"):
-                row["copy_s"] += dev_s
-            elif dev_s and not ev.key.startswith("cuda"):
-                row["kernel_s"] += dev_s
-        totals.append(row)
-    per_token = {k: (totals[2][k] - totals[1][k]) / steps for k in totals[0]}
-    out = {"per_token": per_token, "per_layer": {k: v / layers for k, v in per_token.items()}}
-    out["gpu_busy_fraction"] = per_token["kernel_s"] / max(per_token["wall_s"], 1e-9)
-    return out
-
-
 def _run(*args, **opts) -> dict:
     """``_timed`` for one run; an exception is reported in its row (the other runs go on)."""
     try:
@@ -312,7 +267,7 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
             one = llm.generate(prompt[:16], SamplingParams(max_new_tokens=n, temperature=0))
             copied.append(llm.stats.bytes_h2d - before)
         try:
-            profiled = _profile_decode(llm, prompt, len(llm.plan.layers))
+            profiled = request_calls(llm, prompt, len(llm.plan.layers))
         except Exception as exc:  # noqa: BLE001 - the breakdown is optional
             profiled = f"failed: {exc!r}"
         ahead = getattr(getattr(llm.prefetcher, "experts", None), "ahead", None)
@@ -412,7 +367,7 @@ def bench(
     runs.append(_run(store, kw, full, min(ctx, 2048), new, h2d, **base))
     out["runs"] = runs
     peer = on_gpu and not quick and qwen
-    out["llamacpp"] = _llamacpp(tmp, layers, full, ctx, new) if peer else "not run"
+    out["llamacpp"] = _llamacpp_row(tmp, layers, full, ctx, new) if peer else "not run"
     return out
 
 
@@ -434,25 +389,14 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
     }  # fmt: skip
 
 
-def _llamacpp(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | str:
-    """llama.cpp with its experts on the CPU, same shapes and layers (``moe_llamacpp.py``)."""
+def _llamacpp_row(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | str:
+    """llama.cpp's row of the bench (``moe_llamacpp.bench_row``), imported beside this file."""
     import sys
-    import traceback
 
     sys.path.insert(0, str(Path(__file__).parent))
     import moe_llamacpp
 
-    tools = moe_llamacpp.tools_dir()
-    if tools is None:
-        return "skipped: copy ../shared/tools/llamacpp to .peers/llamacpp and carry it"
-    try:
-        r = moe_llamacpp.run(tools, tmp, layers, ctx, new)
-    except Exception:  # noqa: BLE001 - the peer's failure is reported, ours still count
-        return "failed: " + traceback.format_exc()[-2000:]
-    if r.get("decode_tok_s"):
-        r["projected_decode_tok_s_full_model"] = r["decode_tok_s"] * layers / full
-    print(json.dumps(r, default=str), flush=True)
-    return r
+    return moe_llamacpp.bench_row(tmp, layers, full, ctx, new)
 
 
 def _bench_safely(quick: bool, device: str, preset: str, mxfp4: bool = True) -> dict:

@@ -125,3 +125,22 @@ def run(tools: Path, tmp: Path, layers: int, context: int, new: int) -> dict:
     out |= case_from_records(records, context, new)
     gguf_path.unlink(missing_ok=True)
     return out
+
+
+def bench_row(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | str:
+    """llama.cpp with its experts on the CPU, same shapes and layers as ``moe.py``'s bench, its
+    decode projected to ``full`` layers; a string when skipped or failed (ours still count)."""
+    import json
+    import traceback
+
+    tools = tools_dir()
+    if tools is None:
+        return "skipped: copy ../shared/tools/llamacpp to .peers/llamacpp and carry it"
+    try:
+        r = run(tools, tmp, layers, ctx, new)
+    except Exception:  # noqa: BLE001 - the peer's failure is reported, ours still count
+        return "failed: " + traceback.format_exc()[-2000:]
+    if r.get("decode_tok_s"):
+        r["projected_decode_tok_s_full_model"] = r["decode_tok_s"] * layers / full
+    print(json.dumps(r, default=str), flush=True)
+    return r

@@ -6,6 +6,9 @@ next steps are pure decodes); ``profile_steps(engine, n)`` runs ``n`` steps unde
 the profiled ops' total self CPU and device ms, and the ``top`` ops by self CPU time and by self
 device time (calls, microseconds). A few KB of JSON, for `scripts/gpu/batch_engine.py` and
 `scripts/batch_overhead.py`.
+
+``request_calls(llm, prompt, layers)``: CUDA runtime calls, GPU kernel and copy time and host
+wall time per decode token (and layer) of a single request (`scripts/gpu/moe.py`).
 """
 
 from __future__ import annotations
@@ -90,4 +93,51 @@ def time_steps(engine: Any, steps: int) -> list[float]:
         engine.step()
         _sync(device)
         out.append(time.perf_counter() - t0)
+    return out
+
+
+CUDA_CALLS = {  # runtime calls counted per decode token (names as the profiler reports them)
+    "launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
+    "memcpy": ("cudaMemcpyAsync",),
+    "syncs": ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize"),
+    "event_records": ("cudaEventRecord", "cudaEventRecordWithFlags"),
+    "stream_waits": ("cudaStreamWaitEvent",),
+}
+
+
+def request_calls(llm: Any, prompt: list[int], layers: int, steps: int = 6) -> dict:
+    """Per decode token (and per layer): CUDA runtime calls (kernel launches, copies, host syncs,
+    event records and waits), the GPU's kernel and copy time, and the host's wall time, from
+    torch.profiler over a short request with and without ``steps`` more decode tokens. The
+    GPU's busy share of the wall time says whether a step is bound by the host (launches,
+    Python, syncs) or by the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ollm import SamplingParams
+
+    cuda = torch.cuda.is_available()  # off CUDA (the dry run): the host's side only
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    totals = []
+    for n in (2, 2, 2 + steps):  # the first: the profiler's own start-up, dropped
+        sync()
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            llm.generate(prompt[:16], SamplingParams(max_new_tokens=n, temperature=0))
+            sync()
+            wall = time.perf_counter() - t0
+        row = {k: 0 for k in CUDA_CALLS} | {"kernel_s": 0.0, "copy_s": 0.0, "wall_s": wall}
+        for ev in prof.key_averages():
+            for k, names in CUDA_CALLS.items():
+                if ev.key in names:
+                    row[k] += ev.count
+            dev_s = getattr(ev, "self_device_time_total", 0) / 1e6
+            if ev.key.startswith("Memcpy") or ev.key.startswith("Memset"):
+                row["copy_s"] += dev_s
+            elif dev_s and not ev.key.startswith("cuda"):
+                row["kernel_s"] += dev_s
+        totals.append(row)
+    per_token = {k: (totals[2][k] - totals[1][k]) / steps for k in totals[0]}
+    out = {"per_token": per_token, "per_layer": {k: v / layers for k, v in per_token.items()}}
+    out["gpu_busy_fraction"] = per_token["kernel_s"] / max(per_token["wall_s"], 1e-9)
     return out
