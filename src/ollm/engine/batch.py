@@ -49,6 +49,7 @@ from ollm.engine.sampling import (
 )
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify_step
+from ollm.engine.step_mode import StepMode, hybrid_predictor
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.engine.tree import compact_path
 from ollm.errors import RequestError
@@ -56,10 +57,8 @@ from ollm.kv.hostsplit import attach, split_budget
 from ollm.kv.packed import PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import PAGE_TOKENS
-from ollm.planning.costmodel import hybrid_step_pays
 from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
-from ollm.tiers import Phase
 
 log = logging.getLogger(__name__)
 BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (planning.accounting says why 16)
@@ -122,6 +121,7 @@ class BatchEngine:
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.rates, self.streamed_steps = rates, 0
+        self.step_mode = StepMode(hybrid_predictor(runner, rates))
         self.speculator = as_speculator(drafter)
         self.speculate_default = True  # requests whose params leave ``speculate`` None draft
         self._draft_of: dict[str, Draft] = {}  # this step's drafts (distributions, trees)
@@ -284,6 +284,7 @@ class BatchEngine:
             st.seq_id: (rows[st.seq_id], self.live[st.seq_id].sampler)
             for st in plan.seqs if st.seq_id in rows and not st.num_draft
         })  # fmt: skip
+        self.step_mode.record(time.perf_counter() - t0)  # picks synced: the step's whole time
         for st in plan.seqs:
             if st.seq_id in rows:
                 j = rows[st.seq_id]
@@ -366,20 +367,13 @@ class BatchEngine:
                 h = h.index_select(1, torch.tensor(idx, dtype=torch.long, device=h.device))
             return self.runner.logits(h)[0]
 
-        stream = bool(self.rates and self.runner.plan.cpu_layers) and not self._hybrid_pays(plan, r)
+        kv_tokens = sum(st.start + len(st.token_ids) for st in plan.seqs)
+        stream = self.step_mode.stream(r, kv_tokens)
         self.streamed_steps += stream
         logits = self.runner.forward(
             packed.input_ids(), packed.positions(), kv, head=head, stream_all=stream
         )
         return logits, rows
-
-    def _hybrid_pays(self, plan: StepPlan, rows: int) -> bool:
-        """Whether the plan's CPU layers speed up this step (`costmodel.hybrid_step_pays`)."""
-        p, spec, elem = self.runner.plan, self.runner.spec, torch.finfo(self.runner.dtype).bits // 8
-        kv = 2 * spec.num_kv_heads * spec.head_dim * elem  # KV bytes per token of one layer
-        kv *= sum(st.start + len(st.token_ids) for st in plan.seqs)
-        n_str = len(p.streamed_for(Phase.PREFILL))
-        return hybrid_step_pays(self.rates, len(p.cpu_layers), n_str, p.layer_bytes, elem, rows, kv)
 
     def _accept(self, rid: str, tokens: Sequence[int], reason: str | None) -> bool:
         """Record a request's new tokens (stops excluded, as the single-request path does);
