@@ -125,3 +125,48 @@ def test_mxfp4_expert_kernel_in_the_interpreter():
     assert res.returncode == 0, res.stderr[-3000:]
     f32, bf16 = (float(v) for v in res.stdout.split("WORST")[-1].split())
     assert f32 < 1e-5 and bf16 < 2e-2, (f32, bf16)
+
+
+_MODEL_CHECK = """
+import sys, tempfile
+from pathlib import Path
+import torch
+import ollm.layers.moe_mxfp4 as mm
+from ollm import LLM
+from ollm.planning.experts import plan_experts
+from ollm.planning.placement import plan_placement
+from ollm.storage.experts import StoreExperts
+from test_moe_experts import _check, _stand_in
+from test_mxfp4 import _mxfp4_hf
+mm.kernel_applies = lambda x: x.shape[1] <= 16 and mm._STATE.get((x.dtype, "cpu")) is not False
+d = Path(tempfile.mkdtemp())
+model = _mxfp4_hf(d / "hf")
+with LLM(d / "hf", device="cpu", cache_dir=d / "c", progress=False, prefill_chunk=32) as llm:
+    st, spec, work = StoreExperts(llm.store), llm.spec, llm.workload
+    def dense(s, gpu, cpu):
+        return plan_placement(spec, s, "cuda:0", gpu, cpu, "auto", work, 4, hybrid="off")
+    plan = plan_experts(spec, llm.store, st, "cuda:0", None, None, "auto", work, 4, slots=2,
+                        cpu_compute="off", plan_dense=dense, coded_slots=True)
+    _stand_in(llm, llm.store_path, plan)
+    _check(llm, model)
+assert mm.path_counts["kernel"] > 0 and mm._STATE == {(torch.float32, "cpu"): True}, mm._STATE
+print("PATHS", mm.path_counts["kernel"], mm.path_counts["decoded"])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_gpt_oss_through_coded_slots_with_the_kernel_in_the_interpreter():
+    """A tiny gpt-oss with MXFP4 experts through two slots holding the stored bytes on a
+    stand-in accelerator, its decode batches run by the Triton kernel (the interpreter, made to
+    take CPU rows): greedy tokens equal transformers', log-probs within 1e-4, and the kernel
+    ran the decode steps' experts (prefill's many rows: decode-then-matmul)."""
+    path = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    res = subprocess.run(
+        [sys.executable, "-c", _MODEL_CHECK], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    kernel, decoded = (int(v) for v in res.stdout.split("PATHS")[-1].split())
+    assert kernel > 0 and decoded > 0, (kernel, decoded)

@@ -177,21 +177,27 @@ def test_mxfp4_experts_resident_ram_disk_and_two_slots_match_transformers(mxfp4_
         def dense(s, gpu, cpu):
             return plan_placement(spec, s, "cuda:0", gpu, cpu, "auto", work, 4, hybrid="off")
 
-        for cpu_mode in ("off", "on"):
+        for cpu_mode, codes in (("off", False), ("on", False), ("off", True)):
             plan = plan_experts(spec, store, st, "cuda:0", None, n_exp // 2 * st.expert_bytes,
                                 "auto", work, 4, slots=2, cpu_compute=cpu_mode,
-                                plan_dense=dense)  # fmt: skip
+                                plan_dense=dense, coded_slots=codes)  # fmt: skip
             e = plan.experts
-            assert e.cache_slots == 2 and e.tier_counts()["disk"]
-            assert plan.reserved["experts"] == 2 * (st.expert_bytes + st.decoded_bytes)
+            assert e.cache_slots == 2 and e.tier_counts()["disk"] and e.coded_slots == codes
+            # computed from their codes, a slot holds the stored bytes only
+            slot = st.expert_bytes + (0 if codes else st.decoded_bytes)
+            assert plan.reserved["experts"] == 2 * slot == 2 * e.slot_bytes
             _stand_in(llm, llm.store_path, plan)
+            cache = llm.prefetcher.experts
+            assert cache.slots.shape == (2, e.expert_bytes if codes else st.decoded_bytes)
+            assert cache.raw.shape[0] == (0 if codes else 2)
             before = llm.stats.snapshot()
             _check(llm, model)
             misses = llm.stats.expert_misses - before["expert_misses"]
             cpu = llm.stats.expert_cpu - before["expert_cpu"]
             assert (cpu > 0) == (cpu_mode == "on")
             copied = llm.stats.bytes_h2d - before["bytes_h2d"]
-            if cpu_mode == "off":  # RAM misses copied as MXFP4 bytes, decoded in the slot
+            if cpu_mode == "off":  # RAM misses copied as MXFP4 bytes (decoded in the slot, or
+                # computed from their codes: decode-then-matmul on the CPU, per use)
                 assert copied > 0 and copied % st.expert_bytes == 0
                 assert copied < misses * st.decoded_bytes
 

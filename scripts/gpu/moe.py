@@ -38,9 +38,11 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    (``gpu_busy_fraction``: kernel time / wall time; low = bound by the host).
    ``--gpt-oss``: the same for gpt-oss-20b shapes (32 experts of 2880, 4 of its 24 layers;
    LRU, CPU compute off, the baseline) with MXFP4 experts as the real model ships them (the
-   store, pinned RAM and the copies hold ~4.25 bits per weight; each slot decodes to bf16 on
-   the GPU): ``bytes_per_expert`` (stored), ``decoded_bytes_per_expert`` and h2d bytes per
-   decode token; ``--gpt-oss-bf16`` adds the same bench with bf16 experts (``bench_gpt_oss_bf16``).
+   store, pinned RAM and the copies hold ~4.25 bits per weight; with Triton on CUDA a slot
+   holds only those bytes and decode steps compute from the codes, ``coded_slots``, else each
+   slot decodes to bf16): ``bytes_per_expert`` (stored), ``slot_bytes``, ``slots``,
+   ``mxfp4_paths`` (expert batches run by the kernel / decoded, per run and correctness row)
+   and h2d bytes per decode token; ``--gpt-oss-bf16`` adds the same bench with bf16 experts (``bench_gpt_oss_bf16``).
 3. llama.cpp with its experts on the CPU (``-ngl 99 -ot exps=CPU``) on an F16 GGUF of the same
    shapes and layers, in the same call (``moe_llamacpp.py``; full run only, and only when the
    tools folder ``.peers/llamacpp``, a copy of ``../shared/tools/llamacpp``, is carried).
@@ -61,6 +63,7 @@ from pathlib import Path
 import torch
 
 from ollm.bench.stepprof import request_calls
+from ollm.layers.moe_mxfp4 import path_counts as mxfp4_paths
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -150,6 +153,7 @@ def _mode_row(path: Path, model, ref: list, options: dict) -> dict:
     """One mode's tokens and log-probs vs transformers (``ref``: filled once, then reused)."""
     from ollm import LLM, SamplingParams
 
+    paths = dict(mxfp4_paths)
     with LLM(path, **options) as llm:
         res = llm.generate(PROMPT, SamplingParams(max_new_tokens=NEW, temperature=0))
         seq = PROMPT + res.token_ids
@@ -165,6 +169,8 @@ def _mode_row(path: Path, model, ref: list, options: dict) -> dict:
             expert_cpu=res.metrics.expert_cpu,
             tokens_equal=same,
             max_logprob_diff=diff,
+            coded_slots=None if e is None else e.coded_slots,
+            mxfp4_paths={k: v - paths[k] for k, v in mxfp4_paths.items()},
         )
 
 
@@ -181,7 +187,7 @@ def _store(tmp: Path, preset: str, layers: int, device: str, mxfp4: bool = True)
     )  # fmt: skip
 
 
-def _scaled_slots(store: Path, kw: dict, layers: int, budget: int, full: int) -> tuple[int, float]:
+def _scaled_slots(store: Path, kw: dict, layers: int, budget: int, full: int) -> tuple:
     """Cache slots for ``layers`` layers holding the fraction of the experts the full model's
     cache holds under ``budget`` (its dense parts, KV and activations as counted per layer).
     Planned only (nothing loaded)."""
@@ -205,8 +211,9 @@ def _scaled_slots(store: Path, kw: dict, layers: int, budget: int, full: int) ->
     per_layer = (r["resident layers"] + r["kv cache"]) / layers
     fixed = sum(v for k, v in r.items() if k not in ("experts", "resident layers", "kv cache"))
     cache = budget - fixed - full * per_layer
-    frac = max(0.0, cache / e.slot_bytes) / (e.num_experts * full)  # a slot: decoded (+ stored)
-    return max(2, int(frac * e.total)), frac
+    # a slot: the stored bytes when computed from MXFP4 codes, else decoded (+ stored)
+    frac = max(0.0, cache / e.slot_bytes) / (e.num_experts * full)
+    return max(2, int(frac * e.total)), frac, e
 
 
 def _stream_all(store: Path, kw: dict) -> int:
@@ -250,7 +257,7 @@ def _run(*args, **opts) -> dict:
 def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0, **opts) -> dict:
     from ollm import LLM, SamplingParams
 
-    t0 = time.perf_counter()
+    t0, paths = time.perf_counter(), dict(mxfp4_paths)
     with LLM(store, **kw, **opts) as llm:
         load_s = time.perf_counter() - t0
         if zipf:
@@ -302,6 +309,10 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         floor_bytes = len(e.layers) * top_k * miss * e.expert_bytes
         row |= dict(slots=e.cache_slots, total_experts=e.total, tiers=e.tier_counts())
         row |= dict(bytes_per_expert=e.expert_bytes, decoded_bytes_per_expert=e.device_expert_bytes)
+        # MXFP4: slots of stored bytes computed by the Triton kernel (``coded_slots``), or
+        # decoded in the slot; expert batches by path over the whole run
+        row |= dict(coded_slots=e.coded_slots, slot_bytes=e.slot_bytes,
+                    mxfp4_paths={k: v - paths[k] for k, v in mxfp4_paths.items()})  # fmt: skip
         if lookahead is not None:  # counted over the whole run (warm-up, profile included)
             row["lookahead"] = lookahead
         row["floor_s_per_token"] = floor_bytes / h2d
@@ -334,7 +345,7 @@ def bench(
     st = LayerStore(store)
     se = StoreExperts(st)
     out |= dict(expert_format="mxfp4" if se.coded else "bf16", bytes_per_expert=se.expert_bytes,
-                decoded_bytes_per_expert=se.decoded_bytes, slot_bytes=se.slot_bytes)  # fmt: skip
+                decoded_bytes_per_expert=se.decoded_bytes)  # fmt: skip
     st.close()
     on_gpu = device != "cpu"
     h2d = probe_h2d(torch.device(device), pinned=True) if on_gpu else 10e9
@@ -343,7 +354,8 @@ def bench(
     kw = dict(device=device, progress=False, verify_checksums=False, max_context=ctx + 64)
     kw["cache_dir"] = str(tmp / "c")
     budget = 8 * GIB if on_gpu else 2 * GIB
-    slots, frac = _scaled_slots(store, {**kw, "offload": "cpu"}, layers, budget, full)
+    slots, frac, e = _scaled_slots(store, {**kw, "offload": "cpu"}, layers, budget, full)
+    out |= dict(slot_bytes=e.slot_bytes, coded_slots=e.coded_slots)
     out |= {"cache_slots": slots, "cache_fraction": frac, "budget": "8GiB scaled", "context": ctx}
     new = 16 if quick else 32
     exp = dict(gpu_memory=budget, offload="cpu", moe_offload="expert", expert_slots=slots)

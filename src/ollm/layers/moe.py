@@ -30,6 +30,7 @@ from ollm.layers.moe_batched import (
     stack_experts,
 )
 from ollm.layers.moe_batched import experts_forward as experts_forward  # re-exported
+from ollm.layers.moe_mxfp4 import coded_forward, decode_weights, is_coded
 from ollm.planning.experts import STACK_BYTES
 from ollm.runtime.expert_stacks import stacked_batch
 
@@ -91,8 +92,11 @@ def predict(x: torch.Tensor, w: Weights, moe: MoeSpec) -> torch.Tensor:
 def expert_forward(x: torch.Tensor, ew: Weights, moe: MoeSpec, act: str) -> torch.Tensor:
     """One expert applied to the rows ``x`` [n, H] routed to it; ``ew`` holds the expert's
     tensors by short name (``gate_proj.weight`` ..., ``gate_up_proj`` [2I, H] for fused gated
-    experts, or gpt-oss's ``gate_up_proj`` [H, 2I], ``down_proj`` [I, H] and their biases)."""
+    experts, or gpt-oss's ``gate_up_proj`` [H, 2I], ``down_proj`` [I, H] and their biases, or
+    its stored MXFP4 tensors, decoded here: prefill decodes an expert once per row group)."""
     if moe.expert_kind == "gpt_oss":
+        if is_coded(ew):
+            ew = decode_weights(ew)
         gate_up = x @ ew["gate_up_proj"] + ew["gate_up_proj_bias"]
         gate = gate_up[..., ::2].clamp(max=GPT_OSS_LIMIT)
         up = gate_up[..., 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
@@ -294,8 +298,16 @@ def _run_pairs(x, batch, ids: list[int], moe: MoeSpec, act: str) -> torch.Tensor
     at = {e: j for j, (e, _) in enumerate(batch)}
     idx = _index([batch.rows[at[e]] for e in ids], x.device)
     k, h = len(ids), x.shape[-1]
+    if is_coded(batch.stacks):  # MXFP4 slots: computed from their codes
+        y = coded_forward(x.expand(k, 1, h), batch.stacks, idx, _forward(moe, act))
+        return y.view(k, h)
     w = gather_experts(batch.stacks, idx, moe)
     return forward_stacked(x.expand(k, 1, h), w, moe, act).view(k, h)
+
+
+def _forward(moe: MoeSpec, act: str):
+    """``forward_stacked`` over (rows, decoded weights), for the decode-then-matmul path."""
+    return lambda x, w: forward_stacked(x, w, moe, act)
 
 
 def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) -> None:
@@ -344,11 +356,15 @@ def _run_batch(x, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
     idx = _index(dst + src + (batch.rows if stacks is not None else []), x.device)
     gm, h = g * m, x.shape[-1]
     xs = x.expand(g, 1, h) if one else x.index_select(0, idx[gm : 2 * gm]).view(g, m, h)
-    if stacks is not None:
-        w = gather_experts(stacks, idx[idx.shape[0] - g :], moe)
+    if is_coded(batch[0][1]):  # MXFP4: computed from the codes in their slots
+        at = idx[idx.shape[0] - g :] if stacks is not None else torch.arange(g, device=x.device)
+        if stacks is None:  # the stored bytes stacked (a few MB per expert)
+            stacks = stack_experts([ew for _, ew in batch], moe)
+        y = coded_forward(xs, stacks, at, _forward(moe, act))
+    elif stacks is not None:
+        y = forward_stacked(xs, gather_experts(stacks, idx[idx.shape[0] - g :], moe), moe, act)
     else:
-        w = stack_experts([ew for _, ew in batch], moe)
-    y = forward_stacked(xs, w, moe, act)
+        y = forward_stacked(xs, stack_experts([ew for _, ew in batch], moe), moe, act)
     slots.index_put_((idx[:gm],), y.view(gm, h))
 
 

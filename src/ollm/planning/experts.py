@@ -48,12 +48,13 @@ class ExpertPlan:
     lookahead: bool = False  # predict the next sparse layer's experts and prefetch its misses
     decoded_bytes: int = 0  # coded (MXFP4) experts: one decoded on the device; 0: not coded
     decode_chunk: int = 1  # coded experts decoded at once (their temporaries are reserved)
+    coded_slots: bool = False  # coded: slots hold the stored bytes only, computed from codes
 
     @property
     def slot_bytes(self) -> int:
-        """Device bytes of one cache slot: the expert as computed, plus, when coded, the row
-        its stored bytes land in before they are decoded."""
-        return self.expert_bytes + self.decoded_bytes
+        """Device bytes of one cache slot: the expert as computed, plus, when coded and decoded
+        in the slot, the row its stored bytes land in (``coded_slots``: the stored bytes only)."""
+        return self.expert_bytes + (0 if self.coded_slots else self.decoded_bytes)
 
     @property
     def device_expert_bytes(self) -> int:
@@ -87,6 +88,7 @@ class ExpertPlan:
                 f"{format_size(self.expert_bytes)} each"
                 + (
                     f" as MXFP4, {format_size(self.decoded_bytes)} decoded"
+                    + ("; slots computed from their codes" if self.coded_slots else "")
                     if self.decoded_bytes
                     else ""
                 )
@@ -109,6 +111,19 @@ class ExpertPlan:
             rows.append(("expert cache", cache))
         rows.append(("expert rows per group", str(self.group_rows)))
         return rows
+
+
+def from_codes(device: str) -> bool:
+    """Whether coded (MXFP4) experts in cache slots are computed from their codes on
+    ``device`` (``layers/moe_mxfp4.py``'s Triton kernel: CUDA with Triton importable), so a
+    slot holds the stored bytes only; else each slot is decoded after its copy lands."""
+    import importlib.util
+
+    if not device.startswith("cuda") or importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def group_rows(spec, work, budget: int | None, dtype_bytes: int) -> tuple[int, int]:
@@ -143,6 +158,7 @@ def plan_experts(
     cpu_compute: str = "auto",
     plan_dense=None,
     lookahead: bool = False,
+    coded_slots: bool | None = None,
 ):
     """The placement of the dense parts (a ``PlacementPlan`` over ``dense_store``) with an
     ``ExpertPlan`` in its ``experts`` field, under the same budgets; raises ``BudgetError``
@@ -150,16 +166,20 @@ def plan_experts(
     ``StoreExperts``; ``plan_dense(store, gpu_memory, cpu_memory)`` plans the dense view
     (``plan_placement`` with the caller's other arguments). ``lookahead`` holds only on an
     accelerator with a cache and no dense part streaming (the prediction reads the next
-    layer's resident router)."""
+    layer's resident router). ``coded_slots``: coded experts computed from the stored bytes
+    in their slots (None: ``from_codes(device)``)."""
     from ollm.storage.expert_codec import decode_chunk
     from ollm.storage.experts import dense_store
 
     on_gpu = device != "cpu"
     budget = gpu_memory if on_gpu else cpu_memory
-    rows, rows_bytes = _expert_rows(spec, experts, work, budget, dtype_bytes)
-    # coded (MXFP4) experts: RAM and copies hold ``stored`` bytes, the device ``dec`` (a slot
-    # holds both: its copy lands beside the decoded expert); else all three are one
-    stored, dec, slot = experts.expert_bytes, experts.decoded_bytes, experts.slot_bytes
+    codes = experts.coded and (from_codes(device) if coded_slots is None else coded_slots)
+    rows, rows_bytes = _expert_rows(spec, experts, work, budget, dtype_bytes, codes)
+    # coded (MXFP4) experts: RAM and copies hold ``stored`` bytes, a resident expert ``dec``,
+    # a slot both (its copy lands beside the decoded expert) or, computed from its codes
+    # (``codes``), the stored bytes only; else all are one
+    stored, dec = experts.expert_bytes, experts.decoded_bytes
+    slot = stored if codes else experts.slot_bytes
     layers = tuple(sorted(experts.regions))
     n_exp = max(experts.num_experts(i) for i in layers)
     total = n_exp * len(layers)
@@ -177,7 +197,7 @@ def plan_experts(
         cache, ram = 0, (0,) * len(layers)
     else:
         cache, ram = _cache_and_ram(plan, dense, experts, layers, n_exp, least, spare, on_gpu,
-                                    slots, offload, cpu_memory)  # fmt: skip
+                                    slots, offload, cpu_memory, slot)  # fmt: skip
     eplan = ExpertPlan(
         device=device,
         layers=layers,
@@ -192,6 +212,7 @@ def plan_experts(
         lookahead=lookahead and on_gpu and not plan.streamed and not (fits and slots is None),
         decoded_bytes=dec if experts.coded else 0,
         decode_chunk=decode_chunk(dec, spec.moe.top_k) if experts.coded else 1,
+        coded_slots=codes,
     )
     reserved = dict(plan.reserved)
     reserved["experts"] = total * dec if eplan.resident else cache * slot
@@ -199,11 +220,20 @@ def plan_experts(
     return replace(plan, experts=eplan, reserved=reserved)
 
 
-def _expert_rows(spec, experts, work, budget: int | None, dtype_bytes: int) -> tuple[int, int]:
+def _expert_rows(
+    spec, experts, work, budget: int | None, dtype_bytes: int, codes: bool = False
+) -> tuple[int, int]:
     """(rows routed at once, bytes reserved for them): ``group_rows``, at least what a decode
-    step's stacked experts take, and with coded experts what decoding them takes."""
+    step's stacked experts take, and with coded experts what decoding them takes; computed
+    from their codes (``codes``), prefill decodes each expert beside the rows' temporaries
+    (the decode kernel's own workspace, a few rows' outputs, is far below the stacked
+    experts' reserve it replaces)."""
     rows, rows_bytes = group_rows(spec, work, budget, dtype_bytes)
     dec = experts.decoded_bytes
+    if codes:
+        from ollm.storage.expert_codec import decode_reserve
+
+        rows_bytes += decode_reserve(dec, 1)
     # a decode step's stacked experts use the rows' temporaries (prefill and decode alternate)
     rows_bytes = max(rows_bytes, min(spec.moe.top_k * dec, max(dec, STACK_BYTES)))
     if experts.coded:  # and so does decoding (slots after their copies; resident ones at load)
@@ -214,13 +244,13 @@ def _expert_rows(spec, experts, work, budget: int | None, dtype_bytes: int) -> t
 
 
 def _cache_and_ram(plan, dense, experts, layers, n_exp, least, spare, on_gpu, slots, offload,
-                   cpu_memory) -> tuple[int, tuple[int, ...]]:  # fmt: skip
+                   cpu_memory, slot: int) -> tuple[int, tuple[int, ...]]:  # fmt: skip
     """(cache slots, RAM experts per layer) when not every expert is resident: a GPU's spare
-    memory becomes cache slots beyond ``least``; on the CPU (RAM is the device) it holds experts
-    in place, and the cache only takes the disk experts' misses."""
+    memory becomes cache slots (``slot`` bytes each) beyond ``least``; on the CPU (RAM is the
+    device) it holds experts in place, and the cache only takes the disk experts' misses."""
     total = n_exp * len(layers)
     grow = on_gpu and slots is None and spare is not None
-    cache = min(total, least + (spare // experts.slot_bytes if grow else 0))
+    cache = min(total, least + (spare // slot if grow else 0))
     # pinned RAM holds stored (MXFP4) bytes; on the CPU device RAM experts are computed in
     # place, held decoded (decoded once at load, not on every use)
     per = experts.expert_bytes if on_gpu else experts.decoded_bytes

@@ -80,8 +80,9 @@ class ExpertCache:
         n = 0 if plan.resident else plan.cache_slots
         slot_dev = self.device if self.cuda else self.cpu
         # coded (MXFP4) experts: a copy lands in its slot's row of ``raw`` (stored bytes) and is
-        # decoded into the slot (``undecoded`` until its first use, on the compute stream)
-        self.coded = experts.coded
+        # decoded into the slot (``undecoded`` until its first use, on the compute stream);
+        # with ``plan.coded_slots`` the slot holds the stored bytes, computed from their codes
+        self.coded = experts.coded and not plan.coded_slots  # decoded in the slot
         row = experts.decoded_bytes if self.coded else plan.expert_bytes
         self.slots = torch.empty(n, row, dtype=torch.uint8, device=slot_dev)
         self.raw = torch.empty(n if self.coded else 0, plan.expert_bytes, dtype=torch.uint8,
@@ -353,11 +354,8 @@ class ExpertCache:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ollm-experts")
         if not self.cuda:
-            dst, k = (
-                (self.raw if self.coded else self.slots)[s, : self.experts.regions[i].sizes[e]],
-                None,
-            )
-            return self._pool.submit(self._read_into, i, e, dst, None, k)
+            dst = (self.raw if self.coded else self.slots)[s, : self.experts.regions[i].sizes[e]]
+            return self._pool.submit(self._read_into, i, e, dst, None, None)
         k = self._next_staging % len(self._staging)
         self._next_staging = k + 1
         return self._pool.submit(self._read_into, i, e, self._staging[k], self._staging_done[k], k)
@@ -409,7 +407,8 @@ class ExpertCache:
         sig = (s, self._layout[(i, e)])
         views = self._slot_views_memo.get(sig)
         if views is None:
-            views = self._slot_views_memo[sig] = st.views(i, e, self.slots[s], decoded=True)
+            views = st.views(i, e, self.slots[s], decoded=not self.plan.coded_slots)
+            self._slot_views_memo[sig] = views
         self.slot_views[s] = views
         self.slot_layout[s] = sig[1]
 
@@ -437,7 +436,8 @@ class ExpertCache:
         stacks = self._slot_stacks.get(lay)
         if stacks is None:
             i, e = self._rep[lay]
-            tensors = self.experts.device_tensors(i, e)
+            st = self.experts
+            tensors = st.tensors[i][e] if self.plan.coded_slots else st.device_tensors(i, e)
             stacks = self._slot_stacks[lay] = stacked_views(self.slots, tensors)
         return stacks
 
