@@ -17,19 +17,19 @@ import triton
 import triton.language as tl
 
 ROWS = 16  # rows per program (tl.dot's least M): decode batches of up to this many rows
-BLOCK_O = 64  # output columns per program
+BLOCK_O = 32  # output columns per program (gpt-oss-20b: 90 x experts programs)
 BLOCK_J = 64  # code bytes per step along a row (128 input values)
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _fp4(c):
-    """E2M1 codes (int32, 0..15) -> float32: sign, 2-bit exponent, 1-bit mantissa (e == 0:
-    0 or 0.5; else (1 + m / 2) * 2^(e - 1))."""
+    """E2M1 codes (int32, 0..15) -> float32, built from bits (exact): sign, 2-bit exponent e,
+    1-bit mantissa m; e == 0: 0 or 0.5, else (1 + m / 2) * 2^(e - 1)."""
     e = (c >> 1) & 3
-    m = (c & 1).to(tl.float32)
-    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (0.5 * (1 << e).to(tl.float32)))
-    return tl.where(c >= 8, -mag, mag)
+    m = c & 1
+    bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))
+    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -40,7 +40,8 @@ def _accumulate(acc, xe, xo, bp, sp, orow, omask, jj, jm, kb, F32: tl.constexpr)
     m2 = omask[:, None] & jm[None, :]
     byte = tl.load(bp + orow[:, None] * kb + jj[None, :], mask=m2, other=0).to(tl.int32)
     sc = tl.load(sp + orow[:, None] * (kb // 16) + jj[None, :] // 16, mask=m2, other=127)
-    f = tl.exp2(sc.to(tl.float32) - 127.0)
+    # 2^(scale - 127) from its float32 bits (exact; scale 0, 2^-127, reads as 0)
+    f = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     lo = _fp4(byte & 15) * f
     hi = _fp4(byte >> 4) * f
     if F32:
