@@ -212,7 +212,7 @@ def plan_experts(
         lookahead=lookahead and on_gpu and not plan.streamed and not (fits and slots is None),
         decoded_bytes=dec if experts.coded else 0,
         decode_chunk=decode_chunk(dec, spec.moe.top_k) if experts.coded else 1,
-        coded_slots=codes,
+        coded_slots=codes and not (fits and slots is None),  # resident: decoded at load
     )
     reserved = dict(plan.reserved)
     reserved["experts"] = total * dec if eplan.resident else cache * slot
