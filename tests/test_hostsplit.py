@@ -50,8 +50,8 @@ def _reference(store, d, q, window, sinks, scale):
     for j, s in enumerate(d.seqs):
         n = s.start + 1 - s.key0
         ids = s.block_ids[: -(-n // BT)]
-        k = pool[0][ids].transpose(0, 1).reshape(KVH, -1, D)[:, :n]
-        v = pool[1][ids].transpose(0, 1).reshape(KVH, -1, D)[:, :n]
+        k = pool[0][:, ids].reshape(KVH, -1, D)[:, :n]  # head-major pool [KVH, blocks, BT, D]
+        v = pool[1][:, ids].reshape(KVH, -1, D)[:, :n]
         pos = s.key0 + torch.arange(n)
         keep = pos <= s.start
         if window is not None:
@@ -95,7 +95,7 @@ def test_staging_bounds_the_fetch():
     got = split.attend(d, pool, q, AttentionMask(0, 1, 1), 0.5, store.host_scratch)
     lay = next(v for k, v in d.host_rows.items() if k[0] == "split")
     assert 0 < lay.fetched_blocks <= 5 and len(lay.cpu) > 0
-    assert split.staging(pool)[:, -1].abs().sum() == 0  # the padding slot stays zero
+    assert split.staging(pool)[:, :, -1].abs().sum() == 0  # the padding slot stays zero
     torch.testing.assert_close(
         got.double(), _reference(store, d, q, None, None, 0.5), atol=1e-5, rtol=1e-5
     )

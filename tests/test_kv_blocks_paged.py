@@ -348,7 +348,8 @@ def test_batched_block_copies_equal_one_by_one():
         ]
         a.copy_blocks(moves)
         for m in moves:  # the reference: strictly one after another
-            b.pools[m.dst_tier][:, :, m.dst_block] = b.pools[m.src_tier][:, :, m.src_block].clone()
+            src = b.pools[m.src_tier][:, :, :, m.src_block].clone()  # [layers, 2, heads, ...]
+            b.pools[m.dst_tier][:, :, :, m.dst_block] = src
         for t in tiers:
             torch.testing.assert_close(a.pools[t], b.pools[t], rtol=0, atol=0)
 

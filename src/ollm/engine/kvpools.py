@@ -32,6 +32,7 @@ from ollm.kv.codec_paged import CodecPagedStore
 from ollm.kv.codecs import KVCodec, codec_for_tier
 from ollm.kv.disk import KVDirectory
 from ollm.kv.paged import PagedKVStore
+from ollm.kv.slabs import SlabPool
 from ollm.planning.accounting import kv_group
 from ollm.sizes import format_size
 from ollm.tiers import Home, KvTier
@@ -174,12 +175,15 @@ def build_pools(
     kv_root: str | None = None,
     all_disk: bool = False,
     limits: tuple[int, int] = (1, 0),
+    slab_tokens: int = 0,
 ) -> EnginePools:
     """Managers and stores for ``blocks[group]`` blocks per group (and ``swap_blocks`` of swap
     each), every layer's in its home; refuses up front when RAM or disk cannot hold them.
     A home whose codec (``runner.kv_codec``, ``codec_for_tier``) is set stores the
     full-attention group's blocks encoded, with exact slots for ``limits`` = (most running
-    sequences, most tokens a step) (`kv.codec_blocks.exact_slots_for`)."""
+    sequences, most tokens a step) (`kv.codec_blocks.exact_slots_for`). ``slab_tokens`` (a
+    sequence's most tokens) places each sequence's blocks of a full-attention group in one run
+    (`kv.slabs.SlabPool`), which the CPU attends in place."""
     spec, plan = runner.spec, runner.plan
     homes = layer_homes(plan, all_disk)
     on_device = [p.kv_device for p, h in zip(plan.layers, homes, strict=True) if h == Home.DEVICE]
@@ -188,7 +192,7 @@ def build_pools(
     block = 2 * block_tokens * spec.num_kv_heads * spec.head_dim * elem
     codecs = _codecs(runner, all_disk)
     managers = {
-        g: _manager(g, w, blocks[g], swap_blocks, block_tokens, codecs, limits)
+        g: _manager(g, w, blocks[g], swap_blocks, block_tokens, codecs, limits, slab_tokens)
         for g, w in windows.items()
     }
     need = {h: 0 for h in HOMES}
@@ -236,7 +240,9 @@ def build_pools(
     return EnginePools(managers, stores, layers, disk, need)
 
 
-def _manager(group, window, blocks, swap_blocks, block_tokens, codecs, limits) -> BlockManager:
+def _manager(
+    group, window, blocks, swap_blocks, block_tokens, codecs, limits, slab_tokens=0
+) -> BlockManager:
     """A group's block manager: encoded (`CodecBlockManager`) for the full-attention group when
     a home has a codec (windowed groups stay exact, as in the single-request caches)."""
     if window is None and codecs:
@@ -248,7 +254,9 @@ def _manager(group, window, blocks, swap_blocks, block_tokens, codecs, limits) -
         return CodecBlockManager(
             block_tokens, {DEVICE_TIER: blocks}, recent_blocks=w, exact_slots=slots
         )
-    pools = {DEVICE_TIER: blocks}
+    pools: dict = {DEVICE_TIER: blocks}
+    if slab_tokens and window is None:
+        pools[DEVICE_TIER] = SlabPool(DEVICE_TIER, blocks, -(-slab_tokens // block_tokens))
     if swap_blocks:
         pools[SWAP_TIER] = swap_blocks
     swap = SWAP_TIER if swap_blocks else None

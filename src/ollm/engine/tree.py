@@ -154,10 +154,10 @@ def compact_path(pools: EnginePools, st: SeqStep, path: Sequence[int]) -> None:
                 cols[j + 1].append(pos % bt)
         tier = table[pairs[0][0] // bt].tier  # a running sequence's blocks: allocation tier
         for store in stores.values():
-            pool = store.pools[tier]  # [layers, 2, blocks, kv_heads, block_tokens, head_dim]
+            pool = store.pools[tier]  # [layers, 2, kv_heads, blocks, block_tokens, head_dim]
             sb, so, db, do = (torch.tensor(c, dtype=torch.long, device=pool.device) for c in cols)
-            rows = pool[:, :, sb, :, so]  # gathered first: sources and targets may overlap
-            pool[:, :, db, :, do] = rows
+            rows = pool[:, :, :, sb, so]  # gathered first: sources and targets may overlap
+            pool[:, :, :, db, do] = rows
 
 
 def lookup_tree(

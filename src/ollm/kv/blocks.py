@@ -99,8 +99,10 @@ class BlockPool:
         """The prefix key of ``block``, if registered."""
         return self._key_of.get(block)
 
-    def allocate(self) -> int:
-        """A block with one reference: a free one, else the least recently used cached one."""
+    def allocate(self, after: int | None = None, fresh: bool = False) -> int:
+        """A block with one reference: a free one, else the least recently used cached one.
+        ``after`` (the sequence's last block here) and ``fresh`` (its first block) are hints a
+        placement-aware pool (`kv.slabs.SlabPool`) uses; this one ignores them."""
         if self._free:
             block = self._free.popleft()
         elif self._lru:
@@ -201,7 +203,7 @@ class BlockManager:
     def __init__(
         self,
         block_tokens: int,
-        pools: Mapping[str, int],
+        pools: Mapping[str, int | BlockPool],
         alloc_tiers: Sequence[str] | None = None,
         swap_tier: str | None = None,
         window: int | None = None,
@@ -211,7 +213,9 @@ class BlockManager:
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.block_tokens = block_tokens
-        self.pools = {tier: BlockPool(tier, n) for tier, n in pools.items()}
+        self.pools = {
+            t: n if isinstance(n, BlockPool) else BlockPool(t, n) for t, n in pools.items()
+        }
         self.alloc_tiers = tuple(alloc_tiers) if alloc_tiers is not None else tuple(pools)
         self.swap_tier = swap_tier
         for tier in (*self.alloc_tiers, *([swap_tier] if swap_tier else [])):
@@ -254,11 +258,14 @@ class BlockManager:
             return 0
         return max(0, length - self.window + 1) // self.block_tokens
 
-    def _allocate(self) -> BlockRef:
+    def _allocate(self, prev: BlockRef | None = None, fresh: bool = False) -> BlockRef:
+        """A block of the first allocation tier with one free; ``prev`` (the table's last block)
+        and ``fresh`` (its first) are placement hints for the pool."""
         for tier in self.alloc_tiers:
             pool = self.pools[tier]
             if pool.num_free:
-                return BlockRef(tier, pool.allocate())
+                after = prev.block if prev is not None and prev.tier == tier else None
+                return BlockRef(tier, pool.allocate(after, fresh))
         raise OutOfBlocks(f"no free KV block in tiers {list(self.alloc_tiers)}")
 
     def _last_needs_copy(self, table: BlockTable) -> bool:
@@ -300,7 +307,8 @@ class BlockManager:
         if n and table.length % self.block_tokens:
             moves += self._make_last_writable(table)
         for _ in range(-(-(table.length + n) // self.block_tokens) - len(table.blocks)):
-            table.blocks.append(self._allocate())
+            prev = table.blocks[-1] if table.blocks else None
+            table.blocks.append(self._allocate(prev, not table.blocks))
         table.length += n
         return moves
 

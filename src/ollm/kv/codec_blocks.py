@@ -88,8 +88,8 @@ class CodecBlockManager(BlockManager):
         self.version += 1
         return slot
 
-    def _allocate(self) -> BlockRef:
-        ref = super()._allocate()
+    def _allocate(self, prev: BlockRef | None = None, fresh: bool = False) -> BlockRef:
+        ref = super()._allocate(prev, fresh)
         if self.exact_of[ref.block] < 0:  # a reused id keeps the slot of its previous content
             self.exact_of[ref.block] = self._take_slot()
             self.version += 1

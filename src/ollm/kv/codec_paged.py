@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 class CodecPagedStore(PagedKVStore):
     """Codes of every block plus exact slots, for ``num_layers`` layers of one KV group."""
 
+    HEAD_MAJOR = False  # exact slots [2, slots, kv_heads, bt, D], indexed by slot
+
     def __init__(
         self,
         num_layers: int,

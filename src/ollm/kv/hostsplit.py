@@ -96,13 +96,14 @@ class HostSplit:
 
     def slots(self, pool: torch.Tensor) -> int:
         """Pool blocks the staging buffer holds (one more slot, kept zero, pads gathers)."""
-        block = 2 * pool[0, 0].numel() * pool.element_size()
+        block = 2 * pool[0, :, 0].numel() * pool.element_size()
         return max(0, (2 * self.budget) // (3 * block) - 1)
 
     def staging(self, pool: torch.Tensor) -> torch.Tensor:
-        """The kept staging buffer ``[2, slots + 1, kv_heads, bt, D]`` (last slot zero)."""
+        """The kept staging buffer ``[2, kv_heads, slots + 1, bt, D]`` (last slot zero), head-major
+        as the pools (`kv/paged.py`)."""
         n = self.slots(pool) + 1
-        shape = (2, n, *pool.shape[2:])
+        shape = (2, pool.shape[1], n, *pool.shape[3:])
         buf = self._staging
         if buf is None or buf.shape != shape or buf.dtype != pool.dtype:
             buf = self._staging = torch.zeros(shape, dtype=pool.dtype, device=self.device)
@@ -119,7 +120,7 @@ class HostSplit:
 
     def layout(self, d: DecodeBatch, pool: torch.Tensor, window: int | None) -> SplitLayout:
         """The step's split of ``d`` over ``pool`` (built once per step and group)."""
-        bt, kvh = pool.shape[3], pool.shape[2]
+        bt, kvh = pool.shape[3], pool.shape[1]
         held = []
         for s in d.seqs:
             need = -(-(s.start + 1 - s.key0) // bt)
@@ -148,8 +149,8 @@ class HostSplit:
                     ref = slot[torch.searchsorted(used, ids[sel])] if side else ids[sel]
                     parts[side].append((i, ref, pos[sel], s.start))
         zero = self.slots(pool)  # the staging slot kept zero
-        g_seqs, g_rows, g_mask, nbg = _rows(parts[True], kvh, bt, window, zero)
-        c_seqs, c_rows, c_mask, nbc = _rows(parts[False], kvh, bt, window, None)
+        g_seqs, g_rows, g_mask, nbg = _rows(parts[True], kvh, bt, window, zero, zero + 1)
+        c_seqs, c_rows, c_mask, nbc = _rows(parts[False], kvh, bt, window, None, pool.shape[2])
         dev = self.device
         return SplitLayout(
             tuple(runs), torch.tensor(g_seqs, dtype=torch.long, device=dev), g_rows.to(dev),
@@ -200,10 +201,11 @@ class HostSplit:
         if stream is not None:  # the staging buffer's last readers ran on the compute stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with ctx:
-            for a, b, at in lay.runs:
+            for a, b, at in lay.runs:  # per head: each a contiguous run of pinned memory
                 for i in (0, 1):
-                    buf[i, at : at + b - a].copy_(pool[i, a:b], non_blocking=True)
-        self.fetched_bytes += 2 * n * pool[0, 0].numel() * pool.element_size()
+                    for h in range(pool.shape[1]):
+                        buf[i, h, at : at + b - a].copy_(pool[i, h, a:b], non_blocking=True)
+        self.fetched_bytes += 2 * n * pool[0, :, 0].numel() * pool.element_size()
         if stream is None:
             return None
         event = torch.cuda.Event()
@@ -214,7 +216,7 @@ class HostSplit:
         """The fetched part: gathered from staging per sequence, in chunks under a third of the
         budget."""
         buf = self.staging(pool)
-        kvh, bt, hd = pool.shape[2], pool.shape[3], pool.shape[4]
+        kvh, bt, hd = pool.shape[1], pool.shape[3], pool.shape[4]
         per_seq = 2 * kvh * lay.nbg * bt * hd * pool.element_size()
         chunk = max(1, (self.budget // 3) // max(1, per_seq))
         q = qb.index_select(0, lay.gpu)
@@ -234,7 +236,7 @@ class HostSplit:
 
     def _attend_cpu(self, lay: SplitLayout, pool, qb, scale, scratch):
         """The rest: gathered on the CPU into kept host buffers and attended there."""
-        kvh, bt, hd = pool.shape[2], pool.shape[3], pool.shape[4]
+        kvh, bt, hd = pool.shape[1], pool.shape[3], pool.shape[4]
         b = len(lay.cpu)
         q = qb.index_select(0, lay.cpu.to(qb.device)).to("cpu")
         kv = []
@@ -247,8 +249,9 @@ class HostSplit:
         return _attend_lse(q, kv[0], kv[1], lay.cpu_mask, scale)
 
 
-def _rows(parts: list, kvh: int, bt: int, window: int | None, pad: int | None):
-    """(sequences kept, gather rows ``[B * kvh * nb]`` (block b, head h -> row b * kvh + h), the
+def _rows(parts: list, kvh: int, bt: int, window: int | None, pad: int | None, blocks: int):
+    """(sequences kept, gather rows ``[B * kvh * nb]`` (head h, block b of ``blocks`` -> row
+    h * blocks + b of a head-major pool seen as ``[kvh * blocks, bt * D]``), the
     additive key mask ``[B, 1, 1, nb * bt]``, nb) of ``parts`` = (seq, block refs, their first
     positions, query position); padded with block ``pad`` (else the sequence's last ref),
     masked. A part whose keys are all outside the query's window is dropped."""
@@ -268,7 +271,7 @@ def _rows(parts: list, kvh: int, bt: int, window: int | None, pad: int | None):
     refs, keep = refs[live], keep[live]
     seqs = [p[0] for p, ok in zip(parts, live.tolist(), strict=True) if ok]
     heads = torch.arange(kvh).view(1, kvh, 1)
-    rows = (refs.view(len(seqs), 1, nb) * kvh + heads).reshape(-1)
+    rows = (heads * blocks + refs.view(len(seqs), 1, nb)).reshape(-1)
     mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
     return seqs, rows, mask[:, None, None], nb
 

@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.kv.decode_batch import (  # noqa: F401  (_decode_batches: for tests and callers)
+    DecodeBatch,
+    _decode_batches,
+    _make_batches,
+    _plan_batches,
+    host_blocks,
+)
 from ollm.kv.paged import PagedKVStore
+from ollm.kv.strided import row_mask, run_view, scatter_rows
 from ollm.layers.tree_mask import TreeMask
 
 if TYPE_CHECKING:  # plain data from the engine, read by attribute only (kv sits below engine)
@@ -57,49 +65,6 @@ class SeqRows:
 # with a few drafts); more rows gather the K/V to the queries' device instead.
 CPU_ATTEND_ROWS = 8
 
-# Most bytes of K/V one batched decode call gathers (a copy the planner does not reserve; longer
-# batches are cut into several calls).
-GATHER_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class DecodeBatch:
-    """The sequences of a step with one query token each, attended in one batched call over
-    their K/V gathered into ``[B, kv_heads, blocks * block_tokens, D]`` (padded to the longest;
-    the padding is masked)."""
-
-    seqs: tuple[SeqRows, ...]
-    rows: torch.Tensor  # [B] their rows in the packed step
-    block_ids: torch.Tensor  # [B * blocks] their held blocks, each padded with its last one
-    num_blocks: int  # blocks per sequence after padding
-    masks: dict = field(default_factory=dict)  # (window, device) -> [B, 1, 1, S] True = attend
-    host_rows: dict = field(default_factory=dict)  # kv_heads -> pool rows, see _host_gather
-    span: int | None = None  # first row when ``rows`` are consecutive rows in order, else None
-    dev_rows: dict = field(default_factory=dict)  # (device, r0) -> rows - r0 on that device
-
-    def mask(
-        self, window: int | None, block_tokens: int, device: torch.device | None = None
-    ) -> torch.Tensor:
-        """Which gathered keys each query sees: its own, causal, inside ``window`` (on
-        ``device``, default that of ``rows``; made once per step)."""
-        dev = self.rows.device if device is None else torch.device(device)
-        key = (window, dev)
-        if key not in self.masks:
-            j = torch.arange(self.num_blocks * block_tokens, device=dev)[None]
-            pos = torch.tensor([s.start - s.key0 for s in self.seqs], device=dev)[:, None]
-            keep = j <= pos
-            if window is not None:
-                keep &= j > pos - window
-            self.masks[key] = keep[:, None, None]
-        return self.masks[key]
-
-    def rows_on(self, device: torch.device, r0: int) -> torch.Tensor:
-        """``rows - r0`` on ``device`` (made once per step, device and chunk start)."""
-        key = (torch.device(device), r0)
-        if key not in self.dev_rows:
-            self.dev_rows[key] = self.rows.to(device) - r0
-        return self.dev_rows[key]
-
 
 @dataclass(frozen=True)
 class GroupLayout:
@@ -113,10 +78,10 @@ class GroupLayout:
     slots: dict = field(default_factory=dict)  # write_slots' index tensors
 
     def write_slots(self, pool: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """Where rows ``[r0, r1)``'s K and V go in ``pool`` ``[2, blocks, kv_heads,
+        """Where rows ``[r0, r1)``'s K and V go in ``pool`` ``[2, kv_heads, blocks,
         block_tokens, D]`` seen as ``[-1, D]``, in the order of ``cat([k, v])`` ``[2 kv_heads,
         rows, D]`` (one index per K/V, head and row; made once per step and chunk)."""
-        _, blocks, kvh, bt, _ = pool.shape
+        _, kvh, blocks, bt, _ = pool.shape
         key = (blocks, kvh, bt, r0, r1)
         idx = self.slots.get(key)
         if idx is None:
@@ -125,7 +90,7 @@ class GroupLayout:
             off = self.row_offset[r0:r1].view(1, 1, -1)
             kv = torch.arange(2, device=dev).view(2, 1, 1)
             heads = torch.arange(kvh, device=dev).view(1, kvh, 1)
-            idx = self.slots[key] = (((kv * blocks + blk) * kvh + heads) * bt + off).reshape(-1)
+            idx = self.slots[key] = (((kv * kvh + heads) * blocks + blk) * bt + off).reshape(-1)
         return idx
 
 
@@ -190,7 +155,8 @@ class PackedStep:
         for info in infos:
             where.append(len(flat))
             flat += info[4]
-        batches = _plan_batches([i for i in infos if i[1] == 1], store, flat)
+        blocks = host_blocks(store, tier, device)
+        batches = _plan_batches([i for i in infos if i[1] == 1], store, flat, blocks)
         t = torch.tensor(flat, dtype=torch.long, device=device)
         seqs = tuple(
             SeqRows(r0, k, start, key0, t[w : w + len(ids)], tree, ids)
@@ -325,14 +291,19 @@ class PackedLayerKV:
         else:
             rows = d.rows_on(q.device, r0)
             qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, H, 1, D]
-        kv = []
-        for i in (0, 1):
-            kv.append(self._gather_rows(i, d).to(dev, q.dtype))
         keep = d.mask(mask.window, bt, dev)
+        if d.run is not None and dev.type == "cpu":  # views of the pool: no gather
+            assert d.run_rows is not None
+            kv = [x.to(dtype=q.dtype) for x in run_view(self.pool, d.run, d.num_blocks)]
+            qb, keep = scatter_rows(qb, d.run, d.run_rows), row_mask(keep, d.run, d.run_rows)
+        else:
+            kv = [self._gather_rows(i, d).to(dev, q.dtype) for i in (0, 1)]
         s = keep.shape[-1]
         # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
         m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
+        if d.run is not None and dev.type == "cpu" and not d.run.identity:
+            o = o.index_select(0, d.run_rows)  # the view rows of the batch's sequences
         o = o[:, :, 0].transpose(0, 1).to(q.device)
         if d.span is not None:
             out[0, :, a : a + len(d.seqs)] = o
@@ -344,18 +315,16 @@ class PackedLayerKV:
         on the pool's device; from a host pool into the store's kept host buffers (a fresh
         tensor per layer and step would be fresh pages)."""
         b, nb, bt = len(d.seqs), d.num_blocks, self.store.block_tokens
-        blocks, kvh, hd = self.pool.shape[1], self.pool.shape[2], self.pool.shape[4]
-        rows = d.host_rows.get(kvh)
-        if rows is None:  # row (block, head) of the pool seen as [blocks * kv_heads, bt * D]
-            heads = torch.arange(kvh, device=d.block_ids.device).view(1, kvh, 1)
-            rows = d.host_rows[kvh] = (d.block_ids.view(b, 1, nb) * kvh + heads).reshape(-1)
-        # One copy straight into [B, kv_heads, blocks, bt, D]: each row is bt x D contiguous.
-        src = self.pool[i].view(blocks * kvh, bt * hd)
+        kvh, blocks, hd = self.pool.shape[1], self.pool.shape[2], self.pool.shape[4]
+        # One copy of every head's blocks, [kv_heads, B * blocks, bt * D] (each row bt x D
+        # contiguous), seen as [B, kv_heads, blocks * bt, D] (strided: attention reads it so).
+        src = self.pool[i].view(kvh, blocks, bt * hd)
         if self.pool.device.type != "cpu":
-            return src.index_select(0, rows).view(b, kvh, nb * bt, hd)
-        out = self.store.host_scratch(i, (b * kvh * nb, bt * hd))
-        torch.index_select(src, 0, rows, out=out)
-        return out.view(b, kvh, nb * bt, hd)
+            out = src.index_select(1, d.block_ids)
+        else:
+            out = self.store.host_scratch(i, (kvh, b * nb, bt * hd))
+            torch.index_select(src, 1, d.block_ids, out=out)
+        return out.view(kvh, b, nb * bt, hd).transpose(0, 1)
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``."""
@@ -364,8 +333,8 @@ class PackedLayerKV:
         ids = s.block_ids[:nb]
         out = []
         for kv in (0, 1):
-            x = self.pool[kv].index_select(0, ids)  # [nb, heads, bt, D]
-            x = x.transpose(0, 1).reshape(x.shape[1], nb * bt, x.shape[3])[:, : upto - s.key0]
+            x = self.pool[kv].index_select(1, ids)  # [heads, nb, bt, D]
+            x = x.view(x.shape[0], nb * bt, x.shape[3])[:, : upto - s.key0]
             out.append(x.unsqueeze(0).to(device))
         return tuple(out)
 
@@ -403,69 +372,3 @@ def take_rows(layer, q: torch.Tensor, mask: AttentionMask) -> tuple[int, int]:
         )
     layer._cursor = 0 if r1 == layer.step.num_rows else r1
     return r0, r1
-
-
-def _decode_batches(
-    seqs: Sequence[SeqRows], store: PagedKVStore, device: torch.device
-) -> tuple[DecodeBatch, ...]:
-    """The decode batches of one-token ``seqs`` on their own (``PackedStep._layout`` makes them
-    with the step's other index tensors)."""
-    infos = [
-        (s.row0, s.n, s.start, s.key0, s.ids or tuple(s.block_ids.tolist()), s.tree) for s in seqs
-    ]
-    flat: list[int] = []
-    batches = _plan_batches(infos, store, flat)
-    t = torch.tensor(flat, dtype=torch.long, device=device)
-    return _make_batches(batches, t, {s.row0: s for s in seqs})
-
-
-def _plan_batches(infos: list[tuple], store: PagedKVStore, flat: list[int]) -> list[tuple]:
-    """`_decode_groups` of ``infos``, each batch's rows and padded block ids appended to
-    ``flat``: (its (info, need) pairs, where its rows start in ``flat``, blocks per sequence,
-    its first row when its rows are consecutive else None)."""
-    out = []
-    for group in _decode_groups(infos, store):
-        nb = max(need for _, need in group)
-        rows = [info[0] for info, _ in group]
-        at = len(flat)
-        flat += rows
-        for info, need in group:  # each padded with its last needed block (any held one)
-            flat += info[4][:need] + (info[4][need - 1],) * (nb - need)
-        span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
-        out.append((group, at, nb, span))
-    return out
-
-
-def _make_batches(
-    batches: list[tuple], t: torch.Tensor, by_row: Mapping[int, SeqRows]
-) -> tuple[DecodeBatch, ...]:
-    """`DecodeBatch`es of `_plan_batches`' plans over ``t``, the tensor of its ``flat``."""
-    out = []
-    for group, at, nb, span in batches:
-        b = len(group)
-        members = tuple(by_row[info[0]] for info, _ in group)
-        ids = t[at + b : at + b + b * nb]
-        out.append(DecodeBatch(members, t[at : at + b], ids, nb, span=span))
-    return tuple(out)
-
-
-def _decode_groups(infos: list[tuple], store: PagedKVStore) -> list[list[tuple[tuple, int]]]:
-    """Batches of one-token sequences (``PackedStep._layout``'s infos; none for fewer than two),
-    each as (info, blocks it needs): sorted by length so that little is padded, cut so that one
-    batch's gathered K/V stays under ``GATHER_BYTES``, each batch then in row order (so that a
-    step of decodes only is one span of rows)."""
-    if len(infos) < 2:
-        return []
-    bt = store.block_tokens
-    slot = 2 * store.kv_heads * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
-    need = [-(-(start + 1 - key0) // bt) for _, _, start, key0, _, _ in infos]
-    batches: list[list[tuple[tuple, int]]] = []
-    cur: list[tuple[tuple, int]] = []
-    for j in sorted(range(len(infos)), key=lambda j: need[j]):
-        # Sorted: the newcomer is the longest, so it sets the padded length.
-        if cur and (len(cur) + 1) * need[j] * bt * slot > GATHER_BYTES:
-            batches.append(cur)
-            cur = []
-        cur.append((infos[j], need[j]))
-    batches.append(cur)
-    return [sorted(b, key=lambda x: x[0][0]) for b in batches]

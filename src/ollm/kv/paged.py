@@ -1,9 +1,11 @@
 """Paged KV tensors: per-tier block pools that `kv/blocks.py` tables index into.
 
-Each tier holds one tensor ``[num_layers, 2 (K, V), num_blocks, kv_heads, block_tokens,
-head_dim]``; ``k(tier, layer)`` is the per-layer pool ``[num_blocks, kv_heads, block_tokens,
+Each tier holds one tensor ``[num_layers, 2 (K, V), kv_heads, num_blocks, block_tokens,
+head_dim]``; ``k(tier, layer)`` is the per-layer pool ``[kv_heads, num_blocks, block_tokens,
 head_dim]``. A block id therefore names the same slot in every layer, so one `BlockMove` copies a
-block of every layer at once. A ``"disk"`` tier (any tier given a file path) is a memory-mapped
+block of every layer at once. Head-major: one head's blocks are consecutive in memory, so the
+K of a sequence whose blocks are consecutive ids (`kv.slabs.SlabPool` places them so) is the
+strided view ``[kv_heads, tokens, head_dim]`` attention reads directly, without a gather. A ``"disk"`` tier (any tier given a file path) is a memory-mapped
 file (``torch.from_file``), so the OS pages it in and out; a tier given a ``storage`` allocator
 (bytes -> uint8 tensor: pinned RAM, a preallocated file of a `KVDirectory`) lives in what it
 returns.
@@ -27,6 +29,8 @@ from ollm.kv.blocks import BlockMove, BlockTable
 
 class PagedKVStore:
     """K/V block pools of ``num_layers`` layers in several tiers (devices or files)."""
+
+    HEAD_MAJOR = True  # pools [.., kv_heads, blocks, ..]; a subclass may keep blocks first
 
     def __init__(
         self,
@@ -56,7 +60,8 @@ class PagedKVStore:
         self.split = None
         files, storage = files or {}, storage or {}
         for tier, n in num_blocks.items():
-            shape = (num_layers, 2, n, kv_heads, block_tokens, head_dim)
+            shape = (num_layers, 2, *((kv_heads, n) if self.HEAD_MAJOR else (n, kv_heads)))
+            shape = (*shape, block_tokens, head_dim)
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if tier in storage and nbytes:
                 raw = storage[tier](nbytes)  # zeroed: unwritten slots are read under a mask
@@ -67,7 +72,7 @@ class PagedKVStore:
                 self.pools[tier] = torch.zeros(shape, dtype=dtype, device=devices.get(tier, "cpu"))
 
     def layer_pool(self, tier: str, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s pool in ``tier``, ``[2, num_blocks, kv_heads, block_tokens,
+        """Layer ``layer``'s pool in ``tier``, ``[2, kv_heads, num_blocks, block_tokens,
         head_dim]``: one view per layer, kept (indexing the tier tensor is a dispatch each)."""
         views = self.__dict__.setdefault("_layer_views", {})
         key = (tier, layer)
@@ -77,7 +82,7 @@ class PagedKVStore:
         return view
 
     def k(self, tier: str, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s key pool in ``tier``: [num_blocks, kv_heads, block_tokens, head_dim]."""
+        """Layer ``layer``'s key pool in ``tier``: [kv_heads, num_blocks, block_tokens, head_dim]."""
         return self.pools[tier][layer, 0]
 
     def v(self, tier: str, layer: int) -> torch.Tensor:
@@ -124,8 +129,8 @@ class PagedKVStore:
             assert ref is not None
             src = slice(i * self.block_tokens + lo - start, i * self.block_tokens + hi - start)
             pool = self.pools[ref.tier][layer]
-            pool[0, ref.block, :, lo:hi] = k[:, src]
-            pool[1, ref.block, :, lo:hi] = v[:, src]
+            pool[0, :, ref.block, lo:hi] = k[:, src]
+            pool[1, :, ref.block, lo:hi] = v[:, src]
 
     def gather(
         self, layer: int, table: BlockTable, upto: int | None = None, device=None
@@ -141,8 +146,8 @@ class PagedKVStore:
             ref = table.blocks[i]
             assert ref is not None
             pool = self.pools[ref.tier][layer]
-            parts_k.append(pool[0, ref.block, :, lo:hi])
-            parts_v.append(pool[1, ref.block, :, lo:hi])
+            parts_k.append(pool[0, :, ref.block, lo:hi])
+            parts_v.append(pool[1, :, ref.block, lo:hi])
         if device is None:
             device = parts_k[0].device if parts_k else next(iter(self.pools.values())).device
         if not parts_k:
@@ -170,7 +175,8 @@ class PagedKVStore:
         dst_pool = self.pools[batch[0].dst_tier]
         src = torch.tensor([m.src_block for m in batch], device=src_pool.device)
         dst = torch.tensor([m.dst_block for m in batch], device=dst_pool.device)
-        dst_pool.index_copy_(2, dst, src_pool.index_select(2, src).to(dst_pool.device))
+        dim = 3 if self.HEAD_MAJOR else 2  # the blocks axis of [layers, 2, .., .., bt, D]
+        dst_pool.index_copy_(dim, dst, src_pool.index_select(dim, src).to(dst_pool.device))
 
 
 def _joins(batch: list[BlockMove], m: BlockMove) -> bool:

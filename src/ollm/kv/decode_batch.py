@@ -1,0 +1,164 @@
+"""Decode batches of a packed step: the one-token sequences attended together in one call.
+
+`PackedStep._layout` (kv/packed.py) groups a step's one-token sequences: over a head-major host
+pool whose sequences are one strided view (`kv/strided.py`), all of them in row order, read in
+place; otherwise sorted by length (little padding) and cut so that one batch's gathered K/V
+stays under ``GATHER_BYTES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ollm.kv.paged import PagedKVStore
+from ollm.kv.strided import StridedRun, strided_run
+
+if TYPE_CHECKING:
+    from ollm.kv.packed import SeqRows
+
+
+# Most bytes of K/V one batched decode call gathers (a copy the planner does not reserve; longer
+# batches are cut into several calls).
+GATHER_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences of a step with one query token each, attended in one batched call over
+    their K/V gathered into ``[B, kv_heads, blocks * block_tokens, D]`` (padded to the longest;
+    the padding is masked)."""
+
+    seqs: tuple[SeqRows, ...]
+    rows: torch.Tensor  # [B] their rows in the packed step
+    block_ids: torch.Tensor  # [B * blocks] their held blocks, each padded with its last one
+    num_blocks: int  # blocks per sequence after padding
+    masks: dict = field(default_factory=dict)  # (window, device) -> [B, 1, 1, S] True = attend
+    host_rows: dict = field(default_factory=dict)  # per-step caches (kv/hostsplit.py)
+    span: int | None = None  # first row when ``rows`` are consecutive rows in order, else None
+    dev_rows: dict = field(default_factory=dict)  # (device, r0) -> rows - r0 on that device
+    run: StridedRun | None = None  # the sequences as one view of a host pool (`kv/strided.py`)
+    run_rows: torch.Tensor | None = None  # [B] each sequence's view row (``run.rows``)
+
+    def mask(
+        self, window: int | None, block_tokens: int, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Which gathered keys each query sees: its own, causal, inside ``window`` (on
+        ``device``, default that of ``rows``; made once per step)."""
+        dev = self.rows.device if device is None else torch.device(device)
+        key = (window, dev)
+        if key not in self.masks:
+            j = torch.arange(self.num_blocks * block_tokens, device=dev)[None]
+            pos = torch.tensor([s.start - s.key0 for s in self.seqs], device=dev)[:, None]
+            keep = j <= pos
+            if window is not None:
+                keep &= j > pos - window
+            self.masks[key] = keep[:, None, None]
+        return self.masks[key]
+
+    def rows_on(self, device: torch.device, r0: int) -> torch.Tensor:
+        """``rows - r0`` on ``device`` (made once per step, device and chunk start)."""
+        key = (torch.device(device), r0)
+        if key not in self.dev_rows:
+            self.dev_rows[key] = self.rows.to(device) - r0
+        return self.dev_rows[key]
+
+
+def _decode_batches(
+    seqs: Sequence[SeqRows], store: PagedKVStore, device: torch.device
+) -> tuple[DecodeBatch, ...]:
+    """The decode batches of one-token ``seqs`` on their own (``PackedStep._layout`` makes them
+    with the step's other index tensors)."""
+    infos = [
+        (s.row0, s.n, s.start, s.key0, s.ids or tuple(s.block_ids.tolist()), s.tree) for s in seqs
+    ]
+    flat: list[int] = []
+    tier = next(iter(store.pools))
+    batches = _plan_batches(infos, store, flat, host_blocks(store, tier, torch.device(device)))
+    t = torch.tensor(flat, dtype=torch.long, device=device)
+    return _make_batches(batches, t, {s.row0: s for s in seqs})
+
+
+def host_blocks(store: PagedKVStore, tier: str, device: torch.device) -> int | None:
+    """Blocks of ``store``'s head-major pool in ``tier`` when its decode batches are attended
+    by the CPU where it sits (a layout on the CPU: `kv/strided.py` views it), else None."""
+    if device.type != "cpu" or not store.HEAD_MAJOR or tier not in store.pools:
+        return None
+    return store.pools[tier].shape[3]  # [layers, 2, kv_heads, blocks, bt, D]
+
+
+def _plan_batches(
+    infos: list[tuple], store: PagedKVStore, flat: list[int], host_blocks: int | None = None
+) -> list[tuple]:
+    """`_decode_groups` of ``infos``, each batch's rows and padded block ids appended to
+    ``flat``: (its (info, need) pairs, where its rows start in ``flat``, blocks per sequence,
+    its first row when its rows are consecutive else None, its `StridedRun` or None). With
+    ``host_blocks`` (a host pool of that many blocks) a batch whose sequences are one strided
+    view of the pool is one batch in row order, whatever its size (no gather to bound)."""
+    out = []
+    run, groups = _one_run(infos, store, host_blocks)
+    for group in groups if run is None else [groups[0]]:
+        nb = max(need for _, need in group)
+        rows = [info[0] for info, _ in group]
+        at = len(flat)
+        flat += rows
+        for info, need in group:  # each padded with its last needed block (any held one)
+            flat += info[4][:need] + (info[4][need - 1],) * (nb - need)
+        if run is not None:
+            flat += run.rows
+        span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        out.append((group, at, nb, span, run))
+    return out
+
+
+def _one_run(infos: list[tuple], store: PagedKVStore, host_blocks: int | None):
+    """(`StridedRun` of all ``infos`` in row order, [their (info, need) pairs]) when they form
+    one, else (None, `_decode_groups`)."""
+    if host_blocks is not None and len(infos) >= 2:
+        bt = store.block_tokens
+        group = [(i, -(-(i[2] + 1 - i[3]) // bt)) for i in sorted(infos, key=lambda i: i[0])]
+        run = strided_run([i[4] for i, _ in group], [n for _, n in group], host_blocks)
+        if run is not None:
+            return run, [group]
+    return None, _decode_groups(infos, store)
+
+
+def _make_batches(
+    batches: list[tuple], t: torch.Tensor, by_row: Mapping[int, SeqRows]
+) -> tuple[DecodeBatch, ...]:
+    """`DecodeBatch`es of `_plan_batches`' plans over ``t``, the tensor of its ``flat``."""
+    out = []
+    for group, at, nb, span, run in batches:
+        b = len(group)
+        members = tuple(by_row[info[0]] for info, _ in group)
+        ids = t[at + b : at + b + b * nb]
+        run_rows = None if run is None else t[at + b + b * nb : at + 2 * b + b * nb]
+        out.append(
+            DecodeBatch(members, t[at : at + b], ids, nb, span=span, run=run, run_rows=run_rows)
+        )
+    return tuple(out)
+
+
+def _decode_groups(infos: list[tuple], store: PagedKVStore) -> list[list[tuple[tuple, int]]]:
+    """Batches of one-token sequences (``PackedStep._layout``'s infos; none for fewer than two),
+    each as (info, blocks it needs): sorted by length so that little is padded, cut so that one
+    batch's gathered K/V stays under ``GATHER_BYTES``, each batch then in row order (so that a
+    step of decodes only is one span of rows)."""
+    if len(infos) < 2:
+        return []
+    bt = store.block_tokens
+    slot = 2 * store.kv_heads * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
+    need = [-(-(start + 1 - key0) // bt) for _, _, start, key0, _, _ in infos]
+    batches: list[list[tuple[tuple, int]]] = []
+    cur: list[tuple[tuple, int]] = []
+    for j in sorted(range(len(infos)), key=lambda j: need[j]):
+        # Sorted: the newcomer is the longest, so it sets the padded length.
+        if cur and (len(cur) + 1) * need[j] * bt * slot > GATHER_BYTES:
+            batches.append(cur)
+            cur = []
+        cur.append((infos[j], need[j]))
+    batches.append(cur)
+    return [sorted(b, key=lambda x: x[0][0]) for b in batches]
