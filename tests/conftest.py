@@ -200,13 +200,17 @@ def disk_kv_budget(model=None, extra_kv_layers: float = 1.0, **llm_kwargs) -> in
     the weights' minimum, the prefill scratch and ``extra_kv_layers`` layers' worth of KV: the
     rest of the KV must go to disk (planned first without a budget, where all of it does)."""
     from ollm import LLM
+    from ollm.planning.batch_step import pool_layer_bytes
 
     args = () if model is None else (model,)
     with LLM(*args, device="cpu", kv_cache="disk", **llm_kwargs) as probe:
         assert all(p.kv_tier == "disk" for p in probe.plan.layers)
-        r = probe.plan.reserved
-        kv_layer = r["kv cache"]  # every layer's KV on disk: only the scratch (one layer) here
-        minimum = r["globals"] + r["activations"] + 2 * probe.plan.layer_bytes + kv_layer
+        plan, r = probe.plan, probe.plan.reserved
+        scratch = r["kv cache"]  # every layer's KV on disk: only the prefill scratch here
+        elem = torch.finfo(probe.runner.dtype).bits // 8
+        # one layer's KV: its paged pool (the scratch is a layer at batch 1 in a batch plan)
+        kv_layer = max(pool_layer_bytes(probe.spec, plan.kv_pools, plan.kv_page_tokens, elem))
+        minimum = r["globals"] + r["activations"] + 2 * plan.layer_bytes + scratch
     return minimum + int(extra_kv_layers * kv_layer)
 
 

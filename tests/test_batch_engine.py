@@ -353,8 +353,9 @@ def test_failed_step_recomputes(llms, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_pools_match_kv_reservation(family, hf_models, tmp_path):
-    """The pools LLM.generate makes hold the planned max_batch x max_context tokens: within one
-    block per sequence of the planner's KV reservation."""
+    """The pools LLM.generate makes hold the planned max_batch x max_context tokens, each
+    sequence rounded up to whole blocks: the planner's KV reservation (planned for the batch
+    engine, planning/batch_step.py), byte for byte."""
     from ollm.engine.batch import BLOCK_TOKENS, BatchEngine
 
     _, path = hf_models(family)
@@ -366,13 +367,12 @@ def test_pools_match_kv_reservation(family, hf_models, tmp_path):
         s = llm.spec
         per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * 4  # float32 K and V
         reserved = llm.plan.reserved["kv cache"]
-        assert reserved == w.batch * w.context * per_token
-        assert reserved <= pools < reserved + w.batch * BLOCK_TOKENS * per_token
-        # Sequences at once: the planned batch, or as many logits rows as activations hold.
-        running = eng.scheduler.max_running
-        logits_row = 4 * s.vocab_size
-        assert running == w.batch or running * logits_row <= llm.plan.reserved["activations"]
-        assert running >= w.batch
+        assert reserved == pools
+        assert w.batch * w.context * per_token <= pools
+        assert pools < w.batch * (w.context + BLOCK_TOKENS) * per_token
+        # Sequences at once: the logits rows the plan names; a step: its planned tokens.
+        assert eng.scheduler.max_running == llm.plan.logit_rows == w.batch
+        assert eng.scheduler.max_step_tokens == llm.plan.step_tokens == w.batch * w.context
         eng.close()
 
 

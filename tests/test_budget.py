@@ -308,7 +308,8 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
     heads = {(c["kind"], c.get("codec"), c["batch"]) for c in cells}
     assert heads == {("codec", "int4", 1), ("codec", "int8", 1), ("codec", "auto", 1),
                      ("batch", "none", 8), ("batch", "int4", 8), ("batch", "none", 4),
-                     ("batch", "int4", 4), ("moe", None, 1), ("resident", None, 1)}  # fmt: skip
+                     ("batch", "int4", 4), ("batch", "none", 32), ("moe", None, 1),
+                     ("resident", None, 1)}  # fmt: skip
     rows = [budget.judge(budget.run_cell(c)) for c in cells]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     for head in heads:

@@ -15,7 +15,7 @@ except ``resident``) one above it.
 Each cell runs in a fresh Python process and reports ``torch.cuda.max_memory_reserved()`` over
 its whole life (construction included) next to the budget and the plan's reservations; a cell
 with ``device`` "cpu" is a dry run (tests/test_budget.py). ``run`` writes ``budget_matrix.json``
-and ``cells.jsonl`` under ``out``. ``--quick --kinds codec,batch,moe`` (12 cells, 4-layer
+and ``cells.jsonl`` under ``out``. ``--quick --kinds codec,batch,moe`` (14 cells, 4-layer
 stores) should take about a minute on an H200 (estimated from the exact cells' ~20 s each, not
 yet measured); the full run's stores have 16 layers, MoE 8 layers of 128 experts.
 ``--quick --kinds resident`` (3 cells, 8k prompt, 4 layers) checks the opt-in decode-resident

@@ -5,7 +5,8 @@ run by ``budget.run_cell`` in a fresh process.
 * ``codec``: one request with compressed KV, ``kv_codec`` int4, int8 and auto (auto's measured
   choice per tier, re-planned by ``kv_auto.settle``); the plan's choice is reported.
 * ``batch``: several prompts at once through ``llm.generate([...])``: the paged batch engine
-  (``batch_supported``), with exact pools and with int4-encoded ones.
+  (``batch_supported``), with exact pools and with int4-encoded ones, and exact pools at batch
+  32 (the plan sized for the engine's steps, ``planning/batch_step.py``).
 * ``moe``: a small Qwen3-30B-A3B-shaped store (few layers and experts), experts placed one by
   one (``moe_offload="expert"``) with the GPU expert cache and lookahead on, at the least budget
   whose plan still places experts with lookahead on and homes experts in RAM (on a GPU).
@@ -197,6 +198,10 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
         for codec in ("none", "int4"):
             for b, p in ((b, prompt or p) for b, p in shapes):
                 heads.append(dict(kind="batch", codec=codec, prompt=p, batch=b, store="llama"))
+        # exact pools at a larger batch: the plan sized for the batch engine's packed steps
+        # (planning/batch_step.py), whose rows no longer scale with batch x chunk
+        heads.append(dict(kind="batch", codec="none", prompt=prompt or 2048, batch=32,
+                          store="llama"))  # fmt: skip
     if "moe" in kinds:
         for p in (prompt,) if prompt else (2048,) if quick else (2048, 8192):
             heads.append(dict(kind="moe", prompt=p, batch=1, store="moe"))

@@ -173,22 +173,26 @@ class BatchEngine:
         group; with sliding-window layers a step
         carries at most one prefill chunk (the planner reserves ``2 window + chunk`` slots per
         sequence for them, and a paged window group must hold a whole step's tokens at once),
-        else every sequence's whole prompt in one weight pass. More than ``batch`` short
-        sequences may run at once while the KV pools hold them, as many as the float32 logits
-        rows the planner's activation reservation holds (free once the last layer ran)."""
+        else every sequence's whole prompt in one weight pass (at most ``plan.step_tokens``
+        when planned for this engine). More than ``batch`` sequences may run while the pools
+        hold them, as many as the plan's ``logit_rows`` (else what its activations hold)."""
         plan = runner.plan
         chunk = plan.prefill_chunk_tokens
         windowed = any(layer.window for layer in runner.spec.layers)
         step = chunk if windowed and chunk else batch * context
-        rows = plan.reserved.get("activations", 0) // (4 * runner.spec.vocab_size)
+        step = min(step, plan.step_tokens or step)  # planning/batch_step.py sized the step
+        rows = plan.logit_rows or plan.reserved.get("activations", 0) // 4 // runner.spec.vocab_size
         step, running = encoded_limits(runner, step, max(batch, min(256, rows)), batch)
         bt = codec_block_tokens(runner, BLOCK_TOKENS)  # whole codec groups when encoded
         pools = planned_blocks(plan, {g for g, _ in kv_groups(runner)}, bt, batch, context)
+        split = 0 if pools is None or not host_split else split_budget(runner, batch, context)
+        if plan.step_tokens and plan.budget:  # no scratch reserved to lend: only what is left
+            split = min(split, max(0, plan.budget - plan.peak_device_bytes))
         return cls(
             runner, tokenizer, eos_ids, block_tokens=bt, max_batch=batch,
             max_context=context, max_step_tokens=step, max_running=running,
             pool_blocks=pools, kv_dir=kv_dir, all_disk=all_disk,
-            host_split=0 if pools is None or not host_split else split_budget(runner, batch, context),
+            host_split=split,
             rates=rates,
         )  # fmt: skip
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
+from ollm.planning.batch_step import batch_engine_runs, batch_rows
 from ollm.planning.decode_resident import plan_decode_resident
 from ollm.planning.device_fit import below_minimum, fetch_buffers, kv_offload
 from ollm.planning.promote import promote_freed
@@ -90,6 +91,10 @@ class PlacementPlan:
     decode_rows: int = 0
     residual_ram: bool = False  # the prompt's hidden states in pinned RAM during prefill
     prefill_segment: int = 0  # prompts prefilled in forwards of this many tokens (0: one)
+    # For the batch engine (batch_step.py): a step's query tokens, logits rows, activations.
+    step_tokens: int = 0
+    logit_rows: int = 0
+    batch_parts: dict[str, int] = field(default_factory=dict)
 
     def phase(self, tokens: int) -> Phase:
         """DECODE (hybrid devices) for small forwards, else PREFILL (everything on the GPU)."""
@@ -133,6 +138,7 @@ class PlacementPlan:
 
     def describe(self) -> list[tuple[str, str]]:
         """(label, value) rows for ``ollm info`` and logs."""
+        chunk = f"{c} tokens" if (c := self.prefill_chunk_tokens) else "whole prompt"
         rows = [
             ("device", self.device),
             ("budget", format_size(self.budget) if self.budget else "unlimited"),
@@ -150,12 +156,7 @@ class PlacementPlan:
                 f"{sum(p.kv_tier == KvTier.CPU for p in self.layers)} / "
                 f"{sum(p.kv_tier == KvTier.DISK for p in self.layers)} layers",
             ),
-            (
-                "prefill chunk",
-                f"{self.prefill_chunk_tokens} tokens"
-                if self.prefill_chunk_tokens
-                else "whole prompt",
-            ),
+            ("prefill chunk", chunk),
         ]
         split = [(i, p.kv_device_tokens) for i, p in enumerate(self.layers) if p.kv_device_tokens]
         for i, slots in split:
@@ -173,7 +174,7 @@ class PlacementPlan:
             rows.append(("prefill segments", f"{self.prefill_segment} tokens per forward"))
         if self.kv_codecs is not None:
             rows += self.kv_codecs.describe()
-        rows += routed_rows(self.kv_read, self.layers)
+        rows += routed_rows(self.kv_read, self.layers) + batch_rows(self)
         if fetched:
             rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
         if self.decode_resident:
@@ -241,6 +242,7 @@ def plan_placement(
     kv_read: tuple[float, ...] | None = None,
     decode_resident: bool = False,
     prefill_residual: str = "auto",
+    batch_engine: bool | None = None,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
@@ -252,27 +254,27 @@ def plan_placement(
     size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries;
     ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``);
     ``decode_resident``: see ``_finish``; ``prefill_residual``: the prompt's hidden states on
-    the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused ("auto")."""
+    the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused ("auto");
+    ``batch_engine``: sized for the batch engine's steps (``batch_step``; None: if it runs it)."""
     _check_modes(offload, prefill_residual)
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
+    engine = batch_engine_runs(spec, work, kv_format) if batch_engine is None else batch_engine
 
     def again(chunk: int | None, fetch_buffers: int, mode: str = prefill_residual):
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
             hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
-            summary_bytes, kv_read, decode_resident, mode,
+            summary_bytes, kv_read, decode_resident, mode, engine,
         )  # fmt: skip
 
     if prefill_residual == "auto":
         return plan_auto(partial(again, chunk_tokens, kv_fetch_buffers), work, on_gpu, budget)
-    kv_fetch_buffers = fetch_buffers(spec, kv_format, kv_read, kv_fetch_buffers)
+    kv_fetch_buffers = 0 if engine else fetch_buffers(spec, kv_format, kv_read, kv_fetch_buffers)
     sz = PlanSizes.of(spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory,
-                      chunk_tokens, kv_format, prefill_residual == "ram")  # fmt: skip
-
-    n = spec.num_layers
+                      chunk_tokens, kv_format, prefill_residual == "ram", engine)  # fmt: skip
     fixed = sz.fixed(on_gpu, summary_bytes)
-    slots = 2 if n > 1 else 1
+    slots = 2 if spec.num_layers > 1 else 1
     off = kv_offload(sz, fixed, budget, slots, kv_fetch_buffers, rates, on_gpu, kv_cache)
     if off is None:  # no room for the fetch buffers: plan again without them
         return again(chunk_tokens, 0)
@@ -284,20 +286,21 @@ def plan_placement(
     layout = partial(_layout, spec, store, device, budget, offload, cpu_memory, kv_cache, sz,
                      work, kv_block_tokens, slots)  # fmt: skip
     splits = partial(_decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
-                     work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read)  # fmt: skip
+                     work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read,
+                     simulate=sz.engine)  # fmt: skip
     finish = partial(_finish, spec, store, device, work, sz, budget, kv_fetch_buffers,
                      kv_block_tokens, kv_read, offload, rates if on_gpu else None,
                      decode_resident)  # fmt: skip
-    if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and kv_read:
-        room = budget - slots * sz.layer  # routed KV may leave the device for resident weights
-        kv_off, fixed, layout = choose_routed_kv_off(
-            layout, splits, sz, fixed, kv_off, extra, room, finish
-        )
+    cost_kv = kv_read or sz.engine  # routed KV, or a batch's, may leave the device for weights
+    if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and cost_kv:
+        room = budget - slots * sz.layer  # (no fetch buffers, no scratch beyond batch 1's)
+        kv_off, fixed, layout = choose_routed_kv_off(layout, splits, sz, fixed, kv_off, extra,
+                                                     room, finish)  # fmt: skip
     laid = layout(kv_off, fixed)
     split = splits(laid[0], laid[1], ring=laid[2], fetch=kv_off and kv_fetch_buffers)
     if split is None:  # no KV worth fetching: plan again without the fetch buffers
         return again(chunk_tokens, 0)
-    return with_cost(finish(fixed, laid, split), sz, rates, n)
+    return with_cost(finish(fixed, laid, split), sz, rates, spec.num_layers)
 
 
 def _check_modes(offload: str, prefill_residual: str) -> None:
@@ -359,7 +362,7 @@ def _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget
     reserved["stream buffers"] = ring * sz.layer
     # Paged pools (engine v2): batch x context in blocks; steps of one chunk with sliding windows.
     windowed = any(sl.window for sl in spec.layers)
-    step_tokens = sz.chunk if windowed and sz.chunk else work.batch * work.context
+    step = sz.chunk if windowed and sz.chunk else work.batch * work.context
     return PlacementPlan(
         device=device,
         layers=tuple(layers),
@@ -375,9 +378,12 @@ def _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget
         predicted=predicted,
         prefill_chunk_tokens=sz.chunk,
         kv_block_tokens=kv_block_tokens,
-        kv_pools=kv_pool_blocks(spec, work, PAGE_TOKENS, step_tokens),
+        kv_pools=sz.kv_pools or kv_pool_blocks(spec, work, PAGE_TOKENS, step),
         kv_page_tokens=PAGE_TOKENS,
         kv_read=tuple(kv_read or ()),
+        step_tokens=sz.step_tokens,
+        logit_rows=sz.logit_rows,
+        batch_parts=dict(sz.engine_parts),
     )
 
 
@@ -393,9 +399,12 @@ def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_laye
     if rates is None:
         return layers, 0, {}
 
+    cpu_kv = sz.cpu_kv_extra_s(rates, work.context)
+    if sz.engine:  # a batch step's CPU layer attends every sequence's KV (costmodel.cpu_kv_s)
+        cpu_kv += rates.cpu_kv_s(sz.per_token * work.context)
     layers, cpu_max_tokens, predicted = choose_hybrid(
         spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring,
-        sz.cpu_kv_extra_s(rates, work.context), sz.kv_copy,
+        cpu_kv, sz.kv_copy,
     )  # fmt: skip
     if fetch or kv_read or simulate:
         layers, fetched, step = choose_kv_fetch(
@@ -474,8 +483,9 @@ def _offloaded_kv(spec, store, layers, kv_off, kv_cache, budget, fixed, ring, sz
     tier = KvTier.DISK if kv_cache == "disk" else KvTier.CPU
     layers = [replace(p, kv_tier=tier) if i >= n - kv_off else p for i, p in enumerate(layers)]
     first = spec.layers[n - kv_off]
-    if budget is None or first.window or getattr(first, "linear", False) or sz.compressed:
-        return layers  # a window, a recurrent state or compressed KV: no device blocks
+    no_blocks = first.window or getattr(first, "linear", False) or sz.compressed or sz.engine
+    if budget is None or no_blocks:  # a window, a recurrent state, compressed KV, paged pools
+        return layers
     resident = sum(store.layer_nbytes(i) for i, p in enumerate(layers) if not _moves(p, device))
     spare = budget - sum(fixed.values()) - resident - ring * sz.layer
     block = sz.per_token * kv_block_tokens

@@ -4,7 +4,7 @@ counted by ``accounting``, and the refusal of a budget below their minimum."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ollm.errors import BudgetError
@@ -67,10 +67,19 @@ class PlanSizes:
     # layer (``act`` counts the chunk buffers instead); ``residual`` its bytes.
     residual_ram: bool = False
     residual: int = 0
+    # Sized for the batch engine (``planning/batch_step.py``): ``layer_kv`` are the paged pools
+    # (``kv_pools`` blocks per group), ``scratch`` the single-request path's at batch 1, ``act``
+    # the larger of the engine's step (``engine_parts``, by name) and a single request's.
+    engine: bool = False
+    engine_parts: dict[str, int] = field(default_factory=dict)
+    kv_pools: dict[str, int] = field(default_factory=dict)
+    step_tokens: int = 0  # most query tokens of one batch-engine step
+    logit_rows: int = 0  # sequences of one step with a float32 logits row
 
     @classmethod
     def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
-           kv_format: KVFormat | None = None, residual_ram: bool = False):  # fmt: skip
+           kv_format: KVFormat | None = None, residual_ram: bool = False,
+           engine: bool = False):  # fmt: skip
         gfile = store.files["globals.bin"].tensors
         t = work.batch * work.prefill_tokens
         # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
@@ -115,7 +124,7 @@ class PlanSizes:
                 if kv_format.ram
                 else ()
             )
-        return cls(
+        sz = cls(
             layer=store.max_layer_nbytes,
             embed=gfile["embed_tokens.weight"].nbytes,
             head=gfile["lm_head.weight"].nbytes if "lm_head.weight" in gfile else 0,
@@ -133,6 +142,11 @@ class PlanSizes:
             residual_ram=residual_ram,
             residual=residual_bytes(spec, work, dtype_bytes),
         )
+        if not engine:
+            return sz
+        from ollm.planning.batch_step import engine_sized
+
+        return engine_sized(sz, spec, work, dtype_bytes, on_gpu)
 
     def cpu_kv_extra_s(self, rates, context: int) -> float:
         """Seconds a CPU-computed decode layer spends beyond the measured rates on its
