@@ -36,6 +36,7 @@ def test_bench_batch_cli(tmp_path, fake_probes):
         assert c["steps"] == 4
         assert c["decode_tok_s"] > 0 and c["floor_tok_s"] > 0
         assert c["floor_tok_s"] == pytest.approx(c["batch"] / c["floor_step_s"])
+        assert c["step_mode"]["measured"] is False  # no CPU layers on the CPU: no choice
     a = report["arrivals"]
     assert a["requests"] == 3 and a["total_tok_s"] > 0
     assert 0 < a["mean_ttft_s"] <= a["mean_latency_s"]

@@ -123,6 +123,7 @@ def static_case(
         steps = eng.metrics().steps
         split = _split_stats(eng, steps)
         streamed = eng.streamed_steps
+        step_mode = eng.step_mode.summary()
         kv_bytes = sum(eng.pools.nbytes.values())  # every pool, encoded ones at their size
     finally:
         eng.close()
@@ -134,7 +135,9 @@ def static_case(
     return {
         "batch": batch,
         "hybrid": hybrid,
-        "streamed_steps": streamed,  # steps that skipped the plan's CPU layers (cost model)
+        "streamed_steps": streamed,  # steps that skipped the plan's CPU layers
+        # the measured choice: mean step seconds per mode, probes, switches, per shape bucket
+        "step_mode": step_mode,
         "host_split": split,
         "peak_reserved_GiB_process": peak["process"],  # since the process began (probes too)
         # this case alone (its engine's pools, steps and frees; the LLM's weights included)

@@ -49,7 +49,7 @@ from ollm.engine.sampling import (
 )
 from ollm.engine.scheduler import Request, Scheduler, SeqStatus, StepPlan
 from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify_step
-from ollm.engine.step_mode import StepMode, hybrid_predictor
+from ollm.engine.step_mode import StepMode, step_shape
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.engine.tree import compact_path
 from ollm.errors import RequestError
@@ -116,12 +116,13 @@ class BatchEngine:
         of decoding requests, verified in the same pass without changing the output
         distribution (`ollm.engine.speculative`: greedy requests keep exactly the tokens greedy
         decoding picks). ``host_split``: GPU bytes to attend part of the RAM pools on the GPU
-        (`ollm.kv.hostsplit`); ``rates`` let a step with much KV skip the plan's CPU layers."""
+        (`ollm.kv.hostsplit`); ``rates``: the prior of the measured choice to skip the plan's
+        CPU layers in a step (`ollm.engine.step_mode`)."""
         if not batch_supported(runner):
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.rates, self.streamed_steps = rates, 0
-        self.step_mode = StepMode(hybrid_predictor(runner, rates))
+        self.step_mode = StepMode.for_runner(runner, rates)  # measured: `summary()`
         self.speculator = as_speculator(drafter)
         self.speculate_default = True  # requests whose params leave ``speculate`` None draft
         self._draft_of: dict[str, Draft] = {}  # this step's drafts (distributions, trees)
@@ -371,8 +372,7 @@ class BatchEngine:
                 h = h.index_select(1, torch.tensor(idx, dtype=torch.long, device=h.device))
             return self.runner.logits(h)[0]
 
-        kv_tokens = sum(st.start + len(st.token_ids) for st in plan.seqs)
-        stream = self.step_mode.stream(r, kv_tokens)
+        stream = self.step_mode.stream(*step_shape(plan))  # rows, KV tokens, prefill
         self.streamed_steps += stream
         logits = self.runner.forward(
             packed.input_ids(), packed.positions(), kv, head=head, stream_all=stream
