@@ -272,14 +272,15 @@ def test_llm_submit_streams_text(tmp_path):
 
 def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
     """One-token sequences are attended in batches whose gathered K/V stays under the cap (a
-    single sequence may exceed it): with a small cap, several batches per step, same tokens."""
-    from ollm.kv import packed
+    single sequence may exceed it): with a small cap, several batches per step, same tokens
+    (strided views of the pools off: they need no gather, so no cut)."""
+    from ollm.kv import decode_batch, packed
 
     llm = llms("gemma3_text")
     prompts = make_prompts()
     want = alone(llm, prompts)
     cap = 64 * 2 * llm.spec.num_kv_heads * llm.spec.head_dim * 4  # 64 float32 K/V slots
-    cut = packed._decode_groups
+    cut = decode_batch._decode_groups
     per_step = []
 
     def recorded(infos, store):  # infos: (row0, rows, start, key0, ids, tree) per sequence
@@ -293,11 +294,32 @@ def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
         per_step.append(len(out))
         return out
 
-    monkeypatch.setattr(packed, "_decode_groups", recorded)
-    monkeypatch.setattr(packed, "GATHER_BYTES", cap)
+    monkeypatch.setattr(decode_batch, "_decode_groups", recorded)
+    monkeypatch.setattr(packed, "host_blocks", lambda *a: None)
+    monkeypatch.setattr(decode_batch, "GATHER_BYTES", cap)
     outs, _ = engine(llm).generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == want
     assert max(per_step) > 1
+
+
+def test_decodes_attend_strided_views_of_slab_pools(llms, monkeypatch):
+    """Prompts with no shared prefix start on slabs of the pools and grow in runs, so their
+    decode batches are attended over views of the pool (no gather); the tokens are each
+    prompt's alone."""
+    from ollm.kv import packed
+
+    llm = llms("llama")
+    prompts = [p[-(5 + 3 * i) :] for i, p in enumerate(make_prompts(6, seed=3))]
+    want = alone(llm, prompts)
+    views, gathers = [], []
+    view, gather = packed.run_view, packed.PackedLayerKV._gather_rows
+    monkeypatch.setattr(packed, "run_view", lambda *a: views.append(1) or view(*a))
+    monkeypatch.setattr(
+        packed.PackedLayerKV, "_gather_rows", lambda s, *a: gathers.append(1) or gather(s, *a)
+    )
+    outs, _ = engine(llm).generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == want
+    assert views and not gathers
 
 
 def test_failed_step_recomputes(llms, monkeypatch):

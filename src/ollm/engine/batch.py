@@ -142,7 +142,7 @@ class BatchEngine:
         swap = -(-swap_tokens // block_tokens)
         self.pools = build_pools(
             runner, self.layer_groups, pool_blocks, swap, block_tokens, windows, kv_dir, all_disk,
-            (max_running, step_tokens),
+            (max_running, step_tokens), max_context,
         )  # fmt: skip
         self.device = torch.device(plan.device)
         self.splits = attach(self.pools.stores, self.device, host_split)
