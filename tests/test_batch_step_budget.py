@@ -156,3 +156,26 @@ def test_freed_budget_goes_where_the_cost_model_says(report):
         )
         for key in ("KV: fetch buffers", "KV: split layer's device blocks"):
             assert before["reserved"][key] > 0 and after["reserved"][key] == 0
+
+
+def test_kv_or_weights_is_the_cost_models_choice():
+    """The same batch at the same budget, two CPU attention rates: where the CPU attends a
+    batch's RAM KV slowly (the H200 host's rate) the freed budget holds KV pools; where it is
+    nearly free, it holds resident layers instead (each saves a copy per step); both within
+    the budget."""
+    from dataclasses import replace
+
+    from ollm.tiers import Tier
+
+    pr = load_script("plan_report.py")
+    spec, store = pr.llama8b()
+    work, budget = Workload(64, 2080, 2080), 8 << 30
+    slow, fast = pr.h200_rates(), replace(pr.h200_rates(), cpu_attn=1e13)
+    plans = {
+        name: plan_placement(spec, store, "cuda:0", budget, None, "auto", work, 2, rates)
+        for name, rates in (("slow", slow), ("fast", fast))
+    }
+    kv = {k: sum(p.kv_tier == KvTier.DEVICE for p in v.layers) for k, v in plans.items()}
+    res = {k: v.count(Tier.GPU) for k, v in plans.items()}
+    assert kv["slow"] > kv["fast"] and res["fast"] > res["slow"]
+    assert all(p.peak_device_bytes <= budget for p in plans.values())
