@@ -334,6 +334,7 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
             assert r["kv_codecs_auto"]  # the plan's choice per tier is reported
         if r["kind"] == "batch":
             assert r["paged"] and r["kv_codec_held"] == r["codec"]
+            assert r["engine_sized"] == (r["codec"] == "none")
         if r["kind"] == "moe":
             assert r["experts"]["disk"] > 0 and r["cache_slots"] >= 2
         if r["kind"] == "resident":  # the option reaches the engine; the CPU holds no layer

@@ -255,6 +255,9 @@ def report(llm, cell: dict, results: list) -> dict:
     if kind == "batch":
         out["paged"] = batch_supported(llm.runner)
         out["path_ok"] = out["paged"] and all(len(r.token_ids) == NEW_TOKENS for r in results)
+        # exact pools: the plan sized for the batch engine's steps (planning/batch_step.py)
+        out["engine_sized"] = bool(plan.batch_parts)
+        out["path_ok"] &= out["engine_sized"] == (cell["codec"] == "none")
     if kind == "resident":
         out.update(decode_resident_option=llm.config.decode_resident,
                    decode_rows=plan.decode_rows)  # fmt: skip
