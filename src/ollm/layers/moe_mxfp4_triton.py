@@ -19,7 +19,6 @@ import triton.language as tl
 ROWS = 16  # rows per program (tl.dot's least M): decode batches of up to this many rows
 BLOCK_O = 32  # output columns per program (gpt-oss-20b: 90 x experts programs)
 BLOCK_J = 64  # code bytes per step along a row (128 input values)
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -95,7 +94,7 @@ def _gate_up_kernel(
     up = acc_u + tl.load(bias + 2 * i + 1, mask=imask, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
-    glu = gate / (1.0 + tl.exp2(-alpha * _LOG2E * gate))
+    glu = gate / (1.0 + tl.exp2(-alpha * 1.4426950408889634 * gate))  # log2(e): literal (globals must be constexpr)
     h = (up + 1.0) * glu
     out = HOUT + g.to(tl.int64) * shg + r[:, None] * shm + i[None, :]
     tl.store(out, h.to(HOUT.dtype.element_ty), mask=rmask[:, None] & imask[None, :])
