@@ -94,7 +94,8 @@ def _gate_up_kernel(
     up = acc_u + tl.load(bias + 2 * i + 1, mask=imask, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
-    glu = gate / (1.0 + tl.exp2(-alpha * 1.4426950408889634 * gate))  # log2(e): literal (globals must be constexpr)
+    # log2(e) as a literal: a kernel may read module globals only as tl.constexpr
+    glu = gate / (1.0 + tl.exp2(-alpha * 1.4426950408889634 * gate))
     h = (up + 1.0) * glu
     out = HOUT + g.to(tl.int64) * shg + r[:, None] * shm + i[None, :]
     tl.store(out, h.to(HOUT.dtype.element_ty), mask=rmask[:, None] & imask[None, :])
