@@ -1,7 +1,7 @@
 """The batch bench's plan (``--bench-synthetic llama3-8b --bench-budget 8GiB``), without a GPU:
 
     PYTHONPATH=src .venv/bin/python scripts/batch_plan_report.py [--batches 64,16]
-        [--prompt 2048] [--new 32] [--budget 8] [--json out.json]
+        [--prompt 2048] [--new 32] [--budget 8] [--cpu-attn-batch 50e9] [--json out.json]
 
 Plans Llama-3.1-8B shapes for ``cuda:0`` as ``bench.batching.run_batch_bench`` does (``LLM(...,
 max_batch=B, max_context=prompt + new)`` -> ``Workload(B, ctx, ctx)``, offload and hybrid auto,
@@ -11,7 +11,10 @@ no cpu_memory limit) over a sizes-only store with the H200 host's fixed rates
 sized for the batch engine that runs it (``planning/batch_step.py``: paged pools, no prefill
 scratch / fetch buffers / split blocks at batch size, activations of ``prefill_chunk_tokens``-row
 chunks of the packed row). Per part what each reserves on the GPU, the layers and KV layers on
-the GPU and the cost model's decode step. Planner only, seconds on a CPU.
+the GPU and the cost model's decode step. A third plan, *batched*, is the batch engine's plan
+with the rates plus ``cpu_attn_batch`` (the CPU's batched decode attention over strided views
+of a head-major pool in RAM; default ``H200_CPU_ATTN_BATCH``), and every plan's batch-engine
+step is also priced at those rates (``engine_step_s_batched``). Planner only, seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 GIB, MIB = 1 << 30, 1 << 20
+# The H200 host's CPU attention of a decode batch over strided views of a head-major pool
+# (scripts/gpu/cpu_attn_micro.py, 16 threads, docs/runs/2026-12-02/cpu_attn_micro2_h200host.json):
+# 50 GB/s at batch 64 x 2080 tokens (545 MB of K+V, beyond the caches), 78 GB/s at batch 16
+# (136 MB, re-read by each repetition: cache-assisted). A step reads every layer's pool once
+# (32 x 136 MB at batch 16), so the DRAM-bound 50 GB/s is the rate for both.
+H200_CPU_ATTN_BATCH = 50e9
+H200_BATCH_SEQS = 4  # engine.calibrate.batch_attention_seqs(8 KV heads, 16 threads)
+
+
+def batched_rates(rates, cpu_attn_batch: float = H200_CPU_ATTN_BATCH):
+    """``rates`` with the batched CPU decode attention rate."""
+    from dataclasses import replace
+
+    return replace(rates, cpu_attn_batch=cpu_attn_batch, cpu_attn_batch_seqs=H200_BATCH_SEQS)
 
 
 def plan_for(spec, store, batch: int, context: int, budget: int, rates, engine: bool):
@@ -85,9 +102,10 @@ def engine_step_s(store, plan, work, rates) -> float:
                            fetch=False)[2]  # fmt: skip
 
 
-def summary(plan, store, work, rates) -> dict:
+def summary(plan, store, work, rates, batch_rates=None) -> dict:
     """Layers and KV layers on the GPU, the reservation and the cost model's decode steps: the
-    plan's own prediction and the batch engine's step (``engine_step_s``)."""
+    plan's own prediction and the batch engine's step (``engine_step_s``), also at
+    ``batch_rates`` (``engine_step_s_batched``)."""
     from ollm.tiers import KvTier, Tier
 
     return {
@@ -97,43 +115,46 @@ def summary(plan, store, work, rates) -> dict:
         "reserved_total": plan.peak_device_bytes,
         "plan_decode_step_s": plan.predicted.get("decode s (KV split)"),
         "engine_step_s": engine_step_s(store, plan, work, rates),
+        "engine_step_s_batched": engine_step_s(store, plan, work, batch_rates or rates),
     }
 
 
-def case(spec, store, batch: int, prompt: int, new: int, budget: int, rates) -> dict:
-    """One batch size: both plans, their parts and summaries."""
+def case(spec, store, batch: int, prompt: int, new: int, budget: int, rates, batch_rates) -> dict:
+    """One batch size: the three plans, their parts and summaries."""
     out: dict = {"batch": batch}
-    for name, engine in (("before", False), ("after", True)):
-        work, plan = plan_for(spec, store, batch, prompt + new, budget, rates, engine)
+    for name, engine, r in (("before", False, rates), ("after", True, rates),
+                            ("batched", True, batch_rates)):  # fmt: skip
+        work, plan = plan_for(spec, store, batch, prompt + new, budget, r, engine)
         out[name] = {"plan": dict(plan.describe()), "reserved": planned_parts(spec, store, work, plan),
-                     **summary(plan, store, work, rates)}  # fmt: skip
+                     **summary(plan, store, work, r, batch_rates)}  # fmt: skip
     out["layer_bytes"] = plan.layer_bytes
     return out
 
 
-def report(batches=(64, 16), prompt: int = 2048, new: int = 32, budget_gib: float = 8.0) -> dict:
+def report(batches=(64, 16), prompt: int = 2048, new: int = 32, budget_gib: float = 8.0,
+           cpu_attn_batch: float = H200_CPU_ATTN_BATCH) -> dict:  # fmt: skip
     from plan_report import h200_rates, llama8b
 
     spec, store = llama8b()
     budget = int(budget_gib * GIB)
-    cases = [case(spec, store, b, prompt, new, budget, h200_rates()) for b in batches]
+    rates = h200_rates()
+    fast = batched_rates(rates, cpu_attn_batch)
+    cases = [case(spec, store, b, prompt, new, budget, rates, fast) for b in batches]
     return {"model": "llama3-8b (bf16, meta store)", "prompt": prompt, "new": new,
-            "budget": budget, "cases": cases}  # fmt: skip
+            "budget": budget, "cpu_attn_batch": cpu_attn_batch, "cases": cases}  # fmt: skip
 
 
 def print_report(rep: dict) -> None:
     for c in rep["cases"]:
-        a, b = c["before"], c["after"]
-        print(f"== batch {c['batch']} (MiB)   before   after")
-        for k in dict.fromkeys([*a["reserved"], *b["reserved"]]):
-            x, y = a["reserved"].get(k, 0), b["reserved"].get(k, 0)
-            print(f"   {k:<46} {x / MIB:8.1f} {y / MIB:8.1f}")
-        for k in ("reserved_total",):
-            print(f"   {'total':<46} {a[k] / MIB:8.1f} {b[k] / MIB:8.1f}")
+        cols = [c[n] for n in ("before", "after", "batched")]
+        print(f"== batch {c['batch']} (MiB)   before    after  batched")
+        for k in dict.fromkeys(k for x in cols for k in x["reserved"]):
+            print(f"   {k:<46}" + "".join(f" {x['reserved'].get(k, 0) / MIB:8.1f}" for x in cols))
+        print(f"   {'total':<46}" + "".join(f" {x['reserved_total'] / MIB:8.1f}" for x in cols))
         for k in ("layers_on_gpu", "kv_layers_on_gpu", "cpu_layers"):
-            print(f"   {k:<46} {a[k]:8d} {b[k]:8d}")
-        for k in ("plan_decode_step_s", "engine_step_s"):
-            print(f"   {k:<46} {a[k] or 0:8.3f} {b[k] or 0:8.3f}")
+            print(f"   {k:<46}" + "".join(f" {x[k]:8d}" for x in cols))
+        for k in ("plan_decode_step_s", "engine_step_s", "engine_step_s_batched"):
+            print(f"   {k:<46}" + "".join(f" {x[k] or 0:8.3f}" for x in cols))
 
 
 def main() -> None:
@@ -142,10 +163,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--budget", type=float, default=8.0, help="GPU budget in GiB")
+    ap.add_argument("--cpu-attn-batch", type=float, default=H200_CPU_ATTN_BATCH,
+                    help="the batched CPU decode attention rate, KV bytes/s")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     batches = tuple(int(x) for x in args.batches.split(","))
-    rep = report(batches, args.prompt, args.new, args.budget)
+    rep = report(batches, args.prompt, args.new, args.budget, args.cpu_attn_batch)
     print_report(rep)
     if args.json is not None:
         args.json.write_text(json.dumps(rep, indent=1, default=str))

@@ -211,3 +211,30 @@ def test_modes_give_the_same_tokens_and_the_hook_runs_once_per_step(hybrid_runne
     assert streamed["hybrid"] == 0 < streamed["alternate"] < streamed["stream"]
     assert summary["measured"] and summary["probes"] >= 1  # the measured run probed
     assert summary["hybrid"]["steps"] and summary["stream"]["steps"]
+
+
+def test_the_prior_knows_the_cpu_layers_kv_is_attended_in_place(hybrid_runner):
+    """The engine's exact pools put each sequence's blocks on slabs of a head-major store, so
+    the CPU layers' KV is attended in place (the prior prices it at the batched rate); a store
+    that keeps blocks first (encoded pools' exact slots) or blocks off slabs is gathered."""
+    from types import SimpleNamespace
+
+    from ollm.engine.batch import BatchEngine
+    from ollm.engine.step_mode import attends_in_place
+    from ollm.kv.blocks import BlockPool
+    from ollm.kv.codec_paged import CodecPagedStore
+
+    _, runner, r = hybrid_runner
+    eng = BatchEngine(runner, None, (), block_tokens=8, max_batch=4, max_context=256, rates=r)
+    try:
+        cpu = runner.plan.cpu_layers
+        assert cpu and attends_in_place(eng.pools, cpu)
+        group, store, i = eng.pools.layers[cpu[0]]
+        codec = SimpleNamespace(layers=[(group, CodecPagedStore, i)], managers=eng.pools.managers)
+        assert not attends_in_place(codec, [0])
+        plain = {group: SimpleNamespace(pools={"device": BlockPool("device", 8)})}
+        assert not attends_in_place(
+            SimpleNamespace(layers=[(group, store, i)], managers=plain), [0]
+        )
+    finally:
+        eng.close()

@@ -122,7 +122,6 @@ class BatchEngine:
             raise ValueError("the batch engine needs the device-resident KV on one device")
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, set(eos_ids)
         self.rates, self.streamed_steps = rates, 0
-        self.step_mode = StepMode.for_runner(runner, rates)  # measured: `summary()`
         self.speculator = as_speculator(drafter)
         self.speculate_default = True  # requests whose params leave ``speculate`` None draft
         self._draft_of: dict[str, Draft] = {}  # this step's drafts (distributions, trees)
@@ -146,6 +145,7 @@ class BatchEngine:
         )  # fmt: skip
         self.device = torch.device(plan.device)
         self.splits = attach(self.pools.stores, self.device, host_split)
+        self.step_mode = StepMode.for_runner(runner, rates, self.pools)  # measured: `summary()`
         managers = self.pools.managers
         self.scheduler = Scheduler(
             managers, step_tokens, max_running, prefix_caching=prefix_caching

@@ -92,6 +92,63 @@ def _attention_workload(spec, context: int, dtype: torch.dtype):
     return step, kv.numel() * kv.element_size(), kv
 
 
+BATCH_ATTN_BYTES = 512 << 20  # K+V the batched attention rate rotates over (beyond the LLC)
+BATCH_ATTN_MAX_SEQS = 64
+
+
+def batch_attention_seqs(kv_heads: int, threads: int) -> int:
+    """Sequences of the batched attention measurement: enough that its (sequence, KV head) work
+    items are at least twice the threads (so every thread is busy), at least 2, capped."""
+    return min(BATCH_ATTN_MAX_SEQS, max(2, -(-2 * threads // max(1, kv_heads))))
+
+
+def _batch_attention_workload(
+    spec, context: int, dtype: torch.dtype, seqs: int, nbytes: int = BATCH_ATTN_BYTES,
+    block_tokens: int = 16,
+):  # fmt: skip
+    """A decode batch of ``seqs`` sequences of ``context`` tokens attended by the CPU as the
+    batch engine attends a head-major pool in RAM (``kv/packed._attend_decodes``' strided path):
+    each layer's pool ``[2, kv_heads, blocks, block_tokens, D]`` holds the sequences on slabs
+    (``kv/slabs.py``), seen as ``[B, kv_heads, S, D]`` by ``kv/strided.run_view``, attended by
+    ``attend`` with the batch's dense key mask. The step goes over as many layers' pools as
+    make ``nbytes`` (a step reads each layer's KV once: larger than the caches, or the rate is
+    the cache's); returns (run it, KV bytes read)."""
+    from ollm.kv.strided import StridedRun, run_view
+
+    kvh, hd = spec.num_kv_heads, spec.head_dim
+    nb = -(-context // block_tokens)
+    per_layer = 2 * kvh * seqs * nb * block_tokens * hd * torch.finfo(dtype).bits // 8
+    n_layers = max(1, min(64, -(-nbytes // per_layer)))
+    pools = torch.empty(n_layers, 2, kvh, seqs * nb, block_tokens, hd, dtype=dtype)
+    pools.fill_(0.01)  # the values do not change the work; a fill touches every page fast
+    run = StridedRun(0, nb, seqs, tuple(range(seqs)))
+    views = [run_view(pools[i], run, nb) for i in range(n_layers)]
+    s = nb * block_tokens
+    keep = (torch.arange(s) < context).expand(seqs, s)[:, None, None]  # [B, 1, 1, S]
+    mask = AttentionMask(s - 1, 1, s, keep[:, 0, 0])
+    q = torch.randn(seqs, spec.num_heads, 1, hd, dtype=dtype)
+    scale = hd**-0.5
+
+    def step() -> None:
+        for k, v in views:
+            attend(q, k, v, mask, scale, keep)
+
+    return step, n_layers * per_layer
+
+
+def cpu_attn_batch_rate(
+    spec, context: int, dtype: torch.dtype = torch.bfloat16, seqs: int | None = None,
+    nbytes: int = BATCH_ATTN_BYTES, reps: int = 3,
+) -> tuple[float, int]:  # fmt: skip
+    """(KV bytes/s, sequences) of a batch's decode attention over strided views of head-major
+    pools on the CPU (``_batch_attention_workload``; ``seqs`` default
+    ``batch_attention_seqs`` for the threads torch uses now); what ``MachineRates
+    .cpu_attn_batch`` holds."""
+    seqs = seqs or batch_attention_seqs(spec.num_kv_heads, torch.get_num_threads())
+    step, kv_bytes = _batch_attention_workload(spec, context, dtype, seqs, nbytes)
+    return kv_bytes / _time(step, reps), seqs
+
+
 def _routed_workload(kv: torch.Tensor, spec, dtype: torch.dtype, page: int = 64):
     """One routed decode read over ``kv`` [2, 1, KVH, T, D] in RAM as a ``Router`` runs it on
     the CPU (``kv/page_read``): the sinks, the 256-token window and 1/8 of the ``page``-token
@@ -248,7 +305,9 @@ def measure_rates(
 ) -> MachineRates:
     """Measure PCIe, the CPU's decode rate (per thread count, alone and beside copies) and GPU
     rates (~5 s). With ``spec``, the CPU rate is that of a real decoder layer of the model at
-    ``context`` tokens (GEMVs, attention, norms), which is what hybrid decode runs."""
+    ``context`` tokens (GEMVs, attention, norms), which is what hybrid decode runs; and the
+    CPU's decode attention at ``context`` tokens: one query's, a routed read's, and a batch's
+    over strided views of head-major pools (``cpu_attn_batch_rate``, ~0.1 s)."""
     probe = _Probe.make(device, dtype, spec, context)
     pcie = probe.host.numel() / _time(probe.copy_once, 8)
     threads0 = torch.get_num_threads()
@@ -260,17 +319,20 @@ def measure_rates(
     )
     cpu_gather = cpu_gather_rate(spec, dtype)
     gpu_mem, gpu_flops = _gpu_rates(probe)
-    cpu_attn = cpu_routed = 0.0
+    cpu_attn = cpu_routed = cpu_attn_batch = 0.0
+    batch_seqs = 0
     if spec is not None:
         torch.set_num_threads(threads)
         attn_step, kv_bytes, kv = _attention_workload(spec, context, dtype)
         cpu_attn = kv_bytes / _time(attn_step, 4)
         routed_step, read_bytes = _routed_workload(kv, spec, dtype)  # over the same KV
         cpu_routed = read_bytes / _time(routed_step, 4)
+        del kv
+        cpu_attn_batch, batch_seqs = cpu_attn_batch_rate(spec, context, dtype)
     torch.set_num_threads(threads0)
     return MachineRates(
         pcie, pcie_shared, cpu_mem, cpu_shared, threads, cpu_flops, gpu_mem, gpu_flops, cpu_attn,
-        cpu_routed, cpu_flops_rows, cpu_gather,
+        cpu_routed, cpu_flops_rows, cpu_gather, cpu_attn_batch, batch_seqs,
     )  # fmt: skip
 
 

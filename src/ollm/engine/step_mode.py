@@ -92,13 +92,15 @@ class StepMode:
         self.probe_count = self.switches = self.unprobed = 0
 
     @classmethod
-    def for_runner(cls, runner, rates, **kw) -> StepMode:
+    def for_runner(cls, runner, rates, pools=None, **kw) -> StepMode:
         """The measured choice for ``runner``'s plan (the cost model's answer from ``rates``
-        as the prior; no choice without CPU layers)."""
+        as the prior, with the CPU layers' KV attended in place when ``pools``, the engine's
+        `EnginePools`, say so: `attends_in_place`; no choice without CPU layers)."""
         plan = runner.plan
         if not plan.cpu_layers:
             return cls(None, **kw)
-        return cls(hybrid_predictor(runner, rates), plan.cpu_max_tokens, **kw)
+        in_place = pools is None or attends_in_place(pools, plan.cpu_layers)
+        return cls(hybrid_predictor(runner, rates, in_place), plan.cpu_max_tokens, **kw)
 
     # -- the engine's two calls ---------------------------------------------------------------
 
@@ -225,9 +227,26 @@ def step_shape(plan) -> tuple[int, int, bool]:
     return rows, kv_tokens, prefill
 
 
-def hybrid_predictor(runner, rates) -> Callable[[int, int], bool]:
+def attends_in_place(pools, layers) -> bool:
+    """Whether the engine's CPU attends the KV of ``layers`` (model layer indices) where it
+    sits: each one's store head-major and its group's blocks on slabs (`kv.slabs.SlabPool`),
+    so a decode batch is a strided view of the pool (`kv/strided.py`) unless its sequences
+    share blocks (a prefix hit), which gathers."""
+    from ollm.engine.kvpools import DEVICE_TIER
+    from ollm.kv.slabs import SlabPool
+
+    for i in layers:
+        group, store, _ = pools.layers[i]
+        pool = pools.managers[group].pools.get(DEVICE_TIER)
+        if not (store.HEAD_MAJOR and isinstance(pool, SlabPool)):
+            return False
+    return True
+
+
+def hybrid_predictor(runner, rates, in_place: bool = True) -> Callable[[int, int], bool]:
     """The cost model's answer for ``runner``'s plan (`costmodel.hybrid_step_pays`; True, the
-    hybrid layers pay, when the rates are unknown)."""
+    hybrid layers pay, when the rates are unknown): a decode step's rows are its sequences,
+    whose KV the CPU layers attend at the batched rate when ``in_place`` (no gather)."""
     plan = runner.plan
     spec, elem = runner.spec, torch.finfo(runner.dtype).bits // 8
     per_token = 2 * spec.num_kv_heads * spec.head_dim * elem  # one layer's KV bytes per token
@@ -235,7 +254,8 @@ def hybrid_predictor(runner, rates) -> Callable[[int, int], bool]:
 
     def pays(rows: int, kv_tokens: int) -> bool:
         return hybrid_step_pays(
-            rates, len(plan.cpu_layers), n_str, plan.layer_bytes, elem, rows, per_token * kv_tokens
-        )
+            rates, len(plan.cpu_layers), n_str, plan.layer_bytes, elem, rows, per_token * kv_tokens,
+            in_place=in_place,
+        )  # fmt: skip
 
     return pays

@@ -15,7 +15,7 @@ LAYER_OVERHEAD_S = 150e-6  # per-layer launch / Python cost on the critical path
 # H200 host, 2026-11-27), and the hand-over of a layer's query to the CPU and back.
 GPU_DECODE_LAYER_S = 1.0e-3
 CPU_HANDOFF_S = 0.3e-3
-RATES_VERSION = 4  # bump when MachineRates gains a measurement (cached files are re-measured)
+RATES_VERSION = 5  # bump when MachineRates gains a measurement (cached files are re-measured)
 # Query rows of the CPU matmul rates: ``cpu_flops`` (a prefill-like forward) and
 # ``cpu_flops_rows`` (a batched decode step's few rows, where the CPU runs far below its
 # many-row rate and, at 16 rows, is already slower than its one-row weight read).
@@ -44,6 +44,12 @@ class MachineRates:
     # buffer before a batch's decode attention (``kv/packed``; 0: unknown, not counted).
     cpu_flops_rows: float = 0.0
     cpu_gather: float = 0.0
+    # KV bytes/s of a batch's decode attention on the CPU over strided views of a head-major
+    # pool in RAM, in place (``kv/strided.py``: no gather), measured with
+    # ``cpu_attn_batch_seqs`` sequences over pools larger than the caches (0: unknown, the
+    # one-query rate and the gather stand in).
+    cpu_attn_batch: float = 0.0
+    cpu_attn_batch_seqs: int = 0
 
     # Sharing the memory bus cannot speed either path up: a measured shared rate above the rate
     # alone is noise (seen: CPU 33 vs 26 GB/s on one host, whose decode ran at 27).
@@ -72,11 +78,28 @@ class MachineRates:
         mem = self.cpu_mem_busy if shared else self.cpu_mem
         return max(nbytes / mem, 2 * params * tokens / self.cpu_matmul_flops(tokens))
 
-    def cpu_kv_s(self, kv_bytes: int) -> float:
-        """CPU decode attention over ``kv_bytes`` of paged KV: the gather into one buffer, then
-        the attention (``cpu_attn``, measured on contiguous KV); 0 when the rate is unknown."""
+    def cpu_attn_rate(self, seqs: int = 1) -> float:
+        """KV bytes/s of the CPU's decode attention of ``seqs`` sequences read where they sit:
+        one query's ``cpu_attn``; from ``cpu_attn_batch_seqs`` sequences the batched rate
+        (their KV heads occupy every thread); linear between (fewer work items than threads).
+        ``cpu_attn`` when the batched rate is unknown."""
+        if seqs < 2 or not self.cpu_attn_batch:
+            return self.cpu_attn
+        full = max(2, self.cpu_attn_batch_seqs)
+        if seqs >= full or not self.cpu_attn:
+            return self.cpu_attn_batch
+        return self.cpu_attn + (seqs - 1) / (full - 1) * (self.cpu_attn_batch - self.cpu_attn)
+
+    def cpu_kv_s(self, kv_bytes: int, seqs: int = 1, in_place: bool = True) -> float:
+        """CPU decode attention over ``kv_bytes`` of ``seqs`` sequences' paged KV; 0 when the
+        rate is unknown. A batch attended in place (``in_place``: strided views of a head-major
+        host pool, ``kv/strided.py``) at the batched rate (``cpu_attn_rate``); otherwise, or
+        without a batched rate, the gather into one buffer (``cpu_gather``) then the attention
+        at one query's rate (``cpu_attn``, measured on contiguous KV)."""
         if not self.cpu_attn:
             return 0.0
+        if seqs >= 2 and in_place and self.cpu_attn_batch:
+            return kv_bytes / self.cpu_attn_rate(seqs)
         return kv_bytes / self.cpu_attn + (kv_bytes / self.cpu_gather if self.cpu_gather else 0.0)
 
     def gpu_layer_s(self, nbytes: int, params: int, tokens: int) -> float:
@@ -204,24 +227,35 @@ def hybrid_step_pays(
     dtype_bytes: int,
     tokens: int,
     kv_bytes: int,
+    seqs: int | None = None,
+    in_place: bool = True,
 ) -> bool:
     """Whether a pass of ``tokens`` query rows, whose CPU-computed layers each attend
     ``kv_bytes`` of KV on the CPU, is faster with the plan's ``n_cpu`` CPU layers (the CPU's
     chain, run while the link streams the rest) than with all ``n_streamed`` layers streamed.
     The planner chose the CPU layers for one sequence; a batch step's attention over many
     sequences' KV, and the matmuls of many rows (compute-bound on the CPU), can make them the
-    slower path (True when the rates are unknown)."""
+    slower path (True when the rates are unknown). ``seqs`` (default ``tokens``: a decode
+    step's row per sequence) and ``in_place``: see ``cpu_step_layer_s``."""
     if rates is None or not rates.cpu_attn or not n_cpu:
         return True
     return n_cpu * cpu_step_layer_s(
-        rates, layer_bytes, dtype_bytes, tokens, kv_bytes
+        rates, layer_bytes, dtype_bytes, tokens, kv_bytes, seqs, in_place
     ) < n_streamed * rates.copy_s(layer_bytes, shared=True)
 
 
 def cpu_step_layer_s(
-    rates: MachineRates, layer_bytes: int, dtype_bytes: int, tokens: int, kv_bytes: int
+    rates: MachineRates,
+    layer_bytes: int,
+    dtype_bytes: int,
+    tokens: int,
+    kv_bytes: int,
+    seqs: int | None = None,
+    in_place: bool = True,
 ) -> float:
     """One CPU-computed layer of a pass of ``tokens`` rows beside the link's copies: max(weight
-    read, matmuls at that row count) plus the attention over ``kv_bytes`` (gather included)."""
+    read, matmuls at that row count) plus the attention over ``kv_bytes`` of ``seqs`` sequences
+    (default ``tokens``): read in place at the batched rate when ``in_place``, else gathered
+    first (``MachineRates.cpu_kv_s``)."""
     cpu = rates.cpu_layer_s(layer_bytes, layer_bytes // dtype_bytes, tokens, shared=True)
-    return cpu + rates.cpu_kv_s(kv_bytes)
+    return cpu + rates.cpu_kv_s(kv_bytes, tokens if seqs is None else seqs, in_place)

@@ -34,7 +34,11 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     ]
     shared = rates.pcie_busy
     if rates.cpu_attn:  # measured: one query over a KV in RAM; slower beside the copies
-        cpu_rate = rates.cpu_attn * rates.cpu_mem_busy / rates.cpu_mem
+        # Several sequences: their attention in one call, at the batched rate where measured
+        # (``MachineRates.cpu_attn_rate``: the batch engine reads a head-major pool in place,
+        # ``kv/strided.py``; a padded batch's contiguous cache alike). A windowed group's pool,
+        # which the engine gathers first, is priced the same (a simplification).
+        cpu_rate = rates.cpu_attn_rate(work.batch) * rates.cpu_mem_busy / rates.cpu_mem
     else:
         # cpu_mem is weight bytes per second of a whole decoder layer measured with a KV cache
         # of the context's power-of-two bucket (engine.calibrate.cached_rates): the bytes it really
@@ -45,7 +49,10 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     # A routed read (gathered pages, attended split between threads) at its own measured rate.
     routed_rate = rates.cpu_routed * rates.cpu_mem_busy / rates.cpu_mem or cpu_rate
     n_cpu = sum(p.decode_device == "cpu" for p in layers)
+    # A CPU layer's weights and matmuls, and its KV attention beyond what the weight rate covers
+    # (a batch's KV, compressed KV: ``choose_hybrid``'s ``cpu_kv_s``).
     cpu_layer = predicted.get("hybrid cpu s", 0.0) / max(1, n_cpu)
+    cpu_layer += predicted.get("hybrid cpu kv s", 0.0)
     copy, base, cpu_kv, host_kv = [], [], [], []
     for i, p in enumerate(layers):
         on_cpu = p.decode_device == "cpu"
@@ -145,6 +152,55 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
             "hybrid tok/s": 1.0 / simulate(k),
             "hybrid copy s": pred.copy_s,
             "hybrid cpu s": pred.cpu_s,
+            "hybrid cpu kv s": cpu_kv_s,  # per CPU layer, beyond its weights
         }
     )
     return layers, max(1, switch), predicted
+
+
+def decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch,
+                  kv_read=None, simulate=False):  # fmt: skip
+    """The cost model's decode choices: RAM layers the CPU computes (hybrid), then, when
+    ``fetch`` (KV offloaded and fetch buffers planned), RAM KV layers fetched back to the GPU.
+    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching (unless
+    ``simulate``: the step is wanted anyway); with no ``rates`` (no cost model, or not on a
+    GPU) the layers as they are. With routing (``kv_read``) the step is always simulated.
+
+    A plan for the batch engine (``sz.engine``) also simulates its layout without CPU layers
+    and keeps that when its step is shorter: ``choose_hybrid`` weighs CPU layers against
+    streams alone, while the step also stalls on the CPU attention of every layer whose KV is
+    in RAM (and the engine's ``StepMode`` streams every layer when that is faster)."""
+    if rates is None:
+        return layers, 0, {}
+    args = (spec, store, layers, n_res, sz, rates, work, hybrid)
+    out = _splits(*args, cpu_layers, ring, fetch, kv_read, simulate)
+    if out is None or not sz.engine or cpu_layers is not None:
+        return out
+    if not any(p.decode_device == "cpu" for p in out[0]) or "decode s (KV split)" not in out[2]:
+        return out
+    alt = _splits(*args, 0, ring, fetch, kv_read, simulate)
+    if alt is not None and alt[2]["decode s (KV split)"] < out[2]["decode s (KV split)"] - 1e-9:
+        return alt
+    return out
+
+
+def _splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch,
+            kv_read, simulate):  # fmt: skip
+    """``decode_splits`` with ``cpu_layers`` CPU layers (None: the cost model's count)."""
+    cpu_kv = sz.cpu_kv_extra_s(rates, work.context)
+    if sz.engine:  # a batch step's CPU layer attends every sequence's KV (costmodel.cpu_kv_s):
+        # in place over the pool's strided views (slab pools: full attention), else gathered
+        in_place = not any(layer.window for layer in spec.layers)
+        cpu_kv += rates.cpu_kv_s(sz.per_token * work.context, work.batch, in_place)
+    layers, cpu_max_tokens, predicted = choose_hybrid(
+        spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring,
+        cpu_kv, sz.kv_copy,
+    )  # fmt: skip
+    if fetch or kv_read or simulate:
+        layers, fetched, step = choose_kv_fetch(
+            store, layers, rates, work, sz.per_token, predicted, ring, kv_read, bool(fetch)
+        )
+        if fetch and not fetched and not simulate:
+            return None
+        predicted["decode s (KV split)"] = step
+    return layers, cpu_max_tokens, predicted

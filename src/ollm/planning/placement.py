@@ -15,6 +15,7 @@ from ollm.errors import BudgetError, OllmError
 from ollm.planning.accounting import PAGE_TOKENS, KVFormat, device_kv_bytes, kv_pool_blocks
 from ollm.planning.batch_step import batch_engine_runs, batch_rows
 from ollm.planning.decode_resident import plan_decode_resident
+from ollm.planning.decode_split import decode_splits
 from ollm.planning.device_fit import below_minimum, fetch_buffers, kv_offload
 from ollm.planning.promote import promote_freed
 from ollm.planning.residual import check_mode, plan_auto, with_cost
@@ -285,7 +286,7 @@ def plan_placement(
         return smaller
     layout = partial(_layout, spec, store, device, budget, offload, cpu_memory, kv_cache, sz,
                      work, kv_block_tokens, slots)  # fmt: skip
-    splits = partial(_decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
+    splits = partial(decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
                      work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read,
                      simulate=sz.engine)  # fmt: skip
     finish = partial(_finish, spec, store, device, work, sz, budget, kv_fetch_buffers,
@@ -349,7 +350,7 @@ def _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget
               kv_fetch_buffers, kv_block_tokens, kv_read) -> PlacementPlan:  # fmt: skip
     """The plan, with what it reserves on the device counted from its final layers (device KV
     after the hybrid and fetch choices, resident layers, ring slots); ``split``: (layers,
-    cpu_max_tokens, predicted) of ``_decode_splits``."""
+    cpu_max_tokens, predicted) of ``decode_split.decode_splits``."""
     layers, cpu_max_tokens, predicted = split
     on_gpu = device.startswith("cuda")
     reserved = dict(fixed)
@@ -385,35 +386,6 @@ def _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget
         logit_rows=sz.logit_rows,
         batch_parts=dict(sz.engine_parts),
     )
-
-
-def _decode_splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, ring, fetch,
-                   kv_read=None, simulate=False):  # fmt: skip
-    """The cost model's decode choices: RAM layers the CPU computes (hybrid), then, when
-    ``fetch`` (KV offloaded and fetch buffers planned), RAM KV layers fetched back to the GPU.
-    Returns (layers, cpu_max_tokens, predicted), or None when no KV is worth fetching (unless
-    ``simulate``: the step is wanted anyway); with no ``rates`` (no cost model, or not on a
-    GPU) the layers as they are. With routing (``kv_read``) the step is always simulated."""
-    from ollm.planning.decode_split import choose_hybrid, choose_kv_fetch
-
-    if rates is None:
-        return layers, 0, {}
-
-    cpu_kv = sz.cpu_kv_extra_s(rates, work.context)
-    if sz.engine:  # a batch step's CPU layer attends every sequence's KV (costmodel.cpu_kv_s)
-        cpu_kv += rates.cpu_kv_s(sz.per_token * work.context)
-    layers, cpu_max_tokens, predicted = choose_hybrid(
-        spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring,
-        cpu_kv, sz.kv_copy,
-    )  # fmt: skip
-    if fetch or kv_read or simulate:
-        layers, fetched, step = choose_kv_fetch(
-            store, layers, rates, work, sz.per_token, predicted, ring, kv_read, bool(fetch)
-        )
-        if fetch and not fetched and not simulate:
-            return None
-        predicted["decode s (KV split)"] = step
-    return layers, cpu_max_tokens, predicted
 
 
 def _resident_count(n, budget, fixed_total, slots, layer, offload) -> int:
