@@ -132,12 +132,13 @@ def case(spec, store, batch: int, prompt: int, new: int, budget: int, rates, bat
 
 
 def report(batches=(64, 16), prompt: int = 2048, new: int = 32, budget_gib: float = 8.0,
-           cpu_attn_batch: float = H200_CPU_ATTN_BATCH) -> dict:  # fmt: skip
+           cpu_attn_batch: float = H200_CPU_ATTN_BATCH, rates=None) -> dict:  # fmt: skip
+    """The cases at ``rates`` (default: the fixed H200 rates of ``plan_report``)."""
     from plan_report import h200_rates, llama8b
 
     spec, store = llama8b()
     budget = int(budget_gib * GIB)
-    rates = h200_rates()
+    rates = rates or h200_rates()
     fast = batched_rates(rates, cpu_attn_batch)
     cases = [case(spec, store, b, prompt, new, budget, rates, fast) for b in batches]
     return {"model": "llama3-8b (bf16, meta store)", "prompt": prompt, "new": new,
@@ -165,10 +166,18 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=8.0, help="GPU budget in GiB")
     ap.add_argument("--cpu-attn-batch", type=float, default=H200_CPU_ATTN_BATCH,
                     help="the batched CPU decode attention rate, KV bytes/s")  # fmt: skip
+    ap.add_argument("--rates-from", type=Path, default=None,
+                    help="a bench JSON whose 'rates' (MachineRates) replace the fixed ones")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     batches = tuple(int(x) for x in args.batches.split(","))
-    rep = report(batches, args.prompt, args.new, args.budget, args.cpu_attn_batch)
+    rates = None
+    if args.rates_from is not None:
+        from ollm.planning.costmodel import MachineRates
+
+        rates = MachineRates(**json.loads(args.rates_from.read_text())["rates"])
+    rep = report(batches, args.prompt, args.new, args.budget, args.cpu_attn_batch, rates)
+    rep["rates_from"] = str(args.rates_from) if args.rates_from else "plan_report.h200_rates"
     print_report(rep)
     if args.json is not None:
         args.json.write_text(json.dumps(rep, indent=1, default=str))
