@@ -304,22 +304,28 @@ def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
 
 def test_decodes_attend_strided_views_of_slab_pools(llms, monkeypatch):
     """Prompts with no shared prefix start on slabs of the pools and grow in runs, so their
-    decode batches are attended over views of the pool (no gather); the tokens are each
-    prompt's alone."""
+    decode batches are attended over views of the pool (no gather), and a prompt prefilled over
+    several steps reads its earlier keys as a view of its run; the tokens are each prompt's
+    alone."""
     from ollm.kv import packed
 
     llm = llms("llama")
-    prompts = [p[-(5 + 3 * i) :] for i, p in enumerate(make_prompts(6, seed=3))]
+    prompts = [p[-(5 + 9 * i) :] for i, p in enumerate(make_prompts(6, seed=3))]
     want = alone(llm, prompts)
-    views, gathers = [], []
-    view, gather = packed.run_view, packed.PackedLayerKV._gather_rows
+    views, gathers, runs = [], [], []
+    view, gather, run = (
+        packed.run_view,
+        packed.PackedLayerKV._gather_rows,
+        packed.PackedLayerKV._run_kv,
+    )
     monkeypatch.setattr(packed, "run_view", lambda *a: views.append(1) or view(*a))
     monkeypatch.setattr(
         packed.PackedLayerKV, "_gather_rows", lambda s, *a: gathers.append(1) or gather(s, *a)
     )
-    outs, _ = engine(llm).generate(prompts, GREEDY)
+    monkeypatch.setattr(packed.PackedLayerKV, "_run_kv", lambda s, *a: runs.append(1) or run(s, *a))
+    outs, _ = engine(llm).generate(prompts, GREEDY)  # 64-token steps: later prompts span steps
     assert [o.token_ids for o in outs] == want
-    assert views and not gathers
+    assert views and runs and not gathers
 
 
 def test_failed_step_recomputes(llms, monkeypatch):

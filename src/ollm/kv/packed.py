@@ -327,9 +327,15 @@ class PackedLayerKV:
         return out.view(kvh, b, nb * bt, hd).transpose(0, 1)
 
     def _gather(self, s: SeqRows, upto: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``."""
+        """K/V of positions ``[key0, upto)`` as ``[1, kv_heads, n, D]`` on ``device``: a view of a
+        host pool where the sequence's blocks are one run (slabs), copied head by head when the
+        device is another (each head's run is contiguous: pinned memory copies at the link's
+        rate, where a strided or gathered source goes through a pageable copy), else a gather."""
         bt = self.store.block_tokens
         nb = -(-(upto - s.key0) // bt)
+        run = s.ids[:nb]
+        if self.pool.device.type == "cpu" and run and run == tuple(range(run[0], run[0] + nb)):
+            return tuple(self._run_kv(kv, run[0], nb, upto - s.key0, device) for kv in (0, 1))
         ids = s.block_ids[:nb]
         out = []
         for kv in (0, 1):
@@ -337,6 +343,18 @@ class PackedLayerKV:
             x = x.view(x.shape[0], nb * bt, x.shape[3])[:, : upto - s.key0]
             out.append(x.unsqueeze(0).to(device))
         return tuple(out)
+
+    def _run_kv(self, kv: int, b0: int, nb: int, n: int, device: torch.device) -> torch.Tensor:
+        """K (``kv`` 0) or V of blocks ``[b0, b0 + nb)``'s first ``n`` slots, ``[1, kv_heads,
+        n, D]`` on ``device`` (a view on the pool's own device)."""
+        pool = self.pool[kv]  # [kv_heads, blocks, bt, D]
+        x = pool[:, b0 : b0 + nb].reshape(pool.shape[0], -1, pool.shape[3])[:, :n]
+        if torch.device(device) == pool.device:
+            return x.unsqueeze(0)
+        out = torch.empty(x.shape, dtype=x.dtype, device=device)
+        for h in range(x.shape[0]):
+            out[h].copy_(x[h], non_blocking=True)
+        return out.unsqueeze(0)
 
     def flush(self) -> bool:
         """Nothing is buffered elsewhere."""
