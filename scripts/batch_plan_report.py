@@ -35,7 +35,7 @@ GIB, MIB = 1 << 30, 1 << 20
 # (136 MB, re-read by each repetition: cache-assisted). A step reads every layer's pool once
 # (32 x 136 MB at batch 16), so the DRAM-bound 50 GB/s is the rate for both.
 H200_CPU_ATTN_BATCH = 50e9
-H200_BATCH_SEQS = 4  # engine.calibrate.batch_attention_seqs(8 KV heads, 16 threads)
+H200_BATCH_SEQS = 8  # engine.calibrate.batch_attention_seqs(8 KV heads, 16 threads)
 
 
 def batched_rates(rates, cpu_attn_batch: float = H200_CPU_ATTN_BATCH):

@@ -98,8 +98,9 @@ BATCH_ATTN_MAX_SEQS = 64
 
 def batch_attention_seqs(kv_heads: int, threads: int) -> int:
     """Sequences of the batched attention measurement: enough that its (sequence, KV head) work
-    items are at least twice the threads (so every thread is busy), at least 2, capped."""
-    return min(BATCH_ATTN_MAX_SEQS, max(2, -(-2 * threads // max(1, kv_heads))))
+    items are at least four times the threads (every thread busy; the last, partial round of
+    items leaves at most a fifth of the threads' time idle), at least 2, capped."""
+    return min(BATCH_ATTN_MAX_SEQS, max(2, -(-4 * threads // max(1, kv_heads))))
 
 
 def _batch_attention_workload(
