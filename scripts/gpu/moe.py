@@ -263,7 +263,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         if zipf:
             _zipf_router(llm, zipf)
         prompt = [(13 * i + 5) % 1000 for i in range(prompt_len)]
-        llm.generate(prompt[:64], SamplingParams(max_new_tokens=2, temperature=0))  # warm-up
+        # warm-up: a few decode steps too, so kernels compile outside the timed run
+        llm.generate(prompt[:64], SamplingParams(max_new_tokens=8, temperature=0))
         res = llm.generate(prompt, SamplingParams(max_new_tokens=new, temperature=0))
         m, plan, e = res.metrics, llm.plan, llm.plan.experts
         top_k = llm.spec.moe.top_k

@@ -155,6 +155,8 @@ def gpt_oss_experts(
         assert t.stride(2) == 1 and t.stride(1) == t.shape[2], "MXFP4 stacks: rows not packed"
     assert bias1.stride(1) == 1 and bias2.stride(1) == 1 and idx.dtype == torch.int64
     assert x.stride(-1) == 1 and b1.shape[-1] * 2 == hidden and b2.shape[-1] * 2 == inter
+    if idx.data_ptr() % 16:  # Triton specializes pointers on 16-byte alignment: one variant
+        idx = idx.clone()  # (a slice of the step's index tensor alternates; each compiles)
     _gate_up_kernel[(triton.cdiv(inter, BLOCK_O), g)](
         x, idx, b1, s1, bias1, h,
         m, inter, b1.shape[-1], x.stride(0), x.stride(1), b1.stride(0), s1.stride(0),
