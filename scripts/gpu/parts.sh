@@ -7,7 +7,9 @@
 # Parts: budget (scripts/gpu/budget.py --quick), budget_kinds / budget_resident (new paths' cells), spec_check (float32/bf16 speculative equality on
 # CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer over compressed KV),
 # long100k (routing_micro, KV codecs and routing at 100k on one 8B store), moe (Qwen3-30B-A3B
-# and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep).
+# and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep on the
+# largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan, static only),
+# prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix target).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,6 +37,15 @@ part() {
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB \
       --bench-batches "${BATCHES:-16,64}" --bench-new "${BATCH_NEW:-32}" \
       --bench-workloads "${WORKLOADS:-static,arrivals,prefix}" ;;
+    batch_each) local bs=${BATCHES:-1,4,16,32,64}
+      for b in ${bs//,/ }; do  # each batch size with the plan for its own batch
+        $PY $G/batch_engine.py --out "$OUT/batch_$b" --skip-equiv --skip-tiers \
+          --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches "$b" \
+          --bench-new "${BATCH_NEW:-32}" --bench-workloads static || return $?
+      done ;;
+    prefix6k) $PY $G/batch_engine.py --out "$OUT/prefix6k" --skip-equiv --skip-tiers \
+      --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches 16 \
+      --bench-new "${BATCH_NEW:-16}" --bench-prompt 6176 --bench-workloads prefix ;;
     *) echo "unknown part $1" ; return 2 ;;
   esac
 }
