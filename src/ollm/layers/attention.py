@@ -214,6 +214,9 @@ def _attend_block(q, k, v, mask, scale, dense_mask, off, span, out, lse) -> None
     lse[:, :, r0:r1] = (den.log_() + top).view(b, h, r1 - r0)
 
 
+SPLIT_MIN_KEYS = 4096  # fewest keys per part when one sequence's keys are split over threads
+
+
 def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,6 +231,9 @@ def grouped_attention(
     kvh, s = k.shape[1], k.shape[2]
     g = h // kvh
     qg = q.reshape(b, kvh, g * t, d)
+    parts = key_parts(b * kvh, s) if dense_mask is None and b == 1 else 1
+    if parts > 1:  # one sequence, every key visible: its keys in parts, one per idle thread
+        return split_keys_attention(qg, k, v, scale, parts).reshape(b, h, t, d)
     mask = None
     if dense_mask is not None:
         mask = (
@@ -235,6 +241,39 @@ def grouped_attention(
         )
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+def key_parts(work: int, keys: int) -> int:
+    """In how many parts the CPU attends ``keys`` keys of ``work`` (batch x KV heads) query
+    groups: PyTorch's CPU flash kernel runs one thread per (batch, head, query block), so one
+    sequence with few KV heads leaves threads idle (8 of 16 on Llama-3.1-8B shapes, 1 of 2 with
+    Gemma 3 270M's single KV head); parts of at least ``SPLIT_MIN_KEYS`` keys fill them."""
+    return max(1, min(torch.get_num_threads() // max(1, work), keys // SPLIT_MIN_KEYS))
+
+
+def split_keys_attention(
+    qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, parts: int
+) -> torch.Tensor:
+    """Attention of one sequence's grouped queries ``qg`` [1, KVH, G, D] over every key of
+    ``k``/``v`` [1, KVH, S, D] (any stride along S), computed as ``parts`` equal key ranges
+    viewed as a batch (one flash call, no copy of K/V) plus the remainder, merged exactly by
+    their log-sum-exps (float32) -> [1, KVH, G, D]."""
+    _, kvh, s, d = k.shape
+    n = s // parts
+    views = []
+    for x in (k, v):
+        st = x.stride()
+        views.append(x.as_strided((parts, kvh, n, d), (n * st[2], st[1], st[2], st[3])))
+    q = qg.expand(parts, *qg.shape[1:]).contiguous()
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = cpu_flash(q, views[0], views[1], 0.0, False, scale=scale)[:2]
+    if parts * n < s:  # the remainder's keys
+        o_r, l_r = cpu_flash(
+            qg, k[:, :, parts * n :], v[:, :, parts * n :], 0.0, False, scale=scale
+        )[:2]
+        out, lse = torch.cat([out, o_r]), torch.cat([lse, l_r])
+    w = torch.softmax(lse.float(), dim=0).unsqueeze(-1)  # [P, KVH, G, 1]: each part's weight
+    return (out.float() * w).sum(0, keepdim=True).to(qg.dtype)
 
 
 def _flash_ok(q: torch.Tensor) -> bool:
