@@ -40,6 +40,7 @@ def test_bench_batch_cli(tmp_path, fake_probes):
     a = report["arrivals"]
     assert a["requests"] == 3 and a["total_tok_s"] > 0
     assert 0 < a["mean_ttft_s"] <= a["mean_latency_s"]
+    assert a["decode_tok_s"] > 0  # the static case's definition: tokens after each one's first
     p = report["prefix"]
     assert p["shared_prefix_tokens"] == 64 - 32
     assert p["shared"]["prefix_hits"] > 0 and p["distinct"]["prefix_hits"] == 0
@@ -70,3 +71,22 @@ def test_bench_batch_records_the_engines_rates():
     assert got["pcie"] == 54e9 and got["cpu_attn"] == 8.5e9
     assert json.loads(json.dumps(got)) == got
     assert _rates(SimpleNamespace(rates=None)) is None
+
+
+def test_saturated_arrivals_compare_decode_rates(tmp_path, fake_probes):
+    """The "saturated" workload: the same Poisson arrivals at 4x the static batch's request
+    rate, with the arrivals' and the static batch's decode tok/s side by side (the static batch
+    measured for it when not asked for)."""
+    from ollm.bench.batching import SATURATED, run_batch_bench
+
+    make_hf_model("llama", tmp_path / "m")
+    report = run_batch_bench(
+        model=str(tmp_path / "m"), synthetic=None, batches=[3], prompt_tokens=64, new_tokens=4,
+        llm_kwargs={"device": "cpu", "cache_dir": str(tmp_path / "c")}, workloads=("saturated",),
+    )  # fmt: skip
+    assert "arrivals" not in report and "prefix" not in report
+    (ref,) = report["static"]
+    a = report["arrivals_saturated"]
+    assert a["requests"] == 3 and a["decode_tok_s"] > 0
+    assert a["rate_per_s"] == pytest.approx(SATURATED * 3 / ref["wall_s"])
+    assert a["static_decode_tok_s"] == ref["decode_tok_s"]

@@ -9,7 +9,8 @@
 # long100k (routing_micro, KV codecs and routing at 100k on one 8B store), moe (Qwen3-30B-A3B
 # and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep on the
 # largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan, static only),
-# prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix target).
+# prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix target);
+# WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
