@@ -310,23 +310,7 @@ def run_batch_bench(
             report.setdefault("static_stream_all", []).append(case)
             if on_case:
                 on_case("static_stream_all", case)
-        # arrivals at the static batch's request rate; "saturated": SATURATED x that rate, so
-        # the engine runs full and its decode rate compares with the static batch's
-        for name, scale in (("arrivals", 1.0), ("saturated", SATURATED)):
-            if name not in workloads:
-                continue
-            big = max(batches)
-            ref = next((c for c in report["static"] if c["batch"] == big), None)
-            if ref is None:  # the static batch not run here: measure it for the arrival rate
-                ref = static_case(llm, big, n, m, seed, probes)
-                report["static"].append(ref)
-            rate = scale * big / ref["wall_s"]  # requests per second the static batch served
-            case = arrivals_case(llm, big, n, m, seed, rate)
-            case["static_total_tok_s"] = ref["total_tok_s"]
-            case["static_decode_tok_s"] = ref["decode_tok_s"]
-            report[f"arrivals_{name}" if name != "arrivals" else name] = case
-            if on_case:
-                on_case(name, case)
+        _arrival_cases(llm, report, max(batches), workloads, (n, m, seed), probes, on_case)
         if "prefix" in workloads:
             report["prefix"] = prefix_case(llm, n, m, seed)
             if on_case:
@@ -334,6 +318,27 @@ def run_batch_bench(
         return report
     finally:
         llm.close()
+
+
+def _arrival_cases(llm, report: dict, big: int, workloads, sizes: tuple, probes, on_case) -> None:
+    """The ``arrivals`` (the static batch's request rate) and ``saturated`` (SATURATED x that
+    rate: the engine runs full, so its decode rate compares with the static batch's) cases of
+    ``big`` requests, added to ``report`` (the static batch measured for them if not there)."""
+    n, m, seed = sizes
+    for name, scale in (("arrivals", 1.0), ("saturated", SATURATED)):
+        if name not in workloads:
+            continue
+        ref = next((c for c in report["static"] if c["batch"] == big), None)
+        if ref is None:  # the static batch not run here: measure it for the arrival rate
+            ref = static_case(llm, big, n, m, seed, probes)
+            report["static"].append(ref)
+        rate = scale * big / ref["wall_s"]  # requests per second the static batch served
+        case = arrivals_case(llm, big, n, m, seed, rate)
+        case["static_total_tok_s"] = ref["total_tok_s"]
+        case["static_decode_tok_s"] = ref["decode_tok_s"]
+        report["arrivals" if name == "arrivals" else f"arrivals_{name}"] = case
+        if on_case:
+            on_case(name, case)
 
 
 def _fmt(x: object, digits: int = 1) -> str:
