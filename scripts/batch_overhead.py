@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_overhead import Ops, _commit, _host_reads, _top  # noqa: E402
+from moe_overhead import Ops, _commit, _host_reads, _top, write_report  # noqa: E402
 
 SHAPES = dict(  # Llama-3.1-8B's depth, tiny widths
     hidden_size=64,
@@ -206,11 +205,7 @@ def main() -> None:
         load_before=os.getloadavg()[0], cases=[measure_batch(llm, b, args) for b in batches],
     )  # fmt: skip
     llm.close()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(out, args.out)
 
 
 if __name__ == "__main__":

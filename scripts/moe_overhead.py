@@ -351,12 +351,16 @@ def main() -> None:
     ap.add_argument("--engine-runs", type=int, default=3)
     ap.add_argument("--machine", default="2-core CPU VM")
     args = ap.parse_args()
-    out = measure(args)
+    write_report(measure(args), args.out)
+
+
+def write_report(out: dict, path: Path | None) -> None:
+    """``out`` as indented JSON on stdout and, with ``path``, into that file."""
     text = json.dumps(out, indent=1)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

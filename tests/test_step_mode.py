@@ -138,7 +138,7 @@ class Forced(StepMode):
         mode = super().stream(rows, kv_tokens, prefill)
         self.asked += 1
         if self.pattern is not None and (self.max_rows is None or rows <= self.max_rows):
-            mode = self.last = self.pattern(self.asked)
+            mode = self.pattern(self.asked)
         return mode
 
     def record(self, seconds: float) -> None:

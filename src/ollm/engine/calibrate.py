@@ -122,7 +122,7 @@ def _batch_attention_workload(
     n_layers = max(1, min(64, -(-nbytes // per_layer)))
     pools = torch.empty(n_layers, 2, kvh, seqs * nb, block_tokens, hd, dtype=dtype)
     pools.fill_(0.01)  # the values do not change the work; a fill touches every page fast
-    run = StridedRun(0, nb, seqs, tuple(range(seqs)))
+    run = StridedRun(0, nb, seqs, tuple(range(seqs)), True)
     views = [run_view(pools[i], run, nb) for i in range(n_layers)]
     s = nb * block_tokens
     keep = (torch.arange(s) < context).expand(seqs, s)[:, None, None]  # [B, 1, 1, S]

@@ -85,7 +85,6 @@ class StepMode:
         self.warm, self.probe_steps = max(1, warm), max(1, probe_steps)
         self.reprobe, self.drift = reprobe, drift
         self.buckets: dict[Key, _Bucket] = {}
-        self.last: bool | None = None
         self._pending: tuple[Key | None, bool, bool] | None = None  # bucket, mode, switched
         self._phase: bool | None = None  # the last step's runner phase (True: PREFILL)
         self._totals = {False: [0, 0.0], True: [0, 0.0]}  # decode buckets' steps, seconds
@@ -123,7 +122,7 @@ class StepMode:
             mode = b.mode
         phase = mode or (self.max_rows is not None and rows > self.max_rows)
         switched = self._phase is not None and phase != self._phase
-        self._phase, self._pending, self.last = phase, (key, mode, switched), mode
+        self._phase, self._pending = phase, (key, mode, switched)
         return mode
 
     def record(self, seconds: float) -> None:

@@ -37,6 +37,7 @@ class DecodeBatch:
     block_ids: torch.Tensor  # [B * blocks] their held blocks, each padded with its last one
     num_blocks: int  # blocks per sequence after padding
     masks: dict = field(default_factory=dict)  # (window, device) -> [B, 1, 1, S] True = attend
+    # (and ("run", window, device): the same on a strided view's rows, kv/packed.py)
     host_rows: dict = field(default_factory=dict)  # per-step caches (kv/hostsplit.py)
     span: int | None = None  # first row when ``rows`` are consecutive rows in order, else None
     dev_rows: dict = field(default_factory=dict)  # (device, r0) -> rows - r0 on that device

@@ -59,6 +59,7 @@ class SeqRows:
     block_ids: torch.Tensor  # ids of the held blocks, from position key0 on (on the pool device)
     tree: TreeMask | None = None  # its rows as a speculative tree (slots from key0), else causal
     ids: tuple[int, ...] = ()  # block_ids as Python ints (for building batches without syncs)
+    run0: int | None = None  # the first held block when the held blocks are consecutive ids
 
 
 # Most query rows of one sequence the CPU attends over a pool in host memory (a decode token
@@ -159,7 +160,7 @@ class PackedStep:
         batches = _plan_batches([i for i in infos if i[1] == 1], store, flat, blocks)
         t = torch.tensor(flat, dtype=torch.long, device=device)
         seqs = tuple(
-            SeqRows(r0, k, start, key0, t[w : w + len(ids)], tree, ids)
+            SeqRows(r0, k, start, key0, t[w : w + len(ids)], tree, ids, _run0(ids))
             for (r0, k, start, key0, ids, tree), w in zip(infos, where, strict=True)
         )
         decodes = _make_batches(batches, t, {s.row0: s for s in seqs})
@@ -204,7 +205,7 @@ class PackedLayerKV:
         self, step: PackedStep, store: PagedKVStore, layout: GroupLayout, layer: int, tier: str
     ) -> None:
         self.step, self.store, self.layout, self.layer = step, store, layout, layer
-        self.pool = store.layer_pool(tier, layer)  # [2, blocks, kv_heads, block_tokens, D]
+        self.pool = store.layer_pool(tier, layer)  # [2, kv_heads, blocks, block_tokens, D]
         self._cursor = 0
 
     def attend(
@@ -224,7 +225,7 @@ class PackedLayerKV:
 
         r0, r1 = take_rows(self, q, mask)
         lay = self.layout
-        # One indexed copy of every row's K and V: the pool as [2 x blocks x heads x slots, D].
+        # One indexed copy of every row's K and V: the pool as [2 x heads x blocks x slots, D].
         new = torch.cat([k[0], v[0]]).to(self.pool.device, self.pool.dtype)  # [2 heads, T, D]
         d = new.shape[-1]
         self.pool.view(-1, d).index_copy_(0, lay.write_slots(self.pool, r0, r1), new.view(-1, d))
@@ -292,17 +293,20 @@ class PackedLayerKV:
             rows = d.rows_on(q.device, r0)
             qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, H, 1, D]
         keep = d.mask(mask.window, bt, dev)
-        if d.run is not None and dev.type == "cpu":  # views of the pool: no gather
+        if d.run is not None:  # a host pool's view (layouts on the CPU only): no gather
             assert d.run_rows is not None
             kv = [x.to(dtype=q.dtype) for x in run_view(self.pool, d.run, d.num_blocks)]
-            qb, keep = scatter_rows(qb, d.run, d.run_rows), row_mask(keep, d.run, d.run_rows)
+            key = ("run", mask.window, dev)  # the key mask on the view's rows, once per step
+            if key not in d.masks:
+                d.masks[key] = row_mask(keep, d.run, d.run_rows)
+            qb, keep = scatter_rows(qb, d.run, d.run_rows), d.masks[key]
         else:
             kv = [self._gather_rows(i, d).to(dev, q.dtype) for i in (0, 1)]
         s = keep.shape[-1]
         # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
         m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
-        if d.run is not None and dev.type == "cpu" and not d.run.identity:
+        if d.run is not None and not d.run.identity:
             o = o.index_select(0, d.run_rows)  # the view rows of the batch's sequences
         o = o[:, :, 0].transpose(0, 1).to(q.device)
         if d.span is not None:
@@ -333,9 +337,8 @@ class PackedLayerKV:
         rate, where a strided or gathered source goes through a pageable copy), else a gather."""
         bt = self.store.block_tokens
         nb = -(-(upto - s.key0) // bt)
-        run = s.ids[:nb]
-        if self.pool.device.type == "cpu" and run and run == tuple(range(run[0], run[0] + nb)):
-            return tuple(self._run_kv(kv, run[0], nb, upto - s.key0, device) for kv in (0, 1))
+        if s.run0 is not None and self.pool.device.type == "cpu":
+            return tuple(self._run_kv(kv, s.run0, nb, upto - s.key0, device) for kv in (0, 1))
         ids = s.block_ids[:nb]
         out = []
         for kv in (0, 1):
@@ -367,6 +370,11 @@ class PackedLayerKV:
     def nbytes(self) -> int:
         """Bytes of this layer's pool."""
         return self.pool.numel() * self.pool.element_size()
+
+
+def _run0(ids: tuple[int, ...]) -> int | None:
+    """The first of ``ids`` when they are consecutive (one run of a slab), else None."""
+    return ids[0] if ids and ids == tuple(range(ids[0], ids[0] + len(ids))) else None
 
 
 def attend_device(pool: torch.Tensor, rows: int, q_device: torch.device) -> torch.device:

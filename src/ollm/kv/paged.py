@@ -5,7 +5,9 @@ head_dim]``; ``k(tier, layer)`` is the per-layer pool ``[kv_heads, num_blocks, b
 head_dim]``. A block id therefore names the same slot in every layer, so one `BlockMove` copies a
 block of every layer at once. Head-major: one head's blocks are consecutive in memory, so the
 K of a sequence whose blocks are consecutive ids (`kv.slabs.SlabPool` places them so) is the
-strided view ``[kv_heads, tokens, head_dim]`` attention reads directly, without a gather. A ``"disk"`` tier (any tier given a file path) is a memory-mapped
+strided view ``[kv_heads, tokens, head_dim]`` attention reads directly, without a gather.
+
+A ``"disk"`` tier (any tier given a file path) is a memory-mapped
 file (``torch.from_file``), so the OS pages it in and out; a tier given a ``storage`` allocator
 (bytes -> uint8 tensor: pinned RAM, a preallocated file of a `KVDirectory`) lives in what it
 returns.

@@ -32,11 +32,7 @@ class StridedRun:
     stride: int
     num_rows: int
     rows: tuple[int, ...]
-
-    @property
-    def identity(self) -> bool:
-        """Each sequence is the view row of its own index (no scatter of queries)."""
-        return self.rows == tuple(range(self.num_rows))
+    identity: bool  # each sequence is the view row of its own index (no scatter of queries)
 
 
 def strided_run(
@@ -62,7 +58,8 @@ def strided_run(
     n = (max(starts) - lo) // stride + 1
     if n > MAX_WASTE * len(starts) or lo + (n - 1) * stride + max(needs) > pool_blocks:
         return None
-    return StridedRun(lo, stride, n, tuple((s - lo) // stride for s in starts))
+    rows = tuple((s - lo) // stride for s in starts)
+    return StridedRun(lo, stride, n, rows, rows == tuple(range(n)))
 
 
 def run_view(pool: torch.Tensor, run: StridedRun, num_blocks: int) -> tuple[torch.Tensor, ...]:

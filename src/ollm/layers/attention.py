@@ -265,12 +265,9 @@ def split_keys_attention(
         st = x.stride()
         views.append(x.as_strided((parts, kvh, n, d), (n * st[2], st[1], st[2], st[3])))
     q = qg.expand(parts, *qg.shape[1:]).contiguous()
-    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    out, lse = cpu_flash(q, views[0], views[1], 0.0, False, scale=scale)[:2]
+    out, lse = _flash_with_lse(q, views[0], views[1], False, scale)
     if parts * n < s:  # the remainder's keys
-        o_r, l_r = cpu_flash(
-            qg, k[:, :, parts * n :], v[:, :, parts * n :], 0.0, False, scale=scale
-        )[:2]
+        o_r, l_r = _flash_with_lse(qg, k[:, :, parts * n :], v[:, :, parts * n :], False, scale)
         out, lse = torch.cat([out, o_r]), torch.cat([lse, l_r])
     w = torch.softmax(lse.float(), dim=0).unsqueeze(-1)  # [P, KVH, G, 1]: each part's weight
     return (out.float() * w).sum(0, keepdim=True).to(qg.dtype)
