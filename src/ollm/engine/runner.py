@@ -25,6 +25,7 @@ from ollm.models.decoder import decoder_block
 from ollm.models.spec import ModelSpec
 from ollm.planning.placement import PlacementPlan
 from ollm.runtime.prefetch import Prefetcher
+from ollm.runtime.uva import to_device
 from ollm.tiers import KvTier, Phase
 
 
@@ -264,7 +265,7 @@ class Runner:
         for i, layer in enumerate(spec.layers):
             dev = self.plan.layers[i].device_for(phase)
             if not host and h.device != torch.device(dev):
-                h = h.to(dev, non_blocking=dev != "cpu")
+                h = h.to(dev) if dev == "cpu" else to_device(h, dev, non_blocking=True)
             key = (layer.rope, dev)
             if key not in tables:
                 tables[key] = rope_cos_sin(layer.rope, positions.to(dev), self.dtype)

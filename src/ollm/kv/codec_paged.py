@@ -28,6 +28,7 @@ from ollm.kv.codec_blocks import CodecBlockManager
 from ollm.kv.codecs import CodeStore, KVCodec, decode, encode
 from ollm.kv.paged import PagedKVStore
 from ollm.layers.attention import merge_lse, with_sinks
+from ollm.runtime.uva import to_device
 
 if TYPE_CHECKING:
     from ollm.kv.packed import GroupLayout, PackedStep, SeqRows
@@ -187,7 +188,7 @@ class CodecLayerKV:
                 o, lse = merge_lse(eo.to(o.device), el.to(o.device), o, lse)
             if mask.sinks is not None:
                 o = with_sinks(o, lse, mask.sinks)
-            out[:, :, a - r0 : b - r0] = o.to(q.device, q.dtype)
+            out[:, :, a - r0 : b - r0] = to_device(o, q.device).to(q.dtype)
         return out
 
     def _encoded_parts(self, q: torch.Tensor, r0: int, spans: list, scale: float) -> dict:

@@ -33,6 +33,7 @@ from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_ls
 from ollm.layers.attention import _attend_lse as attend_lse  # unmasked, with its log-sum-exp
 from ollm.planning.footprint import CODEC_CPU_CHUNK, CODEC_GPU_CHUNK, codec_decoded_slots
 from ollm.runtime.pinned import unpin
+from ollm.runtime.uva import to_device
 from ollm.tiers import KvTier
 
 # Slots decoded per chunk: CPU chunks stay in cache; GPU chunks are few large kernels.
@@ -167,7 +168,7 @@ class CompressedKVCache:
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(work))
         self.length, self.encoded = end, e1
-        return out.to(q.device)
+        return to_device(out, q.device)
 
     def _attend(self, q, ek, ev, span, mask: AttentionMask, scale: float) -> torch.Tensor:
         """Decode-faithful attention of q (slots [start, end)) in the three parts above."""

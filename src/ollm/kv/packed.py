@@ -42,6 +42,7 @@ from ollm.kv.decode_batch import (  # noqa: F401  (_decode_batches: for tests an
 from ollm.kv.paged import PagedKVStore
 from ollm.kv.strided import row_mask, run_view, scatter_rows
 from ollm.layers.tree_mask import TreeMask
+from ollm.runtime.uva import to_device
 
 if TYPE_CHECKING:  # plain data from the engine, read by attribute only (kv sits below engine)
     from ollm.engine.stepplan import StepPlan
@@ -254,7 +255,7 @@ class PackedLayerKV:
                 ks, vs = self._gather(s, upto, self._attend_device(b - a, q.device))
             m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks, s.tree)
             o = attend(qs.to(ks.device), ks, vs, m, scale)
-            out[:, :, a - r0 : b - r0] = o.to(q.device)
+            out[:, :, a - r0 : b - r0] = to_device(o, q.device)
         return out
 
     def _attend_device(self, rows: int, q_device: torch.device) -> torch.device:
@@ -283,7 +284,7 @@ class PackedLayerKV:
             rows = d.rows_on(q.device, r0)
             qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)
             o = split.attend(d, self.pool, qb, mask, scale, self.store.host_scratch)
-            out[0].index_copy_(1, rows, o[:, :, 0].transpose(0, 1).to(q.device))
+            out[0].index_copy_(1, rows, to_device(o[:, :, 0].transpose(0, 1), q.device))
             return
         dev = self.pool.device if self.pool.device.type == "cpu" else q.device
         if d.span is not None:  # consecutive rows in order: views, no index tensors
@@ -308,7 +309,7 @@ class PackedLayerKV:
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
         if d.run is not None and not d.run.identity:
             o = o.index_select(0, d.run_rows)  # the view rows of the batch's sequences
-        o = o[:, :, 0].transpose(0, 1).to(q.device)
+        o = to_device(o[:, :, 0].transpose(0, 1), q.device)
         if d.span is not None:
             out[0, :, a : a + len(d.seqs)] = o
         else:

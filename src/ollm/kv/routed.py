@@ -25,6 +25,7 @@ from ollm.layers.routing import (
     select_pages,
 )
 from ollm.layers.segments import span_pages
+from ollm.runtime.uva import to_device
 
 Tier = tuple[torch.Tensor, torch.Tensor, int]  # keys, values [B, KVH, n, D], first cache slot
 # Where a routed decode step attends the pages it reads from pinned RAM: "sit" (on the CPU, where
@@ -169,7 +170,7 @@ class Router:
             qd, k[:, :, :n], v[:, :, :n], self.routing, self.summaries, mask.q_start, scale,
             mask.key_keep, forced,
         )  # fmt: skip
-        return out.to(q.device), lse.to(q.device)
+        return to_device(out, q.device), to_device(lse, q.device)
 
     def _decode(self, q, tiers, mask, scale, lo, hi, forced=None):
         """Each mechanism's heads over their slots, tier by tier, merged by log-sum-exp
@@ -194,7 +195,7 @@ class Router:
             if whole:
                 return o, s
             out.view(b, kvh, g, t, d)[:, idx] = o.view(b, -1, g, t, d)
-            lse.view(b, kvh, g, t)[:, idx] = s.view(b, -1, g, t).to(q.device)
+            lse.view(b, kvh, g, t)[:, idx] = to_device(s.view(b, -1, g, t), q.device)
         return out, lse
 
     def _index(self, mech: str, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ollm.layers.tree_mask import TreeMask
 from ollm.planning import footprint
+from ollm.runtime.uva import to_device
 
 
 @dataclass
@@ -341,7 +342,7 @@ def attend_parts(
     if len(parts) == 1:
         k, v = parts[0]
         dense = None if dense_mask is None else dense_mask.to(k.device)
-        return attend(q.to(k.device), k, v, mask, scale, dense).to(q.device)
+        return to_device(attend(q.to(k.device), k, v, mask, scale, dense), q.device)
     plain = mask.q_len == 1 and mask.is_plain_causal()
     out, lse, off = None, None, 0
     for k, v in parts:
@@ -352,7 +353,7 @@ def attend_parts(
             dense = None if dense_mask is None else dense_mask.to(k.device)
             o, s = blocked_attention_lse(qk, k, v, mask, scale, dense, off)
         off += k.shape[2]
-        o, s = o.to(q.device), s.to(q.device)
+        o, s = to_device(o, q.device), to_device(s, q.device)
         out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
     return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
 

@@ -33,6 +33,7 @@ from ollm.layers.moe_batched import experts_forward as experts_forward  # re-exp
 from ollm.layers.moe_mxfp4 import coded_forward, decode_weights, is_coded
 from ollm.planning.experts import STACK_BYTES
 from ollm.runtime.expert_stacks import stacked_batch
+from ollm.runtime.uva import to_device
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -407,7 +408,7 @@ def _moe_rows(
             hx, ho, hw = host[dev]
             pairs = ho[a:b]
             y = expert_forward(hx[pairs // k], ew, moe, act) * hw[pairs, None]
-            slots[order[a:b]] = y.to(x.device, non_blocking=True)
+            slots[order[a:b]] = to_device(y, x.device, non_blocking=True)
     return slots.view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
