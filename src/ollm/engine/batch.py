@@ -377,6 +377,7 @@ class BatchEngine:
         logits = self.runner.forward(
             packed.input_ids(), packed.positions(), kv, head=head, stream_all=stream
         )
+        packed.wait_writes()  # host pools complete before block moves or CPU reads
         return logits, rows
 
     def _accept(self, rid: str, tokens: Sequence[int], reason: str | None) -> bool:

@@ -340,8 +340,7 @@ class Runner:
         buf = torch.empty(b, min(chunk, t), h.shape[-1], dtype=h.dtype, device=dev)
         # Asynchronous only between contiguous pinned rows and the GPU (one sequence).
         nb = buf.device.type == "cuda" and h.shape[0] == 1 and h.is_pinned()
-        for c0 in range(0, t, chunk):
-            c1 = min(t, c0 + chunk)
+        for c0, c1 in _chunk_edges(kv, t, chunk):
             x = buf[:, : c1 - c0]
             x.copy_(h[:, c0:c1], non_blocking=nb)
             m = AttentionMask(
@@ -358,10 +357,10 @@ class Runner:
 
     def _chunked_block(self, i, h, w, kv, cos, sin, mask, chunk):
         """One layer over the prompt in row chunks: weights arrive once for the whole prompt, the
-        activations of one chunk at a time exist, and chunk c attends to the KV of chunks <= c."""
-        t = h.shape[1]
-        for c0 in range(0, t, chunk):
-            c1 = min(t, c0 + chunk)
+        activations of one chunk at a time exist, and chunk c attends to the KV of chunks <= c.
+        A packed batch step's KV gives its own edges (`PackedStep.row_chunks`: at most
+        ``chunk`` rows, cut at sequence starts where it can)."""
+        for c0, c1 in _chunk_edges(kv, h.shape[1], chunk):
             m = AttentionMask(
                 mask.q_start + c0, c1 - c0, mask.q_start + c1, mask.key_keep, mask.window
             )
@@ -394,3 +393,13 @@ class Runner:
             cap = spec.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+
+def _chunk_edges(kv, t: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges of ``t`` rows in chunks of at most ``chunk``: a packed batch step's KV gives
+    its own (`PackedStep.row_chunks`: cut at sequence starts where it can), else every
+    ``chunk`` rows."""
+    edges = getattr(kv, "row_chunks", None)
+    if edges is not None:
+        return edges(chunk)
+    return [(c0, min(t, c0 + chunk)) for c0 in range(0, t, chunk)]

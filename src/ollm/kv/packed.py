@@ -26,6 +26,7 @@ only over the keys written so far (the later ones are in its causal future anywa
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ from ollm.kv.decode_batch import (  # noqa: F401  (_decode_batches: for tests an
     host_blocks,
 )
 from ollm.kv.paged import PagedKVStore
+from ollm.kv.prefill_rows import aligned_chunks, run_pieces, write_runs
 from ollm.kv.strided import row_mask, run_view, scatter_rows
 from ollm.layers.tree_mask import TreeMask
 from ollm.runtime.uva import to_device
@@ -78,6 +80,13 @@ class GroupLayout:
     decodes: tuple[DecodeBatch, ...]  # one-token sequences (two or more), attended together
     rest: tuple[SeqRows, ...] = ()  # the sequences no decode batch holds, attended one by one
     slots: dict = field(default_factory=dict)  # write_slots' index tensors
+    starts: tuple[int, ...] = ()  # each sequence's first row (seqs are in row order)
+
+    def overlapping(self, r0: int, r1: int) -> tuple[SeqRows, ...]:
+        """The sequences with rows in ``[r0, r1)`` (found by bisection: no loop over the
+        step's sequences per chunk)."""
+        i = max(0, bisect_right(self.starts, r0) - 1)
+        return self.seqs[i : bisect_left(self.starts, r1)]
 
     def write_slots(self, pool: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Where rows ``[r0, r1)``'s K and V go in ``pool`` ``[2, kv_heads, blocks,
@@ -108,6 +117,8 @@ class PackedStep:
         self.num_rows = plan.num_tokens
         self.stores = dict(stores)  # one store per group (any home: only its shapes are read)
         self._layouts: dict[tuple[str, torch.device], GroupLayout] = {}
+        self.pending: list = []  # CUDA events after asynchronous writes into host pools
+        self._chunks: dict[int, list[tuple[int, int]]] = {}
 
     def layout(self, group: str, device: torch.device) -> GroupLayout:
         """The layout of ``group`` with its index tensors on ``device`` (made once per step)."""
@@ -167,7 +178,22 @@ class PackedStep:
         decodes = _make_batches(batches, t, {s.row0: s for s in seqs})
         batched = {s.row0 for d in decodes for s in d.seqs}
         rest = tuple(s for s in seqs if s.row0 not in batched)
-        return GroupLayout(t[:n], t[n : 2 * n], seqs, tuple(decodes), rest)
+        starts = tuple(s.row0 for s in seqs)
+        return GroupLayout(t[:n], t[n : 2 * n], seqs, tuple(decodes), rest, starts=starts)
+
+    def row_chunks(self, chunk: int) -> list[tuple[int, int]]:
+        """The step's rows in chunks of at most ``chunk``, cut at sequence starts where one
+        lies in a chunk's second half (`aligned_chunks`; made once per step)."""
+        if chunk not in self._chunks:
+            lengths = [len(st.token_ids) for st in self.plan.seqs]
+            self._chunks[chunk] = aligned_chunks(lengths, chunk)
+        return self._chunks[chunk]
+
+    def wait_writes(self) -> None:
+        """Block until every asynchronous pool write of the step has landed in host memory."""
+        for ev in self.pending:
+            ev.synchronize()
+        self.pending.clear()
 
     def input_ids(self) -> torch.Tensor:
         """The step's query tokens as one row ``[1, N]``."""
@@ -201,6 +227,7 @@ class PackedLayerKV:
 
     length = 0
     fetcher = None
+    run_writes = False  # tests: write runs as from another device even on the pool's own
 
     def __init__(
         self, step: PackedStep, store: PagedKVStore, layout: GroupLayout, layer: int, tier: str
@@ -208,6 +235,9 @@ class PackedLayerKV:
         self.step, self.store, self.layout, self.layer = step, store, layout, layer
         self.pool = store.layer_pool(tier, layer)  # [2, kv_heads, blocks, block_tokens, D]
         self._cursor = 0
+        self._pending = None  # a CUDA event after this layer's asynchronous pool writes
+        cpu = self.pool.device.type == "cpu"
+        self._pinned = cpu and torch.cuda.is_available() and self.pool.is_pinned()
 
     def attend(
         self,
@@ -226,10 +256,7 @@ class PackedLayerKV:
 
         r0, r1 = take_rows(self, q, mask)
         lay = self.layout
-        # One indexed copy of every row's K and V: the pool as [2 x heads x blocks x slots, D].
-        new = torch.cat([k[0], v[0]]).to(self.pool.device, self.pool.dtype)  # [2 heads, T, D]
-        d = new.shape[-1]
-        self.pool.view(-1, d).index_copy_(0, lay.write_slots(self.pool, r0, r1), new.view(-1, d))
+        self._write(torch.cat([k[0], v[0]]), r0, r1)  # [2 heads, T, D]
         out = torch.empty_like(q)
         if r0 == 0 and r1 == self.step.num_rows:  # the whole step: batches as laid out
             for d in lay.decodes:
@@ -241,7 +268,7 @@ class PackedLayerKV:
                 if all(r0 <= s.row0 < r1 for s in d.seqs):
                     self._attend_decodes(d, q, out, r0, mask, scale)
                     done.update(s.row0 for s in d.seqs)
-            todo = tuple(s for s in lay.seqs if s.row0 not in done)
+            todo = tuple(s for s in lay.overlapping(r0, r1) if s.row0 not in done)
         for s in todo:
             a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
             if a >= b:
@@ -257,6 +284,39 @@ class PackedLayerKV:
             o = attend(qs.to(ks.device), ks, vs, m, scale)
             out[:, :, a - r0 : b - r0] = to_device(o, q.device)
         return out
+
+    def _write(self, new: torch.Tensor, r0: int, r1: int) -> None:
+        """Rows ``[r0, r1)``'s K/V ``new`` ``[2 kv_heads, T, D]`` into the pool: from a GPU into
+        a pinned host pool where every sequence of the rows is a run of more than
+        ``CPU_ATTEND_ROWS`` rows (prefill), one contiguous copy per (K/V, head, sequence)
+        (`write_runs`: asynchronous, an event for the host's readers); else one indexed copy
+        through the step's slot indices (to a host pool: a host sync on a GPU)."""
+        pool, lay = self.pool, self.layout
+        new = new.to(dtype=pool.dtype)
+        # From a GPU only into pinned RAM (a copy into pageable memory waits for the GPU).
+        host = self.run_writes or (new.device.type == "cuda" and self._pinned)
+        host = host and pool.device.type == "cpu" and pool.is_contiguous()
+        pieces = (
+            run_pieces(lay.overlapping(r0, r1), r0, r1, self.store.block_tokens) if host else None
+        )
+        # Only rows the GPU attends: a piece the CPU attends (decodes) reads the pool at once.
+        if pieces and all(n > CPU_ATTEND_ROWS for _, _, n in pieces):
+            write_runs(pool, new, pieces)
+            if new.device.type == "cuda":
+                self._pending = torch.cuda.Event()
+                self._pending.record()
+                self.step.pending.append(self._pending)
+            return
+        new = new.to(pool.device)
+        d = new.shape[-1]
+        pool.view(-1, d).index_copy_(0, lay.write_slots(pool, r0, r1), new.view(-1, d))
+
+    def _host_read(self) -> None:
+        """Before the host reads this layer's pool: the step's asynchronous writes into it
+        have landed (copies to the GPU need no wait: they follow them on the stream)."""
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
 
     def _attend_device(self, rows: int, q_device: torch.device) -> torch.device:
         """Where a sequence's ``rows`` queries attend over this layer's pool (`attend_device`)."""
@@ -280,6 +340,8 @@ class PackedLayerKV:
 
         bt = self.store.block_tokens
         split = self.store.split
+        if self.pool.device.type == "cpu":
+            self._host_read()  # the CPU attends (or gathers) over the pool itself
         if split is not None and split.applies(self.pool, q.device):  # CPU and GPU at once
             rows = d.rows_on(q.device, r0)
             qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)
@@ -338,7 +400,10 @@ class PackedLayerKV:
         rate, where a strided or gathered source goes through a pageable copy), else a gather."""
         bt = self.store.block_tokens
         nb = -(-(upto - s.key0) // bt)
-        if s.run0 is not None and self.pool.device.type == "cpu":
+        host = self.pool.device.type == "cpu"
+        if host and (s.run0 is None or torch.device(device) == self.pool.device):
+            self._host_read()  # the host reads the pool itself (a view or a gather)
+        if s.run0 is not None and host:
             return tuple(self._run_kv(kv, s.run0, nb, upto - s.key0, device) for kv in (0, 1))
         ids = s.block_ids[:nb]
         out = []
@@ -359,6 +424,10 @@ class PackedLayerKV:
         for h in range(x.shape[0]):
             out[h].copy_(x[h], non_blocking=True)
         return out.unsqueeze(0)
+
+    def row_chunks(self, chunk: int) -> list[tuple[int, int]]:
+        """The runner's prefill chunk edges for this step (`PackedStep.row_chunks`)."""
+        return self.step.row_chunks(chunk)
 
     def flush(self) -> bool:
         """Nothing is buffered elsewhere."""

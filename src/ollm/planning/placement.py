@@ -273,7 +273,7 @@ def plan_placement(
         return plan_auto(partial(again, chunk_tokens, kv_fetch_buffers), work, on_gpu, budget)
     kv_fetch_buffers = 0 if engine else fetch_buffers(spec, kv_format, kv_read, kv_fetch_buffers)
     sz = PlanSizes.of(spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory,
-                      chunk_tokens, kv_format, prefill_residual == "ram", engine)  # fmt: skip
+                      chunk_tokens, kv_format, prefill_residual == "ram", engine, rates)  # fmt: skip
     fixed = sz.fixed(on_gpu, summary_bytes)
     slots = 2 if spec.num_layers > 1 else 1
     off = kv_offload(sz, fixed, budget, slots, kv_fetch_buffers, rates, on_gpu, kv_cache)

@@ -4,6 +4,7 @@ counted by ``accounting``, and the refusal of a budget below their minimum."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,37 @@ def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) ->
         return 0
     rows = max(MIN_CHUNK, share // per_row)
     return 1 << (rows.bit_length() - 1)
+
+
+# A batch-engine prefill chunk's fixed cost per layer (host work and kernel launches, whatever
+# its rows) and the most of the chunk's compute it may add: chunks are made at least that large.
+# The H200 ran B=64 x 2k in 256-row chunks at ~1.5 ms per chunk and layer, ~0.2 ms of it
+# compute, with a host sync per chunk (the pool write) since removed; the CPU VM's host part of
+# a chunk (scripts/batch_prefill_overhead.py) is ~0.5 ms. A device measurement should set it.
+CHUNK_OVERHEAD_S = 0.5e-3
+CHUNK_OVERHEAD_SHARE = 0.5
+
+
+def engine_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None, padded: int,
+                 layer_bytes: int, rates=None) -> int:  # fmt: skip
+    """Rows per prefill chunk of the batch engine's packed row (``batch x prefill_tokens``
+    rows; no sliding windows): ``padded`` (the padded batch's rule, whose chunk holds ``batch``
+    rows per chunk row, so the engine's chunk temporaries are 1/batch of what that rule
+    allowed) raised, with ``rates``, to the smallest power of two whose fixed cost
+    (``CHUNK_OVERHEAD_S``) is at most ``CHUNK_OVERHEAD_SHARE`` of its compute (a layer's
+    ``2 x params`` FLOPs per row at ``gpu_flops``), within the budget rule of one packed row
+    (temporaries under 1/8 of the budget); 0 is the whole step."""
+    from dataclasses import replace
+
+    n = work.batch * work.prefill_tokens
+    if rates is None or not getattr(rates, "gpu_flops", 0):
+        return padded
+    row_s = 2 * (layer_bytes / dtype_bytes) / rates.gpu_flops
+    want = CHUNK_OVERHEAD_S / (CHUNK_OVERHEAD_SHARE * row_s)
+    rows = max(padded or n, MIN_CHUNK, 1 << max(0, math.ceil(want) - 1).bit_length())
+    cap = prefill_chunk(spec, replace(work, batch=1, prefill_tokens=n), dtype_bytes, budget)
+    rows = min(rows, cap or rows)
+    return 0 if rows >= n else rows
 
 
 @dataclass(frozen=True)
@@ -79,7 +111,7 @@ class PlanSizes:
     @classmethod
     def of(cls, spec, store, work, dtype_bytes, device, gpu_memory, cpu_memory, chunk_tokens,
            kv_format: KVFormat | None = None, residual_ram: bool = False,
-           engine: bool = False):  # fmt: skip
+           engine: bool = False, rates=None):  # fmt: skip
         gfile = store.files["globals.bin"].tensors
         t = work.batch * work.prefill_tokens
         # MLP row chunks: keep its three intermediates under ~256 MiB or 1/16 of the budget.
@@ -88,6 +120,9 @@ class PlanSizes:
         on_gpu = device.startswith("cuda")
         if on_gpu:
             chunk = chunk_tokens or prefill_chunk(spec, work, dtype_bytes, gpu_memory)
+            if engine and not chunk_tokens and not any(layer.window for layer in spec.layers):
+                chunk = engine_chunk(spec, work, dtype_bytes, gpu_memory, chunk,
+                                     store.max_layer_nbytes, rates)  # fmt: skip
         else:  # activations share RAM with the weights: chunked even without a budget
             from ollm.planning.host_memory import cpu_prefill_chunk
 

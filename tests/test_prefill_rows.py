@@ -1,0 +1,112 @@
+"""Prefill chunks of a packed batch step (issue 13, `ollm.kv.prefill_rows`): chunk edges cut at
+sequence starts, and new K/V written into host pools one contiguous run per (K/V, head,
+sequence), the asynchronous path a GPU takes into pinned RAM, forced here on the CPU."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ollm import LLM, SamplingParams
+from ollm.engine.batch import BatchEngine
+from ollm.engine.runner import Runner
+from ollm.kv import packed, prefill_rows
+from ollm.kv.prefill_rows import aligned_chunks
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=6)
+
+
+def _check_edges(lengths: list[int], chunk: int) -> list[tuple[int, int]]:
+    edges = aligned_chunks(lengths, chunk)
+    assert edges[0][0] == 0 and edges[-1][1] == sum(lengths)
+    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:], strict=False))
+    assert all(0 < c1 - c0 <= chunk for c0, c1 in edges)
+    assert all(c1 - c0 > chunk // 2 for c0, c1 in edges[:-1])  # never less than half full
+    return edges
+
+
+def test_aligned_chunks_cut_at_sequence_starts():
+    """Prompts that fit a chunk are whole in one where a start lies in the second half; long
+    ones are cut every ``chunk`` rows; every chunk but the last is over half full."""
+    assert _check_edges([2048] * 4, 1024) == [(i * 1024, (i + 1) * 1024) for i in range(8)]
+    assert _check_edges([2048] * 4, 4096) == [(0, 4096), (4096, 8192)]
+    assert _check_edges([100, 700, 50, 900], 512) == [(0, 512), (512, 850), (850, 1362),
+                                                      (1362, 1750)]  # fmt: skip
+    assert _check_edges([300] * 3, 512) == [(0, 300), (300, 600), (600, 900)]
+    assert _check_edges([5], 64) == [(0, 5)]
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 20))]
+        _check_edges(lengths, rng.choice([16, 64, 256]))
+
+
+@pytest.fixture(scope="module")
+def llm(hf_models, tmp_path_factory):
+    _, path = hf_models("llama")
+    kw = dict(max_batch=1, max_context=256, prefill_chunk=32, progress=False)
+    made = LLM(path, device="cpu", cache_dir=tmp_path_factory.mktemp("rows-cache"), **kw)
+    yield made
+    made.close()
+
+
+def _ram_runner(llm: LLM) -> Runner:
+    """``llm``'s weights with every layer's KV in the RAM tier (its pools in host memory)."""
+    layers = tuple(replace(p, kv_tier="cpu") for p in llm.plan.layers)
+    return Runner(llm.spec, replace(llm.plan, layers=layers), llm.prefetcher, llm.dtype)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in (70, 9, 33, 120, 14)]
+
+
+def _pools_after_prefill(runner: Runner, prompts) -> list[torch.Tensor]:
+    eng = BatchEngine(runner, None, (), block_tokens=8, max_batch=8, max_context=256)
+    for p in prompts:
+        eng.add(p, GREEDY)
+    eng.step()  # every prompt in one step, 32-row chunks
+    assert eng.sampled == len(prompts)
+    out = [
+        store.layer_pool("device", i).clone()
+        for store in eng.pools.stores["full"].values()
+        for i in range(len(runner.plan.layers))
+    ]
+    eng.close()
+    return out
+
+
+def test_run_writes_fill_the_pool_as_the_indexed_copy(llm, monkeypatch):
+    """The prefill step's RAM pools after run writes equal those after the indexed copy."""
+    runner, prompts = _ram_runner(llm), _prompts()
+    want = _pools_after_prefill(runner, prompts)
+    writes = []
+    real = prefill_rows.write_runs
+    monkeypatch.setattr(packed, "write_runs", lambda *a: writes.append(a[2]) or real(*a))
+    monkeypatch.setattr(packed.PackedLayerKV, "run_writes", True)
+    got = _pools_after_prefill(runner, prompts)
+    assert writes and all(n > packed.CPU_ATTEND_ROWS for w in writes for _, _, n in w)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_run_writes_and_aligned_chunks_give_tokens_alone(llm, monkeypatch):
+    """Prompts of several lengths prefilled in one step over RAM pools, written by runs and cut
+    at sequence starts (the 9- and 14-token prompts are whole in their chunks), then decoded:
+    each prompt's tokens alone."""
+    prompts = _prompts()
+    want = [llm.generate(p, GREEDY).token_ids for p in prompts]
+    chunks, writes = [], []
+    real_chunks, real_write = packed.PackedStep.row_chunks, prefill_rows.write_runs
+    monkeypatch.setattr(
+        packed.PackedStep, "row_chunks", lambda s, c: chunks.append(real_chunks(s, c)) or chunks[-1]
+    )
+    monkeypatch.setattr(packed, "write_runs", lambda *a: writes.append(1) or real_write(*a))
+    monkeypatch.setattr(packed.PackedLayerKV, "run_writes", True)
+    eng = BatchEngine(_ram_runner(llm), None, (), block_tokens=8, max_batch=8, max_context=256)
+    outs, _ = eng.generate(prompts, GREEDY)
+    eng.close()
+    assert [o.token_ids for o in outs] == want
+    assert writes and chunks[0] == aligned_chunks([len(p) for p in prompts], 32)
+    assert (70, 79) not in chunks[0] and any(c0 <= 70 and 79 <= c1 for c0, c1 in chunks[0])
