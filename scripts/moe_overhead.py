@@ -62,6 +62,15 @@ SHAPES = dict(  # Qwen3-30B-A3B's routing, tiny widths
     num_experts_per_tok=8,
     vocab_size=256,
 )
+GPT_OSS = dict(  # gpt-oss-20b's routing (32 experts, top-4, router bias), tiny widths, MXFP4
+    hidden_size=64,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+)
+PRESET = {"qwen3_moe": "qwen3-30b-a3b", "gpt_oss": "gpt-oss-20b"}
 VIEWS = {
     "view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "as_strided", "alias",
     "unsqueeze", "squeeze", "reshape", "detach", "permute", "split", "chunk", "unbind",
@@ -83,15 +92,53 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _store(tmp: Path, layers: int) -> Path:
+def _shapes(family: str, layers: int) -> dict:
+    if family == "qwen3_moe":
+        return SHAPES
+    return GPT_OSS | {"layer_types": ["sliding_attention", "full_attention"] * (layers // 2)
+                      + ["sliding_attention"] * (layers % 2)}  # fmt: skip
+
+
+def _store(tmp: Path, layers: int, family: str = "qwen3_moe") -> Path:
     from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.convert import convert
     from ollm.storage.synthetic import SyntheticSource
 
     src = SyntheticSource(
-        "qwen3-30b-a3b", families=STORE_FAMILIES, num_hidden_layers=layers, **SHAPES
-    )
+        PRESET[family], families=STORE_FAMILIES, num_hidden_layers=layers,
+        **_shapes(family, layers),
+    )  # fmt: skip
     return convert(src, tmp / "store", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
+
+
+def _kernel_stand_in(state: dict) -> None:
+    """gpt-oss: the slots hold the stored MXFP4 bytes (``coded_slots``, the device's path) and
+    a decode batch takes the Triton kernel's branch (``moe_mxfp4.coded_forward``). Without
+    CUDA the kernel is played by its two output allocations while timing (its launches' host
+    cost, a few us each on a GPU, not counted in ``host_us``), counted as two ops
+    (``mxfp4_kernel``) under ``state["ops"]``, and by decode-then-matmul, exact, outside the
+    count, when ``state["exact"]`` (the ``max_abs_diff`` check)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    import ollm.layers.moe_mxfp4 as mm
+    from ollm.layers.moe_batched import forward_stacked
+
+    def kernel_forward(x, stacks, idx):
+        if state["ops"] is not None:
+            state["ops"].ops["mxfp4_kernel"] += 2
+        if not state["exact"]:
+            g, m, h = x.shape
+            torch.empty(g, m, stacks["down_proj_blocks"].shape[2] * 32, dtype=x.dtype)
+            return torch.empty(g, m, h, dtype=x.dtype)
+        with _disable_current_modes():
+            fwd = lambda a, w: forward_stacked(a, w, state["moe"], "")  # noqa: E731
+            y = mm.decoded_forward(x, stacks, idx, fwd)
+        mm.path_counts["decoded"] -= 1
+        return y
+
+    mm.kernel_applies = lambda x: x.shape[1] <= 16
+    mm.kernel_forward = kernel_forward
+    mm._STATE[(torch.float32, "cpu")] = True
 
 
 def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
@@ -107,7 +154,8 @@ def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
     plan = ExpertPlan(
         device="cpu:1", layers=layers, num_experts=n, expert_bytes=st.expert_bytes,
         resident=False, ram=(n,) * len(layers), cache_slots=slots, group_rows=64,
-        policy="lru", cpu_compute=cpu_compute,
+        policy="lru", cpu_compute=cpu_compute, decoded_bytes=st.decoded_bytes if st.coded else 0,
+        coded_slots=st.coded,
     )  # fmt: skip
     if lookahead:  # the code under test must have it (ExpertPlan.lookahead)
         plan = dataclasses.replace(plan, lookahead=True)
@@ -117,7 +165,8 @@ def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
 def _zipf(llm, w: dict, a: float, g: torch.Generator) -> None:
     moe = llm.spec.moe
     rank = torch.randperm(moe.num_experts, generator=g) + 1
-    w[f"{moe.prefix}.{moe.router}.bias"] = (-a * torch.log(rank.float())).to(w[moe.router_key])
+    key = f"{moe.prefix}.{moe.router}.bias"
+    w[key] = (-a * torch.log(rank.float())).to(w[moe.router_key]) + w.get(key, 0)
 
 
 @contextlib.contextmanager
@@ -163,9 +212,12 @@ def measure(args) -> dict:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="moe-overhead-"))
-    path = _store(tmp, args.layers)
+    path = _store(tmp, args.layers, args.family)
     llm = LLM(path, device="cpu", dtype="float32", cache_dir=tmp / "c", progress=False)
     moe, act = llm.spec.moe, llm.spec.act
+    kernel = {"ops": None, "moe": moe, "exact": False}  # the kernel stand-in's state
+    if args.family == "gpt_oss":
+        _kernel_stand_in(kernel)
     cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead)
     g = torch.Generator().manual_seed(0)
     layers = cache.plan.layers
@@ -200,8 +252,10 @@ def measure(args) -> dict:
     hits, misses = cache.counts["hits"], cache.counts["misses"]
     ops_steps = xs[:20]
     with Ops() as counter, _host_reads() as reads:
+        kernel["ops"] = counter
         for x in ops_steps:
             step(x)
+        kernel["ops"] = None
     ncalls = len(ops_steps) * len(layers)
     prof = cProfile.Profile()
     prof.enable()
@@ -210,6 +264,7 @@ def measure(args) -> dict:
     prof.disable()
     top = _top(prof, 50 * len(layers), args.top)
     diff = 0.0
+    kernel["exact"] = True
     for x in xs[:10]:
         for j, i in enumerate(layers):
             ref = moe_mlp(x[j], dense[i], moe, act)
@@ -221,7 +276,8 @@ def measure(args) -> dict:
         commit=_commit(),
         ollm=str(Path(ollm.__file__).resolve().parent),
         torch=torch.__version__,
-        shapes=SHAPES | {"layers": len(layers)},
+        family=args.family,
+        shapes=_shapes(args.family, args.layers) | {"layers": len(layers)},
         slots=args.slots,
         total_experts=cache.plan.total,
         cpu_compute=args.cpu_compute,
@@ -291,6 +347,8 @@ def engine_decode(path: Path, tmp: Path, args) -> dict:
         return plan_placement(spec, s, "cuda:0", gpu, cpu, "auto", work, 4, hybrid="off")
 
     extra = {"lookahead": True} if args.lookahead else {}
+    if st.coded:
+        extra["coded_slots"] = True
     plan = plan_experts(spec, llm.store, st, "cuda:0", None, None, "auto", work, 4,
                         slots=args.slots, cpu_compute="off", plan_dense=dense, **extra)  # fmt: skip
 
@@ -340,7 +398,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--slots", type=int, default=384, help="cache slots (of 128 x layers)")
+    ap.add_argument("--family", default="qwen3_moe", choices=sorted(PRESET))
+    ap.add_argument("--slots", type=int, help="cache slots (default: 384 of 128 x 4 layers "
+                    "for qwen3_moe, 51 of 32 x 4 for gpt_oss, as the device's run)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=300, help="decode tokens timed")
     ap.add_argument("--zipf", type=float, default=0.0)
     ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
@@ -351,6 +411,8 @@ def main() -> None:
     ap.add_argument("--engine-runs", type=int, default=3)
     ap.add_argument("--machine", default="2-core CPU VM")
     args = ap.parse_args()
+    if args.slots is None:
+        args.slots = 384 if args.family == "qwen3_moe" else 51
     write_report(measure(args), args.out)
 
 

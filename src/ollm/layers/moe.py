@@ -13,6 +13,7 @@ Weights are passed in by HF name, as for the dense block. Three layouts are read
 from __future__ import annotations
 
 import itertools
+import weakref
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -218,10 +219,26 @@ def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+# id(stacks) -> (a weak reference to its first tensor, experts per sub-batch)
+_STEP: dict[int, tuple[weakref.ref, int]] = {}
+
+
 def _stack_step(batch: list[tuple[int, Weights]]) -> int:
-    """Experts of ``batch`` whose stacked weights fit ``STACK_BYTES`` (at least one)."""
+    """Experts of ``batch`` whose stacked weights fit ``STACK_BYTES`` (at least one); for a
+    stacked batch counted once per stacks (a cache's slot stacks live as long as the cache;
+    held weakly, so a closed cache's buffers are not kept)."""
+    stacks = getattr(batch, "stacks", None)
+    first = next(iter(stacks.values())) if stacks else None
+    memo = _STEP.get(id(stacks)) if first is not None else None
+    if memo is not None and memo[0]() is first:
+        return memo[1]
     nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
-    return max(1, STACK_BYTES // max(1, nbytes))
+    step = max(1, STACK_BYTES // max(1, nbytes))
+    if first is not None:
+        if len(_STEP) > 64:  # caches come and go (tests): never many at once
+            _STEP.clear()
+        _STEP[id(stacks)] = (weakref.ref(first), step)
+    return step
 
 
 def _sub_batches(batch: list[tuple[int, Weights]]) -> Iterator[list]:
@@ -339,12 +356,15 @@ def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) ->
 
 def _run_batch(x, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
     """g experts of ``batch`` over their rows, padded to the most rows any of them has (padding
-    reads row 0 and lands in the spare last slot): one index copy, the rows gathered (a view for
-    a single row), the weights gathered from their stacks (or stacked), the batched matmuls,
-    one scatter."""
+    reads row 0 and lands in the spare last slot): one index copy (the stacked rows first, so
+    their slice starts the tensor: aligned for the MXFP4 kernel, no copy), the rows gathered
+    (a view for a single row), the weights gathered from their stacks (or stacked), the
+    batched matmuls, one scatter."""
     g, m, n = len(batch), max(len(rows[e]) for e, _ in batch), slots.shape[0] - 1
     one = x.shape[0] == 1  # one row (a decode token): every expert has it, no gather
-    dst: list[int] = []
+    stacks = getattr(batch, "stacks", None)
+    at = g if stacks is not None else 0  # the stacked rows' slice: [0, at)
+    dst: list[int] = list(batch.rows) if stacks is not None else []
     src: list[int] = []
     for e, _ in batch:
         r = rows[e]
@@ -353,20 +373,20 @@ def _run_batch(x, slots, batch, rows, k: int, moe: MoeSpec, act: str) -> None:
             dst += [n] * (m - len(r))
         if not one:
             src += [p // k for p in r] + [0] * (m - len(r))
-    stacks = getattr(batch, "stacks", None)
-    idx = _index(dst + src + (batch.rows if stacks is not None else []), x.device)
+    idx = _index(dst + src, x.device)
     gm, h = g * m, x.shape[-1]
-    xs = x.expand(g, 1, h) if one else x.index_select(0, idx[gm : 2 * gm]).view(g, m, h)
+    xs = x.expand(g, 1, h) if one else x.index_select(0, idx[at + gm : at + 2 * gm]).view(g, m, h)
     if is_coded(batch[0][1]):  # MXFP4: computed from the codes in their slots
-        at = idx[idx.shape[0] - g :] if stacks is not None else torch.arange(g, device=x.device)
         if stacks is None:  # the stored bytes stacked (a few MB per expert)
             stacks = stack_experts([ew for _, ew in batch], moe)
-        y = coded_forward(xs, stacks, at, _forward(moe, act))
+            y = coded_forward(xs, stacks, torch.arange(g, device=x.device), _forward(moe, act))
+        else:
+            y = coded_forward(xs, stacks, idx[:g], _forward(moe, act))
     elif stacks is not None:
-        y = forward_stacked(xs, gather_experts(stacks, idx[idx.shape[0] - g :], moe), moe, act)
+        y = forward_stacked(xs, gather_experts(stacks, idx[:g], moe), moe, act)
     else:
         y = forward_stacked(xs, stack_experts([ew for _, ew in batch], moe), moe, act)
-    slots.index_put_((idx[:gm],), y.view(gm, h))
+    slots.index_put_((idx[at : at + gm],), y.view(gm, h))
 
 
 def _moe_rows(

@@ -72,3 +72,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` [B, T, D] with its first half negated: the table ``apply_rope_signed`` takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` (full rotary: tables as wide as ``x``'s heads) with ``ssin =
+    signed_sin(sin)``: ``x * cos + roll(x, D / 2) * ssin``, the rotation's sign moved from the
+    rotated ``x`` onto the table (exact: ``(-a) * b == a * (-b)``), so the same bits in four
+    kernels instead of five."""
+    return x * cos.unsqueeze(1) + x.roll(x.shape[-1] // 2, -1) * ssin.unsqueeze(1)

@@ -14,7 +14,7 @@ from ollm.layers.attention import AttentionMask
 from ollm.layers.mlp import gated_mlp
 from ollm.layers.moe import moe_mlp, moe_weight_names, shared_expert
 from ollm.layers.norms import rms_norm
-from ollm.layers.rope import apply_rope
+from ollm.layers.rope import apply_rope, apply_rope_signed, signed_sin
 from ollm.models.qwen3_next import LINEAR_KEY, linear_attention, linear_weight_names
 from ollm.models.spec import ModelSpec
 
@@ -48,11 +48,7 @@ def self_attention(
     q = q.reshape(b, t, -1, spec.head_dim).transpose(1, 2)
     k = k.view(b, t, -1, spec.head_dim).transpose(1, 2)
     v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
-    if spec.qk_norm:
-        q = _norm(spec, q, w["self_attn.q_norm.weight"])
-        k = _norm(spec, k, w["self_attn.k_norm.weight"])
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+    q, k = _norm_rope_qk(spec, q, k, w, cos, sin)
     if spec.attn_sinks:
         mask = replace(mask, sinks=w["self_attn.sinks"])
     out = kv.attend(q, k, v, mask, spec.scale, dense_mask)
@@ -60,6 +56,42 @@ def self_attention(
     if gate is not None:
         out = out * torch.sigmoid(gate)
     return F.linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+
+_SIGNED: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]  # (sin, signed_sin(sin))
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """``signed_sin(sin)``, made once per table (the runner builds one per step and rope type:
+    every layer of that step gets the same tensor)."""
+    memo = _SIGNED[0]
+    if memo is not None and memo[0] is sin:
+        return memo[1]
+    ssin = signed_sin(sin)
+    _SIGNED[0] = (sin, ssin)
+    return ssin
+
+
+def _norm_rope_qk(
+    spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, w: Weights, cos, sin
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q/k norms and the rotation of q [B, Hq, T, D] and k [B, Hk, T, D] as one tensor of
+    Hq + Hk heads (one chain of kernels instead of two: a decode step at batch 1 is bound by
+    launches), the norm's weights side by side per head: every element goes through the same
+    ops and roundings as with q and k apart. Returns views of q's and k's heads."""
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]
+    qk = torch.cat((q, k), dim=1)
+    if spec.qk_norm:
+        wq, wk = w["self_attn.q_norm.weight"], w["self_attn.k_norm.weight"]
+        if wq.shape != (d,) or wk.shape != (d,):  # not one weight per head dim: apart
+            q, k = _norm(spec, q, wq), _norm(spec, k, wk)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk = _norm(spec, qk, torch.cat((wq.expand(hq, 1, d), wk.expand(hk, 1, d))))
+    if cos.shape[-1] == d:
+        qk = apply_rope_signed(qk, cos, _signed(sin))
+    else:  # partial rotary (Qwen3-Next)
+        qk = apply_rope(qk, cos, sin)
+    return qk[:, :hq], qk[:, hq:]
 
 
 def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Fewer kernels per decode layer with the same bits (issue 19): q and k normed and rotated as
+one tensor (``models/decoder._norm_rope_qk``), the rotation's sign folded into the sin table
+(``layers/rope.apply_rope_signed``), and a MoE batch's slot rows at the start of its index
+tensor (``layers/moe._run_batch``: aligned for the MXFP4 kernel, no copy)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ollm.layers.moe as moe_mod
+from ollm.layers.norms import rms_norm
+from ollm.layers.rope import apply_rope, apply_rope_signed, signed_sin
+from ollm.models import decoder
+from ollm.runtime.expert_stacks import stacked_batch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _tables(t: int, d: int, dtype: torch.dtype, g: torch.Generator, b: int = 2):
+    ang = torch.randn(b, t, d, generator=g) * 3
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 7])
+def test_signed_rope_equals_apply_rope_bitwise(dtype, t):
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(2, 5, t, 64, generator=g).to(dtype) * 4
+    cos, sin = _tables(t, 64, dtype, g)
+    assert torch.equal(apply_rope_signed(x, cos, signed_sin(sin)), apply_rope(x, cos, sin))
+
+
+def _spec(qk_norm: bool, unit_offset: bool = False, float_weight: bool = False):
+    return SimpleNamespace(
+        qk_norm=qk_norm, norm_eps=1e-6, norm_unit_offset=unit_offset,
+        norm_float_weight=float_weight,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("kind", ["none", "plain", "unit_offset", "float_weight", "partial_rotary"])
+def test_q_and_k_as_one_tensor_equal_them_apart(dtype, t, kind):
+    """Normed (Llama / Gemma / gpt-oss conventions) and rotated as one tensor of 8 + 2 heads
+    (transposed views, as the projections give them), q and k are bit-equal to each alone."""
+    g = torch.Generator().manual_seed(len(kind) * 10 + t)
+    d, hq, hk = 32, 8, 2
+    q = torch.randn(1, t, hq, d, generator=g).to(dtype).transpose(1, 2) * 3
+    k = torch.randn(1, t, hk, d, generator=g).to(dtype).transpose(1, 2) * 3
+    w = {n: torch.randn(d, generator=g).to(dtype) for n in ("q_norm", "k_norm")}
+    w = {f"self_attn.{n}.weight": v for n, v in w.items()}
+    spec = _spec(kind != "none", kind == "unit_offset", kind == "float_weight")
+    rot = d // 2 if kind == "partial_rotary" else d
+    cos, sin = _tables(t, rot, dtype, g, b=1)
+    got_q, got_k = decoder._norm_rope_qk(spec, q, k, w, cos, sin)
+    want = []
+    for x, name in ((q, "q_norm"), (k, "k_norm")):
+        if spec.qk_norm:
+            x = rms_norm(x, w[f"self_attn.{name}.weight"], 1e-6, *(kind == s for s in
+                         ("unit_offset", "float_weight")))  # fmt: skip
+        want.append(apply_rope(x, cos, sin))
+    assert torch.equal(got_q, want[0]) and torch.equal(got_k, want[1])
+    assert got_q.shape == q.shape and got_k.shape == k.shape
+
+
+def test_signed_table_made_once_per_step_table():
+    sin = torch.randn(1, 1, 16)
+    a = decoder._signed(sin)
+    assert decoder._signed(sin) is a  # every layer of a step: the same table
+    other = sin.clone()
+    b = decoder._signed(other)
+    assert b is not a and torch.equal(b, a)
+
+
+@pytest.mark.parametrize("coded", [True, False])
+@pytest.mark.parametrize("rows_per_token", [1, 3])
+def test_batch_index_puts_the_slot_rows_first(monkeypatch, coded, rows_per_token):
+    """A stacked batch's slot rows are the index tensor's first entries (a slice at offset 0:
+    16-byte aligned wherever the tensor is, so the Triton kernel takes it without a copy); the
+    outputs land in their pairs' slots."""
+    h, k, n = 4, 2, 6  # hidden, top-k, slots of the stacks
+    seen = {}
+
+    def fake_forward(xs, stacks, idx, *rest):
+        seen["idx"] = idx
+        return xs * (idx.view(-1, 1, 1) + 1).to(xs.dtype)  # expert j's rows times slot + 1
+
+    if coded:
+        monkeypatch.setattr(moe_mod, "coded_forward", fake_forward)
+        ew = {"gate_up_proj_blocks": torch.zeros(1)}
+    else:
+        monkeypatch.setattr(moe_mod, "gather_experts", lambda st, idx, m: idx)
+        monkeypatch.setattr(
+            moe_mod, "forward_stacked", lambda xs, idx, m, a: fake_forward(xs, None, idx)
+        )
+        ew = {"w": torch.zeros(1)}
+    t = rows_per_token
+    x = torch.arange(t * h, dtype=torch.float32).view(t, h) + 1
+    # experts 3 and 5 in slots 4 and 1; pairs: token r's slot 0 -> expert 3, slot 1 -> expert 5
+    rows = {3: [r * k for r in range(t)], 5: [r * k + 1 for r in range(t)]}
+    batch = stacked_batch([(3, ew), (5, ew)], {"s": torch.zeros(n, 1)}, [4, 1])
+    slots = torch.zeros(t * k + 1, h)
+    moe_mod._run_batch(x, slots, batch, rows, k, None, "silu")
+    idx = seen["idx"]
+    assert idx.storage_offset() == 0 and idx.tolist() == [4, 1]
+    for r in range(t):
+        assert torch.equal(slots[r * k], x[r] * 5) and torch.equal(slots[r * k + 1], x[r] * 2)
