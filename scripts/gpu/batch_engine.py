@@ -240,6 +240,16 @@ def tiers(tmp: Path) -> dict:
     return out
 
 
+def llm_kwargs(budget: str) -> dict:
+    """The bench's ``LLM`` settings: CUDA, the budget, and ``OLLM_BENCH_KW`` (JSON, e.g.
+    ``{"hybrid": "off"}``) for an A/B of a planner setting."""
+    return {
+        "device": "cuda",
+        "gpu_memory": budget,
+        **json.loads(os.environ.get("OLLM_BENCH_KW", "{}")),
+    }
+
+
 def bench_batch(
     out_dir: Path,
     synthetic: str = "llama3-1b",
@@ -257,7 +267,7 @@ def bench_batch(
 
     report = run_batch_bench(
         model=None, synthetic=synthetic, batches=list(batches), prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, llm_kwargs={"device": "cuda", "gpu_memory": budget},
+        new_tokens=new_tokens, llm_kwargs=llm_kwargs(budget),
         on_case=lambda kind, case: print(kind, case, flush=True), workloads=workloads,
         split_batches=split, stream_all_batches=stream_all,
     )  # fmt: skip
