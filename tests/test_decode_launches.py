@@ -108,3 +108,60 @@ def test_batch_index_puts_the_slot_rows_first(monkeypatch, coded, rows_per_token
     assert idx.storage_offset() == 0 and idx.tolist() == [4, 1]
     for r in range(t):
         assert torch.equal(slots[r * k], x[r] * 5) and torch.equal(slots[r * k + 1], x[r] * 2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_resident_experts_decode_without_a_host_read(family, tmp_path, monkeypatch):
+    """All experts resident (a cache planned resident, on the stand-in accelerator): a decode
+    row's experts are gathered by the router's ids on the device, with no host read (no sync
+    per layer on a GPU) and no call of the cache's ``run``; bit-equal to the path that reads the
+    ids (``id_stacks`` off), several rows still read them."""
+    from dataclasses import replace
+
+    from conftest import make_hf_model
+    from ollm import LLM
+    from ollm.layers.moe import moe_mlp
+    from test_moe_experts import _cache
+
+    make_hf_model(family, tmp_path / "hf")
+    with LLM(tmp_path / "hf", device="cpu", cache_dir=tmp_path / "c", progress=False) as llm:
+        moe, act = llm.spec.moe, llm.spec.act
+        st = _cache(llm, slots=2, ram=0)[1]
+        st.close()
+        plan = replace(st.plan, resident=True, cache_slots=0, ram=(0,) * len(st.plan.layers))
+        from ollm.runtime.experts import ExpertCache
+        from ollm.telemetry.stats import IOStats
+
+        cache = ExpertCache(st.experts, plan, "cpu:1", IOStats(), moe_mod.sparse_weights)
+        i = plan.layers[0]
+        w = llm.prefetcher.get(i)
+        sw = cache.bind(i, w)
+        assert sw.experts.id_stacks
+        reads = []
+        real = torch.Tensor.tolist
+
+        def counted(t):
+            reads.append(1)
+            return real(t)
+
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(1, 1, llm.spec.hidden_size, generator=g) * 4
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "tolist", counted)
+                m.setattr(cache, "run", lambda *a: pytest.fail("run called"))
+                got = moe_mlp(x, sw, moe, act)
+            assert not reads
+            with monkeypatch.context() as m:  # the path that reads the ids
+                m.setattr(type(sw.experts), "id_stacks", None)
+                m.setattr(torch.Tensor, "tolist", counted)
+                want = moe_mlp(x, sw, moe, act)
+            assert len(reads) == 1 and torch.equal(got, want)
+            reads.clear()
+            torch.testing.assert_close(got, moe_mlp(x, w, moe, act), atol=1e-5, rtol=1e-5)
+        x = torch.randn(1, 3, llm.spec.hidden_size, generator=g) * 4
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "tolist", counted)
+            moe_mlp(x, sw, moe, act)
+        assert reads  # several rows: the ids are read (rows grouped by expert on the host)
+        cache.close()

@@ -156,14 +156,14 @@ def test_batched_experts_equal_one_by_one(family, tmp_path):
 def test_large_experts_run_in_smaller_batches(top8, monkeypatch):
     """Experts larger than the stacking reserve run a few (here one) per batched matmul, with
     the same outputs."""
-    import ollm.layers.moe as moe_mod
+    import ollm.layers.moe_batched as batched_mod
 
     llm, moe, act = top8, top8.spec.moe, top8.spec.act
     _, cache = _cache(llm, slots=16, ram=16)
     w, sw = _layer(llm, cache)
     x = torch.randn(1, 2, llm.spec.hidden_size) * 4
     want = moe_mlp(x, w, moe, act)
-    monkeypatch.setattr(moe_mod, "STACK_BYTES", 1)
+    monkeypatch.setattr(batched_mod, "STACK_BYTES", 1)
     with Launches() as c:
         got = moe_mlp(x, sw, moe, act)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -13,7 +13,6 @@ Weights are passed in by HF name, as for the dense block. Three layouts are read
 from __future__ import annotations
 
 import itertools
-import weakref
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,11 +27,13 @@ from ollm.layers.moe_batched import (
     GPT_OSS_LIMIT,
     forward_stacked,
     gather_experts,
+    pairs_forward,
     stack_experts,
+    stack_step,
+    stacks_step,
 )
 from ollm.layers.moe_batched import experts_forward as experts_forward  # re-exported
 from ollm.layers.moe_mxfp4 import coded_forward, decode_weights, is_coded
-from ollm.planning.experts import STACK_BYTES
 from ollm.runtime.expert_stacks import stacked_batch
 from ollm.runtime.uva import to_device
 
@@ -129,7 +130,9 @@ class ExpertSource(Protocol):
     rows are read to the host together with the expert ids, in one sync), ``next_weights`` and
     ``prefetch(experts)`` (lookahead: the next sparse layer's weights, or None; its predicted
     experts handed back to be copied early). A device batch may be a ``StackedBatch``
-    (``runtime/expert_stacks.py``): its weights gathered from stacked views."""
+    (``runtime/expert_stacks.py``): its weights gathered from stacked views. ``id_stacks``:
+    every expert resident as [E, ...] stacks at its id (a decode row's experts gathered by
+    the router's ids on the device: no host read, ``run`` not called)."""
 
     def run(self, used: list[int], counts: list[int]) -> Iterator[ExpertBatch]:
         """Yield batches covering every expert in ``used`` once (``counts``: rows routed to each
@@ -170,6 +173,7 @@ class ResidentExperts:
             shorts = tuple(f"{n}.weight" for n in moe.expert_names)
         if f"{p}.{shorts[0]}" in w:  # fused [E, ...] tensors
             self.fused = {s: w[f"{p}.{s}"] for s in shorts}
+        self.id_stacks = self.fused  # expert e at row e (``ExpertSource``)
         self.prefix, self.shorts = p, shorts
         # MXFP4 experts (a gpt-oss store streamed as whole layers): decoded when first used
         self.coded = f"{p}.0.gate_up_proj_blocks" in w
@@ -219,32 +223,10 @@ def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-# id(stacks) -> (a weak reference to its first tensor, experts per sub-batch)
-_STEP: dict[int, tuple[weakref.ref, int]] = {}
-
-
-def _stack_step(batch: list[tuple[int, Weights]]) -> int:
-    """Experts of ``batch`` whose stacked weights fit ``STACK_BYTES`` (at least one); for a
-    stacked batch counted once per stacks (a cache's slot stacks live as long as the cache;
-    held weakly, so a closed cache's buffers are not kept)."""
-    stacks = getattr(batch, "stacks", None)
-    first = next(iter(stacks.values())) if stacks else None
-    memo = _STEP.get(id(stacks)) if first is not None else None
-    if memo is not None and memo[0]() is first:
-        return memo[1]
-    nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
-    step = max(1, STACK_BYTES // max(1, nbytes))
-    if first is not None:
-        if len(_STEP) > 64:  # caches come and go (tests): never many at once
-            _STEP.clear()
-        _STEP[id(stacks)] = (weakref.ref(first), step)
-    return step
-
-
 def _sub_batches(batch: list[tuple[int, Weights]]) -> Iterator[list]:
     """``batch`` in pieces whose stacked weights stay under ``STACK_BYTES`` (the planner's
     reserve; at least one expert each: large experts, Mixtral's, run one by one)."""
-    step = _stack_step(batch)
+    step = stack_step(batch)
     if step >= len(batch):
         yield batch
         return
@@ -267,8 +249,13 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
     prefetched after this layer's compute is queued."""
     t, k = experts.shape
     dev0 = x.device
-    host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
+    batched = dev0.type != "cpu" or getattr(source, "batched", False)
     nxt = getattr(source, "next_weights", None)  # lookahead: the next sparse layer's router
+    by_id = getattr(source, "id_stacks", None) if t == 1 and batched and nxt is None else None
+    if by_id and not getattr(source, "host_rows", False) and k <= stacks_step(by_id):
+        out = pairs_forward(x, by_id, experts.reshape(-1), moe, act)  # no host read
+        return (out.view(t, k, -1) * weights.reshape(t, k, 1)).sum(dim=1).to(x.dtype)
+    host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
     ahead = [predict(x, nxt, moe).reshape(-1)] if nxt is not None else []
     host = _to_host([experts.reshape(-1)] + ahead + ([x] if host_rows else []))
     ids = host[0].tolist()
@@ -283,7 +270,6 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
     counts = [0] * moe.num_experts
     for e in used:
         counts[e] = len(rows[e])
-    batched = dev0.type != "cpu" or getattr(source, "batched", False)
     batches = source.run(used, counts)
     first = next(batches, None)
     if t == 1 and batched and first is not None and _whole(first, len(used)):
@@ -307,7 +293,7 @@ def _whole(first: ExpertBatch, n_used: int) -> bool:
     dev, batch = first
     if dev is not None or len(batch) != n_used or getattr(batch, "stacks", None) is None:
         return False
-    return len(batch) <= _stack_step(batch)
+    return len(batch) <= stack_step(batch)
 
 
 def _run_pairs(x, batch, ids: list[int], moe: MoeSpec, act: str) -> torch.Tensor:
@@ -315,12 +301,7 @@ def _run_pairs(x, batch, ids: list[int], moe: MoeSpec, act: str) -> torch.Tensor
     order of ``ids`` (the row's pairs): [k, H], the slots the batches would fill."""
     at = {e: j for j, (e, _) in enumerate(batch)}
     idx = _index([batch.rows[at[e]] for e in ids], x.device)
-    k, h = len(ids), x.shape[-1]
-    if is_coded(batch.stacks):  # MXFP4 slots: computed from their codes
-        y = coded_forward(x.expand(k, 1, h), batch.stacks, idx, _forward(moe, act))
-        return y.view(k, h)
-    w = gather_experts(batch.stacks, idx, moe)
-    return forward_stacked(x.expand(k, 1, h), w, moe, act).view(k, h)
+    return pairs_forward(x, batch.stacks, idx, moe, act)
 
 
 def _forward(moe: MoeSpec, act: str):

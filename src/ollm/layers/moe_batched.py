@@ -7,15 +7,47 @@ expert (decode is launch-bound, not bandwidth-bound). Used by ``layers/moe.py``.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 from ollm.layers.mlp import ACTIVATIONS
+from ollm.layers.moe_mxfp4 import coded_forward, is_coded
+from ollm.planning.experts import STACK_BYTES
 
 if TYPE_CHECKING:
     from ollm.layers.moe import MoeSpec, Weights
+
+# id(stacks) -> (a weak reference to its first tensor, one expert's bytes in it)
+_BYTES: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def stack_step(batch: list[tuple[int, Weights]]) -> int:
+    """Experts of ``batch`` whose stacked weights fit ``STACK_BYTES`` (at least one)."""
+    stacks = getattr(batch, "stacks", None)
+    if stacks:
+        return stacks_step(stacks)
+    nbytes = sum(t.numel() * t.element_size() for t in batch[0][1].values())
+    return max(1, STACK_BYTES // max(1, nbytes))
+
+
+def stacks_step(stacks: Mapping[str, torch.Tensor]) -> int:
+    """``stack_step`` of experts gathered from ``stacks`` ([N, ...] per tensor; ``"a+b"``: two
+    of them seen as one), one expert's bytes counted once per stacks (a cache's slot stacks
+    live as long as the cache; held weakly, so a closed cache's buffers are not kept)."""
+    first = next(iter(stacks.values()))
+    memo = _BYTES.get(id(stacks))
+    if memo is not None and memo[0]() is first:
+        nbytes = memo[1]
+    else:
+        nbytes = sum(t[0].numel() * t.element_size() for n, t in stacks.items() if "+" not in n)
+        if len(_BYTES) > 64:  # caches come and go (tests): never many at once
+            _BYTES.clear()
+        _BYTES[id(stacks)] = (weakref.ref(first), nbytes)
+    return max(1, STACK_BYTES // max(1, nbytes))
+
 
 # gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1), both halves clamped.
 GPT_OSS_ALPHA = 1.702
@@ -89,3 +121,17 @@ def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str)
     [g, m, H], their tensors stacked (one copy each) for batched matmuls: a few kernels for the
     whole batch instead of a chain per expert (decode is launch-bound, not bandwidth-bound)."""
     return forward_stacked(x, stack_experts(ews, moe), moe, act)
+
+
+def pairs_forward(
+    x: torch.Tensor, stacks: Mapping, idx: torch.Tensor, moe: MoeSpec, act: str
+) -> torch.Tensor:
+    """The experts at rows ``idx`` [k] (a device int64 tensor) of ``stacks`` over one row ``x``
+    [1, H], in ``idx``'s order: [k, H] (MXFP4 stacks computed from their codes)."""
+    k, h = idx.shape[0], x.shape[-1]
+    xs = x.expand(k, 1, h)
+    if is_coded(stacks):
+        y = coded_forward(xs, stacks, idx, lambda a, w: forward_stacked(a, w, moe, act))
+    else:
+        y = forward_stacked(xs, gather_experts(stacks, idx, moe), moe, act)
+    return y.view(k, h)

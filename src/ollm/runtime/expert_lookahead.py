@@ -94,6 +94,14 @@ class LayerExperts:
         """The next sparse layer's weights when lookahead predicts its experts, else None."""
         return None if self.ahead is None else self.ahead.next_weights(self.i)
 
+    @property
+    def id_stacks(self) -> Mapping | None:
+        """All experts resident as [E, ...] stacks, expert e at row e: a decode row's experts
+        are gathered by their ids on the device, without reading them to the host (resident
+        calls keep no counts); else None."""
+        c = self.cache
+        return c._layer_stacks.get(self.i) if c.plan.resident else None
+
     def prefetch(self, experts: list[int]) -> None:
         """Copy the next sparse layer's predicted ``experts`` in early (lookahead)."""
         if self.ahead is not None:
