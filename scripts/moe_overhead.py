@@ -318,18 +318,20 @@ def measure(args) -> dict:
     cache.close()
     llm.close()
     if args.engine:
-        out["engine"] = engine_decode(path, tmp, args)
+        out["engine"] = engine_decode(path, tmp, args, kernel)
         out["engine"]["moe_share"] = round(
             out["host_us"]["median"] / out["engine"]["us_per_layer_step"], 3
         )
     return out
 
 
-def engine_decode(path: Path, tmp: Path, args) -> dict:
+def engine_decode(path: Path, tmp: Path, args, kernel: dict) -> dict:
     """Whole decode steps through the engine (embedding, attention, MoE, head) with the
     accelerator played by the CPU and the same cache: wall microseconds per layer and step
     (median of ``--engine-runs`` requests of ``--engine-tokens`` tokens), the MoE share
-    being ``host_us`` over it."""
+    being ``host_us`` over it; aten ops per layer and decode step (a request of
+    ``--engine-tokens`` more tokens than a 2-token one, over the tokens and layers; the stand-in
+    runs as the device would, bar the ``to``s a float32 CPU makes no-ops and views it counts)."""
     from dataclasses import replace
 
     from ollm import LLM, SamplingParams
@@ -378,6 +380,19 @@ def engine_decode(path: Path, tmp: Path, args) -> dict:
         layers=spec.num_layers,
         hit_rate=round(cache.hit_rate, 4),
     )
+
+    def count(n: int) -> collections.Counter:
+        with Ops() as c, _host_reads() as reads:
+            kernel["ops"] = c
+            llm.generate(prompt, SamplingParams(max_new_tokens=n, temperature=0))
+            kernel["ops"] = None
+        return c.ops + collections.Counter({f"host read {k}": v for k, v in reads.items()})
+
+    a, b = count(2), count(2 + args.engine_tokens)
+    per = args.engine_tokens * spec.num_layers
+    ops = {k: round((b[k] - a.get(k, 0)) / per, 2) for k in b if b[k] != a.get(k, 0)}
+    out["ops_per_layer_step"] = round(sum(v for k, v in ops.items() if "host" not in k), 2)
+    out["ops_by_name"] = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
     llm.close()
     return out
 

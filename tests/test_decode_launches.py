@@ -33,6 +33,19 @@ def test_signed_rope_equals_apply_rope_bitwise(dtype, t):
     assert torch.equal(apply_rope_signed(x, cos, signed_sin(sin)), apply_rope(x, cos, sin))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float_weight_norm_promotes_the_weight_exactly(dtype):
+    """gpt-oss's norm multiplies in float32 by its weight promoted inside the multiply (no cast
+    kernel): bit-equal to casting the weight first."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 3, 64, generator=g) * 3).to(dtype)
+    for wdt in DTYPES:
+        w = torch.randn(64, generator=g).to(wdt)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
+        assert torch.equal(rms_norm(x, w, 1e-5, False, True), (xf * w.float()).type_as(x))
+
+
 def _spec(qk_norm: bool, unit_offset: bool = False, float_weight: bool = False):
     return SimpleNamespace(
         qk_norm=qk_norm, norm_eps=1e-6, norm_unit_offset=unit_offset,

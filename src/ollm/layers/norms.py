@@ -19,6 +19,6 @@ def rms_norm(
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if unit_offset:
         return (xf * (1.0 + weight.float())).type_as(x)
-    if float_weight:
-        return (xf * weight.float()).type_as(x)
+    if float_weight:  # the weight promoted inside the multiply: weight.float()'s values, exactly
+        return (xf * weight).type_as(x)  # (one kernel fewer where it is stored in half precision)
     return weight * xf.to(x.dtype)
