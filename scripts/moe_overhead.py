@@ -126,6 +126,8 @@ def _kernel_stand_in(state: dict) -> None:
     def kernel_forward(x, stacks, idx):
         if state["ops"] is not None:
             state["ops"].ops["mxfp4_kernel"] += 2
+            if idx.data_ptr() % 16:  # the kernel's wrapper copies a misaligned index first
+                state["ops"].ops["gpu: idx clone"] += 1
         if not state["exact"]:
             g, m, h = x.shape
             torch.empty(g, m, stacks["down_proj_blocks"].shape[2] * 32, dtype=x.dtype)
@@ -139,6 +141,24 @@ def _kernel_stand_in(state: dict) -> None:
     mm.kernel_applies = lambda x: x.shape[1] <= 16
     mm.kernel_forward = kernel_forward
     mm._STATE[(torch.float32, "cpu")] = True
+
+
+def _device_copies(state: dict) -> None:
+    """Counts, under ``state["ops"]``, what the stand-in skips but a GPU launches: each index
+    list's copy to the device (``layers.moe._index``) and the expert ids' copy to the host
+    (``_to_host``), as ``gpu: ...`` ops."""
+    import ollm.layers.moe as moe_mod
+
+    def counted(name: str, fn):
+        def wrapper(*a, **k):
+            if state["ops"] is not None:
+                state["ops"].ops[f"gpu: {name}"] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    moe_mod._index = counted("h2d index", moe_mod._index)
+    moe_mod._to_host = counted("d2h ids", moe_mod._to_host)
 
 
 def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
@@ -218,6 +238,7 @@ def measure(args) -> dict:
     kernel = {"ops": None, "moe": moe, "exact": False}  # the kernel stand-in's state
     if args.family == "gpt_oss":
         _kernel_stand_in(kernel)
+    _device_copies(kernel)
     cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead)
     g = torch.Generator().manual_seed(0)
     layers = cache.plan.layers
@@ -296,9 +317,12 @@ def measure(args) -> dict:
             mean=round(statistics.fmean(cs), 1),
         ),
         hit_rate=round(hits / max(1, hits + misses), 4),
-        ops_per_call=round(sum(counter.ops.values()) / ncalls, 2),
+        ops_per_call=round(sum(v for k, v in counter.ops.items() if "gpu:" not in k) / ncalls, 2),
         ops_per_call_without_copies=round(
-            sum(v for k, v in counter.ops.items() if k != "copy_") / ncalls, 2
+            sum(v for k, v in counter.ops.items() if k != "copy_" and "gpu:" not in k) / ncalls, 2
+        ),
+        gpu_ops_per_call=round(  # with what only a GPU launches (``gpu: ...``)
+            sum(counter.ops.values()) / ncalls, 2
         ),
         ops=dict(
             sorted(
@@ -386,12 +410,13 @@ def engine_decode(path: Path, tmp: Path, args, kernel: dict) -> dict:
             kernel["ops"] = c
             llm.generate(prompt, SamplingParams(max_new_tokens=n, temperature=0))
             kernel["ops"] = None
-        return c.ops + collections.Counter({f"host read {k}": v for k, v in reads.items()})
+        return c.ops + collections.Counter({f"host: read {k}": v for k, v in reads.items()})
 
     a, b = count(2), count(2 + args.engine_tokens)
     per = args.engine_tokens * spec.num_layers
     ops = {k: round((b[k] - a.get(k, 0)) / per, 2) for k in b if b[k] != a.get(k, 0)}
-    out["ops_per_layer_step"] = round(sum(v for k, v in ops.items() if "host" not in k), 2)
+    out["ops_per_layer_step"] = round(sum(v for k, v in ops.items() if ":" not in k), 2)
+    out["gpu_ops_per_layer_step"] = round(sum(v for k, v in ops.items() if "host" not in k), 2)
     out["ops_by_name"] = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
     llm.close()
     return out
