@@ -135,6 +135,7 @@ def measure(llm, args) -> dict:
         chunks_per_layer=round(iters / layers, 2),
         us_per_chunk_layer=round(wall / iters * 1e6, 1),
         cpu_us_per_chunk_layer=round(cpu / iters * 1e6, 1),
+        ops_per_step=ops,
         ops_per_chunk_layer=round(ops / iters, 2),
         top_ops_per_chunk_layer={k: round(v / iters, 2) for k, v in top},
         host_reads_per_step=dict(c["reads"]),

@@ -110,3 +110,32 @@ def test_run_writes_and_aligned_chunks_give_tokens_alone(llm, monkeypatch):
     assert [o.token_ids for o in outs] == want
     assert writes and chunks[0] == aligned_chunks([len(p) for p in prompts], 32)
     assert (70, 79) not in chunks[0] and any(c0 <= 70 and 79 <= c1 for c0, c1 in chunks[0])
+
+
+def test_prefill_chunk_ops_flat_in_batch(tmp_path):
+    """``scripts/batch_prefill_overhead.py`` over 2 layers (one with its KV in RAM, written by
+    runs): each 32-token prompt is one chunk per layer that reads no earlier keys, every more
+    prompt adds the same aten ops to the step (a chunk's work does not grow with the step's
+    sequences), and the step has one host read (the greedy picks)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"}
+    got = []
+    for batch in (2, 4, 6):
+        out = tmp_path / f"b{batch}.json"
+        cmd = [sys.executable, str(root / "scripts/batch_prefill_overhead.py"), "--layers", "2",
+               "--ram-layers", "1", "--batch", str(batch), "--prompt", "32", "--chunk", "32",
+               "--repeats", "1", "--run-writes", "--out", str(out)]  # fmt: skip
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+        got.append(json.loads(out.read_text()))
+    for r, batch in zip(got, (2, 4, 6), strict=True):
+        assert r["chunk_layer_iterations"] == 2 * batch
+        assert r["packed_calls_per_step"] == {"attend": 2 * batch}  # no _gather / _run_kv
+        assert r["host_reads_per_step"] == {"tolist": 1}
+    ops = [r["ops_per_step"] for r in got]
+    assert ops[2] - ops[1] == ops[1] - ops[0] > 0

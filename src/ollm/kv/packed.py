@@ -9,7 +9,8 @@ sequence's queries over its own gathered K/V with its own causal (and window) ma
 
 A layer's pool may sit in host memory (pinned RAM, a mapped file) while the layer computes on
 the GPU: rows of few queries (decodes) are then attended by the CPU where the K/V sits, longer
-ones (prefill) over K/V gathered to the GPU.
+ones (prefill) over K/V gathered to the GPU; prefill rows reach a pinned pool by asynchronous
+copies, one per (K/V, head, sequence) (`kv.prefill_rows`), not through a host sync.
 
 Cost: one-token sequences (decodes) are attended together (one gather and one kernel call per
 batch of them), longer ones each in turn; the projections and MLP, which dominate, run once for
