@@ -288,11 +288,11 @@ class Router:
             elif cpu:
                 qd = q_host
             o, s = attend_read(qd, kb, vb, valid, scale)
-            o = o.to(qh.device)  # lse stays where it is unless needed (a merge, sinks)
+            o = to_device(o, qh.device)  # lse stays where it is unless needed (a merge, sinks)
             if out is None:
                 out, lse = o, s
             else:
-                out, lse = merge_lse(out, lse.to(qh.device), o, s.to(qh.device))
+                out, lse = merge_lse(out, to_device(lse, qh.device), o, to_device(s, qh.device))
         return out, lse
 
     @staticmethod
@@ -307,7 +307,7 @@ class Router:
                 qh, k, v, heads, (sl - off).clamp(0, max(0, n - 1)), here, mask.q_start - off,
                 scale,
             )  # fmt: skip
-            o, s = o.to(qh.device), s.to(qh.device)
+            o, s = to_device(o, qh.device), to_device(s, qh.device)
             out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
         return out, lse
 
@@ -324,7 +324,7 @@ class Router:
                 o, s = blocked_attention_lse(
                     q1.to(k.device), k[:, hd : hd + 1], v[:, hd : hd + 1], m, scale, None, off
                 )
-                o, s = o.to(qh.device), s.to(qh.device)
+                o, s = to_device(o, qh.device), to_device(s, qh.device)
                 out, lse = (o, s) if out is None else merge_lse(out, lse, o, s)
             outs.append(out)
             lses.append(lse)
