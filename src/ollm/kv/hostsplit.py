@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
+from ollm.runtime.uva import to_device
 
 if TYPE_CHECKING:
     from ollm.kv.packed import DecodeBatch
@@ -179,8 +180,8 @@ class HostSplit:
             o_c, l_c = self._attend_cpu(lay, pool, qb, scale, scratch)
             if event is not None and self.adapt:
                 self.votes[0 if event.query() else 1] += 1
-            idx = lay.cpu.to(qb.device)
-            out[idx], lse[idx] = o_c.to(qb.device), l_c.to(qb.device)
+            idx = to_device(lay.cpu, qb.device)
+            out[idx], lse[idx] = to_device(o_c, qb.device), to_device(l_c, qb.device)
         if len(lay.gpu):
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
@@ -238,7 +239,7 @@ class HostSplit:
         """The rest: gathered on the CPU into kept host buffers and attended there."""
         kvh, bt, hd = pool.shape[1], pool.shape[3], pool.shape[4]
         b = len(lay.cpu)
-        q = qb.index_select(0, lay.cpu.to(qb.device)).to("cpu")
+        q = qb.index_select(0, to_device(lay.cpu, qb.device)).to("cpu")
         kv = []
         for i in (0, 1):
             src = pool[i].view(-1, bt * hd)
