@@ -139,3 +139,37 @@ def test_prefill_chunk_ops_flat_in_batch(tmp_path):
         assert r["host_reads_per_step"] == {"tolist": 1}
     ops = [r["ops_per_step"] for r in got]
     assert ops[2] - ops[1] == ops[1] - ops[0] > 0
+
+
+def test_engine_chunk_is_priced_in_packed_rows():
+    """Llama-3.1-8B shapes at 8 GiB with the H200's rates: the batch engine's chunk of its
+    packed row is the smallest power of two whose fixed cost is at most half its compute (2048
+    rows: 0.5 ms against 2 x 218M params x rows at 7.4e14 FLOP/s), never below the padded rule's
+    rows, capped by 1/8 of the budget for one packed row's temporaries (0: the whole step);
+    without rates the padded rule stands."""
+    from conftest import load_script
+    from ollm.planning.placement import Workload
+    from ollm.planning.sizing import (
+        CHUNK_OVERHEAD_S,
+        CHUNK_OVERHEAD_SHARE,
+        engine_chunk,
+        prefill_chunk,
+    )
+
+    pr = load_script("plan_report.py")
+    spec, store = pr.llama8b()
+    rates, layer, gib = pr.h200_rates(), store.max_layer_nbytes, 1 << 30
+    for batch in (16, 64):
+        work = Workload(batch, 2080, 2080)
+        padded = prefill_chunk(spec, work, 2, 8 * gib)
+        assert padded == 16384 // batch
+        rows = engine_chunk(spec, work, 2, 8 * gib, padded, layer, rates)
+        assert rows == 2048
+        row_s = 2 * layer / 2 / rates.gpu_flops
+        assert CHUNK_OVERHEAD_S <= CHUNK_OVERHEAD_SHARE * rows * row_s
+        assert CHUNK_OVERHEAD_S > CHUNK_OVERHEAD_SHARE * rows // 2 * row_s
+        assert engine_chunk(spec, work, 2, 8 * gib, padded, layer, None) == padded
+    small = Workload(2, 512, 512)  # a step of 1024 packed rows: one chunk
+    assert engine_chunk(spec, small, 2, 8 * gib, 0, layer, rates) == 0
+    tight = Workload(64, 2080, 2080)  # 1/8 of 256 MiB holds ~745 packed rows' temporaries
+    assert engine_chunk(spec, tight, 2, 256 << 20, 256, layer, rates) == 512
