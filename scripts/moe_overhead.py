@@ -1,7 +1,7 @@
 """Host time and torch ops per MoE layer in decode, measured on the CPU (issue 19):
 
     PYTHONPATH=src python scripts/moe_overhead.py [--out FILE] [--steps 300] [--slots N]
-        [--zipf A] [--cpu-compute off|on] [--lookahead]
+        [--zipf A] [--cpu-compute off|on] [--lookahead] [--family qwen3_moe|gpt_oss] [--resident]
 
 A qwen3_moe of tiny dimensions (hidden 64, experts of 32, so the arithmetic is ~0 and what is
 left is Python, dispatch and bookkeeping) with Qwen3-30B-A3B's routing shape (128 experts,
@@ -21,6 +21,13 @@ decode visits them. Measured per MoE call:
 * ``hit_rate`` of the cache and ``max_abs_diff`` against the resident per-expert path;
 * with ``--engine``: whole decode steps through the engine on the same stand-in and cache
   size (``engine``: microseconds per layer and step, and the MoE call's share of it).
+
+``--family gpt_oss``: gpt-oss-20b's routing (32 experts, top-4, router bias) at tiny widths, its
+experts MXFP4 in the slots as stored bytes (``coded_slots``, the device's path), a decode batch
+taking the Triton kernel's branch with a stand-in (two ops counted; no CUDA here); default 51
+slots of 128, as the device's run. ``gpu_ops_per_call`` adds what only a GPU launches (index
+copies, the ids' read-back, the kernel wrapper's copy of a misaligned index). ``--resident``:
+every expert on the device, no slots.
 
 With ``--lookahead`` (where the code under test has it) the cache predicts each next layer's
 experts and prefetches them; its prediction precision is reported. ``--zipf A`` skews the
@@ -161,7 +168,7 @@ def _device_copies(state: dict) -> None:
     moe_mod._to_host = counted("d2h ids", moe_mod._to_host)
 
 
-def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
+def _cache(llm, slots: int, cpu_compute: str, lookahead: bool, resident: bool = False):
     from ollm.layers.moe import sparse_weights
     from ollm.planning.experts import ExpertPlan
     from ollm.runtime.experts import ExpertCache
@@ -179,6 +186,9 @@ def _cache(llm, slots: int, cpu_compute: str, lookahead: bool):
     )  # fmt: skip
     if lookahead:  # the code under test must have it (ExpertPlan.lookahead)
         plan = dataclasses.replace(plan, lookahead=True)
+    if resident:  # every expert on the device (decoded at load when coded): no slots
+        plan = dataclasses.replace(plan, resident=True, ram=(0,) * len(layers), cache_slots=0,
+                                   coded_slots=False)  # fmt: skip
     return ExpertCache(st, plan, "cpu:1", IOStats(), sparse_weights)
 
 
@@ -239,7 +249,7 @@ def measure(args) -> dict:
     if args.family == "gpt_oss":
         _kernel_stand_in(kernel)
     _device_copies(kernel)
-    cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead)
+    cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead, args.resident)
     g = torch.Generator().manual_seed(0)
     layers = cache.plan.layers
     dense, bound = {}, {}
@@ -299,7 +309,7 @@ def measure(args) -> dict:
         torch=torch.__version__,
         family=args.family,
         shapes=_shapes(args.family, args.layers) | {"layers": len(layers)},
-        slots=args.slots,
+        slots=0 if args.resident else args.slots,
         total_experts=cache.plan.total,
         cpu_compute=args.cpu_compute,
         zipf=args.zipf,
@@ -445,6 +455,7 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=0.0)
     ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
     ap.add_argument("--lookahead", action="store_true")
+    ap.add_argument("--resident", action="store_true", help="every expert resident (no slots)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--engine", action="store_true", help="also whole decode steps per layer")
     ap.add_argument("--engine-tokens", type=int, default=48)

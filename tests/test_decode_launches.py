@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ollm.layers.moe as moe_mod
 from ollm.layers.norms import rms_norm
@@ -43,7 +44,38 @@ def test_float_weight_norm_promotes_the_weight_exactly(dtype):
         w = torch.randn(64, generator=g).to(wdt)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
-        assert torch.equal(rms_norm(x, w, 1e-5, False, True), (xf * w.float()).type_as(x))
+        with Casts() as c:
+            got = rms_norm(x, w, 1e-5, False, True)
+        assert torch.equal(got, (xf * w.float()).type_as(x))
+        assert c.n == 2 * (dtype != torch.float32)  # x to float32 and back; the weight: none
+
+
+class Casts(TorchDispatchMode):
+    """Counts dtype casts (``_to_copy``: a kernel each on a GPU)."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.__name__.startswith("_to_copy")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinks_promoted_in_the_subtraction_exactly(dtype):
+    """Attention sinks in half precision are promoted inside the subtraction (no cast kernel):
+    bit-equal to casting them first."""
+    from ollm.layers.attention import with_sinks
+
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(1, 4, 2, 8, generator=g).to(dtype)
+    lse = torch.randn(1, 4, 2, generator=g) * 5
+    for sdt in DTYPES:
+        sinks = torch.randn(4, generator=g).to(sdt)
+        keep = torch.sigmoid(lse - sinks.float()[None, :, None])
+        with Casts() as c:
+            got = with_sinks(out, lse, sinks)
+        assert torch.equal(got, out * keep.unsqueeze(-1).to(dtype))
+        assert c.n == (dtype != torch.float32)  # only the factor's cast to the output dtype
 
 
 def _spec(qk_norm: bool, unit_offset: bool = False, float_weight: bool = False):

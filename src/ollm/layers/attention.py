@@ -361,7 +361,8 @@ def attend_parts(
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """Attention output [B, H, T, D] with one more key of logit ``sinks`` [H] and value 0 in
     the softmax: each probability shrinks by Z / (Z + e^sink) = sigmoid(lse - sink)."""
-    keep = torch.sigmoid(lse.float() - sinks.to(lse.device).float()[None, :, None])
+    # half-precision sinks promoted inside the subtraction: their float32 values, no cast kernel
+    keep = torch.sigmoid(lse.float() - sinks.to(lse.device)[None, :, None])
     return out * keep.unsqueeze(-1).to(out.dtype)
 
 
