@@ -87,7 +87,8 @@ def test_run_writes_fill_the_pool_as_the_indexed_copy(llm, monkeypatch):
     monkeypatch.setattr(packed, "write_runs", lambda *a: writes.append(a[2]) or real(*a))
     monkeypatch.setattr(packed.PackedLayerKV, "run_writes", True)
     got = _pools_after_prefill(runner, prompts)
-    assert writes and all(n > packed.CPU_ATTEND_ROWS for w in writes for _, _, n in w)
+    # every piece of the prefill went by runs, a prefill's short tail in a chunk included
+    assert writes and any(n <= packed.CPU_ATTEND_ROWS for w in writes for _, _, n in w)
     assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 

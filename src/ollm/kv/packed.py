@@ -280,7 +280,9 @@ class PackedLayerKV:
             if s.key0 == s.start and a == s.row0:  # its only keys are these rows: no gather
                 ks, vs = k[:, :, a - r0 : b - r0], v[:, :, a - r0 : b - r0]
             else:
-                ks, vs = self._gather(s, upto, self._attend_device(b - a, q.device))
+                # by the sequence's rows in the step: a prefill's short tail in this chunk
+                # attends where its other chunks did (no host read, no sync)
+                ks, vs = self._gather(s, upto, self._attend_device(s.n, q.device))
             m = Mask(q_pos - s.key0, b - a, upto - s.key0, None, mask.window, mask.sinks, s.tree)
             o = attend(qs.to(ks.device), ks, vs, m, scale)
             out[:, :, a - r0 : b - r0] = to_device(o, q.device)
@@ -288,8 +290,8 @@ class PackedLayerKV:
 
     def _write(self, new: torch.Tensor, r0: int, r1: int) -> None:
         """Rows ``[r0, r1)``'s K/V ``new`` ``[2 kv_heads, T, D]`` into the pool: from a GPU into
-        a pinned host pool where every sequence of the rows is a run of more than
-        ``CPU_ATTEND_ROWS`` rows (prefill), one contiguous copy per (K/V, head, sequence)
+        a pinned host pool where every sequence of the rows is a run with more than
+        ``CPU_ATTEND_ROWS`` rows in the step (prefill), one copy per (K/V, head, sequence)
         (`write_runs`: asynchronous, an event for the host's readers); else one indexed copy
         through the step's slot indices (to a host pool: a host sync on a GPU)."""
         pool, lay = self.pool, self.layout
@@ -297,11 +299,11 @@ class PackedLayerKV:
         # From a GPU only into pinned RAM (a copy into pageable memory waits for the GPU).
         host = self.run_writes or (new.device.type == "cuda" and self._pinned)
         host = host and pool.device.type == "cpu" and pool.is_contiguous()
-        pieces = (
-            run_pieces(lay.overlapping(r0, r1), r0, r1, self.store.block_tokens) if host else None
-        )
-        # Only rows the GPU attends: a piece the CPU attends (decodes) reads the pool at once.
-        if pieces and all(n > CPU_ATTEND_ROWS for _, _, n in pieces):
+        seqs = lay.overlapping(r0, r1)
+        # Only rows the GPU attends: a sequence the CPU attends (decodes) reads the pool at once.
+        host = host and all(s.n > CPU_ATTEND_ROWS for s in seqs)
+        pieces = run_pieces(seqs, r0, r1, self.store.block_tokens) if host else None
+        if pieces:
             write_runs(pool, new, pieces)
             if new.device.type == "cuda":
                 self._pending = torch.cuda.Event()
