@@ -46,8 +46,9 @@ def prefill_chunk(spec, work: Workload, dtype_bytes: int, budget: int | None) ->
 # A batch-engine prefill chunk's fixed cost per layer (host work and kernel launches, whatever
 # its rows) and the most of the chunk's compute it may add: chunks are made at least that large.
 # The H200 ran B=64 x 2k in 256-row chunks at ~1.5 ms per chunk and layer, ~0.2 ms of it
-# compute, with a host sync per chunk (the pool write) since removed; the CPU VM's host part of
-# a chunk (scripts/batch_prefill_overhead.py) is ~0.5 ms. A device measurement should set it.
+# compute, with a host sync per chunk (the pool write) since removed; on the CPU VM a chunk's
+# host work is ~0.26 ms per layer (scripts/batch_prefill_overhead.py, tiny widths: 64- vs
+# 512-row chunks), ~50 kernel launches more on a GPU. A device measurement should set it.
 CHUNK_OVERHEAD_S = 0.5e-3
 CHUNK_OVERHEAD_SHARE = 0.5
 
