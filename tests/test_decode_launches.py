@@ -210,3 +210,37 @@ def test_resident_experts_decode_without_a_host_read(family, tmp_path, monkeypat
             moe_mlp(x, sw, moe, act)
         assert reads  # several rows: the ids are read (rows grouped by expert on the host)
         cache.close()
+
+
+def _overhead(*flags: str) -> dict:
+    """scripts/moe_overhead.py's report, run in its own process (it patches module globals)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(root / "scripts" / "moe_overhead.py"), "--steps", "4", *flags]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def test_overhead_script_plays_the_mxfp4_kernel_and_counts_gpu_ops():
+    """gpt_oss: the kernel's branch taken (two ops a batch), exact outputs, one host read per
+    call, the GPU-only copies counted on top; the engine's ops per layer and step reported."""
+    out = _overhead("--family", "gpt_oss", "--layers", "2", "--slots", "20", "--engine",
+                    "--engine-tokens", "4", "--engine-runs", "1")  # fmt: skip
+    assert out["ops"]["mxfp4_kernel"] >= 2 and out["max_abs_diff"] == 0.0
+    assert out["host_reads_per_call"] == {"tolist": 1.0}
+    assert out["ops"]["gpu: d2h ids"] == 1.0 and out["gpu_ops_per_call"] > out["ops_per_call"]
+    assert "gpu: idx clone" not in out["ops"]  # the slot rows lead the index: aligned
+    assert out["engine"]["ops_per_layer_step"] > out["ops_per_call"]
+
+
+def test_overhead_script_resident_reads_nothing():
+    out = _overhead("--resident", "--layers", "2")
+    assert out["host_reads_per_call"] == {} and out["max_abs_diff"] == 0.0
+    assert out["gpu_ops_per_call"] == out["ops_per_call"]  # no index or ids copies
