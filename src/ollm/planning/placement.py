@@ -222,6 +222,15 @@ class Workload:
     prefill_tokens: int = 4096
 
 
+# From this many sequences the batch engine's plan computes no layer on the CPU (unless
+# ``cpu_layers`` asks): at batch 16 on the H200 host the cost model priced 10-12 CPU layers at
+# a 0.16 s step; the engine measured 0.25-0.30 s with them in three of three calls and kept
+# streaming them instead (``StepMode``), on a plan that had given their room to KV, not to
+# resident layers. Without CPU layers the same budget keeps 12 layers resident and the KV in
+# RAM, attended where it sits (docs/benchmarks.md, seventh session).
+BATCH_NO_CPU_LAYERS = 8
+
+
 def plan_placement(
     spec,
     store,
@@ -261,6 +270,8 @@ def plan_placement(
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
     engine = batch_engine_runs(spec, work, kv_format) if batch_engine is None else batch_engine
+    if engine and hybrid == "auto" and cpu_layers is None and work.batch >= BATCH_NO_CPU_LAYERS:
+        cpu_layers = 0  # a batch's CPU-computed layers: see BATCH_NO_CPU_LAYERS
 
     def again(chunk: int | None, fetch_buffers: int, mode: str = prefill_residual):
         return plan_placement(
