@@ -143,8 +143,8 @@ def test_plan_counts_the_workspace_with_every_layer_on_the_device(spec):
     plan = plan_placement(model, store, "cuda:0", 8 << 30, None, work=work, kv_format=fmt)
     assert all(p.kv_tier == "device" for p in plan.layers)
     assert plan.prefill_chunk_tokens == 16384
-    decoded = 2 * (16384 + 159) * 8 * 128 * 2
-    transients = codec_attention_bytes(1, 32, 8, 128, 2, 16384, 128, 32)
+    decoded = 2 * (16384 + 128 + fmt.block - 1) * 8 * 128 * 2  # int4: 16-token key groups
+    transients = codec_attention_bytes(1, 32, 8, 128, 2, 16384, 128, fmt.block)
     exact_attn = 16384 * (32 * 128 * 2 + 12 * 32)  # activation_parts' flash attention
     assert plan.reserved["codec workspace"] == decoded + transients - exact_attn
     assert plan.reserved["kv cache"] == 32 * fmt.layer_bytes(1, 8, 128, 2, 32768)

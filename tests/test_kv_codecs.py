@@ -65,7 +65,7 @@ def test_fp8_codec_relative_error():
 
 
 def test_code_store_blocks_and_bytes():
-    codec = parse_kv_codec("k:int4,v:int8", recent=0)
+    codec = parse_kv_codec("k:int4,v:int8", recent=0, group=32)
     store = CodeStore(codec, 2, 2, 100, 64, torch.float32)
     assert store.slots == 128  # whole blocks of 32
     k, v = _values((2, 2, 64, 64)), _values((2, 2, 64, 64), seed=2)
@@ -105,6 +105,8 @@ def _reference(codec, q, k, v, start):
     store.write(0, k[:, :, :full], v[:, :, :full])
     kd, vd = k.clone(), v.clone()
     store.read(0, full, kd[:, :, :full], vd[:, :, :full])
+    sinks = codec.sink_slots  # kept exact beside their codes
+    kd[:, :, :sinks], vd[:, :, :sinks] = k[:, :, :sinks], v[:, :, :sinks]
     rep = q.shape[1] // kvh
     rows = []
     for i in range(q.shape[2]):
@@ -240,9 +242,9 @@ def test_device_script_runs_on_the_cpu(tmp_path):
         num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, vocab_size=256,
     )  # fmt: skip
-    mod.RECENT = 16
+    mod.RECENT = 16  # 600 tokens: the 32 exact sink tokens are a small part of them
     (row,) = mod.bench(
-        store, contexts=(300,), new=3, codecs=("none", "int4"), device="cpu",
+        store, contexts=(600,), new=3, codecs=("none", "int4"), device="cpu",
         cache_dir=tmp_path / "c",
     )  # fmt: skip
     none, int4 = row["runs"]["none"], row["runs"]["int4"]
@@ -276,11 +278,12 @@ def test_bench_floors_count_compressed_kv(tiny, tmp_path):
     probes = {"h2d_pinned_GBps": 10.0, "ram_GBps": 20.0, "gpu_mem_GBps": 1000.0}
     elem = store.dtype.itemsize
     fmt = kv_format("int4", 16, spec.head_dim, elem)
-    exact = compute_floors(spec, store, plan, probes, prompt_tokens=200)
-    packed = compute_floors(spec, store, plan, probes, prompt_tokens=200, kv_format=fmt)
+    # 1000 tokens: the exact tail (recent + block + 32 sink tokens) is a small part of them
+    exact = compute_floors(spec, store, plan, probes, prompt_tokens=1000)
+    packed = compute_floors(spec, store, plan, probes, prompt_tokens=1000, kv_format=fmt)
     assert exact["kv_fetched_layers"] == 0 and "kv_s" in exact["decode"]  # CPU reads RAM KV
     assert packed["kv_fetched_layers"] == 1 and "kv_s" not in packed["decode"]
-    stored = fmt.layer_bytes(1, spec.num_kv_heads, spec.head_dim, elem, 201)
+    stored = fmt.layer_bytes(1, spec.num_kv_heads, spec.head_dim, elem, 1001)
     assert packed["kv_fetched_bytes_decode"] == stored
-    assert stored < 2 * spec.num_kv_heads * spec.head_dim * elem * 201 / 2
+    assert stored < 2 * spec.num_kv_heads * spec.head_dim * elem * 1001 / 2
     store.close()

@@ -89,7 +89,7 @@ def test_attention_equals_decode_then_attend(spec, name):
 
 
 def test_bytes_held_are_the_encoded_ones():
-    codec = parse_kv_codec("int4", 32)
+    codec = parse_kv_codec("int4", 32, group=32)  # keys in blocks of 32 positions
     policy = EvictionPolicy("h2o", 0.5)
     cache = EncodedEvictingKVCache(1, 1, 256, 2048, torch.float32, "cpu", policy, 256, codec)
     q, k, v = (torch.randn(1, h, 2048, 256) for h in (4, 1, 1))
@@ -110,7 +110,7 @@ def test_bytes_held_are_the_encoded_ones():
 
 def test_trim():
     q, k, v = _qkv(200, seed=4)
-    codec = parse_kv_codec("int4", 16)
+    codec = parse_kv_codec("int4", 16, group=32)  # blocks of 32 positions
     cache = EncodedEvictingKVCache(1, 2, D, 200, torch.float32, "cpu",
                                    EvictionPolicy("streaming", 80), 64, codec)  # fmt: skip
     pos = 0

@@ -125,10 +125,11 @@ def one(codec_name: str, context: int, device="cuda", dtype=torch.bfloat16, step
 
 
 def _decoded(cache, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache's encoded slots decoded (the reference's keys and values)."""
+    """The cache's encoded slots decoded (the reference's keys and values; exact sinks in
+    place, as attention reads them)."""
     n = cache.encoded
     dec = tuple(torch.empty(1, KVH, n, D, device=device, dtype=dtype) for _ in "kv")
-    cache.store.read(0, n, dec[0], dec[1])
+    cache._sinked(cache.store).read(0, n, dec[0], dec[1])
     return dec
 
 

@@ -21,7 +21,7 @@ its offload tier.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,7 +64,8 @@ def batch_unsupported(runner) -> str | None:
 
 def _codecs(runner, all_disk: bool = False) -> dict[Home, object]:
     """The codec of each home's full-attention pools (``codec_for_tier``: ``auto`` leaves the
-    device's exact); homes without one are absent."""
+    device's exact); homes without one are absent. Paged pools encode every block: the exact
+    sinks of the single-request caches (``KVCodec.sinks``) are not kept here (sinks 0)."""
     spec = getattr(runner, "kv_codec", "none")
     if spec == "none":
         return {}
@@ -73,7 +74,7 @@ def _codecs(runner, all_disk: bool = False) -> dict[Home, object]:
     for h in set(layer_homes(runner.plan, all_disk)):
         codec = codec_for_tier(spec, kv_tier[h], runner.kv_recent)
         if codec is not None:
-            out[h] = codec
+            out[h] = replace(codec, sinks=0) if isinstance(codec, KVCodec) else codec
     return out
 
 

@@ -24,8 +24,9 @@ REFERENCE = {"kv_heads": 8, "head_dim": 128, "elem_bytes": 2, "layer_bytes": 436
 REFERENCE_CONTEXT = 32768
 
 
-def codec_costs(head_dim: int, elem_bytes: int, group: int = 32) -> list[CodecCost]:
-    """``AUTO_CANDIDATES`` as the chooser sees them (exact first)."""
+def codec_costs(head_dim: int, elem_bytes: int, group: int | None = None) -> list[CodecCost]:
+    """``AUTO_CANDIDATES`` as the chooser sees them (exact first; ``group`` None: the codecs'
+    default groups, what ``auto`` resolves to)."""
     from ollm.kv.codecs import parse_kv_codec
 
     out = [CodecCost("none", 2.0 * head_dim * elem_bytes)]
@@ -55,7 +56,7 @@ def choose(
 ) -> KvCodecChoice:
     """``planning.kv_choice.choose_kv_codecs`` over ``AUTO_CANDIDATES`` for these shapes."""
     shape = KvShape(kv_heads, head_dim, elem_bytes, recent, group)
-    return choose_kv_codecs(codec_costs(head_dim, elem_bytes, group), rates, shape, context,
+    return choose_kv_codecs(codec_costs(head_dim, elem_bytes), rates, shape, context,
                             weight_s)  # fmt: skip
 
 

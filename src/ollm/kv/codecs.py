@@ -30,6 +30,13 @@ _F16_MAX = 65504.0
 # fp8 is not measured: taken as int8 (one conversion pass per code, as int8's promotion).
 CPU_ATTN_COST = {"none": 1.0, "int8": 34 / 24, "int4": 50 / 24, "fp8": 34 / 24}
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Defaults of ``parse_kv_codec`` (docs/benchmarks.md, "int4 KV: exact sinks, 16-token key
+# groups"): with an int4 or fp8 side the first 32 tokens exact (``KVCodec.sinks``); int4 keys
+# in per-channel groups of 16 tokens (+32 B per token at head_dim 256); values per 32 channels.
+SINKS = 32
+SINK_KINDS = ("int4", "fp8")
+GROUP = 32
+KEY_GROUP = {"int4": 16}
 
 
 def fp8_supported() -> bool:
@@ -185,17 +192,28 @@ def decode(
 @dataclass(frozen=True)
 class KVCodec:
     """Codecs of keys and values and the full-precision window: slots older than the ``recent``
-    newest tokens are encoded in blocks of ``key.group`` tokens (the key's channel groups)."""
+    newest tokens are encoded in blocks of ``key.group`` tokens (the key's channel groups).
+    ``sinks``: the first tokens of the sequence (attention sinks, rounded up to whole blocks:
+    ``sink_slots``) stay exact too, beside their codes, in caches that keep them
+    (``kv/compressed.py``; the paged pools and evicting caches encode them as any block)."""
 
     key: SideCodec
     value: SideCodec
     recent: int = 128
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.key.axis != "channel" or self.value.axis != "token":
             raise ValueError("keys are quantized per channel and values per token")
         if self.recent < 0:
             raise ValueError("the recent window must be >= 0 tokens")
+        if self.sinks < 0:
+            raise ValueError("the exact sink tokens must be >= 0")
+
+    @property
+    def sink_slots(self) -> int:
+        """Slots [0, sink_slots) kept exact: ``sinks`` rounded up to whole blocks."""
+        return -(-self.sinks // self.block) * self.block
 
     @property
     def block(self) -> int:
@@ -218,7 +236,8 @@ class KVCodec:
         return self.bytes_per_token(head_dim, elem_bytes) / (2 * head_dim * elem_bytes)
 
     def describe(self) -> str:
-        return f"k:{self.key.kind},v:{self.value.kind} recent {self.recent}"
+        sinks = f" sinks {self.sink_slots}" if self.sinks else ""
+        return f"k:{self.key.kind},v:{self.value.kind} recent {self.recent}{sinks}"
 
     @property
     def cpu_attn_cost(self) -> float:
@@ -227,10 +246,14 @@ class KVCodec:
         return (CPU_ATTN_COST[self.key.kind] + CPU_ATTN_COST[self.value.kind]) / 2
 
 
-def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCodec | None:
-    """``"int8"``, ``"int4"``, ``"fp8"``, ``"k:int4,v:int8"`` -> a KVCodec; ``"none"`` / ``None``
-    -> None (exact KV). ``"auto"`` is resolved per tier by ``codec_for_tier``. ValueError with
-    one line on anything else."""
+def parse_kv_codec(
+    spec: str | None, recent: int = 128, group: int | None = None, sinks: int | None = None
+) -> KVCodec | None:
+    """``"int8"``, ``"int4"``, ``"fp8"``, ``"k:int4,v:int8"`` (``",sinks:N"`` after any: N exact
+    tokens at the start) -> a KVCodec; ``"none"`` / ``None`` -> None (exact KV). ``"auto"`` is resolved per tier by ``codec_for_tier``. ValueError with
+    one line on anything else. ``group``: tokens per key group and channels per value group
+    (None: ``KEY_GROUP`` by the key's kind, 32 channels); ``sinks``: exact tokens at the start
+    (``KVCodec.sinks``; None: ``SINKS`` with an int4 or fp8 side, else 0)."""
     if spec is None:
         return None
     text = str(spec).strip().lower()
@@ -243,7 +266,8 @@ def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCo
     if "rest" in text or text[:1].isdigit():  # a schedule: 4k:bf16,32k:int8,rest:int4
         from ollm.kv.temporal import parse_kv_temporal
 
-        return parse_kv_temporal(text, group)
+        return parse_kv_temporal(text, group or GROUP)
+    text, sinks = _sinks_part(text, spec, sinks)
     kinds: dict[str, str] = {}
     if ":" not in text:
         kinds = {"k": text, "v": text}
@@ -261,8 +285,26 @@ def parse_kv_codec(spec: str | None, recent: int = 128, group: int = 32) -> KVCo
     if kinds["k"] == kinds["v"] == "none":
         return None
     return KVCodec(
-        SideCodec(kinds["k"], "channel", group), SideCodec(kinds["v"], "token", group), recent
+        SideCodec(kinds["k"], "channel", group or KEY_GROUP.get(kinds["k"], GROUP)),
+        SideCodec(kinds["v"], "token", group or GROUP),
+        recent,
+        (SINKS if set(kinds.values()) & set(SINK_KINDS) else 0) if sinks is None else sinks,
     )
+
+
+def _sinks_part(text: str, spec, sinks: int | None) -> tuple[str, int | None]:
+    """``text`` without its ``sinks:N`` part (``int4,sinks:0``: exact tokens at the start) and
+    N, else ``sinks``."""
+    rest = []
+    for part in text.split(","):
+        name, _, n = part.strip().partition(":")
+        if name != "sinks":
+            rest.append(part)
+        elif n.strip().isdigit():
+            sinks = int(n)
+        else:
+            raise ValueError(f"bad KV codec {spec!r}: sinks:N takes a number of tokens")
+    return ",".join(rest), sinks
 
 
 def codec_for_tier(spec, tier: KvTier, recent: int = 128, choice=None) -> KVCodec | None:
@@ -387,6 +429,18 @@ class CodeStore:
         decode(kc[:, :, a:b], kp[:, :, ka:kb], self.codec.key, k_out)
         decode(vc[:, :, a:b], vp[:, :, a:b], self.codec.value, v_out)
 
+    def shifted(self, start: int) -> CodeStore:
+        """A view of this store's slots [start, slots) as a store of its own (``start``
+        block-aligned; no copy): readers of slots [0, n) of the view read [start, start + n)."""
+        assert start % self.codec.block == 0, "a shifted store starts at a whole block"
+        view = object.__new__(CodeStore)
+        view.__dict__.update(self.__dict__)
+        view.slots = self.slots - start
+        view.kc, view.kp, view.vc, view.vp = (
+            t[:, :, lo:] for t, (lo, _) in zip(self.tensors(), self.rows(start, start), strict=True)
+        )
+        return view
+
     def copy_from(self, src: CodeStore, a: int, b: int) -> None:
         """This store's slots [a, b) = ``src``'s (another device: one DMA per sequence and head)."""
         for dst_t, src_t, (lo, hi) in zip(
@@ -440,5 +494,6 @@ def kv_format(spec, recent: int, head_dim: int, elem_bytes: int, tier: KvTier | 
                 "mid_bytes_per_token": mid.bytes_per_token(head_dim, elem_bytes)}  # fmt: skip
     return KVFormat(
         per_token, codec.recent + codec.block, codec.block, tiers[KvTier.DEVICE] is not None,
-        codec.cpu_attn_cost, ram=tiers[KvTier.CPU] is not None, **ring,
+        codec.cpu_attn_cost, ram=tiers[KvTier.CPU] is not None,
+        sink_tokens=getattr(codec, "sink_slots", 0), **ring,
     )  # fmt: skip

@@ -126,6 +126,12 @@ class CompressedKVCache:
         where = self.home if tail_device is None else torch.device(tail_device)
         self.tail_k = torch.empty(tail, dtype=dtype, device=where)
         self.tail_v = torch.empty(tail, dtype=dtype, device=where)
+        # Attention sinks (``KVCodec.sink_slots``): the first slots' exact values, kept beside
+        # their codes; every read of encoded slots sees these in their place.
+        self.sink_slots = min(getattr(codec, "sink_slots", 0), capacity)
+        sink = (batch, kv_heads, self.sink_slots, head_dim)
+        self.sink_k = torch.empty(sink, dtype=dtype, device=where)
+        self.sink_v = torch.empty(sink, dtype=dtype, device=where)
         self.length = self.encoded = 0
         self._copied: torch.cuda.Event | None = None  # writes to RAM the CPU must wait for
 
@@ -160,6 +166,10 @@ class CompressedKVCache:
         ek = torch.cat([self.tail_k[:, :, : start - e0].to(work), k.to(work, self.dtype)], 2)
         ev = torch.cat([self.tail_v[:, :, : start - e0].to(work), v.to(work, self.dtype)], 2)
         self.store.write(e0, ek[:, :, : e1 - e0], ev[:, :, : e1 - e0])
+        if e0 < min(e1, self.sink_slots):  # sinks being encoded: keep their exact values
+            n = min(e1, self.sink_slots)
+            self.sink_k[:, :, e0:n].copy_(ek[:, :, : n - e0])
+            self.sink_v[:, :, e0:n].copy_(ev[:, :, : n - e0])
         out = self._attend(q.to(work), ek, ev, (e0, e1, start, end), mask, scale)
         n = end - e1
         self.tail_k[:, :, :n].copy_(ek[:, :, e1 - e0 :], non_blocking=True)
@@ -202,10 +212,25 @@ class CompressedKVCache:
         out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
         return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
 
-    def _attend_encoded(self, q, src: CodeStore, a: int, mask: AttentionMask, scale: float):
+    def _attend_encoded(self, q, src, a: int, mask: AttentionMask, scale: float):
         """(out, lse) of q over the encoded slots [0, a) every row sees: a decode step on the
         GPU reads the codes in a Triton kernel (``kv/codec_triton.py``), anything else decodes
-        them chunk by chunk; (None, None) when there are none."""
+        them chunk by chunk; (None, None) when there are none. Exact sinks: attended apart,
+        then the slots [sinks, a) as a store of their own (the kernels' format unchanged)."""
+        s = min(self.sink_slots, a)
+        if not s or mask.key_keep is not None:  # masked: ``_Sinked.read`` puts them back
+            return self._attend_codes(q, src, a, mask, scale)
+        dev = q.device
+        out, lse = attend_lse(
+            q, self.sink_k[:, :, :s].to(dev), self.sink_v[:, :, :s].to(dev), scale
+        )
+        if a > s:
+            o, l2 = self._attend_codes(q, src.inner.shifted(s), a - s, mask, scale)
+            out, lse = merge_lse(out, lse, o, l2)
+        return out, lse
+
+    def _attend_codes(self, q, src, a: int, mask: AttentionMask, scale: float):
+        """``_attend_encoded`` over codes only (no exact sinks)."""
         if a and mask.key_keep is None:
             fast = codec_triton.fast_lse(q, src, a, scale, self._encoded_torch)
             if fast is not None:
@@ -279,12 +304,16 @@ class CompressedKVCache:
         """The encoded slots [0, upto) readable on ``device``: the store, or a copy of its bytes
         in the workspace's staging store (compressed bytes cross the link, not decoded ones)."""
         if device == self.home or upto == 0:
-            return self.store
+            return self._sinked(self.store)
         staging = self.workspace.staging(self.store, device)
         staging.copy_from(self.store, 0, upto)
         if self.stats is not None and device.type == "cuda":
             self.stats.add(bytes_h2d=self.store.range_nbytes(0, upto))
-        return staging
+        return self._sinked(staging)
+
+    def _sinked(self, store: CodeStore):
+        """``store``, or with exact sinks a reader of it that puts them in place."""
+        return _Sinked(store, self.sink_k, self.sink_v) if self.sink_slots else store
 
     def _sync(self) -> None:
         if self._copied is not None:
@@ -308,7 +337,7 @@ class CompressedKVCache:
             b, h, _, d = self.tail_k.shape
             hi = -(-keep // g) * g
             kb, vb = self.workspace.decoded((b, h, hi - e, d), self.dtype, self.home)
-            self.store.read(e, hi, kb, vb)
+            self._sinked(self.store).read(e, hi, kb, vb)
             self.tail_k[:, :, : keep - e] = kb[:, :, : keep - e]
             self.tail_v[:, :, : keep - e] = vb[:, :, : keep - e]
             self.encoded = e
@@ -316,14 +345,17 @@ class CompressedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: encoded store plus exact tail."""
-        return self.store.nbytes + 2 * self.tail_k.numel() * self.tail_k.element_size()
+        """Bytes held: encoded store plus exact tail and sinks."""
+        exact = self.tail_k.numel() + self.sink_k.numel()
+        return self.store.nbytes + 2 * exact * self.tail_k.element_size()
 
     def bytes_read(self) -> int:
-        """Bytes a decode step reads now: the encoded prefix (parameters included) and the
-        exact tail (``CodeStore.range_nbytes``)."""
-        tail = 2 * (self.length - self.encoded) * self.tail_k[:, :, :1].numel()
-        return self.store.range_nbytes(0, self.encoded) + tail * self.tail_k.element_size()
+        """Bytes a decode step reads now: the encoded prefix (parameters included; the sinks'
+        codes are not read), the exact tail and sinks (``CodeStore.range_nbytes``)."""
+        s = min(self.sink_slots, self.encoded)
+        exact = 2 * (self.length - self.encoded + s) * self.tail_k[:, :, :1].numel()
+        codes = self.store.range_nbytes(s, self.encoded)
+        return codes + exact * self.tail_k.element_size()
 
     def flush(self) -> bool:
         """Nothing is buffered elsewhere."""
@@ -339,6 +371,21 @@ class CompressedKVCache:
             self._sync()
         if self._pinned:
             unpin(self.store.raw)
+
+
+class _Sinked:
+    """Reads a CodeStore's slots with the exact sinks in place of their decoded codes (the
+    multi-row paths that decode slots into buffers: ``src.read``)."""
+
+    def __init__(self, inner: CodeStore, sink_k: torch.Tensor, sink_v: torch.Tensor) -> None:
+        self.inner, self.sink_k, self.sink_v = inner, sink_k, sink_v
+
+    def read(self, a: int, b: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        self.inner.read(a, b, k_out, v_out)
+        n = min(b, self.sink_k.shape[2]) - a
+        if n > 0:
+            k_out[:, :, :n].copy_(self.sink_k[:, :, a : a + n])
+            v_out[:, :, :n].copy_(self.sink_v[:, :, a : a + n])
 
 
 class CompressedCaches:

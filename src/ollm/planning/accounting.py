@@ -218,6 +218,7 @@ class KVFormat:
     mid_span: int = 0  # a temporal schedule (kv/temporal.py): tokens its middle tier spans
     mid_bytes_per_token: float = 0.0  # and their stored bytes per token and KV head
     ram: bool = True  # pinned-RAM KV stored so too (``auto`` may encode only the disk tier's)
+    sink_tokens: int = 0  # first tokens kept exact beside their codes (``KVCodec.sink_slots``)
 
     def layer_bytes(
         self, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int,
@@ -226,7 +227,7 @@ class KVFormat:
         """Bytes of one layer's ``CompressedKVCache`` for ``batch`` x ``context`` tokens (a
         temporal schedule's middle-tier ring sized for forwards of ``forward`` rows)."""
         slots = -(-context // self.block) * self.block
-        tail = 2 * head_dim * dtype_bytes * min(context, self.tail_tokens)
+        tail = 2 * head_dim * dtype_bytes * min(context, self.tail_tokens + self.sink_tokens)
         ring = 0.0
         if self.mid_span:  # the deep store holds what gets older than the middle tier
             fwd = context if forward is None else forward
