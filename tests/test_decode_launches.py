@@ -244,3 +244,20 @@ def test_overhead_script_resident_reads_nothing():
     out = _overhead("--resident", "--layers", "2")
     assert out["host_reads_per_call"] == {} and out["max_abs_diff"] == 0.0
     assert out["gpu_ops_per_call"] == out["ops_per_call"]  # no index or ids copies
+
+
+def test_batch_indices_reach_a_gpu_by_kernel_reads(monkeypatch):
+    """A batch's index (and the CPU's outputs) go to a CUDA device through ``uva.to_device``
+    (a kernel's read of pinned memory: not queued behind the misses' expert copies on the
+    copy engine), unless ``OLLM_UVA`` turns it off; the CPU keeps the array's tensor."""
+    sent = []
+    monkeypatch.setattr(moe_mod, "to_device", lambda t, d: sent.append((t.tolist(), d)) or t)
+    cuda = torch.device("cuda", 0)
+    moe_mod._index([3, 1, 2], cuda)
+    assert sent == [([3, 1, 2], cuda)]
+    assert moe_mod._index([4], torch.device("cpu")).tolist() == [4] and len(sent) == 1
+    monkeypatch.setenv("OLLM_UVA", "0")
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)  # no CUDA here
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: ("copied", a, k))
+    assert moe_mod._index([5], cuda) == ("copied", (cuda,), {"non_blocking": True})
+    assert len(sent) == 1

@@ -35,6 +35,7 @@ from ollm.layers.moe_batched import (
 from ollm.layers.moe_batched import experts_forward as experts_forward  # re-exported
 from ollm.layers.moe_mxfp4 import coded_forward, decode_weights, is_coded
 from ollm.runtime.expert_stacks import stacked_batch
+from ollm.runtime.uva import enabled as uva_enabled
 from ollm.runtime.uva import to_device
 
 Weights = Mapping[str, torch.Tensor]
@@ -207,10 +208,20 @@ class ResidentExperts:
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``: through pinned memory, without a sync
-    (built from an int64 array: a fraction of ``torch.tensor``'s time for a Python list)."""
+    """``values`` as an int64 tensor on ``device`` without a sync (built from an int64 array: a
+    fraction of ``torch.tensor``'s time for a Python list)."""
     t = torch.frombuffer(array("q", values), dtype=torch.int64)
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else _to_dev(t, device)
+
+
+def _to_dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on the accelerator ``device`` without a sync: on CUDA read by a kernel
+    from pinned memory (``runtime/uva.to_device``), so a batch's index or the CPU's outputs do
+    not queue behind the misses' expert copies on the copy engine (the hits would compute only
+    once every copy landed); through pinned memory where that is off."""
+    if device.type == "cuda" and uva_enabled():
+        return to_device(t, device)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -322,8 +333,8 @@ def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) ->
             ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act))
             dst += r
         y = torch.cat(ys)
-        if dev0.type != "cpu":  # through pinned memory: the copy does not wait on the host
-            y = (y.pin_memory() if dev0.type == "cuda" else y).to(dev0, non_blocking=True)
+        if dev0.type != "cpu":  # not behind the expert copies, no host sync
+            y = _to_dev(y, dev0)
         slots.index_put_((_index(dst, dev0),), y)
     elif batched:
         for part in _sub_batches(batch):
