@@ -248,6 +248,22 @@ def prefix_case(llm, tokens: int, new_tokens: int, seed: int) -> dict:
     return out
 
 
+def _machine_probes(device: str, store, tokens: int) -> dict:
+    """``bench.probes.measure_bandwidth`` for ``store``'s dtype and largest projection."""
+    from ollm.bench.probes import measure_bandwidth
+    from ollm.bench.run import linear_shape
+    from ollm.models.registry import build_spec
+    from ollm.storage.store import LayerStore
+
+    meta = LayerStore(store)
+    try:
+        linear = linear_shape(build_spec(meta.hf_config()), tokens)
+        dtype = meta.dtype
+    finally:
+        meta.close()
+    return measure_bandwidth(device, store, dtype, linear)
+
+
 def run_batch_bench(
     *,
     model: str | None,
@@ -268,8 +284,7 @@ def run_batch_bench(
     default: measured slower), ``stream_all_batches`` with no CPU-computed layers, in the same
     process."""
     from ollm import LLM
-    from ollm.bench.probes import measure_bandwidth
-    from ollm.bench.run import _CONFIG_KEYS, linear_shape, resolve_model
+    from ollm.bench.run import _CONFIG_KEYS, resolve_model
     from ollm.config import EngineConfig
 
     kw = dict(llm_kwargs or {})
@@ -279,10 +294,12 @@ def run_batch_bench(
     n, m = prompt_tokens or n_default, new_tokens or m_default
     store, name = resolve_model(model, synthetic, cfg.cache_dir, progress, device, cfg.offload)
     top = max(*batches, PREFIX_REQUESTS)
+    # The machine's probes before the engine exists, as `ollm bench` does: their buffers then
+    # never sit beside the engine's (the process's peak reserved memory stays the engine's).
+    probes = _machine_probes(device, store, n)
     llm = LLM(store, **{**kw, "device": device, "progress": progress}, max_batch=top,
               max_context=n + m)  # fmt: skip
     try:
-        probes = measure_bandwidth(device, store, llm.dtype, linear_shape(llm.spec, n))
         warm = BatchEngine.for_plan(llm.runner, None, (), 1, n + m)  # first-pass costs
         warm.generate(prompts(1, min(n, 32), llm.spec.vocab_size, seed), _params(2))
         warm.close()

@@ -231,6 +231,14 @@ class Workload:
 BATCH_NO_CPU_LAYERS = 8
 
 
+def _cpu_layers(engine: bool, hybrid: str, cpu_layers: int | None, work: Workload) -> int | None:
+    """The CPU-computed layer count asked of the cost model: 0 for a batch engine's plan from
+    ``BATCH_NO_CPU_LAYERS`` sequences with the count left to it, else ``cpu_layers``."""
+    if engine and hybrid == "auto" and cpu_layers is None and work.batch >= BATCH_NO_CPU_LAYERS:
+        return 0
+    return cpu_layers
+
+
 def plan_placement(
     spec,
     store,
@@ -270,8 +278,6 @@ def plan_placement(
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
     engine = batch_engine_runs(spec, work, kv_format) if batch_engine is None else batch_engine
-    if engine and hybrid == "auto" and cpu_layers is None and work.batch >= BATCH_NO_CPU_LAYERS:
-        cpu_layers = 0  # a batch's CPU-computed layers: see BATCH_NO_CPU_LAYERS
 
     def again(chunk: int | None, fetch_buffers: int, mode: str = prefill_residual):
         return plan_placement(
@@ -297,9 +303,9 @@ def plan_placement(
         return smaller
     layout = partial(_layout, spec, store, device, budget, offload, cpu_memory, kv_cache, sz,
                      work, kv_block_tokens, slots)  # fmt: skip
-    splits = partial(decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None,
-                     work=work, hybrid=hybrid, cpu_layers=cpu_layers, kv_read=kv_read,
-                     simulate=sz.engine)  # fmt: skip
+    splits = partial(decode_splits, spec, store, sz=sz, rates=rates if on_gpu else None, work=work,
+                     hybrid=hybrid, cpu_layers=_cpu_layers(engine, hybrid, cpu_layers, work),
+                     kv_read=kv_read, simulate=sz.engine)  # fmt: skip
     finish = partial(_finish, spec, store, device, work, sz, budget, kv_fetch_buffers,
                      kv_block_tokens, kv_read, offload, rates if on_gpu else None,
                      decode_resident)  # fmt: skip
