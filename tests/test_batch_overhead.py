@@ -45,4 +45,9 @@ def test_step_profile_dry_run(tmp_path):
     assert prof["batch"] == 3 and prof["steps"] == 2 and len(prof["step_ms"]) == 2
     assert prof["prefill_steps"] >= 1 and prof["ops_per_step"] > 0
     assert 0 < len(prof["top_cpu"]) <= 12 and all(r["calls"] > 0 for r in prof["top_cpu"])
+    tl = prof.pop("timeline")  # two steps' layer spans: every layer computed in each step
+    layers = [sp[1] for sp in tl["spans"] if sp[0] == "compute"]
+    assert tl["steps"] == 2 and sorted(set(layers)) == list(range(max(layers) + 1))
+    assert all(0 <= sp[2] <= sp[3] for sp in tl["spans"])
+    assert 0 < tl["busy_ms"]["compute"] <= tl["wall_ms"] + 0.01
     assert len(json.dumps(prof)) < 4096

@@ -21,7 +21,9 @@
    (``--profile-batch``; plan for ``--profile-plan-batch`` = the largest bench batch, 2k
    prompts) stepped to pure decode, ``N`` steps timed, ``N`` more under torch.profiler: per
    step wall ms, total self CPU / CUDA ms and the top ops by each (`ollm.bench.stepprof`;
-   ``step_profile`` in the JSON, a few KB). ``--device cpu --profile-synthetic tiny`` is a dry
+   ``step_profile`` in the JSON, a few KB), then 2 steps' timeline (``step_timeline``: every
+   weight copy and layer compute span, and how much of the wall the link was busy; ~10 KB).
+   ``--device cpu --profile-synthetic tiny`` is a dry
    run on the CPU (a 4-layer llama of tiny widths), with ``--skip-*`` for the other parts.
 
 Writes ``batch_engine.json`` (and ``bench_batch_<preset>.json``) under ``--out``.
@@ -305,7 +307,7 @@ def step_profile(
     ``plan_batch``: ``steps`` decode steps timed, ``steps`` more profiled (the module docstring)."""
     from ollm import LLM
     from ollm.bench.batching import _engine, _params, prompts
-    from ollm.bench.stepprof import decode_ready, profile_steps, time_steps
+    from ollm.bench.stepprof import decode_ready, profile_steps, step_timeline, time_steps
 
     if synthetic == "tiny":
         from ollm.models.registry import STORE_FAMILIES
@@ -319,7 +321,7 @@ def step_profile(
         from ollm.bench.run import resolve_model
 
         store = resolve_model(None, synthetic, None, False, device)[0]
-    new = 2 * steps + 8
+    new = 2 * steps + 12
     kw = {"gpu_memory": budget} if device.startswith("cuda") else {}
     llm = LLM(store, device=device, max_batch=plan_batch, max_context=prompt_tokens + new,
               progress=False, **kw)  # fmt: skip
@@ -331,13 +333,14 @@ def step_profile(
         time_steps(eng, 2)  # warm-up
         wall = time_steps(eng, steps)
         prof = profile_steps(eng, steps)
+        timeline = step_timeline(eng, 2)  # where the link and the compute chain wait
         eng.close()
         out = {
             "model": synthetic, "plan_batch": plan_batch, "prompt_tokens": prompt_tokens,
             "cpu_layers": len(llm.plan.cpu_layers), "prefill_steps": prefill_steps,
             "step_ms": [round(t * 1e3, 2) for t in wall],
         }  # fmt: skip
-        return out | prof
+        return out | prof | {"timeline": timeline}
     finally:
         llm.close()
 

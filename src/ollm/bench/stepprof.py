@@ -141,3 +141,51 @@ def request_calls(llm: Any, prompt: list[int], layers: int, steps: int = 6) -> d
     out = {"per_token": per_token, "per_layer": {k: v / layers for k, v in per_token.items()}}
     out["gpu_busy_fraction"] = per_token["kernel_s"] / max(per_token["wall_s"], 1e-9)
     return out
+
+
+def _busy_ms(spans: list, lo: float, hi: float) -> float:
+    """Milliseconds of [lo, hi) covered by the union of ``spans`` (start, end) in seconds."""
+    total, end = 0.0, lo
+    for s, e in sorted(spans):
+        s, e = max(s, end), min(e, hi)
+        if e > s:
+            total += e - s
+            end = e
+    return round(total * 1e3, 2)
+
+
+def step_timeline(engine: Any, steps: int = 2) -> dict:
+    """``steps`` engine steps with an ``ollm.telemetry.timeline.Timeline`` on the runner and the
+    prefetcher: every weight copy (CUDA events on the copy stream), every layer's compute on the
+    device (events around it: a CPU attention inside a GPU layer stretches its span) and every
+    CPU-computed layer (host clock). Returns the spans as ``[kind, layer, start_ms, end_ms]``
+    from the first step's start and, per kind, the milliseconds its spans cover (union) within
+    the steps' wall time; ``copy`` busy below the wall is time the link sat idle."""
+    from ollm.telemetry.timeline import Timeline
+
+    device = getattr(engine, "device", torch.device("cpu"))
+    runner = engine.runner
+    _sync(device)
+    tl = Timeline(device)
+    runner.timeline = runner.prefetcher.timeline = tl
+    try:
+        t0 = time.perf_counter() - tl.t0
+        for _ in range(steps):
+            engine.step()
+        _sync(device)
+        t1 = time.perf_counter() - tl.t0
+    finally:
+        runner.timeline = runner.prefetcher.timeline = None
+    spans = [sp for sp in tl.spans() if sp.end > t0]
+    kinds = sorted({sp.kind for sp in spans})
+    return {
+        "steps": steps,
+        "wall_ms": round((t1 - t0) * 1e3, 2),
+        "busy_ms": {
+            k: _busy_ms([(sp.start, sp.end) for sp in spans if sp.kind == k], t0, t1) for k in kinds
+        },  # fmt: skip
+        "spans": [
+            [sp.kind, sp.layer, round((sp.start - t0) * 1e3, 2), round((sp.end - t0) * 1e3, 2)]
+            for sp in spans
+        ],  # fmt: skip
+    }
