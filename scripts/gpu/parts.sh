@@ -9,7 +9,8 @@
 # long100k (routing_micro, KV codecs and routing at 100k on one 8B store), moe (Qwen3-30B-A3B
 # and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep on the
 # largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan, static only),
-# prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix target);
+# prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix target),
+# profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute timeline);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -44,6 +45,9 @@ part() {
           --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches "$b" \
           --bench-new "${BATCH_NEW:-32}" --bench-workloads static || return $?
       done ;;
+    profile16) $PY $G/batch_engine.py --out "$OUT/profile16" --skip-equiv --skip-tiers \
+      --skip-throughput --skip-bench --bench-synthetic llama3-8b --bench-budget 8GiB \
+      --bench-batches 16 --profile-steps 3 --profile-batch 16 --profile-plan-batch 16 ;;
     prefix6k) $PY $G/batch_engine.py --out "$OUT/prefix6k" --skip-equiv --skip-tiers \
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches 16 \
       --bench-new "${BATCH_NEW:-16}" --bench-prompt 6176 --bench-workloads prefix ;;
