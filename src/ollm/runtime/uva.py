@@ -64,7 +64,8 @@ class _Ring:
             event.synchronize()  # long done: RING transfers ago
         if host is None or host.numel() < nbytes:
             size = max(nbytes, 1 << 16)
-            host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            with torch.cuda.device(self.device):  # pinned from the reading device's context
+                host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             view = device_view(host, self.device)
             slot[0], slot[1] = host, view
         host[:nbytes].view(t.dtype).view(t.shape).copy_(t)
