@@ -251,11 +251,15 @@ def test_batch_indices_reach_a_gpu_by_kernel_reads(monkeypatch):
     (a kernel's read of pinned memory: not queued behind the misses' expert copies on the
     copy engine), unless ``OLLM_UVA`` turns it off; the CPU keeps the array's tensor."""
     sent = []
-    monkeypatch.setattr(moe_mod, "to_device", lambda t, d: sent.append((t.tolist(), d)) or t)
+    real = moe_mod.to_device
+    monkeypatch.setattr(
+        moe_mod, "to_device", lambda t, d, **k: sent.append((t.tolist(), d, k)) or t
+    )
     cuda = torch.device("cuda", 0)
     moe_mod._index([3, 1, 2], cuda)
-    assert sent == [([3, 1, 2], cuda)]
+    assert sent == [([3, 1, 2], cuda, {"non_blocking": True})]
     assert moe_mod._index([4], torch.device("cpu")).tolist() == [4] and len(sent) == 1
+    monkeypatch.setattr(moe_mod, "to_device", real)  # its fallback with UVA off
     monkeypatch.setenv("OLLM_UVA", "0")
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)  # no CUDA here
     monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: ("copied", a, k))

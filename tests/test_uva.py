@@ -17,6 +17,21 @@ def test_cpu_targets_take_tensor_to() -> None:
     assert uva.to_device(t, torch.device("cpu"), non_blocking=True) is t
 
 
+def test_off_a_non_blocking_transfer_goes_through_pinned_memory(monkeypatch) -> None:
+    """``OLLM_UVA=0``: a small tensor asked not to block is pinned first (from pageable memory
+    the copy would wait for the GPU), a blocking one is copied as it is."""
+    monkeypatch.setenv("OLLM_UVA", "0")
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: ("copied", a, k))
+    cuda = torch.device("cuda", 0)
+    t = torch.arange(4)
+    assert uva.to_device(t, cuda, non_blocking=True) == ("copied", (cuda,), {"non_blocking": True})
+    assert len(pinned) == 1
+    assert uva.to_device(t, cuda) == ("copied", (cuda,), {"non_blocking": False})
+    assert len(pinned) == 1
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
 def test_bit_exact_through_the_ring(dtype: torch.dtype) -> None:

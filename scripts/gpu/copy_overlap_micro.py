@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from ollm.runtime.uva import device_view
+
 MB = 1 << 20
 
 
@@ -40,22 +42,10 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def uva_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor over pinned host memory ``t`` (unified addressing: the host pointer is the
-    device pointer), so kernels read it across the link without a copy-engine transfer."""
-
-    class _Iface:
-        __cuda_array_interface__ = {
-            "shape": tuple(t.shape),
-            "typestr": {torch.uint8: "|u1", torch.float16: "<f2", torch.int32: "<i4"}.get(
-                t.dtype, "<u2"
-            ),
-            "data": (t.data_ptr(), False),
-            "version": 3,
-            "strides": None,
-        }
-
-    out = torch.as_tensor(_Iface(), device=device)
-    return out.view(t.dtype) if t.dtype == torch.bfloat16 else out
+    """A CUDA tensor over the pinned host tensor ``t`` (``runtime/uva.device_view``: the same
+    bytes read by kernels across the link, no copy-engine transfer), with ``t``'s dtype and
+    shape."""
+    return device_view(t, device).view(t.dtype).view(t.shape)
 
 
 def kernel_copy_ms(src_pinned: torch.Tensor, dst: torch.Tensor, reps: int = 5) -> float:

@@ -250,8 +250,8 @@ def parse_kv_codec(
     spec: str | None, recent: int = 128, group: int | None = None, sinks: int | None = None
 ) -> KVCodec | None:
     """``"int8"``, ``"int4"``, ``"fp8"``, ``"k:int4,v:int8"`` (``",sinks:N"`` after any: N exact
-    tokens at the start) -> a KVCodec; ``"none"`` / ``None`` -> None (exact KV). ``"auto"`` is resolved per tier by ``codec_for_tier``. ValueError with
-    one line on anything else. ``group``: tokens per key group and channels per value group
+    tokens at the start) -> a KVCodec; ``"none"`` / ``None`` -> None (exact KV). ``"auto"`` is
+    resolved per tier by ``codec_for_tier``. ValueError with one line on anything else. ``group``: tokens per key group and channels per value group
     (None: ``KEY_GROUP`` by the key's kind, 32 channels); ``sinks``: exact tokens at the start
     (``KVCodec.sinks``; None: ``SINKS`` with an int4 or fp8 side, else 0)."""
     if spec is None:

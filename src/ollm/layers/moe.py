@@ -35,7 +35,6 @@ from ollm.layers.moe_batched import (
 from ollm.layers.moe_batched import experts_forward as experts_forward  # re-exported
 from ollm.layers.moe_mxfp4 import coded_forward, decode_weights, is_coded
 from ollm.runtime.expert_stacks import stacked_batch
-from ollm.runtime.uva import enabled as uva_enabled
 from ollm.runtime.uva import to_device
 
 Weights = Mapping[str, torch.Tensor]
@@ -211,17 +210,9 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     """``values`` as an int64 tensor on ``device`` without a sync (built from an int64 array: a
     fraction of ``torch.tensor``'s time for a Python list)."""
     t = torch.frombuffer(array("q", values), dtype=torch.int64)
-    return t if device.type == "cpu" else _to_dev(t, device)
-
-
-def _to_dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on the accelerator ``device`` without a sync: on CUDA read by a kernel
-    from pinned memory (``runtime/uva.to_device``), so a batch's index or the CPU's outputs do
-    not queue behind the misses' expert copies on the copy engine (the hits would compute only
-    once every copy landed); through pinned memory where that is off."""
-    if device.type == "cuda" and uva_enabled():
-        return to_device(t, device)
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+    # on CUDA a kernel's read of pinned memory (``runtime/uva.to_device``): a batch's index
+    # or the CPU's outputs do not queue behind the misses' expert copies on the copy engine
+    return t if device.type == "cpu" else to_device(t, device, non_blocking=True)
 
 
 def _to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -334,7 +325,7 @@ def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) ->
             dst += r
         y = torch.cat(ys)
         if dev0.type != "cpu":  # not behind the expert copies, no host sync
-            y = _to_dev(y, dev0)
+            y = to_device(y, dev0, non_blocking=True)
         slots.index_put_((_index(dst, dev0),), y)
     elif batched:
         for part in _sub_batches(batch):

@@ -84,16 +84,16 @@ def to_device(
 ) -> torch.Tensor:
     """``t`` on ``device``: a small CPU tensor for a CUDA device read by a kernel from pinned
     memory (queued on the current stream, never behind the copy engine; ``t`` may change or go
-    at once), else ``t.to(device, non_blocking=non_blocking)``."""
+    at once), else ``t.to(device, non_blocking=non_blocking)``; with ``OLLM_UVA=0`` a small
+    tensor asked not to block goes through a pinned copy (from pageable memory the copy would
+    wait for the GPU)."""
     device = torch.device(device)
-    if (
-        device.type != "cuda"
-        or t.device.type != "cpu"
-        or t.numel() * t.element_size() > MAX_BYTES
-        or t.numel() == 0
-        or not enabled()
-    ):
+    small = t.numel() * t.element_size() <= MAX_BYTES and t.numel() > 0
+    if device.type != "cuda" or t.device.type != "cpu" or not small:
         return t.to(device, non_blocking=non_blocking)
+    if not enabled():
+        src = t.pin_memory() if non_blocking and not t.is_pinned() else t
+        return src.to(device, non_blocking=non_blocking)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with _LOCK:
