@@ -283,10 +283,10 @@ def test_decode_batches_cut_by_gather_bytes(llms, monkeypatch):
     cut = decode_batch._decode_groups
     per_step = []
 
-    def recorded(infos, store):  # infos: (row0, rows, start, key0, ids, tree) per sequence
-        out = cut(infos, store)
-        for group in out:
-            gathered = len(group) * max(need for _, need in group) * store.block_tokens
+    def recorded(infos, store, shared=0):  # infos: (row0, rows, start, key0, ids, tree) each
+        out = cut(infos, store, shared)
+        for group in out:  # the blocks after a shared prefix are gathered (kv/shared_prefix.py)
+            gathered = len(group) * (max(need for _, need in group) - shared) * store.block_tokens
             assert len(group) == 1 or gathered * 2 * store.kv_heads * store.head_dim * 4 <= cap
             assert [i[0] for i, _ in group] == sorted(i[0] for i, _ in group)  # row order
         if len(infos) > 1:  # every one-token sequence lands in exactly one batch

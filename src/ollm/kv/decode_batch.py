@@ -43,6 +43,11 @@ class DecodeBatch:
     dev_rows: dict = field(default_factory=dict)  # (device, r0) -> rows - r0 on that device
     run: StridedRun | None = None  # the sequences as one view of a host pool (`kv/strided.py`)
     run_rows: torch.Tensor | None = None  # [B] each sequence's view row (``run.rows``)
+    # Leading blocks every sequence holds (the same ids: a shared prefix), attended once for
+    # all the batch's queries (`kv/shared_prefix.py`); ``block_ids`` / ``num_blocks`` are then
+    # the blocks after them.
+    shared: int = 0
+    shared_ids: tuple[int, ...] = ()
 
     def mask(
         self, window: int | None, block_tokens: int, device: torch.device | None = None
@@ -52,7 +57,8 @@ class DecodeBatch:
         dev = self.rows.device if device is None else torch.device(device)
         key = (window, dev)
         if key not in self.masks:
-            j = torch.arange(self.num_blocks * block_tokens, device=dev)[None]
+            j0 = self.shared * block_tokens  # the keys after the shared blocks
+            j = torch.arange(j0, j0 + self.num_blocks * block_tokens, device=dev)[None]
             pos = torch.tensor([s.start - s.key0 for s in self.seqs], device=dev)[:, None]
             keep = j <= pos
             if window is not None:
@@ -99,20 +105,68 @@ def _plan_batches(
     its first row when its rows are consecutive else None, its `StridedRun` or None). With
     ``host_blocks`` (a host pool of that many blocks) a batch whose sequences are one strided
     view of the pool is one batch in row order, whatever its size (no gather to bound)."""
-    out = []
+    out: list[tuple] = []
+    shared, infos = _shared_groups(infos, store.block_tokens)
+    for p, members in shared:  # attended once each; the gather bound counts the blocks after
+        for group in _decode_groups(members, store, p):
+            _append_batch(out, flat, group, None, p)
     run, groups = _one_run(infos, store, host_blocks)
     for group in groups if run is None else [groups[0]]:
-        nb = max(need for _, need in group)
-        rows = [info[0] for info, _ in group]
-        at = len(flat)
-        flat += rows
-        for info, need in group:  # each padded with its last needed block (any held one)
-            flat += info[4][:need] + (info[4][need - 1],) * (nb - need)
-        if run is not None:
-            flat += run.rows
-        span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
-        out.append((group, at, nb, span, run))
+        _append_batch(out, flat, group, run, 0)
     return out
+
+
+def _append_batch(out: list, flat: list[int], group: list, run: StridedRun | None, p: int) -> None:
+    """One batch's plan appended to ``out`` and its rows and padded block ids (those after
+    ``p`` shared blocks) to ``flat`` (`_plan_batches`)."""
+    nb = max(need for _, need in group)
+    rows = [info[0] for info, _ in group]
+    at = len(flat)
+    flat += rows
+    for info, need in group:  # each padded with its last needed block (any held one)
+        flat += info[4][p:need] + (info[4][need - 1],) * (nb - need)
+    if run is not None:
+        flat += run.rows
+    span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+    out.append((group, at, nb - p, span, run, p))
+
+
+def _shared_groups(infos: list[tuple], block_tokens: int) -> tuple[list, list[tuple]]:
+    """([(shared blocks, infos)] of the sequences that share a prefix with at least one other
+    (same first slot and first block, then `shared_blocks`), the other infos)."""
+    by_first: dict[tuple[int, int], list[tuple]] = {}
+    for info in infos:
+        if len(info[4]) > SHARED_MIN_BLOCKS:
+            by_first.setdefault((info[3], info[4][0]), []).append(info)
+    shared, taken = [], set()
+    for members in by_first.values():
+        p = shared_blocks(members, block_tokens)
+        if p:
+            shared.append((p, members))
+            taken.update(info[0] for info in members)
+    return shared, [i for i in infos if i[0] not in taken]
+
+
+# Fewest leading blocks held in common by a decode batch's sequences for them to be attended
+# once for the whole batch (`kv/shared_prefix.py`) rather than gathered per sequence.
+SHARED_MIN_BLOCKS = 2
+
+
+def shared_blocks(infos: Sequence[tuple], block_tokens: int) -> int:
+    """How many leading blocks every sequence of ``infos`` (`_plan_batches`' infos) holds with
+    the same ids from the same first slot, each keeping at least its last needed block of its
+    own (the one its new token was written to); 0 under ``SHARED_MIN_BLOCKS``."""
+    if len(infos) < 2 or any(i[3] != infos[0][3] for i in infos):
+        return 0
+    first = infos[0][4]
+    p = min(-(-(i[2] + 1 - i[3]) // block_tokens) for i in infos) - 1
+    for info in infos[1:]:
+        ids = info[4]
+        if ids[:p] != first[:p]:
+            p = next(j for j in range(p) if ids[j] != first[j])
+        if p < SHARED_MIN_BLOCKS:
+            return 0
+    return p
 
 
 def _one_run(infos: list[tuple], store: PagedKVStore, host_blocks: int | None):
@@ -132,22 +186,36 @@ def _make_batches(
 ) -> tuple[DecodeBatch, ...]:
     """`DecodeBatch`es of `_plan_batches`' plans over ``t``, the tensor of its ``flat``."""
     out = []
-    for group, at, nb, span, run in batches:
+    for group, at, nb, span, run, p in batches:
         b = len(group)
         members = tuple(by_row[info[0]] for info, _ in group)
         ids = t[at + b : at + b + b * nb]
         run_rows = None if run is None else t[at + b + b * nb : at + 2 * b + b * nb]
+        shared_ids = tuple(group[0][0][4][:p])
         out.append(
-            DecodeBatch(members, t[at : at + b], ids, nb, span=span, run=run, run_rows=run_rows)
+            DecodeBatch(
+                members,
+                t[at : at + b],
+                ids,
+                nb,
+                span=span,
+                run=run,
+                run_rows=run_rows,
+                shared=p,
+                shared_ids=shared_ids,
+            )  # fmt: skip
         )
     return tuple(out)
 
 
-def _decode_groups(infos: list[tuple], store: PagedKVStore) -> list[list[tuple[tuple, int]]]:
+def _decode_groups(
+    infos: list[tuple], store: PagedKVStore, shared: int = 0
+) -> list[list[tuple[tuple, int]]]:
     """Batches of one-token sequences (``PackedStep._layout``'s infos; none for fewer than two),
     each as (info, blocks it needs): sorted by length so that little is padded, cut so that one
-    batch's gathered K/V stays under ``GATHER_BYTES``, each batch then in row order (so that a
-    step of decodes only is one span of rows)."""
+    batch's gathered K/V (the blocks after ``shared`` leading ones) stays under
+    ``GATHER_BYTES``, each batch then in row order (so that a step of decodes only is one span
+    of rows)."""
     if len(infos) < 2:
         return []
     bt = store.block_tokens
@@ -157,7 +225,7 @@ def _decode_groups(infos: list[tuple], store: PagedKVStore) -> list[list[tuple[t
     cur: list[tuple[tuple, int]] = []
     for j in sorted(range(len(infos)), key=lambda j: need[j]):
         # Sorted: the newcomer is the longest, so it sets the padded length.
-        if cur and (len(cur) + 1) * need[j] * bt * slot > GATHER_BYTES:
+        if cur and (len(cur) + 1) * (need[j] - shared) * bt * slot > GATHER_BYTES:
             batches.append(cur)
             cur = []
         cur.append((infos[j], need[j]))

@@ -345,6 +345,9 @@ class PackedLayerKV:
         split = self.store.split
         if self.pool.device.type == "cpu":
             self._host_read()  # the CPU attends (or gathers) over the pool itself
+        if d.shared:  # a shared prefix: read once for the whole batch (kv/shared_prefix.py)
+            self._attend_shared(d, q, out, r0, mask, scale)
+            return
         if split is not None and split.applies(self.pool, q.device):  # CPU and GPU at once
             rows = d.rows_on(q.device, r0)
             qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)
@@ -379,6 +382,18 @@ class PackedLayerKV:
             out[0, :, a : a + len(d.seqs)] = o
         else:
             out[0].index_copy_(1, rows, o)
+
+    def _attend_shared(
+        self, d: DecodeBatch, q: torch.Tensor, out: torch.Tensor, r0: int, mask, scale: float
+    ) -> None:
+        """``_attend_decodes`` of a batch with shared leading blocks (`attend_shared`)."""
+        from ollm.kv.shared_prefix import attend_shared
+
+        dev = self.pool.device if self.pool.device.type == "cpu" else q.device
+        rows = d.rows_on(q.device, r0)
+        qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2).to(dev)  # [B, H, 1, D]
+        o = to_device(attend_shared(self, d, qb, mask, scale)[:, :, 0].transpose(0, 1), q.device)
+        out[0].index_copy_(1, rows, o)
 
     def _gather_rows(self, i: int, d: DecodeBatch) -> torch.Tensor:
         """K (``i`` 0) or V of ``d``'s sequences as ``[B, kv_heads, blocks * block_tokens, D]``
