@@ -121,3 +121,19 @@ def test_engine_attends_shared_prefixes_once(llms, monkeypatch):  # noqa: F811
     assert calls and max(calls) >= 5
     assert eng.metrics().prefix_hits >= 5 and eng.kv_blocks_used() == 0
     eng.close()
+
+
+def test_copy_by_runs_equals_the_gather():
+    """A sequence's blocks copied run by run (a shared prefix's run, then its own blocks) give
+    the gathered K/V, cut at its length."""
+    from ollm.kv.run_copy import block_runs, copy_runs
+
+    pool = torch.randn(KVH, BLOCKS, BT, D)
+    ids = (7, 8, 9, 10, 30, 31, 2)
+    runs = block_runs(ids)
+    assert runs == [(0, 7, 4), (4, 30, 2), (6, 2, 1)]
+    assert block_runs(ids, 5) == [(5, 31, 1), (6, 2, 1)]
+    n = len(ids) * BT - 3
+    got = copy_runs(pool, runs, n, torch.device("cpu"))
+    want = pool[:, list(ids)].reshape(KVH, -1, D)[:, :n].unsqueeze(0)
+    assert torch.equal(got, want)

@@ -43,6 +43,7 @@ from ollm.kv.decode_batch import (  # noqa: F401  (_decode_batches: for tests an
 )
 from ollm.kv.paged import PagedKVStore
 from ollm.kv.prefill_rows import aligned_chunks, run_pieces, write_runs
+from ollm.kv.run_copy import MAX_COPY_RUNS, block_runs, copy_runs
 from ollm.kv.strided import row_mask, run_view, scatter_rows
 from ollm.layers.tree_mask import TreeMask
 from ollm.runtime.uva import to_device
@@ -419,10 +420,16 @@ class PackedLayerKV:
         bt = self.store.block_tokens
         nb = -(-(upto - s.key0) // bt)
         host = self.pool.device.type == "cpu"
-        if host and (s.run0 is None or torch.device(device) == self.pool.device):
+        other = torch.device(device) != self.pool.device
+        runs = block_runs(s.ids[:nb]) if host and other and s.run0 is None and s.ids else ()
+        if len(runs) > MAX_COPY_RUNS:
+            runs = ()
+        if host and (s.run0 is None or not other) and not runs:
             self._host_read()  # the host reads the pool itself (a view or a gather)
         if s.run0 is not None and host:
             return tuple(self._run_kv(kv, s.run0, nb, upto - s.key0, device) for kv in (0, 1))
+        if runs:  # a shared prefix and its own blocks: each run copied as such (kv/run_copy.py)
+            return tuple(copy_runs(self.pool[kv], runs, upto - s.key0, device) for kv in (0, 1))
         ids = s.block_ids[:nb]
         out = []
         for kv in (0, 1):
@@ -435,13 +442,9 @@ class PackedLayerKV:
         """K (``kv`` 0) or V of blocks ``[b0, b0 + nb)``'s first ``n`` slots, ``[1, kv_heads,
         n, D]`` on ``device`` (a view on the pool's own device)."""
         pool = self.pool[kv]  # [kv_heads, blocks, bt, D]
-        x = pool[:, b0 : b0 + nb].reshape(pool.shape[0], -1, pool.shape[3])[:, :n]
-        if torch.device(device) == pool.device:
-            return x.unsqueeze(0)
-        out = torch.empty(x.shape, dtype=x.dtype, device=device)
-        for h in range(x.shape[0]):
-            out[h].copy_(x[h], non_blocking=True)
-        return out.unsqueeze(0)
+        if torch.device(device) != pool.device:
+            return copy_runs(pool, [(0, b0, nb)], n, device)
+        return pool[:, b0 : b0 + nb].reshape(pool.shape[0], -1, pool.shape[3])[:, :n].unsqueeze(0)
 
     def row_chunks(self, chunk: int) -> list[tuple[int, int]]:
         """The runner's prefill chunk edges for this step (`PackedStep.row_chunks`)."""

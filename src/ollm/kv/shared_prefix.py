@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.kv.run_copy import block_runs
 from ollm.layers.attention import (
     AttentionMask,
     _attend_lse,
@@ -81,13 +82,12 @@ def prefix_parts(
     if window is not None:  # keys before every query's window: never read
         lo = min(s.start - s.key0 for s in d.seqs) - window + 1
     first = max(0, lo) // bt
-    runs = _runs(ids, first)
+    runs = block_runs(ids, first)
     kvh, hd = pool.shape[1], pool.shape[4]
     if len(runs) > MAX_RUNS:  # fragmented: gather pieces instead of many small calls
         per = max(1, GATHER_BYTES // (2 * kvh * bt * hd * pool.element_size()))
-        runs = [(j, None) for j in range(first, len(ids), per)]
-    for j, run0 in runs:
-        n = _run_len(runs, j, len(ids), run0)
+        runs = [(j, None, min(per, len(ids) - j)) for j in range(first, len(ids), per)]
+    for j, run0, n in runs:
         if run0 is not None:  # a view of the pool
             parts = [pool[i][:, run0 : run0 + n].reshape(kvh, n * bt, hd) for i in (0, 1)]
         else:
@@ -95,21 +95,6 @@ def prefix_parts(
             parts = [pool[i].index_select(1, idx).view(kvh, n * bt, hd) for i in (0, 1)]
         k, v = (x.unsqueeze(0).to(qb.device, qb.dtype) for x in parts)
         yield k, v, j * bt
-
-
-def _runs(ids: tuple[int, ...], first: int) -> list[tuple[int, int | None]]:
-    """(index in ``ids``, first block id) of each run of consecutive ids from ``first`` on."""
-    out: list[tuple[int, int | None]] = []
-    for j in range(first, len(ids)):
-        if j == first or ids[j] != ids[j - 1] + 1:
-            out.append((j, ids[j]))
-    return out
-
-
-def _run_len(runs: list, j: int, total: int, run0: int | None) -> int:
-    """Blocks of the run (or piece) starting at index ``j`` of the shared ids."""
-    nxt = [r for r, _ in runs if r > j]
-    return (nxt[0] if nxt else total) - j
 
 
 def _window_mask(
