@@ -51,6 +51,7 @@ def count(family: str, new: int) -> dict:
     sparse = [s for is_sparse, s, _ in layers if is_sparse]
     dense = [s for is_sparse, s, _ in layers if not is_sparse]
     puts = sum(p for is_sparse, _, p in layers if is_sparse)
+    late = sparse[len(sparse) // 2 :]  # the ring long wrapped: every reuse a possible wait
     total = sum(sparse, collections.Counter())
     return dict(
         family=family,
@@ -63,6 +64,7 @@ def count(family: str, new: int) -> dict:
         decode_steps=len(steps),
         syncs_per_sparse_layer=round(sum(total.values()) / len(sparse), 3),
         by_kind={k: round(v / len(sparse), 3) for k, v in sorted(total.items())},
+        syncs_per_sparse_layer_second_half=round(sum(sum(x.values()) for x in late) / len(late), 3),
         syncs_per_dense_layer=round(sum(sum(s.values()) for s in dense) / max(1, len(dense)), 3),
         ring_puts_per_sparse_layer=round(puts / len(sparse), 3),
         max_syncs_in_a_sparse_layer=max(sum(s.values()) for s in sparse),
