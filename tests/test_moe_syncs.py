@@ -141,3 +141,49 @@ def test_ring_waits_only_for_a_buffer_the_device_has_not_read(monkeypatch):
     assert synced == {"_to_host": 3}
     assert dict(c.gpu.syncs) == {"_to_host": 3, "event.synchronize": 1}
     assert all(torch.equal(a, b) for a, b in sent)
+
+
+def test_rope_frequencies_go_to_the_device_once(monkeypatch):
+    """The inverse frequencies become a tensor once per rope and device, not per step (built
+    from a list on a GPU: a blocking copy, a host sync): the same tables as building them."""
+    from ollm.layers import rope as rope_mod
+
+    spec = rope_mod.RopeSpec(tuple(1.0 / 10000 ** (i / 16) for i in range(0, 16, 2)), 1.25)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(rope_mod, "_INV", {})
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    pos = torch.arange(5)[None]
+    got = [rope_mod.rope_cos_sin(spec, pos + s, torch.bfloat16) for s in range(3)]
+    assert len(made) == 1
+    monkeypatch.setattr(torch, "tensor", real)
+    inv = torch.tensor(spec.inv_freq, dtype=torch.float32)
+    for s, (cos, sin) in enumerate(got):
+        emb = ((pos + s).float()[..., None] * inv).repeat(1, 1, 2)
+        assert torch.equal(cos, (emb.cos() * 1.25).to(torch.bfloat16))
+        assert torch.equal(sin, (emb.sin() * 1.25).to(torch.bfloat16))
+
+
+def test_decode_ids_and_positions_reach_the_device_without_a_blocking_copy(tmp_path, monkeypatch):
+    """A step's token ids (when the table is on the device) and positions, host tensors, go
+    through ``uva.to_device`` asked not to block (on a GPU a kernel's read of pinned memory,
+    not a copy and a stream sync); more than 4096 are copied as before; tokens unchanged."""
+    make_hf_model("qwen3_moe", tmp_path / "hf")
+    sent = []
+    real = runner_mod.to_device
+
+    def to_device(t, device, non_blocking=False):
+        if t.dtype == torch.int64:
+            sent.append((tuple(t.shape), non_blocking))
+        return real(t, device, non_blocking=non_blocking)
+
+    kws = dict(device="cpu", cache_dir=tmp_path / "c", progress=False)
+    with LLM(tmp_path / "hf", **kws) as llm:
+        from ollm import SamplingParams
+
+        want = llm.generate(PROMPT, SamplingParams(max_new_tokens=4, temperature=0)).token_ids
+        monkeypatch.setattr(runner_mod, "to_device", to_device)
+        got = llm.generate(PROMPT, SamplingParams(max_new_tokens=4, temperature=0)).token_ids
+        assert runner_mod._few_to(torch.arange(5000)[None], "cpu").shape == (1, 5000)
+    assert got == want
+    assert sent == [((1, len(PROMPT)), True)] * 2 + [((1, 1), True)] * 6  # ids, positions

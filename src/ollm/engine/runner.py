@@ -29,6 +29,15 @@ from ollm.runtime.uva import to_device
 from ollm.tiers import KvTier, Phase
 
 
+def _few_to(t: torch.Tensor, dev: str | torch.device) -> torch.Tensor:
+    """``t`` (token ids or positions) on ``dev``: a decode step's few host values through a
+    kernel's read of pinned memory (``runtime/uva.to_device``), not a blocking copy (a host
+    sync on a GPU); a prompt's copied as they are."""
+    if t.device.type == "cpu" and t.numel() <= 4096:
+        return to_device(t, dev, non_blocking=True)
+    return t.to(dev)
+
+
 class Runner:
     """Runs forward passes of a ModelSpec under a PlacementPlan."""
 
@@ -268,7 +277,7 @@ class Runner:
                 h = h.to(dev) if dev == "cpu" else to_device(h, dev, non_blocking=True)
             key = (layer.rope, dev)
             if key not in tables:
-                tables[key] = rope_cos_sin(layer.rope, positions.to(dev), self.dtype)
+                tables[key] = rope_cos_sin(layer.rope, _few_to(positions, dev), self.dtype)
             mkey = (layer.window, dev)
             if mkey not in masks:
                 m = AttentionMask(q_start, t, kv_len, key_keep, layer.window)
@@ -316,7 +325,7 @@ class Runner:
         spec, embed = self.spec, self.prefetcher.globals["embed_tokens.weight"]
 
         def rows(ids: torch.Tensor) -> torch.Tensor:
-            e = F.embedding(ids.to(embed.device), embed)
+            e = F.embedding(_few_to(ids, embed.device), embed)
             if spec.embed_scale is not None:
                 e = e * torch.tensor(spec.embed_scale, dtype=e.dtype)
             return e

@@ -49,11 +49,24 @@ class RopeSpec:
         return cls(tuple(inv.float().tolist()), float(scaling))
 
 
+# (inverse frequencies, device) -> them as a float32 tensor there: made once, not per step (a
+# tensor built from a list on a GPU is a blocking copy, a host sync each decode step)
+_INV: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def _inv_freq(spec: RopeSpec, device: torch.device) -> torch.Tensor:
+    key = (spec.inv_freq, device)
+    inv = _INV.get(key)
+    if inv is None:
+        inv = _INV[key] = torch.tensor(spec.inv_freq, dtype=torch.float32, device=device)
+    return inv
+
+
 def rope_cos_sin(
     spec: RopeSpec, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [B, T, head_dim] for integer ``positions`` [B, T], computed in float32."""
-    inv = torch.tensor(spec.inv_freq, dtype=torch.float32, device=positions.device)
+    inv = _inv_freq(spec, positions.device)
     freqs = positions.float()[..., None] * inv  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos = emb.cos() * spec.attention_scaling
