@@ -90,3 +90,5 @@ def test_saturated_arrivals_compare_decode_rates(tmp_path, fake_probes):
     assert a["requests"] == 3 and a["decode_tok_s"] > 0
     assert a["rate_per_s"] == pytest.approx(SATURATED * 3 / ref["wall_s"])
     assert a["static_decode_tok_s"] == ref["decode_tok_s"]
+    assert a["total_ratio"] == pytest.approx(a["total_tok_s"] / ref["total_tok_s"])
+    assert a["decode_ratio"] == pytest.approx(a["decode_tok_s"] / ref["decode_tok_s"])
