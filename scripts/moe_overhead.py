@@ -152,8 +152,9 @@ def _kernel_stand_in(state: dict) -> None:
 
 def _device_copies(state: dict) -> None:
     """Counts, under ``state["ops"]``, what the stand-in skips but a GPU launches: each index
-    list's copy to the device (``layers.moe._index``) and the expert ids' copy to the host
-    (``_to_host``), as ``gpu: ...`` ops."""
+    list's copy to the device (``layers.moe._index``), a CPU batch's outputs with their index
+    (``_hand_back``) and the expert ids' copy to the host (``_to_host``), as ``gpu: ...``
+    ops."""
     import ollm.layers.moe as moe_mod
 
     def counted(name: str, fn):
@@ -166,6 +167,8 @@ def _device_copies(state: dict) -> None:
 
     moe_mod._index = counted("h2d index", moe_mod._index)
     moe_mod._to_host = counted("d2h ids", moe_mod._to_host)
+    if hasattr(moe_mod, "_hand_back"):  # a CPU batch's outputs and index: one transfer
+        moe_mod._hand_back = counted("h2d cpu outputs", moe_mod._hand_back)
 
 
 def _cache(llm, slots: int, cpu_compute: str, lookahead: bool, resident: bool = False):

@@ -8,11 +8,11 @@ as torch.profiler's ``cudaStreamSynchronize`` / ``cudaEventSynchronize`` /
 
 * ``layers.moe._to_host``: one stream synchronize on CUDA (the expert ids, with lookahead's
   prediction and the rows when the CPU may compute, read back together);
-* every ``synchronize`` of an event or stream in ``runtime/uva.py``: its pinned ring runs for
-  real, CUDA's events, streams and pinned allocation played by the fakes below, and every
-  index list a decode batch sends to the device goes through it, as ``layers.moe._index``
-  does on CUDA (the stand-in's own branch keeps the host tensor; a CPU batch's outputs, sent
-  by ``to_device`` only when the layer's device is CUDA, are not modelled);
+* every ``synchronize`` of an event or stream in ``runtime/uva.py``: ``to_device`` and its
+  pinned ring run for real, CUDA's events, streams, device and pinned allocations played by
+  the fakes below (host memory), and ``layers.moe._index`` (a batch's index) and
+  ``_hand_back`` (a CPU batch's outputs) take their CUDA branch into it (the stand-in's own
+  branch keeps host tensors);
 * a host read of any other tensor (``tolist``, ``cpu``, ``numpy``, ``to("cpu")``; ``item``,
   ``bool``, ``int``, ``float`` as aten's ``_local_scalar_dense``) and an aten op whose output
   shape depends on the data (``nonzero``, ``masked_select``, ``unique``, ``bincount``, ...).
@@ -37,6 +37,7 @@ import ollm.layers.moe as moe_mod
 from ollm.runtime import uva
 
 READS = ("tolist", "cpu", "numpy")
+CUDA = torch.device("cuda", 0)  # where the MoE layer's transfers are sent (played by the host)
 DATA_DEPENDENT = {
     "_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique", "_unique2",
     "unique_dim", "unique_consecutive", "bincount", "equal", "repeat_interleave",
@@ -93,8 +94,8 @@ class _Torch:
         self.cuda.current_device = lambda: 0
         self.cuda.device = lambda d: contextlib.nullcontext()
 
-    def empty(self, *a, pin_memory: bool = False, **k) -> torch.Tensor:
-        return torch.empty(*a, **k)
+    def empty(self, *a, pin_memory: bool = False, device=None, **k) -> torch.Tensor:
+        return torch.empty(*a, **k)  # host memory for pinned and device buffers alike
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
@@ -146,13 +147,21 @@ def counting(monkeypatch) -> Iterator[SyncCounter]:
     monkeypatch.setattr(uva, "torch", _Torch(c.gpu))
     monkeypatch.setattr(uva, "device_view", lambda host, device: host)
     monkeypatch.setattr(uva, "_RINGS", {})
-    ring = uva._Ring(torch.device("cpu", 1))
-    real_index, real_to_host = moe_mod._index, moe_mod._to_host
+    real_put = uva._Ring.put
 
-    def index(values, device):  # as on CUDA: through the ring
+    def put(self, t):
         c.gpu.puts += 1
-        with uva._LOCK:
-            return ring.put(real_index(values, device))
+        return real_put(self, t)
+
+    monkeypatch.setattr(uva._Ring, "put", put)
+    real_index, real_to_host = moe_mod._index, moe_mod._to_host
+    real_hand_back = getattr(moe_mod, "_hand_back", None)  # (older trees: two transfers)
+
+    def index(values, device):  # the CUDA branch: through uva.to_device
+        return real_index(values, CUDA)
+
+    def hand_back(ys, dst, device):
+        return real_hand_back(ys, dst, CUDA)
 
     def to_host(ts):
         c.gpu.sync("_to_host")
@@ -162,6 +171,8 @@ def counting(monkeypatch) -> Iterator[SyncCounter]:
         return out
 
     monkeypatch.setattr(moe_mod, "_index", index)
+    if real_hand_back is not None:
+        monkeypatch.setattr(moe_mod, "_hand_back", hand_back)
     monkeypatch.setattr(moe_mod, "_to_host", to_host)
     for name in READS:
         real = getattr(torch.Tensor, name)

@@ -187,3 +187,26 @@ def test_decode_ids_and_positions_reach_the_device_without_a_blocking_copy(tmp_p
         assert runner_mod._few_to(torch.arange(5000)[None], "cpu").shape == (1, 5000)
     assert got == want
     assert sent == [((1, len(PROMPT)), True)] * 2 + [((1, 1), True)] * 6  # ids, positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_outputs_and_their_slots_reach_the_device_in_one_transfer(dtype, monkeypatch):
+    """A CPU batch's outputs and their slots' index go to a CUDA device as one buffer through
+    one ``to_device`` (was two transfers, two kernels and two ring buffers), asked not to
+    block; the views give back the same values, bit for bit; the CPU keeps them on the host."""
+    import ollm.layers.moe as moe_mod
+
+    sent = []
+    monkeypatch.setattr(
+        moe_mod, "to_device", lambda t, d, **k: sent.append((t.dtype, t.shape, d, k)) or t
+    )
+    g = torch.Generator().manual_seed(2)
+    ys = [(torch.randn(r, 24, generator=g) * 5).to(dtype) for r in (3, 1, 2)]
+    dst = [7, 0, 12, 5, 9, 1]
+    cuda = torch.device("cuda", 0)
+    for device in (cuda, torch.device("cpu")):
+        (idx,), y = moe_mod._hand_back(ys, dst, device)
+        assert idx.dtype == torch.int64 and idx.tolist() == dst
+        assert y.dtype == dtype and torch.equal(y, torch.cat(ys))
+    nbytes = 8 * 6 + 6 * 24 * dtype.itemsize
+    assert sent == [(torch.uint8, (nbytes,), cuda, {"non_blocking": True})]

@@ -311,6 +311,20 @@ def _forward(moe: MoeSpec, act: str):
     return lambda x, w: forward_stacked(x, w, moe, act)
 
 
+def _hand_back(ys: list[torch.Tensor], dst: list[int], device: torch.device) -> tuple:
+    """``index_put_``'s arguments for the CPU's outputs ``ys`` (one row per pair) and their
+    slots ``dst`` on ``device``, in one transfer: one host buffer holding the slots' int64
+    index, then the outputs; on CUDA one ``to_device`` (a kernel's read of pinned memory: not
+    behind the expert copies, no host sync), seen as the two tensors again."""
+    n, h, dtype = len(dst), ys[0].shape[-1], ys[0].dtype
+    buf = torch.empty(8 * n + n * h * dtype.itemsize, dtype=torch.uint8)
+    buf[: 8 * n].view(torch.int64).copy_(torch.frombuffer(array("q", dst), dtype=torch.int64))
+    torch.cat(ys, out=buf[8 * n :].view(dtype).view(n, h))
+    if device.type != "cpu":
+        buf = to_device(buf, device, non_blocking=True)
+    return (buf[: 8 * n].view(torch.int64),), buf[8 * n :].view(dtype).view(n, h)
+
+
 def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) -> None:
     """One batch of experts into their pairs' slots: on the host (``dev``; rows ``hx`` already
     there, else copied) with the outputs copied back, as batched matmuls, or (the CPU device)
@@ -323,10 +337,7 @@ def _run_any(x, hx, slots, dev, batch, rows, k: int, batched: bool, moe, act) ->
             r = rows[e]
             ys.append(expert_forward(hx[[p // k for p in r]], ew, moe, act))
             dst += r
-        y = torch.cat(ys)
-        if dev0.type != "cpu":  # not behind the expert copies, no host sync
-            y = to_device(y, dev0, non_blocking=True)
-        slots.index_put_((_index(dst, dev0),), y)
+        slots.index_put_(*_hand_back(ys, dst, dev0))
     elif batched:
         for part in _sub_batches(batch):
             _run_batch(x, slots, part, rows, k, moe, act)
