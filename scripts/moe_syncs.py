@@ -1,16 +1,17 @@
 """Host syncs per MoE decode layer counted on the CPU stand-in accelerator (issue 19):
 
-    PYTHONPATH=src:tests python scripts/moe_syncs.py [--out FILE] [--new N]
+    PYTHONPATH=src:tests python scripts/moe_syncs.py [--out FILE] [--new N] [--cpu-compute on]
 
 Tiny random-weight qwen3_moe (Qwen3-30B-A3B's routing: 128 experts, top-8, every layer
 sparse) and gpt_oss (gpt-oss-20b's: 32 experts, top-4) decode greedily with their experts in
-RAM through an expert cache of fewer slots than experts (LRU, CPU compute off) on the stand-in
-("cpu:1"), tokens checked against transformers'. Syncs are counted as ``tests/sync_count.py``
-says (the expert ids' read, event and stream waits of uva's pinned ring run with fake CUDA
-events, host reads of tensors, data-dependent ops), per decode layer by kind, with the small
+RAM through an expert cache of fewer slots than experts (LRU; RAM misses copied into slots,
+or with ``--cpu-compute on`` computed by the CPU) on the stand-in ("cpu:1"), tokens checked
+against transformers'. Syncs are counted as ``tests/sync_count.py`` says (the expert ids'
+read; event and stream waits of ``runtime/uva``'s ``to_device`` and ring, run with fake CUDA
+primitives; host reads of tensors; data-dependent ops), per decode layer by kind, with the
 transfers through the ring per sparse layer and the cache's hit rate. To compare two versions
-of the code run it with each on ``PYTHONPATH`` (the counter patches ``layers.moe._index`` and
-``_to_host`` and ``runtime/uva``'s ``torch``, which both have).
+of the code run it with each on ``PYTHONPATH`` (the counter patches ``layers.moe._index``,
+``_to_host`` and ``_hand_back`` where it exists, and ``runtime/uva``'s ``torch``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ CASES = {
 }
 
 
-def count(family: str, new: int) -> dict:
+def count(family: str, new: int, cpu_compute: str = "off") -> dict:
     import test_moe_syncs as t
     from conftest import make_hf_model
     from ollm import LLM
@@ -45,7 +46,7 @@ def count(family: str, new: int) -> dict:
         model = make_hf_model(family, Path(d) / "hf", **kw)
         opts = dict(device="cpu", cache_dir=Path(d) / "c", progress=False, prefill_chunk=32)
         with LLM(Path(d) / "hf", **opts) as llm, pytest.MonkeyPatch.context() as mp:
-            layers, steps, c = t._decode_syncs(llm, model, mp, slots)
+            layers, steps, c = t._decode_syncs(llm, model, mp, slots, cpu_compute=cpu_compute)
             hit_rate = llm.prefetcher.experts.hit_rate
             spec = llm.spec
     sparse = [s for is_sparse, s, _ in layers if is_sparse]
@@ -55,6 +56,7 @@ def count(family: str, new: int) -> dict:
     total = sum(sparse, collections.Counter())
     return dict(
         family=family,
+        cpu_compute=cpu_compute,
         layers=spec.num_layers,
         sparse_layers=len(spec.moe.sparse_layers),
         experts=spec.moe.num_experts,
@@ -75,8 +77,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--new", type=int, default=12, help="tokens generated (decode steps + 1)")
+    ap.add_argument("--cpu-compute", choices=("off", "on"), default="off",
+                    help="RAM misses computed by the CPU (on) or copied into slots (off)")  # fmt: skip
     args = ap.parse_args()
-    out = {"device": "cpu stand-in ('cpu:1')", "runs": [count(f, args.new) for f in CASES]}
+    runs = [count(f, args.new, args.cpu_compute) for f in CASES]
+    out = {"device": "cpu stand-in ('cpu:1')", "runs": runs}
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
