@@ -24,6 +24,8 @@ class EngineConfig:
     dtype: str | None = None  # conversion dtype; None = the source's, float32 -> half on a GPU
     max_context: int = 4096  # tokens per sequence the plan reserves KV and activations for
     max_batch: int = 1  # sequences per request the plan reserves KV for
+    # leading prompt tokens every sequence shares (a system prompt): their KV is planned once
+    shared_prefix: int = 0
     cache_dir: str | None = None  # where converted stores live; None = ~/.cache/ollm
     verify_checksums: bool = True  # check each store file's CRC32 on its first read
     hybrid: str = (
@@ -96,6 +98,11 @@ class EngineConfig:
             raise OllmError("cpu_layers must be >= 0")
         if self.max_context < 1 or self.max_batch < 1:
             raise OllmError("max_context and max_batch must be positive")
+        if not 0 <= self.shared_prefix < self.max_context:
+            raise OllmError(
+                f"shared_prefix must be at least 0 and under max_context ({self.max_context}), "
+                f"got {self.shared_prefix}"
+            )
         if self.model is not None:
             set_(self, "model", str(Path(self.model).expanduser()))
         _check_speculate(self.speculate)

@@ -22,6 +22,7 @@ Three workloads through `BatchEngine` on one plan (sized for the largest batch):
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from collections.abc import Callable
@@ -218,36 +219,45 @@ def arrivals_case(llm, n: int, tokens: int, new_tokens: int, seed: int, rate: fl
     }
 
 
-def prefix_case(llm, tokens: int, new_tokens: int, seed: int) -> dict:
-    """16 requests sharing all but ``TAIL`` tokens vs 16 sharing nothing. The first request is
-    prefilled before the others arrive (a common system prompt already cached): prompts admitted
-    in the same step cannot share, since a block is keyed once its KV is computed."""
-    out: dict[str, Any] = {}
-    shared = max(0, tokens - TAIL)
-    for name, head in (("shared", shared), ("distinct", 0)):
-        eng = _engine(llm)
-        try:
-            ps = prompts(PREFIX_REQUESTS, tokens, llm.spec.vocab_size, seed, head)
-            t0 = time.perf_counter()
-            ids = [eng.add(ps[0], _params(new_tokens))]
-            eng.step()
-            ids += [eng.add(p, _params(new_tokens)) for p in ps[1:]]
-            eng.run()
-            wall = time.perf_counter() - t0
-            m = eng.metrics()
-            generated = sum(len(eng.finished[r].token_ids) for r in ids)
-        finally:
-            eng.close()
-        out[name] = {
-            "wall_s": wall,
-            "total_tok_s": generated / wall,
-            "query_tokens": m.step_tokens,
-            "prefix_hits": m.prefix_hits,
-            "prefix_saved_tokens": m.prefix_saved_tokens,
-        }
-    out["shared_prefix_tokens"] = shared
-    out["speedup"] = out["distinct"]["wall_s"] / out["shared"]["wall_s"]
-    return out
+def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
+    """``PREFIX_REQUESTS`` requests of ``tokens`` tokens whose first ``head`` are the same in
+    all. The first request is prefilled before the others arrive (a common system prompt
+    already cached): prompts admitted in the same step cannot share, since a block is keyed
+    once its KV is computed."""
+    eng = _engine(llm)
+    try:
+        ps = prompts(PREFIX_REQUESTS, tokens, llm.spec.vocab_size, seed, head)
+        t0 = time.perf_counter()
+        ids = [eng.add(ps[0], _params(new_tokens))]
+        eng.step()
+        ids += [eng.add(p, _params(new_tokens)) for p in ps[1:]]
+        eng.run()
+        wall = time.perf_counter() - t0
+        m = eng.metrics()
+        generated = sum(len(eng.finished[r].token_ids) for r in ids)
+    finally:
+        eng.close()
+    return {
+        "wall_s": wall,
+        "total_tok_s": generated / wall,
+        "query_tokens": m.step_tokens,
+        "prefix_hits": m.prefix_hits,
+        "prefix_saved_tokens": m.prefix_saved_tokens,
+        "prompt_tokens": tokens,
+        "plan": dict(llm.plan.describe()),
+    }
+
+
+def prefix_report(distinct: dict, shared: dict) -> dict:
+    """16 requests sharing all but ``TAIL`` tokens (`prefix_run`, on a plan that counts the
+    prefix's KV once) against 16 sharing nothing (on the bench's plan)."""
+    tokens = shared["prompt_tokens"]
+    return {
+        "shared": shared,
+        "distinct": distinct,
+        "shared_prefix_tokens": max(0, tokens - TAIL),
+        "speedup": distinct["wall_s"] / shared["wall_s"],
+    }
 
 
 def _machine_probes(device: str, store, tokens: int) -> dict:
@@ -331,12 +341,24 @@ def run_batch_bench(
                 on_case("static_stream_all", case)
         _arrival_cases(llm, report, max(batches), workloads, (n, m, seed), probes, on_case)
         if "prefix" in workloads:
-            report["prefix"] = prefix_case(llm, n, m, seed)
+            distinct = prefix_run(llm, n, m, seed, 0)
+            # The shared case on its own plan (the prefix's KV counted once): the first LLM
+            # closed and dropped before the second is made, so their buffers never coexist.
+            llm.close()
+            llm = None
+            gc.collect()
+            llm = LLM(store, **{**kw, "device": device, "progress": progress},
+                      max_batch=PREFIX_REQUESTS, max_context=n + m,
+                      shared_prefix=max(0, n - TAIL))  # fmt: skip
+            report["prefix"] = prefix_report(
+                distinct, prefix_run(llm, n, m, seed, max(0, n - TAIL))
+            )
             if on_case:
                 on_case("prefix", report["prefix"])
         return report
     finally:
-        llm.close()
+        if llm is not None:
+            llm.close()
 
 
 def _arrival_cases(llm, report: dict, big: int, workloads, sizes: tuple, probes, on_case) -> None:

@@ -71,6 +71,14 @@ def serve(
     max_batch: Annotated[
         int, typer.Option("--max-batch", help="Sequences of max-context tokens the KV pools hold.")
     ] = 4,
+    shared_prefix: Annotated[
+        int,
+        typer.Option(
+            "--shared-prefix",
+            help="Leading prompt tokens every request shares (a system prompt): the plan holds "
+            "their KV once, leaving the room to resident layers.",
+        ),
+    ] = 0,
     max_pending: Annotated[
         int, typer.Option("--max-pending", help="Sequences held at once; beyond it: HTTP 429.")
     ] = 256,
@@ -112,7 +120,7 @@ def serve(
         llm = common.build_llm(
             model, threads=threads, device=device, gpu_memory=gpu_memory,
             cpu_memory=cpu_memory, offload=offload, dtype=dtype, max_context=max_context,
-            max_batch=max_batch, cache_dir=cache_dir,
+            max_batch=max_batch, cache_dir=cache_dir, shared_prefix=shared_prefix or None,
         )  # fmt: skip
         with llm:
             _run(llm, config, sock, drain)

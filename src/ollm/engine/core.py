@@ -76,7 +76,7 @@ class Engine:
         # speculate=draft:PATH: the draft model loads first, resident; its bytes leave the budget.
         draft_bytes = reserve_draft(self)
         try:
-            self.load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context))
+            self.load(Workload(cfg.max_batch, cfg.max_context, cfg.max_context, cfg.shared_prefix))
         except BudgetError as exc:
             if self.draft is not None:
                 self.draft.close()
@@ -178,7 +178,7 @@ class Engine:
                     "they finish, or plan for it up front (max_context, max_batch)"
                 )
             context = max(tokens, w.context)
-            self.replan(Workload(max(batch, w.batch), context, context))
+            self.replan(Workload(max(batch, w.batch), context, context, w.shared))
 
     def check_request(self, prompts: list[list[int]], new_tokens: int) -> None:
         """Validate a request and grow the plan when it needs more KV or activations than

@@ -328,11 +328,13 @@ def planned_blocks(
     plan, groups: set[str], block_tokens: int, batch: int, context: int
 ) -> dict[str, int] | None:
     """``plan.kv_pools`` (blocks per KV group the planner sized) when they are for these
-    ``groups`` and ``block_tokens`` and hold ``batch`` sequences of ``context`` tokens; None
-    otherwise (the caller sizes the pools from batch x context)."""
+    ``groups`` and ``block_tokens`` and hold ``batch`` sequences of ``context`` tokens (the
+    full blocks of the plan's ``shared_prefix`` once); None otherwise (the caller sizes the
+    pools from batch x context)."""
     pools = dict(plan.kv_pools)
     if plan.kv_page_tokens != block_tokens or set(pools) != groups:
         return None
-    if pools.get("full", 1 << 62) < batch * -(-context // block_tokens):
+    shared = min(getattr(plan, "shared_prefix", 0), context) // block_tokens
+    if pools.get("full", 1 << 62) < shared + batch * (-(-context // block_tokens) - shared):
         return None
     return pools

@@ -52,7 +52,7 @@ def plan_for(engine, workload):
     from ollm.engine.kv_auto import choose_for, settle
     from ollm.engine.moe_offload import plan_with_experts
     from ollm.kv.codecs import kv_format
-    from ollm.planning.placement import Workload, plan_placement
+    from ollm.planning.placement import plan_placement
 
     cfg = engine.config
     elem = torch.finfo(engine.dtype).bits // 8
@@ -88,7 +88,9 @@ def plan_for(engine, workload):
         plan = at(workload)
         asked, workload = workload, prefill_workload(workload, plan)  # a segment's rows now
     except BudgetError as exc:
-        fit = largest_context(lambda c: at(Workload(workload.batch, c, c)), workload.context)
+        fit = largest_context(
+            lambda c: at(replace(workload, context=c, prefill_tokens=c)), workload.context
+        )
         if not fit:
             raise
         raise BudgetError(
@@ -137,12 +139,10 @@ def segmented(engine, workload, elem: int, fmt, plan_at):
 
 def prefill_workload(workload, plan):
     """``workload`` with the rows of one forward the plan prefills in (its segment)."""
-    from ollm.planning.placement import Workload
-
     if not plan.prefill_segment:
         return workload
     rows = min(workload.prefill_tokens, plan.prefill_segment)
-    return Workload(workload.batch, workload.context, rows)
+    return replace(workload, prefill_tokens=rows)
 
 
 def with_segment(engine, plan, seg: int, work, rates, fmt, elem: int):

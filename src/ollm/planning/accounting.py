@@ -179,7 +179,8 @@ def kv_group(window: int | None) -> str:
 
 def kv_pool_blocks(spec, work: Workload, page_tokens: int, step_tokens: int) -> dict[str, int]:
     """Blocks per KV group of the paged pools for ``work.batch`` sequences of ``work.context``
-    tokens: whole contexts for the full-attention group (rounded up to blocks per sequence), for
+    tokens: whole contexts for the full-attention group (rounded up to blocks per sequence; the
+    full blocks of a ``work.shared`` prefix once, as prefix sharing holds them), for
     a window group the blocks a window keeps live when a step carries ``step_tokens`` query
     tokens (``BlockManager.max_live_blocks``). Every layer of a group has this many blocks in
     its own KV tier (device, pinned RAM or disk, from its ``LayerPlacement.kv_tier``)."""
@@ -188,7 +189,9 @@ def kv_pool_blocks(spec, work: Workload, page_tokens: int, step_tokens: int) -> 
         g = kv_group(layer.window)
         if g not in out:
             live = max_live_blocks(page_tokens, layer.window, work.context, step_tokens)
-            out[g] = work.batch * live
+            # a shared prefix's full blocks once (a window's live blocks are each sequence's)
+            shared = min(work.shared, work.context) // page_tokens if layer.window is None else 0
+            out[g] = shared + work.batch * (live - shared)
     return out
 
 

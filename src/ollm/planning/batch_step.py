@@ -49,10 +49,12 @@ def batch_engine_runs(spec, work: Workload, kv_format: KVFormat | None) -> bool:
 def step_tokens(spec, work: Workload, chunk: int) -> int:
     """Most query tokens one batch-engine step carries (``BatchEngine.for_plan``): one prefill
     chunk with sliding windows (a paged window group holds a whole step), else every
-    sequence's prompt (``batch x prefill_tokens``) in one weight pass."""
+    sequence's prompt (``batch x prefill_tokens``) in one weight pass; with a ``work.shared``
+    prefix, one whole prompt and the others' tails (their prefix is cached)."""
     if chunk and any(layer.window for layer in spec.layers):
         return chunk
-    return work.batch * work.prefill_tokens
+    shared = min(work.shared, work.prefill_tokens - 1)  # each prompt computes its own tail
+    return work.prefill_tokens + (work.batch - 1) * (work.prefill_tokens - shared)
 
 
 def pool_layer_bytes(spec, pools: dict[str, int], page: int, dtype_bytes: int) -> list[int]:
@@ -186,7 +188,10 @@ def batch_rows(plan) -> list[tuple[str, str]]:
     from ollm.sizes import format_size
 
     parts = ", ".join(f"{k} {format_size(v)}" for k, v in plan.batch_parts.items() if v)
-    return [
+    rows = [
         ("batch engine step", f"<= {plan.step_tokens} query tokens, {plan.logit_rows} logits rows"),
         ("batch engine activations", parts),
     ]
+    if getattr(plan, "shared_prefix", 0):
+        rows.append(("shared prefix (KV held once)", f"{plan.shared_prefix} tokens"))
+    return rows

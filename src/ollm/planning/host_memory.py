@@ -9,6 +9,7 @@ chunks whose activations (``accounting.activation_parts``, quadratic masks inclu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ollm.planning.accounting import activation_parts
@@ -30,10 +31,8 @@ def chunk_activation_bytes(
     """RAM one prefill chunk of ``rows`` rows needs on the CPU beyond what is fixed per request
     (the allocator slack and the logits): its slice of the residual stream and rope tables,
     the block's temporaries, the MLP's intermediates, attention scratch and masks."""
-    from ollm.planning.placement import Workload
-
     parts = activation_parts(
-        spec, Workload(work.batch, work.context, rows), dtype_bytes, mlp_chunk, rows, False
+        spec, replace(work, prefill_tokens=rows), dtype_bytes, mlp_chunk, rows, False
     )
     return sum(parts.values()) - parts["slack"] - parts["logits"]
 

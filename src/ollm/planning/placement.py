@@ -83,6 +83,7 @@ class PlacementPlan:
     kv_block_tokens: int = 256  # token slots per KV block, the unit KV is split between tiers in
     kv_pools: dict[str, int] = field(default_factory=dict)  # paged KV: blocks per KV group
     kv_page_tokens: int = 16  # token slots per block of the paged pools (engine v2)
+    shared_prefix: int = 0  # prompt tokens the pools hold once for all sequences (Workload.shared)
     experts: ExpertPlan | None = None  # MoE experts placed one by one (planning/experts.py)
     kv_read: tuple[float, ...] = ()  # per layer: share of its KV a routed decode step reads
     kv_codecs: KvCodecChoice | None = None  # ``--kv-codec auto``: each KV tier's codec and why
@@ -220,6 +221,11 @@ class Workload:
     batch: int = 1
     context: int = 4096
     prefill_tokens: int = 4096
+    # Leading tokens every sequence's prompt shares (a system prompt, a document asked several
+    # questions): the batch engine's pools hold their KV once (prefix sharing), so the plan
+    # counts it once (``accounting.kv_pool_blocks``) and a step's prompts once
+    # (``batch_step.step_tokens``).
+    shared: int = 0
 
 
 # From this many sequences the batch engine's plan computes no layer on the CPU (unless
@@ -398,6 +404,7 @@ def _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget
         kv_block_tokens=kv_block_tokens,
         kv_pools=sz.kv_pools or kv_pool_blocks(spec, work, PAGE_TOKENS, step),
         kv_page_tokens=PAGE_TOKENS,
+        shared_prefix=work.shared,
         kv_read=tuple(kv_read or ()),
         step_tokens=sz.step_tokens,
         logit_rows=sz.logit_rows,

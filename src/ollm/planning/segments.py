@@ -59,10 +59,9 @@ def plan_segmented(
     the plan records its segment in ``prefill_segment`` (0: one forward). ``pinned(plan)``: the
     host RAM a plan pins, compared with ``host_limit`` in auto (both needed for that test)."""
     check_segment(segment)
-    from ollm.planning.placement import Workload
 
     def at(seg: int) -> PlacementPlan:
-        w = Workload(work.batch, work.context, min(work.prefill_tokens, seg))
+        w = replace(work, prefill_tokens=min(work.prefill_tokens, seg))
         p = plan(w)
         return mark(p, seg) if seg < work.prefill_tokens else p
 
