@@ -74,6 +74,17 @@ class DecodeBatch:
         return self.dev_rows[key]
 
 
+def additive_mask(masks: dict, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``keep`` (one of a `DecodeBatch`'s boolean key masks) as 0 / -inf in ``dtype``, made once
+    per step and kept in ``masks``: PyTorch's CPU attention converts a boolean mask on every
+    call (a `where` over the mask broadcast to every head), per layer."""
+    key = ("additive", id(keep), dtype)
+    if key not in masks:
+        add = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        masks[key] = (add.masked_fill_(~keep, float("-inf")), keep)  # keep: id stays its own
+    return masks[key][0]
+
+
 def _decode_batches(
     seqs: Sequence[SeqRows], store: PagedKVStore, device: torch.device
 ) -> tuple[DecodeBatch, ...]:

@@ -236,7 +236,9 @@ def grouped_attention(
     if parts > 1:  # one sequence, every key visible: its keys in parts, one per idle thread
         return split_keys_attention(qg, k, v, scale, parts).reshape(b, h, t, d)
     mask = None
-    if dense_mask is not None:
+    if dense_mask is not None and t == 1 and dense_mask.shape[-2] == 1:
+        mask = dense_mask  # [B, 1, 1, S]: broadcast over KV heads and folded rows, no copy
+    elif dense_mask is not None:
         mask = (
             dense_mask.unsqueeze(2).expand(dense_mask.shape[0], 1, g, t, s).reshape(-1, 1, g * t, s)
         )
