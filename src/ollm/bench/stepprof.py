@@ -157,7 +157,8 @@ def _busy_ms(spans: list, lo: float, hi: float) -> float:
 def step_timeline(engine: Any, steps: int = 2) -> dict:
     """``steps`` engine steps with an ``ollm.telemetry.timeline.Timeline`` on the runner and the
     prefetcher: every weight copy (CUDA events on the copy stream), every layer's compute on the
-    device (events around it: a CPU attention inside a GPU layer stretches its span) and every
+    device (events around it: a CPU attention inside a GPU layer stretches its span), the host's
+    own time on each GPU layer (kind "host": its syncs, CPU attention and launches) and every
     CPU-computed layer (host clock). Returns the spans as ``[kind, layer, start_ms, end_ms]``
     from the first step's start and, per kind, the milliseconds its spans cover (union) within
     the steps' wall time; ``copy`` busy below the wall is time the link sat idle."""

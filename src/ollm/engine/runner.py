@@ -285,6 +285,7 @@ class Runner:
                 masks[mkey] = (m, m.dense(torch.device(dev)) if small else None)
             cos, sin = tables[key]
             mask, dense = masks[mkey]
+            th = time.perf_counter() if self.timeline is not None else None
             w = pf.get(i)
             if pf.experts is not None:  # a sparse layer's experts come from the expert cache
                 w = pf.experts.bind(i, w)
@@ -312,6 +313,8 @@ class Runner:
                 if self.timeline is not None:
                     self.timeline.host("cpu" if self.plan.device != "cpu" else "compute", i, t0, t1)
             pf.release(i)
+            if th is not None and not on_cpu:  # the host's time on the layer: syncs, CPU attention
+                self.timeline.host("host", i, th, time.perf_counter())
         if cpu_time:
             pf.stats.add(cpu_seconds=cpu_time)
         if host and torch.device(dev).type == "cuda":  # the last copies back have landed
