@@ -58,6 +58,7 @@ def test_shared_prefix_counted_once(setup) -> None:
 def test_window_groups_and_steps() -> None:
     """A sliding window's live blocks are each sequence's own; a prefix as long as the prompt
     still leaves each prompt one token to compute."""
+
     class Layer:
         def __init__(self, window):
             self.window = window
