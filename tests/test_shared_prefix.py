@@ -156,3 +156,9 @@ def test_additive_key_mask_matches_the_boolean_one():
     m = AttentionMask(s - 1, 1, s, keep[:, 0, 0])
     want = attend(q, k, v, m, 0.3, keep)
     assert torch.equal(attend(q, k, v, m, 0.3, add), want)
+    from ollm.layers.attention import blocked_attention  # the GPU path's kernel takes it too
+
+    torch.testing.assert_close(blocked_attention(q, k, v, m, 0.3, add), want, atol=2e-2, rtol=0)
+    assert torch.equal(
+        blocked_attention(q, k, v, m, 0.3, add), blocked_attention(q, k, v, m, 0.3, keep)
+    )
