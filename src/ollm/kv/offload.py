@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 
+from ollm.kv.routed import NewSlots
 from ollm.layers.attention import AttentionMask, attend, attend_parts
 from ollm.runtime.pinned import pinned_empty, unpin
 
@@ -87,13 +88,16 @@ class OffloadedKVCache:
         # while earlier layers compute; the first use waits for it.
         pin = partial(pinned_empty, device=scratch.k.device)  # registered from its context
         make = (storage or pin) if n else _no_storage  # n == 0: all on the device
+        # RAM: a block of slots past the last head's (a routed read may run past its end: the
+        # window's last page whole, kv/page_read.py; rows not attended)
+        self._n, more = n, 256 * head_dim * torch.finfo(dtype).bits // 8 if n and not storage else 0
         self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # raw bytes (to unpin)
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # typed [B, H, S, D] views
         self._pending: Future | None = None
         if allocator is not None:
-            self._pending = allocator.submit(lambda: (make(n), make(n)))
+            self._pending = allocator.submit(lambda: (make(n + more), make(n + more)))
         else:
-            self._adopt((make(n), make(n)))
+            self._adopt((make(n + more), make(n + more)))
         self.capacity, self.length = capacity, 0
         self.scratch, self.decode_tokens = scratch, decode_tokens
         self.dirty_from = 0
@@ -105,8 +109,8 @@ class OffloadedKVCache:
     def _adopt(self, bufs: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._bufs = bufs
         self._kv = (
-            bufs[0].view(self._dtype).view(self._host_shape),
-            bufs[1].view(self._dtype).view(self._host_shape),
+            bufs[0][: self._n].view(self._dtype).view(self._host_shape),
+            bufs[1][: self._n].view(self._dtype).view(self._host_shape),
         )
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +153,10 @@ class OffloadedKVCache:
             # Decode (or a layer the CPU computes, as in hybrid decode): attend where the KV is.
             self.flush()
             self._sync()
-            self._store(k, v, start, end, self.k, self.v)
+            # routing: the new slots' RAM part read to the host with q and the chosen pages
+            new = self._store(k, v, start, end, self.k, self.v, self.router is not None)
             self._advance(start, end)  # RAM is ahead of the scratch now
-            return self._attend_tiers(q, mask, scale, dense_mask, self.k, self.v, end)
+            return self._attend_tiers(q, mask, scale, dense_mask, self.k, self.v, end, new)
         s = self.scratch
         s.claim(self, start)
         s.k[:, :, start:end] = k
@@ -184,9 +189,10 @@ class OffloadedKVCache:
         self.fetcher.release(slot)
         return out
 
-    def _store(self, k, v, start: int, end: int, host_k, host_v) -> None:
+    def _store(self, k, v, start: int, end: int, host_k, host_v, defer: bool = False):
         """Write slots [start, end): device blocks to ``dk``/``dv``, the rest to ``host_k``/
-        ``host_v`` (RAM, or the fetcher's copy of it) at host-relative positions."""
+        ``host_v`` (RAM, or the fetcher's copy of it) at host-relative positions; ``defer``:
+        the rest returned as ``NewSlots`` (the router reads them to the host with its own)."""
         g = self.device_tokens
         if self.router is not None:  # attention routing (issue 18): keep summaries current
             self.router.on_append(k, start)
@@ -196,15 +202,19 @@ class OffloadedKVCache:
             self.dv[:, :, start:m] = v[:, :, : m - start]
         if end > g:
             a = max(start, g)
-            host_k[:, :, a - g : end - g] = k[:, :, a - start :].to(host_k.device)
-            host_v[:, :, a - g : end - g] = v[:, :, a - start :].to(host_v.device)
+            new = NewSlots(k[:, :, a - start :], v[:, :, a - start :],
+                           host_k[:, :, a - g : end - g], host_v[:, :, a - g : end - g])  # fmt: skip
+            if defer:
+                return new
+            new.flush()
+        return None
 
     def _advance(self, start: int, end: int) -> None:
         self.length = self.dirty_from = end
         if self.scratch.owner is self:
             self.scratch.valid = min(self.scratch.valid, start)
 
-    def _attend_tiers(self, q, mask, scale, dense_mask, host_k, host_v, end):
+    def _attend_tiers(self, q, mask, scale, dense_mask, host_k, host_v, end, new=None):
         """Attention over slots [0, end): the device blocks where they sit, the host part where
         ``host_k``/``host_v`` sit (RAM: on the CPU; a fetched copy: on the GPU)."""
         g = self.device_tokens
@@ -216,7 +226,7 @@ class OffloadedKVCache:
             parts.append((host_k[:, :, : end - g], host_v[:, :, : end - g]))
         if self.router is not None:  # attention routing (issue 18): read only the chosen KV
             tiers = [(pk, pv, 0 if i == 0 and g else g) for i, (pk, pv) in enumerate(parts)]
-            out = self.router.attend(q, tiers, mask, scale)
+            out = self.router.attend(q, tiers, mask, scale, new)  # ``new`` written
             if out is not None:
                 return out
         return attend_parts(q, parts, mask, scale, dense_mask)

@@ -1,8 +1,8 @@
 """The reads of one routed decode step (issue 18): the sinks, chosen pages and window of a group
 of KV heads, gathered from one tier of a layer's KV into one buffer [B, R, L, D], so that one
 attention call covers every head of the group. For pinned RAM that is one memcpy per page
-(``index_select`` over the tier viewed as pages of ``page * D`` elements, parallel over the pages)
-into a buffer kept between layers (``PageBuffers``: a fresh tensor per layer would fault its
+(one ``index_select`` over the tier viewed as rows of ``page * D`` elements, the sinks, pages and
+window of every head at once) into a buffer kept between layers (``PageBuffers``: a fresh tensor per layer would fault its
 pages in every time), then attention on the CPU where the pages sit, or, with the pages copied
 on (``read="device"``), one asynchronous copy of the gathered bytes and attention on the GPU.
 
@@ -13,7 +13,9 @@ middle (the first offloaded layer's device blocks) gives heads different counts:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -127,6 +129,10 @@ def gather_tier(
     ns, nw = max(0, sinks[1] - sinks[0]), max(0, window[1] - window[0])
     local, counts = None, None
     if ids is not None and ids.shape[-1] and a < step.hi and e > step.lo:
+        if not step.ragged(a, e):  # the whole middle: one op per K/V if the pages allow
+            got = _gather_paged(k, v, off, step, heads, ids, bufs)
+            if got is not None:
+                return got
         local = ids - off // p
         if step.ragged(a, e):  # this tier holds some of each head's pages: per head, padded
             inside = (ids * p >= a) & ((ids + 1) * p <= e)
@@ -159,6 +165,76 @@ def gather_tier(
                 valid[bi, i, ns + counts[bi][i] * p : ns + npg * p] = False
         valid = valid.to(k.device)
     return kb, vb, valid, which
+
+
+def _page_view(t: torch.Tensor, p: int) -> tuple[torch.Tensor, int]:
+    """``t`` [B, KVH, n, D] (slots contiguous per head) as rows of ``p * D`` elements, one starting
+    every ``u`` elements of its storage (u divides every page's start: rows overlap, read only),
+    and ``u``. A page of any head is then one row: one ``index`` op reads every head's pages."""
+    d = t.shape[-1]
+    if t.stride(3) != 1 or t.stride(2) != d:
+        raise RuntimeError("a routed tier needs its slots contiguous per head")
+    w = p * d
+    u = math.gcd(t.stride(0), t.stride(1), w)
+    avail = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    return t.as_strided(((avail - w) // u + 1, w), (u, 1)), u
+
+
+@lru_cache(maxsize=256)
+def _bases(b: int, s0: int, s1: int, u: int, heads: tuple[int, ...], shift: int, device: str):
+    """[B, R, 1]: the row of ``_page_view`` where page ``shift`` of each (sequence, head) would
+    start, less ``shift`` (page ``i``'s row is base + i * rows per page). Kept: on a GPU a
+    fresh one would be a host-to-device copy per layer."""
+    base = [[[(bi * s0 + h * s1) // u - shift] for h in heads] for bi in range(b)]
+    return torch.tensor(base, dtype=torch.long, device=device)
+
+
+@lru_cache(maxsize=256)
+def _fixed_pages(s0: int, s1: int, w0: int, w1: int, device: str):
+    """The page ids of the sinks [s0, s1) and of the window [w0, w1) (its last page partly
+    past the step's keys), kept as ``_bases``."""
+    return (torch.arange(s0, s1, device=device), torch.arange(w0, w1, device=device))
+
+
+def _gather_paged(k, v, off: int, step: StepSlots, heads, ids, bufs):
+    """``gather_tier`` for a tier holding the whole middle (slots [off, off + n), off <= lo):
+    the sinks, the chosen pages ``ids`` and the window read as whole pages, every head's in one
+    ``index_select`` per K/V (a memcpy per page) into one contiguous buffer [B, R, pages * p,
+    D], of which the read is the first ``length`` rows per head (the window's last page may run
+    past the step's keys: those rows are not attended); the keys in the order of
+    ``gather_tier``'s. None when that last page would run past the tier's storage."""
+    p, (b, _, n, d), r = step.page, k.shape, len(heads)
+    if k.stride() != v.stride():
+        return None
+    (view, u), (vview, _) = _page_view(k, p), _page_view(v, p)
+    per, first = p * d // u, off // p
+    w_end = min(off + n, step.end)
+    w0, w1 = step.hi // p, -(-w_end // p)
+    top = ((b - 1) * k.stride(0) + max(heads) * k.stride(1)) // u + (w1 - 1 - first) * per
+    if top >= min(view.shape[0], vview.shape[0]):
+        return None
+    dev = str(ids.device)
+    sinks, window = _fixed_pages(first, step.lo // p, w0, w1, dev)
+    pages = torch.cat([sinks.expand(b, r, -1), ids, window.expand(b, r, -1)], -1)
+    base = _bases(b, k.stride(0), k.stride(1), u, heads, first * per, dev)
+    rows = torch.add(base, pages, alpha=per).view(-1)
+    shape = (b, r, pages.shape[-1] * p, d)
+    if bufs is not None and k.device.type == "cpu":
+        kb, vb, which = bufs.take(shape, k.dtype)
+    else:
+        kb, vb = (torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2))
+        which = None
+    torch.index_select(view, 0, rows, out=kb.view(-1, p * d))
+    torch.index_select(vview, 0, rows, out=vb.view(-1, p * d))
+    length = (step.lo - off) + ids.shape[-1] * p + (w_end - step.hi)
+    return kb[:, :, :length], vb[:, :, :length], None, which
+
+
+def padded(x: torch.Tensor) -> torch.Tensor:
+    """The contiguous buffer behind a read of ``gather_tier`` (a read of ``_gather_paged`` is
+    its first rows per head): what a copy to the GPU takes whole."""
+    b, r, _, d = x.shape
+    return x.as_strided((b, r, x.stride(1) // d, d), x.stride())
 
 
 def _copy_pages(dst, pages, heads, local, npg, p) -> None:

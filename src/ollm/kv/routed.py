@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ollm.kv.page_read import PageBuffers, StepSlots, attend_read, gather_tier
+from ollm.kv.page_read import PageBuffers, StepSlots, attend_read, gather_tier, padded
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
 from ollm.layers.routing import (
     FULL,
@@ -33,6 +33,26 @@ Tier = tuple[torch.Tensor, torch.Tensor, int]  # keys, values [B, KVH, n, D], fi
 # to the GPU, attended there). scripts/gpu/routing_micro.py times both.
 READS = ("sit", "device")
 READ = "sit"
+
+
+class NewSlots:
+    """A decode step's new keys and values ``k``/``v`` (on the compute device) bound for host
+    slots ``dst_k``/``dst_v`` (RAM): ``Router._paged`` reads them to the host in the one wait
+    for q and the chosen page ids and writes them before it gathers; ``flush`` writes them on
+    their own (a blocking copy: a wait of its own on a GPU) when nothing did."""
+
+    def __init__(self, k, v, dst_k: torch.Tensor, dst_v: torch.Tensor) -> None:
+        self.k, self.v, self.dst, self.done = k, v, (dst_k, dst_v), False
+
+    def write(self, hk: torch.Tensor, hv: torch.Tensor) -> None:
+        """Store the host copies ``hk``/``hv`` of ``k``/``v``."""
+        self.dst[0].copy_(hk)
+        self.dst[1].copy_(hv)
+        self.done = True
+
+    def flush(self) -> None:
+        if not self.done:
+            self.write(self.k.to(self.dst[0].device), self.v.to(self.dst[1].device))
 
 
 class Router:
@@ -135,9 +155,21 @@ class Router:
             self.summaries.trim(length, keys)
 
     def attend(
-        self, q: torch.Tensor, tiers: list[Tier], mask: AttentionMask, scale: float
+        self,
+        q: torch.Tensor,
+        tiers: list[Tier],
+        mask: AttentionMask,
+        scale: float,
+        new: NewSlots | None = None,
     ) -> torch.Tensor | None:
-        """Routed attention of ``q`` [B, H, T, D] over the cache's ``tiers``, or None."""
+        """Routed attention of ``q`` [B, H, T, D] over the cache's ``tiers``, or None; ``new``
+        (slots the tiers show but the host does not hold yet) is written either way."""
+        out = self._attend(q, tiers, mask, scale, new)
+        if new is not None:
+            new.flush()
+        return out
+
+    def _attend(self, q, tiers, mask, scale, new):
         r, t, start, end = self.routing, mask.q_len, mask.q_start, mask.kv_len
         decode = t <= self.decode_tokens
         lo, hi = r.middle(start if decode else end - 1)  # prefill: the last row skips most
@@ -155,7 +187,7 @@ class Router:
         if not decode:
             out, lse = self._prefill(q, tiers, mask, scale)
         else:
-            out, lse = self._decode(q, tiers, mask, scale, lo, hi, forced)
+            out, lse = self._decode(q, tiers, mask, scale, lo, hi, forced, new)
         return out if mask.sinks is None else with_sinks(out, lse.to(out.device), mask.sinks)
 
     def _prefill(self, q, tiers, mask, scale):
@@ -172,14 +204,18 @@ class Router:
         )  # fmt: skip
         return to_device(out, q.device), to_device(lse, q.device)
 
-    def _decode(self, q, tiers, mask, scale, lo, hi, forced=None):
+    def _decode(self, q, tiers, mask, scale, lo, hi, forced=None, new=None):
         """Each mechanism's heads over their slots, tier by tier, merged by log-sum-exp
-        (``forced``: per sequence, the pages of the middle spans mark full)."""
+        (``forced``: per sequence, the pages of the middle spans mark full; ``new``: written
+        by the first paged read, or first of all when some group reads otherwise)."""
         b, h, t, d = q.shape
         kvh = len(self.routing.heads)
         g = h // kvh
         whole = len(self._groups) == 1  # one mechanism: no split of the heads, no scatter
         even = forced is None or len(set(map(len, forced))) == 1  # the paged read: no padding
+        paged = t == 1 and mask.key_keep is None and even and self._aligned(tiers)
+        if new is not None and (FULL in self._groups or not paged):
+            new.flush()
         out = None if whole else torch.empty_like(q)
         lse = None if whole else torch.empty(b, h, t, device=q.device)
         for mech, heads in self._groups.items():
@@ -187,8 +223,8 @@ class Router:
             qh = q if whole else q.view(b, kvh, g, t, d)[:, idx].reshape(b, -1, t, d)
             if mech == FULL:
                 o, s = self._full(qh, heads, tiers, mask, scale)
-            elif t == 1 and mask.key_keep is None and self._aligned(tiers) and even:
-                o, s = self._paged(q, qh, mech, tiers, mask, scale, lo, hi, forced)
+            elif paged:
+                o, s = self._paged(q, qh, mech, tiers, mask, scale, lo, hi, forced, new)
             else:
                 slots, valid = self._slots(q, heads, mask, lo, hi, mech, forced)
                 o, s = self._gathered(qh, heads, tiers, slots, valid, mask, scale)
@@ -251,12 +287,13 @@ class Router:
     def _aligned(self, tiers: list[Tier]) -> bool:
         return all(off % self.routing.page_tokens == 0 for _, _, off in tiers)
 
-    def _paged(self, q, qh, mech, tiers, mask, scale, lo, hi, forced=None):
+    def _paged(self, q, qh, mech, tiers, mask, scale, lo, hi, forced=None, new=None):
         """One decode query, no padding: per tier, the group's sinks, chosen pages and window
         gathered into one buffer (``page_read.gather_tier``: a memcpy per page) and one
         attention call where the tier sits (RAM: on the CPU, or with ``read="device"`` copied
         to the GPU first); the tiers merged by log-sum-exp. The host waits for the GPU once:
-        q and the chosen page ids come back in one go. Pages marked full (``forced``, as many
+        q, the chosen page ids and ``new`` (the step's keys and values for RAM, written before
+        the gather) come back in one go. Pages marked full (``forced``, as many
         per sequence) are read with the chosen ones (every top-k pick then counts)."""
         r = self.routing
         step = StepSlots(lo, hi, mask.kv_len, r.page_tokens)
@@ -267,10 +304,14 @@ class Router:
         on_cpu = [k.device.type == "cpu" for k, _, _ in tiers]
         ragged = [step.ragged(off, off + k.shape[2]) for k, _, off in tiers]
         sit = self.read == "sit" or qh.device.type == "cpu"
-        q_host, ids_host = _to_host(
+        pending = [] if new is None or new.done else [new.k, new.v]
+        q_host, ids_host, *kv_host = _to_host(
             qh if sit and any(on_cpu) else None,
             pages if pages is not None and (any(on_cpu) or any(ragged)) else None,
+            *pending,
         )
+        if pending:
+            new.write(*kv_host)
         heads = self._tuples[mech]
         out = lse = None
         for (k, v, off), cpu, rag in zip(tiers, on_cpu, ragged, strict=True):
@@ -281,7 +322,8 @@ class Router:
             kb, vb, valid, which = got
             qd = qh
             if cpu and not sit:  # the chosen pages go to the GPU, attended there
-                kb, vb = kb.to(qh.device, non_blocking=True), vb.to(qh.device, non_blocking=True)
+                n = kb.shape[2]  # the whole buffer (contiguous, pinned), then the read's rows
+                kb, vb = (padded(x).to(qh.device, non_blocking=True)[:, :, :n] for x in (kb, vb))
                 valid = None if valid is None else valid.to(qh.device)
                 if which is not None:
                     self.buffers.copied(which, torch.cuda.current_stream(qh.device))

@@ -156,13 +156,16 @@ class KeySummaries:
         """Fold in keys ``k`` [B, kv_heads, T, D] of slots [start, start + T)."""
         if start != self.length:
             raise RuntimeError(f"summaries hold {self.length} slots, append at {start}")
-        k = k.to(self.kmin.device)
+        if k.device != self.kmin.device:
+            k = k.to(self.kmin.device)
         p_, pos, end = self.page_tokens, start, start + k.shape[2]
         if pos % p_:  # finish a partly filled page: fold into its summary
             p, stop = pos // p_, min(end, (pos // p_ + 1) * p_)
-            part = k[:, :, : stop - start]
-            torch.minimum(self.kmin[:, :, p], part.amin(2), out=self.kmin[:, :, p])
-            torch.maximum(self.kmax[:, :, p], part.amax(2), out=self.kmax[:, :, p])
+            one = stop - start == 1  # a decode token: its key is its own min and max
+            lo = k[:, :, 0] if one else k[:, :, : stop - start].amin(2)
+            hi = k[:, :, 0] if one else k[:, :, : stop - start].amax(2)
+            torch.minimum(self.kmin[:, :, p], lo, out=self.kmin[:, :, p])
+            torch.maximum(self.kmax[:, :, p], hi, out=self.kmax[:, :, p])
             pos = stop
         while pos < end:  # whole pages, then a new partial one
             p, n = pos // p_, min((end - pos) // p_, 4096) or 1
@@ -221,7 +224,9 @@ def select_pages(
     p_ = summaries.page_tokens
     p0, p1 = lo // p_, hi // p_
     dev = summaries.kmin.device
-    qh = q.to(dev).reshape(q.shape[0], summaries.kmin.shape[1], -1, q.shape[-1])
+    qh = (q if q.device == dev else q.to(dev)).reshape(
+        q.shape[0], summaries.kmin.shape[1], -1, q.shape[-1]
+    )
     mn, mx = summaries.kmin[:, :, p0:p1], summaries.kmax[:, :, p0:p1]
     if heads is not None:
         qh, mn, mx = qh[:, heads], mn[:, heads], mx[:, heads]
