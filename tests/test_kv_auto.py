@@ -175,9 +175,12 @@ def test_auto_runs_and_reports_its_choice(tiny, tmp_path, monkeypatch):
     exact (codes only cost the CPU more), disk KV compressed; the plan, ``info()`` and the
     run's metrics say so, and scores move as int8 KV's do."""
     from ollm import LLM, SamplingParams
-    from ollm.engine import kv_auto
+    from ollm.engine import calibrate, kv_auto
 
     monkeypatch.setattr(kv_auto, "disk_rate", lambda kv_bytes: 1e6)
+    # the CPU's decode attention rate as a sane fixed figure: the measured one (cached per
+    # machine) moves with the load, and this test is about the plumbing, not the machine
+    monkeypatch.setattr(calibrate, "cpu_attention_rate", lambda *a: 2e9)
     ids = list(range(1, 150))
     params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     with LLM(tiny, device="cpu", max_context=256) as exact:

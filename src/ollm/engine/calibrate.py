@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +34,15 @@ log = logging.getLogger(__name__)
 
 
 def _time(fn, reps: int) -> float:
+    """Seconds of one ``fn()`` after a warm-up: the median of ``reps`` timed calls, so that a
+    call the OS preempted (a loaded machine) does not set a rate that is cached for good."""
     fn()
-    t = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / reps
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _layer_workload(spec, context: int, dtype: torch.dtype):
@@ -381,7 +386,7 @@ def cpu_attention_rate(spec, context: int, dtype: torch.dtype, cache_dir: Path) 
     bucket = min(1 << max(0, context - 1).bit_length(), CPU_ATTN_MAX_TOKENS)
     dt = str(dtype).removeprefix("torch.")
     shape = f"{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}"
-    key = f"cpu-attn-v1-{platform.node()}-{os.cpu_count()}-{torch.get_num_threads()}-{dt}-{shape}-{bucket}"
+    key = f"cpu-attn-v2-{platform.node()}-{os.cpu_count()}-{torch.get_num_threads()}-{dt}-{shape}-{bucket}"
     path = Path(cache_dir) / "machine" / f"{key}.json"
     if path.is_file():
         try:
