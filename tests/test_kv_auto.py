@@ -36,7 +36,7 @@ def test_slow_disk_gets_int4_and_the_fast_gpu_tier_stays_exact():
     # the estimate is stored bytes over the rates the KV crosses: disk, then the link
     disk = slow.tiers["disk"]
     smallest = min(c.bytes_per_token for c in codec_costs(DIM, ELEM))
-    # int4: 16-token key groups (32 B of parameters per token at head_dim 128), 176 of 512 B
+    # int4: 16-token key groups (24 B of parameters per token at head_dim 128), 158 of 512 B
     assert disk.bytes_per_token == bytes_of("int4") == smallest < 0.35 * bytes_of("none")
     assert "disk read + host->GPU copy" in disk.why
 
@@ -104,7 +104,7 @@ def test_choice_is_deterministic():
     assert a == b and a.summary() == b.summary() and a.describe() == b.describe()
     assert default_choice(128) == default_choice(128)
     s = a.summary()
-    assert "device exact (512 B/token/head)" in s and "RAM int4 (176 B/token/head)" in s
+    assert "device exact (512 B/token/head)" in s and "RAM int4 (158 B/token/head)" in s
     assert "measured rates" in s and "32768 tokens" in s
 
 

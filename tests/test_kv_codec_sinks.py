@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_parse_defaults_and_sinks_syntax():
     c = parse_kv_codec("int4")
-    assert (c.key.group, c.value.group, c.block, c.sinks, c.sink_slots) == (16, 32, 16, 32, 32)
-    assert c.bytes_per_token(256, 4) == 352  # 128 + 64 (keys) + 128 + 32 (values)
+    assert (c.key.group, c.value.group, c.block, c.sinks, c.sink_slots) == (16, 64, 16, 32, 32)
+    # int4 groups keep (lo, scale) in 3 B (kv/codec_params.py): 128 + 256 * 3 / 16 (keys)
+    # + 128 + 4 * 3 (values per 64 channels)
+    assert c.bytes_per_token(256, 4) == 316
     assert parse_kv_codec("int8").sinks == 0 and parse_kv_codec("int8").block == 32
     assert parse_kv_codec("k:int4,v:int8").sinks == 32
     assert parse_kv_codec("int4,sinks:0").sinks == 0
@@ -53,7 +55,7 @@ def test_key_groups_of_16_tokens_keep_the_half_step_bound(kind):
         xb = x.reshape(2, 3 * (64 // group), group, 64)
         codes, params = encode(xb, side)
         out = decode(codes, params, side, torch.empty_like(xb))
-        scale = params[:, :, :, 1].float()
+        scale = side.lo_scale(params)[1]
         err = (out - xb).abs()
         assert bool((err <= scale / 2 * (1 + 1e-4) + 1e-6).all())
         errs[group] = float(err.mean())

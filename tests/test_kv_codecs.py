@@ -40,17 +40,18 @@ def test_integer_codecs_error_at_most_half_a_step(kind, axis):
     assert codes.dtype == torch.uint8
     assert codes.shape[-1] == (32 if kind == "int4" else 64)  # int4: two codes per byte
     out = decode(codes, params, side, torch.empty_like(x))
-    scale = params[:, :, :, 1].float()  # [B, H, 1, D] per channel; [B, H, T, G] per token
+    scale = side.lo_scale(params)[1]  # [B, H, 1, D] per channel; [B, H, T, G] per token
     if axis == "token":
         scale = scale.repeat_interleave(32, dim=-1)
     err = (out - x).abs()
     assert bool((err <= scale / 2 * (1 + 1e-4) + 1e-6).all()), float((err - scale / 2).max())
     # the step is the group's range over the code range (float16 rounding aside): no more
     rng = x.amax(2, keepdim=True) - x.amin(2, keepdim=True) if axis == "channel" else None
-    if rng is not None:
-        qmax = 255 if kind == "int8" else 15
+    if rng is not None and kind == "int8":
         lo = x.amin(2, keepdim=True).abs()  # lo is rounded down to float16: one ulp more
-        assert bool((scale <= (rng + lo * 2**-10) / qmax * (1 + 2**-10) + 1e-6).all())
+        assert bool((scale <= (rng + lo * 2**-10) / 255 * (1 + 2**-10) + 1e-6).all())
+    elif rng is not None:  # int4's 3-byte parameters: the scale rounded up to 7 mantissa bits
+        assert bool((scale <= rng / 15 * (1 + 2**-7) * (1 + 2**-10) + 1e-6).all())
 
 
 def test_fp8_codec_relative_error():
@@ -74,9 +75,10 @@ def test_code_store_blocks_and_bytes():
     store.read(32, 96, kd, vd)
     assert float((kd - k).abs().max()) < float(k.abs().max()) / 10
     assert float((vd - v).abs().max()) < float(v.abs().max()) / 100
-    # int4 keys 32 B + (lo, scale) per channel per 32 tokens (8 B); int8 values 64 B + 8 B
-    assert codec.bytes_per_token(64, 2) == 32 + 8 + 64 + 8
-    assert store.range_nbytes(0, 32) == 2 * 2 * 32 * (32 + 8 + 64 + 8)
+    # int4 keys 32 B + 3 B of (lo, scale) per channel per 32 tokens (6 B); int8 values
+    # 64 B + float16 (lo, scale) per 32 channels (8 B)
+    assert codec.bytes_per_token(64, 2) == 32 + 6 + 64 + 8
+    assert store.range_nbytes(0, 32) == 2 * 2 * 32 * (32 + 6 + 64 + 8)
 
 
 def test_parse_kv_codec():

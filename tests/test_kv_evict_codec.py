@@ -98,12 +98,12 @@ def test_bytes_held_are_the_encoded_ones():
         sl = slice(p, p + 256)
         cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask, SCALE, None)
     assert cache.kept == cache.budget == 1024
-    # int4: 128 code bytes a side; values' 8 groups x (lo, scale) float16 per slot; keys'
-    # (lo, scale) float16 per channel per block of 32 positions encoded so far
-    per_slot = 128 + 128 + 8 * 2 * 2
+    # int4: 128 code bytes a side; values' 8 groups x 3 B of packed (lo, scale) per
+    # slot; keys' 3 B per channel per block of 32 positions encoded so far
+    per_slot = 128 + 128 + 8 * 3
     exact = 2 * 256 * 4
     blocks = codec.boundary(2048 + 1) // 32
-    expect = cache.enc * per_slot + blocks * 2 * 256 * 2 + cache.tail * exact
+    expect = cache.enc * per_slot + blocks * 3 * 256 + cache.tail * exact
     assert cache.kept_bytes() == expect
     assert cache.nbytes < 0.3 * 2048 * exact  # held storage, not the full-precision size
 

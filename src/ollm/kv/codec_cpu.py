@@ -66,13 +66,12 @@ def _values(p: torch.Tensor, codes: torch.Tensor, params, side, d: int) -> torch
         c = codes.view(torch.float8_e4m3fn).float()
     else:
         c = codes.float()
-    prm = params.float()
+    lo, sc = side.lo_scale(params)  # [B, KVH, n, G] each
     g = side.token_group(d)
-    last = side.nparams - 1
-    ps = p.unsqueeze(-1) * prm[:, :, None, :, last, :]  # [B, KVH, rows, n, G]
+    ps = p.unsqueeze(-1) * sc[:, :, None]  # [B, KVH, rows, n, G]
     out = torch.empty(*p.shape[:3], d, dtype=torch.float32, device=p.device)
     for j in range(d // g):
         out[..., j * g : (j + 1) * g] = torch.matmul(ps[..., j], c[..., j * g : (j + 1) * g])
     if side.kind != "fp8":  # the offsets: sum_t p[r, t] * lo[t, j], widened to channels
-        out += torch.matmul(p, prm[:, :, :, 0, :]).repeat_interleave(g, -1)
+        out += torch.matmul(p, lo).repeat_interleave(g, -1)
     return out

@@ -22,7 +22,7 @@ from ollm.kv.codec_triton import _LOG2E, _merge_splits, _splits, triton
 if triton is not None:
     import triton.language as tl
 
-    from ollm.kv.codec_triton import _codes, _tile
+    from ollm.kv.codec_triton import _codes, _lo_scale, _tile
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def paged_lse(
         KVH=kvh, R=rpad, D=d, BT=bt, BLOCK_N=c.block, VGROUP=c.value.token_group(d),
         NG=c.value.channel_groups(d), K_INT4=c.key.kind == "int4",
         V_INT4=c.value.kind == "int4", IEEE=q.dtype == torch.float32,
+        K_PACKED=c.key.packed, V_PACKED=c.value.packed,
     )  # fmt: skip
     out, s = _merge_splits(o[:, :, :, :rows], lse[:, :, :, :rows])
     return out.to(q.dtype).reshape(n_seq, h, t, d), s.reshape(n_seq, h, t)
@@ -78,6 +79,7 @@ if triton is not None:
         KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
         BLOCK_N: tl.constexpr, VGROUP: tl.constexpr, NG: tl.constexpr,
         K_INT4: tl.constexpr, V_INT4: tl.constexpr, IEEE: tl.constexpr,
+        K_PACKED: tl.constexpr, V_PACKED: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -102,12 +104,10 @@ if triton is not None:
             n = off + tl.arange(0, BLOCK_N)  # slots inside the block
             kc = KC + blk * skcb + h * skch
             kp = KP + blk * skpb + h * skph + (off // BLOCK_N) * skpn
-            klo = tl.load(kp + d).to(tl.float32)  # the group's per-channel (lo, scale)
-            ksc = tl.load(kp + D + d).to(tl.float32)
+            klo, ksc = _lo_scale(kp + d, D, K_PACKED)  # the group's per-channel (lo, scale)
             k = klo[None, :] + _codes(kc, n * skcs, d, K_INT4) * ksc[None, :]  # [N, D]
             grp = VP + blk * svpb + h * svph + n[:, None] * svps + d[None, :] // VGROUP
-            vlo = tl.load(grp).to(tl.float32)
-            vsc = tl.load(grp + NG).to(tl.float32)
+            vlo, vsc = _lo_scale(grp, NG, V_PACKED)
             v = vlo + _codes(VC + blk * svcb + h * svch, n * svcs, d, V_INT4) * vsc  # [N, D]
             m_i, l_i, acc = _tile(q, k, v, m_i, l_i, acc, qk_scale, IEEE)
         empty = l_i == 0.0  # a split past this sequence's end

@@ -3,7 +3,8 @@ dequantizes int8 / int4 codes in registers, so no full-precision copy of the cac
 
 One program per (sequence, KV head, split of the slots): the query heads of the KV head (and
 the few rows of a decode step) are the rows of one ``tl.dot``; each key tile is one codec block
-(``block`` slots, one row of per-channel key (lo, scale)), loaded as codes, turned into values
+(``block`` slots, one row of per-channel key (lo, scale): float16, or int4's 3-byte packing,
+``_lo_scale``), loaded as codes, turned into values
 (values per token and group of channels) and folded into an online softmax (flash decoding). Each split writes its normalised output and log-sum-exp; a few torch ops
 merge the splits (``_merge_splits``). The result (out, lse) merges with the exact window.
 
@@ -83,6 +84,7 @@ def encoded_lse(
         KVH=kvh, R=rpad, D=d, BLOCK_N=c.block, VGROUP=c.value.token_group(d),
         NG=c.value.channel_groups(d), K_INT4=c.key.kind == "int4",
         V_INT4=c.value.kind == "int4", IEEE=q.dtype == torch.float32,
+        K_PACKED=c.key.packed, V_PACKED=c.value.packed,
     )  # fmt: skip
     out, s = _merge_splits(o[:, :, :, :rows], lse[:, :, :, :rows])
     return out.to(q.dtype).reshape(b, h, t, d), s.reshape(b, h, t)
@@ -118,6 +120,26 @@ if triton is not None:
         return tl.load(ptr + rows[:, None] + d[None, :]).to(tl.float32)
 
     @triton.jit
+    def _lo_scale(ptr, row, PACKED: tl.constexpr):
+        """(lo, scale) float32 of the parameters at pointers ``ptr`` (a group's first row;
+        ``row``: elements between rows). ``PACKED``: int4's three uint8 rows (a 12-bit scale
+        code, the top bits of a float16, and a 12-bit signed offset ``z`` in quarter steps:
+        ``lo = -z * scale / 4``; ``kv/codec_params.py``), else float16 rows (lo, scale)."""
+        if PACKED:
+            b0 = tl.load(ptr).to(tl.int32)
+            b1 = tl.load(ptr + row).to(tl.int32)
+            b2 = tl.load(ptr + 2 * row).to(tl.int32)
+            code = b0 | ((b2 & 15) << 8)
+            sc = ((code << 3).to(tl.int16)).to(tl.float16, bitcast=True).to(tl.float32)
+            z = b1 | ((b2 >> 4) << 8)
+            z = tl.where(z >= 2048, z - 4096, z)
+            lo = z.to(tl.float32) * sc * -0.25
+        else:
+            lo = tl.load(ptr).to(tl.float32)
+            sc = tl.load(ptr + row).to(tl.float32)
+        return lo, sc
+
+    @triton.jit
     def _tile(q, k, v, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
         """One tile of the online softmax: q [R, D] against decoded keys and values [N, D]
         (every slot valid) folded into the running max, sum and output -> (m, l, acc)."""
@@ -143,7 +165,7 @@ if triton is not None:
         svpb, svph, svps, sob, soh, sos, sor, slb, slh, sls,
         KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         VGROUP: tl.constexpr, NG: tl.constexpr, K_INT4: tl.constexpr, V_INT4: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, K_PACKED: tl.constexpr, V_PACKED: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -168,12 +190,10 @@ if triton is not None:
         for s0 in range(lo_slot, hi_slot, BLOCK_N):  # one codec block per tile, all slots valid
             n = s0 + tl.arange(0, BLOCK_N)
             blk = kp + (s0 // BLOCK_N) * skpn
-            klo = tl.load(blk + d).to(tl.float32)  # the block's per-channel (lo, scale)
-            ksc = tl.load(blk + D + d).to(tl.float32)
+            klo, ksc = _lo_scale(blk + d, D, K_PACKED)  # the block's per-channel (lo, scale)
             k = klo[None, :] + _codes(kc, n * skcs, d, K_INT4) * ksc[None, :]  # [N, D]
             grp = n[:, None] * svps + d[None, :] // VGROUP
-            vlo = tl.load(vp + grp).to(tl.float32)
-            vsc = tl.load(vp + grp + NG).to(tl.float32)
+            vlo, vsc = _lo_scale(vp + grp, NG, V_PACKED)
             v = vlo + _codes(vc, n * svcs, d, V_INT4) * vsc  # [N, D]
             m_i, l_i, acc = _tile(q, k, v, m_i, l_i, acc, qk_scale, IEEE)
         out = acc / l_i[:, None]

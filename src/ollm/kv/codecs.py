@@ -6,37 +6,46 @@ of ``group`` channels (KIVI: key channels carry outliers, values do not), each s
 codec. A block is encoded once its tokens are older than the cache's full-precision window of the
 ``recent`` newest tokens, block by block as the cache grows (never the whole prompt at once).
 
-Integer codes are asymmetric (``x ~ lo + code * scale``) with ``lo`` and ``scale`` stored as
-float16, rounded so that ``[lo, lo + qmax * scale]`` still covers the group: the error of every
-element is at most ``scale / 2``. int4 codes are packed two per byte (even channel in the low
+Integer codes are asymmetric (``x ~ lo + code * scale``), the range ``[lo, lo + qmax * scale]``
+covering the group: the error of every element is at most ``scale / 2``. int8 stores ``lo`` and
+``scale`` as float16; int4 packs them in 3 B a group (a 12-bit scale and a 12-bit offset in
+quarter steps; ``kv/codec_params.py``). int4 codes are packed two per byte (even channel in the low
 nibble). fp8 is ``float8_e4m3fn`` of ``x / scale`` with ``scale = absmax / 448`` per group.
 """
 
 from __future__ import annotations
 
-import sys
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ollm.kv.codec_params import (
+    copy_rows,
+    f16_round,
+    lo_scale,
+    pack_int4_params,
+    unpack_int4,
+)
 from ollm.planning.kv_choice import KvCodecChoice
 from ollm.tiers import KvTier
 
 KINDS = ("none", "int8", "int4", "fp8")
 _QMAX = {"int8": 255, "int4": 15}
-_F16_MAX = 65504.0
 # CPU decode attention over one side's KV relative to exact bf16 KV (``kv/codec_cpu.py``),
 # measured at 32k x 8 KV heads, one thread (commit 0e24e3d): bf16 24 ms, int8 34 ms, int4 50 ms.
 # fp8 is not measured: taken as int8 (one conversion pass per code, as int8's promotion).
 CPU_ATTN_COST = {"none": 1.0, "int8": 34 / 24, "int4": 50 / 24, "fp8": 34 / 24}
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Defaults of ``parse_kv_codec`` (docs/benchmarks.md, "int4 KV: exact sinks, 16-token key
-# groups"): with an int4 or fp8 side the first 32 tokens exact (``KVCodec.sinks``); int4 keys
-# in per-channel groups of 16 tokens (+32 B per token at head_dim 256); values per 32 channels.
+# groups" and "int4 KV: 3-byte group parameters"): with an int4 or fp8 side the first 32 tokens
+# exact (``KVCodec.sinks``); int4 keys in per-channel groups of 16 tokens, int4 values per 64
+# channels (each group's parameters in 3 B: 158 B per token at head_dim 128).
 SINKS = 32
 SINK_KINDS = ("int4", "fp8")
 GROUP = 32
 KEY_GROUP = {"int4": 16}
+VALUE_GROUP = {"int4": 64}
 
 
 def fp8_supported() -> bool:
@@ -65,9 +74,29 @@ class SideCodec:
             raise ValueError("fp8 KV needs torch.float8_e4m3fn (torch >= 2.1)")
 
     @property
+    def packed(self) -> bool:
+        """Whether groups store (lo, scale) in 3 B (int4; ``kv/codec_params.py``)."""
+        return self.kind == "int4"
+
+    @property
     def nparams(self) -> int:
-        """float16 parameters per group: (lo, scale) for integers, scale for fp8."""
-        return {"none": 0, "fp8": 1}.get(self.kind, 2)
+        """Parameter rows per group: float16 (lo, scale) for int8, scale for fp8; three uint8
+        rows for int4 (``kv/codec_params.py``)."""
+        return 3 if self.packed else {"none": 0, "fp8": 1}.get(self.kind, 2)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """dtype of the stored parameter rows."""
+        return torch.uint8 if self.packed else torch.float16
+
+    @property
+    def param_bytes(self) -> int:
+        """Stored parameter bytes per group."""
+        return self.nparams * (1 if self.packed else 2)
+
+    def lo_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, scale) float32 [..., W] of stored ``params`` [..., P, W]."""
+        return lo_scale(params, self.packed, self.nparams - 1)
 
     def code_bytes(self, head_dim: int, elem_bytes: int) -> int:
         """Bytes of codes per token and head (``elem_bytes``: the raw dtype's, kind none)."""
@@ -85,21 +114,12 @@ class SideCodec:
 
     def bytes_per_token(self, head_dim: int, elem_bytes: int) -> float:
         """Average stored bytes per token and KV head, parameters included."""
-        params = 2 * self.nparams
+        params = self.param_bytes
         if self.axis == "channel":
             extra = params * head_dim / self.group
         else:
             extra = params * self.channel_groups(head_dim)
         return self.code_bytes(head_dim, elem_bytes) + extra
-
-
-def _f16_round(t: torch.Tensor, down: bool) -> torch.Tensor:
-    """float16 of ``t`` rounded towards -inf (``down``) or +inf: stored parameters that still
-    bound the group, so the quantization error bound holds with the stored values."""
-    h = t.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
-    wrong = h.float() > t if down else h.float() < t
-    toward = torch.full_like(h, float("-inf") if down else float("inf"))
-    return torch.where(wrong, torch.nextafter(h, toward), h)  # no .any(): no device sync
 
 
 def _grouped(x: torch.Tensor, side: SideCodec) -> tuple[torch.Tensor, int]:
@@ -113,26 +133,33 @@ def _grouped(x: torch.Tensor, side: SideCodec) -> tuple[torch.Tensor, int]:
 
 
 def encode(x: torch.Tensor, side: SideCodec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codes (uint8 [B, H, T, code bytes], or ``x`` itself for kind none) and float16 params
-    ([B, H, 1, P, D] per channel over the T tokens; [B, H, T, P, D // group] per token)."""
+    """Codes (uint8 [B, H, T, code bytes], or ``x`` itself for kind none) and params
+    (``side.param_dtype`` [B, H, 1, P, D] per channel over the T tokens; [B, H, T, P, D //
+    group] per token)."""
     if side.kind == "none":
         return x, None
     xv, red = _grouped(x.float(), side)
     if side.kind == "fp8":
-        scale = _f16_round(xv.abs().amax(red, keepdim=True) / _FP8_MAX, down=False)
+        scale = f16_round(xv.abs().amax(red, keepdim=True) / _FP8_MAX, down=False)
         scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
         q = (xv / scale.float()).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
         codes = q.view(torch.uint8).reshape(x.shape)
         return codes, _pack_params(side, [scale])
     qmax = _QMAX[side.kind]
-    lo = _f16_round(xv.amin(red, keepdim=True), down=True)
-    scale = _f16_round((xv.amax(red, keepdim=True) - lo.float()) / qmax, down=False)
-    scale = scale.clamp_min(torch.finfo(torch.float16).tiny)  # a constant group: any scale
-    q = ((xv - lo.float()) / scale.float()).round_().clamp_(0, qmax).to(torch.uint8)
+    mn, mx = xv.amin(red, keepdim=True), xv.amax(red, keepdim=True)
+    if side.packed:
+        lo, scale, params = pack_int4_params(mn, mx, qmax)
+        q = ((xv - lo) / scale).round_().clamp_(0, qmax).to(torch.uint8)
+    else:
+        lo = f16_round(mn, down=True)
+        scale = f16_round((mx - lo.float()) / qmax, down=False)
+        scale = scale.clamp_min(torch.finfo(torch.float16).tiny)  # a constant group: any scale
+        q = ((xv - lo.float()) / scale.float()).round_().clamp_(0, qmax).to(torch.uint8)
+        params = [lo, scale]
     codes = q.reshape(x.shape)
     if side.kind == "int4":
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, _pack_params(side, [lo, scale])
+    return codes, _pack_params(side, params)
 
 
 def _pack_params(side: SideCodec, params: list[torch.Tensor]) -> torch.Tensor:
@@ -140,16 +167,6 @@ def _pack_params(side: SideCodec, params: list[torch.Tensor]) -> torch.Tensor:
     if side.axis == "channel":
         return torch.stack(params, dim=3)  # each [B, H, 1, D]
     return torch.cat(params, dim=-1).transpose(-1, -2)  # each [B, H, T, G, 1] -> [B,H,T,P,G]
-
-
-def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [..., n] of two int4 each -> [..., 2n] (even channel from the low nibble).
-    As int16 ``w + (w >> 4) * 240 = (w & 15) | (w >> 4) << 8`` whose bytes (little-endian)
-    are the two codes in order: three contiguous passes instead of a strided stack."""
-    if sys.byteorder != "little":  # pragma: no cover - every supported device is little-endian
-        return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
-    w = codes.to(torch.int16)
-    return torch.add(w, w >> 4, alpha=240).view(torch.uint8)
 
 
 def decode(
@@ -167,17 +184,16 @@ def decode(
         c = codes.view(torch.float8_e4m3fn).float()
     else:
         c = codes
-    p = params.float()
-    last = side.nparams - 1
+    lo, scale = side.lo_scale(params)
     if side.axis == "channel":
-        blocks = p.shape[2]
+        blocks = params.shape[2]
         c = c.reshape(b, h, blocks, t // blocks, d)
-        lo, scale = p[:, :, :, 0, None], p[:, :, :, last, None]  # [B, H, blocks, 1, D]
+        lo, scale = lo[:, :, :, None], scale[:, :, :, None]  # [B, H, blocks, 1, D]
     else:
         # Per-token groups widened to channels (two contiguous [B, H, T, D]): a broadcast
         # along the innermost dim runs ~50x slower on the CPU than this.
         g = side.token_group(d)
-        lo, scale = (p[..., j, :].repeat_interleave(g, -1) for j in (0, last))
+        lo, scale = (x.repeat_interleave(g, -1) for x in (lo, scale))
     # lo + code * scale in float32 in one kernel (integer codes promoted inside it), straight
     # into a float32 ``out``
     if side.kind == "fp8":
@@ -252,7 +268,7 @@ def parse_kv_codec(
     """``"int8"``, ``"int4"``, ``"fp8"``, ``"k:int4,v:int8"`` (``",sinks:N"`` after any: N exact
     tokens at the start) -> a KVCodec; ``"none"`` / ``None`` -> None (exact KV). ``"auto"`` is
     resolved per tier by ``codec_for_tier``. ValueError with one line on anything else. ``group``: tokens per key group and channels per value group
-    (None: ``KEY_GROUP`` by the key's kind, 32 channels); ``sinks``: exact tokens at the start
+    (None: ``KEY_GROUP`` / ``VALUE_GROUP`` by each side's kind, else 32); ``sinks``: exact tokens at the start
     (``KVCodec.sinks``; None: ``SINKS`` with an int4 or fp8 side, else 0)."""
     if spec is None:
         return None
@@ -286,7 +302,7 @@ def parse_kv_codec(
         return None
     return KVCodec(
         SideCodec(kinds["k"], "channel", group or KEY_GROUP.get(kinds["k"], GROUP)),
-        SideCodec(kinds["v"], "token", group or GROUP),
+        SideCodec(kinds["v"], "token", group or VALUE_GROUP.get(kinds["v"], GROUP)),
         recent,
         (SINKS if set(kinds.values()) & set(SINK_KINDS) else 0) if sinks is None else sinks,
     )
@@ -350,9 +366,11 @@ class CodeStore:
             rows = self.slots // g if side.axis == "channel" else self.slots
             width = head_dim if side.axis == "channel" else side.channel_groups(head_dim)
             shapes.append(((batch, heads, self.slots, cw), code_dtype))
-            shapes.append(((batch, heads, rows, side.nparams, width), torch.float16))
+            shapes.append(((batch, heads, rows, side.nparams, width), side.param_dtype))
         sizes = [
-            _aligned(_numel(s) * torch.finfo(dt).bits // 8 if dt.is_floating_point else _numel(s))
+            _aligned(
+                math.prod(s) * torch.finfo(dt).bits // 8 if dt.is_floating_point else math.prod(s)
+            )
             for s, dt in shapes
         ]
         raw = (
@@ -365,7 +383,7 @@ class CodeStore:
         for (shape, dt), n in zip(shapes, sizes, strict=True):
             views.append(
                 raw[off : off + n][
-                    : _numel(shape) * (torch.finfo(dt).bits // 8 if dt.is_floating_point else 1)
+                    : math.prod(shape) * (torch.finfo(dt).bits // 8 if dt.is_floating_point else 1)
                 ]
                 .view(dt)
                 .view(shape)
@@ -420,7 +438,7 @@ class CodeStore:
             self.tensors(), parts, self.rows(start, start + t), strict=True
         ):
             if src is not None:
-                _copy_rows(dst, src, lo, hi)
+                copy_rows(dst, src, lo, hi)
 
     def read(self, a: int, b: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
         """Decode slots [a, b) (block-aligned ``a``) into k_out/v_out [B, H, b - a, D]."""
@@ -446,33 +464,11 @@ class CodeStore:
         for dst_t, src_t, (lo, hi) in zip(
             self.tensors(), src.tensors(), self.rows(a, b), strict=True
         ):
-            _copy_rows(dst_t, src_t[:, :, lo:hi], lo, hi, src_offset=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+            copy_rows(dst_t, src_t[:, :, lo:hi], lo, hi, src_offset=True)
 
 
 def _aligned(n: int) -> int:
     return -(-n // 16) * 16
-
-
-def _copy_rows(
-    dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, src_offset: bool = False
-) -> None:
-    """dst[:, :, lo:hi] = src; across devices one copy per (sequence, head), each contiguous
-    on both sides (a direct, asynchronous DMA from pinned memory; see ``offload.copy_slots``)."""
-    if hi <= lo:
-        return
-    if dst.device == src.device:
-        dst[:, :, lo:hi].copy_(src)
-        return
-    for i in range(dst.shape[0]):
-        for h in range(dst.shape[1]):
-            dst[i, h, lo:hi].copy_(src[i, h], non_blocking=True)
 
 
 def kv_format(spec, recent: int, head_dim: int, elem_bytes: int, tier: KvTier | None = None):

@@ -7,7 +7,7 @@ still all there); its parameters go to a table indexed by position // block, and
 keeps its own codes. Eviction then removes single slots freely: the parameters of a block
 stay valid for whatever slots of it remain (decoded values never change), and no block is
 ever re-encoded. The table costs the plain codec's parameter bytes per context token
-(``2 * nparams * head_dim / block`` float16 per token and head), whatever is evicted. Per-token
+(``param_bytes * head_dim / block`` per token and head), whatever is evicted. Per-token
 keys (one group of channels per slot) were measured first: int4 keys per token cost +2.1% to
 +5.2% perplexity on Gemma 3 270M at 2k where per-channel blocks cost +0.6%
 (``docs/benchmarks.md``).
@@ -116,12 +116,11 @@ class EncodedEvictingKVCache(EvictingKVCache):
             c = kc.view(torch.float8_e4m3fn).float()
         else:
             c = kc.float()
-        p = kp.float()
-        gi = block_ids[..., None, None].expand(-1, -1, -1, *p.shape[3:])
-        p = p.gather(2, gi)  # [B, H, n, P, D]
+        gi = block_ids[..., None, None].expand(-1, -1, -1, *kp.shape[3:])
+        lo, scale = side.lo_scale(kp.gather(2, gi))  # [B, H, n, D] each
         if side.kind == "fp8":
-            return out.copy_(c * p[:, :, :, 0])
-        return out.copy_(torch.addcmul(p[:, :, :, 0], c, p[:, :, :, side.nparams - 1]))
+            return out.copy_(c * scale)
+        return out.copy_(torch.addcmul(lo, c, scale))
 
     def _keys(self, dtype):
         """(K, V) of the kept slots (encoded ones decoded into the workspace, then the exact
