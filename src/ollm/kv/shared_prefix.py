@@ -53,14 +53,19 @@ def attend_shared(
     blocks and then each sequence's own; ``layer`` is the `PackedLayerKV` (its pool, store and
     suffix gather)."""
     bt = layer.store.block_tokens
+    out = lse = None
+    # The shared parts first, each freed before the next and before the own blocks' gather:
+    # at most one gathered piece or that gather at a time (the planner's GATHER_BYTES).
+    for k, v, k0 in prefix_parts(layer.pool, d.shared_ids, bt, qb, mask.window, d):
+        o, lp = _prefix_attention(qb, k, v, scale, _window_mask(d, mask.window, bt, k0, k, qb))
+        out, lse = (o, lp) if out is None else merge_lse(out, lse, o, lp)
+        del k, v
     keep = d.mask(mask.window, bt, qb.device)  # [B, 1, 1, S]: the keys after the shared ones
     s = keep.shape[-1]
     kv = [layer._gather_rows(i, d).to(qb.device, qb.dtype) for i in (0, 1)]
     own = AttentionMask(s - 1, 1, s)  # every row under the dense mask only
-    out, lse = blocked_attention_lse(qb, kv[0], kv[1], own, scale, keep)
-    for k, v, k0 in prefix_parts(layer.pool, d.shared_ids, bt, qb, mask.window, d):
-        o, lp = _prefix_attention(qb, k, v, scale, _window_mask(d, mask.window, bt, k0, k, qb))
-        out, lse = merge_lse(o, lp, out, lse)
+    o, lo = blocked_attention_lse(qb, kv[0], kv[1], own, scale, keep)
+    out, lse = (o, lo) if out is None else merge_lse(out, lse, o, lo)
     return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
 
 
