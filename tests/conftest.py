@@ -237,3 +237,17 @@ def plan_on_device(plan, device: str):
     layers = tuple(replace(p, exec_device=swap(p.exec_device)) for p in plan.layers)
     return replace(plan, device=device, layers=layers, embed_device=swap(plan.embed_device),
                    head_device=swap(plan.head_device))  # fmt: skip
+
+
+def llama8b_with_rates(run: str):
+    """(spec, sizes-only store, MachineRates) of Llama-3.1-8B shapes (``scripts/plan_report``)
+    with the rates recorded in the device run ``docs/runs/<run>`` (its JSON's "rates")."""
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from ollm.planning.costmodel import MachineRates
+
+    raw = json.loads((Path(__file__).parent.parent / "docs" / "runs" / run).read_text())["rates"]
+    rates = MachineRates(**{f.name: raw[f.name] for f in fields(MachineRates) if f.name in raw})
+    return (*load_script("plan_report.py").llama8b(), rates)

@@ -5,28 +5,15 @@ plan chose 12 CPU layers at batch 16 (seventh session, call 5)."""
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import fields
-from pathlib import Path
-
 import pytest
 
-from ollm.planning.costmodel import MachineRates
+from conftest import llama8b_with_rates
 from ollm.planning.placement import BATCH_NO_CPU_LAYERS, Workload, plan_placement
-
-ROOT = Path(__file__).parent.parent
-RUN = ROOT / "docs" / "runs" / "2026-12-02" / "s7" / "call5_b16_auto.json"
 
 
 @pytest.fixture(scope="module")
 def setup():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from plan_report import llama8b
-
-    raw = json.loads(RUN.read_text())["rates"]
-    rates = MachineRates(**{f.name: raw[f.name] for f in fields(MachineRates) if f.name in raw})
-    return (*llama8b(), rates)
+    return llama8b_with_rates("2026-12-02/s7/call5_b16_auto.json")
 
 
 def _plan(setup, batch: int, **kw):

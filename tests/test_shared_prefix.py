@@ -137,28 +137,3 @@ def test_copy_by_runs_equals_the_gather():
     got = copy_runs(pool, runs, n, torch.device("cpu"))
     want = pool[:, list(ids)].reshape(KVH, -1, D)[:, :n].unsqueeze(0)
     assert torch.equal(got, want)
-
-
-def test_additive_key_mask_matches_the_boolean_one():
-    """The CPU decode batch's key mask as 0 / -inf (made once per step) gives the boolean
-    mask's attention, broadcast over heads without a copy."""
-    from ollm.kv.decode_batch import additive_mask
-    from ollm.layers.attention import attend
-
-    g = torch.Generator().manual_seed(2)
-    b, s = 5, 80
-    q = torch.randn(b, H, 1, D, generator=g, dtype=torch.bfloat16)
-    k, v = (torch.randn(b, KVH, s, D, generator=g, dtype=torch.bfloat16) for _ in range(2))
-    keep = (torch.arange(s)[None] < torch.tensor([80, 71, 64, 33, 5])[:, None])[:, None, None]
-    masks: dict = {}
-    add = additive_mask(masks, keep, q.dtype)
-    assert additive_mask(masks, keep, q.dtype) is add  # once per step
-    m = AttentionMask(s - 1, 1, s, keep[:, 0, 0])
-    want = attend(q, k, v, m, 0.3, keep)
-    assert torch.equal(attend(q, k, v, m, 0.3, add), want)
-    from ollm.layers.attention import blocked_attention  # the GPU path's kernel takes it too
-
-    torch.testing.assert_close(blocked_attention(q, k, v, m, 0.3, add), want, atol=2e-2, rtol=0)
-    assert torch.equal(
-        blocked_attention(q, k, v, m, 0.3, add), blocked_attention(q, k, v, m, 0.3, keep)
-    )

@@ -5,35 +5,22 @@ sizes its pools from such a plan and gives each prompt's tokens alone."""
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import fields
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import llama8b_with_rates
 from ollm import LLM
 from ollm.engine.batch import BatchEngine
 from ollm.errors import OllmError
 from ollm.planning.accounting import kv_pool_blocks
 from ollm.planning.batch_step import step_tokens
-from ollm.planning.costmodel import MachineRates
 from ollm.planning.placement import Workload, plan_placement
 from test_batch_engine import GREEDY, alone
-
-ROOT = Path(__file__).parent.parent
-RUN = ROOT / "docs" / "runs" / "2026-12-02" / "s8" / "callC_prefix6k_shared_attention_5089315.json"
 
 
 @pytest.fixture(scope="module")
 def setup():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from plan_report import llama8b
-
-    raw = json.loads(RUN.read_text())["rates"]
-    rates = MachineRates(**{f.name: raw[f.name] for f in fields(MachineRates) if f.name in raw})
-    return (*llama8b(), rates)
+    return llama8b_with_rates("2026-12-02/s8/callC_prefix6k_shared_attention_5089315.json")
 
 
 def test_shared_prefix_counted_once(setup) -> None:

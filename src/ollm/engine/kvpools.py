@@ -334,7 +334,7 @@ def planned_blocks(
     pools = dict(plan.kv_pools)
     if plan.kv_page_tokens != block_tokens or set(pools) != groups:
         return None
-    shared = min(getattr(plan, "shared_prefix", 0), context) // block_tokens
+    shared = min(plan.shared_prefix, context) // block_tokens
     if pools.get("full", 1 << 62) < shared + batch * (-(-context // block_tokens) - shared):
         return None
     return pools

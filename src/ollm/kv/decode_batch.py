@@ -59,11 +59,20 @@ class DecodeBatch:
         if key not in self.masks:
             j0 = self.shared * block_tokens  # the keys after the shared blocks
             j = torch.arange(j0, j0 + self.num_blocks * block_tokens, device=dev)[None]
-            pos = torch.tensor([s.start - s.key0 for s in self.seqs], device=dev)[:, None]
+            pos = self.positions(dev)
             keep = j <= pos
             if window is not None:
                 keep &= j > pos - window
             self.masks[key] = keep[:, None, None]
+        return self.masks[key]
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Each sequence's query slot (from its first held one), ``[B, 1]`` on ``device``
+        (made once per step and device)."""
+        key = ("pos", torch.device(device))
+        if key not in self.masks:
+            pos = [s.start - s.key0 for s in self.seqs]
+            self.masks[key] = torch.tensor(pos, device=device)[:, None]
         return self.masks[key]
 
     def rows_on(self, device: torch.device, r0: int) -> torch.Tensor:
@@ -72,17 +81,6 @@ class DecodeBatch:
         if key not in self.dev_rows:
             self.dev_rows[key] = self.rows.to(device) - r0
         return self.dev_rows[key]
-
-
-def additive_mask(masks: dict, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``keep`` (one of a `DecodeBatch`'s boolean key masks) as 0 / -inf in ``dtype``, made once
-    per step and kept in ``masks``: PyTorch's CPU attention converts a boolean mask on every
-    call (a `where` over the mask broadcast to every head), per layer."""
-    key = ("additive", id(keep), dtype)
-    if key not in masks:
-        add = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-        masks[key] = (add.masked_fill_(~keep, float("-inf")), keep)  # keep: id stays its own
-    return masks[key][0]
 
 
 def _decode_batches(

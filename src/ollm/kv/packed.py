@@ -39,7 +39,6 @@ from ollm.kv.decode_batch import (  # noqa: F401  (_decode_batches: for tests an
     _decode_batches,
     _make_batches,
     _plan_batches,
-    additive_mask,
     host_blocks,
 )
 from ollm.kv.paged import PagedKVStore
@@ -376,8 +375,6 @@ class PackedLayerKV:
         s = keep.shape[-1]
         # key_keep marks the mask as not plain causal, so attend uses the dense mask given.
         m = Mask(s - 1, 1, s, keep[:, 0, 0], None, mask.sinks)
-        if dev.type == "cpu" and mask.sinks is None:  # SDPA on the CPU: additive, made once
-            keep = additive_mask(d.masks, keep, qb.dtype)
         o = attend(qb, kv[0], kv[1], m, scale, keep)  # [B, heads, 1, D]
         if d.run is not None and not d.run.identity:
             o = o.index_select(0, d.run_rows)  # the view rows of the batch's sequences

@@ -106,11 +106,11 @@ def _window_mask(
     d: DecodeBatch, window: int | None, bt: int, k0: int, k: torch.Tensor, qb: torch.Tensor
 ) -> torch.Tensor | None:
     """Under a window, which keys ``[k0, k0 + n)`` of a shared part each folded query row sees
-    (``[1, 1, B * group, n]``, rows in ``_fold``'s order); None without a window."""
+    (``[1, 1, B * group, n]``, rows in ``_prefix_attention``'s order); None without a window."""
     if window is None:
         return None
     n, g = k.shape[2], qb.shape[1] // k.shape[1]
-    pos = torch.tensor([s.start - s.key0 for s in d.seqs], device=qb.device)[:, None]
+    pos = d.positions(qb.device)
     j = torch.arange(k0, k0 + n, device=qb.device)[None]
     keep = (j > pos - window) & (j <= pos)  # [B, n]
     return keep.repeat_interleave(g, 0)[None, None]

@@ -204,11 +204,7 @@ def _attend_block(q, k, v, mask, scale, dense_mask, off, span, out, lse) -> None
     qg = q[:, :, r0:r1].reshape(b, kvh, h // kvh * (r1 - r0), d)
     s = torch.matmul(qg, k[:, :, lo - off : hi - off].transpose(-1, -2))
     s = s.float() if s.dtype != torch.float32 else s
-    scores = s.view(b, kvh, h // kvh, r1 - r0, hi - lo).mul_(scale)
-    if m.dtype == torch.bool:
-        scores.masked_fill_(~m[:, :, None], -torch.inf)
-    else:  # an additive mask (0 / -inf: `kv.decode_batch.additive_mask`)
-        scores.add_(m[:, :, None])
+    s.view(b, kvh, h // kvh, r1 - r0, hi - lo).mul_(scale).masked_fill_(~m[:, :, None], -torch.inf)
     top = s.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # a row seeing nothing: 0
     s.sub_(top).exp_()
     den = s.sum(-1, keepdim=True)

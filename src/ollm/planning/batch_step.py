@@ -192,6 +192,6 @@ def batch_rows(plan) -> list[tuple[str, str]]:
         ("batch engine step", f"<= {plan.step_tokens} query tokens, {plan.logit_rows} logits rows"),
         ("batch engine activations", parts),
     ]
-    if getattr(plan, "shared_prefix", 0):
+    if plan.shared_prefix:
         rows.append(("shared prefix (KV held once)", f"{plan.shared_prefix} tokens"))
     return rows
