@@ -47,6 +47,10 @@ def test_bench_batch_cli(tmp_path, fake_probes):
     saved = p["shared"]["prefix_saved_tokens"]
     assert saved == 15 * 32  # two blocks of 16 for each later request
     assert p["shared"]["query_tokens"] == p["distinct"]["query_tokens"] - saved
+    for case in ("shared", "distinct"):  # every step timed, its tokens counted once
+        steps = p[case]["steps"]
+        assert sum(n for _, n in steps) == p[case]["query_tokens"]
+        assert all(s > 0 for s, _ in steps)
     assert not list((tmp_path / "c").rglob("ollm-kv-*"))  # no disk pools left
 
 

@@ -229,9 +229,10 @@ def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
         ps = prompts(PREFIX_REQUESTS, tokens, llm.spec.vocab_size, seed, head)
         t0 = time.perf_counter()
         ids = [eng.add(ps[0], _params(new_tokens))]
-        eng.step()
+        steps = [_timed_step(eng)]
         ids += [eng.add(p, _params(new_tokens)) for p in ps[1:]]
-        eng.run()
+        while eng.has_work():
+            steps.append(_timed_step(eng))
         wall = time.perf_counter() - t0
         m = eng.metrics()
         generated = sum(len(eng.finished[r].token_ids) for r in ids)
@@ -244,8 +245,16 @@ def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
         "prefix_hits": m.prefix_hits,
         "prefix_saved_tokens": m.prefix_saved_tokens,
         "prompt_tokens": tokens,
+        "steps": steps,
         "plan": dict(llm.plan.describe()),
     }
+
+
+def _timed_step(eng) -> list[float]:
+    """One ``eng.step()``: [wall seconds, query tokens it carried]."""
+    t, n = time.perf_counter(), eng.step_tokens
+    eng.step()
+    return [round(time.perf_counter() - t, 4), eng.step_tokens - n]
 
 
 def prefix_report(distinct: dict, shared: dict) -> dict:
