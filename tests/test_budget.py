@@ -344,3 +344,26 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
     assert child["ok"] and not child["refused"] and child["path_ok"], child
     with pytest.raises(SystemExit, match="unknown kinds"):
         budget.run(tmp_path / "out", kinds=("exact", "bogus"))
+
+
+def test_budget_script_shared_kind_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu/budget.py's shared kind (8 prompts sharing 7/8 of their tokens on a
+    ``shared_prefix`` plan), planned and run on the CPU under ``--quick``: just below the
+    minimum refused naming it; at the path's minimum the plan holds the prefix's blocks once,
+    the later prompts hit the cached prefix, decode attends it once for the batch, and each
+    prompt gets its tokens."""
+    budget, kinds = _script("budget"), _script("budget_kinds")
+    stores = kinds.make_kind_stores(tmp_path, ("shared",), True, TINY)
+    cells = kinds.kind_cells(("shared",), stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
+    assert [(c["kind"], c["batch"], c["shared"]) for c in cells] == [("shared", 8, 56)] * 2
+    assert kinds.options(cells[0])["shared_prefix"] == 56
+    low, run = (budget.judge(budget.run_cell(c)) for c in cells)
+    assert low["refused"] and "at least" in low["error"] and low["ok"], low
+    assert low["budget"] < low["minimum"] <= run["budget"] == run["path_minimum"]
+    assert run["ok"] and not run["refused"] and run["planned_path"] and run["path_ok"], run
+    assert run["shared_prefix"] == 56 and run["planned"] <= run["budget"]
+    # 3 whole 16-token blocks of the prefix held once: 7 x 3 fewer than 8 x ceil(80 / 16)
+    assert run["kv_pool_blocks"]["full"] == run["unshared_pool_blocks"] - 7 * 3 == 19
+    assert run["prefix_hits"] >= 7 and run["prefix_saved_tokens"] >= 7 * 48
+    assert run["calls"] > 0 and run["most_seqs"] >= 7 and set(run["pools"]) == {"cpu"}
+    assert run["tokens"] == budget.NEW_TOKENS and run["preemptions"] == 0

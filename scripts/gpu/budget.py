@@ -1,6 +1,6 @@
 """Budget matrix (issue 11): is "peak GPU memory never exceeds ``gpu_memory``" kept on every path?
 
-    PYTHONPATH=src python scripts/gpu/budget.py [--out DIR] [--quick] [--kinds exact,codec,batch,moe,resident]
+    PYTHONPATH=src python scripts/gpu/budget.py [--out DIR] [--quick] [--kinds exact,codec,batch,moe,resident,shared]
 
 Kind ``exact`` (the rows issue 11 began with): a Llama-3.2-1B-shaped random model (``llama3-1b``
 preset, made on the device) in float32, float16 and bfloat16; prompts of 2k / 12k / 32k random
@@ -8,10 +8,11 @@ tokens, 16 new tokens; budgets from the smallest the planner accepts upward, plu
 it (which must be refused with a BudgetError naming the minimum before anything runs) and a
 padded batch of two (the masked attention path). Kinds ``codec`` (compressed KV: int4, int8,
 auto), ``batch`` (the paged batch engine, exact and int4 pools), ``moe`` (experts one by one
-through the GPU expert cache with lookahead) and ``resident`` (a long prompt with the opt-in
-decode-resident layers held in decode) are planned in ``budget_kinds.py`` (bf16 stores): one
-budget just below the minimum, the least budget on the kind's path and (not with ``--quick``,
-except ``resident``) one above it.
+through the GPU expert cache with lookahead), ``resident`` (a long prompt with the opt-in
+decode-resident layers held in decode) and ``shared`` (8 prompts sharing 7/8 of their tokens on
+a ``shared_prefix`` plan, decode attending the prefix once over GPU pools) are planned in
+``budget_kinds.py`` (bf16 stores): one budget just below the minimum, the least budget on the
+kind's path and (not with ``--quick``, except ``resident``) one above it.
 Each cell runs in a fresh Python process and reports ``torch.cuda.max_memory_reserved()`` over
 its whole life (construction included) next to the budget and the plan's reservations; a cell
 with ``device`` "cpu" is a dry run (tests/test_budget.py). ``run`` writes ``budget_matrix.json``
@@ -20,6 +21,8 @@ stores) should take about a minute on an H200 (estimated from the exact cells' ~
 yet measured); the full run's stores have 16 layers, MoE 8 layers of 128 experts.
 ``--quick --kinds resident`` (3 cells, 8k prompt, 4 layers) checks the opt-in decode-resident
 layers' peak (the H200 measured 8.018 GiB at 8 GiB before the allocator allowance).
+``--quick --kinds shared`` (2 cells, 2k prompts, 4 layers) checks a ``shared_prefix`` plan's
+peak, whose pools hold the prefix once (not yet measured on a device).
 """
 
 from __future__ import annotations
@@ -143,9 +146,8 @@ def run_cell(cell: dict) -> dict:
         if cell["batch"] > 1:
             ids[1] = ids[1][97:]  # a shorter second prompt: left padding, so masks in every layer
         res = llm.generate(ids if cell["batch"] > 1 else ids[0], params)
-    else:
-        ids = kinds.prompts(cell, llm.spec.vocab_size)
-        res = llm.generate(ids if len(ids) > 1 else ids[0], params)
+    else:  # budget_kinds.generate: the shared kind's first prompt prefilled before the rest
+        res = kinds.generate(llm, cell, params)
     if cuda:
         torch.cuda.synchronize(dev)
     results = res if isinstance(res, list) else [res]
@@ -281,7 +283,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompts", help="comma-separated prompt lengths (default 2048,12000,32768)")
     ap.add_argument(
-        "--kinds", help="comma-separated cell kinds: exact,codec,batch,moe,resident (default all)"
+        "--kinds",
+        help="comma-separated cell kinds: exact,codec,batch,moe,resident,shared (default all)",
     )
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -15,6 +15,14 @@ run by ``budget.run_cell`` in a fresh process.
   at the least budget whose plan holds some (on a GPU; the cost model's rates, hybrid
   ``auto`` with ``cpu_layers=0``) and one above it, quick or not: the peak covers the prefill,
   the switch to decode (held layers allocated) and decode.
+* ``shared``: 8 prompts whose first 7/8 are the same, on a plan made with ``shared_prefix`` at
+  that length (``Workload.shared``: the pools hold the prefix's blocks once, so they are smaller
+  than batch x context), at the least budget whose plan keeps every layer's KV pool on the GPU
+  (on the CPU: any). The first prompt is prefilled before the others are added (as
+  ``bench/batching.py``'s ``prefix_run``): they hit the prefix cache, and decode attends the
+  shared blocks once per batch (``kv/shared_prefix.py``). The row reports the prefix hits, the
+  shared-prefix attention calls (the most sequences in one, the pools' devices) and the pools'
+  blocks planned next to batch x context's.
 
 Per kind one cell just below the planner's minimum (any plan): it must be refused with a
 BudgetError naming the minimum ("at least"). Every cell runs with ``hybrid="off"`` so no rates
@@ -29,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 MIB = 1 << 20
-KINDS = ("exact", "codec", "batch", "moe", "resident")
+KINDS = ("exact", "codec", "batch", "moe", "resident", "shared")
 NEW_TOKENS = 16
 # preset overrides of the stores: (llama3-1b for codec and batch, qwen3-30b-a3b for moe)
 MOE_QUICK = dict(num_hidden_layers=4, num_experts=32)
@@ -50,7 +58,7 @@ def make_kind_stores(root: Path, kinds: tuple[str, ...], quick: bool,
     tiny = tiny or {}
     want = {"llama": ("llama3-1b", {"num_hidden_layers": 4 if quick else 16})}
     want["moe"] = ("qwen3-30b-a3b", dict(MOE_QUICK if quick else MOE_FULL))
-    need = {"llama"} if {"codec", "batch", "resident"} & set(kinds) else set()
+    need = {"llama"} if {"codec", "batch", "resident", "shared"} & set(kinds) else set()
     need |= {"moe"} if "moe" in kinds else set()
     out = {}
     for name in sorted(need):
@@ -75,6 +83,8 @@ def options(cell: dict) -> dict:
         opts.update(moe_offload="expert", offload="cpu", expert_lookahead=True, expert_cpu="off")
     if kind == "resident":  # rates measured (hybrid auto), no CPU-computed layer (none held then)
         opts.update(decode_resident=True, offload="cpu", hybrid="auto", cpu_layers=0)
+    if kind == "shared":  # the plan counts the prefix's KV blocks once
+        opts["shared_prefix"] = cell["shared"]
     return opts
 
 
@@ -101,7 +111,8 @@ def _probe(store: Path, device: str, cache: str, batch: int, context: int, opts:
 
 
 def plan_at(eng, budget: int, batch: int, context: int):
-    """``plan_for``'s (plan, rates) under ``budget`` (GPU memory, or RAM on the CPU)."""
+    """``plan_for``'s (plan, rates) under ``budget`` (GPU memory, or RAM on the CPU), for the
+    probe's ``shared_prefix`` as the engine plans (``Workload.shared``)."""
     from ollm.engine.replan import plan_for
     from ollm.planning.placement import Workload
 
@@ -109,13 +120,16 @@ def plan_at(eng, budget: int, batch: int, context: int):
         eng.gpu_memory = budget
     else:
         eng.config = replace(eng.config, cpu_memory=budget)
-    return plan_for(eng, Workload(batch, context, context))
+    return plan_for(eng, Workload(batch, context, context, eng.config.shared_prefix))
 
 
 def path_taken(cell: dict, plan) -> bool:
     """Whether ``plan`` takes the path the cell's kind checks (the MoE kind: experts placed one
     by one through the cache, not all resident; on a GPU also with lookahead on and experts
-    homed in RAM)."""
+    homed in RAM; the shared kind: planned for its prefix, every KV pool on the GPU)."""
+    if cell.get("kind") == "shared":
+        on_gpu = all(p.kv_tier == "device" for p in plan.layers)
+        return plan.shared_prefix == cell["shared"] and (plan.device == "cpu" or on_gpu)
     if cell.get("kind") == "resident":  # on the CPU nothing is held (no copy engine)
         return plan.device == "cpu" or bool(plan.decode_resident)
     if cell.get("kind") != "moe":
@@ -208,6 +222,9 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
     if "resident" in kinds:
         for p in (prompt,) if prompt else (8192,) if quick else (8192, 32768):
             heads.append(dict(kind="resident", prompt=p, batch=1, store="llama"))
+    if "shared" in kinds:  # 8 prompts sharing their first 7/8 (whole 16-token blocks)
+        for p in (prompt,) if prompt else (2048,) if quick else (2048, 8192):
+            heads.append(dict(kind="shared", prompt=p, batch=8, shared=p * 7 // 8, store="llama"))
     rows = []
     for head in heads:
         head.update(store=str(stores[head["store"]]), dtype="bfloat16", device=device,
@@ -232,13 +249,63 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
 
 def prompts(cell: dict, vocab: int) -> list[list[int]]:
     """Random prompts of a new-kind cell: the batch kind's at lengths from ``prompt`` down (the
-    paged engine runs each at its own length)."""
+    paged engine runs each at its own length); the shared kind's ``prompt`` long, the first
+    ``shared`` ids the same in all."""
     import torch
 
     g = torch.Generator().manual_seed(cell["prompt"] + cell["batch"])
     n, b = cell["prompt"], cell["batch"]
+    if cell["kind"] == "shared":
+        head = torch.randint(0, vocab, (cell["shared"],), generator=g).tolist()
+        return [head + torch.randint(0, vocab, (n - len(head),), generator=g).tolist()
+                for _ in range(b)]  # fmt: skip
     step = n // (4 * b)  # lengths from n down to about 3n/4
     return [torch.randint(0, vocab, (n - step * i,), generator=g).tolist() for i in range(b)]
+
+
+# What the shared kind's decode did (filled by `generate` in the cell's process, read by `report`).
+SHARED_SEEN: dict = {}
+
+
+def generate(llm, cell: dict, params) -> list:
+    """A new-kind cell's generation, one result per prompt: ``llm.generate`` of its prompts,
+    or for the shared kind the batch engine on the plan's pools, the first prompt prefilled
+    before the others are added (they then hit its cached prefix blocks), counting the calls
+    of the shared-prefix attention (``SHARED_SEEN``)."""
+    ps = prompts(cell, llm.spec.vocab_size)
+    if cell["kind"] != "shared":
+        res = llm.generate(ps if len(ps) > 1 else ps[0], params)
+        return res if isinstance(res, list) else [res]
+    from ollm.engine.batch import BatchEngine
+    from ollm.kv import shared_prefix
+
+    w, real = llm.workload, shared_prefix.attend_shared
+    seen = SHARED_SEEN
+    seen.update(calls=0, most_seqs=0, pools={})
+
+    def counted(layer, d, *rest):  # one call per layer and decode batch with shared blocks
+        seen["calls"] += 1
+        seen["most_seqs"] = max(seen["most_seqs"], len(d.seqs))
+        where = layer.pool.device.type
+        seen["pools"][where] = seen["pools"].get(where, 0) + 1
+        return real(layer, d, *rest)
+
+    eng = BatchEngine.for_plan(llm.runner, None, (), w.batch, w.context, llm._engine.kv_dir,
+                               rates=llm.rates)  # fmt: skip
+    shared_prefix.attend_shared = counted  # read at each call (kv/packed.py imports it there)
+    try:
+        ids = [eng.add(ps[0], params)]
+        while ids[0] in eng.live and not eng.live[ids[0]].out.token_ids:
+            eng.step()  # the whole first prompt computed: its full blocks keyed for reuse
+        ids += [eng.add(p, params) for p in ps[1:]]
+        eng.run()
+        m = eng.metrics()
+        seen.update(prefix_hits=m.prefix_hits, prefix_saved_tokens=m.prefix_saved_tokens,
+                    preemptions=m.preemptions, steps=m.steps)  # fmt: skip
+        return [eng.finished[r] for r in ids]
+    finally:
+        shared_prefix.attend_shared = real
+        eng.close()
 
 
 def report(llm, cell: dict, results: list) -> dict:
@@ -246,7 +313,7 @@ def report(llm, cell: dict, results: list) -> dict:
     placement and lookahead counts; ``path_ok`` when the path the cell checks was taken."""
     from ollm.engine.kvpools import batch_supported
 
-    plan, kind, m = llm.plan, cell["kind"], results[0].metrics
+    plan, kind = llm.plan, cell["kind"]
     out: dict = {"path_ok": path_taken(cell, plan)}
     if kind in ("codec", "batch"):
         choice = getattr(plan, "kv_codecs", None)
@@ -269,6 +336,27 @@ def report(llm, cell: dict, results: list) -> dict:
             cache_slots=None if e is None else e.cache_slots,
             lookahead_planned=None if e is None else e.lookahead,
             lookahead=None if ahead is None else dict(ahead.counts),
-            expert_hit_rate=m.expert_hit_rate,
+            expert_hit_rate=results[0].metrics.expert_hit_rate,
         )
+    if kind == "shared":
+        out.update(_shared_report(plan, cell, results))
+        out["path_ok"] &= out.pop("shared_ok")
     return out
+
+
+def _shared_report(plan, cell: dict, results: list) -> dict:
+    """The shared kind's row: the prefix hits, the shared-prefix attention calls (the most
+    sequences in one, per pool device), the full-attention pools' blocks planned next to
+    batch x context's; ``shared_ok`` when every later prompt hit the prefix, decode attended
+    it once for at least the later prompts together, over pools on the plan's device only,
+    and each prompt got its tokens."""
+    import torch
+
+    seen, b = SHARED_SEEN, cell["batch"]
+    unshared = b * -(-(cell["prompt"] + NEW_TOKENS) // max(1, plan.kv_page_tokens))
+    ok = seen.get("prefix_hits", 0) >= b - 1 and seen.get("most_seqs", 0) >= b - 1
+    ok &= set(seen.get("pools", {})) == {torch.device(plan.device).type}
+    ok &= all(len(r.token_ids) == NEW_TOKENS for r in results)
+    return dict(shared_prefix=plan.shared_prefix, kv_pool_blocks=dict(plan.kv_pools),
+                unshared_pool_blocks=unshared, shared_ok=ok,
+                **seen)  # fmt: skip

@@ -4,13 +4,15 @@
 #
 #   cd <checkout> && scripts/gpu/parts.sh spec_check=90 kv_micro=90 long100k=330 spec=150
 #
-# Parts: budget (scripts/gpu/budget.py --quick), budget_kinds / budget_resident (new paths' cells), spec_check (float32/bf16 speculative equality on
-# CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer over compressed KV),
-# long100k (routing_micro, KV codecs and routing at 100k on one 8B store), moe (Qwen3-30B-A3B
-# and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B batch sweep on the
-# largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan, static only),
-# prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix target),
-# profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute timeline);
+# Parts: budget (scripts/gpu/budget.py --quick), budget_kinds / budget_resident / budget_shared
+# (new paths' cells; budget_shared: a shared_prefix plan's batch of 8), spec_check (float32/bf16
+# speculative equality on CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer
+# over compressed KV), long100k (routing_micro, KV codecs and routing at 100k on one 8B store),
+# moe (Qwen3-30B-A3B and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B
+# batch sweep on the largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan,
+# static only), prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix
+# target), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
+# timeline);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -26,6 +28,7 @@ part() {
     budget) $PY $G/budget.py --out "$OUT/budget" --quick ;;
     budget_kinds) $PY $G/budget.py --out "$OUT/budget_kinds" --quick --kinds codec,batch,moe ;;
     budget_resident) $PY $G/budget.py --out "$OUT/budget_resident" --quick --kinds resident ;;
+    budget_shared) $PY $G/budget.py --out "$OUT/budget_shared" --quick --kinds shared ;;
     spec_check) $PY $G/spec_correctness.py --device cuda:0 -o "$OUT/spec_correctness.json" ;;
     spec) $PY $G/speculative.py --out "$OUT/spec" --quick --no-check ;;
     kv_micro) $PY $G/kv_codec_micro.py --out "$OUT/kvm" ;;
