@@ -1,7 +1,7 @@
 """Host time and torch ops per MoE layer in decode, measured on the CPU (issue 19):
 
     PYTHONPATH=src python scripts/moe_overhead.py [--out FILE] [--steps 300] [--slots N]
-        [--zipf A] [--cpu-compute off|on] [--lookahead] [--family qwen3_moe|gpt_oss] [--resident]
+        [--zipf A] [--policy lru|lfu] [--cpu-compute off|on] [--lookahead] [--family qwen3_moe|gpt_oss] [--resident]
 
 A qwen3_moe of tiny dimensions (hidden 64, experts of 32, so the arithmetic is ~0 and what is
 left is Python, dispatch and bookkeeping) with Qwen3-30B-A3B's routing shape (128 experts,
@@ -171,7 +171,8 @@ def _device_copies(state: dict) -> None:
         moe_mod._hand_back = counted("h2d cpu outputs", moe_mod._hand_back)
 
 
-def _cache(llm, slots: int, cpu_compute: str, lookahead: bool, resident: bool = False):
+def _cache(llm, slots: int, cpu_compute: str, lookahead: bool, resident: bool = False,
+           policy: str = "lru"):  # fmt: skip
     from ollm.layers.moe import sparse_weights
     from ollm.planning.experts import ExpertPlan
     from ollm.runtime.experts import ExpertCache
@@ -184,7 +185,7 @@ def _cache(llm, slots: int, cpu_compute: str, lookahead: bool, resident: bool = 
     plan = ExpertPlan(
         device="cpu:1", layers=layers, num_experts=n, expert_bytes=st.expert_bytes,
         resident=False, ram=(n,) * len(layers), cache_slots=slots, group_rows=64,
-        policy="lru", cpu_compute=cpu_compute, decoded_bytes=st.decoded_bytes if st.coded else 0,
+        policy=policy, cpu_compute=cpu_compute, decoded_bytes=st.decoded_bytes if st.coded else 0,
         coded_slots=st.coded,
     )  # fmt: skip
     if lookahead:  # the code under test must have it (ExpertPlan.lookahead)
@@ -252,7 +253,7 @@ def measure(args) -> dict:
     if args.family == "gpt_oss":
         _kernel_stand_in(kernel)
     _device_copies(kernel)
-    cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead, args.resident)
+    cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead, args.resident, args.policy)
     g = torch.Generator().manual_seed(0)
     layers = cache.plan.layers
     dense, bound = {}, {}
@@ -316,6 +317,7 @@ def measure(args) -> dict:
         total_experts=cache.plan.total,
         cpu_compute=args.cpu_compute,
         zipf=args.zipf,
+        policy=args.policy,
         calls=calls,
         host_us=dict(
             min=round(ms[0], 1),
@@ -456,6 +458,7 @@ def main() -> None:
                     "for qwen3_moe, 51 of 32 x 4 for gpt_oss, as the device's run)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=300, help="decode tokens timed")
     ap.add_argument("--zipf", type=float, default=0.0)
+    ap.add_argument("--policy", default="lru", choices=["lru", "lfu"])
     ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
     ap.add_argument("--lookahead", action="store_true")
     ap.add_argument("--resident", action="store_true", help="every expert resident (no slots)")

@@ -338,6 +338,7 @@ def test_cost_model_sends_ram_misses_to_a_fast_cpu_only():
     cache = ExpertCache.__new__(ExpertCache)
     cache.plan, cache.experts, cache.in_place = replace(plan, cpu_compute="auto"), _St(), False
     cache.cpu_expert_s, cache._cpu_batches = None, 1  # past the dropped first CPU batch
+    cache.trial = None  # the cost model alone (the trial: tests/test_expert_trial.py)
     misses, counts = [0, 1, 2, 3, 6, 7], [1] * 8
     cache.choose_cpu = functools.partial(cpu_share, rates(cpu=55e9, pcie=55e9))
     cpu, fetch = cache._split(0, misses, counts, 6)

@@ -156,3 +156,39 @@ def test_lookahead_planned_and_exact_end_to_end(moe4):
         assert ahead is not None and ahead.counts["predicted"] > 0
     with pytest.raises(OllmError, match="expert_lookahead"):
         EngineConfig(expert_lookahead="yes")
+
+
+def test_prefetch_never_evicts_the_next_layers_predicted_experts(moe4):
+    """A prediction whose experts are partly cached fetches the others into free slots or
+    evicted ones, never evicting those it predicted (three slots: two hold predicted experts,
+    one is free; of the two missing, one fits, the other waits for the call)."""
+    _, _, llm = moe4
+    cache, _ = _cache(llm, slots=3, lookahead=True)
+    i, j = cache.plan.layers[:2]
+    list(cache.run(j, [0, 1], [1, 1] + [0] * (EXPERTS - 2)))
+    cache.ahead.prefetch(i, [0, 1, 2, 3])
+    held = {k for k in cache.cached() if k[0] == j}
+    assert {(j, 0), (j, 1)} <= held and len(held) == 3 and not cache.pinned
+    assert cache.ahead.counts["fetched"] == 1
+    cache.close()
+
+
+def test_lookahead_stops_when_its_prefetches_are_used_less_than_hits(moe4):
+    """Each layer routing its own random row, a prediction is at chance (top_k / experts)
+    while a cache of 96 slots for 128 experts hits most calls: once judged, lookahead stops
+    predicting (its counts frozen), and the outputs equal those without it throughout."""
+    _, _, llm = moe4
+    off, b_off = _cache(llm, slots=96, lookahead=False)
+    on, b_on = _cache(llm, slots=96, lookahead=True)
+    on.ahead.judge = 16
+    want, _ = _decode(llm, off, b_off, steps=24)
+    got, _ = _decode(llm, on, b_on, steps=24)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    c, h = on.ahead.counts, on.counts
+    assert not on.ahead.active and c["fetched"] >= 16
+    assert c["fetched_used"] / c["fetched"] < h["hits"] / (h["hits"] + h["misses"])
+    frozen = dict(c)
+    _decode(llm, on, b_on, steps=2, seed=1)
+    assert on.ahead.counts == frozen and on.ahead.next_weights(on.plan.layers[0]) is None
+    off.close()
+    on.close()

@@ -23,9 +23,11 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    prompt (2k quick), decode tok/s, expert-cache hit rate, bytes copied host->GPU per decode
    token, and the projection to the whole model (decode time per layer x 48). Runs: LRU and LFU under
    the random router (uniform routing) and under a Zipf-skewed routing injected as a router
-   bias (-a log rank, ``ZIPF``; bench only: added to the resident router weights), CPU compute
-   of RAM misses by the cost model vs off, lookahead (``expert_lookahead``: the next layer's
-   predicted experts copied early; its ``lookahead`` counts and precision) under both
+   bias (-a log rank, ``ZIPF``; bench only: added to the resident router weights; folded
+   into the router's matmul, no extra kernel), CPU compute of RAM misses by the cost model
+   under its online trial (``cpu_trial``: each arm's median decode step, the decision) vs off,
+   lookahead (``expert_lookahead``: the next layer's predicted experts copied early; its
+   ``lookahead`` counts, precision and ``active``: still predicting once judged) under both
    routings, and the whole-layer streaming baseline (every layer
    streamed from pinned RAM) in the same process. ``floor_s_per_token`` (copies only): the
    experts a token misses under uniform routing in a cache of that size at best (1 - slots /
@@ -278,8 +280,12 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
             profiled = request_calls(llm, prompt, len(llm.plan.layers))
         except Exception as exc:  # noqa: BLE001 - the breakdown is optional
             profiled = f"failed: {exc!r}"
-        ahead = getattr(getattr(llm.prefetcher, "experts", None), "ahead", None)
-        lookahead = None if ahead is None else ahead.counts | {"precision": ahead.precision}
+        cache = getattr(llm.prefetcher, "experts", None)
+        ahead = getattr(cache, "ahead", None)
+        lookahead = None if ahead is None else ahead.counts | {"precision": ahead.precision,
+                                                               "active": ahead.active}  # fmt: skip
+        trial = getattr(cache, "trial", None)  # expert_cpu="auto": the CPU kept or not, measured
+        cpu_trial = None if trial is None else trial.report()
     decode_steps = max(1, new - 1)
     step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
     layers = len(plan.layers)
@@ -316,6 +322,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
                     mxfp4_paths={k: v - paths[k] for k, v in mxfp4_paths.items()})  # fmt: skip
         if lookahead is not None:  # counted over the whole run (warm-up, profile included)
             row["lookahead"] = lookahead
+        if cpu_trial is not None:
+            row["cpu_trial"] = cpu_trial
         row["floor_s_per_token"] = floor_bytes / h2d
     else:
         streamed = sum(llm.store.layer_nbytes(i) for i in plan.streamed_for("decode"))
@@ -386,14 +394,20 @@ def bench(
 
 def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
     """``OLLM_MOE_REPEAT`` more runs each of the defaults and of CPU compute off, interleaved
-    (single runs spread widely on the device): every projected tok/s and the median."""
+    (single runs spread widely on the device): every projected tok/s and the median; with
+    ``OLLM_MOE_REPEAT_ZIPF=1`` also LRU under the Zipf routing (is it slower than uniform?)."""
     n = int(os.environ.get("OLLM_MOE_REPEAT", "0"))
     got: dict[str, list[float]] = {"defaults": [], "expert_cpu_off": []}
+    zipf = bool(os.environ.get("OLLM_MOE_REPEAT_ZIPF"))
+    if zipf:
+        got["zipf_lru"] = []
     for _ in range(n):
         got["defaults"].append(_run(store, kw, full, ctx, new, h2d, 0.0, **exp))
         got["expert_cpu_off"].append(
             _run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp)
         )
+        if zipf:
+            got["zipf_lru"].append(_run(store, kw, full, ctx, new, h2d, ZIPF, **exp))
     key = "projected_decode_tok_s_full_model"
     return {
         name: {"projected_tok_s": [r[key] for r in rs],

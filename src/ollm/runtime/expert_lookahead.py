@@ -10,10 +10,19 @@ of that layer: precision = correct / predicted), ``fetched`` (copies the predict
 ``fetched_used`` (those the layer then used: misses turned into hits). A random-weight router
 routes uniformly, so there the prediction is near chance (top_k / experts); ``--zipf`` in
 scripts/moe_overhead.py skews the router as scripts/gpu/moe.py does.
+
+A prefetch takes slots as a miss does, so it evicts the least recently used experts, which on
+a cyclic pass over the layers are those of the layers about to run: on the H200 (70 slots for 8
+layers of 128 experts, top-8) every prediction was fetched, 43% of them used, and the hit rate
+fell from 0.76 to 0.24 (904 vs 128 MB copied per token). So a prefetch never evicts the next
+layer's predicted experts that are cached, and after ``JUDGE`` fetches lookahead is kept only
+while a fetched expert is used more often than a cached one is hit (``fetched_used / fetched``
+against the hit rate without the prefetched hits): else it stops predicting (``active``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
@@ -21,6 +30,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ollm.layers.moe import ExpertBatch
     from ollm.runtime.experts import ExpertCache
+
+log = logging.getLogger(__name__)
+JUDGE = 128  # prefetched experts before lookahead is judged by their use
 
 
 class Lookahead:
@@ -32,12 +44,13 @@ class Lookahead:
         self._next = dict(zip(layers, layers[1:], strict=False))
         self._predicted: dict[int, tuple[set[int], set[int]]] = {}  # layer -> (predicted, fetched)
         self.counts = {"predicted": 0, "correct": 0, "routed": 0, "fetched": 0, "fetched_used": 0}
+        self.active, self.judge = True, JUDGE  # predicting; fetches before it is judged
 
     def next_weights(self, i: int) -> Mapping | None:
         """The weights (router included) of the sparse layer after i, as last bound (resident:
         the planner enables lookahead only when no dense part streams); None for the last
         layer or before that layer first ran."""
-        j = self._next.get(i)
+        j = self._next.get(i) if self.active else None
         bound = None if j is None else self.cache._bound.get(j)
         return None if bound is None else bound[1]
 
@@ -65,6 +78,7 @@ class Lookahead:
         ram = 0 if c.in_place else c.plan.ram[c._index[j]]
         fetch = deque(e for e in sorted(pred) if e < ram and (j, e) not in c.where)
         inflight: deque = deque()
+        c.pinned.update((j, e) for e in pred if (j, e) in c.where)  # not evicted by the others
         try:
             c._issue(j, fetch, inflight)
         finally:
@@ -73,6 +87,20 @@ class Lookahead:
         self._predicted[j] = (pred, {e for e, _ in inflight})
         self.counts["predicted"] += len(pred)
         self.counts["fetched"] += len(inflight)
+        if self.counts["fetched"] >= self.judge:
+            self._judge()
+
+    def _judge(self) -> None:
+        """Stop predicting when a prefetched expert is used less often than a cached one is
+        hit (the cache's hit rate less the hits prefetches made)."""
+        n, h = self.counts, self.cache.counts
+        used = n["fetched_used"] / n["fetched"]
+        calls = h["hits"] + h["misses"] - n["fetched_used"]
+        base = (h["hits"] - n["fetched_used"]) / calls if calls > 0 else 0.0
+        if used < base:
+            self.active = False
+            log.info("expert lookahead off: %.2f of its %d prefetched experts used, below the "
+                     "cache's hit rate of %.2f without them", used, n["fetched"], base)  # fmt: skip
 
     @property
     def precision(self) -> float:
@@ -86,8 +114,14 @@ class LayerExperts:
     def __init__(self, cache: ExpertCache, i: int) -> None:
         self.cache, self.i = cache, i
         self.batched = cache.batched
-        self.host_rows = cache.host_rows
         self.ahead = cache.ahead
+
+    @property
+    def host_rows(self) -> bool:
+        """Whether CPU batches may come (the rows read to the host with the expert ids): not
+        once the trial of ``expert_cpu="auto"`` has found the CPU slower, nor in its copy arm."""
+        c = self.cache
+        return c.host_rows and (c.trial is None or c.trial.allow)
 
     @property
     def next_weights(self) -> Mapping | None:

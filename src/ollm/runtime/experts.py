@@ -29,6 +29,7 @@ import torch
 from ollm.runtime.expert_decode import decode_slots, load_decoded, warm_cache
 from ollm.runtime.expert_lookahead import LayerExperts, Lookahead
 from ollm.runtime.expert_stacks import stacked_batch, stacked_views, uniform_rows
+from ollm.runtime.expert_trial import CpuTrial, measured_cpu, split_misses
 from ollm.runtime.experts_policy import Lfu, Lru
 from ollm.runtime.pinned import pinned_empty, unpin
 
@@ -116,6 +117,9 @@ class ExpertCache:
             self.cuda and not plan.resident and plan.cpu_compute != "off" and any(plan.ram)
         )
         self.routed: dict[Key, int] = {}  # calls that used each expert (a calibration's output)
+        # "auto": the CPU computes RAM misses only while it measures faster (decode steps)
+        auto = plan.cpu_compute == "auto" and not self.in_place and not plan.resident
+        self.trial = CpuTrial(plan.layers) if auto and any(plan.ram) else None
         self.ahead = Lookahead(self) if plan.lookahead and not plan.resident else None
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
@@ -218,7 +222,12 @@ class ExpertCache:
                 local.append(e)
             else:
                 misses.append(e)
+        trial = self.trial
+        if trial is not None and trial.decided is None:  # a decode row: every expert once
+            trial.start(i, all(counts[e] == 1 for e in used))
         on_cpu, fetch = self._split(i, misses, counts, ram)
+        if trial is not None:
+            trial.ran(len(on_cpu))
         self.counts["hits"] += len(hits) + len(local)
         self.counts["misses"] += len(misses)
         self.counts["cpu"] += len(on_cpu)
@@ -254,34 +263,14 @@ class ExpertCache:
                                    f"experts {list(pending)} of layer {i}")  # fmt: skip
         finally:  # one call runs at a time: an interrupted one leaves no slot pinned
             self.pinned.clear()
+            if trial is not None:
+                trial.end(i)
 
     def _measured_cpu(self, n: int, seconds: float) -> None:
-        """Fold a CPU batch's wall time (its experts computed, outputs handed back) into
-        ``cpu_expert_s``, the measured seconds per expert the cost model's choice then uses."""
-        self._cpu_batches += 1
-        if self._cpu_batches == 1:
-            return  # the first pays one-time start-up (kernel selection, thread pool): dropped
-        per = seconds / n
-        old = self.cpu_expert_s
-        self.cpu_expert_s = per if old is None else 0.5 * (old + per)
+        measured_cpu(self, n, seconds)
 
     def _split(self, i: int, misses: list[int], counts: list[int], ram: int):
-        """(RAM misses the CPU computes, misses copied to the device): all RAM misses with
-        ``cpu_compute="on"``, those ``choose_cpu`` (the cost model, from above) picks with
-        ``"auto"``, none with ``"off"``, on the CPU device or without a cost model."""
-        mode = self.plan.cpu_compute
-        cand = [e for e in misses if e < ram] if not self.in_place and mode != "off" else []
-        if not cand or (mode == "auto" and self.choose_cpu is None):
-            return [], misses
-        if mode == "on":
-            cpu = cand
-        else:
-            nbytes = self.plan.expert_bytes  # stored bytes: what a copy moves
-            elem = self.experts.tensors[i][0][0].dtype.itemsize  # a float tensor, coded or not
-            params = self.plan.device_expert_bytes // max(1, elem)
-            cpu = self.choose_cpu(cand, len(misses), counts, nbytes, params, self.cpu_expert_s)
-        chosen = set(cpu)
-        return cpu, [e for e in misses if e not in chosen]
+        return split_misses(self, i, misses, counts, ram)
 
     # -- slots ------------------------------------------------------------------------------------
     def _issue(self, i: int, pending: deque, inflight: deque) -> None:
