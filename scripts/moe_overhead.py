@@ -1,7 +1,7 @@
 """Host time and torch ops per MoE layer in decode, measured on the CPU (issue 19):
 
     PYTHONPATH=src python scripts/moe_overhead.py [--out FILE] [--steps 300] [--slots N]
-        [--zipf A] [--policy lru|lfu] [--cpu-compute off|on] [--lookahead] [--family qwen3_moe|gpt_oss] [--resident]
+        [--zipf A] [--policy lru|lfu] [--one-batch trial|on|off] [--cpu-compute off|on] [--lookahead] [--family qwen3_moe|gpt_oss] [--resident]
 
 A qwen3_moe of tiny dimensions (hidden 64, experts of 32, so the arithmetic is ~0 and what is
 left is Python, dispatch and bookkeeping) with Qwen3-30B-A3B's routing shape (128 experts,
@@ -254,6 +254,8 @@ def measure(args) -> dict:
         _kernel_stand_in(kernel)
     _device_copies(kernel)
     cache = _cache(llm, args.slots, args.cpu_compute, args.lookahead, args.resident, args.policy)
+    if args.one_batch != "trial" and getattr(cache, "merge", None) is not None:
+        cache.merge.decided = args.one_batch == "on"  # hits and copied misses as one batch
     g = torch.Generator().manual_seed(0)
     layers = cache.plan.layers
     dense, bound = {}, {}
@@ -318,6 +320,7 @@ def measure(args) -> dict:
         cpu_compute=args.cpu_compute,
         zipf=args.zipf,
         policy=args.policy,
+        one_batch=args.one_batch,
         calls=calls,
         host_us=dict(
             min=round(ms[0], 1),
@@ -459,6 +462,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="decode tokens timed")
     ap.add_argument("--zipf", type=float, default=0.0)
     ap.add_argument("--policy", default="lru", choices=["lru", "lfu"])
+    ap.add_argument("--one-batch", default="trial", choices=["trial", "on", "off"],
+                    help="a decode call's hits and copied misses as one batch (the cache's "
+                    "merge trial decides, or forced)")  # fmt: skip
     ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
     ap.add_argument("--lookahead", action="store_true")
     ap.add_argument("--resident", action="store_true", help="every expert resident (no slots)")

@@ -128,3 +128,63 @@ def test_cache_stops_cpu_experts_the_trial_finds_slower(moe_cpu):
     assert all(n == 0 and not rows for n, rows in per_step[-4:])  # decided: copies only
     assert not src.host_rows and not cache.trial.allow
     cache.close()
+
+
+def test_one_batch_per_call_equals_hits_then_misses_with_fewer_launches(moe_cpu):
+    """A decode row's hits and copied misses as one stacked batch (the merge trial's trying
+    arm, forced here) give the same outputs bit for bit as hits first and the misses' wave
+    after, with fewer kernel launches (one row through one stacked batch: no slot buffer,
+    no scatter, one gather per tensor)."""
+    from test_moe_decode import Launches
+
+    llm, moe, act = moe_cpu, moe_cpu.spec.moe, moe_cpu.spec.act
+    caches = {}
+    for merged in (True, False):
+        _, cache = _cache(llm, slots=20, ram=16)  # hits and misses in most calls, no waves
+        cache.merge.decided = merged
+        caches[merged] = (cache, {i: cache.bind(i, llm.prefetcher.get(i)) for i in _layers(cache)})
+    g = torch.Generator().manual_seed(0)
+    ops = {True: 0, False: 0}
+    for _ in range(8):
+        for i in _layers(caches[True][0]):
+            x = torch.randn(1, 1, llm.spec.hidden_size, generator=g) * 4
+            ys = {}
+            for merged, (_, bound) in caches.items():
+                with Launches() as c:
+                    ys[merged] = moe_mlp(x, bound[i], moe, act)
+                ops[merged] += sum(n for op, n in c.ops.items() if op != "copy_")
+            assert torch.equal(ys[True], ys[False])
+    one = caches[True][0]
+    assert one.counts["hits"] > 0 and one.counts["misses"] > 0  # calls with both happened
+    assert ops[True] < ops[False], ops
+    for cache, _ in caches.values():
+        cache.close()
+
+
+def _layers(cache) -> tuple[int, ...]:
+    return cache.plan.layers
+
+
+def test_merge_trial_runs_once_the_cpu_trial_has_decided(moe_cpu):
+    """The two trials never run at once (each would time the other's arms): while the CPU's
+    is open no call goes as one batch and the merge trial times nothing; once it has decided
+    the merge trial alternates its arms."""
+    from ollm.runtime.expert_trial import begin_call, end_call
+
+    _, cache = _cache(moe_cpu, slots=6, ram=16)
+    cache.trial = CpuTrial(cache.plan.layers)
+    used, counts = [0, 1], [1, 1] + [0] * 14
+    for _ in range(3):
+        for i in cache.plan.layers:
+            assert begin_call(cache, i, used, counts) is False
+            end_call(cache, i)
+    assert not any(cache.merge.times.values()) and cache.trial.times[True]
+    cache.trial.decided = False
+    arms = []
+    for _ in range(4):
+        for i in cache.plan.layers:
+            arms.append(begin_call(cache, i, used, counts))
+            end_call(cache, i)
+    n = len(cache.plan.layers)
+    assert arms[::n] == [arms[0], not arms[0]] * 2 and sum(map(len, cache.merge.times.values()))
+    cache.close()

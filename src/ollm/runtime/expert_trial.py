@@ -43,15 +43,18 @@ class CpuTrial:
         layers: tuple[int, ...],
         steps: int = STEPS,
         clock: Callable[[], float] = time.perf_counter,
+        what: str = "experts computed on the CPU",
+        first: bool = True,
     ) -> None:
         self._pos = {i: j for j, i in enumerate(layers)}
         self.n, self.steps, self.clock = len(layers), steps, clock
         self.times: dict[bool, list[float]] = {True: [], False: []}  # arm -> step seconds
-        self.cpu_experts = 0  # experts the CPU computed in the CPU arm's timed steps
+        self.cpu_experts = 0  # uses (experts the CPU computed) in the trying arm's timed steps
         self.decided: bool | None = None  # None while trialling; then: the CPU kept or not
-        self.arm = True  # the current step's arm: the CPU may compute (the cost model's choice)
+        self.what = what  # what the trial decides (for the log)
+        self.arm = first  # the current step's arm: True tries it (e.g. the cost model's CPU share)
         self._t0: float | None = None  # the open step's start (its first sparse layer's call)
-        self._open = True  # the open step's arm
+        self._open = first  # the open step's arm
         self._calls = 0  # decode calls of the open step so far
         self._cpu = 0  # experts the CPU computed in the open step
 
@@ -97,12 +100,9 @@ class CpuTrial:
             return
         cpu, copy = (statistics.median(self.times[a]) for a in (True, False))
         self.decided = cpu < (1 - MARGIN) * copy
-        log.info(
-            "experts computed on the CPU: decode step %.2f ms with them (%d experts in %d "
-            "steps), %.2f ms with every miss copied: %s",
-            1e3 * cpu, self.cpu_experts, len(self.times[True]), 1e3 * copy,
-            "kept" if self.decided else "RAM misses are copied from now on",
-        )  # fmt: skip
+        log.info("%s: decode step %.2f ms with (%d uses in %d steps), %.2f ms without: %s",
+                 self.what, 1e3 * cpu, self.cpu_experts, len(self.times[True]), 1e3 * copy,
+                 "kept" if self.decided else "dropped")  # fmt: skip
 
     def report(self) -> dict:
         """The trial's state for reports: decided (None while trialling) and each arm's
@@ -143,3 +143,28 @@ def measured_cpu(cache: ExpertCache, n: int, seconds: float) -> None:
     per = seconds / n
     old = cache.cpu_expert_s
     cache.cpu_expert_s = per if old is None else 0.5 * (old + per)
+
+
+def begin_call(cache: ExpertCache, i: int, used: list[int], counts: list[int]) -> bool:
+    """Layer i's call starts in the cache's trials, one at a time: the CPU's (``trial``), then
+    one batch per decode call (``merge``: the hits wait for the misses' copies and run with
+    them as one stacked batch, a decode row's ~13 launches instead of ~22, at the cost of the
+    hits' compute overlapping the copies). Returns whether this call goes as one batch."""
+    from ollm.runtime.experts import STREAM_PAIRS
+
+    cpu, merge = cache.trial, cache.merge
+    if cpu is not None and cpu.decided is None:
+        cpu.start(i, all(counts[e] == 1 for e in used))
+        return False  # the merge trial waits for the CPU's decision
+    if merge is None:
+        return False
+    if merge.decided is None:
+        merge.start(i, all(counts[e] == 1 for e in used))
+    return merge.allow and sum(counts) <= STREAM_PAIRS
+
+
+def end_call(cache: ExpertCache, i: int) -> None:
+    """Layer i's call ended (see ``CpuTrial.end``)."""
+    for t in (cache.trial, cache.merge):
+        if t is not None and t.decided is None:
+            t.end(i)

@@ -29,7 +29,7 @@ import torch
 from ollm.runtime.expert_decode import decode_slots, load_decoded, warm_cache
 from ollm.runtime.expert_lookahead import LayerExperts, Lookahead
 from ollm.runtime.expert_stacks import stacked_batch, stacked_views, uniform_rows
-from ollm.runtime.expert_trial import CpuTrial, measured_cpu, split_misses
+from ollm.runtime.expert_trial import CpuTrial, begin_call, end_call, measured_cpu, split_misses
 from ollm.runtime.experts_policy import Lfu, Lru
 from ollm.runtime.pinned import pinned_empty, unpin
 
@@ -120,6 +120,8 @@ class ExpertCache:
         # "auto": the CPU computes RAM misses only while it measures faster (decode steps)
         auto = plan.cpu_compute == "auto" and not self.in_place and not plan.resident
         self.trial = CpuTrial(plan.layers) if auto and any(plan.ram) else None
+        one = "hits and copied misses as one batch"  # then: is waiting for the copies faster?
+        self.merge = CpuTrial(plan.layers, what=one, first=False) if self.batched and n else None
         self.ahead = Lookahead(self) if plan.lookahead and not plan.resident else None
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
@@ -222,12 +224,10 @@ class ExpertCache:
                 local.append(e)
             else:
                 misses.append(e)
-        trial = self.trial
-        if trial is not None and trial.decided is None:  # a decode row: every expert once
-            trial.start(i, all(counts[e] == 1 for e in used))
+        merge = begin_call(self, i, used, counts)  # the trials (runtime/expert_trial.py)
         on_cpu, fetch = self._split(i, misses, counts, ram)
-        if trial is not None:
-            trial.ran(len(on_cpu))
+        if self.trial is not None:
+            self.trial.ran(len(on_cpu))
         self.counts["hits"] += len(hits) + len(local)
         self.counts["misses"] += len(misses)
         self.counts["cpu"] += len(on_cpu)
@@ -237,6 +237,10 @@ class ExpertCache:
         pending, inflight = deque(fetch), deque()
         try:
             self._issue(i, pending, inflight)  # the copies start before any compute is queued
+            if merge and hits and inflight and not (pending or on_cpu or local):
+                hits += inflight  # one batch, computed once every copy has landed
+                inflight.clear()
+                self.merge.ran(1)
             ready = [(e, self._host(i, e)) for e in local]
             if hits:
                 batch = self._use(hits)  # a stacked batch unless experts in place join
@@ -263,8 +267,7 @@ class ExpertCache:
                                    f"experts {list(pending)} of layer {i}")  # fmt: skip
         finally:  # one call runs at a time: an interrupted one leaves no slot pinned
             self.pinned.clear()
-            if trial is not None:
-                trial.end(i)
+            end_call(self, i)
 
     def _measured_cpu(self, n: int, seconds: float) -> None:
         measured_cpu(self, n, seconds)
