@@ -25,7 +25,8 @@ About 3-4 minutes by default (float32 rows ~1 min, writing the 8-layer store ~40
    the random router (uniform routing) and under a Zipf-skewed routing injected as a router
    bias (-a log rank, ``ZIPF``; bench only: added to the resident router weights; folded
    into the router's matmul, no extra kernel), CPU compute of RAM misses by the cost model
-   under its online trial (``cpu_trial``: each arm's median decode step, the decision) vs off,
+   under its online trial (``cpu_trial``: each arm's median decode step, the decision; and
+   ``one_batch_trial``: hits and copied misses as one batch or two) vs off,
    lookahead (``expert_lookahead``: the next layer's predicted experts copied early; its
    ``lookahead`` counts, precision and ``active``: still predicting once judged) under both
    routings, and the whole-layer streaming baseline (every layer
@@ -286,6 +287,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
                                                                "active": ahead.active}  # fmt: skip
         trial = getattr(cache, "trial", None)  # expert_cpu="auto": the CPU kept or not, measured
         cpu_trial = None if trial is None else trial.report()
+        merge = getattr(cache, "merge", None)  # hits and copied misses as one batch, measured
+        one_batch = None if merge is None else merge.report()
     decode_steps = max(1, new - 1)
     step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
     layers = len(plan.layers)
@@ -324,6 +327,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
             row["lookahead"] = lookahead
         if cpu_trial is not None:
             row["cpu_trial"] = cpu_trial
+        if one_batch is not None:  # cpu_ms / copy_ms: the one-batch / two-batch arms here
+            row["one_batch_trial"] = one_batch
         row["floor_s_per_token"] = floor_bytes / h2d
     else:
         streamed = sum(llm.store.layer_nbytes(i) for i in plan.streamed_for("decode"))
