@@ -50,11 +50,15 @@ class BlockMove:
 
 def chain_keys(tokens: Sequence[int], block_tokens: int, keys: Sequence[bytes] = ()) -> list[bytes]:
     """Prefix keys of every full block of ``tokens``; ``keys`` (already known ones) are reused."""
-    out = list(keys[: len(tokens) // block_tokens])
-    for j in range(len(out), len(tokens) // block_tokens):
-        h = hashlib.blake2b(out[-1] if out else b"", digest_size=16)
-        h.update(array("q", tokens[j * block_tokens : (j + 1) * block_tokens]).tobytes())
-        out.append(h.digest())
+    n = len(tokens) // block_tokens
+    out = list(keys[:n])
+    # the new blocks' tokens as bytes at once; blake2b(a + b) is blake2b fed a, then b
+    raw = memoryview(array("q", tokens[len(out) * block_tokens : n * block_tokens]).tobytes())
+    step = 8 * block_tokens
+    prev = out[-1] if out else b""
+    for o in range(0, len(raw), step):
+        prev = hashlib.blake2b(prev + raw[o : o + step], digest_size=16).digest()
+        out.append(prev)
     return out
 
 
@@ -224,6 +228,7 @@ class BlockManager:
         if swap_tier in self.alloc_tiers:
             raise ValueError(f"swap tier {swap_tier!r} is also an allocation tier")
         self.window = window
+        self._made: dict[int, BlockRef] = {}  # `_lookups`' refs of the one allocation tier
         self.prefix_hits = 0
         self.prefix_saved_tokens = 0
 
@@ -427,16 +432,27 @@ class BlockManager:
                 return BlockRef(tier, block)
         return None
 
+    def _lookups(self, keys: Sequence[bytes]) -> list[BlockRef | None]:
+        """`_lookup` of each of ``keys`` (a prompt's hundreds: no call per key; one tier's
+        `BlockRef` of a block made once, kept in ``_made``)."""
+        if len(self.alloc_tiers) != 1:
+            return [self._lookup(k) for k in keys]
+        tier, made = self.alloc_tiers[0], self._made
+        found = map(self.pools[tier]._by_key.get, keys)
+        return [
+            b if b is None else made.get(b) or made.setdefault(b, BlockRef(tier, b)) for b in found
+        ]
+
     def can_adopt(self, keys: Sequence[bytes], n: int) -> bool:
         """Whether the first ``n`` blocks of a prompt with ``keys`` can be taken from the cache
         (with a window, only the blocks a query at position ``n * block_tokens`` can see)."""
         first = self._first_needed(n * self.block_tokens) if n else 0
-        return n <= len(keys) and all(self._lookup(k) is not None for k in keys[first:n])
+        return n <= len(keys) and all(r is not None for r in self._lookups(keys[first:n]))
 
     def match_prefix(self, keys: Sequence[bytes], max_blocks: int) -> int:
         """The largest ``n <= max_blocks`` with `can_adopt(keys, n)`."""
         limit = min(max_blocks, len(keys))
-        hit = [self._lookup(k) is not None for k in keys[:limit]]
+        hit = [r is not None for r in self._lookups(keys[:limit])]
         run = 0  # cached blocks ending at index n - 1
         runs = []
         for h in hit:
@@ -450,21 +466,20 @@ class BlockManager:
     def revived_blocks(self, keys: Sequence[bytes], n: int) -> int:
         """Cached, unreferenced blocks `adopt_prefix(keys, n)` would take out of the free count."""
         first = self._first_needed(n * self.block_tokens) if n else 0
-        refs = [self._lookup(k) for k in keys[first:n]]
+        refs = self._lookups(keys[first:n])
         return sum(1 for r in refs if r is not None and self.pools[r.tier].ref(r.block) == 0)
 
     def adopt_prefix(self, table: BlockTable, keys: Sequence[bytes], n: int) -> None:
         """Fill an empty table with ``n`` cached blocks (references taken)."""
         if table.blocks or table.length:
             raise ValueError("a prefix is adopted into an empty table only")
-        if not self.can_adopt(keys, n):
-            raise ValueError(f"the first {n} blocks are not all cached")
         first = self._first_needed(n * self.block_tokens) if n else 0
-        for j in range(n):
-            ref = self._lookup(keys[j]) if j >= first else None
-            if ref is not None:
-                self.pools[ref.tier].incref(ref.block)
-            table.blocks.append(ref)
+        refs = self._lookups(keys[first:n])
+        if n > len(keys) or any(r is None for r in refs):
+            raise ValueError(f"the first {n} blocks are not all cached")
+        for ref in refs:
+            self.pools[ref.tier].incref(ref.block)  # type: ignore[union-attr]
+        table.blocks += [None] * first + refs
         table.length = n * self.block_tokens
         table.dropped = first
         table.num_keyed = n

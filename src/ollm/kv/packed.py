@@ -44,6 +44,7 @@ from ollm.kv.decode_batch import (  # noqa: F401  (_decode_batches: for tests an
 from ollm.kv.paged import PagedKVStore
 from ollm.kv.prefill_rows import aligned_chunks, run_pieces, write_runs
 from ollm.kv.run_copy import MAX_COPY_RUNS, block_runs, copy_runs
+from ollm.kv.shared_prefill import attend_prefills, with_prefills
 from ollm.kv.strided import row_mask, run_view, scatter_rows
 from ollm.layers.tree_mask import TreeMask
 from ollm.runtime.uva import to_device
@@ -83,6 +84,7 @@ class GroupLayout:
     rest: tuple[SeqRows, ...] = ()  # the sequences no decode batch holds, attended one by one
     slots: dict = field(default_factory=dict)  # write_slots' index tensors
     starts: tuple[int, ...] = ()  # each sequence's first row (seqs are in row order)
+    prefills: tuple = ()  # `PrefillGroup`s: rows over a shared prefix (kv/shared_prefill.py)
 
     def overlapping(self, r0: int, r1: int) -> tuple[SeqRows, ...]:
         """The sequences with rows in ``[r0, r1)`` (found by bisection: no loop over the
@@ -181,7 +183,8 @@ class PackedStep:
         batched = {s.row0 for d in decodes for s in d.seqs}
         rest = tuple(s for s in seqs if s.row0 not in batched)
         starts = tuple(s.row0 for s in seqs)
-        return GroupLayout(t[:n], t[n : 2 * n], seqs, tuple(decodes), rest, starts=starts)
+        lay = GroupLayout(t[:n], t[n : 2 * n], seqs, tuple(decodes), rest, starts=starts)
+        return with_prefills(lay, store, device)  # rows over a shared prefix, grouped
 
     def row_chunks(self, chunk: int) -> list[tuple[int, int]]:
         """The step's rows in chunks of at most ``chunk``, cut at sequence starts where one
@@ -271,6 +274,7 @@ class PackedLayerKV:
                     self._attend_decodes(d, q, out, r0, mask, scale)
                     done.update(s.row0 for s in d.seqs)
             todo = tuple(s for s in lay.overlapping(r0, r1) if s.row0 not in done)
+        todo = attend_prefills(self, lay, q, out, (r0, r1), mask, scale, todo)
         for s in todo:
             a, b = max(s.row0, r0), min(s.row0 + s.n, r1)
             if a >= b:

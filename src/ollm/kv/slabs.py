@@ -110,6 +110,9 @@ class SlabPool(BlockPool):
         return block
 
     def incref(self, block: int) -> None:
+        if self._refs[block]:  # used before and after: no slab count changes
+            self._refs[block] += 1
+            return
         before = self.state(block)
         super().incref(block)
         self._track(block, before)
