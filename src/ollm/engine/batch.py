@@ -54,7 +54,7 @@ from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.engine.tree import compact_path
 from ollm.errors import RequestError
 from ollm.kv.hostsplit import attach, split_budget
-from ollm.kv.packed import PackedStep
+from ollm.kv.packed import HeldMemo, PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import PAGE_TOKENS
 from ollm.telemetry.energy import EnergyMeter
@@ -152,7 +152,7 @@ class BatchEngine:
         )
         self.live: dict[str, _Live] = {}
         self.finished: dict[str, SequenceOutput] = {}
-        self._ids = itertools.count()
+        self._ids, self._held = itertools.count(), HeldMemo()  # block ids kept across steps
         self.steps = self.step_tokens = self.sampled = 0
 
     @classmethod
@@ -356,7 +356,7 @@ class BatchEngine:
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, dict[str, int]]:
         """Float32 logits [M, V] at the rows each sequence needs (its last ``num_logits`` query
         rows), and where each such sequence's rows start in them."""
-        packed = PackedStep(plan, self.stores, DEVICE_TIER)
+        packed = PackedStep(plan, self.stores, DEVICE_TIER, self._held)
         kv = packed.layer_kv(self.pools.layers)
         rows: dict[str, int] = {}
         idx: list[int] = []

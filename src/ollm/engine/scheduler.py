@@ -275,8 +275,9 @@ class Scheduler:
                 f"{drafts} plus one token"
             )
         rejected = st.num_draft - (len(accepted) - 1)
-        for g, m in self.kv.items():
-            m.trim(seq.tables[g], rejected)
+        if rejected:  # trimming no token changes nothing
+            for g, m in self.kv.items():
+                m.trim(seq.tables[g], rejected)
         seq.num_computed = st.start + len(st.token_ids) - rejected
         req, new, reason = seq.request, [], None
         for tok in accepted:
@@ -293,7 +294,8 @@ class Scheduler:
 
     def _register(self, seq: SeqState) -> None:
         if self.prefix_caching:
-            seq.keys = chain_keys(seq.tokens[: seq.num_computed], self.block_tokens, seq.keys)
+            if seq.num_computed // self.block_tokens != len(seq.keys):  # else keys are whole
+                seq.keys = chain_keys(seq.tokens[: seq.num_computed], self.block_tokens, seq.keys)
             for g, m in self.kv.items():
                 m.register(seq.tables[g], seq.keys)
 

@@ -8,6 +8,7 @@ stays under ``GATHER_BYTES``.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ollm.kv.paged import PagedKVStore
+from ollm.kv.step_ids import FlatInts, Held
 from ollm.kv.strided import StridedRun, strided_run
 
 if TYPE_CHECKING:
@@ -88,13 +90,15 @@ def _decode_batches(
 ) -> tuple[DecodeBatch, ...]:
     """The decode batches of one-token ``seqs`` on their own (``PackedStep._layout`` makes them
     with the step's other index tensors)."""
-    infos = [
-        (s.row0, s.n, s.start, s.key0, s.ids or tuple(s.block_ids.tolist()), s.tree) for s in seqs
-    ]
-    flat: list[int] = []
+    infos = []
+    for s in seqs:
+        ids = s.ids or tuple(s.block_ids.tolist())
+        raw = Held((), 0, ids, array("q", ids).tobytes(), None)
+        infos.append((s.row0, s.n, s.start, s.key0, ids, s.tree, raw))
+    flat = FlatInts()
     tier = next(iter(store.pools))
     batches = _plan_batches(infos, store, flat, host_blocks(store, tier, torch.device(device)))
-    t = torch.tensor(flat, dtype=torch.long, device=device)
+    t = flat.tensor(torch.device(device))
     return _make_batches(batches, t, {s.row0: s for s in seqs})
 
 
@@ -107,7 +111,7 @@ def host_blocks(store: PagedKVStore, tier: str, device: torch.device) -> int | N
 
 
 def _plan_batches(
-    infos: list[tuple], store: PagedKVStore, flat: list[int], host_blocks: int | None = None
+    infos: list[tuple], store: PagedKVStore, flat: FlatInts, host_blocks: int | None = None
 ) -> list[tuple]:
     """`_decode_groups` of ``infos``, each batch's rows and padded block ids appended to
     ``flat``: (its (info, need) pairs, where its rows start in ``flat``, blocks per sequence,
@@ -125,17 +129,18 @@ def _plan_batches(
     return out
 
 
-def _append_batch(out: list, flat: list[int], group: list, run: StridedRun | None, p: int) -> None:
+def _append_batch(out: list, flat: FlatInts, group: list, run: StridedRun | None, p: int) -> None:
     """One batch's plan appended to ``out`` and its rows and padded block ids (those after
     ``p`` shared blocks) to ``flat`` (`_plan_batches`)."""
     nb = max(need for _, need in group)
     rows = [info[0] for info, _ in group]
     at = len(flat)
-    flat += rows
+    flat.extend(rows)
     for info, need in group:  # each padded with its last needed block (any held one)
-        flat += info[4][p:need] + (info[4][need - 1],) * (nb - need)
+        raw = info[6].raw  # the held ids' int64 bytes (`kv.step_ids.Held`)
+        flat.extend_bytes(raw[8 * p : 8 * need] + raw[8 * need - 8 : 8 * need] * (nb - need))
     if run is not None:
-        flat += run.rows
+        flat.extend(run.rows)
     span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
     out.append((group, at, nb - p, span, run, p))
 
@@ -184,7 +189,8 @@ def _one_run(infos: list[tuple], store: PagedKVStore, host_blocks: int | None):
     if host_blocks is not None and len(infos) >= 2:
         bt = store.block_tokens
         group = [(i, -(-(i[2] + 1 - i[3]) // bt)) for i in sorted(infos, key=lambda i: i[0])]
-        run = strided_run([i[4] for i, _ in group], [n for _, n in group], host_blocks)
+        runs = [i[6].run0 is not None for i, _ in group]  # consecutive held ids (`Held`)
+        run = strided_run([i[4] for i, _ in group], [n for _, n in group], host_blocks, runs)
         if run is not None:
             return run, [group]
     return None, _decode_groups(infos, store)
@@ -229,7 +235,7 @@ def _decode_groups(
         return []
     bt = store.block_tokens
     slot = 2 * store.kv_heads * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
-    need = [-(-(start + 1 - key0) // bt) for _, _, start, key0, _, _ in infos]
+    need = [-(-(i[2] + 1 - i[3]) // bt) for i in infos]
     batches: list[list[tuple[tuple, int]]] = []
     cur: list[tuple[tuple, int]] = []
     for j in sorted(range(len(infos)), key=lambda j: need[j]):

@@ -45,6 +45,7 @@ from ollm.kv.paged import PagedKVStore
 from ollm.kv.prefill_rows import aligned_chunks, run_pieces, write_runs
 from ollm.kv.run_copy import MAX_COPY_RUNS, block_runs, copy_runs
 from ollm.kv.shared_prefill import attend_prefills, with_prefills
+from ollm.kv.step_ids import FlatInts, HeldMemo
 from ollm.kv.strided import row_mask, run_view, scatter_rows
 from ollm.layers.tree_mask import TreeMask
 from ollm.runtime.uva import to_device
@@ -115,9 +116,17 @@ class PackedStep:
     pools on different devices (GPU, pinned RAM, a memory-mapped file): the index tensors are
     made once per group and device that asks for them."""
 
-    def __init__(self, plan: StepPlan, stores: Mapping[str, PagedKVStore], tier: str) -> None:
+    def __init__(
+        self,
+        plan: StepPlan,
+        stores: Mapping[str, PagedKVStore],
+        tier: str,
+        memo: HeldMemo | None = None,
+    ) -> None:
         self.plan = plan
         self.tier = tier
+        self.memo = HeldMemo() if memo is None else memo  # the engine's: kept across steps
+        self.memo.keep(st.seq_id for st in plan.seqs)
         self.num_rows = plan.num_tokens
         self.stores = dict(stores)  # one store per group (any home: only its shapes are read)
         self._layouts: dict[tuple[str, torch.device], GroupLayout] = {}
@@ -131,53 +140,54 @@ class PackedStep:
         if lay is None:
             dev = torch.device(device)
             lay = self._layouts[key] = self._layout(
-                self.plan, group, self.stores[group], self.tier, dev
+                self.plan, group, self.stores[group], self.tier, dev, self.memo
             )
         return lay
 
     @staticmethod
     def _layout(
-        plan: StepPlan, group: str, store: PagedKVStore, tier: str, device: torch.device
+        plan: StepPlan,
+        group: str,
+        store: PagedKVStore,
+        tier: str,
+        device: torch.device,
+        memo: HeldMemo,
     ) -> GroupLayout:
         """Every index tensor of the group's step in one host-to-device copy (views of one
         tensor): each row's block and offset, each sequence's held blocks, the decode batches'
-        rows and padded blocks."""
+        rows and padded blocks. Held blocks come from ``memo`` while a table is unchanged (no
+        per-block Python for a decoding sequence between its new blocks)."""
         bt = store.block_tokens
-        flat: list[int] = []  # row blocks, row offsets, then each part below, one tensor
+        row_block: list[int] = []
         row_offset: list[int] = []
-        infos = []  # (row0, rows, start, key0, held block ids, tree) per sequence
+        infos = []  # (row0, rows, start, key0, held block ids, tree, their bytes) per sequence
         row = 0
         for st in plan.seqs:
             blocks = st.block_tables[group]
-            first = next(i for i, ref in enumerate(blocks) if ref is not None)
-            held = blocks[first:]
-            if not all(ref is not None and ref.tier == tier for ref in held):
-                ref = next(r for r in held if r is None or r.tier != tier)
-                raise RuntimeError(
-                    f"sequence {st.seq_id!r}: a block of KV group {group!r} is not in the "
-                    f"allocation tier {tier!r} ({ref}); swap-ins run before the step"
-                )
+            held = memo.held(group, st.seq_id, blocks, tier)
             for pos in st.positions:
-                flat.append(blocks[pos // bt].block)  # type: ignore[union-attr]
+                row_block.append(blocks[pos // bt].block)  # type: ignore[union-attr]
                 row_offset.append(pos % bt)
             tree = None
             if st.draft_parents is not None:
-                tree = TreeMask.from_parents(st.start - first * bt, st.row_parents())
-            ids = tuple(ref.block for ref in held)  # type: ignore[union-attr]
-            infos.append((row, len(st.token_ids), st.start, first * bt, ids, tree))
+                tree = TreeMask.from_parents(st.start - held.first * bt, st.row_parents())
+            infos.append(
+                (row, len(st.token_ids), st.start, held.first * bt, held.ids, tree, held)
+            )  # fmt: skip
             row += len(st.token_ids)
-        n = len(flat)
-        flat += row_offset
+        n = len(row_block)
+        flat = FlatInts()  # row blocks, row offsets, then each part below, one tensor
+        flat.extend(row_block + row_offset)
         where = []
         for info in infos:
             where.append(len(flat))
-            flat += info[4]
+            flat.extend_bytes(info[6].raw)
         blocks = host_blocks(store, tier, device)
         batches = _plan_batches([i for i in infos if i[1] == 1], store, flat, blocks)
-        t = torch.tensor(flat, dtype=torch.long, device=device)
+        t = flat.tensor(device)
         seqs = tuple(
-            SeqRows(r0, k, start, key0, t[w : w + len(ids)], tree, ids, _run0(ids))
-            for (r0, k, start, key0, ids, tree), w in zip(infos, where, strict=True)
+            SeqRows(r0, k, start, key0, t[w : w + len(ids)], tree, ids, h.run0)
+            for (r0, k, start, key0, ids, tree, h), w in zip(infos, where, strict=True)
         )
         decodes = _make_batches(batches, t, {s.row0: s for s in seqs})
         batched = {s.row0 for d in decodes for s in d.seqs}
@@ -465,11 +475,6 @@ class PackedLayerKV:
     def nbytes(self) -> int:
         """Bytes of this layer's pool."""
         return self.pool.numel() * self.pool.element_size()
-
-
-def _run0(ids: tuple[int, ...]) -> int | None:
-    """The first of ``ids`` when they are consecutive (one run of a slab), else None."""
-    return ids[0] if ids and ids == tuple(range(ids[0], ids[0] + len(ids))) else None
 
 
 def attend_device(pool: torch.Tensor, rows: int, q_device: torch.device) -> torch.device:

@@ -36,17 +36,21 @@ class StridedRun:
 
 
 def strided_run(
-    ids: Sequence[Sequence[int]], needs: Sequence[int], pool_blocks: int
+    ids: Sequence[Sequence[int]],
+    needs: Sequence[int],
+    pool_blocks: int,
+    runs: Sequence[bool] | None = None,
 ) -> StridedRun | None:
     """The grid of a batch whose sequences hold ``ids`` (their held blocks in order) and read
     their first ``needs`` blocks, or None when a gather is needed: a sequence whose blocks are
-    not consecutive, two sequences on one first block, a sparse grid, a view past the pool."""
+    not consecutive, two sequences on one first block, a sparse grid, a view past the pool.
+    ``runs[k]``: sequence k's held blocks are known to be consecutive (not checked again)."""
     if len(ids) < 2:
         return None
     starts = []
-    for held, need in zip(ids, needs, strict=True):
+    for k, (held, need) in enumerate(zip(ids, needs, strict=True)):
         a = held[0]
-        if tuple(held[:need]) != tuple(range(a, a + need)):
+        if not (runs and runs[k]) and tuple(held[:need]) != tuple(range(a, a + need)):
             return None
         starts.append(a)
     lo = min(starts)
