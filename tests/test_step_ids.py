@@ -208,3 +208,26 @@ def test_engine_layouts_with_memo_equal_fresh(llms, monkeypatch):  # noqa: F811
     eng.run()
     assert [eng.finished[ids[i]].token_ids for i in range(len(prompts))] == want
     assert max(made) > 1 and eng.drafted > eng.accepted_drafts
+
+
+def test_step_overhead_script_runs(tmp_path):
+    """``scripts/step_overhead.py`` on two small batches: every field of each case, the rest
+    of a step positive and below the step, a profile of the engine's stages."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "o.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(root / "scripts/step_overhead.py"), "--batches", "2,3",
+           "--prompt", "40", "--steps", "2", "--warmup", "1", "--profile-steps", "1",
+           "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["batch"] for c in cases] == [2, 3]
+    for c in cases:
+        assert 0 < c["rest_ms"] < c["step_ms"] and c["layers_ms"] > 0 and c["head_ms"] > 0
+        assert "batch.step" in c["profile"]["stages"] and c["profile"]["top"]
