@@ -463,11 +463,12 @@ class _StepBuilder:
 
     def plan(self) -> StepPlan:
         """The step as plain data (block tables as they stand after every preemption)."""
-        steps = []
+        steps, first = [], next(iter(self.s.kv))
         for seq, start, n_draft in self.chosen.values():
-            end = seq.tables[next(iter(self.s.kv))].length
-            known = end - n_draft
-            toks = seq.tokens[start:known] + list(self.drafts.get(seq.request.id, ())[:n_draft])
+            known = seq.tables[first].length - n_draft
+            toks = seq.tokens[start:known]
+            if n_draft:
+                toks += list(self.drafts.get(seq.request.id, ())[:n_draft])
             tables = {g: seq.tables[g].snapshot() for g in self.s.kv}
             needs = known == len(seq.tokens)
             req = seq.request

@@ -332,7 +332,8 @@ class BlockManager:
         pool = self.pools[ref.tier]
         if pool.ref(ref.block) == 1:
             # Only we hold it: write in place, but its content no longer matches its key.
-            pool.unregister(ref.block)
+            if pool.key(ref.block) is not None:  # (unkeyed and referenced: nothing to undo)
+                pool.unregister(ref.block)
             return []
         copy = self._allocate()
         pool.decref(ref.block)
