@@ -8,7 +8,8 @@
 # (new paths' cells; budget_shared: a shared_prefix plan's batch of 8), spec_check (float32/bf16
 # speculative equality on CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer
 # over compressed KV), long100k (routing_micro, KV codecs and routing at 100k on one 8B store),
-# moe (Qwen3-30B-A3B and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there), batch8b (8B
+# moe (Qwen3-30B-A3B and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there; moe_core:
+# only LRU and CPU experts off, OLLM_MOE_REPEAT=2 interleaved repeats: fits ~300 s), batch8b (8B
 # batch sweep on the largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan,
 # static only), prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix
 # target), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
@@ -38,6 +39,8 @@ part() {
     long32k) $PY $G/long_context.py --out "$OUT/long32" --context 32768 \
       --parts "${LONG_PARTS:-kv_codec,routing}" ;;
     moe) $PY $G/moe.py --out "$OUT/moe" --gpt-oss ;;
+    moe_core) OLLM_MOE_NO_LFU=1 OLLM_MOE_NO_LOOKAHEAD=1 OLLM_MOE_REPEAT=${OLLM_MOE_REPEAT:-2} \
+      $PY $G/moe.py --out "$OUT/moe" --gpt-oss ;;  # LRU, CPU experts off, repeats, llama.cpp
     batch8b) $PY $G/batch_engine.py --out "$OUT/batch" --skip-equiv --skip-tiers \
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB \
       --bench-batches "${BATCHES:-16,64}" --bench-new "${BATCH_NEW:-32}" \
