@@ -9,7 +9,7 @@
 # speculative equality on CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer
 # over compressed KV), long100k (routing_micro, KV codecs and routing at 100k on one 8B store),
 # moe (Qwen3-30B-A3B and gpt-oss-20b shapes, llama.cpp when .peers/llamacpp is there; moe_core:
-# only LRU and CPU experts off, OLLM_MOE_REPEAT=2 interleaved repeats: fits ~300 s), batch8b (8B
+# only LRU and CPU experts off, OLLM_MOE_REPEAT=2 interleaved repeats; fewer runs than moe, untimed), batch8b (8B
 # batch sweep on the largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan,
 # static only), prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix
 # target), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
