@@ -50,4 +50,6 @@ def test_step_profile_dry_run(tmp_path):
     assert tl["steps"] == 2 and sorted(set(layers)) == list(range(max(layers) + 1))
     assert all(0 <= sp[2] <= sp[3] for sp in tl["spans"])
     assert 0 < tl["busy_ms"]["compute"] <= tl["wall_ms"] + 0.01
+    synced = prof.pop("timeline_synced")  # two more steps, each phase synchronized
+    assert synced["steps"] == 2 and "sample" in synced["synced"] and synced["phase_ms"]
     assert len(json.dumps(prof)) < 4096

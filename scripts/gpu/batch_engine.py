@@ -23,8 +23,14 @@
    step wall ms, total self CPU / CUDA ms and the top ops by each (`ollm.bench.stepprof`;
    ``step_profile`` in the JSON, a few KB), then 2 steps' timeline (``step_timeline``: every
    weight copy and layer compute span, and how much of the wall the link was busy; ~10 KB).
+   The timeline also has the host's phases outside the layers (schedule, moves, layout, start,
+   embed, prep, head, writes, sample, update), and 2 more steps with each phase synchronized.
+6. With ``--profile-prefix N``: the bench's shared-prefix case (16 requests sharing all but 32
+   tokens of ``--profile-prompt``, its ``shared_prefix`` plan) stepped to pure decode: the
+   admission steps' walls, ``N`` decode steps' walls, then ``N`` steps' timeline and ``N``
+   synchronized (``prefix_profile`` in the JSON).
    ``--device cpu --profile-synthetic tiny`` is a dry
-   run on the CPU (a 4-layer llama of tiny widths), with ``--skip-*`` for the other parts.
+   run of 5 and 6 on the CPU (a 4-layer llama of tiny widths), with ``--skip-*`` for the rest.
 
 Writes ``batch_engine.json`` (and ``bench_batch_<preset>.json``) under ``--out``.
 """
@@ -309,19 +315,8 @@ def step_profile(
     from ollm.bench.batching import _engine, _params, prompts
     from ollm.bench.stepprof import decode_ready, profile_steps, step_timeline, time_steps
 
-    if synthetic == "tiny":
-        from ollm.models.registry import STORE_FAMILIES
-        from ollm.storage.convert import convert
-        from ollm.storage.synthetic import SyntheticSource
-
-        src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, **TINY)
-        store = convert(src, tmp / "tiny", dtype=torch.float32, progress=False,
-                        families=STORE_FAMILIES)  # fmt: skip
-    else:
-        from ollm.bench.run import resolve_model
-
-        store = resolve_model(None, synthetic, None, False, device)[0]
-    new = 2 * steps + 12
+    store = _store(tmp, synthetic, device)
+    new = 2 * steps + 14
     kw = {"gpu_memory": budget} if device.startswith("cuda") else {}
     llm = LLM(store, device=device, max_batch=plan_batch, max_context=prompt_tokens + new,
               progress=False, **kw)  # fmt: skip
@@ -334,13 +329,77 @@ def step_profile(
         wall = time_steps(eng, steps)
         prof = profile_steps(eng, steps)
         timeline = step_timeline(eng, 2)  # where the link and the compute chain wait
+        synced = step_timeline(eng, 2, sync_phases=True)  # each phase's device work in its span
         eng.close()
         out = {
             "model": synthetic, "plan_batch": plan_batch, "prompt_tokens": prompt_tokens,
             "cpu_layers": len(llm.plan.cpu_layers), "prefill_steps": prefill_steps,
             "step_ms": [round(t * 1e3, 2) for t in wall],
         }  # fmt: skip
-        return out | prof | {"timeline": timeline}
+        return out | prof | {"timeline": timeline, "timeline_synced": synced}
+    finally:
+        llm.close()
+
+
+def _store(tmp: Path, synthetic: str, device: str) -> Path:
+    """The store of ``synthetic`` shapes ("tiny": `TINY`, float32, for the CPU dry runs)."""
+    if synthetic != "tiny":
+        from ollm.bench.run import resolve_model
+
+        return resolve_model(None, synthetic, None, False, device)[0]
+    from ollm.models.registry import STORE_FAMILIES
+    from ollm.storage.convert import convert
+    from ollm.storage.synthetic import SyntheticSource
+
+    src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, **TINY)
+    return convert(src, tmp / "tiny", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
+
+
+def prefix_profile(
+    tmp: Path,
+    synthetic: str = "llama3-1b",
+    budget: str = "3GiB",
+    prompt_tokens: int = 2048,
+    steps: int = 3,
+    device: str = "cuda",
+) -> dict:
+    """The bench's shared-prefix case (`bench.batching.prefix_run`: 16 requests sharing all but
+    their last ``TAIL`` tokens, the first prefilled one step before the others arrive, on the
+    ``shared_prefix`` plan the bench makes for it), stepped to pure decode: the admission
+    steps' and ``steps`` decode steps' walls, then ``steps`` steps' timeline and ``steps`` more
+    with every phase synchronized (``stepprof.step_timeline``)."""
+    from ollm import LLM
+    from ollm.bench.batching import PREFIX_REQUESTS, TAIL, _engine, _params, prompts
+    from ollm.bench.stepprof import step_timeline, time_steps
+
+    store = _store(tmp, synthetic, device)
+    head, new = max(0, prompt_tokens - TAIL), 3 * steps + 8
+    kw = llm_kwargs(budget) if device.startswith("cuda") else {}  # the bench's, with its budget
+    llm = LLM(store, **{**kw, "device": device}, progress=False, max_batch=PREFIX_REQUESTS,
+              max_context=prompt_tokens + new, shared_prefix=head)  # fmt: skip
+    try:
+        eng = _engine(llm)
+        ps = prompts(PREFIX_REQUESTS, prompt_tokens, llm.spec.vocab_size, 0, head)
+        eng.add(ps[0], _params(new))
+        admission = time_steps(eng, 1)  # the first request alone (the bench's order)
+        for p in ps[1:]:
+            eng.add(p, _params(new))
+        admission += time_steps(eng, 1)
+        while any(len(q.tokens) - q.num_computed > 1 for q in eng.scheduler.seqs.values()):
+            admission += time_steps(eng, 1)
+        wall = time_steps(eng, steps)
+        timeline = step_timeline(eng, steps)
+        synced = step_timeline(eng, steps, sync_phases=True)
+        m = eng.metrics()
+        out = {
+            "model": synthetic, "prompt_tokens": prompt_tokens, "shared_prefix_tokens": head,
+            "batch": len(eng.scheduler.seqs), "prefix_hits": m.prefix_hits,
+            "plan": dict(llm.plan.describe()),
+            "admission_ms": [round(t * 1e3, 2) for t in admission],
+            "step_ms": [round(t * 1e3, 2) for t in wall],
+        }  # fmt: skip
+        eng.close()
+        return out | {"timeline": timeline, "timeline_synced": synced}
     finally:
         llm.close()
 
@@ -367,7 +426,9 @@ def main() -> int:
     ap.add_argument("--profile-plan-batch", type=int, default=0, help="0: largest bench batch")
     ap.add_argument("--profile-synthetic", default="", help="default: --bench-synthetic")
     ap.add_argument("--profile-prompt", type=int, default=0, help="0: --bench-prompt")
-    ap.add_argument("--device", default="cuda", help="cpu: dry run of --profile-steps")
+    ap.add_argument("--profile-prefix", type=int, default=0,
+                    help="timeline this many decode steps of the bench's shared-prefix case")  # fmt: skip
+    ap.add_argument("--device", default="cuda", help="cpu: dry run of the --profile-* parts")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -399,6 +460,15 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - recorded in the report
                 report["step_profile"] = {"error": repr(exc)}
             print("step_profile", json.dumps(report["step_profile"]), flush=True)
+        if args.profile_prefix:
+            try:
+                report["prefix_profile"] = prefix_profile(
+                    Path(tmp), args.profile_synthetic or args.bench_synthetic, args.bench_budget,
+                    args.profile_prompt or args.bench_prompt, args.profile_prefix, args.device,
+                )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - recorded in the report
+                report["prefix_profile"] = {"error": repr(exc)}
+            print("prefix_profile", json.dumps(report["prefix_profile"]), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
     eq = report.get("equivalence", [])

@@ -13,7 +13,8 @@
 # batch sweep on the largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan,
 # static only), prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix
 # target), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
-# timeline);
+# timeline), profile_prefix (prefix6k's shared-prefix case on its shared_prefix plan stepped to
+# decode: 3 decode steps' timeline with the host's phases between layers, 3 more synchronized);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -54,6 +55,9 @@ part() {
     profile16) $PY $G/batch_engine.py --out "$OUT/profile16" --skip-equiv --skip-tiers \
       --skip-throughput --skip-bench --bench-synthetic llama3-8b --bench-budget 8GiB \
       --bench-batches 16 --profile-steps 3 --profile-batch 16 --profile-plan-batch 16 ;;
+    profile_prefix) $PY $G/batch_engine.py --out "$OUT/profile_prefix" --skip-equiv \
+      --skip-tiers --skip-throughput --skip-bench --bench-synthetic llama3-8b \
+      --bench-budget 8GiB --bench-prompt "${PREFIX_PROMPT:-6176}" --profile-prefix 3 ;;
     prefix6k) $PY $G/batch_engine.py --out "$OUT/prefix6k" --skip-equiv --skip-tiers \
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches 16 \
       --bench-new "${BATCH_NEW:-16}" --bench-prompt 6176 --bench-workloads prefix ;;

@@ -154,20 +154,31 @@ def _busy_ms(spans: list, lo: float, hi: float) -> float:
     return round(total * 1e3, 2)
 
 
-def step_timeline(engine: Any, steps: int = 2) -> dict:
+PHASES = (
+    "schedule", "moves", "layout", "start", "embed", "prep", "head", "writes", "sample", "update"
+)  # fmt: skip
+
+
+def step_timeline(engine: Any, steps: int = 2, sync_phases: bool = False) -> dict:
     """``steps`` engine steps with an ``ollm.telemetry.timeline.Timeline`` on the runner and the
     prefetcher: every weight copy (CUDA events on the copy stream), every layer's compute on the
     device (events around it: a CPU attention inside a GPU layer stretches its span), the host's
-    own time on each GPU layer (kind "host": its syncs, CPU attention and launches) and every
-    CPU-computed layer (host clock). Returns the spans as ``[kind, layer, start_ms, end_ms]``
-    from the first step's start and, per kind, the milliseconds its spans cover (union) within
-    the steps' wall time; ``copy`` busy below the wall is time the link sat idle."""
+    own time on each GPU layer (kind "host": its syncs, CPU attention and launches), every
+    CPU-computed layer (host clock), and the host's phases of a step outside the layers
+    (``PHASES``: layer -1 but "prep", each layer's rope tables, masks and hidden-state move).
+    Returns the spans as ``[kind, layer, start_ms, end_ms]`` from the first step's start, per
+    kind the milliseconds its spans cover (union) within the steps' wall time (``copy`` busy
+    below the wall is time the link sat idle), ``phase_ms``: each phase's summed ms per step,
+    ``unspanned_ms``: ms per step of the wall no host-clock span of the main thread covers,
+    and ``synced``: the phases whose spans end on a device sync (every `phase` span with
+    ``sync_phases``, which synchronizes after each: its span then holds its device work;
+    "prep" and "host" spans never add one)."""
     from ollm.telemetry.timeline import Timeline
 
     device = getattr(engine, "device", torch.device("cpu"))
     runner = engine.runner
     _sync(device)
-    tl = Timeline(device)
+    tl = Timeline(device, sync_phases=sync_phases)
     runner.timeline = runner.prefetcher.timeline = tl
     try:
         t0 = time.perf_counter() - tl.t0
@@ -179,14 +190,24 @@ def step_timeline(engine: Any, steps: int = 2) -> dict:
         runner.timeline = runner.prefetcher.timeline = None
     spans = [sp for sp in tl.spans() if sp.end > t0]
     kinds = sorted({sp.kind for sp in spans})
+    on_host = set(PHASES) | {"host", "cpu"} | ({"compute"} if device.type != "cuda" else set())
+    lit = [(sp.start, sp.end) for sp in spans if sp.kind in on_host]  # the main thread's spans
+    phase_ms = {
+        k: round(sum(sp.end - sp.start for sp in spans if sp.kind == k) * 1e3 / steps, 3)
+        for k in PHASES if k in kinds
+    }  # fmt: skip
     return {
         "steps": steps,
+        "sync_phases": tl.sync_phases,
         "wall_ms": round((t1 - t0) * 1e3, 2),
         "busy_ms": {
             k: _busy_ms([(sp.start, sp.end) for sp in spans if sp.kind == k], t0, t1) for k in kinds
         },  # fmt: skip
+        "phase_ms": phase_ms,
+        "unspanned_ms": round(((t1 - t0) * 1e3 - _busy_ms(lit, t0, t1)) / steps, 3),
+        "synced": sorted(tl.synced),
         "spans": [
-            [sp.kind, sp.layer, round((sp.start - t0) * 1e3, 2), round((sp.end - t0) * 1e3, 2)]
+            [sp.kind, sp.layer, round((sp.start - t0) * 1e3, 3), round((sp.end - t0) * 1e3, 3)]
             for sp in spans
         ],  # fmt: skip
     }

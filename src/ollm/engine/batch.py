@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ollm.engine.drafting import Draft
-from ollm.engine.generate import SequenceOutput, _delta, _fill_io
+from ollm.engine.generate import SequenceOutput
 from ollm.engine.kvpools import (
     DEVICE_TIER,
     batch_supported,
@@ -52,13 +52,12 @@ from ollm.engine.speculative import Drafter, Speculator, as_speculator, verify_s
 from ollm.engine.step_mode import StepMode, step_shape
 from ollm.engine.textstream import IncrementalDetokenizer, StopMatcher
 from ollm.engine.tree import compact_path
-from ollm.errors import RequestError
 from ollm.kv.hostsplit import attach, split_budget
 from ollm.kv.packed import HeldMemo, PackedStep
 from ollm.kv.paged import PagedKVStore
 from ollm.planning.accounting import PAGE_TOKENS
-from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import EngineMetrics, GenerationMetrics
+from ollm.telemetry.timeline import phase as span
 
 log = logging.getLogger(__name__)
 BLOCK_TOKENS = PAGE_TOKENS  # tokens per KV block (planning.accounting says why 16)
@@ -265,17 +264,21 @@ class BatchEngine:
 
     @torch.inference_mode()
     def step(self) -> list[str]:
-        """Run one step; returns the ids of the requests that finished in it."""
-        self.pools.sweep(lambda g: [s.tables[g] for s in self.scheduler.seqs.values()])
-        plan = self.scheduler.schedule(*self._drafts())
+        """Run one step; returns the ids of the requests that finished in it. With a timeline
+        on the runner each phase is a span (`ollm.telemetry.timeline.phase`)."""
+        tl = getattr(self.runner, "timeline", None)  # a stand-in runner may have none
+        with span(tl, "schedule"):  # free blocks swept, drafts, the scheduler's choice
+            self.pools.sweep(lambda g: [s.tables[g] for s in self.scheduler.seqs.values()])
+            plan = self.scheduler.schedule(*self._drafts())
         if not plan.seqs:
             self.scheduler.update({})
             if self.has_work():  # add() admits only requests that fit alone: a scheduler bug
                 raise RuntimeError("the scheduler chose nothing while requests wait")
             return []
         try:
-            for g, moves in plan.moves.items():
-                self.pools.copy_blocks(g, moves)
+            with span(tl, "moves"):  # block copies the scheduler asked for (swap, fork)
+                for g, moves in plan.moves.items():
+                    self.pools.copy_blocks(g, moves)
             t0 = time.perf_counter()
             logits, rows = self._forward(plan)
             if self.speculator is not None:
@@ -285,21 +288,23 @@ class BatchEngine:
             self.scheduler.abort_step()  # touched sequences recompute; cached prefixes stay
             raise
         outputs, self._paths = {}, {}
-        self._picked = greedy_picks(logits, {
-            st.seq_id: (rows[st.seq_id], self.live[st.seq_id].sampler)
-            for st in plan.seqs if st.seq_id in rows and not st.num_draft
-        })  # fmt: skip
+        with span(tl, "sample", sync=True):  # the greedy picks read to the host: a device sync
+            self._picked = greedy_picks(logits, {
+                st.seq_id: (rows[st.seq_id], self.live[st.seq_id].sampler)
+                for st in plan.seqs if st.seq_id in rows and not st.num_draft
+            })  # fmt: skip
         self.step_mode.record(time.perf_counter() - t0)  # picks synced: the step's whole time
-        for st in plan.seqs:
-            if st.seq_id in rows:
-                j = rows[st.seq_id]
-                outputs[st.seq_id] = self._verify(st, logits[j : j + st.num_logits])
-                if self._paths.get(st.seq_id):  # the accepted tree path's KV to the front
-                    compact_path(self.pools, st, self._paths[st.seq_id])
         done = []
-        for u in self.scheduler.update(outputs):
-            if self._accept(u.seq_id, u.new_tokens, u.finish_reason):
-                done.append(u.seq_id)
+        with span(tl, "update"):  # other samplers, drafts verified, scheduler update, text
+            for st in plan.seqs:
+                if st.seq_id in rows:
+                    j = rows[st.seq_id]
+                    outputs[st.seq_id] = self._verify(st, logits[j : j + st.num_logits])
+                    if self._paths.get(st.seq_id):  # the accepted tree path's KV to the front
+                        compact_path(self.pools, st, self._paths[st.seq_id])
+            for u in self.scheduler.update(outputs):
+                if self._accept(u.seq_id, u.new_tokens, u.finish_reason):
+                    done.append(u.seq_id)
         self.sampled += len(outputs)
         self.steps += 1
         self.step_tokens += plan.num_tokens
@@ -356,16 +361,19 @@ class BatchEngine:
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, dict[str, int]]:
         """Float32 logits [M, V] at the rows each sequence needs (its last ``num_logits`` query
         rows), and where each such sequence's rows start in them."""
-        packed = PackedStep(plan, self.stores, DEVICE_TIER, self._held)
-        kv = packed.layer_kv(self.pools.layers)
-        rows: dict[str, int] = {}
-        idx: list[int] = []
-        r = 0
-        for st in plan.seqs:
-            r += len(st.token_ids)
-            if st.needs_logits:  # the last token's row, after each draft's prefix
-                rows[st.seq_id] = len(idx)
-                idx += range(r - st.num_logits, r)
+        tl = getattr(self.runner, "timeline", None)  # a stand-in runner may have none
+        with span(tl, "layout"):  # the packed step, its index tensors, ids and positions
+            packed = PackedStep(plan, self.stores, DEVICE_TIER, self._held)
+            kv = packed.layer_kv(self.pools.layers)
+            ids, pos = packed.input_ids(), packed.positions()
+            rows: dict[str, int] = {}
+            idx: list[int] = []
+            r = 0
+            for st in plan.seqs:
+                r += len(st.token_ids)
+                if st.needs_logits:  # the last token's row, after each draft's prefix
+                    rows[st.seq_id] = len(idx)
+                    idx += range(r - st.num_logits, r)
 
         def head(h: torch.Tensor) -> torch.Tensor:
             if len(idx) < h.shape[1]:  # not every row (prefill, drafts): the rows with logits
@@ -374,10 +382,9 @@ class BatchEngine:
 
         stream = self.step_mode.stream(*step_shape(plan))  # rows, KV tokens, prefill
         self.streamed_steps += stream
-        logits = self.runner.forward(
-            packed.input_ids(), packed.positions(), kv, head=head, stream_all=stream
-        )
-        packed.wait_writes()  # host pools complete before block moves or CPU reads
+        logits = self.runner.forward(ids, pos, kv, head=head, stream_all=stream)
+        with span(tl, "writes"):
+            packed.wait_writes()  # host pools complete before block moves or CPU reads
         return logits, rows
 
     def _accept(self, rid: str, tokens: Sequence[int], reason: str | None) -> bool:
@@ -440,45 +447,11 @@ class BatchEngine:
         on_text: Callable[[int, str], None] | None = None,
         on_token: Callable[[int, int], None] | None = None,
     ) -> tuple[list[SequenceOutput], GenerationMetrics]:
-        """Run ``prompts`` (one params for all, or one each) to completion; outputs in order."""
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        stats = self.runner.prefetcher.stats
-        before = stats.snapshot()
-        energy = EnergyMeter(str(self.device)).start()
-        t0 = time.perf_counter()
-        ids: list[str] = []
-        first = None
-        try:
-            for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
-                ids.append(self.add(p, sp, None, on_text, on_token, i))
-            sampled = self.sampled
-            while self.has_work():
-                self.step()
-                if first is None and self.sampled > sampled:
-                    first = time.perf_counter()  # the first request's first token
-        except BaseException:
-            for rid in ids:
-                self.cancel(rid)
-            raise
-        t_end = time.perf_counter()
-        outs = [self.finished.pop(rid) for rid in ids]
-        m = GenerationMetrics(prompt_tokens=sum(len(p) for p in prompts), device=str(self.device))
-        m.generated_tokens = sum(len(o.token_ids) for o in outs)
-        m.energy_joules = energy.stop()
-        if self.speculator is not None:
-            m.speculation = self.speculator.stats.summary()
-        first = t_end if first is None else first
-        m.prefill_seconds = m.time_to_first_token = first - t0
-        m.decode_seconds = t_end - first
-        self.runner.prefetcher.collect_timings()
-        _fill_io(m, _delta(stats.snapshot(), before))
-        if self.device.type == "cuda":
-            m.peak_gpu_memory = torch.cuda.max_memory_reserved(self.device)
-        reasons = {o.finish_reason for o in outs}
-        m.finish_reason = str(reasons.pop()) if len(reasons) == 1 else "mixed"
-        return outs, m
+        """Run ``prompts`` (one params for all, or one each) to completion; outputs in order
+        (`ollm.engine.batch_generate.run_engine`)."""
+        from ollm.engine.batch_generate import run_engine
+
+        return run_engine(self, prompts, params, on_text, on_token)
 
     # -- state ------------------------------------------------------------------------------
 

@@ -1,17 +1,22 @@
 """A request of several prompts (``LLM.generate`` with a list): continuous batching on paged KV
-through `BatchEngine` where the plan allows it, else the padded batch of `Generator`."""
+through `BatchEngine` where the plan allows it, else the padded batch of `Generator`; and
+``run_engine``, the body of ``BatchEngine.generate``."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
+import torch
+
 from ollm.engine.batch import BatchEngine, batch_supported
-from ollm.engine.generate import Generator, SequenceOutput
+from ollm.engine.generate import Generator, SequenceOutput, _delta, _fill_io
 from ollm.engine.kvpools import batch_unsupported
 from ollm.engine.sampling import SamplingParams
 from ollm.engine.speculative import Speculator
 from ollm.errors import RequestError
+from ollm.telemetry.energy import EnergyMeter
 from ollm.telemetry.metrics import GenerationMetrics
 
 log = logging.getLogger(__name__)
@@ -87,3 +92,52 @@ def _warn_unapplied(runner, plist: Sequence[SamplingParams]) -> None:
             "attends every KV block exactly",
             " and ".join(unapplied),
         )
+
+
+def run_engine(
+    eng: BatchEngine,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    on_text: Callable[[int, str], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> tuple[list[SequenceOutput], GenerationMetrics]:
+    """``eng.generate``: run ``prompts`` (one params for all, or one each) to completion on
+    ``eng``; outputs in order, and the run's metrics."""
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+    stats = eng.runner.prefetcher.stats
+    before = stats.snapshot()
+    energy = EnergyMeter(str(eng.device)).start()
+    t0 = time.perf_counter()
+    ids: list[str] = []
+    first = None
+    try:
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+            ids.append(eng.add(p, sp, None, on_text, on_token, i))
+        sampled = eng.sampled
+        while eng.has_work():
+            eng.step()
+            if first is None and eng.sampled > sampled:
+                first = time.perf_counter()  # the first request's first token
+    except BaseException:
+        for rid in ids:
+            eng.cancel(rid)
+        raise
+    t_end = time.perf_counter()
+    outs = [eng.finished.pop(rid) for rid in ids]
+    m = GenerationMetrics(prompt_tokens=sum(len(p) for p in prompts), device=str(eng.device))
+    m.generated_tokens = sum(len(o.token_ids) for o in outs)
+    m.energy_joules = energy.stop()
+    if eng.speculator is not None:
+        m.speculation = eng.speculator.stats.summary()
+    first = t_end if first is None else first
+    m.prefill_seconds = m.time_to_first_token = first - t0
+    m.decode_seconds = t_end - first
+    eng.runner.prefetcher.collect_timings()
+    _fill_io(m, _delta(stats.snapshot(), before))
+    if eng.device.type == "cuda":
+        m.peak_gpu_memory = torch.cuda.max_memory_reserved(eng.device)
+    reasons = {o.finish_reason for o in outs}
+    m.finish_reason = str(reasons.pop()) if len(reasons) == 1 else "mixed"
+    return outs, m

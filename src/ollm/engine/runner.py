@@ -26,6 +26,7 @@ from ollm.models.spec import ModelSpec
 from ollm.planning.placement import PlacementPlan
 from ollm.runtime.prefetch import Prefetcher
 from ollm.runtime.uva import to_device
+from ollm.telemetry.timeline import phase as span
 from ollm.tiers import KvTier, Phase
 
 
@@ -241,20 +242,9 @@ class Runner:
     def _forward(self, input_ids, positions, kv, key_keep, all_logits, head=None, stream_all=False):
         spec, pf = self.spec, self.prefetcher
         b, t = input_ids.shape
-        if self.routing is not None and not self._routing_warned:
-            if not any(getattr(c, "router", None) is not None for c in kv):
-                # KV objects without routing (the paged batch engine's, compressed KV): once.
-                self._routing_warned = True
-                logging.getLogger("ollm").warning(
-                    "attention routing is not applied to these KV caches (batched requests or "
-                    "compressed KV): decode attends over all of the KV"
-                )
-        fetcher = None if self._fetch_at is None else getattr(kv[self._fetch_at], "fetcher", None)
-        if fetcher is not None:
-            if t <= fetcher.decode_tokens:
-                fetcher.start_step()  # a decode step: fetch the KV of the layers that use it
-            else:
-                fetcher.active = False
+        tl = self.timeline
+        with span(tl, "start"):  # the KV fetcher's step start (copies of RAM KV issued)
+            self._start_pass(kv, t)
         # Small forwards run in the decode phase: CPU-computed layers (hybrid, unless
         # ``stream_all``) and the layers held on the GPU only while decode runs.
         hybrid = self.plan.cpu_layers and not stream_all
@@ -263,7 +253,8 @@ class Runner:
         chunk = self.plan.prefill_chunk_tokens
         # A prompt's hidden states in (pinned) RAM between layers (plan.residual_ram).
         host = self.plan.residual_ram and phase == Phase.PREFILL and bool(chunk) and t > chunk
-        h = self._embed(input_ids, chunk if host else 0)
+        with span(tl, "embed"):  # the ids' copy, the gather (and its copy from a host table)
+            h = self._embed(input_ids, chunk if host else 0)
         pf.set_phase(phase)
         hybrid_cpu = phase == Phase.DECODE and bool(self.plan.cpu_layers)
         cpu_time = 0.0
@@ -272,6 +263,7 @@ class Runner:
         tables: dict[tuple, tuple] = {}
         masks: dict[tuple, tuple] = {}
         for i, layer in enumerate(spec.layers):
+            tp = time.perf_counter() if tl is not None else None
             dev = self.plan.layers[i].device_for(phase)
             if not host and h.device != torch.device(dev):
                 h = h.to(dev) if dev == "cpu" else to_device(h, dev, non_blocking=True)
@@ -283,6 +275,8 @@ class Runner:
                 m = AttentionMask(q_start, t, kv_len, key_keep, layer.window)
                 small = not m.is_plain_causal() and t * kv_len <= 1 << 22
                 masks[mkey] = (m, m.dense(torch.device(dev)) if small else None)
+            if tp is not None:  # the hidden states' move, rope tables and masks it built
+                tl.host("prep", i, tp, time.perf_counter())
             cos, sin = tables[key]
             mask, dense = masks[mkey]
             th = time.perf_counter() if self.timeline is not None else None
@@ -319,7 +313,26 @@ class Runner:
             pf.stats.add(cpu_seconds=cpu_time)
         if host and torch.device(dev).type == "cuda":  # the last copies back have landed
             torch.cuda.current_stream(dev).synchronize()
-        return self._head(h, all_logits) if head is None else head(h)
+        with span(tl, "head"):  # final norm, LM head (and the rows it needs)
+            return self._head(h, all_logits) if head is None else head(h)
+
+    def _start_pass(self, kv: list, t: int) -> None:
+        """Before a pass of ``t`` query rows: routing's one warning where ``kv`` cannot route,
+        and the KV fetcher started (a decode step) or stopped."""
+        if self.routing is not None and not self._routing_warned:
+            if not any(getattr(c, "router", None) is not None for c in kv):
+                # KV objects without routing (the paged batch engine's, compressed KV): once.
+                self._routing_warned = True
+                logging.getLogger("ollm").warning(
+                    "attention routing is not applied to these KV caches (batched requests or "
+                    "compressed KV): decode attends over all of the KV"
+                )
+        fetcher = None if self._fetch_at is None else getattr(kv[self._fetch_at], "fetcher", None)
+        if fetcher is not None:
+            if t <= fetcher.decode_tokens:
+                fetcher.start_step()  # a decode step: fetch the KV of the layers that use it
+            else:
+                fetcher.active = False
 
     def _embed(self, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
         """Token embeddings [B, T, H] where the table is; with ``chunk``, gathered ``chunk``

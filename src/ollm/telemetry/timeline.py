@@ -2,12 +2,21 @@
 
 Host spans use ``time.perf_counter``; CUDA spans are event pairs placed on the host clock through
 an anchor event recorded at start. Recording is off unless a Timeline is attached.
+
+``phase(timeline, kind)``: a host span around a phase of a step outside the layers (the batch
+engine's "schedule", "moves", "layout", "writes", "sample", "update"; the runner's "start",
+"embed", "prep" per layer and "head"); layer -1 for a step-wide phase. Nothing is timed when the timeline is None.
+A phase marked ``sync`` ends on a device sync in the code (e.g. the sampled tokens read to the
+host); with ``Timeline(sync_phases=True)`` every phase ends on one, so its span also holds the
+device work it queued (and whatever was queued before it). ``Timeline.synced`` names the kinds
+whose spans ended on a sync.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +35,10 @@ class Span:
 class Timeline:
     """Collects spans from the loader thread, the copy stream and the compute stream."""
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    def __init__(self, device: str | torch.device = "cpu", sync_phases: bool = False) -> None:
         self.device = torch.device(device)
+        self.sync_phases = sync_phases and self.device.type == "cuda"
+        self.synced: set[str] = set()  # phase kinds whose spans ended on a device sync
         self._lock = threading.Lock()
         self._host: list[Span] = []
         self._cuda: list[tuple[str, int, object, object]] = []
@@ -57,3 +68,34 @@ class Timeline:
                 b = self._anchor.elapsed_time(e) / 1e3  # type: ignore[union-attr]
                 out.append(Span(kind, layer, a, b))
         return sorted(out, key=lambda sp: sp.start)
+
+
+class _Phase:
+    """The context of `phase` while a timeline records."""
+
+    __slots__ = ("tl", "kind", "layer", "sync", "t0")
+
+    def __init__(self, tl: Timeline, kind: str, layer: int, sync: bool) -> None:
+        self.tl, self.kind, self.layer, self.sync = tl, kind, layer, sync
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        tl = self.tl
+        if tl.sync_phases:
+            torch.cuda.synchronize(tl.device)
+        if self.sync or tl.sync_phases:
+            tl.synced.add(self.kind)
+        tl.host(self.kind, self.layer, self.t0, time.perf_counter())
+
+
+_OFF = nullcontext()  # reusable: entering and leaving it does nothing
+
+
+def phase(
+    timeline: Timeline | None, kind: str, layer: int = -1, sync: bool = False
+) -> AbstractContextManager[None]:
+    """A context that records a host span of ``kind`` on ``timeline`` (the module docstring);
+    with no timeline (the default everywhere) a shared no-op context."""
+    return _OFF if timeline is None else _Phase(timeline, kind, layer, sync)
