@@ -1,6 +1,6 @@
 """Host time and torch ops per MoE layer in decode, measured on the CPU (issue 19):
 
-    PYTHONPATH=src python scripts/moe_overhead.py [--out FILE] [--steps 300] [--slots N]
+    PYTHONPATH=src python scripts/moe_overhead.py [--out FILE] [--steps 300] [--slots N] [--dtype float32|bfloat16]
         [--zipf A] [--policy lru|lfu] [--one-batch trial|on|off] [--cpu-compute off|on] [--lookahead] [--family qwen3_moe|gpt_oss] [--resident]
 
 A qwen3_moe of tiny dimensions (hidden 64, experts of 32, so the arithmetic is ~0 and what is
@@ -81,12 +81,13 @@ PRESET = {"qwen3_moe": "qwen3-30b-a3b", "gpt_oss": "gpt-oss-20b"}
 VIEWS = {
     "view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "as_strided", "alias",
     "unsqueeze", "squeeze", "reshape", "detach", "permute", "split", "chunk", "unbind",
-    "split_with_sizes", "lift_fresh", "_reshape_alias", "empty", "promote_types",
+    "split_with_sizes", "lift_fresh", "_reshape_alias", "empty", "promote_types", "empty_like",
 }  # fmt: skip
+NO_OPS = {"to", "narrow", "resolve_conj", "resolve_neg"}  # no kernel: their input handed back
 
 
 class Ops(TorchDispatchMode):
-    """Counts aten ops other than views and allocations (kernel launches on a GPU)."""
+    """Counts aten ops bar views, allocations and no-op casts (kernel launches on a GPU)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,9 +95,12 @@ class Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if name not in VIEWS:
+        out = func(*args, **(kwargs or {}))
+        st = torch.Tensor.untyped_storage
+        same = name in NO_OPS and st(out).data_ptr() == st(args[0]).data_ptr()
+        if name not in VIEWS and not same:
             self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 def _shapes(family: str, layers: int) -> dict:
@@ -106,7 +110,7 @@ def _shapes(family: str, layers: int) -> dict:
                       + ["sliding_attention"] * (layers % 2)}  # fmt: skip
 
 
-def _store(tmp: Path, layers: int, family: str = "qwen3_moe") -> Path:
+def _store(tmp: Path, layers: int, family: str = "qwen3_moe", dtype=torch.float32) -> Path:
     from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.convert import convert
     from ollm.storage.synthetic import SyntheticSource
@@ -115,7 +119,7 @@ def _store(tmp: Path, layers: int, family: str = "qwen3_moe") -> Path:
         PRESET[family], families=STORE_FAMILIES, num_hidden_layers=layers,
         **_shapes(family, layers),
     )  # fmt: skip
-    return convert(src, tmp / "store", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
+    return convert(src, tmp / "store", dtype=dtype, progress=False, families=STORE_FAMILIES)
 
 
 def _kernel_stand_in(state: dict) -> None:
@@ -246,8 +250,9 @@ def measure(args) -> dict:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="moe-overhead-"))
-    path = _store(tmp, args.layers, args.family)
-    llm = LLM(path, device="cpu", dtype="float32", cache_dir=tmp / "c", progress=False)
+    dt = getattr(torch, args.dtype)
+    path = _store(tmp, args.layers, args.family, dt)
+    llm = LLM(path, device="cpu", dtype=args.dtype, cache_dir=tmp / "c", progress=False)
     moe, act = llm.spec.moe, llm.spec.act
     kernel = {"ops": None, "moe": moe, "exact": False}  # the kernel stand-in's state
     if args.family == "gpt_oss":
@@ -267,7 +272,7 @@ def measure(args) -> dict:
     h = llm.spec.hidden_size
     # one random row per layer and step: each layer routes its own input (the same row for all
     # would let lookahead predict the next layer exactly)
-    xs = [torch.randn(len(layers), 1, 1, h, generator=g) * 4 for _ in range(args.steps)]
+    xs = [(torch.randn(len(layers), 1, 1, h, generator=g) * 4).to(dt) for _ in range(args.steps)]
 
     def step(x, record=None, cpu=None):
         for j, i in enumerate(layers):
@@ -314,6 +319,7 @@ def measure(args) -> dict:
         ollm=str(Path(ollm.__file__).resolve().parent),
         torch=torch.__version__,
         family=args.family,
+        dtype=args.dtype,
         shapes=_shapes(args.family, args.layers) | {"layers": len(layers)},
         slots=0 if args.resident else args.slots,
         total_experts=cache.plan.total,
@@ -328,7 +334,7 @@ def measure(args) -> dict:
             p10=round(ms[len(ms) // 10], 1),
             p90=round(ms[9 * len(ms) // 10], 1),
             mean=round(statistics.fmean(ms), 1),
-        ),
+        ),  # fmt: skip
         host_cpu_us=dict(  # this thread's CPU time (waits for a core under load excluded)
             median=round(statistics.median(cs), 1),
             p10=round(cs[len(cs) // 10], 1),
@@ -373,7 +379,7 @@ def engine_decode(path: Path, tmp: Path, args, kernel: dict) -> dict:
     (median of ``--engine-runs`` requests of ``--engine-tokens`` tokens), the MoE share
     being ``host_us`` over it; aten ops per layer and decode step (a request of
     ``--engine-tokens`` more tokens than a 2-token one, over the tokens and layers; the stand-in
-    runs as the device would, bar the ``to``s a float32 CPU makes no-ops and views it counts)."""
+    runs as the device would; a ``to`` that hands back its input, a no-op cast, is not counted)."""
     from dataclasses import replace
 
     from ollm import LLM, SamplingParams
@@ -384,7 +390,7 @@ def engine_decode(path: Path, tmp: Path, args, kernel: dict) -> dict:
     from ollm.storage.experts import StoreExperts
     from ollm.storage.store import LayerStore
 
-    llm = LLM(path, device="cpu", dtype="float32", cache_dir=tmp / "c", progress=False)
+    llm = LLM(path, device="cpu", dtype=args.dtype, cache_dir=tmp / "c", progress=False)
     spec, work, st = llm.spec, llm.workload, StoreExperts(llm.store)
 
     def dense(s, gpu, cpu):
@@ -468,6 +474,8 @@ def main() -> None:
     ap.add_argument("--cpu-compute", default="off", choices=["off", "on"])
     ap.add_argument("--lookahead", action="store_true")
     ap.add_argument("--resident", action="store_true", help="every expert resident (no slots)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="store and activations (bfloat16: the casts a GPU runs)")  # fmt: skip
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--engine", action="store_true", help="also whole decode steps per layer")
     ap.add_argument("--engine-tokens", type=int, default=48)

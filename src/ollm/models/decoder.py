@@ -139,6 +139,8 @@ def decoder_block(
     m = mlp(spec, x, w, mlp_chunk_tokens)
     if spec.sandwich_norm:
         m = _norm(spec, m, w["post_feedforward_layernorm.weight"])
+    if m.dtype == h.dtype and m.shape == h.shape:  # h is this block's own sum: added in place
+        return h.add_(m)
     return h + m
 
 
