@@ -15,7 +15,8 @@ import torch
 from ollm.kv import decode_batch, shared_prefill, shared_prefix
 from ollm.kv.packed import GroupLayout, PackedLayerKV, SeqRows
 from ollm.kv.paged import PagedKVStore
-from test_batch_engine import GREEDY, alone, engine, llms  # noqa: F401 - llms is a fixture
+from test_batch_engine import alone, llms  # noqa: F401 - llms is a fixture
+from test_shared_prefix import after_first
 
 KVH, BT, D, H = 2, 4, 8, 4
 BLOCKS = 64
@@ -139,11 +140,7 @@ def test_engine_groups_tails_over_a_cached_prefix(llms, monkeypatch):  # noqa: F
         "attend_group",
         lambda layer, grp, *a: calls.append(len(grp.seqs)) or real(layer, grp, *a),
     )
-    eng = engine(llm)
-    ids = [eng.add(prompts[0], GREEDY)]
-    eng.step()
-    ids += [eng.add(p, GREEDY) for p in prompts[1:]]
-    eng.run()
+    eng, ids = after_first(llm, prompts)
     assert [eng.finished[r].token_ids for r in ids] == want
     assert calls and max(calls) == 6  # the tails and the first prompt's decode row
     assert eng.metrics().prefix_hits >= 5 and eng.kv_blocks_used() == 0

@@ -95,6 +95,17 @@ def test_only_really_shared_blocks_count():
     assert decode_batch.shared_blocks([a, d], bt) == 0
 
 
+def after_first(llm, prompts):
+    """A batch engine that prefilled ``prompts[0]`` alone (its blocks cached) before the others
+    arrived, run to the end: (the engine, the requests' ids in order)."""
+    eng = engine(llm)
+    ids = [eng.add(prompts[0], GREEDY)]
+    eng.step()
+    ids += [eng.add(p, GREEDY) for p in prompts[1:]]
+    eng.run()
+    return eng, ids
+
+
 def test_engine_attends_shared_prefixes_once(llms, monkeypatch):  # noqa: F811
     """Six prompts over one 40-token prefix (the first prefilled before the others arrive) and
     two sharing nothing, in one batch: decode steps attend the prefix once per batch, and every
@@ -112,11 +123,7 @@ def test_engine_attends_shared_prefixes_once(llms, monkeypatch):  # noqa: F811
         "attend_shared",
         lambda layer, d, *a: calls.append(len(d.seqs)) or real(layer, d, *a),
     )
-    eng = engine(llm)
-    ids = [eng.add(prompts[0], GREEDY)]
-    eng.step()
-    ids += [eng.add(p, GREEDY) for p in prompts[1:]]
-    eng.run()
+    eng, ids = after_first(llm, prompts)
     assert [eng.finished[r].token_ids for r in ids] == want
     assert calls and max(calls) >= 5
     assert eng.metrics().prefix_hits >= 5 and eng.kv_blocks_used() == 0

@@ -279,14 +279,14 @@ class Runner:
                 tl.host("prep", i, tp, time.perf_counter())
             cos, sin = tables[key]
             mask, dense = masks[mkey]
-            th = time.perf_counter() if self.timeline is not None else None
+            th = time.perf_counter() if tl is not None else None
             w = pf.get(i)
             if pf.experts is not None:  # a sparse layer's experts come from the expert cache
                 w = pf.experts.bind(i, w)
             on_cpu = dev == "cpu"
-            t0 = time.perf_counter() if (hybrid_cpu and on_cpu) or self.timeline else None
+            t0 = time.perf_counter() if (hybrid_cpu and on_cpu) or tl else None
             ev = None
-            if self.timeline is not None and not on_cpu:
+            if tl is not None and not on_cpu:
                 ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 ev[0].record(torch.cuda.current_stream(dev))
             if host:
@@ -299,16 +299,16 @@ class Runner:
                 h = self._chunked_block(i, h, w, kv[i], cos, sin, mask, chunk)
             if ev is not None:
                 ev[1].record(torch.cuda.current_stream(dev))
-                self.timeline.cuda("compute", i, *ev)
+                tl.cuda("compute", i, *ev)
             elif t0 is not None:
                 t1 = time.perf_counter()
                 if hybrid_cpu and on_cpu:
                     cpu_time += t1 - t0
-                if self.timeline is not None:
-                    self.timeline.host("cpu" if self.plan.device != "cpu" else "compute", i, t0, t1)
+                if tl is not None:
+                    tl.host("cpu" if self.plan.device != "cpu" else "compute", i, t0, t1)
             pf.release(i)
             if th is not None and not on_cpu:  # the host's time on the layer: syncs, CPU attention
-                self.timeline.host("host", i, th, time.perf_counter())
+                tl.host("host", i, th, time.perf_counter())
         if cpu_time:
             pf.stats.add(cpu_seconds=cpu_time)
         if host and torch.device(dev).type == "cuda":  # the last copies back have landed

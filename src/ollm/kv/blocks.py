@@ -228,7 +228,7 @@ class BlockManager:
         if swap_tier in self.alloc_tiers:
             raise ValueError(f"swap tier {swap_tier!r} is also an allocation tier")
         self.window = window
-        self._made: dict[int, BlockRef] = {}  # `_lookups`' refs of the one allocation tier
+        self._made: dict[str, dict[int, BlockRef]] = {}  # `_lookups`' refs, per tier and block
         self.prefix_hits = 0
         self.prefix_saved_tokens = 0
 
@@ -426,23 +426,16 @@ class BlockManager:
 
     # -- prefix sharing ---------------------------------------------------------------------
 
-    def _lookup(self, key: bytes) -> BlockRef | None:
-        for tier in self.alloc_tiers:
-            block = self.pools[tier].lookup(key)
-            if block is not None:
-                return BlockRef(tier, block)
-        return None
-
     def _lookups(self, keys: Sequence[bytes]) -> list[BlockRef | None]:
-        """`_lookup` of each of ``keys`` (a prompt's hundreds: no call per key; one tier's
-        `BlockRef` of a block made once, kept in ``_made``)."""
-        if len(self.alloc_tiers) != 1:
-            return [self._lookup(k) for k in keys]
-        tier, made = self.alloc_tiers[0], self._made
-        found = map(self.pools[tier]._by_key.get, keys)
-        return [
-            b if b is None else made.get(b) or made.setdefault(b, BlockRef(tier, b)) for b in found
-        ]
+        """The cached block of each of ``keys`` (the first allocation tier holding it), or None
+        (a prompt's hundreds of keys: each tier's `BlockRef` of a block made once, ``_made``)."""
+        refs: list[BlockRef | None] = [None] * len(keys)
+        for tier in self.alloc_tiers:
+            made = self._made.setdefault(tier, {})
+            for j, b in enumerate(map(self.pools[tier].lookup, keys)):
+                if b is not None and refs[j] is None:
+                    refs[j] = made.get(b) or made.setdefault(b, BlockRef(tier, b))
+        return refs
 
     def can_adopt(self, keys: Sequence[bytes], n: int) -> bool:
         """Whether the first ``n`` blocks of a prompt with ``keys`` can be taken from the cache

@@ -114,11 +114,8 @@ class CodecBlockManager(BlockManager):
         """`BlockManager.can_adopt`, and the blocks the adopter's window needs are still exact."""
         if not super().can_adopt(keys, n):
             return False
-        for j in range(self.window_first(n * self.block_tokens), n):
-            ref = self._lookup(keys[j])
-            if ref is None or self.exact_of[ref.block] < 0:
-                return False
-        return True
+        refs = self._lookups(keys[self.window_first(n * self.block_tokens) : n])
+        return all(r is not None and self.exact_of[r.block] >= 0 for r in refs)
 
     def adopt_prefix(self, table: BlockTable, keys: Sequence[bytes], n: int) -> None:
         super().adopt_prefix(table, keys, n)

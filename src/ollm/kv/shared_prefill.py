@@ -9,7 +9,7 @@ first slot, every query after them, form a `PrefillGroup`, attended in two parts
 as one softmax (`merge_lse`), as `kv/shared_prefix.py` does for decode batches:
 
 * the shared blocks: every query row of the group folded into each KV head's rows, one flash call
-  per run of consecutive blocks (`shared_prefix.prefix_parts`, `_prefix_attention`), no mask
+  per run of consecutive blocks (`shared_prefix.prefix_lse`), no mask
   (each query comes after every shared key);
 * each sequence's blocks after them, gathered for an `OwnBatch` of members (queries padded to the
   longest: batches cut so that padding stays under half the rows, and by ``GATHER_BYTES``),
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ollm.kv.decode_batch import GATHER_BYTES, SHARED_MIN_BLOCKS
-from ollm.kv.shared_prefix import _prefix_attention, prefix_parts
+from ollm.kv.shared_prefix import prefix_lse
 from ollm.layers.attention import AttentionMask, blocked_attention_lse, merge_lse, with_sinks
 
 if TYPE_CHECKING:
@@ -222,11 +222,7 @@ def attend_group(
     bt = layer.store.block_tokens
     rows = g.rows_on(q.device, r0)
     qb = q[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)  # [R, heads, 1, D]
-    o = lse = None
-    for k, v, _ in prefix_parts(layer.pool, g.shared_ids, bt, qb, None, g):
-        op, lp = _prefix_attention(qb, k, v, scale, None)
-        o, lse = (op, lp) if o is None else merge_lse(o, lse, op, lp)
-        del k, v
+    o, lse = prefix_lse(layer.pool, g.shared_ids, bt, qb, scale, None, g)
     parts = [_attend_own(layer, b, q, r0, scale) for b in g.own]
     oo = parts[0][0] if len(parts) == 1 else torch.cat([x for x, _ in parts])
     lo = parts[0][1] if len(parts) == 1 else torch.cat([x for _, x in parts])

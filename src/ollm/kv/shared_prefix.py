@@ -53,13 +53,9 @@ def attend_shared(
     blocks and then each sequence's own; ``layer`` is the `PackedLayerKV` (its pool, store and
     suffix gather)."""
     bt = layer.store.block_tokens
-    out = lse = None
     # The shared parts first, each freed before the next and before the own blocks' gather:
     # at most one gathered piece or that gather at a time (the planner's GATHER_BYTES).
-    for k, v, k0 in prefix_parts(layer.pool, d.shared_ids, bt, qb, mask.window, d):
-        o, lp = _prefix_attention(qb, k, v, scale, _window_mask(d, mask.window, bt, k0, k, qb))
-        out, lse = (o, lp) if out is None else merge_lse(out, lse, o, lp)
-        del k, v
+    out, lse = prefix_lse(layer.pool, d.shared_ids, bt, qb, scale, mask.window, d)
     keep = d.mask(mask.window, bt, qb.device)  # [B, 1, 1, S]: the keys after the shared ones
     s = keep.shape[-1]
     kv = [layer._gather_rows(i, d).to(qb.device, qb.dtype) for i in (0, 1)]
@@ -67,6 +63,26 @@ def attend_shared(
     o, lo = blocked_attention_lse(qb, kv[0], kv[1], own, scale, keep)
     out, lse = (o, lo) if out is None else merge_lse(out, lse, o, lo)
     return out if mask.sinks is None else with_sinks(out, lse, mask.sinks)
+
+
+def prefix_lse(
+    pool: torch.Tensor,
+    ids: tuple[int, ...],
+    bt: int,
+    qb: torch.Tensor,
+    scale: float,
+    window: int | None,
+    d,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Attention of the folded queries ``qb`` over the shared blocks ``ids`` (`prefix_parts`,
+    each part freed before the next), parts merged: (out, log-sum-exp), None when no part is
+    read; ``d`` holds the queries' positions (``d.seqs``; ``d.positions`` under a window)."""
+    out = lse = None
+    for k, v, k0 in prefix_parts(pool, ids, bt, qb, window, d):
+        o, lp = _prefix_attention(qb, k, v, scale, _window_mask(d, window, bt, k0, k, qb))
+        out, lse = (o, lp) if out is None else merge_lse(out, lse, o, lp)
+        del k, v
+    return out, lse
 
 
 def prefix_parts(
