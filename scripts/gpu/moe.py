@@ -289,6 +289,7 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         cpu_trial = None if trial is None else trial.report()
         merge = getattr(cache, "merge", None)  # hits and copied misses as one batch, measured
         one_batch = None if merge is None else merge.report()
+        direct = _direct(cache)
     decode_steps = max(1, new - 1)
     step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
     layers = len(plan.layers)
@@ -325,6 +326,7 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
                     mxfp4_paths={k: v - paths[k] for k, v in mxfp4_paths.items()})  # fmt: skip
         if lookahead is not None:  # counted over the whole run (warm-up, profile included)
             row["lookahead"] = lookahead
+        row["direct"] = direct  # decode rows planned on the device, or why not
         if cpu_trial is not None:
             row["cpu_trial"] = cpu_trial
         if one_batch is not None:  # cpu_ms / copy_ms: the one-batch / two-batch arms here
@@ -402,7 +404,7 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
     (single runs spread widely on the device): every projected tok/s and the median; with
     ``OLLM_MOE_REPEAT_ZIPF=1`` also LRU under the Zipf routing (is it slower than uniform?)."""
     n = int(os.environ.get("OLLM_MOE_REPEAT", "0"))
-    got: dict[str, list[float]] = {"defaults": [], "expert_cpu_off": []}
+    got: dict[str, list[float]] = {"defaults": [], "expert_cpu_off": [], "host_path": []}
     zipf = bool(os.environ.get("OLLM_MOE_REPEAT_ZIPF"))
     if zipf:
         got["zipf_lru"] = []
@@ -411,6 +413,11 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
         got["expert_cpu_off"].append(
             _run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp)
         )
+        os.environ["OLLM_MOE_DIRECT"] = "0"  # the defaults on the host path (one sync a layer)
+        try:
+            got["host_path"].append(_run(store, kw, full, ctx, new, h2d, 0.0, **exp))
+        finally:
+            os.environ.pop("OLLM_MOE_DIRECT")
         if zipf:
             got["zipf_lru"].append(_run(store, kw, full, ctx, new, h2d, ZIPF, **exp))
     key = "projected_decode_tok_s_full_model"
@@ -419,6 +426,16 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
                "median": statistics.median(r[key] for r in rs) if rs else None}
         for name, rs in got.items()
     }  # fmt: skip
+
+
+def _direct(cache) -> str | None:
+    """The direct decode's backend (``runtime/expert_direct.py``), or why decode rows took the
+    host path; None without an expert cache."""
+    if cache is None:
+        return None
+    from ollm.runtime.expert_direct import reason
+
+    return cache.direct.mode if cache.direct is not None else f"host path: {reason(cache)}"
 
 
 def _llamacpp_row(tmp: Path, layers: int, full: int, ctx: int, new: int) -> dict | str:

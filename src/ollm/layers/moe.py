@@ -25,6 +25,7 @@ from ollm.layers.mlp import ACTIVATIONS, gated_mlp
 from ollm.layers.moe_batched import (
     GPT_OSS_ALPHA,
     GPT_OSS_LIMIT,
+    direct_pairs,
     forward_stacked,
     gather_experts,
     pairs_forward,
@@ -261,9 +262,13 @@ def _few_rows(x, weights, experts, moe: MoeSpec, act: str, source) -> torch.Tens
     dev0 = x.device
     batched = dev0.type != "cpu" or getattr(source, "batched", False)
     nxt = getattr(source, "next_weights", None)  # lookahead: the next sparse layer's router
-    by_id = getattr(source, "id_stacks", None) if t == 1 and batched and nxt is None else None
-    if by_id and not getattr(source, "host_rows", False) and k <= stacks_step(by_id):
+    one = t == 1 and batched and nxt is None and not getattr(source, "host_rows", False)
+    by_id = getattr(source, "id_stacks", None) if one else None
+    if by_id and k <= stacks_step(by_id):
         out = pairs_forward(x, by_id, experts.reshape(-1), moe, act)  # no host read
+    else:  # no host read either
+        out = direct_pairs(x, experts, source, moe, act) if one else None
+    if out is not None:
         return (out.view(t, k, -1) * weights.reshape(t, k, 1)).sum(dim=1).to(x.dtype)
     host_rows = getattr(source, "host_rows", False) or dev0.type == "cpu"
     ahead = [predict(x, nxt, moe).reshape(-1)] if nxt is not None else []

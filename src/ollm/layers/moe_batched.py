@@ -77,18 +77,25 @@ def stack_experts(ews: list[Weights], moe: MoeSpec) -> dict[str, torch.Tensor]:
     }
 
 
-def gather_experts(stacks: Mapping[str, torch.Tensor], idx: torch.Tensor, moe: MoeSpec) -> dict:
-    """The rows ``idx`` of ``stacks`` (one ``index_select`` per tensor), as ``stack_experts``
-    gives them; per-expert gate and up read as one [g, 2I, H] when they lie side by side."""
+def gather_experts(
+    stacks: Mapping[str, torch.Tensor], idx: torch.Tensor | None, moe: MoeSpec
+) -> dict:
+    """The rows ``idx`` of ``stacks`` (one ``index_select`` per tensor; None: all of them, as
+    views), as ``stack_experts`` gives them; per-expert gate and up read as one [g, 2I, H] when
+    they lie side by side."""
+
+    def sel(t: torch.Tensor) -> torch.Tensor:
+        return t if idx is None else t.index_select(0, idx)
+
     if moe.expert_kind == "gpt_oss" or "gate_up_proj" in stacks:
-        return {name: t.index_select(0, idx) for name, t in stacks.items() if "+" not in name}
+        return {name: sel(t) for name, t in stacks.items() if "+" not in name}
     g_name, u_name, d_name = _gated_names(moe)
-    out = {d_name: stacks[d_name].index_select(0, idx)}
+    out = {d_name: sel(stacks[d_name])}
     gu = stacks.get(f"{g_name}+{u_name}")
     if gu is not None:
-        out["gate_up_proj"] = gu.index_select(0, idx)
+        out["gate_up_proj"] = sel(gu)
     else:
-        out[g_name], out[u_name] = (stacks[n].index_select(0, idx) for n in (g_name, u_name))
+        out[g_name], out[u_name] = (sel(stacks[n]) for n in (g_name, u_name))
     return out
 
 
@@ -121,6 +128,25 @@ def experts_forward(x: torch.Tensor, ews: list[Weights], moe: MoeSpec, act: str)
     [g, m, H], their tensors stacked (one copy each) for batched matmuls: a few kernels for the
     whole batch instead of a chain per expert (decode is launch-bound, not bandwidth-bound)."""
     return forward_stacked(x, stack_experts(ews, moe), moe, act)
+
+
+def direct_pairs(x: torch.Tensor, experts: torch.Tensor, source, moe: MoeSpec, act: str):
+    """One row ``x`` [1, H] through its ``experts`` [k] (device ids) by the source's direct
+    decode (``runtime/expert_direct.py``: planned, cached and gathered on the device, no host
+    sync): [k, H] in pair order; None when the source has none or the stacks would not fit."""
+    direct = getattr(source, "direct", None)
+    k = experts.numel()
+    if direct is None or k * direct.nbytes > max(direct.nbytes, STACK_BYTES):
+        return None
+    stacks = direct.experts(source.i, experts.reshape(-1))
+    h = x.shape[-1]
+    xs = x.expand(k, 1, h)
+    if is_coded(stacks):
+        idx = torch.arange(k, device=x.device)
+        y = coded_forward(xs, stacks, idx, lambda a, w: forward_stacked(a, w, moe, act))
+    else:
+        y = forward_stacked(xs, gather_experts(stacks, None, moe), moe, act)
+    return y.view(k, h)
 
 
 def pairs_forward(

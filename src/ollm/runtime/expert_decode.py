@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +18,8 @@ from ollm.storage.expert_codec import decode_into
 
 if TYPE_CHECKING:
     from ollm.runtime.experts import ExpertCache
+
+READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
 
 
 def load_decoded(cache: ExpertCache, i: int, host: torch.Tensor, m: int) -> None:
@@ -90,3 +93,26 @@ def warm_cache(cache: ExpertCache, freq: Mapping[tuple[int, int], int]) -> int:
         loaded += len(inflight)
     cache.pinned.clear()
     return loaded
+
+
+def read_miss(cache: ExpertCache, i: int, e: int, s: int) -> Future:
+    """Start reading disk expert e of layer i (``ExpertCache._read``): into the next pinned
+    staging buffer (GPU; after that buffer's last copy is done), or straight into slot s; the
+    future gives the staging index (None for a slot)."""
+    if cache._pool is None:
+        cache._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ollm-experts")
+    if not cache.cuda:
+        dst = (cache.raw if cache.coded else cache.slots)[s, : cache.experts.regions[i].sizes[e]]
+        return cache._pool.submit(_read_into, cache, i, e, dst, None, None)
+    k = cache._next_staging % len(cache._staging)
+    cache._next_staging = k + 1
+    return cache._pool.submit(
+        _read_into, cache, i, e, cache._staging[k], cache._staging_done[k], k
+    )
+
+
+def _read_into(cache: ExpertCache, i: int, e: int, dst: torch.Tensor, after, k: int | None):
+    if after is not None:
+        after.synchronize()  # the staging buffer's previous copy has finished
+    cache.stats.add(bytes_disk=cache.experts.read_range(i, e, e + 1, dst))
+    return k

@@ -136,6 +136,12 @@ class LayerExperts:
         c = self.cache
         return c._layer_stacks.get(self.i) if c.plan.resident else None
 
+    @property
+    def direct(self):
+        """The cache's direct decode (``runtime/expert_direct.py``: a row's experts planned and
+        read on the device) or None."""
+        return self.cache.direct
+
     def prefetch(self, experts: list[int]) -> None:
         """Copy the next sparse layer's predicted ``experts`` in early (lookahead)."""
         if self.ahead is not None:

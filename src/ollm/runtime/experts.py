@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ollm.runtime.expert_decode import decode_slots, load_decoded, warm_cache
+from ollm.runtime.expert_decode import (
+    READ_THREADS,
+    decode_slots,
+    load_decoded,
+    read_miss,
+    warm_cache,
+)
+from ollm.runtime.expert_direct import DirectExperts, attach, detach
 from ollm.runtime.expert_lookahead import LayerExperts, Lookahead
 from ollm.runtime.expert_stacks import stacked_batch, stacked_views, uniform_rows
 from ollm.runtime.expert_trial import CpuTrial, begin_call, end_call, measured_cpu, split_misses
@@ -47,7 +54,6 @@ ChooseCpu = Callable[[list[int], int, list[int], int, int, "float | None"], list
 Wrap = Callable[[Mapping, object, int], Mapping]
 
 Key = tuple[int, int]  # (layer, expert)
-READ_THREADS = 4  # disk misses read at once (and pinned staging buffers on a GPU)
 DECODE_ROWS = 8  # CPU experts timed for the cost model only at up to this many rows each
 # Calls routing more (row, expert) pairs than this (prefill) get their copied misses one at a
 # time, each computed as soon as its copy lands; fewer (decode): each wave as one batch.
@@ -133,8 +139,10 @@ class ExpertCache:
             self._staging = [self._pin(plan.expert_bytes) for _ in range(READ_THREADS * disk)]
             self._staging_done: list[torch.cuda.Event | None] = [None] * len(self._staging)
             self._next_staging = 0
+        self.direct: DirectExperts | None = None  # decode rows planned on the device
         try:
             self._load()
+            self.direct = attach(self)
         except BaseException:
             self.close()
             raise
@@ -208,6 +216,7 @@ class ExpertCache:
             batch = [(e, self._views[(i, e)]) for e in used]
             yield None, stacked_batch(batch, self._layer_stacks.get(i, {}), used)
             return
+        self.host_state()
         ram = self.plan.ram[self._index[i]]
         if self.ahead is not None:
             self.ahead.check(i, used)
@@ -340,23 +349,7 @@ class ExpertCache:
         self._empty.append(s)
 
     def _read(self, i: int, e: int, s: int) -> Future:
-        """Start reading disk expert e of layer i: into the next pinned staging buffer (GPU;
-        after that buffer's last copy is done), or straight into slot s; the future gives the
-        staging index (None for a slot)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ollm-experts")
-        if not self.cuda:
-            dst = (self.raw if self.coded else self.slots)[s, : self.experts.regions[i].sizes[e]]
-            return self._pool.submit(self._read_into, i, e, dst, None, None)
-        k = self._next_staging % len(self._staging)
-        self._next_staging = k + 1
-        return self._pool.submit(self._read_into, i, e, self._staging[k], self._staging_done[k], k)
-
-    def _read_into(self, i: int, e: int, dst: torch.Tensor, after, k: int | None) -> int | None:
-        if after is not None:
-            after.synchronize()  # the staging buffer's previous copy has finished
-        self.stats.add(bytes_disk=self.experts.read_range(i, e, e + 1, dst))
-        return k
+        return read_miss(self, i, e, s)
 
     def _copy_start(self, batch: list[tuple[int, int]]) -> torch.cuda.Event | None:
         """A batch of copies into ``batch``'s slots waits (on the copy stream) for the newest
@@ -395,14 +388,24 @@ class ExpertCache:
             if k is not None:
                 self._staging_done[k] = ev
             self.stats.add(bytes_h2d=nbytes)
-        # every expert of a model has the same tensor layout: a slot's views are made once
+        self._set_views(i, e, s)
+
+    def _set_views(self, i: int, e: int, s: int) -> None:
+        """Slot s now holds expert e of layer i: its views (every expert of a model has the
+        same tensor layout: a slot's views are made once)."""
         sig = (s, self._layout[(i, e)])
         views = self._slot_views_memo.get(sig)
         if views is None:
-            views = st.views(i, e, self.slots[s], decoded=not self.plan.coded_slots)
+            views = self.experts.views(i, e, self.slots[s], decoded=not self.plan.coded_slots)
             self._slot_views_memo[sig] = views
         self.slot_views[s] = views
         self.slot_layout[s] = sig[1]
+
+    def host_state(self) -> None:
+        """The state back from the direct decode's device tables when they hold it (a sync,
+        at a phase change only: the host path runs next)."""
+        if self.direct is not None and self.direct.owner == "device":
+            self.direct.pull()
 
     def _use(self, batch: list[tuple[int, int]]) -> list[tuple[int, Mapping]]:
         """(expert, slot) pairs as (expert, its views), once their copies have landed: the
@@ -453,21 +456,26 @@ class ExpertCache:
     # -- reporting and lifetime -------------------------------------------------------------------
     @property
     def hit_rate(self) -> float:
+        if self.direct is not None:
+            self.direct.flush()
         n = self.counts["hits"] + self.counts["misses"]
         return self.counts["hits"] / n if n else 0.0
 
     def cached(self) -> dict[Key, int]:
         """(layer, expert) -> slot for every cached expert (for tests and reports)."""
+        self.host_state()
         return dict(self.where)
 
     def warm(self, freq: Mapping[Key, int]) -> int:
         """Start from a calibration run's routing counts (``routed`` of an earlier run): LFU
         counts seeded with them, and the empty slots filled with the most used experts that are
         neither cached nor computed in place. Returns how many were loaded."""
+        self.host_state()
         return warm_cache(self, freq)
 
     def close(self) -> None:
         """Wait for reads and copies in flight, unpin the host buffers, drop the device ones."""
+        detach(self)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

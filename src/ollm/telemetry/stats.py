@@ -28,6 +28,8 @@ class IOStats:
     expert_misses: int = 0  # routed experts fetched (or, with ``expert_cpu``, run on the CPU)
     expert_cpu: int = 0  # misses computed by the CPU where they sit in RAM
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # callables that add counts kept elsewhere (on a device) before a snapshot reads them
+    flushers: list = field(default_factory=list, repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:
         with self._lock:
@@ -35,6 +37,8 @@ class IOStats:
                 setattr(self, key, getattr(self, key) + value)
 
     def snapshot(self) -> dict[str, float]:
+        for flush in list(self.flushers):
+            flush()
         with self._lock:
             return {
                 "bytes_disk": self.bytes_disk,
