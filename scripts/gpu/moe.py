@@ -261,6 +261,9 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
     from ollm import LLM, SamplingParams
 
     t0, paths = time.perf_counter(), dict(mxfp4_paths)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with LLM(store, **kw, **opts) as llm:
         load_s = time.perf_counter() - t0
         if zipf:
@@ -290,6 +293,9 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         merge = getattr(cache, "merge", None)  # hits and copied misses as one batch, measured
         one_batch = None if merge is None else merge.report()
         direct = _direct(cache)
+        graphs = getattr(getattr(cache, "direct", None), "graphs", None)
+        graphs = None if graphs is None else {"replays": graphs.replays, "off": graphs.off}
+        peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else None
     decode_steps = max(1, new - 1)
     step_s = 1 / max(m.decode_tokens_per_second, 1e-9)
     layers = len(plan.layers)
@@ -327,6 +333,8 @@ def _timed(store, kw, full: int, prompt_len: int, new: int, h2d: float, zipf=0.0
         if lookahead is not None:  # counted over the whole run (warm-up, profile included)
             row["lookahead"] = lookahead
         row["direct"] = direct  # decode rows planned on the device, or why not
+        row["graphs"] = graphs  # OLLM_MOE_GRAPHS=1: graph replays of decode rows' MoE
+        row["peak_reserved_GiB"] = peak  # this run's LLM (the 8 GiB budget is scaled)
         if cpu_trial is not None:
             row["cpu_trial"] = cpu_trial
         if one_batch is not None:  # cpu_ms / copy_ms: the one-batch / two-batch arms here
@@ -404,7 +412,9 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
     (single runs spread widely on the device): every projected tok/s and the median; with
     ``OLLM_MOE_REPEAT_ZIPF=1`` also LRU under the Zipf routing (is it slower than uniform?)."""
     n = int(os.environ.get("OLLM_MOE_REPEAT", "0"))
-    got: dict[str, list[float]] = {"defaults": [], "expert_cpu_off": [], "host_path": []}
+    got: dict[str, list[float]] = {
+        "defaults": [], "expert_cpu_off": [], "host_path": [], "graphs": []
+    }  # fmt: skip
     zipf = bool(os.environ.get("OLLM_MOE_REPEAT_ZIPF"))
     if zipf:
         got["zipf_lru"] = []
@@ -413,11 +423,13 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
         got["expert_cpu_off"].append(
             _run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp)
         )
-        os.environ["OLLM_MOE_DIRECT"] = "0"  # the defaults on the host path (one sync a layer)
-        try:
-            got["host_path"].append(_run(store, kw, full, ctx, new, h2d, 0.0, **exp))
-        finally:
-            os.environ.pop("OLLM_MOE_DIRECT")
+        # the defaults on the host path (one sync a layer), and with CUDA graphs of the MoE
+        for name, var in (("host_path", "OLLM_MOE_DIRECT"), ("graphs", "OLLM_MOE_GRAPHS")):
+            os.environ[var] = "0" if name == "host_path" else "1"
+            try:
+                got[name].append(_run(store, kw, full, ctx, new, h2d, 0.0, **exp))
+            finally:
+                os.environ.pop(var)
         if zipf:
             got["zipf_lru"].append(_run(store, kw, full, ctx, new, h2d, ZIPF, **exp))
     key = "projected_decode_tok_s_full_model"

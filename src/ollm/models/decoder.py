@@ -98,10 +98,11 @@ def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) 
     """The dense gated MLP, or the mixture of experts when the layer's weights hold a router
     (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` leave some layers dense)."""
     if spec.moe is not None and spec.moe.router_key in w:
-        out = moe_mlp(x, w, spec.moe, spec.act, chunk_tokens)
-        if spec.moe.shared_expert_size:
-            out = out + shared_expert(x, w, spec.moe, spec.act, chunk_tokens)
-        return out
+        # a decode row of a cache with direct decode may replay a CUDA graph of the whole MoE
+        graphs = getattr(getattr(getattr(w, "experts", None), "direct", None), "graphs", None)
+        if graphs is not None and x.shape[:-1].numel() == 1:
+            return graphs(x, w, lambda r: _sparse_mlp(spec, r, w, chunk_tokens))
+        return _sparse_mlp(spec, x, w, chunk_tokens)
     return gated_mlp(
         x,
         w["mlp.gate_proj.weight"],
@@ -110,6 +111,15 @@ def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) 
         spec.act,
         chunk_tokens,
     )
+
+
+def _sparse_mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None):
+    moe = spec.moe
+    assert moe is not None
+    out = moe_mlp(x, w, moe, spec.act, chunk_tokens)
+    if moe.shared_expert_size:
+        out = out + shared_expert(x, w, moe, spec.act, chunk_tokens)
+    return out
 
 
 def decoder_block(

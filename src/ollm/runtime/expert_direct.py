@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm.runtime.expert_graphs import MlpGraphs, wanted
 from ollm.runtime.expert_stacks import stacked_views
 
 if TYPE_CHECKING:
@@ -140,14 +141,17 @@ class DirectExperts:
         self.src = torch.zeros(p.num_experts, **i64)  # per pair: read from (an address)
         self.dst = torch.zeros(p.num_experts, **i64)  # per pair: kept in (0: a hit)
         self.owner = "host"  # who holds the cache's state now
+        # CUDA graphs of a decode row's MoE (``runtime/expert_graphs.py``, OLLM_MOE_GRAPHS=1)
+        self.graphs = (
+            MlpGraphs(self.on_device) if mode == "triton" and cache.cuda and wanted() else None
+        )
         self._flushed_uses = torch.zeros(len(keys), dtype=torch.int64)
 
     # -- one decode row ---------------------------------------------------------------------------
     def experts(self, i: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Layer i's experts ``ids`` [k] (a device tensor, one row's top-k, distinct) as
         [k, ...] stacks in ``ids``' order, misses cached on the way."""
-        if self.owner != "device":
-            self.push()
+        self.on_device()
         k = ids.shape[0]
         pos_e = self.cache._index[i] * self.E
         scratch = torch.empty(k, self.nbytes, dtype=torch.uint8, device=self.cache.slots.device)
@@ -162,6 +166,11 @@ class DirectExperts:
         return stacked_views(scratch, self.tensors)
 
     # -- state moves between the host path and the device tables ----------------------------------
+    def on_device(self) -> None:
+        """The state in the device tables (pushed if the host path ran last)."""
+        if self.owner != "device":
+            self.push()
+
     def push(self) -> None:
         """The host path's state into the device tables (its copies in flight ordered first)."""
         c = self.cache
