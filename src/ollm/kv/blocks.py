@@ -12,22 +12,20 @@ executes, in order, before the next forward.
 
 Prefix sharing: a full block is keyed by ``blake2b(previous key, its token ids)``, so a key names
 the whole prefix up to the block's end; the KV of a block is a function of that prefix only, which
-is what makes reusing it exact. Unreferenced keyed blocks stay cached and are evicted LRU.
+is what makes reusing it exact. Unreferenced keyed blocks stay cached and are evicted LRU
+(`kv/block_pool.py`). While a step is planned, the full blocks it computes are offered to the
+admissions after them in that step (`offer_inflight`), unkeyed until computed.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ollm.kv.block_pool import BlockPool as BlockPool  # re-exported
+from ollm.kv.block_pool import OutOfBlocks as OutOfBlocks
+from ollm.kv.block_pool import chain_keys as chain_keys
 from ollm.planning.footprint import max_live_blocks
-
-
-class OutOfBlocks(RuntimeError):
-    """No free (or evictable) block is left in the tiers asked for."""
 
 
 @dataclass(frozen=True)
@@ -46,120 +44,6 @@ class BlockMove:
     src_block: int
     dst_tier: str
     dst_block: int
-
-
-def chain_keys(tokens: Sequence[int], block_tokens: int, keys: Sequence[bytes] = ()) -> list[bytes]:
-    """Prefix keys of every full block of ``tokens``; ``keys`` (already known ones) are reused."""
-    n = len(tokens) // block_tokens
-    out = list(keys[:n])
-    # the new blocks' tokens as bytes at once; blake2b(a + b) is blake2b fed a, then b
-    raw = memoryview(array("q", tokens[len(out) * block_tokens : n * block_tokens]).tobytes())
-    step = 8 * block_tokens
-    prev = out[-1] if out else b""
-    for o in range(0, len(raw), step):
-        prev = hashlib.blake2b(prev + raw[o : o + step], digest_size=16).digest()
-        out.append(prev)
-    return out
-
-
-class BlockPool:
-    """Blocks of one tier: free list, reference counts, prefix keys and an LRU of cached blocks.
-
-    A block is *used* while referenced, *cached* when unreferenced but keyed (reusable by a later
-    prefix hit, evicted oldest first when a fresh block is needed) and *free* otherwise.
-    """
-
-    def __init__(self, tier: str, num_blocks: int) -> None:
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        self.tier = tier
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._refs = [0] * num_blocks
-        self._key_of: dict[int, bytes] = {}
-        self._by_key: dict[bytes, int] = {}
-        self._lru: OrderedDict[int, None] = OrderedDict()
-
-    @property
-    def num_free(self) -> int:
-        """Blocks an allocation can take: free ones plus evictable cached ones."""
-        return len(self._free) + len(self._lru)
-
-    @property
-    def num_used(self) -> int:
-        """Referenced blocks."""
-        return self.num_blocks - self.num_free
-
-    @property
-    def num_cached(self) -> int:
-        """Unreferenced blocks kept for prefix hits."""
-        return len(self._lru)
-
-    def ref(self, block: int) -> int:
-        """Reference count of ``block``."""
-        return self._refs[block]
-
-    def key(self, block: int) -> bytes | None:
-        """The prefix key of ``block``, if registered."""
-        return self._key_of.get(block)
-
-    def allocate(self, after: int | None = None, fresh: bool = False) -> int:
-        """A block with one reference: a free one, else the least recently used cached one.
-        ``after`` (the sequence's last block here) and ``fresh`` (its first block) are hints a
-        placement-aware pool (`kv.slabs.SlabPool`) uses; this one ignores them."""
-        if self._free:
-            block = self._free.popleft()
-        elif self._lru:
-            block, _ = self._lru.popitem(last=False)
-            self.unregister(block)
-        else:
-            raise OutOfBlocks(f"tier {self.tier!r}: all {self.num_blocks} blocks in use")
-        self._refs[block] = 1
-        return block
-
-    def incref(self, block: int) -> None:
-        """Add a reference (a fork, or a prefix hit that revives a cached block)."""
-        if self._refs[block] == 0:
-            self._lru.pop(block)  # only cached blocks are unreferenced and reachable
-        self._refs[block] += 1
-
-    def decref(self, block: int) -> None:
-        """Drop a reference; at zero the block becomes cached (keyed) or free."""
-        if self._refs[block] <= 0:
-            raise RuntimeError(f"tier {self.tier!r}: block {block} freed twice")
-        self._refs[block] -= 1
-        if self._refs[block] == 0:
-            if block in self._key_of:
-                self._lru[block] = None
-            else:
-                self._free.append(block)
-
-    def lookup(self, key: bytes) -> int | None:
-        """The block holding prefix ``key``, if any (references unchanged)."""
-        return self._by_key.get(key)
-
-    def register(self, block: int, key: bytes) -> bool:
-        """Key a full, referenced block; False when another block already holds ``key``."""
-        old = self._key_of.get(block)
-        if old is not None:
-            if old != key:
-                raise RuntimeError(f"block {block} already keyed with another prefix")
-            return True
-        if key in self._by_key:
-            return False
-        self._key_of[block] = key
-        self._by_key[key] = block
-        return True
-
-    def unregister(self, block: int) -> bytes | None:
-        """Forget ``block``'s key (its content is about to change or move); return the key."""
-        key = self._key_of.pop(block, None)
-        if key is not None:
-            del self._by_key[key]
-        if block in self._lru:  # unreferenced and no longer keyed: plain free
-            del self._lru[block]
-            self._free.append(block)
-        return key
 
 
 @dataclass
@@ -229,6 +113,8 @@ class BlockManager:
             raise ValueError(f"swap tier {swap_tier!r} is also an allocation tier")
         self.window = window
         self._made: dict[str, dict[int, BlockRef]] = {}  # `_lookups`' refs, per tier and block
+        # Blocks the step being planned computes in full, by prefix key (`offer_inflight`).
+        self._inflight: dict[bytes, BlockRef] = {}
         self.prefix_hits = 0
         self.prefix_saved_tokens = 0
 
@@ -427,15 +313,49 @@ class BlockManager:
     # -- prefix sharing ---------------------------------------------------------------------
 
     def _lookups(self, keys: Sequence[bytes]) -> list[BlockRef | None]:
-        """The cached block of each of ``keys`` (the first allocation tier holding it), or None
-        (a prompt's hundreds of keys: each tier's `BlockRef` of a block made once, ``_made``)."""
+        """The cached block of each of ``keys`` (the first allocation tier holding it), else the
+        in-flight block offered under it (`offer_inflight`), or None (a prompt's hundreds of
+        keys: each tier's `BlockRef` of a block made once, ``_made``)."""
         refs: list[BlockRef | None] = [None] * len(keys)
         for tier in self.alloc_tiers:
             made = self._made.setdefault(tier, {})
             for j, b in enumerate(map(self.pools[tier].lookup, keys)):
                 if b is not None and refs[j] is None:
                     refs[j] = made.get(b) or made.setdefault(b, BlockRef(tier, b))
+        if self._inflight:
+            for j, k in enumerate(keys):
+                if refs[j] is None:
+                    refs[j] = self._inflight.get(k)
         return refs
+
+    def offer_inflight(
+        self, table: BlockTable, keys: Sequence[bytes], lo: int, hi: int
+    ) -> list[bytes]:
+        """Offer ``table``'s blocks ``[lo, hi)``, which the step being planned computes in full
+        (its query covers each one's last position), to the admissions after it in that step
+        under their prefix ``keys``: they are adoptable as cached blocks are, without being
+        keyed in the pool (keys name computed KV only; `register` keys them after the step).
+        The caller (the scheduler's step builder) withdraws them if that sequence leaves the
+        step, and clears them once the step is planned. Returns the keys added (a key already
+        cached or offered is left as it is)."""
+        hi = min(hi, len(keys), len(table.blocks))
+        added = []
+        for j, have in zip(range(lo, hi), self._lookups(keys[lo:hi]), strict=True):
+            ref = table.blocks[j]
+            if have is None and ref is not None:
+                self._inflight[keys[j]] = ref
+                added.append(keys[j])
+        return added
+
+    def withdraw_inflight(self, keys: Sequence[bytes]) -> None:
+        """Take back offered ``keys`` (their sequence left the step before anyone adopted)."""
+        for k in keys:
+            self._inflight.pop(k, None)
+
+    def clear_inflight(self) -> None:
+        """Forget every offer (the step is planned: its blocks are keyed by `register` once
+        computed, or freed if the step is aborted)."""
+        self._inflight.clear()
 
     def can_adopt(self, keys: Sequence[bytes], n: int) -> bool:
         """Whether the first ``n`` blocks of a prompt with ``keys`` can be taken from the cache
@@ -464,19 +384,23 @@ class BlockManager:
         return sum(1 for r in refs if r is not None and self.pools[r.tier].ref(r.block) == 0)
 
     def adopt_prefix(self, table: BlockTable, keys: Sequence[bytes], n: int) -> None:
-        """Fill an empty table with ``n`` cached blocks (references taken)."""
+        """Fill an empty table with ``n`` cached (or in-flight) blocks (references taken)."""
         if table.blocks or table.length:
             raise ValueError("a prefix is adopted into an empty table only")
         first = self._first_needed(n * self.block_tokens) if n else 0
         refs = self._lookups(keys[first:n])
         if n > len(keys) or any(r is None for r in refs):
             raise ValueError(f"the first {n} blocks are not all cached")
-        for ref in refs:
-            self.pools[ref.tier].incref(ref.block)  # type: ignore[union-attr]
+        keyed = n  # blocks before the first in-flight one (unkeyed: `register` keys it later)
+        for j, ref in enumerate(refs):
+            pool = self.pools[ref.tier]  # type: ignore[union-attr]
+            pool.incref(ref.block)  # type: ignore[union-attr]
+            if keyed == n and pool.key(ref.block) is None:  # type: ignore[union-attr]
+                keyed = first + j
         table.blocks += [None] * first + refs
         table.length = n * self.block_tokens
         table.dropped = first
-        table.num_keyed = n
+        table.num_keyed = keyed
         if n:
             self.prefix_hits += 1
             self.prefix_saved_tokens += n * self.block_tokens
