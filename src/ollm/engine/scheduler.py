@@ -12,21 +12,30 @@ token, or a few with drafts, each), then running prefills continue chunk by chun
 requests are admitted, all within ``max_step_tokens``; each pass in priority order (lower value
 first, then arrival). A sequence short of KV blocks preempts the worst running sequence below it
 (swap to the swap tier, or drop and recompute, as ``preemption`` decides); one with nothing below
-it preempts itself. A prompt whose leading full blocks are cached (same chained keys) adopts them
-and prefills only the rest.
+it preempts itself. A prompt whose leading full blocks are cached (same chained keys), or are
+computed in full by a sequence chosen before it in the same step (`engine/step_builder.py`),
+adopts them and prefills only the rest. The step builder lives in `engine/step_builder.py`, the
+per-request data in `engine/sequences.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Literal
 
+from ollm.engine.sequences import (
+    QUEUED,
+    PreemptionInfo,
+    PreemptMode,
+    SeqState,
+    SeqStatus,
+    by_cost,
+    prefer_swap,
+)
+from ollm.engine.step_builder import StepBuilder
 from ollm.engine.stepplan import Request, SeqStep, SeqUpdate, StepPlan
 from ollm.errors import RequestError
-from ollm.kv.blocks import BlockManager, BlockMove, BlockTable, chain_keys
+from ollm.kv.blocks import BlockManager, chain_keys
 
 __all__ = [
     "KVCapacityError",
@@ -41,68 +50,9 @@ __all__ = [
     "prefer_swap",
 ]
 
-PreemptMode = Literal["swap", "recompute"]
-
 
 class KVCapacityError(RequestError):
     """A request needs more KV than the allocation tiers hold, even alone."""
-
-
-@dataclass(frozen=True)
-class PreemptionInfo:
-    """What a preemption policy weighs: recompute ``num_tokens`` or move ``num_blocks``."""
-
-    seq_id: str
-    num_tokens: int  # tokens whose KV would be recomputed
-    num_blocks: int  # blocks a swap would move out (and later back in), over all KV groups
-
-
-def prefer_swap(info: PreemptionInfo) -> PreemptMode:
-    """Default policy: keep computed KV (swap) whenever the swap tier has room."""
-    return "swap"
-
-
-def by_cost(block_bytes: int, link_bytes_per_s: float, recompute_tokens_per_s: float):
-    """A policy that swaps when moving the blocks out and back is faster than recomputing."""
-
-    def policy(info: PreemptionInfo) -> PreemptMode:
-        swap_s = 2 * info.num_blocks * block_bytes / link_bytes_per_s
-        return "swap" if swap_s < info.num_tokens / recompute_tokens_per_s else "recompute"
-
-    return policy
-
-
-class SeqStatus(Enum):
-    """Lifecycle of a sequence."""
-
-    WAITING = "waiting"  # no KV (new, or preempted by recompute)
-    RUNNING = "running"
-    SWAPPED = "swapped"  # preempted, its KV in the swap tier
-    FINISHED = "finished"
-
-
-@dataclass
-class SeqState:
-    """Scheduler-side state of one request (plain data)."""
-
-    request: Request
-    arrival: int
-    tables: dict[str, BlockTable]
-    tokens: list[int] = field(default_factory=list)  # prompt + accepted output tokens
-    num_computed: int = 0  # leading tokens whose KV is in the tables
-    status: SeqStatus = SeqStatus.WAITING
-    keys: list[bytes] = field(default_factory=list)  # chained prefix keys of full blocks
-    num_preemptions: int = 0
-
-    @property
-    def order(self) -> tuple[int, int]:
-        """Priority order: lower first."""
-        return (self.request.priority, self.arrival)
-
-    @property
-    def num_output(self) -> int:
-        """Tokens generated so far."""
-        return len(self.tokens) - len(self.request.prompt)
 
 
 class Scheduler:
@@ -135,6 +85,7 @@ class Scheduler:
         self._inflight: StepPlan | None = None
         self.prefix_hits = 0
         self.prefix_saved_tokens = 0
+        self.inflight_hits = 0  # prefix hits that took blocks computed in their own step
         self.num_preemptions = 0
 
     # -- requests ---------------------------------------------------------------------------
@@ -199,16 +150,20 @@ class Scheduler:
         parents first, so any truncation is a tree)."""
         if self._inflight is not None:
             raise RuntimeError("schedule() called twice without update()")
-        step = _StepBuilder(self, drafts or {}, tree_parents or {})
-        running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
-        # Decodes first (a token or a few each), then prefill chunks, each in priority order.
-        for seq in sorted(running, key=lambda s: (self._pending(s) > 1, s.order)):
-            if seq.status is SeqStatus.RUNNING and step.budget:
-                step.run(seq)
-        waiting = [s for s in self.seqs.values() if s.status in _QUEUED]
-        for seq in sorted(waiting, key=lambda s: s.order):
-            if not step.budget or not step.admit(seq):
-                break  # strict priority: later requests do not overtake a blocked one
+        step = StepBuilder(self, drafts or {}, tree_parents or {})
+        try:
+            running = [s for s in self.seqs.values() if s.status is SeqStatus.RUNNING]
+            # Decodes first (a token or a few each), then prefill chunks, each in priority order.
+            for seq in sorted(running, key=lambda s: (self._pending(s) > 1, s.order)):
+                if seq.status is SeqStatus.RUNNING and step.budget:
+                    step.run(seq)
+            waiting = [s for s in self.seqs.values() if s.status in QUEUED]
+            for seq in sorted(waiting, key=lambda s: s.order):
+                if not step.budget or not step.admit(seq):
+                    break  # strict priority: later requests do not overtake a blocked one
+        finally:  # this step's offered blocks are for its own admissions only
+            for m in self.kv.values():
+                m.clear_inflight()
         self._inflight = step.plan()
         return self._inflight
 
@@ -249,7 +204,8 @@ class Scheduler:
         """Abandon the step in flight (the runner failed): every sequence it touched drops its
         KV and waits to be recomputed, since its moves and writes may have half run. Cached
         prefix blocks stay valid (no step writes into a keyed block), so recomputing is mostly
-        prefix hits. Returns the ids sent back."""
+        prefix hits; blocks adopted from a writer of the same step are dropped with it (its
+        adopters are in the step too), never keyed. Returns the ids sent back."""
         plan, self._inflight = self._inflight, None
         if plan is None:
             return []
@@ -302,183 +258,6 @@ class Scheduler:
     def usage(self) -> dict[str, dict[str, tuple[int, int]]]:
         """(used, free) blocks per tier, per KV group."""
         return {g: m.usage() for g, m in self.kv.items()}
-
-
-_QUEUED = (SeqStatus.WAITING, SeqStatus.SWAPPED)
-
-
-class _StepBuilder:
-    """One ``schedule()`` call: budget, chosen sequences, moves and preemptions."""
-
-    def __init__(
-        self, sched: Scheduler, drafts: Mapping[str, Seq[int]], parents: Mapping[str, Seq[int]]
-    ) -> None:
-        self.s = sched
-        self.drafts, self.parents = drafts, parents
-        self.budget = sched.max_step_tokens
-        self.chosen: dict[str, tuple[SeqState, int, int]] = {}  # id -> (seq, start, n_draft)
-        self.moves: dict[str, list[BlockMove]] = {g: [] for g in sched.kv}
-        self.preempted: list[str] = []
-
-    def _query(self, seq: SeqState) -> tuple[int, list[int]]:
-        """Uncomputed tokens this step takes, and the drafts that follow them."""
-        pending = len(seq.tokens) - seq.num_computed
-        n = min(pending, self.budget)
-        if n < pending:
-            return n, []
-        # Drafts past the request's length would be generated and thrown away (a tree's
-        # nodes are not its depth: its drafter bounds the depth, the budget its nodes).
-        room = seq.request.max_new_tokens - seq.num_output - 1
-        if seq.request.id in self.parents:
-            room = self.budget - n
-        return n, list(self.drafts.get(seq.request.id, ()))[: max(0, min(room, self.budget - n))]
-
-    def _fits(self, seq: SeqState, need: Callable[[str, BlockManager], int]) -> bool:
-        return all(need(g, m) <= m.num_free() for g, m in self.s.kv.items())
-
-    def run(self, seq: SeqState) -> None:
-        """Schedule a running sequence, preempting worse ones (or itself) for blocks."""
-        n, d = self._query(seq)
-        while not self._fits(seq, lambda g, m: m.blocks_needed(seq.tables[g], n + len(d))):
-            if not self._preempt_below(seq):
-                self._preempt(seq)
-                return
-        self._take(seq, n, d)
-
-    def admit(self, seq: SeqState) -> bool:
-        """Start (or resume) a queued sequence if blocks and the batch size allow."""
-        swapped = seq.status is SeqStatus.SWAPPED
-        while True:  # a preemption changes what is cached and free: look again each time
-            hit = 0 if swapped else self._prefix_hit(seq)
-            if not swapped:
-                seq.num_computed = hit * self.s.block_tokens
-            n, d = self._query(seq)
-            q = n + len(d)
-
-            def need(g: str, m: BlockManager, hit: int = hit, q: int = q) -> int:
-                t = seq.tables[g]
-                if swapped:
-                    return m.swap_in_blocks(t) + m.blocks_needed(t, q)
-                return m.revived_blocks(seq.keys, hit) + -(-q // self.s.block_tokens)
-
-            fits = self._fits(seq, need)
-            if fits and self.s._running_count() < self.s.max_running:
-                break
-            if not self._preempt_below(seq, running_only=fits):  # fits: short of batch room only
-                if not swapped:
-                    seq.num_computed = 0
-                return False
-        for g, m in self.s.kv.items():
-            if swapped:
-                self.moves[g] += m.swap_in(seq.tables[g])
-            elif hit:
-                m.adopt_prefix(seq.tables[g], seq.keys, hit)
-        if hit:
-            self.s.prefix_hits += 1
-            self.s.prefix_saved_tokens += hit * self.s.block_tokens
-        seq.status = SeqStatus.RUNNING
-        self._take(seq, n, d)
-        return True
-
-    def _prefix_hit(self, seq: SeqState) -> int:
-        """Leading blocks every KV group can take from the cache (at least one token is left
-        to compute, so the step yields logits)."""
-        if not self.s.prefix_caching:
-            return 0
-        b = self.s.block_tokens
-        seq.keys = chain_keys(seq.tokens, b, seq.keys)
-        n = min(m.match_prefix(seq.keys, (len(seq.tokens) - 1) // b) for m in self.s.kv.values())
-        while n and not all(m.can_adopt(seq.keys, n) for m in self.s.kv.values()):
-            n -= 1
-        return n
-
-    def _take(self, seq: SeqState, n: int, drafts: list[int]) -> None:
-        for g, m in self.s.kv.items():
-            self.moves[g] += m.append(seq.tables[g], n + len(drafts))
-        self.chosen[seq.request.id] = (seq, seq.num_computed, len(drafts))
-        self.budget -= n + len(drafts)
-
-    def _preempt_below(self, seq: SeqState, running_only: bool = False) -> bool:
-        """Preempt the worst sequence ordered after ``seq`` that holds allocation-tier blocks: a
-        running one, or a swapped one whose shared blocks stayed behind when it was swapped
-        (several swapped sequences can pin such a block). False if there is none."""
-        worse = [
-            s
-            for s in self.s.seqs.values()
-            if s.order > seq.order
-            and (
-                s.status is SeqStatus.RUNNING
-                or (
-                    not running_only
-                    and s.status is SeqStatus.SWAPPED
-                    and self._holds_alloc_blocks(s)
-                )
-            )
-        ]
-        if not worse:
-            return False
-        self._preempt(max(worse, key=lambda s: s.order))
-        return True
-
-    def _holds_alloc_blocks(self, seq: SeqState) -> bool:
-        return any(
-            ref is not None and ref.tier in m.alloc_tiers
-            for g, m in self.s.kv.items()
-            for ref in seq.tables[g].blocks
-        )
-
-    def _preempt(self, victim: SeqState) -> None:
-        vid = victim.request.id
-        if vid in self.chosen:  # undo its share of this step
-            _, start, _ = self.chosen.pop(vid)
-            q = victim.tables[next(iter(self.s.kv))].length - start
-            for g, m in self.s.kv.items():
-                m.trim(victim.tables[g], q)
-            self.budget += q
-        blocks = sum(m.swap_out_blocks(victim.tables[g]) for g, m in self.s.kv.items())
-        can_swap = all(
-            m.swap_tier is not None
-            and m.swap_out_blocks(victim.tables[g]) <= m.num_free([m.swap_tier])
-            for g, m in self.s.kv.items()
-        )
-        info = PreemptionInfo(vid, victim.num_computed, blocks)
-        # A swapped victim already chose to keep its KV: move the rest out if that frees a block;
-        # if its blocks are all shared, only dropping it (recompute) can release them.
-        if victim.status is SeqStatus.SWAPPED:
-            swap = can_swap and blocks > 0
-        else:
-            swap = can_swap and self.s.preemption(info) == "swap"
-        if swap:
-            for g, m in self.s.kv.items():
-                self.moves[g] += m.swap_out(victim.tables[g])
-            victim.status = SeqStatus.SWAPPED
-        else:
-            for g, m in self.s.kv.items():
-                m.free(victim.tables[g])
-            victim.num_computed = 0
-            victim.status = SeqStatus.WAITING
-        victim.num_preemptions += 1
-        self.s.num_preemptions += 1
-        self.preempted.append(vid)
-
-    def plan(self) -> StepPlan:
-        """The step as plain data (block tables as they stand after every preemption)."""
-        steps, first = [], next(iter(self.s.kv))
-        for seq, start, n_draft in self.chosen.values():
-            known = seq.tables[first].length - n_draft
-            toks = seq.tokens[start:known]
-            if n_draft:
-                toks += list(self.drafts.get(seq.request.id, ())[:n_draft])
-            tables = {g: seq.tables[g].snapshot() for g in self.s.kv}
-            needs = known == len(seq.tokens)
-            req = seq.request
-            par = self.parents.get(req.id)
-            tree = None if par is None or not n_draft else tuple(par[:n_draft])
-            steps.append(
-                SeqStep(req.id, tuple(toks), start, n_draft, tables, needs, req.sampling, tree)
-            )
-        moves = {g: tuple(v) for g, v in self.moves.items()}
-        return StepPlan(tuple(steps), moves, tuple(self.preempted))
 
 
 def _tree_path(drafts: list[int], parents: Seq[int], tokens: list[int]) -> list[int]:

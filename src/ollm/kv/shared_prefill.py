@@ -99,10 +99,12 @@ def with_prefills(lay: GroupLayout, store, device: torch.device) -> GroupLayout:
     `PrefillGroup`s: its sequences outside decode batches (``rest``), not trees, grouped by
     the leading blocks they hold in common; their index tensors in one copy to ``device``."""
     by_first: dict[tuple[int, int], list[SeqRows]] = {}
-    for s in lay.rest:
-        if s.tree is None and len(s.ids) > SHARED_MIN_BLOCKS:
-            by_first.setdefault((s.key0, s.ids[0]), []).append(s)
     bt = store.block_tokens
+    for s in lay.rest:
+        # Fewer blocks before its first query than a group shares: not a member (e.g. the
+        # sequence computing a prefix its members adopted in this same step).
+        if s.tree is None and (s.start - s.key0) // bt >= SHARED_MIN_BLOCKS:
+            by_first.setdefault((s.key0, s.ids[0]), []).append(s)
     slot = 2 * store.kv_heads * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
     plans, flat = [], []
     for members in by_first.values():
