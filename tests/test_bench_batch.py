@@ -47,8 +47,12 @@ def test_bench_batch_cli(tmp_path, fake_probes):
     saved = p["shared"]["prefix_saved_tokens"]
     assert saved == 15 * 32  # two blocks of 16 for each later request
     assert p["shared"]["query_tokens"] == p["distinct"]["query_tokens"] - saved
+    # All 16 submitted at once: the later ones adopt the prefix the first computes in the same
+    # step, so every prompt takes the first pass and each further token one more.
+    assert p["shared"]["inflight_hits"] == 15 and p["distinct"]["inflight_hits"] == 0
     for case in ("shared", "distinct"):  # every step timed, its tokens counted once
         steps = p[case]["steps"]
+        assert len(steps) == 4
         assert sum(n for _, n in steps) == p[case]["query_tokens"]
         assert all(s > 0 for s, _ in steps)
     assert not list((tmp_path / "c").rglob("ollm-kv-*"))  # no disk pools left

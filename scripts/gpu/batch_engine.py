@@ -364,8 +364,8 @@ def prefix_profile(
     device: str = "cuda",
 ) -> dict:
     """The bench's shared-prefix case (`bench.batching.prefix_run`: 16 requests sharing all but
-    their last ``TAIL`` tokens, the first prefilled one step before the others arrive, on the
-    ``shared_prefix`` plan the bench makes for it), stepped to pure decode: the admission
+    their last ``TAIL`` tokens, all submitted at once, on the ``shared_prefix`` plan the bench
+    makes for it), stepped to pure decode: the admission
     steps' and ``steps`` decode steps' walls, then ``steps`` steps' timeline and ``steps`` more
     with every phase synchronized (``stepprof.step_timeline``)."""
     from ollm import LLM
@@ -380,11 +380,9 @@ def prefix_profile(
     try:
         eng = _engine(llm)
         ps = prompts(PREFIX_REQUESTS, prompt_tokens, llm.spec.vocab_size, 0, head)
-        eng.add(ps[0], _params(new))
-        admission = time_steps(eng, 1)  # the first request alone (the bench's order)
-        for p in ps[1:]:
+        for p in ps:  # all at once (the bench's order): one step admits them all
             eng.add(p, _params(new))
-        admission += time_steps(eng, 1)
+        admission = time_steps(eng, 1)
         while any(len(q.tokens) - q.num_computed > 1 for q in eng.scheduler.seqs.values()):
             admission += time_steps(eng, 1)
         wall = time_steps(eng, steps)
@@ -394,6 +392,7 @@ def prefix_profile(
         out = {
             "model": synthetic, "prompt_tokens": prompt_tokens, "shared_prefix_tokens": head,
             "batch": len(eng.scheduler.seqs), "prefix_hits": m.prefix_hits,
+            "inflight_hits": eng.scheduler.inflight_hits,
             "plan": dict(llm.plan.describe()),
             "admission_ms": [round(t * 1e3, 2) for t in admission],
             "step_ms": [round(t * 1e3, 2) for t in wall],

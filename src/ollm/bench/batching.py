@@ -15,9 +15,9 @@ Three workloads through `BatchEngine` on one plan (sized for the largest batch):
   the tokens delivered per second of wall time (every prompt's prefill included, in both);
   ``decode_ratio`` the decode tok/s, whose arrivals' steps carry the later prompts' prefills
   while the static batch's exclude its one prefill (a lower bound of the comparison).
-* ``prefix``: 16 requests sharing a long prefix (all but their last ``TAIL`` tokens; the first
-  prefilled before the others arrive) against 16 of the same lengths sharing nothing: wall
-  time, query tokens computed, prefix hits.
+* ``prefix``: 16 requests sharing a long prefix (all but their last ``TAIL`` tokens), submitted
+  at once, against 16 of the same lengths sharing nothing, also at once: wall time, query
+  tokens computed, prefix hits (the ones adopting blocks computed in their own step too).
 """
 
 from __future__ import annotations
@@ -221,21 +221,22 @@ def arrivals_case(llm, n: int, tokens: int, new_tokens: int, seed: int, rate: fl
 
 def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
     """``PREFIX_REQUESTS`` requests of ``tokens`` tokens whose first ``head`` are the same in
-    all. The first request is prefilled before the others arrive (a common system prompt
-    already cached): prompts admitted in the same step cannot share, since a block is keyed
-    once its KV is computed."""
+    all, submitted at once (both cases: the same arrivals): the first step admits them all, the
+    later ones adopting the prefix blocks the first computes in that step (in-step adoption,
+    `engine/step_builder.py`), so the prefix and every tail take one weight pass. Per step:
+    [wall seconds, query tokens]."""
     eng = _engine(llm)
     try:
         ps = prompts(PREFIX_REQUESTS, tokens, llm.spec.vocab_size, seed, head)
         t0 = time.perf_counter()
-        ids = [eng.add(ps[0], _params(new_tokens))]
-        steps = [_timed_step(eng)]
-        ids += [eng.add(p, _params(new_tokens)) for p in ps[1:]]
+        ids = [eng.add(p, _params(new_tokens)) for p in ps]
+        steps = []
         while eng.has_work():
             steps.append(_timed_step(eng))
         wall = time.perf_counter() - t0
         m = eng.metrics()
         generated = sum(len(eng.finished[r].token_ids) for r in ids)
+        inflight = eng.scheduler.inflight_hits
     finally:
         eng.close()
     return {
@@ -243,6 +244,7 @@ def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
         "total_tok_s": generated / wall,
         "query_tokens": m.step_tokens,
         "prefix_hits": m.prefix_hits,
+        "inflight_hits": inflight,
         "prefix_saved_tokens": m.prefix_saved_tokens,
         "prompt_tokens": tokens,
         "steps": steps,
