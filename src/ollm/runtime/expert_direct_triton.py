@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BIG = 1 << 62  # no stamp reaches it: a slot used by this call is never a victim
+BIG = tl.constexpr(1 << 62)  # no stamp reaches it: a slot used by this call is never a victim
 
 
 @triton.jit
