@@ -37,6 +37,15 @@ def self_attention(
 ) -> torch.Tensor:
     """Project, normalise (q/k norm), rotate, append to the cache, attend, project out (gated
     by the sigmoid of q_proj's second half per head with ``attn_output_gate``)."""
+    q, k, v, gate = attention_in(spec, x, w, cos, sin)
+    if spec.attn_sinks:
+        mask = replace(mask, sinks=w["self_attn.sinks"])
+    return attention_out(spec, kv.attend(q, k, v, mask, spec.scale, dense_mask), gate, w)
+
+
+def attention_in(spec: ModelSpec, x: torch.Tensor, w: Weights, cos, sin) -> tuple:
+    """q [B, Hq, T, D], k and v [B, Hk, T, D] (q/k normalised and rotated) and the output gate
+    (``attn_output_gate``; else None) of the rows ``x`` [B, T, H]."""
     b, t, _ = x.shape
     q = F.linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
     k = F.linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
@@ -49,9 +58,12 @@ def self_attention(
     k = k.view(b, t, -1, spec.head_dim).transpose(1, 2)
     v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
     q, k = _norm_rope_qk(spec, q, k, w, cos, sin)
-    if spec.attn_sinks:
-        mask = replace(mask, sinks=w["self_attn.sinks"])
-    out = kv.attend(q, k, v, mask, spec.scale, dense_mask)
+    return q, k, v, gate
+
+
+def attention_out(spec: ModelSpec, out: torch.Tensor, gate, w: Weights) -> torch.Tensor:
+    """The attended values ``out`` [B, Hq, T, D] gated (``gate``) and projected out."""
+    b, _, t, _ = out.shape
     out = out.transpose(1, 2).reshape(b, t, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)
@@ -59,6 +71,11 @@ def self_attention(
 
 
 _SIGNED: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]  # (sin, signed_sin(sin))
+
+
+def reset_rope_memo() -> None:
+    """Forget the memoised signed sin (a CUDA graph capture computes its own)."""
+    _SIGNED[0] = None
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
@@ -98,10 +115,6 @@ def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) 
     """The dense gated MLP, or the mixture of experts when the layer's weights hold a router
     (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` leave some layers dense)."""
     if spec.moe is not None and spec.moe.router_key in w:
-        # a decode row of a cache with direct decode may replay a CUDA graph of the whole MoE
-        graphs = getattr(getattr(getattr(w, "experts", None), "direct", None), "graphs", None)
-        if graphs is not None and x.shape[:-1].numel() == 1:
-            return graphs(x, w, lambda r: _sparse_mlp(spec, r, w, chunk_tokens))
         return _sparse_mlp(spec, x, w, chunk_tokens)
     return gated_mlp(
         x,
@@ -133,12 +146,24 @@ def decoder_block(
     dense_mask: torch.Tensor | None = None,
     mlp_chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """One transformer block: pre-norm attention and MLP with residuals (plus Gemma's sandwich norms)."""
+    """One transformer block: pre-norm attention and MLP with residuals (plus Gemma's sandwich norms).
+    A decode row of a sparse layer whose experts decode directly may run as two CUDA graphs
+    around its attention (``runtime/expert_graphs.py``)."""
+    graphs = _graphs(w, h)
+    if graphs is not None and LINEAR_KEY not in w and dense_mask is None:
+        out = graphs.block(spec, h, w, kv, cos, sin, mask, mlp_chunk_tokens)
+        if out is not None:
+            return out
     x = _norm(spec, h, w["input_layernorm.weight"])
     if LINEAR_KEY in w:  # a linear-attention layer: ``kv`` is its recurrent state
         a = linear_attention(spec, x, w, kv, mask)  # type: ignore[arg-type]
     else:
         a = self_attention(spec, x, w, kv, cos, sin, mask, dense_mask)
+    return block_out(spec, h, a, w, mlp_chunk_tokens)
+
+
+def block_out(spec: ModelSpec, h: torch.Tensor, a: torch.Tensor, w: Weights, chunk) -> torch.Tensor:
+    """The block after its attention: residual, norm(s), MLP, residual."""
     if spec.sandwich_norm:
         a = _norm(spec, a, w["post_attention_layernorm.weight"])
         h = h + a
@@ -146,12 +171,24 @@ def decoder_block(
     else:
         h = h + a
         x = _norm(spec, h, w["post_attention_layernorm.weight"])
-    m = mlp(spec, x, w, mlp_chunk_tokens)
+    m = mlp(spec, x, w, chunk)
     if spec.sandwich_norm:
         m = _norm(spec, m, w["post_feedforward_layernorm.weight"])
     if m.dtype == h.dtype and m.shape == h.shape:  # h is this block's own sum: added in place
         return h.add_(m)
     return h + m
+
+
+def block_in(spec: ModelSpec, h: torch.Tensor, w: Weights, cos, sin) -> tuple:
+    """``attention_in`` of the block's normalised input."""
+    return attention_in(spec, _norm(spec, h, w["input_layernorm.weight"]), w, cos, sin)
+
+
+def _graphs(w: Weights, h: torch.Tensor):
+    """The layer graphs of ``w``'s expert cache for a decode row (one token), else None."""
+    if h.shape[:-1].numel() != 1:
+        return None
+    return getattr(getattr(getattr(w, "experts", None), "direct", None), "graphs", None)
 
 
 def required_layer_tensors(

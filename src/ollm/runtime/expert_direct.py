@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ollm.runtime.expert_graphs import MlpGraphs, wanted
+from ollm.runtime.expert_graphs import LayerGraphs, wanted
 from ollm.runtime.expert_stacks import stacked_views
 
 if TYPE_CHECKING:
@@ -141,9 +141,9 @@ class DirectExperts:
         self.src = torch.zeros(p.num_experts, **i64)  # per pair: read from (an address)
         self.dst = torch.zeros(p.num_experts, **i64)  # per pair: kept in (0: a hit)
         self.owner = "host"  # who holds the cache's state now
-        # CUDA graphs of a decode row's MoE (``runtime/expert_graphs.py``, OLLM_MOE_GRAPHS=1)
+        # CUDA graphs of a decode row's sparse block (``runtime/expert_graphs.py``, opt-in)
         self.graphs = (
-            MlpGraphs(self.on_device) if mode == "triton" and cache.cuda and wanted() else None
+            LayerGraphs(self.on_device) if mode == "triton" and cache.cuda and wanted() else None
         )
         self._flushed_uses = torch.zeros(len(keys), dtype=torch.int64)
 

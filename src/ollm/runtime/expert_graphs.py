@@ -1,16 +1,24 @@
-"""CUDA graphs of a sparse layer's MLP for one decode row (issue 19; opt-in: ``OLLM_MOE_GRAPHS=1``).
+"""CUDA graphs of a decode row's sparse decoder block around its attention (issue 19; opt-in:
+``OLLM_MOE_GRAPHS=1``).
 
-With the direct decode (``runtime/expert_direct.py``) a decode row's MoE has no host sync and
-fixed shapes: router, top-k, the plan and gather kernels, the batched expert matmuls, the
-weighting and the sum, ~15 launches that cost the host more than the GPU. The first decode call
-of each sparse layer runs eagerly (the real call; it also compiles the kernels) and is then
-captured into a CUDA graph over a static copy of its input; later calls copy their row into it
-and replay the graph: one launch. All graphs share one memory pool (they never run at once, and
-only their outputs outlive a replay). The cache's state must be on the device before a replay
-(a prefill in between moved it to the host): ``ready`` pushes it outside the graph. A capture
-that fails (the layer took a path with a host sync) turns graphs off for the run, with a log
-line. The pool's memory is held for the run: measured against the budget on the device
-(``scripts/gpu/moe.py``).
+A batch-1 decode layer of an MoE model whose dense parts are resident is bound by the host: ~55
+kernel launches per layer (norms, projections, rope, router, the direct decode's plan and gather,
+the expert matmuls, residuals) at 25-40 us of host time each on the H200's host, for ~0.5 ms of
+GPU work. With the direct decode (``runtime/expert_direct.py``) nothing in the block reads back
+to the host, so everything but the attention over the growing KV has fixed shapes: the block's
+first part (input norm, q/k/v projections, q/k norms, rope) and its last part (output projection,
+residual, norm, the MoE, residual) are each captured once per layer as a CUDA graph, and a decode
+row replays them around the eager ``kv.attend`` (KV append and attention): ~8 launches a layer.
+
+The first decode row of each layer runs eagerly (the real call; kernels compile) and is then
+captured over static copies of its inputs: the residual stream row, the rope tables (one pair of
+buffers for all layers, refilled when the runner hands a new table: once per step) and the
+attention's output. Every graph shares one memory pool (they never run at once; what outlives a
+replay is only its static inputs and outputs). The expert cache's state must be on the device
+before a replay (a prefill in between moves it to the host): ``ready`` pushes it outside any
+graph. Weights that change under a layer (a streamed dense part) or a capture that fails turn
+the graphs off for the run, with a log line. The pool's memory is held for the run: measured
+against the budget on the device (``scripts/gpu/moe.py``: peak reserved per run).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,45 +38,108 @@ def wanted() -> bool:
     return os.environ.get("OLLM_MOE_GRAPHS", "0") not in ("0", "off", "false", "")
 
 
-class MlpGraphs:
-    """One graph per (layer weights, row shape, dtype), replayed for later decode rows."""
+@dataclass
+class _Layer:
+    pre: torch.cuda.CUDAGraph
+    post: torch.cuda.CUDAGraph
+    h: torch.Tensor  # static input row (the residual stream)
+    qkvg: tuple  # pre's outputs: q, k, v, gate (or None)
+    attn: torch.Tensor  # static input of post: the attention's output
+    out: torch.Tensor  # post's output: the next residual row
+    w: object  # kept alive: its id keys the entry
+
+
+class LayerGraphs:
+    """Two graphs per sparse layer (weights, row shape and dtype), replayed for decode rows."""
 
     def __init__(self, ready: Callable[[], None]) -> None:
         self.ready = ready  # puts the expert cache's state on the device (outside any graph)
         self.pool = None
-        self.graphs: dict[tuple, tuple] = {}
+        self.layers: dict[tuple, _Layer] = {}
+        self.seen: dict[int, int] = {}  # a layer's router's address -> id of its weights
+        self.rope: dict[tuple, tuple] = {}  # (shape, dtype, device) -> static cos, sin, source
         self.off = False
         self.replays = 0
 
-    def __call__(self, x: torch.Tensor, w: object, fn: Callable[[torch.Tensor], torch.Tensor]):
-        """``fn(x)`` for layer weights ``w``: eagerly (then captured), or by a replay."""
-        if self.off:
-            return fn(x)
-        key = (id(w), tuple(x.shape), x.dtype)
-        entry = self.graphs.get(key)
-        if entry is None:
-            out = fn(x)
-            self._capture(key, x, w, fn)
-            return out
-        graph, static_x, static_out, _ = entry
-        self.ready()
-        static_x.copy_(x)
-        graph.replay()
-        self.replays += 1
-        return static_out
+    def block(self, spec, h, w, kv, cos, sin, mask, chunk) -> torch.Tensor | None:
+        """``decoder_block`` of one decode row: eager then captured, or replayed; None when the
+        graphs are off (the caller runs the block eagerly)."""
+        from ollm.models.decoder import attention_out, block_in, block_out
 
-    def _capture(self, key: tuple, x: torch.Tensor, w: object, fn) -> None:
+        if self.off or torch.cuda.is_current_stream_capturing():
+            return None
+        key = (id(w), tuple(h.shape), h.dtype)
+        e = self.layers.get(key)
+        if e is None:
+            if not self._new_weights(w, spec):
+                return None
+            q, k, v, gate = block_in(spec, h, w, cos, sin)
+            attn = kv.attend(q, k, v, _mask(spec, w, mask), spec.scale, None)
+            h0 = h.clone()
+            out = block_out(spec, h, attention_out(spec, attn, gate, w), w, chunk)
+            self._capture(key, spec, h0, w, cos, sin, attn, chunk)
+            return out
         self.ready()
-        static_x = x.clone()
-        graph = torch.cuda.CUDAGraph()
+        self._rope(cos, sin)  # the static tables refilled once per step
+        e.h.copy_(h)
+        e.pre.replay()
+        q, k, v, _ = e.qkvg
+        e.attn.copy_(kv.attend(q, k, v, _mask(spec, w, mask), spec.scale, None))
+        e.post.replay()
+        self.replays += 1
+        return e.out
+
+    def _new_weights(self, w, spec) -> bool:
+        """A layer's first weights, or graphs off: its weights change (a streamed dense part)."""
+        router = w.get(spec.moe.router_key) if spec.moe is not None else None
+        if router is None:
+            return False
+        seen = self.seen.setdefault(router.data_ptr(), id(w))
+        if seen != id(w):
+            self._stop("a layer's weights changed between decode rows")
+            return False
+        return True
+
+    def _rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """The static rope buffers of ``cos``' shape, refilled when the runner hands new tables."""
+        key = (tuple(cos.shape), cos.dtype, cos.device, tuple(sin.shape))
+        got = self.rope.get(key)
+        if got is None:
+            got = self.rope[key] = [cos.clone(), sin.clone(), cos, sin]
+        elif got[2] is not cos or got[3] is not sin:
+            got[0].copy_(cos)
+            got[1].copy_(sin)
+            got[2], got[3] = cos, sin
+        return got[0], got[1]
+
+    def _capture(self, key, spec, h, w, cos, sin, attn, chunk) -> None:
+        from ollm.models.decoder import attention_out, block_in, block_out, reset_rope_memo
+
+        self.ready()
+        scos, ssin = self._rope(cos, sin)
+        static_attn = attn.clone()
+        pre, post = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = fn(static_x)
-        except Exception as exc:  # noqa: BLE001 - a path with a sync: eager from now on
-            log.warning("MoE decode graphs off: capture failed (%s)", exc)
-            self.off = True
-            self.graphs.clear()
+            reset_rope_memo()  # each graph computes its own signed sin (no tensor of another)
+            with torch.cuda.graph(pre, pool=self.pool, capture_error_mode="thread_local"):
+                qkvg = block_in(spec, h, w, scos, ssin)
+            reset_rope_memo()
+            with torch.cuda.graph(post, pool=self.pool, capture_error_mode="thread_local"):
+                out = block_out(spec, h, attention_out(spec, static_attn, qkvg[3], w), w, chunk)
+        except Exception as exc:  # noqa: BLE001 - a path with a host sync: eager from now on
+            reset_rope_memo()
+            self._stop(f"capture failed ({exc})")
             return
-        self.graphs[key] = (graph, static_x, static_out, w)  # w kept: its id stays unique
+        self.layers[key] = _Layer(pre, post, h, qkvg, static_attn, out, w)
+
+    def _stop(self, why: str) -> None:
+        log.warning("MoE decode graphs off: %s", why)
+        self.off = True
+        self.layers.clear()
+
+
+def _mask(spec, w, mask):
+    """The attention mask with gpt-oss's sinks, as ``self_attention`` gives it."""
+    return replace(mask, sinks=w["self_attn.sinks"]) if spec.attn_sinks else mask
