@@ -80,7 +80,8 @@ def options(cell: dict) -> dict:
     if kind in ("codec", "batch"):
         opts["kv_codec"] = cell["codec"]
     if kind == "moe":
-        opts.update(moe_offload="expert", offload="cpu", expert_lookahead=True, expert_cpu="off")
+        opts.update(moe_offload="expert", offload="cpu", expert_cpu="off",
+                    expert_lookahead=cell.get("lookahead", True))  # fmt: skip
     if kind == "resident":  # rates measured (hybrid auto), no CPU-computed layer (none held then)
         opts.update(decode_resident=True, offload="cpu", hybrid="auto", cpu_layers=0)
     if kind == "shared":  # the plan counts the prefix's KV blocks once
@@ -218,7 +219,8 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
                           store="llama"))  # fmt: skip
     if "moe" in kinds:
         for p in (prompt,) if prompt else (2048,) if quick else (2048, 8192):
-            heads.append(dict(kind="moe", prompt=p, batch=1, store="moe"))
+            for ahead in (True, False):  # lookahead (host path) / direct decode with graphs
+                heads.append(dict(kind="moe", prompt=p, batch=1, store="moe", lookahead=ahead))
     if "resident" in kinds:
         for p in (prompt,) if prompt else (8192,) if quick else (8192, 32768):
             heads.append(dict(kind="resident", prompt=p, batch=1, store="llama"))
@@ -330,13 +332,18 @@ def report(llm, cell: dict, results: list) -> dict:
                    decode_rows=plan.decode_rows)  # fmt: skip
     if kind == "moe":
         e = plan.experts
-        ahead = getattr(getattr(llm.prefetcher, "experts", None), "ahead", None)
+        cache = getattr(llm.prefetcher, "experts", None)
+        ahead = getattr(cache, "ahead", None)
+        direct = getattr(cache, "direct", None)
+        graphs = getattr(direct, "graphs", None)
         out.update(
             experts=None if e is None else {str(k): v for k, v in e.tier_counts().items()},
             cache_slots=None if e is None else e.cache_slots,
             lookahead_planned=None if e is None else e.lookahead,
             lookahead=None if ahead is None else dict(ahead.counts),
             expert_hit_rate=results[0].metrics.expert_hit_rate,
+            direct=None if direct is None else direct.mode,
+            graph_replays=None if graphs is None else graphs.replays,
         )
     if kind == "shared":
         out.update(_shared_report(plan, cell, results))

@@ -413,7 +413,7 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
     ``OLLM_MOE_REPEAT_ZIPF=1`` also LRU under the Zipf routing (is it slower than uniform?)."""
     n = int(os.environ.get("OLLM_MOE_REPEAT", "0"))
     got: dict[str, list[float]] = {
-        "defaults": [], "expert_cpu_off": [], "host_path": [], "graphs": []
+        "defaults": [], "expert_cpu_off": [], "host_path": [], "no_graphs": []
     }  # fmt: skip
     zipf = bool(os.environ.get("OLLM_MOE_REPEAT_ZIPF"))
     if zipf:
@@ -424,9 +424,9 @@ def _repeats(store, kw, full, ctx, new, h2d, exp) -> dict:
             got["expert_cpu_off"].append(  # when the direct decode is on
                 _run(store, kw, full, ctx, new, h2d, 0.0, expert_cpu="off", **exp)
             )
-        # the defaults on the host path (one sync a layer), and with CUDA graphs of the MoE
-        for name, var in (("host_path", "OLLM_MOE_DIRECT"), ("graphs", "OLLM_MOE_GRAPHS")):
-            os.environ[var] = "0" if name == "host_path" else "1"
+        # the defaults on the host path (one sync a layer), and direct without the CUDA graphs
+        for name, var in (("host_path", "OLLM_MOE_DIRECT"), ("no_graphs", "OLLM_MOE_GRAPHS")):
+            os.environ[var] = "0"
             try:
                 got[name].append(_run(store, kw, full, ctx, new, h2d, 0.0, **exp))
             finally:

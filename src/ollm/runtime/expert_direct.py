@@ -141,7 +141,7 @@ class DirectExperts:
         self.src = torch.zeros(p.num_experts, **i64)  # per pair: read from (an address)
         self.dst = torch.zeros(p.num_experts, **i64)  # per pair: kept in (0: a hit)
         self.owner = "host"  # who holds the cache's state now
-        # CUDA graphs of a decode row's sparse block (``runtime/expert_graphs.py``, opt-in)
+        # CUDA graphs of a decode row's sparse block (``runtime/expert_graphs.py``)
         self.graphs = (
             LayerGraphs(self.on_device) if mode == "triton" and cache.cuda and wanted() else None
         )

@@ -1,5 +1,5 @@
-"""CUDA graphs of a decode row's sparse decoder block around its attention (issue 19; opt-in:
-``OLLM_MOE_GRAPHS=1``).
+"""CUDA graphs of a decode row's sparse decoder block around its attention (issue 19; on with the
+direct decode, ``OLLM_MOE_GRAPHS=0`` turns them off).
 
 A batch-1 decode layer of an MoE model whose dense parts are resident is bound by the host: ~55
 kernel launches per layer (norms, projections, rope, router, the direct decode's plan and gather,
@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def wanted() -> bool:
-    """Whether ``OLLM_MOE_GRAPHS`` asks for the graphs (off by default)."""
-    return os.environ.get("OLLM_MOE_GRAPHS", "0") not in ("0", "off", "false", "")
+    """Whether the graphs are on (``OLLM_MOE_GRAPHS``, default on; "0" turns them off)."""
+    return os.environ.get("OLLM_MOE_GRAPHS", "1") not in ("0", "off", "false", "")
 
 
 @dataclass
