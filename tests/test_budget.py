@@ -305,21 +305,29 @@ def test_budget_script_new_kinds_dry_run_on_the_cpu(tmp_path):
     new = ("codec", "batch", "moe", "resident")
     stores = kinds.make_kind_stores(tmp_path, new, True, TINY)
     cells = kinds.kind_cells(new, stores, False, "cpu", str(tmp_path / "cache"), prompt=64)
-    heads = {(c["kind"], c.get("codec"), c["batch"]) for c in cells}
-    assert heads == {("codec", "int4", 1), ("codec", "int8", 1), ("codec", "auto", 1),
-                     ("batch", "none", 8), ("batch", "int4", 8), ("batch", "none", 4),
-                     ("batch", "int4", 4), ("batch", "none", 32), ("moe", None, 1),
-                     ("resident", None, 1)}  # fmt: skip
+    heads = {(c["kind"], c.get("codec"), c["batch"], c.get("lookahead_on")) for c in cells}
+    assert heads == {("codec", "int4", 1, None), ("codec", "int8", 1, None),
+                     ("codec", "auto", 1, None), ("batch", "none", 8, None),
+                     ("batch", "int4", 8, None), ("batch", "none", 4, None),
+                     ("batch", "int4", 4, None), ("batch", "none", 32, None),
+                     ("moe", None, 1, True), ("moe", None, 1, False),
+                     ("resident", None, 1, None)}  # fmt: skip
     rows = [budget.judge(budget.run_cell(c)) for c in cells]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     for head in heads:
-        mine = [r for r in rows if (r["kind"], r.get("codec"), r["batch"]) == head]
+        mine = [
+            r
+            for r in rows
+            if (r["kind"], r.get("codec"), r["batch"], r.get("lookahead_on")) == head
+        ]
         assert [r["refused"] for r in mine] == [True, False, False], head
         assert mine[0]["budget"] < mine[0]["minimum"] <= mine[1]["budget"] < mine[2]["budget"]
         assert "at least" in mine[0]["error"]
         assert mine[1]["planned_path"] and mine[2]["planned_path"]
     quick = kinds.kind_cells(("moe",), stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
-    assert [c["budget"] for c in quick] == [c["budget"] for c in cells if c["kind"] == "moe"][:2]
+    for ahead in (True, False):
+        q = [c["budget"] for c in quick if c["lookahead_on"] is ahead]
+        assert q == [c["budget"] for c in cells if c.get("lookahead_on") is ahead][:2]
     # The resident kind keeps its cell above the path's minimum under --quick too.
     held = kinds.kind_cells(("resident",), stores, True, "cpu", str(tmp_path / "cache"), prompt=64)
     assert [c["budget"] for c in held] == [c["budget"] for c in cells if c["kind"] == "resident"]

@@ -81,7 +81,7 @@ def options(cell: dict) -> dict:
         opts["kv_codec"] = cell["codec"]
     if kind == "moe":
         opts.update(moe_offload="expert", offload="cpu", expert_cpu="off",
-                    expert_lookahead=cell.get("lookahead", True))  # fmt: skip
+                    expert_lookahead=cell.get("lookahead_on", True))  # fmt: skip
     if kind == "resident":  # rates measured (hybrid auto), no CPU-computed layer (none held then)
         opts.update(decode_resident=True, offload="cpu", hybrid="auto", cpu_layers=0)
     if kind == "shared":  # the plan counts the prefix's KV blocks once
@@ -127,7 +127,8 @@ def plan_at(eng, budget: int, batch: int, context: int):
 def path_taken(cell: dict, plan) -> bool:
     """Whether ``plan`` takes the path the cell's kind checks (the MoE kind: experts placed one
     by one through the cache, not all resident; on a GPU also with lookahead on and experts
-    homed in RAM; the shared kind: planned for its prefix, every KV pool on the GPU)."""
+    homed in RAM, or without it (the direct decode and its graphs) every expert in RAM; the
+    shared kind: planned for its prefix, every KV pool on the GPU)."""
     if cell.get("kind") == "shared":
         on_gpu = all(p.kv_tier == "device" for p in plan.layers)
         return plan.shared_prefix == cell["shared"] and (plan.device == "cpu" or on_gpu)
@@ -139,7 +140,11 @@ def path_taken(cell: dict, plan) -> bool:
     if e is None:
         return False
     on_cpu = plan.device == "cpu"  # RAM is the device: the cache takes the disk experts' misses
-    return not e.resident and (on_cpu or (e.lookahead and sum(e.ram) > 0))
+    if on_cpu or e.resident:
+        return not e.resident
+    if not cell.get("lookahead_on", True):  # the direct decode: every expert homed in RAM
+        return not e.lookahead and all(r == e.num_experts for r in e.ram)
+    return e.lookahead and sum(e.ram) > 0
 
 
 def minimums(eng, cell: dict) -> tuple[int, int]:
@@ -220,7 +225,7 @@ def kind_cells(kinds: tuple[str, ...], stores: dict[str, Path], quick: bool, dev
     if "moe" in kinds:
         for p in (prompt,) if prompt else (2048,) if quick else (2048, 8192):
             for ahead in (True, False):  # lookahead (host path) / direct decode with graphs
-                heads.append(dict(kind="moe", prompt=p, batch=1, store="moe", lookahead=ahead))
+                heads.append(dict(kind="moe", prompt=p, batch=1, store="moe", lookahead_on=ahead))
     if "resident" in kinds:
         for p in (prompt,) if prompt else (8192,) if quick else (8192, 32768):
             heads.append(dict(kind="resident", prompt=p, batch=1, store="llama"))
