@@ -103,7 +103,32 @@ def make_prefetcher(store, plan, stats, verify: bool, rates=None):
     except BaseException:
         prefetcher.close()
         raise
+    _graphs_fit(cache, plan)
     return prefetcher
+
+
+GRAPH_SLACK = 16 << 20  # the graphs' own small tensors (static rows, routing temporaries)
+
+
+def _graphs_fit(cache, plan) -> None:
+    """Keep the direct decode's CUDA graphs (``runtime/expert_graphs.py``) only where they can
+    work and fit: every dense part resident in decode (a streamed one changes its weights under
+    the graph), and the plan's room under the budget holding their memory pool (one row's
+    gathered experts: the plan's ``expert rows``, as the eager path's temporaries, plus
+    ``GRAPH_SLACK``; the pool is held for the run while prefill allocates its own)."""
+    d = getattr(cache, "direct", None)
+    if d is None or d.graphs is None:
+        return
+    why = None
+    if plan.streamed_for("decode"):
+        why = "dense parts stream in decode"
+    elif plan.budget is not None:
+        need = plan.reserved.get("expert rows", 0) + GRAPH_SLACK
+        if plan.budget - plan.peak_device_bytes < need:
+            why = f"the plan leaves {plan.budget - plan.peak_device_bytes} bytes, they need {need}"
+    if why is not None:
+        log.info("MoE decode graphs off: %s", why)
+        d.graphs = None
 
 
 def expert_frequencies(llm) -> dict[str, int]:
