@@ -239,3 +239,51 @@ def test_direct_kernels_equal_their_reference_in_the_interpreter():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SAME" in res.stdout
+
+
+def test_graphs_kept_only_where_they_work_and_fit():
+    """``engine.moe_offload._graphs_fit``: the decode graphs stay with every dense part resident
+    and room under the budget for their pool (expert rows + slack); streamed or decode-copied
+    dense parts, or too little room, turn them off."""
+    from types import SimpleNamespace
+
+    from ollm.engine.moe_offload import GRAPH_SLACK, _graphs_fit
+
+    def case(streamed=(), held=(), room=1 << 30, rows=100 << 20):
+        direct = SimpleNamespace(graphs=object())
+        plan = SimpleNamespace(
+            streamed_for=lambda phase: list(streamed), decode_resident=list(held),
+            budget=8 << 30, peak_device_bytes=(8 << 30) - room, reserved={"expert rows": rows},
+        )  # fmt: skip
+        _graphs_fit(SimpleNamespace(direct=direct), plan)
+        return direct.graphs is not None
+
+    assert case()
+    assert not case(streamed=[3])
+    assert not case(held=[5])
+    assert case(room=(100 << 20) + GRAPH_SLACK)
+    assert not case(room=(100 << 20) + GRAPH_SLACK - 1)
+
+
+def test_layer_graphs_bookkeeping_without_a_gpu():
+    """``LayerGraphs``' host-side rules: the static rope tables are refilled only when the runner
+    hands new tables; more weights than sparse layers (weights changing under the graphs) turn
+    them off and drop what they hold."""
+    from types import SimpleNamespace
+
+    from ollm.runtime.expert_graphs import LayerGraphs
+
+    g = LayerGraphs(lambda: None, layers=2)
+    cos, sin = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    a = g._rope(cos, sin)
+    assert torch.equal(a[0], cos) and a[0] is not cos
+    cos.add_(1)  # the same table object: not copied again (the runner makes one per step)
+    assert not torch.equal(g._rope(cos, sin)[0], cos)
+    cos2 = cos.clone()
+    assert torch.equal(g._rope(cos2, sin)[0], cos2)
+    spec = SimpleNamespace(moe=SimpleNamespace(router_key="r"))
+    ws = [{"r": torch.zeros(2)} for _ in range(3)]
+    assert g._new_weights(ws[0], spec) and g._new_weights(ws[1], spec)
+    assert g._new_weights(ws[0], spec)  # the same layer's weights again
+    assert not g._new_weights(ws[2], spec) and g.off and not g.seen and not g.rope
+    assert not g._new_weights({}, SimpleNamespace(moe=None))

@@ -120,8 +120,8 @@ def _graphs_fit(cache, plan) -> None:
     if d is None or d.graphs is None:
         return
     why = None
-    if plan.streamed_for("decode"):
-        why = "dense parts stream in decode"
+    if plan.streamed_for("decode") or plan.decode_resident:
+        why = "dense parts stream (or are copied in for decode)"
     elif plan.budget is not None:
         need = plan.reserved.get("expert rows", 0) + GRAPH_SLACK
         if plan.budget - plan.peak_device_bytes < need:

@@ -143,7 +143,9 @@ class DirectExperts:
         self.owner = "host"  # who holds the cache's state now
         # CUDA graphs of a decode row's sparse block (``runtime/expert_graphs.py``)
         self.graphs = (
-            LayerGraphs(self.on_device) if mode == "triton" and cache.cuda and wanted() else None
+            LayerGraphs(self.on_device, len(p.layers))
+            if mode == "triton" and cache.cuda and wanted()
+            else None
         )
         self._flushed_uses = torch.zeros(len(keys), dtype=torch.int64)
 

@@ -52,8 +52,9 @@ class _Layer:
 class LayerGraphs:
     """Two graphs per sparse layer (weights, row shape and dtype), replayed for decode rows."""
 
-    def __init__(self, ready: Callable[[], None]) -> None:
+    def __init__(self, ready: Callable[[], None], layers: int) -> None:
         self.ready = ready  # puts the expert cache's state on the device (outside any graph)
+        self.max_layers = layers  # sparse layers: more weights than that means they change
         self.pool = None
         self.layers: dict[tuple, _Layer] = {}
         self.seen: dict[int, int] = {}  # a layer's router's address -> id of its weights
@@ -95,7 +96,7 @@ class LayerGraphs:
         if router is None:
             return False
         seen = self.seen.setdefault(router.data_ptr(), id(w))
-        if seen != id(w):
+        if seen != id(w) or len(self.seen) > self.max_layers:
             self._stop("a layer's weights changed between decode rows")
             return False
         return True
@@ -137,7 +138,9 @@ class LayerGraphs:
     def _stop(self, why: str) -> None:
         log.warning("MoE decode graphs off: %s", why)
         self.off = True
-        self.layers.clear()
+        self.layers.clear()  # their weights and pool memory go with them
+        self.seen.clear()
+        self.rope.clear()
 
 
 def _mask(spec, w, mask):
