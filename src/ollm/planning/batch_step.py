@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ollm.planning.accounting import chunk_temp_bytes, kv_group
-from ollm.planning.footprint import max_live_blocks, score_block_bytes
+from ollm.planning.footprint import max_live_blocks, row_cell_bytes, score_block_bytes
 
 if TYPE_CHECKING:
     from ollm.planning.accounting import KVFormat
@@ -66,16 +66,18 @@ def pool_layer_bytes(spec, pools: dict[str, int], page: int, dtype_bytes: int) -
 def engine_parts(
     spec, work: Workload, dtype_bytes: int, mlp_chunk: int, chunk: int, *, on_gpu: bool = True,
     residual_ram: bool = False, embed_on_device: bool = False, page: int = 16,
-    logit_rows: int | None = None,
+    logit_rows: int | None = None, forward: int | None = None,
 ) -> dict[str, int]:  # fmt: skip
     """Bytes the batch engine allocates on the device in its largest step besides the pools,
     weights and globals, by allocation site: N = ``step_tokens`` packed rows cut into chunks
     of ``chunk`` rows (0: one), ``logit_rows`` sequences with a logits row (default
     ``work.batch``). The parts sum to at least the step's peak (the float32 rope transient
-    happens before any chunk runs, yet is added: the allocator keeps its segments)."""
+    happens before any chunk runs, yet is added: the allocator keeps its segments).
+    ``forward``: a step of at most that many query rows instead (a decode step, held layers'
+    reservation: ``planning/decode_resident.py``), whose scores are bounded by its rows too."""
     e, h, d = dtype_bytes, spec.hidden_size, spec.head_dim
     heads, kvh = spec.num_heads, spec.num_kv_heads
-    n = step_tokens(spec, work, chunk)
+    n = forward or step_tokens(spec, work, chunk)
     rows = min(chunk or n, n)
     r = max(1, logit_rows or work.batch)
     ctx_slots = -(-work.context // page) * page  # a sequence's keys, whole blocks
@@ -100,7 +102,7 @@ def engine_parts(
     parts["attention"] = (
         2 * kvh * rows * d * e  # torch.cat([k, v]) for the pool write
         + 2 * rows * heads * d * e  # the step's output and one sequence's (before it is copied)
-        + score_block_bytes(1, heads, work.context, e)  # blocked_attention's scores (or flash's)
+        + _scores(spec, work.context, e, ctx_slots, forward)  # blocked_attention's (or flash's)
         + rows * heads * (d * e + 12)  # the kernel's output and log-sum-exps
         + gathered
     )
@@ -119,6 +121,18 @@ def engine_parts(
         before = max(before, n * h * e)  # ``e * scale``: a second embedding before the first goes
     parts["pre-layer transient (rope float32)"] = before
     return parts
+
+
+def _scores(spec, context: int, e: int, ctx_slots: int, forward: int | None) -> int:
+    """Scores of one attention call: a block under ``SCORE_BLOCK_BYTES`` (or one row), and in a
+    step of ``forward`` rows at most those rows over every key slot (``row_cell_bytes`` per
+    row and key, plus a boolean per folded row: `kv/shared_prefix.py` folds each KV head's
+    query heads into rows, its mask then has ``heads / kv_heads`` rows per query)."""
+    block = score_block_bytes(1, spec.num_heads, context, e)
+    if not forward:
+        return block
+    group = spec.num_heads // spec.num_kv_heads
+    return min(block, forward * ctx_slots * (row_cell_bytes(spec.num_heads, e) + 4 * group))
 
 
 def _index_bytes(spec, work: Workload, n: int, running: int, page: int) -> int:

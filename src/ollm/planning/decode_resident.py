@@ -12,7 +12,13 @@ how many: the count and arrangement (first streamed ones or spread between them)
 step, simulated layer by layer (``costmodel.pipeline_step``, with the fetch and routed-read
 choices made again), is shortest. Held layers fill the decode reservation only up to
 ``fragmentation_allowance`` below the budget. Opt-in (``EngineConfig.decode_resident``) until a
-device budget check (``scripts/gpu/budget.py --kinds resident``) passes."""
+device budget check (``scripts/gpu/budget.py --kinds resident``) passes.
+
+A plan for the batch engine (``sz.engine``) reserves its largest step (a shared prefix's
+admission: 6912 packed rows for 16 x 6192 tokens sharing 6144); its decode step is one row per
+sequence, so its decode reservation is ``batch_step.engine_parts`` of that many rows (the
+same sites: the 64 MiB decode gather stays, the scores are those rows' over every key slot
+instead of a 64 MiB block), or a single request's forward of as many tokens if larger."""
 
 from __future__ import annotations
 
@@ -92,18 +98,18 @@ def plan_decode_resident(plan: PlacementPlan, spec, store, sz: PlanSizes, rates,
                          offload: str, kv_read=None, hold: bool = True) -> PlacementPlan:  # fmt: skip
     """``plan`` with ``decode_reserved`` (its reservations with decode's activations) and the
     streamed layers made decode-resident in what that frees, when the cost model says they
-    shorten the step. Single-sequence GPU plans with measured rates, without CPU-computed
-    layers or experts, only; others are returned as they are. ``hold`` False: none held, the
+    shorten the step. Single-sequence or batch-engine GPU plans with measured rates, without
+    CPU-computed layers or experts, only; others are returned as they are. ``hold`` False: none held, the
     plan gets only its decode reservations and (compressed KV) its simulated step."""
     from ollm.planning.costmodel import interleave
 
     if (plan.budget is None or not plan.device.startswith("cuda") or rates is None
-            or work.batch != 1 or plan.cpu_layers or spec.moe is not None
+            or (work.batch != 1 and not sz.engine) or plan.cpu_layers or spec.moe is not None
             or offload == "disk"):  # fmt: skip
         return plan
     decode = dict(plan.reserved)
-    small = decode_activations(spec, work, _elem(sz, spec), sz.mlp_chunk)
-    decode["activations"] = min(plan.reserved["activations"], small)
+    base_rows, more_rows = _rows(sz, work)
+    decode["activations"] = min(plan.reserved["activations"], _act(spec, sz, work, base_rows))
     cands = _candidates(plan)
     cap = plan.budget - fragmentation_allowance(plan.budget)  # what held layers may fill
     spare = cap - sum(decode.values())
@@ -124,10 +130,9 @@ def plan_decode_resident(plan: PlacementPlan, spec, store, sz: PlanSizes, rates,
     decode["decode-resident layers"] = sum(
         store.layer_nbytes(i) for i, p in enumerate(layers) if p.decode_resident
     )
-    rows = DECODE_ROWS
-    for more in DECODE_ROWS_UP_TO:  # the largest verify pass whose activations still fit
-        act = min(plan.reserved["activations"], decode_activations(
-            spec, work, _elem(sz, spec), sz.mlp_chunk, more))  # fmt: skip
+    rows = base_rows
+    for more in more_rows:  # the largest verify pass whose activations still fit
+        act = min(plan.reserved["activations"], _act(spec, sz, work, more))
         if sum({**decode, "activations": act}.values()) <= cap:
             rows, decode["activations"] = more, act
             break
@@ -140,6 +145,36 @@ def plan_decode_resident(plan: PlacementPlan, spec, store, sz: PlanSizes, rates,
                    decode_rows=rows if k else 0)  # fmt: skip
 
 
-def _elem(sz: PlanSizes, spec) -> int:
-    """Bytes per activation element: KV bytes per token over 2 x KV heads x head size."""
-    return sz.per_token // (2 * spec.num_kv_heads * spec.head_dim)
+def _elem(sz: PlanSizes, spec, batch: int) -> int:
+    """Bytes per activation element: KV bytes per token (of the whole batch) over batch x 2 x
+    KV heads x head size."""
+    return sz.per_token // (2 * spec.num_kv_heads * spec.head_dim * batch)
+
+
+def _rows(sz: PlanSizes, work: Workload) -> tuple[int, tuple[int, ...]]:
+    """(rows of the forward decode runs with held layers, larger ones kept when they fit):
+    ``DECODE_ROWS`` and ``DECODE_ROWS_UP_TO`` for one sequence; for the batch engine its
+    decode step, one row per sequence (``logit_rows``: as many as the plan's step runs), then
+    2 and 4 rows each (drafts; at most 256). A larger forward (a prompt admitted, longer
+    drafts) runs in the prefill phase: the held layers are given back first."""
+    if not sz.engine:
+        return DECODE_ROWS, DECODE_ROWS_UP_TO
+    b = max(1, sz.logit_rows or work.batch)
+    return b, tuple(r for r in (min(256, 4 * b), min(256, 2 * b)) if r > b)
+
+
+def _act(spec, sz: PlanSizes, work: Workload, rows: int) -> int:
+    """Device activations of a decode-phase forward of ``rows`` query rows: ``decode_activations``
+    for one sequence; for the batch engine the larger of its step of ``rows`` packed rows
+    (``batch_step.engine_parts`` with ``forward``, a logits row each) and a single request's
+    forward of ``rows`` tokens at batch 1 (the same plan serves single prompts)."""
+    elem = _elem(sz, spec, work.batch)
+    if not sz.engine:
+        return decode_activations(spec, work, elem, sz.mlp_chunk, rows)
+    from ollm.planning.batch_step import engine_parts
+
+    parts = engine_parts(spec, work, elem, sz.mlp_chunk, sz.chunk, on_gpu=True,
+                         residual_ram=sz.residual_ram, embed_on_device=not sz.head,
+                         logit_rows=rows, forward=rows)  # fmt: skip
+    one = type(work)(1, work.context, rows)
+    return max(sum(parts.values()), decode_activations(spec, one, elem, sz.mlp_chunk, rows))
