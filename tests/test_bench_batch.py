@@ -100,3 +100,25 @@ def test_saturated_arrivals_compare_decode_rates(tmp_path, fake_probes):
     assert a["static_decode_tok_s"] == ref["decode_tok_s"]
     assert a["total_ratio"] == pytest.approx(a["total_tok_s"] / ref["total_tok_s"])
     assert a["decode_ratio"] == pytest.approx(a["decode_tok_s"] / ref["decode_tok_s"])
+
+
+def test_prefix_case_asks_for_decode_resident_layers(tmp_path, fake_probes):
+    """``prefix_resident``: the shared requests run again on a plan made with
+    ``decode_resident=True`` (``shared_resident``, with its held layers and the case's peak
+    reserved memory in the report), beside the plain shared case and the distinct one; on the
+    CPU no layer is held (no copy engine), the same steps and tokens are computed."""
+    from ollm.bench.batching import run_batch_bench
+
+    make_hf_model("llama", tmp_path / "m")
+    report = run_batch_bench(
+        model=str(tmp_path / "m"), synthetic=None, batches=[2], prompt_tokens=64, new_tokens=4,
+        llm_kwargs={"device": "cpu", "cache_dir": str(tmp_path / "c")}, workloads=("prefix",),
+        prefix_resident=True,
+    )  # fmt: skip
+    p = report["prefix"]
+    shared, held = p["shared"], p["shared_resident"]
+    assert held["decode_resident_layers"] == shared["decode_resident_layers"] == []
+    assert held["query_tokens"] == shared["query_tokens"] and held["prefix_hits"] == 15
+    assert [n for _, n in held["steps"]] == [n for _, n in shared["steps"]]
+    assert p["speedup_resident"] == pytest.approx(p["distinct"]["wall_s"] / held["wall_s"])
+    assert set(held["peak_reserved_gib"]) == {"process", "case", "case_allocated"}

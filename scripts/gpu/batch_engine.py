@@ -268,16 +268,18 @@ def bench_batch(
     prompt_tokens: int = 2048,
     new_tokens: int = 128,
     stream_all: tuple[int, ...] = (),
+    prefix_resident: bool = False,
 ) -> dict:
     """``ollm bench --batch`` on ``synthetic`` shapes (2k prompts, 128 new tokens by default);
-    ``split``: static batches also run with the host-pool split, in the same process."""
+    ``split``: static batches also run with the host-pool split, in the same process;
+    ``prefix_resident``: the prefix case's shared requests also on a ``decode_resident`` plan."""
     from ollm.bench.batching import run_batch_bench
 
     report = run_batch_bench(
         model=None, synthetic=synthetic, batches=list(batches), prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, llm_kwargs=llm_kwargs(budget),
         on_case=lambda kind, case: print(kind, case, flush=True), workloads=workloads,
-        split_batches=split, stream_all_batches=stream_all,
+        split_batches=split, stream_all_batches=stream_all, prefix_resident=prefix_resident,
     )  # fmt: skip
     name = f"bench_batch_{synthetic}_{'_'.join(workloads)}.json"
     (out_dir / name).write_text(json.dumps(report, indent=1, default=str))
@@ -418,6 +420,8 @@ def main() -> int:
     ap.add_argument("--bench-stream-all", default="", help="static batches also run unhybrid")
     ap.add_argument("--bench-prompt", type=int, default=2048)
     ap.add_argument("--bench-new", type=int, default=128)
+    ap.add_argument("--bench-prefix-resident", action="store_true",
+                    help="prefix case: shared requests also with decode-resident layers")  # fmt: skip
     ap.add_argument("--profile-steps", type=int,
                     default=int(os.environ.get("OLLM_BATCH_PROFILE", "0") or 0),
                     help="profile this many decode steps of the batch-16 case (0: off)")  # fmt: skip
@@ -447,6 +451,7 @@ def main() -> int:
                 tuple(int(b) for b in args.bench_split.split(",") if b),
                 args.bench_prompt, args.bench_new,
                 tuple(int(b) for b in args.bench_stream_all.split(",") if b),
+                args.bench_prefix_resident,
             )  # fmt: skip
         if args.profile_steps:
             sizes = [int(b) for b in args.bench_batches.split(",")]

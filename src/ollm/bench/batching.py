@@ -17,7 +17,9 @@ Three workloads through `BatchEngine` on one plan (sized for the largest batch):
   while the static batch's exclude its one prefill (a lower bound of the comparison).
 * ``prefix``: 16 requests sharing a long prefix (all but their last ``TAIL`` tokens), submitted
   at once, against 16 of the same lengths sharing nothing, also at once: wall time, query
-  tokens computed, prefix hits (the ones adopting blocks computed in their own step too).
+  tokens computed, prefix hits (the ones adopting blocks computed in their own step too);
+  with ``prefix_resident`` the shared requests again on a plan holding streamed layers in
+  decode (``decode_resident``, opt-in), beside the plain one.
 """
 
 from __future__ import annotations
@@ -228,6 +230,7 @@ def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
     eng = _engine(llm)
     try:
         ps = prompts(PREFIX_REQUESTS, tokens, llm.spec.vocab_size, seed, head)
+        _case_start()
         t0 = time.perf_counter()
         ids = [eng.add(p, _params(new_tokens)) for p in ps]
         steps = []
@@ -249,6 +252,9 @@ def prefix_run(llm, tokens: int, new_tokens: int, seed: int, head: int) -> dict:
         "prompt_tokens": tokens,
         "steps": steps,
         "plan": dict(llm.plan.describe()),
+        # streamed layers held on the GPU while decode runs (opt-in ``decode_resident``)
+        "decode_resident_layers": llm.plan.decode_resident,
+        "peak_reserved_gib": _case_peaks(),
     }
 
 
@@ -301,11 +307,14 @@ def run_batch_bench(
     workloads: tuple[str, ...] = ("static", "arrivals", "prefix"),
     split_batches: tuple[int, ...] = (),
     stream_all_batches: tuple[int, ...] = (),
+    prefix_resident: bool = False,
 ) -> dict[str, object]:
     """Probe the machine, plan for the largest batch, run the ``workloads``; the report.
     ``split_batches``: static batches also run with the host-pool split (`kv.hostsplit`, off by
     default: measured slower), ``stream_all_batches`` with no CPU-computed layers, in the same
-    process."""
+    process. ``prefix_resident``: the prefix case's shared requests also run on a plan with
+    ``decode_resident=True`` (``shared_resident``; the distinct case and ``shared`` keep
+    ``llm_kwargs``' setting, the engine's default off)."""
     from ollm import LLM
     from ollm.bench.run import _CONFIG_KEYS, resolve_model
     from ollm.config import EngineConfig
@@ -353,17 +362,23 @@ def run_batch_bench(
         _arrival_cases(llm, report, max(batches), workloads, (n, m, seed), probes, on_case)
         if "prefix" in workloads:
             distinct = prefix_run(llm, n, m, seed, 0)
-            # The shared case on its own plan (the prefix's KV counted once): the first LLM
-            # closed and dropped before the second is made, so their buffers never coexist.
-            llm.close()
-            llm = None
-            gc.collect()
-            llm = LLM(store, **{**kw, "device": device, "progress": progress},
-                      max_batch=PREFIX_REQUESTS, max_context=n + m,
-                      shared_prefix=max(0, n - TAIL))  # fmt: skip
-            report["prefix"] = prefix_report(
-                distinct, prefix_run(llm, n, m, seed, max(0, n - TAIL))
-            )
+            # The shared case on its own plan (the prefix's KV counted once), then with
+            # ``prefix_resident`` on one that holds streamed layers in decode: each LLM closed
+            # and dropped before the next is made, so their buffers never coexist.
+            for held in (False, True) if prefix_resident else (False,):
+                llm.close()
+                llm = None
+                gc.collect()
+                llm = LLM(store, **{**kw, "device": device, "progress": progress,
+                                    **({"decode_resident": True} if held else {})},
+                          max_batch=PREFIX_REQUESTS, max_context=n + m,
+                          shared_prefix=max(0, n - TAIL))  # fmt: skip
+                case = prefix_run(llm, n, m, seed, max(0, n - TAIL))
+                if not held:
+                    report["prefix"] = prefix_report(distinct, case)
+                else:
+                    report["prefix"]["shared_resident"] = case
+                    report["prefix"]["speedup_resident"] = distinct["wall_s"] / case["wall_s"]
             if on_case:
                 on_case("prefix", report["prefix"])
         return report
@@ -441,6 +456,12 @@ def render_batch(report: dict, console) -> None:
         f"{p['shared']['prefix_hits']} prefix hits) vs {p['distinct']['wall_s']:.2f} s without "
         f"sharing ({p['distinct']['query_tokens']} query tokens): {p['speedup']:.2f}x"
     )
+    if "shared_resident" in p:
+        r = p["shared_resident"]
+        console.print(
+            f"  shared, {len(r['decode_resident_layers'])} layers held in decode: "
+            f"{r['wall_s']:.2f} s: {p['speedup_resident']:.2f}x"
+        )
 
 
 def _rates(llm) -> dict[str, float] | None:
