@@ -361,30 +361,47 @@ def run_batch_bench(
                 on_case("static_stream_all", case)
         _arrival_cases(llm, report, max(batches), workloads, (n, m, seed), probes, on_case)
         if "prefix" in workloads:
-            distinct = prefix_run(llm, n, m, seed, 0)
-            # The shared case on its own plan (the prefix's KV counted once), then with
-            # ``prefix_resident`` on one that holds streamed layers in decode: each LLM closed
-            # and dropped before the next is made, so their buffers never coexist.
-            for held in (False, True) if prefix_resident else (False,):
-                llm.close()
-                llm = None
-                gc.collect()
-                llm = LLM(store, **{**kw, "device": device, "progress": progress,
-                                    **({"decode_resident": True} if held else {})},
-                          max_batch=PREFIX_REQUESTS, max_context=n + m,
-                          shared_prefix=max(0, n - TAIL))  # fmt: skip
-                case = prefix_run(llm, n, m, seed, max(0, n - TAIL))
-                if not held:
-                    report["prefix"] = prefix_report(distinct, case)
-                else:
-                    report["prefix"]["shared_resident"] = case
-                    report["prefix"]["speedup_resident"] = distinct["wall_s"] / case["wall_s"]
-            if on_case:
-                on_case("prefix", report["prefix"])
+            own, llm = llm, None  # the prefix cases close it (and their own LLMs) on an error
+            llm = _prefix_cases(own, report, store, kw, device, progress, (n, m, seed),
+                                prefix_resident, on_case)  # fmt: skip
         return report
     finally:
         if llm is not None:
             llm.close()
+
+
+def _prefix_cases(llm, report: dict, store, kw: dict, device: str, progress: bool, sizes: tuple,
+                  prefix_resident: bool, on_case):  # fmt: skip
+    """The prefix case: the distinct requests on the bench's plan, then the shared ones on a plan
+    counting the prefix's KV once and, with ``prefix_resident``, on one that holds streamed
+    layers in decode; each LLM closed and dropped before the next is made (their buffers never
+    coexist). Returns the LLM left open; on an error closes the one it holds."""
+    from ollm import LLM
+
+    n, m, seed = sizes
+    try:
+        distinct = prefix_run(llm, n, m, seed, 0)
+        for held in (False, True) if prefix_resident else (False,):
+            llm.close()
+            llm = None
+            gc.collect()
+            llm = LLM(store, **{**kw, "device": device, "progress": progress,
+                                **({"decode_resident": True} if held else {})},
+                      max_batch=PREFIX_REQUESTS, max_context=n + m,
+                      shared_prefix=max(0, n - TAIL))  # fmt: skip
+            case = prefix_run(llm, n, m, seed, max(0, n - TAIL))
+            if not held:
+                report["prefix"] = prefix_report(distinct, case)
+            else:
+                report["prefix"]["shared_resident"] = case
+                report["prefix"]["speedup_resident"] = distinct["wall_s"] / case["wall_s"]
+    except BaseException:
+        if llm is not None:
+            llm.close()
+        raise
+    if on_case:
+        on_case("prefix", report["prefix"])
+    return llm
 
 
 def _arrival_cases(llm, report: dict, big: int, workloads, sizes: tuple, probes, on_case) -> None:

@@ -151,7 +151,7 @@ def decoder_block(
     around its attention (``runtime/expert_graphs.py``)."""
     graphs = _graphs(w, h)
     if graphs is not None and LINEAR_KEY not in w and dense_mask is None:
-        out = graphs.block(spec, h, w, kv, cos, sin, mask, mlp_chunk_tokens)
+        out = graphs.block(BLOCK_PARTS, spec, h, w, kv, cos, sin, mask, mlp_chunk_tokens)
         if out is not None:
             return out
     x = _norm(spec, h, w["input_layernorm.weight"])
@@ -182,6 +182,10 @@ def block_out(spec: ModelSpec, h: torch.Tensor, a: torch.Tensor, w: Weights, chu
 def block_in(spec: ModelSpec, h: torch.Tensor, w: Weights, cos, sin) -> tuple:
     """``attention_in`` of the block's normalised input."""
     return attention_in(spec, _norm(spec, h, w["input_layernorm.weight"]), w, cos, sin)
+
+
+# what ``runtime/expert_graphs.LayerGraphs`` captures, handed to it (runtime is below models)
+BLOCK_PARTS = (block_in, attention_out, block_out, reset_rope_memo)
 
 
 def _graphs(w: Weights, h: torch.Tensor):

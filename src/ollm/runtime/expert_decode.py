@@ -106,9 +106,7 @@ def read_miss(cache: ExpertCache, i: int, e: int, s: int) -> Future:
         return cache._pool.submit(_read_into, cache, i, e, dst, None, None)
     k = cache._next_staging % len(cache._staging)
     cache._next_staging = k + 1
-    return cache._pool.submit(
-        _read_into, cache, i, e, cache._staging[k], cache._staging_done[k], k
-    )
+    return cache._pool.submit(_read_into, cache, i, e, cache._staging[k], cache._staging_done[k], k)
 
 
 def _read_into(cache: ExpertCache, i: int, e: int, dst: torch.Tensor, after, k: int | None):
@@ -116,3 +114,17 @@ def _read_into(cache: ExpertCache, i: int, e: int, dst: torch.Tensor, after, k: 
         after.synchronize()  # the staging buffer's previous copy has finished
     cache.stats.add(bytes_disk=cache.experts.read_range(i, e, e + 1, dst))
     return k
+
+
+def cuda_state(cache: ExpertCache, n: int) -> None:
+    """A CUDA cache's copy stream, its n slots' copy and last-use events, disk staging buffers."""
+    plan = cache.plan
+    cache.copy_stream = torch.cuda.Stream(cache.device)
+    cache.ready = [None] * n
+    # events are ordered on their streams: waiting on the newest implies the others
+    cache.ready_seq, cache.free_seq, cache._seq = [0] * n, [0] * n, 0
+    cache.free = [None] * n
+    disk = any(r < plan.num_experts for r in plan.ram) and not plan.resident
+    cache._staging = [cache._pin(plan.expert_bytes) for _ in range(READ_THREADS * disk)]
+    cache._staging_done = [None] * len(cache._staging)
+    cache._next_staging = 0

@@ -62,11 +62,12 @@ class LayerGraphs:
         self.off = False
         self.replays = 0
 
-    def block(self, spec, h, w, kv, cos, sin, mask, chunk) -> torch.Tensor | None:
+    def block(self, parts, spec, h, w, kv, cos, sin, mask, chunk) -> torch.Tensor | None:
         """``decoder_block`` of one decode row: eager then captured, or replayed; None when the
-        graphs are off (the caller runs the block eagerly)."""
-        from ollm.models.decoder import attention_out, block_in, block_out
-
+        graphs are off (the caller runs the block eagerly). ``parts``: the block's pieces
+        (``models.decoder.BLOCK_PARTS``: block_in, attention_out, block_out, reset_rope_memo),
+        handed in since models sit above runtime."""
+        block_in, attention_out, block_out, _ = parts
         if self.off or torch.cuda.is_current_stream_capturing():
             return None
         key = (id(w), tuple(h.shape), h.dtype)
@@ -78,7 +79,7 @@ class LayerGraphs:
             attn = kv.attend(q, k, v, _mask(spec, w, mask), spec.scale, None)
             h0 = h.clone()
             out = block_out(spec, h, attention_out(spec, attn, gate, w), w, chunk)
-            self._capture(key, spec, h0, w, cos, sin, attn, chunk)
+            self._capture(parts, key, spec, h0, w, cos, sin, attn, chunk)
             return out
         self.ready()
         self._rope(cos, sin)  # the static tables refilled once per step
@@ -113,9 +114,8 @@ class LayerGraphs:
             got[2], got[3] = cos, sin
         return got[0], got[1]
 
-    def _capture(self, key, spec, h, w, cos, sin, attn, chunk) -> None:
-        from ollm.models.decoder import attention_out, block_in, block_out, reset_rope_memo
-
+    def _capture(self, parts, key, spec, h, w, cos, sin, attn, chunk) -> None:
+        block_in, attention_out, block_out, reset_rope_memo = parts
         self.ready()
         scos, ssin = self._rope(cos, sin)
         static_attn = attn.clone()

@@ -28,6 +28,7 @@ import torch
 
 from ollm.runtime.expert_decode import (
     READ_THREADS,
+    cuda_state,
     decode_slots,
     load_decoded,
     read_miss,
@@ -130,15 +131,7 @@ class ExpertCache:
         self.merge = CpuTrial(plan.layers, what=one, first=False) if self.batched and n else None
         self.ahead = Lookahead(self) if plan.lookahead and not plan.resident else None
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.ready: list[torch.cuda.Event | None] = [None] * n
-            # events are ordered on their streams: waiting on the newest implies the others
-            self.ready_seq, self.free_seq, self._seq = [0] * n, [0] * n, 0
-            self.free: list[torch.cuda.Event | None] = [None] * n
-            disk = any(r < plan.num_experts for r in plan.ram) and not plan.resident
-            self._staging = [self._pin(plan.expert_bytes) for _ in range(READ_THREADS * disk)]
-            self._staging_done: list[torch.cuda.Event | None] = [None] * len(self._staging)
-            self._next_staging = 0
+            cuda_state(self, n)
         self.direct: DirectExperts | None = None  # decode rows planned on the device
         try:
             self._load()
