@@ -287,3 +287,60 @@ def test_layer_graphs_bookkeeping_without_a_gpu():
     assert g._new_weights(ws[0], spec)  # the same layer's weights again
     assert not g._new_weights(ws[2], spec) and g.off and not g.seen and not g.rope
     assert not g._new_weights({}, SimpleNamespace(moe=None))
+
+
+def test_layer_graphs_paths_with_a_stand_in_capture(monkeypatch):
+    """``LayerGraphs.block``'s plumbing without a GPU: the block's parts stand in for the model
+    and the CUDA graph API for a capture that runs its body once (as a capture records it) and a
+    replay that does nothing. The first row runs eagerly and equals the parts' composition; a
+    later row copies its input in, attends eagerly on the captured q/k/v and returns the
+    captured output; a failing capture turns the graphs off (the caller runs eagerly)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from ollm.runtime import expert_graphs as eg
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    attends = []
+
+    class Kv:
+        def attend(self, q, k, v, mask, scale, dense):
+            attends.append(q.clone())
+            return q * 2 + k + v
+
+    def block_in(spec, h, w, cos, sin):
+        return h * cos, h + sin, h - 1, None
+
+    def attention_out(spec, out, gate, w):
+        return out * w["r"]
+
+    def block_out(spec, h, a, w, chunk):
+        return h + a
+
+    parts = (block_in, attention_out, block_out, lambda: None)
+    spec = SimpleNamespace(moe=SimpleNamespace(router_key="r"), attn_sinks=False, scale=1.0)
+    w = {"r": torch.full((4,), 3.0)}
+    h, cos, sin = torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4)
+    g = eg.LayerGraphs(lambda: None, layers=1)
+    want = h + (h * cos * 2 + (h + sin) + (h - 1)) * 3
+    out = g.block(parts, spec, h, w, Kv(), cos, sin, None, None)
+    torch.testing.assert_close(out, want)
+    assert len(g.layers) == 1 and not g.off
+    again = g.block(parts, spec, h.clone(), w, Kv(), cos, sin, None, None)
+    torch.testing.assert_close(again, want)  # the captured output (the replay is a stand-in)
+    assert g.replays == 1 and len(attends) == 2
+
+    def boom(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", boom)
+    g2 = eg.LayerGraphs(lambda: None, layers=1)
+    torch.testing.assert_close(g2.block(parts, spec, h, w, Kv(), cos, sin, None, None), want)
+    assert g2.off and g2.block(parts, spec, h, w, Kv(), cos, sin, None, None) is None
