@@ -60,22 +60,25 @@ STAGES = (  # cumulative time of these (cProfile function names) is reported per
 )  # fmt: skip
 
 
-def _store(tmp: Path, layers: int) -> Path:
+def _store(tmp: Path, layers: int, shapes: dict | None = None) -> Path:
+    """A float32 synthetic store of ``llama3-8b`` with ``layers`` layers at ``shapes`` (default
+    ``SHAPES``); shared by scripts/step_overhead.py and scripts/prefix_admission.py."""
     from ollm.models.registry import STORE_FAMILIES
     from ollm.storage.convert import convert
     from ollm.storage.synthetic import SyntheticSource
 
-    src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, num_hidden_layers=layers, **SHAPES)
+    kw = SHAPES if shapes is None else shapes
+    src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, num_hidden_layers=layers, **kw)
     return convert(src, tmp / "store", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
 
 
-def _stages(prof: cProfile.Profile, steps: int) -> dict:
-    """Cumulative microseconds per step of the `STAGES` functions (ollm's own files)."""
+def _stages(prof: cProfile.Profile, steps: int, stages: tuple = STAGES) -> dict:
+    """Cumulative microseconds per step of the ``stages`` functions (ollm's own files)."""
     import pstats
 
     out: dict = {}
     for (file, _line, func), (_, nc, _, ct, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
-        if func in STAGES and "ollm" in file:
+        if func in stages and "ollm" in file:
             key = f"{Path(file).stem}.{func}"
             out[key] = dict(cum_us=round(ct / steps * 1e6, 1), calls=round(nc / steps, 2))
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["cum_us"]))

@@ -41,20 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_overhead import SHAPES, _split, _stages, _stepprof  # noqa: E402
+from batch_overhead import SHAPES, _split, _stages, _stepprof, _store  # noqa: E402
 from moe_overhead import Ops, _commit, _host_reads, _top, write_report  # noqa: E402
 
 READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu")
-
-
-def _store(tmp: Path, layers: int, head_dim: int) -> Path:
-    from ollm.models.registry import STORE_FAMILIES
-    from ollm.storage.convert import convert
-    from ollm.storage.synthetic import SyntheticSource
-
-    shapes = SHAPES | {"head_dim": head_dim}
-    src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, num_hidden_layers=layers, **shapes)
-    return convert(src, tmp / "store", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
 
 
 def _admitted(llm, args, seed: int):
@@ -183,7 +173,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="prefix-admission-"))
-    path = _store(tmp, args.layers, args.head_dim)
+    path = _store(tmp, args.layers, SHAPES | {"head_dim": args.head_dim})
     n = args.prefix + args.tail
     llm = LLM(path, device="cpu", dtype="float32", max_batch=args.requests,
               max_context=n + args.new_tokens, cache_dir=tmp / "c", progress=False)  # fmt: skip

@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import batch_overhead  # noqa: E402
 from moe_overhead import _commit, _top, write_report  # noqa: E402
 
 SHAPES = dict(
@@ -54,15 +55,6 @@ STAGES = (  # cumulative time of these (cProfile function names, ollm's files) p
     "layer_kv", "_layout", "_verify", "_accept", "sweep", "_drafts", "plan", "input_ids",
     "positions", "_register", "head",
 )  # fmt: skip
-
-
-def _store(tmp: Path, layers: int) -> Path:
-    from ollm.models.registry import STORE_FAMILIES
-    from ollm.storage.convert import convert
-    from ollm.storage.synthetic import SyntheticSource
-
-    src = SyntheticSource("llama3-8b", families=STORE_FAMILIES, num_hidden_layers=layers, **SHAPES)
-    return convert(src, tmp / "store", dtype=torch.float32, progress=False, families=STORE_FAMILIES)
 
 
 class _Clock:
@@ -93,14 +85,7 @@ class _Clock:
 
 
 def _stages(prof: cProfile.Profile, steps: int) -> dict:
-    import pstats
-
-    out: dict = {}
-    for (file, _line, func), (_, nc, _, ct, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
-        if func in STAGES and "ollm" in file:
-            key = f"{Path(file).stem}.{func}"
-            out[key] = dict(cum_us=round(ct / steps * 1e6, 1), calls=round(nc / steps, 2))
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]["cum_us"]))
+    return batch_overhead._stages(prof, steps, STAGES)
 
 
 def _med(xs: list[float]) -> float:
@@ -180,7 +165,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="step-overhead-"))
-    path = _store(tmp, args.layers)
+    path = batch_overhead._store(tmp, args.layers, SHAPES)
     batches = [int(b) for b in args.batches.split(",")]
     ctx = args.prompt + 256 + args.steps + args.warmup + args.profile_steps
     llm = LLM(path, device="cpu", dtype="float32", max_batch=max(batches), max_context=ctx,

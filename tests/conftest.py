@@ -195,6 +195,27 @@ def store(tmp_path_factory):
     return build_spec(s.hf_config()), s
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """family -> (HF model, HF dir, LLM on the CPU with every layer resident), made once per
+    test module (the MoE tests' models: tests/test_moe_experts.py, tests/test_moe_direct.py)."""
+    from ollm import LLM
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            d = tmp_path_factory.mktemp(f"experts-{family}")
+            model = make_hf_model(family, d / "hf")
+            llm = LLM(d / "hf", device="cpu", cache_dir=d / "c", progress=False)
+            made[family] = (model, d / "hf", llm)
+        return made[family]
+
+    yield get
+    for _, _, llm in made.values():
+        llm.close()
+
+
 def disk_kv_budget(model=None, extra_kv_layers: float = 1.0, **llm_kwargs) -> int:
     """A ``cpu_memory`` for ``LLM(model, kv_cache="disk", **llm_kwargs)`` on the CPU that holds
     the weights' minimum, the prefill scratch and ``extra_kv_layers`` layers' worth of KV: the

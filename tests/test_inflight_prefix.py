@@ -31,11 +31,13 @@ from test_scheduler import (
     B,
     FakeRunner,
     assert_no_leaks,
+    check_run,
     drive,
     make_scheduler,
     oracle_drafter,
     reference,
 )
+from test_shared_prefill import group_sizes
 from test_shared_prefix import after_first
 
 # -- the scheduler against the fake runner ---------------------------------------------------
@@ -210,14 +212,7 @@ def random_case(seed: int) -> int:
         max_running=rng.randint(1, 8),
         preemption=rng.choice([lambda i: "swap", lambda i: "recompute"]),
     )
-    outs, reasons, _ = drive(sched, arrivals, oracle_drafter(rng) if seed % 2 else None, cancels)
-    cancelled = {sid for ids in cancels.values() for sid in ids}
-    for r in reqs:
-        if r.id in reasons:
-            assert outs[r.id] == reference(r.prompt, r.max_new_tokens, r.eos_token_ids), r.id
-        else:
-            assert r.id in cancelled, r.id
-    assert_no_leaks(sched)
+    check_run(sched, reqs, arrivals, oracle_drafter(rng) if seed % 2 else None, cancels)
     return sched.inflight_hits
 
 
@@ -343,18 +338,10 @@ def test_engine_preemption_with_in_step_adoption(swap, llms):  # noqa: F811
 def test_engine_groups_the_tails_beside_their_writer(llms, monkeypatch):  # noqa: F811
     """The step computing the prefix attends the four adopters' tails as one prefill group
     over it (`kv/shared_prefill.py`; the writer, whose queries start at 0, is not a member)."""
-    from ollm.kv import shared_prefill
-
     llm = llms("llama")
     prompts = head_prompts(seed=16)
     want = alone(llm, prompts)
-    calls = []
-    real = shared_prefill.attend_group
-    monkeypatch.setattr(
-        shared_prefill,
-        "attend_group",
-        lambda layer, grp, *a: calls.append(len(grp.seqs)) or real(layer, grp, *a),
-    )
+    calls = group_sizes(monkeypatch)
     eng = engine(llm)
     ids = [eng.add(p, GREEDY) for p in prompts]
     eng.step()

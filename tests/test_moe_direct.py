@@ -16,30 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_hf_model
 from test_moe_experts import MOE_FAMILIES, _cache, _check, _stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """family -> (HF model, HF dir, LLM on the CPU), made once (as in test_moe_experts)."""
-    from ollm import LLM
-
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            d = tmp_path_factory.mktemp(f"direct-{family}")
-            model = make_hf_model(family, d / "hf")
-            llm = LLM(d / "hf", device="cpu", cache_dir=d / "c", progress=False)
-            made[family] = (model, d / "hf", llm)
-        return made[family]
-
-    yield get
-    for _, _, llm in made.values():
-        llm.close()
 
 
 def _ref_bytes(st, cache):
@@ -324,7 +303,7 @@ def test_layer_graphs_paths_with_a_stand_in_capture(monkeypatch):
     def block_out(spec, h, a, w, chunk):
         return h + a
 
-    parts = (block_in, attention_out, block_out, lambda: None)
+    parts = (block_in, lambda spec, w, mask: mask, attention_out, block_out, lambda: None)
     spec = SimpleNamespace(moe=SimpleNamespace(router_key="r"), attn_sinks=False, scale=1.0)
     w = {"r": torch.full((4,), 3.0)}
     h, cos, sin = torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4)

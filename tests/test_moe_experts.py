@@ -29,24 +29,6 @@ MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 PROMPT = [(7 * i + 3) % 256 for i in range(40)]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """family -> (HF model, HF dir, LLM on the CPU with every layer resident), made once."""
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            d = tmp_path_factory.mktemp(f"experts-{family}")
-            model = make_hf_model(family, d / "hf")
-            llm = LLM(d / "hf", device="cpu", cache_dir=d / "c", progress=False)
-            made[family] = (model, d / "hf", llm)
-        return made[family]
-
-    yield get
-    for _, _, llm in made.values():
-        llm.close()
-
-
 def _expert_ref(family: str, path: Path, i: int, e: int) -> dict[str, torch.Tensor]:
     """Expert e of layer i from the HF checkpoint, by the short names the store uses."""
     w = layer_weights(path, i)

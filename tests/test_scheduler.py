@@ -285,7 +285,12 @@ def test_random_workloads_match_the_reference(seed):
         max_running=rng.randint(1, 8),
         preemption=rng.choice([lambda i: "swap", lambda i: "recompute"]),
     )
-    drafter = oracle_drafter(rng) if seed % 2 else None
+    check_run(sched, reqs, arrivals, oracle_drafter(rng) if seed % 2 else None, cancels)
+
+
+def check_run(sched, reqs, arrivals, drafter, cancels) -> None:
+    """Drive ``sched`` through ``arrivals`` (and ``cancels``): every request not cancelled
+    gives the reference's tokens, and no block is left referenced."""
     outs, reasons, _ = drive(sched, arrivals, drafter, cancels)
     cancelled = {sid for ids in cancels.values() for sid in ids}
     for r in reqs:

@@ -124,6 +124,18 @@ def test_groups_only_over_really_shared_blocks():
     assert shared_prefill.with_prefills(lay, store, torch.device("cpu")).prefills == ()
 
 
+def group_sizes(monkeypatch) -> list[int]:
+    """The members of every prefill group attended from now on (``attend_group`` wrapped)."""
+    calls: list[int] = []
+    real = shared_prefill.attend_group
+    monkeypatch.setattr(
+        shared_prefill,
+        "attend_group",
+        lambda layer, grp, *a: calls.append(len(grp.seqs)) or real(layer, grp, *a),
+    )
+    return calls
+
+
 def test_engine_groups_tails_over_a_cached_prefix(llms, monkeypatch):  # noqa: F811
     """Five prompts over one 40-token prefix arrive after it was prefilled: their tails (and the
     first prompt's decode) are attended as one group in a step, and every prompt gives its
@@ -133,13 +145,7 @@ def test_engine_groups_tails_over_a_cached_prefix(llms, monkeypatch):  # noqa: F
     head = torch.randint(0, 256, (40,), generator=g).tolist()
     prompts = [head + torch.randint(0, 256, (2 + i,), generator=g).tolist() for i in range(6)]
     want = alone(llm, prompts)
-    calls = []
-    real = shared_prefill.attend_group
-    monkeypatch.setattr(
-        shared_prefill,
-        "attend_group",
-        lambda layer, grp, *a: calls.append(len(grp.seqs)) or real(layer, grp, *a),
-    )
+    calls = group_sizes(monkeypatch)
     eng, ids = after_first(llm, prompts)
     assert [eng.finished[r].token_ids for r in ids] == want
     assert calls and max(calls) == 6  # the tails and the first prompt's decode row

@@ -38,9 +38,13 @@ def self_attention(
     """Project, normalise (q/k norm), rotate, append to the cache, attend, project out (gated
     by the sigmoid of q_proj's second half per head with ``attn_output_gate``)."""
     q, k, v, gate = attention_in(spec, x, w, cos, sin)
-    if spec.attn_sinks:
-        mask = replace(mask, sinks=w["self_attn.sinks"])
-    return attention_out(spec, kv.attend(q, k, v, mask, spec.scale, dense_mask), gate, w)
+    out = kv.attend(q, k, v, attention_mask(spec, w, mask), spec.scale, dense_mask)
+    return attention_out(spec, out, gate, w)
+
+
+def attention_mask(spec: ModelSpec, w: Weights, mask: AttentionMask) -> AttentionMask:
+    """``mask`` with the layer's attention sinks (gpt-oss)."""
+    return replace(mask, sinks=w["self_attn.sinks"]) if spec.attn_sinks else mask
 
 
 def attention_in(spec: ModelSpec, x: torch.Tensor, w: Weights, cos, sin) -> tuple:
@@ -185,7 +189,7 @@ def block_in(spec: ModelSpec, h: torch.Tensor, w: Weights, cos, sin) -> tuple:
 
 
 # what ``runtime/expert_graphs.LayerGraphs`` captures, handed to it (runtime is below models)
-BLOCK_PARTS = (block_in, attention_out, block_out, reset_rope_memo)
+BLOCK_PARTS = (block_in, attention_mask, attention_out, block_out, reset_rope_memo)
 
 
 def _graphs(w: Weights, h: torch.Tensor):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
@@ -124,10 +123,12 @@ class DirectExperts:
         self.slot_base = cache.slots.data_ptr()
         i0 = p.layers[0]
         self.nbytes = cache.experts.regions[i0].sizes[0]
-        self.word = torch.int64
-        self.tensors = cache.experts.tensors[i0][0]
-        if not p.coded_slots:
-            self.tensors = cache.experts.device_tensors(i0, 0)
+        self.tensors = cache.slot_tensors(i0, 0)  # the layout the slots hold
+        self.kern = (
+            importlib.import_module(f"{__package__}.expert_direct_triton")
+            if mode == "triton"
+            else None
+        )
         keys = [(i, e) for i in p.layers for e in range(self.E)]
         host = [cache._bytes[k].data_ptr() for k in keys]
         i64 = dict(dtype=torch.int64, device=dev)
@@ -147,7 +148,6 @@ class DirectExperts:
             if mode == "triton" and cache.cuda and wanted()
             else None
         )
-        self._flushed_uses = torch.zeros(len(keys), dtype=torch.int64)
 
     # -- one decode row ---------------------------------------------------------------------------
     def experts(self, i: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -157,11 +157,9 @@ class DirectExperts:
         k = ids.shape[0]
         pos_e = self.cache._index[i] * self.E
         scratch = torch.empty(k, self.nbytes, dtype=torch.uint8, device=self.cache.slots.device)
-        if self.mode == "triton":
-            from ollm.runtime import expert_direct_triton as kern
-
-            kern.plan(self, ids, pos_e)
-            kern.gather(self, k, scratch)
+        if self.kern is not None:
+            self.kern.plan(self, ids, pos_e)
+            self.kern.gather(self, k, scratch)
         else:
             plan_torch(self, ids, pos_e)
             gather_torch(self, k, scratch)
@@ -181,7 +179,7 @@ class DirectExperts:
         slot_of = torch.full((self.slot_of.numel(),), -1, dtype=torch.int64)
         key_of = torch.full((self.S,), -1, dtype=torch.int64)
         stamp = torch.full((self.S,), -1, dtype=torch.int64)
-        order = list(getattr(c.policy, "order", {}))
+        order = list(c.policy.order)  # LRU (the only policy with a direct decode)
         rank = {key: n for n, key in enumerate(order)}
         for s, key in enumerate(c.slot_key):
             if key is not None:
@@ -203,7 +201,6 @@ class DirectExperts:
         c._empty.clear()
         filled = sorted((st, s) for s, st in enumerate(stamp) if key_of[s] >= 0)
         c._empty.extend(s for s in range(self.S - 1, -1, -1) if key_of[s] < 0)
-        c.policy.order = OrderedDict()
         layers = c.plan.layers
         for _, s in filled:
             key = (layers[key_of[s] // self.E], key_of[s] % self.E)
@@ -227,9 +224,8 @@ class DirectExperts:
             c.counts["hits"] += hits
             c.counts["misses"] += misses
             c.stats.add(expert_hits=hits, expert_misses=misses, bytes_h2d=misses * self.nbytes)
-            uses = self.uses.cpu()
-            new = (uses - self._flushed_uses).tolist()
-            self._flushed_uses = uses
+            new = self.uses.tolist()
+            self.uses.zero_()
             layers = c.plan.layers
             for g, n in enumerate(new):
                 if n:

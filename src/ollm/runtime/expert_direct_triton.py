@@ -14,6 +14,7 @@ is crossed once per miss, with no host sync and no copy engine.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -95,4 +96,4 @@ def gather(d, k: int, scratch) -> None:
     """``_gather`` of the k pairs ``plan`` wrote into ``scratch`` [k, nbytes] (uint8)."""
     n_words = d.nbytes // 8
     grid = (k, triton.cdiv(n_words, GATHER_BLOCK))
-    _gather[grid](d.src, d.dst, scratch.view(-1).view(d.word), n_words, BLOCK=GATHER_BLOCK)
+    _gather[grid](d.src, d.dst, scratch.view(-1).view(torch.int64), n_words, BLOCK=GATHER_BLOCK)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -58,16 +58,17 @@ class LayerGraphs:
         self.pool = None
         self.layers: dict[tuple, _Layer] = {}
         self.seen: dict[int, int] = {}  # a layer's router's address -> id of its weights
-        self.rope: dict[tuple, tuple] = {}  # (shape, dtype, device) -> static cos, sin, source
+        self.rope: dict[tuple, list] = {}  # (shapes, dtype, device) -> static cos, sin, sources
         self.off = False
         self.replays = 0
 
     def block(self, parts, spec, h, w, kv, cos, sin, mask, chunk) -> torch.Tensor | None:
         """``decoder_block`` of one decode row: eager then captured, or replayed; None when the
         graphs are off (the caller runs the block eagerly). ``parts``: the block's pieces
-        (``models.decoder.BLOCK_PARTS``: block_in, attention_out, block_out, reset_rope_memo),
+        (``models.decoder.BLOCK_PARTS``: block_in, attention_mask, attention_out, block_out,
+        reset_rope_memo),
         handed in since models sit above runtime."""
-        block_in, attention_out, block_out, _ = parts
+        block_in, attention_mask, attention_out, block_out, _ = parts
         if self.off or torch.cuda.is_current_stream_capturing():
             return None
         key = (id(w), tuple(h.shape), h.dtype)
@@ -76,7 +77,7 @@ class LayerGraphs:
             if not self._new_weights(w, spec):
                 return None
             q, k, v, gate = block_in(spec, h, w, cos, sin)
-            attn = kv.attend(q, k, v, _mask(spec, w, mask), spec.scale, None)
+            attn = kv.attend(q, k, v, attention_mask(spec, w, mask), spec.scale, None)
             h0 = h.clone()
             out = block_out(spec, h, attention_out(spec, attn, gate, w), w, chunk)
             self._capture(parts, key, spec, h0, w, cos, sin, attn, chunk)
@@ -86,7 +87,7 @@ class LayerGraphs:
         e.h.copy_(h)
         e.pre.replay()
         q, k, v, _ = e.qkvg
-        e.attn.copy_(kv.attend(q, k, v, _mask(spec, w, mask), spec.scale, None))
+        e.attn.copy_(kv.attend(q, k, v, attention_mask(spec, w, mask), spec.scale, None))
         e.post.replay()
         self.replays += 1
         return e.out
@@ -115,7 +116,7 @@ class LayerGraphs:
         return got[0], got[1]
 
     def _capture(self, parts, key, spec, h, w, cos, sin, attn, chunk) -> None:
-        block_in, attention_out, block_out, reset_rope_memo = parts
+        block_in, _, attention_out, block_out, reset_rope_memo = parts
         self.ready()
         scos, ssin = self._rope(cos, sin)
         static_attn = attn.clone()
@@ -141,8 +142,3 @@ class LayerGraphs:
         self.layers.clear()  # their weights and pool memory go with them
         self.seen.clear()
         self.rope.clear()
-
-
-def _mask(spec, w, mask):
-    """The attention mask with gpt-oss's sinks, as ``self_attention`` gives it."""
-    return replace(mask, sinks=w["self_attn.sinks"]) if spec.attn_sinks else mask

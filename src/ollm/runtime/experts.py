@@ -423,11 +423,15 @@ class ExpertCache:
         """Layout ``lay``'s (decoded) tensors over all slots: [slots, ...] views, made once."""
         stacks = self._slot_stacks.get(lay)
         if stacks is None:
-            i, e = self._rep[lay]
-            st = self.experts
-            tensors = st.tensors[i][e] if self.plan.coded_slots else st.device_tensors(i, e)
+            tensors = self.slot_tensors(*self._rep[lay])
             stacks = self._slot_stacks[lay] = stacked_views(self.slots, tensors)
         return stacks
+
+    def slot_tensors(self, i: int, e: int):
+        """The tensors of expert e of layer i as a slot holds them (stored bytes with
+        ``coded_slots``, else decoded)."""
+        st = self.experts
+        return st.tensors[i][e] if self.plan.coded_slots else st.device_tensors(i, e)
 
     def _decode(self, batch: list[tuple[int, int]]) -> None:
         decode_slots(self, batch)
