@@ -87,3 +87,25 @@ def test_cpu_gather_rate_is_measured_on_this_cpu():
 
     rate = cpu_gather_rate(nbytes=4 << 20)
     assert 1e8 < rate < 1e12  # bytes/s of a real copy
+
+
+def test_step_start_host_time_leaves_a_full_ring_idle_behind_resident_layers():
+    """11 resident layers first, then 21 streamed (copy 8.2 ms each), ring of 2, the batch
+    engine's chain (2.3 ms a layer, 3.5 ms at the step's start): the copy engine waits while the
+    resident layers compute; spread between the streamed ones, they hide under the copies, and
+    the single-sequence chain (1 ms, nothing at the start) sees no difference."""
+    from ollm.planning.costmodel import decode_chain, interleave, pipeline_step
+
+    n, copy_s = 32, 8.2e-3
+    first = set(range(11))
+    spread = interleave(list(range(n)), 11)
+    copies = {k: [0.0 if i in res else copy_s for i in range(n)] for k, res in
+              (("first", first), ("spread", spread))}  # fmt: skip
+    layer, start = decode_chain(True)
+    step = {k: pipeline_step([layer] * n, c, 2, start_s=start) for k, c in copies.items()}
+    assert step["spread"] == pytest.approx(21 * copy_s, rel=1e-6)  # the copies' floor
+    assert step["first"] > step["spread"] + 10e-3
+    layer, start = decode_chain(False)
+    assert start == 0.0
+    single = {k: pipeline_step([layer] * n, c, 2) for k, c in copies.items()}
+    assert single["first"] == pytest.approx(single["spread"], rel=1e-6)

@@ -40,6 +40,13 @@ def test_shared_prefix_counted_once(setup) -> None:
     assert gpu[6144] > gpu[0] + 8  # the KV and step room go to resident layers
     assert all(p.peak_device_bytes <= 8 << 30 for p in plans.values())
     assert ("shared prefix (KV held once)", "6144 tokens") in shared_.describe()
+    # Its KV all on the device, the batch engine's host-bound decode chain (costmodel.
+    # decode_chain) spreads the resident layers between streamed ones: placed first, a ring
+    # full of the next step's first streamed layers waits while they compute (18 ms per step
+    # in the H200 profile, docs/runs/2026-12-02/s10/call3_profile_prefix.json).
+    resident = [i for i, p in enumerate(shared_.layers) if p.tier.name == "GPU"]
+    assert resident != list(range(len(resident)))
+    assert max(b - a for a, b in zip(resident, resident[1:], strict=False)) <= 3
 
 
 def test_window_groups_and_steps() -> None:

@@ -15,6 +15,13 @@ LAYER_OVERHEAD_S = 150e-6  # per-layer launch / Python cost on the critical path
 # H200 host, 2026-11-27), and the hand-over of a layer's query to the CPU and back.
 GPU_DECODE_LAYER_S = 1.0e-3
 CPU_HANDOFF_S = 0.3e-3
+# The batch engine's decode layer as its timeline shows it: host-bound at 2.1-2.5 ms (16 rows,
+# paged KV on the device; H200 host, 2026-12-02, docs/runs/2026-12-02/s10/call3_profile_prefix),
+# after ~3.5 ms of host work at each step's start (update, schedule, layout, embed), which
+# follows the sampling sync. A ring full of the next step's first streamed layers waits through
+# both, so resident layers placed first leave the copy engine idle where spread ones do not.
+ENGINE_DECODE_LAYER_S = 2.3e-3
+ENGINE_STEP_START_S = 3.5e-3
 RATES_VERSION = 5  # bump when MachineRates gains a measurement (cached files are re-measured)
 # Query rows of the CPU matmul rates: ``cpu_flops`` (a prefill-like forward) and
 # ``cpu_flops_rows`` (a batched decode step's few rows, where the CPU runs far below its
@@ -173,6 +180,7 @@ def pipeline_step(
     slots: int,
     fetch_s: list[float] | None = None,
     buffers: int = 2,
+    start_s: float = 0.0,
 ) -> float:
     """Seconds per decode step of the streaming pipeline, simulated layer by layer.
 
@@ -183,7 +191,8 @@ def pipeline_step(
     done), its KV for a fetch buffer (freed by the fetched layer ``buffers`` earlier); a layer
     computes once its copies are done and the previous layer is. With a ring of 2-3 slots the
     copy engine is at most 1-2 layers ahead, so a long CPU stall is covered only by the next
-    layers' copies: step = max(copies, chain) holds only when the stalls are short."""
+    layers' copies: step = max(copies, chain) holds only when the stalls are short. ``start_s``:
+    host time on the chain before each step's first layer (``decode_chain``)."""
     n = len(chain_s)
     fetch_s = fetch_s or [0.0] * n
     engine = prev = 0.0
@@ -191,6 +200,7 @@ def pipeline_step(
     kv_done: list[float] = []  # compute finish of fetched layers, in order
     ends = []
     for _ in range(3):  # the middle step is in steady state (the next one's copies overlap it)
+        prev += start_s
         for i in range(n):
             ready = 0.0
             if copy_s[i]:
@@ -206,6 +216,12 @@ def pipeline_step(
                 kv_done.append(prev)
         ends.append(prev)
     return ends[2] - ends[1]
+
+
+def decode_chain(engine: bool) -> tuple[float, float]:
+    """(a GPU decode layer's time on the chain, host time before a step's first layer) for the
+    batch engine (``engine``) or the single-sequence runner."""
+    return (ENGINE_DECODE_LAYER_S, ENGINE_STEP_START_S) if engine else (GPU_DECODE_LAYER_S, 0.0)
 
 
 def interleave(indices: list[int], k: int) -> set[int]:

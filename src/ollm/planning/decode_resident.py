@@ -74,7 +74,7 @@ def _simulate(plan, store, sz: PlanSizes, rates, work, layers, kv_read, fetch: b
     """(layers with the fetch choice made again, the decode step) of ``layers``, decode-resident
     ones counted as resident. Compressed KV in RAM: its encoded bytes queue behind the layer's
     weights (``kv/compressed.py`` fetches them), no CPU read."""
-    from ollm.planning.costmodel import GPU_DECODE_LAYER_S, pipeline_step
+    from ollm.planning.costmodel import decode_chain, pipeline_step
     from ollm.planning.decode_split import choose_kv_fetch
 
     view = [replace(p, tier=Tier.GPU) if p.decode_resident else p for p in layers]
@@ -83,12 +83,13 @@ def _simulate(plan, store, sz: PlanSizes, rates, work, layers, kv_read, fetch: b
                 for i, p in enumerate(view)]  # fmt: skip
         kv = [sz.kv_copy[i] / rates.pcie if p.kv_tier != KvTier.DEVICE else 0.0
               for i, p in enumerate(view)]  # fmt: skip
-        chain = [GPU_DECODE_LAYER_S] * len(view)
-        return layers, pipeline_step(chain, copy, max(1, plan.ring_slots), kv)
+        layer_s, start = decode_chain(bool(sz.engine))
+        chain = [layer_s] * len(view)
+        return layers, pipeline_step(chain, copy, max(1, plan.ring_slots), kv, start_s=start)
     base = [replace(p, kv_fetch=False) for p in view]
     chosen, _, step = choose_kv_fetch(
         store, base, rates, work, sz.per_token, dict(plan.predicted), plan.ring_slots,
-        kv_read, fetch,
+        kv_read, fetch, bool(sz.engine),
     )  # fmt: skip
     out = [replace(p, kv_fetch=c.kv_fetch) for p, c in zip(layers, chosen, strict=True)]
     return out, step

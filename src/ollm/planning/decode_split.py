@@ -8,7 +8,7 @@ from ollm.tiers import KvTier, Tier
 
 
 def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_read=None,
-                    fetch=True):  # fmt: skip
+                    fetch=True, engine=False):  # fmt: skip
     """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
     attend on the CPU where the KV sits): a fetched layer adds its KV to the copy engine's queue
     (right behind its weights), a CPU one stops the compute chain while the CPU reads it. The
@@ -17,10 +17,13 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     of the next layer or two. ``per_token``: KV bytes per token position of one layer.
     ``kv_read[i]`` < 1: attention routing reads that fraction of layer i's KV per step where it
     sits (``Router``, never fetched): its CPU stall is that fraction of a full read. ``fetch``
-    False (no fetch buffers): no layer is fetched, the step is only simulated."""
+    False (no fetch buffers): no layer is fetched, the step is only simulated. ``engine``: the
+    batch engine's chain (``costmodel.decode_chain``)."""
     from dataclasses import replace
 
-    from ollm.planning.costmodel import CPU_HANDOFF_S, GPU_DECODE_LAYER_S, interleave, pipeline_step
+    from ollm.planning.costmodel import CPU_HANDOFF_S, decode_chain, interleave, pipeline_step
+
+    gpu_layer, start = decode_chain(engine)
 
     share = kv_read or [1.0] * len(layers)
     cands = [
@@ -57,7 +60,7 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     for i, p in enumerate(layers):
         on_cpu = p.decode_device == "cpu"
         copy.append(0.0 if p.tier == Tier.GPU or on_cpu else store.layer_nbytes(i) / shared)
-        base.append(cpu_layer if on_cpu else GPU_DECODE_LAYER_S)
+        base.append(cpu_layer if on_cpu else gpu_layer)
         host_kv.append(
             0 if p.kv_tier == KvTier.DEVICE else per_token * (work.context - p.kv_device_tokens)
         )
@@ -71,7 +74,7 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
         chosen = interleave(cands, x)
         chain = [base[i] + (0.0 if i in chosen else cpu_kv[i]) for i in range(len(layers))]
         fetch = [host_kv[i] / shared if i in chosen else 0.0 for i in range(len(layers))]
-        return pipeline_step(chain, copy, max(1, ring), fetch)
+        return pipeline_step(chain, copy, max(1, ring), fetch, start_s=start)
 
     x = min(range(len(cands) + 1), key=lambda k: (round(step(k), 6), k))
     chosen = interleave(cands, x)
@@ -80,19 +83,20 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
 
 
 def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hybrid, forced, ring,
-                  cpu_kv_s=0.0, kv_copy=()):  # fmt: skip
+                  cpu_kv_s=0.0, kv_copy=(), engine=False):  # fmt: skip
     """Choose which pinned-RAM layers the CPU computes in decode (cost model or ``forced``):
     the count (spread by ``interleave``) whose decode step, simulated layer by layer with the
     ring's depth (``costmodel.pipeline_step``), is shortest. Compressed KV: ``cpu_kv_s`` more
     per CPU layer (decoding codes costs more than the exact KV the rates were measured over),
     and ``kv_copy[i]`` encoded bytes copied each step for a GPU-computed layer whose KV is in
-    RAM (``kv/compressed.py`` with ``fetch``: into the workspace's one staging store)."""
+    RAM (``kv/compressed.py`` with ``fetch``: into the workspace's one staging store).
+    ``engine``: the batch engine's chain (``costmodel.decode_chain``)."""
     from dataclasses import replace
 
     from ollm.planning.costmodel import (
         CPU_HANDOFF_S,
-        GPU_DECODE_LAYER_S,
         LAYER_OVERHEAD_S,
+        decode_chain,
         interleave,
         pipeline_step,
         predict_step,
@@ -107,7 +111,8 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
     predicted = {"stream-only tok/s": stream_only.tokens_per_second}
     if hybrid == "off" or not cands:
         return layers, 0, predicted
-    gpu_layer = max(GPU_DECODE_LAYER_S, rates.gpu_layer_s(layer_bytes, params, work.batch))
+    least, start = decode_chain(engine)
+    gpu_layer = max(least, rates.gpu_layer_s(layer_bytes, params, work.batch))
     cpu_layer = rates.cpu_layer_s(layer_bytes, params, work.batch, True)
     cpu_layer += LAYER_OVERHEAD_S + CPU_HANDOFF_S + cpu_kv_s
     kv_copy = kv_copy or (0,) * len(layers)
@@ -124,7 +129,8 @@ def choose_hybrid(spec, layers, n_res, layer_bytes, head_bytes, rates, work, hyb
             else 0.0
             for i, p in enumerate(layers)
         ]  # fmt: skip
-        return pipeline_step(chain, copy, max(1, ring), fetch, 1) + head_bytes / rates.gpu_mem
+        step = pipeline_step(chain, copy, max(1, ring), fetch, 1, start)
+        return step + head_bytes / rates.gpu_mem
 
     if forced is not None:
         k = min(forced, len(cands))
@@ -194,12 +200,13 @@ def _splits(spec, store, layers, n_res, sz, rates, work, hybrid, cpu_layers, rin
         cpu_kv += rates.cpu_kv_s(sz.per_token * work.context, work.batch, in_place)
     layers, cpu_max_tokens, predicted = choose_hybrid(
         spec, layers, n_res, sz.layer, sz.head_resident, rates, work, hybrid, cpu_layers, ring,
-        cpu_kv, sz.kv_copy,
+        cpu_kv, sz.kv_copy, bool(sz.engine),
     )  # fmt: skip
     if fetch or kv_read or simulate:
         layers, fetched, step = choose_kv_fetch(
-            store, layers, rates, work, sz.per_token, predicted, ring, kv_read, bool(fetch)
-        )
+            store, layers, rates, work, sz.per_token, predicted, ring, kv_read, bool(fetch),
+            bool(sz.engine),
+        )  # fmt: skip
         if fetch and not fetched and not simulate:
             return None
         predicted["decode s (KV split)"] = step
