@@ -136,6 +136,9 @@ def test_profile_prefix_dry_run(tmp_path, monkeypatch):
     # all 16 submitted at once: one admission step, the later 15 adopting in step
     assert len(prof["step_ms"]) == 2 and len(prof["admission_ms"]) == 1
     assert prof["inflight_hits"] == 15
+    first = prof["admission_timeline"]  # the admission step: the prefix's and tails' prefill
+    assert first["steps"] == 1 and first["wall_ms"] == pytest.approx(prof["admission_ms"][0])
+    assert sum(sp[0] == "compute" for sp in first["spans"]) == mod.TINY["num_hidden_layers"]
     for key in ("timeline", "timeline_synced"):
         tl = prof[key]
         assert tl["steps"] == 2 and tl["sync_phases"] is False  # the CPU: nothing to sync

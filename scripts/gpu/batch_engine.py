@@ -367,7 +367,7 @@ def prefix_profile(
 ) -> dict:
     """The bench's shared-prefix case (`bench.batching.prefix_run`: 16 requests sharing all but
     their last ``TAIL`` tokens, all submitted at once, on the ``shared_prefix`` plan the bench
-    makes for it), stepped to pure decode: the admission
+    makes for it), stepped to pure decode: the first admission step's timeline, the admission
     steps' and ``steps`` decode steps' walls, then ``steps`` steps' timeline and ``steps`` more
     with every phase synchronized (``stepprof.step_timeline``)."""
     from ollm import LLM
@@ -384,7 +384,8 @@ def prefix_profile(
         ps = prompts(PREFIX_REQUESTS, prompt_tokens, llm.spec.vocab_size, 0, head)
         for p in ps:  # all at once (the bench's order): one step admits them all
             eng.add(p, _params(new))
-        admission = time_steps(eng, 1)
+        first = step_timeline(eng, 1)  # the prefix's and every tail's prefill in one step
+        admission = [first["wall_ms"] / 1e3]
         while any(len(q.tokens) - q.num_computed > 1 for q in eng.scheduler.seqs.values()):
             admission += time_steps(eng, 1)
         wall = time_steps(eng, steps)
@@ -400,7 +401,7 @@ def prefix_profile(
             "step_ms": [round(t * 1e3, 2) for t in wall],
         }  # fmt: skip
         eng.close()
-        return out | {"timeline": timeline, "timeline_synced": synced}
+        return out | {"admission_timeline": first, "timeline": timeline, "timeline_synced": synced}
     finally:
         llm.close()
 
