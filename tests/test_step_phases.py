@@ -139,6 +139,7 @@ def test_profile_prefix_dry_run(tmp_path, monkeypatch):
     first = prof["admission_timeline"]  # the admission step: the prefix's and tails' prefill
     assert first["steps"] == 1 and first["wall_ms"] == pytest.approx(prof["admission_ms"][0])
     assert sum(sp[0] == "compute" for sp in first["spans"]) == mod.TINY["num_hidden_layers"]
+    assert prof["admission_profile"]["steps"] == 1 and prof["admission_profile"]["top_cpu"]
     for key in ("timeline", "timeline_synced"):
         tl = prof[key]
         assert tl["steps"] == 2 and tl["sync_phases"] is False  # the CPU: nothing to sync

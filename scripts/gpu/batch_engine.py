@@ -367,12 +367,15 @@ def prefix_profile(
 ) -> dict:
     """The bench's shared-prefix case (`bench.batching.prefix_run`: 16 requests sharing all but
     their last ``TAIL`` tokens, all submitted at once, on the ``shared_prefix`` plan the bench
-    makes for it), stepped to pure decode: the first admission step's timeline, the admission
-    steps' and ``steps`` decode steps' walls, then ``steps`` steps' timeline and ``steps`` more
-    with every phase synchronized (``stepprof.step_timeline``)."""
+    makes for it). A warm-up round of 16 with another prefix runs to the end first; then, each
+    with a prefix of its own, a warm admission step (the prefix's and every tail's prefill in
+    one step) under torch.profiler (``admission_profile``), and one as a timeline
+    (``admission_timeline``), whose requests are stepped to pure decode: the admission steps'
+    and ``steps`` decode steps' walls, then ``steps`` steps' timeline and ``steps`` more with
+    every phase synchronized (``stepprof.step_timeline``)."""
     from ollm import LLM
     from ollm.bench.batching import PREFIX_REQUESTS, TAIL, _engine, _params, prompts
-    from ollm.bench.stepprof import step_timeline, time_steps
+    from ollm.bench.stepprof import profile_steps, step_timeline, time_steps
 
     store = _store(tmp, synthetic, device)
     head, new = max(0, prompt_tokens - TAIL), 3 * steps + 8
@@ -381,10 +384,22 @@ def prefix_profile(
               max_context=prompt_tokens + new, shared_prefix=head)  # fmt: skip
     try:
         eng = _engine(llm)
-        ps = prompts(PREFIX_REQUESTS, prompt_tokens, llm.spec.vocab_size, 0, head)
-        for p in ps:  # all at once (the bench's order): one step admits them all
-            eng.add(p, _params(new))
-        first = step_timeline(eng, 1)  # the prefix's and every tail's prefill in one step
+        vocab = llm.spec.vocab_size
+
+        def submit(seed: int, n_new: int) -> None:  # all at once (the bench's order)
+            for p in prompts(PREFIX_REQUESTS, prompt_tokens, vocab, seed, head):
+                eng.add(p, _params(n_new))
+
+        submit(1, 2)  # warm-up: kernels, allocator, pinned buffers
+        while eng.scheduler.seqs:
+            eng.step()
+        submit(2, 1)
+        prof = profile_steps(eng, 1)
+        while eng.scheduler.seqs:
+            eng.step()
+        hits, inflight = eng.metrics().prefix_hits, eng.scheduler.inflight_hits
+        submit(0, new)
+        first = step_timeline(eng, 1)
         admission = [first["wall_ms"] / 1e3]
         while any(len(q.tokens) - q.num_computed > 1 for q in eng.scheduler.seqs.values()):
             admission += time_steps(eng, 1)
@@ -394,14 +409,15 @@ def prefix_profile(
         m = eng.metrics()
         out = {
             "model": synthetic, "prompt_tokens": prompt_tokens, "shared_prefix_tokens": head,
-            "batch": len(eng.scheduler.seqs), "prefix_hits": m.prefix_hits,
-            "inflight_hits": eng.scheduler.inflight_hits,
+            "batch": len(eng.scheduler.seqs), "prefix_hits": m.prefix_hits - hits,
+            "inflight_hits": eng.scheduler.inflight_hits - inflight,
             "plan": dict(llm.plan.describe()),
             "admission_ms": [round(t * 1e3, 2) for t in admission],
             "step_ms": [round(t * 1e3, 2) for t in wall],
         }  # fmt: skip
         eng.close()
-        return out | {"admission_timeline": first, "timeline": timeline, "timeline_synced": synced}
+        return out | {"admission_profile": prof, "admission_timeline": first,
+                      "timeline": timeline, "timeline_synced": synced}  # fmt: skip
     finally:
         llm.close()
 
