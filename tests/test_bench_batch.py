@@ -122,3 +122,24 @@ def test_prefix_case_asks_for_decode_resident_layers(tmp_path, fake_probes):
     assert [n for _, n in held["steps"]] == [n for _, n in shared["steps"]]
     assert p["speedup_resident"] == pytest.approx(p["distinct"]["wall_s"] / held["wall_s"])
     assert set(held["peak_reserved_gib"]) == {"process", "case", "case_allocated"}
+
+
+def test_prefix_rounds_report_the_median_round(tmp_path, fake_probes):
+    """``prefix_rounds=3``: each prefix case runs three times with prompts of their own (no
+    round hits a prefix an earlier round cached: the distinct case never hits, the shared one
+    adopts its own prefix 15 times per round); the round of the median wall is reported, with
+    every round's wall."""
+    from ollm.bench.batching import run_batch_bench
+
+    make_hf_model("llama", tmp_path / "m")
+    report = run_batch_bench(
+        model=str(tmp_path / "m"), synthetic=None, batches=[2], prompt_tokens=64, new_tokens=4,
+        llm_kwargs={"device": "cpu", "cache_dir": str(tmp_path / "c")}, workloads=("prefix",),
+        prefix_rounds=3,
+    )  # fmt: skip
+    p = report["prefix"]
+    for name, hits in (("distinct", 0), ("shared", 15)):
+        case = p[name]
+        assert len(case["walls_s"]) == 3 and case["wall_s"] == sorted(case["walls_s"])[1]
+        assert case["prefix_hits"] == hits
+    assert p["speedup"] == pytest.approx(p["distinct"]["wall_s"] / p["shared"]["wall_s"])

@@ -12,7 +12,8 @@
 # only LRU and CPU experts off, OLLM_MOE_REPEAT=2 interleaved repeats; fewer runs than moe, untimed), batch8b (8B
 # batch sweep on the largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan,
 # static only), prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix
-# target; the shared case again with decode-resident layers unless PREFIX_RESIDENT=off), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
+# target; the shared case again with decode-resident layers unless PREFIX_RESIDENT=off; each case
+# PREFIX_ROUNDS times, the median reported), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
 # timeline), profile_prefix (prefix6k's shared-prefix case on its shared_prefix plan stepped to
 # decode: 3 decode steps' timeline with the host's phases between layers, 3 more synchronized);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate).
@@ -61,6 +62,7 @@ part() {
     prefix6k) $PY $G/batch_engine.py --out "$OUT/prefix6k" --skip-equiv --skip-tiers \
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches 16 \
       --bench-new "${BATCH_NEW:-16}" --bench-prompt 6176 --bench-workloads prefix \
+      --bench-prefix-rounds "${PREFIX_ROUNDS:-1}" \
       $([ "${PREFIX_RESIDENT:-on}" = on ] && echo --bench-prefix-resident) ;;
     *) echo "unknown part $1" ; return 2 ;;
   esac

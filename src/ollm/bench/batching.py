@@ -265,6 +265,18 @@ def _timed_step(eng) -> list[float]:
     return [round(time.perf_counter() - t, 4), eng.step_tokens - n]
 
 
+def prefix_rounds(llm, tokens: int, new_tokens: int, seed: int, head: int, rounds: int) -> dict:
+    """``prefix_run`` ``rounds`` times on ``llm``, each with prompts of its own seed (no prefix
+    cached by an earlier round is hit); the round of the median wall, with every round's wall
+    (``walls_s``) and the highest peaks of any round (``peak_reserved_gib``)."""
+    runs = [prefix_run(llm, tokens, new_tokens, seed + 1000 * r, head) for r in range(rounds)]
+    out = dict(sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2])
+    out["walls_s"] = [r["wall_s"] for r in runs]
+    peaks = [r["peak_reserved_gib"] for r in runs]
+    out["peak_reserved_gib"] = {k: max(p[k] for p in peaks) for k in peaks[0]}
+    return out
+
+
 def prefix_report(distinct: dict, shared: dict) -> dict:
     """16 requests sharing all but ``TAIL`` tokens (`prefix_run`, on a plan that counts the
     prefix's KV once) against 16 sharing nothing (on the bench's plan)."""
@@ -308,13 +320,15 @@ def run_batch_bench(
     split_batches: tuple[int, ...] = (),
     stream_all_batches: tuple[int, ...] = (),
     prefix_resident: bool = False,
+    prefix_rounds: int = 1,
 ) -> dict[str, object]:
     """Probe the machine, plan for the largest batch, run the ``workloads``; the report.
     ``split_batches``: static batches also run with the host-pool split (`kv.hostsplit`, off by
     default: measured slower), ``stream_all_batches`` with no CPU-computed layers, in the same
     process. ``prefix_resident``: the prefix case's shared requests also run on a plan with
     ``decode_resident=True`` (``shared_resident``; the distinct case and ``shared`` keep
-    ``llm_kwargs``' setting, the engine's default off)."""
+    ``llm_kwargs``' setting, the engine's default off). ``prefix_rounds``: each prefix case
+    that many times, the median reported."""
     from ollm import LLM
     from ollm.bench.run import _CONFIG_KEYS, resolve_model
     from ollm.config import EngineConfig
@@ -363,7 +377,7 @@ def run_batch_bench(
         if "prefix" in workloads:
             own, llm = llm, None  # the prefix cases close it (and their own LLMs) on an error
             llm = _prefix_cases(own, report, store, kw, device, progress, (n, m, seed),
-                                prefix_resident, on_case)  # fmt: skip
+                                prefix_resident, on_case, prefix_rounds)  # fmt: skip
         return report
     finally:
         if llm is not None:
@@ -371,16 +385,17 @@ def run_batch_bench(
 
 
 def _prefix_cases(llm, report: dict, store, kw: dict, device: str, progress: bool, sizes: tuple,
-                  prefix_resident: bool, on_case):  # fmt: skip
+                  prefix_resident: bool, on_case, rounds: int = 1):  # fmt: skip
     """The prefix case: the distinct requests on the bench's plan, then the shared ones on a plan
     counting the prefix's KV once and, with ``prefix_resident``, on one that holds streamed
     layers in decode; each LLM closed and dropped before the next is made (their buffers never
-    coexist). Returns the LLM left open; on an error closes the one it holds."""
+    coexist); each case ``rounds`` times (``prefix_rounds``: the median round). Returns the LLM
+    left open; on an error closes the one it holds."""
     from ollm import LLM
 
     n, m, seed = sizes
     try:
-        distinct = prefix_run(llm, n, m, seed, 0)
+        distinct = prefix_rounds(llm, n, m, seed, 0, rounds)
         for held in (False, True) if prefix_resident else (False,):
             llm.close()
             llm = None
@@ -389,7 +404,7 @@ def _prefix_cases(llm, report: dict, store, kw: dict, device: str, progress: boo
                                 **({"decode_resident": True} if held else {})},
                       max_batch=PREFIX_REQUESTS, max_context=n + m,
                       shared_prefix=max(0, n - TAIL))  # fmt: skip
-            case = prefix_run(llm, n, m, seed, max(0, n - TAIL))
+            case = prefix_rounds(llm, n, m, seed, max(0, n - TAIL), rounds)
             if not held:
                 report["prefix"] = prefix_report(distinct, case)
             else:
