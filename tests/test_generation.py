@@ -387,3 +387,18 @@ def test_plan_grows_for_a_longer_request_and_says_what_fits(hf_models, tmp_path)
             cache_dir=tmp_path,
             progress=False,
         )
+
+
+def test_close_gives_cuda_memory_back(hf_models, tmp_path, monkeypatch):
+    """An engine on a CUDA device empties the allocator's cache when it closes (an LLM made next
+    in the process gets segments sized for its own plan); one on the CPU leaves CUDA alone."""
+    _, path = hf_models("llama")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    llm = LLM(path, device="cpu", cache_dir=tmp_path / "c", progress=False)
+    llm.close()
+    assert calls == []
+    llm = LLM(path, device="cpu", cache_dir=tmp_path / "c", progress=False)
+    llm.engine.device = "cuda:0"  # as an engine planned for the GPU records it
+    llm.close()
+    assert calls == [1]

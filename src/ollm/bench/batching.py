@@ -400,6 +400,8 @@ def _prefix_cases(llm, report: dict, store, kw: dict, device: str, progress: boo
             llm.close()
             llm = None
             gc.collect()
+            if torch.cuda.is_available():  # the closed LLM's freed tensors back to the device
+                torch.cuda.empty_cache()
             llm = LLM(store, **{**kw, "device": device, "progress": progress,
                                 **({"decode_resident": True} if held else {})},
                       max_batch=PREFIX_REQUESTS, max_context=n + m,
