@@ -90,7 +90,8 @@ def engine_step_s(store, plan, work, rates) -> float:
     """The batch engine's decode step on ``plan`` as the cost model sees it, the same for both
     plans: every layer computed on the GPU (``StepMode`` streams all at these batches), no KV
     fetched (``PackedLayerKV.fetcher`` is None), a layer whose KV is in RAM stalls the chain
-    while the CPU attends every sequence's KV (a split layer's device blocks are not used)."""
+    while the CPU attends every sequence's KV (a split layer's device blocks are not used); the
+    engine's chain (``costmodel.decode_chain``)."""
     from dataclasses import replace
 
     from ollm.planning.decode_split import choose_kv_fetch
@@ -99,7 +100,7 @@ def engine_step_s(store, plan, work, rates) -> float:
               for p in plan.layers]  # fmt: skip
     per_token = 2 * work.batch * 8 * 128 * 2  # Llama-3.1-8B: 8 KV heads of 128, bf16
     return choose_kv_fetch(store, layers, rates, work, per_token, {}, plan.ring_slots,
-                           fetch=False)[2]  # fmt: skip
+                           fetch=False, engine=True)[2]  # fmt: skip
 
 
 def summary(plan, store, work, rates, batch_rates=None) -> dict:

@@ -286,15 +286,8 @@ def bench_batch(
     )  # fmt: skip
     name = f"bench_batch_{synthetic}_{'_'.join(workloads)}.json"
     (out_dir / name).write_text(json.dumps(report, indent=1, default=str))
-    keys = (
-        "plan",
-        "static",
-        "static_split",
-        "static_stream_all",
-        "arrivals",
-        "arrivals_saturated",
-        "prefix",
-    )
+    keys = ("plan", "static", "static_split", "static_stream_all", "arrivals",
+            "arrivals_saturated", "prefix")  # fmt: skip
     return {k: report[k] for k in keys if k in report}
 
 

@@ -458,15 +458,8 @@ def render_batch(report: dict, console) -> None:
         title=f"{report['model']} on {s['device']}: {s['prompt_tokens']}-token prompts, "
         f"{s['new_tokens']} new tokens each (continuous batching)"
     )
-    for col in (
-        "batch",
-        "passes",
-        "decode tok/s",
-        "floor tok/s",
-        "bound",
-        "of floor",
-        "total tok/s",
-    ):
+    cols = ("batch", "passes", "decode tok/s", "floor tok/s", "bound", "of floor", "total tok/s")
+    for col in cols:
         t.add_column(col, justify="right")
     for c in report["static"]:
         share = (
