@@ -103,8 +103,8 @@ def test_saturated_arrivals_compare_decode_rates(tmp_path, fake_probes):
 
 
 def test_prefix_case_asks_for_decode_resident_layers(tmp_path, fake_probes):
-    """``prefix_resident``: the shared requests run again on a plan made with
-    ``decode_resident=True`` (``shared_resident``, with its held layers and the case's peak
+    """``prefix_resident`` (and ``prefix_mlp_cpu``): the shared requests run again on a plan made
+    with ``decode_resident=True`` (``shared_resident``, with its held layers and the case's peak
     reserved memory in the report), beside the plain shared case and the distinct one; on the
     CPU no layer is held (no copy engine), the same steps and tokens are computed."""
     from ollm.bench.batching import run_batch_bench
@@ -113,10 +113,13 @@ def test_prefix_case_asks_for_decode_resident_layers(tmp_path, fake_probes):
     report = run_batch_bench(
         model=str(tmp_path / "m"), synthetic=None, batches=[2], prompt_tokens=64, new_tokens=4,
         llm_kwargs={"device": "cpu", "cache_dir": str(tmp_path / "c")}, workloads=("prefix",),
-        prefix_resident=True,
+        prefix_resident=True, prefix_mlp_cpu=True,
     )  # fmt: skip
     p = report["prefix"]
     shared, held = p["shared"], p["shared_resident"]
+    mlp = p["shared_mlp_cpu"]  # mlp_cpu=True: on the CPU no layer qualifies, same work
+    assert mlp["query_tokens"] == shared["query_tokens"] and mlp["prefix_hits"] == 15
+    assert p["speedup_mlp_cpu"] == pytest.approx(p["distinct"]["wall_s"] / mlp["wall_s"])
     assert held["decode_resident_layers"] == shared["decode_resident_layers"] == []
     assert held["query_tokens"] == shared["query_tokens"] and held["prefix_hits"] == 15
     assert [n for _, n in held["steps"]] == [n for _, n in shared["steps"]]

@@ -270,11 +270,12 @@ def bench_batch(
     stream_all: tuple[int, ...] = (),
     prefix_resident: bool = False,
     prefix_rounds: int = 1,
+    prefix_mlp_cpu: bool = False,
 ) -> dict:
     """``ollm bench --batch`` on ``synthetic`` shapes (2k prompts, 128 new tokens by default);
     ``split``: static batches also run with the host-pool split, in the same process;
-    ``prefix_resident``: the prefix case's shared requests also on a ``decode_resident`` plan;
-    ``prefix_rounds``: each prefix case that many times (the median reported)."""
+    ``prefix_resident`` / ``prefix_mlp_cpu``: the prefix case's shared requests also with
+    ``decode_resident`` / ``mlp_cpu``; ``prefix_rounds``: each prefix case that many times."""
     from ollm.bench.batching import run_batch_bench
 
     report = run_batch_bench(
@@ -282,7 +283,7 @@ def bench_batch(
         new_tokens=new_tokens, llm_kwargs=llm_kwargs(budget),
         on_case=lambda kind, case: print(kind, case, flush=True), workloads=workloads,
         split_batches=split, stream_all_batches=stream_all, prefix_resident=prefix_resident,
-        prefix_rounds=prefix_rounds,
+        prefix_rounds=prefix_rounds, prefix_mlp_cpu=prefix_mlp_cpu,
     )  # fmt: skip
     name = f"bench_batch_{synthetic}_{'_'.join(workloads)}.json"
     (out_dir / name).write_text(json.dumps(report, indent=1, default=str))
@@ -291,10 +292,8 @@ def bench_batch(
     return {k: report[k] for k in keys if k in report}
 
 
-TINY = dict(  # --profile-synthetic tiny: the CPU dry run's llama
-    num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, vocab_size=256,
-)  # fmt: skip
+TINY = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256)  # --profile-synthetic tiny  # fmt: skip
 
 
 def step_profile(
@@ -437,6 +436,8 @@ def main() -> int:
                     help="prefix case: shared requests also with decode-resident layers")  # fmt: skip
     ap.add_argument("--bench-prefix-rounds", type=int, default=1,
                     help="prefix case: each case this many times, the median reported")  # fmt: skip
+    ap.add_argument("--bench-prefix-mlp-cpu", action="store_true",
+                    help="prefix case: shared requests also with MLPs on the CPU")  # fmt: skip
     ap.add_argument("--profile-steps", type=int,
                     default=int(os.environ.get("OLLM_BATCH_PROFILE", "0") or 0),
                     help="profile this many decode steps of the batch-16 case (0: off)")  # fmt: skip
@@ -466,7 +467,7 @@ def main() -> int:
                 tuple(int(b) for b in args.bench_split.split(",") if b),
                 args.bench_prompt, args.bench_new,
                 tuple(int(b) for b in args.bench_stream_all.split(",") if b),
-                args.bench_prefix_resident, args.bench_prefix_rounds,
+                args.bench_prefix_resident, args.bench_prefix_rounds, args.bench_prefix_mlp_cpu,
             )  # fmt: skip
         if args.profile_steps:
             sizes = [int(b) for b in args.bench_batches.split(",")]

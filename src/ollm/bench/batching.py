@@ -17,9 +17,8 @@ Three workloads through `BatchEngine` on one plan (sized for the largest batch):
   while the static batch's exclude its one prefill (a lower bound of the comparison).
 * ``prefix``: 16 requests sharing a long prefix (all but their last ``TAIL`` tokens), submitted
   at once, against 16 of the same lengths sharing nothing, also at once: wall time, query
-  tokens computed, prefix hits (the ones adopting blocks computed in their own step too);
-  with ``prefix_resident`` the shared requests again on a plan holding streamed layers in
-  decode (``decode_resident``, opt-in), beside the plain one.
+  tokens computed, prefix hits (the ones adopting blocks computed in their own step too); the
+  shared requests again with opt-in settings (``prefix_resident``, ``prefix_mlp_cpu``).
 """
 
 from __future__ import annotations
@@ -321,14 +320,15 @@ def run_batch_bench(
     stream_all_batches: tuple[int, ...] = (),
     prefix_resident: bool = False,
     prefix_rounds: int = 1,
+    prefix_mlp_cpu: bool = False,
 ) -> dict[str, object]:
     """Probe the machine, plan for the largest batch, run the ``workloads``; the report.
     ``split_batches``: static batches also run with the host-pool split (`kv.hostsplit`, off by
     default: measured slower), ``stream_all_batches`` with no CPU-computed layers, in the same
     process. ``prefix_resident``: the prefix case's shared requests also run on a plan with
     ``decode_resident=True`` (``shared_resident``; the distinct case and ``shared`` keep
-    ``llm_kwargs``' setting, the engine's default off). ``prefix_rounds``: each prefix case
-    that many times, the median reported."""
+    ``llm_kwargs``' setting, the engine's default off); ``prefix_mlp_cpu`` likewise with
+    ``mlp_cpu=True``. ``prefix_rounds``: each prefix case that many times, the median reported."""
     from ollm import LLM
     from ollm.bench.run import _CONFIG_KEYS, resolve_model
     from ollm.config import EngineConfig
@@ -376,8 +376,9 @@ def run_batch_bench(
         _arrival_cases(llm, report, max(batches), workloads, (n, m, seed), probes, on_case)
         if "prefix" in workloads:
             own, llm = llm, None  # the prefix cases close it (and their own LLMs) on an error
+            options = ("decode_resident",) * prefix_resident + ("mlp_cpu",) * prefix_mlp_cpu
             llm = _prefix_cases(own, report, store, kw, device, progress, (n, m, seed),
-                                prefix_resident, on_case, prefix_rounds)  # fmt: skip
+                                options, on_case, prefix_rounds)  # fmt: skip
         return report
     finally:
         if llm is not None:
@@ -385,33 +386,35 @@ def run_batch_bench(
 
 
 def _prefix_cases(llm, report: dict, store, kw: dict, device: str, progress: bool, sizes: tuple,
-                  prefix_resident: bool, on_case, rounds: int = 1):  # fmt: skip
+                  options: tuple[str, ...], on_case, rounds: int = 1):  # fmt: skip
     """The prefix case: the distinct requests on the bench's plan, then the shared ones on a plan
-    counting the prefix's KV once and, with ``prefix_resident``, on one that holds streamed
-    layers in decode; each LLM closed and dropped before the next is made (their buffers never
-    coexist); each case ``rounds`` times (``prefix_rounds``: the median round). Returns the LLM
-    left open; on an error closes the one it holds."""
+    counting the prefix's KV once and again with each of ``options`` on (``decode_resident``:
+    ``shared_resident``, ``mlp_cpu``: ``shared_mlp_cpu``); each LLM closed and dropped before
+    the next is made (their buffers never coexist); each case ``rounds`` times
+    (``prefix_rounds``: the median round). Returns the LLM left open; on an error closes the
+    one it holds."""
     from ollm import LLM
 
     n, m, seed = sizes
     try:
         distinct = prefix_rounds(llm, n, m, seed, 0, rounds)
-        for held in (False, True) if prefix_resident else (False,):
+        for option in (None, *options):
             llm.close()
             llm = None
             gc.collect()
             if torch.cuda.is_available():  # the closed LLM's freed tensors back to the device
                 torch.cuda.empty_cache()
             llm = LLM(store, **{**kw, "device": device, "progress": progress,
-                                **({"decode_resident": True} if held else {})},
+                                **({option: True} if option else {})},
                       max_batch=PREFIX_REQUESTS, max_context=n + m,
                       shared_prefix=max(0, n - TAIL))  # fmt: skip
             case = prefix_rounds(llm, n, m, seed, max(0, n - TAIL), rounds)
-            if not held:
+            if option is None:
                 report["prefix"] = prefix_report(distinct, case)
-            else:
-                report["prefix"]["shared_resident"] = case
-                report["prefix"]["speedup_resident"] = distinct["wall_s"] / case["wall_s"]
+                continue
+            name = {"decode_resident": "resident"}.get(option, option)
+            report["prefix"][f"shared_{name}"] = case
+            report["prefix"][f"speedup_{name}"] = distinct["wall_s"] / case["wall_s"]
     except BaseException:
         if llm is not None:
             llm.close()
@@ -483,12 +486,10 @@ def render_batch(report: dict, console) -> None:
         f"{p['shared']['prefix_hits']} prefix hits) vs {p['distinct']['wall_s']:.2f} s without "
         f"sharing ({p['distinct']['query_tokens']} query tokens): {p['speedup']:.2f}x"
     )
-    if "shared_resident" in p:
-        r = p["shared_resident"]
-        console.print(
-            f"  shared, {len(r['decode_resident_layers'])} layers held in decode: "
-            f"{r['wall_s']:.2f} s: {p['speedup_resident']:.2f}x"
-        )
+    for name in ("resident", "mlp_cpu"):  # the shared requests with an opt-in setting
+        if f"shared_{name}" in p:
+            wall = p[f"shared_{name}"]["wall_s"]
+            console.print(f"  shared, {name}: {wall:.2f} s: {p[f'speedup_{name}']:.2f}x")
 
 
 def _rates(llm) -> dict[str, float] | None:

@@ -73,6 +73,7 @@ def plan_for(engine, workload):
         "summary_bytes": routing_summary_bytes(engine.spec, cfg, workload, elem),
         "kv_read": routing_kv_read(engine, workload),
         "decode_resident": cfg.decode_resident,
+        "mlp_cpu": cfg.mlp_cpu,
         "prefill_residual": cfg.prefill_residual,
     }
     whole = lambda: plan_placement(*args, workload, elem, **chunk)  # noqa: E731

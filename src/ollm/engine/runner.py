@@ -23,6 +23,7 @@ from ollm.layers.norms import rms_norm
 from ollm.layers.rope import rope_cos_sin
 from ollm.models.decoder import decoder_block
 from ollm.models.spec import ModelSpec
+from ollm.planning.mlp_cpu import mlp_cpu_layers
 from ollm.planning.placement import PlacementPlan
 from ollm.runtime.prefetch import Prefetcher
 from ollm.runtime.uva import to_device
@@ -245,9 +246,9 @@ class Runner:
         tl = self.timeline
         with span(tl, "start"):  # the KV fetcher's step start (copies of RAM KV issued)
             self._start_pass(kv, t)
-        # Small forwards run in the decode phase: CPU-computed layers (hybrid, unless
+        # Small forwards run in the decode phase: CPU-computed layers or MLPs (hybrid, unless
         # ``stream_all``) and the layers held on the GPU only while decode runs.
-        hybrid = self.plan.cpu_layers and not stream_all
+        hybrid = (self.plan.cpu_layers or mlp_cpu_layers(self.plan)) and not stream_all
         small = hybrid or self.plan.decode_rows
         phase = self.plan.phase(b * t) if small else Phase.PREFILL
         chunk = self.plan.prefill_chunk_tokens

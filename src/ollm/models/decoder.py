@@ -117,9 +117,14 @@ def _norm_rope_qk(
 
 def mlp(spec: ModelSpec, x: torch.Tensor, w: Weights, chunk_tokens: int | None) -> torch.Tensor:
     """The dense gated MLP, or the mixture of experts when the layer's weights hold a router
-    (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` leave some layers dense)."""
+    (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` leave some layers dense). A
+    dense MLP whose weights sit on another device than ``x`` runs there, ``x`` moved over and
+    its output back."""
     if spec.moe is not None and spec.moe.router_key in w:
         return _sparse_mlp(spec, x, w, chunk_tokens)
+    dev = w["mlp.down_proj.weight"].device
+    if dev != x.device:  # computed where its weights sit (planning/mlp_cpu.py: RAM, in decode)
+        return mlp(spec, x.to(dev), w, chunk_tokens).to(x.device, non_blocking=True)
     return gated_mlp(
         x,
         w["mlp.gate_proj.weight"],

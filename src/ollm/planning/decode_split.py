@@ -8,7 +8,7 @@ from ollm.tiers import KvTier, Tier
 
 
 def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_read=None,
-                    fetch=True, engine=False):  # fmt: skip
+                    fetch=True, engine=False, mlp=None):  # fmt: skip
     """Which pinned-RAM KV layers decode attends on the GPU from a prefetched copy (the rest
     attend on the CPU where the KV sits): a fetched layer adds its KV to the copy engine's queue
     (right behind its weights), a CPU one stops the compute chain while the CPU reads it. The
@@ -18,7 +18,8 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     ``kv_read[i]`` < 1: attention routing reads that fraction of layer i's KV per step where it
     sits (``Router``, never fetched): its CPU stall is that fraction of a full read. ``fetch``
     False (no fetch buffers): no layer is fetched, the step is only simulated. ``engine``: the
-    batch engine's chain (``costmodel.decode_chain``)."""
+    batch engine's chain (``costmodel.decode_chain``). ``mlp``: (seconds on the chain, bytes not
+    copied) of a layer whose MLP the CPU computes (``mlp_cpu``, ``planning/mlp_cpu.py``)."""
     from dataclasses import replace
 
     from ollm.planning.costmodel import CPU_HANDOFF_S, decode_chain, interleave, pipeline_step
@@ -59,8 +60,11 @@ def choose_kv_fetch(store, layers, rates, work, per_token, predicted, ring, kv_r
     copy, base, cpu_kv, host_kv = [], [], [], []
     for i, p in enumerate(layers):
         on_cpu = p.decode_device == "cpu"
-        copy.append(0.0 if p.tier == Tier.GPU or on_cpu else store.layer_nbytes(i) / shared)
-        base.append(cpu_layer if on_cpu else gpu_layer)
+        kept = mlp[1] if mlp and p.mlp_cpu else 0  # its MLP stays in RAM
+        copy.append(
+            0.0 if p.tier == Tier.GPU or on_cpu else (store.layer_nbytes(i) - kept) / shared
+        )
+        base.append(cpu_layer if on_cpu else gpu_layer + (mlp[0] if kept else 0.0))
         host_kv.append(
             0 if p.kv_tier == KvTier.DEVICE else per_token * (work.context - p.kv_device_tokens)
         )

@@ -17,6 +17,7 @@ from ollm.planning.batch_step import batch_engine_runs, batch_rows
 from ollm.planning.decode_resident import plan_decode_resident
 from ollm.planning.decode_split import decode_splits
 from ollm.planning.device_fit import below_minimum, fetch_buffers, kv_offload
+from ollm.planning.mlp_cpu import mlp_cpu_rows, plan_mlp_cpu
 from ollm.planning.promote import promote_freed
 from ollm.planning.residual import check_mode, plan_auto, with_cost
 from ollm.planning.routed_kv import choose_routed_kv_off, routed_rows
@@ -47,6 +48,7 @@ class LayerPlacement:
     kv_device_tokens: int = 0  # offloaded KV: its first slots (whole blocks) stay on the device
     # Streamed in prefill, held on the GPU while decode runs (planning/decode_resident.py).
     decode_resident: bool = False
+    mlp_cpu: bool = False  # decode copies its attention only; the CPU runs its MLP (mlp_cpu.py)
 
     def __post_init__(self) -> None:  # strings given (tests, ``replace``) become the enums
         object.__setattr__(self, "tier", Tier(self.tier))
@@ -176,7 +178,7 @@ class PlacementPlan:
             rows.append(("prefill segments", f"{self.prefill_segment} tokens per forward"))
         if self.kv_codecs is not None:
             rows += self.kv_codecs.describe()
-        rows += routed_rows(self.kv_read, self.layers) + batch_rows(self)
+        rows += routed_rows(self.kv_read, self.layers) + batch_rows(self) + mlp_cpu_rows(self)
         if fetched:
             rows.append(("KV fetched to the GPU in decode", f"{len(fetched)} layers: {fetched}"))
         if self.decode_resident:
@@ -267,6 +269,7 @@ def plan_placement(
     decode_resident: bool = False,
     prefill_residual: str = "auto",
     batch_engine: bool | None = None,
+    mlp_cpu: bool = False,
 ) -> PlacementPlan:
     """Choose tiers for every layer under the budgets; raise BudgetError with the minimum.
 
@@ -279,7 +282,8 @@ def plan_placement(
     ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``);
     ``decode_resident``: see ``_finish``; ``prefill_residual``: the prompt's hidden states on
     the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused ("auto");
-    ``batch_engine``: sized for the batch engine's steps (``batch_step``; None: if it runs it)."""
+    ``batch_engine``: sized for the batch engine's steps (``batch_step``; None: if it runs it);
+    ``mlp_cpu``: some streamed layers' MLP on the CPU in decode (``planning/mlp_cpu.py``)."""
     _check_modes(offload, prefill_residual)
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
@@ -289,7 +293,7 @@ def plan_placement(
         return plan_placement(
             spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
             hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
-            summary_bytes, kv_read, decode_resident, mode, engine,
+            summary_bytes, kv_read, decode_resident, mode, engine, mlp_cpu,
         )  # fmt: skip
 
     if prefill_residual == "auto":
@@ -314,7 +318,7 @@ def plan_placement(
                      kv_read=kv_read, simulate=sz.engine)  # fmt: skip
     finish = partial(_finish, spec, store, device, work, sz, budget, kv_fetch_buffers,
                      kv_block_tokens, kv_read, offload, rates if on_gpu else None,
-                     decode_resident)  # fmt: skip
+                     decode_resident, mlp_cpu)  # fmt: skip
     cost_kv = kv_read or sz.engine  # routed KV, or a batch's, may leave the device for weights
     if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and cost_kv:
         room = budget - slots * sz.layer  # (no fetch buffers, no scratch beyond batch 1's)
@@ -335,16 +339,18 @@ def _check_modes(offload: str, prefill_residual: str) -> None:
 
 
 def _finish(spec, store, device, work, sz, budget, kv_fetch_buffers, kv_block_tokens, kv_read,
-            offload, rates, decode_resident, fixed, laid, split) -> PlacementPlan:  # fmt: skip
+            offload, rates, decode_resident, mlp_cpu, fixed, laid, split) -> PlacementPlan:  # fmt: skip
     """The plan of a layout (``laid``: ``_layout``'s result) and its decode ``split``: assembled,
     with what the hybrid choice freed made resident, then decode-resident layers in what
-    prefill-only activations leave (``decode_resident``; False: only decode's reservations)."""
+    prefill-only activations leave (``decode_resident``; False: only decode's reservations),
+    then MLPs on the CPU in decode (``mlp_cpu``)."""
     _, _, ring, staging = laid
     plan = _assemble(spec, store, device, work, sz, split, fixed, ring, staging, budget,
                      kv_fetch_buffers, kv_block_tokens, kv_read)  # fmt: skip
     plan = promote_freed(plan, store, offload)  # what decode choices freed: resident layers
-    return plan_decode_resident(plan, spec, store, sz, rates, work, offload, kv_read,
+    plan = plan_decode_resident(plan, spec, store, sz, rates, work, offload, kv_read,
                                 decode_resident)  # fmt: skip
+    return plan_mlp_cpu(plan, spec, store, sz, rates, work, kv_read) if mlp_cpu else plan
 
 
 def _layout(spec, store, device, budget, offload, cpu_memory, kv_cache, sz: PlanSizes, work,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ollm.errors import WeightReadError
+from ollm.runtime.mlp_split import attention_ranges, copy_ranges, split_views
 from ollm.runtime.pinned import pinned_empty, unpin
 from ollm.storage.store import GLOBALS, LayerStore, layer_file
 from ollm.telemetry.stats import IOStats
@@ -195,7 +196,9 @@ class Prefetcher:
         self.streamed = plan.streamed_for(self.phase)
         self._streamed_set = set(self.streamed)
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}  # hybrid decode on the CPU
-        self._slot_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, layer)
+        self._slot_views: dict[tuple, dict[str, torch.Tensor]] = {}  # (slot, layer, MLP split)
+        self._mlp_ranges = {i: attention_ranges(store, layer_file(i))  # their MLP on the CPU
+                            for i, p in enumerate(plan.layers) if p.mlp_cpu}  # fmt: skip
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         self._resident_ready: dict[int, torch.cuda.Event] = {}  # decode-resident copies
         # pinned RAM copies of cpu-tier layers (GPU device)
@@ -264,7 +267,7 @@ class Prefetcher:
                 buf = self._pin(self.store.files[f].nbytes)
                 self.stats.add(bytes_disk=self.store.read_into(f, buf, self.verify))
                 self._host[i] = buf
-                if p.decode_device == "cpu":
+                if p.decode_device == "cpu" or p.mlp_cpu:
                     self._host_views[i] = self.store.views(f, buf)
                 continue
             if p.exec_device == "cpu" or not self.cuda:
@@ -308,7 +311,6 @@ class Prefetcher:
         m = len(self.streamed)
         layer = self.streamed[n % m]
         slot = n % len(self._slots)
-        nbytes = self.store.layer_nbytes(layer)
         disk = rp.is_disk[n % m]
         if disk:
             rp.wait_read(n)
@@ -320,7 +322,7 @@ class Prefetcher:
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._slot_free[slot])
             start.record(self._copy_stream)
-            self._slots[slot][:nbytes].copy_(src[:nbytes], non_blocking=True)
+            nbytes = copy_ranges(self._slots[slot], src, self._ranges(layer), True)
             end.record(self._copy_stream)
             if self.on_issue is not None:
                 self.on_issue(layer)
@@ -381,13 +383,22 @@ class Prefetcher:
         elif rp.is_disk[n % len(self.streamed)]:
             rp.wait_read(n)
         else:  # a RAM layer on a device without a copy engine: the copy is this thread's work
-            nbytes = self.store.layer_nbytes(i)
-            self._slots[slot][:nbytes].copy_(self._host[i][:nbytes])
+            nbytes = copy_ranges(self._slots[slot], self._host[i], self._ranges(i), False)
             self.stats.add(bytes_h2d=nbytes)
-        views = self._slot_views.get((slot, i))
+        split = self.phase == Phase.DECODE and i in self._mlp_ranges
+        views = self._slot_views.get((slot, i, split))
         if views is None:  # the ring's buffers never move: build each slot's views once
-            views = self._slot_views[(slot, i)] = self.store.views(layer_file(i), self._slots[slot])
+            views = self.store.views(layer_file(i), self._slots[slot])
+            views = split_views(views, self._host_views[i]) if split else views
+            self._slot_views[(slot, i, split)] = views
         return views
+
+    def _ranges(self, layer: int) -> list[tuple[int, int]]:
+        """What a copy of ``layer`` moves: in decode only its attention when the CPU runs its MLP
+        (``planning/mlp_cpu.py``), else the whole layer."""
+        if self.phase == Phase.DECODE and layer in self._mlp_ranges:
+            return self._mlp_ranges[layer]
+        return [(0, self.store.layer_nbytes(layer))]
 
     def release(self, i: int) -> None:
         """The current stream is done with layer i's buffer once the work queued so far finishes."""
