@@ -39,7 +39,8 @@ def test_planner_marks_layers_only_where_the_step_shortens(setup):
     """Off by default. On: at this host's rates (CPU weight read 65 GB/s, ~5.8 ms per 16-row
     MLP on the chain) several streamed layers, spread, a step >15 ms shorter than the plain
     plan's and the same device reservation; forwards of at most 16 rows (one per sequence) use
-    them. A CPU reading weights at 20 GB/s, or a single-sequence plan: none."""
+    them. A CPU reading weights at 20 GB/s, a single-sequence plan, or one holding layers in
+    decode: none."""
     spec, store, rates = setup
     plain, split = _plan(setup), _plan(setup, mlp_cpu=True)
     assert mlp_cpu_layers(plain) == []
@@ -56,6 +57,8 @@ def test_planner_marks_layers_only_where_the_step_shortens(setup):
     assert mlp_cpu_layers(_plan(setup, rates=slow, mlp_cpu=True)) == []
     one = _plan(setup, Workload(1, 6192, 6192), engine=False, mlp_cpu=True)
     assert mlp_cpu_layers(one) == []
+    held = _plan(setup, mlp_cpu=True, decode_resident=True)  # decode-resident layers win
+    assert held.decode_resident and mlp_cpu_layers(held) == []
 
 
 def test_attention_ranges_leave_out_the_mlp(hf_models, tmp_path):
@@ -83,9 +86,11 @@ def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path) 
     plan: two streamed layers marked ``mlp_cpu`` give the same greedy tokens as the plain plan
     and as each prompt alone although the ring slots' bytes are overwritten before every step
     (the MLP comes from the RAM copy), and every decode step copies those layers' MLP bytes
-    (and the padding between tensors) fewer; the admission steps, larger, copy whole layers."""
+    (and the padding between tensors) fewer; the admission steps, larger, copy whole layers.
+    With the engine's measured choice (probing steps that stream every layer) the same tokens."""
     from ollm.engine.batch import BatchEngine
     from ollm.engine.runner import Runner
+    from ollm.engine.step_mode import StepMode
     from ollm.runtime.prefetch import Prefetcher
     from ollm.storage.store import LayerStore
     from test_batch_engine import alone
@@ -118,10 +123,12 @@ def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path) 
                     layer_file(i))) for i in two)  # fmt: skip
         assert mlp <= saved < mlp + 2 * 64 * 1024
         tokens, copies = [], []
-        for p in (plain, split):
+        for p, measured in ((plain, False), (split, False), (split, True)):
             fake = plan_on_device(p, "cpu:1")
             prefetcher = Prefetcher(LayerStore(llm.store_path), fake, llm.stats)
             eng = BatchEngine.for_plan(Runner(spec, fake, prefetcher, llm.dtype), None, (), 4, 96)
+            if not measured:  # the planner's choice in every decode step (no probe of streaming)
+                eng.step_mode = StepMode(None)
             ids = [eng.add(q, params) for q in prompts]
             steps = []
             while eng.has_work():
@@ -133,11 +140,13 @@ def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path) 
             tokens.append([eng.finished[r].token_ids for r in ids])
             copies.append(steps)
             assert eng.kv_blocks_used() == 0
+            if measured:  # the engine measures the choice against streaming every layer
+                assert eng.step_mode.probe_count >= 1
             eng.close()
             prefetcher.close()
-        assert tokens[0] == tokens[1] == want
+        assert tokens[0] == tokens[1] == tokens[2] == want
         decode = 0
-        for (rows, a), (rows2, b) in zip(*copies, strict=True):
+        for (rows, a), (rows2, b) in zip(copies[0], copies[1], strict=True):
             assert rows == rows2
             assert a - b == (saved if rows <= 4 else 0), (rows, a, b)
             decode += rows <= 4

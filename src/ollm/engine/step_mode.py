@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ollm.planning.costmodel import hybrid_step_pays
+from ollm.planning.mlp_cpu import mlp_cpu_layers
 from ollm.tiers import Phase
 
 Key = tuple[int, int]  # (rows, KV tokens) as bit lengths: [2^(k-1), 2^k)
@@ -94,9 +95,12 @@ class StepMode:
     def for_runner(cls, runner, rates, pools=None, **kw) -> StepMode:
         """The measured choice for ``runner``'s plan (the cost model's answer from ``rates``
         as the prior, with the CPU layers' KV attended in place when ``pools``, the engine's
-        `EnginePools`, say so: `attends_in_place`; no choice without CPU layers)."""
+        `EnginePools`, say so: `attends_in_place`; a plan with MLPs on the CPU, ``mlp_cpu``,
+        starts from the planner's choice; no choice without either)."""
         plan = runner.plan
         if not plan.cpu_layers:
+            if mlp_cpu_layers(plan):  # MLPs on the CPU: the planner's choice, probed by measure
+                return cls(lambda rows, kv_tokens: True, plan.cpu_max_tokens, **kw)
             return cls(None, **kw)
         in_place = pools is None or attends_in_place(pools, plan.cpu_layers)
         return cls(hybrid_predictor(runner, rates, in_place), plan.cpu_max_tokens, **kw)

@@ -13,7 +13,9 @@ ahead: the count and positions (spread by ``interleave``) are the ones whose dec
 simulated layer by layer (``decode_split.choose_kv_fetch`` with the engine's chain), is
 shortest. A planner-only estimate at one H200 host's rates (CPU weight read 65 GB/s): about 6 ms
 per CPU MLP at 16 rows, 8-10 layers, a 143 ms step against 166.5 ms; at 9 ms per MLP no gain.
-Dense layers only (no experts), batch-engine GPU plans with measured rates."""
+Dense layers only (no experts), batch-engine GPU plans with measured rates, without CPU-computed
+or decode-resident layers. The engine measures the choice against streaming every layer
+(``engine/step_mode.py``), as it does for CPU-computed layers."""
 
 from __future__ import annotations
 
@@ -72,8 +74,9 @@ def plan_mlp_cpu(plan: PlacementPlan, spec, store, sz: PlanSizes, rates, work: W
     from ollm.planning.decode_split import choose_kv_fetch
 
     if (not sz.engine or rates is None or not plan.device.startswith("cuda")
-            or spec.moe is not None or spec.linear_attn is not None):  # fmt: skip
-        return plan
+            or spec.moe is not None or spec.linear_attn is not None
+            or plan.decode_resident or plan.cpu_layers):  # fmt: skip
+        return plan  # (a step that streams every layer must copy whole layers: StepMode)
     streamed = set(plan.streamed_for(Phase.DECODE))
     cands = [i for i, p in enumerate(plan.layers)
              if p.tier == Tier.CPU and i in streamed and p.decode_device != "cpu"]  # fmt: skip
