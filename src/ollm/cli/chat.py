@@ -78,6 +78,7 @@ def chat(
     kv_keep: KvKeepOpt = None,
     hybrid: HybridOpt = None,
     decode_resident: common.DecodeResidentOpt = None,
+    mlp_cpu: common.MlpCpuOpt = None,
     threads: ThreadsOpt = common.physical_cores(),
     cache_dir: CacheDirOpt = None,
     attention: common.AttentionOpt = None,
@@ -108,6 +109,7 @@ def chat(
             kv_keep=kv_keep,
             hybrid=hybrid,
             decode_resident=decode_resident,
+            mlp_cpu=mlp_cpu,
             cache_dir=cache_dir,
             attention=attention,
         )

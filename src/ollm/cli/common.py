@@ -376,6 +376,16 @@ DecodeResidentOpt = Annotated[
         show_default=False,
     ),
 ]
+MlpCpuOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--mlp-cpu/--no-mlp-cpu",
+        help="Batched decode: copy only the attention of some streamed layers and run their MLP "
+        "on the CPU from RAM where the cost model says the step is shorter (off by default: not "
+        "yet measured on a GPU).",
+        show_default=False,
+    ),
+]
 AttentionOpt = Annotated[
     str | None,
     typer.Option(

@@ -280,21 +280,18 @@ def plan_placement(
     ``kv_format``: full-attention KV compressed (``kv/compressed.py``), counted at its stored
     size, no fetch buffers when every layer is. ``summary_bytes``: routing's key summaries;
     ``kv_read``: per layer, the share of its KV a routed decode step reads (``routed_kv``);
-    ``decode_resident``: see ``_finish``; ``prefill_residual``: the prompt's hidden states on
-    the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused ("auto");
-    ``batch_engine``: sized for the batch engine's steps (``batch_step``; None: if it runs it);
-    ``mlp_cpu``: some streamed layers' MLP on the CPU in decode (``planning/mlp_cpu.py``)."""
+    ``decode_resident``, ``mlp_cpu``: see ``_finish``; ``prefill_residual``: the prompt's hidden
+    states on the device ("gpu"), in pinned RAM ("ram"), or there if the device plan is refused
+    ("auto"); ``batch_engine``: sized for the batch engine's steps (None: if it runs it)."""
     _check_modes(offload, prefill_residual)
     work, on_gpu = work or Workload(), device.startswith("cuda")
     budget = gpu_memory if on_gpu else cpu_memory
     engine = batch_engine_runs(spec, work, kv_format) if batch_engine is None else batch_engine
 
     def again(chunk: int | None, fetch_buffers: int, mode: str = prefill_residual):
-        return plan_placement(
-            spec, store, device, gpu_memory, cpu_memory, offload, work, dtype_bytes, rates,
-            hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens, kv_format,
-            summary_bytes, kv_read, decode_resident, mode, engine, mlp_cpu,
-        )  # fmt: skip
+        return plan_placement(spec, store, device, gpu_memory, cpu_memory, offload, work,
+            dtype_bytes, rates, hybrid, cpu_layers, chunk, kv_cache, fetch_buffers, kv_block_tokens,
+            kv_format, summary_bytes, kv_read, decode_resident, mode, engine, mlp_cpu)  # fmt: skip
 
     if prefill_residual == "auto":
         return plan_auto(partial(again, chunk_tokens, kv_fetch_buffers), work, on_gpu, budget)
