@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 
-from conftest import llama8b_with_rates, plan_on_device
-from ollm import LLM, SamplingParams
-from ollm.planning.costmodel import MachineRates
+from conftest import llama8b_with_rates, load_script
+from ollm import LLM
 from ollm.planning.mlp_cpu import mlp_cpu_layers, mlp_cpu_s
 from ollm.planning.placement import Workload, plan_placement
 from ollm.runtime.mlp_split import MLP_PREFIX, attention_ranges
@@ -82,72 +80,21 @@ def test_attention_ranges_leave_out_the_mlp(hf_models, tmp_path):
 
 
 def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path) -> None:
-    """A tiny Llama's shared-prefix batch through ``BatchEngine.for_plan`` on an engine-sized
-    plan: two streamed layers marked ``mlp_cpu`` give the same greedy tokens as the plain plan
-    and as each prompt alone although the ring slots' bytes are overwritten before every step
-    (the MLP comes from the RAM copy), and every decode step copies those layers' MLP bytes
-    (and the padding between tensors) fewer; the admission steps, larger, copy whole layers.
-    With the engine's measured choice (probing steps that stream every layer) the same tokens."""
-    from ollm.engine.batch import BatchEngine
-    from ollm.engine.runner import Runner
-    from ollm.engine.step_mode import StepMode
-    from ollm.runtime.prefetch import Prefetcher
-    from ollm.storage.store import LayerStore
-    from test_batch_engine import alone
-
+    """``scripts/gpu/mlp_cpu_check.py`` with the accelerator played by the CPU: a tiny Llama's
+    shared-prefix batch on an engine-sized plan, two streamed layers marked ``mlp_cpu``, gives
+    the same greedy tokens as the plain plan and as each prompt alone although the ring slots'
+    bytes are overwritten before every step (the MLP comes from the RAM copy), every decode step
+    copies those layers' MLP bytes (and the padding between tensors) fewer, the admission
+    steps (larger) copy whole layers, and with the engine's measured choice (probing steps that
+    stream every layer) the tokens are the same."""
+    mod = load_script("gpu/mlp_cpu_check.py")
     _, path = hf_models("llama")
-    g = torch.Generator().manual_seed(7)
-    head = torch.randint(0, 256, (48,), generator=g).tolist()
-    prompts = [head + torch.randint(0, 256, (5 + 3 * i,), generator=g).tolist() for i in range(4)]
-    params = SamplingParams(max_new_tokens=8, temperature=0)
-    work = Workload(4, 96, 96, 48)
-    kw = dict(device="cpu", cache_dir=tmp_path, progress=False, max_batch=4, max_context=96)
-    with LLM(path, **kw, shared_prefix=48) as llm:
-        want = alone(llm, prompts, params)
-        spec, store = llm.spec, llm.store
-        fixed = plan_placement(spec, store, "cuda:0", None, None, "cpu", work, 4, chunk_tokens=32,
-                               batch_engine=True)  # fmt: skip
-        budget = sum(fixed.reserved.values()) - fixed.reserved["resident layers"]
-        budget += 2 * store.max_layer_nbytes
-        fast = MachineRates(5e5, 5e5, 1e9, 1e9, 2, 1e12, 1e10, 1e12, cpu_attn=1e9)
-        plain = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off",
-                               chunk_tokens=32, batch_engine=True)  # fmt: skip
-        assert len(plain.streamed) >= 3
-        two = plain.streamed[:2]
-        layers = tuple(replace(p, mlp_cpu=i in two) for i, p in enumerate(plain.layers))
-        split = replace(plain, layers=layers, cpu_max_tokens=4)
-        mlp = sum(e.nbytes for i in two for n, e in store.files[layer_file(i)].tensors.items()
-                  if n.startswith(MLP_PREFIX))  # fmt: skip
-        # what decode no longer copies: the MLP and the alignment padding between tensors
-        saved = sum(store.layer_nbytes(i) - sum(n for _, n in attention_ranges(store,
-                    layer_file(i))) for i in two)  # fmt: skip
-        assert mlp <= saved < mlp + 2 * 64 * 1024
-        tokens, copies = [], []
-        for p, measured in ((plain, False), (split, False), (split, True)):
-            fake = plan_on_device(p, "cpu:1")
-            prefetcher = Prefetcher(LayerStore(llm.store_path), fake, llm.stats)
-            eng = BatchEngine.for_plan(Runner(spec, fake, prefetcher, llm.dtype), None, (), 4, 96)
-            if not measured:  # the planner's choice in every decode step (no probe of streaming)
-                eng.step_mode = StepMode(None)
-            ids = [eng.add(q, params) for q in prompts]
-            steps = []
-            while eng.has_work():
-                for s in prefetcher._slots:  # stale bytes must never be computed from
-                    s.fill_(0x7F)
-                rows, copied = eng.step_tokens, llm.stats.bytes_h2d
-                eng.step()
-                steps.append((eng.step_tokens - rows, llm.stats.bytes_h2d - copied))
-            tokens.append([eng.finished[r].token_ids for r in ids])
-            copies.append(steps)
-            assert eng.kv_blocks_used() == 0
-            if measured:  # the engine measures the choice against streaming every layer
-                assert eng.step_mode.probe_count >= 1
-            eng.close()
-            prefetcher.close()
-        assert tokens[0] == tokens[1] == tokens[2] == want
-        decode = 0
-        for (rows, a), (rows2, b) in zip(copies[0], copies[1], strict=True):
-            assert rows == rows2
-            assert a - b == (saved if rows <= 4 else 0), (rows, a, b)
-            decode += rows <= 4
-        assert decode >= 6
+    row = mod.check(path, "cpu", tmp_path)
+    assert row["equal"] and row["streamed"] >= 3
+    assert row["decode_steps"] >= 6 and row["copies_fewer_by_skipped"]
+    steps = row["steps"]
+    assert [r for r, _ in steps["plain"]] == [r for r, _ in steps["split"]]
+    assert any(r > mod.ROWS for r, _ in steps["split"])  # the admission
+    for (rows, a), (_, b) in zip(steps["plain"], steps["split"], strict=True):
+        assert a == b or rows <= mod.ROWS  # whole layers in the larger steps
+    assert row["mlp_bytes"] <= row["skipped_bytes"] < row["mlp_bytes"] + 2 * 64 * 1024  # padding

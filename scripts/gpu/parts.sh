@@ -16,7 +16,9 @@
 # PREFIX_ROUNDS times, the median reported; the shared case also with mlp_cpu unless PREFIX_MLP_CPU=off), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
 # timeline), profile_prefix (prefix6k's shared-prefix case on its shared_prefix plan stepped to
 # decode: 3 decode steps' timeline with the host's phases between layers, 3 more synchronized);
-# WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate).
+# WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate);
+# mlp_cpu_check (the opt-in mlp_cpu decode path on CUDA: tiny llama / gemma3_text, tokens equal
+# to alone with two layers' MLP on the CPU, decode copies smaller by the skipped bytes).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -65,6 +67,7 @@ part() {
       --bench-prefix-rounds "${PREFIX_ROUNDS:-1}" \
       $([ "${PREFIX_MLP_CPU:-on}" = on ] && echo --bench-prefix-mlp-cpu) \
       $([ "${PREFIX_RESIDENT:-on}" = on ] && echo --bench-prefix-resident) ;;
+    mlp_cpu_check) $PY $G/mlp_cpu_check.py --out "$OUT/mlp_cpu_check.json" ;;
     *) echo "unknown part $1" ; return 2 ;;
   esac
 }
