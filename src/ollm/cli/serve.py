@@ -102,8 +102,7 @@ def serve(
     with common.cli_errors():
         from ollm.serve import missing_dependencies
 
-        missing = missing_dependencies()
-        if missing:
+        if missing := missing_dependencies():
             raise CliError(f"ollm serve needs {', '.join(missing)}: pip install 'ollm[serve]'")
         if not 0 <= port <= 65535:
             raise CliError(f"--port must be in 0..65535, got {port}")
