@@ -247,6 +247,21 @@ def load_script(rel: str):
     return mod
 
 
+def streaming_engine_plan(spec, store, work):
+    """A batch-engine plan for ``work`` on "cuda:0" (float32, 32-token chunks) whose budget
+    holds its reservations and two layers, so the rest stream through the ring; fixed fast
+    rates, no CPU-computed layers (run it elsewhere with ``plan_on_device``)."""
+    from ollm.planning.costmodel import MachineRates
+    from ollm.planning.placement import plan_placement
+
+    kw = dict(chunk_tokens=32, batch_engine=True)
+    fixed = plan_placement(spec, store, "cuda:0", None, None, "cpu", work, 4, **kw)
+    budget = sum(fixed.reserved.values()) - fixed.reserved["resident layers"]
+    budget += 2 * store.max_layer_nbytes
+    fast = MachineRates(5e5, 5e5, 1e9, 1e9, 2, 1e12, 1e10, 1e12, cpu_attn=1e9)
+    return plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off", **kw)
+
+
 def plan_on_device(plan, device: str):
     """``plan`` (made for an accelerator) with its accelerator played by ``device`` (CPU
     layers stay on "cpu"): runs a GPU plan's split on a CPU-only machine."""

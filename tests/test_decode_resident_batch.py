@@ -12,10 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import llama8b_with_rates, plan_on_device
+from conftest import llama8b_with_rates, plan_on_device, streaming_engine_plan
 from ollm import LLM, SamplingParams
 from ollm.planning.batch_step import GATHER_BYTES, engine_parts
-from ollm.planning.costmodel import MachineRates
 from ollm.planning.decode_resident import decode_activations, fragmentation_allowance
 from ollm.planning.footprint import row_cell_bytes
 from ollm.planning.placement import Workload, plan_placement
@@ -137,13 +136,7 @@ def test_batch_engine_tokens_unchanged_with_held_layers(hf_models, tmp_path) -> 
     with LLM(path, **kw, shared_prefix=48) as llm:
         want = alone(llm, prompts, params)
         spec, store = llm.spec, llm.store
-        fixed = plan_placement(spec, store, "cuda:0", None, None, "cpu", work, 4, chunk_tokens=32,
-                               batch_engine=True)  # fmt: skip
-        budget = sum(fixed.reserved.values()) - fixed.reserved["resident layers"]
-        budget += 2 * store.max_layer_nbytes
-        fast = MachineRates(5e5, 5e5, 1e9, 1e9, 2, 1e12, 1e10, 1e12, cpu_attn=1e9)
-        plain = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off",
-                               chunk_tokens=32, batch_engine=True)  # fmt: skip
+        plain = streaming_engine_plan(spec, store, work)
         assert len(plain.streamed) >= 3 and plain.step_tokens and plain.shared_prefix == 48
         two = plain.streamed[:2]
         layers = tuple(replace(p, decode_resident=i in two) for i, p in enumerate(plain.layers))

@@ -42,18 +42,13 @@ def _plans(llm, device: str):
     """(plain, split, skipped bytes, MLP bytes): an engine plan that streams at least 3 layers,
     and it with its first two streamed layers' MLP on the CPU in decode steps of <= ``ROWS``
     rows; the bytes a decode copy skips (MLP and padding) and the MLP's alone."""
-    from ollm.planning.costmodel import MachineRates
-    from ollm.planning.placement import Workload, plan_placement
+    from conftest import plan_on_device, streaming_engine_plan
+    from ollm.planning.placement import Workload
     from ollm.runtime.mlp_split import MLP_PREFIX, attention_ranges
     from ollm.storage.store import layer_file
 
-    spec, store, work = llm.spec, llm.store, Workload(4, 96, 96, PREFIX)
-    kw = dict(chunk_tokens=32, batch_engine=True)
-    fixed = plan_placement(spec, store, "cuda:0", None, None, "cpu", work, 4, **kw)
-    budget = sum(fixed.reserved.values()) - fixed.reserved["resident layers"]
-    budget += 2 * store.max_layer_nbytes
-    fast = MachineRates(5e5, 5e5, 1e9, 1e9, 2, 1e12, 1e10, 1e12, cpu_attn=1e9)
-    plain = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off", **kw)
+    store = llm.store
+    plain = streaming_engine_plan(llm.spec, store, Workload(4, 96, 96, PREFIX))
     two = plain.streamed[:2]
     layers = tuple(replace(p, mlp_cpu=i in two) for i, p in enumerate(plain.layers))
     split = replace(plain, layers=layers, cpu_max_tokens=ROWS)
@@ -62,8 +57,6 @@ def _plans(llm, device: str):
     mlp = sum(e.nbytes for i in two for name, e in store.files[layer_file(i)].tensors.items()
               if name.startswith(MLP_PREFIX))  # fmt: skip
     if device == "cpu":  # the accelerator played by the CPU
-        from conftest import plan_on_device
-
         plain, split = plan_on_device(plain, "cpu:1"), plan_on_device(split, "cpu:1")
     return plain, split, skipped, mlp
 

@@ -18,19 +18,12 @@ NEW = 24
 
 def _hf(model, seq: list[int]) -> tuple[list[int], torch.Tensor]:
     """Greedy continuation of ``PROMPT`` and the log-probs of ``seq``."""
-    ids = torch.tensor([PROMPT], device=model.device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    from test_moe import hf_greedy
+
     with torch.no_grad():
         logits = model(torch.tensor([seq], device=model.device)).logits[0, :-1].float().cpu()
     lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
-    return out[0, len(PROMPT) :].tolist(), lp
+    return hf_greedy(model, PROMPT, NEW), lp
 
 
 # -- 1. correctness ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ollm.tiers import Phase, Tier
+from ollm.tiers import Tier
 
 if TYPE_CHECKING:
     from ollm.planning.placement import PlacementPlan, Workload
@@ -77,26 +77,24 @@ def plan_mlp_cpu(plan: PlacementPlan, spec, store, sz: PlanSizes, rates, work: W
             or spec.moe is not None or spec.linear_attn is not None
             or plan.decode_resident or plan.cpu_layers):  # fmt: skip
         return plan  # (a step that streams every layer must copy whole layers: StepMode)
-    streamed = set(plan.streamed_for(Phase.DECODE))
-    cands = [i for i, p in enumerate(plan.layers)
-             if p.tier == Tier.CPU and i in streamed and p.decode_device != "cpu"]  # fmt: skip
+    cands = [i for i, p in enumerate(plan.layers) if p.tier == Tier.CPU]  # all streamed here
     if not cands:
         return plan
     rows = max(1, work.batch)
     mlp = mlp_cpu_s(spec, store, rates, rows)
-    base = [replace(p, tier=Tier.GPU) if p.decode_resident else p for p in plan.layers]
 
     def step(k: int) -> float:
         chosen = interleave(cands, k)
-        layers = [replace(p, mlp_cpu=i in chosen) for i, p in enumerate(base)]
+        layers = [replace(p, mlp_cpu=i in chosen) for i, p in enumerate(plan.layers)]
         return choose_kv_fetch(store, layers, rates, work, sz.per_token, dict(plan.predicted),
                                plan.ring_slots, kv_read, False, True, mlp)[2]  # fmt: skip
 
-    k = min(range(len(cands) + 1), key=lambda x: (round(step(x), 6), x))
+    steps = {k: step(k) for k in range(len(cands) + 1)}
+    k = min(steps, key=lambda x: (round(steps[x], 6), x))
     if k == 0:
         return plan
     chosen = interleave(cands, k)
     layers = tuple(replace(p, mlp_cpu=i in chosen) for i, p in enumerate(plan.layers))
-    predicted = {**plan.predicted, "decode s (KV split)": step(k)}
+    predicted = {**plan.predicted, "decode s (KV split)": steps[k]}
     return replace(plan, layers=layers, predicted=predicted,
                    cpu_max_tokens=max(plan.cpu_max_tokens, rows))  # fmt: skip
