@@ -396,13 +396,13 @@ def test_decode_resident_flag_reaches_the_engine(env, monkeypatch):
 
 
 def test_mlp_cpu_flag_reaches_the_engine(env, monkeypatch):
-    """``--mlp-cpu`` (opt-in, ``planning/mlp_cpu.py``) is passed as ``mlp_cpu=True`` by run and
-    info, ``--no-mlp-cpu`` as False, left to the default (False) when not given; listed by
+    """``--mlp-cpu`` (``planning/mlp_cpu.py``) is passed as ``mlp_cpu=True`` by run and
+    info, ``--no-mlp-cpu`` as False, left to the default (True) when not given; listed by
     bench and chat."""
     from ollm.config import EngineConfig
 
     seen = _engine_kwargs(env, monkeypatch, ("--mlp-cpu", "--no-mlp-cpu", None))
     assert [kw.get("mlp_cpu") for kw in seen] == [True, False, None]
-    assert EngineConfig().mlp_cpu is False
+    assert EngineConfig().mlp_cpu is True
     assert "--mlp-cpu" in invoke("bench", "--help").stdout
     assert "--mlp-cpu" in invoke("chat", "--help").stdout

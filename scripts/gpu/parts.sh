@@ -17,7 +17,8 @@
 # timeline), profile_prefix (prefix6k's shared-prefix case on its shared_prefix plan stepped to
 # decode: 3 decode steps' timeline with the host's phases between layers, 3 more synchronized);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate);
-# mlp_cpu_check (the opt-in mlp_cpu decode path on CUDA: tiny llama / gemma3_text, tokens equal
+# prefix6k_base / batch_each_base: the same with mlp_cpu off (the same call's baseline);
+# mlp_cpu_check (the mlp_cpu decode path on CUDA: tiny llama / gemma3_text, tokens equal
 # to alone with two layers' MLP on the CPU, decode copies smaller by the skipped bytes).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -49,9 +50,10 @@ part() {
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB \
       --bench-batches "${BATCHES:-16,64}" --bench-new "${BATCH_NEW:-32}" \
       --bench-workloads "${WORKLOADS:-static,arrivals,prefix}" ;;
-    batch_each) local bs=${BATCHES:-1,4,16,32,64}
+    batch_each|batch_each_base) local bs=${BATCHES:-1,4,16,32,64} tag=${1#batch_each}
+      [ -n "$tag" ] && export OLLM_BENCH_KW='{"mlp_cpu": false}'
       for b in ${bs//,/ }; do  # each batch size with the plan for its own batch
-        $PY $G/batch_engine.py --out "$OUT/batch_$b" --skip-equiv --skip-tiers \
+        $PY $G/batch_engine.py --out "$OUT/batch_$b$tag" --skip-equiv --skip-tiers \
           --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches "$b" \
           --bench-new "${BATCH_NEW:-32}" --bench-workloads static || return $?
       done ;;
@@ -61,7 +63,8 @@ part() {
     profile_prefix) $PY $G/batch_engine.py --out "$OUT/profile_prefix" --skip-equiv \
       --skip-tiers --skip-throughput --skip-bench --bench-synthetic llama3-8b \
       --bench-budget 8GiB --bench-prompt "${PREFIX_PROMPT:-6176}" --profile-prefix 3 ;;
-    prefix6k) $PY $G/batch_engine.py --out "$OUT/prefix6k" --skip-equiv --skip-tiers \
+    prefix6k|prefix6k_base) [ "$1" = prefix6k_base ] && export OLLM_BENCH_KW='{"mlp_cpu": false}'
+      $PY $G/batch_engine.py --out "$OUT/$1" --skip-equiv --skip-tiers \
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches 16 \
       --bench-new "${BATCH_NEW:-16}" --bench-prompt 6176 --bench-workloads prefix \
       --bench-prefix-rounds "${PREFIX_ROUNDS:-1}" \

@@ -44,9 +44,9 @@ class EngineConfig:
     # at gpu_memory=8GiB (docs/architecture.md, "Decode-resident layers").
     decode_resident: bool = False
     # Batch-engine decode: some streamed layers copy only their attention and the CPU runs their
-    # MLP from RAM where the cost model says the step is shorter (planning/mlp_cpu.py). Opt-in
-    # until the device measures it.
-    mlp_cpu: bool = False
+    # MLP from RAM where the cost model says the step is shorter (planning/mlp_cpu.py); the
+    # engine measures the choice against streaming every layer (engine/step_mode.py).
+    mlp_cpu: bool = True
     # A long prompt's hidden states during prefill: on the GPU ("gpu"), in pinned RAM with
     # chunks moved per layer ("ram"), or in RAM only when the GPU plan is refused ("auto").
     prefill_residual: str = "auto"
