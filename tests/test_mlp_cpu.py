@@ -1,6 +1,7 @@
-"""The MLP of streamed layers on the CPU in batch-engine decode (``planning/mlp_cpu.py``, opt-in
-``mlp_cpu``): the planner marks them only where the simulated step is shorter (the shared-prefix
-bench's plan at the rates of the eleventh session's call 7, Llama-3.1-8B shapes, 8 GiB), and a
+"""The MLP of streamed layers on the CPU in batch-engine decode (``planning/mlp_cpu.py``,
+``mlp_cpu``, on by default): the planner marks them only where the simulated step is shorter (the
+shared-prefix bench's plan at the rates of the eleventh session's call 7, Llama-3.1-8B shapes,
+8 GiB) and never changes the layout for them (batch 16 at the twelfth session's call 3), and a
 tiny model's tokens through the batch engine do not change while its decode steps copy only the
 marked layers' attention (the accelerator played by the CPU, the slots' MLP bytes spoiled)."""
 
@@ -57,6 +58,21 @@ def test_planner_marks_layers_only_where_the_step_shortens(setup):
     assert mlp_cpu_layers(one) == []
     held = _plan(setup, mlp_cpu=True, decode_resident=True)  # decode-resident layers win
     assert held.decode_resident and mlp_cpu_layers(held) == []
+
+
+def test_layout_is_chosen_without_mlps_on_the_cpu():
+    """At the rates of the H200 host where the KV-on-the-GPU layout with 14 split layers won the
+    choice of KV placement (predicted 0.19 s, measured 0.57 s per step), batch 16 of 2k prompts
+    keeps the plain plan's layout: the same tiers, KV layers in RAM and reservation, and no
+    layer marked (its KV in RAM keeps the CPU busy)."""
+    setup = llama8b_with_rates("2026-12-02/s12/call3_batch16_mlp_cpu_off.json")
+    work = Workload(16, 2080, 2080)
+    plain, split = _plan(setup, work), _plan(setup, work, mlp_cpu=True)
+    assert [(p.tier, p.kv_tier) for p in split.layers] == [
+        (p.tier, p.kv_tier) for p in plain.layers
+    ]
+    assert split.peak_device_bytes == plain.peak_device_bytes
+    assert mlp_cpu_layers(split) == []
 
 
 def test_attention_ranges_leave_out_the_mlp(hf_models, tmp_path):
