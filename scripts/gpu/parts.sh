@@ -13,7 +13,7 @@
 # batch sweep on the largest batch's plan), batch_each (BATCHES=1,4,16,32,64 each on its own plan,
 # static only), prefix6k (16 requests sharing a 6k-token prefix vs none, issue 13's prefix
 # target; the shared case again with decode-resident layers unless PREFIX_RESIDENT=off; each case
-# PREFIX_ROUNDS times, the median reported; the shared case also with mlp_cpu unless PREFIX_MLP_CPU=off), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
+# PREFIX_ROUNDS times, the median reported; the shared case again with mlp_cpu forced on if PREFIX_MLP_CPU=on), profile16 (batch 16 on its own plan: torch.profiler table and two steps' copy/compute
 # timeline), profile_prefix (prefix6k's shared-prefix case on its shared_prefix plan stepped to
 # decode: 3 decode steps' timeline with the host's phases between layers, 3 more synchronized);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate);
@@ -68,7 +68,7 @@ part() {
       --skip-throughput --bench-synthetic llama3-8b --bench-budget 8GiB --bench-batches 16 \
       --bench-new "${BATCH_NEW:-16}" --bench-prompt 6176 --bench-workloads prefix \
       --bench-prefix-rounds "${PREFIX_ROUNDS:-1}" \
-      $([ "${PREFIX_MLP_CPU:-on}" = on ] && echo --bench-prefix-mlp-cpu) \
+      $([ "${PREFIX_MLP_CPU:-off}" = on ] && echo --bench-prefix-mlp-cpu) \
       $([ "${PREFIX_RESIDENT:-on}" = on ] && echo --bench-prefix-resident) ;;
     mlp_cpu_check) $PY $G/mlp_cpu_check.py --out "$OUT/mlp_cpu_check.json" ;;
     *) echo "unknown part $1" ; return 2 ;;

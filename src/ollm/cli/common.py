@@ -381,8 +381,7 @@ MlpCpuOpt = Annotated[
     typer.Option(
         "--mlp-cpu/--no-mlp-cpu",
         help="Batched decode: copy only the attention of some streamed layers and run their MLP "
-        "on the CPU from RAM where the cost model says the step is shorter (off by default: not "
-        "yet measured on a GPU).",
+        "on the CPU from RAM where the cost model says the step is shorter (default: on).",
         show_default=False,
     ),
 ]

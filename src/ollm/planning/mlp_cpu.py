@@ -1,4 +1,4 @@
-"""The MLP of some streamed layers on the CPU in decode (opt-in ``EngineConfig.mlp_cpu``).
+"""The MLP of some streamed layers on the CPU in decode (``EngineConfig.mlp_cpu``, default on).
 
 A batch-engine decode step whose KV sits on the device streams every non-resident layer over a
 saturated link (Llama-3.1-8B shapes on an H200 at 8 GiB, 16 sequences sharing a 6k prefix: 21 x
@@ -15,7 +15,11 @@ shortest. A planner-only estimate at one H200 host's rates (CPU weight read 65 G
 per CPU MLP at 16 rows, 8-10 layers, a 143 ms step against 166.5 ms; at 9 ms per MLP no gain.
 Dense layers only (no experts), batch-engine GPU plans with measured rates, without CPU-computed
 or decode-resident layers. The engine measures the choice against streaming every layer
-(``engine/step_mode.py``), as it does for CPU-computed layers."""
+(``engine/step_mode.py``), as it does for CPU-computed layers. The layout (which layers are
+resident, whose KV sits where) is chosen without it (``plan_placement``); it only marks layers
+of that layout. Measured on an H200 (twelfth session): 7 layers marked on the shared-prefix
+plan, decode steps 0.124-0.13 s against 0.166 s, the 16 requests in 2.35-2.37 s against
+2.81 s."""
 
 from __future__ import annotations
 
