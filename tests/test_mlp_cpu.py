@@ -75,6 +75,27 @@ def test_layout_is_chosen_without_mlps_on_the_cpu():
     assert mlp_cpu_layers(split) == []
 
 
+def test_a_near_tie_marks_nothing():
+    """At call 3's rates, batch 16 of 512-token prompts (RAM KV attended on the CPU) predicts a
+    best step under ``MIN_GAIN`` shorter with some layers marked: the plan stays unmarked. At
+    call 7's faster CPU the same workload predicts more than ``MIN_GAIN`` and marks layers."""
+    from ollm.planning import mlp_cpu
+
+    work = Workload(16, 544, 544)
+    slow = llama8b_with_rates("2026-12-02/s12/call3_batch16_mlp_cpu_off.json")
+    assert mlp_cpu_layers(_plan(slow, work, mlp_cpu=True)) == []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mlp_cpu, "MIN_GAIN", 0.0)  # the raw choice: a few layers for ~1-2%
+        raw = _plan(slow, work, mlp_cpu=True)
+    plain = _plan(slow, work)
+    assert mlp_cpu_layers(raw)
+    assert raw.predicted[STEP] > plain.predicted[STEP] * (1 - mlp_cpu.MIN_GAIN)
+    fast = llama8b_with_rates("2026-12-02/s11/call7_prefix6k_3rounds_37e9a2b.json")
+    marked = _plan(fast, work, mlp_cpu=True)
+    assert mlp_cpu_layers(marked)
+    assert marked.predicted[STEP] <= _plan(fast, work).predicted[STEP] * (1 - mlp_cpu.MIN_GAIN)
+
+
 def test_attention_ranges_leave_out_the_mlp(hf_models, tmp_path):
     """The ranges a decode step copies cover every tensor but the MLP's, each exactly once."""
     from ollm.storage.store import LayerStore
