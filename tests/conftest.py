@@ -259,7 +259,14 @@ def streaming_engine_plan(spec, store, work):
     budget = sum(fixed.reserved.values()) - fixed.reserved["resident layers"]
     budget += 2 * store.max_layer_nbytes
     fast = MachineRates(5e5, 5e5, 1e9, 1e9, 2, 1e12, 1e10, 1e12, cpu_attn=1e9)
-    return plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off", **kw)
+    plan = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off", **kw)
+    # A family whose budgeted activations come out smaller than the unbudgeted plan's (qwen3)
+    # would hold every layer: trim the budget by half layers until all but one stream.
+    while len(plan.streamed) < spec.num_layers - 1:
+        budget -= store.max_layer_nbytes // 2
+        plan = plan_placement(spec, store, "cuda:0", budget, None, "cpu", work, 4, fast, "off",
+                              **kw)  # fmt: skip
+    return plan
 
 
 def plan_on_device(plan, device: str):

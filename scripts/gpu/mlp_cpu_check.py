@@ -1,9 +1,11 @@
-"""The MLP-on-the-CPU decode path (opt-in ``mlp_cpu``, ``planning/mlp_cpu.py``) on a device:
+"""The MLP-on-the-CPU decode path (``mlp_cpu``, on by default; ``planning/mlp_cpu.py``) on a
+device:
 
     PYTHONPATH=src:tests python3 scripts/gpu/mlp_cpu_check.py [--out FILE] [--device cuda]
-        [--families llama,gemma3_text]
+        [--families llama,mistral,qwen2,qwen3,gemma3_text]
 
-Per family, a tiny random-weight model (float32): 4 prompts sharing a 48-token prefix through
+Per dense family (default: all five), a tiny random-weight model (float32): 4 prompts sharing a
+48-token prefix through
 ``BatchEngine.for_plan`` on an engine-sized plan whose budget streams layers, three times: the
 plain plan, the same with two streamed layers marked ``mlp_cpu`` (a decode step copies only
 their attention; their MLP runs on the CPU from the pinned RAM copy), and that again with the
@@ -143,7 +145,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="mlp_cpu_check.json")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--families", default="llama,gemma3_text")
+    ap.add_argument("--families", default="llama,mistral,qwen2,qwen3,gemma3_text")
     args = ap.parse_args()
     from conftest import make_hf_model
 
@@ -157,7 +159,8 @@ def main() -> int:
                 rows[family] = {"equal": False, "error": repr(exc)}
             print(family, {k: v for k, v in rows[family].items() if k != "steps"}, flush=True)
     Path(args.out).write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
-    ok = all(r.get("equal") and r.get("copies_fewer_by_skipped") for r in rows.values())
+    ok = all(r.get("equal") and r.get("copies_fewer_by_skipped") and r.get("skipped_bytes")
+             for r in rows.values())  # fmt: skip
     return 0 if ok else 1
 
 

@@ -18,7 +18,7 @@
 # decode: 3 decode steps' timeline with the host's phases between layers, 3 more synchronized);
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate);
 # prefix6k_base / batch_each_base: the same with mlp_cpu off (the same call's baseline);
-# mlp_cpu_check (the mlp_cpu decode path on CUDA: tiny llama / gemma3_text, tokens equal
+# mlp_cpu_check (the mlp_cpu decode path on CUDA: the five dense families, tiny, tokens equal
 # to alone with two layers' MLP on the CPU, decode copies smaller by the skipped bytes).
 set -u
 OUT=${OUT:-/tmp/out}
