@@ -116,8 +116,10 @@ def test_attention_ranges_leave_out_the_mlp(hf_models, tmp_path):
             store.close()
 
 
-def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path) -> None:
-    """``scripts/gpu/mlp_cpu_check.py`` with the accelerator played by the CPU: a tiny Llama's
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path, family) -> None:
+    """``scripts/gpu/mlp_cpu_check.py`` with the accelerator played by the CPU: a tiny model's
+    (every dense family)
     shared-prefix batch on an engine-sized plan, two streamed layers marked ``mlp_cpu``, gives
     the same greedy tokens as the plain plan and as each prompt alone although the ring slots'
     bytes are overwritten before every step (the MLP comes from the RAM copy), every decode step
@@ -125,7 +127,7 @@ def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path) 
     steps (larger) copy whole layers, and with the engine's measured choice (probing steps that
     stream every layer) the tokens are the same."""
     mod = load_script("gpu/mlp_cpu_check.py")
-    _, path = hf_models("llama")
+    _, path = hf_models(family)
     row = mod.check(path, "cpu", tmp_path)
     assert row["equal"] and row["streamed"] >= 3
     assert row["decode_steps"] >= 6 and row["copies_fewer_by_skipped"]
