@@ -4,6 +4,10 @@
 #
 #   cd <checkout> && scripts/gpu/parts.sh spec_check=90 kv_micro=90 long100k=330 spec=150
 #
+# From a clean export (what is committed, nothing else; the log names its commit):
+#   git archive HEAD src scripts tests docs/runs pyproject.toml | tar -x -C .peers/clean
+#   git rev-parse --short HEAD > .peers/clean/COMMIT
+#
 # Parts: budget (scripts/gpu/budget.py --quick), budget_kinds / budget_resident / budget_shared
 # (new paths' cells; budget_shared: a shared_prefix plan's batch of 8), spec_check (float32/bf16
 # speculative equality on CUDA), spec (verify-pass time 1..256 query tokens), kv_micro (one layer
@@ -77,7 +81,8 @@ part() {
 export -f part
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
-git -C . rev-parse --short HEAD >>"$LOG" 2>/dev/null || true
+# The commit: a clean export (git archive, no .git) carries it in COMMIT; else the checkout's.
+cat COMMIT >>"$LOG" 2>/dev/null || git -C . rev-parse --short HEAD >>"$LOG" 2>/dev/null || true
 for spec in "$@"; do
   name=${spec%%=*}
   limit=${spec#*=}
