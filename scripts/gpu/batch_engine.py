@@ -192,7 +192,7 @@ def throughput(tmp: Path) -> dict:
 
 def tiers(tmp: Path) -> dict:
     """The engine with each layer's KV pool in the tier ``TIERS[i % 3]`` on CUDA, every family
-    (float32: equal to alone expected), and a real plan with KV in pinned RAM."""
+    (float32: equal to alone; llama also on ``cuda:1`` with two GPUs), a plan with RAM KV."""
     from dataclasses import replace
 
     from conftest import FAMILIES, make_hf_model
@@ -204,13 +204,15 @@ def tiers(tmp: Path) -> dict:
 
     params = SamplingParams(temperature=0, max_new_tokens=16)
     prompts = prompts_for(1, 8, 40, lambda i: 3 + 7 * i)
-    rows = []
-    for family in FAMILIES:
+    second = torch.cuda.device_count() > 1  # else a row saying why cuda:1 did not run
+    cases = [(f, "cuda") for f in FAMILIES] + [("llama", "cuda:1")] * second
+    rows = [dict(family="llama", device="cuda:1", skipped="one GPU")] * (not second)
+    for family, device in cases:
         try:
             if not (tmp / family).exists():
                 make_hf_model(family, tmp / family)
             llm = LLM(
-                tmp / family, device="cuda", max_batch=1, max_context=256, prefill_chunk=32,
+                tmp / family, device=device, max_batch=1, max_context=256, prefill_chunk=32,
                 cache_dir=tmp / "cache", progress=False,
             )  # fmt: skip
             alone = [llm.generate(p, params).token_ids for p in prompts]
@@ -223,12 +225,12 @@ def tiers(tmp: Path) -> dict:
             )  # fmt: skip
             outs, _ = eng.generate(prompts, params)
             same = [o.token_ids == a for o, a in zip(outs, alone, strict=True)]
-            rows.append(dict(family=family, equal=all(same), equal_prompts=sum(same),
-                             blocks_left=eng.kv_blocks_used()))  # fmt: skip
+            rows.append(dict(family=family, device=device, equal=all(same),
+                             equal_prompts=sum(same), blocks_left=eng.kv_blocks_used()))  # fmt: skip
             eng.close()
             llm.close()
         except Exception as exc:
-            rows.append(dict(family=family, equal=False, error=repr(exc)))
+            rows.append(dict(family=family, device=device, equal=False, error=repr(exc)))
         print(rows[-1], flush=True)
     out: dict = {"families": rows}
     store = make_synthetic_store(
@@ -489,7 +491,6 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - recorded in the report
                 report["prefix_profile"] = {"error": repr(exc)}
             print("prefix_profile", json.dumps(report["prefix_profile"]), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "batch_engine.json").write_text(json.dumps(report, indent=1, default=str))
     eq = report.get("equivalence", [])
     return 0 if all(r["equal"] for r in eq if r["dtype"] == "float32") else 1
