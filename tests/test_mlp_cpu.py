@@ -137,3 +137,22 @@ def test_batch_engine_tokens_unchanged_with_mlp_on_the_cpu(hf_models, tmp_path, 
     for (rows, a), (_, b) in zip(steps["plain"], steps["split"], strict=True):
         assert a == b or rows <= mod.ROWS  # whole layers in the larger steps
     assert row["mlp_bytes"] <= row["skipped_bytes"] < row["mlp_bytes"] + 2 * 64 * 1024  # padding
+
+
+def test_sweep_dry_run_gives_the_same_tokens_at_every_count(tmp_path) -> None:
+    """``scripts/gpu/mlp_cpu_sweep.py --device cpu``: counts 0..2 of layers with their MLP on
+    the CPU (forced in every decode step) give the count-0 tokens, with decode steps timed; the
+    marked plans carry exactly ``k`` layers, spread over the streamed RAM layers."""
+    from conftest import streaming_engine_plan
+
+    mod = load_script("gpu/mlp_cpu_sweep.py")
+    rep = mod.cpu_dry_run(tmp_path, 1)
+    assert sorted(rep["counts"]) == [0, 1, 2]
+    for row in rep["counts"].values():
+        assert row["tokens_equal_k0"] and row["median_decode_step_s"] > 0
+        assert any(rows > 4 for _, rows in row["steps"])  # the admission step
+    spec, store, _ = llama8b_with_rates("2026-12-02/s11/call7_prefix6k_3rounds_37e9a2b.json")
+    plan = streaming_engine_plan(spec, store, Workload(16, 2080, 2080))
+    for k in (0, 3, len(plan.streamed)):
+        chosen = mlp_cpu_layers(mod.marked(plan, k, 16))
+        assert len(chosen) == k and set(chosen) <= set(plan.streamed)

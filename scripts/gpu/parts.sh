@@ -23,7 +23,9 @@
 # WORKLOADS=static,saturated for issue 13's arrivals target (Poisson at 4x the static rate);
 # prefix6k_base / batch_each_base: the same with mlp_cpu off (the same call's baseline);
 # mlp_cpu_check (the mlp_cpu decode path on CUDA: the five dense families, tiny, tokens equal
-# to alone with two layers' MLP on the CPU, decode copies smaller by the skipped bytes).
+# to alone with two layers' MLP on the CPU, decode copies smaller by the skipped bytes);
+# mlp_cpu_sweep (the prefix case's shared requests with MLP_COUNTS layers' MLP on the CPU;
+# mlp_cpu_sweep16: batch 16 of distinct 2k prompts, RAM KV attended on the CPU as well).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -75,6 +77,10 @@ part() {
       $([ "${PREFIX_MLP_CPU:-off}" = on ] && echo --bench-prefix-mlp-cpu) \
       $([ "${PREFIX_RESIDENT:-on}" = on ] && echo --bench-prefix-resident) ;;
     mlp_cpu_check) $PY $G/mlp_cpu_check.py --out "$OUT/mlp_cpu_check.json" ;;
+    mlp_cpu_sweep) $PY $G/mlp_cpu_sweep.py --out "$OUT/mlp_cpu_sweep.json" \
+      --counts "${MLP_COUNTS:-0,4,7,10,14,21}" --rounds "${PREFIX_ROUNDS:-2}" ;;
+    mlp_cpu_sweep16) $PY $G/mlp_cpu_sweep.py --out "$OUT/mlp_cpu_sweep16.json" --distinct \
+      --prompt 2080 --new 32 --counts "${MLP_COUNTS:-0,4,7,14}" --rounds 1 ;;
     *) echo "unknown part $1" ; return 2 ;;
   esac
 }
