@@ -319,10 +319,7 @@ def plan_placement(
     cost_kv = kv_read or sz.engine  # routed KV, or a batch's, may leave the device for weights
     if on_gpu and rates is not None and budget is not None and kv_cache != "disk" and cost_kv:
         room = budget - slots * sz.layer  # (no fetch buffers, no scratch beyond batch 1's)
-        # The layout is chosen without MLPs on the CPU, which then only mark layers of it: on
-        # an H200 the batch-16 layout they won (3 resident layers, 14 split) stepped in 0.57 s
-        # against its predicted 0.19 s, and the engine fell back to streaming (0.244 s against
-        # the plain layout's 0.17 s; docs/benchmarks.md, twelfth session).
+        # chosen without MLPs on the CPU, which then mark layers of it (planning/mlp_cpu.py)
         kv_off, fixed, layout = choose_routed_kv_off(layout, splits, sz, fixed, kv_off, extra,
                                                      room, partial(finish, False))  # fmt: skip
     laid = layout(kv_off, fixed)
