@@ -15,13 +15,14 @@ shortest. A planner-only estimate at one H200 host's rates (CPU weight read 65 G
 per CPU MLP at 16 rows, 8-10 layers, a 143 ms step against 166.5 ms; at 9 ms per MLP no gain.
 Dense layers only (no experts), batch-engine GPU plans with measured rates, without CPU-computed
 or decode-resident layers. The engine measures the choice against streaming every layer
-(``engine/step_mode.py``), as it does for CPU-computed layers. The layout (which layers are
-resident, whose KV sits where) is chosen without it (``plan_placement``); it only marks layers
-of that layout: when the choice saw it, an H200's batch-16 layout (3 resident layers, 14 marked)
-stepped in 0.57 s against its predicted 0.19 s, and the engine fell back to streaming (0.244 s
-against the plain layout's 0.17 s; docs/benchmarks.md, twelfth session). Measured on an H200 (twelfth session): 7 layers marked on the shared-prefix
-plan, decode steps 0.124-0.13 s against 0.166 s, the 16 requests in 2.35-2.37 s against
-2.81 s."""
+(``engine/step_mode.py``), as it does for CPU-computed layers.
+
+The layout (which layers are resident, whose KV sits where) is chosen without it
+(``plan_placement``); it only marks layers of that layout. When the choice saw it, an H200's
+batch-16 layout (3 resident layers, 14 marked) stepped in 0.57 s against its predicted 0.19 s,
+and the engine fell back to streaming (0.244 s against the plain layout's 0.17 s). Measured on
+H200s (docs/benchmarks.md, twelfth session): 7 layers marked on the shared-prefix plan, decode
+steps 0.124-0.13 s against 0.166 s, the 16 requests in 2.35-2.37 s against 2.81 s."""
 
 from __future__ import annotations
 
